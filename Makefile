@@ -1,0 +1,22 @@
+# The README's test command is `make check`: set-up, then every test (unit, integration, VM).
+PY := .venv/bin/python
+
+.PHONY: setup check test vmtest bench lab clean
+
+setup:
+	./scripts/setup.sh
+
+check: setup
+	$(PY) -m pytest tests vmtests
+
+test: setup
+	$(PY) -m pytest tests
+
+vmtest: setup
+	$(PY) -m pytest vmtests
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf .venv build *.egg-info src/*.egg-info

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One set-up path for a fresh Debian 12 machine: system packages, then the venv.
+#
+# The venv is built from Debian's /usr/bin/python3 with --system-site-packages because
+# nbdkit's Python plugin embeds Debian's Python 3.11 and libnbd's module `nbd` exists only
+# as Debian's python3-libnbd: the plugin, the CLI and the tests must all run the same
+# interpreter and see the same `nbd` module and the same repdisk code.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin
+  qemu-utils qemu-system-x86 fio python3-venv
+  busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/python -c 'import nbd, repdisk' || { echo "setup: venv is broken (cannot import nbd or repdisk)" >&2; exit 1; }
+echo "setup: ok ($(.venv/bin/python --version), nbdkit $(nbdkit --version | awk '{print $2}'), libnbd $(.venv/bin/python -c 'import nbd; print(nbd.NBD().get_version())'))"
