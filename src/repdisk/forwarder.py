@@ -1,0 +1,610 @@
+"""The primary's link to its secondary: guest writes forwarded over one NBD connection.
+
+Design note
+-----------
+One libnbd handle, owned by ONE I/O thread that runs its own ``poll`` loop.  Why not
+a handle per nbdkit thread, or ``h.poll()``: a synchronous handle per thread managed
+~500 random 4 KiB writes/s, and libnbd keeps its handle lock inside ``poll()``, so a
+thread blocked in ``h.poll(-1)`` stalls every other thread's ``aio_pwrite``.  Here
+submitting threads never touch the handle: they append a ``Ticket`` to ``_incoming``
+under ``_lock`` and wake the I/O thread through an eventfd (once per batch, not once
+per request).  Each round the I/O thread takes the whole batch, sends what it may,
+checks deadlines, waits on the handle's fd (``aio_get_fd`` every round, direction from
+``aio_get_direction``) and the eventfd, and retires what completed.
+
+Order.  Requests leave in submission order (``Ticket.seq``).  NBD servers may run
+requests in parallel, so a request whose bytes overlap an in-flight one waits at the
+head of the queue, and nothing behind it is sent (the queue is never reordered).  A
+flush waits until no earlier request is in flight.  ``window`` bounds in-flight
+requests.  While held (``hold()``), requests submitted after the hold stay queued;
+a barrier's flush is the one request that may pass them, because it carries no data.
+
+Failure.  A request completing with an error, a dead connection, or a request
+unacknowledged ``timeout`` seconds after submission (after ``release()`` for held
+ones) fails the forwarder, once: submissions stop being accepted, the handle is
+closed (libnbd then has released every caller buffer), ``on_failure(error, ranges)``
+gets every write/zero/trim submitted but not acknowledged, and only then do waiters
+return False.  A ``Ticket.wait`` that expires is the same verdict: the caller gave up
+on the secondary, so the forwarder fails (the caller cannot know what landed).
+Submissions after a failure (or before ``connect``) return a ticket that is already
+failed and ``rejected``: its range is in no ``on_failure`` call, the caller marks it
+dirty itself.
+
+Buffers.  Tickets are released only after libnbd has retired their command (success)
+or after the handle is closed (failure), so the caller may reuse a buffer it passed
+as a memoryview as soon as ``wait`` returns.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Callable, Optional
+from urllib.parse import quote
+
+import nbd
+
+from .errors import ForwardError
+
+log = logging.getLogger(__name__)
+
+#: ``on_failure(error, ranges)``: ranges are (offset, length) of unacknowledged writes.
+FailureCallback = Callable[[str, list[tuple[int, int]]], None]
+
+WRITE, ZERO, TRIM, FLUSH = "write", "zero", "trim", "flush"
+_BARRIER = "barrier flush"
+_STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes"}
+# How long an expired Ticket.wait waits for the I/O thread to close the handle; closing
+# a Unix/TCP socket takes microseconds, so this only matters if the I/O thread is wedged.
+_ABORT_GRACE = 1.0
+_INF = float("inf")
+_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+class Ticket:
+    """One submitted request; ``wait`` for the secondary's acknowledgement.
+
+    ``seq`` is the submission order; ``rejected`` means the forwarder was already failed
+    (or not connected) at submission, so this range reaches no ``on_failure`` call.
+    """
+
+    __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
+                 "rejected", "_lock", "_fwd", "_err")
+
+    def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
+                 buf: "bytes | memoryview | None" = None, fua: bool = False) -> None:
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.buf = buf
+        self.fua = fua
+        self.seq = -1
+        self.t0 = 0.0
+        self.done = False
+        self.ok = False
+        self.rejected = False
+        self._fwd = fwd
+        self._err = 0
+        # Held from creation until the request is settled; waiters block on it.
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def __repr__(self) -> str:
+        state = "ok" if self.ok else "failed" if self.done else "pending"
+        return f"<Ticket #{self.seq} {self.kind} [{self.offset}, {self.offset + self.length}) {state}>"
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once the secondary acknowledged; False if it failed or ``timeout`` expired.
+
+        An expired wait fails the forwarder (see the module note) and returns as soon as
+        the handle is closed, which takes microseconds.
+        """
+        fwd = self._fwd  # read first: settling clears it
+        if self.done:
+            return self.ok
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()
+            return self.ok
+        assert fwd is not None  # a ticket without forwarder is born done
+        fwd._expire(self, timeout)
+        if self._lock.acquire(timeout=_ABORT_GRACE):
+            self._lock.release()
+        else:
+            log.error("forwarder I/O thread did not abort within %ss; %r returns anyway",
+                      _ABORT_GRACE, self)
+        return self.ok
+
+    def _settle(self, ok: bool) -> None:
+        """Mark done and wake waiters; the I/O thread calls this once per ticket."""
+        self.ok = ok
+        self.done = True
+        self.buf = None
+        self._fwd = None
+        self._lock.release()
+
+    def _completed(self, err: "nbd.Error") -> int:
+        """libnbd completion callback (runs inside aio_notify_*): defer, then retire."""
+        self._err = err.value
+        fwd = self._fwd
+        if fwd is not None:
+            fwd._completed.append(self)
+        return 1
+
+
+def _rejected(kind: str, offset: int, length: int) -> Ticket:
+    t = Ticket(None, kind, offset, length)
+    t.rejected = True
+    t.done = True
+    t._lock.release()
+    return t
+
+
+def with_export_suffix(uri: str, suffix: str) -> str:
+    """Append ``suffix`` to the export name in an NBD URI (its path after the leading /)."""
+    if not suffix:
+        return uri
+    # By hand: urlunsplit drops the empty authority of nbd+unix:///export.
+    base, sep, query = uri.partition("?")
+    scheme, _, rest = base.partition("://")
+    authority, _, path = rest.partition("/")
+    return f"{scheme}://{authority}/{path}{quote(suffix, safe='')}{sep}{query}"
+
+
+def _poll_mask(direction: int) -> int:
+    return ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
+            | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
+
+
+def _notify(h: "nbd.NBD", events: int) -> None:
+    """Tell libnbd what poll saw on its fd (HUP/ERR count as readable: the read finds out)."""
+    if events & select.POLLOUT:
+        h.aio_notify_write()
+    if events & _READABLE:
+        h.aio_notify_read()
+
+
+def _pump(h: "nbd.NBD", until: Callable[[], bool], deadline: float) -> bool:
+    """Drive ``h`` with a private poll loop until ``until()`` or ``deadline``; True if reached.
+
+    Used where no other thread can use the handle yet (handshake) or any more (close).
+    """
+    while not until():
+        left = deadline - time.monotonic()
+        mask = _poll_mask(h.aio_get_direction())
+        if left <= 0 or not mask:  # no mask: dead or closed, nothing more will happen
+            return until()
+        p = select.poll()
+        p.register(h.aio_get_fd(), mask)
+        for _fd, events in p.poll(int(left * 1000) + 1):
+            _notify(h, events)
+    return True
+
+
+class Forwarder:
+    """Sends writes to the secondary's ``replica`` export, many in flight, never stalling.
+
+    Public state (read from any thread): ``failed``, ``error``, ``size``, ``in_flight``,
+    ``queued``, ``in_flight_bytes`` (payload of in-flight writes), ``stats``.
+    """
+
+    def __init__(self, uri: str, *, timeout: float = 5.0, window: int = 64,
+                 on_failure: Optional[FailureCallback] = None,
+                 export_suffix: str = "") -> None:
+        if window < 1:
+            raise ValueError(f"forwarder window must be at least 1, not {window}")
+        self.uri = with_export_suffix(uri, export_suffix)
+        self.timeout = timeout
+        self.window = window
+        self.on_failure = on_failure
+        self.size = 0
+        self.failed = False
+        self.error: Optional[str] = None
+        self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
+                      "errors": 0}
+        # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
+        # _released, _stop, _wake_pending, _thread and the failed/error transition.
+        self._lock = threading.Lock()
+        self._incoming: list[Ticket] = []
+        self._accepting = False
+        self._seq = 0
+        self._hold_seq: float = _INF        # requests with seq >= this are held
+        self._released: Optional[tuple[float, float]] = None  # (old hold_seq, time)
+        self._stop: Optional[str] = None     # why the I/O thread must stop ("" = close)
+        self._wake_pending = False
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread: Optional[threading.Thread] = None
+        self._handoff: Optional[nbd.NBD] = None
+        self._reset_io_state()
+
+    def _reset_io_state(self) -> None:
+        """Fresh I/O-thread-only state (the I/O thread is the only one that mutates it)."""
+        self._queue: deque[Ticket] = deque()
+        self._barriers: list[Ticket] = []
+        self._inflight: set[Ticket] = set()
+        self._completed: list[Ticket] = []
+        self._cur_hold: float = _INF
+        self._next_check = 0.0
+        self._can_trim = True
+        self._fua_flag = nbd.CMD_FLAG_FUA
+        self.in_flight_bytes = 0
+
+    # -- public state ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + len(self._barriers) + len(self._incoming)
+
+    @property
+    def held(self) -> bool:
+        return self._hold_seq != _INF
+
+    # -- connection -----------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect with a fresh handle and start the I/O thread; also reconnects after a failure.
+
+        Raises ForwardError naming the URI if the secondary does not complete the
+        handshake within ``timeout`` or refuses writes.
+        """
+        with self._lock:
+            if self._accepting:
+                raise ForwardError(f"forwarder to secondary {self.uri} is already connected; "
+                                   "close() it first")
+            old = self._thread
+        if old is not None and old is not threading.current_thread():
+            old.join()
+        h = nbd.NBD()
+        self.size = self._handshake(h)
+        self._reset_io_state()
+        self._can_trim = h.can_trim()
+        if not h.can_fua():
+            log.warning("secondary %s does not support FUA; forwarding without it", self.uri)
+            self._fua_flag = 0
+        # The I/O thread must hold the only reference, so that dropping it closes the handle.
+        self._handoff, h = h, None
+        thread = threading.Thread(target=self._run, name="repdisk-forwarder", daemon=True)
+        with self._lock:
+            self.failed = False
+            self.error = None
+            self._stop = None
+            self._hold_seq = _INF
+            self._released = None
+            self._accepting = True
+            self._thread = thread
+        thread.start()
+        log.info("forwarding to secondary %s (%d bytes, window %d)", self.uri, self.size,
+                 self.window)
+
+    def _handshake(self, h: "nbd.NBD") -> int:
+        """Connect ``h`` within ``timeout`` without blocking forever on a hung secondary."""
+        try:
+            h.aio_connect_uri(self.uri)
+            done = _pump(h, lambda: not h.aio_is_connecting(),
+                         time.monotonic() + self.timeout)
+            if not done:
+                raise ForwardError(f"secondary {self.uri} does not answer: no NBD handshake "
+                                   f"within {self.timeout}s")
+            if not h.aio_is_ready():
+                raise ForwardError(f"secondary {self.uri} does not answer: connection closed "
+                                   "during the NBD handshake")
+            if h.is_read_only():
+                raise ForwardError(f"secondary {self.uri} is read-only; its replica export "
+                                   "must accept writes")
+            return h.get_size()
+        except nbd.Error as err:
+            raise ForwardError(f"secondary {self.uri} does not answer: {err}") from None
+
+    def close(self) -> None:
+        """Stop the I/O thread and close the handle; idempotent.
+
+        Requests still unacknowledged are aborted like a failure (``on_failure`` gets their
+        ranges); call ``barrier`` first to drain.
+        """
+        with self._lock:
+            thread = self._thread
+            if self._accepting and self._stop is None:
+                self._stop = ""
+                self._wake_locked()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+
+    def __del__(self) -> None:
+        # Not in close(): a closed forwarder may connect again, and submitters only write
+        # the eventfd while accepting, so it is safe to keep until the object goes.
+        fd, self._wake_fd = getattr(self, "_wake_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    # -- submission (any thread) ----------------------------------------------------
+
+    def submit_write(self, buf: "bytes | memoryview", offset: int, fua: bool = False) -> Ticket:
+        """Queue a write; ``buf`` must stay unchanged until the ticket is done."""
+        return self._submit(Ticket(self, WRITE, offset, len(buf), buf, fua))
+
+    def submit_zero(self, offset: int, length: int, fua: bool = False) -> Ticket:
+        return self._submit(Ticket(self, ZERO, offset, length, None, fua))
+
+    def submit_trim(self, offset: int, length: int, fua: bool = False) -> Ticket:
+        return self._submit(Ticket(self, TRIM, offset, length, None, fua))
+
+    def submit_flush(self) -> Ticket:
+        return self._submit(Ticket(self, FLUSH, 0, 0))
+
+    def barrier(self, timeout: float) -> bool:
+        """Wait until every earlier request, then a flush, is acknowledged; True on success.
+
+        While held, "earlier" means submitted before ``hold()``: the checkpoint order is
+        ``hold(); barrier(t)``.  Failing (or expiring) fails the forwarder.
+        """
+        return self._submit(Ticket(self, _BARRIER, 0, 0)).wait(timeout)
+
+    def _submit(self, t: Ticket) -> Ticket:
+        with self._lock:
+            if not self._accepting:
+                return _rejected(t.kind, t.offset, t.length)
+            t.seq = self._seq
+            self._seq += 1
+            t.t0 = time.monotonic()
+            self._incoming.append(t)
+            self._wake_locked()
+        return t
+
+    def hold(self) -> None:
+        """Keep requests submitted from now on queued (not sent) until ``release``."""
+        with self._lock:
+            if self._hold_seq == _INF:
+                self._hold_seq = self._seq
+
+    def release(self) -> None:
+        """Send the held requests, in order; their timeout counts from now."""
+        with self._lock:
+            if self._hold_seq != _INF:
+                self._released = (self._hold_seq, time.monotonic())
+                self._hold_seq = _INF
+                self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        """Wake the I/O thread once per batch; caller holds ``_lock``."""
+        if self._accepting and not self._wake_pending:
+            self._wake_pending = True
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _expire(self, t: Ticket, timeout: Optional[float]) -> None:
+        """A waiter gave up on ``t``: fail the forwarder (unless ``t`` just settled)."""
+        with self._lock:
+            if self._stop is None and not t.done:
+                self._stop = (f"secondary {self.uri} did not acknowledge {t.kind} "
+                              f"[{t.offset}, {t.offset + t.length}) within {timeout}s")
+                self._wake_locked()
+
+    # -- the I/O thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        h, self._handoff = self._handoff, None
+        assert h is not None
+        try:
+            why = self._loop(h)
+        except Exception as err:  # a bug here must still release every waiter
+            log.exception("forwarder I/O thread crashed")
+            why = f"forwarder to secondary {self.uri} crashed: {err}"
+        ref = weakref.ref(h)
+        clean = not self._inflight and not self._queue and not self._barriers
+        if clean and why == "":
+            self._disconnect(h)
+        del h
+        if ref() is not None:  # a traceback cycle still holds it: collect to close it
+            gc.collect()
+        if ref() is not None:
+            log.error("forwarder could not close its libnbd handle; buffers stay referenced")
+        self._finish(why)
+
+    def _loop(self, h: "nbd.NBD") -> str:
+        """Run until a failure or close; returns the reason ("" for close)."""
+        poller = select.poll()
+        poller.register(self._wake_fd, select.POLLIN)
+        fd, mask = -1, 0
+        try:
+            while True:
+                why = self._take_incoming()
+                why = why if why is not None else self._send(h)
+                why = why if why is not None else self._check_deadlines()
+                if why is not None:
+                    return why
+                new_fd, new_mask = h.aio_get_fd(), _poll_mask(h.aio_get_direction())
+                if (new_fd, new_mask) != (fd, mask):
+                    if fd >= 0 and mask:
+                        poller.unregister(fd)
+                    fd, mask = new_fd, new_mask
+                    if mask:
+                        poller.register(fd, mask)
+                wait_ms = max(0, int((self._next_check - time.monotonic()) * 1000) + 1)
+                for got_fd, events in poller.poll(wait_ms):
+                    if got_fd == self._wake_fd:
+                        self._drain_wake()
+                    else:
+                        _notify(h, events)
+                why = self._retire()
+                if why is None and (h.aio_is_dead() or h.aio_is_closed()):
+                    why = f"secondary {self.uri} closed the connection"
+                if why is not None:
+                    return why
+        except nbd.Error as err:
+            return f"secondary {self.uri} failed: {err}"
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+
+    def _take_incoming(self) -> Optional[str]:
+        """Move the submitted batch into the queue; returns a stop reason if one is set."""
+        with self._lock:
+            self._wake_pending = False
+            batch, self._incoming = self._incoming, []
+            self._cur_hold = self._hold_seq
+            released, self._released = self._released, None
+            stop = self._stop
+        for t in batch:
+            (self._barriers if t.kind is _BARRIER else self._queue).append(t)
+        if released is not None:
+            # Held requests waited for the checkpoint, not for the secondary.
+            since_seq, at = released
+            for t in self._queue:
+                if t.seq >= since_seq and t.t0 < at:
+                    t.t0 = at
+            self._next_check = 0.0
+        return stop
+
+    def _send(self, h: "nbd.NBD") -> Optional[str]:
+        """Issue queued requests in order while the window, overlaps and the hold allow."""
+        q, inflight = self._queue, self._inflight
+        while q and len(inflight) < self.window:
+            t = q[0]
+            if t.seq >= self._cur_hold or self._overlaps(t):
+                break
+            q.popleft()
+            why = self._issue(h, t)
+            if why is not None:
+                return why
+        ready = [b for b in self._barriers if not self._earlier_pending(b.seq)]
+        for b in ready:
+            self._barriers.remove(b)
+            why = self._issue(h, b)
+            if why is not None:
+                return why
+        return None
+
+    def _overlaps(self, t: Ticket) -> bool:
+        """True if ``t`` must wait: its bytes overlap an in-flight request (flush: any data)."""
+        if t.kind is FLUSH:
+            return any(o.length for o in self._inflight)
+        start, end = t.offset, t.offset + t.length
+        for o in self._inflight:
+            if o.offset < end and start < o.offset + o.length:
+                return True
+        return False
+
+    def _earlier_pending(self, seq: int) -> bool:
+        """True while a sendable request submitted before ``seq`` is unacknowledged."""
+        q = self._queue
+        if q and q[0].seq < seq and q[0].seq < self._cur_hold:
+            return True
+        return any(o.seq < seq for o in self._inflight)
+
+    def _issue(self, h: "nbd.NBD", t: Ticket) -> Optional[str]:
+        """Hand ``t`` to libnbd; it counts as in flight even if libnbd refuses it."""
+        self._inflight.add(t)
+        flags = self._fua_flag if t.fua else 0
+        try:
+            if t.kind is WRITE:
+                self.in_flight_bytes += t.length
+                h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
+            elif t.kind is ZERO:
+                h.aio_zero(t.length, t.offset, completion=t._completed, flags=flags)
+            elif t.kind is TRIM:
+                if not self._can_trim:  # advisory: nothing to tell a server that cannot
+                    self._completed.append(t)
+                    return None
+                h.aio_trim(t.length, t.offset, completion=t._completed, flags=flags)
+            else:
+                h.aio_flush(completion=t._completed)
+        except nbd.Error as err:
+            return (f"secondary {self.uri} refused {t.kind} [{t.offset}, "
+                    f"{t.offset + t.length}): {err}")
+        return None
+
+    def _retire(self) -> Optional[str]:
+        """Settle what libnbd completed; returns the first error (those stay unacknowledged)."""
+        done = self._completed
+        if not done:
+            return None
+        self._completed = []
+        why = None
+        stats = self.stats
+        for t in done:
+            if t._err:
+                stats["errors"] += 1
+                why = why or (f"secondary {self.uri} failed {t.kind} [{t.offset}, "
+                              f"{t.offset + t.length}): {os.strerror(t._err)}")
+                continue
+            self._inflight.discard(t)
+            if t.kind is WRITE:
+                self.in_flight_bytes -= t.length
+                stats["writes"] += 1
+                stats["bytes"] += t.length
+            else:
+                stats[_STAT[t.kind]] += 1
+            t._settle(True)
+        return why
+
+    def _check_deadlines(self) -> Optional[str]:
+        """Fail if the oldest unacknowledged, unheld request is older than ``timeout``."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return None
+        waiting = [*self._inflight, *self._barriers]
+        if self._queue and self._queue[0].seq < self._cur_hold:
+            waiting.append(self._queue[0])  # the oldest sendable queued request
+        oldest = min(waiting, key=lambda t: t.t0, default=None)
+        if oldest is None:
+            self._next_check = now + self.timeout
+            return None
+        if now - oldest.t0 >= self.timeout:
+            return (f"secondary {self.uri} did not acknowledge {oldest.kind} [{oldest.offset}, "
+                    f"{oldest.offset + oldest.length}) within {self.timeout}s")
+        self._next_check = oldest.t0 + self.timeout
+        return None
+
+    def _disconnect(self, h: "nbd.NBD") -> None:
+        """Polite close when nothing is outstanding: NBD_CMD_DISC, briefly wait for EOF."""
+        try:
+            h.aio_disconnect()
+            _pump(h, h.aio_is_closed, time.monotonic() + min(self.timeout, 1.0))
+        except nbd.Error as err:
+            log.debug("disconnect from %s: %s", self.uri, err)
+
+    def _finish(self, why: str) -> None:
+        """After the handle is gone: report unacknowledged ranges, then release waiters."""
+        with self._lock:
+            self._accepting = False
+            self._wake_pending = False
+            late, self._incoming = self._incoming, []
+        pending = sorted([*self._inflight, *self._queue, *self._barriers, *late],
+                         key=lambda t: t.seq)
+        self._reset_io_state()
+        if pending and not why:
+            why = (f"forwarder to secondary {self.uri} closed with {len(pending)} "
+                   "requests not acknowledged")
+        if why:
+            ranges = [(t.offset, t.length) for t in pending if t.length]
+            with self._lock:
+                self.failed = True
+                self.error = why
+            log.error("%s; %d ranges not on the secondary", why, len(ranges))
+            self._call_on_failure(why, ranges)
+        else:
+            log.info("forwarder to secondary %s closed", self.uri)
+        for t in pending:
+            t._settle(False)
+
+    def _call_on_failure(self, why: str, ranges: list[tuple[int, int]]) -> None:
+        if self.on_failure is None:
+            return
+        try:
+            self.on_failure(why, ranges)
+        except Exception:  # the I/O thread must still release every waiter
+            log.exception("forwarder on_failure callback raised")
