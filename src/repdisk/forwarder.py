@@ -97,13 +97,16 @@ class Ticket:
 
     def __repr__(self) -> str:
         state = "ok" if self.ok else "failed" if self.done else "pending"
-        return f"<Ticket #{self.seq} {self.kind} [{self.offset}, {self.offset + self.length}) {state}>"
+        end = self.offset + self.length
+        return f"<Ticket #{self.seq} {self.kind} [{self.offset}, {end}) {state}>"
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """True once the secondary acknowledged; False if it failed or ``timeout`` expired.
 
-        An expired wait fails the forwarder (see the module note) and returns as soon as
-        the handle is closed, which takes microseconds.
+        An expired wait fails the forwarder (see the module note) and returns once the
+        handle is closed and ``on_failure`` has run: microseconds past ``timeout`` plus
+        the callback's own time (at most ``_ABORT_GRACE`` more, in case the I/O thread
+        is wedged).
         """
         fwd = self._fwd  # read first: settling clears it
         if self.done:
@@ -254,7 +257,8 @@ class Forwarder:
         """Connect with a fresh handle and start the I/O thread; also reconnects after a failure.
 
         Raises ForwardError naming the URI if the secondary does not complete the
-        handshake within ``timeout`` or refuses writes.
+        handshake within ``timeout`` or refuses writes.  A new connection starts with no
+        hold and empty queues (a failure settled every earlier ticket).
         """
         with self._lock:
             if self._accepting:
