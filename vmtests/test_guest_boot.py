@@ -87,6 +87,21 @@ def test_sigkill_mid_workload_leaves_a_recoverable_disk(start_vm: StartVM, disk:
     assert fsck_clean(disk)
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("raw_records, tail, marker", [
+    (6, b"", "REPDISK-RESUME next=8"),  # crashed between the file's fsync and the raw slot's
+    (7, b"REC 8 0123", "REPDISK-TRUNCATE keeping 7"),  # a torn last line
+])
+def test_guest_recovers_a_crashed_record(start_vm: StartVM, disk: Path, tmp_path: Path,
+                                         raw_records: int, tail: bytes, marker: str) -> None:
+    write_records(disk, 7, raw_records, tmp_path, tail)
+    vm = start_vm([disk], workload="poweroff-after", records=2)
+    run_to_poweroff(vm, 9)
+    assert marker in vm.console
+    assert check_records(disk) == (9, [])
+    assert fsck_clean(disk)
+
+
 @pytest.mark.timeout(60)
 def test_idle_guest_answers_qmp_and_quits(start_vm: StartVM, disk: Path) -> None:
     vm = start_vm([disk])

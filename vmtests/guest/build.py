@@ -135,10 +135,22 @@ def find_busybox(cache: Path) -> Path:
     return binary
 
 
-def modinfo_depends(ko: bytes) -> list[str]:
-    """The ``depends=`` list of a module image's .modinfo section."""
-    found = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
-    return [d for d in found.group(1).decode().split(",") if d] if found else []
+def modinfo(ko: bytes, key: str) -> list[str]:
+    """The values of ``key`` in a module image's .modinfo section (NUL-separated key=value)."""
+    return [m.decode() for m in re.findall(rb"(?<![^\0])" + key.encode() + rb"=([^\0]*)", ko)]
+
+
+def module_needs(ko: bytes) -> list[str]:
+    """What must be loaded before a module: its ``depends`` and its ``softdep`` "pre:" names.
+
+    Softdeps matter for ext4 as a module: jbd2 and ext4 find crc32c through the crypto API,
+    so nothing in ``depends`` pulls the crc32c implementation in.
+    """
+    needs = [d for line in modinfo(ko, "depends") for d in line.split(",") if d]
+    for line in modinfo(ko, "softdep"):
+        pre = re.search(r"pre:\s*([^:]*?)\s*(?:post:|$)", line)
+        needs += pre.group(1).split() if pre else []
+    return needs
 
 
 def read_module(path: Path) -> bytes:
@@ -153,27 +165,59 @@ def read_module(path: Path) -> bytes:
 
 
 def collect_modules(moddir: Path) -> list[tuple[str, bytes]]:
-    """(name, ELF image) of each needed loadable module, dependencies before dependants."""
-    builtin = {Path(line).name.split(".ko")[0].replace("-", "_")
-               for line in (moddir / "modules.builtin").read_text().split()}
-    files = {p.name.split(".ko")[0].replace("-", "_"): p for p in moddir.rglob("*.ko*")}
-    ordered: list[tuple[str, bytes]] = []
+    """(name, ELF image) of each needed loadable module, dependencies before dependants.
+
+    Names may be aliases (softdeps say "crc32c", the module is crc32c_generic); the package
+    has no modules.alias (depmod makes it at install), so aliases are looked up in the
+    modules' own .modinfo, only when a name is not a module file.
+    """
+    builtin = module_names((moddir / "modules.builtin").read_text().split())
+    files = {module_name(p): p for p in moddir.rglob("*.ko*")}
+    aliases: dict[str, str] = {}
+    ordered: dict[str, bytes] = {}
+
+    def resolve(alias: str) -> str:
+        name = alias.replace("-", "_")
+        if name in builtin or name in files:
+            return name
+        if not aliases:  # built-in modules' aliases win: nothing to load for them
+            aliases.update((a, n) for n, p in files.items()
+                           for a in modinfo(read_module(p), "alias"))
+            aliases.update(builtin_aliases(moddir))
+        return aliases.get(alias, name).replace("-", "_")
 
     def add(name: str) -> None:
-        name = name.replace("-", "_")
-        if name in builtin or any(n == name for n, _ in ordered):
+        name = resolve(name)
+        if name in builtin or name in ordered:
             return
         if name not in files:
             raise GuestBuildError(f"module {name} is neither built into nor shipped with "
                                   f"the kernel in {moddir}")
         image = read_module(files[name])
-        for dep in modinfo_depends(image):
+        ordered[name] = b""  # placeholder: guards against dependency cycles
+        for dep in module_needs(image):
             add(dep)
-        ordered.append((name, image))
+        del ordered[name]
+        ordered[name] = image
 
     for name in MODULES:
         add(name)
-    return ordered
+    return list(ordered.items())
+
+
+def builtin_aliases(moddir: Path) -> dict[str, str]:
+    """alias -> module for the built-in modules (modules.builtin.modinfo: "mod.key=value")."""
+    entries = (moddir / "modules.builtin.modinfo").read_bytes().split(b"\0")
+    return {value: mod for mod, _, value in
+            (e.decode().partition(".alias=") for e in entries) if value}
+
+
+def module_name(path: Path) -> str:
+    return path.name.split(".ko")[0].replace("-", "_")
+
+
+def module_names(paths: list[str]) -> set[str]:
+    return {module_name(Path(p)) for p in paths}
 
 
 class Cpio:
@@ -264,7 +308,7 @@ def build(kernel_deb: Path, busybox: Path, out: Path) -> None:
         (out / "version").write_text(moddir.name)
     (out / "initramfs.gz").write_bytes(build_initramfs(busybox, modules))
     build_rootfs(busybox, out / "rootfs")
-    log.info("built guest %s: modules %s", out.name, " ".join(n for n, _ in modules))
+    log.info("built guest for %s: modules %s", kernel_deb.name, " ".join(n for n, _ in modules))
 
 
 def guest_from(path: Path) -> Guest:

@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # Stage 1 (the initramfs's /init): load the virtio modules, mount /dev/vda (ext4) and
 # switch_root to it, so that everything the workload does lives on the replicated disk.
+# noatime: an idle guest must not write (replication tests count on a quiet disk).
 # Any failure prints REPDISK-FAIL and powers the VM off, so a test fails fast instead of
 # waiting for a marker that can never come.
 /bin/busybox mkdir -p /proc /sys /dev /newroot
@@ -31,7 +32,7 @@ while [ ! -b /dev/vda ]; do
     [ "$i" -gt 100 ] && fail "no /dev/vda after 10 s (is a virtio-blk disk attached?)"
     sleep 0.1
 done
-mount -t ext4 /dev/vda /newroot || fail "cannot mount /dev/vda as ext4"
+mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount /dev/vda as ext4"
 [ -x /newroot/sbin/init ] || fail "/dev/vda has no /sbin/init (not a repdisk guest disk?)"
 mount --move /dev /newroot/dev || fail "cannot move /dev"
 umount /sys

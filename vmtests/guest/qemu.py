@@ -36,12 +36,12 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .build import CACHE_DIR, Guest, ensure_guest
+from .build import CACHE_DIR, Guest, cache_lock, ensure_guest
 
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
-KVM_PROBE_TIMEOUT = 15.0
+KVM_PROBE_TIMEOUT = 10.0  # a working KVM reaches the initramfs in about a second
 KERNEL_ARGS = "console=ttyS0 panic=-1"
 PR_SET_PDEATHSIG = 1
 RECORD_RE = re.compile(r"^REPDISK-RECORD (\d+)\r?$", re.M)
@@ -75,7 +75,8 @@ class Drive:
             uri = urlparse(target)
             sockets = parse_qs(uri.query).get("socket")
             if uri.scheme != "nbd+unix" or not sockets:
-                raise ValueError(f"drive {target}: only nbd+unix:///EXPORT?socket=PATH is supported")
+                raise ValueError(f"drive {target}: only nbd+unix:///EXPORT?socket=PATH "
+                                 f"is supported")
             node: dict[str, Any] = {"driver": "nbd", "server": {"type": "unix", "path": sockets[0]},
                                     "export": uri.path.lstrip("/")}
         else:
@@ -137,14 +138,15 @@ def choose_accel(guest: Guest, cache: Path = CACHE_DIR) -> str:
     if key in _accel_verdict:
         return _accel_verdict[key]
     verdict_file = cache / "accel.json"
-    try:
-        cached = json.loads(verdict_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if cached.get("key") != key:
-        usable = os.access("/dev/kvm", os.R_OK | os.W_OK) and kvm_probe(guest)
-        cached = {"key": key, "accel": "kvm" if usable else "tcg"}
-        verdict_file.write_text(json.dumps(cached))
+    with cache_lock(cache):  # one probe, however many test processes start at once
+        try:
+            cached = json.loads(verdict_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if cached.get("key") != key:
+            usable = os.access("/dev/kvm", os.R_OK | os.W_OK) and kvm_probe(guest)
+            cached = {"key": key, "accel": "kvm" if usable else "tcg"}
+            verdict_file.write_text(json.dumps(cached))
     _accel_verdict[key] = cached["accel"]
     return cached["accel"]
 

@@ -39,7 +39,8 @@ raw_slot() {  # raw_slot SEQ: the first line stored in record SEQ's raw slot
 }
 
 write_raw() {  # write_raw SEQ LINE
-    [ "$1" -le "$RAW_SLOTS" ] || { fail "raw region on $RAW_DEV is full ($RAW_SLOTS records)"; return 1; }
+    [ "$1" -le "$RAW_SLOTS" ] ||
+        { fail "raw region on $RAW_DEV is full ($RAW_SLOTS records)"; return 1; }
     printf '%s\n' "$2" | dd of="$RAW_DEV" bs=512 seek=$((RAW_FIRST + $1 - 1)) count=1 \
         conv=sync,notrunc,fsync 2>/dev/null || fail "cannot write record $1 to $RAW_DEV"
 }
@@ -55,7 +56,8 @@ last_valid_record() {  # the highest N such that line N of the file is record N
 
 recover() {  # drop a torn tail of the file, complete the raw slot of its last record
     n=$(last_valid_record)
-    if [ -f "$RECORDS_FILE" ] && [ "$(head -n "$n" "$RECORDS_FILE" | wc -c)" != "$(wc -c < "$RECORDS_FILE")" ]; then
+    if [ -f "$RECORDS_FILE" ] &&
+        [ "$(head -n "$n" "$RECORDS_FILE" | wc -c)" != "$(wc -c < "$RECORDS_FILE")" ]; then
         echo "REPDISK-TRUNCATE keeping $n records"
         head -n "$n" "$RECORDS_FILE" > "$RECORDS_FILE.tmp" && sync "$RECORDS_FILE.tmp" &&
             mv "$RECORDS_FILE.tmp" "$RECORDS_FILE" && sync || return 1
