@@ -114,6 +114,15 @@ def test_idle_guest_answers_qmp_and_quits(start_vm: StartVM, disk: Path) -> None
     assert check_records(disk) == (0, [])
 
 
+@pytest.mark.timeout(60)
+def test_incoming_guest_waits_for_a_migration(start_vm: StartVM, disk: Path) -> None:
+    vm = start_vm([disk], incoming="defer")
+    assert vm.qmp("query-status")["status"] == "inmigrate"
+    assert vm.console == ""  # the guest has not started
+    vm.kill()
+    assert vm.proc is not None and vm.proc.returncode == -9
+
+
 # The checker, on disks whose records are written by the host (debugfs -w, no VM needed).
 
 def write_records(disk: Path, file_records: int, raw_records: int, tmp_path: Path,

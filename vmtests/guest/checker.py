@@ -186,7 +186,12 @@ def fsck_clean(image: Image) -> bool:
 
 
 def crash_fsck_clean(image: Image) -> tuple[bool, str]:
-    """(clean, e2fsck output) for a crashed disk: preen a copy, then ``e2fsck -fn`` it."""
+    """(clean, e2fsck output) for a crashed disk, by the module doc's rule.
+
+    A copy is preened (``e2fsck -p``: journal replay and orphan release, as the next mount
+    would do; exit 0 or 1) and must then pass ``e2fsck -fn`` with nothing to report. The
+    image itself is not modified.
+    """
     with image_file(image) as path, preened_copy(path) as (copy, preen):
         if preen.returncode not in (0, 1):
             return False, f"e2fsck -p: exit {preen.returncode}\n{preen.stdout}{preen.stderr}"
