@@ -1,0 +1,1 @@
+"""repdisk's benchmark harness: fio over NBD against repdisk and its peers (see bench/README.md)."""
