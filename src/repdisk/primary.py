@@ -1,0 +1,551 @@
+"""The primary side of a replicated disk: local disk + forwarding + dirty map.
+
+The guest is served in every stage (**repdisk**: QEMU's primary node serves no
+I/O itself).  Reads come from the local disk.  A write goes to the local disk
+and, while the secondary is connected and in step, to the secondary through a
+:class:`~repdisk.forwarder.Forwarder`.  Every write *not* known to be on the
+secondary (made before ``start``, after ``stop``, while degraded, or whose
+forward failed or timed out) is marked in the :class:`~repdisk.dirtymap.DirtyMap`,
+so ``resync`` later copies exactly those regions.
+
+Ordering.  Each update takes an exclusive range lock over its bytes, writes
+locally and submits the forward before releasing it, so overlapping updates are
+submitted in the order they hit the local disk; the forwarder sends them in
+submission order and never lets two overlapping requests be in flight at once,
+so the secondary applies them in that order too.
+
+A failing or hanging secondary never fails a guest write and never stalls one
+past ``timeout``: the write is local, its range is dirty, the replica is
+*degraded* (``get_error`` reports why) until ``resync``.
+
+Checkpoints follow DESIGN.md: ``checkpoint()`` = hold + barrier, ``resume()``
+(or ``timeout / 2``) ends the hold.  A degraded primary, or one with dirty
+bytes, refuses a checkpoint: the secondary's last good checkpoint must never be
+replaced by an incomplete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional, Union
+
+from .dirtymap import DirtyMap
+from .errors import ConfigError, ForwardError, check_range
+from .forwarder import Forwarder, Ticket
+from .images import BlockDevice, RawImage
+from .rangelock import RangeLock
+from .replication import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
+from .stage import EventSink, Stage, StageMachine, no_events
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PrimaryReplica", "PrimaryView", "WRITE_MODES", "RESYNC_CHUNK"]
+
+WRITE_MODES = ("sync", "async")
+#: resync copies a dirty run in pieces of at most this many bytes ...
+RESYNC_CHUNK = 4 << 20
+#: ... with at most this many pieces in flight (bounds its memory to 16 MiB).
+RESYNC_DEPTH = 4
+#: RESYNC_PROGRESS events are sent at most this often (the progress callback sees every chunk).
+PROGRESS_INTERVAL = 0.5
+
+Buffer = Union[bytes, bytearray, memoryview]
+Submit = Callable[[Forwarder], Ticket]
+Progress = Callable[[int, int], None]
+
+
+def _chunks(offset: int, length: int, size: int) -> list[tuple[int, int]]:
+    """Split [offset, offset+length) into pieces of at most ``size`` bytes."""
+    end = offset + length
+    return [(o, min(size, end - o)) for o in range(offset, end, size)]
+
+
+class _Window:
+    """Async mode's bound on writes the secondary has not acknowledged yet.
+
+    The forwarder bounds what is in flight but queues without limit; acknowledging
+    writes before they are sent must not let the lag grow without bound, so a submitter
+    waits while ``in_flight + queued >= window`` for the oldest of its own tickets.
+    A wait that expires fails the forwarder (its rule), which releases everyone.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        # Guards _tickets: async tickets in submission order, finished ones dropped from the left.
+        self._lock = threading.Lock()
+        self._tickets: deque[Ticket] = deque()
+
+    def add(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._tickets.append(ticket)
+
+    def _oldest_pending(self) -> Optional[Ticket]:
+        with self._lock:
+            while self._tickets and self._tickets[0].done:
+                self._tickets.popleft()
+            return self._tickets[0] if self._tickets else None
+
+    def wait_room(self, fwd: Forwarder, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while fwd.in_flight + fwd.queued >= self.size and not fwd.failed:
+            oldest = self._oldest_pending()
+            remaining = deadline - time.monotonic()
+            if oldest is None or remaining <= 0:
+                return
+            oldest.wait(remaining)
+
+
+class PrimaryView:
+    """The guest's disk (a BlockDevice): served in every stage, whatever the secondary does."""
+
+    def __init__(self, replica: "PrimaryReplica") -> None:
+        self._replica = replica
+        self.size = replica.disk.size
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        check_range(self.size, offset, memoryview(buf).nbytes)
+        self._replica.disk.pread_into(buf, offset)
+
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        self._replica.write(buf, offset, fua)
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        self._replica.zero(offset, length, fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._replica.trim(offset, length, fua)
+
+    def flush(self) -> None:
+        self._replica.flush()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        check_range(self.size, offset, length)
+        return self._replica.disk.extents(offset, length)
+
+
+class PrimaryReplica:
+    """One primary disk: every primary transition, and the guest's I/O path."""
+
+    def __init__(self, name: str, disk: RawImage, secondary_uri: Optional[str], *,
+                 write_mode: str = "sync", timeout: float = 5.0, window: int = 64,
+                 granularity: int = 65536, events: EventSink = no_events,
+                 export_suffix: str = "") -> None:
+        if write_mode not in WRITE_MODES:
+            raise ConfigError("write-mode", f"unknown write mode {write_mode!r}; "
+                                            f"use {' or '.join(WRITE_MODES)}")
+        if not timeout > 0:
+            raise ConfigError("timeout", f"the timeout must be positive, not {timeout}")
+        if window < 1:
+            raise ConfigError("window", f"the window must be at least 1, not {window}")
+        self.name = name
+        self.disk = disk
+        self.secondary_uri = secondary_uri
+        self.write_mode = write_mode
+        self.timeout = float(timeout)
+        self.window = window
+        self.export_suffix = export_suffix
+        self.events = events
+        self.sm = StageMachine(name, ReplicationMode.PRIMARY, events)
+        self.dirty = DirtyMap(disk.size, granularity)
+        self.view: BlockDevice = PrimaryView(self)
+        # Exclusive holders: updates (local write + submit) and resync's read + submit.
+        self._locks = RangeLock()
+        self._window = _Window(window)
+        # The connection writes are forwarded on; None = not forwarding (mark dirty instead).
+        self._fwd: Optional[Forwarder] = None
+        self.degraded = False
+        # Guards the checkpoint hold: _holding, _hold_gen (invalidates a stale expiry timer).
+        self._hold_lock = threading.Lock()
+        self._holding = False
+        self._hold_gen = 0
+        self._hold_timer: Optional[threading.Timer] = None
+        # Guards _counters.
+        self._count_lock = threading.Lock()
+        self._counters = {"writes": 0, "bytes": 0, "forwarded": 0, "forward_errors": 0,
+                          "checkpoints": 0}
+        self._last_checkpoint: Optional[dict[str, float]] = None
+
+    def __repr__(self) -> str:
+        return f"PrimaryReplica({self.name!r})"
+
+    def __str__(self) -> str:
+        """The disk's name: the registry's error messages say which disk failed."""
+        return self.name
+
+    @property
+    def stage(self) -> Stage:
+        return self.sm.stage
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.sm.error
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
+    # -- the guest's I/O ---------------------------------------------------------
+
+    def write(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        """A guest write: local, then forwarded (sync: waits for the secondary, up to timeout)."""
+        view = memoryview(buf).cast("B")
+        # async acknowledges before the forward is sent; nbdkit reuses its buffer: copy.
+        payload: Buffer = view if self.write_mode == "sync" else bytes(view)
+        self._update(offset, view.nbytes, lambda: self.disk.pwrite(view, offset, fua),
+                     lambda f: f.submit_write(payload, offset, fua))
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        self._update(offset, length, lambda: self.disk.zero(offset, length, fua),
+                     lambda f: f.submit_zero(offset, length, fua))
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._update(offset, length, lambda: self.disk.trim(offset, length, fua),
+                     lambda f: f.submit_trim(offset, length, fua))
+
+    def flush(self) -> None:
+        """Flush locally and on the secondary (sync mode waits for it, up to timeout)."""
+        self.disk.flush()
+        fwd = self._forwarding()
+        if fwd is None:
+            return
+        ticket = fwd.submit_flush()
+        if self.write_mode == "sync":
+            ticket.wait(self.timeout)  # a failure is handled by on_failure
+
+    def _update(self, offset: int, length: int, local: Callable[[], None], submit: Submit) -> None:
+        """The one write path: lock, local change, forward or mark dirty, then settle."""
+        check_range(self.disk.size, offset, length, write=True)
+        with self._locks.exclusive(offset, offset + length):
+            local()
+            ticket = self._submit(offset, length, submit)
+        with self._count_lock:
+            self._counters["writes"] += 1
+            self._counters["bytes"] += length
+        # The forwarder fails a request older than timeout (and an expired wait fails it),
+        # so this never waits longer; the guest's write succeeds either way.
+        if ticket is not None and self.write_mode == "sync" and not ticket.wait(self.timeout):
+            self.dirty.mark(offset, length)  # on_failure marks it too: harmless
+
+    def _submit(self, offset: int, length: int, submit: Submit) -> Optional[Ticket]:
+        """Forward a change (range lock held), or mark it dirty; the ticket if it was sent.
+
+        Shared by guest updates and resync, so both obey the same order and window.
+        """
+        fwd = self._forwarding()
+        if fwd is None:
+            self.dirty.mark(offset, length)
+            return None
+        if self.write_mode == "async":
+            self._window.wait_room(fwd, self.timeout)
+        ticket = submit(fwd)
+        if ticket.done and not ticket.ok:
+            self.dirty.mark(offset, length)  # rejected: the forwarder had already failed
+            return None
+        if self.write_mode == "async":
+            self._window.add(ticket)
+        with self._count_lock:
+            self._counters["forwarded"] += 1
+        return ticket
+
+    def _forwarding(self) -> Optional[Forwarder]:
+        """The forwarder writes go to now, or None if they only go to the local disk."""
+        fwd = self._fwd
+        return None if fwd is None or self.degraded else fwd
+
+    # -- the link to the secondary ---------------------------------------------------
+
+    def _connect(self) -> Forwarder:
+        """A new connection to the secondary, checked for size; raises ReplicationError."""
+        if self.secondary_uri is None:
+            raise ReplicationError(f"{self.name}: cannot replicate: no secondary is configured "
+                                   "(set the 'secondary' key to its NBD URI)")
+        fwd: Forwarder
+
+        def on_failure(error: str, ranges: list[tuple[int, int]]) -> None:
+            self._on_failure(fwd, error, ranges)
+
+        fwd = Forwarder(self.secondary_uri, timeout=self.timeout, window=self.window,
+                        on_failure=on_failure, export_suffix=self.export_suffix)
+        try:
+            fwd.connect()
+        except ForwardError as err:
+            fwd.close()
+            raise ReplicationError(f"{self.name}: cannot reach the secondary "
+                                   f"{self.secondary_uri}: {err}") from err
+        if fwd.size != self.disk.size:
+            fwd.close()
+            raise ReplicationError(
+                f"{self.name}: the secondary {self.secondary_uri} is {fwd.size} bytes but the "
+                f"local disk is {self.disk.size} bytes; give both disks the same size")
+        return fwd
+
+    def probe(self) -> None:
+        """Check that the secondary answers and has this disk's size (node start-up)."""
+        self._connect().close()
+
+    def _on_failure(self, fwd: Forwarder, error: str, ranges: list[tuple[int, int]]) -> None:
+        """Called once by a failing forwarder (its thread): mark, degrade, report."""
+        for off, length in ranges:
+            if length > 0:
+                self.dirty.mark(off, length)
+        with self._count_lock:
+            self._counters["forward_errors"] += 1
+        if fwd is not self._fwd:
+            return  # an abandoned connection: its ranges are marked, nothing else to say
+        self._degrade(f"forwarding to the secondary {self.secondary_uri} failed: {error}")
+
+    def _degrade(self, why: str) -> None:
+        """Stop forwarding until resync; get_error reports ``why`` (and an event goes out)."""
+        self.degraded = True
+        self.sm.record_error(f"{why}; writes are kept local and tracked as dirty until resync")
+
+    def _drop_link(self) -> None:
+        """Stop forwarding and close the connection; whatever it did not acknowledge is dirty."""
+        fwd, self._fwd = self._fwd, None
+        if fwd is None:
+            return
+        fwd.close()  # reports what it did not acknowledge to on_failure: marked dirty
+
+    # -- transitions ---------------------------------------------------------------
+
+    def start(self, mode: ReplicationMode, progress: Optional[Progress] = None) -> None:
+        """Connect, copy what is dirty, then RUNNING; ignored once DONE."""
+        with self.sm.lock:
+            if not self.sm.guard_start(mode):
+                return
+            self._fwd, self.degraded = self._connect(), False
+            try:
+                self._copy_dirty(progress)
+            except BaseException:
+                self._drop_link()
+                raise
+            self.sm.set_stage(Stage.RUNNING)
+            self.sm.clear_error()
+
+    def checkpoint(self) -> None:
+        """Barrier + hold: every write acknowledged before is on the secondary, later ones wait."""
+        with self.sm.lock:
+            if not self.sm.guard_running("checkpoint"):
+                return
+            self._require_in_sync("checkpoint")
+            fwd = self._fwd
+            assert fwd is not None  # RUNNING and not degraded
+            began = time.monotonic()
+            self.resume()  # a hold left from an earlier checkpoint: it is covered by this one
+            gen = self._begin_hold(fwd)
+            if not fwd.barrier(self.timeout):
+                self.resume()
+                why = fwd.error or f"no answer within {self.timeout:g}s"
+                self._degrade(f"checkpoint barrier on the secondary {self.secondary_uri} "
+                              f"failed: {why}")
+                raise ReplicationError(f"{self.name}: checkpoint failed: the secondary did not "
+                                       f"confirm the writes: {why}")
+            if not self._still_holding(gen):
+                # Later writes were released before the secondary confirmed the earlier
+                # ones: the secondary's disk is not a closed set, so no checkpoint now.
+                raise ReplicationError(
+                    f"{self.name}: checkpoint failed: the secondary took longer than the hold "
+                    f"({self.timeout / 2:g}s, half the timeout) to confirm the writes; retry, "
+                    "or raise the timeout")
+            duration = time.monotonic() - began
+            with self._count_lock:
+                self._counters["checkpoints"] += 1
+            self._last_checkpoint = {"time": time.time(), "duration": duration}
+            self.sm.events("CHECKPOINT_COMPLETED", {"disk": self.name, "mode": self.sm.mode.value,
+                                                    "duration": duration})
+
+    def _require_in_sync(self, op: str) -> None:
+        dirty = self.dirty.dirty_bytes
+        if self.degraded or dirty:
+            raise ReplicationError(f"{self.name}: cannot {op}: the secondary is not in sync: "
+                                   f"{dirty} bytes dirty; resync before checkpointing")
+
+    def _begin_hold(self, fwd: Forwarder) -> int:
+        """Hold the forwarder; the hold ends by itself after timeout/2 unless resume() comes.
+
+        Half the timeout: a sync write held meanwhile still has the other half for the
+        secondary to answer before its wait (and the forwarder's deadline) runs out.
+        """
+        with self._hold_lock:
+            fwd.hold()
+            self._holding = True
+            self._hold_gen += 1
+            timer = threading.Timer(self.timeout / 2, self._end_hold, (True, self._hold_gen))
+            timer.daemon = True
+            timer.start()
+            self._hold_timer = timer
+            return self._hold_gen
+
+    def _still_holding(self, gen: int) -> bool:
+        with self._hold_lock:
+            return self._holding and self._hold_gen == gen
+
+    def resume(self) -> None:
+        """End the checkpoint hold: held writes are sent.  No hold: nothing to do."""
+        self._end_hold(expired=False)
+
+    def _end_hold(self, expired: bool, gen: Optional[int] = None) -> None:
+        with self._hold_lock:
+            if not self._holding or (gen is not None and gen != self._hold_gen):
+                return  # no hold, or a timer from a hold already ended
+            self._holding = False
+            timer, self._hold_timer = self._hold_timer, None
+            fwd = self._fwd
+            if fwd is not None:
+                fwd.release()
+        if timer is not None and not expired:
+            timer.cancel()
+        if expired:
+            log.warning("%s: checkpoint hold expired after %gs without replication-resume; "
+                        "held writes were sent", self.name, self.timeout / 2)
+            self.sm.events("CHECKPOINT_HOLD_EXPIRED", {"disk": self.name,
+                                                       "mode": self.sm.mode.value,
+                                                       "held": self.timeout / 2})
+
+    def get_error(self) -> None:
+        self.sm.get_error()
+
+    def stop(self, failover: bool) -> None:
+        """DONE.  failover=True: the secondary is lost; False: first a barrier.  Keep serving."""
+        with self.sm.lock:
+            if not self.sm.guard_running("stop"):
+                return
+            fwd = self._forwarding()
+            if not failover:
+                if fwd is None or not fwd.barrier(self.timeout):
+                    why = (fwd.error if fwd else None) or "it is not in sync"
+                    raise ReplicationError(
+                        f"{self.name}: cannot stop cleanly: the secondary {self.secondary_uri} "
+                        f"did not confirm the writes ({why}); stop with failover=true to give "
+                        "it up")
+            self.resume()
+            self._drop_link()
+            self.degraded = False
+            self.sm.set_stage(Stage.DONE)
+            self.sm.clear_error()
+
+    def resync(self, progress: Optional[Progress] = None) -> int:
+        """Re-protect: reconnect if needed, then copy every dirty region; returns bytes sent.
+
+        The guest keeps running: new writes are forwarded from the moment the link is up,
+        so only what was dirty before (and the few writes racing the switch) is copied.
+        """
+        with self.sm.lock:
+            if self.sm.stage is not Stage.RUNNING:
+                raise ReplicationError(f"{self.name}: cannot resync: replication is not running "
+                                       f"(stage {self.sm.stage.value}); start it instead")
+            fwd = self._fwd
+            if self.degraded or fwd is None or fwd.failed:
+                self._drop_link()
+                self._fwd, self.degraded = self._connect(), False
+            sent = self._copy_dirty(progress)
+            self.sm.clear_error()
+            log.info("%s: resync sent %d bytes", self.name, sent)
+            return sent
+
+    def _copy_dirty(self, progress: Optional[Progress]) -> int:
+        """Send every dirty region to the secondary (writes flowing); raise if the link fails.
+
+        Runs again over what became dirty meanwhile (writes that chose "not forwarding"
+        just before the link came up) until nothing is left.
+        """
+        done, last_event = 0, 0.0
+        pending: list[Ticket] = []
+        while runs := self.dirty.runs():
+            for offset, length in runs:
+                for coff, clen in _chunks(offset, length, self._copy_chunk_size()):
+                    if len(pending) >= RESYNC_DEPTH:
+                        self._settle_copy(pending.pop(0))
+                    pending.append(self._copy_chunk(coff, clen))
+                    done += clen
+                    total = done + self.dirty.dirty_bytes
+                    if progress is not None:
+                        progress(done, total)
+                    if time.monotonic() - last_event >= PROGRESS_INTERVAL:
+                        last_event = time.monotonic()
+                        self._progress_event(done, total)
+            while pending:
+                self._settle_copy(pending.pop(0))
+        fwd = self._forwarding()
+        if fwd is None or not fwd.barrier(self.timeout):
+            self._copy_failed()
+        self._progress_event(done, done)
+        return done
+
+    def _copy_chunk_size(self) -> int:
+        """RESYNC_CHUNK in whole granules (clear() only clears whole granules)."""
+        g = self.dirty.granularity
+        return max(RESYNC_CHUNK // g, 1) * g
+
+    def _copy_chunk(self, offset: int, length: int) -> Ticket:
+        """Read a dirty piece locally, clear its bits and send it (under its range lock)."""
+        buf = bytearray(length)
+        with self._locks.exclusive(offset, offset + length):
+            self.disk.pread_into(memoryview(buf), offset)
+            self.dirty.clear(offset, length)
+            try:
+                ticket = self._submit(offset, length, lambda f: f.submit_write(buf, offset))
+            except BaseException:
+                self.dirty.mark(offset, length)
+                raise
+        if ticket is None:
+            self._copy_failed()
+        assert ticket is not None
+        return ticket
+
+    def _settle_copy(self, ticket: Ticket) -> None:
+        if not ticket.wait(self.timeout):
+            self._copy_failed()
+
+    def _copy_failed(self) -> None:
+        """Stop copying: what is left stays dirty, so the next resync continues from here."""
+        fwd = self._fwd
+        why = (fwd.error if fwd else None) or f"no answer within {self.timeout:g}s"
+        raise ReplicationError(f"{self.name}: resync stopped: the secondary "
+                               f"{self.secondary_uri} failed: {why}; "
+                               f"{self.dirty.dirty_bytes} bytes remain dirty, resync again")
+
+    def _progress_event(self, done: int, total: int) -> None:
+        self.sm.events("RESYNC_PROGRESS", {"disk": self.name, "done": done, "total": total})
+
+    # -- framework, observability, teardown ---------------------------------------------
+
+    def ops(self) -> ReplicationOps:
+        return ReplicationOps(start=lambda rs, mode: self.start(mode),
+                              stop=lambda rs, failover: self.stop(failover),
+                              checkpoint=lambda rs: self.checkpoint(),
+                              get_error=lambda rs: self.get_error())
+
+    def register(self, registry: Registry) -> ReplicationState:
+        return registry.new(self, self.ops())
+
+    def query(self) -> dict[str, Any]:
+        fwd = self._fwd
+        with self._count_lock:
+            counters = dict(self._counters)
+        return {
+            "disk": self.name,
+            "mode": self.sm.mode.value,
+            "stage": self.sm.stage.value,
+            "error": self.sm.error,
+            "degraded": self.degraded,
+            "write_mode": self.write_mode,
+            "dirty_bytes": self.dirty.dirty_bytes,
+            "in_flight": fwd.in_flight if fwd else 0,
+            "queued": fwd.queued if fwd else 0,
+            # acknowledged to the guest (or being written) but not yet confirmed by the secondary
+            "lag_bytes": fwd.in_flight_bytes if fwd else 0,
+            "counters": counters,
+            "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
+            "holding": self._holding,
+        }
+
+    def close(self) -> None:
+        """Drop the link (unacknowledged writes become dirty) and close the local disk."""
+        with self.sm.lock:
+            self.resume()
+            self._drop_link()
+        self.disk.close()

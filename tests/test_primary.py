@@ -1,0 +1,569 @@
+"""PrimaryReplica against a real nbdkit secondary (file plugin): forwarding, dirty map,
+checkpoint hold, failure of the secondary (killed, hung), resync, bad input, throughput.
+
+The secondary is ``nbdkit -f -U SOCK --exit-with-parent file IMG``; the tests read its
+image file directly, so "on the secondary" means "in that file", byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+
+from repdisk.errors import BlockIOError, ConfigError
+from repdisk.images import RawImage
+from repdisk.primary import RESYNC_CHUNK, PrimaryReplica
+from repdisk.replication import Registry, ReplicationError, ReplicationMode
+from repdisk.stage import Stage
+
+PRIMARY = ReplicationMode.PRIMARY
+KiB, MiB = 1024, 1024 * 1024
+
+
+class Secondary:
+    """A file-plugin nbdkit serving ``path`` on a Unix socket; can be killed, hung, restarted."""
+
+    def __init__(self, directory: Path, name: str, size: int, fill: Optional[int] = None) -> None:
+        self.path = directory / f"{name}.img"
+        self.sock = directory / f"{name}.sock"
+        self.pidfile = directory / f"{name}.pid"
+        with open(self.path, "wb") as f:
+            f.truncate(size)
+            if fill is not None:
+                f.write(bytes([fill]) * size)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.start()
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def start(self) -> None:
+        for p in (self.sock, self.pidfile):
+            p.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "-P", str(self.pidfile),
+             "file", str(self.path)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.pidfile.exists() or not self.pidfile.read_text().strip():
+            assert self.proc.poll() is None, "nbdkit exited at start-up"
+            assert time.monotonic() < deadline, "nbdkit did not become ready"
+            time.sleep(0.01)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
+@pytest.fixture
+def secondary_factory(tmp_path: Path) -> Iterator[Callable[..., Secondary]]:
+    made: list[Secondary] = []
+
+    def make(size: int, fill: Optional[int] = None) -> Secondary:
+        sec = Secondary(tmp_path, f"secondary{len(made)}", size, fill)
+        made.append(sec)
+        return sec
+
+    yield make
+    for sec in made:
+        sec.kill()
+
+
+@pytest.fixture
+def primary_factory(tmp_path: Path) -> Iterator[Callable[..., PrimaryReplica]]:
+    made: list[PrimaryReplica] = []
+    serial = iter(range(1000))
+
+    def make(size: int, uri: Optional[str], **kwargs: Any) -> PrimaryReplica:
+        n = next(serial)
+        disk = RawImage.create(tmp_path / f"primary{n}.img", size)
+        try:
+            rep = PrimaryReplica(f"disk{n}", disk, uri, **kwargs)
+        except BaseException:
+            disk.close()
+            raise
+        made.append(rep)
+        return rep
+
+    yield make
+    for rep in made:
+        rep.close()
+
+
+class Events:
+    """An EventSink that keeps everything."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, name: str, data: dict[str, Any]) -> None:
+        with self.lock:
+            self.seen.append((name, data))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [d for n, d in self.seen if n == name]
+
+
+def read_local(rep: PrimaryReplica) -> bytes:
+    buf = bytearray(rep.view.size)
+    rep.view.pread_into(memoryview(buf), 0)
+    return bytes(buf)
+
+
+def assert_differences_dirty(local: bytes, secondary: bytes, rep: PrimaryReplica) -> int:
+    """Every granule where local and secondary differ must be dirty; returns differing granules."""
+    g = rep.dirty.granularity
+    lv, sv = memoryview(local), memoryview(secondary)
+    differing = 0
+    for off in range(0, len(local), g):
+        if lv[off:off + g] != sv[off:off + g]:
+            differing += 1
+            assert rep.dirty.is_dirty(off, min(g, len(local) - off)), \
+                f"bytes at [{off}, {off + g}) differ but are not dirty"
+    return differing
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# -- the QEMU reference scenario 2, as repdisk does it ------------------------------------
+
+
+def test_reference_scenario_primary(secondary_factory, primary_factory) -> None:
+    size = 64 * MiB
+    sec = secondary_factory(size, fill=0x11)
+    rep = primary_factory(size, sec.uri)
+    # Not started: repdisk serves the guest; the write is local only and dirty.
+    rep.view.pwrite(b"\x33" * MiB, 0)
+    buf = bytearray(MiB)
+    rep.view.pread_into(memoryview(buf), 0)
+    assert buf == b"\x33" * MiB
+    assert rep.dirty.runs() == [(0, MiB)]
+    assert sec.read()[:MiB] == b"\x11" * MiB
+    with pytest.raises(ReplicationError, match="not running"):
+        rep.get_error()
+
+    rep.start(PRIMARY)  # copies the dirty region first
+    assert rep.stage is Stage.RUNNING
+    assert rep.dirty.dirty_bytes == 0
+    for off in range(32 * MiB, 64 * MiB, 4 * MiB):
+        rep.view.pwrite(b"\x22" * (4 * MiB), off)
+    assert sec.read() == b"\x33" * MiB + b"\x11" * (31 * MiB) + b"\x22" * (32 * MiB)
+    assert rep.dirty.dirty_bytes == 0
+
+    rep.stop(True)
+    rep.checkpoint()  # DONE: ignored
+    rep.get_error()
+    rep.start(PRIMARY)  # DONE: ignored
+    assert rep.stage is Stage.DONE
+    # Still serving after stop; writes are local and dirty again.
+    rep.view.pwrite(b"\x44" * 100, 5 * MiB + 7)
+    assert rep.dirty.runs() == [(5 * MiB, 64 * KiB)]
+    assert sec.read()[5 * MiB:6 * MiB] == b"\x11" * MiB
+
+
+def test_not_started_guards(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    rep = primary_factory(MiB, sec.uri)
+    with pytest.raises(ReplicationError, match="not running"):
+        rep.checkpoint()
+    with pytest.raises(ReplicationError, match="not running"):
+        rep.stop(False)
+    with pytest.raises(ReplicationError, match="not running"):
+        rep.resync()
+    rep.resume()  # no hold: nothing to do
+
+
+def test_registry_and_query(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    events = Events()
+    rep = primary_factory(MiB, sec.uri, events=events)
+    registry = Registry()
+    rep.register(registry)
+    registry.start_all(PRIMARY)
+    registry.get_error_all()
+    rep.view.pwrite(b"x" * 4096, 0)
+    registry.do_checkpoint_all()
+    rep.resume()
+    q = rep.query()
+    assert q["disk"] == rep.name and q["mode"] == "primary" and q["stage"] == "running"
+    assert q["error"] is None and q["degraded"] is False and q["write_mode"] == "sync"
+    assert q["dirty_bytes"] == 0 and q["holding"] is False
+    assert q["counters"] == {"writes": 1, "bytes": 4096, "forwarded": 1, "forward_errors": 0,
+                             "checkpoints": 1}
+    assert q["last_checkpoint"]["duration"] >= 0
+    assert [d["to"] for d in events.named("REPLICATION_STAGE_CHANGED")] == ["running"]
+    assert len(events.named("CHECKPOINT_COMPLETED")) == 1
+    registry.stop_all(False)
+    assert rep.stage is Stage.DONE
+    assert rep.query()["stage"] == "done"
+
+
+# -- forwarding ----------------------------------------------------------------------------
+
+
+def test_sync_write_is_on_secondary_when_it_returns(primary_factory, secondary_factory) -> None:
+    size = 4 * MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri)
+    rep.start(PRIMARY)
+    rng = random.Random(1)
+    for i in range(40):
+        length = rng.randrange(1, 200 * KiB)
+        off = rng.randrange(0, size - length)
+        data = rng.randbytes(length)
+        if i % 5 == 4:
+            rep.view.zero(off, length, fua=True)
+            data = bytes(length)
+        else:
+            rep.view.pwrite(memoryview(bytearray(data)), off, fua=i % 2 == 0)
+        with open(sec.path, "rb") as f:
+            f.seek(off)
+            assert f.read(length) == data
+    rep.view.flush()
+    assert sec.read() == read_local(rep)
+    assert rep.dirty.dirty_bytes == 0
+
+
+def _write_random(rep: PrimaryReplica, rng: random.Random, count: int) -> None:
+    for _ in range(count):
+        length = rng.randrange(1, 64 * KiB)
+        rep.view.pwrite(rng.randbytes(length), rng.randrange(0, rep.view.size - length))
+
+
+def test_async_checkpoint_barrier_and_hold(primary_factory, secondary_factory) -> None:
+    size = 8 * MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async", window=8)
+    rep.start(PRIMARY)
+    _write_random(rep, random.Random(2), 300)
+    rep.checkpoint()
+    before = read_local(rep)
+    assert sec.read() == before  # every earlier write is on the secondary
+    assert rep.query()["holding"] is True
+
+    rep.view.pwrite(b"\x55" * 8192, 4096)  # acknowledged locally, held
+    time.sleep(0.3)
+    assert sec.read() == before
+    assert rep.query()["queued"] >= 1
+    rep.resume()
+    assert wait_until(lambda: sec.read() == read_local(rep))
+    assert rep.query()["holding"] is False
+
+
+def test_sync_write_waits_for_resume(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    rep = primary_factory(MiB, sec.uri, timeout=4.0)
+    rep.start(PRIMARY)
+    rep.checkpoint()
+    writer = threading.Thread(target=rep.view.pwrite, args=(b"\x66" * 4096, 0))
+    writer.start()
+    time.sleep(0.3)
+    assert writer.is_alive()  # a sync write is acknowledged only once on the secondary
+    assert sec.read()[:4096] == bytes(4096)
+    rep.resume()
+    writer.join(2)
+    assert not writer.is_alive()
+    assert sec.read()[:4096] == b"\x66" * 4096
+    assert rep.degraded is False
+
+
+def test_hold_expires_after_half_the_timeout(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    events = Events()
+    rep = primary_factory(MiB, sec.uri, write_mode="async", timeout=1.0, events=events)
+    rep.start(PRIMARY)
+    t0 = time.monotonic()
+    rep.checkpoint()
+    rep.view.pwrite(b"\x77" * 4096, 0)
+    assert wait_until(lambda: sec.read()[:4096] == b"\x77" * 4096, 3)
+    waited = time.monotonic() - t0
+    assert 0.45 <= waited < 1.5
+    assert wait_until(lambda: len(events.named("CHECKPOINT_HOLD_EXPIRED")) == 1, 1)
+    assert events.named("CHECKPOINT_HOLD_EXPIRED") == [{"disk": rep.name, "mode": "primary",
+                                                        "held": 0.5}]
+    assert rep.query()["holding"] is False
+    rep.resume()  # late resume: harmless
+    rep.get_error()  # the expiry is not a forwarding error
+
+
+def test_checkpoint_refused_while_dirty(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    rep = primary_factory(MiB, sec.uri)
+    rep.start(PRIMARY)
+    rep.dirty.mark(0, 100)  # e.g. a write whose forward timed out
+    with pytest.raises(ReplicationError, match="not in sync: 65536 bytes dirty; resync"):
+        rep.checkpoint()
+    assert rep.resync() == 64 * KiB
+    rep.checkpoint()
+    rep.resume()
+
+
+# -- a failing secondary -------------------------------------------------------------------
+
+
+class Load:
+    """Guest writers on several threads, timing every write."""
+
+    def __init__(self, rep: PrimaryReplica, threads: int, seed: int) -> None:
+        self.rep = rep
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.latencies: list[float] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(seed + i,)) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        size = self.rep.view.size
+        while not self.stop.is_set():
+            length = rng.randrange(1, 48 * KiB)
+            data = rng.randbytes(length)
+            off = rng.randrange(0, size - length)
+            t0 = time.monotonic()
+            try:
+                self.rep.view.pwrite(data, off)
+            except BaseException as err:  # noqa: BLE001 - reported by finish()
+                self.errors.append(err)
+                return
+            with self.lock:
+                self.latencies.append(time.monotonic() - t0)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("write_mode", ["sync", "async"])
+def test_killed_secondary_then_resync(primary_factory, secondary_factory, write_mode) -> None:
+    size = 16 * MiB
+    timeout = 1.0
+    sec = secondary_factory(size)
+    events = Events()
+    rep = primary_factory(size, sec.uri, timeout=timeout, write_mode=write_mode, events=events)
+    rep.start(PRIMARY)
+
+    load = Load(rep, threads=4, seed=10)
+    time.sleep(0.5)
+    sec.kill()
+    time.sleep(0.7)
+    load.finish()
+    assert load.latencies and max(load.latencies) < timeout + 1
+    assert rep.degraded
+    with pytest.raises(ReplicationError, match="secondary"):
+        rep.get_error()
+    assert len(events.named("REPLICATION_ERROR")) == 1
+    local = read_local(rep)
+    assert assert_differences_dirty(local, sec.read(), rep) > 0
+    with pytest.raises(ReplicationError, match="bytes dirty"):
+        rep.checkpoint()
+
+    dirty_before = rep.dirty.dirty_bytes
+    sec.start()
+    progress: list[tuple[int, int]] = []
+    sent = rep.resync(lambda done, total: progress.append((done, total)))
+    assert dirty_before <= sent <= dirty_before + RESYNC_CHUNK
+    assert progress and progress[-1][0] == sent
+    assert events.named("RESYNC_PROGRESS")[-1] == {"disk": rep.name, "done": sent, "total": sent}
+    rep.get_error()
+    assert not rep.degraded and rep.dirty.dirty_bytes == 0
+    assert sec.read() == read_local(rep)
+    rep.checkpoint()
+    rep.resume()
+
+
+@pytest.mark.timeout(60)
+def test_resync_with_writes_flowing(primary_factory, secondary_factory) -> None:
+    size = 32 * MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, timeout=1.0)
+    rep.start(PRIMARY)
+    sec.kill()
+    rng = random.Random(5)
+    for _ in range(200):  # degraded: local only, dirty
+        length = rng.randrange(1, 256 * KiB)
+        rep.view.pwrite(rng.randbytes(length), rng.randrange(0, size - length))
+    assert wait_until(lambda: rep.degraded)
+    dirty_before = rep.dirty.dirty_bytes
+    sec.start()
+    loads: list[Load] = []
+
+    def start_writers(done: int, total: int) -> None:
+        if not loads:  # the first chunk: the link is up, new writes are forwarded
+            loads.append(Load(rep, threads=3, seed=20))
+
+    try:
+        sent = rep.resync(start_writers)
+    finally:
+        for load in loads:
+            load.finish()
+    assert loads and loads[0].latencies
+    # The writes during the copy were forwarded, not copied.
+    assert dirty_before <= sent <= dirty_before + RESYNC_CHUNK
+    rep.checkpoint()  # in sync with nothing dirty
+    rep.resume()
+    rep.view.flush()
+    assert rep.dirty.dirty_bytes == 0
+    assert sec.read() == read_local(rep)
+
+
+def test_resync_interrupted_keeps_the_rest_dirty(primary_factory, secondary_factory) -> None:
+    size = 16 * MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, timeout=1.0)
+    rep.start(PRIMARY)
+    sec.kill()
+    rep.view.pwrite(b"\x01" * 4096, 0)  # the forward fails: degraded
+    assert wait_until(lambda: rep.degraded)  # on_failure may come just after a rejection
+    rep.dirty.mark(0, size)
+    with pytest.raises(ReplicationError, match="cannot reach the secondary"):
+        rep.resync()
+    assert rep.dirty.dirty_bytes == size
+    sec.start()
+    assert rep.resync() == size
+    assert sec.read() == read_local(rep)
+
+
+@pytest.mark.timeout(30)
+def test_hanging_secondary(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    rep = primary_factory(MiB, sec.uri, timeout=1.0)
+    rep.start(PRIMARY)
+    rep.view.pwrite(b"\x01" * 4096, 0)
+    sec.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        rep.view.pwrite(b"\x02" * 4096, 8192)
+        assert time.monotonic() - t0 < 1.5
+        assert rep.dirty.is_dirty(8192, 4096)
+        assert rep.degraded
+        with pytest.raises(ReplicationError, match="did not acknowledge"):
+            rep.get_error()
+        t0 = time.monotonic()
+        rep.view.pwrite(b"\x03" * 4096, 3 * 65536)  # degraded: local only, at once
+        rep.view.flush()
+        assert time.monotonic() - t0 < 0.5
+        assert rep.dirty.runs() == [(0, 64 * KiB), (3 * 64 * KiB, 64 * KiB)]
+    finally:
+        sec.signal(signal.SIGCONT)
+    rep.stop(True)
+    assert rep.stage is Stage.DONE
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_requests(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    rep = primary_factory(MiB, sec.uri)
+    rep.start(PRIMARY)
+    for call in (lambda: rep.view.pwrite(b"", 0), lambda: rep.view.zero(0, 0),
+                 lambda: rep.view.pread_into(memoryview(bytearray(0)), 0)):
+        with pytest.raises(BlockIOError, match="invalid request length 0"):
+            call()
+    for call in (lambda: rep.view.pwrite(b"x" * 2, MiB - 1), lambda: rep.view.trim(MiB, 1),
+                 lambda: rep.view.pread_into(memoryview(bytearray(2)), MiB - 1),
+                 lambda: rep.view.zero(-1, 2)):
+        with pytest.raises(BlockIOError, match="past the end"):
+            call()
+    assert rep.query()["counters"]["writes"] == 0
+    with pytest.raises(ReplicationError, match="running or done"):
+        rep.start(PRIMARY)
+
+
+def test_bad_configuration(primary_factory, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="write-mode.*'lazy'") as info:
+        primary_factory(MiB, "nbd+unix:///?socket=/nonexistent", write_mode="lazy")
+    assert info.value.key == "write-mode"
+    with pytest.raises(ConfigError, match="timeout"):
+        primary_factory(MiB, "nbd+unix:///?socket=/nonexistent", timeout=0)
+
+
+def test_start_errors(primary_factory, secondary_factory, tmp_path) -> None:
+    rep = primary_factory(MiB, None)
+    with pytest.raises(ReplicationError, match="no secondary is configured"):
+        rep.start(PRIMARY)
+    with pytest.raises(ReplicationError, match="does not match this disk's mode primary"):
+        rep.start(ReplicationMode.SECONDARY)
+
+    uri = f"nbd+unix:///?socket={tmp_path}/nobody.sock"
+    rep = primary_factory(MiB, uri)
+    with pytest.raises(ReplicationError, match="cannot reach the secondary") as info:
+        rep.start(PRIMARY)
+    assert uri in str(info.value)
+    assert rep.stage is Stage.NONE
+
+    sec = secondary_factory(2 * MiB)
+    rep = primary_factory(MiB, sec.uri)
+    with pytest.raises(ReplicationError, match=f"{2 * MiB} bytes but the local disk is {MiB}"):
+        rep.start(PRIMARY)
+    assert rep.stage is Stage.NONE
+    with pytest.raises(ReplicationError, match=f"{2 * MiB} bytes"):
+        rep.probe()
+
+
+# -- throughput (printed, not asserted) -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_measure_random_4k_writes(primary_factory, secondary_factory) -> None:
+    size = 64 * MiB
+    for mode in ("sync", "async"):
+        sec = secondary_factory(size)
+        rep = primary_factory(size, sec.uri, write_mode=mode)
+        rep.start(PRIMARY)
+        count = [0] * 8
+        stop = threading.Event()
+        data = os.urandom(4096)
+
+        def run(i: int) -> None:
+            rng = random.Random(i)
+            while not stop.is_set():
+                rep.view.pwrite(data, rng.randrange(size // 4096) * 4096)
+                count[i] += 1
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+        rep.checkpoint()
+        elapsed = time.monotonic() - t0
+        rep.resume()
+        print(f"\n{mode}: {sum(count) / elapsed:.0f} random 4 KiB writes/s (8 threads)")
+        assert rep.dirty.dirty_bytes == 0
+        rep.stop(False)
+        sec.kill()
