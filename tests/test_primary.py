@@ -276,6 +276,17 @@ def test_async_checkpoint_barrier_and_hold(primary_factory, secondary_factory) -
     assert rep.query()["holding"] is False
 
 
+def test_clean_stop_sends_held_writes(primary_factory, secondary_factory) -> None:
+    sec = secondary_factory(MiB)
+    rep = primary_factory(MiB, sec.uri, write_mode="async")
+    rep.start(PRIMARY)
+    rep.checkpoint()
+    rep.view.pwrite(b"\x5a" * 3000, 70000)  # held
+    rep.stop(False)  # ends the hold, then the barrier covers the held write
+    assert rep.stage is Stage.DONE and rep.dirty.dirty_bytes == 0
+    assert sec.read() == read_local(rep)
+
+
 def test_sync_write_waits_for_resume(primary_factory, secondary_factory) -> None:
     sec = secondary_factory(MiB)
     rep = primary_factory(MiB, sec.uri, timeout=4.0)
@@ -474,6 +485,8 @@ def test_hanging_secondary(primary_factory, secondary_factory) -> None:
         rep.view.flush()
         assert time.monotonic() - t0 < 0.5
         assert rep.dirty.runs() == [(0, 64 * KiB), (3 * 64 * KiB, 64 * KiB)]
+        with pytest.raises(ReplicationError, match="cannot stop cleanly: .* 131072 bytes dirty"):
+            rep.stop(False)
     finally:
         sec.signal(signal.SIGCONT)
     rep.stop(True)
@@ -538,10 +551,11 @@ def test_start_errors(primary_factory, secondary_factory, tmp_path) -> None:
 @pytest.mark.timeout(60)
 def test_measure_random_4k_writes(primary_factory, secondary_factory) -> None:
     size = 64 * MiB
-    for mode in ("sync", "async"):
+    for mode in ("local", "sync", "async"):  # local: not started, the baseline
         sec = secondary_factory(size)
-        rep = primary_factory(size, sec.uri, write_mode=mode)
-        rep.start(PRIMARY)
+        rep = primary_factory(size, sec.uri, write_mode="sync" if mode == "local" else mode)
+        if mode != "local":
+            rep.start(PRIMARY)
         count = [0] * 8
         stop = threading.Event()
         data = os.urandom(4096)
@@ -560,10 +574,12 @@ def test_measure_random_4k_writes(primary_factory, secondary_factory) -> None:
         stop.set()
         for t in threads:
             t.join()
-        rep.checkpoint()
+        if mode != "local":
+            rep.checkpoint()  # async: until everything is on the secondary
         elapsed = time.monotonic() - t0
-        rep.resume()
         print(f"\n{mode}: {sum(count) / elapsed:.0f} random 4 KiB writes/s (8 threads)")
-        assert rep.dirty.dirty_bytes == 0
-        rep.stop(False)
+        if mode != "local":
+            rep.resume()
+            assert rep.dirty.dirty_bytes == 0
+            rep.stop(False)
         sec.kill()

@@ -302,6 +302,14 @@ class PrimaryReplica:
         self.degraded = True
         self.sm.record_error(f"{why}; writes are kept local and tracked as dirty until resync")
 
+    def _link_up(self) -> None:
+        """Connect and forward from now on; raises ReplicationError if the secondary is unfit."""
+        fwd = self._connect()
+        self._fwd, self.degraded = fwd, False
+        if fwd.failed:  # failed before it was ours: _on_failure did not degrade
+            self._degrade(f"forwarding to the secondary {self.secondary_uri} failed: "
+                          f"{fwd.error}")
+
     def _drop_link(self) -> None:
         """Stop forwarding and close the connection; whatever it did not acknowledge is dirty."""
         fwd, self._fwd = self._fwd, None
@@ -316,7 +324,7 @@ class PrimaryReplica:
         with self.sm.lock:
             if not self.sm.guard_start(mode):
                 return
-            self._fwd, self.degraded = self._connect(), False
+            self._link_up()
             try:
                 self._copy_dirty(progress)
             except BaseException:
@@ -330,7 +338,7 @@ class PrimaryReplica:
         with self.sm.lock:
             if not self.sm.guard_running("checkpoint"):
                 return
-            self._require_in_sync("checkpoint")
+            self._require_in_sync("checkpoint", "resync before checkpointing")
             fwd = self._fwd
             assert fwd is not None  # RUNNING and not degraded
             began = time.monotonic()
@@ -357,11 +365,12 @@ class PrimaryReplica:
             self.sm.events("CHECKPOINT_COMPLETED", {"disk": self.name, "mode": self.sm.mode.value,
                                                     "duration": duration})
 
-    def _require_in_sync(self, op: str) -> None:
+    def _require_in_sync(self, op: str, hint: str) -> None:
+        """Refuse ``op`` unless every write is known to be on the secondary."""
         dirty = self.dirty.dirty_bytes
         if self.degraded or dirty:
             raise ReplicationError(f"{self.name}: cannot {op}: the secondary is not in sync: "
-                                   f"{dirty} bytes dirty; resync before checkpointing")
+                                   f"{dirty} bytes dirty; {hint}")
 
     def _begin_hold(self, fwd: Forwarder) -> int:
         """Hold the forwarder; the hold ends by itself after timeout/2 unless resume() comes.
@@ -413,15 +422,17 @@ class PrimaryReplica:
         with self.sm.lock:
             if not self.sm.guard_running("stop"):
                 return
-            fwd = self._forwarding()
+            self.resume()  # a barrier covers only what a hold let through
+            fwd = self._fwd
             if not failover:
-                if fwd is None or not fwd.barrier(self.timeout):
-                    why = (fwd.error if fwd else None) or "it is not in sync"
+                self._require_in_sync("stop cleanly", "resync first, or stop with failover=true")
+                assert fwd is not None  # RUNNING and not degraded
+                if not fwd.barrier(self.timeout):
+                    why = fwd.error or f"no answer within {self.timeout:g}s"
                     raise ReplicationError(
                         f"{self.name}: cannot stop cleanly: the secondary {self.secondary_uri} "
                         f"did not confirm the writes ({why}); stop with failover=true to give "
                         "it up")
-            self.resume()
             self._drop_link()
             self.degraded = False
             self.sm.set_stage(Stage.DONE)
@@ -440,7 +451,7 @@ class PrimaryReplica:
             fwd = self._fwd
             if self.degraded or fwd is None or fwd.failed:
                 self._drop_link()
-                self._fwd, self.degraded = self._connect(), False
+                self._link_up()
             sent = self._copy_dirty(progress)
             self.sm.clear_error()
             log.info("%s: resync sent %d bytes", self.name, sent)
