@@ -1,0 +1,489 @@
+"""The secondary side of a replicated disk: QEMU's ``block/replication.c`` in secondary mode.
+
+Layout (all three the same length)::
+
+    active overlay  --backing-->  hidden overlay  --backing-->  secondary disk
+    (secondary VM's writes)       (old contents the primary     (the primary's writes)
+                                   overwrote since the last
+                                   checkpoint)
+
+Two views are served, both ``BlockDevice``-shaped:
+
+* ``replica`` -- what the primary writes into.  A write first copies the old
+  contents of every cluster it touches into ``hidden`` (copy-before-write, once
+  per cluster per checkpoint interval), then writes the disk.
+* ``active`` -- the secondary VM's disk: its own writes, else the disk as it was
+  at the last checkpoint (reads fall through active, hidden, disk).
+
+One gate, :func:`gate`, decides every request's fate from (view, op, stage);
+the views ask only the gate, under the range lock of the request, so a request
+that waited for a checkpoint or a failover commit sees the stage that commit
+left behind.
+
+Locking (``SecondaryReplica._ranges``, cluster-rounded byte ranges of the disk):
+
+* replica writes, zeroes and trims: exclusive over copy-before-write + disk write,
+  so nobody reads a cluster whose old contents are not yet in ``hidden``;
+* replica and active reads: shared;
+* active writes: exclusive (a partial cluster is read-modify-written from hidden/disk);
+* checkpoint and the failover commit: exclusive over the whole disk.
+
+Transitions (``start``, ``checkpoint``, ``stop``) run under ``sm.lock`` and are the
+only writers of the stage (through ``sm.set_stage``).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from .errors import BlockIOError, check_range
+from .images import BlockDevice, Overlay, RawImage
+from .rangelock import RangeLock
+from .replication import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
+from .stage import EventSink, Stage, StageMachine, no_events
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+__all__ = ["SecondaryReplica", "View", "Op", "Route", "gate"]
+
+
+class View(enum.Enum):
+    REPLICA = "replica"  # the primary writes here
+    ACTIVE = "active"    # the secondary VM's disk
+
+
+class Op(enum.Enum):
+    READ = "read"        # pread and extents
+    WRITE = "write"      # pwrite, zero, trim
+    FLUSH = "flush"
+
+
+class Route(enum.Enum):
+    DISK = "disk"                            # straight to the secondary disk
+    COPY_BEFORE_WRITE = "copy-before-write"  # old clusters into hidden, then the disk
+    ACTIVE = "active"                        # the active overlay (reads fall through)
+    SPLIT = "split"                          # per cluster: active where allocated in
+                                             # active or hidden, else the disk
+
+
+def gate(name: str, view: View, op: Op, stage: Stage) -> Route:
+    """Where a request goes, or the BlockIOError that refuses it; the only I/O policy.
+
+    Raises:
+        BlockIOError: EIO before start and for replica reads of a half-committed
+            disk; EROFS for the primary's writes once failover has begun (fencing).
+    """
+    if stage is Stage.NONE:
+        raise BlockIOError(errno.EIO, f"{name}: {view.value} {op.value} refused: "
+                                      "replication not started")
+    if view is View.REPLICA:
+        return _replica_route(name, op, stage)
+    if stage is Stage.DONE:
+        return Route.DISK
+    if stage is Stage.FAILOVER_FAILED and op is not Op.READ:
+        return Route.SPLIT
+    return Route.ACTIVE
+
+
+def _replica_route(name: str, op: Op, stage: Stage) -> Route:
+    if op is Op.READ:
+        if stage is Stage.FAILOVER_FAILED:
+            raise BlockIOError(errno.EIO, f"{name}: replica read refused: the failover commit "
+                                          "failed and the disk is half committed")
+        return Route.DISK
+    if stage is not Stage.RUNNING:
+        raise BlockIOError(errno.EROFS, f"replication of {name} is over (stage {stage.value}): "
+                                        "refusing the old primary's write")
+    return Route.COPY_BEFORE_WRITE if op is Op.WRITE else Route.DISK
+
+
+class _ReplicaView:
+    """A ``BlockDevice`` facade over one view; every call goes to ``SecondaryReplica._io``."""
+
+    def __init__(self, owner: "SecondaryReplica", view: View) -> None:
+        self._owner = owner
+        self._view = view
+        self.size = owner.size
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        self._owner._io(self._view, Op.READ, "pread", offset, len(buf), buf)
+
+    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
+        self._owner._io(self._view, Op.WRITE, "pwrite", offset, len(buf), buf, fua)
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        self._owner._io(self._view, Op.WRITE, "zero", offset, length, None, fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._owner._io(self._view, Op.WRITE, "trim", offset, length, None, fua)
+
+    def flush(self) -> None:
+        self._owner._flush(self._view)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        return self._owner._io(self._view, Op.READ, "extents", offset, length)
+
+    def __repr__(self) -> str:
+        return f"<{self._owner.name} {self._view.value} view>"
+
+
+class SecondaryReplica:
+    """One replicated disk on the secondary node (a node may hold several).
+
+    Owns the three images it is given: ``close`` closes them.
+    """
+
+    def __init__(self, name: str, disk: RawImage, hidden: Overlay, active: Overlay, *,
+                 events: EventSink = no_events) -> None:
+        self.name = name
+        self.disk = disk
+        self.hidden = hidden
+        self.active_overlay = active
+        self.size = disk.size
+        self.cluster_size = hidden.cluster_size
+        if active.cluster_size != hidden.cluster_size:
+            raise ReplicationError(f"{name}: the active overlay's cluster size "
+                                   f"{active.cluster_size} differs from the hidden overlay's "
+                                   f"{hidden.cluster_size}; recreate them with one cluster size")
+        self.sm = StageMachine(name, ReplicationMode.SECONDARY, events)
+        # Cluster-rounded byte ranges of the disk; see the module docstring for who holds what.
+        self._ranges = _FairRangeLock()
+        # Guards _counters only (they are bumped by nbdkit's worker threads).
+        self._counters_lock = threading.Lock()
+        self._counters = dict.fromkeys(
+            ("replica_writes", "replica_bytes", "cbw_bytes", "active_writes", "checkpoints"), 0)
+        self._last_checkpoint: Optional[dict[str, float]] = None
+        self.consistent = False
+        self.replica: BlockDevice = _ReplicaView(self, View.REPLICA)
+        self.active: BlockDevice = _ReplicaView(self, View.ACTIVE)
+
+    @classmethod
+    def open(cls, name: str, disk_path: str, hidden_path: Optional[str] = None,
+             active_path: Optional[str] = None, cluster_size: int = 65536,
+             events: EventSink = no_events) -> "SecondaryReplica":
+        """Open the disk and its two overlays (``DISK.hidden``, ``DISK.active`` by default).
+
+        Missing overlays are created empty; present ones are validated against the
+        disk's length and ``cluster_size`` by ``Overlay.open``.
+        """
+        disk = RawImage.open(disk_path)
+        try:
+            hidden = _open_overlay(hidden_path or disk_path + ".hidden", disk, cluster_size)
+            try:
+                active = _open_overlay(active_path or disk_path + ".active", hidden, cluster_size)
+            except BaseException:
+                hidden.close()
+                raise
+        except BaseException:
+            disk.close()
+            raise
+        return cls(name, disk, hidden, active, events=events)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"SecondaryReplica({self.name!r}, stage={self.stage.value})"
+
+    @property
+    def stage(self) -> Stage:
+        return self.sm.stage
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.sm.error
+
+    # -- transitions ------------------------------------------------------------
+
+    def start(self, mode: ReplicationMode) -> None:
+        """Check the chain, empty both overlays, go RUNNING; consistent only after a checkpoint.
+
+        The overlays are emptied before the stage changes (QEMU does it after): every
+        request is refused until RUNNING, so no write can slip in between, and a failure
+        leaves the replica in NONE, ready for another start.
+        """
+        with self.sm.lock:
+            if not self.sm.guard_start(mode):
+                return
+            self._check_chain()
+            try:
+                self._empty_buffers()
+            except OSError as err:
+                raise ReplicationError(f"{self.name}: cannot start: emptying the overlays "
+                                       f"failed: {err}") from err
+            self.consistent = False  # the disk holds whatever the primary wrote before
+            self.sm.set_stage(Stage.RUNNING)
+            self.sm.clear_error()
+
+    def checkpoint(self) -> None:
+        """Drop the undo data: the disk as it is now becomes the secondary VM's base."""
+        with self.sm.lock:
+            if not self.sm.guard_running("checkpoint"):
+                return
+            self._checkpoint()
+
+    def get_error(self) -> None:
+        self.sm.get_error()
+
+    def stop(self, failover: bool, progress: Optional[Progress] = None) -> None:
+        """End replication: with a checkpoint (failover=False) or by committing the overlays."""
+        with self.sm.lock:
+            if not self.sm.guard_running("stop"):
+                return
+            if not failover:
+                self._checkpoint()
+                self.sm.set_stage(Stage.DONE)
+                return
+            if not self.consistent:
+                raise ReplicationError(
+                    f"{self.name}: cannot fail over: the secondary has no complete checkpoint "
+                    "since it started (e.g. a resync is in progress); failing over now would "
+                    "hand the guest an inconsistent disk")
+            self.sm.set_stage(Stage.FAILOVER)  # from here on the replica view refuses writes
+            self._failover_commit(progress)
+
+    # -- framework glue -----------------------------------------------------------
+
+    def ops(self) -> ReplicationOps:
+        return ReplicationOps(start=lambda rs, mode: self.start(mode),
+                              stop=lambda rs, failover: self.stop(failover),
+                              checkpoint=lambda rs: self.checkpoint(),
+                              get_error=lambda rs: self.get_error())
+
+    def register(self, registry: Registry) -> ReplicationState:
+        return registry.new(self, self.ops())
+
+    def query(self) -> dict[str, Any]:
+        """A JSON-able snapshot for ``query-replication`` (never waits for a transition)."""
+        with self._counters_lock:
+            counters = dict(self._counters)
+        return {
+            "disk": self.name, "mode": self.sm.mode.value, "stage": self.stage.value,
+            "error": self.error, "consistent": self.consistent,
+            "hidden_bytes": self.hidden.allocated_bytes,
+            "active_bytes": self.active_overlay.allocated_bytes,
+            "counters": counters,
+            "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
+        }
+
+    def close(self) -> None:
+        """Flush and close the overlays, then the disk."""
+        self.active_overlay.close()
+        self.hidden.close()
+        self.disk.flush()
+        self.disk.close()
+
+    # -- transition helpers (called with sm.lock held) ------------------------------
+
+    def _check_chain(self) -> None:
+        """Equal lengths first (an overlay made for another disk shows up here), then links."""
+        sizes = (self.active_overlay.size, self.hidden.size, self.disk.size)
+        if len(set(sizes)) != 1:
+            raise ReplicationError(f"{self.name}: active disk, hidden disk, secondary disk's "
+                                   f"length are not the same ({sizes[0]}, {sizes[1]}, "
+                                   f"{sizes[2]} bytes); recreate the overlays for this disk")
+        if self.active_overlay.backing is not self.hidden or self.hidden.backing is not self.disk:
+            raise ReplicationError(f"{self.name}: the chain must be active -> hidden -> disk: "
+                                   "the active overlay must be backed by the hidden overlay "
+                                   "and the hidden overlay by the secondary disk")
+
+    def _empty_buffers(self) -> None:
+        """Flush the disk, then empty active and hidden: the checkpoint's core (start uses it)."""
+        with self._ranges.whole(self.size):
+            self.disk.flush()  # the primary's writes are durable before their undo data goes
+            try:
+                self.active_overlay.make_empty()
+                self.hidden.make_empty()
+            except BaseException:
+                self.consistent = False  # neither the old nor the new checkpoint is whole now
+                raise
+
+    def _checkpoint(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self._empty_buffers()
+        except OSError as err:
+            self.sm.record_error(f"checkpoint failed: {err}")
+            raise ReplicationError(f"{self.name}: checkpoint failed: {err}") from err
+        duration = time.monotonic() - t0
+        self.consistent = True
+        self._last_checkpoint = {"time": time.time(), "duration": duration}
+        self._count(checkpoints=1)
+        self.sm.events("CHECKPOINT_COMPLETED", {"disk": self.name, "mode": self.sm.mode.value,
+                                              "duration": duration})
+
+    def _failover_commit(self, progress: Optional[Progress]) -> None:
+        """Commit active into hidden, hidden into the disk; DONE, or FAILOVER_FAILED.
+
+        ``progress`` is handed to both commits, so it sees two runs of (done, total).
+        """
+        t0 = time.monotonic()
+        try:
+            with self._ranges.whole(self.size):
+                self.active_overlay.commit(progress)
+                committed = self.hidden.commit(progress)  # holds active's clusters too now
+                self.disk.flush()
+        except Exception as err:
+            self.sm.set_stage(Stage.FAILOVER_FAILED)
+            self.sm.clear_error()  # the failed commit is what get_error must report now
+            self.sm.record_error(f"failover commit failed: {err}")
+            raise ReplicationError(f"{self.name}: failover commit failed: {err}; the disk "
+                                   "is half committed (stage failover-failed)") from err
+        self.sm.set_stage(Stage.DONE)
+        self.sm.clear_error()
+        self.sm.events("FAILOVER_COMPLETED", {"disk": self.name,
+                                            "duration": time.monotonic() - t0,
+                                            "bytes": committed})
+
+    # -- I/O -------------------------------------------------------------------------
+
+    def _io(self, view: View, op: Op, call: str, offset: int, length: int,
+            buf: Optional[bytes | memoryview] = None, fua: bool = False) -> Any:
+        """Check the range, lock it, ask the gate, run ``call`` on the route it names."""
+        check_range(self.size, offset, length, op is Op.WRITE)
+        start, end = self._round(offset, length)
+        lock = self._ranges.shared if op is Op.READ else self._ranges.exclusive
+        with lock(start, end):
+            route = gate(self.name, view, op, self.stage)
+            if op is Op.READ:
+                return self._read(route, call, offset, length, buf)
+            self._write(view, route, call, offset, length, buf, fua)
+        return None
+
+    def _read(self, route: Route, call: str, offset: int, length: int,
+              buf: Optional[bytes | memoryview]) -> Any:
+        dev = self.disk if route is Route.DISK else self.active_overlay
+        if call == "extents":
+            return dev.extents(offset, length)
+        dev.pread_into(buf, offset)  # type: ignore[arg-type]
+        return None
+
+    def _write(self, view: View, route: Route, call: str, offset: int, length: int,
+               buf: Optional[bytes | memoryview], fua: bool) -> None:
+        try:
+            if route is Route.COPY_BEFORE_WRITE:
+                copied = self.hidden.copy_from_backing(offset, length)
+                _apply(self.disk, call, offset, length, buf, fua)
+                self._count(replica_writes=1, replica_bytes=length, cbw_bytes=copied)
+                return
+            if route is Route.SPLIT:
+                self._split_write(call, offset, length, buf, fua)
+            else:
+                _apply(self.disk if route is Route.DISK else self.active_overlay,
+                       call, offset, length, buf, fua)
+            self._count(active_writes=1)
+        except OSError as err:  # BlockIOError included: the images name the file and call
+            if view is View.REPLICA:  # a lost primary write breaks replication; a VM's does not
+                self.sm.record_error(f"{view.value} {call} of {length} bytes at {offset} "
+                                     f"failed: {err}")
+            raise BlockIOError(errno.EIO, f"{self.name}: {view.value} {call} at {offset} "
+                                          f"failed: {err}") from err
+
+    def _split_write(self, call: str, offset: int, length: int,
+                     buf: Optional[bytes | memoryview], fua: bool) -> None:
+        """FAILOVER_FAILED: per cluster, active if active or hidden holds it, else the disk."""
+        data = memoryview(buf) if buf is not None else None
+        cs, end = self.cluster_size, offset + length
+        pos = offset
+        while pos < end:
+            stop = min(end, (pos // cs + 1) * cs)
+            cluster = pos // cs
+            buffered = (self.active_overlay.is_allocated(cluster)
+                        or self.hidden.is_allocated(cluster))
+            piece = data[pos - offset:stop - offset] if data is not None else None
+            _apply(self.active_overlay if buffered else self.disk, call, pos, stop - pos, piece, fua)
+            pos = stop
+
+    def _flush(self, view: View) -> None:
+        """Flush what the view writes into; the hidden overlay's undo data needs no
+        durability (start empties it, so it never outlives a restart)."""
+        route = gate(self.name, view, Op.FLUSH, self.stage)
+        devices = {Route.DISK: (self.disk,), Route.ACTIVE: (self.active_overlay,),
+                   Route.SPLIT: (self.active_overlay, self.disk)}[route]
+        try:
+            for dev in devices:
+                dev.flush()
+        except OSError as err:
+            if view is View.REPLICA:
+                self.sm.record_error(f"{view.value} flush failed: {err}")
+            raise BlockIOError(errno.EIO, f"{self.name}: {view.value} flush failed: {err}") from err
+
+    def _round(self, offset: int, length: int) -> tuple[int, int]:
+        cs = self.cluster_size
+        return offset // cs * cs, min(self.size, -(-(offset + length) // cs) * cs)
+
+    def _count(self, **deltas: int) -> None:
+        with self._counters_lock:
+            for key, delta in deltas.items():
+                self._counters[key] += delta
+
+
+class _FairRangeLock:
+    """``RangeLock`` plus a turnstile: a whole-disk holder-to-be stops new requests.
+
+    A checkpoint or failover commit needs the whole disk exclusively; without the
+    turnstile a steady stream of overlapping reads could keep it waiting forever,
+    while the primary's checkpoint hold runs out.
+    """
+
+    def __init__(self) -> None:
+        self._ranges = RangeLock()
+        # Guards _draining: the number of whole-disk holders waiting or holding.
+        self._turnstile = threading.Condition(threading.Lock())
+        self._draining = 0
+
+    @contextmanager
+    def shared(self, start: int, end: int) -> Iterator[None]:
+        self._wait_turn()
+        with self._ranges.shared(start, end):
+            yield
+
+    @contextmanager
+    def exclusive(self, start: int, end: int) -> Iterator[None]:
+        self._wait_turn()
+        with self._ranges.exclusive(start, end):
+            yield
+
+    @contextmanager
+    def whole(self, size: int) -> Iterator[None]:
+        with self._turnstile:
+            self._draining += 1
+        try:
+            with self._ranges.exclusive(0, size):
+                yield
+        finally:
+            with self._turnstile:
+                self._draining -= 1
+                self._turnstile.notify_all()
+
+    def _wait_turn(self) -> None:
+        with self._turnstile:
+            while self._draining:
+                self._turnstile.wait()
+
+
+def _open_overlay(path: str, backing: BlockDevice, cluster_size: int) -> Overlay:
+    if os.path.exists(path):
+        return Overlay.open(path, backing, cluster_size=cluster_size)
+    return Overlay.create(path, backing, cluster_size=cluster_size)
+
+
+def _apply(dev: BlockDevice, call: str, offset: int, length: int,
+           buf: Optional[bytes | memoryview], fua: bool) -> None:
+    """Run one write-class call (pwrite, zero, trim) on ``dev``."""
+    if call == "pwrite":
+        assert buf is not None
+        dev.pwrite(buf, offset, fua)
+    elif call == "zero":
+        dev.zero(offset, length, fua)
+    else:
+        dev.trim(offset, length, fua)
