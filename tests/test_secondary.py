@@ -1,0 +1,404 @@
+"""SecondaryReplica: the gate, copy-before-write, requests, opening, query, and a model check.
+
+The helpers at the top (``make_replica``, ``read``, ``pattern``) are shared with
+test_qemu_scenarios.py and test_secondary_stress.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from repdisk.errors import BlockIOError
+from repdisk.images import BlockDevice, Overlay, RawImage
+from repdisk.replication import Registry, ReplicationError, ReplicationMode
+from repdisk.secondary import Op, Route, SecondaryReplica, View, gate
+from repdisk.stage import Stage
+
+SECONDARY = ReplicationMode.SECONDARY
+KiB = 1024
+
+
+def make_replica(directory: Path | str, size: int, cluster_size: int = 4 * KiB,
+                 fill: Optional[bytes] = None, events: Any = None,
+                 name: str = "disk0") -> SecondaryReplica:
+    """A secondary over a fresh ``size``-byte disk holding ``fill`` (zeros if None)."""
+    path = os.path.join(directory, f"{name}.img")
+    with RawImage.create(path, size) as disk:
+        if fill is not None:
+            disk.pwrite(fill, 0)
+    kwargs = {} if events is None else {"events": lambda n, d: events.append((n, d))}
+    return SecondaryReplica.open(name, path, cluster_size=cluster_size, **kwargs)
+
+
+def read(dev: BlockDevice, offset: int = 0, length: Optional[int] = None) -> bytes:
+    """Every byte of ``[offset, offset+length)`` (to the end by default) of ``dev``."""
+    length = dev.size - offset if length is None else length
+    buf = bytearray(length)
+    dev.pread_into(memoryview(buf), offset)
+    return bytes(buf)
+
+
+def pattern(size: int, seed: int = 7) -> bytes:
+    """Non-repeating-per-cluster content, so a byte copied from the wrong place shows."""
+    return bytes((i * seed + i // 4093) % 251 for i in range(size))
+
+
+@pytest.fixture
+def sec(tmp_path: Path):
+    rep = make_replica(tmp_path, 64 * KiB, fill=pattern(64 * KiB))
+    yield rep
+    rep.close()
+
+
+# -- the gate ------------------------------------------------------------------------------
+
+REFUSED_EIO, REFUSED_EROFS = errno.EIO, errno.EROFS
+R, A = View.REPLICA, View.ACTIVE
+GATE_TABLE = {
+    # (view, op): {stage: route or errno}
+    (R, Op.READ): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.DISK, Stage.FAILOVER: Route.DISK,
+                   Stage.FAILOVER_FAILED: REFUSED_EIO, Stage.DONE: Route.DISK},
+    (R, Op.WRITE): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.COPY_BEFORE_WRITE,
+                    Stage.FAILOVER: REFUSED_EROFS, Stage.FAILOVER_FAILED: REFUSED_EROFS,
+                    Stage.DONE: REFUSED_EROFS},
+    (R, Op.FLUSH): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.DISK,
+                    Stage.FAILOVER: REFUSED_EROFS, Stage.FAILOVER_FAILED: REFUSED_EROFS,
+                    Stage.DONE: REFUSED_EROFS},
+    (A, Op.READ): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.ACTIVE,
+                   Stage.FAILOVER: Route.ACTIVE, Stage.FAILOVER_FAILED: Route.ACTIVE,
+                   Stage.DONE: Route.DISK},
+    (A, Op.WRITE): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.ACTIVE,
+                    Stage.FAILOVER: Route.ACTIVE, Stage.FAILOVER_FAILED: Route.SPLIT,
+                    Stage.DONE: Route.DISK},
+    (A, Op.FLUSH): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.ACTIVE,
+                    Stage.FAILOVER: Route.ACTIVE, Stage.FAILOVER_FAILED: Route.SPLIT,
+                    Stage.DONE: Route.DISK},
+}
+
+
+@pytest.mark.parametrize("view,op,stage", [(v, o, s) for (v, o) in GATE_TABLE for s in Stage])
+def test_gate_table(view: View, op: Op, stage: Stage) -> None:
+    want = GATE_TABLE[(view, op)][stage]
+    if isinstance(want, Route):
+        assert gate("d0", view, op, stage) is want
+        return
+    with pytest.raises(BlockIOError) as exc:
+        gate("d0", view, op, stage)
+    assert exc.value.errno == want
+    if stage is Stage.NONE:
+        assert "replication not started" in str(exc.value)
+    if want == errno.EROFS:
+        assert str(exc.value) == (f"replication of d0 is over (stage {stage.value}): "
+                                  "refusing the old primary's write")
+
+
+# -- requests ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("view", ["replica", "active"])
+def test_empty_and_past_end_requests_are_refused(sec: SecondaryReplica, view: str) -> None:
+    sec.start(SECONDARY)
+    dev = getattr(sec, view)
+    with pytest.raises(BlockIOError, match="invalid request length 0") as exc:
+        dev.pwrite(b"", 0)
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(BlockIOError, match="past the end of the 65536-byte disk") as exc:
+        dev.pwrite(b"x" * 2, sec.size - 1)
+    assert exc.value.errno == errno.ENOSPC
+    with pytest.raises(BlockIOError, match="past the end") as exc:
+        read(dev, sec.size - 10, 11)
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(BlockIOError, match="invalid request length 0"):
+        dev.zero(5, 0)
+    assert read(sec.active) == pattern(sec.size)  # nothing was written
+
+
+def test_copy_before_write_copies_each_cluster_once_per_interval(sec: SecondaryReplica) -> None:
+    sec.start(SECONDARY)
+    sec.checkpoint()
+    cs, old = sec.cluster_size, pattern(sec.size)
+    sec.replica.pwrite(b"\xaa" * 10, cs + 5)          # cluster 1
+    sec.replica.pwrite(b"\xbb" * 10, cs + 100)        # cluster 1 again: no copy
+    sec.replica.pwrite(b"\xcc" * (cs + 2), 3 * cs - 1)  # clusters 2, 3, 4
+    q = sec.query()
+    assert q["counters"]["cbw_bytes"] == 4 * cs
+    assert q["counters"]["replica_writes"] == 3
+    assert q["counters"]["replica_bytes"] == 10 + 10 + cs + 2
+    assert q["hidden_bytes"] == 4 * cs and q["active_bytes"] == 0
+    assert sec.hidden.allocated_clusters() == [1, 2, 3, 4]
+    assert read(sec.active) == old                    # the VM still sees the checkpoint
+    new = bytearray(old)
+    new[cs + 5:cs + 15] = b"\xaa" * 10
+    new[cs + 100:cs + 110] = b"\xbb" * 10
+    new[3 * cs - 1:4 * cs + 1] = b"\xcc" * (cs + 2)
+    assert read(sec.replica) == bytes(new)
+    sec.checkpoint()                                  # new interval: copy again
+    assert sec.query()["hidden_bytes"] == 0
+    assert read(sec.active) == bytes(new)
+    sec.replica.pwrite(b"\xdd", cs)
+    assert sec.query()["counters"]["cbw_bytes"] == 5 * cs
+
+
+def test_replica_zero_and_trim_keep_the_checkpoint_for_the_vm(sec: SecondaryReplica) -> None:
+    sec.start(SECONDARY)
+    cs, old = sec.cluster_size, pattern(sec.size)
+    sec.replica.zero(cs - 7, 2 * cs)
+    sec.replica.trim(5 * cs, 3 * cs)
+    assert read(sec.active) == old
+    got = read(sec.replica)
+    assert got[cs - 7:3 * cs - 7] == bytes(2 * cs)
+    assert got[:cs - 7] == old[:cs - 7]
+    assert got[3 * cs - 7:5 * cs] == old[3 * cs - 7:5 * cs]
+    assert got[8 * cs:] == old[8 * cs:]  # trimmed bytes are unspecified, the rest is not
+    assert sec.hidden.allocated_clusters() == [0, 1, 2, 5, 6, 7]
+
+
+def test_unaligned_vm_writes_and_zeroes_read_back(sec: SecondaryReplica) -> None:
+    sec.start(SECONDARY)
+    cs = sec.cluster_size
+    want = bytearray(pattern(sec.size))
+    sec.active.pwrite(b"\x33" * 3000, cs - 1000)
+    want[cs - 1000:cs + 2000] = b"\x33" * 3000
+    sec.active.zero(6 * cs + 1, cs)
+    want[6 * cs + 1:7 * cs + 1] = bytes(cs)
+    assert read(sec.active) == bytes(want)
+    assert read(sec.replica) == pattern(sec.size)     # the VM's writes stay in active
+    assert sec.active_overlay.allocated_clusters() == [0, 1, 6, 7]
+    assert sec.query()["counters"]["active_writes"] == 2
+
+
+def test_image_error_during_replica_write_is_recorded(sec: SecondaryReplica) -> None:
+    """A read-only disk makes RawImage.pwrite fail for real (EROFS); the primary sees EIO."""
+    sec.start(SECONDARY)
+    sec.get_error()
+    sec.disk.readonly = True
+    with pytest.raises(BlockIOError) as exc:
+        sec.replica.pwrite(b"x", 0)
+    assert exc.value.errno == errno.EIO
+    assert "disk0: replica pwrite at 0 failed" in str(exc.value)
+    with pytest.raises(ReplicationError, match="replica pwrite of 1 bytes at 0 failed.*read-only"):
+        sec.get_error()
+    assert sec.query()["error"] == sec.error
+    sec.disk.readonly = False
+    sec.checkpoint()
+    with pytest.raises(ReplicationError):
+        sec.get_error()                                # an error stays until start/failover
+
+
+def test_flush_follows_the_gate(sec: SecondaryReplica) -> None:
+    with pytest.raises(BlockIOError, match="replication not started"):
+        sec.replica.flush()
+    sec.start(SECONDARY)
+    sec.replica.flush()
+    sec.active.flush()
+    sec.stop(False)
+    sec.active.flush()
+    with pytest.raises(BlockIOError, match="refusing the old primary's write") as exc:
+        sec.replica.flush()
+    assert exc.value.errno == errno.EROFS
+
+
+def test_extents_of_the_views(sec: SecondaryReplica) -> None:
+    sec.start(SECONDARY)
+    cs = sec.cluster_size
+    sec.active.pwrite(b"x", 2 * cs)
+    ext = sec.active.extents(0, sec.size)
+    assert ext[0][0] == 0 and sum(length for _, length, _ in ext) == sec.size
+    assert all(flags == 0 for off, length, flags in ext if off <= 2 * cs < off + length)
+    assert sum(length for _, length, _ in sec.replica.extents(cs, cs)) == cs
+
+
+def test_failover_reports_progress_and_bytes(sec: SecondaryReplica) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    sec.sm.events = lambda name, data: events.append((name, data))
+    sec.start(SECONDARY)
+    sec.checkpoint()
+    cs = sec.cluster_size
+    sec.replica.pwrite(b"\x22" * (3 * cs), 0)        # hidden: clusters 0-2
+    sec.active.pwrite(b"\x33" * 10, 2 * cs + 1)      # active: cluster 2
+    sec.active.pwrite(b"\x33" * 10, 9 * cs)          # active: cluster 9
+    calls: list[tuple[int, int]] = []
+    sec.stop(True, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1] == (4 * cs, 4 * cs)   # the last run: hidden's 0-2 and 9
+    assert all(done <= total for done, total in calls)
+    assert events[-1][0] == "FAILOVER_COMPLETED" and events[-1][1]["bytes"] == 4 * cs
+    want = bytearray(pattern(sec.size))
+    want[2 * cs + 1:2 * cs + 11] = b"\x33" * 10
+    want[9 * cs:9 * cs + 10] = b"\x33" * 10
+    assert read(sec.active) == bytes(want) == read(sec.replica)
+
+
+# -- opening, query, framework ---------------------------------------------------------------
+
+def test_open_creates_overlays_then_validates_them(tmp_path: Path) -> None:
+    rep = make_replica(tmp_path, 64 * KiB, fill=pattern(64 * KiB))
+    disk = str(tmp_path / "disk0.img")
+    for suffix in (".hidden", ".hidden.bitmap", ".active", ".active.bitmap"):
+        assert os.path.exists(disk + suffix)
+    rep.start(SECONDARY)
+    rep.active.pwrite(b"\x44" * 100, 50)
+    rep.close()
+    again = SecondaryReplica.open("disk0", disk, cluster_size=4 * KiB)
+    assert again.active_overlay.allocated_clusters() == [0]  # present overlays are reused
+    assert again.stage is Stage.NONE                         # the stage is not persisted
+    again.close()
+    with pytest.raises(BlockIOError, match="cluster size is 4096 but 8192 was asked for"):
+        SecondaryReplica.open("disk0", disk, cluster_size=8 * KiB)
+    other = str(tmp_path / "other.img")
+    RawImage.create(other, 32 * KiB).close()
+    with pytest.raises(BlockIOError, match="made for a 65536-byte backing"):
+        SecondaryReplica.open("disk0", other, hidden_path=disk + ".hidden", cluster_size=4 * KiB)
+
+
+def test_overlays_with_different_cluster_sizes_are_refused(tmp_path: Path) -> None:
+    disk = RawImage.create(tmp_path / "d", 64 * KiB)
+    hidden = Overlay.create(tmp_path / "h", disk, cluster_size=4 * KiB)
+    active = Overlay.create(tmp_path / "a", hidden, cluster_size=8 * KiB)
+    with pytest.raises(ReplicationError, match="cluster size 8192 differs .* 4096"):
+        SecondaryReplica("d", disk, hidden, active)
+    for image in (active, hidden, disk):
+        image.close()
+
+
+def test_query_is_json_and_tracks_checkpoints(sec: SecondaryReplica) -> None:
+    q = sec.query()
+    assert q == {"disk": "disk0", "mode": "secondary", "stage": "none", "error": None,
+                 "consistent": False, "hidden_bytes": 0, "active_bytes": 0,
+                 "counters": {"replica_writes": 0, "replica_bytes": 0, "cbw_bytes": 0,
+                              "active_writes": 0, "checkpoints": 0},
+                 "last_checkpoint": None}
+    sec.start(SECONDARY)
+    sec.checkpoint()
+    q = json.loads(json.dumps(sec.query()))
+    assert q["stage"] == "running" and q["consistent"] is True
+    assert q["counters"]["checkpoints"] == 1
+    assert set(q["last_checkpoint"]) == {"time", "duration"}
+    assert q["last_checkpoint"]["duration"] >= 0 and q["last_checkpoint"]["time"] > 1e9
+
+
+def test_registered_replica_follows_the_all_calls(tmp_path: Path) -> None:
+    reg = Registry()
+    a = make_replica(tmp_path, 16 * KiB, name="a")
+    b = make_replica(tmp_path, 16 * KiB, name="b")
+    rs_a, rs_b = a.register(reg), b.register(reg)
+    assert reg.states() == [rs_b, rs_a] and rs_a.opaque is a
+    with pytest.raises(ReplicationError, match="^b: get_error failed: b: replication is not running"):
+        reg.get_error_all()
+    reg.start_all(SECONDARY)
+    reg.do_checkpoint_all()
+    reg.get_error_all()
+    assert a.consistent and b.consistent
+    reg.stop_all(True)
+    assert a.stage is Stage.DONE and b.stage is Stage.DONE
+    other = Registry()
+    c = make_replica(tmp_path, 16 * KiB, name="c")
+    c.register(other)
+    with pytest.raises(ReplicationError, match="^c: start failed: c: the start mode primary"):
+        other.start_all(ReplicationMode.PRIMARY)
+    c.close()
+    a.close()
+    b.close()
+
+
+# -- model check -----------------------------------------------------------------------------
+
+SMALL, SMALL_CS = 256 * KiB, 4 * KiB
+
+
+@st.composite
+def requests(draw: st.DrawFn, kind: str) -> tuple[Any, ...]:
+    offset = draw(st.integers(0, SMALL - 1))
+    length = draw(st.integers(1, min(3 * SMALL_CS, SMALL - offset)))
+    return (kind, offset, length, draw(st.integers(1, 255)))
+
+
+OPS = st.lists(st.one_of(requests("primary-write"), requests("primary-zero"),
+                         requests("vm-write"), requests("vm-zero"),
+                         st.just(("checkpoint",)), st.just(("failover",)), st.just(("stop",))),
+               max_size=30)
+
+
+class Model:
+    """What the two views must show: ``disk`` (the replica view) and ``vm`` (the active view).
+
+    ``vm`` is the disk at the last checkpoint plus the VM's writes, which is exactly what a
+    failover makes the disk; a checkpoint makes it the disk again.
+    """
+
+    def __init__(self, initial: bytes) -> None:
+        self.disk = bytearray(initial)
+        self.vm = bytearray(initial)
+        self.stage = Stage.RUNNING
+        self.consistent = False
+
+    def apply(self, sec: SecondaryReplica, op: tuple[Any, ...]) -> None:
+        kind = op[0]
+        if kind in ("primary-write", "primary-zero", "vm-write", "vm-zero"):
+            self._request(sec, *op)
+        elif kind == "checkpoint":
+            sec.checkpoint()
+            if self.stage is Stage.RUNNING:
+                self.vm[:] = self.disk
+                self.consistent = True
+        elif kind == "stop":
+            sec.stop(False)
+            if self.stage is Stage.RUNNING:
+                self.vm[:] = self.disk
+                self.stage, self.consistent = Stage.DONE, True
+        elif self.stage is Stage.RUNNING and not self.consistent:
+            with pytest.raises(ReplicationError, match="no complete checkpoint"):
+                sec.stop(True)
+        else:
+            sec.stop(True)
+            if self.stage is Stage.RUNNING:
+                self.disk[:] = self.vm
+                self.stage = Stage.DONE
+
+    def _request(self, sec: SecondaryReplica, kind: str, offset: int, length: int,
+                 byte: int) -> None:
+        data = bytes([byte]) * length if kind.endswith("write") else bytes(length)
+        if kind.startswith("primary"):
+            dev, targets = sec.replica, [self.disk]
+            if self.stage is Stage.DONE:
+                with pytest.raises(BlockIOError, match="refusing the old primary's write"):
+                    dev.pwrite(data, offset)
+                return
+        else:
+            dev = sec.active
+            targets = [self.vm] if self.stage is Stage.RUNNING else [self.vm, self.disk]
+        if kind.endswith("write"):
+            dev.pwrite(data, offset)
+        else:
+            dev.zero(offset, length)
+        for target in targets:
+            target[offset:offset + length] = data
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS)
+def test_views_match_the_model(ops: list[tuple[Any, ...]]) -> None:
+    initial = pattern(SMALL, seed=13)
+    with tempfile.TemporaryDirectory() as tmp:
+        sec = make_replica(tmp, SMALL, SMALL_CS, fill=initial)
+        try:
+            sec.start(SECONDARY)
+            model = Model(initial)
+            for op in ops:
+                model.apply(sec, op)
+                assert sec.stage is model.stage and sec.consistent is model.consistent
+                assert read(sec.active) == model.vm, op
+                assert read(sec.replica) == model.disk, op
+            with open(os.path.join(tmp, "disk0.img"), "rb") as f:
+                on_disk = f.read()
+            if model.stage is Stage.DONE:
+                assert on_disk == model.disk     # the file itself, after the commit
+        finally:
+            sec.close()
