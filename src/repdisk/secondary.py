@@ -430,9 +430,10 @@ class SecondaryReplica:
 class _FairRangeLock:
     """``RangeLock`` plus a turnstile: a whole-disk holder-to-be stops new requests.
 
-    A checkpoint or failover commit needs the whole disk exclusively; without the
-    turnstile a steady stream of overlapping reads could keep it waiting forever,
-    while the primary's checkpoint hold runs out.
+    A checkpoint or failover commit needs the whole disk exclusively, and RangeLock
+    has no writer preference: without the turnstile, three threads reading and three
+    writing (test_secondary_stress.py) let 2 checkpoints through in 3 s instead of
+    about 100, while the primary's checkpoint hold runs out.
     """
 
     def __init__(self) -> None:
