@@ -243,13 +243,23 @@ class SecondaryReplica:
                 self._checkpoint()
                 self.sm.set_stage(Stage.DONE)
                 return
-            if not self.consistent:
-                raise ReplicationError(
-                    f"{self.name}: cannot fail over: the secondary has no complete checkpoint "
-                    "since it started (e.g. a resync is in progress); failing over now would "
-                    "hand the guest an inconsistent disk")
+            self.check_failover()
             self.sm.set_stage(Stage.FAILOVER)  # from here on the replica view refuses writes
-            self._failover_commit(progress)
+            self._failover_commit(progress or self._progress_event)
+
+    def check_failover(self) -> None:
+        """Refuse a failover that would hand the guest an inconsistent disk.
+
+        A node fails over all its disks or none, so it asks every disk first.
+        """
+        if self.stage is Stage.RUNNING and not self.consistent:
+            raise ReplicationError(
+                f"{self.name}: cannot fail over: the secondary has no complete checkpoint "
+                "since it started (e.g. a resync is in progress); failing over now would "
+                "hand the guest an inconsistent disk")
+
+    def _progress_event(self, done: int, total: int) -> None:
+        self.sm.events("FAILOVER_PROGRESS", {"disk": self.name, "done": done, "total": total})
 
     # -- framework glue -----------------------------------------------------------
 

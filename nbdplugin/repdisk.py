@@ -1,0 +1,206 @@
+"""repdisk: nbdkit Python plugin for a replicated disk (primary or secondary node).
+
+    nbdkit python nbdplugin/repdisk.py role=secondary disk=SEC.img control=sec.qmp
+    nbdkit python nbdplugin/repdisk.py role=primary disk=PRI.img control=pri.qmp \\
+        secondary='nbd+unix:///replica?socket=/run/sec.sock'
+
+A thin adapter: it parses keys, builds a repdisk Node and maps nbdkit's
+callbacks onto the node's block devices.  Every replication rule lives in the
+repdisk package (src/repdisk/).  nbdkit 1.32 cannot print a Python script's own
+--help; `nbdkit python nbdplugin/repdisk.py --dump-plugin` and
+`repdisk primary|secondary --help` print the keys below, from the same table.
+
+Keys (generated from repdisk.config.KEYS; tests keep this text equal to it):
+
+role=primary|secondary  (required)
+    which side of the pair this node is
+disk=[NAME:]PATH  (required, repeatable)
+    a disk of the node (a raw file or block device); repeat the key for a consistency group of several disks. NAME (letters, digits, '-', '_'; default disk0, disk1, ...) names its exports and must match on both nodes
+control=SOCKET  (required)
+    the node's control socket (QMP protocol, mode 0600)
+state=PATH  (default first disk + '.state')
+    the node's state file (epoch, consistency)
+secondary=NBD-URI  (required) [primary only]
+    the secondary's replica export, e.g. nbd+unix:///replica?socket=/run/sec.sock or nbd://host:10809/replica; with several disks each disk NAME uses replica/NAME
+write-mode=sync|async  (default sync) [primary only]
+    sync: a guest write is acknowledged once local and on the secondary; async: once local, forwarded in order behind a bounded window
+timeout=DURATION  (default 5s) [primary only]
+    how long the secondary may take to answer before the primary degrades (e.g. 5s, 500ms)
+window=N  (default 64) [primary only]
+    async mode: most writes in flight to the secondary
+active=PATH  (default disk + '.active') [secondary only]
+    the active overlay (one disk only)
+hidden=PATH  (default disk + '.hidden') [secondary only]
+    the hidden overlay (one disk only)
+cluster-size=SIZE  (default 64K) [secondary only]
+    overlay cluster size, a power of two from 512 to 2M (e.g. 64K)
+"""
+
+import errno
+import os
+import site
+import sys
+
+import nbdkit
+
+
+def _find_package() -> None:
+    """Make the checkout's src/ and its venv importable, with no environment variables."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    venv = os.path.join(root, ".venv", "lib",
+                        f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    if os.path.isdir(venv):
+        site.addsitedir(venv)
+    src = os.path.join(root, "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+
+
+_find_package()
+
+from repdisk import config as _config  # noqa: E402
+from repdisk.errors import BlockIOError, ConfigError  # noqa: E402
+from repdisk.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
+from repdisk.node import Node  # noqa: E402
+
+API_VERSION = 2
+
+_keys: list = []
+_node = None
+
+
+def _fail_startup(err: Exception) -> None:
+    """One clear line and a non-zero exit instead of nbdkit's Python traceback."""
+    sys.stderr.write(f"nbdkit: repdisk: error: {err}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def dump_plugin():
+    print("repdisk_keys=" + " ".join(k.name for k in _config.KEYS))
+    print(_config.help_text())
+
+
+def config(key, value):
+    if key not in _config.KEY_BY_NAME:
+        _fail_startup(ConfigError(key, f"unknown key; known keys: {', '.join(_config.KEY_BY_NAME)}"))
+    _keys.append((key, value))
+
+
+def config_complete():
+    global _node
+    try:
+        _node = Node.from_keys(_keys)
+    except ConfigError as err:
+        _fail_startup(err)
+
+
+def get_ready():
+    try:
+        _node.probe_secondary()
+    except ConfigError as err:
+        _fail_startup(err)
+
+
+def after_fork():
+    _node.serve_control()
+
+
+def cleanup():
+    if _node is not None:
+        _node.close()
+
+
+def list_exports(readonly, is_tls):
+    return _node.list_exports()
+
+
+def default_export(readonly, is_tls):
+    return _node.default_export
+
+
+def open(readonly):
+    return _call(_node.export, nbdkit.export_name())
+
+
+def get_size(h):
+    return h.size
+
+
+def block_size(h):
+    return (1, 4096, 0xFFFFFFFF)
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    # Zeroing punches holes (or allocates zeroed clusters): never slower than a write.
+    return True
+
+
+def can_extents(h):
+    return True
+
+
+def can_multi_conn(h):
+    # Every connection of an export shares one device object (one file, one forwarder),
+    # so a flush on one connection covers the writes of all of them.
+    return True
+
+
+def pread(h, buf, offset, flags):
+    _call(h.pread_into, buf, offset)
+
+
+def pwrite(h, buf, offset, flags):
+    _call(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def flush(h, flags):
+    _call(h.flush)
+
+
+def trim(h, count, offset, flags):
+    _call(h.trim, offset, count, bool(flags & nbdkit.FLAG_FUA))
+
+
+def zero(h, count, offset, flags):
+    _call(h.zero, offset, count, bool(flags & nbdkit.FLAG_FUA))
+
+
+def extents(h, count, offset, flags):
+    return _call(h.extents, offset, count)
+
+
+def _call(fn, *args):
+    """Run one request; a BlockIOError reaches the client as its own errno."""
+    try:
+        return fn(*args)
+    except BlockIOError as err:
+        nbdkit.set_error(err.errno or errno.EIO)
+        raise
+
+
+assert (EXTENT_HOLE, EXTENT_ZERO) == (nbdkit.EXTENT_HOLE, nbdkit.EXTENT_ZERO)

@@ -1,0 +1,206 @@
+"""The ``repdisk`` command: start nodes, talk to control sockets, run a lab pair.
+
+    repdisk secondary --disk SEC.img --control sec.qmp --nbd-socket sec.sock
+    repdisk primary --disk PRI.img --control pri.qmp --nbd-socket pri.sock \\
+        --secondary 'nbd+unix:///replica?socket=sec.sock'
+    repdisk ctl SOCKET COMMAND [KEY=VALUE ...] [--json]
+    repdisk status SOCKET ...
+    repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
+
+The node options are made from the same key table as the plugin's keys
+(repdisk.config.KEYS), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from . import config as cfgmod
+from . import ctlclient, nodeproc
+from .errors import ControlError, RepdiskError
+
+PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.realpath(__file__)))), "nbdplugin", "repdisk.py")
+
+
+# -- node commands ----------------------------------------------------------------
+
+def _add_node_parser(sub: Any, role: str) -> None:
+    p = sub.add_parser(role, help=f"run a {role} node (nbdkit with the repdisk plugin)",
+                       description=f"Run a {role} node. Keys (same as the plugin's):\n\n"
+                                   + cfgmod.help_text(role),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key in cfgmod.KEYS:
+        if role in key.roles and key.name != "role":
+            p.add_argument(f"--{key.name}", metavar=key.metavar, dest=key.name.replace("-", "_"),
+                           action="append" if key.repeat else "store", required=key.required,
+                           help=argparse.SUPPRESS)
+    listen = p.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--nbd-socket", metavar="PATH", help="serve NBD on this Unix socket")
+    listen.add_argument("--port", type=int, help="serve NBD on this TCP port")
+    p.add_argument("--address", default="127.0.0.1", help="TCP address to bind (with --port)")
+    p.add_argument("--background", action="store_true",
+                   help="detach once serving; write --pidfile, log to --log")
+    p.add_argument("--pidfile", help="pid file (with --background)")
+    p.add_argument("--log", help="log file (default: stderr; with --background: next to the pidfile)")
+    p.add_argument("--threads", type=int, default=16, help="nbdkit worker threads per connection")
+    p.set_defaults(func=lambda a: _run_node(a, role))
+
+
+def node_keys(args: argparse.Namespace, role: str) -> list[tuple[str, str]]:
+    """The plugin keys for the options given on the command line, in table order."""
+    keys = [("role", role)]
+    for key in cfgmod.KEYS:
+        value = getattr(args, key.name.replace("-", "_"), None)
+        if key.name == "role" or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            keys.append((key.name, v))
+    return keys
+
+
+def _run_node(args: argparse.Namespace, role: str) -> int:
+    keys = node_keys(args, role)
+    listen = nodeproc.Listen(socket=args.nbd_socket, port=args.port, address=args.address)
+    cmd = nodeproc.nbdkit_command(PLUGIN, keys, listen, threads=args.threads)
+    control = dict(keys)["control"]
+    if not args.background:
+        os.execvp(cmd[0], cmd)
+    pidfile = args.pidfile or control + ".pid"
+    pid = nodeproc.start_background(cmd, pidfile, args.log or pidfile[:-4] + ".log", control,
+                                    listen)
+    print(f"repdisk {role}: serving (pid {pid}), control {control}")
+    return 0
+
+
+# -- control commands ---------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    """ctl arguments: true/false, integers, JSON values, else the string itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    command_args: dict[str, Any] = {}
+    for item in args.args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
+        command_args[key] = parse_value(value)
+    result = ctlclient.execute(args.socket, args.command, command_args,
+                               progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render(result))
+    return 0
+
+
+def render(value: Any, indent: str = "") -> str:
+    """A readable table of a QMP result: keys aligned, lists of disks one block each."""
+    if isinstance(value, dict):
+        if not value:
+            return indent + "ok"
+        width = max(len(str(k)) for k in value)
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines.append(render(v, indent + "  "))
+            else:
+                lines.append(f"{indent}{str(k).ljust(width)}  {_scalar(v)}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        return "\n".join(render(v, indent) if isinstance(v, (dict, list))
+                         else indent + _scalar(v) for v in value)
+    return indent + _scalar(value)
+
+
+def _scalar(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, dict) or isinstance(v, list):
+        return json.dumps(v)
+    return str(v)
+
+
+def _status(args: argparse.Namespace) -> int:
+    ok = True
+    for sock in args.sockets:
+        try:
+            for line in ctlclient.status_lines(sock):
+                print(line)
+        except (RepdiskError, OSError) as err:
+            ok = False
+            print(f"{sock}: unreachable: {err}")
+    return 0 if ok else 1
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from . import lab
+    if args.down:
+        return lab.down(args.dir)
+    return lab.up(args.dir, args.size, write_mode=args.write_mode)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repdisk", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_node_parser(sub, cfgmod.PRIMARY)
+    _add_node_parser(sub, cfgmod.SECONDARY)
+
+    p = sub.add_parser("ctl", help="send one command to a control socket")
+    p.add_argument("socket")
+    p.add_argument("command", help="a QMP command (e.g. query-replication) or an alias: "
+                                   + ", ".join(sorted(ctlclient.ALIASES)))
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_ctl)
+
+    p = sub.add_parser("status", help="one line per disk per node")
+    p.add_argument("sockets", nargs="+", metavar="SOCKET")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("lab", help="bring up (or --down) a working pair in a folder")
+    p.add_argument("--dir", default="repdisk-lab", help="the lab folder (default ./repdisk-lab)")
+    p.add_argument("--size", default="1G", help="disk size (default 1G)")
+    p.add_argument("--write-mode", default="sync", choices=("sync", "async"))
+    p.add_argument("--down", action="store_true", help="stop the lab's nodes")
+    p.set_defaults(func=_lab)
+
+    try:
+        from . import controller
+        controller.add_parsers(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ControlError as err:
+        print(f"repdisk: {err.error_class}: {err}", file=sys.stderr)
+        return 1
+    except RepdiskError as err:
+        print(f"repdisk: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The keys a repdisk node takes, parsed and checked in one place.
+
+One table (``KEYS``) serves the plugin's ``config`` callback, the header of
+``nbdplugin/repdisk.py`` (a test keeps the two equal), ``nbdkit ... --dump-plugin``
+and ``repdisk primary|secondary --help``.  nbdkit 1.32 cannot show a Python
+script's own ``--help`` text, which is why the table is printed elsewhere.
+
+Every mistake is a :class:`ConfigError` naming the key and saying what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .errors import ConfigError
+
+PRIMARY, SECONDARY = "primary", "secondary"
+ROLES = (PRIMARY, SECONDARY)
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    roles: tuple[str, ...]
+    metavar: str
+    help: str
+    default: Optional[str] = None
+    required: bool = False
+    repeat: bool = False
+
+
+KEYS: tuple[Key, ...] = (
+    Key("role", ROLES, "primary|secondary", "which side of the pair this node is", required=True),
+    Key("disk", ROLES, "[NAME:]PATH",
+        "a disk of the node (a raw file or block device); repeat the key for a consistency "
+        "group of several disks. NAME (letters, digits, '-', '_'; default disk0, disk1, ...) "
+        "names its exports and must match on both nodes", required=True, repeat=True),
+    Key("control", ROLES, "SOCKET", "the node's control socket (QMP protocol, mode 0600)",
+        required=True),
+    Key("state", ROLES, "PATH", "the node's state file (epoch, consistency)",
+        default="first disk + '.state'"),
+    Key("secondary", (PRIMARY,), "NBD-URI",
+        "the secondary's replica export, e.g. nbd+unix:///replica?socket=/run/sec.sock or "
+        "nbd://host:10809/replica; with several disks each disk NAME uses replica/NAME",
+        required=True),
+    Key("write-mode", (PRIMARY,), "sync|async",
+        "sync: a guest write is acknowledged once local and on the secondary; async: once "
+        "local, forwarded in order behind a bounded window", default="sync"),
+    Key("timeout", (PRIMARY,), "DURATION",
+        "how long the secondary may take to answer before the primary degrades (e.g. 5s, 500ms)",
+        default="5s"),
+    Key("window", (PRIMARY,), "N", "async mode: most writes in flight to the secondary",
+        default="64"),
+    Key("active", (SECONDARY,), "PATH", "the active overlay (one disk only)",
+        default="disk + '.active'"),
+    Key("hidden", (SECONDARY,), "PATH", "the hidden overlay (one disk only)",
+        default="disk + '.hidden'"),
+    Key("cluster-size", (SECONDARY,), "SIZE",
+        "overlay cluster size, a power of two from 512 to 2M (e.g. 64K)", default="64K"),
+)
+KEY_BY_NAME = {k.name: k for k in KEYS}
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def help_text(role: Optional[str] = None) -> str:
+    """The key table as text, for one role or both."""
+    lines = []
+    for k in KEYS:
+        if role and role not in k.roles:
+            continue
+        flags = "required" if k.required else f"default {k.default}"
+        if k.repeat:
+            flags += ", repeatable"
+        only = "" if len(k.roles) == 2 else f" [{k.roles[0]} only]"
+        lines.append(f"{k.name}={k.metavar}  ({flags}){only}\n    {k.help}")
+    return "\n".join(lines)
+
+
+def parse_size(key: str, text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(key, f"cannot parse size {text!r}: use a number with an optional "
+                               "K, M, G or T suffix, e.g. 64K")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+def parse_duration(key: str, text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(key, f"cannot parse duration {text!r}: use a positive number of "
+                               "seconds, e.g. 5s or 500ms")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+def parse_uint(key: str, text: str, low: int = 1) -> int:
+    if not text.strip().isdigit() or int(text) < low:
+        raise ConfigError(key, f"expected a whole number >= {low}, got {text!r}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    name: str
+    path: str
+
+
+def parse_disk(text: str, index: int) -> DiskSpec:
+    name, sep, path = text.partition(":")
+    if not sep or not NAME_RE.match(name):
+        name, path = f"disk{index}", text
+    if not path:
+        raise ConfigError("disk", "empty path: give disk=PATH or disk=NAME:PATH")
+    return DiskSpec(name, path)
+
+
+def check_disk_file(path: str) -> int:
+    """The size of a usable disk, or a ConfigError saying why it is not usable."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError("disk", f"{path} does not exist: create it first "
+                                  f"(e.g. truncate -s 1G {path})") from None
+    except OSError as err:
+        raise ConfigError("disk", f"cannot stat {path}: {err.strerror}") from err
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ConfigError("disk", f"{path} is not a regular file or block device")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError("disk", f"{path} is not readable and writable by this user")
+    size = st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        raise ConfigError("disk", f"{path} is empty: give it a size (e.g. truncate -s 1G {path})")
+    return size
+
+
+@dataclass
+class NodeConfig:
+    role: str
+    disks: list[DiskSpec]
+    control: str
+    state: str
+    secondary: Optional[str] = None
+    write_mode: str = "sync"
+    timeout: float = 5.0
+    window: int = 64
+    active: Optional[str] = None
+    hidden: Optional[str] = None
+    cluster_size: int = 65536
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_keys(cls, pairs: Iterable[tuple[str, str]]) -> "NodeConfig":
+        """Check every key and value; the first mistake raises ConfigError."""
+        values: dict[str, list[str]] = {}
+        for key, value in pairs:
+            k = KEY_BY_NAME.get(key)
+            if k is None:
+                raise ConfigError(key, f"unknown key; known keys: {', '.join(KEY_BY_NAME)}")
+            if key in values and not k.repeat:
+                raise ConfigError(key, "given twice; give it once")
+            values.setdefault(key, []).append(value)
+        role = _one(values, "role")
+        if role not in ROLES:
+            raise ConfigError("role", f"unknown role {role!r}: use role=primary or role=secondary")
+        for key in values:
+            if role not in KEY_BY_NAME[key].roles:
+                raise ConfigError(key, f"is not a {role} key (it belongs to role="
+                                       f"{KEY_BY_NAME[key].roles[0]})")
+        for k in KEYS:
+            if k.required and role in k.roles and k.name not in values:
+                raise ConfigError(k.name, f"is required for role={role} ({k.metavar})")
+        disks = [parse_disk(text, i) for i, text in enumerate(values["disk"])]
+        _check_disks(disks)
+        cfg = cls(role=role, disks=disks, control=_one(values, "control"),
+                  state=_one(values, "state") or disks[0].path + ".state")
+        if role == PRIMARY:
+            cfg._primary_keys(values)
+        else:
+            cfg._secondary_keys(values)
+        return cfg
+
+    def _primary_keys(self, values: dict[str, list[str]]) -> None:
+        self.secondary = _one(values, "secondary")
+        if not re.match(r"^nbds?(\+unix|\+vsock)?://", self.secondary or ""):
+            raise ConfigError("secondary", f"{self.secondary!r} is not an NBD URI: use e.g. "
+                                           "nbd+unix:///replica?socket=/run/sec.sock")
+        self.write_mode = _one(values, "write-mode") or "sync"
+        if self.write_mode not in ("sync", "async"):
+            raise ConfigError("write-mode", f"unknown mode {self.write_mode!r}: use sync or async")
+        self.timeout = parse_duration("timeout", _one(values, "timeout") or "5s")
+        self.window = parse_uint("window", _one(values, "window") or "64")
+
+    def _secondary_keys(self, values: dict[str, list[str]]) -> None:
+        self.active, self.hidden = _one(values, "active"), _one(values, "hidden")
+        if len(self.disks) > 1 and (self.active or self.hidden):
+            raise ConfigError("active" if self.active else "hidden",
+                              "only for a single disk; with several disks each disk's overlays "
+                              "are PATH.active and PATH.hidden")
+        size = parse_size("cluster-size", _one(values, "cluster-size") or "64K")
+        if size < 512 or size > 2 << 20 or size & (size - 1):
+            raise ConfigError("cluster-size", f"{size} is not a power of two from 512 to 2M")
+        self.cluster_size = size
+
+
+def _one(values: dict[str, list[str]], key: str) -> Optional[str]:
+    got = values.get(key)
+    return got[0] if got else None
+
+
+def _check_disks(disks: list[DiskSpec]) -> None:
+    names = [d.name for d in disks]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError("disk", f"two disks are named {name!r}: names must be unique")
+    paths = [os.path.realpath(d.path) for d in disks]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("disk", "the same file is given twice")
+    for d in disks:
+        check_disk_file(d.path)

@@ -1,0 +1,110 @@
+"""Client side of the control sockets: one command, a status view, progress.
+
+Used by ``repdisk ctl``, ``repdisk status``, ``repdisk lab`` and the controller.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable, Optional
+
+from .qmp import QMPClient
+
+#: Short names for ``repdisk ctl``: alias -> (QMP command, fixed arguments).
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "status": ("query-replication", {}),
+    "start": ("replication-start", {}),
+    "checkpoint": ("replication-do-checkpoint", {}),
+    "resume": ("replication-resume", {}),
+    "error": ("replication-get-error", {}),
+    "stop": ("replication-stop", {"failover": False}),
+    "failover": ("replication-stop", {"failover": True}),
+    "resync": ("replication-resync", {}),
+}
+
+#: Commands that may take long: ``repdisk ctl`` shows their progress events on a terminal.
+LONG = {"replication-start", "replication-stop", "replication-resync", "controller-resync"}
+
+
+def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    name, fixed = ALIASES.get(command, (command, {}))
+    return name, {**fixed, **args}
+
+
+def execute(socket: str, command: str, args: Optional[dict[str, Any]] = None, *,
+            timeout: float = 600.0, progress: bool = False) -> Any:
+    """Run one command on a control socket; raises ControlError with the server's error."""
+    name, arguments = resolve(command, args or {})
+    watcher = ProgressPrinter(socket) if progress and name in LONG else None
+    client = QMPClient(timeout=timeout).connect(socket, timeout=10.0)
+    try:
+        return client.execute(name, arguments)
+    finally:
+        client.close()
+        if watcher:
+            watcher.stop()
+
+
+class ProgressPrinter:
+    """Prints ``*_PROGRESS`` events of a node on a second connection while a command runs."""
+
+    def __init__(self, socket: str, out: Callable[[str], None] = sys.stderr.write) -> None:
+        self._out = out
+        self._stop = threading.Event()
+        self._client = QMPClient(timeout=5.0).connect(socket)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            events = self._client.events
+            for ev in events:
+                if ev.get("event", "").endswith("_PROGRESS"):
+                    self._out("\r" + format_progress(ev["event"], ev.get("data", {})))
+            events.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+        self._out("\n")
+
+
+def format_progress(event: str, data: dict[str, Any]) -> str:
+    done, total = data.get("done", 0), data.get("total", 0) or 1
+    what = event.removesuffix("_PROGRESS").lower()
+    return (f"{data.get('disk', '')} {what}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB "
+            f"({100 * done / total:.0f}%)")
+
+
+def status_lines(socket: str) -> list[str]:
+    """One human line per disk of the node behind ``socket``."""
+    client = QMPClient(timeout=10.0).connect(socket)
+    try:
+        q = client.execute("query-replication")
+    finally:
+        client.close()
+    return [status_line(q, d) for d in q.get("disks", [])]
+
+
+def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
+    parts = [f"{node['role']:<9} {d.get('disk', '?'):<8} {d.get('stage', '?'):<15}",
+             f"epoch {node.get('epoch', 0)}"]
+    if node["role"] == "primary":
+        parts.append(f"{d.get('write_mode', '')} dirty {_mib(d.get('dirty_bytes', 0))}"
+                     f" in-flight {d.get('in_flight', 0)}"
+                     + (" DEGRADED" if d.get("degraded") else ""))
+    else:
+        parts.append(("consistent" if d.get("consistent") else "INCONSISTENT")
+                     + f" hidden {_mib(d.get('hidden_bytes', 0))}"
+                     f" active {_mib(d.get('active_bytes', 0))}")
+    last = d.get("last_checkpoint")
+    parts.append(f"last checkpoint {last['duration'] * 1000:.1f} ms" if last else "no checkpoint")
+    if d.get("error"):
+        parts.append(f"error: {d['error']}")
+    return "  ".join(parts)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

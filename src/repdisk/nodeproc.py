@@ -1,0 +1,146 @@
+"""Starting and stopping node processes (nbdkit with the repdisk plugin).
+
+Used by ``repdisk primary|secondary``, ``repdisk lab`` and the tests, so that
+every node is started the same way: nbdkit in the foreground (``-f``; in the
+background we detach it ourselves, so its log goes to a file and not to
+syslog), ready only once both its NBD listener and its control socket answer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import psutil
+
+from .errors import RepdiskError
+
+START_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Listen:
+    socket: Optional[str] = None
+    port: Optional[int] = None
+    address: str = "127.0.0.1"
+
+    def nbdkit_args(self) -> list[str]:
+        if self.socket:
+            return ["-U", self.socket]
+        return ["-i", self.address, "-p", str(self.port)]
+
+    def uri(self, export: str = "") -> str:
+        if self.socket:
+            return f"nbd+unix:///{export}?socket={os.path.abspath(self.socket)}"
+        return f"nbd://{self.address}:{self.port}/{export}"
+
+    def answers(self) -> bool:
+        """True once an NBD handshake succeeds (a bare connect would make nbdkit log an error)."""
+        import nbd
+        h = nbd.NBD()
+        try:
+            h.connect_uri(self.uri())
+            h.shutdown()
+            return True
+        except nbd.Error:
+            return False
+
+
+def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
+                   threads: int = 16) -> list[str]:
+    return (["nbdkit", "-f", "-t", str(threads)]
+            + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
+
+
+def spawn(cmd: list[str], logfile: str) -> subprocess.Popen:
+    """Start nbdkit as a child of this process, with its output in ``logfile``."""
+    with open(logfile, "ab") as log:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
+                     listen: Listen) -> int:
+    """Start a detached node; return its pid once it serves, else raise with its log's error.
+
+    ``setsid -f`` forks before nbdkit starts, so nbdkit never sees the process that
+    started it go away: nbdkit 1.32 started as our child (even in a new session) was seen
+    to shut itself down as soon as this command exited.  nbdkit writes the pid file.
+    """
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    with open(logfile, "ab") as log:
+        subprocess.run(["setsid", "-f", cmd[0], "-P", pidfile] + cmd[1:],
+                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
+    try:
+        wait_ready(lambda: _pidfile_alive(pidfile), control, listen, logfile)
+    except BaseException:
+        stop_pidfile(pidfile)
+        raise
+    with open(pidfile) as f:
+        return int(f.read())
+
+
+def _pidfile_alive(pidfile: str) -> Optional[bool]:
+    """None while nbdkit has not written its pid yet, else whether it runs."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def child_alive(proc: subprocess.Popen) -> Callable[[], Optional[bool]]:
+    return lambda: proc.poll() is None
+
+
+def wait_ready(alive: Callable[[], Optional[bool]], control: str, listen: Listen,
+               logfile: Optional[str] = None, timeout: float = START_TIMEOUT) -> None:
+    """Wait until the node's control socket exists and its NBD listener answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive() is False:
+            raise RepdiskError(f"node exited: {last_error_line(logfile)}")
+        if os.path.exists(control) and listen.answers():
+            return
+        time.sleep(0.05)
+    raise RepdiskError(f"node did not start within {timeout:.0f} s: {last_error_line(logfile)}")
+
+
+def last_error_line(logfile: Optional[str]) -> str:
+    if not logfile or not os.path.exists(logfile):
+        return "(no log)"
+    with open(logfile, errors="replace") as f:
+        lines = [l.strip() for l in f if l.strip()]
+    errors = [l for l in lines if "error" in l.lower()]
+    return (errors or lines or ["(empty log)"])[-1]
+
+
+def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
+    """SIGTERM the node named by a pid file, SIGKILL if it lingers; True if one was running."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False
+    if not stop_pid(pid, timeout):
+        return False
+    os.unlink(pidfile)
+    return True
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    except psutil.NoSuchProcess:
+        return False
+    return True

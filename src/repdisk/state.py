@@ -1,0 +1,69 @@
+"""A node's persisted state: its epoch (generation) and whether it won a failover.
+
+The epoch is what keeps two nodes from writing in the same generation: every
+failover starts a new epoch, a node refuses to start in an epoch older than the
+one it has recorded, and a node that won a failover (it holds the newest data)
+refuses to become a secondary again in that same epoch.  Written atomically
+(temporary file, fsync, rename, fsync of the directory) so a crash leaves the old
+or the new state, never a torn one; a file that cannot be parsed is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from .errors import ConfigError
+
+FORMAT = 1
+
+
+@dataclass
+class NodeState:
+    epoch: int = 0
+    role: str = ""
+    failed_over: bool = False  # this node's disk became the pair's newest in `epoch`
+
+    @classmethod
+    def load(cls, path: str) -> "NodeState":
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as err:
+            raise ConfigError("state", f"{path} cannot be read ({err}); it is never trusted "
+                                       "blindly: check it, or move it away to start afresh") from err
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ConfigError("state", f"{path} is not a repdisk state file of format {FORMAT}")
+        try:
+            return cls(epoch=int(raw["epoch"]), role=str(raw["role"]),
+                       failed_over=bool(raw["failed_over"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, **asdict(self)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def check_start(self, role: str, epoch: Optional[int]) -> None:
+        """Refuse a start that would let a stale node write; raise with the reason."""
+        if epoch is not None and epoch < self.epoch:
+            raise ConfigError("epoch", f"start in epoch {epoch} refused: this node is already "
+                                       f"in epoch {self.epoch} (a stale controller or node?)")
+        if role == "secondary" and self.failed_over and (epoch is None or epoch <= self.epoch):
+            raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
+                                       "holds the newest data: promote it, or start it as a "
+                                       f"secondary with an epoch above {self.epoch} once its "
+                                       "data has been saved or is no longer wanted")
