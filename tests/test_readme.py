@@ -1,0 +1,57 @@
+"""The README is true: its test command is what CI runs, and its worked example runs as shown."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+BIN = os.path.join(ROOT, ".venv", "bin")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "make check" in README
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert re.search(r"^make check$", ci, re.M)
+
+
+def _example() -> list[tuple[str, list[str]]]:
+    """The console block of the worked example as (command, expected output lines)."""
+    block = README.split("## A worked example", 1)[1].split("```console", 1)[1].split("```", 1)[0]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.strip("\n").splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
+def _normalise(text: str) -> str:
+    """Drop what varies between runs: timings."""
+    return re.sub(r"\d+\.\d+ ms", "N ms", text)
+
+
+@pytest.mark.timeout(90)
+def test_worked_example_runs_as_shown(tmp_path) -> None:
+    lab = str(tmp_path / "rl")
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"])
+    subprocess.run([os.path.join(BIN, "repdisk"), "lab", "--dir", lab, "--size", "256M"],
+                   check=True, env=env, capture_output=True)
+    try:
+        for command, expected in _example():
+            command = command.replace("/tmp/rl", lab)
+            got = subprocess.run(command, shell=True, cwd=lab, env=env, text=True,
+                                 capture_output=True)
+            assert got.returncode == 0, f"{command}: {got.stderr}"
+            out = [l for l in got.stdout.splitlines() if l]
+            for line in expected:  # every line the README shows is printed, in order
+                assert _normalise(line) in map(_normalise, out), f"{command}: {line!r} not in {out}"
+    finally:
+        subprocess.run([os.path.join(BIN, "repdisk"), "lab", "--down", "--dir", lab], env=env,
+                       capture_output=True)
