@@ -1,0 +1,277 @@
+"""A replicated pair of real nodes (nbdkit + the repdisk plugin), driven as an operator would.
+
+Data goes in through the primary's export with libnbd, ``qemu-io``, ``qemu-img convert`` and
+``qemu-img dd``; it must arrive byte for byte on the secondary (its ``replica`` export and its
+disk file).  A checkpoint (primary checkpoint, secondary get-error + checkpoint, primary
+resume) followed by a failover must leave the secondary's ``active`` export holding exactly
+"disk at the last checkpoint + the secondary VM's own writes" (the reference semantics).
+
+The helpers here (``pair``, ``checkpoint``, ``read_all``, ...) are shared by the other
+node-level test modules.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from typing import Optional
+
+import nbd
+import pytest
+
+from conftest import MiB, NodeProc, Nodes, make_disk
+from repdisk.errors import ControlError
+
+SIZE = 16 * MiB
+CHUNK = 16 * MiB   # below libnbd's and nbdkit's 64 MiB request limit
+
+
+# -- helpers shared by the node-level tests -------------------------------------------------
+
+def read_all(h: nbd.NBD, size: Optional[int] = None) -> bytes:
+    """Every byte of an export, read in chunks."""
+    size = h.get_size() if size is None else size
+    return b"".join(h.pread(min(CHUNK, size - off), off) for off in range(0, size, CHUNK))
+
+
+def read_export(node: NodeProc, export: str = "") -> bytes:
+    h = node.client(export)
+    try:
+        return read_all(h)
+    finally:
+        h.shutdown()
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def random_bytes(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def start_pair(nodes: Nodes, size: int = SIZE, fill: Optional[int] = None,
+               **primary_keys: str) -> tuple[NodeProc, NodeProc]:
+    """A secondary, then a primary forwarding to it, both started (secondary first)."""
+    sec_disk = make_disk(os.path.join(nodes.folder, "sec.img"), size, fill)
+    pri_disk = make_disk(os.path.join(nodes.folder, "pri.img"), size, fill)
+    sec = nodes.secondary(sec_disk)
+    sec.ctl("replication-start", mode="secondary")
+    pri = nodes.primary(pri_disk, sec, **primary_keys)
+    pri.ctl("replication-start", mode="primary")
+    return pri, sec
+
+
+def checkpoint(pri: NodeProc, sec: NodeProc) -> None:
+    """One pair checkpoint in the order of docs/DESIGN.md: barrier + hold, secondary, resume."""
+    pri.ctl("replication-do-checkpoint")
+    sec.ctl("replication-get-error")
+    sec.ctl("replication-do-checkpoint")
+    pri.ctl("replication-resume")
+
+
+def qemu(*argv: str) -> str:
+    """Run a QEMU tool; its output, or a failure that shows what it printed."""
+    run = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"{argv} failed ({run.returncode}): {run.stdout}{run.stderr}"
+    return run.stdout
+
+
+# -- data arrives ---------------------------------------------------------------------------
+
+def write_with_every_tool(pri: NodeProc, folder: str) -> bytearray:
+    """Write through the primary with qemu-img convert and dd, qemu-io and libnbd; return
+    the bytes the disk must now hold."""
+    expect = bytearray(SIZE)
+    source = os.path.join(folder, "source.img")
+    data = random_bytes(1, SIZE)
+    with open(source, "wb") as f:
+        f.write(data)
+    qemu("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", source, pri.uri())
+    expect[:] = data
+
+    # source[15.5M, 16M) -> [0, 512K).  (QEMU 7.2's dd refuses skip= together with count=.)
+    qemu("qemu-img", "dd", "-f", "raw", "-O", "raw", "bs=64k", "skip=248",
+         f"if={source}", f"of={pri.uri()}")
+    expect[0:512 * 1024] = data[248 * 65536:]
+
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0xa5 6M 1M", "-c", "write -z 6400k 64k",
+         "-c", "write -P 0x5a 7340037 3", pri.uri())
+    expect[6 * MiB:7 * MiB] = b"\xa5" * MiB
+    expect[6400 * 1024:6464 * 1024] = bytes(64 * 1024)
+    expect[7340037:7340040] = b"\x5a" * 3
+
+    h = pri.client()
+    try:
+        blob = random_bytes(2, MiB + 777)
+        h.pwrite(blob, 9 * MiB + 5)
+        h.pwrite(b"\x01", SIZE - 1)
+        h.zero(3 * MiB - 4096, 64 * 1024)     # libnbd: (count, offset)
+        h.flush()
+    finally:
+        h.shutdown()
+    expect[9 * MiB + 5:9 * MiB + 5 + len(blob)] = blob
+    expect[SIZE - 1] = 1
+    expect[64 * 1024:64 * 1024 + 3 * MiB - 4096] = bytes(3 * MiB - 4096)
+    return expect
+
+
+def test_writes_from_libnbd_and_qemu_tools_arrive_on_the_secondary(nodes: Nodes) -> None:
+    pri, sec = start_pair(nodes)
+    expect = write_with_every_tool(pri, nodes.folder)
+    assert len(expect) == SIZE
+    assert read_export(pri) == expect
+    assert read_export(sec, "replica") == expect
+    assert read_file(sec.disks[0]) == expect
+    assert read_file(pri.disks[0]) == expect
+    # The secondary VM still sees the disk as it was at start (zeros) until a checkpoint...
+    assert read_export(sec, "active") == bytes(SIZE)
+    checkpoint(pri, sec)
+    # ...and the primary's writes after it.
+    assert read_export(sec, "active") == expect
+
+
+# -- checkpoint, then failover ----------------------------------------------------------------
+
+@pytest.mark.parametrize("write_mode", ["sync", "async"])
+def test_checkpoint_then_failover_gives_checkpoint_plus_secondary_vm_writes(
+        nodes: Nodes, write_mode: str) -> None:
+    pri, sec = start_pair(nodes, write_mode=write_mode)
+    expect = bytearray(SIZE)
+    g = pri.client()
+    vm = sec.client("active")
+    try:
+        a = random_bytes(3, 4 * MiB + 3)
+        g.pwrite(a, 1)                               # before the checkpoint: kept
+        expect[1:1 + len(a)] = a
+        checkpoint(pri, sec)
+        g.pwrite(random_bytes(4, 4 * MiB), 2 * MiB)  # after it: discarded at failover
+        g.zero(MiB, 0)
+        c = random_bytes(5, MiB + 1)
+        vm.pwrite(c, 7 * MiB - 1)                    # the secondary VM's own write: kept
+        expect[7 * MiB - 1:8 * MiB] = c
+        vm.pwrite(b"\xee", 3 * MiB + 12345)
+        expect[3 * MiB + 12345] = 0xEE
+        g.flush()
+        assert read_export(sec, "replica")[2 * MiB:6 * MiB] == random_bytes(4, 4 * MiB)
+        sec.ctl("replication-stop", failover=True)
+        assert read_all(vm) == expect
+    finally:
+        vm.shutdown()
+        g.shutdown()
+    assert read_file(sec.disks[0]) == expect       # the overlays were committed into the disk
+    q = sec.ctl("query-replication")
+    assert (q["epoch"], q["failed-over"], q["disks"][0]["stage"]) == (1, True, "done")
+    assert q["disks"][0]["hidden_bytes"] == q["disks"][0]["active_bytes"] == 0
+
+
+def test_old_primary_is_refused_after_failover_and_its_guest_goes_on(nodes: Nodes) -> None:
+    """After a failover the secondary refuses the old primary's writes (never two writers);
+    the primary's guest keeps working, degraded, with the refused ranges dirty."""
+    pri, sec = start_pair(nodes, timeout="2s")
+    checkpoint(pri, sec)
+    sec.ctl("replication-stop", failover=True)
+    before = read_export(sec, "replica")
+    g = pri.client()
+    try:
+        g.pwrite(b"\x77" * 65536, 0)
+        g.flush()
+        assert g.pread(65536, 0) == b"\x77" * 65536
+    finally:
+        g.shutdown()
+    assert read_export(sec, "replica") == before
+    disk = pri.ctl("query-replication")["disks"][0]
+    assert disk["degraded"] and disk["dirty_bytes"] >= 65536
+    with pytest.raises(ControlError, match="dirty"):
+        pri.ctl("replication-do-checkpoint")
+
+
+def test_failover_before_the_first_checkpoint_is_refused(nodes: Nodes) -> None:
+    pri, sec = start_pair(nodes)
+    with pytest.raises(ControlError, match="no complete checkpoint"):
+        sec.ctl("replication-stop", failover=True)
+    assert sec.ctl("query-replication")["disks"][0]["stage"] == "running"
+
+
+# -- consistency group ----------------------------------------------------------------------
+
+GROUP = ("root", "data")
+
+
+def start_group(nodes: Nodes) -> tuple[NodeProc, NodeProc]:
+    """A secondary and a primary with two disks each (disk=root:... disk=data:...)."""
+    def disks(prefix: str) -> list[tuple[str, str]]:
+        return [("disk", f"{name}:" + make_disk(os.path.join(nodes.folder, f"{prefix}-{name}.img"),
+                                                SIZE))
+                for name in GROUP]
+    sec = nodes.start("secondary", "sec", disks("sec"))
+    sec.ctl("replication-start", mode="secondary")
+    pri = nodes.start("primary", "pri", disks("pri") + [("secondary", sec.uri("replica"))])
+    pri.ctl("replication-start", mode="primary")
+    return pri, sec
+
+
+def list_exports(node: NodeProc) -> dict[str, str]:
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(node.uri())
+    found: dict[str, str] = {}
+    try:
+        h.opt_list(lambda name, desc: found.__setitem__(name, desc) or 0)
+    finally:
+        h.opt_abort()
+    return found
+
+
+def test_consistency_group_exports_and_listing(nodes: Nodes) -> None:
+    pri, sec = start_group(nodes)
+    assert sorted(list_exports(sec)) == ["active", "active/data", "active/root",
+                                         "replica", "replica/data", "replica/root"]
+    assert sorted(list_exports(pri)) == ["data", "root"]
+    assert "the primary writes here" in list_exports(sec)["replica/data"]
+    listed = qemu("nbdinfo", "--list", sec.uri())
+    for name in ("replica/root", "active/data"):
+        assert f'export="{name}"' in listed
+    # The default exports: the primary's first disk, the secondary's first disk's active view.
+    assert canonical_name(pri) == "root"
+    assert canonical_name(sec) == "active"
+
+
+def canonical_name(node: NodeProc) -> str:
+    """The name the node gives its default export (NBD_INFO_NAME)."""
+    h = nbd.NBD()
+    h.set_full_info(True)
+    h.connect_uri(node.uri())
+    try:
+        return h.get_canonical_export_name()
+    finally:
+        h.shutdown()
+
+
+def test_consistency_group_replicates_checkpoints_and_fails_over_together(nodes: Nodes) -> None:
+    pri, sec = start_group(nodes)
+    kept = {name: random_bytes(10 + i, 2 * MiB) for i, name in enumerate(GROUP)}
+    for name in GROUP:
+        h = pri.client(name)
+        h.pwrite(kept[name], MiB)
+        h.shutdown()
+    for name in GROUP:
+        expect = bytes(MiB) + kept[name] + bytes(SIZE - 3 * MiB)
+        assert read_export(sec, f"replica/{name}") == expect
+        assert read_file(sec.disks[GROUP.index(name)]) == expect
+    assert read_export(sec, "replica") == read_export(sec, "replica/root")
+    checkpoint(pri, sec)
+    q = sec.ctl("query-replication")
+    assert [(d["disk"], d["consistent"]) for d in q["disks"]] == [("root", True), ("data", True)]
+    for name in GROUP:                       # after the checkpoint: lost at failover
+        h = pri.client(name)
+        h.pwrite(b"\x99" * MiB, MiB)
+        h.shutdown()
+    sec.ctl("replication-stop", failover=True)
+    for name in GROUP:
+        assert read_export(sec, f"active/{name}") == bytes(MiB) + kept[name] + bytes(SIZE - 3 * MiB)
+    q = sec.ctl("query-replication")
+    assert [d["stage"] for d in q["disks"]] == ["done", "done"]
+    assert [d["stage"] for d in pri.ctl("query-replication")["disks"]] == ["running", "running"]
