@@ -1,9 +1,12 @@
-"""A node's persisted state: its epoch (generation) and whether it won a failover.
+"""A node's persisted state: its epoch (generation), whether it won a failover, fencing.
 
 The epoch is what keeps two nodes from writing in the same generation: every
 failover starts a new epoch, a node refuses to start in an epoch older than the
 one it has recorded, and a node that won a failover (it holds the newest data)
-refuses to become a secondary again in that same epoch.  Written atomically
+refuses to become a secondary again in that same epoch.  A primary fenced by the
+controller (it lost a failover) records why, refuses guest writes and refuses to
+start as a primary again: it may only come back as a secondary in a newer epoch,
+whose resync from the winner replaces its data.  Written atomically
 (temporary file, fsync, rename, fsync of the directory) so a crash leaves the old
 or the new state, never a torn one; a file that cannot be parsed is refused.
 """
@@ -25,6 +28,7 @@ class NodeState:
     epoch: int = 0
     role: str = ""
     failed_over: bool = False  # this node's disk became the pair's newest in `epoch`
+    fenced: str = ""           # why this node may no longer accept guest writes ("" = not)
 
     @classmethod
     def load(cls, path: str) -> "NodeState":
@@ -40,7 +44,8 @@ class NodeState:
             raise ConfigError("state", f"{path} is not a repdisk state file of format {FORMAT}")
         try:
             return cls(epoch=int(raw["epoch"]), role=str(raw["role"]),
-                       failed_over=bool(raw["failed_over"]))
+                       failed_over=bool(raw["failed_over"]),
+                       fenced=str(raw.get("fenced", "")))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
@@ -62,8 +67,18 @@ class NodeState:
         if epoch is not None and epoch < self.epoch:
             raise ConfigError("epoch", f"start in epoch {epoch} refused: this node is already "
                                        f"in epoch {self.epoch} (a stale controller or node?)")
+        if role == "primary" and self.fenced:
+            raise ConfigError("epoch", f"this node was fenced ({self.fenced}): it may not "
+                                       "be a primary again; start it as the winner's "
+                                       "secondary in a newer epoch (its data is resynced)")
         if role == "secondary" and self.failed_over and (epoch is None or epoch <= self.epoch):
             raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
                                        "holds the newest data: promote it, or start it as a "
                                        f"secondary with an epoch above {self.epoch} once its "
                                        "data has been saved or is no longer wanted")
+
+    def enter(self, role: str, epoch: Optional[int]) -> None:
+        """Record a start (already checked): a newer epoch clears what the old one said."""
+        if epoch is not None and epoch > self.epoch:
+            self.epoch, self.failed_over, self.fenced = epoch, False, ""
+        self.role = role
