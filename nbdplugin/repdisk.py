@@ -28,6 +28,10 @@ timeout=DURATION  (default 5s) [primary only]
     how long the secondary may take to answer before the primary degrades (e.g. 5s, 500ms)
 window=N  (default 64) [primary only]
     async mode: most writes in flight to the secondary
+on-isolation=suspend|continue  (default suspend) [primary only]
+    what guest writes do once the primary has heard from neither the secondary nor the controller for isolation-timeout: suspend holds them until one answers (a controller that failed over meanwhile fences this node: writes then fail); continue is the explicit opt-in to risk a split brain
+isolation-timeout=DURATION  (default 3s) [primary only]
+    how long without contact makes the primary isolated; keep it below the controller's heartbeat-timeout, so an isolated primary stops writing before a failover
 active=PATH  (default disk + '.active') [secondary only]
     the active overlay (one disk only)
 hidden=PATH  (default disk + '.hidden') [secondary only]

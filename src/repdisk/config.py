@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 PRIMARY, SECONDARY = "primary", "secondary"
 ROLES = (PRIMARY, SECONDARY)
+ISOLATION_POLICIES = ("suspend", "continue")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ KEYS: tuple[Key, ...] = (
         default="5s"),
     Key("window", (PRIMARY,), "N", "async mode: most writes in flight to the secondary",
         default="64"),
+    Key("on-isolation", (PRIMARY,), "suspend|continue",
+        "what guest writes do once the primary has heard from neither the secondary nor the "
+        "controller for isolation-timeout: suspend holds them until one answers (a controller "
+        "that failed over meanwhile fences this node: writes then fail); continue is the "
+        "explicit opt-in to risk a split brain", default="suspend"),
+    Key("isolation-timeout", (PRIMARY,), "DURATION",
+        "how long without contact makes the primary isolated; keep it below the controller's "
+        "heartbeat-timeout, so an isolated primary stops writing before a failover",
+        default="3s"),
     Key("active", (SECONDARY,), "PATH", "the active overlay (one disk only)",
         default="disk + '.active'"),
     Key("hidden", (SECONDARY,), "PATH", "the hidden overlay (one disk only)",
@@ -149,6 +159,8 @@ class NodeConfig:
     write_mode: str = "sync"
     timeout: float = 5.0
     window: int = 64
+    on_isolation: str = "suspend"
+    isolation_timeout: float = 3.0
     active: Optional[str] = None
     hidden: Optional[str] = None
     cluster_size: int = 65536
@@ -195,6 +207,12 @@ class NodeConfig:
             raise ConfigError("write-mode", f"unknown mode {self.write_mode!r}: use sync or async")
         self.timeout = parse_duration("timeout", _one(values, "timeout") or "5s")
         self.window = parse_uint("window", _one(values, "window") or "64")
+        self.on_isolation = _one(values, "on-isolation") or "suspend"
+        if self.on_isolation not in ISOLATION_POLICIES:
+            raise ConfigError("on-isolation", f"unknown policy {self.on_isolation!r}: use "
+                                              "suspend or continue")
+        self.isolation_timeout = parse_duration("isolation-timeout",
+                                                _one(values, "isolation-timeout") or "3s")
 
     def _secondary_keys(self, values: dict[str, list[str]]) -> None:
         self.active, self.hidden = _one(values, "active"), _one(values, "hidden")
