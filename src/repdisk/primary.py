@@ -286,6 +286,24 @@ class PrimaryReplica:
         """Check that the secondary answers and has this disk's size (node start-up)."""
         self._connect().close()
 
+    def link_acks(self) -> Optional[int]:
+        """Requests the secondary acknowledged on the current link; None when not forwarding.
+
+        The node's isolation monitor watches it grow: an acknowledgement is proof of contact.
+        """
+        fwd = self._forwarding()
+        if fwd is None:
+            return None
+        stats = fwd.stats
+        return stats["writes"] + stats["zeros"] + stats["trims"] + stats["flushes"]
+
+    def probe_link(self) -> None:
+        """Send a flush on an idle link, so that an idle secondary still proves it answers
+        (and a dead one is noticed before the next guest write)."""
+        fwd = self._forwarding()
+        if fwd is not None and not self._holding and not fwd.in_flight and not fwd.queued:
+            fwd.submit_flush()
+
     def _on_failure(self, fwd: Forwarder, error: str, ranges: list[tuple[int, int]]) -> None:
         """Called once by a failing forwarder (its thread): mark, degrade, report."""
         for off, length in ranges:

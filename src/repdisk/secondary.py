@@ -285,12 +285,14 @@ class SecondaryReplica:
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
         }
 
-    def close(self) -> None:
-        """Flush and close the overlays, then the disk."""
+    def close(self, disk: bool = True) -> None:
+        """Flush and close the overlays, then the disk (``disk=False``: a promoted node's
+        primary owns it now)."""
         self.active_overlay.close()
         self.hidden.close()
-        self.disk.flush()
-        self.disk.close()
+        if disk:
+            self.disk.flush()
+            self.disk.close()
 
     # -- transition helpers (called with sm.lock held) ------------------------------
 
