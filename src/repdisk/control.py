@@ -54,4 +54,57 @@ def node_commands(node: "Node") -> list[Command]:
                 help="stop replication on every disk"),
         Command("replication-resync", resync,
                 help="primary: reconnect to the secondary and copy every dirty region"),
+        *_controller_commands(node),
+    ]
+
+
+def _controller_commands(node: "Node") -> list[Command]:
+    """What the controller needs beyond the framework: contact, fencing, promotion, sync."""
+    disk = ArgSpec(str, False, "the disk's name (default: the node's first disk)")
+
+    def promote(args: dict[str, Any]) -> None:
+        node.promote(args["secondary"], args.get("write-mode", "sync"),
+                     float(args.get("timeout", 5.0)), args.get("isolation-timeout"))
+
+    def digests(args: dict[str, Any]) -> dict[str, Any]:
+        return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
+                                        args["granularity"])}
+
+    def allocation(args: dict[str, Any]) -> dict[str, Any]:
+        runs = node.allocation(args.get("disk"), args.get("offset", 0), args.get("length"))
+        return {"runs": [list(r) for r in runs]}
+
+    def mark(args: dict[str, Any]) -> dict[str, int]:
+        runs = args["runs"]
+        if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                   for r in runs):
+            raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
+        return {"dirty_bytes": node.mark_dirty(args.get("disk"), runs)}
+
+    return [
+        Command("replication-heartbeat", lambda a: node.heartbeat(),
+                help="the controller's heartbeat: counts as contact for a primary's isolation "
+                     "guard; returns what query-replication returns"),
+        Command("replication-fence", lambda a: node.fence(a["reason"]),
+                {"reason": ArgSpec(str, True, "why (shown to every refused guest write)")},
+                help="primary: this node lost a failover; guest writes fail for good"),
+        Command("replication-promote", promote,
+                {"secondary": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
+                 "write-mode": ArgSpec(str, False, "sync (default) or async"),
+                 "timeout": ArgSpec(float, False, "seconds the secondary may take (default 5)"),
+                 "isolation-timeout": ArgSpec(float, False, "seconds without contact before "
+                                                            "guest writes are held (default 3)")},
+                help="a failed-over secondary becomes a primary over the same disks"),
+        Command("query-digests", digests,
+                {"disk": disk, "offset": ArgSpec(int, True, "first byte"),
+                 "length": ArgSpec(int, True, "bytes (at most 1 GiB per call)"),
+                 "granularity": ArgSpec(int, True, "bytes per digest")},
+                help="BLAKE2b digests of the node's own disk in granules (checksum sync)"),
+        Command("query-allocation", allocation,
+                {"disk": disk, "offset": ArgSpec(int, False, "first byte (default 0)"),
+                 "length": ArgSpec(int, False, "bytes (default: to the end)")},
+                help="[offset, length] runs where the node's disk holds data (full sync)"),
+        Command("replication-mark-dirty", mark,
+                {"disk": disk, "runs": ArgSpec(list, True, "[[offset, length], ...]")},
+                help="primary: these runs are to be copied by the next start or resync"),
     ]

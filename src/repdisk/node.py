@@ -10,19 +10,36 @@ Exports: a primary serves each disk as ``NAME`` (the first one is the default
 export).  A secondary serves ``replica/NAME`` (the primary writes here) and
 ``active/NAME`` (a secondary VM's view) for each disk, with ``replica`` and
 ``active`` naming the first disk and ``active`` the default export.
+
+Guest-facing exports (a primary's ``NAME``, a secondary's ``active``) are
+:class:`Export` objects: they delegate to the device behind them *now* and admit
+writes through the node's :class:`Isolation` guard.  Promotion
+(``replication-promote``) turns a failed-over secondary into a primary over the same
+disks and switches its ``active`` exports to the new primaries' views; connections
+already open keep their ``Export`` object, so they keep working and their writes are
+replicated from then on.
+
+A primary (born or promoted) fences itself when it hears from neither its secondary
+nor the controller for ``isolation-timeout`` (see :class:`Isolation`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-from typing import Any, Optional, Union
+import threading
+import time
+import uuid
+from typing import Any, Callable, Optional, Union
 
+from . import resync
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage
 from .primary import PrimaryReplica
-from .replication import Registry, ReplicationMode
+from .replication import Registry, ReplicationError, ReplicationMode
 from .secondary import SecondaryReplica
+from .stage import EventSink, Stage
 from .state import NodeState
 
 log = logging.getLogger(__name__)
@@ -30,15 +47,161 @@ log = logging.getLogger(__name__)
 Replica = Union[PrimaryReplica, SecondaryReplica]
 
 
+class Export:
+    """What nbdkit serves under one export name: the device behind it now, writes admitted.
+
+    The plugin looks an export up when a connection opens and keeps the object for the
+    connection's life, so switching ``target`` (promotion) reaches open connections too.
+    """
+
+    def __init__(self, target: BlockDevice, admit: Callable[[], None]) -> None:
+        self.target = target
+        self.size = target.size
+        self._admit = admit
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        self.target.pread_into(buf, offset)
+
+    def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
+        self._admit()
+        self.target.pwrite(buf, offset, fua)
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        self._admit()
+        self.target.zero(offset, length, fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._admit()
+        self.target.trim(offset, length, fua)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        return self.target.extents(offset, length)
+
+
+class Isolation:
+    """A primary's guard against split brain: no contact for ``timeout`` -> isolated.
+
+    Contact is a controller heartbeat (:meth:`contact`) or an acknowledgement from the
+    secondary (``secondary_answers``, polled by a monitor thread; it may probe an idle
+    link).  Isolated with policy ``suspend``: guest writes wait in :meth:`admit` until
+    contact returns (reads go on); with ``continue``: only reported.  Fenced (the
+    controller failed over meanwhile): writes fail with EROFS for good.
+
+    Armed by the first controller heartbeat: a primary that no controller manages
+    (``repdisk lab``, tests of a bare pair) never suspends.  The controller must fail over
+    only after its heartbeat-timeout, which must exceed ``timeout``: an isolated primary
+    has then already stopped acknowledging writes.
+    """
+
+    def __init__(self, timeout: float, policy: str, secondary_answers: Callable[[], bool],
+                 events: EventSink, fenced: str = "") -> None:
+        self.timeout = timeout
+        self.policy = policy
+        self._secondary_answers = secondary_answers
+        self._events = events
+        # Guards every field below; waiters in admit() wait on it.
+        self._cond = threading.Condition()
+        self._armed = False
+        self._last_contact = time.monotonic()
+        self.isolated = False
+        self.suspended = False
+        self.fenced = fenced
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="repdisk-isolation", daemon=True)
+        self._thread.start()
+
+    def admit(self) -> None:
+        """Let a guest write through, hold it while suspended, refuse it once fenced."""
+        if not self.suspended and not self.fenced:
+            return
+        with self._cond:
+            while not self.fenced and self.suspended:
+                self._cond.wait()
+            if self.fenced:
+                raise BlockIOError(errno.EROFS, f"guest write refused: this node is fenced: "
+                                                f"{self.fenced}")
+
+    def contact(self) -> None:
+        """The controller was heard from (arms the guard)."""
+        with self._cond:
+            self._armed = True
+            self._last_contact = max(self._last_contact, time.monotonic())
+            self._update()
+
+    def fence(self, reason: str) -> None:
+        with self._cond:
+            first = not self.fenced
+            self.fenced = reason
+            self._cond.notify_all()
+        if first:
+            log.error("fenced: %s; guest writes fail from now on", reason)
+            self._events("NODE_FENCED", {"reason": reason})
+
+    def _run(self) -> None:
+        tick = min(self.timeout / 4, 0.25)
+        looked = time.monotonic()
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            # Ask the link only when contact is getting old: a probe costs a flush.
+            if self._armed and now - self._last_contact > self.timeout / 3:
+                if self._secondary_answers():
+                    with self._cond:  # the acknowledgement came after the previous look
+                        self._last_contact = max(self._last_contact, looked)
+                looked = now
+            with self._cond:
+                self._update()
+
+    def _update(self) -> None:
+        """Re-evaluate isolation (``_cond`` held); log and report a change."""
+        since = time.monotonic() - self._last_contact
+        isolated = self._armed and since >= self.timeout
+        if isolated == self.isolated:
+            return
+        self.isolated = isolated
+        self.suspended = isolated and self.policy == "suspend"
+        self._cond.notify_all()
+        if isolated:
+            log.error("isolated: no contact with the secondary or the controller for %.1fs; "
+                      "guest writes %s", since,
+                      "are held" if self.suspended else "go on (on-isolation=continue)")
+            self._events("NODE_ISOLATED", {"policy": self.policy, "since": since})
+        else:
+            log.warning("contact restored; guest writes flow again")
+            self._events("NODE_CONTACT_RESTORED", {})
+
+    def query(self) -> dict[str, Any]:
+        with self._cond:
+            return {"policy": self.policy, "timeout": self.timeout, "armed": self._armed,
+                    "isolated": self.isolated, "suspended": self.suspended,
+                    "fenced": self.fenced or None,
+                    "last_contact_age": round(time.monotonic() - self._last_contact, 3)}
+
+    def close(self) -> None:
+        """Stop the monitor; writes still held are refused (the node is going away)."""
+        self._stop.set()
+        self._thread.join()
+        with self._cond:
+            self.fenced = self.fenced or "the node is shutting down"
+            self._cond.notify_all()
+
+
 class Node:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
+        self.role = cfg.role
         self.mode = ReplicationMode(cfg.role)
         self.state = NodeState.load(cfg.state)
+        self.instance = uuid.uuid4().hex  # tells the controller that this process restarted
         self.registry = Registry()
         self.replicas: dict[str, Replica] = {}
+        self._retired: list[SecondaryReplica] = []  # a promoted node's former secondaries
         self.exports: dict[str, BlockDevice] = {}
         self._server: Any = None  # the QMP server, once serving
+        self.isolation: Optional[Isolation] = None
+        self._acks: dict[str, Optional[int]] = {}
         for spec in cfg.disks:
             replica = self._open_replica(spec.name, spec.path)
             self.replicas[spec.name] = replica
@@ -64,16 +227,22 @@ class Node:
     def _name_exports(self) -> None:
         if self.mode is ReplicationMode.PRIMARY:
             for name, rep in self.replicas.items():
-                self.exports[name] = rep.view  # type: ignore[union-attr]
+                self.exports[name] = Export(rep.view, self.admit_write)  # type: ignore[union-attr]
             self.default_export = self.cfg.disks[0].name
             return
         for i, (name, rep) in enumerate(self.replicas.items()):
             assert isinstance(rep, SecondaryReplica)
-            for view in ("replica", "active"):
-                self.exports[f"{view}/{name}"] = getattr(rep, view)
-                if i == 0:
-                    self.exports[view] = getattr(rep, view)
+            active = Export(rep.active, self.admit_write)
+            self.exports[f"replica/{name}"] = rep.replica
+            self.exports[f"active/{name}"] = active
+            if i == 0:
+                self.exports["replica"], self.exports["active"] = rep.replica, active
         self.default_export = "active"
+
+    def admit_write(self) -> None:
+        """Every guest write passes here: held while isolated, refused once fenced."""
+        if self.isolation is not None:
+            self.isolation.admit()
 
     def probe_secondary(self) -> None:
         """Primary: check at start-up that the secondary answers with equal sizes."""
@@ -107,12 +276,31 @@ class Node:
                 + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
 
     def serve_control(self) -> None:
-        """Start the control socket (call after nbdkit forked: it starts threads)."""
+        """Start the control socket and, on a primary, the isolation monitor (call after
+        nbdkit forked: both start threads)."""
         from . import control
         from .qmp import QMPServer
         server = QMPServer(control.node_commands(self), name=f"repdisk-{self.cfg.role}")
         server.serve_unix(self.cfg.control)
         self._server = server
+        if self.mode is ReplicationMode.PRIMARY:
+            self._guard(self.cfg.on_isolation, self.cfg.isolation_timeout)
+
+    def _guard(self, policy: str, timeout: float) -> None:
+        self.isolation = Isolation(timeout, policy, self._secondary_answers, self.emit,
+                                   fenced=self.state.fenced)
+
+    def _secondary_answers(self) -> bool:
+        """True if every disk's link acknowledged something since the last look; an idle
+        link is probed, so the next look can tell."""
+        answered = True
+        for rep in self._primaries():
+            acks = rep.link_acks()
+            if acks is None or acks == self._acks.get(rep.name):
+                answered = False
+                rep.probe_link()
+            self._acks[rep.name] = acks
+        return answered
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         if self._server is not None:
@@ -121,12 +309,9 @@ class Node:
     # -- replication: each maps to one *_all call of the node's registry ---------
 
     def start(self, mode: ReplicationMode, epoch: Optional[int] = None) -> None:
-        self.state.check_start(self.cfg.role, epoch)
+        self.state.check_start(self.role, epoch)
         self.registry.start_all(mode)
-        if epoch is not None and epoch > self.state.epoch:
-            self.state.failed_over = False
-            self.state.epoch = epoch
-        self.state.role = self.cfg.role
+        self.state.enter(self.role, epoch)
         self.state.save(self.cfg.state)
 
     def checkpoint(self) -> None:
@@ -159,6 +344,90 @@ class Node:
     def resync(self) -> int:
         return sum(rep.resync() for rep in self._primaries())
 
+    # -- the controller's commands: contact, fencing, promotion, sync ------------------
+
+    def heartbeat(self) -> dict[str, Any]:
+        """The controller is alive and sees this node: contact for the isolation guard."""
+        if self.isolation is not None:
+            self.isolation.contact()
+        return self.query()
+
+    def fence(self, reason: str) -> None:
+        """This primary lost a failover: refuse guest writes for good, stop replicating."""
+        self._primaries()
+        if self.isolation is None:
+            self._guard(self.cfg.on_isolation, self.cfg.isolation_timeout)
+        assert self.isolation is not None
+        self.isolation.fence(reason)
+        self.state.fenced = reason
+        self.state.save(self.cfg.state)
+        for rep in self._primaries():
+            if rep.stage is Stage.RUNNING:
+                rep.stop(failover=True)
+
+    def promote(self, secondary_uri: str, write_mode: str = "sync", timeout: float = 5.0,
+                isolation_timeout: Optional[float] = None) -> None:
+        """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
+
+        Each disk's PrimaryReplica takes over the same RawImage; the ``active`` exports
+        switch to the primaries' views.  Replication starts with ``replication-start``
+        (after the controller marked what differs on the new secondary).
+        """
+        if self.mode is ReplicationMode.PRIMARY:
+            raise ConfigError("role", "this node is already a primary")
+        for rep in self.replicas.values():
+            restarted_winner = rep.stage is Stage.NONE and self.state.failed_over
+            if rep.stage is not Stage.DONE and not restarted_winner:
+                raise ReplicationError(f"{rep.name}: cannot promote: stage {rep.stage.value}; "
+                                       "only a node whose failover completed can be promoted")
+        registry, replicas = Registry(), {}
+        for name, rep in self.replicas.items():
+            suffix = f"/{name}" if len(self.replicas) > 1 else ""
+            primary = PrimaryReplica(name, rep.disk, secondary_uri, write_mode=write_mode,
+                                     timeout=timeout, events=self.emit, export_suffix=suffix)
+            primary.register(registry)
+            replicas[name] = primary
+        self._retired = [r for r in self.replicas.values() if isinstance(r, SecondaryReplica)]
+        self.replicas, self.registry = replicas, registry  # type: ignore[assignment]
+        self.mode, self.role = ReplicationMode.PRIMARY, PRIMARY
+        self._guard(self.cfg.on_isolation,
+                    isolation_timeout or self.cfg.isolation_timeout)
+        for i, (name, primary) in enumerate(replicas.items()):
+            self.exports[f"active/{name}"].target = primary.view  # type: ignore[attr-defined]
+            self.exports[name] = self.exports[f"active/{name}"]
+        self.state.role = PRIMARY
+        self.state.save(self.cfg.state)
+        log.warning("promoted to primary (epoch %d), replicating to %s", self.state.epoch,
+                    secondary_uri)
+        self.emit("NODE_PROMOTED", {"epoch": self.state.epoch, "secondary": secondary_uri})
+
+    def _image(self, disk: Optional[str]) -> RawImage:
+        name = disk or self.cfg.disks[0].name
+        rep = self.replicas.get(name)
+        if rep is None:
+            raise ConfigError("disk", f"no disk named {name!r}; this node has "
+                                      f"{', '.join(self.replicas)}")
+        return rep.disk
+
+    def digests(self, disk: Optional[str], offset: int, length: int,
+                granularity: int) -> list[str]:
+        """Digests of the node's own disk (a secondary's: without its overlays)."""
+        return resync.disk_digests(self._image(disk), offset, length, granularity)
+
+    def allocation(self, disk: Optional[str], offset: int,
+                   length: Optional[int]) -> list[tuple[int, int]]:
+        image = self._image(disk)
+        return resync.data_runs(image, offset, image.size - offset if length is None else length)
+
+    def mark_dirty(self, disk: Optional[str], runs: list[list[int]]) -> int:
+        """Primary: these runs must be copied to the secondary (by start or resync)."""
+        self._primaries()
+        rep = self.replicas[disk or self.cfg.disks[0].name]
+        assert isinstance(rep, PrimaryReplica)
+        for offset, length in runs:
+            rep.dirty.mark(offset, length)
+        return rep.dirty.dirty_bytes
+
     def _primaries(self) -> list[PrimaryReplica]:
         if self.mode is not ReplicationMode.PRIMARY:
             raise ConfigError("role", "this command is for a primary node")
@@ -166,19 +435,26 @@ class Node:
 
     def query(self) -> dict[str, Any]:
         return {
-            "role": self.cfg.role,
+            "role": self.role,
+            "instance": self.instance,
             "epoch": self.state.epoch,
             "failed-over": self.state.failed_over,
+            "fenced": self.state.fenced or None,
+            "isolation": self.isolation.query() if self.isolation else None,
             "default-export": self.default_export,
             "exports": sorted(self.exports),
             "disks": [rep.query() for rep in self.replicas.values()],
         }
 
     def close(self) -> None:
+        if self.isolation is not None:
+            self.isolation.close()
         if self._server is not None:
             self._server.close()
         for rep in self.replicas.values():
             rep.close()
+        for old in self._retired:
+            old.close(disk=False)
 
     @classmethod
     def from_keys(cls, pairs: list[tuple[str, str]]) -> "Node":
