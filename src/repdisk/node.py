@@ -250,9 +250,12 @@ class Node:
             if isinstance(rep, PrimaryReplica):
                 try:
                     rep.probe()
-                except (ForwardError, RepdiskError) as err:
-                    raise ConfigError("secondary", f"{err}; start the secondary first, or fix "
-                                                   "the URI") from err
+                except RepdiskError as err:
+                    # The hint fits an unreachable secondary, not a size mismatch.
+                    unreachable = isinstance(err, ForwardError) or isinstance(err.__cause__,
+                                                                              ForwardError)
+                    hint = "; start the secondary first, or fix the URI" if unreachable else ""
+                    raise ConfigError("secondary", f"{err}{hint}") from err
 
     # -- serving ----------------------------------------------------------------
 
