@@ -100,9 +100,11 @@ def parse_size(key: str, text: str) -> int:
 
 def parse_duration(key: str, text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
-    if not m or float(m.group(1)) <= 0:
+    if not m:
         raise ConfigError(key, f"cannot parse duration {text!r}: use a positive number of "
                                "seconds, e.g. 5s or 500ms")
+    if float(m.group(1)) <= 0:
+        raise ConfigError(key, f"{text!r} is not positive: use e.g. 5s or 500ms")
     return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
 
 
@@ -132,6 +134,9 @@ def check_disk_file(path: str) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError("disk", f"{path} is a symbolic link to {os.readlink(path)}, "
+                                      "which does not exist: fix the link") from None
         raise ConfigError("disk", f"{path} does not exist: create it first "
                                   f"(e.g. truncate -s 1G {path})") from None
     except OSError as err:
