@@ -446,7 +446,7 @@ class Node:
             "isolation": self.isolation.query() if self.isolation else None,
             "default-export": self.default_export,
             "exports": sorted(self.exports),
-            "disks": [rep.query() for rep in self.replicas.values()],
+            "disks": [{**rep.query(), "size": rep.disk.size} for rep in self.replicas.values()],
         }
 
     def close(self) -> None:
