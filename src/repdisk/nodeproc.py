@@ -8,6 +8,7 @@ syslog), ready only once both its NBD listener and its control socket answer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -67,13 +68,16 @@ def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
 
     ``setsid -f`` forks before nbdkit starts, so nbdkit never sees the process that
     started it go away: nbdkit 1.32 started as our child (even in a new session) was seen
-    to shut itself down as soon as this command exited.  nbdkit writes the pid file.
+    to shut itself down as soon as this command exited.  A shell writes the pid file and
+    then execs nbdkit (same pid), so a node that fails during start-up is noticed at once
+    instead of after START_TIMEOUT; nbdkit's ``-P`` writes the same pid again once serving.
     """
     if os.path.exists(pidfile):
         os.unlink(pidfile)
+    launch = ["setsid", "-f", "sh", "-c", 'echo $$ > "$0" && exec "$@"', pidfile,
+              cmd[0], "-P", pidfile, *cmd[1:]]
     with open(logfile, "ab") as log:
-        subprocess.run(["setsid", "-f", cmd[0], "-P", pidfile] + cmd[1:],
-                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
+        subprocess.run(launch, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
     try:
         wait_ready(lambda: _pidfile_alive(pidfile), control, listen, logfile)
     except BaseException:
@@ -120,27 +124,54 @@ def last_error_line(logfile: Optional[str]) -> str:
 
 
 def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
-    """SIGTERM the node named by a pid file, SIGKILL if it lingers; True if one was running."""
+    """SIGTERM the node named by a pid file, SIGKILL if it lingers; True if one was running.
+
+    The pid file is removed either way, so a node that died leaves nothing that looks
+    alive; a pid that now belongs to some other program (reused) is left alone.
+    """
     try:
         with open(pidfile) as f:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return False
-    if not stop_pid(pid, timeout):
+    stopped = _is_node(pid) and stop_pid(pid, timeout)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    return stopped
+
+
+def _is_node(pid: int) -> bool:
+    """Whether ``pid`` is (or is about to exec) an nbdkit process."""
+    try:
+        proc = psutil.Process(pid)
+        return (proc.status() != psutil.STATUS_ZOMBIE
+                and any("nbdkit" in part for part in proc.cmdline()[:5]))
+    except psutil.Error:
         return False
-    os.unlink(pidfile)
-    return True
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM ``pid``, SIGKILL it if it lingers; True if it was running."""
     try:
         proc = psutil.Process(pid)
         proc.terminate()
-        try:
-            proc.wait(timeout)
-        except psutil.TimeoutExpired:
+        if not _wait_dead(proc, timeout):
             proc.kill()
-            proc.wait(timeout)
+            _wait_dead(proc, timeout)
     except psutil.NoSuchProcess:
         return False
     return True
+
+
+def _wait_dead(proc: psutil.Process, timeout: float) -> bool:
+    """Wait until ``proc`` has exited.  A zombie counts as exited (its files are closed):
+    a detached node's parent is init, which may reap it only seconds later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
