@@ -1,0 +1,291 @@
+"""The ``repdisk`` command and the plugin's start-up checks, run as a user runs them.
+
+* Start-up mistakes: each gives one clear line naming the key (never a Python traceback) and
+  a non-zero exit, both from ``nbdkit -f python nbdplugin/repdisk.py KEY=VALUE...`` and from
+  ``repdisk primary|secondary`` (foreground and ``--background``).
+* A pair started with ``repdisk secondary|primary --background`` is driven with
+  ``repdisk ctl`` (table and ``--json``) and ``repdisk status`` through start, a write,
+  checkpoint and failover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+from conftest import MiB, Nodes, make_disk
+from repdisk import config as cfgmod
+from repdisk import nodeproc
+from repdisk.cli import PLUGIN
+from repdisk.secondary import SecondaryReplica
+from test_node_pair import qemu, read_file
+
+REPDISK = os.path.join(os.path.dirname(sys.executable), "repdisk")
+SIZE = 8 * MiB
+
+
+def run(argv: list[str], cwd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+# -- start-up mistakes ------------------------------------------------------------------------
+
+@dataclass
+class Mistake:
+    """Plugin keys that are wrong in one way, and the one line that must say so."""
+    name: str
+    keys: list[tuple[str, str]]
+    message: str                      # a regex for the text after "nbdkit: repdisk: error: "
+    cli: bool = True                  # expressible with `repdisk primary|secondary`
+    setup: Optional[Callable[[str, Nodes], None]] = None
+
+
+def sec_keys(*extra: tuple[str, str], disk: str = "d.img") -> list[tuple[str, str]]:
+    return [("role", "secondary"), ("disk", disk), ("control", "c.qmp"), *extra]
+
+
+def pri_keys(*extra: tuple[str, str], secondary: str = "nbd+unix:///replica?socket=none.sock"
+             ) -> list[tuple[str, str]]:
+    return [("role", "primary"), ("disk", "d.img"), ("control", "c.qmp"),
+            ("secondary", secondary), *extra]
+
+
+def overlays_for_a_bigger_disk(folder: str, nodes: Nodes) -> None:
+    """d.img's overlays were made when d.img was twice as long."""
+    path = os.path.join(folder, "d.img")
+    os.truncate(path, 2 * SIZE)
+    SecondaryReplica.open("d", path).close()
+    os.truncate(path, SIZE)
+
+
+def bigger_secondary(folder: str, nodes: Nodes) -> None:
+    """A secondary whose disk is twice the primary's, listening on sec.sock."""
+    disk = make_disk(os.path.join(folder, "big.img"), 2 * SIZE)
+    nodes.secondary(disk)
+
+
+MISTAKES = [
+    Mistake("missing disk", [("role", "secondary"), ("control", "c.qmp")],
+            r"disk: is required for role=secondary \(\[NAME:\]PATH\)"),
+    Mistake("nonexistent disk", sec_keys(disk="nope.img"),
+            r"disk: nope\.img does not exist: create it first \(e\.g\. truncate -s 1G nope\.img\)"),
+    Mistake("directory as disk", sec_keys(disk="adir"),
+            r"disk: adir is not a regular file or block device"),
+    Mistake("path through a file", sec_keys(disk="d.img/x"),
+            r"disk: cannot stat d\.img/x: Not a directory"),
+    Mistake("dangling symlink", sec_keys(disk="dangling.img"),
+            r"disk: dangling\.img is a symbolic link to gone\.img, which does not exist: fix "
+            r"the link"),
+    Mistake("unknown role", [("role", "tertiary"), ("disk", "d.img"), ("control", "c.qmp")],
+            r"role: unknown role 'tertiary': use role=primary or role=secondary", cli=False),
+    Mistake("unknown key", sec_keys(("colour", "blue")),
+            r"colour: unknown key; known keys: role, disk, control, .*cluster-size", cli=False),
+    Mistake("key of the other role", sec_keys(("write-mode", "async")),
+            r"write-mode: is not a secondary key \(it belongs to role=primary\)", cli=False),
+    Mistake("disk given twice", sec_keys(("disk", "d.img")),
+            r"disk: the same file is given twice"),
+    Mistake("overlays of another size", sec_keys(),
+            r"disk: d\.img: overlay d\.img\.hidden: made for a 16777216-byte backing but .* is "
+            r"8388608 bytes; recreate the overlay", setup=overlays_for_a_bigger_disk),
+    Mistake("bad cluster-size", sec_keys(("cluster-size", "3K")),
+            r"cluster-size: 3072 is not a power of two from 512 to 2M"),
+    Mistake("unparsable cluster-size", sec_keys(("cluster-size", "big")),
+            r"cluster-size: cannot parse size 'big': use a number with an optional K, M, G or T "
+            r"suffix, e.g\. 64K"),
+    Mistake("missing secondary", pri_keys()[:-1],
+            r"secondary: is required for role=primary \(NBD-URI\)"),
+    Mistake("not an NBD URI", pri_keys(secondary="http://example.invalid/x"),
+            r"secondary: 'http://example.invalid/x' is not an NBD URI: use e\.g\. "
+            r"nbd\+unix:///replica\?socket=/run/sec\.sock"),
+    Mistake("secondary does not answer", pri_keys(),
+            r"secondary: disk0: cannot reach the secondary nbd\+unix:///replica\?socket=none\.sock"
+            r": .*; start the secondary first, or fix the URI$"),
+    Mistake("secondary of another size", pri_keys(secondary="nbd+unix:///replica?socket=sec.sock"),
+            r"secondary: disk0: the secondary nbd\+unix:///replica\?socket=sec\.sock is 16777216 "
+            r"bytes but the local disk is 8388608 bytes; give both disks the same size$",
+            setup=bigger_secondary),
+    Mistake("bad write-mode", pri_keys(("write-mode", "fast")),
+            r"write-mode: unknown mode 'fast': use sync or async"),
+    Mistake("bad timeout", pri_keys(("timeout", "soon")),
+            r"timeout: cannot parse duration 'soon': use a positive number of seconds, e\.g\. "
+            r"5s or 500ms"),
+    Mistake("zero timeout", pri_keys(("timeout", "0s")), r"timeout: '0s' is not positive: use e\.g\. 5s or 500ms"),
+    Mistake("bad window", pri_keys(("window", "0")), r"window: expected a whole number >= 1, got '0'"),
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, nodes: Nodes) -> str:
+    folder = str(tmp_path)
+    make_disk(os.path.join(folder, "d.img"), SIZE)
+    os.mkdir(os.path.join(folder, "adir"))
+    os.symlink("gone.img", os.path.join(folder, "dangling.img"))
+    return folder
+
+
+def nbdkit_argv(keys: list[tuple[str, str]]) -> list[str]:
+    return (["nbdkit", "-f", "-U", "node.sock", "python", PLUGIN]
+            + [f"{k}={v}" for k, v in keys])
+
+
+def repdisk_argv(keys: list[tuple[str, str]], *extra: str) -> list[str]:
+    role = dict(keys)["role"]
+    return ([REPDISK, role, "--nbd-socket", "node.sock", *extra]
+            + [arg for k, v in keys if k != "role" for arg in (f"--{k}", v)])
+
+
+def assert_one_line(result: subprocess.CompletedProcess, pattern: str, prefix: str) -> None:
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert re.fullmatch(re.escape(prefix) + pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[m.name for m in MISTAKES])
+def test_startup_mistake_via_nbdkit(mistake: Mistake, workdir: str, nodes: Nodes) -> None:
+    if mistake.setup:
+        mistake.setup(workdir, nodes)
+    result = run(nbdkit_argv(mistake.keys), workdir)
+    assert_one_line(result, mistake.message, "nbdkit: repdisk: error: ")
+    assert not os.path.exists(os.path.join(workdir, "c.qmp"))
+
+
+CLI_MISTAKES = [m for m in MISTAKES if m.cli]
+
+
+@pytest.mark.parametrize("mistake", CLI_MISTAKES, ids=[m.name for m in CLI_MISTAKES])
+def test_startup_mistake_via_repdisk(mistake: Mistake, workdir: str, nodes: Nodes) -> None:
+    if mistake.setup:
+        mistake.setup(workdir, nodes)
+    result = run(repdisk_argv(mistake.keys), workdir)
+    if mistake.name.startswith("missing"):        # argparse's own usage error
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        key = mistake.message.split(":")[0]
+        assert f"the following arguments are required: --{key}" in result.stderr
+        return
+    assert_one_line(result, mistake.message, "nbdkit: repdisk: error: ")
+
+
+@pytest.mark.parametrize("mistake", [m for m in CLI_MISTAKES if m.name in
+                                     ("nonexistent disk", "secondary does not answer",
+                                      "bad cluster-size")], ids=lambda m: m.name)
+def test_startup_mistake_via_repdisk_background(mistake: Mistake, workdir: str) -> None:
+    result = run(repdisk_argv(mistake.keys, "--background", "--pidfile", "node.pid"), workdir)
+    assert_one_line(result, mistake.message, "repdisk: error: node exited: nbdkit: repdisk: "
+                                             "error: ")
+    assert not os.path.exists(os.path.join(workdir, "node.pid"))
+
+
+@pytest.mark.parametrize("role", cfgmod.ROLES)
+def test_node_help_shows_the_key_table(role: str, tmp_path) -> None:
+    result = run([REPDISK, role, "--help"], str(tmp_path))
+    assert result.returncode == 0
+    assert cfgmod.help_text(role) in result.stdout
+    other = [k for k in cfgmod.KEYS if role not in k.roles]
+    assert other and all(f"\n{k.name}=" not in result.stdout for k in other)
+
+
+# -- a pair run with `repdisk ... --background`, driven with `repdisk ctl` ----------------------
+
+@dataclass
+class Pair:
+    folder: str
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def repdisk(self, *argv: str, ok: bool = True) -> subprocess.CompletedProcess:
+        result = run([REPDISK, *argv], self.folder, timeout=60)
+        if ok:
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "Traceback" not in result.stderr
+        return result
+
+
+@pytest.fixture
+def cli_pair(tmp_path) -> Iterator[Pair]:
+    pair = Pair(str(tmp_path))
+    for name in ("pri.img", "sec.img"):
+        make_disk(pair.path(name), SIZE)
+    try:
+        yield pair
+    finally:
+        for role in ("pri", "sec"):
+            nodeproc.stop_pidfile(pair.path(f"{role}.pid"))
+
+
+def start_cli_pair(pair: Pair) -> tuple[str, str]:
+    out = pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
+                       "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid").stdout
+    assert re.fullmatch(r"repdisk secondary: serving \(pid \d+\), control sec\.qmp\n", out)
+    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                 "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
+                 "--background", "--pidfile", "pri.pid")
+    return pair.path("pri.qmp"), pair.path("sec.qmp")
+
+
+def test_background_pair_start_checkpoint_failover(cli_pair: Pair) -> None:
+    pri, sec = start_cli_pair(cli_pair)
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    status = cli_pair.repdisk("status", pri, sec).stdout.splitlines()
+    assert re.match(r"primary +disk0 +running +epoch 0 +sync dirty 0\.0 MiB", status[0])
+    assert re.match(r"secondary +disk0 +running +epoch 0 +INCONSISTENT", status[1])
+
+    guest = f"nbd+unix:///?socket={cli_pair.path('pri.sock')}"
+    active = f"nbd+unix:///active?socket={cli_pair.path('sec.sock')}"
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M", guest)
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x33 512k 1M", guest)   # lost at failover
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x44 4M 4k", active)    # the secondary VM's
+    assert cli_pair.repdisk("ctl", sec, "failover").stdout == "ok\n"
+    status = cli_pair.repdisk("status", sec).stdout
+    assert re.match(r"secondary +disk0 +done +epoch 1 +consistent hidden 0\.0 MiB active "
+                    r"0\.0 MiB  last checkpoint \d+\.\d ms\n$", status)
+    expect = b"\x22" * MiB + bytes(3 * MiB) + b"\x44" * 4096 + bytes(SIZE - 4 * MiB - 4096)
+    assert read_file(cli_pair.path("sec.img")) == expect
+    qemu("qemu-io", "-f", "raw", "-c", "read -P 0x22 0 1M", "-c", "read -P 0 1M 3M",
+         "-c", "read -P 0x44 4M 4k", active)
+
+
+def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
+    pri, sec = start_cli_pair(cli_pair)
+    cli_pair.repdisk("ctl", sec, "start", "mode=secondary")
+    raw = cli_pair.repdisk("ctl", sec, "query-replication", "--json").stdout
+    q = json.loads(raw)
+    assert q["role"] == "secondary" and q["disks"][0]["stage"] == "running"
+    assert sorted(q["exports"]) == ["active", "active/disk0", "replica", "replica/disk0"]
+    table = cli_pair.repdisk("ctl", sec, "status").stdout
+    assert re.search(r"^role +secondary$", table, re.M)
+    assert re.search(r"^  stage +running$", table, re.M)
+    assert re.search(r"^  consistent +no$", table, re.M)
+    assert "{" not in table.replace("{}", "")
+    commands = json.loads(cli_pair.repdisk("ctl", pri, "query-commands", "--json").stdout)
+    assert {"name": "replication-resume"} in commands
+
+    bad = cli_pair.repdisk("ctl", sec, "no-such-command", ok=False)
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == ("repdisk: CommandNotFound: The command no-such-command has not been "
+                          "found\n")
+    bad = cli_pair.repdisk("ctl", sec, "replication-stop", "failover=maybe", ok=False)
+    assert bad.returncode == 1
+    assert bad.stderr == "repdisk: GenericError: Parameter 'failover' expects boolean\n"
+    bad = cli_pair.repdisk("ctl", sec, "failover", ok=False)     # before any checkpoint
+    assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bad = cli_pair.repdisk("ctl", cli_pair.path("nowhere.qmp"), "status", ok=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1 and "nowhere.qmp" in bad.stderr
+    bad = cli_pair.repdisk("status", cli_pair.path("nowhere.qmp"), ok=False)
+    assert bad.returncode == 1 and "nowhere.qmp: unreachable" in bad.stdout
