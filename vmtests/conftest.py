@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:  # `vmtests.guest` must import however pytest is s
 
 from vmtests.guest import (Guest, GuestVM, build_disk, choose_accel,  # noqa: E402
                            ensure_guest, qemu_available)
+from vmtests.harness import Scenario, evidence_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,23 @@ def start_vm(guest: Guest, accel: str, tmp_path: Path) -> Iterator[Callable[...,
     yield start
     for vm in vms:
         vm.close()
+
+
+@pytest.fixture
+def scenario(request: pytest.FixtureRequest, guest: Guest, accel: str,
+             tmp_path: Path) -> Iterator[Scenario]:
+    """A VM scenario: its processes (all stopped at the end), its evidence folder (see
+    harness.evidence_folder) and its disks (in tmp_path)."""
+    with Scenario(evidence_folder(request.node.name), tmp_path, guest, accel) as s:
+        yield s
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed scenario's report shows its timeline and where its evidence is."""
+    outcome = yield
+    report = outcome.get_result()
+    scenario = getattr(item, "funcargs", {}).get("scenario")
+    if report.failed and isinstance(scenario, Scenario):
+        report.sections.append(("repdisk timeline", f"evidence: {scenario.folder}\n"
+                                                    f"{scenario.timeline.text()}"))
