@@ -1,0 +1,122 @@
+"""``repdisk lab``: one command brings up a replicating pair that QEMU's tools can use, and
+``repdisk lab --down`` leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Iterator
+
+import psutil
+import pytest
+
+from repdisk import lab
+from test_cli import REPDISK, run
+from test_node_pair import qemu, read_file
+
+MiB = 1 << 20
+
+
+def lab_processes(folder: str) -> list[psutil.Process]:
+    """Live nbdkit processes whose command line names the lab folder (zombies are dead)."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["name"] != "nbdkit":
+            continue
+        if any(folder in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def lab_dir(tmp_path) -> Iterator[str]:
+    folder = str(tmp_path / "lab")
+    try:
+        yield folder
+    finally:
+        lab.down(folder, quiet=True)
+        for proc in lab_processes(folder):   # only if --down failed: kill by pid
+            proc.kill()
+
+
+def test_lab_up_use_and_down(lab_dir: str) -> None:
+    up = run([REPDISK, "lab", "--dir", lab_dir, "--size", "64M"], "/")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert up.stderr == ""
+    m = re.search(r"^  qemu-system-x86_64 \.\.\. -drive file=(nbd\+unix:///\?socket=(\S+)),"
+                  r"format=raw,if=virtio,cache=none$", up.stdout, re.M)
+    assert m, up.stdout
+    guest, socket = m.groups()
+    assert socket == os.path.join(lab_dir, "pri.sock")
+    assert len(lab_processes(lab_dir)) == 2
+
+    info = qemu("qemu-img", "info", "--output=human", guest)
+    assert re.search(r"^virtual size: 64 MiB \(67108864 bytes\)$", info, re.M), info
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 1M", guest)
+    qemu("qemu-io", "-f", "raw", "-c", "read -P 0x22 1M 1M", "-c", "read -P 0 0 1M", guest)
+    sec_img = read_file(os.path.join(lab_dir, "sec.img"))
+    assert sec_img == bytes(MiB) + b"\x22" * MiB + bytes(62 * MiB)   # replicated (sync mode)
+
+    pri, sec = (os.path.join(lab_dir, f"{r}.qmp") for r in ("pri", "sec"))
+    status = run([REPDISK, "status", pri, sec], "/")
+    assert status.returncode == 0
+    lines = status.stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [["primary", "disk0", "running"],
+                                                     ["secondary", "disk0", "running"]]
+
+    again = run([REPDISK, "lab", "--dir", lab_dir], "/")
+    assert again.returncode == 1
+    assert again.stderr == (f"repdisk: error: a lab is already running in {lab_dir} (found "
+                            f"{os.path.join(lab_dir, 'sec.pid')}); run: repdisk lab --down "
+                            f"--dir {lab_dir}\n")
+    assert len(lab_processes(lab_dir)) == 2
+
+    down = run([REPDISK, "lab", "--down", "--dir", lab_dir], "/")
+    assert (down.returncode, down.stdout) == (0, "repdisk lab: stopped primary, secondary\n")
+    assert lab_processes(lab_dir) == []
+    left = sorted(f for f in os.listdir(lab_dir) if f.endswith((".sock", ".qmp", ".pid")))
+    assert left == []
+    down = run([REPDISK, "lab", "--down", "--dir", lab_dir], "/")
+    assert (down.returncode, down.stdout) == (0, "repdisk lab: stopped nothing (no node was "
+                                                 "running)\n")
+
+
+def test_lab_comes_back_up_on_its_disks(lab_dir: str) -> None:
+    """A second `repdisk lab` in the same folder reuses the disks (and their state files)."""
+    for pattern in ("0x11", "0x22"):
+        up = run([REPDISK, "lab", "--dir", lab_dir, "--size", "8M"], "/")
+        assert up.returncode == 0, up.stdout + up.stderr
+        guest = f"nbd+unix:///?socket={os.path.join(lab_dir, 'pri.sock')}"
+        if pattern == "0x22":
+            qemu("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 64k", guest)
+        qemu("qemu-io", "-f", "raw", "-c", f"write -P {pattern} 0 64k", guest)
+        assert run([REPDISK, "lab", "--down", "--dir", lab_dir], "/").returncode == 0
+    assert read_file(os.path.join(lab_dir, "sec.img"))[:65536] == b"\x22" * 65536
+
+
+def test_lab_that_cannot_start_cleans_up(lab_dir: str) -> None:
+    os.makedirs(lab_dir)
+    os.mkdir(os.path.join(lab_dir, "sec.img"))          # not a usable disk
+    up = run([REPDISK, "lab", "--dir", lab_dir, "--size", "8M"], "/")
+    assert up.returncode == 1
+    assert up.stderr.startswith("repdisk: error: node exited: nbdkit: repdisk: error: disk: ")
+    assert "is not a regular file or block device" in up.stderr
+    assert lab_processes(lab_dir) == []
+    assert not any(f.endswith(".pid") for f in os.listdir(lab_dir))
+
+
+def test_lab_welcome_names_working_commands(lab_dir: str) -> None:
+    """Every `repdisk ...` line the welcome text suggests runs as printed."""
+    up = run([REPDISK, "lab", "--dir", lab_dir, "--size", "8M"], "/")
+    assert up.returncode == 0
+    text = up.stdout.replace("\\\n", " ")                   # join continued lines
+    suggested = [line.strip() for line in text.splitlines() if line.startswith("  ")
+                 and not line.strip().startswith("qemu-system")]
+    assert any("failover" in s for s in suggested) and suggested[-1].startswith("repdisk lab")
+    script = "\n".join(suggested)
+    done = subprocess.run(["bash", "-e", "-c", script.replace("repdisk ", REPDISK + " ")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert lab_processes(lab_dir) == []                    # its last line was --down
