@@ -9,14 +9,18 @@ reports everything an operator or the controller watches.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
-from .errors import ControlError
+from .errors import ControlError, RepdiskError
 from .qmp import ArgSpec, Command
 from .replication import ReplicationMode
 
 if TYPE_CHECKING:
     from .node import Node
+
+log = logging.getLogger(__name__)
 
 
 def _mode(value: str) -> ReplicationMode:
@@ -26,7 +30,25 @@ def _mode(value: str) -> ReplicationMode:
         raise ControlError(f"Parameter 'mode' expects 'primary' or 'secondary', got {value!r}") from None
 
 
+def _refusal_is_the_answer(cmd: Command) -> Command:
+    """A command the node refuses (a RepdiskError: wrong role, wrong stage, ...) answers with
+    a QMP GenericError and one log line; only a real bug should leave a traceback in the log."""
+    def handler(args: dict[str, Any]) -> Any:
+        try:
+            return cmd.handler(args)
+        except ControlError:
+            raise
+        except RepdiskError as err:
+            log.info("control: %s refused: %s", cmd.name, err)
+            raise ControlError(str(err)) from err
+    return dataclasses.replace(cmd, handler=handler)
+
+
 def node_commands(node: "Node") -> list[Command]:
+    return [_refusal_is_the_answer(cmd) for cmd in _node_commands(node)]
+
+
+def _node_commands(node: "Node") -> list[Command]:
     def start(args: dict[str, Any]) -> None:
         node.start(_mode(args["mode"]), args.get("epoch"))
 
