@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .errors import ConfigError
+from .tls import TLSSpec, check_plain, uri_tcp_host, uses_tls
 
 PRIMARY, SECONDARY = "primary", "secondary"
 ROLES = (PRIMARY, SECONDARY)
@@ -32,6 +33,7 @@ class Key:
     default: Optional[str] = None
     required: bool = False
     repeat: bool = False
+    flag: bool = False     # a yes/no key: `repdisk --NAME` without a value means yes
 
 
 KEYS: tuple[Key, ...] = (
@@ -48,6 +50,13 @@ KEYS: tuple[Key, ...] = (
         "the secondary's replica export, e.g. nbd+unix:///replica?socket=/run/sec.sock or "
         "nbd://host:10809/replica; with several disks each disk NAME uses replica/NAME",
         required=True),
+    Key("secondary-tls", (PRIMARY,), "psk:FILE[:USER]|x509:DIR|off",
+        "credentials for the link to the secondary (the secondary's nbdkit must require the "
+        "same: repdisk secondary --tls ...); USER defaults to repdisk. Needed for a TCP "
+        "secondary on another host unless insecure=yes", default="off"),
+    Key("insecure", ROLES, "yes|no",
+        "allow plain, unencrypted TCP between hosts (the primary's link to a secondary that "
+        "is not on loopback)", default="no", flag=True),
     Key("write-mode", (PRIMARY,), "sync|async",
         "sync: a guest write is acknowledged once local and on the secondary; async: once "
         "local, forwarded in order behind a bounded window", default="sync"),
@@ -106,6 +115,14 @@ def parse_duration(key: str, text: str) -> float:
     if float(m.group(1)) <= 0:
         raise ConfigError(key, f"{text!r} is not positive: use e.g. 5s or 500ms")
     return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+def parse_bool(key: str, text: str) -> bool:
+    if text.lower() in ("yes", "true", "on", "1"):
+        return True
+    if text.lower() in ("no", "false", "off", "0"):
+        return False
+    raise ConfigError(key, f"expected yes or no, got {text!r}")
 
 
 def parse_uint(key: str, text: str, low: int = 1) -> int:
@@ -169,6 +186,8 @@ class NodeConfig:
     active: Optional[str] = None
     hidden: Optional[str] = None
     cluster_size: int = 65536
+    secondary_tls: Optional[TLSSpec] = None
+    insecure: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -195,7 +214,8 @@ class NodeConfig:
         disks = [parse_disk(text, i) for i, text in enumerate(values["disk"])]
         _check_disks(disks)
         cfg = cls(role=role, disks=disks, control=_one(values, "control"),
-                  state=_one(values, "state") or disks[0].path + ".state")
+                  state=_one(values, "state") or disks[0].path + ".state",
+                  insecure=parse_bool("insecure", _one(values, "insecure") or "no"))
         if role == PRIMARY:
             cfg._primary_keys(values)
         else:
@@ -207,6 +227,7 @@ class NodeConfig:
         if not re.match(r"^nbds?(\+unix|\+vsock)?://", self.secondary or ""):
             raise ConfigError("secondary", f"{self.secondary!r} is not an NBD URI: use e.g. "
                                            "nbd+unix:///replica?socket=/run/sec.sock")
+        self._secondary_tls(_one(values, "secondary-tls") or "off")
         self.write_mode = _one(values, "write-mode") or "sync"
         if self.write_mode not in ("sync", "async"):
             raise ConfigError("write-mode", f"unknown mode {self.write_mode!r}: use sync or async")
@@ -218,6 +239,19 @@ class NodeConfig:
                                               "suspend or continue")
         self.isolation_timeout = parse_duration("isolation-timeout",
                                                 _one(values, "isolation-timeout") or "3s")
+
+    def _secondary_tls(self, text: str) -> None:
+        """Fold the link's credentials into the secondary's URI; refuse plain TCP to another
+        host unless insecure (see repdisk.tls)."""
+        assert self.secondary is not None
+        spec = TLSSpec.parse("secondary-tls", text)
+        if spec is not None:
+            spec.check("secondary-tls", "client")
+            self.secondary = spec.client_uri("secondary", self.secondary)
+            self.secondary_tls = spec
+        host = uri_tcp_host(self.secondary)
+        if host is not None and not uses_tls(self.secondary):
+            check_plain("secondary", "the secondary", host, self.insecure)
 
     def _secondary_keys(self, values: dict[str, list[str]]) -> None:
         self.active, self.hidden = _one(values, "active"), _one(values, "hidden")

@@ -50,6 +50,7 @@ from urllib.parse import quote
 
 import nbd
 
+from . import tls
 from .errors import ForwardError
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ class Forwarder:
         if old is not None and old is not threading.current_thread():
             old.join()
         h = nbd.NBD()
+        tls.prepare_client(h, self.uri)   # an nbds:// URI carries the TLS credentials
         self.size = self._handshake(h)
         self._reset_io_state()
         self._can_trim = h.can_trim()

@@ -18,20 +18,34 @@ from typing import Callable, Optional
 import psutil
 
 from .errors import RepdiskError
+from .tls import TLSSpec, check_plain
 
 START_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
 class Listen:
+    """Where a node serves NBD, and whether clients must use TLS (nbdkit's flags are
+    server-wide, so TLS belongs here and not to the plugin's keys)."""
+
     socket: Optional[str] = None
     port: Optional[int] = None
     address: str = "127.0.0.1"
+    tls: Optional[TLSSpec] = None
+    insecure: bool = False   # allow a plain TCP listener on an address other hosts reach
+
+    def check(self) -> None:
+        """Refuse a plain TCP listener off loopback unless insecure; check TLS files."""
+        if self.tls is not None:
+            self.tls.check("tls", "server")
+        elif not self.socket:
+            check_plain("tls", "a listener on", self.address, self.insecure)
 
     def nbdkit_args(self) -> list[str]:
+        tls = self.tls.nbdkit_args() if self.tls else []
         if self.socket:
-            return ["-U", self.socket]
-        return ["-i", self.address, "-p", str(self.port)]
+            return ["-U", self.socket, *tls]
+        return ["-i", self.address, "-p", str(self.port), *tls]
 
     def uri(self, export: str = "") -> str:
         if self.socket:
@@ -39,12 +53,21 @@ class Listen:
         return f"nbd://{self.address}:{self.port}/{export}"
 
     def answers(self) -> bool:
-        """True once an NBD handshake succeeds (a bare connect would make nbdkit log an error)."""
+        """True once an NBD handshake succeeds (a bare connect would make nbdkit log an error).
+
+        A TLS listener is asked without credentials: the handshake stops at option
+        negotiation and ends with NBD_OPT_ABORT, which nbdkit allows before TLS.
+        """
         import nbd
         h = nbd.NBD()
         try:
-            h.connect_uri(self.uri())
-            h.shutdown()
+            if self.tls is not None:
+                h.set_opt_mode(True)
+                h.connect_uri(self.uri())
+                h.opt_abort()
+            else:
+                h.connect_uri(self.uri())
+                h.shutdown()
             return True
         except nbd.Error:
             return False
@@ -52,6 +75,8 @@ class Listen:
 
 def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
                    threads: int = 16) -> list[str]:
+    """The nbdkit command line of a node; raises ConfigError for an unsafe listener."""
+    listen.check()
     return (["nbdkit", "-f", "-t", str(threads)]
             + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
 

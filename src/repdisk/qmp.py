@@ -31,6 +31,7 @@ import os
 import queue
 import re
 import socket
+import ssl
 import stat
 import tempfile
 import threading
@@ -441,10 +442,12 @@ class _Listener:
     """An accept loop on one listening socket, in its own daemon thread."""
 
     def __init__(self, server: "QMPServer", sock: socket.socket,
-                 unlink: Optional[tuple[str, int, int]] = None) -> None:
+                 unlink: Optional[tuple[str, int, int]] = None,
+                 adopt: Optional[Callable[[socket.socket, str], None]] = None) -> None:
         self.server = server
         self.sock = sock
         self._unlink = unlink          # (path, st_dev, st_ino) of a socket file we created
+        self._adopt = adopt or server._adopt   # takes each accepted socket (must not block)
         self._closing = False
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                         name=f"qmp-accept-{sock.fileno()}")
@@ -461,7 +464,7 @@ class _Listener:
                 time.sleep(0.1)
                 continue
             conn.settimeout(None)
-            self.server._adopt(conn, str(addr) if addr else "unix")
+            self._adopt(conn, str(addr) if addr else "unix")
 
     def close(self) -> None:
         self._closing = True
@@ -641,15 +644,48 @@ class QMPServer:
         log.info("qmp: %s control socket listening on %s", self.name, path)
 
     def serve_socket(self, sock: socket.socket) -> None:
-        """Serve an already-listening socket (TCP, or TLS-wrapped); the server closes it."""
+        """Serve an already-listening plain socket; the server closes it."""
         self._listen(sock, None)
 
-    def _listen(self, sock: socket.socket, unlink: Optional[tuple[str, int, int]]) -> None:
+    def serve_tls(self, host: str, port: int, context: ssl.SSLContext) -> tuple[str, int]:
+        """Listen on TCP ``host:port`` for TLS clients only; return the bound address.
+
+        ``context`` should require client certificates (:func:`repdisk.tls.server_context`):
+        a client that fails the handshake is logged and closed before it can send anything.
+        The handshake runs on each connection's own thread, so a client that stalls in it
+        holds up nobody else.
+        """
+        try:
+            sock = socket.create_server((host, port), backlog=16)
+        except OSError as err:
+            raise ControlError(f"control on {host}:{port}: cannot listen: {err}") from err
+        bound = sock.getsockname()[:2]
+
+        def adopt(raw: socket.socket, peer: str) -> None:
+            threading.Thread(target=self._adopt_tls, args=(raw, peer, context), daemon=True,
+                             name=f"qmp-tls-{peer}").start()
+
+        self._listen(sock, None, adopt)
+        log.info("qmp: %s control listening for TLS clients on %s:%d", self.name, *bound)
+        return bound
+
+    def _adopt_tls(self, raw: socket.socket, peer: str, context: ssl.SSLContext) -> None:
+        """A TLS client's own thread: handshake (or refuse and log), then relay its bytes."""
+        from .tls import TLSRelay
+        accepted = TLSRelay.accept(raw, context, peer)
+        if accepted is None:
+            return
+        relay, app_end = accepted
+        self._adopt(app_end, peer)
+        relay.run()
+
+    def _listen(self, sock: socket.socket, unlink: Optional[tuple[str, int, int]],
+                adopt: Optional[Callable[[socket.socket, str], None]] = None) -> None:
         with self._lock:
             if self._closed:
                 sock.close()
                 raise ControlError(f"qmp: the {self.name} control server is closed")
-            self._listeners.append(_Listener(self, sock, unlink))
+            self._listeners.append(_Listener(self, sock, unlink, adopt))
 
     def _adopt(self, sock: socket.socket, peer: str) -> None:
         conn = _Connection(self, sock, peer)
@@ -698,6 +734,22 @@ def _capabilities(args: dict[str, Any]) -> None:
 Address = Union[str, tuple[str, int]]
 
 
+class _QMPSession(_AsyncQMPClient):
+    """qemu.qmp's client, with one fix for TLS: its disconnect flushes by setting the write
+    high-water mark to 0 and draining, and CPython 3.11's SSL transport pauses writing when
+    the buffer size is >= that mark (0 >= 0), so the drain never returns.  Over TLS the
+    queue is drained normally instead; closing the transport still sends what is left."""
+
+    async def _bh_flush_writer(self) -> None:
+        writer = self._writer
+        if writer is None or writer.get_extra_info("sslcontext") is None:
+            await super()._bh_flush_writer()
+            return
+        if self._writer_task:
+            await self._outgoing.join()
+            await writer.drain()
+
+
 class QMPClient:
     """A blocking QMP client for repdisk's CLI, controller and tests.
 
@@ -709,19 +761,24 @@ class QMPClient:
     def __init__(self, timeout: float = 10.0) -> None:
         self.timeout = timeout      # seconds, for every call
         self._loop = asyncio.new_event_loop()
-        self._qmp = _AsyncQMPClient("repdisk")
+        self._qmp = _QMPSession("repdisk")
         self._lock = threading.Lock()
         self._received: list[dict[str, Any]] = []
         self.address: Optional[Address] = None
 
-    def connect(self, address: Address, timeout: Optional[float] = None) -> "QMPClient":
-        """Connect to ``path`` or ``(host, port)`` or ``"host:port"`` and negotiate."""
+    def connect(self, address: Address, timeout: Optional[float] = None,
+                tls: Optional[ssl.SSLContext] = None) -> "QMPClient":
+        """Connect to ``path`` or ``(host, port)`` or ``"host:port"`` and negotiate.
+
+        ``tls``: a client context (:func:`repdisk.tls.client_context`) for a node's TLS
+        control port; the server is checked against the host name or address given here.
+        """
         if isinstance(address, str) and re.fullmatch(r"[^/]*:\d+", address):
             host, port = address.rsplit(":", 1)
             address = (host.strip("[]"), int(port))
         self.address = address
         try:
-            self._run(self._qmp.connect(address), timeout, "connect")
+            self._run(self._qmp.connect(address, ssl=tls), timeout, "connect")
         except ControlError:
             self.close()          # a failed client holds no loop or socket
             raise
