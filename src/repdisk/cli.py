@@ -6,6 +6,7 @@
     repdisk ctl SOCKET COMMAND [KEY=VALUE ...] [--json]
     repdisk status SOCKET ...
     repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
+    repdisk tls psk FILE [--user NAME] | repdisk tls ca DIR --hosts HOST,HOST
 
 The node options are made from the same key table as the plugin's keys
 (repdisk.config.KEYS), so the two can never disagree.
@@ -21,6 +22,8 @@ from typing import Any, Optional, Sequence
 
 from . import config as cfgmod
 from . import ctlclient, nodeproc
+from . import tls as tlsmod
+from .tls import TLSSpec
 from .errors import ControlError, RepdiskError
 
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -35,7 +38,10 @@ def _add_node_parser(sub: Any, role: str) -> None:
                                    + cfgmod.help_text(role),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     for key in cfgmod.KEYS:
-        if role in key.roles and key.name != "role":
+        if role in key.roles and key.name != "role" and key.flag:
+            p.add_argument(f"--{key.name}", dest=key.name.replace("-", "_"),
+                           action="store_const", const="yes", help=argparse.SUPPRESS)
+        elif role in key.roles and key.name != "role":
             p.add_argument(f"--{key.name}", metavar=key.metavar, dest=key.name.replace("-", "_"),
                            action="append" if key.repeat else "store", required=key.required,
                            help=argparse.SUPPRESS)
@@ -43,6 +49,9 @@ def _add_node_parser(sub: Any, role: str) -> None:
     listen.add_argument("--nbd-socket", metavar="PATH", help="serve NBD on this Unix socket")
     listen.add_argument("--port", type=int, help="serve NBD on this TCP port")
     p.add_argument("--address", default="127.0.0.1", help="TCP address to bind (with --port)")
+    p.add_argument("--tls", metavar="psk:FILE|x509:DIR|off",
+                   help="require TLS from NBD clients (a TCP listener off loopback needs it, "
+                        "or --insecure); x509 also requires a client certificate")
     p.add_argument("--background", action="store_true",
                    help="detach once serving; write --pidfile, log to --log")
     p.add_argument("--pidfile", help="pid file (with --background)")
@@ -65,7 +74,9 @@ def node_keys(args: argparse.Namespace, role: str) -> list[tuple[str, str]]:
 
 def _run_node(args: argparse.Namespace, role: str) -> int:
     keys = node_keys(args, role)
-    listen = nodeproc.Listen(socket=args.nbd_socket, port=args.port, address=args.address)
+    listen = nodeproc.Listen(socket=args.nbd_socket, port=args.port, address=args.address,
+                             tls=TLSSpec.parse("tls", args.tls) if args.tls else None,
+                             insecure=args.insecure == "yes")
     cmd = nodeproc.nbdkit_command(PLUGIN, keys, listen, threads=args.threads)
     control = dict(keys)["control"]
     if not args.background:
@@ -154,6 +165,36 @@ def _lab(args: argparse.Namespace) -> int:
     return lab.up(args.dir, args.size, write_mode=args.write_mode)
 
 
+def _tls(args: argparse.Namespace) -> int:
+    if args.what == "psk":
+        tlsmod.make_psk(args.path, args.user, force=args.force)
+        print(f"repdisk tls: wrote {args.path} (mode 0600, user {args.user}); copy it to both "
+              "nodes over a secure channel")
+        return 0
+    hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
+    files = tlsmod.make_ca(args.path, hosts, days=args.days, force=args.force)
+    print(f"repdisk tls: wrote {', '.join(os.path.basename(f) for f in files)} in {args.path}; "
+          "move ca-key.pem off the nodes once you have issued what you need")
+    return 0
+
+
+def _add_tls_parser(sub: Any) -> None:
+    p = sub.add_parser("tls", help="create TLS credentials for a pair (PSK file or a small CA)",
+                       description="repdisk tls psk FILE: a pre-shared key file (USER:HEXKEY, "
+                                   "mode 0600) for nbdkit --tls-psk and libnbd.\n"
+                                   "repdisk tls ca DIR --hosts A,B: a CA, a server certificate "
+                                   "naming every host, and a client certificate, laid out as "
+                                   "nbdkit and libnbd expect (also used for control over TCP).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("psk", "ca"))
+    p.add_argument("path", metavar="FILE|DIR")
+    p.add_argument("--user", default=tlsmod.PSK_USER, help="psk: the identity (default repdisk)")
+    p.add_argument("--hosts", help="ca: names or addresses clients use to reach the nodes")
+    p.add_argument("--days", type=int, default=3650, help="ca: validity (default 3650)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=_tls)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repdisk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-mode", default="sync", choices=("sync", "async"))
     p.add_argument("--down", action="store_true", help="stop the lab's nodes")
     p.set_defaults(func=_lab)
+    _add_tls_parser(sub)
 
     try:
         from . import controller
