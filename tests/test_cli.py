@@ -292,3 +292,22 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     assert len(bad.stderr.splitlines()) == 1 and "nowhere.qmp" in bad.stderr
     bad = cli_pair.repdisk("status", cli_pair.path("nowhere.qmp"), ok=False)
     assert bad.returncode == 1 and "nowhere.qmp: unreachable" in bad.stdout
+
+
+# -- known message defects outside this module's files (reported; fixed there) ----------------
+
+@pytest.mark.xfail(strict=True, reason="primary.py/forwarder.py: the unreachable-secondary "
+                   "message names the URI twice ('cannot reach the secondary URI: secondary "
+                   "URI does not answer: ...')")
+def test_unreachable_secondary_message_names_the_uri_once(workdir: str) -> None:
+    result = run(nbdkit_argv(pri_keys()), workdir)
+    assert result.stderr.count("nbd+unix:///replica?socket=none.sock") == 1, result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="images.py: the overlay size mismatch shows a Python "
+                   "repr (RawImage('d.img', size=...)) and does not say the overlays may simply "
+                   "be deleted")
+def test_overlay_size_message_is_plain(workdir: str, nodes: Nodes) -> None:
+    overlays_for_a_bigger_disk(workdir, nodes)
+    result = run(nbdkit_argv(sec_keys()), workdir)
+    assert "RawImage(" not in result.stderr and "delete" in result.stderr, result.stderr
