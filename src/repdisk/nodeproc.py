@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import psutil
 
 from .errors import RepdiskError
+from .qmp import remove_stale_socket
 from .tls import TLSSpec, check_plain
 
 START_TIMEOUT = 20.0
@@ -75,8 +76,14 @@ class Listen:
 
 def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
                    threads: int = 16) -> list[str]:
-    """The nbdkit command line of a node; raises ConfigError for an unsafe listener."""
+    """The nbdkit command line of a node; raises ConfigError for an unsafe listener.
+
+    A Unix socket left behind by a node that was killed is removed here (nbdkit would
+    refuse to start on it); one where a server still answers is refused.
+    """
     listen.check()
+    if listen.socket:
+        remove_stale_socket(listen.socket, "NBD socket")
     return (["nbdkit", "-f", "-t", str(threads)]
             + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
 

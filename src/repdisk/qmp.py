@@ -484,32 +484,33 @@ class _Listener:
                 pass
 
 
-def _remove_stale(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse a live one and anything not a socket."""
+def remove_stale_socket(path: str, what: str = "control socket") -> None:
+    """Remove a socket file nobody listens on (left by a killed server); refuse a live one
+    and anything not a socket.  Also used for a node's NBD socket (repdisk.nodeproc)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"control socket {path}: the path exists and is not a socket; "
+        raise ControlError(f"{what} {path}: the path exists and is not a socket; "
                            "remove it or choose another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        log.info("qmp: removing stale control socket %s", path)
+        log.info("removing stale %s %s", what, path)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         return
     except OSError as err:
-        raise ControlError(f"control socket {path}: cannot tell whether a server still "
+        raise ControlError(f"{what} {path}: cannot tell whether a server still "
                            f"answers there ({err}); remove it or choose another path") from err
     finally:
         probe.close()
-    raise ControlError(f"control socket {path}: a live server answers there; stop it or "
+    raise ControlError(f"{what} {path}: a live server answers there; stop it or "
                        "choose another path")
 
 
@@ -635,7 +636,7 @@ class QMPServer:
                                f"{MAX_UNIX_PATH} bytes a Unix socket allows; choose a shorter one")
         if self._closed:
             raise ControlError(f"qmp: the {self.name} control server is closed")
-        _remove_stale(path)
+        remove_stale_socket(path)
         try:
             sock, st = _bind_unix(path, mode)
         except OSError as err:
