@@ -5,6 +5,7 @@
         --secondary 'nbd+unix:///replica?socket=sec.sock'
     repdisk ctl SOCKET COMMAND [KEY=VALUE ...] [--json]
     repdisk status SOCKET ...
+    repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
     repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
     repdisk tls psk FILE [--user NAME] | repdisk tls ca DIR --hosts HOST,HOST
 
@@ -21,7 +22,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from . import config as cfgmod
-from . import ctlclient, nodeproc
+from . import controller, ctlclient, nodeproc
 from . import tls as tlsmod
 from .tls import TLSSpec
 from .errors import ControlError, RepdiskError
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_ctl)
 
-    p = sub.add_parser("status", help="one line per disk per node")
+    p = sub.add_parser("status", help="one line per disk per node, one per controller")
     p.add_argument("sockets", nargs="+", metavar="SOCKET")
     p.set_defaults(func=_status)
 
@@ -222,11 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lab)
     _add_tls_parser(sub)
 
-    try:
-        from . import controller
-        controller.add_parsers(sub)
-    except ImportError:
-        pass
+    controller.add_parsers(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Any, Callable, Optional
 
+from .errors import ControlError
 from .qmp import QMPClient
 
 #: Short names for ``repdisk ctl``: alias -> (QMP command, fixed arguments).
@@ -79,13 +80,45 @@ def format_progress(event: str, data: dict[str, Any]) -> str:
 
 
 def status_lines(socket: str) -> list[str]:
-    """One human line per disk of the node behind ``socket``."""
+    """One human line per disk of the node behind ``socket``, or one for a controller."""
     client = QMPClient(timeout=10.0).connect(socket)
     try:
+        try:
+            return controller_lines(client.execute("query-controller"))
+        except ControlError as err:
+            if err.error_class != "CommandNotFound":
+                raise
         q = client.execute("query-replication")
     finally:
         client.close()
     return [status_line(q, d) for d in q.get("disks", [])]
+
+
+def controller_lines(q: dict[str, Any]) -> list[str]:
+    """A controller's state, nodes, last checkpoint and any running sync, for people."""
+    nodes = "  ".join(f"{role} {'ok' if n['reachable'] else 'LOST'} ({n['last_seen']:.1f}s ago)"
+                      for role, n in q["nodes"].items())
+    parts = [f"controller {q['state']:<11} epoch {q['epoch']}", nodes,
+             f"dirty {_mib(q.get('dirty', 0))} lag {_mib(q.get('lag', 0))}"]
+    last = q["last_checkpoints"][-1] if q.get("last_checkpoints") else None
+    parts.append(f"last checkpoint {last['duration'] * 1000:.1f} ms (pause "
+                 f"{last['pause'] * 1000:.1f} ms) {last['age']:.0f}s ago" if last
+                 else "no checkpoint")
+    lines = ["  ".join(parts)]
+    progress = q.get("progress")
+    if progress:
+        eta = "?" if progress.get("eta") is None else f"{progress['eta']:.0f}s"
+        total = progress["total"] or 1
+        lines.append(f"controller {progress['phase']}: {_mib(progress['done'])} of "
+                     f"{_mib(progress['total'])} ({100 * progress['done'] / total:.0f}%) "
+                     f"{_mib(progress['rate'])}/s ETA {eta}")
+    failover = q.get("failover")
+    if failover:
+        lines.append(f"controller failed over to epoch {failover['epoch']}: "
+                     f"{failover['reason']}"
+                     + (f" (loss to serving {failover['loss_to_serving']:.2f}s)"
+                        if failover.get("loss_to_serving") is not None else ""))
+    return lines
 
 
 def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:

@@ -171,7 +171,8 @@ class SyncPlan:
     granularity: int = GRANULARITY
     piece: int = PIECE
     on_progress: Callable[[Progress], None] = lambda p: None
-    marked: int = 0                           # bytes marked dirty
+    marked: int = 0                           # bytes in the runs marked
+    dirty: dict[str, int] = field(default_factory=dict)  # each disk's dirty bytes after
 
     def run(self) -> int:
         """Compare every disk piece by piece; returns the bytes marked dirty."""
@@ -189,8 +190,7 @@ class SyncPlan:
                         res = self.primary("replication-mark-dirty",
                                            {"disk": name, "runs": [list(r) for r in runs]})
                         self.marked += sum(n for _, n in runs)
-                        log.debug("%s: marked %d runs dirty, %s bytes dirty now", name,
-                                  len(runs), res.get("dirty_bytes"))
+                        self.dirty[name] = res["dirty_bytes"]
                     progress.update(base + offset + length)
                     self.on_progress(progress)
                 base += size

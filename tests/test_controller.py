@@ -1,0 +1,518 @@
+"""The controller against real nodes: failover, resync, sync, promotion, fencing, CLI.
+
+Every node is a real nbdkit with the repdisk plugin; the guest is libnbd (and, for the
+pause and VM-state test, a real QEMU without a machine).  Timings are short (heartbeat
+0.1 s, heartbeat-timeout 1 s, isolation-timeout 0.6 s, primary timeout 1 s).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import nbd
+import pytest
+
+from conftest import MiB, Nodes, make_disk
+from repdisk import ctlclient
+from repdisk.errors import ControlError
+from repdisk.resync import GRANULARITY
+from test_controller_helpers import (HEARTBEAT_TIMEOUT, Pair, Writer, events, file_bytes,
+                                     make_pair, read_export, restart, run_in_thread,
+                                     step_until, wait_for)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- primary lost ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("write_mode", ["sync", "async"])
+def test_kill_primary_during_load_fails_over_to_the_last_checkpoint(tmp_path, write_mode):
+    """kill -9 of the primary at random moments: the secondary's active export equals, byte
+    for byte, the primary's disk at the last completed checkpoint."""
+    rng = random.Random(f"kill-primary-{write_mode}")
+    measured = []
+    for round_ in range(3):
+        nodes = Nodes(str(tmp_path / f"{write_mode}{round_}"))
+        os.makedirs(nodes.folder)
+        pair = make_pair(nodes, write_mode=write_mode)
+        try:
+            ctl = pair.controller()
+            ctl.start()
+            writer = Writer(pair.pri.uri(), pair.size, seed=round_).start()
+            image = None
+            for _ in range(rng.randint(1, 3)):
+                time.sleep(rng.uniform(0.05, 0.4))
+                snapshot = writer.pause()      # every acknowledged write is in the model
+                ctl.checkpoint()
+                image = snapshot
+                writer.resume()
+            time.sleep(rng.uniform(0.0, 0.4))  # writes after the checkpoint: rolled back
+            pair.pri.kill()
+            writer.stop()
+            step_until(ctl, "failed-over")
+            assert image is not None and writer.writes > 0
+            assert read_export(pair.sec.uri("active"), pair.size) == image
+            assert ctl.epoch == 2 and pair.sec.ctl("query-replication")["epoch"] == 2
+            measured.append(ctl.last_failover["loss_to_serving"])
+        finally:
+            pair.close()
+            nodes.close()
+    print(f"\n{write_mode}: loss-to-serving {', '.join(f'{t:.2f}s' for t in measured)} "
+          f"(heartbeat-timeout {HEARTBEAT_TIMEOUT}s)")
+    assert all(HEARTBEAT_TIMEOUT <= t < HEARTBEAT_TIMEOUT + 1.0 for t in measured)
+
+
+def test_failover_hook_gets_epoch_and_secondary(nodes, tmp_path):
+    out = tmp_path / "hook.out"
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller(on_failover=f"echo $REPDISK_EPOCH $REPDISK_SECONDARY_CONTROL "
+                                          f"${{REPDISK_VM_STATE:-none}} > {out}")
+        ctl.start()
+        pair.pri.kill()
+        step_until(ctl, "failed-over")
+        deadline = time.monotonic() + 5
+        while not events(ctl, "HOOK_COMPLETED") and time.monotonic() < deadline:
+            ctl.step()
+        assert events(ctl, "HOOK_COMPLETED")[0]["rc"] == 0
+        assert out.read_text().split() == ["2", pair.sec.control, "none"]
+    finally:
+        pair.close()
+
+
+# -- secondary lost ------------------------------------------------------------------------------
+
+def test_kill_secondary_during_load_then_resync_only_dirty_regions(nodes):
+    pair = make_pair(nodes, size=32 * MiB, write_mode="async")
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        runner = run_in_thread(ctl)
+        writer = Writer(pair.pri.uri(), pair.size, max_len=16 << 10, span=2 * MiB).start()
+        time.sleep(0.3)
+        before = writer.writes
+        pair.sec.kill()
+        wait_for(lambda: ctl.state == "degraded", 5, "degraded")
+        time.sleep(0.5)
+        writer.pause()
+        assert not writer.errors and writer.writes > before
+        worst = max(writer.latencies)
+        assert worst < 1.0 + 0.5, f"a write waited {worst:.2f}s (timeout 1s)"
+        dirty = pair.pri.ctl("query-replication")["disks"][0]["dirty_bytes"]
+        assert 0 < dirty < pair.size // 2
+        pair.restart_secondary()
+        wait_for(lambda: ctl.state == "running" and events(ctl, "RESYNC_COMPLETED")[-1:]
+                 and events(ctl, "RESYNC_COMPLETED")[-1]["command"] == "replication-resync",
+                 10, "resync")
+        sent = events(ctl, "RESYNC_COMPLETED")[-1]["bytes"]
+        print(f"\nsecondary lost: {dirty} bytes dirty, resync sent {sent} bytes "
+              f"({pair.size} byte disk); worst write latency {worst * 1000:.0f} ms")
+        assert sent == dirty
+        ctl.stop()
+        runner.join()
+        ctl.checkpoint()
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk) == bytes(writer.model)
+        writer.stop()
+    finally:
+        pair.close()
+
+
+# -- the link between the nodes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["cut", "hang"])
+def test_link_cut_degrades_then_reprotects_without_failover(nodes, how):
+    """Failure matrix: link lost, controller sees both -> primary degraded, writes go on,
+    no failover; link back -> resync, RUNNING, disks equal."""
+    pair = make_pair(nodes, proxy=True)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        runner = run_in_thread(ctl)
+        writer = Writer(pair.pri.uri(), pair.size, max_len=16 << 10).start()
+        time.sleep(0.2)
+        getattr(pair.link, how)()
+        wait_for(lambda: ctl.state == "degraded", 5, "degraded")
+        time.sleep(1.0)  # longer than isolation-timeout: the controller's heartbeat is contact
+        assert ctl.state in ("degraded", "resyncing")       # retrying, with a back-off
+        assert not events(ctl, "FAILOVER_STARTED")
+        assert pair.sec.ctl("query-replication")["disks"][0]["consistent"]
+        count = writer.writes
+        time.sleep(0.3)
+        assert writer.writes > count and not writer.errors
+        assert max(writer.latencies) < 1.5
+        pair.link.heal()
+        wait_for(lambda: ctl.state == "running", 10, "re-protected")
+        image = writer.pause()
+        ctl.stop()
+        runner.join()
+        ctl.checkpoint()
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk) == image
+        # Controller lost, nodes fine: the secondary's acknowledgements are contact enough.
+        ctl.close()
+        writer.resume()
+        time.sleep(1.0)
+        before = writer.writes
+        time.sleep(0.5)
+        assert writer.writes > before and not writer.errors
+        writer.stop()
+        assert pair.pri.ctl("query-replication")["isolation"]["suspended"] is False
+    finally:
+        pair.close()
+
+
+def test_isolated_primary_suspends_then_is_fenced(nodes):
+    """Failure matrix: primary cut off from both -> it holds guest writes within
+    isolation-timeout, the controller fails over after heartbeat-timeout, and fences the
+    old primary when it hears from it again: its held write fails, nothing was acknowledged
+    by two nodes in one epoch."""
+    pair = make_pair(nodes, proxy=True, ctl_proxy=True)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        runner = run_in_thread(ctl)
+        writer = Writer(pair.pri.uri(), pair.size, max_len=16 << 10, threads=1).start()
+        time.sleep(0.3)
+        cut = time.monotonic()
+        pair.link.cut()
+        pair.ctl_link.cut()
+        wait_for(lambda: ctl.state == "failed-over", 5, "failover")
+        failed_over = time.monotonic()
+        n = writer.writes
+        time.sleep(0.3)
+        assert writer.writes == n, "the isolated primary acknowledged writes after failover"
+        # The secondary serves the new epoch.
+        h = nbd.NBD()
+        h.connect_uri(pair.sec.uri("active"))
+        h.pwrite(b"\x5a" * 4096, 0)
+        h.shutdown()
+        # Contact returns: the controller fences the old primary; its held write fails.
+        pair.ctl_link.heal()
+        wait_for(lambda: ctl.query()["old_primary_fenced"], 5, "fence")
+        wait_for(lambda: writer.errors, 5, "held write refused")
+        assert "EPERM" in writer.errors[0]    # EROFS in the plugin; NBD's wire has only EPERM
+        q = pair.pri.ctl("query-replication")
+        assert q["fenced"] and q["epoch"] == 1
+        assert pair.sec.ctl("query-replication")["epoch"] == 2
+        h = pair.pri.client()
+        with pytest.raises(nbd.Error) as err:
+            h.pwrite(b"x" * 512, 0)
+        assert err.value.errno == "EPERM"
+        h.shutdown()
+        ev = pair.pri.ctl("query-replication")["isolation"]
+        assert ev["fenced"]
+        print(f"\nisolation: cut at 0, failover at {failed_over - cut:.2f}s")
+        writer.stop()
+        ctl.stop()
+        runner.join()
+        # A fenced node may not start as a primary again.
+        with pytest.raises(ControlError, match="fenced"):
+            pair.pri.ctl("replication-start", mode="primary", epoch=3)
+    finally:
+        pair.close()
+
+
+def test_controller_cut_from_primary_only_fails_over_and_fences(nodes):
+    """Failure matrix: the controller loses the primary, the link still works -> failover;
+    the secondary refuses the old primary's writes, which degrades and then isolates it;
+    after contact it is fenced.  Only the new epoch accepts writes in the end."""
+    pair = make_pair(nodes, ctl_proxy=True)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        runner = run_in_thread(ctl)
+        writer = Writer(pair.pri.uri(), pair.size, max_len=16 << 10, threads=1,
+                        stop_on_error=False).start()
+        time.sleep(0.2)
+        pair.ctl_link.cut()
+        wait_for(lambda: ctl.state == "failed-over", 5, "failover")
+        done_at = time.monotonic()
+        wait_for(lambda: pair.pri.ctl("query-replication")["isolation"]["suspended"], 3,
+                 "isolated")
+        suspended_at = time.monotonic()
+        window = suspended_at - done_at
+        print(f"\nold primary acknowledged local writes for {window:.2f}s after the failover "
+              "(old epoch; bounded by isolation-timeout)")
+        assert window < 0.6 + 0.5
+        pair.ctl_link.heal()
+        wait_for(lambda: ctl.query()["old_primary_fenced"], 5, "fence")
+        n = writer.writes
+        time.sleep(0.3)
+        assert writer.writes == n
+        writer.stop()
+        assert pair.pri.ctl("query-replication")["epoch"] == 1
+        assert pair.sec.ctl("query-replication")["epoch"] == 2
+        ctl.stop()
+        runner.join()
+    finally:
+        pair.close()
+
+
+# -- initial sync and interrupted resync ------------------------------------------------------------
+
+def _fill(path: str, runs: list[tuple[int, int]], seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        for off, length in runs:
+            f.seek(off)
+            f.write(rng.randbytes(length))
+
+
+def _differing_bytes(a: bytes, b: bytes, granularity: int) -> int:
+    return sum(min(granularity, len(a) - o) for o in range(0, len(a), granularity)
+               if a[o:o + granularity] != b[o:o + granularity])
+
+
+@pytest.mark.parametrize("mode", ["checksum", "full"])
+def test_initial_sync_from_different_disks(nodes, mode):
+    size = 32 * MiB
+    folder = nodes.folder
+    pri_disk = make_disk(os.path.join(folder, "pri.img"), size)
+    sec_disk = make_disk(os.path.join(folder, "sec.img"), size)
+    shared = [(8 * MiB, 4 * MiB)]                          # equal on both sides
+    _fill(pri_disk, shared, 1)
+    _fill(sec_disk, shared, 1)
+    _fill(pri_disk, [(0, 3 * MiB), (20 * MiB + 4096, 100_000)], 2)   # primary only
+    _fill(sec_disk, [(2 * MiB, 2 * MiB), (28 * MiB, 1 * MiB)], 3)    # secondary only (holes
+    _fill(pri_disk, [(9 * MiB, 8192)], 4)                  # on the primary at 28M) + change
+    expect = _differing_bytes(file_bytes(pri_disk), file_bytes(sec_disk), GRANULARITY)
+    sec = nodes.secondary(sec_disk)
+    pri = nodes.primary(pri_disk, sec, timeout="1s", isolation_timeout="0.6s")
+    pair = Pair(nodes, folder, size, pri_disk, sec_disk, sec, pri)
+    try:
+        ctl = pair.controller(initial_sync=mode)
+        ctl.start()
+        compared = events(ctl, "SYNC_COMPARED")[0]
+        sent = events(ctl, "RESYNC_COMPLETED")[0]["bytes"]
+        print(f"\n{mode} sync: {expect} bytes differ in {GRANULARITY}-byte granules, "
+              f"marked {compared['marked']}, sent {sent}")
+        assert sent == compared["dirty"]
+        if mode == "checksum":
+            assert compared["marked"] == sent == expect
+        else:  # everything allocated on either side, whole granules
+            assert sent >= expect and sent >= compared["marked"] >= 9 * MiB
+        assert ctl.state == "running"
+        assert file_bytes(pri_disk) == file_bytes(sec_disk)
+        assert events(ctl, "RESYNC_PROGRESS")
+    finally:
+        pair.close()
+
+
+def test_interrupted_initial_sync_resumes_and_never_fails_over_meanwhile(nodes):
+    pair = make_pair(nodes, size=32 * MiB, proxy=True)
+    _fill(pair.pri_disk, [(0, pair.size)], 7)
+    try:
+        pair.link.cut_after = 20 * MiB
+        ctl = pair.controller()
+        with pytest.raises(Exception):
+            ctl.start()
+        first = pair.link.sent
+        assert pair.sec.ctl("query-replication")["disks"][0]["consistent"] is False
+        with pytest.raises(ControlError, match="no complete checkpoint"):
+            ctl.failover()
+        assert events(ctl, "FAILOVER_REFUSED")
+        left = pair.pri.ctl("query-replication")["disks"][0]["dirty_bytes"]
+        assert 0 < left < pair.size - 4 * MiB
+        pair.link.sent = 0
+        pair.link.heal()
+        step_until(ctl, "running")
+        resumed = [e for e in events(ctl, "RESYNC_COMPLETED")][-1]["bytes"]
+        print(f"\ninterrupted sync: {first} bytes before the cut, {resumed} after "
+              f"({left} were left dirty) of {pair.size}")
+        assert resumed == left
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk)
+    finally:
+        pair.close()
+
+
+def test_primary_restart_redoes_a_checksum_sync(nodes):
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller(auto_failover=False)
+        ctl.start()
+        pair.pri.kill()
+        _fill(pair.pri_disk, [(5 * MiB, 200_000)], 9)   # written while nothing replicated
+        restart(nodes, pair.pri)
+        pair.pri = nodes.start("primary", "pri", [("disk", pair.pri_disk),
+                                                  ("secondary", pair.sec.uri("replica")),
+                                                  ("timeout", "1s")])
+        wait_for(lambda: (ctl.step(), len(events(ctl, "SYNC_COMPARED")) == 2)[1], 10, "sync")
+        assert ctl.state == "running"
+        sync = events(ctl, "SYNC_COMPARED")
+        assert len(sync) == 2 and sync[1]["mode"] == "checksum"
+        assert 200_000 <= sync[1]["marked"] <= 200_000 + 2 * GRANULARITY
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk)
+    finally:
+        pair.close()
+
+
+# -- promotion -------------------------------------------------------------------------------
+
+def test_promotion_and_reprotection(nodes):
+    """Fail over, promote the winner, attach the old primary's disk as the new secondary,
+    resync by checksum (it undoes the rolled-back writes), fail over again, compare."""
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        writer = Writer(pair.pri.uri(), pair.size, seed=11, span=MiB).start()
+        time.sleep(0.3)
+        image = writer.pause()
+        ctl.checkpoint()
+        writer.resume()
+        time.sleep(0.2)                                    # to be rolled back
+        pair.pri.kill()
+        writer.stop()
+        step_until(ctl, "failed-over")
+        assert read_export(pair.sec.uri("active"), pair.size) == image
+        winner = pair.sec
+        guest = winner.client("active")                    # opened before the promotion
+        guest.pwrite(b"\x77" * 65536, 3 * MiB)
+        image = image[:3 * MiB] + b"\x77" * 65536 + image[3 * MiB + 65536:]
+        # The old primary's host comes back as a secondary (its disk has rolled-back writes).
+        restart(nodes, pair.pri)
+        new_sec = nodes.secondary(pair.pri_disk, "newsec")
+        assert file_bytes(pair.pri_disk) != image
+        differ = _differing_bytes(file_bytes(pair.pri_disk), file_bytes(pair.sec_disk),
+                                  GRANULARITY)
+        ctl.promote(new_sec.control, new_sec.uri("replica"))
+        assert ctl.state == "running" and ctl.epoch == 2
+        sent = events(ctl, "RESYNC_COMPLETED")[-1]["bytes"]
+        assert 0 < sent == differ <= 3 * MiB + 4 * GRANULARITY   # 3 hot regions + 1 block
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk) == image
+        # The connection opened before the promotion keeps working, now replicated.
+        guest.pwrite(b"\x88" * 4096, 0)
+        image = b"\x88" * 4096 + image[4096:]
+        guest.shutdown()
+        ctl.checkpoint()
+        assert read_export(new_sec.uri("active"), pair.size) == image
+        status = ctlclient.status_lines(winner.control)
+        assert status[0].startswith("primary")
+        # Second failover: the old primary's disk takes over again, at the last checkpoint.
+        writer = Writer(winner.uri("active"), pair.size, seed=12).start(image)
+        time.sleep(0.2)
+        image = writer.pause()
+        ctl.checkpoint()
+        writer.resume()
+        time.sleep(0.1)
+        winner.kill()
+        writer.stop()
+        step_until(ctl, "failed-over")
+        assert ctl.epoch == 3
+        assert read_export(new_sec.uri("active"), pair.size) == image
+        print(f"\npromotion: checksum resync sent {sent} bytes of {pair.size}")
+    finally:
+        pair.close()
+
+
+def test_failover_winner_refuses_to_be_a_secondary_again(nodes):
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        pair.pri.kill()
+        step_until(ctl, "failed-over")
+        ctl.close()
+        # A stale controller that would make the winner a secondary of the old data:
+        restart(nodes, pair.pri)
+        old = nodes.start("primary", "pri2", [("disk", pair.pri_disk),
+                                              ("secondary", pair.sec.uri("replica"))])
+        stale = pair.controller(primary=old.control)
+        with pytest.raises(ControlError, match="won the failover"):
+            stale.start()                                  # refused by the controller
+        restart(nodes, pair.sec)
+        pair.restart_secondary()
+        with pytest.raises(ControlError, match="won the failover"):
+            stale.start()                                  # refused by the node itself
+        assert pair.sec.ctl("query-replication")["disks"][0]["stage"] == "none"
+    finally:
+        pair.close()
+
+
+# -- guest pause, VM state, control socket, CLI ----------------------------------------------
+
+def test_checkpoint_pauses_guest_and_saves_vm_state(nodes, tmp_path):
+    pair = make_pair(nodes)
+    qmp = str(tmp_path / "guest.qmp")
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{qmp},server=on,wait=off",
+         "-blockdev", f"driver=nbd,server.type=unix,server.path={pair.pri.listen.socket},"
+                      f"export=disk0,node-name=d0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: os.path.exists(qmp), 10, "QEMU's QMP socket")
+        vm_state = tmp_path / "state"
+        vm_state.mkdir()
+        ctl = pair.controller(qmp=qmp, vm_state=str(vm_state), control=str(tmp_path / "c.qmp"))
+        ctl.start()
+        rec = ctl.checkpoint()
+        assert rec["pause"] > 0 and rec["vm_state_bytes"] > 0
+        assert (vm_state / "vmstate").stat().st_size == rec["vm_state_bytes"]
+        assert not (vm_state / "vmstate.tmp").exists()
+        ctl.close()                                        # QEMU serves one QMP client
+        from repdisk.qmp import QMPClient
+        with QMPClient().connect(qmp) as guest:
+            assert guest.execute("query-status")["running"] is True
+        print(f"\ncheckpoint with stop/migrate/cont: pause {rec['pause'] * 1000:.1f} ms, "
+              f"duration {rec['duration'] * 1000:.1f} ms")
+    finally:
+        qemu.kill()
+        qemu.wait()
+        pair.close()
+
+
+def test_freeze_without_guest_agent_fails_cleanly(nodes, tmp_path):
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller(freeze=True, qga=str(tmp_path / "no-agent.sock"))
+        with pytest.raises(ControlError, match="guest agent"):
+            ctl.start()
+        assert pair.pri.ctl("query-replication")["disks"][0]["holding"] is False
+    finally:
+        pair.close()
+
+
+def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
+    pair = make_pair(nodes)
+    ctrl = str(tmp_path / "ctrl.qmp")
+    metrics_file = tmp_path / "metrics.prom"
+    repdisk = [sys.executable, "-m", "repdisk.cli"]
+    run = subprocess.run(repdisk + ["controller", "--primary", pair.pri.control,
+                                    "--secondary", pair.sec.control, "--control", ctrl,
+                                    "--interval", "200ms", "--heartbeat", "100ms",
+                                    "--heartbeat-timeout", "1s",
+                                    "--metrics-file", str(metrics_file), "--background"],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    pidfile = ctrl + ".pid"
+    try:
+        wait_for(lambda: ctlclient.execute(ctrl, "query-controller")["state"] == "running", 10,
+                 "running")
+        st = subprocess.run(repdisk + ["status", ctrl, pair.pri.control], capture_output=True,
+                            text=True, timeout=30)
+        assert st.returncode == 0, st.stderr
+        first = st.stdout.splitlines()[0]
+        assert first.startswith("controller running") and "epoch 1" in first
+        assert "primary ok" in first and "secondary ok" in first
+        assert st.stdout.splitlines()[1].startswith("primary")
+        ck = subprocess.run(repdisk + ["ctl", ctrl, "checkpoint", "--json"], capture_output=True,
+                            text=True, timeout=30)
+        assert ck.returncode == 0 and '"pause"' in ck.stdout
+        text = ctlclient.execute(ctrl, "query-metrics")
+        assert 'repdisk_controller_state{state="running"} 1' in text
+        assert "repdisk_epoch 1" in text and "repdisk_checkpoints_total" in text
+        wait_for(lambda: metrics_file.exists() and "repdisk_dirty_bytes" in
+                 metrics_file.read_text(), 5, "metrics file")
+        q = ctlclient.execute(ctrl, "query-controller")
+        assert q["counters"]["checkpoints"] >= 2        # the interval runs them
+        assert any(e["event"] == "CHECKPOINT_COMPLETED" for e in q["events"])
+    finally:
+        with open(pidfile) as f:
+            pid = int(f.read())
+        os.kill(pid, 15)
+        wait_for(lambda: not os.path.exists(pidfile), 10, "controller exit")
+        pair.close()
