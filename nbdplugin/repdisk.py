@@ -22,6 +22,10 @@ state=PATH  (default first disk + '.state')
     the node's state file (epoch, consistency)
 secondary=NBD-URI  (required) [primary only]
     the secondary's replica export, e.g. nbd+unix:///replica?socket=/run/sec.sock or nbd://host:10809/replica; with several disks each disk NAME uses replica/NAME
+secondary-tls=psk:FILE[:USER]|x509:DIR|off  (default off) [primary only]
+    credentials for the link to the secondary (the secondary's nbdkit must require the same: repdisk secondary --tls ...); USER defaults to repdisk. Needed for a TCP secondary on another host unless insecure=yes
+insecure=yes|no  (default no)
+    allow plain, unencrypted TCP between hosts (the primary's link to a secondary that is not on loopback)
 write-mode=sync|async  (default sync) [primary only]
     sync: a guest write is acknowledged once local and on the secondary; async: once local, forwarded in order behind a bounded window
 timeout=DURATION  (default 5s) [primary only]
