@@ -80,8 +80,55 @@ def test_failover_hook_gets_epoch_and_secondary(nodes, tmp_path):
             ctl.step()
         assert events(ctl, "HOOK_COMPLETED")[0]["rc"] == 0
         assert out.read_text().split() == ["2", pair.sec.control, "none"]
+        # The old primary comes back (same sockets, its old state): fenced at first contact.
+        restart(nodes, pair.pri)
+        pair.pri = nodes.start("primary", "pri", [("disk", pair.pri_disk),
+                                                  ("secondary", pair.sec.uri("replica"))])
+        wait_for(lambda: (ctl.step(), ctl.query()["old_primary_fenced"])[1], 5, "fence")
+        h = pair.pri.client()
+        with pytest.raises(nbd.Error, match="Operation not permitted"):
+            h.pwrite(b"x" * 512, 0)
+        h.shutdown()
+        assert "failed over" in pair.pri.ctl("query-replication")["fenced"]
     finally:
         pair.close()
+
+
+def test_manual_failover_fences_the_live_primary_first(nodes):
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        h = pair.pri.client()
+        h.pwrite(b"\x42" * 8192, 0)
+        ctl.checkpoint()
+        rec = ctl.failover("maintenance")
+        assert rec["epoch"] == 2 and ctl.query()["old_primary_fenced"]
+        with pytest.raises(nbd.Error, match="Operation not permitted"):
+            h.pwrite(b"x" * 512, 0)
+        h.shutdown()
+        assert read_export(pair.sec.uri("active"), 8192) == b"\x42" * 8192
+        assert pair.pri.ctl("query-replication")["disks"][0]["stage"] == "done"
+    finally:
+        pair.close()
+
+
+def test_status_lines_show_progress_and_failover():
+    q = {"state": "resyncing", "epoch": 3, "dirty": 3 << 20, "lag": 0,
+         "nodes": {"primary": {"reachable": True, "last_seen": 0.1},
+                   "secondary": {"reachable": False, "last_seen": 4.0}},
+         "last_checkpoints": [{"duration": 0.0123, "pause": 0.002, "age": 7.0}],
+         "progress": {"phase": "copy", "done": 1 << 20, "total": 4 << 20, "rate": 2 << 20,
+                      "eta": 1.5},
+         "failover": {"epoch": 3, "reason": "primary lost", "loss_to_serving": 1.25}}
+    lines = ctlclient.controller_lines(q)
+    assert lines[0].split() == ["controller", "resyncing", "epoch", "3", "primary", "ok",
+                                "(0.1s", "ago)", "secondary", "LOST", "(4.0s", "ago)", "dirty",
+                                "3.0", "MiB", "lag", "0.0", "MiB", "last", "checkpoint",
+                                "12.3", "ms", "(pause", "2.0", "ms)", "7s", "ago"]
+    assert lines[1] == "controller copy: 1.0 MiB of 4.0 MiB (25%) 2.0 MiB/s ETA 2s"
+    assert lines[2] == ("controller failed over to epoch 3: primary lost "
+                        "(loss to serving 1.25s)")
 
 
 # -- secondary lost ------------------------------------------------------------------------------

@@ -417,8 +417,11 @@ class Controller:
             self._on_progress(progress)
 
     def _on_progress(self, progress: resync.Progress) -> None:
+        """Record, log and send progress; keep the primary's contact while comparing."""
         self.progress = progress
         now = time.monotonic()
+        if progress.phase != "copy" and now - self.primary.last_seen >= self.cfg.heartbeat:
+            self.primary.beat()
         if now - self._progress_said >= PROGRESS_EVERY or progress.done >= progress.total:
             self._progress_said = now
             self._event("RESYNC_PROGRESS", **progress.as_dict())
