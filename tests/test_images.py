@@ -361,8 +361,9 @@ def test_overlay_open_validates_everything(tmp_path: Path) -> None:
             bitmap.write_bytes(pristine)
 
         with new_disk(tmp_path / "small", MiB - 512) as small:
-            refused(f"overlay {tmp_path / 'o'}: made for a {MiB}-byte backing but the backing "
-                    f".* is {MiB - 512} bytes", small)
+            refused(f"overlay {tmp_path / 'o'}: made for a {MiB}-byte disk but its backing "
+                    f"{tmp_path / 'small'} is {MiB - 512} bytes; if this overlay holds nothing "
+                    "you need, delete it", small)
         refused("cluster size is 4096 but 8192 was asked for", cluster_size=8192)
         bitmap.write_bytes(b"NOT-AN-OVERLAY!\n" + pristine[16:])
         refused(f"overlay bitmap {bitmap}: bad magic b'NOT-AN-OVERLAY!\\\\n'")

@@ -257,7 +257,7 @@ def test_open_creates_overlays_then_validates_them(tmp_path: Path) -> None:
         SecondaryReplica.open("disk0", disk, cluster_size=8 * KiB)
     other = str(tmp_path / "other.img")
     RawImage.create(other, 32 * KiB).close()
-    with pytest.raises(BlockIOError, match="made for a 65536-byte backing"):
+    with pytest.raises(BlockIOError, match="made for a 65536-byte disk"):
         SecondaryReplica.open("disk0", other, hidden_path=disk + ".hidden", cluster_size=4 * KiB)
 
 

@@ -591,8 +591,10 @@ class Overlay:
             raise refuse(f"header size {meta['size']} differs from its backing size "
                          f"{meta['backing_size']}; recreate the overlay")
         if meta["size"] != backing.size:
-            raise refuse(f"made for a {meta['size']}-byte backing but the backing {backing!r} "
-                         f"is {backing.size} bytes; recreate the overlay")
+            raise refuse(f"made for a {meta['size']}-byte disk but its backing "
+                         f"{getattr(backing, 'path', 'disk')} is {backing.size} bytes; if this "
+                         "overlay holds nothing you need, delete it (and its .bitmap) to have it "
+                         "recreated empty")
         if data.size != meta["size"]:
             raise refuse(f"data file is {data.size} bytes, expected {meta['size']}")
         expected = HEADER_SIZE + cls._bitmap_bytes(meta["size"], meta["cluster_size"])

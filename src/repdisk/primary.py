@@ -273,8 +273,7 @@ class PrimaryReplica:
             fwd.connect()
         except ForwardError as err:
             fwd.close()
-            raise ReplicationError(f"{self.name}: cannot reach the secondary "
-                                   f"{self.secondary_uri}: {err}") from err
+            raise ReplicationError(f"{self.name}: {err}") from err  # err names the URI
         if fwd.size != self.disk.size:
             fwd.close()
             raise ReplicationError(
