@@ -298,7 +298,7 @@ def test_controller_cut_from_primary_only_fails_over_and_fences(nodes):
         pair.close()
 
 
-# -- initial sync and interrupted resync ------------------------------------------------------------
+# -- initial sync and interrupted resync ----------------------------------------------------------
 
 def _fill(path: str, runs: list[tuple[int, int]], seed: int) -> None:
     rng = random.Random(seed)
