@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Optional, Union
 
 from .dirtymap import DirtyMap
@@ -61,41 +60,6 @@ def _chunks(offset: int, length: int, size: int) -> list[tuple[int, int]]:
     """Split [offset, offset+length) into pieces of at most ``size`` bytes."""
     end = offset + length
     return [(o, min(size, end - o)) for o in range(offset, end, size)]
-
-
-class _Window:
-    """Async mode's bound on writes the secondary has not acknowledged yet.
-
-    The forwarder bounds what is in flight but queues without limit; acknowledging
-    writes before they are sent must not let the lag grow without bound, so a submitter
-    waits while ``in_flight + queued >= window`` for the oldest of its own tickets.
-    A wait that expires fails the forwarder (its rule), which releases everyone.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        # Guards _tickets: async tickets in submission order, finished ones dropped from the left.
-        self._lock = threading.Lock()
-        self._tickets: deque[Ticket] = deque()
-
-    def add(self, ticket: Ticket) -> None:
-        with self._lock:
-            self._tickets.append(ticket)
-
-    def _oldest_pending(self) -> Optional[Ticket]:
-        with self._lock:
-            while self._tickets and self._tickets[0].done:
-                self._tickets.popleft()
-            return self._tickets[0] if self._tickets else None
-
-    def wait_room(self, fwd: Forwarder, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while fwd.in_flight + fwd.queued >= self.size and not fwd.failed:
-            oldest = self._oldest_pending()
-            remaining = deadline - time.monotonic()
-            if oldest is None or remaining <= 0:
-                return
-            oldest.wait(remaining)
 
 
 class PrimaryView:
@@ -153,7 +117,6 @@ class PrimaryReplica:
         self.view: BlockDevice = PrimaryView(self)
         # Exclusive holders: updates (local write + submit) and resync's read + submit.
         self._locks = RangeLock()
-        self._window = _Window(window)
         # The connection writes are forwarded on; None = not forwarding (mark dirty instead).
         self._fwd: Optional[Forwarder] = None
         self.degraded = False
@@ -239,13 +202,13 @@ class PrimaryReplica:
             self.dirty.mark(offset, length)
             return None
         if self.write_mode == "async":
-            self._window.wait_room(fwd, self.timeout)
+            # Acknowledged before sent: bound the lag.  A full window for ``timeout`` means
+            # the secondary is failing (the forwarder's deadline fails it), so go on then.
+            fwd.wait_room(self.window, self.timeout)
         ticket = submit(fwd)
         if ticket.done and not ticket.ok:
             self.dirty.mark(offset, length)  # rejected: the forwarder had already failed
             return None
-        if self.write_mode == "async":
-            self._window.add(ticket)
         with self._count_lock:
             self._counters["forwarded"] += 1
         return ticket
@@ -542,10 +505,7 @@ class PrimaryReplica:
     # -- framework, observability, teardown ---------------------------------------------
 
     def ops(self) -> ReplicationOps:
-        return ReplicationOps(start=lambda rs, mode: self.start(mode),
-                              stop=lambda rs, failover: self.stop(failover),
-                              checkpoint=lambda rs: self.checkpoint(),
-                              get_error=lambda rs: self.get_error())
+        return ReplicationOps.bound_to(self)
 
     def register(self, registry: Registry) -> ReplicationState:
         return registry.new(self, self.ops())

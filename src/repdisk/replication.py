@@ -77,6 +77,15 @@ class ReplicationOps:
     checkpoint: Optional[StateFn] = None
     get_error: Optional[StateFn] = None
 
+    @classmethod
+    def bound_to(cls, replica: Any) -> "ReplicationOps":
+        """The callbacks of an object with ``start(mode)``, ``stop(failover)``,
+        ``checkpoint()`` and ``get_error()`` methods (the primary and secondary replicas)."""
+        return cls(start=lambda rs, mode: replica.start(mode),
+                   stop=lambda rs, failover: replica.stop(failover),
+                   checkpoint=lambda rs: replica.checkpoint(),
+                   get_error=lambda rs: replica.get_error())
+
 
 @dataclass(eq=False)
 class ReplicationState:

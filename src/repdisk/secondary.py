@@ -264,10 +264,7 @@ class SecondaryReplica:
     # -- framework glue -----------------------------------------------------------
 
     def ops(self) -> ReplicationOps:
-        return ReplicationOps(start=lambda rs, mode: self.start(mode),
-                              stop=lambda rs, failover: self.stop(failover),
-                              checkpoint=lambda rs: self.checkpoint(),
-                              get_error=lambda rs: self.get_error())
+        return ReplicationOps.bound_to(self)
 
     def register(self, registry: Registry) -> ReplicationState:
         return registry.new(self, self.ops())
