@@ -9,8 +9,8 @@ thread blocked in ``h.poll(-1)`` stalls every other thread's ``aio_pwrite``.  He
 submitting threads never touch the handle: they append a ``Ticket`` to ``_incoming``
 under ``_lock`` and wake the I/O thread through an eventfd (once per batch, not once
 per request).  Each round the I/O thread takes the whole batch, sends what it may,
-checks deadlines, waits on the handle's fd (``aio_get_fd`` every round, direction from
-``aio_get_direction``) and the eventfd, and retires what completed.
+checks deadlines, waits on the handle's fd (direction from ``aio_get_direction``) and
+the eventfd, and retires what completed.
 
 Order.  Requests leave in submission order (``Ticket.seq``).  NBD servers may run
 requests in parallel, so a request whose bytes overlap an in-flight one waits at the
@@ -214,6 +214,9 @@ class Forwarder:
         # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
         # _released, _stop, _wake_pending, _thread and the failed/error transition.
         self._lock = threading.Lock()
+        # Submitters waiting in wait_room; _retire wakes one per request it settles.
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
         self._incoming: list[Ticket] = []
         self._accepting = False
         self._seq = 0
@@ -236,6 +239,7 @@ class Forwarder:
         self._next_check = 0.0
         self._can_trim = True
         self._fua_flag = nbd.CMD_FLAG_FUA
+        self._issued = False  # this round handed libnbd a request (its direction may change)
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -357,6 +361,33 @@ class Forwarder:
         """
         return self._submit(Ticket(self, _BARRIER, 0, 0)).wait(timeout)
 
+    def wait_room(self, limit: int, timeout: float) -> bool:
+        """Wait until fewer than ``limit`` requests are queued or in flight; False if
+        ``timeout`` passed first.  Returns at once when the forwarder is not accepting.
+
+        The bound for callers that acknowledge before the secondary does (async mode):
+        each settled request wakes one waiter, never all of them.
+        """
+        if len(self._inflight) + self.queued < limit:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._room_waiters += 1
+            try:
+                while self._accepting and len(self._inflight) + self.queued >= limit:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._room.wait(left):
+                        return False
+            finally:
+                self._room_waiters -= 1
+        return True
+
+    def _make_room(self, n: int) -> None:
+        """``n`` requests left the window: wake as many room waiters (I/O thread)."""
+        if self._room_waiters:
+            with self._lock:
+                self._room.notify(n)
+
     def _submit(self, t: Ticket) -> Ticket:
         with self._lock:
             if not self._accepting:
@@ -418,37 +449,54 @@ class Forwarder:
         self._finish(why)
 
     def _loop(self, h: "nbd.NBD") -> str:
-        """Run until a failure or close; returns the reason ("" for close)."""
+        """Run until a failure or close; returns the reason ("" for close).
+
+        Every libnbd call drops and retakes the GIL, a thread switch when nbdkit's workers
+        want it, so a round makes as few as it can: the socket is fetched once (a handle
+        keeps it until closed), the direction once after sending and once after reading,
+        and a direction of 0 is how a dead or closed handle shows.
+        """
         poller = select.poll()
         poller.register(self._wake_fd, select.POLLIN)
-        fd, mask = -1, 0
+        fd, mask = h.aio_get_fd(), 0
+        direction = h.aio_get_direction()
         try:
             while True:
+                self._issued = False
                 why = self._take_incoming()
                 why = why if why is not None else self._send(h)
                 why = why if why is not None else self._check_deadlines()
                 if why is not None:
                     return why
-                new_fd, new_mask = h.aio_get_fd(), _poll_mask(h.aio_get_direction())
-                if (new_fd, new_mask) != (fd, mask):
-                    if fd >= 0 and mask:
-                        poller.unregister(fd)
-                    fd, mask = new_fd, new_mask
-                    if mask:
-                        poller.register(fd, mask)
+                if self._issued:
+                    direction = h.aio_get_direction()
+                mask = self._repoll(poller, fd, mask, _poll_mask(direction))
+                if not mask:
+                    return self._retire() or f"secondary {self.uri} closed the connection"
                 wait_ms = max(0, int((self._next_check - time.monotonic()) * 1000) + 1)
                 for got_fd, events in poller.poll(wait_ms):
                     if got_fd == self._wake_fd:
                         self._drain_wake()
                     else:
                         _notify(h, events)
+                        direction = h.aio_get_direction()
                 why = self._retire()
-                if why is None and (h.aio_is_dead() or h.aio_is_closed()):
+                if why is None and not direction:
                     why = f"secondary {self.uri} closed the connection"
                 if why is not None:
                     return why
         except nbd.Error as err:
             return f"secondary {self.uri} failed: {err}"
+
+    @staticmethod
+    def _repoll(poller: "select.poll", fd: int, old: int, new: int) -> int:
+        """Point ``poller`` at ``fd`` for the events in ``new`` (0: not at all)."""
+        if new != old:
+            if old:
+                poller.unregister(fd)
+            if new:
+                poller.register(fd, new)
+        return new
 
     def _drain_wake(self) -> None:
         try:
@@ -514,6 +562,7 @@ class Forwarder:
     def _issue(self, h: "nbd.NBD", t: Ticket) -> Optional[str]:
         """Hand ``t`` to libnbd; it counts as in flight even if libnbd refuses it."""
         self._inflight.add(t)
+        self._issued = True
         flags = self._fua_flag if t.fua else 0
         try:
             if t.kind is WRITE:
@@ -555,6 +604,7 @@ class Forwarder:
             else:
                 stats[_STAT[t.kind]] += 1
             t._settle(True)
+        self._make_room(len(done))
         return why
 
     def _check_deadlines(self) -> Optional[str]:
@@ -606,6 +656,8 @@ class Forwarder:
             log.info("forwarder to secondary %s closed", self.uri)
         for t in pending:
             t._settle(False)
+        with self._lock:
+            self._room.notify_all()  # not accepting: every waiter returns
 
     def _call_on_failure(self, why: str, ranges: list[tuple[int, int]]) -> None:
         if self.on_failure is None:
