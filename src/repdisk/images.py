@@ -827,8 +827,21 @@ class Overlay:
         """
         check_range(self.size, offset, length, write=True)
         first, end = self._clusters(offset, length)
+        if self._all_set(first, end):
+            # Already copied (every replica write after the first one to a cluster in a
+            # checkpoint interval): a bitmap lookup, no lock.  Bits are cleared only by
+            # make_empty and commit, which the caller's own range lock excludes anyway.
+            return 0
         with self._ranges.exclusive(first, end):
             return self._copy_clusters(first, end)
+
+    def _all_set(self, first: int, end: int) -> bool:
+        """True if every cluster of ``[first, end)`` is allocated."""
+        bitmap = self._bitmap
+        for cluster in range(first, end):
+            if not bitmap[cluster >> 3] >> (cluster & 7) & 1:
+                return False
+        return True
 
     def make_empty(self) -> None:
         """Drop every allocated cluster (O(allocated)): reads fall through to the backing."""

@@ -6,22 +6,50 @@ copy-before-write is half done, a checkpoint against any write, a partial
 cluster's read-modify-write against a neighbour in the same cluster.
 
 Holders are few (one per request in progress, so at most the number of nbdkit
-threads plus background jobs), so a list scanned under one condition variable
-is both simple and fast; there is no fairness beyond what the condition gives.
+threads plus background jobs), so a list scanned under one lock is both simple
+and fast; there is no fairness beyond what the condition gives.
+
+Every request takes one, so the uncontended path is kept to one lock round and
+a list append/remove: waiters are counted, and a release wakes them only when
+there are any (``notify_all`` on an empty condition still costs a call).  The
+context managers are small classes, not generators (a generator-based
+``contextmanager`` costs several Python calls per use).
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from typing import Iterator
+from types import TracebackType
+from typing import Optional
+
+Entry = tuple[int, int, bool]
+
+
+class _Held:
+    """``with lock.exclusive(a, b):`` / ``with lock.shared(a, b):``."""
+
+    __slots__ = ("_lock", "_start", "_end", "_exclusive", "_entry")
+
+    def __init__(self, lock: "RangeLock", start: int, end: int, exclusive: bool) -> None:
+        self._lock = lock
+        self._start = start
+        self._end = end
+        self._exclusive = exclusive
+
+    def __enter__(self) -> None:
+        self._entry = self._lock.acquire(self._start, self._end, self._exclusive)
+
+    def __exit__(self, exc_type: Optional[type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self._lock.release(self._entry)
 
 
 class RangeLock:
     def __init__(self) -> None:
-        # Guards _held; waiters sleep on it until an overlapping holder leaves.
+        # Guards _held and _waiters; waiters sleep on it until an overlapping holder leaves.
         self._cond = threading.Condition(threading.Lock())
-        self._held: list[tuple[int, int, bool]] = []  # (start, end, exclusive)
+        self._held: list[Entry] = []  # (start, end, exclusive)
+        self._waiters = 0
 
     def _conflicts(self, start: int, end: int, exclusive: bool) -> bool:
         for s, e, x in self._held:
@@ -29,31 +57,27 @@ class RangeLock:
                 return True
         return False
 
-    def acquire(self, start: int, end: int, exclusive: bool = True) -> tuple[int, int, bool]:
+    def acquire(self, start: int, end: int, exclusive: bool = True) -> Entry:
         entry = (start, end, exclusive)
         with self._cond:
-            while self._conflicts(start, end, exclusive):
-                self._cond.wait()
+            if self._held and self._conflicts(start, end, exclusive):
+                self._waiters += 1
+                try:
+                    while self._conflicts(start, end, exclusive):
+                        self._cond.wait()
+                finally:
+                    self._waiters -= 1
             self._held.append(entry)
         return entry
 
-    def release(self, entry: tuple[int, int, bool]) -> None:
+    def release(self, entry: Entry) -> None:
         with self._cond:
             self._held.remove(entry)
-            self._cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
 
-    @contextmanager
-    def exclusive(self, start: int, end: int) -> Iterator[None]:
-        entry = self.acquire(start, end, True)
-        try:
-            yield
-        finally:
-            self.release(entry)
+    def exclusive(self, start: int, end: int) -> _Held:
+        return _Held(self, start, end, True)
 
-    @contextmanager
-    def shared(self, start: int, end: int) -> Iterator[None]:
-        entry = self.acquire(start, end, False)
-        try:
-            yield
-        finally:
-            self.release(entry)
+    def shared(self, start: int, end: int) -> _Held:
+        return _Held(self, start, end, False)

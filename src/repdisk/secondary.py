@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from .errors import BlockIOError, check_range
 from .images import BlockDevice, Overlay, RawImage
@@ -382,7 +382,7 @@ class SecondaryReplica:
             if route is Route.COPY_BEFORE_WRITE:
                 copied = self.hidden.copy_from_backing(offset, length)
                 _apply(self.disk, call, offset, length, buf, fua)
-                self._count(replica_writes=1, replica_bytes=length, cbw_bytes=copied)
+                self._count_replica_write(length, copied)
                 return
             if route is Route.SPLIT:
                 self._split_write(call, offset, length, buf, fua)
@@ -430,6 +430,14 @@ class SecondaryReplica:
         cs = self.cluster_size
         return offset // cs * cs, min(self.size, -(-(offset + length) // cs) * cs)
 
+    def _count_replica_write(self, length: int, copied: int) -> None:
+        """The per-request counters of the replica view (no keyword dict on the hot path)."""
+        counters = self._counters
+        with self._counters_lock:
+            counters["replica_writes"] += 1
+            counters["replica_bytes"] += length
+            counters["cbw_bytes"] += copied
+
     def _count(self, **deltas: int) -> None:
         with self._counters_lock:
             for key, delta in deltas.items():
@@ -451,17 +459,13 @@ class _FairRangeLock:
         self._turnstile = threading.Condition(threading.Lock())
         self._draining = 0
 
-    @contextmanager
-    def shared(self, start: int, end: int) -> Iterator[None]:
+    def shared(self, start: int, end: int) -> ContextManager[None]:
         self._wait_turn()
-        with self._ranges.shared(start, end):
-            yield
+        return self._ranges.shared(start, end)
 
-    @contextmanager
-    def exclusive(self, start: int, end: int) -> Iterator[None]:
+    def exclusive(self, start: int, end: int) -> ContextManager[None]:
         self._wait_turn()
-        with self._ranges.exclusive(start, end):
-            yield
+        return self._ranges.exclusive(start, end)
 
     @contextmanager
     def whole(self, size: int) -> Iterator[None]:
@@ -476,6 +480,11 @@ class _FairRangeLock:
                 self._turnstile.notify_all()
 
     def _wait_turn(self) -> None:
+        """Wait while a whole-disk holder is waiting or holding.  The unlocked check is
+        the per-request fast path; a holder that arrives just after it is still excluded
+        by the range lock itself (the turnstile only gives it priority)."""
+        if not self._draining:
+            return
         with self._turnstile:
             while self._draining:
                 self._turnstile.wait()
