@@ -656,11 +656,22 @@ class QMPServer:
         The handshake runs on each connection's own thread, so a client that stalls in it
         holds up nobody else.
         """
+        return self.serve_tcp(host, port, context)
+
+    def serve_tcp(self, host: str, port: int,
+                  context: Optional[ssl.SSLContext] = None) -> tuple[str, int]:
+        """Listen on TCP: TLS clients only with ``context`` (see :meth:`serve_tls`), plain
+        without (for an operator who said insecure); return the bound address."""
         try:
             sock = socket.create_server((host, port), backlog=16)
         except OSError as err:
             raise ControlError(f"control on {host}:{port}: cannot listen: {err}") from err
         bound = sock.getsockname()[:2]
+        if context is None:
+            self._listen(sock, None)
+            log.warning("qmp: %s control listening on %s:%d WITHOUT TLS (insecure): anyone "
+                        "who reaches it may run any command", self.name, *bound)
+            return bound
 
         def adopt(raw: socket.socket, peer: str) -> None:
             threading.Thread(target=self._adopt_tls, args=(raw, peer, context), daemon=True,
@@ -735,6 +746,17 @@ def _capabilities(args: dict[str, Any]) -> None:
 Address = Union[str, tuple[str, int]]
 
 
+def tcp_address(address: Address) -> Optional[tuple[str, int]]:
+    """``(host, port)`` for a TCP control address (``"host:port"``, ``"[v6]:port"`` or a
+    tuple); None for a Unix socket path."""
+    if isinstance(address, tuple):
+        return address
+    if not re.fullmatch(r"[^/]*:\d+", address):
+        return None
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
 class _QMPSession(_AsyncQMPClient):
     """qemu.qmp's client, with one fix for TLS: its disconnect flushes by setting the write
     high-water mark to 0 and draining, and CPython 3.11's SSL transport pauses writing when
@@ -774,9 +796,7 @@ class QMPClient:
         ``tls``: a client context (:func:`repdisk.tls.client_context`) for a node's TLS
         control port; the server is checked against the host name or address given here.
         """
-        if isinstance(address, str) and re.fullmatch(r"[^/]*:\d+", address):
-            host, port = address.rsplit(":", 1)
-            address = (host.strip("[]"), int(port))
+        address = tcp_address(address) or address
         self.address = address
         try:
             self._run(self._qmp.connect(address, ssl=tls), timeout, "connect")
