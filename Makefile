@@ -7,7 +7,7 @@ setup:
 	./scripts/setup.sh
 
 check: setup
-	$(PY) -m pytest tests vmtests
+	$(PY) -m pytest tests vmtests bench
 
 test: setup
 	$(PY) -m pytest tests
@@ -16,7 +16,7 @@ vmtest: setup
 	$(PY) -m pytest vmtests
 
 bench: setup
-	$(PY) -m bench.run
+	$(PY) -m bench.run --costs
 
 clean:
 	rm -rf .venv build *.egg-info src/*.egg-info

@@ -453,6 +453,8 @@ class Config:
     out: Path
     workdir: Path
     own_workdir: bool  # created by us, so removed at the end
+    costs: bool = False  # also run bench/costs.py into out
+    quick: bool = False
 
 
 def _measure_system(system: System, cfg: Config, rep: int, cells: dict[tuple[str, str], Cell],
@@ -654,6 +656,9 @@ def parse_args(argv: list[str] | None) -> Config:
                     help="output directory (results/bench-<timestamp> in the repository)")
     ap.add_argument("--workdir", type=Path,
                     help="where the images and sockets go (a fresh dir in /var/tmp, removed)")
+    ap.add_argument("--costs", action="store_true",
+                    help="also measure the costs that must not grow with the disk "
+                         "(bench/costs.py: checkpoint, failover commit, resync, RSS)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -667,6 +672,8 @@ def parse_args(argv: list[str] | None) -> Config:
         out=(args.out or ROOT / "results" / f"bench-{stamp}").resolve(),
         workdir=args.workdir or Path(tempfile.mkdtemp(prefix="rdbench-", dir="/var/tmp")),
         own_workdir=args.workdir is None,
+        costs=args.costs,
+        quick=args.quick,
     )
 
 
@@ -680,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cells, skipped = run_benchmark(cfg)
         markdown = write_results(cfg, cells, skipped)
+        if cfg.costs:
+            from .costs import run_costs
+            costs_dir = cfg.workdir / "costs"
+            costs_dir.mkdir(exist_ok=True)
+            markdown += "\nCosts (bench/costs.py):\n\n" + run_costs(cfg.out, costs_dir,
+                                                                      cfg.quick)
     finally:
         _stop_all_live()
         if (cfg.workdir / "logs").exists():
