@@ -18,6 +18,10 @@ disk=[NAME:]PATH  (required, repeatable)
     a disk of the node (a raw file or block device); repeat the key for a consistency group of several disks. NAME (letters, digits, '-', '_'; default disk0, disk1, ...) names its exports and must match on both nodes
 control=SOCKET  (required)
     the node's control socket (QMP protocol, mode 0600)
+control-tcp=HOST:PORT  (default None)
+    also serve the control protocol on TCP, for a controller on another host; TLS with client certificates (control-tls) is required, loopback included, unless insecure=yes
+control-tls=x509:DIR|off  (default off)
+    certificates for control-tcp (repdisk tls ca DIR): the node shows server-cert.pem and accepts only clients with a certificate signed by ca-cert.pem
 state=PATH  (default first disk + '.state')
     the node's state file (epoch, consistency)
 secondary=NBD-URI  (required) [primary only]
@@ -25,7 +29,7 @@ secondary=NBD-URI  (required) [primary only]
 secondary-tls=psk:FILE[:USER]|x509:DIR|off  (default off) [primary only]
     credentials for the link to the secondary (the secondary's nbdkit must require the same: repdisk secondary --tls ...); USER defaults to repdisk. Needed for a TCP secondary on another host unless insecure=yes
 insecure=yes|no  (default no)
-    allow plain, unencrypted TCP between hosts (the primary's link to a secondary that is not on loopback)
+    allow plain, unencrypted TCP: the primary's link to a secondary that is not on loopback, and control-tcp without control-tls
 write-mode=sync|async  (default sync) [primary only]
     sync: a guest write is acknowledged once local and on the secondary; async: once local, forwarded in order behind a bounded window
 timeout=DURATION  (default 5s) [primary only]

@@ -3,8 +3,8 @@
     repdisk secondary --disk SEC.img --control sec.qmp --nbd-socket sec.sock
     repdisk primary --disk PRI.img --control pri.qmp --nbd-socket pri.sock \\
         --secondary 'nbd+unix:///replica?socket=sec.sock'
-    repdisk ctl SOCKET COMMAND [KEY=VALUE ...] [--json]
-    repdisk status SOCKET ...
+    repdisk ctl SOCKET|HOST:PORT COMMAND [KEY=VALUE ...] [--json] [--tls DIR]
+    repdisk status SOCKET|HOST:PORT ... [--tls DIR]
     repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
     repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
     repdisk tls psk FILE [--user NAME] | repdisk tls ca DIR --hosts HOST,HOST
@@ -109,7 +109,8 @@ def _ctl(args: argparse.Namespace) -> int:
             raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
         command_args[key] = parse_value(value)
     result = ctlclient.execute(args.socket, args.command, command_args,
-                               progress=sys.stderr.isatty())
+                               progress=sys.stderr.isatty(), tls=args.tls,
+                               insecure=args.insecure)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -151,7 +152,7 @@ def _status(args: argparse.Namespace) -> int:
     ok = True
     for sock in args.sockets:
         try:
-            for line in ctlclient.status_lines(sock):
+            for line in ctlclient.status_lines(sock, args.tls, args.insecure):
                 print(line)
         except (RepdiskError, OSError) as err:
             ok = False
@@ -196,6 +197,14 @@ def _add_tls_parser(sub: Any) -> None:
     p.set_defaults(func=_tls)
 
 
+def _add_client_tls(p: argparse.ArgumentParser) -> None:
+    """How ctl and status reach a HOST:PORT control port."""
+    p.add_argument("--tls", metavar="DIR", help="for HOST:PORT: certificate directory (repdisk "
+                                               "tls ca) with ca-cert.pem and a client certificate")
+    p.add_argument("--insecure", action="store_true",
+                   help="for HOST:PORT: plain TCP to a port served with insecure=yes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repdisk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,16 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_parser(sub, cfgmod.PRIMARY)
     _add_node_parser(sub, cfgmod.SECONDARY)
 
-    p = sub.add_parser("ctl", help="send one command to a control socket")
-    p.add_argument("socket")
+    p = sub.add_parser("ctl", help="send one command to a control socket or TCP port")
+    p.add_argument("socket", metavar="SOCKET|HOST:PORT")
     p.add_argument("command", help="a QMP command (e.g. query-replication) or an alias: "
                                    + ", ".join(sorted(ctlclient.ALIASES)))
     p.add_argument("args", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_client_tls(p)
     p.set_defaults(func=_ctl)
 
     p = sub.add_parser("status", help="one line per disk per node, one per controller")
-    p.add_argument("sockets", nargs="+", metavar="SOCKET")
+    p.add_argument("sockets", nargs="+", metavar="SOCKET|HOST:PORT")
+    _add_client_tls(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("lab", help="bring up (or --down) a working pair in a folder")

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .errors import ConfigError
-from .tls import TLSSpec, check_plain, uri_tcp_host, uses_tls
+from .qmp import tcp_address
+from .tls import (TLSSpec, check_control_plain, check_plain, control_tls_dir, uri_tcp_host,
+                  uses_tls)
 
 PRIMARY, SECONDARY = "primary", "secondary"
 ROLES = (PRIMARY, SECONDARY)
@@ -44,6 +46,12 @@ KEYS: tuple[Key, ...] = (
         "names its exports and must match on both nodes", required=True, repeat=True),
     Key("control", ROLES, "SOCKET", "the node's control socket (QMP protocol, mode 0600)",
         required=True),
+    Key("control-tcp", ROLES, "HOST:PORT",
+        "also serve the control protocol on TCP, for a controller on another host; TLS with "
+        "client certificates (control-tls) is required, loopback included, unless insecure=yes"),
+    Key("control-tls", ROLES, "x509:DIR|off",
+        "certificates for control-tcp (repdisk tls ca DIR): the node shows server-cert.pem and "
+        "accepts only clients with a certificate signed by ca-cert.pem", default="off"),
     Key("state", ROLES, "PATH", "the node's state file (epoch, consistency)",
         default="first disk + '.state'"),
     Key("secondary", (PRIMARY,), "NBD-URI",
@@ -55,8 +63,8 @@ KEYS: tuple[Key, ...] = (
         "same: repdisk secondary --tls ...); USER defaults to repdisk. Needed for a TCP "
         "secondary on another host unless insecure=yes", default="off"),
     Key("insecure", ROLES, "yes|no",
-        "allow plain, unencrypted TCP between hosts (the primary's link to a secondary that "
-        "is not on loopback)", default="no", flag=True),
+        "allow plain, unencrypted TCP: the primary's link to a secondary that is not on "
+        "loopback, and control-tcp without control-tls", default="no", flag=True),
     Key("write-mode", (PRIMARY,), "sync|async",
         "sync: a guest write is acknowledged once local and on the secondary; async: once "
         "local, forwarded in order behind a bounded window", default="sync"),
@@ -125,6 +133,14 @@ def parse_bool(key: str, text: str) -> bool:
     raise ConfigError(key, f"expected yes or no, got {text!r}")
 
 
+def parse_address(key: str, text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 literal in brackets) as a (host, port) pair."""
+    address = tcp_address(text)
+    if address is None or not address[0] or not 0 < address[1] < 65536:
+        raise ConfigError(key, f"cannot parse {text!r}: use HOST:PORT, e.g. 10.0.0.1:7000")
+    return address
+
+
 def parse_uint(key: str, text: str, low: int = 1) -> int:
     if not text.strip().isdigit() or int(text) < low:
         raise ConfigError(key, f"expected a whole number >= {low}, got {text!r}")
@@ -188,6 +204,8 @@ class NodeConfig:
     cluster_size: int = 65536
     secondary_tls: Optional[TLSSpec] = None
     insecure: bool = False
+    control_tcp: Optional[tuple[str, int]] = None
+    control_tls: Optional[str] = None     # certificate directory for control_tcp
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -216,11 +234,25 @@ class NodeConfig:
         cfg = cls(role=role, disks=disks, control=_one(values, "control"),
                   state=_one(values, "state") or disks[0].path + ".state",
                   insecure=parse_bool("insecure", _one(values, "insecure") or "no"))
+        cfg._control_keys(values)
         if role == PRIMARY:
             cfg._primary_keys(values)
         else:
             cfg._secondary_keys(values)
         return cfg
+
+    def _control_keys(self, values: dict[str, list[str]]) -> None:
+        """control-tcp needs control-tls (or insecure); control-tls alone is a mistake."""
+        tcp, tls = _one(values, "control-tcp"), _one(values, "control-tls") or "off"
+        if tcp is None:
+            if tls != "off":
+                raise ConfigError("control-tls", "is for control-tcp: give control-tcp=HOST:PORT "
+                                                 "too, or leave control-tls out")
+            return
+        self.control_tcp = parse_address("control-tcp", tcp)
+        self.control_tls = control_tls_dir("control-tls", tls, "server")
+        if self.control_tls is None:
+            check_control_plain("control-tcp", tcp, self.insecure)
 
     def _primary_keys(self, values: dict[str, list[str]]) -> None:
         self.secondary = _one(values, "secondary")

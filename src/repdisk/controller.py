@@ -1,6 +1,7 @@
 """The controller: checkpoints, heartbeat, failover, resync and re-protection of a pair.
 
     repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
+    repdisk controller --primary 10.0.0.1:7000 --secondary 10.0.0.2:7000 --tls DIR ...
 
 It talks only to control sockets (the nodes', the guest's QMP and guest agent) and never
 touches data itself.  One thread (``run``) heartbeats both nodes every ``heartbeat`` and
@@ -43,10 +44,10 @@ from typing import Any, Callable, Optional
 
 from qemu.qmp import ExecuteError
 
-from . import metrics, resync
-from .config import parse_duration
+from . import ctlclient, metrics, resync, tls
+from .config import parse_address, parse_duration
 from .errors import ConfigError, ControlError, RepdiskError
-from .qmp import ArgSpec, Command, QMPClient, QMPServer
+from .qmp import ArgSpec, Command, QMPClient, QMPServer, tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class ControllerConfig:
     granularity: int = resync.GRANULARITY
     command_timeout: float = 3600.0     # long node commands: copies, failover commits
     auto_failover: bool = True
+    tls: Optional[str] = None           # certificates for nodes reached at HOST:PORT
+    insecure: bool = False              # plain TCP to nodes / on control_tcp
+    control_tcp: Optional[tuple[str, int]] = None   # the controller's own TCP control port
+    control_tls: Optional[str] = None   # its certificate directory
 
     def check(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat:
@@ -98,6 +103,12 @@ class ControllerConfig:
         if self.vm_state and (not self.qmp or self.freeze):
             raise ConfigError("vm-state", "needs --qmp and no --freeze: the guest must be "
                                           "stopped while its state is saved")
+        for role, address in (("primary", self.primary), ("secondary", self.secondary)):
+            if tcp_address(address) and not self.tls and not self.insecure:
+                raise ConfigError(role, f"{address} is a TCP control port: give --tls DIR "
+                                        "(client certificates), or --insecure")
+        if self.control_tcp and not self.control_tls:
+            tls.check_control_plain("control-tcp", "%s:%d" % self.control_tcp, self.insecure)
 
 
 class GuestAgent:
@@ -165,8 +176,9 @@ def save_vm_state(guest: QMPClient, path: str, timeout: float = 300.0) -> int:
 class _Link:
     """One control connection to a node, made on demand and dropped when it fails."""
 
-    def __init__(self, name: str, socket: str, timeout: float) -> None:
+    def __init__(self, name: str, socket: str, timeout: float, cfg: ControllerConfig) -> None:
         self.name, self.socket, self.timeout = name, socket, timeout
+        self.tls, self.insecure = cfg.tls, cfg.insecure
         # One call at a time on a QMP connection.
         self._lock = threading.Lock()
         self._client: Optional[QMPClient] = None
@@ -191,8 +203,9 @@ class _Link:
         with self._lock:
             try:
                 if self._client is None:
-                    self._client = QMPClient(timeout=self.timeout).connect(
-                        self.socket, timeout=min(self.timeout, 5.0))
+                    self._client = ctlclient.connect(
+                        self.socket, self.tls, self.insecure, timeout=self.timeout,
+                        connect_timeout=min(self.timeout, 5.0))
                 result = self._client.execute(command, args or {})
                 if on_events is not None:
                     on_events(self._drain())
@@ -224,8 +237,9 @@ class _Peer:
 
     def __init__(self, role: str, socket: str, cfg: ControllerConfig) -> None:
         self.role, self.socket = role, socket
-        self.beat_link = _Link(role, socket, min(cfg.heartbeat_timeout, max(cfg.heartbeat, 0.5)))
-        self.ops = _Link(role, socket, cfg.command_timeout)
+        self.beat_link = _Link(role, socket, min(cfg.heartbeat_timeout, max(cfg.heartbeat, 0.5)),
+                               cfg)
+        self.ops = _Link(role, socket, cfg.command_timeout, cfg)
         self.last_seen = time.monotonic()
         self.reachable = False
         self.last: Optional[dict[str, Any]] = None  # the last query-replication answer
@@ -299,9 +313,12 @@ class Controller:
         self._guest: Optional[QMPClient] = None
         self._progress_said = 0.0
         self._server: Optional[QMPServer] = None
-        if cfg.control:
+        if cfg.control or cfg.control_tcp:
             self._server = QMPServer(control_commands(self), name="repdisk-controller")
-            self._server.serve_unix(cfg.control)
+            if cfg.control:
+                self._server.serve_unix(cfg.control)
+            if cfg.control_tcp:
+                tls.serve_control(self._server, cfg.control_tcp, cfg.control_tls)
 
     # -- events ------------------------------------------------------------------------
 
@@ -729,11 +746,20 @@ def control_commands(ctl: Controller) -> list[Command]:
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("controller", help="run the controller of a pair",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--primary", required=True, metavar="PRI.qmp", help="primary's control socket")
-    p.add_argument("--secondary", required=True, metavar="SEC.qmp",
-                   help="secondary's control socket")
+    p.add_argument("--primary", required=True, metavar="PRI.qmp|HOST:PORT",
+                   help="primary's control socket or control-tcp port")
+    p.add_argument("--secondary", required=True, metavar="SEC.qmp|HOST:PORT",
+                   help="secondary's control socket or control-tcp port")
     p.add_argument("--control", required=True, metavar="CTRL.qmp",
                    help="the controller's own control socket")
+    p.add_argument("--tls", metavar="DIR", help="certificates (repdisk tls ca) for nodes given "
+                                               "as HOST:PORT: a client certificate and the CA")
+    p.add_argument("--control-tcp", metavar="HOST:PORT",
+                   help="also serve the controller's control on TCP (needs --control-tls)")
+    p.add_argument("--control-tls", metavar="x509:DIR",
+                   help="certificates for --control-tcp; clients need one from the same CA")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain TCP to nodes and on --control-tcp")
     p.add_argument("--interval", default="5s", help="checkpoint interval (default 5s)")
     p.add_argument("--heartbeat", default="1s", help="heartbeat interval (default 1s)")
     p.add_argument("--heartbeat-timeout", default="3s",
@@ -763,7 +789,9 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
         heartbeat_timeout=parse_duration("heartbeat-timeout", args.heartbeat_timeout),
         qmp=args.qmp, freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
         on_failover=args.on_failover, initial_sync=args.initial_sync,
-        metrics_file=args.metrics_file)
+        metrics_file=args.metrics_file, tls=args.tls, insecure=args.insecure,
+        control_tcp=parse_address("control-tcp", args.control_tcp) if args.control_tcp else None,
+        control_tls=tls.control_tls_dir("control-tls", args.control_tls or "off", "server"))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,6 +1,11 @@
 """Client side of the control sockets: one command, a status view, progress.
 
 Used by ``repdisk ctl``, ``repdisk status``, ``repdisk lab`` and the controller.
+
+An address is a Unix socket path or ``HOST:PORT`` (a node's or controller's control-tcp
+port).  TCP needs a certificate directory (``tls``, from ``repdisk tls ca``): the client
+shows client-cert.pem and checks the server against ca-cert.pem and the host it dialled.
+Plain TCP only with ``insecure`` (for a port served with insecure=yes).
 """
 
 from __future__ import annotations
@@ -9,8 +14,9 @@ import sys
 import threading
 from typing import Any, Callable, Optional
 
-from .errors import ControlError
-from .qmp import QMPClient
+from . import tls as tlsmod
+from .errors import ConfigError, ControlError
+from .qmp import QMPClient, tcp_address
 
 #: Short names for ``repdisk ctl``: alias -> (QMP command, fixed arguments).
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -33,12 +39,28 @@ def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, {**fixed, **args}
 
 
+def connect(address: str, tls: Optional[str] = None, insecure: bool = False, *,
+            timeout: float = 10.0, connect_timeout: float = 10.0) -> QMPClient:
+    """A negotiated client of a control socket or ``HOST:PORT``; TCP uses TLS with the
+    certificates in ``tls`` (read at every connect, so renewed files take effect at once)."""
+    context = None
+    if tcp_address(address) is not None:
+        if tls:
+            context = tlsmod.client_context(tls)
+        elif not insecure:
+            raise ConfigError("tls", f"{address} is a TCP control port: give --tls DIR (client "
+                                     "certificates), or --insecure for a port served without TLS")
+    return QMPClient(timeout=timeout).connect(address, timeout=connect_timeout, tls=context)
+
+
 def execute(socket: str, command: str, args: Optional[dict[str, Any]] = None, *,
-            timeout: float = 600.0, progress: bool = False) -> Any:
+            timeout: float = 600.0, progress: bool = False, tls: Optional[str] = None,
+            insecure: bool = False) -> Any:
     """Run one command on a control socket; raises ControlError with the server's error."""
     name, arguments = resolve(command, args or {})
-    watcher = ProgressPrinter(socket) if progress and name in LONG else None
-    client = QMPClient(timeout=timeout).connect(socket, timeout=10.0)
+    watcher = ProgressPrinter(socket, tls=tls, insecure=insecure) \
+        if progress and name in LONG else None
+    client = connect(socket, tls, insecure, timeout=timeout)
     try:
         return client.execute(name, arguments)
     finally:
@@ -50,10 +72,11 @@ def execute(socket: str, command: str, args: Optional[dict[str, Any]] = None, *,
 class ProgressPrinter:
     """Prints ``*_PROGRESS`` events of a node on a second connection while a command runs."""
 
-    def __init__(self, socket: str, out: Callable[[str], None] = sys.stderr.write) -> None:
+    def __init__(self, socket: str, out: Callable[[str], None] = sys.stderr.write,
+                 tls: Optional[str] = None, insecure: bool = False) -> None:
         self._out = out
         self._stop = threading.Event()
-        self._client = QMPClient(timeout=5.0).connect(socket)
+        self._client = connect(socket, tls, insecure, timeout=5.0)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -79,9 +102,9 @@ def format_progress(event: str, data: dict[str, Any]) -> str:
             f"({100 * done / total:.0f}%)")
 
 
-def status_lines(socket: str) -> list[str]:
+def status_lines(socket: str, tls: Optional[str] = None, insecure: bool = False) -> list[str]:
     """One human line per disk of the node behind ``socket``, or one for a controller."""
-    client = QMPClient(timeout=10.0).connect(socket)
+    client = connect(socket, tls, insecure)
     try:
         try:
             return controller_lines(client.execute("query-controller"))

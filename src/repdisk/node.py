@@ -279,12 +279,14 @@ class Node:
                 + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
 
     def serve_control(self) -> None:
-        """Start the control socket and, on a primary, the isolation monitor (call after
-        nbdkit forked: both start threads)."""
-        from . import control
+        """Start the control socket (and the TCP control port, if configured) and, on a
+        primary, the isolation monitor (call after nbdkit forked: all start threads)."""
+        from . import control, tls
         from .qmp import QMPServer
         server = QMPServer(control.node_commands(self), name=f"repdisk-{self.cfg.role}")
         server.serve_unix(self.cfg.control)
+        if self.cfg.control_tcp:
+            tls.serve_control(server, self.cfg.control_tcp, self.cfg.control_tls)
         self._server = server
         if self.mode is ReplicationMode.PRIMARY:
             self._guard(self.cfg.on_isolation, self.cfg.isolation_timeout)

@@ -36,10 +36,13 @@ import ssl
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import parse_qsl, quote, urlencode
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .qmp import QMPServer
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +155,28 @@ def check_plain(key: str, what: str, host: str, insecure: bool) -> None:
     raise ConfigError(key, f"{what} {host} is plain TCP between hosts: anyone on the path can "
                            "read and change the disk; use TLS (psk:FILE or x509:DIR) or say "
                            "insecure explicitly")
+
+
+def control_tls_dir(key: str, text: str, side: str) -> Optional[str]:
+    """The certificate directory of ``x509:DIR`` for control over TCP (None for ``off``);
+    its files for ``side`` are checked now.  Python's ``ssl`` has no PSK before 3.13."""
+    spec = TLSSpec.parse(key, text)
+    if spec is None:
+        return None
+    if spec.kind != "x509":
+        raise ConfigError(key, "control over TCP uses certificates, not a PSK: give x509:DIR "
+                               "(create it with repdisk tls ca DIR --hosts ...)")
+    check_cert_dir(key, spec.path, side)
+    return spec.path
+
+
+def check_control_plain(key: str, address: str, insecure: bool) -> None:
+    """Refuse control over plain TCP unless insecure, loopback included: a TCP port on
+    loopback is open to every local user, the 0600 Unix socket only to its owner."""
+    if not insecure:
+        raise ConfigError(key, f"control on {address} without TLS would let anyone who reaches "
+                               "the port (on loopback: any local user) run any command: give "
+                               "TLS certificates (x509:DIR) or say insecure explicitly")
 
 
 # -- checking files ------------------------------------------------------------------------
@@ -304,6 +329,14 @@ def client_context(folder: str) -> ssl.SSLContext:
                         os.path.join(folder, "client-key.pem"))
     ctx.load_verify_locations(os.path.join(folder, "ca-cert.pem"))
     return ctx
+
+
+def serve_control(server: "QMPServer", address: tuple[str, int],
+                  folder: Optional[str]) -> tuple[str, int]:
+    """Serve a node's or controller's control protocol on TCP ``address``: TLS with client
+    certificates of ``folder``'s CA, or plain when ``folder`` is None (the configuration
+    checked that the operator said insecure).  Returns the bound address."""
+    return server.serve_tcp(*address, server_context(folder) if folder else None)
 
 
 def peer_name(tls: ssl.SSLSocket) -> str:
