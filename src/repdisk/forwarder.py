@@ -199,10 +199,12 @@ class Forwarder:
 
     def __init__(self, uri: str, *, timeout: float = 5.0, window: int = 64,
                  on_failure: Optional[FailureCallback] = None,
-                 export_suffix: str = "") -> None:
+                 export_suffix: str = "", session_tag: str = "") -> None:
         if window < 1:
             raise ValueError(f"forwarder window must be at least 1, not {window}")
-        self.uri = with_export_suffix(uri, export_suffix)
+        self.uri = with_export_suffix(uri, export_suffix)  # what messages name
+        # What is connected to: the primary's writer-session tag goes last (sessions.py).
+        self._connect_uri = with_export_suffix(uri, export_suffix + session_tag)
         self.timeout = timeout
         self.window = window
         self.on_failure = on_failure
@@ -273,7 +275,7 @@ class Forwarder:
         if old is not None and old is not threading.current_thread():
             old.join()
         h = nbd.NBD()
-        tls.prepare_client(h, self.uri)   # an nbds:// URI carries the TLS credentials
+        tls.prepare_client(h, self._connect_uri)  # an nbds:// URI carries TLS credentials
         self.size = self._handshake(h)
         self._reset_io_state()
         self._can_trim = h.can_trim()
@@ -298,7 +300,7 @@ class Forwarder:
     def _handshake(self, h: "nbd.NBD") -> int:
         """Connect ``h`` within ``timeout`` without blocking forever on a hung secondary."""
         try:
-            h.aio_connect_uri(self.uri)
+            h.aio_connect_uri(self._connect_uri)
             done = _pump(h, lambda: not h.aio_is_connecting(),
                          time.monotonic() + self.timeout)
             if not done:

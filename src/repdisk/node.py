@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Union
 
-from . import resync
+from . import resync, sessions
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage
@@ -199,6 +199,8 @@ class Node:
         self.replicas: dict[str, Replica] = {}
         self._retired: list[SecondaryReplica] = []  # a promoted node's former secondaries
         self.exports: dict[str, BlockDevice] = {}
+        # Secondary: the writer gate of each replica export name (aliases share one).
+        self._gates: dict[str, sessions.WriterGate] = {}
         self._server: Any = None  # the QMP server, once serving
         self.isolation: Optional[Isolation] = None
         self._acks: dict[str, Optional[int]] = {}
@@ -235,8 +237,11 @@ class Node:
             active = Export(rep.active, self.admit_write)
             self.exports[f"replica/{name}"] = rep.replica
             self.exports[f"active/{name}"] = active
+            gate = sessions.WriterGate(name)
+            self._gates[f"replica/{name}"] = gate
             if i == 0:
                 self.exports["replica"], self.exports["active"] = rep.replica, active
+                self._gates["replica"] = gate
         self.default_export = "active"
 
     def admit_write(self) -> None:
@@ -260,12 +265,18 @@ class Node:
     # -- serving ----------------------------------------------------------------
 
     def export(self, name: str) -> BlockDevice:
-        dev = self.exports.get(name or self.default_export)
-        if dev is None:
-            import errno
+        """The device behind an export name; a primary's tagged ``replica...@EPOCH.GEN``
+        connection gets a fenced session view (see sessions.py)."""
+        base, token = sessions.split_tag(name)
+        dev = self.exports.get(base or self.default_export)
+        if dev is None or (token is not None and base not in self._gates):
             raise BlockIOError(errno.ENOENT, f"no export named {name!r}; this node serves "
                                              f"{', '.join(sorted(self.exports))}")
-        return dev
+        if token is None:
+            return dev
+        gate = self._gates[base]
+        gate.admit(token, self.state.epoch)
+        return sessions.SessionView(dev, gate, token)
 
     def list_exports(self) -> list[tuple[str, str]]:
         return [(name, self._describe(name)) for name in self.exports]
@@ -315,6 +326,9 @@ class Node:
 
     def start(self, mode: ReplicationMode, epoch: Optional[int] = None) -> None:
         self.state.check_start(self.role, epoch)
+        for rep in self.replicas.values():
+            if isinstance(rep, PrimaryReplica):  # its connections carry the epoch
+                rep.epoch = max(self.state.epoch, epoch or 0)
         self.registry.start_all(mode)
         self.state.enter(self.role, epoch)
         self.state.save(self.cfg.state)

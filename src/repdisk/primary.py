@@ -36,6 +36,7 @@ from .errors import ConfigError, ForwardError, check_range
 from .forwarder import Forwarder, Ticket
 from .images import BlockDevice, RawImage
 from .rangelock import RangeLock
+from .sessions import make_tag
 from .replication import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
 from .stage import EventSink, Stage, StageMachine, no_events
 
@@ -111,6 +112,9 @@ class PrimaryReplica:
         self.timeout = float(timeout)
         self.window = window
         self.export_suffix = export_suffix
+        #: The pair's epoch, set by the node at start; every connection this replica makes
+        #: names it and a growing generation, so the secondary can fence stale ones.
+        self.epoch = 0
         self.events = events
         self.sm = StageMachine(name, ReplicationMode.PRIMARY, events)
         self.dirty = DirtyMap(disk.size, granularity)
@@ -220,8 +224,11 @@ class PrimaryReplica:
 
     # -- the link to the secondary ---------------------------------------------------
 
-    def _connect(self) -> Forwarder:
-        """A new connection to the secondary, checked for size; raises ReplicationError."""
+    def _connect(self, session: bool = True) -> Forwarder:
+        """A new connection to the secondary, checked for size; raises ReplicationError.
+
+        ``session``: a writer session (sessions.py), fenced by the secondary once a newer
+        one starts; the start-up probe only looks and is not one."""
         if self.secondary_uri is None:
             raise ReplicationError(f"{self.name}: cannot replicate: no secondary is configured "
                                    "(set the 'secondary' key to its NBD URI)")
@@ -230,8 +237,10 @@ class PrimaryReplica:
         def on_failure(error: str, ranges: list[tuple[int, int]]) -> None:
             self._on_failure(fwd, error, ranges)
 
+        tag = make_tag(self.epoch, time.time_ns()) if session else ""
         fwd = Forwarder(self.secondary_uri, timeout=self.timeout, window=self.window,
-                        on_failure=on_failure, export_suffix=self.export_suffix)
+                        on_failure=on_failure, export_suffix=self.export_suffix,
+                        session_tag=tag)
         try:
             fwd.connect()
         except ForwardError as err:
@@ -246,7 +255,7 @@ class PrimaryReplica:
 
     def probe(self) -> None:
         """Check that the secondary answers and has this disk's size (node start-up)."""
-        self._connect().close()
+        self._connect(session=False).close()
 
     def link_acks(self) -> Optional[int]:
         """Requests the secondary acknowledged on the current link; None when not forwarding.
