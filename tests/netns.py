@@ -167,7 +167,7 @@ def start_node(nodes: Any, role: str, name: str, keys: list[tuple[str, str]],
 
     Readiness is probed from inside the namespace, where the listener is reachable.
     """
-    from conftest import NodeProc
+    from tests.conftest import NodeProc
     from repdisk import nodeproc
     from repdisk.cli import PLUGIN
 

@@ -21,12 +21,12 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 
-from conftest import MiB, Nodes, make_disk
+from tests.conftest import MiB, Nodes, make_disk
 from repdisk import config as cfgmod
 from repdisk import nodeproc
 from repdisk.cli import PLUGIN
 from repdisk.secondary import SecondaryReplica
-from test_node_pair import qemu, read_file
+from tests.test_node_pair import qemu, read_file
 
 REPDISK = os.path.join(os.path.dirname(sys.executable), "repdisk")
 SIZE = 8 * MiB

@@ -22,9 +22,9 @@ import nbd
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from conftest import MiB, NodeProc, Nodes, make_disk
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.qmp import QMPClient as BlockingClient
-from test_node_pair import SIZE, read_export
+from tests.test_node_pair import SIZE, read_export
 
 # Arguments for the commands that need some; every other listed command runs without any.
 ARGS: dict[str, dict[str, Any]] = {

@@ -16,11 +16,11 @@ import time
 import nbd
 import pytest
 
-from conftest import MiB, Nodes, make_disk
+from tests.conftest import MiB, Nodes, make_disk
 from repdisk import ctlclient
 from repdisk.errors import ControlError
 from repdisk.resync import GRANULARITY
-from test_controller_helpers import (HEARTBEAT_TIMEOUT, Pair, Writer, events, file_bytes,
+from tests.test_controller_helpers import (HEARTBEAT_TIMEOUT, Pair, Writer, events, file_bytes,
                                      make_pair, read_export, restart, run_in_thread,
                                      step_until, wait_for)
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import nbd
 
-from conftest import MiB, NodeProc, Nodes, make_disk
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.controller import Controller, ControllerConfig
 
 # Short timings: every rule holds (isolation < heartbeat-timeout; hold = timeout/2 covers a

@@ -22,11 +22,11 @@ from typing import Any, Iterator, Optional
 import nbd
 import pytest
 
-from conftest import MiB, NodeProc, Nodes, make_disk
-from netns import start_node
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.netns import start_node
 from repdisk import nodeproc
 from repdisk.errors import ControlError, RepdiskError
-from test_node_pair import checkpoint, random_bytes, read_all, read_file, start_pair
+from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file, start_pair
 
 SIZE = 4 * MiB
 BLOCK = 64 * 1024

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import NodeProc, Nodes
-from test_node_pair import checkpoint, read_file, start_pair
+from tests.conftest import NodeProc, Nodes
+from tests.test_node_pair import checkpoint, read_file, start_pair
 
 SIZE = 1 << 20
 FLAGS = {True: nbd.CMD_FLAG_FUA, False: 0}

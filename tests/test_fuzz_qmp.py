@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MiB, make_disk
+from tests.conftest import MiB, make_disk
 from repdisk import control
 from repdisk.node import Node
 from repdisk.qmp import QMPClient, QMPProtocol, QMPServer

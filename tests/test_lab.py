@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from repdisk import lab
-from test_cli import REPDISK, run
-from test_node_pair import qemu, read_file
+from tests.test_cli import REPDISK, run
+from tests.test_node_pair import qemu, read_file
 
 MiB = 1 << 20
 

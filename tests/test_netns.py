@@ -17,11 +17,11 @@ from typing import Any, Iterator
 import nbd
 import pytest
 
-from conftest import MiB, Nodes, make_disk
-from netns import Net, start_node, unavailable
+from tests.conftest import MiB, Nodes, make_disk
+from tests.netns import Net, start_node, unavailable
 from repdisk import nodeproc, tls
 from repdisk.tls import TLSSpec
-from test_node_pair import checkpoint, random_bytes, read_all, read_file
+from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
 
 pytestmark = pytest.mark.netns
 

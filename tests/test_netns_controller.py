@@ -33,16 +33,16 @@ from typing import Any, Iterator, Optional
 import nbd
 import pytest
 
-from conftest import MiB, NodeProc, Nodes, make_disk
-from netns import Host, Link, Net, start_node, unavailable
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.netns import Host, Link, Net, start_node, unavailable
 from repdisk import cli, ctlclient, nodeproc, tls
 from repdisk.config import NodeConfig
 from repdisk.controller import Controller, ControllerConfig
 from repdisk.errors import ConfigError, ControlError
 from repdisk.qmp import QMPClient
 from repdisk.tls import TLSSpec
-from test_controller_helpers import Writer, file_bytes, wait_for
-from test_node_pair import read_all
+from tests.test_controller_helpers import Writer, file_bytes, wait_for
+from tests.test_node_pair import read_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,3 +153,251 @@ def _bad_clients(ca: dict[str, str]) -> list[ssl.SSLContext]:
     other.load_cert_chain(os.path.join(ca["other"], "client-cert.pem"),
                           os.path.join(ca["other"], "client-key.pem"))
     return [nocert, other]
+
+
+# -- three namespaces ------------------------------------------------------------------------
+
+@dataclass
+class Trio:
+    """Primary, secondary and controller on their own hosts, and the links between them."""
+    nodes: Nodes
+    hosts: dict[str, Host]
+    pri_sec: Link
+    pri_ctl: Link
+    sec_ctl: Link
+    psk: str
+    certs: str
+    pri: NodeProc
+    sec: NodeProc
+    control: str                               # the controller's Unix control socket
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def ctl(self, command: str, **args: Any) -> Any:
+        with QMPClient(timeout=30).connect(self.control) as c:
+            return c.execute(command, args)
+
+    def query(self) -> dict[str, Any]:
+        return self.ctl("query-controller")
+
+    def wait_state(self, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        wait_for(lambda: self.query()["state"] == state, timeout, f"controller {state}")
+        return self.query()
+
+    def nbd_uri(self, address: str, export: str) -> str:
+        """A TLS URI of a node's NBD export (reachable from inside a namespace only)."""
+        return TLSSpec("psk", self.psk).client_uri("uri", f"nbd://{address}:{NBD_PORT}/{export}")
+
+    def start_controller(self) -> None:
+        folder = self.nodes.folder
+        cmd = [sys.executable, "-m", "repdisk.cli", "controller",
+               "--primary", f"{self.pri_ctl.addr_a}:{CONTROL_PORT}",
+               "--secondary", f"{self.sec_ctl.addr_a}:{CONTROL_PORT}", "--tls", self.certs,
+               "--control", self.control, "--interval", "0.5s", "--heartbeat", HEARTBEAT,
+               "--heartbeat-timeout", HEARTBEAT_TIMEOUT, "--log", os.path.join(folder, "ctl.log")]
+        self.procs.append(subprocess.Popen(self.hosts["ctl"].cmd(cmd), stdin=subprocess.DEVNULL))
+        wait_for(lambda: os.path.exists(self.control), 20, "the controller's socket")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.nodes.close()        # every process out of the namespaces before they go
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with Net() as n:
+        yield n
+
+
+@pytest.fixture
+def trio(net: Net, nodes: Nodes, ca: dict[str, str]) -> Iterator[Trio]:
+    """The pair on its hosts, started and checkpointed by a controller on a third host."""
+    hosts = {name: net.host(name) for name in ("pri", "sec", "ctl")}
+    pri_sec = net.link(hosts["pri"], hosts["sec"])
+    pri_ctl = net.link(hosts["pri"], hosts["ctl"])
+    sec_ctl = net.link(hosts["sec"], hosts["ctl"])
+    psk = os.path.join(nodes.folder, "pair.psk")
+    tls.make_psk(psk)
+    control = [("control-tls", f"x509:{ca['ca']}")]
+    sec_disk = make_disk(os.path.join(nodes.folder, "sec.img"), SIZE)
+    pri_disk = make_disk(os.path.join(nodes.folder, "pri.img"), SIZE)
+    listen = nodeproc.Listen(port=NBD_PORT, address=pri_sec.addr_b, tls=TLSSpec("psk", psk))
+    sec = start_node(nodes, "secondary", "sec",
+                     [("disk", sec_disk), ("control-tcp", f"{sec_ctl.addr_a}:{CONTROL_PORT}"),
+                      *control], listen, hosts["sec"])
+    pri = start_node(nodes, "primary", "pri",
+                     [("disk", pri_disk), ("secondary", listen.uri("replica")),
+                      ("secondary-tls", f"psk:{psk}"), ("timeout", TIMEOUT),
+                      ("isolation-timeout", ISOLATION),
+                      ("control-tcp", f"{pri_ctl.addr_a}:{CONTROL_PORT}"), *control],
+                     nodeproc.Listen(socket=os.path.join(nodes.folder, "pri.sock")),
+                     hosts["pri"])
+    t = Trio(nodes, hosts, pri_sec, pri_ctl, sec_ctl, psk, ca["ca"], pri, sec,
+             os.path.join(nodes.folder, "ctl.qmp"))
+    try:
+        t.start_controller()
+        t.wait_state("running", 20)
+        yield t
+    finally:
+        t.close()
+
+
+def test_normal_run_with_controller_checkpoints(trio: Trio) -> None:
+    """Checkpoints across three hosts, the controller reaching both nodes only by TLS."""
+    writer = Writer(trio.pri.uri(), SIZE, threads=2).start()
+    start = trio.query()["counters"]["checkpoints"]
+    wait_for(lambda: trio.query()["counters"]["checkpoints"] >= start + 3, 10, "checkpoints")
+    image = writer.pause()
+    trio.ctl("replication-do-checkpoint")
+    writer.stop()
+    assert writer.writes > 0 and not writer.errors
+    q = trio.query()
+    assert q["state"] == "running" and q["counters"]["checkpoint_failures"] == 0
+    assert q["nodes"]["primary"]["control"] == f"{trio.pri_ctl.addr_a}:{CONTROL_PORT}"
+    assert all(n["reachable"] for n in q["nodes"].values())
+    assert file_bytes(trio.pri.disks[0]) == file_bytes(trio.sec.disks[0]) == image
+    sec = trio.sec.ctl("query-replication")["disks"][0]
+    assert sec["consistent"] and sec["hidden_bytes"] == 0     # a checkpoint emptied it
+
+
+def test_cut_of_the_primary_secondary_link_degrades_without_failover_then_reprotects(
+        trio: Trio) -> None:
+    """The controller sees both nodes: the primary degrades and goes on, no failover; when
+    the link returns the controller resyncs and the disks are equal again."""
+    writer = Writer(trio.pri.uri(), SIZE, threads=2, max_len=16 << 10).start()
+    time.sleep(0.2)
+    trio.pri_sec.cut()
+    trio.wait_state("degraded", 5)
+    time.sleep(1.5)                    # past heartbeat-timeout and isolation-timeout
+    count = writer.writes
+    time.sleep(0.3)
+    assert writer.writes > count and not writer.errors
+    q = trio.query()
+    assert q["failover"] is None and q["counters"]["failovers"] == 0
+    pri = trio.pri.ctl("query-replication")
+    assert pri["disks"][0]["degraded"] and not pri["isolation"]["suspended"]
+    trio.pri_sec.heal()
+    trio.wait_state("running", 20)
+    image = writer.pause()
+    trio.ctl("replication-do-checkpoint")
+    writer.stop()
+    assert file_bytes(trio.pri.disks[0]) == file_bytes(trio.sec.disks[0]) == image
+    assert trio.sec.ctl("query-replication")["epoch"] == trio.pri.ctl("query-replication")["epoch"]
+
+
+class AckWriter:
+    """One guest writing 4 KiB blocks through the primary, noting when each was acknowledged."""
+
+    def __init__(self, uri: str) -> None:
+        self.h = nbd.NBD()
+        self.h.connect_uri(uri)
+        self.acks: list[float] = []          # wall-clock times, to compare with the controller's
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                self.h.pwrite(bytes([n % 251 + 1]) * 4096, n % 256 * 4096)
+            except nbd.Error as err:
+                self.error = f"{err.errno}: {err}"
+                return
+            self.acks.append(time.time())
+            n += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.h.close()
+
+
+def isolate_primary(trio: Trio) -> tuple[AckWriter, dict[str, Any]]:
+    """Cut the primary off from both others while a guest writes; return the writer and the
+    controller's failover record."""
+    writer = AckWriter(trio.pri.uri())
+    wait_for(lambda: len(writer.acks) > 20, 5, "guest writes")
+    trio.pri_sec.cut()
+    trio.pri_ctl.cut()
+    q = trio.wait_state("failed-over", 10)
+    return writer, q["failover"]
+
+
+def test_primary_isolated_from_both_fences_itself_and_secondary_takes_over(trio: Trio) -> None:
+    """The primary holds guest writes after isolation-timeout, before the controller fails
+    over: every write it acknowledged came before the failover began (epoch 1), the
+    secondary serves epoch 2, and the old primary is fenced when it is reachable again."""
+    writer, failover = isolate_primary(trio)
+    began = failover["time"] - failover["failover"]
+    assert writer.acks[-1] < began, "the isolated primary acknowledged a write after failover"
+    count = len(writer.acks)
+    time.sleep(0.5)
+    assert len(writer.acks) == count and writer.error is None        # held, not failed
+    pri = trio.pri.ctl("query-replication")
+    assert pri["isolation"]["suspended"] and pri["epoch"] == 1
+    assert trio.sec.ctl("query-replication")["epoch"] == failover["epoch"] == 2
+    # The secondary serves the new epoch, from inside its own host.
+    active = trio.nbd_uri(trio.pri_sec.addr_b, "active")
+    data = os.urandom(65536)
+    trio.hosts["sec"].call(_write_and_read, active, data, 5 * MiB)
+    # Contact returns: the controller fences the old primary and its held write fails.
+    trio.pri_ctl.heal()
+    wait_for(lambda: trio.query()["old_primary_fenced"], 5, "fence")
+    wait_for(lambda: writer.error is not None, 5, "held write refused")
+    assert "EPERM" in str(writer.error)      # EROFS in the node; NBD's wire has only EPERM
+    writer.stop()
+    assert len(writer.acks) == count
+    pri = trio.pri.ctl("query-replication")
+    assert pri["fenced"] and pri["epoch"] == 1
+    print(f"\nisolated primary: last write acknowledged {began - writer.acks[-1]:.2f}s before "
+          f"the failover began; loss to serving {failover['loss_to_serving']:.2f}s")
+
+
+def _write_and_read(uri: str, data: bytes, offset: int) -> None:
+    h = nbd.NBD()
+    tls.prepare_client(h, uri)
+    h.connect_uri(uri)
+    try:
+        h.pwrite(data, offset)
+        h.flush()
+        assert h.pread(len(data), offset) == data
+    finally:
+        h.shutdown()
+
+
+def test_healed_partition_resyncs_and_reprotects(trio: Trio) -> None:
+    """After the isolation and failover, the network heals: the old primary is fenced, comes
+    back as the winner's secondary, promotion compares the disks by checksum over TLS and
+    copies what differs (its rolled-back writes), and the pair is protected again."""
+    writer, failover = isolate_primary(trio)
+    trio.pri_sec.heal()
+    trio.pri_ctl.heal()
+    wait_for(lambda: trio.query()["old_primary_fenced"], 5, "fence")
+    writer.stop()
+    old_disk = trio.pri.disks[0]
+    trio.pri.kill()
+    trio.nodes.started.remove(trio.pri)
+    listen = nodeproc.Listen(port=NBD_PORT, address=trio.pri_sec.addr_a,
+                             tls=TLSSpec("psk", trio.psk))
+    start_node(trio.nodes, "secondary", "newsec",
+               [("disk", old_disk), ("control-tcp", f"{trio.pri_ctl.addr_a}:{CONTROL_PORT}"),
+                ("control-tls", f"x509:{trio.certs}")], listen, trio.hosts["pri"])
+    assert file_bytes(old_disk) != file_bytes(trio.sec.disks[0])      # rolled-back writes
+    trio.ctl("controller-promote", secondary=f"{trio.pri_ctl.addr_a}:{CONTROL_PORT}",
+             uri=trio.nbd_uri(trio.pri_sec.addr_a, "replica"))
+    q = trio.wait_state("running", 20)
+    assert q["epoch"] == 2
+    # The winner's guest writes are replicated to the old primary's host again.
+    data = os.urandom(65536)
+    trio.hosts["sec"].call(_write_and_read, trio.nbd_uri(trio.pri_sec.addr_b, "active"), data,
+                           2 * MiB)
+    trio.ctl("replication-do-checkpoint")
+    winner = file_bytes(trio.sec.disks[0])
+    assert winner[2 * MiB:2 * MiB + len(data)] == data
+    assert file_bytes(old_disk) == winner

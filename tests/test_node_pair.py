@@ -20,7 +20,7 @@ from typing import Optional
 import nbd
 import pytest
 
-from conftest import MiB, NodeProc, Nodes, make_disk
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.errors import ControlError
 
 SIZE = 16 * MiB

@@ -18,10 +18,10 @@ from typing import Iterator
 import nbd
 import pytest
 
-from conftest import MiB, NodeProc, Nodes
+from tests.conftest import MiB, NodeProc, Nodes
 from repdisk import config as cfgmod
 from repdisk.cli import PLUGIN
-from test_node_pair import SIZE, random_bytes, read_all, read_export, start_pair
+from tests.test_node_pair import SIZE, random_bytes, read_all, read_export, start_pair
 
 EXPORTS = ["primary", "replica", "active"]
 HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO

@@ -16,10 +16,10 @@ from typing import Callable, Iterator
 import nbd
 import pytest
 
-from conftest import MiB, NodeProc, Nodes, make_disk
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.errors import ControlError
 from repdisk.qmp import QMPClient
-from test_node_pair import CHUNK, read_file
+from tests.test_node_pair import CHUNK, read_file
 
 SIZE, HALF = 64 * MiB, 32 * MiB
 

@@ -17,7 +17,7 @@ from repdisk.images import Overlay, RawImage
 from repdisk.replication import ReplicationError, ReplicationMode
 from repdisk.secondary import SecondaryReplica
 from repdisk.stage import Stage
-from test_secondary import make_replica, read
+from tests.test_secondary import make_replica, read
 
 MiB = 1 << 20
 SIZE, HALF = 64 * MiB, 32 * MiB

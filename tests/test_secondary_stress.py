@@ -39,7 +39,7 @@ import pytest
 
 from repdisk.replication import ReplicationMode
 from repdisk.stage import Stage
-from test_secondary import make_replica, read
+from tests.test_secondary import make_replica, read
 
 CS = 4096
 CLUSTERS = 128

@@ -13,7 +13,7 @@ from repdisk.errors import BlockIOError
 from repdisk.images import RawImage
 from repdisk.sessions import SessionView, WriterGate, make_tag, split_tag
 
-from conftest import MiB, Nodes, make_disk
+from tests.conftest import MiB, Nodes, make_disk
 
 
 def test_tags_parse_and_bad_tags_are_refused() -> None:

@@ -19,14 +19,14 @@ from typing import Any, Iterator
 import nbd
 import pytest
 
-from conftest import MiB, Nodes, make_disk
-from netns import start_node
+from tests.conftest import MiB, Nodes, make_disk
+from tests.netns import start_node
 from repdisk import cli, nodeproc, tls
 from repdisk.config import NodeConfig
 from repdisk.errors import ConfigError, ControlError
 from repdisk.qmp import ArgSpec, Command, QMPClient, QMPServer
 from repdisk.tls import TLSSpec
-from test_node_pair import checkpoint, random_bytes, read_all, read_file
+from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
 
 SIZE = 4 * MiB
 
