@@ -61,6 +61,8 @@ CHECKPOINT_HISTORY = 10
 PROGRESS_EVERY = 1.0
 #: Longest wait between two failed attempts to re-protect (it doubles from heartbeat-timeout).
 MAX_BACKOFF = 30.0
+#: Migration bandwidth (bytes/s) for saving a stopped guest's state: as fast as it goes.
+VM_STATE_BANDWIDTH = 8 << 30
 
 
 class NodeUnreachable(RepdiskError):
@@ -156,9 +158,14 @@ class GuestAgent:
 
 
 def save_vm_state(guest: QMPClient, path: str, timeout: float = 300.0) -> int:
-    """Save a stopped guest's device and memory state to ``path`` (QMP migrate to a file)."""
+    """Save a stopped guest's device and memory state to ``path`` (QMP migrate to a file).
+
+    QEMU throttles a migration to 128 MiB/s by default, which only stretches the pause of
+    a guest that is stopped anyway (0.7 s instead of 0.1 s for 90 MiB): lift the limit.
+    """
     if os.path.exists(path):
         os.unlink(path)
+    guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
     guest.execute("migrate", {"uri": "exec:cat > " + shlex.quote(path)})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
