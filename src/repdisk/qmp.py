@@ -744,6 +744,8 @@ def _capabilities(args: dict[str, Any]) -> None:
 # -- client -------------------------------------------------------------------------------
 
 Address = Union[str, tuple[str, int]]
+#: Longest wait for an orderly disconnect (QMPClient.close).
+CLOSE_TIMEOUT = 1.0
 
 
 def tcp_address(address: Address) -> Optional[tuple[str, int]]:
@@ -856,12 +858,23 @@ class QMPClient:
 
     def close(self) -> None:
         """Disconnect and free the event loop; errors of a session that already died are
-        not worth raising here."""
+        not worth raising here.
+
+        Bounded by ``CLOSE_TIMEOUT``: over a silently dead network a TLS close would wait
+        for TCP to give up (minutes), and a controller drops such a link from its loop."""
         with self._lock:
             if self._loop.is_closed():
                 return
+            writer = self._qmp._writer    # noqa: SLF001 - aborted if the close hangs
             try:
-                self._loop.run_until_complete(self._qmp.disconnect())
+                self._loop.run_until_complete(
+                    asyncio.wait_for(self._qmp.disconnect(), CLOSE_TIMEOUT))
+            except asyncio.TimeoutError:
+                log.debug("qmp client: %s: no orderly close within %gs; aborted",
+                          self.address, CLOSE_TIMEOUT)
+                if writer is not None:
+                    writer.transport.abort()
+                    self._loop.run_until_complete(asyncio.sleep(0))
             except (QMPError, OSError, EOFError) as err:
                 log.debug("qmp client: %s: session ended with %s", self.address, err)
             self._loop.close()
