@@ -63,6 +63,12 @@ PROGRESS_EVERY = 1.0
 MAX_BACKOFF = 30.0
 #: Migration bandwidth (bytes/s) for saving a stopped guest's state: as fast as it goes.
 VM_STATE_BANDWIDTH = 8 << 30
+#: Node commands that may run long (copies, a failover commit, digests of a disk): they get
+#: command_timeout.  Any other command must answer within heartbeat-timeout or the node
+#: counts as unreachable, so a silent network (a cut that resets nothing) cannot hold the
+#: controller, and its failover decision, inside a checkpoint for command_timeout.
+LONG_COMMANDS = frozenset({"replication-start", "replication-stop", "replication-resync",
+                           "replication-promote", "query-digests", "query-allocation"})
 
 
 class NodeUnreachable(RepdiskError):
@@ -186,6 +192,7 @@ class _Link:
     def __init__(self, name: str, socket: str, timeout: float, cfg: ControllerConfig) -> None:
         self.name, self.socket, self.timeout = name, socket, timeout
         self.tls, self.insecure = cfg.tls, cfg.insecure
+        self.quick = min(timeout, cfg.heartbeat_timeout)   # for commands not in LONG_COMMANDS
         # One call at a time on a QMP connection.
         self._lock = threading.Lock()
         self._client: Optional[QMPClient] = None
@@ -213,6 +220,7 @@ class _Link:
                     self._client = ctlclient.connect(
                         self.socket, self.tls, self.insecure, timeout=self.timeout,
                         connect_timeout=min(self.timeout, 5.0))
+                self._client.timeout = self.timeout if command in LONG_COMMANDS else self.quick
                 result = self._client.execute(command, args or {})
                 if on_events is not None:
                     on_events(self._drain())
@@ -251,10 +259,14 @@ class _Peer:
         self.reachable = False
         self.last: Optional[dict[str, Any]] = None  # the last query-replication answer
 
-    def beat(self) -> Optional[dict[str, Any]]:
-        """Heartbeat (counts as contact on a primary); the node's state, or None if silent."""
+    def beat(self, contact: bool = True) -> Optional[dict[str, Any]]:
+        """Heartbeat (counts as contact on a primary); the node's state, or None if silent.
+
+        ``contact=False`` only looks (query-replication): after a failover the old primary
+        must not hear a heartbeat, which would release the guest writes its isolation guard
+        holds before the controller has fenced it."""
         try:
-            q = self.beat_link.call("replication-heartbeat")
+            q = self.beat_link.call("replication-heartbeat" if contact else "query-replication")
         except (NodeUnreachable, ControlError) as err:
             if self.reachable:
                 log.warning("%s node %s stopped answering: %s", self.role, self.socket, err)
@@ -628,7 +640,7 @@ class Controller:
 
     def step(self) -> None:
         """One heartbeat round: look at both nodes, then act (at most one operation)."""
-        p, s = self.primary.beat(), self.secondary.beat()
+        p, s = self.primary.beat(contact=self.state != "failed-over"), self.secondary.beat()
         self._poll_hook()
         try:
             with self._lock:
