@@ -315,7 +315,10 @@ class AckWriter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.h.close()
+        try:
+            self.h.shutdown()
+        except nbd.Error:
+            pass
 
 
 def isolate_primary(trio: Trio) -> tuple[AckWriter, dict[str, Any]]:
