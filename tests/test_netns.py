@@ -3,8 +3,8 @@ replicating over TCP with TLS (PSK) across a veth pair, and what a cut of that l
 
 Every address used (10.213.1.1, 10.213.1.2) exists only inside the namespaces the test
 made; the guest and the control sockets are Unix sockets (a filesystem path reaches into
-a namespace; no network traffic is involved).  The controller-in-its-own-namespace tests
-(isolating the primary from both others, fencing) belong with the controller's tests.
+a namespace; no network traffic is involved).  The controller in its own namespace
+(isolating the primary from both others, fencing) is in test_netns_controller.py.
 """
 
 from __future__ import annotations
