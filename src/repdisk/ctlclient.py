@@ -81,12 +81,15 @@ class ProgressPrinter:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while True:
+            stopping = self._stop.wait(0.2)  # one last read after the command answered
             events = self._client.events
             for ev in events:
                 if ev.get("event", "").endswith("_PROGRESS"):
                     self._out("\r" + format_progress(ev["event"], ev.get("data", {})))
             events.clear()
+            if stopping:
+                return
 
     def stop(self) -> None:
         self._stop.set()
