@@ -1,15 +1,19 @@
 """The VM scenarios' shared harness: a replicated pair under a real guest, and its evidence.
 
-A :class:`Scenario` owns everything one test starts (repdisk nodes, guest VMs, the process
-that protects the pair) and an output folder holding the evidence a person can look at: each
-guest's serial console (``<name>.console.log``), each node's log, and ``timeline.txt``, one
-line per event (boot, checkpoint with its guest pause, kill, failover, resume). The
-timeline is written as it happens, so it survives a test that hangs or is killed, and
-``vmtests/conftest.py`` adds it to the report of a failed test.
+A :class:`Scenario` owns everything one test starts (repdisk nodes, guest VMs, the
+``repdisk controller`` process that protects the pair) and an output folder holding the
+evidence a person can look at: each guest's serial console (``<name>.console.log``), each
+node's log, the controller's log (``controller.log``) and ``timeline.txt``, one line per event
+(boot, the controller's state changes and checkpoints with their guest pause, kill,
+failover, hook, resume). The timeline is written as it happens, so it survives a test that
+hangs or is killed, and ``vmtests/conftest.py`` adds it to the report of a failed test.
 
-:class:`Pair` runs the checkpoint protocol of docs/DESIGN.md ("Controller contract") over the
-nodes' control sockets and :class:`Protector` drives it on a timer with a heartbeat on the
-primary, the way the controller does.
+The pair is protected the way an operator would protect it: the real controller
+(:class:`ControllerProc`) starts replication (secondary first), pauses the guest through a
+QMP monitor of its own for each checkpoint, detects the primary's death and fails over, runs
+its ``--on-failover`` hook and re-protects a secondary that comes back. The test only starts
+and kills processes and reads what the controller reports (``query-controller``, its hook's
+file); it never drives the nodes' control sockets itself.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,22 +39,30 @@ from repdisk.errors import RepdiskError
 from tests.conftest import NodeProc, Nodes
 from vmtests.guest import (Guest, GuestVM, build_disk, build_raw_disk, check_records,
                            crash_fsck_clean)
-from vmtests.guest.qemu import RECORD_RE, QemuError, QmpClient
+from vmtests.guest.qemu import RECORD_RE, QemuError, die_with_parent
 
 log = logging.getLogger(__name__)
 
 # Evidence outlives pytest's tmp_path (which other test runs prune); paths stay short
 # enough for Unix sockets.
 EVIDENCE_ROOT = Path(os.environ.get("REPDISK_VM_EVIDENCE", "/tmp/repdisk-vmtests"))
+REPDISK = Path(sys.executable).with_name("repdisk")  # the venv's entry point
 INTERVAL = 1.0           # seconds between checkpoints
+HEARTBEAT = 0.2          # seconds between the controller's heartbeats
 HEARTBEAT_TIMEOUT = 1.0  # seconds without an answer from the primary before failing over
-# A heartbeat to a dead node is an expected failure: qemu.qmp's log of each refused connect
-# would bury a failed test's report.
+# The primary's isolation-timeout must stay below the controller's heartbeat-timeout
+# (docs/failure-matrix.md, "Timing rules").
+ISOLATION_TIMEOUT = 0.6
+# A query to a controller that has exited is an expected failure while it shuts down:
+# qemu.qmp's log of each refused connect would bury a failed test's report.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 CONTROL_ERRORS = (RepdiskError, OSError, TimeoutError)
 # What a guest kernel prints when a block request fails (blk_update_request / buffer layer).
 KERNEL_IO_ERROR = re.compile(r"I/O error|blk_update_request|Buffer I/O error", re.I)
 BOOTED = "REPDISK-BOOTED"
+# The --on-failover hook: the controller's environment for the new guest, written atomically.
+HOOK = ("printf 'REPDISK_EPOCH=%s\\nREPDISK_VM_STATE=%s\\n' \"$REPDISK_EPOCH\" "
+        "\"${{REPDISK_VM_STATE:-}}\" > {tmp} && mv {tmp} {file}")
 
 
 class Timeline:
@@ -55,14 +71,17 @@ class Timeline:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.t0 = time.monotonic()
+        self.wall0 = time.time()
         self.lines: list[str] = []
         self._lock = threading.Lock()
         path.write_text("")
 
-    def mark(self, event: str, detail: str = "") -> float:
-        """Record ``event`` now; returns the monotonic time it was recorded at."""
+    def mark(self, event: str, detail: str = "", wall: float | None = None) -> float:
+        """Record ``event`` now, or at ``wall`` (``time.time()``, for an event another
+        process reported); returns the monotonic time it was recorded at."""
         now = time.monotonic()
-        line = f"{now - self.t0:8.3f}s  {event:<18} {detail}".rstrip()
+        at = now - self.t0 if wall is None else wall - self.wall0
+        line = f"{at:8.3f}s  {event:<18} {detail}".rstrip()
         with self._lock:
             self.lines.append(line)
             with open(self.path, "a") as f:
@@ -77,17 +96,61 @@ class Timeline:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One completed pair checkpoint: when, how long the guest was paused, what it covers."""
+    """One completed pair checkpoint as the controller recorded it (``last_checkpoints``).
 
-    number: int
-    at: float      # monotonic time the guest was stopped
-    pause: float   # seconds between QMP stop and cont
-    records: int   # the last record the console announced while the guest was stopped
-    vm_state: bool
+    Which records it holds, from the console alone (:meth:`bounds`). Let P be the last
+    record the guest printed before the controller's QMP ``stop``, and C the records the
+    checkpoint holds (what a failover leaves on the secondary's disk). The workload prints
+    record N only after N is fsync'd to both of its places, ``stop`` drains the guest's
+    I/O before the primary's barrier, and the stopped guest runs no code; so C is P, or
+    P + 1 when the guest was stopped between record P + 1's fsyncs and its console line.
+    The controller takes ``time`` before it sends ``stop`` and ``duration`` ends after
+    ``cont`` returned, and the console reader stamps each record line when it reads it:
+
+    - lower bound ``lo`` = the last record read before ``time``: it was printed before the
+      stop, so lo <= P <= C. Exact: a record the guest announced before the checkpoint
+      began and the failover lost fails it, whatever the timing.
+    - upper bound ``hi`` = 1 + the last record read before ``time + duration``: P was printed
+      before the stop, so it is read by then unless the reader lags by more than the whole
+      checkpoint (tens of ms at least; it reads continuously), hence C <= P + 1 <= hi. A
+      failover that kept any write made after ``cont`` holds record hi + 1 or more and
+      fails it (the test makes sure the guest wrote past hi before the kill).
+    """
+
+    seq: int
+    time: float       # wall clock, taken before the guest was stopped
+    duration: float   # seconds, until after it was continued
+    pause: float      # seconds between QMP stop and cont (0 without --qmp)
+    vm_state_bytes: int | None
+
+    @classmethod
+    def of(cls, rec: dict[str, Any]) -> Checkpoint:
+        return cls(rec["seq"], rec["time"], rec["duration"], rec["pause"],
+                   rec.get("vm_state_bytes"))
+
+    @property
+    def end(self) -> float:
+        return self.time + self.duration
+
+    def bounds(self, vm: GuestVM) -> tuple[int, int]:
+        """(lo, hi): the checkpoint holds between lo and hi records (see the class)."""
+        return vm.records_before(self.time), vm.records_before(self.end) + 1
+
+
+@dataclass(frozen=True)
+class Failover:
+    """What the controller's hook was given, and the controller's record of the failover."""
+
+    epoch: int
+    vm_state: Path | None
+    record: dict[str, Any]   # query-controller's "failover"
 
 
 class Pair:
-    """A primary and a secondary node serving the same disks (one consistency group)."""
+    """A primary and a secondary node serving the same disks (one consistency group).
+
+    Only the processes: the controller starts, checkpoints and fails over replication.
+    """
 
     def __init__(self, nodes: Nodes, timeline: Timeline, pri_disks: dict[str, Path],
                  sec_disks: dict[str, Path], primary_keys: dict[str, str]) -> None:
@@ -95,14 +158,11 @@ class Pair:
         self.timeline = timeline
         self.pri_disks = pri_disks
         self.sec_disks = sec_disks
-        self.primary_keys = primary_keys
         self.sec = self._start_secondary()
         self.pri = nodes.start("primary", "pri", self._disk_keys(pri_disks) + [
             ("secondary", self.sec.uri("replica")), *primary_keys.items()])
-        self.sec.ctl("replication-start", mode="secondary")
-        self.pri.ctl("replication-start", mode="primary")
         keys = " ".join(f"{k}={v}" for k, v in primary_keys.items())
-        timeline.mark("replication", f"started: disks {', '.join(pri_disks)} {keys}")
+        timeline.mark("nodes", f"secondary and primary up: disks {', '.join(pri_disks)} {keys}")
 
     @staticmethod
     def _disk_keys(disks: dict[str, Path]) -> list[tuple[str, str]]:
@@ -115,188 +175,155 @@ class Pair:
         """The NBD URIs of every disk of ``node`` (``view`` "active" on the secondary)."""
         return [node.uri(f"{view}/{name}" if view else name) for name in self.pri_disks]
 
-    def checkpoint(self, qmp: QmpClient | None, number: int, console: Callable[[], int],
-                   vm_state: Path | None = None) -> Checkpoint:
-        """One pair checkpoint, the contract's steps with the guest paused meanwhile.
-
-        One change of order: the VM state is saved *before* the primary's hold begins, not
-        during it. A migration ends by flushing the guest's disks, and the primary holds that
-        flush with the writes until the hold expires (timeout / 2): measured, the pause grew
-        from ~0.1 s to exactly timeout / 2. The stopped guest cannot write, so the disk is
-        the same before and after the hold begins.
-
-        ``console`` returns the last record the guest announced; it is read while the guest
-        is stopped (after the checkpoint's steps, so the console pipe has drained).
-        """
-        stopped = time.monotonic()
-        if qmp:
-            qmp.execute("stop")
-        try:
-            if qmp and vm_state:
-                save_vm_state(qmp, vm_state / "vmstate.tmp")
-            self.pri.ctl("replication-do-checkpoint")
-            try:
-                self.sec.ctl("replication-get-error")
-                self.sec.ctl("replication-do-checkpoint")
-                if qmp and vm_state:
-                    os.replace(vm_state / "vmstate.tmp", vm_state / "vmstate")
-            finally:
-                self.pri.ctl("replication-resume")
-            records = console()
-        finally:
-            if qmp:
-                qmp.execute("cont")
-        pause = time.monotonic() - stopped
-        cp = Checkpoint(number, stopped, pause, records, bool(qmp and vm_state))
-        self.timeline.mark("checkpoint", f"#{number} pause {pause * 1000:.1f} ms, records "
-                                         f"{records}{', vm-state saved' if cp.vm_state else ''}")
-        return cp
-
-    def failover(self) -> None:
-        self.sec.ctl("replication-stop", failover=True)
-
     def restart_secondary(self) -> None:
-        """Start the secondary's nbdkit again on the same files, then its replication."""
+        """Start the secondary's nbdkit again on the same files (the controller notices)."""
         for stale in (self.sec.control, self.sec.listen.socket):
             if stale and os.path.exists(stale):
                 os.unlink(stale)
-        epoch = self.pri.ctl("query-replication")["epoch"]
         self.sec = self._start_secondary()
-        self.sec.ctl("replication-start", mode="secondary", epoch=epoch)
-        self.timeline.mark("secondary back", f"nbdkit restarted, replication started "
-                                             f"(epoch {epoch})")
-
-    def resync(self) -> int:
-        sent = self.pri.ctl("replication-resync")["bytes"]
-        self.timeline.mark("resync", f"{sent} bytes copied to the secondary")
-        return sent
+        self.timeline.mark("secondary back", "nbdkit restarted on the same files")
 
 
-def save_vm_state(qmp: QmpClient, path: Path, timeout: float = 30.0) -> None:
-    """Migrate the (stopped) guest's state into ``path`` and wait until it is complete."""
-    qmp.execute("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
-    qmp.execute("migrate", uri=f"exec:cat > {path}")
-    deadline = time.monotonic() + timeout
-    while True:
-        status = qmp.execute("query-migrate").get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled") or time.monotonic() > deadline:
-            raise QemuError(f"saving the guest's state to {path}: migration {status}")
-        time.sleep(0.01)
+class ControllerProc:
+    """``repdisk controller`` as a process, watched through its control socket.
 
-
-class Protector:
-    """Checkpoints the pair every ``interval`` s and fails over when the primary is lost.
-
-    The controller's loop (DESIGN.md), driven from the test: each round pings the primary's
-    control socket; ``heartbeat_timeout`` s without an answer is a loss, answered by the
-    secondary's failover. A checkpoint that fails (e.g. a degraded primary refuses it) is
-    recorded and retried at the next interval.
+    A thread polls ``query-controller`` (every 50 ms) and copies each new event into the
+    timeline at the time the controller stamped it, and keeps every checkpoint record
+    (the controller keeps only its last ten). The ``--on-failover`` hook writes the
+    environment it was given (``REPDISK_EPOCH``, ``REPDISK_VM_STATE``) into
+    ``failover.env``, which is how the test learns where and how to start the new guest.
     """
 
-    def __init__(self, pair: Pair, vm: GuestVM, qmp_path: Path, *, interval: float = INTERVAL,
-                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
-                 vm_state: Path | None = None) -> None:
-        self.pair = pair
-        self.vm = vm
-        self.qmp = QmpClient(qmp_path)
-        self.interval = interval
+    POLL = 0.05
+
+    def __init__(self, pair: Pair, folder: Path, timeline: Timeline, *,
+                 guest_qmp: Path | None = None, vm_state: Path | None = None,
+                 interval: float = INTERVAL, heartbeat: float = HEARTBEAT,
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self.timeline = timeline
+        self.control = str(folder / "ctl.qmp")
+        self.hook_file = folder / "failover.env"
         self.heartbeat_timeout = heartbeat_timeout
-        self.vm_state = vm_state
-        self.checkpoints: list[Checkpoint] = []
-        self.failed_checkpoints = 0
-        self.serving = threading.Event()  # the secondary serves the disks
-        self.serving_at = 0.0  # monotonic time the failover completed
-        self.error: BaseException | None = None
+        hook = HOOK.format(tmp=shlex.quote(f"{self.hook_file}.tmp"),
+                           file=shlex.quote(str(self.hook_file)))
+        cmd = [str(REPDISK), "controller", "--primary", pair.pri.control,
+               "--secondary", pair.sec.control, "--control", self.control,
+               "--interval", f"{interval:g}s", "--heartbeat", f"{heartbeat:g}s",
+               "--heartbeat-timeout", f"{heartbeat_timeout:g}s", "--on-failover", hook]
+        cmd += ["--qmp", str(guest_qmp)] if guest_qmp else []
+        cmd += ["--vm-state", str(vm_state)] if vm_state else []
+        with open(folder / "controller.log", "wb") as logf:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        timeline.mark("controller", "started: " + shlex.join(cmd[1:]))
+        self.checkpoints: dict[int, Checkpoint] = {}
+        self._seen: set[tuple[float, str]] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="protector", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="controller-watch",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as err:  # reported by wait_* and close()
-            self.error = err
-            self.pair.timeline.mark("protector error", repr(err))
-            with self._cond:
-                self._cond.notify_all()
+    # -- reading what the controller reports --------------------------------------------
 
-    def _loop(self) -> None:
-        last_seen = next_checkpoint = time.monotonic()
-        while not self._stop.wait(0.1):
-            now = time.monotonic()
-            if self._primary_answers():
-                last_seen = now
-            elif now - last_seen > self.heartbeat_timeout:
-                self._fail_over(last_seen)
-                return
-            if now >= next_checkpoint:
-                next_checkpoint = now + self.interval
-                self._checkpoint()
+    def query(self) -> dict[str, Any]:
+        """``query-controller`` now; also records its new events and checkpoints."""
+        q = ctlclient.execute(self.control, "query-controller", timeout=10.0)
+        self._record(q)
+        return q
 
-    def _primary_answers(self) -> bool:
-        try:
-            ctlclient.execute(self.pair.pri.control, "query-replication", timeout=1.0)
-            return True
-        except CONTROL_ERRORS:
-            return False
+    def _record(self, q: dict[str, Any]) -> None:
+        with self._lock:
+            for rec in q["last_checkpoints"]:
+                self.checkpoints.setdefault(rec["seq"], Checkpoint.of(rec))
+            for ev in q["events"]:
+                key = (ev["time"], ev["event"])
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.timeline.mark(*self._describe(ev["event"], ev["data"]), wall=ev["time"])
 
-    def _checkpoint(self) -> None:
-        number = len(self.checkpoints) + self.failed_checkpoints + 1
-        try:
-            cp = self.pair.checkpoint(self.qmp, number, self.vm.last_record, self.vm_state)
-        except (*CONTROL_ERRORS, QemuError) as err:
-            self.pair.timeline.mark("checkpoint failed", f"#{number}: {err}")
-            with self._cond:
-                self.failed_checkpoints += 1
-                self._cond.notify_all()
-            return
-        with self._cond:
-            self.checkpoints.append(cp)
-            self._cond.notify_all()
+    def _describe(self, event: str, data: dict[str, Any]) -> tuple[str, str]:
+        """A timeline line for one controller event."""
+        if event == "CHECKPOINT_COMPLETED":
+            cp = self.checkpoints.get(data["seq"])
+            state = f", vm-state {cp.vm_state_bytes >> 20} MiB" \
+                if cp and cp.vm_state_bytes else ""
+            return "checkpoint", (f"#{data['seq']} guest paused {data['pause'] * 1000:.1f} ms "
+                                  f"(checkpoint {data['duration'] * 1000:.1f} ms{state})")
+        if event == "CONTROLLER_STATE_CHANGED":
+            why = f" ({data['why']})" if data.get("why") else ""
+            return "controller state", f"{data['from']} -> {data['to']}{why}"
+        if event == "FAILOVER_COMPLETED":
+            loss = data.get("loss_to_serving")
+            return "failover", (f"epoch {data['epoch']}, commit {data['failover']:.3f}s"
+                                + (f", loss->serving {loss:.3f}s (controller)" if loss else ""))
+        return event.lower(), " ".join(f"{k}={v}" for k, v in data.items())
 
-    def _fail_over(self, last_seen: float) -> None:
-        self.pair.timeline.mark("primary lost", f"no answer for {self.heartbeat_timeout:g}s")
-        self.pair.failover()
-        self.serving_at = self.pair.timeline.mark("failover", "secondary committed, serving")
-        self.serving.set()
-        with self._cond:
-            self._cond.notify_all()
+    def _watch(self) -> None:
+        said_gone = False
+        while not self._stop.wait(self.POLL):
+            try:
+                self.query()
+            except CONTROL_ERRORS:
+                if self.proc.poll() is not None and not said_gone:
+                    said_gone = True
+                    self.timeline.mark("controller exit", f"rc {self.proc.returncode}")
 
-    def wait_checkpoints(self, count: int, timeout: float) -> Checkpoint:
-        """Wait until ``count`` checkpoints completed; return the last one."""
-        self.wait_for(lambda: len(self.checkpoints) >= count, timeout,
-                      f"{count} completed checkpoints")
-        return self.checkpoints[-1]
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float,
+                 what: str) -> dict[str, Any]:
+        """Poll ``query-controller`` until ``predicate`` holds on it; return the answer."""
+        deadline = time.monotonic() + timeout
+        q: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the controller exited (rc {self.proc.returncode}) "
+                                     f"while waiting for {what}; see controller.log")
+            try:
+                q = self.query()
+            except CONTROL_ERRORS:
+                q = {}
+            if q and predicate(q):
+                return q
+            time.sleep(self.POLL)
+        raise AssertionError(f"no {what} within {timeout:g}s: controller {q.get('state')}, "
+                             f"counters {q.get('counters')}")
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Wait until ``predicate()`` holds (checked after each checkpoint, failed or not)."""
-        with self._cond:
-            ok = self._cond.wait_for(lambda: predicate() or self.error is not None
-                                     or self.serving.is_set(), timeout)
-        self._raise_error()
-        if not ok or not predicate():
-            raise AssertionError(f"no {what} within {timeout:g}s: {len(self.checkpoints)} "
-                                 f"checkpoints, {self.failed_checkpoints} failed")
+    def wait_running(self, timeout: float = 60.0) -> dict[str, Any]:
+        return self.wait_for(lambda q: q["state"] == "running", timeout, "running pair")
 
-    def wait_serving(self, timeout: float) -> None:
-        if not self.serving.wait(timeout):
-            self._raise_error()
-            raise AssertionError(f"no failover within {timeout:g}s of the primary's loss")
+    def last_checkpoint(self) -> Checkpoint:
+        self.query()
+        with self._lock:
+            return self.checkpoints[max(self.checkpoints)]
 
-    def _raise_error(self) -> None:
-        if self.error is not None:
-            raise AssertionError(f"the protector failed: {self.error!r}") from self.error
+    def next_checkpoint(self, timeout: float = 30.0) -> Checkpoint:
+        """Wait for a checkpoint that completes after this call; return it."""
+        done = self.query()["counters"]["checkpoints"]
+        self.wait_for(lambda q: q["counters"]["checkpoints"] > done, timeout,
+                      f"checkpoint after #{done}")
+        return self.last_checkpoint()
+
+    def wait_failover(self, timeout: float = 30.0) -> Failover:
+        """Wait until the controller failed over and its hook wrote ``failover.env``."""
+        q = self.wait_for(lambda q: q["failover"] is not None and self.hook_file.exists(),
+                          timeout, "failover and hook")
+        env = dict(line.split("=", 1) for line in self.hook_file.read_text().splitlines())
+        self.timeline.mark("hook ran", " ".join(f"{k}={v}" for k, v in env.items()))
+        return Failover(int(env["REPDISK_EPOCH"]),
+                        Path(env["REPDISK_VM_STATE"]) if env["REPDISK_VM_STATE"] else None,
+                        q["failover"])
 
     def close(self) -> None:
+        """SIGTERM the controller (it closes its sockets), SIGKILL it if it lingers."""
         self._stop.set()
-        self._thread.join(30)
-        try:
-            self.qmp.close()
-        except OSError:
-            pass
+        self._thread.join(5)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class RecordWatch:
@@ -332,8 +359,8 @@ class RecordWatch:
 class Scenario:
     """Everything one VM test starts, and its evidence folder; close() stops it all.
 
-    ``folder`` gets the evidence (timeline, consoles, node logs) and the sockets; ``work``
-    the disk images and saved VM states, which are large.
+    ``folder`` gets the evidence (timeline, consoles, node and controller logs) and the
+    sockets; ``work`` the disk images and saved VM states, which are large.
     """
 
     def __init__(self, folder: Path, work: Path, guest: Guest, accel: str) -> None:
@@ -356,49 +383,80 @@ class Scenario:
         return build_raw_disk(self.work / f"{name}.img", size_mb)
 
     def pair(self, disks: dict[str, Path], **primary_keys: str) -> Pair:
-        """Start a secondary on copies of ``disks`` and a primary on them; replication runs."""
+        """Start a secondary on copies of ``disks`` and a primary on them (not replicating
+        yet: the controller starts them)."""
         sec_disks = {}
         for name, path in disks.items():
             sec_disks[name] = path.with_name(f"sec-{path.name}")
             shutil.copyfile(path, sec_disks[name])
-        return Pair(self.nodes, self.timeline, disks, sec_disks,
-                    {k.replace("_", "-"): v for k, v in primary_keys.items()})
+        keys = {"isolation-timeout": f"{ISOLATION_TIMEOUT:g}s",
+                **{k.replace("_", "-"): v for k, v in primary_keys.items()}}
+        return Pair(self.nodes, self.timeline, disks, sec_disks, keys)
 
-    def vm(self, name: str, drives: Sequence[str | Path], **kwargs: Any) -> GuestVM:
-        """Start a guest whose console goes to ``<name>.console.log``; it also gets a second
-        QMP monitor, ``vm_control(name)``, for whoever protects it (QEMU allows one client
-        per monitor)."""
+    def vm(self, name: str, drives: Sequence[str | Path], paused: bool = False,
+           **kwargs: Any) -> GuestVM:
+        """Start a guest whose console goes to ``<name>.console.log`` (``paused``: created
+        stopped, QEMU's -S). It also gets a second QMP monitor, ``vm_control(name)``, for the
+        controller (QEMU allows one client per monitor; the test uses the first)."""
         control = self.vm_control(name)
         vm = GuestVM(drives, guest=self.guest, accel=self.accel,
                      log_path=self.folder / f"{name}.console.log",
-                     extra_args=["-qmp", f"unix:{control},server=on,wait=off"], **kwargs)
+                     extra_args=["-qmp", f"unix:{control},server=on,wait=off",
+                                 *(["-S"] if paused else [])], **kwargs)
         self.vms.append(vm)
         self._stack.callback(vm.close)
         vm.start()
         self.timeline.mark("vm start", f"{name} on {', '.join(map(str, drives))}"
                                        + (f" (incoming {kwargs['incoming']})"
-                                          if kwargs.get("incoming") else ""))
+                                          if kwargs.get("incoming") else "")
+                                       + (" (paused)" if paused else ""))
         return vm
 
     def vm_control(self, name: str) -> Path:
         return self.folder / f"{name}.ctl.qmp"
 
-    def wait_booted(self, vm: GuestVM, name: str, timeout: float = 60.0) -> float:
-        """Wait for REPDISK-BOOTED; returns the seconds it took."""
+    def wait_booted(self, vm: GuestVM, name: str, since: float | None = None,
+                    timeout: float = 60.0) -> float:
+        """Wait for REPDISK-BOOTED; returns the seconds it took since ``since`` (monotonic;
+        default: QEMU's start)."""
         vm.wait_for(f"^{BOOTED}", timeout)
-        took = time.monotonic() - vm.started_at
+        took = time.monotonic() - (vm.started_at if since is None else since)
         self.timeline.mark("booted", f"{name} in {took:.2f}s")
         return took
 
-    def protect(self, pair: Pair, vm: GuestVM, name: str, **kwargs: Any) -> Protector:
-        protector = Protector(pair, vm, self.vm_control(name), **kwargs)
-        self._stack.callback(protector.close)
-        return protector
+    def controller(self, pair: Pair, guest: str | None = None, vm_state: bool = False,
+                   **kwargs: Any) -> ControllerProc:
+        """Start ``repdisk controller`` on the pair (pausing guest ``guest`` through its
+        second monitor for each checkpoint; saving its state in ``work`` with ``vm_state``)."""
+        ctl = ControllerProc(pair, self.folder, self.timeline,
+                             guest_qmp=self.vm_control(guest) if guest else None,
+                             vm_state=self.work if vm_state else None, **kwargs)
+        self._stack.callback(ctl.close)
+        return ctl
+
+    def protected_guest(self, pair: Pair, name: str, vm_state: bool = False,
+                        **kwargs: Any) -> tuple[GuestVM, ControllerProc]:
+        """A guest (default workload: records) on the primary's exports under the controller,
+        from its first write on.
+
+        QEMU is created paused, so the controller can connect to its monitor and start the
+        pair (secondary first) before the guest writes anything; the guest runs once the
+        controller reports ``running`` (its first checkpoint's ``cont`` may start it first).
+        """
+        vm = self.vm(name, pair.uris(pair.pri), paused=True, **{"workload": "records",
+                                                                 **kwargs})
+        ctl = self.controller(pair, name, vm_state)
+        ctl.wait_running()
+        vm.qmp("cont")
+        self.wait_booted(vm, name, since=self.timeline.mark("cont", f"{name} runs"))
+        return vm, ctl
 
     def kill(self, what: str, kill: Callable[[], None]) -> float:
-        """SIGKILL something (a VM, a node) and mark it; returns the monotonic time."""
+        """SIGKILL something (a VM, a node) and mark it; returns the wall-clock time."""
         kill()
-        return self.timeline.mark("kill -9", what)
+        at = time.time()
+        self.timeline.mark("kill -9", what, wall=at)
+        return at
 
     def close(self) -> None:
         self._stack.close()
@@ -482,19 +540,33 @@ def restore_vm(scenario: Scenario, name: str, drives: Sequence[str | Path], stat
 
 
 def lose_primary(scenario: Scenario, pair: Pair, vm: GuestVM,
-                 protector: Protector) -> tuple[Checkpoint, int]:
-    """SIGKILL the primary's guest QEMU and nbdkit now, wait for the failover and check
-    the old guest's console; returns the last checkpoint and the last record announced."""
-    killed = scenario.kill("primary guest QEMU", vm.kill)
-    scenario.kill("primary nbdkit", pair.pri.kill)
+                 ctl: ControllerProc) -> tuple[Checkpoint, Failover]:
+    """Between two checkpoints, SIGKILL the primary's guest QEMU and nbdkit; wait for the
+    controller's failover and hook; check the old guest's console. Returns the last
+    checkpoint and the failover."""
+    vm.wait_for_record(vm.last_record() + 1, 30)
+    ctl.next_checkpoint()  # it began after that record: it holds one at least
+    time.sleep(INTERVAL / 2)  # mid-interval: the guest has written past the checkpoint
+    guest_killed = scenario.kill("primary guest QEMU", vm.kill)
+    killed = scenario.kill("primary nbdkit", pair.pri.kill)
     announced = vm.last_record()
-    protector.wait_serving(30)
-    scenario.timeline.mark("serving", f"{protector.serving_at - killed:.2f}s from the loss "
-                                      f"(heartbeat timeout {protector.heartbeat_timeout:g}s)")
-    last = protector.checkpoints[-1]
-    assert announced > last.records, "the guest wrote nothing after the last checkpoint"
+    failover = ctl.wait_failover()
+    serving = failover.record["time"] - killed
+    scenario.timeline.mark("serving", f"the secondary serves {serving:.3f}s after the "
+                                      f"primary's kill (heartbeat-timeout "
+                                      f"{ctl.heartbeat_timeout:g}s)")
+    assert failover.epoch == failover.record["epoch"] >= 2
+    # The controller counts from the primary's last answer, which came before the kill.
+    loss = failover.record["loss_to_serving"]
+    assert ctl.heartbeat_timeout <= loss and serving <= loss < ctl.heartbeat_timeout + 2.0
+    last = ctl.last_checkpoint()
+    lo, hi = last.bounds(vm)
+    scenario.timeline.mark("last checkpoint", f"#{last.seq}: between {lo} and {hi} records; "
+                                              f"console at the kill {announced}")
+    assert last.end < guest_killed and lo > 0
+    assert announced > hi, "the guest wrote nothing after the last checkpoint"
     assert console_problems(vm) == []
-    return last, announced
+    return last, failover
 
 
 def check_secondary_disk(pair: Pair, at_least: int, at_most: int) -> int:
@@ -509,20 +581,19 @@ def check_secondary_disk(pair: Pair, at_least: int, at_most: int) -> int:
     return count
 
 
-def continue_on_secondary(scenario: Scenario, pair: Pair, last: Checkpoint, announced: int,
+def continue_on_secondary(scenario: Scenario, pair: Pair, last: Checkpoint, old: GuestVM,
                           more: int) -> GuestVM:
     """After a failover: the secondary's disks are at the last checkpoint; a guest booted on
     its ``active`` exports continues the records from there and writes ``more`` of them."""
-    # Everything announced by the checkpoint, and at most the one record that was between
-    # its file and its console line when the guest was stopped: nothing later.
-    count = check_secondary_disk(pair, last.records, last.records + 1)
+    lo, hi = last.bounds(old)
+    count = check_secondary_disk(pair, lo, hi)
     scenario.timeline.mark("checked", f"disk at failover: {count} records (checkpoint "
-                                      f"{last.records}, console at the loss {announced})")
+                                      f"#{last.seq}: {lo}..{hi}), e2fsck clean")
     vm = scenario.vm("secondary-guest", pair.uris(pair.sec, "active"), workload="records")
     scenario.wait_booted(vm, "secondary-guest")
     # The guest keeps a record that reached the file but not the raw region: it may go on
     # with count + 2 (see checker.py).
-    resume = vm.wait_for(r"^REPDISK-RESUME next=(\d+)\r?$", 30)
+    resume = vm.wait_for(r"^REPDISK-RESUME next=(\d+)\r?\n", 30)
     assert int(resume.group(1)) in (count + 1, count + 2), resume.group(0)
     vm.wait_for_record(count + more, 60)
     scenario.kill("secondary guest QEMU", vm.kill)

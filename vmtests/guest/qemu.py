@@ -44,7 +44,8 @@ QEMU = "qemu-system-x86_64"
 KVM_PROBE_TIMEOUT = 10.0  # a working KVM reaches the initramfs in about a second
 KERNEL_ARGS = "console=ttyS0 panic=-1"
 PR_SET_PDEATHSIG = 1
-RECORD_RE = re.compile(r"^REPDISK-RECORD (\d+)\r?$", re.M)
+# A complete line only: a guest killed mid-line leaves "REPDISK-RECORD 3" of "...34".
+RECORD_RE = re.compile(r"^REPDISK-RECORD (\d+)\r?\n", re.M)
 _accel_verdict: dict[str, str] = {}
 
 
@@ -229,6 +230,8 @@ class GuestVM:
         self._text = ""
         self._eof = False
         self._cond = threading.Condition()
+        # (wall-clock time the host read it, N) for each "REPDISK-RECORD N" line, in order.
+        self.record_arrivals: list[tuple[float, int]] = []
         self._reader: threading.Thread | None = None
         self._qmp: QmpClient | None = None
         self.stderr: Any = None
@@ -248,12 +251,19 @@ class GuestVM:
     def _read_console(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        partial = ""  # the console's last, unfinished line
         with open(self.log_path, "wb") as logf:
             while chunk := os.read(self.proc.stdout.fileno(), 65536):
+                arrived = time.time()
                 logf.write(chunk)
                 logf.flush()
+                text = decoder.decode(chunk)
+                *lines, partial = (partial + text).split("\n")
+                arrivals = [(arrived, int(m.group(1))) for line in lines
+                            if (m := RECORD_RE.match(line + "\n"))]
                 with self._cond:
-                    self._console.append(decoder.decode(chunk))
+                    self._console.append(text)
+                    self.record_arrivals += arrivals
                     self._cond.notify_all()
         with self._cond:
             self._eof = True
@@ -304,6 +314,12 @@ class GuestVM:
         """The highest record number the console (or ``text``) announced, 0 if none."""
         text = self.console if text is None else text
         return max((int(n) for n in RECORD_RE.findall(text)), default=0)
+
+    def records_before(self, wall: float) -> int:
+        """The highest record whose console line the host had read before ``wall``
+        (``time.time()``), 0 if none: the guest printed it before then."""
+        with self._cond:
+            return max((n for t, n in self.record_arrivals if t < wall), default=0)
 
     def tail(self, chars: int = 3000) -> str:
         stderr = self.log_path.with_suffix(".stderr")
