@@ -57,7 +57,9 @@ def _add_node_parser(sub: Any, role: str) -> None:
                    help="detach once serving; write --pidfile, log to --log")
     p.add_argument("--pidfile", help="pid file (with --background)")
     p.add_argument("--log", help="log file (default: stderr; with --background: next to the pidfile)")
-    p.add_argument("--threads", type=int, default=16, help="nbdkit worker threads per connection")
+    p.add_argument("--threads", type=int, default=None,
+                   help="nbdkit worker threads per connection (default: by role and write "
+                        "mode, see nodeproc.default_threads)")
     p.set_defaults(func=lambda a: _run_node(a, role))
 
 
