@@ -27,7 +27,9 @@ import secrets
 import subprocess
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
 
 CLONE_NEWNET = 0x40000000
 SUBNET = "10.213"
@@ -185,3 +187,13 @@ def start_node(nodes: Any, role: str, name: str, keys: list[tuple[str, str]],
         node.kill()
         raise
     return node
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    """A set of namespaces for one test, removed afterwards; skips where they cannot be made."""
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with Net() as n:
+        yield n

@@ -18,7 +18,7 @@ import nbd
 import pytest
 
 from tests.conftest import MiB, Nodes, make_disk
-from tests.netns import Net, start_node, unavailable
+from tests.netns import Net, net, start_node  # noqa: F401 (net is a fixture)
 from repdisk import nodeproc, tls
 from repdisk.tls import TLSSpec
 from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.netns
 SIZE = 4 * MiB
 PORT = 10809
 TIMEOUT = 1.0   # the primary's timeout: how long the secondary may take before it degrades
-
-
-@pytest.fixture
-def net() -> Iterator[Net]:
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    with Net() as n:
-        yield n
 
 
 @pytest.fixture

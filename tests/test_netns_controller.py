@@ -34,7 +34,7 @@ import nbd
 import pytest
 
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.netns import Host, Link, Net, start_node, unavailable
+from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
 from repdisk import cli, ctlclient, nodeproc, tls
 from repdisk.config import NodeConfig
 from repdisk.controller import Controller, ControllerConfig
@@ -202,15 +202,6 @@ class Trio:
             proc.kill()
             proc.wait()
         self.nodes.close()        # every process out of the namespaces before they go
-
-
-@pytest.fixture
-def net() -> Iterator[Net]:
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    with Net() as n:
-        yield n
 
 
 @pytest.fixture
