@@ -392,6 +392,10 @@ def test_killed_server_fails_every_waiter_and_reports_unacknowledged_ranges(serv
     threads = threading.Thread(target=run_threads, args=(nthreads, writer))
     threads.start()
     time.sleep(0.3)
+    srv.signal(signal.SIGSTOP)  # so that some writes are surely in flight at the kill
+    deadline = time.monotonic() + 1.0
+    while fwd.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
     srv.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     threads.join(30)
