@@ -19,7 +19,6 @@ import time
 from typing import Any, Optional
 
 import nbd
-import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from tests.conftest import MiB, NodeProc, Nodes, make_disk

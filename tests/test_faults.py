@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import nbd
 import pytest

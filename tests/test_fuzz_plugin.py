@@ -16,7 +16,6 @@ Bounded for CI: a fixed number of derandomized examples; the module runs in seco
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import nbd

@@ -11,7 +11,6 @@ Bounded for CI: each test runs a fixed number of examples with no per-example de
 from __future__ import annotations
 
 import json
-import os
 import socket
 from typing import Any, Iterator
 

@@ -42,7 +42,6 @@ from repdisk.errors import ConfigError, ControlError
 from repdisk.qmp import QMPClient
 from repdisk.tls import TLSSpec
 from tests.test_controller_helpers import Writer, file_bytes, wait_for
-from tests.test_node_pair import read_all
 
 pytestmark = pytest.mark.timeout(60)
 

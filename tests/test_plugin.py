@@ -18,7 +18,7 @@ from typing import Iterator
 import nbd
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes
+from tests.conftest import MiB, Nodes
 from repdisk import config as cfgmod
 from repdisk.cli import PLUGIN
 from tests.test_node_pair import SIZE, random_bytes, read_all, read_export, start_pair

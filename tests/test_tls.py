@@ -26,7 +26,7 @@ from repdisk.config import NodeConfig
 from repdisk.errors import ConfigError, ControlError
 from repdisk.qmp import ArgSpec, Command, QMPClient, QMPServer
 from repdisk.tls import TLSSpec
-from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
+from tests.test_node_pair import checkpoint, random_bytes, read_file
 
 SIZE = 4 * MiB
 
