@@ -209,6 +209,8 @@ class Node:
             self.replicas[spec.name] = replica
             replica.register(self.registry)
         self._name_exports()
+        if self.state.failover_commit is not None:
+            self._resume_failover()
 
     # -- building -------------------------------------------------------------
 
@@ -351,14 +353,49 @@ class Node:
             self.registry.stop_all(failover)
 
     def _failover(self) -> None:
-        """All disks of the group fail over, or none: refuse before committing any."""
-        for rep in self.replicas.values():
-            rep.check_failover()  # type: ignore[union-attr]
-        self.registry.stop_all(True)
-        self.state.epoch += 1
-        self.state.failed_over = True
+        """All disks of the group fail over, or none: refuse before committing any.
+
+        Crash-safe: once every disk's overlays are durable, the state file records that
+        the commit is under way; a node killed before the commit ends finishes it when it
+        reopens (:meth:`_resume_failover`).  A failover that is already over does nothing.
+        """
+        secondaries = self._secondaries()
+        for rep in secondaries:
+            rep.check_failover()
+        began = [rep.begin_failover() for rep in secondaries]
+        if not any(began):
+            return
+        self.state.begin_failover()
+        self.state.save(self.cfg.state)
+        self._commit_failover()
+
+    def _commit_failover(self) -> None:
+        for rep in self._secondaries():
+            rep.resume_failover()
+        self.state.end_failover()
         self.state.save(self.cfg.state)
         self.emit("EPOCH_CHANGED", {"epoch": self.state.epoch})
+
+    def _resume_failover(self) -> None:
+        """At open: finish the failover commit that a crash interrupted, before serving.
+
+        If it fails again the node still serves, in failover-failed (reads work; starts
+        are refused while the state says the commit is unfinished)."""
+        if self.mode is not ReplicationMode.SECONDARY:
+            raise ConfigError("role", f"{self.cfg.state} says a failover commit of epoch "
+                                      f"{self.state.failover_commit} was interrupted on this "
+                                      "node: start it as the secondary it was, to finish it")
+        log.warning("the failover commit of epoch %s was interrupted: finishing it",
+                    self.state.failover_commit)
+        try:
+            self._commit_failover()
+        except ReplicationError as err:
+            log.error("%s; the node serves the half-committed disk in failover-failed", err)
+            return
+        log.warning("failover commit finished: epoch %d", self.state.epoch)
+
+    def _secondaries(self) -> list[SecondaryReplica]:
+        return [r for r in self.replicas.values() if isinstance(r, SecondaryReplica)]
 
     def resync(self) -> int:
         return sum(rep.resync() for rep in self._primaries())

@@ -28,7 +28,8 @@ Locking (``SecondaryReplica._ranges``, cluster-rounded byte ranges of the disk):
 * active writes: exclusive (a partial cluster is read-modify-written from hidden/disk);
 * checkpoint and the failover commit: exclusive over the whole disk.
 
-Transitions (``start``, ``checkpoint``, ``stop``) run under ``sm.lock`` and are the
+Transitions (``start``, ``checkpoint``, ``stop`` = ``begin_failover`` +
+``resume_failover``) run under ``sm.lock`` and are the
 only writers of the stage (through ``sm.set_stage``).
 """
 
@@ -41,7 +42,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, NoReturn, Optional
 
 from .errors import BlockIOError, check_range
 from .images import BlockDevice, Overlay, RawImage
@@ -243,8 +244,46 @@ class SecondaryReplica:
                 self._checkpoint()
                 self.sm.set_stage(Stage.DONE)
                 return
+            self.begin_failover()
+            self.resume_failover(progress)
+
+    def begin_failover(self) -> bool:
+        """A failover's first half: refuse an inconsistent one, refuse the primary's writes
+        from now on, make both overlays durable (their bitmaps on disk then hold every
+        buffered cluster, so a commit interrupted by a crash can be run again from them).
+
+        Returns False when replication is already over (nothing to commit).  The node
+        records that the commit is under way between this and :meth:`resume_failover`.
+        """
+        with self.sm.lock:
+            if not self.sm.guard_running("fail over"):
+                return False
             self.check_failover()
             self.sm.set_stage(Stage.FAILOVER)  # from here on the replica view refuses writes
+            try:
+                with self._ranges.whole(self.size):
+                    self.active_overlay.flush()
+                    self.hidden.flush()
+            except OSError as err:
+                self._commit_failed(err)
+            return True
+
+    def resume_failover(self, progress: Optional[Progress] = None) -> None:
+        """A failover's second half, the commit: after :meth:`begin_failover`, or when a node
+        reopens after a crash in the middle of it (stage NONE, the overlays as persisted).
+
+        Running the commit again is safe: every cluster still in an overlay is written
+        into the layer below once more, so whatever the crash left half done is redone.
+        """
+        with self.sm.lock:
+            if self.stage is Stage.NONE:
+                log.warning("%s: finishing a failover commit interrupted by a crash "
+                            "(active %d bytes, hidden %d bytes still buffered)", self.name,
+                            self.active_overlay.allocated_bytes, self.hidden.allocated_bytes)
+                self.sm.set_stage(Stage.FAILOVER)
+            elif self.stage is not Stage.FAILOVER:
+                raise ReplicationError(f"{self.name}: no failover commit to finish "
+                                       f"(stage {self.stage.value})")
             self._failover_commit(progress or self._progress_event)
 
     def check_failover(self) -> None:
@@ -342,16 +381,19 @@ class SecondaryReplica:
                 committed = self.hidden.commit(progress)  # holds active's clusters too now
                 self.disk.flush()
         except Exception as err:
-            self.sm.set_stage(Stage.FAILOVER_FAILED)
-            self.sm.clear_error()  # the failed commit is what get_error must report now
-            self.sm.record_error(f"failover commit failed: {err}")
-            raise ReplicationError(f"{self.name}: failover commit failed: {err}; the disk "
-                                   "is half committed (stage failover-failed)") from err
+            self._commit_failed(err)
         self.sm.set_stage(Stage.DONE)
         self.sm.clear_error()
         self.sm.events("FAILOVER_COMPLETED", {"disk": self.name,
                                             "duration": time.monotonic() - t0,
                                             "bytes": committed})
+
+    def _commit_failed(self, err: Exception) -> NoReturn:
+        self.sm.set_stage(Stage.FAILOVER_FAILED)
+        self.sm.clear_error()  # the failed commit is what get_error must report now
+        self.sm.record_error(f"failover commit failed: {err}")
+        raise ReplicationError(f"{self.name}: failover commit failed: {err}; the disk "
+                               "is half committed (stage failover-failed)") from err
 
     # -- I/O -------------------------------------------------------------------------
 

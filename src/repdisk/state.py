@@ -6,7 +6,11 @@ one it has recorded, and a node that won a failover (it holds the newest data)
 refuses to become a secondary again in that same epoch.  A primary fenced by the
 controller (it lost a failover) records why, refuses guest writes and refuses to
 start as a primary again: it may only come back as a secondary in a newer epoch,
-whose resync from the winner replaces its data.  Written atomically
+whose resync from the winner replaces its data.  A secondary records that its failover
+commit is under way (``failover_commit``, the epoch it fails over from) before the
+commit overwrites its disk, and clears it together with the epoch bump: a node that
+finds it set at start-up finishes that commit before serving anything, and refuses
+every start until it has.  Written atomically
 (temporary file, fsync, rename, fsync of the directory) so a crash leaves the old
 or the new state, never a torn one; a file that cannot be parsed is refused.
 """
@@ -29,6 +33,7 @@ class NodeState:
     role: str = ""
     failed_over: bool = False  # this node's disk became the pair's newest in `epoch`
     fenced: str = ""           # why this node may no longer accept guest writes ("" = not)
+    failover_commit: Optional[int] = None  # epoch whose failover commit is under way
 
     @classmethod
     def load(cls, path: str) -> "NodeState":
@@ -45,7 +50,8 @@ class NodeState:
         try:
             return cls(epoch=int(raw["epoch"]), role=str(raw["role"]),
                        failed_over=bool(raw["failed_over"]),
-                       fenced=str(raw.get("fenced", "")))
+                       fenced=str(raw.get("fenced", "")),
+                       failover_commit=_optional_int(raw.get("failover_commit")))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
@@ -64,6 +70,11 @@ class NodeState:
 
     def check_start(self, role: str, epoch: Optional[int]) -> None:
         """Refuse a start that would let a stale node write; raise with the reason."""
+        if self.failover_commit is not None:
+            raise ConfigError("epoch", f"start refused: the failover commit of epoch "
+                                       f"{self.failover_commit} was interrupted and is not "
+                                       "finished (the disk is half committed); restart the "
+                                       "node to finish it, see its log if that fails")
         if epoch is not None and epoch < self.epoch:
             raise ConfigError("epoch", f"start in epoch {epoch} refused: this node is already "
                                        f"in epoch {self.epoch} (a stale controller or node?)")
@@ -77,8 +88,24 @@ class NodeState:
                                        f"secondary with an epoch above {self.epoch} once its "
                                        "data has been saved or is no longer wanted")
 
+    def begin_failover(self) -> None:
+        """The overlays are durable and the commit is about to overwrite the disk."""
+        self.failover_commit = self.epoch
+
+    def end_failover(self) -> None:
+        """The commit is complete: this node won the failover and starts the next epoch."""
+        self.epoch, self.failed_over, self.failover_commit = self.epoch + 1, True, None
+
     def enter(self, role: str, epoch: Optional[int]) -> None:
         """Record a start (already checked): a newer epoch clears what the old one said."""
         if epoch is not None and epoch > self.epoch:
             self.epoch, self.failed_over, self.fenced = epoch, False, ""
         self.role = role
+
+
+def _optional_int(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"failover_commit is {value!r}, expected an epoch or null")
+    return value
