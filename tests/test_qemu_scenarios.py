@@ -50,9 +50,8 @@ def primary_writes_upper_half(sec: SecondaryReplica) -> None:
     sec.replica.pwrite(b"\x22" * HALF, HALF)
 
 
-@pytest.mark.skip(reason="primary side (QEMU scenarios 1 and 2): covered by the primary's tests")
-def test_1_2_primary() -> None:
-    """Primary not started: I/O fails; started: writes pass, stop/checkpoint/get_error succeed."""
+# Scenarios 1 and 2 are the primary's: tests/test_primary.py (repdisk's primary serves the
+# guest in every stage, so "not started" means "writes are dirty", not "I/O fails").
 
 
 def test_3_secondary_not_started_refuses_io(sec: SecondaryReplica) -> None:
