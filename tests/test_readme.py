@@ -54,3 +54,37 @@ def test_worked_example_runs_as_shown(tmp_path) -> None:
     finally:
         subprocess.run([os.path.join(BIN, "repdisk"), "lab", "--down", "--dir", lab], env=env,
                        capture_output=True)
+
+
+def _qemu_drive_options() -> list[list[str]]:
+    """The README's two ways to attach QEMU, as argument lists."""
+    block = README.split("## Attaching QEMU", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    drive = re.search(r"-drive (\S+)", block).group(1)
+    blockdev = re.search(r"-blockdev '([^']+)'", block).group(1)
+    device = re.search(r"-device (\S+)", block).group(1)
+    return [["-drive", drive], ["-blockdev", blockdev, "-device", device]]
+
+
+@pytest.mark.timeout(60)
+def test_qemu_accepts_the_readme_drive_options(tmp_path) -> None:
+    """QEMU starts with each option against a lab's primary, and reads the disk through it."""
+    lab = str(tmp_path / "lab")
+    repdisk = os.path.join(BIN, "repdisk")
+    subprocess.run([repdisk, "lab", "--dir", lab, "--size", "64M"], check=True,
+                   capture_output=True)
+    try:
+        for option in _qemu_drive_options():
+            args = [a.replace("/path/pri.sock", os.path.join(lab, "pri.sock")) for a in option]
+            proc = subprocess.Popen(["qemu-system-x86_64", "-S", "-display", "none",
+                                     "-monitor", "none", "-serial", "none", "-accel", "tcg"]
+                                    + args, stderr=subprocess.PIPE, text=True)
+            try:
+                _, err = proc.communicate(timeout=3)
+                pytest.fail(f"QEMU refused {args}: {err}")
+            except subprocess.TimeoutExpired:
+                pass  # still running: it opened the NBD export
+            finally:
+                proc.kill()
+                proc.wait()
+    finally:
+        subprocess.run([repdisk, "lab", "--down", "--dir", lab], capture_output=True)
