@@ -252,7 +252,12 @@ class Node:
             self.isolation.admit()
 
     def probe_secondary(self) -> None:
-        """Primary: check at start-up that the secondary answers with equal sizes."""
+        """Primary: check at start-up that the secondary answers with equal sizes.
+
+        A primary restarting (its state says it was one) serves its guest even if the
+        secondary does not answer: both nodes may have died, and the primary's disk is
+        then the only good copy; the controller syncs by checksum once the secondary is
+        back.  A first start still refuses, as the URI is more likely wrong."""
         for rep in self.replicas.values():
             if isinstance(rep, PrimaryReplica):
                 try:
@@ -261,6 +266,9 @@ class Node:
                     # The hint fits an unreachable secondary, not a size mismatch.
                     unreachable = isinstance(err, ForwardError) or isinstance(err.__cause__,
                                                                               ForwardError)
+                    if unreachable and self.state.role == PRIMARY:
+                        log.warning("%s; serving the guest alone until it is back", err)
+                        continue
                     hint = "; start the secondary first, or fix the URI" if unreachable else ""
                     raise ConfigError("secondary", f"{err}{hint}") from err
 
