@@ -303,3 +303,40 @@ def test_both_nodes_die_primary_first_then_secondary_reprotects_by_checksum(node
         print(f"\nboth nodes lost: checksum resync marked {sync[-1]['marked']} bytes")
     finally:
         pair.close()
+
+
+def test_controller_retries_a_failover_whose_secondary_died_in_the_commit(nodes: Nodes) -> None:
+    """The primary dies, the controller fails over, the secondary is SIGKILLed inside that
+    commit and restarted (it finishes the commit): the controller's retried failover finds
+    it done, so the epoch goes up once, and the guest gets the last checkpoint."""
+    pair = make_pair(nodes, size=96 * MiB)
+    ctl = pair.controller()
+    try:
+        ctl.start()
+        h = pair.pri.client()
+        for off in range(0, 64 * MiB, 4 * MiB):                # 64 MiB for the hidden overlay
+            h.pwrite(_pattern(3)[off:off + 4 * MiB], off)
+        image = file_bytes(pair.pri_disk)
+        ctl.checkpoint()
+        for off in range(0, 64 * MiB, 4 * MiB):
+            h.pwrite(_pattern(4)[off:off + 4 * MiB], off)      # rolled back by the failover
+        h.shutdown()
+        watch = QMPClient(timeout=30).connect(pair.sec.control)
+        runner = threading.Thread(target=ctl.run, daemon=True)
+        try:
+            pair.pri.kill()
+            runner.start()
+            while watch.wait_event("FAILOVER_PROGRESS")["data"]["done"] < 16 * MiB:
+                pass
+            kill9(pair.sec)
+        finally:
+            watch.close()
+        assert _state(pair.sec_disk)["failover_commit"] == 1
+        pair.restart_secondary()
+        wait_for(lambda: ctl.state == "failed-over", 15, "failed-over")
+        ctl.stop()
+        runner.join()
+        assert ctl.epoch == 2 and pair.sec.ctl("query-replication")["epoch"] == 2
+        assert read_export(pair.sec.uri("active"), pair.size) == image
+    finally:
+        pair.close()
