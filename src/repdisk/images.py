@@ -856,10 +856,7 @@ class Overlay:
                 return
             with _os_errors(f"overlay {self.path}: make empty"):
                 # The bitmap file first: once it is clear, a crash leaves an empty overlay.
-                # Truncating frees only the blocks that were written.
-                os.ftruncate(self._bitmap_fd, HEADER_SIZE)
-                os.ftruncate(self._bitmap_fd, HEADER_SIZE + len(self._bitmap))
-                os.fdatasync(self._bitmap_fd)
+                self._clear_bitmap_file()
                 self._discard_data(clusters)
             with self._meta:
                 for i in self._used:
@@ -868,13 +865,29 @@ class Overlay:
                 self._pending.clear()
                 self._count = 0
 
+    def _clear_bitmap_file(self) -> None:
+        """Zero the on-disk bitmap, O(allocated).
+
+        The file keeps its size throughout (holes are punched, or zeros written where the
+        file system cannot punch), so a crash half way leaves a valid bitmap with some bits
+        cleared, never a short file that would have to be refused; and punching needs no
+        free block, so a full file system cannot stop a checkpoint or a failover here.
+        """
+        # One hole over the whole body: the kernel's cost is in the blocks that hold data.
+        # (Rounded up to whole 4 KiB blocks, past the end of the file if need be: punching
+        # keeps the size, and a partly punched last block would only be zeroed, not freed.)
+        body = -(-len(self._bitmap) // 4096) * 4096
+        if not punch_hole(self._bitmap_fd, HEADER_SIZE, body):
+            for first, count in coalesce(sorted(self._used)):
+                os.pwrite(self._bitmap_fd, bytes(count), HEADER_SIZE + first)
+        os.fdatasync(self._bitmap_fd)
+
     def _discard_data(self, clusters: list[int]) -> None:
-        """Free the data of ``clusters``; unallocated data is never read, so this only saves space."""
+        """Free the data of ``clusters``: unallocated data is never read, so this only
+        saves space, and where holes cannot be punched the space is simply not freed."""
         for first, count in coalesce(clusters):
             lo, hi = self._span(first, first + count)
             if not punch_hole(self._data.fd, lo, hi - lo):
-                os.ftruncate(self._data.fd, 0)
-                os.ftruncate(self._data.fd, self.size)
                 return
 
     def commit(self, progress: Optional[Callable[[int, int], None]] = None) -> int:
