@@ -526,8 +526,11 @@ def test_make_empty_frees_files(tmp_path: Path) -> None:
             ov.pwrite(b"\x99" * 5000, i)
         ov.flush()
         assert ov.allocated_clusters()
+        bitmap_size = os.stat(tmp_path / "o.bitmap").st_size
         ov.make_empty()
         assert ov.allocated_clusters() == [] and ov.allocated_bytes == 0
+        # never shorter, not even for a moment a crash could catch: holes, not truncation
+        assert os.stat(tmp_path / "o.bitmap").st_size == bitmap_size
         assert read_all(ov) == randbytes(size, 16)
         with open(tmp_path / "o.bitmap", "rb") as f, pytest.raises(OSError) as info:
             os.lseek(f.fileno(), HEADER_SIZE, os.SEEK_DATA)
