@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -50,6 +51,13 @@ class NodeProc:
     def log_text(self) -> str:
         with open(self.log, errors="replace") as f:
             return f.read()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_disk(path: str, size: int, fill: Optional[int] = None) -> str:

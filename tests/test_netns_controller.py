@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import ssl
 import stat
 import subprocess
@@ -33,7 +32,7 @@ from typing import Any, Iterator, Optional
 import nbd
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.conftest import MiB, NodeProc, Nodes, free_port, make_disk
 from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
 from repdisk import cli, ctlclient, nodeproc, tls
 from repdisk.config import NodeConfig
@@ -63,12 +62,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tls.make_ca(out["ca"], hosts)
     tls.make_ca(out["other"], hosts)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- control over TCP on loopback: node, controller, repdisk ctl -----------------------------

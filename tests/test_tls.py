@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import nbd
 import pytest
 
-from tests.conftest import MiB, Nodes, make_disk
+from tests.conftest import MiB, Nodes, free_port, make_disk
 from tests.netns import start_node
 from repdisk import cli, nodeproc, tls
 from repdisk.config import NodeConfig
@@ -43,12 +43,6 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tls.make_ca(out["ca"], hosts)
     tls.make_ca(out["other"], hosts)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- credentials --------------------------------------------------------------------------
