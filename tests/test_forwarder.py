@@ -392,7 +392,8 @@ def test_killed_server_fails_every_waiter_and_reports_unacknowledged_ranges(serv
     threads = threading.Thread(target=run_threads, args=(nthreads, writer))
     threads.start()
     time.sleep(0.3)
-    srv.signal(signal.SIGSTOP)  # so that some writes are surely in flight at the kill
+    srv.signal(signal.SIGSTOP)  # so that some writes are surely in flight at the kill:
+    time.sleep(0.2)             # replies already sent are read, the writers' next bursts stay
     deadline = time.monotonic() + 1.0
     while fwd.in_flight == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
