@@ -127,6 +127,11 @@ def _fallocate_supported(fd: int, mode: int, offset: int, length: int) -> bool:
                                 f"on fd {fd} failed: {os.strerror(err)}")
 
 
+def _blocks(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole 4 KiB blocks."""
+    return -(-nbytes // 4096) * 4096
+
+
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate a range so it reads as zeros; False when the filesystem cannot punch holes."""
     return _fallocate_supported(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -511,14 +516,17 @@ class Overlay:
             fd = _create_file(bitmap_name, exist_ok, "overlay bitmap")
             try:
                 with _os_errors(f"overlay {name}: create"):
-                    # A reused data file starts empty; the bitmap file gets its header and a
-                    # sparse, all-zero bitmap.
+                    # A reused data file starts empty; the bitmap file gets its header and an
+                    # all-zero bitmap whose blocks are reserved (unwritten, so they still read
+                    # and seek as holes): setting bits then never needs a free block, and a
+                    # full file system cannot stop a failover from persisting them.
                     os.ftruncate(data.fd, 0)
                     os.ftruncate(data.fd, backing.size)
                     os.fdatasync(data.fd)
                     os.ftruncate(fd, 0)
                     _write_full(fd, memoryview(_encode_header(cluster_size, backing.size)), 0)
                     os.ftruncate(fd, HEADER_SIZE + nbytes)
+                    _fallocate_supported(fd, FALLOC_FL_KEEP_SIZE, HEADER_SIZE, _blocks(nbytes))
                     os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -873,11 +881,13 @@ class Overlay:
         cleared, never a short file that would have to be refused; and punching needs no
         free block, so a full file system cannot stop a checkpoint or a failover here.
         """
-        # One hole over the whole body: the kernel's cost is in the blocks that hold data.
-        # (Rounded up to whole 4 KiB blocks, past the end of the file if need be: punching
-        # keeps the size, and a partly punched last block would only be zeroed, not freed.)
-        body = -(-len(self._bitmap) // 4096) * 4096
-        if not punch_hole(self._bitmap_fd, HEADER_SIZE, body):
+        # One call over the whole body: the kernel's cost is in the blocks that hold data.
+        # Zeroing a range keeps its blocks reserved (see create); punching frees them.
+        # (Whole 4 KiB blocks, past the end of the file if need be: both keep the size.)
+        body = _blocks(len(self._bitmap))
+        if not (_fallocate_supported(self._bitmap_fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                     HEADER_SIZE, body)
+                or punch_hole(self._bitmap_fd, HEADER_SIZE, body)):
             for first, count in coalesce(sorted(self._used)):
                 os.pwrite(self._bitmap_fd, bytes(count), HEADER_SIZE + first)
         os.fdatasync(self._bitmap_fd)
