@@ -466,13 +466,13 @@ class PrimaryReplica:
                         progress(done, total)
                     if time.monotonic() - last_event >= PROGRESS_INTERVAL:
                         last_event = time.monotonic()
-                        self._progress_event(done, total)
+                        self.sm.progress("RESYNC", done, total)
             while pending:
                 self._settle_copy(pending.pop(0))
         fwd = self._forwarding()
         if fwd is None or not fwd.barrier(self.timeout):
             self._copy_failed()
-        self._progress_event(done, done)
+        self.sm.progress("RESYNC", done, done)
         return done
 
     def _copy_chunk_size(self) -> int:
@@ -507,9 +507,6 @@ class PrimaryReplica:
         raise ReplicationError(f"{self.name}: resync stopped: the secondary "
                                f"{self.secondary_uri} failed: {why}; "
                                f"{self.dirty.dirty_bytes} bytes remain dirty, resync again")
-
-    def _progress_event(self, done: int, total: int) -> None:
-        self.sm.events("RESYNC_PROGRESS", {"disk": self.name, "done": done, "total": total})
 
     # -- framework, observability, teardown ---------------------------------------------
 

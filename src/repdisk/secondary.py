@@ -36,6 +36,7 @@ only writers of the stage (through ``sm.set_stage``).
 from __future__ import annotations
 
 import enum
+import functools
 import errno
 import logging
 import os
@@ -284,7 +285,7 @@ class SecondaryReplica:
             elif self.stage is not Stage.FAILOVER:
                 raise ReplicationError(f"{self.name}: no failover commit to finish "
                                        f"(stage {self.stage.value})")
-            self._failover_commit(progress or self._progress_event)
+            self._failover_commit(progress or functools.partial(self.sm.progress, "FAILOVER"))
 
     def check_failover(self) -> None:
         """Refuse a failover that would hand the guest an inconsistent disk.
@@ -296,9 +297,6 @@ class SecondaryReplica:
                 f"{self.name}: cannot fail over: the secondary has no complete checkpoint "
                 "since it started (e.g. a resync is in progress); failing over now would "
                 "hand the guest an inconsistent disk")
-
-    def _progress_event(self, done: int, total: int) -> None:
-        self.sm.events("FAILOVER_PROGRESS", {"disk": self.name, "done": done, "total": total})
 
     # -- framework glue -----------------------------------------------------------
 

@@ -74,6 +74,10 @@ class StageMachine:
     def clear_error(self) -> None:
         self._error = None
 
+    def progress(self, kind: str, done: int, total: int) -> None:
+        """A ``KIND_PROGRESS`` event: the one shape `repdisk ctl` and the controller read."""
+        self.events(f"{kind}_PROGRESS", {"disk": self.name, "done": done, "total": total})
+
     # -- guards ---------------------------------------------------------------
 
     def finished(self) -> bool:
