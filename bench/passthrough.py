@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 import nbdkit
+
+# The same per-thread Python state as repdisk's plugin (src/repdisk/threadstate.py): without
+# it nbdkit 1.32 creates and destroys a Python thread state per request, and the ceiling
+# would be that cost, not Python's.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
+                                "src"))
+from repdisk.threadstate import pin, reap  # noqa: E402
 
 API_VERSION = 2
 
@@ -45,11 +53,13 @@ def config_complete() -> None:
 def open(readonly: bool) -> int:  # noqa: A001 - nbdkit's callback name
     """One fd per connection; it is the handle."""
     assert _path is not None
+    reap()
     return os.open(_path, os.O_RDONLY if readonly else os.O_RDWR)
 
 
 def close(h: int) -> None:
     os.close(h)
+    reap()
 
 
 def get_size(h: int) -> int:
@@ -63,6 +73,7 @@ def can_multi_conn(h: int) -> bool:
 
 def pread(h: int, buf: memoryview, offset: int, flags: int) -> None:
     """Read straight into nbdkit's buffer; loop only on a short read."""
+    pin()
     view = memoryview(buf)
     while view:
         n = os.preadv(h, [view], offset)
@@ -75,6 +86,7 @@ def pread(h: int, buf: memoryview, offset: int, flags: int) -> None:
 
 def pwrite(h: int, buf: memoryview, offset: int, flags: int) -> None:
     """Write from nbdkit's buffer without a copy; FUA becomes fdatasync."""
+    pin()
     view = memoryview(buf)
     while view:
         n = os.pwrite(h, view, offset)

@@ -71,6 +71,7 @@ def _find_package() -> None:
 _find_package()
 
 from repdisk import config as _config  # noqa: E402
+from repdisk import threadstate  # noqa: E402
 from repdisk.errors import BlockIOError, ConfigError  # noqa: E402
 from repdisk.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
 from repdisk.node import Node  # noqa: E402
@@ -136,7 +137,12 @@ def default_export(readonly, is_tls):
 
 
 def open(readonly):
+    threadstate.reap()  # states pinned by the threads of closed connections
     return _call(_node.export, nbdkit.export_name())
+
+
+def close(h):
+    threadstate.reap()
 
 
 def get_size(h):
@@ -207,7 +213,11 @@ def extents(h, count, offset, flags):
 
 
 def _call(fn, *args):
-    """Run one request; a BlockIOError reaches the client as its own errno."""
+    """Run one request; a BlockIOError reaches the client as its own errno.
+
+    ``pin``: keep the thread's Python state between requests (threadstate.py: nbdkit
+    would create and destroy one per request)."""
+    threadstate.pin()
     try:
         return fn(*args)
     except BlockIOError as err:
