@@ -270,7 +270,8 @@ def test_async_checkpoint_barrier_and_hold(primary_factory, secondary_factory) -
     rep.view.pwrite(b"\x55" * 8192, 4096)  # acknowledged locally, held
     time.sleep(0.3)
     assert sec.read() == before
-    assert rep.query()["queued"] >= 1
+    assert rep.query()["lag_bytes"] >= 8192  # in the held map, sent after resume
+    assert rep.query()["dirty_bytes"] == 0     # lag, not a resync's work
     rep.resume()
     assert wait_until(lambda: sec.read() == read_local(rep))
     assert rep.query()["holding"] is False

@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 from bisect import bisect_left, bisect_right
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,17 @@ class DirtyMap:
         with self._lock:
             return [(s * g, min(e * g, self.size) - s * g)
                     for s, e in zip(self._starts, self._ends)]
+
+    def first_run(self, limit: int) -> Optional[tuple[int, int]]:
+        """The lowest dirty ``(offset, length)``, at most ``limit`` bytes (at least one
+        granule), or None; O(1), for a copier that takes one piece at a time."""
+        g = self.granularity
+        with self._lock:
+            if not self._starts:
+                return None
+            start, end = self._starts[0], self._ends[0]
+        end = min(end, start + max(limit // g, 1))
+        return start * g, min(end * g, self.size) - start * g
 
     def snapshot(self) -> DirtyMap:
         """An independent copy, e.g. to report or save while writers keep marking."""

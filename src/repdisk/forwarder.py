@@ -19,6 +19,18 @@ flush waits until no earlier request is in flight.  ``window`` bounds in-flight
 requests.  While held (``hold()``), requests submitted after the hold stay queued;
 a barrier's flush is the one request that may pass them, because it carries no data.
 
+Pulling.  A forwarder may have a ``source``: a function the I/O thread calls to get
+the next piece to write, ``(offset, buffer)`` or None when there is nothing (the
+async primary's dirty map).  ``pull()`` asks the I/O thread to call it; it then takes
+pieces while the window has room and less than ``PULL_BUDGET`` bytes are in flight,
+so a write that went through the source costs no hand-off between threads; with a
+``pull_delay``, a round starts at most that long after the last one came up empty,
+so pieces go in batches.  A piece
+joins the queue after every request submitted before it was read (which may hold
+older bytes of the same range), so the order rule above holds for pieces too.  With a
+source, a barrier also waits for the source to come up empty after the barrier
+arrived, and for every piece taken before that.
+
 Failure.  A request completing with an error, a dead connection, or a request
 unacknowledged ``timeout`` seconds after submission (after ``release()`` for held
 ones) fails the forwarder, once: submissions stop being accepted, the handle is
@@ -57,6 +69,10 @@ log = logging.getLogger(__name__)
 
 #: ``on_failure(error, ranges)``: ranges are (offset, length) of unacknowledged writes.
 FailureCallback = Callable[[str, list[tuple[int, int]]], None]
+#: ``source()``: the next piece to write, ``(offset, buffer)``, or None (see Pulling).
+Source = Callable[[], "Optional[tuple[int, bytearray]]"]
+#: Pulling stops while this many payload bytes are in flight.
+PULL_BUDGET = 16 << 20
 
 WRITE, ZERO, TRIM, FLUSH = "write", "zero", "trim", "flush"
 _BARRIER = "barrier flush"
@@ -76,7 +92,7 @@ class Ticket:
     """
 
     __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "_lock", "_fwd", "_err")
+                 "rejected", "drained", "_lock", "_fwd", "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
                  buf: "bytes | memoryview | None" = None, fua: bool = False) -> None:
@@ -90,6 +106,7 @@ class Ticket:
         self.done = False
         self.ok = False
         self.rejected = False
+        self.drained = -1  # a barrier: the source's empty rounds when it arrived
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it.
@@ -199,7 +216,8 @@ class Forwarder:
 
     def __init__(self, uri: str, *, timeout: float = 5.0, window: int = 64,
                  on_failure: Optional[FailureCallback] = None,
-                 export_suffix: str = "", session_tag: str = "") -> None:
+                 export_suffix: str = "", session_tag: str = "",
+                 source: Optional[Source] = None, pull_delay: float = 0.0) -> None:
         if window < 1:
             raise ValueError(f"forwarder window must be at least 1, not {window}")
         self.uri = with_export_suffix(uri, export_suffix)  # what messages name
@@ -208,13 +226,16 @@ class Forwarder:
         self.timeout = timeout
         self.window = window
         self.on_failure = on_failure
+        self._source = source
+        self._pull_delay = pull_delay
         self.size = 0
         self.failed = False
         self.error: Optional[str] = None
         self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
                       "errors": 0}
         # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
-        # _released, _stop, _wake_pending, _thread and the failed/error transition.
+        # _released, _stop, _wake_pending, _pull_wanted, _thread and the failed/error
+        # transition.
         self._lock = threading.Lock()
         # Submitters waiting in wait_room; _retire wakes one per request it settles.
         self._room = threading.Condition(self._lock)
@@ -226,6 +247,7 @@ class Forwarder:
         self._released: Optional[tuple[float, float]] = None  # (old hold_seq, time)
         self._stop: Optional[str] = None     # why the I/O thread must stop ("" = close)
         self._wake_pending = False
+        self._pull_wanted = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: Optional[threading.Thread] = None
         self._handoff: Optional[nbd.NBD] = None
@@ -242,6 +264,10 @@ class Forwarder:
         self._can_trim = True
         self._fua_flag = nbd.CMD_FLAG_FUA
         self._issued = False  # this round handed libnbd a request (its direction may change)
+        self._pulling = False  # the source may have pieces: call it when there is room
+        self._drained = 0      # times the source came up empty ...
+        self._drained_seq = 0  # ... and the sequence number at the last of them
+        self._next_pull = 0.0  # no pull round starts before (pull_delay after an empty one)
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -401,6 +427,16 @@ class Forwarder:
             self._wake_locked()
         return t
 
+    def pull(self) -> None:
+        """Have the I/O thread take what the source has (any thread; one flag test when
+        a pull is already asked for: the I/O thread clears the flag before it looks)."""
+        if self._pull_wanted:
+            return
+        with self._lock:
+            if not self._pull_wanted:
+                self._pull_wanted = True
+                self._wake_locked()
+
     def hold(self) -> None:
         """Keep requests submitted from now on queued (not sent) until ``release``."""
         with self._lock:
@@ -475,7 +511,10 @@ class Forwarder:
                 mask = self._repoll(poller, fd, mask, _poll_mask(direction))
                 if not mask:
                     return self._retire() or f"secondary {self.uri} closed the connection"
-                wait_ms = max(0, int((self._next_check - time.monotonic()) * 1000) + 1)
+                wake_at = self._next_check
+                if self._pulling and self._next_pull < wake_at:
+                    wake_at = self._next_pull
+                wait_ms = max(0, int((wake_at - time.monotonic()) * 1000) + 1)
                 for got_fd, events in poller.poll(wait_ms):
                     if got_fd == self._wake_fd:
                         self._drain_wake()
@@ -514,8 +553,10 @@ class Forwarder:
             self._cur_hold = self._hold_seq
             released, self._released = self._released, None
             stop = self._stop
-        for t in batch:
-            (self._barriers if t.kind is _BARRIER else self._queue).append(t)
+            if self._pull_wanted:
+                self._pull_wanted = False
+                self._pulling = self._source is not None
+        self._enqueue(batch)
         if released is not None:
             # Held requests waited for the checkpoint, not for the secondary.
             since_seq, at = released
@@ -525,18 +566,64 @@ class Forwarder:
             self._next_check = 0.0
         return stop
 
+    def _enqueue(self, batch: list[Ticket]) -> None:
+        for t in batch:
+            if t.kind is _BARRIER:
+                self._barriers.append(t)
+                if self._source is not None:  # it waits for the source to come up empty
+                    t.drained = self._drained
+                    self._pulling = True
+            else:
+                self._queue.append(t)
+
+    def _pull(self) -> bool:
+        """Queue the source's next piece if there is room; False if there was none."""
+        if (not self._pulling or self._queue or len(self._inflight) >= self.window
+                or self.in_flight_bytes >= PULL_BUDGET or self._pull_waits()):
+            return False
+        assert self._source is not None
+        piece = self._source()
+        if piece is None:
+            self._pulling = False
+            self._drained += 1
+            self._drained_seq = self._seq
+            if self._pull_delay:
+                self._next_pull = time.monotonic() + self._pull_delay
+            return False
+        offset, buf = piece
+        t = Ticket(self, WRITE, offset, len(buf), buf)
+        with self._lock:  # behind whatever was submitted before the piece was read
+            batch, self._incoming = self._incoming, []
+            t.seq = self._seq
+            self._seq += 1
+        t.t0 = time.monotonic()
+        self._enqueue(batch)
+        self._queue.append(t)
+        return True
+
+    def _pull_waits(self) -> bool:
+        """True while a pull round must wait: pieces gathered for ``pull_delay`` after the
+        source came up empty go in one round (fewer wake-ups and GIL hand-offs per
+        write); a barrier waiting does not wait."""
+        return bool(self._pull_delay) and not self._barriers and \
+            time.monotonic() < self._next_pull
+
     def _send(self, h: "nbd.NBD") -> Optional[str]:
-        """Issue queued requests in order while the window, overlaps and the hold allow."""
+        """Issue queued requests in order while the window, overlaps and the hold allow,
+        taking pieces from the source whenever the queue runs empty."""
         q, inflight = self._queue, self._inflight
-        while q and len(inflight) < self.window:
-            t = q[0]
-            if t.seq >= self._cur_hold or self._overlaps(t):
+        while True:
+            while q and len(inflight) < self.window:
+                t = q[0]
+                if t.seq >= self._cur_hold or self._overlaps(t):
+                    break
+                q.popleft()
+                why = self._issue(h, t)
+                if why is not None:
+                    return why
+            if not self._pull():
                 break
-            q.popleft()
-            why = self._issue(h, t)
-            if why is not None:
-                return why
-        ready = [b for b in self._barriers if not self._earlier_pending(b.seq)]
+        ready = [b for b in self._barriers if self._barrier_ready(b)]
         for b in ready:
             self._barriers.remove(b)
             why = self._issue(h, b)
@@ -553,6 +640,15 @@ class Forwarder:
             if o.offset < end and start < o.offset + o.length:
                 return True
         return False
+
+    def _barrier_ready(self, b: Ticket) -> bool:
+        """Everything before ``b`` is acknowledged: the requests submitted earlier and,
+        with a source, every piece taken before it came up empty after ``b`` arrived."""
+        if self._earlier_pending(b.seq):
+            return False
+        if self._source is None:
+            return True
+        return self._drained > b.drained and not self._earlier_pending(self._drained_seq)
 
     def _earlier_pending(self, seq: int) -> bool:
         """True while a sendable request submitted before ``seq`` is unacknowledged."""

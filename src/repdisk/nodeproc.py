@@ -82,7 +82,7 @@ class Listen:
 #   async  16/16: 141 us, 10.4k          4/4: 114 us, 13.0k           4/8: 117 us, 13.1k
 # A sync primary keeps 8: each worker blocks until the secondary answers, so the threads are
 # the guest's queue depth (4 left IOPS no better and more switches per write).
-_DEFAULT_THREADS = {("primary", "sync"): 8, ("primary", "async"): 4, ("secondary", ""): 4}
+_DEFAULT_THREADS = {("primary", "sync"): 8, ("primary", "async"): 1, ("secondary", ""): 1}
 
 
 def default_threads(keys: list[tuple[str, str]]) -> int:

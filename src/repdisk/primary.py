@@ -2,11 +2,22 @@
 
 The guest is served in every stage (**repdisk**: QEMU's primary node serves no
 I/O itself).  Reads come from the local disk.  A write goes to the local disk
-and, while the secondary is connected and in step, to the secondary through a
-:class:`~repdisk.forwarder.Forwarder`.  Every write *not* known to be on the
-secondary (made before ``start``, after ``stop``, while degraded, or whose
-forward failed or timed out) is marked in the :class:`~repdisk.dirtymap.DirtyMap`,
-so ``resync`` later copies exactly those regions.
+and then, by write mode:
+
+* ``sync``: to the secondary through a :class:`~repdisk.forwarder.Forwarder`,
+  acknowledged once the secondary has it;
+* ``async`` (write-back): acknowledged once local; its range is marked in the
+  :class:`~repdisk.dirtymap.DirtyMap` and a sender thread copies dirty runs to the
+  secondary, merged and in large pieces.  Why write-back and not a queue of
+  forwarded writes: between checkpoints the secondary only has to *reach* the
+  primary's state by the next checkpoint (a failover rolls back to the last one),
+  so the order and the grain of what is sent do not matter, and a guest write
+  then costs a local write and a bit, not a hand-off to another thread.
+
+Every write *not* known to be on the secondary (made before ``start``, after
+``stop``, while degraded, whose forward failed or timed out, or, in async mode,
+not yet sent) is marked in the dirty map, so ``resync`` (and the async sender)
+copies exactly those regions.
 
 Ordering.  Each update takes an exclusive range lock over its bytes, writes
 locally and submits the forward before releasing it, so overlapping updates are
@@ -19,9 +30,13 @@ past ``timeout``: the write is local, its range is dirty, the replica is
 *degraded* (``get_error`` reports why) until ``resync``.
 
 Checkpoints follow DESIGN.md: ``checkpoint()`` = hold + barrier, ``resume()``
-(or ``timeout / 2``) ends the hold.  A degraded primary, or one with dirty
-bytes, refuses a checkpoint: the secondary's last good checkpoint must never be
-replaced by an incomplete one.
+(or ``timeout / 2``) ends the hold.  Sync mode holds the forwarder: later writes
+are local and wait for their forward.  Async mode first sends what is dirty with
+writes flowing, then holds the *writers*: a write that arrives during the hold is
+local and goes into a second map (``held``, merged into the dirty map at resume)
+unless it touches a granule still dirty from before the hold, which it waits for.
+A degraded primary, or a sync one with dirty bytes, refuses a checkpoint: the
+secondary's last good checkpoint must never be replaced by an incomplete one.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Optional, Union
 
 from .dirtymap import DirtyMap
@@ -51,6 +67,18 @@ RESYNC_CHUNK = 4 << 20
 RESYNC_DEPTH = 4
 #: RESYNC_PROGRESS events are sent at most this often (the progress callback sees every chunk).
 PROGRESS_INTERVAL = 0.5
+#: async: the dirty map's grain.  Every guest write is marked, so a fine grain sends no more
+#: than was written; 16 KiB keeps the map's runs (its cost) few under random writes.
+ASYNC_GRANULARITY = 16384
+#: resync keeps at most this many payload bytes queued or in flight.
+SEND_BUDGET = 16 << 20
+#: async: the forwarder gathers dirty pieces this long before a round (fio 4 KiB random
+#: writes QD16, 2 vCPUs: see bench/README.md).
+PULL_DELAY = 0.001
+#: async: a checkpoint first waits (writes flowing) until at most this much is unsent.
+CATCH_UP = 4 << 20
+#: async: most bytes acknowledged to the guest but not yet sent (writers wait beyond it).
+DEFAULT_MAX_LAG = 256 << 20
 
 Buffer = Union[bytes, bytearray, memoryview]
 Submit = Callable[[Forwarder], Ticket]
@@ -96,8 +124,8 @@ class PrimaryReplica:
 
     def __init__(self, name: str, disk: RawImage, secondary_uri: Optional[str], *,
                  write_mode: str = "sync", timeout: float = 5.0, window: int = 64,
-                 granularity: int = 65536, events: EventSink = no_events,
-                 export_suffix: str = "") -> None:
+                 granularity: Optional[int] = None, max_lag: int = DEFAULT_MAX_LAG,
+                 events: EventSink = no_events, export_suffix: str = "") -> None:
         if write_mode not in WRITE_MODES:
             raise ConfigError("write-mode", f"unknown write mode {write_mode!r}; "
                                             f"use {' or '.join(WRITE_MODES)}")
@@ -105,6 +133,8 @@ class PrimaryReplica:
             raise ConfigError("timeout", f"the timeout must be positive, not {timeout}")
         if window < 1:
             raise ConfigError("window", f"the window must be at least 1, not {window}")
+        if max_lag < 1:
+            raise ConfigError("max-lag", f"the lag bound must be positive, not {max_lag}")
         self.name = name
         self.disk = disk
         self.secondary_uri = secondary_uri
@@ -117,15 +147,25 @@ class PrimaryReplica:
         self.epoch = 0
         self.events = events
         self.sm = StageMachine(name, ReplicationMode.PRIMARY, events)
+        if granularity is None:
+            granularity = ASYNC_GRANULARITY if write_mode == "async" else 65536
         self.dirty = DirtyMap(disk.size, granularity)
+        # async: writes acknowledged during a checkpoint hold, merged into ``dirty`` at resume.
+        self.held = DirtyMap(disk.size, granularity)
+        self.max_lag = max_lag
         self.view: BlockDevice = PrimaryView(self)
         # Exclusive holders: updates (local write + submit) and resync's read + submit.
         self._locks = RangeLock()
         # The connection writes are forwarded on; None = not forwarding (mark dirty instead).
         self._fwd: Optional[Forwarder] = None
         self.degraded = False
-        # Guards the checkpoint hold: _holding, _hold_gen (invalidates a stale expiry timer).
+        # Guards the checkpoint hold: _holding, _hold_gen (invalidates a stale expiry timer),
+        # and, in async mode, the writers' side of it: _writers (writes that entered before
+        # the hold and may still mark ``dirty``) and the ``held`` map's merge.  Writers and
+        # the checkpoint wait on it (the hold's end, the last writer, a sent piece).
         self._hold_lock = threading.Lock()
+        self._hold_cond = threading.Condition(self._hold_lock)
+        self._writers = 0
         self._holding = False
         self._hold_gen = 0
         self._hold_timer: Optional[threading.Timer] = None
@@ -134,6 +174,10 @@ class PrimaryReplica:
         self._counters = {"writes": 0, "bytes": 0, "forwarded": 0, "forward_errors": 0,
                           "checkpoints": 0}
         self._last_checkpoint: Optional[dict[str, float]] = None
+        # async: writers waiting in _write_held or _wait_lag for pieces to be sent.
+        self._waiting = 0
+        #: async: guest writes are written back from the dirty map (module note).
+        self.write_back = write_mode == "async"
 
     def __repr__(self) -> str:
         return f"PrimaryReplica({self.name!r})"
@@ -159,10 +203,8 @@ class PrimaryReplica:
     def write(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         """A guest write: local, then forwarded (sync: waits for the secondary, up to timeout)."""
         view = memoryview(buf).cast("B")
-        # async acknowledges before the forward is sent; nbdkit reuses its buffer: copy.
-        payload: Buffer = view if self.write_mode == "sync" else bytes(view)
         self._update(offset, view.nbytes, lambda: self.disk.pwrite(view, offset, fua),
-                     lambda f: f.submit_write(payload, offset, fua))
+                     lambda f: f.submit_write(view, offset, fua))
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         self._update(offset, length, lambda: self.disk.zero(offset, length, fua),
@@ -173,28 +215,83 @@ class PrimaryReplica:
                      lambda f: f.submit_trim(offset, length, fua))
 
     def flush(self) -> None:
-        """Flush locally and on the secondary (sync mode waits for it, up to timeout)."""
+        """Flush locally, and in sync mode on the secondary too (waits for it, up to timeout).
+
+        Async mode promises only the local disk; the secondary's copy is made durable by
+        the checkpoint's barrier."""
         self.disk.flush()
         fwd = self._forwarding()
-        if fwd is None:
+        if fwd is None or self.write_mode == "async":
             return
-        ticket = fwd.submit_flush()
-        if self.write_mode == "sync":
-            ticket.wait(self.timeout)  # a failure is handled by on_failure
+        fwd.submit_flush().wait(self.timeout)  # a failure is handled by on_failure
 
     def _update(self, offset: int, length: int, local: Callable[[], None], submit: Submit) -> None:
-        """The one write path: lock, local change, forward or mark dirty, then settle."""
+        """The one write path: the mode's way of writing, then the counters."""
         check_range(self.disk.size, offset, length, write=True)
-        with self._locks.exclusive(offset, offset + length):
-            local()
-            ticket = self._submit(offset, length, submit)
+        if self.write_back:
+            self._write_back(offset, length, local)
+        else:
+            self._write_through(offset, length, local, submit)
         with self._count_lock:
             self._counters["writes"] += 1
             self._counters["bytes"] += length
+
+    def _write_through(self, offset: int, length: int, local: Callable[[], None],
+                       submit: Submit) -> None:
+        """sync: lock, local change, forward (or mark dirty), then wait for the secondary."""
+        with self._locks.exclusive(offset, offset + length):
+            local()
+            ticket = self._submit(offset, length, submit)
         # The forwarder fails a request older than timeout (and an expired wait fails it),
         # so this never waits longer; the guest's write succeeds either way.
-        if ticket is not None and self.write_mode == "sync" and not ticket.wait(self.timeout):
+        if ticket is not None and not ticket.wait(self.timeout):
             self.dirty.mark(offset, length)  # on_failure marks it too: harmless
+
+    def _write_back(self, offset: int, length: int, local: Callable[[], None]) -> None:
+        """async: local change, mark dirty, wake the sender; during a hold, see _write_held."""
+        self._wait_lag()
+        with self._hold_cond:
+            holding = self._holding
+            if not holding:
+                self._writers += 1
+        if holding:
+            self._write_held(offset, length, local)
+            return
+        try:
+            with self._locks.exclusive(offset, offset + length):
+                local()
+                self.dirty.mark(offset, length)  # after the write: a sender reading it now
+                #                                  sends it again later, never misses it
+        finally:
+            with self._hold_cond:
+                self._writers -= 1
+                if self._holding and not self._writers:
+                    self._hold_cond.notify_all()
+        self._pull()
+
+    def _write_held(self, offset: int, length: int, local: Callable[[], None]) -> None:
+        """A write during an async hold: local now, sent after resume.
+
+        It must not change a granule the checkpoint still has to send (that would put a
+        later write into the checkpoint), so it waits for such granules to be sent; the
+        hold itself ends after timeout/2 at the latest.
+        """
+        end = offset + length
+        while True:
+            with self._locks.exclusive(offset, end):
+                if not self.dirty.is_dirty(offset, length):
+                    local()
+                    with self._hold_cond:
+                        # A hold that ended meanwhile merged ``held``: mark where it goes now.
+                        (self.held if self._holding else self.dirty).mark(offset, length)
+                    break
+            with self._hold_cond:
+                if self._holding:
+                    self._waiting += 1
+                    self._hold_cond.wait(0.05)  # woken by each piece sent and by resume
+                    self._waiting -= 1
+        if not self._holding:
+            self._pull()
 
     def _submit(self, offset: int, length: int, submit: Submit) -> Optional[Ticket]:
         """Forward a change (range lock held), or mark it dirty; the ticket if it was sent.
@@ -205,10 +302,6 @@ class PrimaryReplica:
         if fwd is None:
             self.dirty.mark(offset, length)
             return None
-        if self.write_mode == "async":
-            # Acknowledged before sent: bound the lag.  A full window for ``timeout`` means
-            # the secondary is failing (the forwarder's deadline fails it), so go on then.
-            fwd.wait_room(self.window, self.timeout)
         ticket = submit(fwd)
         if ticket.done and not ticket.ok:
             self.dirty.mark(offset, length)  # rejected: the forwarder had already failed
@@ -216,6 +309,12 @@ class PrimaryReplica:
         with self._count_lock:
             self._counters["forwarded"] += 1
         return ticket
+
+    def _pull(self) -> None:
+        """async: have the forwarder take what is dirty (its source is _next_piece)."""
+        fwd = self._forwarding()
+        if fwd is not None:
+            fwd.pull()
 
     def _forwarding(self) -> Optional[Forwarder]:
         """The forwarder writes go to now, or None if they only go to the local disk."""
@@ -240,7 +339,9 @@ class PrimaryReplica:
         tag = make_tag(self.epoch, time.time_ns()) if session else ""
         fwd = Forwarder(self.secondary_uri, timeout=self.timeout, window=self.window,
                         on_failure=on_failure, export_suffix=self.export_suffix,
-                        session_tag=tag)
+                        session_tag=tag,
+                        source=self._next_piece if self.write_back and session else None,
+                        pull_delay=PULL_DELAY)
         try:
             fwd.connect()
         except ForwardError as err:
@@ -327,12 +428,11 @@ class PrimaryReplica:
         with self.sm.lock:
             if not self.sm.guard_running("checkpoint"):
                 return
-            self._require_in_sync("checkpoint", "resync before checkpointing")
-            fwd = self._fwd
-            assert fwd is not None  # RUNNING and not degraded
             began = time.monotonic()
             self.resume()  # a hold left from an earlier checkpoint: it is covered by this one
-            gen = self._begin_hold(fwd)
+            gen = self._hold_in_sync("checkpoint", "resync before checkpointing")
+            fwd = self._fwd
+            assert fwd is not None  # RUNNING and not degraded
             if not fwd.barrier(self.timeout):
                 self.resume()
                 why = fwd.error or f"no answer within {self.timeout:g}s"
@@ -361,14 +461,62 @@ class PrimaryReplica:
             raise ReplicationError(f"{self.name}: cannot {op}: the secondary is not in sync: "
                                    f"{dirty} bytes dirty; {hint}")
 
-    def _begin_hold(self, fwd: Forwarder) -> int:
-        """Hold the forwarder; the hold ends by itself after timeout/2 unless resume() comes.
+    def _hold_in_sync(self, op: str, hint: str) -> int:
+        """Begin a hold after which a barrier covers every earlier write; returns the
+        hold's generation.  Raises ReplicationError (no hold) if the secondary is not in
+        sync: degraded, or in sync mode with dirty bytes.
+
+        Async mode first lets the forwarder bring the lag down with writes flowing, then
+        holds the writers: its barrier then sends what is still dirty (the source comes
+        up empty once the held writers are gone), so the hold lasts about that long.
+        """
+        if not self.write_back or self.degraded:
+            self._require_in_sync(op, hint)
+            fwd = self._fwd
+            assert fwd is not None  # RUNNING and not degraded
+            return self._begin_hold(fwd)
+        self._catch_up()
+        gen = self._begin_hold(None)
+        with self._hold_cond:
+            while self._writers:  # entered before the hold: they mark ``dirty``, not ``held``
+                self._hold_cond.wait()
+        return gen
+
+    def _catch_up(self) -> None:
+        """async: wait (at most timeout/2) for the unsent bytes to drop to CATCH_UP."""
+        self._wait_sent(lambda: self.dirty.dirty_bytes <= CATCH_UP, self.timeout / 2)
+
+    def _wait_lag(self) -> None:
+        """async: wait while more than max_lag bytes are unsent (up to timeout, then go on:
+        a secondary that slow is failing, and the forwarder's deadline degrades it)."""
+        if self.dirty.dirty_bytes > self.max_lag:
+            self._wait_sent(lambda: self.dirty.dirty_bytes <= self.max_lag, self.timeout)
+
+    def _wait_sent(self, done: Callable[[], bool], timeout: float) -> None:
+        """async: wait until ``done()``, re-checked as pieces are sent, or ``timeout``; also
+        returns once nothing is being forwarded (nothing would be sent)."""
+        deadline = time.monotonic() + timeout
+        with self._hold_cond:
+            self._waiting += 1
+            try:
+                while not done() and self._forwarding() is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._hold_cond.wait(min(left, 0.05))
+            finally:
+                self._waiting -= 1
+
+    def _begin_hold(self, fwd: Optional[Forwarder]) -> int:
+        """Hold the forwarder (sync) or the writers (async, ``fwd`` None); the hold ends by
+        itself after timeout/2 unless resume() comes.
 
         Half the timeout: a sync write held meanwhile still has the other half for the
         secondary to answer before its wait (and the forwarder's deadline) runs out.
         """
         with self._hold_lock:
-            fwd.hold()
+            if fwd is not None:
+                fwd.hold()
             self._holding = True
             self._hold_gen += 1
             timer = threading.Timer(self.timeout / 2, self._end_hold, (True, self._hold_gen))
@@ -392,8 +540,13 @@ class PrimaryReplica:
             self._holding = False
             timer, self._hold_timer = self._hold_timer, None
             fwd = self._fwd
-            if fwd is not None:
+            if self.write_back:
+                self._merge_held()
+                self._hold_cond.notify_all()
+            elif fwd is not None:
                 fwd.release()
+        if self.write_back:
+            self._pull()
         if timer is not None and not expired:
             timer.cancel()
         if expired:
@@ -402,6 +555,12 @@ class PrimaryReplica:
             self.sm.events("CHECKPOINT_HOLD_EXPIRED", {"disk": self.name,
                                                        "mode": self.sm.mode.value,
                                                        "held": self.timeout / 2})
+
+    def _merge_held(self) -> None:
+        """async, the hold ending (``_hold_lock`` held): writes made during it become dirty."""
+        for offset, length in self.held.runs():
+            self.dirty.mark(offset, length)
+        self.held.clear_all()
 
     def get_error(self) -> None:
         self.sm.get_error()
@@ -414,9 +573,10 @@ class PrimaryReplica:
             self.resume()  # a barrier covers only what a hold let through
             fwd = self._fwd
             if not failover:
-                self._require_in_sync("stop cleanly", "resync first, or stop with failover=true")
+                self._hold_in_sync("stop cleanly", "resync first, or stop with failover=true")
                 assert fwd is not None  # RUNNING and not degraded
                 if not fwd.barrier(self.timeout):
+                    self.resume()
                     why = fwd.error or f"no answer within {self.timeout:g}s"
                     raise ReplicationError(
                         f"{self.name}: cannot stop cleanly: the secondary {self.secondary_uri} "
@@ -426,6 +586,7 @@ class PrimaryReplica:
             self.degraded = False
             self.sm.set_stage(Stage.DONE)
             self.sm.clear_error()
+            self.resume()  # writes held by a clean stop: local from now on, so dirty
 
     def resync(self, progress: Optional[Progress] = None) -> int:
         """Re-protect: reconnect if needed, then copy every dirty region; returns bytes sent.
@@ -447,32 +608,57 @@ class PrimaryReplica:
             return sent
 
     def _copy_dirty(self, progress: Optional[Progress]) -> int:
-        """Send every dirty region to the secondary (writes flowing); raise if the link fails.
+        """Send every dirty region to the secondary (writes flowing), then a barrier; raise
+        if the link fails.  Returns the bytes sent.
 
-        Runs again over what became dirty meanwhile (writes that chose "not forwarding"
-        just before the link came up) until nothing is left.
+        Sync mode goes over what became dirty meanwhile (writes that chose "not
+        forwarding" just before the link came up) until nothing is left.  Async mode
+        makes one pass: writes keep marking, and the sender carries on from there.
         """
-        done, last_event = 0, 0.0
-        pending: list[Ticket] = []
-        while runs := self.dirty.runs():
-            for offset, length in runs:
-                for coff, clen in _chunks(offset, length, self._copy_chunk_size()):
-                    if len(pending) >= RESYNC_DEPTH:
-                        self._settle_copy(pending.pop(0))
-                    pending.append(self._copy_chunk(coff, clen))
-                    done += clen
-                    total = done + self.dirty.dirty_bytes
-                    if progress is not None:
-                        progress(done, total)
-                    if time.monotonic() - last_event >= PROGRESS_INTERVAL:
-                        last_event = time.monotonic()
-                        self.sm.progress("RESYNC", done, total)
-            while pending:
-                self._settle_copy(pending.pop(0))
+        last_event = 0.0
+
+        def report(done: int) -> None:
+            nonlocal last_event
+            total = done + self.dirty.dirty_bytes
+            if progress is not None:
+                progress(done, total)
+            if time.monotonic() - last_event >= PROGRESS_INTERVAL:
+                last_event = time.monotonic()
+                self.sm.progress("RESYNC", done, total)
+
+        done = self._send_dirty(chase=not self.write_back, report=report)
         fwd = self._forwarding()
         if fwd is None or not fwd.barrier(self.timeout):
             self._copy_failed()
         self.sm.progress("RESYNC", done, done)
+        self._pull()
+        return done
+
+    def _send_dirty(self, chase: bool = True,
+                    report: Optional[Callable[[int], None]] = None) -> int:
+        """Send the dirty runs, SEND_BUDGET bytes and ``window`` pieces at most in flight;
+        returns the bytes sent once they are all acknowledged.  ``chase``: go on until the
+        map is empty, else one pass over the runs dirty at the start.  Raises
+        ReplicationError (what was not acknowledged is dirty again) if the link fails.
+        """
+        done = 0
+        pending: deque[Ticket] = deque()
+        in_flight = 0
+        while runs := self.dirty.runs():
+            for offset, length in runs:
+                for coff, clen in _chunks(offset, length, self._copy_chunk_size()):
+                    while pending and (in_flight + clen > SEND_BUDGET
+                                       or len(pending) >= self.window):
+                        in_flight -= self._settle_copy(pending.popleft())
+                    pending.append(self._copy_chunk(coff, clen))
+                    in_flight += clen
+                    done += clen
+                    if report is not None:
+                        report(done)
+            if not chase:
+                break
+        while pending:
+            self._settle_copy(pending.popleft())
         return done
 
     def _copy_chunk_size(self) -> int:
@@ -480,25 +666,51 @@ class PrimaryReplica:
         g = self.dirty.granularity
         return max(RESYNC_CHUNK // g, 1) * g
 
+    def _read_piece(self, offset: int, length: int) -> bytearray:
+        """A dirty piece's current bytes, its bits cleared (caller holds its range lock)."""
+        buf = bytearray(length)
+        self.disk.pread_into(memoryview(buf), offset)
+        self.dirty.clear(offset, length)
+        return buf
+
+    def _next_piece(self) -> Optional[tuple[int, bytearray]]:
+        """async: the forwarder's source (its I/O thread): the lowest dirty piece, read
+        and cleared, or None.  A failed forward marks it dirty again (on_failure)."""
+        run = self.dirty.first_run(self._copy_chunk_size())
+        if run is None:
+            return None
+        offset, length = run
+        with self._locks.exclusive(offset, offset + length):
+            buf = self._read_piece(offset, length)
+        self._piece_sent()
+        return offset, buf
+
+    def _piece_sent(self) -> None:
+        """Wake writers waiting for a granule or for the lag to shrink (async)."""
+        if self._waiting:
+            with self._hold_cond:
+                self._hold_cond.notify_all()
+
     def _copy_chunk(self, offset: int, length: int) -> Ticket:
         """Read a dirty piece locally, clear its bits and send it (under its range lock)."""
-        buf = bytearray(length)
         with self._locks.exclusive(offset, offset + length):
-            self.disk.pread_into(memoryview(buf), offset)
-            self.dirty.clear(offset, length)
+            buf = self._read_piece(offset, length)
             try:
                 ticket = self._submit(offset, length, lambda f: f.submit_write(buf, offset))
             except BaseException:
                 self.dirty.mark(offset, length)
                 raise
+        self._piece_sent()
         if ticket is None:
             self._copy_failed()
         assert ticket is not None
         return ticket
 
-    def _settle_copy(self, ticket: Ticket) -> None:
+    def _settle_copy(self, ticket: Ticket) -> int:
+        """Wait for a piece's acknowledgement; its length, or ReplicationError."""
         if not ticket.wait(self.timeout):
             self._copy_failed()
+        return ticket.length
 
     def _copy_failed(self) -> None:
         """Stop copying: what is left stays dirty, so the next resync continues from here."""
@@ -520,6 +732,9 @@ class PrimaryReplica:
         fwd = self._fwd
         with self._count_lock:
             counters = dict(self._counters)
+        unsent = self.dirty.dirty_bytes + self.held.dirty_bytes
+        # async and forwarding: unsent bytes are the sender's lag, not a resync's work.
+        lagging = self.write_back and self._forwarding() is not None
         return {
             "disk": self.name,
             "mode": self.sm.mode.value,
@@ -527,19 +742,29 @@ class PrimaryReplica:
             "error": self.sm.error,
             "degraded": self.degraded,
             "write_mode": self.write_mode,
-            "dirty_bytes": self.dirty.dirty_bytes,
+            "dirty_bytes": 0 if lagging else unsent,
             "in_flight": fwd.in_flight if fwd else 0,
             "queued": fwd.queued if fwd else 0,
             # acknowledged to the guest (or being written) but not yet confirmed by the secondary
-            "lag_bytes": fwd.in_flight_bytes if fwd else 0,
+            "lag_bytes": (unsent if lagging else 0) + (fwd.in_flight_bytes if fwd else 0),
             "counters": counters,
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
             "holding": self._holding,
         }
 
     def close(self) -> None:
-        """Drop the link (unacknowledged writes become dirty) and close the local disk."""
+        """Drop the link (unacknowledged writes become dirty) and close the local disk.
+
+        Async mode first tries to send what is unsent, so a node shut down cleanly leaves
+        its secondary with every acknowledged write; failing that, it stays dirty."""
         with self.sm.lock:
             self.resume()
+            if (self.write_back and self.sm.stage is Stage.RUNNING
+                    and self._forwarding() is not None):
+                try:
+                    self._copy_dirty(None)
+                except ReplicationError as err:
+                    log.warning("%s: closing with unsent writes: %s", self.name, err)
             self._drop_link()
         self.disk.close()
+
