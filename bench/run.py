@@ -295,12 +295,39 @@ def start_repdisk_pair(workdir: Path, mode: str) -> tuple[str, Cleanup]:
     return _started(workdir, build)
 
 
+def repdisk_catch_up(workdir: Path, timeout: float = 120.0) -> tuple[int, float]:
+    """After a job: the primary's lag (bytes acknowledged to fio, not yet confirmed by the
+    secondary) and the seconds until it is 0.  An async primary's IOPS mean little without
+    them: they say how far behind the secondary was when fio stopped."""
+    from repdisk.qmp import QMPClient  # the venv's repdisk: bench runs from the checkout
+
+    client = QMPClient(timeout=10).connect(str(_socket_path(workdir, "rd-pri-ctl")))
+    try:
+        def lag() -> int:
+            q = client.execute("query-replication")
+            return sum(d["lag_bytes"] + d["dirty_bytes"] for d in q["disks"])
+
+        t0, first = time.monotonic(), lag()
+        left = first
+        while left and time.monotonic() - t0 < timeout:
+            time.sleep(0.01)
+            left = lag()
+        if left:
+            raise RuntimeError(f"the secondary was still {left} bytes behind {timeout:g}s "
+                               "after the job")
+        return first, time.monotonic() - t0
+    finally:
+        client.close()
+
+
 @dataclass(frozen=True)
 class System:
     name: str
     description: str
     start: StartFn
     replicated: bool  # writes must reach SECONDARY_IMG too (checked before measuring)
+    # After each job: (lag bytes, seconds to catch up) of a system that acknowledges first.
+    catch_up: Callable[[Path], tuple[int, float]] | None = None
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in [
@@ -312,7 +339,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("repdisk-sync", "repdisk primary, write-mode sync, -> repdisk secondary",
            functools.partial(start_repdisk_pair, mode="sync"), True),
     System("repdisk-async", "repdisk primary, write-mode async, -> repdisk secondary",
-           functools.partial(start_repdisk_pair, mode="async"), True),
+           functools.partial(start_repdisk_pair, mode="async"), True, repdisk_catch_up),
 ]}
 PEERS = ("file", "passthrough", "qemu")
 
@@ -433,6 +460,7 @@ class Cell:
     workload: str
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    catch_ups: list[tuple[int, float]] = field(default_factory=list)  # System.catch_up
 
     def median(self) -> Sample | None:
         if not self.samples:
@@ -469,6 +497,8 @@ def _measure_system(system: System, cfg: Config, rep: int, cells: dict[tuple[str
             try:
                 cell.samples.append(run_fio(wname, uri, options,
                                             rawdir / f"{system.name}-{wname}-r{rep}.json"))
+                if system.catch_up is not None:
+                    cell.catch_ups.append(system.catch_up(cfg.workdir))
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
                 log.warning("%s %s rep %d: %s", system.name, wname, rep, err)
                 cell.errors.append(str(err))
@@ -542,7 +572,11 @@ def render_markdown(cfg: Config, meta: dict[str, Any], cells: dict[tuple[str, st
                 f" {_ratio(med, _median_of(cells, 'file', wname))} |")
     lines += ["", "Systems:", ""]
     lines += [f"- **{n}**: {SYSTEMS[n].description}" for n in cfg.systems]
-    notes = [f"- {n}: skipped: {why}" for n, why in skipped.items()]
+    notes = [f"- {c.system} {c.workload}: when fio stopped the secondary was "
+             f"{max(b for b, _ in c.catch_ups) / MiB:,.1f} MiB behind at most and caught up "
+             f"within {max(t for _, t in c.catch_ups):.2f} s"
+             for c in cells.values() if c.catch_ups]
+    notes += [f"- {n}: skipped: {why}" for n, why in skipped.items()]
     notes += [f"- {c.system} {c.workload}: {len(c.errors)} failed run(s): {c.errors[0]}"
               for c in cells.values() if c.errors]
     if meta.get("chart_note"):
@@ -622,7 +656,8 @@ def write_results(cfg: Config, cells: dict[tuple[str, str], Cell],
             "workloads": {n: asdict(WORKLOADS[n]) for n in cfg.workloads},
             "results": [{"system": c.system, "workload": c.workload,
                          "median": asdict(m) if (m := c.median()) else None,
-                         "samples": [asdict(s) for s in c.samples], "errors": c.errors}
+                         "samples": [asdict(s) for s in c.samples], "errors": c.errors,
+                         "catch_ups": c.catch_ups}
                         for c in cells.values()]}
     (cfg.out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     return markdown

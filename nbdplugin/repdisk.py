@@ -31,11 +31,13 @@ secondary-tls=psk:FILE[:USER]|x509:DIR|off  (default off) [primary only]
 insecure=yes|no  (default no)
     allow plain, unencrypted TCP: the primary's link to a secondary that is not on loopback, and control-tcp without control-tls
 write-mode=sync|async  (default sync) [primary only]
-    sync: a guest write is acknowledged once local and on the secondary; async: once local, forwarded in order behind a bounded window
+    sync: a guest write is acknowledged once local and on the secondary; async: once local, then written back to the secondary from a dirty map (at most max-lag behind)
 timeout=DURATION  (default 5s) [primary only]
     how long the secondary may take to answer before the primary degrades (e.g. 5s, 500ms)
 window=N  (default 64) [primary only]
-    async mode: most writes in flight to the secondary
+    most requests in flight to the secondary
+max-lag=SIZE  (default 256M) [primary only]
+    async mode: most bytes acknowledged to the guest but not yet sent to the secondary; guest writes wait beyond it (a checkpoint sends what is unsent, so this also bounds its work)
 on-isolation=suspend|continue  (default suspend) [primary only]
     what guest writes do once the primary has heard from neither the secondary nor the controller for isolation-timeout: suspend holds them until one answers (a controller that failed over meanwhile fences this node: writes then fail); continue is the explicit opt-in to risk a split brain
 isolation-timeout=DURATION  (default 3s) [primary only]

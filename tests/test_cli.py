@@ -121,6 +121,8 @@ MISTAKES = [
             r"5s or 500ms"),
     Mistake("zero timeout", pri_keys(("timeout", "0s")), r"timeout: '0s' is not positive: use e\.g\. 5s or 500ms"),
     Mistake("bad window", pri_keys(("window", "0")), r"window: expected a whole number >= 1, got '0'"),
+    Mistake("tiny max-lag", pri_keys(("max-lag", "64K")),
+            r"max-lag: 65536 bytes is too small: use at least 1M"),
 ]
 
 

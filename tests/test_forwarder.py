@@ -424,6 +424,104 @@ def test_killed_server_fails_every_waiter_and_reports_unacknowledged_ranges(serv
     assert sum(t.ok for t, _ in ops) > 0
 
 
+class DirtyDisk:
+    """A write-back source like the async primary's: a local copy and its dirty blocks.
+
+    ``write`` changes the local copy and marks the block (or, ``push``, also submits it
+    directly, like a sync write or a resync piece, in the same critical section);
+    ``next_piece`` is the forwarder's source: the lowest dirty block, read and cleared."""
+
+    BLOCK = 4096
+
+    def __init__(self, size: int) -> None:
+        self.local = bytearray(size)
+        self.dirty: set[int] = set()
+        self.lock = threading.Lock()
+        self.pieces: list[tuple[int, int]] = []
+        self.calls = 0
+        self.fwd: Forwarder | None = None
+
+    def write(self, offset: int, data: bytes, push: bool = False) -> None:
+        assert self.fwd is not None
+        with self.lock:
+            self.local[offset:offset + len(data)] = data
+            if push:
+                self.fwd.submit_write(data, offset)
+            else:
+                first, last = offset // self.BLOCK, (offset + len(data) - 1) // self.BLOCK
+                self.dirty.update(range(first, last + 1))
+        self.fwd.pull()
+
+    def next_piece(self) -> tuple[int, bytearray] | None:
+        with self.lock:
+            self.calls += 1
+            if not self.dirty:
+                return None
+            block = min(self.dirty)
+            self.dirty.discard(block)
+            offset = block * self.BLOCK
+            self.pieces.append((offset, self.BLOCK))
+            return offset, bytearray(self.local[offset:offset + self.BLOCK])
+
+
+def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
+    """Writers mark blocks and push writes over a small region; the barrier then covers
+    both, and the server holds exactly the local copy (pieces never overtake a push of
+    older bytes, nor the reverse)."""
+    disk = DirtyDisk(SIZE)
+    fwd, failures = make_fwd(any_server.uri, source=disk.next_piece, pull_delay=0.001)
+    disk.fwd = fwd
+    region = 2 * MiB
+
+    def writer(i: int) -> None:
+        rng = random.Random(100 + i)
+        for _ in range(60):
+            length = rng.randrange(1, 3 * DirtyDisk.BLOCK)
+            disk.write(rng.randrange(0, region - length), rng.randbytes(length),
+                       push=rng.random() < 0.3)
+
+    run_threads(6, writer)
+    assert fwd.barrier(10)
+    assert not disk.dirty
+    assert_same(read_all(any_server.uri, region), disk.local[:region])
+    assert failures.calls == [] and (fwd.in_flight, fwd.queued) == (0, 0)
+    assert len(disk.pieces) > 0 and fwd.stats["writes"] >= len(disk.pieces)
+
+
+def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
+    """A barrier arriving with pieces still at the source sends them all first."""
+    srv = servers("--filter=delay", "memory", str(SIZE), "delay-write=100ms")
+    disk = DirtyDisk(SIZE)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, window=2)
+    disk.fwd = fwd
+    with disk.lock:  # marked without a pull: only the barrier makes the forwarder look
+        for block in range(6):
+            disk.local[block * 4096:(block + 1) * 4096] = bytes([block + 1]) * 4096
+            disk.dirty.add(block)
+    t0 = time.monotonic()
+    assert fwd.barrier(10)
+    assert time.monotonic() - t0 >= 0.3  # 6 pieces, 2 in flight at a time, 100 ms each
+    assert disk.pieces == [(b * 4096, 4096) for b in range(6)]
+    assert read_all(srv.uri, MiB)[:6 * 4096] == bytes(disk.local[:6 * 4096])
+    assert fwd.stats["writes"] == 6 and fwd.stats["flushes"] == 1
+    assert failures.calls == []
+
+
+def test_failure_reports_the_pieces_taken_but_not_acknowledged(servers, make_fwd):
+    srv = servers("--filter=delay", "memory", str(SIZE), "delay-write=2")
+    disk = DirtyDisk(SIZE)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, timeout=5.0)
+    disk.fwd = fwd
+    for block in (3, 9, 20):
+        disk.write(block * 4096, b"x" * 4096)
+    assert eventually(lambda: len(disk.pieces) == 3)
+    srv.kill()
+    assert eventually(lambda: fwd.failed)
+    assert len(failures.calls) == 1
+    assert sorted(failures.calls[0][1]) == [(3 * 4096, 4096), (9 * 4096, 4096),
+                                            (20 * 4096, 4096)]
+
+
 def test_stopped_server_times_out_a_waiting_writer(server, make_fwd):
     fwd, failures = make_fwd(server.uri, timeout=1.0)
     assert fwd.submit_write(b"a" * 4096, 0).wait(5)

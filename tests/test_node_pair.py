@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from typing import Optional
 
 import nbd
@@ -154,7 +155,11 @@ def test_checkpoint_then_failover_gives_checkpoint_plus_secondary_vm_writes(
         expect[7 * MiB - 1:8 * MiB] = c
         vm.pwrite(b"\xee", 3 * MiB + 12345)
         expect[3 * MiB + 12345] = 0xEE
-        g.flush()
+        g.flush()  # async: the secondary gets it from the write-back, soon but not now
+        deadline = time.monotonic() + 5
+        while (read_export(sec, "replica")[2 * MiB:6 * MiB] != random_bytes(4, 4 * MiB)
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
         assert read_export(sec, "replica")[2 * MiB:6 * MiB] == random_bytes(4, 4 * MiB)
         sec.ctl("replication-stop", failover=True)
         assert read_all(vm) == expect
@@ -275,3 +280,25 @@ def test_consistency_group_replicates_checkpoints_and_fails_over_together(nodes:
     q = sec.ctl("query-replication")
     assert [d["stage"] for d in q["disks"]] == ["done", "done"]
     assert [d["stage"] for d in pri.ctl("query-replication")["disks"]] == ["running", "running"]
+
+
+def test_python_thread_states_stay_bounded_over_many_connections(nodes: Nodes) -> None:
+    """Each nbdkit thread keeps one Python thread state (threadstate.py); those of the
+    threads of closed connections are deleted, so many connections do not pile them up."""
+    pri, sec = start_pair(nodes)
+    for i in range(12):
+        h = pri.client()
+        h.pwrite(bytes([i + 1]) * 4096, i * 4096)
+        assert h.pread(4096, i * 4096) == bytes([i + 1]) * 4096
+        h.shutdown()
+    h = pri.client()
+    try:
+        h.pread(512, 0)
+        states = pri.ctl("query-replication")["python-thread-states"]
+    finally:
+        h.shutdown()
+    # sync primary: 4 workers and the connection thread per connection; the live
+    # connection's plus at most one closing connection's, never the 12 closed ones'.
+    assert 1 <= states <= 2 * (4 + 1)
+    assert read_export(sec, "replica")[:12 * 4096] == b"".join(
+        bytes([i + 1]) * 4096 for i in range(12))

@@ -31,7 +31,9 @@ KiB, MiB = 1024, 1024 * 1024
 class Secondary:
     """A file-plugin nbdkit serving ``path`` on a Unix socket; can be killed, hung, restarted."""
 
-    def __init__(self, directory: Path, name: str, size: int, fill: Optional[int] = None) -> None:
+    def __init__(self, directory: Path, name: str, size: int, fill: Optional[int] = None,
+                 filters: tuple[str, ...] = ()) -> None:
+        self.filters = filters  # e.g. ("--filter=delay", "delay-write=50ms")
         self.path = directory / f"{name}.img"
         self.sock = directory / f"{name}.sock"
         self.pidfile = directory / f"{name}.pid"
@@ -51,7 +53,8 @@ class Secondary:
             p.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "-P", str(self.pidfile),
-             "file", str(self.path)], stderr=subprocess.DEVNULL)
+             *[f for f in self.filters if f.startswith("--")], "file", str(self.path),
+             *[f for f in self.filters if not f.startswith("--")]], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not self.pidfile.exists() or not self.pidfile.read_text().strip():
             assert self.proc.poll() is None, "nbdkit exited at start-up"
@@ -76,8 +79,8 @@ class Secondary:
 def secondary_factory(tmp_path: Path) -> Iterator[Callable[..., Secondary]]:
     made: list[Secondary] = []
 
-    def make(size: int, fill: Optional[int] = None) -> Secondary:
-        sec = Secondary(tmp_path, f"secondary{len(made)}", size, fill)
+    def make(size: int, fill: Optional[int] = None, filters: tuple[str, ...] = ()) -> Secondary:
+        sec = Secondary(tmp_path, f"secondary{len(made)}", size, fill, filters)
         made.append(sec)
         return sec
 
@@ -275,6 +278,56 @@ def test_async_checkpoint_barrier_and_hold(primary_factory, secondary_factory) -
     rep.resume()
     assert wait_until(lambda: sec.read() == read_local(rep))
     assert rep.query()["holding"] is False
+
+
+def test_async_write_back_is_bounded_by_max_lag(primary_factory, secondary_factory) -> None:
+    """A slow secondary: guest writes wait once max_lag bytes are unsent, never more."""
+    size = 16 * MiB
+    sec = secondary_factory(size, filters=("--filter=delay", "delay-write=20ms"))
+    rep = primary_factory(size, sec.uri, write_mode="async", max_lag=MiB, window=4)
+    rep.start(PRIMARY)
+    rng = random.Random(5)
+    peak = 0
+    t0 = time.monotonic()
+    for _ in range(60):
+        length = 64 * KiB
+        rep.view.pwrite(rng.randbytes(length), rng.randrange(0, size - length))
+        peak = max(peak, rep.dirty.dirty_bytes)
+    took = time.monotonic() - t0
+    # A write waits while more than max_lag is unsent, then adds its own granules (a
+    # 64 KiB write touches at most five 16 KiB ones): never more.
+    assert MiB // 2 < peak <= MiB + 5 * 16 * KiB
+    assert took > 0.2  # the writers were held back by the 20 ms per request secondary
+    rep.checkpoint()
+    rep.resume()
+    assert sec.read() == read_local(rep)
+
+
+def test_async_write_during_hold_keeps_the_checkpoint_closed(primary_factory,
+                                                             secondary_factory) -> None:
+    """A write during the hold to a granule still to be sent waits for it to be taken;
+    the checkpoint holds the bytes from before the hold, the held write lands after."""
+    size = 4 * MiB
+    sec = secondary_factory(size, filters=("--filter=delay", "delay-write=300ms"))
+    rep = primary_factory(size, sec.uri, write_mode="async", timeout=4.0)
+    rep.start(PRIMARY)
+    rep.view.pwrite(b"A" * 4096, 0)          # unsent when the checkpoint starts (300 ms)
+    done = threading.Event()
+    cp = threading.Thread(target=lambda: (rep.checkpoint(), done.set()))
+    cp.start()
+    assert wait_until(lambda: rep.holding, 2)
+    rep.view.pwrite(b"B" * 4096, 4096)       # the same 16 KiB granule as A
+    t0 = time.monotonic()
+    rep.view.pwrite(b"C" * 4096, 2 * MiB)    # an untouched granule: local at once
+    assert time.monotonic() - t0 < 0.2
+    cp.join(5)
+    assert done.is_set()
+    got = sec.read()
+    assert got[:4096] == b"A" * 4096 and got[4096:8192] == bytes(4096)
+    assert got[2 * MiB:2 * MiB + 4096] == bytes(4096)
+    assert rep.query()["lag_bytes"] >= 2 * 16 * KiB and rep.query()["dirty_bytes"] == 0
+    rep.resume()
+    assert wait_until(lambda: sec.read() == read_local(rep), 5)
 
 
 def test_clean_stop_sends_held_writes(primary_factory, secondary_factory) -> None:

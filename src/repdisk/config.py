@@ -67,12 +67,16 @@ KEYS: tuple[Key, ...] = (
         "loopback, and control-tcp without control-tls", default="no", flag=True),
     Key("write-mode", (PRIMARY,), "sync|async",
         "sync: a guest write is acknowledged once local and on the secondary; async: once "
-        "local, forwarded in order behind a bounded window", default="sync"),
+        "local, then written back to the secondary from a dirty map (at most max-lag behind)",
+        default="sync"),
     Key("timeout", (PRIMARY,), "DURATION",
         "how long the secondary may take to answer before the primary degrades (e.g. 5s, 500ms)",
         default="5s"),
-    Key("window", (PRIMARY,), "N", "async mode: most writes in flight to the secondary",
-        default="64"),
+    Key("window", (PRIMARY,), "N", "most requests in flight to the secondary", default="64"),
+    Key("max-lag", (PRIMARY,), "SIZE",
+        "async mode: most bytes acknowledged to the guest but not yet sent to the secondary; "
+        "guest writes wait beyond it (a checkpoint sends what is unsent, so this also bounds "
+        "its work)", default="256M"),
     Key("on-isolation", (PRIMARY,), "suspend|continue",
         "what guest writes do once the primary has heard from neither the secondary nor the "
         "controller for isolation-timeout: suspend holds them until one answers (a controller "
@@ -197,6 +201,7 @@ class NodeConfig:
     write_mode: str = "sync"
     timeout: float = 5.0
     window: int = 64
+    max_lag: int = 256 << 20
     on_isolation: str = "suspend"
     isolation_timeout: float = 3.0
     active: Optional[str] = None
@@ -265,6 +270,9 @@ class NodeConfig:
             raise ConfigError("write-mode", f"unknown mode {self.write_mode!r}: use sync or async")
         self.timeout = parse_duration("timeout", _one(values, "timeout") or "5s")
         self.window = parse_uint("window", _one(values, "window") or "64")
+        self.max_lag = parse_size("max-lag", _one(values, "max-lag") or "256M")
+        if self.max_lag < 1 << 20:
+            raise ConfigError("max-lag", f"{self.max_lag} bytes is too small: use at least 1M")
         self.on_isolation = _one(values, "on-isolation") or "suspend"
         if self.on_isolation not in ISOLATION_POLICIES:
             raise ConfigError("on-isolation", f"unknown policy {self.on_isolation!r}: use "

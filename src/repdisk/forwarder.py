@@ -92,7 +92,7 @@ class Ticket:
     """
 
     __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "drained", "_lock", "_fwd", "_err")
+                 "rejected", "drained", "pulled", "_lock", "_fwd", "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
                  buf: "bytes | memoryview | None" = None, fua: bool = False) -> None:
@@ -107,6 +107,7 @@ class Ticket:
         self.ok = False
         self.rejected = False
         self.drained = -1  # a barrier: the source's empty rounds when it arrived
+        self.pulled = False  # taken from the source: nobody waits for it
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it.
@@ -232,7 +233,7 @@ class Forwarder:
         self.failed = False
         self.error: Optional[str] = None
         self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
-                      "errors": 0}
+                      "errors": 0, "pulled": 0}
         # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
         # _released, _stop, _wake_pending, _pull_wanted, _thread and the failed/error
         # transition.
@@ -251,6 +252,8 @@ class Forwarder:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: Optional[threading.Thread] = None
         self._handoff: Optional[nbd.NBD] = None
+        self._ready_poll: Optional[select.poll] = None  # _read_replies' poll of the socket
+        self._ready_fd = -1
         self._reset_io_state()
 
     def _reset_io_state(self) -> None:
@@ -268,6 +271,7 @@ class Forwarder:
         self._drained = 0      # times the source came up empty ...
         self._drained_seq = 0  # ... and the sequence number at the last of them
         self._next_pull = 0.0  # no pull round starts before (pull_delay after an empty one)
+        self._waited = 0       # requests in flight that someone waits for (not pulled)
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -429,7 +433,8 @@ class Forwarder:
 
     def pull(self) -> None:
         """Have the I/O thread take what the source has (any thread; one flag test when
-        a pull is already asked for: the I/O thread clears the flag before it looks)."""
+        a pull is already asked for: the I/O thread clears the flag just before it looks,
+        so a pull asked for during ``pull_delay`` costs no wake-up)."""
         if self._pull_wanted:
             return
         with self._lock:
@@ -508,18 +513,30 @@ class Forwarder:
                     return why
                 if self._issued:
                     direction = h.aio_get_direction()
-                mask = self._repoll(poller, fd, mask, _poll_mask(direction))
-                if not mask:
+                want = _poll_mask(direction)
+                if not want:
                     return self._retire() or f"secondary {self.uri} closed the connection"
+                now = time.monotonic()
+                lazy = self._lazy(now)
+                if lazy and self._inflight:
+                    # Not woken per reply: read what came since the last round here.
+                    self._read_replies(h, fd)
+                    why = self._retire()
+                    if why is not None:
+                        return why
+                    want = _poll_mask(h.aio_get_direction())
+                mask = self._repoll(poller, fd, mask, want & ~select.POLLIN if lazy else want)
                 wake_at = self._next_check
-                if self._pulling and self._next_pull < wake_at:
-                    wake_at = self._next_pull
-                wait_ms = max(0, int((wake_at - time.monotonic()) * 1000) + 1)
+                if (self._pulling or lazy) and now < self._next_pull < wake_at:
+                    wake_at = self._next_pull  # a delayed pull round (not one without room)
+                wait_ms = max(0, int((wake_at - now) * 1000) + 1)
                 for got_fd, events in poller.poll(wait_ms):
                     if got_fd == self._wake_fd:
                         self._drain_wake()
                     else:
                         _notify(h, events)
+                        if events & select.POLLIN:
+                            self._read_replies(h, fd)
                         direction = h.aio_get_direction()
                 why = self._retire()
                 if why is None and not direction:
@@ -528,6 +545,22 @@ class Forwarder:
                     return why
         except nbd.Error as err:
             return f"secondary {self.uri} failed: {err}"
+
+    def _read_replies(self, h: "nbd.NBD", fd: int) -> None:
+        """Read every reply already waiting: libnbd reads one per ``aio_notify_read``, so
+        without this each reply would cost a round of its own (a poll and a wake-up).
+
+        ``aio_notify_read`` only while the socket is readable (a zero-timeout poll says
+        so): libnbd takes the call as "data is here", and one made mid-send with nothing
+        to read would leave it waiting for a reply to a request it has not finished
+        sending."""
+        ready = self._ready_poll
+        if ready is None or self._ready_fd != fd:
+            ready = self._ready_poll = select.poll()
+            ready.register(fd, select.POLLIN)
+            self._ready_fd = fd
+        while self._inflight and ready.poll(0):
+            h.aio_notify_read()
 
     @staticmethod
     def _repoll(poller: "select.poll", fd: int, old: int, new: int) -> int:
@@ -553,9 +586,8 @@ class Forwarder:
             self._cur_hold = self._hold_seq
             released, self._released = self._released, None
             stop = self._stop
-            if self._pull_wanted:
-                self._pull_wanted = False
-                self._pulling = self._source is not None
+            if self._pull_wanted:  # cleared by _pull, when it looks: until then, writers
+                self._pulling = self._source is not None  # need not wake this thread
         self._enqueue(batch)
         if released is not None:
             # Held requests waited for the checkpoint, not for the secondary.
@@ -582,6 +614,9 @@ class Forwarder:
                 or self.in_flight_bytes >= PULL_BUDGET or self._pull_waits()):
             return False
         assert self._source is not None
+        if self._pull_wanted:  # before looking: a mark made after this wakes us again
+            with self._lock:
+                self._pull_wanted = False
         piece = self._source()
         if piece is None:
             self._pulling = False
@@ -591,7 +626,9 @@ class Forwarder:
                 self._next_pull = time.monotonic() + self._pull_delay
             return False
         offset, buf = piece
+        self.stats["pulled"] += 1
         t = Ticket(self, WRITE, offset, len(buf), buf)
+        t.pulled = True
         with self._lock:  # behind whatever was submitted before the piece was read
             batch, self._incoming = self._incoming, []
             t.seq = self._seq
@@ -600,6 +637,13 @@ class Forwarder:
         self._enqueue(batch)
         self._queue.append(t)
         return True
+
+    def _lazy(self, now: float) -> bool:
+        """True while replies may wait for the next pull round: only pulled pieces are in
+        flight (nobody waits for them), so reading their replies in one go at the next
+        round saves a wake-up per reply."""
+        return (bool(self._pull_delay) and not self._waited and not self._barriers
+                and not self._queue and now < self._next_pull)
 
     def _pull_waits(self) -> bool:
         """True while a pull round must wait: pieces gathered for ``pull_delay`` after the
@@ -661,6 +705,8 @@ class Forwarder:
         """Hand ``t`` to libnbd; it counts as in flight even if libnbd refuses it."""
         self._inflight.add(t)
         self._issued = True
+        if not t.pulled:
+            self._waited += 1
         flags = self._fua_flag if t.fua else 0
         try:
             if t.kind is WRITE:
@@ -695,6 +741,8 @@ class Forwarder:
                               f"{t.offset + t.length}): {os.strerror(t._err)}")
                 continue
             self._inflight.discard(t)
+            if not t.pulled:
+                self._waited -= 1
             if t.kind is WRITE:
                 self.in_flight_bytes -= t.length
                 stats["writes"] += 1

@@ -145,7 +145,8 @@ def _byte_view(buf: Buffer) -> memoryview:
 
 def _read_full(fd: int, view: memoryview, offset: int) -> None:
     """Fill all of ``view`` from ``offset``; bytes past the end of a short file read as zeros."""
-    done, n = 0, len(view)
+    n = len(view)
+    done = os.preadv(fd, [view], offset)  # nearly always all of it: one call
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
@@ -158,7 +159,8 @@ def _read_full(fd: int, view: memoryview, offset: int) -> None:
 
 def _write_full(fd: int, view: memoryview, offset: int) -> None:
     """Write all of ``view`` at ``offset``, looping on short writes."""
-    done, n = 0, len(view)
+    n = len(view)
+    done = os.pwrite(fd, view, offset)  # nearly always all of it: one call
     while done < n:
         done += os.pwrite(fd, view[done:], offset + done)
 
@@ -223,8 +225,13 @@ def _os_errors(what: str) -> Iterator[None]:
     except BlockIOError:
         raise
     except OSError as err:
-        code = err.errno or errno.EIO
-        raise BlockIOError(code, f"{what} failed: {err.strerror or err}") from err
+        raise _block_error(err, what) from err
+
+
+def _block_error(err: OSError, what: str) -> BlockIOError:
+    """The BlockIOError for ``err``; the hot paths catch OSError themselves and call this,
+    so a request pays for its message only when it fails."""
+    return BlockIOError(err.errno or errno.EIO, f"{what} failed: {err.strerror or err}")
 
 
 def _create_file(path: str, exist_ok: bool, what: str) -> int:
@@ -331,17 +338,22 @@ class RawImage:
     def pread_into(self, buf: Buffer, offset: int) -> None:
         view = _byte_view(buf)
         check_range(self.size, offset, len(view))
-        with _os_errors(f"raw image {self.path}: read at {offset}"):
+        try:
             _read_full(self._fd, view, offset)
+        except OSError as err:
+            raise _block_error(err, f"raw image {self.path}: read at {offset}") from err
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         view = _byte_view(buf)
         check_range(self.size, offset, len(view), write=True)
-        self._check_writable()
-        with _os_errors(f"raw image {self.path}: write at {offset}"):
+        if self.readonly:
+            self._check_writable()
+        try:
             _write_full(self._fd, view, offset)
             if fua:
                 os.fdatasync(self._fd)
+        except OSError as err:
+            raise _block_error(err, f"raw image {self.path}: write at {offset}") from err
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         check_range(self.size, offset, length, write=True)

@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Union
 
-from . import resync, sessions
+from . import resync, sessions, threadstate
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage
@@ -222,7 +222,8 @@ class Node:
             suffix = f"/{name}" if len(self.cfg.disks) > 1 else ""
             return PrimaryReplica(name, RawImage.open(path), self.cfg.secondary,
                                   write_mode=self.cfg.write_mode, timeout=self.cfg.timeout,
-                                  window=self.cfg.window, events=self.emit, export_suffix=suffix)
+                                  window=self.cfg.window, max_lag=self.cfg.max_lag,
+                                  events=self.emit, export_suffix=suffix)
         except ConfigError:
             raise
         except (RepdiskError, OSError, ValueError) as err:
@@ -508,6 +509,7 @@ class Node:
             "default-export": self.default_export,
             "exports": sorted(self.exports),
             "disks": [{**rep.query(), "size": rep.disk.size} for rep in self.replicas.values()],
+            "python-thread-states": threadstate.pinned_count(),
         }
 
     def close(self) -> None:

@@ -74,15 +74,15 @@ class Listen:
             return False
 
 
-# nbdkit worker threads per connection, by role and write mode.  More threads cost CPU, not
-# buy IOPS: each libnbd call drops the GIL and idle workers grab it, so the forwarder thread and
-# the workers switch more.  Measured on 2 vCPUs, fio 4 KiB random write QD16, CPU per write
-# (primary + secondary, us) and IOPS, primary/secondary threads:
-#   sync   16/16: 162-183 us, 8.0-9.0k   8/8: 114-139 us, 9.8-10.4k   8/4: 109-142 us, 9.4-10.0k
-#   async  16/16: 141 us, 10.4k          4/4: 114 us, 13.0k           4/8: 117 us, 13.1k
-# A sync primary keeps 8: each worker blocks until the secondary answers, so the threads are
-# the guest's queue depth (4 left IOPS no better and more switches per write).
-_DEFAULT_THREADS = {("primary", "sync"): 8, ("primary", "async"): 1, ("secondary", ""): 1}
+# nbdkit worker threads per connection, by role and write mode.  With -t 1 nbdkit runs a
+# connection's requests on the connection's thread (no hand-off to a worker, no GIL transfer
+# per request), which is what a secondary and an async primary want: none of their requests
+# waits on the network.  A sync primary's write waits for the secondary, so its threads are
+# the guest's queue depth.  fio 4 KiB random write QD16 on 2 vCPUs, IOPS, primary/secondary
+# threads (thread states kept, threadstate.py): sync 2/1 12.8-13.3k, 3/1 14.5-14.7k,
+# 4/1 16.0-16.4k, 6/1 14.9-16.1k, 8/1 14.5k; async 1/1 19.5-20.5k, 2/1 23.1k, 4/1 19.3k
+# (async 1/1 then won on reads: the bench's 4 KiB random read).
+_DEFAULT_THREADS = {("primary", "sync"): 4, ("primary", "async"): 1, ("secondary", ""): 1}
 
 
 def default_threads(keys: list[tuple[str, str]]) -> int:

@@ -99,8 +99,7 @@ class PrimaryView:
         self.size = replica.disk.size
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        check_range(self.size, offset, memoryview(buf).nbytes)
-        self._replica.disk.pread_into(buf, offset)
+        self._replica.disk.pread_into(buf, offset)  # which checks the range
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         self._replica.write(buf, offset, fua)
@@ -748,6 +747,7 @@ class PrimaryReplica:
             # acknowledged to the guest (or being written) but not yet confirmed by the secondary
             "lag_bytes": (unsent if lagging else 0) + (fwd.in_flight_bytes if fwd else 0),
             "counters": counters,
+            "link": dict(fwd.stats) if fwd else None,
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
             "holding": self._holding,
         }
