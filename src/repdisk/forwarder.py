@@ -559,7 +559,8 @@ class Forwarder:
             ready = self._ready_poll = select.poll()
             ready.register(fd, select.POLLIN)
             self._ready_fd = fd
-        while self._inflight and ready.poll(0):
+        while (self._inflight and ready.poll(0)
+               and h.aio_get_direction() & nbd.AIO_DIRECTION_READ):  # not closed by the last
             h.aio_notify_read()
 
     @staticmethod

@@ -68,8 +68,9 @@ RESYNC_DEPTH = 4
 #: RESYNC_PROGRESS events are sent at most this often (the progress callback sees every chunk).
 PROGRESS_INTERVAL = 0.5
 #: async: the dirty map's grain.  Every guest write is marked, so a fine grain sends no more
-#: than was written; 16 KiB keeps the map's runs (its cost) few under random writes.
-ASYNC_GRANULARITY = 16384
+#: than was written.  fio 4 KiB random writes on a 1 GiB disk, same IOPS within noise for
+#: 4/16/64 KiB, but the secondary was 4.7 / 87 / 234 MiB behind when fio stopped.
+ASYNC_GRANULARITY = 4096
 #: resync keeps at most this many payload bytes queued or in flight.
 SEND_BUDGET = 16 << 20
 #: async: the forwarder gathers dirty pieces this long before a round (fio 4 KiB random
