@@ -559,9 +559,13 @@ class Forwarder:
             ready = self._ready_poll = select.poll()
             ready.register(fd, select.POLLIN)
             self._ready_fd = fd
-        while (self._inflight and ready.poll(0)
-               and h.aio_get_direction() & nbd.AIO_DIRECTION_READ):  # not closed by the last
-            h.aio_notify_read()
+        while self._inflight and ready.poll(0):
+            try:
+                h.aio_notify_read()
+            except nbd.Error:
+                if h.aio_get_direction() & nbd.AIO_DIRECTION_READ:
+                    raise
+                return  # the last read found the end of the connection: the loop reports it
 
     @staticmethod
     def _repoll(poller: "select.poll", fd: int, old: int, new: int) -> int:

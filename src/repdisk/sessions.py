@@ -22,8 +22,7 @@ from __future__ import annotations
 import errno
 import re
 import threading
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from .errors import BlockIOError
 from .images import BlockDevice
@@ -73,15 +72,20 @@ class WriterGate:
                                                     f"{self._current} is already writing")
                 self._current = token
 
-    @contextmanager
-    def writing(self, token: Token) -> Iterator[None]:
-        """Hold off newer admissions while a write of ``token``'s session runs."""
-        with self._hold.shared(0, 1):
+    def run_write(self, token: Token, fn: Any, *args: Any) -> None:
+        """Run a write of ``token``'s session, holding off newer admissions meanwhile.
+
+        Called for every replica request, so a plain acquire/release rather than a
+        generator context manager (several Python calls per request)."""
+        entry = self._hold.acquire(0, 1, False)
+        try:
             if token != self._current:
                 raise BlockIOError(errno.EPERM, f"{self.name}: write of a superseded primary "
                                                 f"session {token} refused (current "
                                                 f"{self._current})")
-            yield
+            fn(*args)
+        finally:
+            self._hold.release(entry)
 
     @property
     def current(self) -> Token:
@@ -98,8 +102,7 @@ class SessionView:
         self.extents = view.extents
 
     def _write(self, fn: Any, *args: Any) -> None:
-        with self._gate.writing(self._token):
-            fn(*args)
+        self._gate.run_write(self._token, fn, *args)
 
     def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         self._write(self._view.pwrite, buf, offset, fua)
