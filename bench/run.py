@@ -295,6 +295,26 @@ def start_repdisk_pair(workdir: Path, mode: str) -> tuple[str, Cleanup]:
     return _started(workdir, build)
 
 
+def repdisk_checkpoint(workdir: Path) -> None:
+    """Before each job: a pair checkpoint, so every job starts as right after one (empty
+    overlays: the secondary copies each cluster's old contents the first time the job
+    writes it), whatever the jobs before it wrote; a deployment checkpoints every few
+    seconds, so that copy is part of its steady state, and job order must not hide it."""
+    from repdisk.qmp import QMPClient  # the venv's repdisk: bench runs from the checkout
+
+    primary, secondary = (QMPClient(timeout=30).connect(str(_socket_path(workdir, name)))
+                          for name in ("rd-pri-ctl", "rd-sec-ctl"))
+    try:
+        primary.execute("replication-do-checkpoint")
+        try:
+            secondary.execute("replication-do-checkpoint")
+        finally:
+            primary.execute("replication-resume")
+    finally:
+        primary.close()
+        secondary.close()
+
+
 def repdisk_catch_up(workdir: Path, timeout: float = 120.0) -> tuple[int, float]:
     """After a job: the primary's lag (bytes acknowledged to fio, not yet confirmed by the
     secondary) and the seconds until it is 0.  An async primary's IOPS mean little without
@@ -326,6 +346,8 @@ class System:
     description: str
     start: StartFn
     replicated: bool  # writes must reach SECONDARY_IMG too (checked before measuring)
+    # Before each job (repdisk: a checkpoint, see repdisk_checkpoint).
+    before_job: Callable[[Path], None] | None = None
     # After each job: (lag bytes, seconds to catch up) of a system that acknowledges first.
     catch_up: Callable[[Path], tuple[int, float]] | None = None
 
@@ -337,9 +359,10 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("qemu", "qemu-storage-daemon quorum(file, nbd->qemu-nbd), vote-threshold=1",
            start_qemu, True),
     System("repdisk-sync", "repdisk primary, write-mode sync, -> repdisk secondary",
-           functools.partial(start_repdisk_pair, mode="sync"), True),
+           functools.partial(start_repdisk_pair, mode="sync"), True, repdisk_checkpoint),
     System("repdisk-async", "repdisk primary, write-mode async, -> repdisk secondary",
-           functools.partial(start_repdisk_pair, mode="async"), True, repdisk_catch_up),
+           functools.partial(start_repdisk_pair, mode="async"), True, repdisk_checkpoint,
+           repdisk_catch_up),
 ]}
 PEERS = ("file", "passthrough", "qemu")
 
@@ -495,6 +518,8 @@ def _measure_system(system: System, cfg: Config, rep: int, cells: dict[tuple[str
             options = [*WORKLOADS[wname].fio_options(), f"--runtime={cfg.runtime}",
                        "--time_based"]
             try:
+                if system.before_job is not None:
+                    system.before_job(cfg.workdir)
                 cell.samples.append(run_fio(wname, uri, options,
                                             rawdir / f"{system.name}-{wname}-r{rep}.json"))
                 if system.catch_up is not None:

@@ -71,17 +71,26 @@ def test_quick_run_measures_every_peer(tmp_path: Path, workdir: Path) -> None:
     assert table in proc.stdout
 
 
-def test_repdisk_pair_starts_or_says_why_not(workdir: Path) -> None:
-    """Until repdisk has primary/secondary, starting the pair says so instead of crashing;
-    once it has them, the pair must start on prepared images and stop cleanly."""
-    from bench.run import prepare_images, start_repdisk_pair
-
-    prepare_images(workdir, 16 << 20)
-    try:
-        uri, cleanup = start_repdisk_pair(workdir, "sync")
-    except NotImplementedError as err:
-        assert "repdisk primary" in str(err) or "repdisk secondary" in str(err)
-        return
-    cleanup()
-    assert uri.startswith("nbd+unix:///")
+@pytest.mark.timeout(60)
+def test_quick_run_measures_repdisk_async_with_its_catch_up(tmp_path: Path,
+                                                           workdir: Path) -> None:
+    """repdisk's systems take a checkpoint before each job; an async primary also reports
+    how far behind its secondary was when fio stopped, and that it caught up."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--runtime", "1",
+         "--systems", "repdisk-async", "--workloads", "randwrite4k", "--out", str(out),
+         "--workdir", str(workdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=55)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert _processes_using(workdir) == []
+    data = json.loads((out / "results.json").read_text())
+    assert data["skipped"] == {}
+    (row,) = data["results"]
+    assert row["errors"] == [] and row["median"]["iops"] > 0
+    assert len(row["catch_ups"]) == 1
+    lag, seconds = row["catch_ups"][0]
+    assert lag >= 0 and 0 <= seconds < 60
+    assert re.search(r"repdisk-async randwrite4k: when fio stopped the secondary was [\d.,]+ "
+                     r"MiB behind at most and caught up within [\d.]+ s",
+                     (out / "results.md").read_text())
