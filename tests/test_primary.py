@@ -328,6 +328,44 @@ def test_async_write_during_hold_keeps_the_checkpoint_closed(primary_factory,
     assert wait_until(lambda: sec.read() == read_local(rep), 5)
 
 
+def test_async_held_write_goes_on_when_the_hold_expires_on_a_dead_link(
+        primary_factory, secondary_factory) -> None:
+    """A write waiting during a hold for its granule to be sent must not wait for a link
+    that never sends it: when the hold expires it is an ordinary write (local, dirty)."""
+    size = 4 * MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async", timeout=2.0, window=1)
+    rep.start(PRIMARY)
+    sec.signal(signal.SIGSTOP)
+    try:
+        rep.view.pwrite(b"X" * 4096, MiB)    # taken and sent: fills the window of 1, unanswered
+        assert wait_until(lambda: rep.query()["in_flight"] == 1, 2)
+        rep.view.pwrite(b"A" * 4096, 0)      # stays dirty: no room to take it
+        errors: list[BaseException] = []
+
+        def checkpoint() -> None:
+            try:
+                rep.checkpoint()
+            except ReplicationError as err:
+                errors.append(err)
+
+        cp = threading.Thread(target=checkpoint)
+        cp.start()
+        assert wait_until(lambda: rep.holding, 2)
+        t0 = time.monotonic()
+        rep.view.pwrite(b"B" * 4096, 2048)   # on A's dirty granule: waits for the hold...
+        waited = time.monotonic() - t0
+        assert 0.5 <= waited < 1.5           # ...until it expires (timeout/2 = 1 s), no longer
+        cp.join(5)
+        assert not cp.is_alive() and errors and "checkpoint failed" in str(errors[0])
+    finally:
+        sec.signal(signal.SIGCONT)
+    assert read_local(rep)[:6144] == b"A" * 2048 + b"B" * 4096
+    assert rep.degraded and rep.dirty.is_dirty(0, 6144)
+    rep.resync()
+    assert sec.read() == read_local(rep)
+
+
 def test_clean_stop_sends_held_writes(primary_factory, secondary_factory) -> None:
     sec = secondary_factory(MiB)
     rep = primary_factory(MiB, sec.uri, write_mode="async")

@@ -7,8 +7,8 @@ and then, by write mode:
 * ``sync``: to the secondary through a :class:`~repdisk.forwarder.Forwarder`,
   acknowledged once the secondary has it;
 * ``async`` (write-back): acknowledged once local; its range is marked in the
-  :class:`~repdisk.dirtymap.DirtyMap` and a sender thread copies dirty runs to the
-  secondary, merged and in large pieces.  Why write-back and not a queue of
+  :class:`~repdisk.dirtymap.DirtyMap` and the forwarder's I/O thread pulls dirty runs
+  from it (:meth:`PrimaryReplica._next_piece`) and sends them, merged where adjacent.  Why write-back and not a queue of
   forwarded writes: between checkpoints the secondary only has to *reach* the
   primary's state by the next checkpoint (a failover rolls back to the last one),
   so the order and the grain of what is sent do not matter, and a guest write
@@ -16,7 +16,7 @@ and then, by write mode:
 
 Every write *not* known to be on the secondary (made before ``start``, after
 ``stop``, while degraded, whose forward failed or timed out, or, in async mode,
-not yet sent) is marked in the dirty map, so ``resync`` (and the async sender)
+not yet sent) is marked in the dirty map, so ``resync`` (and the async write-back)
 copies exactly those regions.
 
 Ordering.  Each update takes an exclusive range lock over its bytes, writes
@@ -31,8 +31,8 @@ past ``timeout``: the write is local, its range is dirty, the replica is
 
 Checkpoints follow DESIGN.md: ``checkpoint()`` = hold + barrier, ``resume()``
 (or ``timeout / 2``) ends the hold.  Sync mode holds the forwarder: later writes
-are local and wait for their forward.  Async mode first sends what is dirty with
-writes flowing, then holds the *writers*: a write that arrives during the hold is
+are local and wait for their forward.  Async mode first lets the forwarder catch up
+with writes flowing, then holds the *writers*: a write that arrives during the hold is
 local and goes into a second map (``held``, merged into the dirty map at resume)
 unless it touches a granule still dirty from before the hold, which it waits for.
 A degraded primary, or a sync one with dirty bytes, refuses a checkpoint: the
@@ -221,7 +221,7 @@ class PrimaryReplica:
         the checkpoint's barrier."""
         self.disk.flush()
         fwd = self._forwarding()
-        if fwd is None or self.write_mode == "async":
+        if fwd is None or self.write_back:
             return
         fwd.submit_flush().wait(self.timeout)  # a failure is handled by on_failure
 
@@ -248,7 +248,8 @@ class PrimaryReplica:
             self.dirty.mark(offset, length)  # on_failure marks it too: harmless
 
     def _write_back(self, offset: int, length: int, local: Callable[[], None]) -> None:
-        """async: local change, mark dirty, wake the sender; during a hold, see _write_held."""
+        """async: local change, mark dirty, ask the forwarder to pull; during a hold, see
+        _write_held."""
         self._wait_lag()
         with self._hold_cond:
             holding = self._holding
@@ -274,24 +275,27 @@ class PrimaryReplica:
 
         It must not change a granule the checkpoint still has to send (that would put a
         later write into the checkpoint), so it waits for such granules to be sent; the
-        hold itself ends after timeout/2 at the latest.
+        hold itself ends after timeout/2 at the latest, and then the write is an ordinary
+        one (a granule of a failed link is never sent: it must not wait for that).
         """
         end = offset + length
-        while True:
+        while self._holding:
             with self._locks.exclusive(offset, end):
                 if not self.dirty.is_dirty(offset, length):
                     local()
                     with self._hold_cond:
                         # A hold that ended meanwhile merged ``held``: mark where it goes now.
-                        (self.held if self._holding else self.dirty).mark(offset, length)
-                    break
+                        held = self._holding
+                        (self.held if held else self.dirty).mark(offset, length)
+                    if not held:
+                        self._pull()
+                    return
             with self._hold_cond:
                 if self._holding:
                     self._waiting += 1
                     self._hold_cond.wait(0.05)  # woken by each piece sent and by resume
                     self._waiting -= 1
-        if not self._holding:
-            self._pull()
+        self._write_back(offset, length, local)
 
     def _submit(self, offset: int, length: int, submit: Submit) -> Optional[Ticket]:
         """Forward a change (range lock held), or mark it dirty; the ticket if it was sent.
