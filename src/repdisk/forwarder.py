@@ -28,8 +28,8 @@ so a write that went through the source costs no hand-off between threads; with 
 so pieces go in batches.  A piece
 joins the queue after every request submitted before it was read (which may hold
 older bytes of the same range), so the order rule above holds for pieces too.  With a
-source, a barrier also waits for the source to come up empty after the barrier
-arrived, and for every piece taken before that.
+source, a draining barrier also waits for the source to come up empty after the
+barrier arrived, and for every piece taken before that.
 
 Failure.  A request completing with an error, a dead connection, or a request
 unacknowledged ``timeout`` seconds after submission (after ``release()`` for held
@@ -76,6 +76,7 @@ PULL_BUDGET = 16 << 20
 
 WRITE, ZERO, TRIM, FLUSH = "write", "zero", "trim", "flush"
 _BARRIER = "barrier flush"
+_DRAIN = -2  # Ticket.drained of a draining barrier until the I/O thread takes it
 _STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes"}
 # How long an expired Ticket.wait waits for the I/O thread to close the handle; closing
 # a Unix/TCP socket takes microseconds, so this only matters if the I/O thread is wedged.
@@ -106,7 +107,7 @@ class Ticket:
         self.done = False
         self.ok = False
         self.rejected = False
-        self.drained = -1  # a barrier: the source's empty rounds when it arrived
+        self.drained = -1  # a draining barrier: the source's empty rounds when it arrived
         self.pulled = False  # taken from the source: nobody waits for it
         self._fwd = fwd
         self._err = 0
@@ -385,13 +386,18 @@ class Forwarder:
     def submit_flush(self) -> Ticket:
         return self._submit(Ticket(self, FLUSH, 0, 0))
 
-    def barrier(self, timeout: float) -> bool:
+    def barrier(self, timeout: float, drain: bool = True) -> bool:
         """Wait until every earlier request, then a flush, is acknowledged; True on success.
 
         While held, "earlier" means submitted before ``hold()``: the checkpoint order is
-        ``hold(); barrier(t)``.  Failing (or expiring) fails the forwarder.
+        ``hold(); barrier(t)``.  With a source and ``drain``, also every piece the source
+        has (see Pulling): only for a source that writers have stopped feeding, or it may
+        never come up empty.  Failing (or expiring) fails the forwarder.
         """
-        return self._submit(Ticket(self, _BARRIER, 0, 0)).wait(timeout)
+        t = Ticket(self, _BARRIER, 0, 0)
+        if drain and self._source is not None:
+            t.drained = _DRAIN
+        return self._submit(t).wait(timeout)
 
     def wait_room(self, limit: int, timeout: float) -> bool:
         """Wait until fewer than ``limit`` requests are queued or in flight; False if
@@ -607,7 +613,7 @@ class Forwarder:
         for t in batch:
             if t.kind is _BARRIER:
                 self._barriers.append(t)
-                if self._source is not None:  # it waits for the source to come up empty
+                if t.drained == _DRAIN:  # it waits for the source to come up empty
                     t.drained = self._drained
                     self._pulling = True
             else:
@@ -695,7 +701,7 @@ class Forwarder:
         with a source, every piece taken before it came up empty after ``b`` arrived."""
         if self._earlier_pending(b.seq):
             return False
-        if self._source is None:
+        if b.drained < 0:  # not a draining barrier
             return True
         return self._drained > b.drained and not self._earlier_pending(self._drained_seq)
 

@@ -632,7 +632,8 @@ class PrimaryReplica:
 
         done = self._send_dirty(chase=not self.write_back, report=report)
         fwd = self._forwarding()
-        if fwd is None or not fwd.barrier(self.timeout):
+        # Not draining: async writes may keep the dirty map from ever running dry.
+        if fwd is None or not fwd.barrier(self.timeout, drain=False):
             self._copy_failed()
         self.sm.progress("RESYNC", done, done)
         self._pull()
