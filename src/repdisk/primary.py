@@ -61,17 +61,15 @@ log = logging.getLogger(__name__)
 __all__ = ["PrimaryReplica", "PrimaryView", "WRITE_MODES", "RESYNC_CHUNK"]
 
 WRITE_MODES = ("sync", "async")
-#: resync copies a dirty run in pieces of at most this many bytes ...
+#: resync (and the async write-back) copies a dirty run in pieces of at most this many bytes.
 RESYNC_CHUNK = 4 << 20
-#: ... with at most this many pieces in flight (bounds its memory to 16 MiB).
-RESYNC_DEPTH = 4
 #: RESYNC_PROGRESS events are sent at most this often (the progress callback sees every chunk).
 PROGRESS_INTERVAL = 0.5
 #: async: the dirty map's grain.  Every guest write is marked, so a fine grain sends no more
 #: than was written.  fio 4 KiB random writes on a 1 GiB disk, same IOPS within noise for
 #: 4/16/64 KiB, but the secondary was 4.7 / 87 / 234 MiB behind when fio stopped.
 ASYNC_GRANULARITY = 4096
-#: resync keeps at most this many payload bytes queued or in flight.
+#: resync keeps at most this many payload bytes queued or in flight (its memory bound).
 SEND_BUDGET = 16 << 20
 #: async: the forwarder gathers dirty pieces this long before a round (fio 4 KiB random
 #: writes QD16, 2 vCPUs: see bench/README.md).
@@ -261,8 +259,8 @@ class PrimaryReplica:
         try:
             with self._locks.exclusive(offset, offset + length):
                 local()
-                self.dirty.mark(offset, length)  # after the write: a sender reading it now
-                #                                  sends it again later, never misses it
+                # After the write: a pull reading it meanwhile sends it again, never misses it.
+                self.dirty.mark(offset, length)
         finally:
             with self._hold_cond:
                 self._writers -= 1
@@ -617,7 +615,7 @@ class PrimaryReplica:
 
         Sync mode goes over what became dirty meanwhile (writes that chose "not
         forwarding" just before the link came up) until nothing is left.  Async mode
-        makes one pass: writes keep marking, and the sender carries on from there.
+        makes one pass: writes keep marking, and the forwarder's pulls carry on from there.
         """
         last_event = 0.0
 
@@ -738,7 +736,7 @@ class PrimaryReplica:
         with self._count_lock:
             counters = dict(self._counters)
         unsent = self.dirty.dirty_bytes + self.held.dirty_bytes
-        # async and forwarding: unsent bytes are the sender's lag, not a resync's work.
+        # async and forwarding: unsent bytes are the write-back's lag, not a resync's work.
         lagging = self.write_back and self._forwarding() is not None
         return {
             "disk": self.name,
