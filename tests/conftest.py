@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -51,6 +53,14 @@ class NodeProc:
     def log_text(self) -> str:
         with open(self.log, errors="replace") as f:
             return f.read()
+
+
+def sigstop(proc: subprocess.Popen) -> None:
+    """SIGSTOP ``proc`` and wait until the kernel has really stopped it (signals are async)."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = f"/proc/{proc.pid}/stat"
+    while open(stat).read().rpartition(")")[2].split()[0] != "T":
+        time.sleep(0.005)
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import nbd
 import pytest
 
+from tests.conftest import sigstop
 from repdisk.errors import ForwardError
 from repdisk.forwarder import Forwarder, Ticket, with_export_suffix
 
@@ -57,11 +58,7 @@ class Server:
         self.proc.send_signal(sig)
 
     def stop(self) -> None:
-        """SIGSTOP, and wait until the kernel has really stopped it (signals are async)."""
-        self.proc.send_signal(signal.SIGSTOP)
-        stat = Path(f"/proc/{self.proc.pid}/stat")
-        while stat.read_text().rpartition(")")[2].split()[0] != "T":
-            time.sleep(0.005)
+        sigstop(self.proc)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
