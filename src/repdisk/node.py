@@ -59,8 +59,16 @@ class Export:
         self.size = target.size
         self._admit = admit
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        self.target.pread_into(buf, offset)
+    @property
+    def target(self) -> BlockDevice:
+        return self._target
+
+    @target.setter
+    def target(self, device: BlockDevice) -> None:
+        # Reads are the most frequent request and need no admission: the target's own
+        # method, one Python call fewer per read (rebound when promotion switches it).
+        self._target = device
+        self.pread_into = device.pread_into
 
     def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
         self._admit()

@@ -96,9 +96,8 @@ class PrimaryView:
     def __init__(self, replica: "PrimaryReplica") -> None:
         self._replica = replica
         self.size = replica.disk.size
-
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        self._replica.disk.pread_into(buf, offset)  # which checks the range
+        # Reads go straight to the local disk (which checks the range): no call of ours.
+        self.pread_into = replica.disk.pread_into
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         self._replica.write(buf, offset, fua)
