@@ -43,6 +43,9 @@ from typing import Any, Callable, Sequence
 
 import nbd
 
+from repdisk.errors import RepdiskError  # a control command of repdisk's hooks failed
+from repdisk.qmp import QMPClient
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,27 +303,25 @@ def repdisk_checkpoint(workdir: Path) -> None:
     overlays: the secondary copies each cluster's old contents the first time the job
     writes it), whatever the jobs before it wrote; a deployment checkpoints every few
     seconds, so that copy is part of its steady state, and job order must not hide it."""
-    from repdisk.qmp import QMPClient  # the venv's repdisk: bench runs from the checkout
-
-    primary, secondary = (QMPClient(timeout=30).connect(str(_socket_path(workdir, name)))
-                          for name in ("rd-pri-ctl", "rd-sec-ctl"))
+    primary = QMPClient(timeout=30).connect(str(_socket_path(workdir, "rd-pri-ctl")))
     try:
-        primary.execute("replication-do-checkpoint")
+        secondary = QMPClient(timeout=30).connect(str(_socket_path(workdir, "rd-sec-ctl")))
         try:
-            secondary.execute("replication-do-checkpoint")
+            primary.execute("replication-do-checkpoint")
+            try:
+                secondary.execute("replication-do-checkpoint")
+            finally:
+                primary.execute("replication-resume")
         finally:
-            primary.execute("replication-resume")
+            secondary.close()
     finally:
         primary.close()
-        secondary.close()
 
 
 def repdisk_catch_up(workdir: Path, timeout: float = 120.0) -> tuple[int, float]:
     """After a job: the primary's lag (bytes acknowledged to fio, not yet confirmed by the
     secondary) and the seconds until it is 0.  An async primary's IOPS mean little without
     them: they say how far behind the secondary was when fio stopped."""
-    from repdisk.qmp import QMPClient  # the venv's repdisk: bench runs from the checkout
-
     client = QMPClient(timeout=10).connect(str(_socket_path(workdir, "rd-pri-ctl")))
     try:
         def lag() -> int:
@@ -524,7 +525,7 @@ def _measure_system(system: System, cfg: Config, rep: int, cells: dict[tuple[str
                                             rawdir / f"{system.name}-{wname}-r{rep}.json"))
                 if system.catch_up is not None:
                     cell.catch_ups.append(system.catch_up(cfg.workdir))
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
+            except (RuntimeError, subprocess.TimeoutExpired, OSError, RepdiskError) as err:
                 log.warning("%s %s rep %d: %s", system.name, wname, rep, err)
                 cell.errors.append(str(err))
     finally:
