@@ -239,9 +239,6 @@ class Forwarder:
         # _released, _stop, _wake_pending, _pull_wanted, _thread and the failed/error
         # transition.
         self._lock = threading.Lock()
-        # Submitters waiting in wait_room; _retire wakes one per request it settles.
-        self._room = threading.Condition(self._lock)
-        self._room_waiters = 0
         self._incoming: list[Ticket] = []
         self._accepting = False
         self._seq = 0
@@ -253,8 +250,6 @@ class Forwarder:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: Optional[threading.Thread] = None
         self._handoff: Optional[nbd.NBD] = None
-        self._ready_poll: Optional[select.poll] = None  # _read_replies' poll of the socket
-        self._ready_fd = -1
         self._reset_io_state()
 
     def _reset_io_state(self) -> None:
@@ -399,33 +394,6 @@ class Forwarder:
             t.drained = _DRAIN
         return self._submit(t).wait(timeout)
 
-    def wait_room(self, limit: int, timeout: float) -> bool:
-        """Wait until fewer than ``limit`` requests are queued or in flight; False if
-        ``timeout`` passed first.  Returns at once when the forwarder is not accepting.
-
-        The bound for callers that acknowledge before the secondary does (async mode):
-        each settled request wakes one waiter, never all of them.
-        """
-        if len(self._inflight) + self.queued < limit:
-            return True
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self._room_waiters += 1
-            try:
-                while self._accepting and len(self._inflight) + self.queued >= limit:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self._room.wait(left):
-                        return False
-            finally:
-                self._room_waiters -= 1
-        return True
-
-    def _make_room(self, n: int) -> None:
-        """``n`` requests left the window: wake as many room waiters (I/O thread)."""
-        if self._room_waiters:
-            with self._lock:
-                self._room.notify(n)
-
     def _submit(self, t: Ticket) -> Ticket:
         with self._lock:
             if not self._accepting:
@@ -508,6 +476,8 @@ class Forwarder:
         poller = select.poll()
         poller.register(self._wake_fd, select.POLLIN)
         fd, mask = h.aio_get_fd(), 0
+        readable = select.poll()  # _read_replies: is a reply waiting right now?
+        readable.register(fd, select.POLLIN)
         direction = h.aio_get_direction()
         try:
             while True:
@@ -517,20 +487,21 @@ class Forwarder:
                 why = why if why is not None else self._check_deadlines()
                 if why is not None:
                     return why
-                if self._issued:
-                    direction = h.aio_get_direction()
-                want = _poll_mask(direction)
-                if not want:
-                    return self._retire() or f"secondary {self.uri} closed the connection"
+                refresh = self._issued  # a request issued may change the direction...
                 now = time.monotonic()
                 lazy = self._lazy(now)
                 if lazy and self._inflight:
                     # Not woken per reply: read what came since the last round here.
-                    self._read_replies(h, fd)
+                    self._read_replies(h, readable)
                     why = self._retire()
                     if why is not None:
                         return why
-                    want = _poll_mask(h.aio_get_direction())
+                    refresh = True  # ...and so may a reply read (or the end of the link)
+                if refresh:
+                    direction = h.aio_get_direction()
+                want = _poll_mask(direction)
+                if not want:
+                    return self._retire() or f"secondary {self.uri} closed the connection"
                 mask = self._repoll(poller, fd, mask, want & ~select.POLLIN if lazy else want)
                 wake_at = self._next_check
                 if (self._pulling or lazy) and now < self._next_pull < wake_at:
@@ -542,7 +513,7 @@ class Forwarder:
                     else:
                         _notify(h, events)
                         if events & select.POLLIN:
-                            self._read_replies(h, fd)
+                            self._read_replies(h, readable)
                         direction = h.aio_get_direction()
                 why = self._retire()
                 if why is None and not direction:
@@ -552,7 +523,7 @@ class Forwarder:
         except nbd.Error as err:
             return f"secondary {self.uri} failed: {err}"
 
-    def _read_replies(self, h: "nbd.NBD", fd: int) -> None:
+    def _read_replies(self, h: "nbd.NBD", readable: "select.poll") -> None:
         """Read every reply already waiting: libnbd reads one per ``aio_notify_read``, so
         without this each reply would cost a round of its own (a poll and a wake-up).
 
@@ -560,12 +531,7 @@ class Forwarder:
         so): libnbd takes the call as "data is here", and one made mid-send with nothing
         to read would leave it waiting for a reply to a request it has not finished
         sending."""
-        ready = self._ready_poll
-        if ready is None or self._ready_fd != fd:
-            ready = self._ready_poll = select.poll()
-            ready.register(fd, select.POLLIN)
-            self._ready_fd = fd
-        while self._inflight and ready.poll(0):
+        while self._inflight and readable.poll(0):
             try:
                 h.aio_notify_read()
             except nbd.Error:
@@ -761,7 +727,6 @@ class Forwarder:
             else:
                 stats[_STAT[t.kind]] += 1
             t._settle(True)
-        self._make_room(len(done))
         return why
 
     def _check_deadlines(self) -> Optional[str]:
@@ -813,8 +778,6 @@ class Forwarder:
             log.info("forwarder to secondary %s closed", self.uri)
         for t in pending:
             t._settle(False)
-        with self._lock:
-            self._room.notify_all()  # not accepting: every waiter returns
 
     def _call_on_failure(self, why: str, ranges: list[tuple[int, int]]) -> None:
         if self.on_failure is None:
