@@ -27,6 +27,7 @@ from repdisk.forwarder import Forwarder, Ticket, with_export_suffix
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
+BATCH_SERVER = Path(__file__).with_name("batchserver.py")
 
 
 class Server:
@@ -35,6 +36,7 @@ class Server:
     def __init__(self, sock: Path, *args: str, export: str = "") -> None:
         self.sock = sock
         self.uri = f"nbd+unix:///{export}?socket={sock}"
+        self.batch = False  # serves batch records (tests/batchserver.py)
         self.proc = subprocess.Popen(["nbdkit", "-U", str(sock), "--exit-with-parent", "-f",
                                       *args])
         deadline = time.monotonic() + 10
@@ -113,11 +115,31 @@ def flush(h, flags):
 """
 
 
-@pytest.fixture(params=["memory", "jittery"])
+def batch_server_on(servers: Callable[..., Server], tmp_path: Path) -> Server:
+    """tests/batchserver.py on a SIZE image: a replica export with its batch twin, whose
+    writes sleep up to 4 ms first (requests in flight finish out of order)."""
+    img = tmp_path / "batch.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    return servers("python", str(BATCH_SERVER), f"file={img}", "jitter=0.004")
+
+
+@pytest.fixture
+def batch_server(servers: Callable[..., Server], tmp_path: Path) -> Server:
+    return batch_server_on(servers, tmp_path)
+
+
+@pytest.fixture(params=["memory", "jittery", "batch"])
 def any_server(request: pytest.FixtureRequest, servers: Callable[..., Server],
                tmp_path: Path) -> Server:
+    """nbdkit memory, the jittery plugin, or the batch server (``batch`` True: a forwarder
+    with a source may send it batch records)."""
     if request.param == "memory":
         return servers("memory", str(SIZE))
+    if request.param == "batch":
+        srv = batch_server_on(servers, tmp_path)
+        srv.batch = True
+        return srv
     script = tmp_path / "jittery.py"
     script.write_text(JITTERY_PLUGIN)
     return servers("python", str(script))
@@ -466,7 +488,8 @@ def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
     both, and the server holds exactly the local copy (pieces never overtake a push of
     older bytes, nor the reverse)."""
     disk = DirtyDisk(SIZE)
-    fwd, failures = make_fwd(any_server.uri, source=disk.next_piece, pull_delay=0.001)
+    fwd, failures = make_fwd(any_server.uri, source=disk.next_piece, pull_delay=0.001,
+                             batch=any_server.batch)
     disk.fwd = fwd
     region = 2 * MiB
 
@@ -482,7 +505,38 @@ def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
     assert not disk.dirty
     assert_same(read_all(any_server.uri, region), disk.local[:region])
     assert failures.calls == [] and (fwd.in_flight, fwd.queued) == (0, 0)
-    assert len(disk.pieces) > 0 and fwd.stats["writes"] >= len(disk.pieces)
+    assert len(disk.pieces) > 0 and fwd.stats["pulled"] == len(disk.pieces)
+    assert (fwd.stats["batches"] > 0) is any_server.batch  # records: pieces share requests
+
+
+class RacingDirtyDisk(DirtyDisk):
+    """A source that, right after taking every fourth block, has it rewritten and pushed
+    (as a resync copy can when a guest write re-dirties it meanwhile): the push carries
+    newer bytes than the piece, so it must land after it.  Batched, a record then ends
+    at the piece and the next starts after the push."""
+
+    def next_piece(self) -> tuple[int, bytearray] | None:
+        piece = super().next_piece()
+        if piece is not None and piece[0] // self.BLOCK % 4 == 0:
+            offset = piece[0]
+            self.write(offset, bytes([len(self.pieces) % 250 + 1]) * self.BLOCK, push=True)
+        return piece
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_push_after_a_piece_was_read_lands_after_it(servers, batch_server, make_fwd, batch):
+    srv = batch_server if batch else servers("memory", str(SIZE))
+    disk = RacingDirtyDisk(SIZE)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, batch=batch)
+    disk.fwd = fwd
+    with disk.lock:
+        for block in range(40):
+            disk.local[block * 4096:(block + 1) * 4096] = b"\xee" * 4096
+            disk.dirty.add(block)
+    assert fwd.barrier(10)
+    assert_same(read_all(srv.uri, MiB), disk.local[:MiB])
+    assert failures.calls == []
+    assert (fwd.stats["batches"] > 0) is batch
 
 
 def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
@@ -504,14 +558,26 @@ def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
     assert failures.calls == []
 
 
-def test_failure_reports_the_pieces_taken_but_not_acknowledged(servers, make_fwd):
-    srv = servers("--filter=delay", "memory", str(SIZE), "delay-write=2")
+@pytest.mark.parametrize("batch", [False, True])
+def test_failure_reports_the_pieces_taken_but_not_acknowledged(servers, make_fwd, tmp_path,
+                                                                batch):
+    """Batched, the three pieces go as one record, and a failure reports the pieces, not
+    the span they lie in."""
+    img = tmp_path / "slow.img"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    srv = servers("--filter=delay", "python", str(BATCH_SERVER), f"file={img}",
+                  "delay-write=2")
     disk = DirtyDisk(SIZE)
-    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, timeout=5.0)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, timeout=5.0, batch=batch)
     disk.fwd = fwd
-    for block in (3, 9, 20):
-        disk.write(block * 4096, b"x" * 4096)
+    with disk.lock:
+        for block in (3, 9, 20):
+            disk.local[block * 4096:(block + 1) * 4096] = b"x" * 4096
+            disk.dirty.add(block)
+    fwd.pull()
     assert eventually(lambda: len(disk.pieces) == 3)
+    assert fwd.in_flight == (1 if batch else 3)
     srv.kill()
     assert eventually(lambda: fwd.failed)
     assert len(failures.calls) == 1

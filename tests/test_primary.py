@@ -1,8 +1,9 @@
-"""PrimaryReplica against a real nbdkit secondary (file plugin): forwarding, dirty map,
-checkpoint hold, failure of the secondary (killed, hung), resync, bad input, throughput.
+"""PrimaryReplica against a real nbdkit secondary: forwarding, dirty map, checkpoint hold,
+failure of the secondary (killed, hung), resync, bad input, throughput.
 
-The secondary is ``nbdkit -f -U SOCK --exit-with-parent file IMG``; the tests read its
-image file directly, so "on the secondary" means "in that file", byte for byte.
+The secondary is nbdkit serving an image file with tests/batchserver.py (the replica
+export and its batch twin, batch.py); the tests read the file directly, so "on the
+secondary" means "in that file", byte for byte.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from repdisk.replication import Registry, ReplicationError, ReplicationMode
 from repdisk.stage import Stage
 
 PRIMARY = ReplicationMode.PRIMARY
+BATCH_SERVER = Path(__file__).with_name("batchserver.py")
 KiB, MiB = 1024, 1024 * 1024
 
 
 class Secondary:
-    """A file-plugin nbdkit serving ``path`` on a Unix socket; can be killed, hung, restarted."""
+    """nbdkit serving ``path`` on a Unix socket (tests/batchserver.py: plain and batched, as
+    a secondary's replica export); can be killed, hung, restarted."""
 
     def __init__(self, directory: Path, name: str, size: int, fill: Optional[int] = None,
                  filters: tuple[str, ...] = ()) -> None:
@@ -54,7 +57,8 @@ class Secondary:
             p.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "-P", str(self.pidfile),
-             *[f for f in self.filters if f.startswith("--")], "file", str(self.path),
+             *[f for f in self.filters if f.startswith("--")], "python", str(BATCH_SERVER),
+             f"file={self.path}",
              *[f for f in self.filters if not f.startswith("--")]], stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not self.pidfile.exists() or not self.pidfile.read_text().strip():

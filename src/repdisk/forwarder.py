@@ -25,10 +25,13 @@ async primary's dirty map).  ``pull()`` asks the I/O thread to call it; it then 
 pieces while the window has room and less than ``PULL_BUDGET`` bytes are in flight,
 so a write that went through the source costs no hand-off between threads; with a
 ``pull_delay``, a round starts at most that long after the last one came up empty,
-so pieces go in batches.  A piece
-joins the queue after every request submitted before it was read (which may hold
-older bytes of the same range), so the order rule above holds for pieces too.  With a
-source, a draining barrier also waits for the source to come up empty after the
+so pieces go in rounds.  A piece's place in the order is taken just before the source
+reads it: after every request submitted before (which may hold older bytes of the
+same range), before every request submitted after (which may hold newer ones), so
+the order rule above holds for pieces too.  With ``batch``, the forwarder connects to
+the export's batch twin (batch.py) and consecutive small pieces (nothing submitted
+between them) go in one batch record: one request whose ``parts`` are checked for
+overlap, and reported on a failure, piece by piece.  With a source, a draining barrier also waits for the source to come up empty after the
 barrier arrived, and for every piece taken before that.
 
 Failure.  A request completing with an error, a dead connection, or a request
@@ -62,7 +65,7 @@ from urllib.parse import quote
 
 import nbd
 
-from . import tls
+from . import batch as _batch, tls
 from .errors import ForwardError
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,13 @@ WRITE, ZERO, TRIM, FLUSH = "write", "zero", "trim", "flush"
 _BARRIER = "barrier flush"
 _DRAIN = -2  # Ticket.drained of a draining barrier until the I/O thread takes it
 _STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes"}
+#: Pulled pieces go in batch records (batch.py) of at most this many pieces and bytes;
+#: a piece of BATCH_PIECE_MAX bytes or more goes alone (a record would only copy it).
+BATCH_PIECES = 64
+BATCH_BYTES = 256 << 10
+BATCH_PIECE_MAX = 64 << 10
+#: Records in flight at once: each new one is checked for overlap against each of them.
+BATCHES_IN_FLIGHT = 4
 # How long an expired Ticket.wait waits for the I/O thread to close the handle; closing
 # a Unix/TCP socket takes microseconds, so this only matters if the I/O thread is wedged.
 _ABORT_GRACE = 1.0
@@ -93,7 +103,7 @@ class Ticket:
     """
 
     __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "drained", "pulled", "_lock", "_fwd", "_err")
+                 "rejected", "drained", "pulled", "parts", "_lock", "_fwd", "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
                  buf: "bytes | memoryview | None" = None, fua: bool = False) -> None:
@@ -109,6 +119,9 @@ class Ticket:
         self.rejected = False
         self.drained = -1  # a draining barrier: the source's empty rounds when it arrived
         self.pulled = False  # taken from the source: nobody waits for it
+        # A batch record (batch.py): its pieces' (offset, length), sorted; ``offset`` and
+        # ``length`` are then the span they lie in and ``buf`` the record.
+        self.parts: Optional[list[tuple[int, int]]] = None
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it.
@@ -117,8 +130,17 @@ class Ticket:
 
     def __repr__(self) -> str:
         state = "ok" if self.ok else "failed" if self.done else "pending"
-        end = self.offset + self.length
-        return f"<Ticket #{self.seq} {self.kind} [{self.offset}, {end}) {state}>"
+        return f"<Ticket #{self.seq} {self.what()} {state}>"
+
+    def what(self) -> str:
+        """What messages call it: ``write [a, b)`` or ``batch of N pieces in [a, b)``."""
+        spans = self.spans()
+        where = f"[{spans[0][0]}, {spans[-1][0] + spans[-1][1]})"
+        return f"batch of {len(spans)} pieces in {where}" if self.parts else f"{self.kind} {where}"
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The (offset, length) ranges of the disk it changes, sorted."""
+        return self.parts if self.parts is not None else [(self.offset, self.length)]
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """True once the secondary acknowledged; False if it failed or ``timeout`` expired.
@@ -219,12 +241,16 @@ class Forwarder:
     def __init__(self, uri: str, *, timeout: float = 5.0, window: int = 64,
                  on_failure: Optional[FailureCallback] = None,
                  export_suffix: str = "", session_tag: str = "",
-                 source: Optional[Source] = None, pull_delay: float = 0.0) -> None:
+                 source: Optional[Source] = None, pull_delay: float = 0.0,
+                 batch: bool = False) -> None:
         if window < 1:
             raise ValueError(f"forwarder window must be at least 1, not {window}")
         self.uri = with_export_suffix(uri, export_suffix)  # what messages name
-        # What is connected to: the primary's writer-session tag goes last (sessions.py).
-        self._connect_uri = with_export_suffix(uri, export_suffix + session_tag)
+        # What is connected to: the batch twin of the export if batching (batch.py), the
+        # primary's writer-session tag last (sessions.py).
+        self._batch = batch
+        self._connect_uri = with_export_suffix(
+            uri, export_suffix + (_batch.EXPORT_SUFFIX if batch else "") + session_tag)
         self.timeout = timeout
         self.window = window
         self.on_failure = on_failure
@@ -234,7 +260,7 @@ class Forwarder:
         self.failed = False
         self.error: Optional[str] = None
         self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
-                      "errors": 0, "pulled": 0}
+                      "errors": 0, "pulled": 0, "batches": 0}
         # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
         # _released, _stop, _wake_pending, _pull_wanted, _thread and the failed/error
         # transition.
@@ -268,6 +294,7 @@ class Forwarder:
         self._drained_seq = 0  # ... and the sequence number at the last of them
         self._next_pull = 0.0  # no pull round starts before (pull_delay after an empty one)
         self._waited = 0       # requests in flight that someone waits for (not pulled)
+        self._batches = 0      # batch records in flight
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -338,7 +365,15 @@ class Forwarder:
             if h.is_read_only():
                 raise ForwardError(f"secondary {self.uri} is read-only; its replica export "
                                    "must accept writes")
-            return h.get_size()
+            size = h.get_size()
+            if not self._batch:
+                return size
+            if size < _batch.MAILBOX:
+                raise ForwardError(f"secondary {self.uri} serves no batch records: its export "
+                                   f"with {_batch.EXPORT_SUFFIX!r} is {size} bytes, not its "
+                                   "disk plus a mailbox (is it a repdisk secondary of this "
+                                   "version?)")
+            return size - _batch.MAILBOX
         except nbd.Error as err:
             raise ForwardError(f"secondary {self.uri} does not answer: {err}") from None
 
@@ -440,8 +475,8 @@ class Forwarder:
         """A waiter gave up on ``t``: fail the forwarder (unless ``t`` just settled)."""
         with self._lock:
             if self._stop is None and not t.done:
-                self._stop = (f"secondary {self.uri} did not acknowledge {t.kind} "
-                              f"[{t.offset}, {t.offset + t.length}) within {timeout}s")
+                self._stop = (f"secondary {self.uri} did not acknowledge {t.what()} "
+                              f"within {timeout}s")
                 self._wake_locked()
 
     # -- the I/O thread ---------------------------------------------------------------
@@ -586,34 +621,81 @@ class Forwarder:
                 self._queue.append(t)
 
     def _pull(self) -> bool:
-        """Queue the source's next piece if there is room; False if there was none."""
+        """Queue the source's next pieces if there is room; False if there was none.
+
+        Each piece's place in the order is taken under ``_lock`` just before the source
+        reads it, so a request submitted before the read (older bytes) goes first and one
+        submitted after it goes later, whatever the pieces around it."""
         if (not self._pulling or self._queue or len(self._inflight) >= self.window
-                or self.in_flight_bytes >= PULL_BUDGET or self._pull_waits()):
+                or self.in_flight_bytes >= PULL_BUDGET or self._batches >= BATCHES_IN_FLIGHT
+                or self._pull_waits()):
             return False
         assert self._source is not None
-        if self._pull_wanted:  # before looking: a mark made after this wakes us again
+        taken: list[tuple[int, int, bytearray]] = []  # (seq, offset, bytes)
+        room, most = BATCH_BYTES, BATCH_PIECES if self._batch else 1
+        while len(taken) < most and room > 0:
             with self._lock:
+                # Cleared before looking: a mark made after this wakes us again.
                 self._pull_wanted = False
-        piece = self._source()
-        if piece is None:
-            self._pulling = False
-            self._drained += 1
-            self._drained_seq = self._seq
-            if self._pull_delay:
-                self._next_pull = time.monotonic() + self._pull_delay
+                seq = self._seq
+                self._seq += 1
+            piece = self._source()
+            if piece is None:
+                self._pulling = False
+                self._drained += 1
+                self._drained_seq = seq
+                if self._pull_delay:
+                    self._next_pull = time.monotonic() + self._pull_delay
+                break
+            taken.append((seq, *piece))
+            room -= len(piece[1])
+            if len(piece[1]) >= BATCH_PIECE_MAX:
+                break
+        if not taken:
             return False
-        offset, buf = piece
-        self.stats["pulled"] += 1
-        t = Ticket(self, WRITE, offset, len(buf), buf)
-        t.pulled = True
-        with self._lock:  # behind whatever was submitted before the piece was read
-            batch, self._incoming = self._incoming, []
-            t.seq = self._seq
-            self._seq += 1
-        t.t0 = time.monotonic()
-        self._enqueue(batch)
-        self._queue.append(t)
+        with self._lock:
+            late, self._incoming = self._incoming, []
+        self._enqueue_pieces(taken, late)
         return True
+
+    def _enqueue_pieces(self, taken: list[tuple[int, int, bytearray]],
+                        late: list[Ticket]) -> None:
+        """Queue pieces and the requests submitted meanwhile, in order: pieces with nothing
+        submitted between them share a record; a large piece goes alone."""
+        run: list[tuple[int, int, bytearray]] = []
+
+        def close_run() -> None:
+            if run:
+                self._queue.append(self._piece_ticket(run))
+                run.clear()
+
+        i = 0
+        for piece in taken:
+            while i < len(late) and late[i].seq < piece[0]:
+                close_run()
+                self._enqueue([late[i]])
+                i += 1
+            if len(piece[2]) >= BATCH_PIECE_MAX:
+                close_run()
+            run.append(piece)
+        close_run()
+        self._enqueue(late[i:])
+
+    def _piece_ticket(self, run: list[tuple[int, int, bytearray]]) -> Ticket:
+        """One ticket for consecutive pieces: a plain write, or a batch record."""
+        seq, offset, buf = run[0]
+        self.stats["pulled"] += len(run)
+        if len(run) == 1:
+            t = Ticket(self, WRITE, offset, len(buf), buf)
+        else:
+            record = _batch.encode([(off, data) for _, off, data in run])
+            parts = sorted((off, len(data)) for _, off, data in run)
+            t = Ticket(self, WRITE, parts[0][0], sum(n for _, n in parts), record)
+            t.parts = parts
+        t.pulled = True
+        t.seq = seq
+        t.t0 = time.monotonic()
+        return t
 
     def _lazy(self, now: float) -> bool:
         """True while replies may wait for the next pull round: only pulled pieces are in
@@ -658,7 +740,10 @@ class Forwarder:
             return any(o.length for o in self._inflight)
         start, end = t.offset, t.offset + t.length
         for o in self._inflight:
-            if o.offset < end and start < o.offset + o.length:
+            if t.parts is None and o.parts is None:
+                if o.offset < end and start < o.offset + o.length:
+                    return True
+            elif _intersect(t.spans(), o.spans()):
                 return True
         return False
 
@@ -688,7 +773,11 @@ class Forwarder:
         try:
             if t.kind is WRITE:
                 self.in_flight_bytes += t.length
-                h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
+                if t.parts is not None:  # a record goes to the mailbox (batch.py)
+                    self._batches += 1
+                    h.aio_pwrite(t.buf, self.size, completion=t._completed, flags=flags)
+                else:
+                    h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
             elif t.kind is ZERO:
                 h.aio_zero(t.length, t.offset, completion=t._completed, flags=flags)
             elif t.kind is TRIM:
@@ -699,8 +788,7 @@ class Forwarder:
             else:
                 h.aio_flush(completion=t._completed)
         except nbd.Error as err:
-            return (f"secondary {self.uri} refused {t.kind} [{t.offset}, "
-                    f"{t.offset + t.length}): {err}")
+            return f"secondary {self.uri} refused {t.what()}: {err}"
         return None
 
     def _retire(self) -> Optional[str]:
@@ -714,8 +802,7 @@ class Forwarder:
         for t in done:
             if t._err:
                 stats["errors"] += 1
-                why = why or (f"secondary {self.uri} failed {t.kind} [{t.offset}, "
-                              f"{t.offset + t.length}): {os.strerror(t._err)}")
+                why = why or f"secondary {self.uri} failed {t.what()}: {os.strerror(t._err)}"
                 continue
             self._inflight.discard(t)
             if not t.pulled:
@@ -723,6 +810,9 @@ class Forwarder:
             if t.kind is WRITE:
                 self.in_flight_bytes -= t.length
                 stats["writes"] += 1
+                if t.parts is not None:
+                    self._batches -= 1
+                    stats["batches"] += 1
                 stats["bytes"] += t.length
             else:
                 stats[_STAT[t.kind]] += 1
@@ -742,8 +832,8 @@ class Forwarder:
             self._next_check = now + self.timeout
             return None
         if now - oldest.t0 >= self.timeout:
-            return (f"secondary {self.uri} did not acknowledge {oldest.kind} [{oldest.offset}, "
-                    f"{oldest.offset + oldest.length}) within {self.timeout}s")
+            return (f"secondary {self.uri} did not acknowledge {oldest.what()} "
+                    f"within {self.timeout}s")
         self._next_check = oldest.t0 + self.timeout
         return None
 
@@ -768,7 +858,7 @@ class Forwarder:
             why = (f"forwarder to secondary {self.uri} closed with {len(pending)} "
                    "requests not acknowledged")
         if why:
-            ranges = [(t.offset, t.length) for t in pending if t.length]
+            ranges = [span for t in pending if t.length for span in t.spans()]
             with self._lock:
                 self.failed = True
                 self.error = why
@@ -786,3 +876,17 @@ class Forwarder:
             self.on_failure(why, ranges)
         except Exception:  # the I/O thread must still release every waiter
             log.exception("forwarder on_failure callback raised")
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    """True if two sorted lists of (offset, length) share a byte (one merge walk)."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        (ao, al), (bo, bl) = a[i], b[j]
+        if ao < bo + bl and bo < ao + al:
+            return True
+        if ao + al <= bo + bl:
+            i += 1
+        else:
+            j += 1
+    return False

@@ -9,7 +9,9 @@ replication logic of its own: every transition is the replicas'.
 Exports: a primary serves each disk as ``NAME`` (the first one is the default
 export).  A secondary serves ``replica/NAME`` (the primary writes here) and
 ``active/NAME`` (a secondary VM's view) for each disk, with ``replica`` and
-``active`` naming the first disk and ``active`` the default export.
+``active`` naming the first disk and ``active`` the default export; each replica
+export has an unlisted batch twin, ``replica/NAME+batch`` (batch.py), for an async
+primary.
 
 Guest-facing exports (a primary's ``NAME``, a secondary's ``active``) are
 :class:`Export` objects: they delegate to the device behind them *now* and admit
@@ -32,7 +34,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Union
 
-from . import resync, sessions, threadstate
+from . import batch, resync, sessions, threadstate
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage
@@ -246,13 +248,16 @@ class Node:
         for i, (name, rep) in enumerate(self.replicas.items()):
             assert isinstance(rep, SecondaryReplica)
             active = Export(rep.active, self.admit_write)
-            self.exports[f"replica/{name}"] = rep.replica
-            self.exports[f"active/{name}"] = active
             gate = sessions.WriterGate(name)
-            self._gates[f"replica/{name}"] = gate
+            aliases = [f"replica/{name}"] + (["replica"] if i == 0 else [])
+            for replica in aliases:  # each with its batch twin (batch.py), one gate for all
+                for export, dev in ((replica, rep.replica),
+                                    (replica + batch.EXPORT_SUFFIX, batch.BatchView(rep.replica))):
+                    self.exports[export] = dev
+                    self._gates[export] = gate
+            self.exports[f"active/{name}"] = active
             if i == 0:
-                self.exports["replica"], self.exports["active"] = rep.replica, active
-                self._gates["replica"] = gate
+                self.exports["active"] = active
         self.default_export = "active"
 
     def admit_write(self) -> None:
@@ -298,7 +303,9 @@ class Node:
         return sessions.SessionView(dev, gate, token)
 
     def list_exports(self) -> list[tuple[str, str]]:
-        return [(name, self._describe(name)) for name in self.exports]
+        """Every export but the batch twins: those are the primary's, not a user's."""
+        return [(name, self._describe(name)) for name in self.exports
+                if not name.endswith(batch.EXPORT_SUFFIX)]
 
     def _describe(self, name: str) -> str:
         view, _, disk = name.partition("/")
@@ -515,7 +522,7 @@ class Node:
             "fenced": self.state.fenced or None,
             "isolation": self.isolation.query() if self.isolation else None,
             "default-export": self.default_export,
-            "exports": sorted(self.exports),
+            "exports": sorted(name for name, _ in self.list_exports()),
             "disks": [{**rep.query(), "size": rep.disk.size} for rep in self.replicas.values()],
             "python-thread-states": threadstate.pinned_count(),
         }

@@ -342,7 +342,7 @@ class PrimaryReplica:
                         on_failure=on_failure, export_suffix=self.export_suffix,
                         session_tag=tag,
                         source=self._next_piece if self.write_back and session else None,
-                        pull_delay=PULL_DELAY)
+                        pull_delay=PULL_DELAY, batch=self.write_back and session)
         try:
             fwd.connect()
         except ForwardError as err:
