@@ -471,16 +471,19 @@ class DirtyDisk:
                 self.dirty.update(range(first, last + 1))
         self.fwd.pull()
 
-    def next_piece(self) -> tuple[int, bytearray] | None:
-        with self.lock:
-            self.calls += 1
-            if not self.dirty:
-                return None
-            block = min(self.dirty)
-            self.dirty.discard(block)
-            offset = block * self.BLOCK
-            self.pieces.append((offset, self.BLOCK))
-            return offset, bytearray(self.local[offset:offset + self.BLOCK])
+    def next_piece(self) -> tuple[int, bytearray, Callable[[], None]] | None:
+        """Like the primary's: the piece comes with the lock still held, released by the
+        forwarder once it has placed the piece in its order."""
+        self.lock.acquire()
+        self.calls += 1
+        if not self.dirty:
+            self.lock.release()
+            return None
+        block = min(self.dirty)
+        self.dirty.discard(block)
+        offset = block * self.BLOCK
+        self.pieces.append((offset, self.BLOCK))
+        return offset, bytearray(self.local[offset:offset + self.BLOCK]), self.lock.release
 
 
 def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
@@ -510,17 +513,22 @@ def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
 
 
 class RacingDirtyDisk(DirtyDisk):
-    """A source that, right after taking every fourth block, has it rewritten and pushed
-    (as a resync copy can when a guest write re-dirties it meanwhile): the push carries
-    newer bytes than the piece, so it must land after it.  Batched, a record then ends
-    at the piece and the next starts after the push."""
+    """A source whose every fourth block is rewritten and pushed the moment the forwarder
+    unlocks it (as a resync copy can when a guest write re-dirties it meanwhile): the
+    push carries newer bytes than the piece, so it must land after it.  Batched, a record
+    then ends at the piece and the next starts after the push."""
 
-    def next_piece(self) -> tuple[int, bytearray] | None:
+    def next_piece(self) -> tuple[int, bytearray, Callable[[], None]] | None:
         piece = super().next_piece()
-        if piece is not None and piece[0] // self.BLOCK % 4 == 0:
-            offset = piece[0]
+        if piece is None or piece[0] // self.BLOCK % 4:
+            return piece
+        offset, buf, release = piece
+
+        def placed() -> None:
+            release()
             self.write(offset, bytes([len(self.pieces) % 250 + 1]) * self.BLOCK, push=True)
-        return piece
+
+        return offset, buf, placed
 
 
 @pytest.mark.parametrize("batch", [False, True])

@@ -20,15 +20,17 @@ requests.  While held (``hold()``), requests submitted after the hold stay queue
 a barrier's flush is the one request that may pass them, because it carries no data.
 
 Pulling.  A forwarder may have a ``source``: a function the I/O thread calls to get
-the next piece to write, ``(offset, buffer)`` or None when there is nothing (the
-async primary's dirty map).  ``pull()`` asks the I/O thread to call it; it then takes
+the next piece to write, ``(offset, buffer, placed)`` or None when there is nothing
+(the async primary's dirty map).  ``pull()`` asks the I/O thread to call it; it then takes
 pieces while the window has room and less than ``PULL_BUDGET`` bytes are in flight,
 so a write that went through the source costs no hand-off between threads; with a
 ``pull_delay``, a round starts at most that long after the last one came up empty,
-so pieces go in rounds.  A piece's place in the order is taken just before the source
-reads it: after every request submitted before (which may hold older bytes of the
-same range), before every request submitted after (which may hold newer ones), so
-the order rule above holds for pieces too.  With ``batch``, the forwarder connects to
+so pieces go in rounds.  The source returns a piece with its range still locked
+against the writers that submit requests (they submit under that lock), and the
+forwarder takes the piece's place in the order before it calls ``placed()`` to unlock
+it: after every request whose bytes were read before the piece's (older bytes of the
+same range) and before every request whose bytes are read after (newer ones), so the
+order rule above holds for pieces too.  With ``batch``, the forwarder connects to
 the export's batch twin (batch.py) and consecutive small pieces (nothing submitted
 between them) go in one batch record: one request whose ``parts`` are checked for
 overlap, and reported on a failure, piece by piece.  With a source, a draining barrier also waits for the source to come up empty after the
@@ -72,8 +74,9 @@ log = logging.getLogger(__name__)
 
 #: ``on_failure(error, ranges)``: ranges are (offset, length) of unacknowledged writes.
 FailureCallback = Callable[[str, list[tuple[int, int]]], None]
-#: ``source()``: the next piece to write, ``(offset, buffer)``, or None (see Pulling).
-Source = Callable[[], "Optional[tuple[int, bytearray]]"]
+#: ``source()``: the next piece to write, ``(offset, buffer, placed)``, or None; the piece's
+#: range stays locked against writers until the forwarder calls ``placed()`` (see Pulling).
+Source = Callable[[], "Optional[tuple[int, bytearray, Callable[[], None]]]"]
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
@@ -623,9 +626,8 @@ class Forwarder:
     def _pull(self) -> bool:
         """Queue the source's next pieces if there is room; False if there was none.
 
-        Each piece's place in the order is taken under ``_lock`` just before the source
-        reads it, so a request submitted before the read (older bytes) goes first and one
-        submitted after it goes later, whatever the pieces around it."""
+        Each piece's place in the order is taken while the source keeps its range locked
+        (see Pulling), whatever the pieces around it."""
         if (not self._pulling or self._queue or len(self._inflight) >= self.window
                 or self.in_flight_bytes >= PULL_BUDGET or self._batches >= BATCHES_IN_FLIGHT
                 or self._pull_waits()):
@@ -634,22 +636,27 @@ class Forwarder:
         taken: list[tuple[int, int, bytearray]] = []  # (seq, offset, bytes)
         room, most = BATCH_BYTES, BATCH_PIECES if self._batch else 1
         while len(taken) < most and room > 0:
-            with self._lock:
-                # Cleared before looking: a mark made after this wakes us again.
-                self._pull_wanted = False
-                seq = self._seq
-                self._seq += 1
+            if self._pull_wanted:  # before looking: a mark made after this wakes us again
+                with self._lock:
+                    self._pull_wanted = False
             piece = self._source()
             if piece is None:
                 self._pulling = False
                 self._drained += 1
-                self._drained_seq = seq
+                self._drained_seq = self._seq
                 if self._pull_delay:
                     self._next_pull = time.monotonic() + self._pull_delay
                 break
-            taken.append((seq, *piece))
-            room -= len(piece[1])
-            if len(piece[1]) >= BATCH_PIECE_MAX:
+            offset, buf, placed = piece
+            try:
+                with self._lock:  # its place in the order, while its range is locked
+                    seq = self._seq
+                    self._seq += 1
+            finally:
+                placed()
+            taken.append((seq, offset, buf))
+            room -= len(buf)
+            if len(buf) >= BATCH_PIECE_MAX:
                 break
         if not taken:
             return False

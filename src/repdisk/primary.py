@@ -675,17 +675,27 @@ class PrimaryReplica:
         self.dirty.clear(offset, length)
         return buf
 
-    def _next_piece(self) -> Optional[tuple[int, bytearray]]:
+    def _next_piece(self) -> Optional[tuple[int, bytearray, Callable[[], None]]]:
         """async: the forwarder's source (its I/O thread): the lowest dirty piece, read
-        and cleared, or None.  A failed forward marks it dirty again (on_failure)."""
+        and cleared, its range locked until the forwarder has placed it in its order (a
+        resync copy of the same range submits under that lock), or None.  A failed
+        forward marks it dirty again (on_failure)."""
         run = self.dirty.first_run(self._copy_chunk_size())
         if run is None:
             return None
         offset, length = run
-        with self._locks.exclusive(offset, offset + length):
+        entry = self._locks.acquire(offset, offset + length)
+        try:
             buf = self._read_piece(offset, length)
-        self._piece_sent()
-        return offset, buf
+        except BaseException:
+            self._locks.release(entry)
+            raise
+
+        def placed() -> None:
+            self._locks.release(entry)
+            self._piece_sent()
+
+        return offset, buf, placed
 
     def _piece_sent(self) -> None:
         """Wake writers waiting for a granule or for the lag to shrink (async)."""
