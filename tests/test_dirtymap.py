@@ -45,18 +45,21 @@ def test_clear_takes_runs_and_keeps_partial_granules() -> None:
     assert not dm and dm.dirty_bytes == 0 and dm.runs() == []
 
 
-def test_first_run_is_the_lowest_run_cut_to_the_limit() -> None:
+def test_last_run_is_the_end_of_the_highest_run_cut_to_the_limit() -> None:
     dm = DirtyMap(10 * 4096 + 100, 4096)
-    assert dm.first_run(MiB) is None
-    dm.mark(10 * 4096, 1)                     # the short last granule
-    assert dm.first_run(MiB) == (10 * 4096, 100)
+    assert dm.last_run(MiB) is None
     dm.mark(4096, 5 * 4096)                   # granules 1..5
-    assert dm.first_run(MiB) == (4096, 5 * 4096)
-    assert dm.first_run(2 * 4096) == (4096, 2 * 4096)   # cut to whole granules
-    assert dm.first_run(100) == (4096, 4096)            # at least one granule
-    dm.clear(*dm.first_run(2 * 4096))          # a copier takes pieces from the front
-    assert dm.first_run(MiB) == (3 * 4096, 3 * 4096)
-    assert dm.dirty_bytes == 3 * 4096 + 100
+    assert dm.last_run(MiB) == (4096, 5 * 4096)
+    assert dm.last_run(2 * 4096) == (4 * 4096, 2 * 4096)  # cut to whole granules
+    assert dm.last_run(100) == (5 * 4096, 4096)           # at least one granule
+    dm.mark(10 * 4096, 1)                     # the short last granule
+    assert dm.last_run(MiB) == (10 * 4096, 100)
+    dm.clear(*dm.last_run(MiB))               # a copier takes pieces from the end
+    dm.clear(*dm.last_run(2 * 4096))
+    assert dm.last_run(MiB) == (4096, 3 * 4096)
+    assert dm.dirty_bytes == 3 * 4096
+    dm.clear(4096, 4096)                      # from a run's start, as the fast path does
+    assert dm.runs() == [(2 * 4096, 2 * 4096)] and dm.dirty_bytes == 2 * 4096
 
 
 def test_is_dirty() -> None:

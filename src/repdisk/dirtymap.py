@@ -115,6 +115,13 @@ class DirtyMap:
         j = bisect_left(starts, end)      # runs starting before end
         if i >= j:
             return 0
+        if j == i + 1 and start <= starts[i]:  # one run, cut from its start (last_run's)
+            if ends[i] <= end:
+                removed = ends[i] - starts[i]
+                del starts[i], ends[i]
+                return removed
+            removed, starts[i] = end - starts[i], end
+            return removed
         removed = sum(min(ends[k], end) - max(starts[k], start) for k in range(i, j))
         new_starts, new_ends = [], []
         if starts[i] < start:
@@ -158,15 +165,17 @@ class DirtyMap:
             return [(s * g, min(e * g, self.size) - s * g)
                     for s, e in zip(self._starts, self._ends)]
 
-    def first_run(self, limit: int) -> Optional[tuple[int, int]]:
-        """The lowest dirty ``(offset, length)``, at most ``limit`` bytes (at least one
-        granule), or None; O(1), for a copier that takes one piece at a time."""
+    def last_run(self, limit: int) -> Optional[tuple[int, int]]:
+        """The end of the highest dirty run, ``(offset, length)``, at most ``limit`` bytes
+        (at least one granule), or None; for a copier that takes one piece at a time.
+        The highest, not the lowest: clearing it then shortens or drops the last run,
+        O(1), where the first would shift every run after it."""
         g = self.granularity
         with self._lock:
             if not self._starts:
                 return None
-            start, end = self._starts[0], self._ends[0]
-        end = min(end, start + max(limit // g, 1))
+            start, end = self._starts[-1], self._ends[-1]
+        start = max(start, end - max(limit // g, 1))
         return start * g, min(end * g, self.size) - start * g
 
     def snapshot(self) -> DirtyMap:

@@ -676,11 +676,11 @@ class PrimaryReplica:
         return buf
 
     def _next_piece(self) -> Optional[tuple[int, bytearray, Callable[[], None]]]:
-        """async: the forwarder's source (its I/O thread): the lowest dirty piece, read
+        """async: the forwarder's source (its I/O thread): the highest dirty piece, read
         and cleared, its range locked until the forwarder has placed it in its order (a
         resync copy of the same range submits under that lock), or None.  A failed
         forward marks it dirty again (on_failure)."""
-        run = self.dirty.first_run(self._copy_chunk_size())
+        run = self.dirty.last_run(self._copy_chunk_size())
         if run is None:
             return None
         offset, length = run
