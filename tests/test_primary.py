@@ -289,6 +289,32 @@ def test_async_checkpoint_barrier_and_hold(primary_factory, secondary_factory) -
     assert rep.query()["holding"] is False
 
 
+def test_async_write_during_a_piece_read_is_sent_again(primary_factory,
+                                                       secondary_factory) -> None:
+    """An async guest write takes no range lock: one that lands while the forwarder reads a
+    piece of the same bytes must be sent again (the piece is cleared before it is read),
+    never lost behind a clear that comes after the read."""
+    size = MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async")
+    rep.start(PRIMARY)
+    read, raced = rep.disk.pread_into, []
+
+    def read_then_race(buf: memoryview, offset: int) -> None:
+        read(buf, offset)
+        if not raced:  # the guest's next write lands right after the piece was read
+            raced.append(offset)
+            rep.view.pwrite(b"\x77" * 4096, offset)
+
+    rep.disk.pread_into = read_then_race  # type: ignore[method-assign]
+    rep.view.pwrite(b"\x11" * 4096, 8192)
+    assert wait_until(lambda: bool(raced))
+    rep.checkpoint()
+    assert raced == [8192] and read_local(rep)[8192:12288] == b"\x77" * 4096
+    assert sec.read() == read_local(rep)
+    rep.resume()
+
+
 def test_async_write_back_is_bounded_by_max_lag(primary_factory, secondary_factory) -> None:
     """A slow secondary: guest writes wait once max_lag bytes are unsent, never more."""
     size = 16 * MiB

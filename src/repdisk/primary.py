@@ -256,10 +256,10 @@ class PrimaryReplica:
             self._write_held(offset, length, local)
             return
         try:
-            with self._locks.exclusive(offset, offset + length):
-                local()
-                # After the write: a pull reading it meanwhile sends it again, never misses it.
-                self.dirty.mark(offset, length)
+            # No range lock: marked after the write, and pieces are cleared before they are
+            # read (_read_piece), so a piece read meanwhile is sent again, never missed.
+            local()
+            self.dirty.mark(offset, length)
         finally:
             with self._hold_cond:
                 self._writers -= 1
@@ -669,10 +669,19 @@ class PrimaryReplica:
         return max(RESYNC_CHUNK // g, 1) * g
 
     def _read_piece(self, offset: int, length: int) -> bytearray:
-        """A dirty piece's current bytes, its bits cleared (caller holds its range lock)."""
-        buf = bytearray(length)
-        self.disk.pread_into(memoryview(buf), offset)
+        """A dirty piece's current bytes, its bits cleared (caller holds its range lock).
+
+        Cleared, then read: an async guest write takes no range lock (_write_back) and
+        marks after writing, so a write that lands during the read marks the piece again
+        and it is sent again; read first, a write between the read and the clear would
+        be lost."""
         self.dirty.clear(offset, length)
+        buf = bytearray(length)
+        try:
+            self.disk.pread_into(memoryview(buf), offset)
+        except BaseException:
+            self.dirty.mark(offset, length)
+            raise
         return buf
 
     def _next_piece(self) -> Optional[tuple[int, bytearray, Callable[[], None]]]:
