@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import sigstop
 from repdisk.errors import ForwardError
-from repdisk.forwarder import Forwarder, Ticket, with_export_suffix
+from repdisk.forwarder import BATCH_PIECE_MAX, Forwarder, Ticket, _hits, with_export_suffix
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -240,7 +240,7 @@ def run_threads(n: int, fn: Callable[[int], None]) -> None:
 @pytest.mark.timeout(60)
 def test_concurrent_overlapping_writes_land_in_submission_order(any_server, make_fwd):
     server = any_server
-    fwd, failures = make_fwd(server.uri)
+    fwd, failures = make_fwd(server.uri, batch=server.batch)
     ops: list[Op] = []
     lock = threading.Lock()
     region = 6 * MiB  # small, so concurrent requests overlap a lot
@@ -320,7 +320,7 @@ def test_flush_and_trim_are_acknowledged(server, make_fwd):
 
 def test_barrier_returns_after_every_earlier_write_is_on_the_server(any_server, make_fwd):
     server = any_server
-    fwd, _ = make_fwd(server.uri)
+    fwd, _ = make_fwd(server.uri, batch=server.batch)
     rng = random.Random(7)
     ops: list[Op] = []
     for _ in range(150):
@@ -333,6 +333,41 @@ def test_barrier_returns_after_every_earlier_write_is_on_the_server(any_server, 
     apply_in_order(model, ops)
     assert_same(read_all(server.uri), model)
     assert fwd.stats["flushes"] == 1
+
+
+def test_small_queued_writes_go_as_one_record_and_settle_together(batch_server, make_fwd):
+    """Released together, small writes (overlapping ones included) go as batch records, in
+    order; a FUA write and a large one go alone; every ticket is settled."""
+    fwd, failures = make_fwd(batch_server.uri, batch=True)
+    rng = random.Random(11)
+    fwd.hold()
+    ops: list[Op] = [(fwd.submit_write(d, off), d) for off, d in
+                     [(rng.randrange(0, MiB), rng.randbytes(rng.randrange(1, 9000)))
+                      for _ in range(100)]]
+    ops.append((fwd.submit_write(b"F" * 4096, 4096, fua=True), b"F" * 4096))
+    ops.append((fwd.submit_write(b"L" * (128 << 10), 0), b"L" * (128 << 10)))
+    ops += [(fwd.submit_write(b"s" * 512, 1000), b"s" * 512)]
+    assert fwd.in_flight == 0
+    fwd.release()
+    assert all(t.wait(10) for t, _ in ops)
+    model = bytearray(SIZE)
+    apply_in_order(model, ops)
+    assert_same(read_all(batch_server.uri, 2 * MiB), model[:2 * MiB])
+    assert fwd.stats["batches"] >= 1 and fwd.stats["writes"] == len(ops)
+    assert fwd.stats["bytes"] == sum(len(d) for _, d in ops if d is not None)
+    assert failures.calls == [] and (fwd.in_flight, fwd.queued, fwd.in_flight_bytes) == (0, 0, 0)
+
+
+def test_record_overlap_check_matches_brute_force() -> None:
+    """_hits (bisection and a bounded look back) against every part, on records whose
+    parts overlap each other, as re-dirtied pieces can."""
+    rng = random.Random(4)
+    for _ in range(3000):
+        parts = sorted((rng.randrange(0, 1 << 20), rng.randrange(1, BATCH_PIECE_MAX))
+                       for _ in range(rng.randrange(1, 20)))
+        start = rng.randrange(0, 1 << 20)
+        end = start + rng.randrange(1, 1 << 17)
+        assert _hits(parts, start, end) == any(o < end and start < o + n for o, n in parts)
 
 
 def test_held_writes_reach_the_server_only_after_release(server, make_fwd):

@@ -30,10 +30,13 @@ against the writers that submit requests (they submit under that lock), and the
 forwarder takes the piece's place in the order before it calls ``placed()`` to unlock
 it: after every request whose bytes were read before the piece's (older bytes of the
 same range) and before every request whose bytes are read after (newer ones), so the
-order rule above holds for pieces too.  With ``batch``, the forwarder connects to
-the export's batch twin (batch.py) and consecutive small pieces (nothing submitted
-between them) go in one batch record: one request whose ``parts`` are checked for
-overlap, and reported on a failure, piece by piece.  With a source, a draining barrier also waits for the source to come up empty after the
+order rule above holds for pieces too.
+
+Batches.  With ``batch``, the forwarder connects to the export's batch twin
+(batch.py), and the small writes at the head of the queue that may all go now,
+pushed or pulled alike, go as one batch record: one request whose ``parts`` are
+checked for overlap, and reported on a failure, piece by piece, and whose
+acknowledgement settles every write it carries.  With a source, a draining barrier also waits for the source to come up empty after the
 barrier arrived, and for every piece taken before that.
 
 Failure.  A request completing with an error, a dead connection, or a request
@@ -55,6 +58,7 @@ as a memoryview as soon as ``wait`` returns.
 from __future__ import annotations
 
 import gc
+from bisect import bisect_left
 import logging
 import os
 import select
@@ -84,8 +88,8 @@ WRITE, ZERO, TRIM, FLUSH = "write", "zero", "trim", "flush"
 _BARRIER = "barrier flush"
 _DRAIN = -2  # Ticket.drained of a draining barrier until the I/O thread takes it
 _STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes"}
-#: Pulled pieces go in batch records (batch.py) of at most this many pieces and bytes;
-#: a piece of BATCH_PIECE_MAX bytes or more goes alone (a record would only copy it).
+#: Small writes go in batch records (batch.py) of at most this many writes and bytes; a
+#: write of BATCH_PIECE_MAX bytes or more goes alone (a record would only copy it).
 BATCH_PIECES = 64
 BATCH_BYTES = 256 << 10
 BATCH_PIECE_MAX = 64 << 10
@@ -106,7 +110,7 @@ class Ticket:
     """
 
     __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "drained", "pulled", "parts", "_lock", "_fwd", "_err")
+                 "rejected", "drained", "pulled", "parts", "members", "_lock", "_fwd", "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
                  buf: "bytes | memoryview | None" = None, fua: bool = False) -> None:
@@ -125,6 +129,7 @@ class Ticket:
         # A batch record (batch.py): its pieces' (offset, length), sorted; ``offset`` and
         # ``length`` are then the span they lie in and ``buf`` the record.
         self.parts: Optional[list[tuple[int, int]]] = None
+        self.members: Optional[list["Ticket"]] = None  # the writes a record carries
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it.
@@ -667,42 +672,20 @@ class Forwarder:
 
     def _enqueue_pieces(self, taken: list[tuple[int, int, bytearray]],
                         late: list[Ticket]) -> None:
-        """Queue pieces and the requests submitted meanwhile, in order: pieces with nothing
-        submitted between them share a record; a large piece goes alone."""
-        run: list[tuple[int, int, bytearray]] = []
-
-        def close_run() -> None:
-            if run:
-                self._queue.append(self._piece_ticket(run))
-                run.clear()
-
+        """Queue pieces, and the requests submitted while they were taken, in order."""
+        now = time.monotonic()
         i = 0
-        for piece in taken:
-            while i < len(late) and late[i].seq < piece[0]:
-                close_run()
+        for seq, offset, buf in taken:
+            while i < len(late) and late[i].seq < seq:
                 self._enqueue([late[i]])
                 i += 1
-            if len(piece[2]) >= BATCH_PIECE_MAX:
-                close_run()
-            run.append(piece)
-        close_run()
-        self._enqueue(late[i:])
-
-    def _piece_ticket(self, run: list[tuple[int, int, bytearray]]) -> Ticket:
-        """One ticket for consecutive pieces: a plain write, or a batch record."""
-        seq, offset, buf = run[0]
-        self.stats["pulled"] += len(run)
-        if len(run) == 1:
             t = Ticket(self, WRITE, offset, len(buf), buf)
-        else:
-            record = _batch.encode([(off, data) for _, off, data in run])
-            parts = sorted((off, len(data)) for _, off, data in run)
-            t = Ticket(self, WRITE, parts[0][0], sum(n for _, n in parts), record)
-            t.parts = parts
-        t.pulled = True
-        t.seq = seq
-        t.t0 = time.monotonic()
-        return t
+            t.pulled = True
+            t.seq = seq
+            t.t0 = now
+            self._queue.append(t)
+        self.stats["pulled"] += len(taken)
+        self._enqueue(late[i:])
 
     def _lazy(self, now: float) -> bool:
         """True while replies may wait for the next pull round: only pulled pieces are in
@@ -725,9 +708,11 @@ class Forwarder:
         while True:
             while q and len(inflight) < self.window:
                 t = q[0]
-                if t.seq >= self._cur_hold or self._overlaps(t):
+                if not self._sendable(t):
                     break
                 q.popleft()
+                if self._batch and _groupable(t) and self._batches < BATCHES_IN_FLIGHT:
+                    t = self._group(t)
                 why = self._issue(h, t)
                 if why is not None:
                     return why
@@ -741,16 +726,39 @@ class Forwarder:
                 return why
         return None
 
+    def _sendable(self, t: Ticket) -> bool:
+        """Not held, and no byte in common with a request in flight."""
+        return t.seq < self._cur_hold and not self._overlaps(t)
+
+    def _group(self, first: Ticket) -> Ticket:
+        """``first`` and the small writes queued right behind it that may go now, as one
+        batch record (batch.py); ``first`` alone if none may."""
+        q, members, size = self._queue, [first], first.length
+        while (q and len(members) < BATCH_PIECES and _groupable(q[0])
+               and size + q[0].length <= BATCH_BYTES and self._sendable(q[0])):
+            members.append(q.popleft())
+            size += members[-1].length
+        if len(members) == 1:
+            return first
+        record = _batch.encode([(m.offset, m.buf) for m in members])
+        parts = sorted((m.offset, m.length) for m in members)
+        g = Ticket(self, WRITE, parts[0][0], size, record)
+        g.parts, g.members = parts, members
+        g.seq, g.t0 = first.seq, min(m.t0 for m in members)
+        g.pulled = all(m.pulled for m in members)
+        return g
+
     def _overlaps(self, t: Ticket) -> bool:
-        """True if ``t`` must wait: its bytes overlap an in-flight request (flush: any data)."""
+        """True if queued ``t`` (never a record) must wait: its bytes overlap an in-flight
+        request's (flush: any data)."""
         if t.kind is FLUSH:
             return any(o.length for o in self._inflight)
         start, end = t.offset, t.offset + t.length
         for o in self._inflight:
-            if t.parts is None and o.parts is None:
+            if o.parts is None:
                 if o.offset < end and start < o.offset + o.length:
                     return True
-            elif _intersect(t.spans(), o.spans()):
+            elif _hits(o.parts, start, end):
                 return True
         return False
 
@@ -817,9 +825,12 @@ class Forwarder:
             if t.kind is WRITE:
                 self.in_flight_bytes -= t.length
                 stats["writes"] += 1
-                if t.parts is not None:
+                if t.members:
                     self._batches -= 1
                     stats["batches"] += 1
+                    stats["writes"] += len(t.members) - 1
+                    for m in t.members:
+                        m._settle(True)
                 stats["bytes"] += t.length
             else:
                 stats[_STAT[t.kind]] += 1
@@ -874,6 +885,8 @@ class Forwarder:
         else:
             log.info("forwarder to secondary %s closed", self.uri)
         for t in pending:
+            for m in t.members or ():
+                m._settle(False)
             t._settle(False)
 
     def _call_on_failure(self, why: str, ranges: list[tuple[int, int]]) -> None:
@@ -885,15 +898,20 @@ class Forwarder:
             log.exception("forwarder on_failure callback raised")
 
 
-def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
-    """True if two sorted lists of (offset, length) share a byte (one merge walk)."""
-    i = j = 0
-    while i < len(a) and j < len(b):
-        (ao, al), (bo, bl) = a[i], b[j]
-        if ao < bo + bl and bo < ao + al:
+def _groupable(t: Ticket) -> bool:
+    """A write that may share a batch record: small, without FUA, not a record itself."""
+    return t.kind is WRITE and not t.fua and t.length < BATCH_PIECE_MAX and t.parts is None
+
+
+def _hits(parts: list[tuple[int, int]], start: int, end: int) -> bool:
+    """True if a record's ``parts`` (sorted, each shorter than BATCH_PIECE_MAX) share a
+    byte with ``[start, end)``: a bisection, then a look back at most that far."""
+    i = bisect_left(parts, (end,))  # parts[:i] start before end
+    while i:
+        i -= 1
+        offset, length = parts[i]
+        if offset + length > start:
             return True
-        if ao + al <= bo + bl:
-            i += 1
-        else:
-            j += 1
+        if offset <= start - BATCH_PIECE_MAX:
+            return False
     return False
