@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import sigstop
 from repdisk.errors import ForwardError
-from repdisk.forwarder import BATCH_PIECE_MAX, Forwarder, Ticket, _hits, with_export_suffix
+from repdisk.forwarder import BATCH_PIECE_MAX, GRAIN, Forwarder, Ticket, with_export_suffix
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -358,16 +358,28 @@ def test_small_queued_writes_go_as_one_record_and_settle_together(batch_server, 
     assert failures.calls == [] and (fwd.in_flight, fwd.queued, fwd.in_flight_bytes) == (0, 0, 0)
 
 
-def test_record_overlap_check_matches_brute_force() -> None:
-    """_hits (bisection and a bounded look back) against every part, on records whose
-    parts overlap each other, as re-dirtied pieces can."""
+def test_overlap_index_of_records_in_flight() -> None:
+    """Records in flight are indexed by GRAIN block: a write sharing a byte with one of
+    their parts always waits, one sharing only a block may wait, others never do; the
+    index empties as records retire."""
+    fwd = Forwarder("nbd+unix:///?socket=/nonexistent")
     rng = random.Random(4)
+    records = [[(rng.randrange(0, 1 << 22), rng.randrange(1, BATCH_PIECE_MAX))
+                for _ in range(rng.randrange(1, 20))] for _ in range(4)]
+    for parts in records:
+        fwd._count_grains(parts, 1)
+    blocks = {g for parts in records for o, n in parts
+              for g in range(o // GRAIN, (o + n - 1) // GRAIN + 1)}
     for _ in range(3000):
-        parts = sorted((rng.randrange(0, 1 << 20), rng.randrange(1, BATCH_PIECE_MAX))
-                       for _ in range(rng.randrange(1, 20)))
-        start = rng.randrange(0, 1 << 20)
-        end = start + rng.randrange(1, 1 << 17)
-        assert _hits(parts, start, end) == any(o < end and start < o + n for o, n in parts)
+        start = rng.randrange(0, 1 << 22)
+        end = start + int(2 ** rng.uniform(0, 26))
+        hit = fwd._grains_hit(start, end)
+        assert hit == any(start // GRAIN <= g <= (end - 1) // GRAIN for g in blocks)
+        if any(o < end and start < o + n for parts in records for o, n in parts):
+            assert hit
+    for parts in records:
+        fwd._count_grains(parts, -1)
+    assert fwd._grains == {}
 
 
 def test_held_writes_reach_the_server_only_after_release(server, make_fwd):

@@ -58,7 +58,6 @@ as a memoryview as soon as ``wait`` returns.
 from __future__ import annotations
 
 import gc
-from bisect import bisect_left
 import logging
 import os
 import select
@@ -95,6 +94,8 @@ BATCH_BYTES = 256 << 10
 BATCH_PIECE_MAX = 64 << 10
 #: Records in flight at once: each new one is checked for overlap against each of them.
 BATCHES_IN_FLIGHT = 4
+#: The block size of the overlap index of records in flight (``Forwarder._grains``).
+GRAIN = 4096
 # How long an expired Ticket.wait waits for the I/O thread to close the handle; closing
 # a Unix/TCP socket takes microseconds, so this only matters if the I/O thread is wedged.
 _ABORT_GRACE = 1.0
@@ -113,7 +114,8 @@ class Ticket:
                  "rejected", "drained", "pulled", "parts", "members", "_lock", "_fwd", "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
-                 buf: "bytes | memoryview | None" = None, fua: bool = False) -> None:
+                 buf: "bytes | memoryview | None" = None, fua: bool = False,
+                 pulled: bool = False) -> None:
         self.kind = kind
         self.offset = offset
         self.length = length
@@ -125,16 +127,18 @@ class Ticket:
         self.ok = False
         self.rejected = False
         self.drained = -1  # a draining barrier: the source's empty rounds when it arrived
-        self.pulled = False  # taken from the source: nobody waits for it
+        self.pulled = pulled  # taken from the source: nobody waits for it
         # A batch record (batch.py): its pieces' (offset, length), sorted; ``offset`` and
         # ``length`` are then the span they lie in and ``buf`` the record.
         self.parts: Optional[list[tuple[int, int]]] = None
         self.members: Optional[list["Ticket"]] = None  # the writes a record carries
         self._fwd = fwd
         self._err = 0
-        # Held from creation until the request is settled; waiters block on it.
-        self._lock = threading.Lock()
-        self._lock.acquire()
+        # Held from creation until the request is settled; waiters block on it (none for
+        # a pulled piece: nobody has its ticket).
+        self._lock: Optional[threading.Lock] = None if pulled else threading.Lock()
+        if self._lock is not None:
+            self._lock.acquire()
 
     def __repr__(self) -> str:
         state = "ok" if self.ok else "failed" if self.done else "pending"
@@ -179,7 +183,8 @@ class Ticket:
         self.done = True
         self.buf = None
         self._fwd = None
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def _completed(self, err: "nbd.Error") -> int:
         """libnbd completion callback (runs inside aio_notify_*): defer, then retire."""
@@ -303,6 +308,7 @@ class Forwarder:
         self._next_pull = 0.0  # no pull round starts before (pull_delay after an empty one)
         self._waited = 0       # requests in flight that someone waits for (not pulled)
         self._batches = 0      # batch records in flight
+        self._grains: dict[int, int] = {}  # GRAIN-sized blocks of records in flight: count
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -679,8 +685,7 @@ class Forwarder:
             while i < len(late) and late[i].seq < seq:
                 self._enqueue([late[i]])
                 i += 1
-            t = Ticket(self, WRITE, offset, len(buf), buf)
-            t.pulled = True
+            t = Ticket(self, WRITE, offset, len(buf), buf, pulled=True)
             t.seq = seq
             t.t0 = now
             self._queue.append(t)
@@ -754,13 +759,31 @@ class Forwarder:
         if t.kind is FLUSH:
             return any(o.length for o in self._inflight)
         start, end = t.offset, t.offset + t.length
+        if self._grains and self._grains_hit(start, end):
+            return True
         for o in self._inflight:
-            if o.parts is None:
-                if o.offset < end and start < o.offset + o.length:
-                    return True
-            elif _hits(o.parts, start, end):
+            if o.parts is None and o.offset < end and start < o.offset + o.length:
                 return True
         return False
+
+    def _grains_hit(self, start: int, end: int) -> bool:
+        """True if a record in flight has a part in a GRAIN block of ``[start, end)`` (a
+        block in common, not always a byte: such a write only waits)."""
+        first, last, grains = start // GRAIN, (end - 1) // GRAIN, self._grains
+        if last - first < len(grains):
+            return any(g in grains for g in range(first, last + 1))
+        return any(first <= g <= last for g in grains)
+
+    def _count_grains(self, parts: list[tuple[int, int]], step: int) -> None:
+        """Add (step 1) or remove (step -1) a record's parts in the overlap index."""
+        grains = self._grains
+        for offset, length in parts:
+            for g in range(offset // GRAIN, (offset + length - 1) // GRAIN + 1):
+                n = grains.get(g, 0) + step
+                if n:
+                    grains[g] = n
+                else:
+                    del grains[g]
 
     def _barrier_ready(self, b: Ticket) -> bool:
         """Everything before ``b`` is acknowledged: the requests submitted earlier and,
@@ -790,6 +813,7 @@ class Forwarder:
                 self.in_flight_bytes += t.length
                 if t.parts is not None:  # a record goes to the mailbox (batch.py)
                     self._batches += 1
+                    self._count_grains(t.parts, 1)
                     h.aio_pwrite(t.buf, self.size, completion=t._completed, flags=flags)
                 else:
                     h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
@@ -827,6 +851,7 @@ class Forwarder:
                 stats["writes"] += 1
                 if t.members:
                     self._batches -= 1
+                    self._count_grains(t.parts, -1)
                     stats["batches"] += 1
                     stats["writes"] += len(t.members) - 1
                     for m in t.members:
@@ -901,17 +926,3 @@ class Forwarder:
 def _groupable(t: Ticket) -> bool:
     """A write that may share a batch record: small, without FUA, not a record itself."""
     return t.kind is WRITE and not t.fua and t.length < BATCH_PIECE_MAX and t.parts is None
-
-
-def _hits(parts: list[tuple[int, int]], start: int, end: int) -> bool:
-    """True if a record's ``parts`` (sorted, each shorter than BATCH_PIECE_MAX) share a
-    byte with ``[start, end)``: a bisection, then a look back at most that far."""
-    i = bisect_left(parts, (end,))  # parts[:i] start before end
-    while i:
-        i -= 1
-        offset, length = parts[i]
-        if offset + length > start:
-            return True
-        if offset <= start - BATCH_PIECE_MAX:
-            return False
-    return False
