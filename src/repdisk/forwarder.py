@@ -30,14 +30,16 @@ against the writers that submit requests (they submit under that lock), and the
 forwarder takes the piece's place in the order before it calls ``placed()`` to unlock
 it: after every request whose bytes were read before the piece's (older bytes of the
 same range) and before every request whose bytes are read after (newer ones), so the
-order rule above holds for pieces too.
+order rule above holds for pieces too.  With a source, a draining barrier also waits
+for the source to come up empty after the barrier arrived, and for every piece taken
+before that.
 
 Batches.  With ``batch``, the forwarder connects to the export's batch twin
 (batch.py), and the small writes at the head of the queue that may all go now,
 pushed or pulled alike, go as one batch record: one request whose ``parts`` are
-checked for overlap, and reported on a failure, piece by piece, and whose
-acknowledgement settles every write it carries.  With a source, a draining barrier also waits for the source to come up empty after the
-barrier arrived, and for every piece taken before that.
+checked for overlap (an index of the 4 KiB blocks of the records in flight) and
+reported on a failure piece by piece, and whose acknowledgement settles every write
+it carries.
 
 Failure.  A request completing with an error, a dead connection, or a request
 unacknowledged ``timeout`` seconds after submission (after ``release()`` for held
@@ -128,8 +130,8 @@ class Ticket:
         self.rejected = False
         self.drained = -1  # a draining barrier: the source's empty rounds when it arrived
         self.pulled = pulled  # taken from the source: nobody waits for it
-        # A batch record (batch.py): its pieces' (offset, length), sorted; ``offset`` and
-        # ``length`` are then the span they lie in and ``buf`` the record.
+        # A batch record (batch.py): its writes' (offset, length), sorted; ``offset`` is
+        # then the lowest, ``length`` the bytes of them all and ``buf`` the record.
         self.parts: Optional[list[tuple[int, int]]] = None
         self.members: Optional[list["Ticket"]] = None  # the writes a record carries
         self._fwd = fwd

@@ -8,7 +8,8 @@ and then, by write mode:
   acknowledged once the secondary has it;
 * ``async`` (write-back): acknowledged once local; its range is marked in the
   :class:`~repdisk.dirtymap.DirtyMap` and the forwarder's I/O thread pulls dirty runs
-  from it (:meth:`PrimaryReplica._next_piece`) and sends them, merged where adjacent.  Why write-back and not a queue of
+  from it (:meth:`PrimaryReplica._next_piece`) and sends them, merged where adjacent
+  and small ones many to a batch record (batch.py).  Why write-back and not a queue of
   forwarded writes: between checkpoints the secondary only has to *reach* the
   primary's state by the next checkpoint (a failover rolls back to the last one),
   so the order and the grain of what is sent do not matter, and a guest write
@@ -19,11 +20,14 @@ Every write *not* known to be on the secondary (made before ``start``, after
 not yet sent) is marked in the dirty map, so ``resync`` (and the async write-back)
 copies exactly those regions.
 
-Ordering.  Each update takes an exclusive range lock over its bytes, writes
-locally and submits the forward before releasing it, so overlapping updates are
-submitted in the order they hit the local disk; the forwarder sends them in
-submission order and never lets two overlapping requests be in flight at once,
-so the secondary applies them in that order too.
+Ordering.  Each sync update (and each resync copy) takes an exclusive range lock
+over its bytes, writes or reads locally and submits the forward before releasing
+it, so overlapping updates are submitted in the order they hit the local disk; the
+forwarder sends them in submission order and never lets two overlapping requests be
+in flight at once, so the secondary applies them in that order too.  An async guest
+write takes no range lock: it marks its range after writing, and a piece is cleared
+before it is read (under the range lock, which it keeps until the forwarder has
+placed it in its order), so a write that races a read is sent again.
 
 A failing or hanging secondary never fails a guest write and never stalls one
 past ``timeout``: the write is local, its range is dirty, the replica is
