@@ -47,10 +47,6 @@ def encode(pieces: Sequence[Piece]) -> bytes:
                      _TRAILER.pack(len(pieces), MAGIC)])
 
 
-def record_size(lengths: Sequence[int]) -> int:
-    return sum(lengths) + _ENTRY.size * len(lengths) + _TRAILER.size
-
-
 def decode(record: memoryview) -> list[tuple[int, memoryview]]:
     """The pieces of ``record`` as (offset, view into the record); EINVAL naming what is
     wrong with a record that is not one."""
