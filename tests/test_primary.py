@@ -315,6 +315,90 @@ def test_async_write_during_a_piece_read_is_sent_again(primary_factory,
     rep.resume()
 
 
+def _stall_marks_of(rep: PrimaryReplica, thread_name: str
+                    ) -> tuple[threading.Event, threading.Event]:
+    """Make the async write of the thread named ``thread_name`` stop between its local write
+    and its mark (an async write takes no range lock): (in_mark, go) events."""
+    mark, in_mark, go = rep.dirty.mark, threading.Event(), threading.Event()
+
+    def slow_mark(offset: int, length: int) -> None:
+        if threading.current_thread().name == thread_name:
+            in_mark.set()
+            go.wait(10)
+        mark(offset, length)
+
+    rep.dirty.mark = slow_mark  # type: ignore[method-assign]
+    return in_mark, go
+
+
+def _start(target: Callable[..., Any], *args: Any, name: str | None = None) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def test_async_held_write_waits_for_an_overlapping_write_from_before_the_hold(
+        primary_factory, secondary_factory) -> None:
+    """A write from before a checkpoint's hold may be written but not yet marked when a held
+    write of the same bytes arrives: the held write must wait for it, or the checkpoint
+    would carry the held write's bytes."""
+    size = MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async", timeout=4.0)
+    rep.start(PRIMARY)
+    in_mark, go = _stall_marks_of(rep, "before-hold")
+    try:
+        before = _start(rep.view.pwrite, b"P" * 4096, 8192, name="before-hold")
+        assert in_mark.wait(5)  # written locally, not yet marked
+        checkpoint = _start(rep.checkpoint)
+        assert wait_until(lambda: rep.query()["holding"])
+        held = _start(rep.view.pwrite, b"H" * 4096, 8192)
+        time.sleep(0.3)
+        assert read_local(rep)[8192:8196] == b"PPPP"  # the held write waits
+    finally:
+        go.set()
+    for t in (before, checkpoint):
+        t.join(10)
+    assert sec.read()[8192:12288] == b"P" * 4096  # the checkpoint: the write from before
+    rep.resume()
+    held.join(10)
+    assert wait_until(lambda: sec.read() == read_local(rep))
+    assert read_local(rep)[8192:12288] == b"H" * 4096
+
+
+def test_async_checkpoint_fails_if_a_write_from_before_outlasts_the_hold(
+        primary_factory, secondary_factory) -> None:
+    """The hold ends by itself after timeout/2; a checkpoint still waiting then for a write
+    from before it fails with a clear error instead of waiting for ever (holding the
+    replica's lock), and the next checkpoint succeeds."""
+    size = MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async", timeout=1.0)
+    rep.start(PRIMARY)
+    in_mark, go = _stall_marks_of(rep, "slow-writer")
+    try:
+        writer = _start(rep.view.pwrite, b"S" * 4096, 0, name="slow-writer")
+        assert in_mark.wait(5)
+        failed: list[ReplicationError] = []
+
+        def checkpoint() -> None:
+            try:
+                rep.checkpoint()
+            except ReplicationError as err:
+                failed.append(err)
+
+        _start(checkpoint).join(2.0)
+        assert len(failed) == 1, "the checkpoint is still waiting after the hold ended"
+        assert "writes from before the hold were still running when it ended (0.5s" in str(
+            failed[0])
+    finally:
+        go.set()
+    writer.join(10)
+    rep.checkpoint()
+    assert sec.read() == read_local(rep)
+    rep.resume()
+
+
 def test_async_write_back_is_bounded_by_max_lag(primary_factory, secondary_factory) -> None:
     """A slow secondary: guest writes wait once max_lag bytes are unsent, never more."""
     size = 16 * MiB

@@ -275,14 +275,17 @@ class PrimaryReplica:
         """A write during an async hold: local now, sent after resume.
 
         It must not change a granule the checkpoint still has to send (that would put a
-        later write into the checkpoint), so it waits for such granules to be sent; the
-        hold itself ends after timeout/2 at the latest, and then the write is an ordinary
-        one (a granule of a failed link is never sent: it must not wait for that).
+        later write into the checkpoint), so it waits for such granules to be sent, and
+        first for the writers from before the hold (they take no range lock, so their
+        marks may still be missing); the hold itself ends after timeout/2 at the latest,
+        and then the write is an ordinary one (a granule of a failed link is never sent:
+        it must not wait for that).
         """
         end = offset + length
         while self._holding:
+            # No writer joins _writers during a hold: once 0, every pre-hold mark is in.
             with self._locks.exclusive(offset, end):
-                if not self.dirty.is_dirty(offset, length):
+                if not self._writers and not self.dirty.is_dirty(offset, length):
                     local()
                     with self._hold_cond:
                         # A hold that ended meanwhile merged ``held``: mark where it goes now.
@@ -483,8 +486,14 @@ class PrimaryReplica:
         self._catch_up()
         gen = self._begin_hold(None)
         with self._hold_cond:
-            while self._writers:  # entered before the hold: they mark ``dirty``, not ``held``
+            # Writers entered before the hold mark ``dirty``, not ``held``: wait for them,
+            # but not past the hold (it ends by itself, and nothing notifies after that).
+            while self._writers and self._holding and self._hold_gen == gen:
                 self._hold_cond.wait()
+        if not self._still_holding(gen):
+            raise ReplicationError(f"{self.name}: cannot {op}: writes from before the hold "
+                                   f"were still running when it ended ({self.timeout / 2:g}s, "
+                                   "half the timeout); retry, or raise the timeout")
         return gen
 
     def _catch_up(self) -> None:
