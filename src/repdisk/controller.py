@@ -639,12 +639,18 @@ class Controller:
     # -- the loop ------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One heartbeat round: look at both nodes, then act (at most one operation)."""
-        p, s = self.primary.beat(contact=self.state != "failed-over"), self.secondary.beat()
+        """One heartbeat round: look at both nodes, then act (at most one operation).
+
+        The beats run outside the lock; a promotion may swap the peers meanwhile, and the
+        answers then describe the other roles' nodes (the new secondary's state would be
+        read as the primary's): that round only looks."""
+        primary, secondary = self.primary, self.secondary
+        p, s = primary.beat(contact=self.state != "failed-over"), secondary.beat()
         self._poll_hook()
         try:
             with self._lock:
-                self._act(p, s)
+                if primary is self.primary and secondary is self.secondary:
+                    self._act(p, s)
         except RepdiskError as err:
             log.warning("%s: %s", self.state, err)
         self._write_metrics()
