@@ -315,26 +315,42 @@ def test_async_write_during_a_piece_read_is_sent_again(primary_factory,
     rep.resume()
 
 
-def _stall_marks_of(rep: PrimaryReplica, thread_name: str
-                    ) -> tuple[threading.Event, threading.Event]:
-    """Make the async write of the thread named ``thread_name`` stop between its local write
-    and its mark (an async write takes no range lock): (in_mark, go) events."""
+def _stalled_write(rep: PrimaryReplica, data: bytes, offset: int
+                   ) -> tuple[threading.Thread, threading.Event]:
+    """An async write in a thread of its own, stopped between its local write and its mark
+    (an async write takes no range lock) until the returned event is set."""
     mark, in_mark, go = rep.dirty.mark, threading.Event(), threading.Event()
 
     def slow_mark(offset: int, length: int) -> None:
-        if threading.current_thread().name == thread_name:
+        if threading.current_thread().name == "stalled-writer":
             in_mark.set()
             go.wait(10)
         mark(offset, length)
 
     rep.dirty.mark = slow_mark  # type: ignore[method-assign]
-    return in_mark, go
+    writer = _start(rep.view.pwrite, data, offset, name="stalled-writer")
+    assert in_mark.wait(5)  # written locally, not yet marked
+    return writer, go
 
 
 def _start(target: Callable[..., Any], *args: Any, name: str | None = None) -> threading.Thread:
     t = threading.Thread(target=target, args=args, name=name, daemon=True)
     t.start()
     return t
+
+
+def _checkpoint_in_thread(rep: PrimaryReplica
+                          ) -> tuple[threading.Thread, list[ReplicationError]]:
+    """``rep.checkpoint()`` in a thread of its own; the list gets its ReplicationError."""
+    errors: list[ReplicationError] = []
+
+    def checkpoint() -> None:
+        try:
+            rep.checkpoint()
+        except ReplicationError as err:
+            errors.append(err)
+
+    return _start(checkpoint), errors
 
 
 def test_async_held_write_waits_for_an_overlapping_write_from_before_the_hold(
@@ -346,10 +362,8 @@ def test_async_held_write_waits_for_an_overlapping_write_from_before_the_hold(
     sec = secondary_factory(size)
     rep = primary_factory(size, sec.uri, write_mode="async", timeout=4.0)
     rep.start(PRIMARY)
-    in_mark, go = _stall_marks_of(rep, "before-hold")
+    before, go = _stalled_write(rep, b"P" * 4096, 8192)
     try:
-        before = _start(rep.view.pwrite, b"P" * 4096, 8192, name="before-hold")
-        assert in_mark.wait(5)  # written locally, not yet marked
         checkpoint = _start(rep.checkpoint)
         assert wait_until(lambda: rep.query()["holding"])
         held = _start(rep.view.pwrite, b"H" * 4096, 8192)
@@ -375,19 +389,10 @@ def test_async_checkpoint_fails_if_a_write_from_before_outlasts_the_hold(
     sec = secondary_factory(size)
     rep = primary_factory(size, sec.uri, write_mode="async", timeout=1.0)
     rep.start(PRIMARY)
-    in_mark, go = _stall_marks_of(rep, "slow-writer")
+    writer, go = _stalled_write(rep, b"S" * 4096, 0)
     try:
-        writer = _start(rep.view.pwrite, b"S" * 4096, 0, name="slow-writer")
-        assert in_mark.wait(5)
-        failed: list[ReplicationError] = []
-
-        def checkpoint() -> None:
-            try:
-                rep.checkpoint()
-            except ReplicationError as err:
-                failed.append(err)
-
-        _start(checkpoint).join(2.0)
+        checkpoint, failed = _checkpoint_in_thread(rep)
+        checkpoint.join(2.0)
         assert len(failed) == 1, "the checkpoint is still waiting after the hold ended"
         assert "writes from before the hold were still running when it ended (0.5s" in str(
             failed[0])
@@ -460,16 +465,7 @@ def test_async_held_write_goes_on_when_the_hold_expires_on_a_dead_link(
         rep.view.pwrite(b"X" * 4096, MiB)    # taken and sent: fills the window of 1, unanswered
         assert wait_until(lambda: rep.query()["in_flight"] == 1, 2)
         rep.view.pwrite(b"A" * 4096, 0)      # stays dirty: no room to take it
-        errors: list[BaseException] = []
-
-        def checkpoint() -> None:
-            try:
-                rep.checkpoint()
-            except ReplicationError as err:
-                errors.append(err)
-
-        cp = threading.Thread(target=checkpoint)
-        cp.start()
+        cp, errors = _checkpoint_in_thread(rep)
         assert wait_until(lambda: rep.holding, 2)
         t0 = time.monotonic()
         rep.view.pwrite(b"B" * 4096, 2048)   # on A's dirty granule: waits for the hold...
