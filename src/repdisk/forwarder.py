@@ -926,5 +926,6 @@ class Forwarder:
 
 
 def _groupable(t: Ticket) -> bool:
-    """A write that may share a batch record: small, without FUA, not a record itself."""
-    return t.kind is WRITE and not t.fua and t.length < BATCH_PIECE_MAX and t.parts is None
+    """A queued write that may share a batch record (records are made when sending, so
+    none is ever queued): small, without FUA."""
+    return t.kind is WRITE and not t.fua and t.length < BATCH_PIECE_MAX
