@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from repdisk.errors import BlockIOError
 from repdisk.images import (EXTENT_HOLE, EXTENT_ZERO, HEADER_SIZE, MAGIC, BlockDevice, Overlay,
-                            RawImage, coalesce, punch_hole)
+                            RawImage, coalesce, copy_range, punch_hole)
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -190,6 +190,49 @@ def test_raw_reads_zeros_past_end_of_shorter_file(tmp_path: Path) -> None:
         buf = bytearray(64 * KiB)
         disk.pread_into(memoryview(buf), 0)
         assert buf == randbytes(64 * KiB, 2)[:10_000] + bytes(64 * KiB - 10_000)
+
+
+def test_raw_copy_to_copies_in_the_kernel(tmp_path: Path) -> None:
+    """Between two files of one filesystem the kernel copies all of an unaligned range."""
+    size = 3 * MiB
+    with new_disk(tmp_path / "s", size, seed=40) as src, new_disk(tmp_path / "d", size, 41) as dst:
+        assert src.copy_to(dst, 4097, 2 * MiB + 3) == 2 * MiB + 3
+        model = bytearray(randbytes(size, 41))
+        model[4097:4097 + 2 * MiB + 3] = randbytes(size, 40)[4097:4097 + 2 * MiB + 3]
+        assert read_all(dst) == model
+
+
+def test_copy_range_falls_back_to_a_buffer_across_filesystems(tmp_path: Path) -> None:
+    """tmpfs to this filesystem: the kernel refuses (EXDEV), the copy goes through a buffer
+    and the kernel is not asked again."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the test's tmp_path")
+    size = 5 * MiB + 7   # more than one 4 MiB buffer
+    with tempfile.TemporaryDirectory(dir=shm) as other, \
+            new_disk(Path(other) / "s", size, seed=42) as src, \
+            new_disk(tmp_path / "d", size) as dst:
+        assert src.copy_to(dst, 0, size) == 0
+        copy_range(src, dst, 1, size - 1)
+        assert read_all(dst) == bytes(1) + randbytes(size, 42)[1:]
+        assert src.copy_to(dst, 0, 10) == 0
+
+
+def test_copy_range_of_a_shrunk_source_pads_zeros(tmp_path: Path) -> None:
+    """The kernel stops at the source's end; the rest reads as zeros, as every short read."""
+    with new_disk(tmp_path / "s", MiB, seed=43) as src, new_disk(tmp_path / "d", MiB, 44) as dst:
+        os.truncate(src.path, 100_000)      # someone shrank the file under us
+        copy_range(src, dst, 0, MiB)
+        assert read_all(dst) == randbytes(MiB, 43)[:100_000] + bytes(MiB - 100_000)
+
+
+def test_copy_to_a_read_only_image_is_refused(tmp_path: Path) -> None:
+    with new_disk(tmp_path / "s", MiB, seed=45) as src, new_disk(tmp_path / "d", MiB, 46):
+        with RawImage.open(tmp_path / "d", readonly=True) as dst:
+            with pytest.raises(BlockIOError, match=r"d is open read-only") as err:
+                copy_range(src, dst, 0, 4096)
+            assert err.value.errno == errno.EROFS
+            assert read_all(dst) == randbytes(MiB, 46)
 
 
 @pytest.mark.parametrize("path_", ["punch", "zero-range", "write-zeros"])

@@ -6,7 +6,8 @@ implementations live here:
 * :class:`RawImage`, a sparse file or block device.  ``zero`` tries the fast paths in
   order (punch a hole, then zero the range, then write zeros) and switches each one off
   for good, with a debug line, the first time the filesystem says "not supported", as
-  nbdkit's file plugin does.
+  nbdkit's file plugin does.  Copies between two of them (``copy_range``) run in the
+  kernel where it can (copy_file_range), with the same switch-off rule.
 
 * :class:`Overlay`, a copy-on-write layer over a ``backing`` BlockDevice of the same size.
   The secondary stacks two of them: ``active -> hidden -> disk``.
@@ -165,6 +166,33 @@ def _write_full(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
+# What copy_file_range says when it cannot copy between these two files at all: not
+# regular files (EINVAL), different filesystems (EXDEV), no support (the _UNSUPPORTED set).
+_NO_KERNEL_COPY = frozenset({errno.EINVAL, errno.EXDEV, *_UNSUPPORTED})
+
+
+def copy_range(src: BlockDevice, dst: BlockDevice, offset: int, length: int) -> None:
+    """Copy ``[offset, offset + length)`` of ``src`` to the same place in ``dst``.
+
+    Overlays keep a cluster at its own offset in their data file, so copy-before-write
+    and commit are both this.  Between two raw images the kernel copies
+    (``RawImage.copy_to``): one copy of each byte instead of a read into a buffer and a
+    write out of it, and one system call instead of two, for the secondary's every first
+    write to a cluster.  Anywhere else, or once the kernel has refused, through a buffer
+    of at most COPY_CHUNK bytes.
+    """
+    if isinstance(src, RawImage) and isinstance(dst, RawImage):
+        done = src.copy_to(dst, offset, length)
+        offset, length = offset + done, length - done
+    if not length:
+        return
+    buf = memoryview(bytearray(min(length, COPY_CHUNK)))
+    for pos in range(offset, offset + length, len(buf)):
+        piece = buf[:min(len(buf), offset + length - pos)]
+        src.pread_into(piece, pos)
+        dst.pwrite(piece, pos)
+
+
 def _data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """Yield ``(offset, end, is_data)`` runs of ``[start, end)`` found with SEEK_DATA/SEEK_HOLE.
 
@@ -263,6 +291,7 @@ class RawImage:
         # Fast paths of zero(), switched off for good once the filesystem refuses them.
         self._can_punch = True
         self._can_zero_range = True
+        self._can_copy = True  # copy_to in the kernel (copy_file_range), see there
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, exist_ok: bool = False) -> RawImage:
@@ -359,6 +388,38 @@ class RawImage:
                 os.fdatasync(self._fd)
         except OSError as err:
             raise _block_error(err, f"raw image {self.path}: write at {offset}") from err
+
+    def copy_to(self, dst: RawImage, offset: int, length: int) -> int:
+        """Copy ``[offset, offset + length)`` to the same place in ``dst`` in the kernel;
+        returns the bytes copied, the rest is the caller's (``copy_range``).
+
+        Fewer than ``length`` only when the kernel cannot copy between the two files (it
+        is then not asked again: a debug line, as for zero's fast paths) or the source
+        ends early (the caller's read pads with zeros, as every read of a short file).
+        A failure of the copy itself is a BlockIOError naming both files.
+        """
+        check_range(self.size, offset, length)
+        check_range(dst.size, offset, length, write=True)
+        dst._check_writable()
+        done = 0
+        while self._can_copy and done < length:
+            try:
+                n = os.copy_file_range(self._fd, dst._fd, length - done,
+                                       offset + done, offset + done)
+            except OSError as err:
+                if err.errno == errno.EINTR:
+                    continue
+                if err.errno not in _NO_KERNEL_COPY or done:
+                    raise _block_error(err, f"copy of [{offset + done}, {offset + length}) "
+                                            f"from raw image {self.path} to {dst.path}") from err
+                self._can_copy = False
+                log.debug("%s: the kernel cannot copy to %s (%s), copying through a buffer",
+                          self.path, dst.path, err.strerror)
+                break
+            if n == 0:
+                break
+            done += n
+        return done
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         check_range(self.size, offset, length, write=True)
@@ -829,17 +890,11 @@ class Overlay:
         Call with ``_ranges`` held exclusively over the clusters.
         """
         copied = 0
-        buf: Optional[memoryview] = None
         for run_first, run_end, allocated in self._state_runs(first, end):
             if allocated:
                 continue
             lo, hi = self._span(run_first, run_end)
-            if buf is None:
-                buf = memoryview(bytearray(min(hi - lo, COPY_CHUNK)))
-            for pos in range(lo, hi, len(buf)):
-                piece = buf[:min(len(buf), hi - pos)]
-                self.backing.pread_into(piece, pos)
-                self._data.pwrite(piece, pos)
+            copy_range(self.backing, self._data, lo, hi - lo)
             self._mark_allocated(run_first, run_end)
             copied += hi - lo
         return copied
@@ -932,10 +987,8 @@ class Overlay:
                     for first, count in coalesce(clusters, COPY_CHUNK >> self._shift)]
             total = sum(hi - lo for lo, hi in runs)
             done = 0
-            buf = memoryview(bytearray(min(COPY_CHUNK, max((hi - lo for lo, hi in runs),
-                                                           default=0))))
             for lo, hi in runs:
-                self._commit_run(lo, hi, buf)
+                self._commit_run(lo, hi)
                 done += hi - lo
                 if progress is not None:
                     progress(done, total)
@@ -944,12 +997,10 @@ class Overlay:
         log.debug("%s: committed %d bytes into %r", self.path, total, self.backing)
         return total
 
-    def _commit_run(self, lo: int, hi: int, buf: memoryview) -> None:
+    def _commit_run(self, lo: int, hi: int) -> None:
         """Copy ``[lo, hi)`` of the data file into the backing, zeroing where it has holes."""
         for offset, length, flags in self._data.extents(lo, hi - lo):
             if flags & EXTENT_ZERO:
                 self.backing.zero(offset, length)
             else:
-                piece = buf[:length]
-                self._data.pread_into(piece, offset)
-                self.backing.pwrite(piece, offset)
+                copy_range(self._data, self.backing, offset, length)
