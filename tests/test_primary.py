@@ -227,7 +227,7 @@ def test_registry_and_query(primary_factory, secondary_factory) -> None:
     assert q["error"] is None and q["degraded"] is False and q["write_mode"] == "sync"
     assert q["dirty_bytes"] == 0 and q["holding"] is False
     assert q["counters"] == {"writes": 1, "bytes": 4096, "forwarded": 1, "forward_errors": 0,
-                             "checkpoints": 1}
+                             "checkpoints": 1, "blocks_from_memory": 0}
     assert q["last_checkpoint"]["duration"] >= 0
     assert [d["to"] for d in events.named("REPLICATION_STAGE_CHANGED")] == ["running"]
     assert len(events.named("CHECKPOINT_COMPLETED")) == 1
@@ -307,12 +307,93 @@ def test_async_write_during_a_piece_read_is_sent_again(primary_factory,
             rep.view.pwrite(b"\x77" * 4096, offset)
 
     rep.disk.pread_into = read_then_race  # type: ignore[method-assign]
-    rep.view.pwrite(b"\x11" * 4096, 8192)
+    rep.view.pwrite(b"\x11" * 8192, 8192)  # two blocks: read back (blockcache.py)
     assert wait_until(lambda: bool(raced))
     rep.checkpoint()
-    assert raced == [8192] and read_local(rep)[8192:12288] == b"\x77" * 4096
+    assert raced == [8192] and read_local(rep)[8192:16384] == b"\x77" * 4096 + b"\x11" * 4096
     assert sec.read() == read_local(rep)
     rep.resume()
+
+
+def _count_disk_reads(rep: PrimaryReplica) -> list[tuple[int, int]]:
+    """Record (offset, length) of every read of the local disk from here on, except the
+    guest's (PrimaryView reads through the method it bound at start)."""
+    read, reads = rep.disk.pread_into, []
+
+    def counted(buf: memoryview, offset: int) -> None:
+        reads.append((offset, len(buf)))
+        read(buf, offset)
+
+    rep.disk.pread_into = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_async_single_blocks_are_sent_from_memory(primary_factory, secondary_factory) -> None:
+    """A 4 KiB block written by a lone writer reaches the secondary from the writer's copy:
+    the same bytes, and no read of the local disk."""
+    size = MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async")
+    rep.start(PRIMARY)
+    reads = _count_disk_reads(rep)
+    rng = random.Random(5)
+    blocks = rng.sample(range(0, size // 4096, 2), 20)  # never adjacent: a piece each
+    for block in blocks:
+        rep.view.pwrite(rng.randbytes(4096), block * 4096)
+    rep.view.pwrite(rng.randbytes(8192), 4096 * 201)  # two blocks: read back
+    rep.checkpoint()
+    rep.resume()
+    assert sec.read() == read_local(rep)
+    assert reads == [(4096 * 201, 8192)]
+    assert rep.query()["counters"]["blocks_from_memory"] == 20 and len(rep.blocks) == 0
+
+
+def test_async_writes_of_one_block_at_once_are_sent_from_the_disk(primary_factory,
+                                                                  secondary_factory) -> None:
+    """Two writes of one block at once: only the disk knows which landed last, so neither
+    may keep its copy (the first one's, kept after the second's, would reach the secondary
+    last and differ from the primary for good)."""
+    size = MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async")
+    rep.start(PRIMARY)
+    pwrite, written, go = rep.disk.pwrite, threading.Event(), threading.Event()
+
+    def slow_pwrite(buf: Any, offset: int, fua: bool = False) -> None:
+        pwrite(buf, offset, fua)
+        if threading.current_thread().name == "first-writer":
+            written.set()
+            go.wait(10)
+
+    rep.disk.pwrite = slow_pwrite  # type: ignore[method-assign]
+    first = _start(rep.view.pwrite, b"\x01" * 4096, 8192, name="first-writer")
+    assert written.wait(5)  # on the disk, neither kept nor marked yet
+    rep.view.pwrite(b"\x02" * 4096, 8192)  # lands on the disk last
+    go.set()
+    first.join(5)
+    rep.checkpoint()
+    rep.resume()
+    assert read_local(rep)[8192:12288] == b"\x02" * 4096
+    assert sec.read() == read_local(rep)
+    assert rep.query()["counters"]["blocks_from_memory"] == 0
+
+
+def test_async_zero_and_trim_forget_kept_blocks(primary_factory, secondary_factory) -> None:
+    """Blocks written before start are kept until start sends them; a zero or a trim over
+    them afterwards must be what is sent."""
+    size = MiB
+    sec = secondary_factory(size)
+    rep = primary_factory(size, sec.uri, write_mode="async")
+    for block in range(8):
+        rep.view.pwrite(bytes([block + 1]) * 4096, block * 4096)
+    rep.view.zero(4096, 4096)
+    rep.view.trim(4 * 4096, 2 * 4096)
+    assert len(rep.blocks) == 5
+    rep.start(PRIMARY)
+    local = read_local(rep)
+    assert local[:8 * 4096] == (b"\x01" * 4096 + bytes(4096) + b"\x03" * 4096 + b"\x04" * 4096
+                                + bytes(8192) + b"\x07" * 4096 + b"\x08" * 4096)
+    assert sec.read() == local
 
 
 def _stalled_write(rep: PrimaryReplica, data: bytes, offset: int

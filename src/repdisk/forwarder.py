@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 FailureCallback = Callable[[str, list[tuple[int, int]]], None]
 #: ``source()``: the next piece to write, ``(offset, buffer, placed)``, or None; the piece's
 #: range stays locked against writers until the forwarder calls ``placed()`` (see Pulling).
-Source = Callable[[], "Optional[tuple[int, bytearray, Callable[[], None]]]"]
+Source = Callable[[], "Optional[tuple[int, bytes | bytearray, Callable[[], None]]]"]
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
@@ -646,7 +646,7 @@ class Forwarder:
                 or self._pull_waits()):
             return False
         assert self._source is not None
-        taken: list[tuple[int, int, bytearray]] = []  # (seq, offset, bytes)
+        taken: list[tuple[int, int, bytes | bytearray]] = []  # (seq, offset, bytes)
         room, most = BATCH_BYTES, BATCH_PIECES if self._batch else 1
         while len(taken) < most and room > 0:
             if self._pull_wanted:  # before looking: a mark made after this wakes us again
@@ -678,7 +678,7 @@ class Forwarder:
         self._enqueue_pieces(taken, late)
         return True
 
-    def _enqueue_pieces(self, taken: list[tuple[int, int, bytearray]],
+    def _enqueue_pieces(self, taken: list[tuple[int, int, bytes | bytearray]],
                         late: list[Ticket]) -> None:
         """Queue pieces, and the requests submitted while they were taken, in order."""
         now = time.monotonic()

@@ -27,7 +27,9 @@ forwarder sends them in submission order and never lets two overlapping requests
 in flight at once, so the secondary applies them in that order too.  An async guest
 write takes no range lock: it marks its range after writing, and a piece is cleared
 before it is read (under the range lock, which it keeps until the forwarder has
-placed it in its order), so a write that races a read is sent again.
+placed it in its order), so a write that races a read is sent again.  A single 4 KiB
+block written by a write that ran alone is kept in memory until sent, so it is not
+read back (blockcache.py has the rules that keep that copy true).
 
 A failing or hanging secondary never fails a guest write and never stalls one
 past ``timeout``: the write is local, its range is dirty, the replica is
@@ -51,6 +53,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional, Union
 
+from .blockcache import BlockCache
 from .dirtymap import DirtyMap
 from .errors import ConfigError, ForwardError, check_range
 from .forwarder import Forwarder, Ticket
@@ -82,6 +85,10 @@ PULL_DELAY = 0.001
 CATCH_UP = 4 << 20
 #: async: most bytes acknowledged to the guest but not yet sent (writers wait beyond it).
 DEFAULT_MAX_LAG = 256 << 20
+#: async: most 4 KiB blocks kept in memory for the forwarder (16 MiB; blockcache.py).
+#: fio 4 KiB random writes QD16, 2 vCPUs, 3 interleaved runs: 35.9-41.9k IOPS with it,
+#: 33.2-37.3k without; the primary's CPU per write 19.5-25.4 us, 23.5-27.9 us without.
+CACHED_BLOCKS = 4096
 
 Buffer = Union[bytes, bytearray, memoryview]
 Submit = Callable[[Forwarder], Ticket]
@@ -167,6 +174,12 @@ class PrimaryReplica:
         self._hold_lock = threading.Lock()
         self._hold_cond = threading.Condition(self._hold_lock)
         self._writers = 0
+        # async, for the block cache's rule (blockcache.py): changes of the disk under way
+        # and begun so far, held ones included; a change that ran alone saw 1 under way
+        # at its start and finds the count begun unchanged at its end.
+        self._changing = 0
+        self._changes = 0
+        self.blocks = BlockCache(CACHED_BLOCKS)
         self._holding = False
         self._hold_gen = 0
         self._hold_timer: Optional[threading.Timer] = None
@@ -205,7 +218,7 @@ class PrimaryReplica:
         """A guest write: local, then forwarded (sync: waits for the secondary, up to timeout)."""
         view = memoryview(buf).cast("B")
         self._update(offset, view.nbytes, lambda: self.disk.pwrite(view, offset, fua),
-                     lambda f: f.submit_write(view, offset, fua))
+                     lambda f: f.submit_write(view, offset, fua), view)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         self._update(offset, length, lambda: self.disk.zero(offset, length, fua),
@@ -226,11 +239,13 @@ class PrimaryReplica:
             return
         fwd.submit_flush().wait(self.timeout)  # a failure is handled by on_failure
 
-    def _update(self, offset: int, length: int, local: Callable[[], None], submit: Submit) -> None:
-        """The one write path: the mode's way of writing, then the counters."""
+    def _update(self, offset: int, length: int, local: Callable[[], None], submit: Submit,
+                data: Optional[memoryview] = None) -> None:
+        """The one write path: the mode's way of writing, then the counters.  ``data``:
+        a write's bytes (async mode may keep them, see _write_back)."""
         check_range(self.disk.size, offset, length, write=True)
         if self.write_back:
-            self._write_back(offset, length, local)
+            self._write_back(offset, length, local, data)
         else:
             self._write_through(offset, length, local, submit)
         with self._count_lock:
@@ -248,21 +263,31 @@ class PrimaryReplica:
         if ticket is not None and not ticket.wait(self.timeout):
             self.dirty.mark(offset, length)  # on_failure marks it too: harmless
 
-    def _write_back(self, offset: int, length: int, local: Callable[[], None]) -> None:
+    def _write_back(self, offset: int, length: int, local: Callable[[], None],
+                    data: Optional[memoryview] = None) -> None:
         """async: local change, mark dirty, ask the forwarder to pull; during a hold, see
-        _write_held."""
+        _write_held.  A block written by a write that ran alone is kept for the forwarder
+        (``data``; blockcache.py), any other change drops what it touches."""
         self._wait_lag()
         with self._hold_cond:
             holding = self._holding
             if not holding:
                 self._writers += 1
+                alone = self._begin_change()
         if holding:
             self._write_held(offset, length, local)
             return
         try:
             # No range lock: marked after the write, and pieces are cleared before they are
             # read (_read_piece), so a piece read meanwhile is sent again, never missed.
-            local()
+            try:
+                local()
+            except BaseException:
+                data = None
+                raise
+            finally:
+                with self._hold_cond:
+                    self._end_change(offset, length, data, alone)
             self.dirty.mark(offset, length)
         finally:
             with self._hold_cond:
@@ -270,6 +295,24 @@ class PrimaryReplica:
                 if self._holding and not self._writers:
                     self._hold_cond.notify_all()
         self._pull()
+
+    def _begin_change(self) -> int:
+        """A change of the disk begins (hold lock held); its token for _end_change: nonzero
+        if no other change is under way."""
+        self._changing += 1
+        self._changes += 1
+        return self._changes if self._changing == 1 else 0
+
+    def _end_change(self, offset: int, length: int, data: Optional[memoryview],
+                    alone: int) -> None:
+        """A change of the disk is done, before its mark (hold lock held): keep its block
+        if it wrote ``data`` and ran alone (no other change under way at its start, none
+        begun since), else forget the blocks it touched (blockcache.py)."""
+        self._changing -= 1
+        if data is not None and alone == self._changes and self.blocks.fits(offset, length):
+            self.blocks.put(offset, data)
+        else:
+            self.blocks.drop(offset, length)
 
     def _write_held(self, offset: int, length: int, local: Callable[[], None]) -> None:
         """A write during an async hold: local now, sent after resume.
@@ -286,11 +329,20 @@ class PrimaryReplica:
             # No writer joins _writers during a hold: once 0, every pre-hold mark is in.
             with self._locks.exclusive(offset, end):
                 if not self._writers and not self.dirty.is_dirty(offset, length):
-                    local()
                     with self._hold_cond:
-                        # A hold that ended meanwhile merged ``held``: mark where it goes now.
-                        held = self._holding
-                        (self.held if held else self.dirty).mark(offset, length)
+                        self._begin_change()
+                    written = False
+                    try:
+                        local()
+                        written = True
+                    finally:
+                        with self._hold_cond:
+                            self._end_change(offset, length, None, 0)
+                            # A hold that ended meanwhile merged ``held``: mark where it
+                            # goes now.
+                            held = self._holding
+                            if written:
+                                (self.held if held else self.dirty).mark(offset, length)
                     if not held:
                         self._pull()
                     return
@@ -681,14 +733,17 @@ class PrimaryReplica:
         g = self.dirty.granularity
         return max(RESYNC_CHUNK // g, 1) * g
 
-    def _read_piece(self, offset: int, length: int) -> bytearray:
+    def _read_piece(self, offset: int, length: int) -> Buffer:
         """A dirty piece's current bytes, its bits cleared (caller holds its range lock).
 
         Cleared, then read: an async guest write takes no range lock (_write_back) and
         marks after writing, so a write that lands during the read marks the piece again
         and it is sent again; read first, a write between the read and the clear would
-        be lost."""
+        be lost.  A kept block (blockcache.py) is read from memory, by the same rule."""
         self.dirty.clear(offset, length)
+        kept = self.blocks.take(offset, length)
+        if kept is not None:
+            return kept
         buf = bytearray(length)
         try:
             self.disk.pread_into(memoryview(buf), offset)
@@ -697,7 +752,7 @@ class PrimaryReplica:
             raise
         return buf
 
-    def _next_piece(self) -> Optional[tuple[int, bytearray, Callable[[], None]]]:
+    def _next_piece(self) -> Optional[tuple[int, Buffer, Callable[[], None]]]:
         """async: the forwarder's source (its I/O thread): the highest dirty piece, read
         and cleared, its range locked until the forwarder has placed it in its order (a
         resync copy of the same range submits under that lock), or None.  A failed
@@ -766,6 +821,7 @@ class PrimaryReplica:
         fwd = self._fwd
         with self._count_lock:
             counters = dict(self._counters)
+        counters["blocks_from_memory"] = self.blocks.taken
         unsent = self.dirty.dirty_bytes + self.held.dirty_bytes
         # async and forwarding: unsent bytes are the write-back's lag, not a resync's work.
         lagging = self.write_back and self._forwarding() is not None
