@@ -366,8 +366,7 @@ def test_overlap_index_of_records_in_flight() -> None:
     rng = random.Random(4)
     records = [[(rng.randrange(0, 1 << 22), rng.randrange(1, BATCH_PIECE_MAX))
                 for _ in range(rng.randrange(1, 20))] for _ in range(4)]
-    for parts in records:
-        fwd._count_grains(parts, 1)
+    indexed = [fwd._index_record(parts) for parts in records]
     blocks = {g for parts in records for o, n in parts
               for g in range(o // GRAIN, (o + n - 1) // GRAIN + 1)}
     for _ in range(3000):
@@ -377,9 +376,9 @@ def test_overlap_index_of_records_in_flight() -> None:
         assert hit == any(start // GRAIN <= g <= (end - 1) // GRAIN for g in blocks)
         if any(o < end and start < o + n for parts in records for o, n in parts):
             assert hit
-    for parts in records:
-        fwd._count_grains(parts, -1)
-    assert fwd._grains == {}
+    for grains in indexed:
+        fwd._unindex_record(grains)
+    assert fwd._record_grains == []
 
 
 def test_held_writes_reach_the_server_only_after_release(server, make_fwd):

@@ -96,7 +96,7 @@ BATCH_BYTES = 256 << 10
 BATCH_PIECE_MAX = 64 << 10
 #: Records in flight at once: each new one is checked for overlap against each of them.
 BATCHES_IN_FLIGHT = 4
-#: The block size of the overlap index of records in flight (``Forwarder._grains``).
+#: The block size of the overlap index of records in flight (``Forwarder._record_grains``).
 GRAIN = 4096
 # How long an expired Ticket.wait waits for the I/O thread to close the handle; closing
 # a Unix/TCP socket takes microseconds, so this only matters if the I/O thread is wedged.
@@ -113,7 +113,8 @@ class Ticket:
     """
 
     __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "drained", "pulled", "parts", "members", "_lock", "_fwd", "_err")
+                 "rejected", "drained", "pulled", "parts", "members", "grains", "_lock", "_fwd",
+                 "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
                  buf: "bytes | memoryview | None" = None, fua: bool = False,
@@ -134,6 +135,7 @@ class Ticket:
         # then the lowest, ``length`` the bytes of them all and ``buf`` the record.
         self.parts: Optional[list[tuple[int, int]]] = None
         self.members: Optional[list["Ticket"]] = None  # the writes a record carries
+        self.grains: Optional[set[int]] = None  # a record's GRAIN blocks, while in flight
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it (none for
@@ -310,7 +312,9 @@ class Forwarder:
         self._next_pull = 0.0  # no pull round starts before (pull_delay after an empty one)
         self._waited = 0       # requests in flight that someone waits for (not pulled)
         self._batches = 0      # batch records in flight
-        self._grains: dict[int, int] = {}  # GRAIN-sized blocks of records in flight: count
+        # The GRAIN blocks of each record in flight (at most BATCHES_IN_FLIGHT sets): a
+        # set made when it is issued and dropped whole when it retires.
+        self._record_grains: list[set[int]] = []
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -761,7 +765,7 @@ class Forwarder:
         if t.kind is FLUSH:
             return any(o.length for o in self._inflight)
         start, end = t.offset, t.offset + t.length
-        if self._grains and self._grains_hit(start, end):
+        if self._record_grains and self._grains_hit(start, end):
             return True
         for o in self._inflight:
             if o.parts is None and o.offset < end and start < o.offset + o.length:
@@ -771,21 +775,36 @@ class Forwarder:
     def _grains_hit(self, start: int, end: int) -> bool:
         """True if a record in flight has a part in a GRAIN block of ``[start, end)`` (a
         block in common, not always a byte: such a write only waits)."""
-        first, last, grains = start // GRAIN, (end - 1) // GRAIN, self._grains
-        if last - first < len(grains):
-            return any(g in grains for g in range(first, last + 1))
-        return any(first <= g <= last for g in grains)
+        first, last = start // GRAIN, (end - 1) // GRAIN
+        for grains in self._record_grains:
+            if first == last:  # the usual case: a piece of one block
+                if first in grains:
+                    return True
+            elif last - first < len(grains):
+                if not grains.isdisjoint(range(first, last + 1)):
+                    return True
+            elif any(first <= g <= last for g in grains):
+                return True
+        return False
 
-    def _count_grains(self, parts: list[tuple[int, int]], step: int) -> None:
-        """Add (step 1) or remove (step -1) a record's parts in the overlap index."""
-        grains = self._grains
+    def _index_record(self, parts: list[tuple[int, int]]) -> set[int]:
+        """Add a record's parts to the overlap index; returns its set for _unindex_record."""
+        grains: set[int] = set()
         for offset, length in parts:
-            for g in range(offset // GRAIN, (offset + length - 1) // GRAIN + 1):
-                n = grains.get(g, 0) + step
-                if n:
-                    grains[g] = n
-                else:
-                    del grains[g]
+            first, last = offset // GRAIN, (offset + length - 1) // GRAIN
+            if first == last:
+                grains.add(first)
+            else:
+                grains.update(range(first, last + 1))
+        self._record_grains.append(grains)
+        return grains
+
+    def _unindex_record(self, grains: set[int]) -> None:
+        """Remove a record's set (from _index_record) from the overlap index."""
+        for i, other in enumerate(self._record_grains):
+            if other is grains:
+                del self._record_grains[i]
+                return
 
     def _barrier_ready(self, b: Ticket) -> bool:
         """Everything before ``b`` is acknowledged: the requests submitted earlier and,
@@ -815,7 +834,7 @@ class Forwarder:
                 self.in_flight_bytes += t.length
                 if t.parts is not None:  # a record goes to the mailbox (batch.py)
                     self._batches += 1
-                    self._count_grains(t.parts, 1)
+                    t.grains = self._index_record(t.parts)
                     h.aio_pwrite(t.buf, self.size, completion=t._completed, flags=flags)
                 else:
                     h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
@@ -853,7 +872,9 @@ class Forwarder:
                 stats["writes"] += 1
                 if t.members:
                     self._batches -= 1
-                    self._count_grains(t.parts, -1)
+                    if t.grains is not None:
+                        self._unindex_record(t.grains)
+                        t.grains = None
                     stats["batches"] += 1
                     stats["writes"] += len(t.members) - 1
                     for m in t.members:

@@ -158,6 +158,9 @@ class PrimaryReplica:
         if granularity is None:
             granularity = ASYNC_GRANULARITY if write_mode == "async" else 65536
         self.dirty = DirtyMap(disk.size, granularity)
+        # Resync and the write-back copy RESYNC_CHUNK in whole granules (clear() only
+        # clears whole granules).
+        self._piece_size = max(RESYNC_CHUNK // granularity, 1) * granularity
         # async: writes acknowledged during a checkpoint hold, merged into ``dirty`` at resume.
         self.held = DirtyMap(disk.size, granularity)
         self.max_lag = max_lag
@@ -713,7 +716,7 @@ class PrimaryReplica:
         in_flight = 0
         while runs := self.dirty.runs():
             for offset, length in runs:
-                for coff, clen in _chunks(offset, length, self._copy_chunk_size()):
+                for coff, clen in _chunks(offset, length, self._piece_size):
                     while pending and (in_flight + clen > SEND_BUDGET
                                        or len(pending) >= self.window):
                         in_flight -= self._settle_copy(pending.popleft())
@@ -727,11 +730,6 @@ class PrimaryReplica:
         while pending:
             self._settle_copy(pending.popleft())
         return done
-
-    def _copy_chunk_size(self) -> int:
-        """RESYNC_CHUNK in whole granules (clear() only clears whole granules)."""
-        g = self.dirty.granularity
-        return max(RESYNC_CHUNK // g, 1) * g
 
     def _read_piece(self, offset: int, length: int) -> Buffer:
         """A dirty piece's current bytes, its bits cleared (caller holds its range lock).
@@ -757,7 +755,7 @@ class PrimaryReplica:
         and cleared, its range locked until the forwarder has placed it in its order (a
         resync copy of the same range submits under that lock), or None.  A failed
         forward marks it dirty again (on_failure)."""
-        run = self.dirty.last_run(self._copy_chunk_size())
+        run = self.dirty.last_run(self._piece_size)
         if run is None:
             return None
         offset, length = run
