@@ -784,7 +784,7 @@ def test_hanging_secondary(primary_factory, secondary_factory) -> None:
     rep = primary_factory(MiB, sec.uri, timeout=1.0)
     rep.start(PRIMARY)
     rep.view.pwrite(b"\x01" * 4096, 0)
-    sec.signal(signal.SIGSTOP)
+    sec.stop()  # SIGSTOP, and wait until it took: the next write must find it hung
     try:
         t0 = time.monotonic()
         rep.view.pwrite(b"\x02" * 4096, 8192)
