@@ -296,12 +296,19 @@ class ControllerProc:
         with self._lock:
             return self.checkpoints[max(self.checkpoints)]
 
-    def next_checkpoint(self, timeout: float = 30.0) -> Checkpoint:
-        """Wait for a checkpoint that completes after this call; return it."""
-        done = self.query()["counters"]["checkpoints"]
-        self.wait_for(lambda q: q["counters"]["checkpoints"] > done, timeout,
-                      f"checkpoint after #{done}")
-        return self.last_checkpoint()
+    def next_checkpoint(self, timeout: float = 30.0,
+                        began_after: float | None = None) -> Checkpoint:
+        """Wait for a checkpoint that completes after this call and, with ``began_after``
+        (``time.time()``), began after that too (one already under way when the call came
+        completes after it, but holds only what came before it began); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.query()["counters"]["checkpoints"]
+            self.wait_for(lambda q: q["counters"]["checkpoints"] > done,
+                          max(0.0, deadline - time.monotonic()), f"checkpoint after #{done}")
+            last = self.last_checkpoint()
+            if began_after is None or last.time >= began_after:
+                return last
 
     def wait_failover(self, timeout: float = 30.0) -> Failover:
         """Wait until the controller failed over and its hook wrote ``failover.env``."""
@@ -545,7 +552,7 @@ def lose_primary(scenario: Scenario, pair: Pair, vm: GuestVM,
     controller's failover and hook; check the old guest's console. Returns the last
     checkpoint and the failover."""
     vm.wait_for_record(vm.last_record() + 1, 30)
-    ctl.next_checkpoint()  # it began after that record: it holds one at least
+    ctl.next_checkpoint(began_after=time.time())  # it holds that record at least
     time.sleep(INTERVAL / 2)  # mid-interval: the guest has written past the checkpoint
     guest_killed = scenario.kill("primary guest QEMU", vm.kill)
     killed = scenario.kill("primary nbdkit", pair.pri.kill)
