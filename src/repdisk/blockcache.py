@@ -8,13 +8,16 @@ it has the GIL anyway, spares both: ``take`` is a dict lookup.
 
 What keeps it true, the primary's side of the bargain (primary.py, ``_write_back``):
 
-* a block's entry is put only by a write that ran alone (no other write of the disk
+* a block's entry is put only by a write that ran alone (no other change of the disk
   began or was under way from its start to the put), after its local write and before
-  its dirty mark: so an entry is the disk's content of the block, and a forwarder that
-  clears the bit and then takes the entry gets bytes at least as new as the last mark
-  (a later write marks again, and its bytes are sent again);
+  its dirty mark: so the entry holds what the disk holds once that write is done;
 * every other change of the disk (a write not alone, zero, trim, a write during a
-  checkpoint hold, a write that failed) drops the entries it touches before it marks.
+  checkpoint hold, a write that failed) drops the entries it touches before it marks,
+  and a later lone write replaces them before it marks.
+
+So a forwarder that clears a block's bit and then takes its entry gets bytes at least as
+new as the last mark before the clear; a change under way at that moment marks the block
+again, and its bytes are sent again, after these (the same rule as a read of the disk).
 
 An entry nobody takes (its block went out inside a larger piece) stays true by the same
 rules until it is taken, dropped or replaced; ``take`` of a larger piece drops the entries
