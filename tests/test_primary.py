@@ -268,11 +268,20 @@ def _write_random(rep: PrimaryReplica, rng: random.Random, count: int) -> None:
         rep.view.pwrite(rng.randbytes(length), rng.randrange(0, rep.view.size - length))
 
 
+def _started_async(primary_factory: Callable[..., PrimaryReplica],
+                   secondary_factory: Callable[..., Secondary], size: int,
+                   filters: tuple[str, ...] = (), **kwargs: Any
+                   ) -> tuple[Secondary, PrimaryReplica]:
+    """A secondary of ``size`` bytes and an async primary replicating to it, started."""
+    sec = secondary_factory(size, filters=filters)
+    rep = primary_factory(size, sec.uri, write_mode="async", **kwargs)
+    rep.start(PRIMARY)
+    return sec, rep
+
+
 def test_async_checkpoint_barrier_and_hold(primary_factory, secondary_factory) -> None:
     size = 8 * MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async", window=8)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size, window=8)
     _write_random(rep, random.Random(2), 300)
     rep.checkpoint()
     before = read_local(rep)
@@ -295,9 +304,7 @@ def test_async_write_during_a_piece_read_is_sent_again(primary_factory,
     piece of the same bytes must be sent again (the piece is cleared before it is read),
     never lost behind a clear that comes after the read."""
     size = MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async")
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size)
     read, raced = rep.disk.pread_into, []
 
     def read_then_race(buf: memoryview, offset: int) -> None:
@@ -332,9 +339,7 @@ def test_async_single_blocks_are_sent_from_memory(primary_factory, secondary_fac
     """A 4 KiB block written by a lone writer reaches the secondary from the writer's copy:
     the same bytes, and no read of the local disk."""
     size = MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async")
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size)
     reads = _count_disk_reads(rep)
     rng = random.Random(5)
     blocks = rng.sample(range(0, size // 4096, 2), 20)  # never adjacent: a piece each
@@ -354,9 +359,7 @@ def test_async_writes_of_one_block_at_once_are_sent_from_the_disk(primary_factor
     may keep its copy (the first one's, kept after the second's, would reach the secondary
     last and differ from the primary for good)."""
     size = MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async")
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size)
     pwrite, written, go = rep.disk.pwrite, threading.Event(), threading.Event()
 
     def slow_pwrite(buf: Any, offset: int, fua: bool = False) -> None:
@@ -440,9 +443,7 @@ def test_async_held_write_waits_for_an_overlapping_write_from_before_the_hold(
     write of the same bytes arrives: the held write must wait for it, or the checkpoint
     would carry the held write's bytes."""
     size = MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async", timeout=4.0)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size, timeout=4.0)
     before, go = _stalled_write(rep, b"P" * 4096, 8192)
     try:
         checkpoint = _start(rep.checkpoint)
@@ -467,9 +468,7 @@ def test_async_checkpoint_fails_if_a_write_from_before_outlasts_the_hold(
     from before it fails with a clear error instead of waiting for ever (holding the
     replica's lock), and the next checkpoint succeeds."""
     size = MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async", timeout=1.0)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size, timeout=1.0)
     writer, go = _stalled_write(rep, b"S" * 4096, 0)
     try:
         checkpoint, failed = _checkpoint_in_thread(rep)
@@ -488,9 +487,9 @@ def test_async_checkpoint_fails_if_a_write_from_before_outlasts_the_hold(
 def test_async_write_back_is_bounded_by_max_lag(primary_factory, secondary_factory) -> None:
     """A slow secondary: guest writes wait once max_lag bytes are unsent, never more."""
     size = 16 * MiB
-    sec = secondary_factory(size, filters=("--filter=delay", "delay-write=20ms"))
-    rep = primary_factory(size, sec.uri, write_mode="async", max_lag=MiB, window=4)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size,
+                              filters=("--filter=delay", "delay-write=20ms"), max_lag=MiB,
+                              window=4)
     rng = random.Random(5)
     peak = 0
     for _ in range(60):
@@ -510,9 +509,8 @@ def test_async_write_during_hold_keeps_the_checkpoint_closed(primary_factory,
     """A write during the hold to a granule still to be sent waits for it to be taken;
     the checkpoint holds the bytes from before the hold, the held write lands after."""
     size = 4 * MiB
-    sec = secondary_factory(size, filters=("--filter=delay", "delay-write=300ms"))
-    rep = primary_factory(size, sec.uri, write_mode="async", timeout=4.0)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size,
+                              filters=("--filter=delay", "delay-write=300ms"), timeout=4.0)
     rep.view.pwrite(b"A" * 4096, 0)          # unsent when the checkpoint starts (300 ms)
     done = threading.Event()
     cp = threading.Thread(target=lambda: (rep.checkpoint(), done.set()))
@@ -538,9 +536,7 @@ def test_async_held_write_goes_on_when_the_hold_expires_on_a_dead_link(
     """A write waiting during a hold for its granule to be sent must not wait for a link
     that never sends it: when the hold expires it is an ordinary write (local, dirty)."""
     size = 4 * MiB
-    sec = secondary_factory(size)
-    rep = primary_factory(size, sec.uri, write_mode="async", timeout=2.0, window=1)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size, timeout=2.0, window=1)
     sec.stop()
     try:
         rep.view.pwrite(b"X" * 4096, MiB)    # taken and sent: fills the window of 1, unanswered
@@ -563,9 +559,7 @@ def test_async_held_write_goes_on_when_the_hold_expires_on_a_dead_link(
 
 
 def test_clean_stop_sends_held_writes(primary_factory, secondary_factory) -> None:
-    sec = secondary_factory(MiB)
-    rep = primary_factory(MiB, sec.uri, write_mode="async")
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, MiB)
     rep.checkpoint()
     rep.view.pwrite(b"\x5a" * 3000, 70000)  # held
     rep.stop(False)  # ends the hold, then the barrier covers the held write
@@ -707,10 +701,9 @@ def test_async_resync_completes_while_the_guest_keeps_writing(primary_factory,
     held) then drains, and the secondary equals the primary."""
     size = 16 * MiB
     # A slow secondary and a small lag bound: the writers keep about max_lag unsent.
-    sec = secondary_factory(size, filters=("--filter=delay", "delay-write=5ms"))
-    rep = primary_factory(size, sec.uri, write_mode="async", timeout=1.0, max_lag=MiB,
-                          window=4)
-    rep.start(PRIMARY)
+    sec, rep = _started_async(primary_factory, secondary_factory, size,
+                              filters=("--filter=delay", "delay-write=5ms"), timeout=1.0,
+                              max_lag=MiB, window=4)
     load = Load(rep, threads=2, seed=40)
     try:
         assert wait_until(lambda: rep.dirty.dirty_bytes > MiB // 2, 5)
