@@ -633,7 +633,7 @@ def write_chart(cfg: Config, cells: dict[tuple[str, str], Cell], path: Path) -> 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed, no chart (`.venv/bin/pip install matplotlib`)"
+        return "matplotlib is not installed, no chart (`make setup` installs the bench extra)"
     fig, axes = plt.subplots(2, len(cfg.workloads), figsize=(4 * len(cfg.workloads), 7),
                              squeeze=False)
     for col, wname in enumerate(cfg.workloads):

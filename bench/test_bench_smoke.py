@@ -69,6 +69,8 @@ def test_quick_run_measures_every_peer(tmp_path: Path, workdir: Path) -> None:
         assert row, f"no numeric row for {name} in:\n{table}"
     assert (out / "raw" / "verify-qemu.json").exists()
     assert table in proc.stdout
+    assert "no chart" not in table
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.timeout(60)
