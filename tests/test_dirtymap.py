@@ -45,19 +45,23 @@ def test_clear_takes_runs_and_keeps_partial_granules() -> None:
     assert not dm and dm.dirty_bytes == 0 and dm.runs() == []
 
 
-def test_last_run_is_the_end_of_the_highest_run_cut_to_the_limit() -> None:
-    dm = DirtyMap(10 * 4096 + 100, 4096)
-    assert dm.last_run(MiB) is None
+def test_take_last_clears_the_ends_of_the_highest_runs() -> None:
+    dm = DirtyMap(20 * 4096 + 100, 4096)
+    assert dm.take_last(MiB, 64, MiB) == []
     dm.mark(4096, 5 * 4096)                   # granules 1..5
-    assert dm.last_run(MiB) == (4096, 5 * 4096)
-    assert dm.last_run(2 * 4096) == (4 * 4096, 2 * 4096)  # cut to whole granules
-    assert dm.last_run(100) == (5 * 4096, 4096)           # at least one granule
-    dm.mark(10 * 4096, 1)                     # the short last granule
-    assert dm.last_run(MiB) == (10 * 4096, 100)
-    dm.clear(*dm.last_run(MiB))               # a copier takes pieces from the end
-    dm.clear(*dm.last_run(2 * 4096))
-    assert dm.last_run(MiB) == (4096, 3 * 4096)
-    assert dm.dirty_bytes == 3 * 4096
+    dm.mark(10 * 4096, 2 * 4096)              # granules 10..11
+    dm.mark(20 * 4096, 1)                     # the short last granule
+    assert dm.take_last(MiB, 2, MiB) == [(20 * 4096, 100), (10 * 4096, 2 * 4096)]
+    assert dm.runs() == [(4096, 5 * 4096)] and dm.dirty_bytes == 5 * 4096
+    assert dm.take_last(2 * 4096, 64, MiB) == [(4 * 4096, 2 * 4096), (2 * 4096, 2 * 4096),
+                                               (4096, 4096)]  # cut to the limit, in turn
+    assert not dm and dm.dirty_bytes == 0
+    dm.mark(0, 8 * 4096)
+    assert dm.take_last(100, 64, 3 * 4096) == [(7 * 4096, 4096), (6 * 4096, 4096),
+                                               (5 * 4096, 4096)]  # a granule each at least
+    assert dm.take_last(MiB, 64, 1) == [(0, 5 * 4096)]  # the piece crossing the budget is in
+    assert dm.runs() == [] and dm.dirty_bytes == 0
+    dm.mark(4096, 3 * 4096)
     dm.clear(4096, 4096)                      # from a run's start, as the fast path does
     assert dm.runs() == [(2 * 4096, 2 * 4096)] and dm.dirty_bytes == 2 * 4096
 
@@ -139,7 +143,8 @@ def test_concurrent_marks_and_clears_are_exact() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(size=st.integers(1, 50_000), shift=st.integers(0, 12),
-       ops=st.lists(st.tuples(st.sampled_from(["mark", "clear", "clear_run", "clear_all"]),
+       ops=st.lists(st.tuples(st.sampled_from(["mark", "clear", "clear_run", "clear_all",
+                                               "take_last"]),
                               st.integers(0, 49_999), st.integers(0, 20_000)), max_size=30))
 def test_matches_a_set_of_granules(size: int, shift: int,
                                    ops: list[tuple[str, int, int]]) -> None:
@@ -166,6 +171,21 @@ def test_matches_a_set_of_granules(size: int, shift: int,
         elif name == "clear_all":
             dm.clear_all()
             model.clear()
+        elif name == "take_last":  # offset and length pick the count and the limit
+            pieces = dm.take_last(length, offset % 5 + 1, length + 1)
+            taken = set()
+            for lo, n in pieces:
+                piece = set(range(lo // g, -(-(lo + n) // g)))
+                assert piece <= model and len(piece) <= max(length // g, 1)
+                assert not taken or max(piece) < min(taken)  # highest first
+                taken |= piece
+            count, total = offset % 5 + 1, sum(n for _, n in pieces)
+            assert len(pieces) <= count
+            assert total - (pieces[-1][1] if pieces else 0) <= length  # then the budget is used
+            assert len(pieces) == count or total > length or taken == model  # ...or all is
+            assert all(gr < min(taken) for gr in model - taken)  # the highest granules
+            assert bool(pieces) == bool(model)
+            model -= taken
         # the whole state, every time
         expected_runs = []
         for granule in sorted(model):

@@ -25,6 +25,9 @@ from tests.conftest import sigstop
 from repdisk.errors import ForwardError
 from repdisk.forwarder import BATCH_PIECE_MAX, GRAIN, Forwarder, Ticket, with_export_suffix
 
+#: What a source returns (forwarder.Source): pieces and the call that unlocks them.
+Pieces = tuple[list[tuple[int, bytearray]], Callable[[], None]] | None
+
 MiB = 1024 * 1024
 SIZE = 64 * MiB
 BATCH_SERVER = Path(__file__).with_name("batchserver.py")
@@ -494,7 +497,7 @@ class DirtyDisk:
 
     ``write`` changes the local copy and marks the block (or, ``push``, also submits it
     directly, like a sync write or a resync piece, in the same critical section);
-    ``next_piece`` is the forwarder's source: the lowest dirty block, read and cleared."""
+    ``next_pieces`` is the forwarder's source: the lowest dirty blocks, read and cleared."""
 
     BLOCK = 4096
 
@@ -517,19 +520,28 @@ class DirtyDisk:
                 self.dirty.update(range(first, last + 1))
         self.fwd.pull()
 
-    def next_piece(self) -> tuple[int, bytearray, Callable[[], None]] | None:
-        """Like the primary's: the piece comes with the lock still held, released by the
-        forwarder once it has placed the piece in its order."""
+    def next_pieces(self, count: int, budget: int) -> Pieces:
+        """Like the primary's: the pieces come with the lock still held, released by the
+        forwarder once it has placed them in its order."""
         self.lock.acquire()
         self.calls += 1
         if not self.dirty:
             self.lock.release()
             return None
-        block = min(self.dirty)
-        self.dirty.discard(block)
+        pieces = []
+        for block in sorted(self.dirty)[:min(count, -(-budget // self.BLOCK))]:
+            if self.last_in_round(block, pieces):
+                break
+        for offset, _ in pieces:
+            self.dirty.discard(offset // self.BLOCK)
+            self.pieces.append((offset, self.BLOCK))
+        return pieces, self.lock.release
+
+    def last_in_round(self, block: int, pieces: list) -> bool:
+        """Take ``block`` into ``pieces``; True to end the round with it."""
         offset = block * self.BLOCK
-        self.pieces.append((offset, self.BLOCK))
-        return offset, bytearray(self.local[offset:offset + self.BLOCK]), self.lock.release
+        pieces.append((offset, bytearray(self.local[offset:offset + self.BLOCK])))
+        return False
 
 
 def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
@@ -537,7 +549,7 @@ def test_pulled_pieces_and_pushed_writes_land_in_order(any_server, make_fwd):
     both, and the server holds exactly the local copy (pieces never overtake a push of
     older bytes, nor the reverse)."""
     disk = DirtyDisk(SIZE)
-    fwd, failures = make_fwd(any_server.uri, source=disk.next_piece, pull_delay=0.001,
+    fwd, failures = make_fwd(any_server.uri, source=disk.next_pieces, pull_delay=0.001,
                              batch=any_server.batch)
     disk.fwd = fwd
     region = 2 * MiB
@@ -564,24 +576,29 @@ class RacingDirtyDisk(DirtyDisk):
     push carries newer bytes than the piece, so it must land after it.  Batched, a record
     then ends at the piece and the next starts after the push."""
 
-    def next_piece(self) -> tuple[int, bytearray, Callable[[], None]] | None:
-        piece = super().next_piece()
-        if piece is None or piece[0] // self.BLOCK % 4:
-            return piece
-        offset, buf, release = piece
+    def last_in_round(self, block: int, pieces: list) -> bool:
+        super().last_in_round(block, pieces)
+        return block % 4 == 0  # the round ends at a block to rewrite, so placed() can
+
+    def next_pieces(self, count: int, budget: int) -> Pieces:
+        got = super().next_pieces(count, budget)
+        if got is None or got[0][-1][0] // self.BLOCK % 4:
+            return got
+        pieces, release = got
+        offset = pieces[-1][0]
 
         def placed() -> None:
             release()
             self.write(offset, bytes([len(self.pieces) % 250 + 1]) * self.BLOCK, push=True)
 
-        return offset, buf, placed
+        return pieces, placed
 
 
 @pytest.mark.parametrize("batch", [False, True])
 def test_push_after_a_piece_was_read_lands_after_it(servers, batch_server, make_fwd, batch):
     srv = batch_server if batch else servers("memory", str(SIZE))
     disk = RacingDirtyDisk(SIZE)
-    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, batch=batch)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_pieces, batch=batch)
     disk.fwd = fwd
     with disk.lock:
         for block in range(40):
@@ -597,7 +614,7 @@ def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
     """A barrier arriving with pieces still at the source sends them all first."""
     srv = servers("--filter=delay", "memory", str(SIZE), "delay-write=100ms")
     disk = DirtyDisk(SIZE)
-    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, window=2)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_pieces, window=2)
     disk.fwd = fwd
     with disk.lock:  # marked without a pull: only the barrier makes the forwarder look
         for block in range(6):
@@ -623,7 +640,7 @@ def test_failure_reports_the_pieces_taken_but_not_acknowledged(servers, make_fwd
     srv = servers("--filter=delay", "python", str(BATCH_SERVER), f"file={img}",
                   "delay-write=2")
     disk = DirtyDisk(SIZE)
-    fwd, failures = make_fwd(srv.uri, source=disk.next_piece, timeout=5.0, batch=batch)
+    fwd, failures = make_fwd(srv.uri, source=disk.next_pieces, timeout=5.0, batch=batch)
     disk.fwd = fwd
     with disk.lock:
         for block in (3, 9, 20):

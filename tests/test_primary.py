@@ -8,6 +8,7 @@ secondary" means "in that file", byte for byte.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -320,6 +321,41 @@ def test_async_write_during_a_piece_read_is_sent_again(primary_factory,
     assert raced == [8192] and read_local(rep)[8192:16384] == b"\x77" * 4096 + b"\x11" * 4096
     assert sec.read() == read_local(rep)
     rep.resume()
+
+
+def test_async_round_that_fails_a_read_leaves_every_piece_dirty(primary_factory) -> None:
+    """A pull round clears its pieces, then reads them; a read failing mid-round marks
+    all of them dirty again (none is sent: the forwarder fails on the error) and unlocks
+    the disk, so nothing written is forgotten and a later round sends it all."""
+    size = MiB
+    rep = primary_factory(size, None, write_mode="async")
+    runs = [(4096 * 10, 8192), (4096 * 100, 4096), (4096 * 200, 12288)]
+    for offset, length in runs:
+        rep.dirty.mark(offset, length)
+    read, calls = rep.disk.pread_into, []
+
+    def second_fails(buf: memoryview, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise BlockIOError(errno.EIO, "injected read error")
+        read(buf, offset)
+
+    rep.disk.pread_into = second_fails  # type: ignore[method-assign]
+    with pytest.raises(BlockIOError, match="injected read error"):
+        rep._next_pieces(64, MiB)
+    assert calls == [4096 * 200, 4096 * 100]  # highest first
+    assert rep.dirty.runs() == runs
+    unlocked = threading.Thread(target=lambda: rep._locks.release(rep._locks.acquire(0, size)))
+    unlocked.start()
+    unlocked.join(5)
+    assert not unlocked.is_alive()
+    rep.disk.pread_into = read  # type: ignore[method-assign]
+    got = rep._next_pieces(64, MiB)
+    assert got is not None
+    pieces, placed = got
+    placed()
+    assert [(offset, len(buf)) for offset, buf in pieces] == runs[::-1] and not rep.dirty
+    assert rep._next_pieces(64, MiB) is None
 
 
 def _count_disk_reads(rep: PrimaryReplica) -> list[tuple[int, int]]:

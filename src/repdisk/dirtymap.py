@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 from bisect import bisect_left, bisect_right
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,35 @@ class DirtyMap:
             with self._lock:
                 self._count -= self._remove(first, end)
 
+    def take_last(self, limit: int, count: int, budget: int) -> list[tuple[int, int]]:
+        """Clear and return the ends of the highest dirty runs, highest first, as
+        ``(offset, length)``: at most ``count`` pieces of at most ``limit`` bytes (at least
+        one granule) each, taken while fewer than ``budget`` bytes are; [] if clean.
+
+        For a copier that sends what is dirty in rounds (the async primary's forwarder):
+        one lock round for a round's pieces.  The highest, not the lowest: taking one
+        shortens or drops the last run, O(1), where the first would shift every run
+        after it."""
+        g = self.granularity
+        most = max(limit // g, 1)
+        pieces: list[tuple[int, int]] = []
+        taken = 0
+        with self._lock:
+            starts, ends = self._starts, self._ends
+            while starts and len(pieces) < count and taken < budget:
+                start, end = starts[-1], ends[-1]
+                cut = end - most
+                if cut > start:
+                    ends[-1] = cut
+                else:
+                    cut = start
+                    del starts[-1], ends[-1]
+                self._count -= end - cut
+                offset = cut * g
+                pieces.append((offset, min(end * g, self.size) - offset))
+                taken += pieces[-1][1]
+        return pieces
+
     def clear_all(self) -> None:
         with self._lock:
             self._starts.clear()
@@ -115,7 +144,7 @@ class DirtyMap:
         j = bisect_left(starts, end)      # runs starting before end
         if i >= j:
             return 0
-        if j == i + 1 and start <= starts[i]:  # one run, cut from its start (last_run's)
+        if j == i + 1 and start <= starts[i]:  # one run, cut from its start
             if ends[i] <= end:
                 removed = ends[i] - starts[i]
                 del starts[i], ends[i]
@@ -164,19 +193,6 @@ class DirtyMap:
         with self._lock:
             return [(s * g, min(e * g, self.size) - s * g)
                     for s, e in zip(self._starts, self._ends)]
-
-    def last_run(self, limit: int) -> Optional[tuple[int, int]]:
-        """The end of the highest dirty run, ``(offset, length)``, at most ``limit`` bytes
-        (at least one granule), or None; for a copier that takes one piece at a time.
-        The highest, not the lowest: clearing it then shortens or drops the last run,
-        O(1), where the first would shift every run after it."""
-        g = self.granularity
-        with self._lock:
-            if not self._starts:
-                return None
-            start, end = self._starts[-1], self._ends[-1]
-        start = max(start, end - max(limit // g, 1))
-        return start * g, min(end * g, self.size) - start * g
 
     def snapshot(self) -> DirtyMap:
         """An independent copy, e.g. to report or save while writers keep marking."""

@@ -19,18 +19,19 @@ flush waits until no earlier request is in flight.  ``window`` bounds in-flight
 requests.  While held (``hold()``), requests submitted after the hold stay queued;
 a barrier's flush is the one request that may pass them, because it carries no data.
 
-Pulling.  A forwarder may have a ``source``: a function the I/O thread calls to get
-the next piece to write, ``(offset, buffer, placed)`` or None when there is nothing
-(the async primary's dirty map).  ``pull()`` asks the I/O thread to call it; it then takes
-pieces while the window has room and less than ``PULL_BUDGET`` bytes are in flight,
-so a write that went through the source costs no hand-off between threads; with a
-``pull_delay``, a round starts at most that long after the last one came up empty,
-so pieces go in rounds.  The source returns a piece with its range still locked
-against the writers that submit requests (they submit under that lock), and the
-forwarder takes the piece's place in the order before it calls ``placed()`` to unlock
-it: after every request whose bytes were read before the piece's (older bytes of the
-same range) and before every request whose bytes are read after (newer ones), so the
-order rule above holds for pieces too.  With a source, a draining barrier also waits
+Pulling.  A forwarder may have a ``source``: a function the I/O thread calls as
+``source(count, budget)`` to get the next pieces to write (at most ``count``, taken
+while fewer than ``budget`` bytes are), ``(pieces, placed)`` with ``pieces`` a list of
+``(offset, buffer)``, or None when there is nothing (the async primary's dirty map).
+``pull()`` asks the I/O thread to call it; it then takes pieces while the window has
+room and less than ``PULL_BUDGET`` bytes are in flight, so a write that went through
+the source costs no hand-off between threads; with a ``pull_delay``, a round starts at
+most that long after the last one came up empty, so pieces go in rounds.  The source
+returns pieces with their ranges still locked against the writers that submit requests
+(they submit under that lock), and the forwarder takes the pieces' places in the order
+before it calls ``placed()`` to unlock them: after every request whose bytes were read
+before the pieces' (older bytes of the same range) and before every request whose
+bytes are read after (newer ones), so the order rule above holds for pieces too.  With a source, a draining barrier also waits
 for the source to come up empty after the barrier arrived, and for every piece taken
 before that.
 
@@ -79,9 +80,11 @@ log = logging.getLogger(__name__)
 
 #: ``on_failure(error, ranges)``: ranges are (offset, length) of unacknowledged writes.
 FailureCallback = Callable[[str, list[tuple[int, int]]], None]
-#: ``source()``: the next piece to write, ``(offset, buffer, placed)``, or None; the piece's
-#: range stays locked against writers until the forwarder calls ``placed()`` (see Pulling).
-Source = Callable[[], "Optional[tuple[int, bytes | bytearray, Callable[[], None]]]"]
+#: ``source(count, budget)``: the next pieces to write, ``([(offset, buffer), ...], placed)``,
+#: or None; their ranges stay locked against writers until the forwarder calls ``placed()``
+#: (see Pulling).
+Source = Callable[[int, int],
+                  "Optional[tuple[list[tuple[int, bytes | bytearray]], Callable[[], None]]]"]
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
@@ -656,25 +659,25 @@ class Forwarder:
             if self._pull_wanted:  # before looking: a mark made after this wakes us again
                 with self._lock:
                     self._pull_wanted = False
-            piece = self._source()
-            if piece is None:
+            got = self._source(most - len(taken), room)
+            if got is None:
                 self._pulling = False
                 self._drained += 1
                 self._drained_seq = self._seq
                 if self._pull_delay:
                     self._next_pull = time.monotonic() + self._pull_delay
                 break
-            offset, buf, placed = piece
+            pieces, placed = got
             try:
-                with self._lock:  # its place in the order, while its range is locked
+                with self._lock:  # their places in the order, while their ranges are locked
                     seq = self._seq
-                    self._seq += 1
+                    self._seq += len(pieces)
             finally:
                 placed()
-            taken.append((seq, offset, buf))
-            room -= len(buf)
-            if len(buf) >= BATCH_PIECE_MAX:
-                break
+            for offset, buf in pieces:
+                taken.append((seq, offset, buf))
+                seq += 1
+                room -= len(buf)
         if not taken:
             return False
         with self._lock:

@@ -8,7 +8,7 @@ and then, by write mode:
   acknowledged once the secondary has it;
 * ``async`` (write-back): acknowledged once local; its range is marked in the
   :class:`~repdisk.dirtymap.DirtyMap` and the forwarder's I/O thread pulls dirty runs
-  from it (:meth:`PrimaryReplica._next_piece`) and sends them, merged where adjacent
+  from it (:meth:`PrimaryReplica._next_pieces`) and sends them, merged where adjacent
   and small ones many to a batch record (batch.py).  Why write-back and not a queue of
   forwarded writes: between checkpoints the secondary only has to *reach* the
   primary's state by the next checkpoint (a failover rolls back to the last one),
@@ -91,6 +91,8 @@ DEFAULT_MAX_LAG = 256 << 20
 CACHED_BLOCKS = 4096
 
 Buffer = Union[bytes, bytearray, memoryview]
+#: Pieces of the disk to send: (offset, bytes).
+Pieces = list[tuple[int, Buffer]]
 Submit = Callable[[Forwarder], Ticket]
 Progress = Callable[[int, int], None]
 
@@ -374,7 +376,7 @@ class PrimaryReplica:
         return ticket
 
     def _pull(self) -> None:
-        """async: have the forwarder take what is dirty (its source is _next_piece)."""
+        """async: have the forwarder take what is dirty (its source is _next_pieces)."""
         fwd = self._forwarding()
         if fwd is not None:
             fwd.pull()
@@ -403,7 +405,7 @@ class PrimaryReplica:
         fwd = Forwarder(self.secondary_uri, timeout=self.timeout, window=self.window,
                         on_failure=on_failure, export_suffix=self.export_suffix,
                         session_tag=tag,
-                        source=self._next_piece if self.write_back and session else None,
+                        source=self._next_pieces if self.write_back and session else None,
                         pull_delay=PULL_DELAY, batch=self.write_back and session)
         try:
             fwd.connect()
@@ -732,45 +734,59 @@ class PrimaryReplica:
         return done
 
     def _read_piece(self, offset: int, length: int) -> Buffer:
-        """A dirty piece's current bytes, its bits cleared (caller holds its range lock).
+        """A dirty piece's current bytes, its bits cleared (caller holds its range lock)."""
+        self.dirty.clear(offset, length)
+        return self._read_cleared([(offset, length)])[0][1]
+
+    def _read_cleared(self, runs: list[tuple[int, int]]) -> Pieces:
+        """The current bytes of dirty pieces whose bits were just cleared (their ranges
+        locked); on a failure, marks them all dirty again (none is sent) and raises.
 
         Cleared, then read: an async guest write takes no range lock (_write_back) and
         marks after writing, so a write that lands during the read marks the piece again
         and it is sent again; read first, a write between the read and the clear would
         be lost.  A kept block (blockcache.py) is read from memory, by the same rule."""
-        self.dirty.clear(offset, length)
+        try:
+            return [(offset, self._current_bytes(offset, length)) for offset, length in runs]
+        except BaseException:
+            for offset, length in runs:
+                self.dirty.mark(offset, length)
+            raise
+
+    def _current_bytes(self, offset: int, length: int) -> Buffer:
         kept = self.blocks.take(offset, length)
         if kept is not None:
             return kept
         buf = bytearray(length)
-        try:
-            self.disk.pread_into(memoryview(buf), offset)
-        except BaseException:
-            self.dirty.mark(offset, length)
-            raise
+        self.disk.pread_into(memoryview(buf), offset)
         return buf
 
-    def _next_piece(self) -> Optional[tuple[int, Buffer, Callable[[], None]]]:
-        """async: the forwarder's source (its I/O thread): the highest dirty piece, read
-        and cleared, its range locked until the forwarder has placed it in its order (a
-        resync copy of the same range submits under that lock), or None.  A failed
-        forward marks it dirty again (on_failure)."""
-        run = self.dirty.last_run(self._piece_size)
-        if run is None:
-            return None
-        offset, length = run
-        entry = self._locks.acquire(offset, offset + length)
+    def _next_pieces(self, count: int,
+                     budget: int) -> Optional[tuple[Pieces, Callable[[], None]]]:
+        """async: the forwarder's source (its I/O thread): the highest dirty pieces, at
+        most ``count``, taken while fewer than ``budget`` bytes are, cleared and read, with
+        the range lock held until the forwarder has placed them in its order (a resync copy
+        submits under that lock), or None.  A failed forward marks them dirty again
+        (on_failure).
+
+        The lock is the whole disk's, one per round: a round's pieces lie anywhere, and
+        the other holders of an async disk's range lock (a resync copy, a write during a
+        checkpoint hold) only wait for the round's reads."""
+        entry = self._locks.acquire(0, self.disk.size)
         try:
-            buf = self._read_piece(offset, length)
+            pieces = self._read_cleared(self.dirty.take_last(self._piece_size, count, budget))
         except BaseException:
             self._locks.release(entry)
             raise
+        if not pieces:
+            self._locks.release(entry)
+            return None
 
         def placed() -> None:
             self._locks.release(entry)
             self._piece_sent()
 
-        return offset, buf, placed
+        return pieces, placed
 
     def _piece_sent(self) -> None:
         """Wake writers waiting for a granule or for the lag to shrink (async)."""
