@@ -530,17 +530,16 @@ class DirtyDisk:
             return None
         pieces = []
         for block in sorted(self.dirty)[:min(count, -(-budget // self.BLOCK))]:
-            if self.last_in_round(block, pieces):
-                break
-        for offset, _ in pieces:
-            self.dirty.discard(offset // self.BLOCK)
+            offset = block * self.BLOCK
+            self.dirty.discard(block)
             self.pieces.append((offset, self.BLOCK))
+            pieces.append((offset, bytearray(self.local[offset:offset + self.BLOCK])))
+            if self.ends_round(block):
+                break
         return pieces, self.lock.release
 
-    def last_in_round(self, block: int, pieces: list) -> bool:
-        """Take ``block`` into ``pieces``; True to end the round with it."""
-        offset = block * self.BLOCK
-        pieces.append((offset, bytearray(self.local[offset:offset + self.BLOCK])))
+    def ends_round(self, block: int) -> bool:
+        """True if a round taking ``block`` ends with it."""
         return False
 
 
@@ -576,9 +575,8 @@ class RacingDirtyDisk(DirtyDisk):
     push carries newer bytes than the piece, so it must land after it.  Batched, a record
     then ends at the piece and the next starts after the push."""
 
-    def last_in_round(self, block: int, pieces: list) -> bool:
-        super().last_in_round(block, pieces)
-        return block % 4 == 0  # the round ends at a block to rewrite, so placed() can
+    def ends_round(self, block: int) -> bool:
+        return block % 4 == 0  # a block to rewrite ends its round, so placed() can
 
     def next_pieces(self, count: int, budget: int) -> Pieces:
         got = super().next_pieces(count, budget)

@@ -31,9 +31,9 @@ returns pieces with their ranges still locked against the writers that submit re
 (they submit under that lock), and the forwarder takes the pieces' places in the order
 before it calls ``placed()`` to unlock them: after every request whose bytes were read
 before the pieces' (older bytes of the same range) and before every request whose
-bytes are read after (newer ones), so the order rule above holds for pieces too.  With a source, a draining barrier also waits
-for the source to come up empty after the barrier arrived, and for every piece taken
-before that.
+bytes are read after (newer ones), so the order rule above holds for pieces too.  With
+a source, a draining barrier also waits for the source to come up empty after the
+barrier arrived, and for every piece taken before that.
 
 Batches.  With ``batch``, the forwarder connects to the export's batch twin
 (batch.py), and the small writes at the head of the queue that may all go now,

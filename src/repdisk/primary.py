@@ -754,6 +754,7 @@ class PrimaryReplica:
             raise
 
     def _current_bytes(self, offset: int, length: int) -> Buffer:
+        """A piece's bytes: its kept block if it is one, else read from the disk."""
         kept = self.blocks.take(offset, length)
         if kept is not None:
             return kept
