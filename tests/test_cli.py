@@ -25,6 +25,7 @@ from tests.conftest import MiB, Nodes, make_disk
 from repdisk import config as cfgmod
 from repdisk import nodeproc
 from repdisk.cli import PLUGIN
+from repdisk.errors import RepdiskError
 from repdisk.secondary import SecondaryReplica
 from tests.test_node_pair import qemu, read_file
 
@@ -199,6 +200,19 @@ def test_node_help_shows_the_key_table(role: str, tmp_path) -> None:
     assert cfgmod.help_text(role) in result.stdout
     other = [k for k in cfgmod.KEYS if role not in k.roles]
     assert other and all(f"\n{k.name}=" not in result.stdout for k in other)
+
+
+def test_background_node_that_ends_without_a_word_is_reported_at_once(tmp_path) -> None:
+    """A node gone before serving with nothing in its log (killed, crashed) is named as
+    such, with the log's path, as soon as it is gone."""
+    listen = nodeproc.Listen(socket=str(tmp_path / "n.sock"))
+    started = time.monotonic()
+    with pytest.raises(RepdiskError,
+                       match=r"^node exited: nothing in its log .*/n\.log: nbdkit ended "
+                             r"without a message \(killed, or crashed: see the kernel log\)$"):
+        nodeproc.start_background(["true"], str(tmp_path / "n.pid"), str(tmp_path / "n.log"),
+                                  str(tmp_path / "n.qmp"), listen)
+    assert time.monotonic() - started < nodeproc.START_TIMEOUT / 2
 
 
 # -- a pair run with `repdisk ... --background`, driven with `repdisk ctl` ----------------------

@@ -173,8 +173,11 @@ def last_error_line(logfile: Optional[str]) -> str:
         return "(no log)"
     with open(logfile, errors="replace") as f:
         lines = [l.strip() for l in f if l.strip()]
+    if not lines:  # nbdkit reports every failure it sees: something ended it from outside
+        return (f"nothing in its log {logfile}: nbdkit ended without a message (killed, or "
+                "crashed: see the kernel log)")
     errors = [l for l in lines if "error" in l.lower()]
-    return (errors or lines or ["(empty log)"])[-1]
+    return (errors or lines)[-1]
 
 
 def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
