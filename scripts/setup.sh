@@ -29,6 +29,12 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; 
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v "is ignored: it is neither" || true
+# pip's own status, not grep's: a dependency that cannot be installed stops the set-up here.
+if ! pip_out=$(.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1); then
+  printf '%s\n' "$pip_out" | grep -v "is ignored: it is neither" >&2
+  echo "setup: pip could not install repdisk with its test and bench extras (above)" >&2
+  exit 1
+fi
+printf '%s\n' "$pip_out" | grep -v "is ignored: it is neither" | grep . || true
 .venv/bin/python -c 'import nbd, repdisk' || { echo "setup: venv is broken (cannot import nbd or repdisk)" >&2; exit 1; }
 echo "setup: ok ($(.venv/bin/python --version), nbdkit $(nbdkit --version | awk '{print $2}'), libnbd $(.venv/bin/python -c 'import nbd; print(nbd.NBD().get_version())'))"
