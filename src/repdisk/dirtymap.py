@@ -115,8 +115,9 @@ class DirtyMap:
                     del starts[-1], ends[-1]
                 self._count -= end - cut
                 offset = cut * g
-                pieces.append((offset, min(end * g, self.size) - offset))
-                taken += pieces[-1][1]
+                length = min(end * g, self.size) - offset
+                pieces.append((offset, length))
+                taken += length
         return pieces
 
     def clear_all(self) -> None:
