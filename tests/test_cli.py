@@ -68,6 +68,13 @@ def overlays_for_a_bigger_disk(folder: str, nodes: Nodes) -> None:
     os.truncate(path, SIZE)
 
 
+def stale_bitmap(folder: str, nodes: Nodes) -> None:
+    """d.img's hidden overlay lost its data file; its bitmap is still there."""
+    path = os.path.join(folder, "d.img")
+    SecondaryReplica.open("d", path).close()
+    os.unlink(path + ".hidden")
+
+
 def bigger_secondary(folder: str, nodes: Nodes) -> None:
     """A secondary whose disk is twice the primary's, listening on sec.sock."""
     disk = make_disk(os.path.join(folder, "big.img"), 2 * SIZE)
@@ -98,6 +105,12 @@ MISTAKES = [
             r"disk: d\.img: overlay d\.img\.hidden: made for a 16777216-byte disk but its backing "
             r"d\.img is 8388608 bytes; if this overlay holds nothing you need, delete it \(and "
             r"its \.bitmap\) to have it recreated empty", setup=overlays_for_a_bigger_disk),
+    Mistake("stale overlay bitmap", sec_keys(),
+            r"disk: d\.img: overlay bitmap d\.img\.hidden\.bitmap was found without its data "
+            r"file d\.img\.hidden \(removed, or lost in a crash while it was created\): the "
+            r"overlay cannot be read without it\. Put d\.img\.hidden back if it was moved; "
+            r"otherwise remove d\.img\.hidden\.bitmap and start the node again: it creates both "
+            r"files empty \(a secondary's start empties them anyway\)", setup=stale_bitmap),
     Mistake("bad cluster-size", sec_keys(("cluster-size", "3K")),
             r"cluster-size: 3072 is not a power of two from 512 to 2M"),
     Mistake("unparsable cluster-size", sec_keys(("cluster-size", "big")),

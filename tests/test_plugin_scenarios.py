@@ -154,15 +154,30 @@ def test_5_failover(sc: Scenario) -> None:
 
 
 def test_6_continuous_replication_after_failover(direct: Scenario) -> None:
-    """QEMU ignores start(PRIMARY) here; a repdisk node that won a failover refuses any start
-    in that epoch and says how to go on (its epoch guard: never two writers).  The
-    replicas' checkpoint and stop are ignored in DONE, as in QEMU."""
+    """QEMU ignores start(PRIMARY), checkpoint and stop on a promoted secondary; so does a
+    repdisk node that won a failover, and says so in the reply and an event.  Its
+    epoch rules still refuse what is unsafe: a start in an older epoch, or as a secondary in
+    the epoch it won (never two writers)."""
     failover_5(direct)
+    direct.events.events.clear()
+    over = ("this node took over in a failover (epoch 1): its replication is over; promote "
+            "it (replication-promote) to replicate again")
+    requests = [("replication-start", {"mode": "primary"}),
+                ("replication-start", {"mode": "primary", "epoch": 1}),
+                ("replication-do-checkpoint", {}),
+                ("replication-stop", {"failover": True}),
+                ("replication-stop", {"failover": False})]
+    for command, args in requests:
+        assert direct.sec.ctl(command, **args) == {"ignored": over}, command
+        event = direct.events.wait_event("REPLICATION_REQUEST_IGNORED")
+        assert event["data"] == {"command": command, "reason": over}
     with pytest.raises(ControlError, match="won the failover of epoch 1 .*promote it"):
-        direct.sec.ctl("replication-start", mode="primary")
-    direct.sec.ctl("replication-do-checkpoint")
-    direct.sec.ctl("replication-stop", failover=True)
-    assert disk_q(direct.sec)["stage"] == "done"
+        direct.sec.ctl("replication-start", mode="secondary")
+    with pytest.raises(ControlError, match="start in epoch 0 refused: this node is already in "
+                                           "epoch 1"):
+        direct.sec.ctl("replication-start", mode="primary", epoch=0)
+    q = direct.sec.ctl("query-replication")
+    assert (q["epoch"], q["failed-over"], q["disks"][0]["stage"]) == (1, True, "done")
     expect(direct.sec, "active", 0, HALF, 0x33)
     expect(direct.sec, "active", HALF, HALF, 0x11)
     assert read_file(direct.disk) == b"\x33" * HALF + b"\x11" * HALF

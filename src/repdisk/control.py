@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import ControlError, RepdiskError
 from .qmp import ArgSpec, Command
@@ -49,11 +49,11 @@ def node_commands(node: "Node") -> list[Command]:
 
 
 def _node_commands(node: "Node") -> list[Command]:
-    def start(args: dict[str, Any]) -> None:
-        node.start(_mode(args["mode"]), args.get("epoch"))
+    def start(args: dict[str, Any]) -> Optional[dict[str, str]]:
+        return node.start(_mode(args["mode"]), args.get("epoch"))
 
-    def stop(args: dict[str, Any]) -> None:
-        node.stop(args["failover"])
+    def stop(args: dict[str, Any]) -> Optional[dict[str, str]]:
+        return node.stop(args["failover"])
 
     def resync(args: dict[str, Any]) -> dict[str, int]:
         return {"bytes": node.resync()}

@@ -268,8 +268,8 @@ def _create_file(path: str, exist_ok: bool, what: str) -> int:
     try:
         return os.open(path, flags, 0o644)
     except FileExistsError:
-        raise BlockIOError(errno.EEXIST, f"{what} {path} already exists: remove it or pass "
-                                         f"exist_ok=True to reuse it") from None
+        raise BlockIOError(errno.EEXIST, f"{what} {path} already exists and is not "
+                                         "overwritten; move it away if it is not wanted") from None
     except OSError as err:
         raise BlockIOError(err.errno or errno.EIO,
                            f"cannot create {what} {path}: {err.strerror}") from err
@@ -586,8 +586,9 @@ class Overlay:
         if not exist_ok:
             for existing in (name, bitmap_name):
                 if os.path.lexists(existing):
-                    raise BlockIOError(errno.EEXIST, f"overlay file {existing} already exists: "
-                                                     f"remove it or pass exist_ok=True")
+                    raise BlockIOError(errno.EEXIST, f"overlay file {existing} already exists "
+                                                     "and is not overwritten; move it away if "
+                                                     "it is not wanted")
         nbytes = cls._bitmap_bytes(backing.size, cluster_size)
         data = RawImage.create(name, backing.size, exist_ok)
         try:

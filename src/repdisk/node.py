@@ -350,7 +350,19 @@ class Node:
 
     # -- replication: each maps to one *_all call of the node's registry ---------
 
-    def start(self, mode: ReplicationMode, epoch: Optional[int] = None) -> None:
+    def start(self, mode: ReplicationMode,
+              epoch: Optional[int] = None) -> Optional[dict[str, str]]:
+        """Start every disk; returns ``{"ignored": why}`` where QEMU would ignore the start.
+
+        A secondary that won a failover ignores ``start`` in mode primary, as QEMU does for a
+        promoted secondary (continuous replication: this disk's replication is over).  Its
+        epoch rules still apply first: an older epoch is refused, and so is a start as a
+        secondary in the epoch it won (never two writers).
+        """
+        over = self.replication_over()
+        if over and mode is ReplicationMode.PRIMARY:
+            self.state.check_start(PRIMARY, epoch)
+            return self._ignored("replication-start", over)
         self.state.check_start(self.role, epoch)
         for rep in self.replicas.values():
             if isinstance(rep, PrimaryReplica):  # its connections carry the epoch
@@ -358,9 +370,28 @@ class Node:
         self.registry.start_all(mode)
         self.state.enter(self.role, epoch)
         self.state.save(self.cfg.state)
+        return None
 
-    def checkpoint(self) -> None:
+    def replication_over(self) -> str:
+        """Why replication requests are ignored here ("" if they are not): this secondary
+        won a failover and was not promoted, so its side of replication is over."""
+        if self.mode is not ReplicationMode.SECONDARY or not self.state.failed_over:
+            return ""
+        return (f"this node took over in a failover (epoch {self.state.epoch}): its "
+                "replication is over; promote it (replication-promote) to replicate again")
+
+    def _ignored(self, command: str, why: str) -> dict[str, str]:
+        """Answer a request QEMU ignores in this state: the reply, a log line, an event."""
+        log.info("control: %s ignored: %s", command, why)
+        self.emit("REPLICATION_REQUEST_IGNORED", {"command": command, "reason": why})
+        return {"ignored": why}
+
+    def checkpoint(self) -> Optional[dict[str, str]]:
+        over = self.replication_over()
+        if over:
+            return self._ignored("replication-do-checkpoint", over)
         self.registry.do_checkpoint_all()
+        return None
 
     def resume(self) -> None:
         """Primary: end the checkpoint hold (the second half of a checkpoint)."""
@@ -370,11 +401,15 @@ class Node:
     def get_error(self) -> None:
         self.registry.get_error_all()
 
-    def stop(self, failover: bool) -> None:
+    def stop(self, failover: bool) -> Optional[dict[str, str]]:
+        over = self.replication_over()
+        if over:
+            return self._ignored("replication-stop", over)
         if failover and self.mode is ReplicationMode.SECONDARY:
             self._failover()
         else:
             self.registry.stop_all(failover)
+        return None
 
     def _failover(self) -> None:
         """All disks of the group fail over, or none: refuse before committing any.

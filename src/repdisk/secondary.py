@@ -531,8 +531,20 @@ class _FairRangeLock:
 
 
 def _open_overlay(path: str, backing: BlockDevice, cluster_size: int) -> Overlay:
+    """Open the overlay at ``path``, or create it if neither of its files exists.
+
+    A bitmap without its data file is refused, never replaced: it says which clusters the
+    overlay held, and only the operator knows whether the data file was removed on purpose.
+    """
     if os.path.exists(path):
         return Overlay.open(path, backing, cluster_size=cluster_size)
+    bitmap = path + ".bitmap"
+    if os.path.lexists(bitmap):
+        raise ReplicationError(
+            f"overlay bitmap {bitmap} was found without its data file {path} (removed, or "
+            "lost in a crash while it was created): the overlay cannot be read without it. "
+            f"Put {path} back if it was moved; otherwise remove {bitmap} and start the node "
+            "again: it creates both files empty (a secondary's start empties them anyway)")
     return Overlay.create(path, backing, cluster_size=cluster_size)
 
 
