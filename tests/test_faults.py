@@ -239,7 +239,7 @@ class FilteredSecondary:
             time.sleep(0.02)
 
     def uri(self) -> str:
-        return self.listen.uri()
+        return self.listen.uri("replica")  # the file plugin serves any export name
 
     def close(self) -> None:
         self.proc.kill()

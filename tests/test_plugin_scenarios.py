@@ -106,7 +106,7 @@ def disk_q(node: NodeProc) -> dict:
 
 def test_3_secondary_not_started_refuses_io(direct: Scenario) -> None:
     refused(direct.sec, "active")
-    refused(direct.sec, "replica")
+    refused(direct.sec, "replica", errno.ESHUTDOWN)  # "not started yet"
     assert disk_q(direct.sec)["stage"] == "none"
     assert read_file(direct.disk) == b"\x11" * SIZE
 

@@ -65,15 +65,16 @@ def sec(tmp_path: Path):
 # -- the gate ------------------------------------------------------------------------------
 
 REFUSED_EIO, REFUSED_EROFS = errno.EIO, errno.EROFS
+NOT_STARTED = errno.ESHUTDOWN  # the replica view: the primary says "not started yet"
 R, A = View.REPLICA, View.ACTIVE
 GATE_TABLE = {
     # (view, op): {stage: route or errno}
-    (R, Op.READ): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.DISK, Stage.FAILOVER: Route.DISK,
+    (R, Op.READ): {Stage.NONE: NOT_STARTED, Stage.RUNNING: Route.DISK, Stage.FAILOVER: Route.DISK,
                    Stage.FAILOVER_FAILED: REFUSED_EIO, Stage.DONE: Route.DISK},
-    (R, Op.WRITE): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.COPY_BEFORE_WRITE,
+    (R, Op.WRITE): {Stage.NONE: NOT_STARTED, Stage.RUNNING: Route.COPY_BEFORE_WRITE,
                     Stage.FAILOVER: REFUSED_EROFS, Stage.FAILOVER_FAILED: REFUSED_EROFS,
                     Stage.DONE: REFUSED_EROFS},
-    (R, Op.FLUSH): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.DISK,
+    (R, Op.FLUSH): {Stage.NONE: NOT_STARTED, Stage.RUNNING: Route.DISK,
                     Stage.FAILOVER: REFUSED_EROFS, Stage.FAILOVER_FAILED: REFUSED_EROFS,
                     Stage.DONE: REFUSED_EROFS},
     (A, Op.READ): {Stage.NONE: REFUSED_EIO, Stage.RUNNING: Route.ACTIVE,

@@ -15,6 +15,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
+from urllib.parse import unquote
 
 from .errors import ConfigError
 from .qmp import tcp_address
@@ -264,6 +265,7 @@ class NodeConfig:
         if not re.match(r"^nbds?(\+unix|\+vsock)?://", self.secondary or ""):
             raise ConfigError("secondary", f"{self.secondary!r} is not an NBD URI: use e.g. "
                                            "nbd+unix:///replica?socket=/run/sec.sock")
+        _check_replica_export(self.secondary or "")
         self._secondary_tls(_one(values, "secondary-tls") or "off")
         self.write_mode = _one(values, "write-mode") or "sync"
         if self.write_mode not in ("sync", "async"):
@@ -303,6 +305,20 @@ class NodeConfig:
         if size < 512 or size > 2 << 20 or size & (size - 1):
             raise ConfigError("cluster-size", f"{size} is not a power of two from 512 to 2M")
         self.cluster_size = size
+
+
+def _check_replica_export(uri: str) -> None:
+    """The primary writes to the secondary's replica export: refuse a URI naming another
+    (without ``/replica`` it names the default export, the secondary VM's ``active``)."""
+    base = uri.partition("?")[0]
+    export = unquote(base.partition("://")[2].partition("/")[2])
+    if export == "replica" or export.startswith("replica/"):
+        return
+    named = f"the export {export!r}" if export else "the default export '' (its 'active' view)"
+    example = re.sub(r"^([a-z+]+://[^/?]*)/?[^?]*", r"\1/replica", uri)
+    raise ConfigError("secondary", f"{uri} names {named} of the secondary; the primary writes "
+                                   f"to its replica export 'replica' (or 'replica/NAME' for one "
+                                   f"disk of a group): use {example}")
 
 
 def _one(values: dict[str, list[str]], key: str) -> Optional[str]:

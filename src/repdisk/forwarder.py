@@ -221,6 +221,30 @@ def with_export_suffix(uri: str, suffix: str) -> str:
     return f"{scheme}://{authority}/{path}{quote(suffix, safe='')}{sep}{query}"
 
 
+def list_exports(uri: str, timeout: float = 5.0) -> Optional[list[str]]:
+    """The export names the NBD server at ``uri`` lists, or None if it cannot say (it does
+    not answer in ``timeout``, or refuses to list).  For messages, never for decisions."""
+    h = nbd.NBD()
+    names: list[str] = []
+    try:
+        tls.prepare_client(h, uri)
+        h.set_opt_mode(True)
+        h.aio_connect_uri(uri)
+        if not _pump(h, lambda: not h.aio_is_connecting() or h.aio_is_negotiating(),
+                     time.monotonic() + timeout) or not h.aio_is_negotiating():
+            return None
+
+        def listed(name: str, _description: str) -> int:
+            names.append(name)
+            return 0
+
+        h.opt_list(listed)
+        h.opt_abort()
+    except nbd.Error:
+        return None
+    return names  # the handle closes when dropped
+
+
 def _poll_mask(direction: int) -> int:
     return ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
             | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
@@ -254,7 +278,8 @@ def _pump(h: "nbd.NBD", until: Callable[[], bool], deadline: float) -> bool:
 class Forwarder:
     """Sends writes to the secondary's ``replica`` export, many in flight, never stalling.
 
-    Public state (read from any thread): ``failed``, ``error``, ``size``, ``in_flight``,
+    Public state (read from any thread): ``failed``, ``error``, ``errno`` (of the first
+    request the secondary refused, 0 if none), ``size``, ``in_flight``,
     ``queued``, ``in_flight_bytes`` (payload of in-flight writes), ``stats``.
     """
 
@@ -279,6 +304,7 @@ class Forwarder:
         self.size = 0
         self.failed = False
         self.error: Optional[str] = None
+        self.errno = 0
         self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
                       "errors": 0, "pulled": 0, "batches": 0}
         # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
@@ -364,6 +390,7 @@ class Forwarder:
         with self._lock:
             self.failed = False
             self.error = None
+            self.errno = 0
             self._stop = None
             self._hold_seq = _INF
             self._released = None
@@ -866,6 +893,7 @@ class Forwarder:
             if t._err:
                 stats["errors"] += 1
                 why = why or f"secondary {self.uri} failed {t.what()}: {os.strerror(t._err)}"
+                self.errno = self.errno or t._err
                 continue
             self._inflight.discard(t)
             if not t.pulled:

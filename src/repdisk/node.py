@@ -34,7 +34,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional, Union
 
-from . import batch, resync, sessions, threadstate
+from . import batch, forwarder, resync, sessions, threadstate
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage
@@ -283,8 +283,26 @@ class Node:
                     if unreachable and self.state.role == PRIMARY:
                         log.warning("%s; serving the guest alone until it is back", err)
                         continue
+                    if unreachable:
+                        self._check_disk_names()
                     hint = "; start the secondary first, or fix the URI" if unreachable else ""
                     raise ConfigError("secondary", f"{err}{hint}") from err
+
+    def _check_disk_names(self) -> None:
+        """A secondary that answers but lacks a disk's replica export: if it lists other
+        disks, say that the names differ, with both lists (raises ConfigError)."""
+        assert self.cfg.secondary is not None
+        listed = forwarder.list_exports(self.cfg.secondary, self.cfg.timeout)
+        if not listed:
+            return
+        theirs = sorted({n.partition("/")[2] for n in listed if n.startswith("replica/")
+                         and not n.endswith(batch.EXPORT_SUFFIX)})
+        ours = sorted(self.replicas)
+        if theirs and len(self.replicas) > 1 and theirs != ours:
+            raise ConfigError("secondary", f"the disk names differ: this primary has "
+                                           f"{', '.join(ours)}; the secondary "
+                                           f"{self.cfg.secondary} has {', '.join(theirs)}; "
+                                           "give both nodes the same names (--disk NAME:PATH)")
 
     # -- serving ----------------------------------------------------------------
 

@@ -47,6 +47,7 @@ secondary's last good checkpoint must never be replaced by an incomplete one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -819,6 +820,11 @@ class PrimaryReplica:
     def _copy_failed(self) -> None:
         """Stop copying: what is left stays dirty, so the next resync continues from here."""
         fwd = self._fwd
+        if fwd is not None and fwd.errno == errno.ESHUTDOWN:  # secondary.gate: stage NONE
+            raise ReplicationError(
+                f"{self.name}: the secondary {self.secondary_uri} is not started yet: start "
+                "it first (repdisk ctl SECONDARY-CONTROL start mode=secondary), then this "
+                f"primary; {self.dirty.dirty_bytes} bytes wait to be copied")
         why = (fwd.error if fwd else None) or f"no answer within {self.timeout:g}s"
         raise ReplicationError(f"{self.name}: resync stopped: the secondary "
                                f"{self.secondary_uri} failed: {why}; "

@@ -81,12 +81,14 @@ def gate(name: str, view: View, op: Op, stage: Stage) -> Route:
     """Where a request goes, or the BlockIOError that refuses it; the only I/O policy.
 
     Raises:
-        BlockIOError: EIO before start and for replica reads of a half-committed
+        BlockIOError: EIO before start (ESHUTDOWN on the replica view, which the
+            primary reports as "not started yet") and for replica reads of a half-committed
             disk; EROFS for the primary's writes once failover has begun (fencing).
     """
     if stage is Stage.NONE:
-        raise BlockIOError(errno.EIO, f"{name}: {view.value} {op.value} refused: "
-                                      "replication not started")
+        # ESHUTDOWN on the replica view: the primary tells "not started yet" from a failure.
+        raise BlockIOError(errno.ESHUTDOWN if view is View.REPLICA else errno.EIO,
+                           f"{name}: {view.value} {op.value} refused: replication not started")
     if view is View.REPLICA:
         return _replica_route(name, op, stage)
     if stage is Stage.DONE:
