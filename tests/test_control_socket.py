@@ -33,7 +33,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "replication-mark-dirty": {"offset": 0, "length": 4096},
 }
 # Run last, in this order: they end replication on the node.
-LAST = ["replication-stop", "replication-fence", "replication-promote"]
+LAST = ["replication-stop", "replication-fence", "replication-promote", "replication-demote"]
 
 
 def start_nodes(nodes: Nodes, **primary_keys: str) -> tuple[NodeProc, NodeProc]:

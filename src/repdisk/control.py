@@ -110,13 +110,17 @@ def _controller_commands(node: "Node") -> list[Command]:
         Command("replication-fence", lambda a: node.fence(a["reason"]),
                 {"reason": ArgSpec(str, True, "why (shown to every refused guest write)")},
                 help="primary: this node lost a failover; guest writes fail for good"),
+        Command("replication-demote", lambda a: node.demote(),
+                help="primary: refuse guest writes, final barrier, seal the secondary (it "
+                     "then holds every acknowledged write), become a secondary (stage none)"),
         Command("replication-promote", promote,
                 {"secondary": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
                  "write-mode": ArgSpec(str, False, "sync (default) or async"),
                  "timeout": ArgSpec(float, False, "seconds the secondary may take (default 5)"),
                  "isolation-timeout": ArgSpec(float, False, "seconds without contact before "
                                                             "guest writes are held (default 3)")},
-                help="a failed-over secondary becomes a primary over the same disks"),
+                help="a failed-over secondary, or a running one whose primary was demoted "
+                     "(a role switch: nothing rolled back or copied), becomes a primary"),
         Command("query-digests", digests,
                 {"disk": disk, "offset": ArgSpec(int, True, "first byte"),
                  "length": ArgSpec(int, True, "bytes (at most 1 GiB per call)"),

@@ -56,10 +56,11 @@ class Export:
     connection's life, so switching ``target`` (promotion) reaches open connections too.
     """
 
-    def __init__(self, target: BlockDevice, admit: Callable[[], None]) -> None:
+    def __init__(self, target: BlockDevice, admission: "Admission") -> None:
         self.target = target
         self.size = target.size
-        self._admit = admit
+        self._admit = admission.enter
+        self._done = admission.leave
 
     @property
     def target(self) -> BlockDevice:
@@ -74,21 +75,104 @@ class Export:
 
     def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
         self._admit()
-        self.target.pwrite(buf, offset, fua)
+        try:
+            self.target.pwrite(buf, offset, fua)
+        finally:
+            self._done()
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         self._admit()
-        self.target.zero(offset, length, fua)
+        try:
+            self.target.zero(offset, length, fua)
+        finally:
+            self._done()
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._admit()
-        self.target.trim(offset, length, fua)
+        try:
+            self.target.trim(offset, length, fua)
+        finally:
+            self._done()
 
     def flush(self) -> None:
         self.target.flush()
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         return self.target.extents(offset, length)
+
+
+class Admission:
+    """Which guest writes the node lets in, and how many are under way.
+
+    Every guest write (``Export``) enters and leaves here.  ``enter`` first passes the
+    isolation guard (held while isolated, refused once fenced), then is refused with
+    EROFS while the node refuses guest writes (a demoted primary); ``refuse`` waits
+    until the writes already admitted have left, so a demote's barrier covers them all.
+    """
+
+    def __init__(self, isolation: Callable[[], Optional["Isolation"]]) -> None:
+        self._isolation = isolation
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.refused = ""  # why guest writes are refused ("" = they are admitted)
+
+    def enter(self) -> None:
+        guard = self._isolation()
+        if guard is not None:
+            guard.admit()
+        with self._lock:
+            if self.refused:
+                raise BlockIOError(errno.EROFS, f"guest write refused: {self.refused}")
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def refuse(self, why: str, timeout: float) -> bool:
+        """Refuse new guest writes; True once none is under way, False (still refusing)
+        if some did not finish within ``timeout``."""
+        with self._lock:
+            self.refused = why
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._in_flight:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+
+    def admit(self) -> None:
+        with self._lock:
+            self.refused = ""
+
+
+class _SealView:
+    """A secondary's ``replica/NAME+seal`` export as one writer session sees it: a write
+    records that the primary of that session demoted cleanly (see Node.record_seal)."""
+
+    def __init__(self, node: "Node", gate: sessions.WriterGate, token: sessions.Token,
+                 size: int) -> None:
+        self._node, self._gate, self._token, self.size = node, gate, token, size
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
+
+    def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
+        self._gate.run_write(self._token, self._node.record_seal, self._gate.name,
+                             self._token[0])
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        raise BlockIOError(errno.EINVAL, "the seal export takes one write")
+
+    trim = zero
+
+    def flush(self) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        return [(offset, length, 3)]
 
 
 class Isolation:
@@ -214,6 +298,9 @@ class Node:
         self._server: Any = None  # the QMP server, once serving
         self.isolation: Optional[Isolation] = None
         self._acks: dict[str, Optional[int]] = {}
+        self.admission = Admission(lambda: self.isolation)
+        self._state_lock = threading.Lock()  # the seal's writes of the state (nbdkit threads)
+        self._demoted: list[PrimaryReplica] = []  # a demoted node's former primaries
         for spec in cfg.disks:
             replica = self._open_replica(spec.name, spec.path)
             self.replicas[spec.name] = replica
@@ -242,28 +329,33 @@ class Node:
     def _name_exports(self) -> None:
         if self.mode is ReplicationMode.PRIMARY:
             for name, rep in self.replicas.items():
-                self.exports[name] = Export(rep.view, self.admit_write)  # type: ignore[union-attr]
+                self.exports[name] = Export(rep.view, self.admission)  # type: ignore[union-attr]
             self.default_export = self.cfg.disks[0].name
             return
+        self._secondary_exports()
+
+    def _secondary_exports(self) -> None:
+        """A secondary's exports; a demoted node's guest-facing ``Export`` objects are kept
+        (open connections keep them) and switched to the secondaries' ``active`` views."""
         for i, (name, rep) in enumerate(self.replicas.items()):
             assert isinstance(rep, SecondaryReplica)
-            active = Export(rep.active, self.admit_write)
+            active = self.exports.get(f"active/{name}") or self.exports.get(name)
+            if isinstance(active, Export):
+                active.target = rep.active
+            else:
+                active = Export(rep.active, self.admission)
             gate = sessions.WriterGate(name)
             aliases = [f"replica/{name}"] + (["replica"] if i == 0 else [])
-            for replica in aliases:  # each with its batch twin (batch.py), one gate for all
+            for replica in aliases:  # each with its batch and seal twins, one gate for all
                 for export, dev in ((replica, rep.replica),
-                                    (replica + batch.EXPORT_SUFFIX, batch.BatchView(rep.replica))):
+                                    (replica + batch.EXPORT_SUFFIX, batch.BatchView(rep.replica)),
+                                    (replica + sessions.SEAL_SUFFIX, rep.replica)):
                     self.exports[export] = dev
                     self._gates[export] = gate
             self.exports[f"active/{name}"] = active
             if i == 0:
                 self.exports["active"] = active
         self.default_export = "active"
-
-    def admit_write(self) -> None:
-        """Every guest write passes here: held while isolated, refused once fenced."""
-        if self.isolation is not None:
-            self.isolation.admit()
 
     def probe_secondary(self) -> None:
         """Primary: check at start-up that the secondary answers with equal sizes.
@@ -315,15 +407,35 @@ class Node:
             raise BlockIOError(errno.ENOENT, f"no export named {name!r}; this node serves "
                                              f"{', '.join(sorted(self.exports))}")
         if token is None:
+            if base.endswith(sessions.SEAL_SUFFIX):
+                raise BlockIOError(errno.EINVAL, f"export {name!r} is a primary's seal: it "
+                                                 "needs a writer-session tag")
             return dev
         gate = self._gates[base]
         gate.admit(token, self.state.epoch)
+        if base.endswith(sessions.SEAL_SUFFIX):
+            return _SealView(self, gate, token, dev.size)
+        if gate.name in self.state.sealed:  # a primary writes again: the seal is void
+            with self._state_lock:
+                self.state.sealed.pop(gate.name, None)
+                self.state.save(self.cfg.state)
         return sessions.SessionView(dev, gate, token)
 
+    def record_seal(self, disk: str, epoch: int) -> None:
+        """The primary of ``epoch`` demoted cleanly: this disk holds every write it
+        acknowledged (its final barrier came first).  Persisted: a promotion after a
+        restart may use it too."""
+        with self._state_lock:
+            self.state.sealed[disk] = epoch
+            self.state.save(self.cfg.state)
+        log.warning("%s: the primary of epoch %d demoted cleanly: this disk holds every "
+                    "write it acknowledged", disk, epoch)
+        self.emit("PRIMARY_DEMOTED", {"disk": disk, "epoch": epoch})
+
     def list_exports(self) -> list[tuple[str, str]]:
-        """Every export but the batch twins: those are the primary's, not a user's."""
+        """Every export but the batch and seal twins: those are the primary's, not a user's."""
         return [(name, self._describe(name)) for name in self.exports
-                if not name.endswith(batch.EXPORT_SUFFIX)]
+                if not name.endswith((batch.EXPORT_SUFFIX, sessions.SEAL_SUFFIX))]
 
     def _describe(self, name: str) -> str:
         view, _, disk = name.partition("/")
@@ -498,6 +610,73 @@ class Node:
             if rep.stage is Stage.RUNNING:
                 rep.stop(failover=True)
 
+    def demote(self) -> None:
+        """A primary hands over without losing anything and becomes its peer's secondary.
+
+        Guest writes are refused from now on (EROFS) and the ones under way finish; a
+        final barrier (a checkpoint's) puts every acknowledged write on the secondary, and
+        a seal (``replication-demote``'s proof, see :meth:`record_seal`) tells it so, so
+        that its promotion is a role switch that copies nothing.  Then each disk becomes a
+        ``SecondaryReplica`` over the same image (overlays ``DISK.hidden``/``.active``) in
+        stage NONE: start it as the new primary's secondary (``replication-start``).
+        Any failure before the seal of every disk rolls back: the node stays a running
+        primary and admits writes again (a disk already sealed then degrades on its next
+        write and is resynced, which voids its seal).
+        """
+        primaries = self._primaries()
+        if self.state.fenced:
+            raise ReplicationError(f"cannot demote: this node is fenced ({self.state.fenced})")
+        for rep in primaries:
+            if rep.stage is not Stage.RUNNING or rep.degraded:
+                raise ReplicationError(
+                    f"{rep.name}: cannot demote: replication is "
+                    f"{'degraded' if rep.degraded else rep.stage.value}, so the secondary may "
+                    "lack acknowledged writes; resync first, or stop this node and fail over")
+        why = "this node was demoted: it is a secondary now; write to the new primary"
+        if not self.admission.refuse(why, self.cfg.timeout):
+            self.admission.admit()
+            raise ReplicationError(f"cannot demote: guest writes under way did not finish "
+                                   f"within {self.cfg.timeout:g}s; nothing changed")
+        try:
+            for rep in primaries:
+                rep.checkpoint()   # the final barrier; its hold keeps the link quiet
+            for rep in primaries:
+                rep.seal()
+        except RepdiskError:
+            for rep in primaries:
+                rep.resume()
+            self.admission.admit()
+            raise
+        for rep in primaries:
+            rep.stop(failover=True)  # drop the link: the barrier already covered everything
+        self._become_secondary(primaries)
+        log.warning("demoted: every acknowledged write is on the secondary; this node is a "
+                    "secondary now (epoch %d)", self.state.epoch)
+        self.emit("NODE_DEMOTED", {"epoch": self.state.epoch})
+
+    def _become_secondary(self, primaries: list[PrimaryReplica]) -> None:
+        """Each disk's image under a SecondaryReplica (stage NONE); exports switched."""
+        registry, replicas = Registry(), {}
+        for rep in primaries:
+            single = len(self.cfg.disks) == 1
+            hidden = (self.cfg.hidden if single and self.cfg.hidden else
+                      rep.disk.path + ".hidden")
+            active = (self.cfg.active if single and self.cfg.active else
+                      rep.disk.path + ".active")
+            sec = SecondaryReplica.over(rep.name, rep.disk, hidden, active,
+                                        self.cfg.cluster_size, self.emit)
+            sec.register(registry)
+            replicas[rep.name] = sec
+        if self.isolation is not None:
+            self.isolation.close()
+            self.isolation = None
+        self._demoted += primaries
+        self.replicas, self.registry = replicas, registry  # type: ignore[assignment]
+        self.mode, self.role = ReplicationMode.SECONDARY, SECONDARY
+        self._secondary_exports()
+        self.state.role = SECONDARY
+        self.state.save(self.cfg.state)
+
     def promote(self, secondary_uri: str, write_mode: str = "sync", timeout: float = 5.0,
                 isolation_timeout: Optional[float] = None) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
@@ -508,11 +687,38 @@ class Node:
         """
         if self.mode is ReplicationMode.PRIMARY:
             raise ConfigError("role", "this node is already a primary")
+        if not self._switch():
+            self._check_promotable()
+        self._become_primary(secondary_uri, write_mode, timeout, isolation_timeout)
+
+    def _switch(self) -> bool:
+        """A running secondary whose primary sealed every disk (a clean demote): take the
+        disk as it is (a checkpoint drops the undo data, nothing is copied) and start the
+        next epoch.  False if there is no such seal."""
+        secondaries = self._secondaries()
+        if not secondaries or any(r.stage is not Stage.RUNNING for r in secondaries) \
+                or not self.state.sealed_all([r.name for r in secondaries]):
+            return False
+        for rep in secondaries:
+            rep.stop(failover=False)  # a checkpoint, then DONE: the disk is the newest
+        with self._state_lock:
+            self.state.switch()
+            self.state.save(self.cfg.state)
+        log.warning("role switch: the primary demoted cleanly; this disk is the newest "
+                    "(epoch %d), nothing rolled back", self.state.epoch)
+        self.emit("EPOCH_CHANGED", {"epoch": self.state.epoch})
+        return True
+
+    def _check_promotable(self) -> None:
         for rep in self.replicas.values():
             restarted_winner = rep.stage is Stage.NONE and self.state.failed_over
             if rep.stage is not Stage.DONE and not restarted_winner:
                 raise ReplicationError(f"{rep.name}: cannot promote: stage {rep.stage.value}; "
-                                       "only a node whose failover completed can be promoted")
+                                       "only a node whose failover completed, or whose "
+                                       "primary was demoted cleanly, can be promoted")
+
+    def _become_primary(self, secondary_uri: str, write_mode: str, timeout: float,
+                        isolation_timeout: Optional[float]) -> None:
         registry, replicas = Registry(), {}
         for name, rep in self.replicas.items():
             suffix = f"/{name}" if len(self.replicas) > 1 else ""
@@ -520,9 +726,10 @@ class Node:
                                      timeout=timeout, events=self.emit, export_suffix=suffix)
             primary.register(registry)
             replicas[name] = primary
-        self._retired = [r for r in self.replicas.values() if isinstance(r, SecondaryReplica)]
+        self._retired += [r for r in self.replicas.values() if isinstance(r, SecondaryReplica)]
         self.replicas, self.registry = replicas, registry  # type: ignore[assignment]
         self.mode, self.role = ReplicationMode.PRIMARY, PRIMARY
+        self.admission.admit()  # a demoted node refused guest writes until now
         self._guard(self.cfg.on_isolation,
                     isolation_timeout or self.cfg.isolation_timeout)
         for i, (name, primary) in enumerate(replicas.items()):
@@ -573,6 +780,8 @@ class Node:
             "epoch": self.state.epoch,
             "failed-over": self.state.failed_over,
             "fenced": self.state.fenced or None,
+            "sealed": dict(self.state.sealed),
+            "guest-writes-refused": self.admission.refused or None,
             "isolation": self.isolation.query() if self.isolation else None,
             "default-export": self.default_export,
             "exports": sorted(name for name, _ in self.list_exports()),

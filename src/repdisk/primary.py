@@ -60,7 +60,7 @@ from .errors import ConfigError, ForwardError, check_range
 from .forwarder import Forwarder, Ticket
 from .images import BlockDevice, RawImage
 from .rangelock import RangeLock
-from .sessions import make_tag
+from .sessions import SEAL_SUFFIX, make_tag
 from .replication import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
 from .stage import EventSink, Stage, StageMachine, no_events
 
@@ -419,6 +419,28 @@ class PrimaryReplica:
                 f"{self.name}: the secondary {self.secondary_uri} is {fwd.size} bytes but the "
                 f"local disk is {self.disk.size} bytes; give both disks the same size")
         return fwd
+
+    def seal(self) -> None:
+        """Tell the secondary that it holds every write this primary acknowledged: one
+        write to its seal export on a new writer session (admitting it fences the
+        forwarding session there).  Only after a barrier that covered every acknowledged
+        write, with guest writes refused (a demote); raises ReplicationError if the
+        secondary did not confirm."""
+        if self.secondary_uri is None:
+            raise ReplicationError(f"{self.name}: no secondary to seal")
+        fwd = Forwarder(self.secondary_uri, timeout=self.timeout, window=1,
+                        export_suffix=self.export_suffix + SEAL_SUFFIX,
+                        session_tag=make_tag(self.epoch, time.time_ns()))
+        try:
+            fwd.connect()
+            ok = fwd.submit_write(bytes(512), 0).wait(self.timeout)
+        except ForwardError as err:
+            raise ReplicationError(f"{self.name}: cannot seal the secondary: {err}") from err
+        finally:
+            fwd.close()
+        if not ok:
+            raise ReplicationError(f"{self.name}: the secondary {self.secondary_uri} did not "
+                                   f"confirm the seal: {fwd.error or 'no answer'}")
 
     def probe(self) -> None:
         """Check that the secondary answers and has this disk's size (node start-up)."""

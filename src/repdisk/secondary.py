@@ -181,14 +181,22 @@ class SecondaryReplica:
         """
         disk = RawImage.open(disk_path)
         try:
-            hidden = _open_overlay(hidden_path or disk_path + ".hidden", disk, cluster_size)
-            try:
-                active = _open_overlay(active_path or disk_path + ".active", hidden, cluster_size)
-            except BaseException:
-                hidden.close()
-                raise
+            return cls.over(name, disk, hidden_path or disk_path + ".hidden",
+                            active_path or disk_path + ".active", cluster_size, events)
         except BaseException:
             disk.close()
+            raise
+
+    @classmethod
+    def over(cls, name: str, disk: RawImage, hidden_path: str, active_path: str,
+             cluster_size: int = 65536, events: EventSink = no_events) -> "SecondaryReplica":
+        """A secondary over a disk that is already open (a demoted primary's); the overlays
+        are opened or created as :meth:`open` does.  The disk stays the caller's on failure."""
+        hidden = _open_overlay(hidden_path, disk, cluster_size)
+        try:
+            active = _open_overlay(active_path, hidden, cluster_size)
+        except BaseException:
+            hidden.close()
             raise
         return cls(name, disk, hidden, active, events=events)
 

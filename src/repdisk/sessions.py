@@ -45,6 +45,12 @@ def split_tag(export: str) -> tuple[str, Optional[Token]]:
     return base, (int(m.group(1)), int(m.group(2)))
 
 
+#: A replica export's seal twin (``replica/NAME+seal@EPOCH.GEN``): a demoting primary
+#: writes there once, after its final barrier, to say that the secondary now holds every
+#: write it acknowledged (node.py records it; a promotion then copies nothing).
+SEAL_SUFFIX = "+seal"
+
+
 def make_tag(epoch: int, generation: int) -> str:
     return f"@{epoch}.{generation}"
 

@@ -10,7 +10,11 @@ whose resync from the winner replaces its data.  A secondary records that its fa
 commit is under way (``failover_commit``, the epoch it fails over from) before the
 commit overwrites its disk, and clears it together with the epoch bump: a node that
 finds it set at start-up finishes that commit before serving anything, and refuses
-every start until it has.  Written atomically
+every start until it has.  A secondary whose primary was demoted cleanly (its final
+barrier, then a write to the seal export, see node.py) records ``sealed`` (disk -> the
+primary's epoch): its disk then holds every write that primary acknowledged, so it may be
+promoted without a rollback (:meth:`NodeState.switch`); any newer writer session or start
+clears it.  Written atomically
 (temporary file, fsync, rename, fsync of the directory) so a crash leaves the old
 or the new state, never a torn one; a file that cannot be parsed is refused.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .errors import ConfigError
@@ -34,6 +38,7 @@ class NodeState:
     failed_over: bool = False  # this node's disk became the pair's newest in `epoch`
     fenced: str = ""           # why this node may no longer accept guest writes ("" = not)
     failover_commit: Optional[int] = None  # epoch whose failover commit is under way
+    sealed: dict[str, int] = field(default_factory=dict)  # disk -> epoch of a clean demote
 
     @classmethod
     def load(cls, path: str) -> "NodeState":
@@ -51,7 +56,8 @@ class NodeState:
             return cls(epoch=int(raw["epoch"]), role=str(raw["role"]),
                        failed_over=bool(raw["failed_over"]),
                        fenced=str(raw.get("fenced", "")),
-                       failover_commit=_optional_int(raw.get("failover_commit")))
+                       failover_commit=_optional_int(raw.get("failover_commit")),
+                       sealed=_sealed(raw.get("sealed", {})))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
@@ -97,10 +103,21 @@ class NodeState:
         self.epoch, self.failed_over, self.failover_commit = self.epoch + 1, True, None
 
     def enter(self, role: str, epoch: Optional[int]) -> None:
-        """Record a start (already checked): a newer epoch clears what the old one said."""
+        """Record a start (already checked): a newer epoch clears what the old one said;
+        any start clears the seals (the disk is about to change again)."""
         if epoch is not None and epoch > self.epoch:
             self.epoch, self.failed_over, self.fenced = epoch, False, ""
         self.role = role
+        self.sealed = {}
+
+    def sealed_all(self, disks: list[str]) -> bool:
+        """Every one of ``disks`` was sealed by a primary of this node's epoch or newer."""
+        return all(self.sealed.get(d, -1) >= self.epoch for d in disks)
+
+    def switch(self) -> None:
+        """A role switch after a clean demote: this node's disk is the newest and starts
+        the next epoch, as a won failover does (nothing was rolled back)."""
+        self.epoch, self.failed_over, self.sealed = self.epoch + 1, True, {}
 
 
 def _optional_int(value: object) -> Optional[int]:
@@ -109,3 +126,11 @@ def _optional_int(value: object) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"failover_commit is {value!r}, expected an epoch or null")
     return value
+
+
+def _sealed(value: object) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in value.items()):
+        raise ValueError(f"sealed is {value!r}, expected an object of disk: epoch")
+    return dict(value)
