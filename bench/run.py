@@ -6,13 +6,18 @@ identical and the only variable is the server stack:
 
   file           nbdkit's C file plugin on the primary image: the limit for any nbdkit server
   passthrough    bench/passthrough.py, a minimal nbdkit Python plugin: the ceiling for repdisk's
-  qemu           qemu-storage-daemon: quorum(vote-threshold=1, fifo) over [file node on the
-                 primary, nbd client -> qemu-nbd on the secondary]: QEMU's own replication peer
+  qemu-quorum    qemu-storage-daemon: quorum(vote-threshold=1, fifo) over [file node on the
+                 primary, nbd client -> qemu-nbd on the secondary]: QEMU's stack with no
+                 checkpoint buffers, the lower bound
+  qemu-colo      the same primary; the secondary is COLO's data path: qemu-storage-daemon with
+                 a copy-before-write filter whose target is a hidden qcow2 backed by the
+                 secondary disk, checkpointed like repdisk's: the fair peer
   repdisk-sync   repdisk primary (write-mode sync) replicating to a repdisk secondary
   repdisk-async  the same in write-mode async
 
+Every job runs hot (the page cache as the jobs before left it) and cold (dropped first).
 Repetitions are interleaved (rep 1 of every system, then rep 2 ...) so slow drift of the
-machine spreads over all systems; the median of each metric is reported. A system that cannot
+machine spreads over all systems; the median of each metric is reported with its range. A system that cannot
 start is skipped with a note in the table; the run goes on.
 
 Run from the repository root: `.venv/bin/python -m bench.run [--quick] [--systems a,b]`.
@@ -229,18 +234,14 @@ def _blockdev(spec: dict[str, Any]) -> list[str]:
     return ["--blockdev", json.dumps(spec)]
 
 
-def start_qemu(workdir: Path) -> tuple[str, Cleanup]:
-    """QEMU's peer stack: qemu-nbd serves the secondary; qemu-storage-daemon exports a quorum
-    whose children are the primary's file node (read first: fifo) and an NBD client to it."""
-    sec_sock = _socket_path(workdir, "qemu-sec")
-    pri_sock = _socket_path(workdir, "qemu-pri")
-    secondary = ["qemu-nbd", "--format=raw", "--persistent", "--export-name=secondary",
-                 f"--socket={sec_sock}", str(workdir / SECONDARY_IMG)]
-    primary = [
+def _quorum_primary(workdir: Path, sec_sock: Path, export: str, pri_sock: Path) -> list[str]:
+    """qemu-storage-daemon exporting a quorum whose children are the primary's file node (read
+    first: fifo) and an NBD client to the secondary's `export` on `sec_sock`."""
+    return [
         "qemu-storage-daemon",
         *_blockdev({"driver": "file", "node-name": "pri-file",
                     "filename": str(workdir / PRIMARY_IMG)}),
-        *_blockdev({"driver": "nbd", "node-name": "sec-nbd", "export": "secondary",
+        *_blockdev({"driver": "nbd", "node-name": "sec-nbd", "export": export,
                     "server": {"type": "unix", "path": str(sec_sock)}}),
         *_blockdev({"driver": "quorum", "node-name": "quorum", "vote-threshold": 1,
                     "read-pattern": "fifo", "children": ["pri-file", "sec-nbd"]}),
@@ -248,12 +249,127 @@ def start_qemu(workdir: Path) -> tuple[str, Cleanup]:
         "--export", "type=nbd,id=exp0,node-name=quorum,name=quorum,writable=on",
     ]
 
+
+def start_qemu_quorum(workdir: Path) -> tuple[str, Cleanup]:
+    """QEMU's stack with no checkpoint buffers: qemu-nbd serves the secondary image."""
+    sec_sock = _socket_path(workdir, "qemu-sec")
+    pri_sock = _socket_path(workdir, "qemu-pri")
+    secondary = ["qemu-nbd", "--format=raw", "--persistent", "--export-name=secondary",
+                 f"--socket={sec_sock}", str(workdir / SECONDARY_IMG)]
+
     def build(procs: Procs) -> str:
         procs.serve("qemu-nbd-secondary", secondary, [sec_sock])
-        procs.serve("qemu-storage-daemon", primary, [pri_sock])
+        procs.serve("qemu-storage-daemon", _quorum_primary(workdir, sec_sock, "secondary",
+                                                           pri_sock), [pri_sock])
         return _unix_uri(pri_sock, "quorum")
 
     return _started(workdir, build)
+
+
+# COLO's secondary data path, from what QEMU 7.2 has (no `replication` driver in a storage
+# daemon): node `top` (raw, exported) -> `cbw<N>` (copy-before-write, file = `sec-file`,
+# target = `hidden<N>`) -> `sec-file`; `hidden<N>` is a qcow2 on COLO_HIDDEN % N, created
+# empty with no backing file in its header and opened with `backing` = `sec-file`, as
+# COLO's hidden disk is. A checkpoint moves `top` onto generation N+1 (colo_checkpoint).
+COLO_HIDDEN = "colo-hidden-%d.qcow2"
+
+
+def _colo_hidden(workdir: Path, gen: int) -> dict[str, Any]:
+    """Create generation `gen`'s empty hidden disk; its blockdev options."""
+    path = workdir / (COLO_HIDDEN % gen)
+    size = (workdir / SECONDARY_IMG).stat().st_size
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                   check=True, capture_output=True, timeout=30)
+    return {"driver": "qcow2", "node-name": f"hidden{gen}", "backing": "sec-file",
+            "file": {"driver": "file", "node-name": f"hidden{gen}-file",
+                     "filename": str(path)}}
+
+
+def _colo_filter(gen: int) -> dict[str, Any]:
+    return {"driver": "copy-before-write", "node-name": f"cbw{gen}", "file": "sec-file",
+            "target": f"hidden{gen}"}
+
+
+def start_qemu_colo(workdir: Path) -> tuple[str, Cleanup]:
+    """The fair peer: the quorum primary, and a secondary whose first write to a cluster
+    after a checkpoint copies the cluster's old contents into a hidden qcow2 first."""
+    sec_sock = _socket_path(workdir, "colo-sec")
+    pri_sock = _socket_path(workdir, "colo-pri")
+    qmp_sock = _socket_path(workdir, "colo-qmp")
+    for old in workdir.glob(COLO_HIDDEN.replace("%d", "*")):
+        old.unlink()
+    secondary = [
+        "qemu-storage-daemon",
+        *_blockdev({"driver": "file", "node-name": "sec-file",
+                    "filename": str(workdir / SECONDARY_IMG)}),
+        *_blockdev(_colo_hidden(workdir, 0)),
+        *_blockdev(_colo_filter(0)),
+        *_blockdev({"driver": "raw", "node-name": "top", "file": "cbw0"}),
+        "--nbd-server", f"addr.type=unix,addr.path={sec_sock}",
+        "--export", "type=nbd,id=exp0,node-name=top,name=secondary,writable=on",
+        "--chardev", f"socket,id=qmp0,path={qmp_sock},server=on,wait=off",
+        "--monitor", "chardev=qmp0",
+    ]
+
+    def build(procs: Procs) -> str:
+        procs.serve("qemu-colo-secondary", secondary, [sec_sock], [qmp_sock])
+        procs.serve("qemu-colo-primary", _quorum_primary(workdir, sec_sock, "secondary",
+                                                         pri_sock), [pri_sock])
+        return _unix_uri(pri_sock, "quorum")
+
+    return _started(workdir, build)
+
+
+def colo_checkpoint(workdir: Path) -> None:
+    """A COLO checkpoint of the secondary: `top` is reopened onto a fresh filter and an
+    empty hidden disk, and the old ones are dropped (their contents are what COLO would
+    discard or commit). QEMU 7.2 aborts (`bdrv_parent_drained_end_single_no_poll`) when the
+    old filter is detached while the old hidden disk still backs onto `sec-file`, so that
+    backing link is cut first."""
+    client = QMPClient(timeout=30).connect(str(_socket_path(workdir, "colo-qmp")))
+    try:
+        nodes = client.execute("query-named-block-nodes", {"flat": True})
+        gen = max(int(n["node-name"][3:]) for n in nodes if n["node-name"].startswith("cbw"))
+        client.execute("blockdev-add", _colo_hidden(workdir, gen + 1))
+        client.execute("blockdev-add", _colo_filter(gen + 1))
+        client.execute("blockdev-reopen", {"options": [
+            {"driver": "qcow2", "node-name": f"hidden{gen}", "file": f"hidden{gen}-file",
+             "backing": None}]})
+        client.execute("blockdev-reopen", {"options": [
+            {"driver": "raw", "node-name": "top", "file": f"cbw{gen + 1}"}]})
+        client.execute("blockdev-del", {"node-name": f"cbw{gen}"})
+        client.execute("blockdev-del", {"node-name": f"hidden{gen}"})
+    finally:
+        client.close()
+    (workdir / (COLO_HIDDEN % gen)).unlink()
+
+
+def check_colo_hidden(workdir: Path, offset: int, old: bytes) -> None:
+    """After the replication check (one write of len(old) bytes at `offset`, no checkpoint):
+    the hidden disk holds exactly the clusters written, with the secondary's old contents."""
+    hidden = workdir / (COLO_HIDDEN % 0)
+    res = subprocess.run(["qemu-img", "map", "--output=json", str(hidden)],
+                         capture_output=True, text=True, timeout=30, check=True)
+    data: list[tuple[int, int]] = []
+    for e in json.loads(res.stdout):  # guest-contiguous runs, wherever the clusters landed
+        if not e["data"]:
+            continue
+        if data and sum(data[-1]) == e["start"]:
+            data[-1] = (data[-1][0], data[-1][1] + e["length"])
+        else:
+            data.append((e["start"], e["length"]))
+    if data != [(offset, len(old))]:
+        raise RuntimeError(f"qemu-colo's hidden disk holds {data}, not the written clusters "
+                           f"[({offset}, {len(old)})]")
+    raw = workdir / "colo-hidden.raw"
+    try:
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(hidden), str(raw)],
+                       capture_output=True, timeout=60, check=True)
+        if _read_region(raw, offset, len(old)) != old:
+            raise RuntimeError("qemu-colo's hidden disk does not hold the secondary's old "
+                               "contents of the written clusters")
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def _require_repdisk_nodes() -> str:
@@ -277,9 +393,11 @@ def _ctl(repdisk: str, control: Path, *command: str) -> None:
                            f"{res.stderr.strip() or res.stdout.strip()}")
 
 
-def start_repdisk_pair(workdir: Path, mode: str) -> tuple[str, Cleanup]:
+def start_repdisk_pair(workdir: Path, mode: str,
+                       threads: int | None = None) -> tuple[str, Cleanup]:
     """A repdisk secondary on SECONDARY_IMG and a primary on PRIMARY_IMG replicating to it with
-    `--write-mode mode` (sync|async), both started replicating. Returns the primary's URI."""
+    `--write-mode mode` (sync|async) and `--threads threads` if given, both started
+    replicating. Returns the primary's URI."""
     repdisk = _require_repdisk_nodes()
     s1, c1 = _socket_path(workdir, "rd-sec"), _socket_path(workdir, "rd-sec-ctl")
     s2, c2 = _socket_path(workdir, "rd-pri"), _socket_path(workdir, "rd-pri-ctl")
@@ -287,7 +405,8 @@ def start_repdisk_pair(workdir: Path, mode: str) -> tuple[str, Cleanup]:
                  "--nbd-socket", str(s1), "--control", str(c1)]
     primary = [repdisk, "primary", "--disk", str(workdir / PRIMARY_IMG),
                "--secondary", _unix_uri(s1, "replica"), "--nbd-socket", str(s2),
-               "--control", str(c2), "--write-mode", mode]
+               "--control", str(c2), "--write-mode", mode,
+               *(["--threads", str(threads)] if threads else [])]
 
     def build(procs: Procs) -> str:
         procs.serve("repdisk-secondary", secondary, [s1], [c1])
@@ -352,21 +471,41 @@ class System:
     before_job: Callable[[Path], None] | None = None
     # After each job: (lag bytes, seconds to catch up) of a system that acknowledges first.
     catch_up: Callable[[Path], tuple[int, float]] | None = None
+    # After the replication check: (workdir, offset, the secondary's old bytes there);
+    # raises if the system's checkpoint buffer does not hold what it must.
+    check_buffer: Callable[[Path, int, bytes], None] | None = None
+
+
+def _sync_pair(threads: int) -> System:
+    """A sync pair whose primary runs `threads` nbdkit threads (the default is 4)."""
+    return System(f"repdisk-sync-t{threads}",
+                  f"repdisk-sync with `--threads {threads}` on the primary",
+                  functools.partial(start_repdisk_pair, mode="sync", threads=threads), True,
+                  repdisk_checkpoint)
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in [
+    System("qemu-colo", "qemu-storage-daemon quorum(file, nbd->secondary qemu-storage-daemon "
+           "raw(copy-before-write(file, target=hidden qcow2 backed by it))), checkpointed "
+           "before each job: COLO's data path", start_qemu_colo, True, colo_checkpoint,
+           check_buffer=check_colo_hidden),
+    System("qemu-quorum", "qemu-storage-daemon quorum(file, nbd->qemu-nbd), vote-threshold=1, "
+           "no checkpoint buffers", start_qemu_quorum, True),
     System("file", "nbdkit file plugin (C), primary image only: the limit", start_file, False),
     System("passthrough", "nbdkit Python passthrough plugin: the ceiling for Python plugins",
            start_passthrough, False),
-    System("qemu", "qemu-storage-daemon quorum(file, nbd->qemu-nbd), vote-threshold=1",
-           start_qemu, True),
     System("repdisk-sync", "repdisk primary, write-mode sync, -> repdisk secondary",
            functools.partial(start_repdisk_pair, mode="sync"), True, repdisk_checkpoint),
     System("repdisk-async", "repdisk primary, write-mode async, -> repdisk secondary",
            functools.partial(start_repdisk_pair, mode="async"), True, repdisk_checkpoint,
            repdisk_catch_up),
+    *(_sync_pair(t) for t in (16, 64)),
 ]}
-PEERS = ("file", "passthrough", "qemu")
+# What a run measures unless --systems says otherwise (the rest are for experiments).
+DEFAULT_SYSTEMS = ["qemu-colo", "qemu-quorum", "file", "passthrough", "repdisk-sync",
+                   "repdisk-async"]
+REFERENCE = "qemu-colo"  # the ratios in the table are to this system's IOPS
+PEERS = ("qemu-colo", "qemu-quorum", "file", "passthrough")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,10 +526,18 @@ class Workload:
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("randwrite4k", "randwrite", "4k", 16),
+    Workload("randwrite4k-qd1", "randwrite", "4k", 1),
     Workload("randread4k", "randread", "4k", 16),
     Workload("seqwrite1m", "write", "1m", 4),
     Workload("randrw4k-70r", "randrw", "4k", 16, rwmixread=70),
+    # For queue-depth sweeps (--workloads), not in a default run:
+    Workload("randwrite4k-qd4", "randwrite", "4k", 4),
+    Workload("randwrite4k-qd64", "randwrite", "4k", 64),
 ]}
+DEFAULT_WORKLOADS = ["randwrite4k", "randwrite4k-qd1", "randread4k", "seqwrite1m",
+                     "randrw4k-70r"]
+# Every job runs in each of these page-cache states (see _prepare_cache).
+CACHES = ("hot", "cold")
 
 
 @dataclass
@@ -398,6 +545,7 @@ class Sample:
     iops: float
     mbps: float  # 10^6 bytes per second, reads and writes together
     p99_us: float  # 99th percentile completion latency, reads and writes together
+    p50_us: float  # median completion latency, reads and writes together
 
 
 def run_fio(name: str, uri: str, options: list[str], output: Path) -> Sample:
@@ -414,12 +562,14 @@ def run_fio(name: str, uri: str, options: list[str], output: Path) -> Sample:
 
 
 def parse_fio(path: Path) -> Sample:
-    """IOPS, MB/s and p99 from fio's JSON (written with unified_rw_reporting=mixed)."""
+    """IOPS, MB/s, p99 and p50 from fio's JSON (written with unified_rw_reporting=mixed)."""
     try:
         job = json.loads(path.read_text())["jobs"][0]
         mixed = job["mixed"]
+        percentile = mixed["clat_ns"]["percentile"]
         sample = Sample(iops=mixed["iops"], mbps=mixed["bw_bytes"] / 1e6,
-                        p99_us=mixed["clat_ns"]["percentile"]["99.000000"] / 1000)
+                        p99_us=percentile["99.000000"] / 1000,
+                        p50_us=percentile["50.000000"] / 1000)
     except (ValueError, KeyError, IndexError) as err:
         raise RuntimeError(f"fio output {path} is not the expected JSON: {err!r}") from err
     if job["error"] or not mixed["io_bytes"]:
@@ -464,10 +614,12 @@ def _read_region(path: Path, offset: int, length: int) -> bytes:
 
 def verify_replication(system: System, workdir: Path, size: int, rawdir: Path) -> None:
     """Write a fresh pattern through the system, stop it, and require every byte of the
-    region to be that pattern in BOTH images; raise a one-line error otherwise."""
+    region to be that pattern in BOTH images, and the system's checkpoint buffer (if it
+    has a check_buffer) to hold the region's old contents; raise a one-line error otherwise."""
     pattern = os.urandom(4)
     offset, length = size // 2, min(VERIFY_LEN, size // 2)
     expected = pattern * (length // len(pattern))
+    old = _read_region(workdir / SECONDARY_IMG, offset, length)
     uri, cleanup = system.start(workdir)
     try:
         run_fio(f"verify-{system.name}", uri,
@@ -481,6 +633,8 @@ def verify_replication(system: System, workdir: Path, size: int, rawdir: Path) -
         if _read_region(workdir / img, offset, length) != expected:
             raise RuntimeError(f"{system.name} did not write {img}: {length} bytes at {offset} "
                                "differ from what fio wrote")
+    if system.check_buffer is not None:
+        system.check_buffer(workdir, offset, old)
     log.info("%s wrote both images: %d bytes at %d checked", system.name, length, offset)
 
 
@@ -491,15 +645,25 @@ def verify_replication(system: System, workdir: Path, size: int, rawdir: Path) -
 class Cell:
     system: str
     workload: str
+    cache: str  # one of CACHES
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     catch_ups: list[tuple[int, float]] = field(default_factory=list)  # System.catch_up
+    # Per job, at its start: the share of both images in the page cache, the load average.
+    resident: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
 
     def median(self) -> Sample | None:
         if not self.samples:
             return None
         return Sample(*(statistics.median(getattr(s, f) for s in self.samples)
-                        for f in ("iops", "mbps", "p99_us")))
+                        for f in ("iops", "mbps", "p99_us", "p50_us")))
+
+    def iops_range(self) -> tuple[float, float]:
+        return (min(s.iops for s in self.samples), max(s.iops for s in self.samples))
+
+
+Cells = dict[tuple[str, str, str], Cell]  # by (system, workload, cache)
 
 
 @dataclass
@@ -508,6 +672,7 @@ class Config:
 
     systems: list[str]
     workloads: list[str]
+    caches: list[str]
     runtime: int
     reps: int
     size: int
@@ -518,34 +683,80 @@ class Config:
     quick: bool = False
 
 
-def _measure_system(system: System, cfg: Config, rep: int, cells: dict[tuple[str, str], Cell],
-                    rawdir: Path) -> None:
-    """Start the system once and run every workload on it (one repetition)."""
+def drop_page_cache() -> None:
+    """Write back dirty pages, then drop the clean page cache of the whole machine (root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+    except OSError as err:
+        raise RuntimeError(f"cannot drop the page cache ({err.strerror}): cold jobs need "
+                           "root; run as root or with --caches hot") from err
+
+
+def warm_page_cache(workdir: Path) -> None:
+    """Read both images into the page cache (what a cold phase of the system before dropped):
+    hot jobs then start with all of them cached, whatever ran before."""
+    buf = bytearray(CHUNK)
+    for img in (PRIMARY_IMG, SECONDARY_IMG):
+        with open(workdir / img, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def resident_share(workdir: Path) -> float:
+    """The share of both images' bytes in the page cache (fincore, util-linux)."""
+    paths = [str(workdir / PRIMARY_IMG), str(workdir / SECONDARY_IMG)]
+    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *paths],
+                         capture_output=True, text=True, timeout=30, check=True)
+    resident = size = 0
+    for line in res.stdout.split("\n"):
+        if line.strip():
+            r, n = line.split()
+            resident, size = resident + int(r), size + int(n)
+    return resident / size if size else 0.0
+
+
+def _measure_system(system: System, cfg: Config, rep: int, cells: Cells, rawdir: Path) -> None:
+    """Start the system once and run every workload on it in every cache state (one
+    repetition): all hot jobs first (the images read into the cache before the first, then
+    the cache as the jobs before left it), then the cold ones, each after a checkpoint (if
+    the system takes one) and then a drop of the cache."""
     uri, cleanup = system.start(cfg.workdir)
     try:
-        for wname in cfg.workloads:
-            cell = cells[(system.name, wname)]
-            options = [*WORKLOADS[wname].fio_options(), f"--runtime={cfg.runtime}",
-                       "--time_based"]
-            try:
-                if system.before_job is not None:
-                    system.before_job(cfg.workdir)
-                cell.samples.append(run_fio(wname, uri, options,
-                                            rawdir / f"{system.name}-{wname}-r{rep}.json"))
-                if system.catch_up is not None:
-                    cell.catch_ups.append(system.catch_up(cfg.workdir))
-            except (RuntimeError, subprocess.TimeoutExpired, OSError, RepdiskError) as err:
-                log.warning("%s %s rep %d: %s", system.name, wname, rep, err)
-                cell.errors.append(str(err))
+        for cache in cfg.caches:
+            if cache == "hot":
+                warm_page_cache(cfg.workdir)
+            for wname in cfg.workloads:
+                cell = cells[(system.name, wname, cache)]
+                options = [*WORKLOADS[wname].fio_options(), f"--runtime={cfg.runtime}",
+                           "--time_based"]
+                try:
+                    if system.before_job is not None:
+                        system.before_job(cfg.workdir)
+                    if cache == "cold":
+                        drop_page_cache()
+                    cell.resident.append(resident_share(cfg.workdir))
+                    cell.loads.append(os.getloadavg()[0])
+                    cell.samples.append(run_fio(
+                        wname, uri, options,
+                        rawdir / f"{system.name}-{wname}-{cache}-r{rep}.json"))
+                    if system.catch_up is not None:
+                        cell.catch_ups.append(system.catch_up(cfg.workdir))
+                except (RuntimeError, subprocess.SubprocessError, OSError,
+                        RepdiskError) as err:
+                    log.warning("%s %s %s rep %d: %s", system.name, wname, cache, rep, err)
+                    cell.errors.append(str(err))
     finally:
         cleanup()
 
 
-def run_benchmark(cfg: Config) -> tuple[dict[tuple[str, str], Cell], dict[str, str]]:
+def run_benchmark(cfg: Config) -> tuple[Cells, dict[str, str]]:
     """All repetitions of all systems; returns the cells and a note per skipped system."""
     rawdir = cfg.out / "raw"
     rawdir.mkdir(parents=True, exist_ok=True)
-    cells = {(s, w): Cell(s, w) for s in cfg.systems for w in cfg.workloads}
+    cells = {(s, w, c): Cell(s, w, c)
+             for s in cfg.systems for w in cfg.workloads for c in cfg.caches}
     skipped: dict[str, str] = {}
     log.info("writing %d MiB primary and secondary images in %s", cfg.size // MiB, cfg.workdir)
     prepare_images(cfg.workdir, cfg.size)
@@ -582,38 +793,56 @@ def _ratio(value: Sample | None, ref: Sample | None) -> str:
     return f"{value.iops / ref.iops:.2f}×"
 
 
-def render_markdown(cfg: Config, meta: dict[str, Any], cells: dict[tuple[str, str], Cell],
+def render_markdown(cfg: Config, meta: dict[str, Any], cells: Cells,
                     skipped: dict[str, str]) -> str:
     lines = [
         f"# repdisk benchmark {meta['timestamp']}", "",
         f"{meta['machine']}; {', '.join(meta['versions'].values())}.",
         f"Image {cfg.size // MiB} MiB (fully written), runtime {cfg.runtime} s time_based, "
-        f"{cfg.reps} repetition(s), median shown. MB/s = 10^6 B/s; p99 = 99th percentile "
-        "completion latency (reads and writes merged); ratios are of IOPS.", "",
-        "| workload | system | IOPS | MB/s | p99 (µs) | vs qemu | vs file |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"{cfg.reps} repetition(s), median shown with the range of IOPS over them. Cache "
+        "`hot`: both images read into the page cache before a system's first hot job, then "
+        "as the jobs before left it; `cold`: dropped right before the job. MB/s = 10^6 B/s; p50/p99 = completion latency percentiles (reads and writes "
+        f"merged); ratios are of IOPS, to {REFERENCE} and to file in the same cache state.", "",
+        f"| workload | system | cache | IOPS | IOPS range | MB/s | p50 (µs) | p99 (µs) "
+        f"| vs {REFERENCE} | vs file |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for wname in cfg.workloads:
         for sname in cfg.systems:
-            cell = cells[(sname, wname)]
-            med = cell.median()
-            if med is None:
-                why = "skipped" if sname in skipped else "failed"
-                lines.append(f"| {wname} | {sname} | {why} | – | – | – | – |")
-                continue
-            lines.append(
-                f"| {wname} | {sname} | {med.iops:,.0f} | {med.mbps:,.1f} | {med.p99_us:,.0f} |"
-                f" {_ratio(med, _median_of(cells, 'qemu', wname))} |"
-                f" {_ratio(med, _median_of(cells, 'file', wname))} |")
+            for cache in cfg.caches:
+                cell = cells[(sname, wname, cache)]
+                med = cell.median()
+                if med is None:
+                    why = "skipped" if sname in skipped else "failed"
+                    lines.append(f"| {wname} | {sname} | {cache} | {why} | – | – | – | – | – "
+                                 "| – |")
+                    continue
+                low, high = cell.iops_range()
+                lines.append(
+                    f"| {wname} | {sname} | {cache} | {med.iops:,.0f} | {low:,.0f}–{high:,.0f} "
+                    f"| {med.mbps:,.1f} | {med.p50_us:,.0f} | {med.p99_us:,.0f} |"
+                    f" {_ratio(med, _median_of(cells, REFERENCE, wname, cache))} |"
+                    f" {_ratio(med, _median_of(cells, 'file', wname, cache))} |")
     lines += ["", "Systems:", ""]
     lines += [f"- **{n}**: {SYSTEMS[n].description}" for n in cfg.systems]
-    notes = [f"- {c.system} {c.workload}: when fio stopped the secondary was "
-             f"{max(b for b, _ in c.catch_ups) / MiB:,.1f} MiB behind at most and caught up "
-             f"within {max(t for _, t in c.catch_ups):.2f} s"
-             for c in cells.values() if c.catch_ups]
+    notes = []
+    for cache in cfg.caches:
+        shares = [r for c in cells.values() if c.cache == cache for r in c.resident]
+        if shares:
+            notes.append(f"- {cache} jobs started with {min(shares):.0%}–{max(shares):.0%} of "
+                         "the two images in the page cache")
+    loads = [x for c in cells.values() for x in c.loads]
+    if loads:
+        notes.append(f"- load average (1 min) at the jobs' starts: {min(loads):.1f}–"
+                     f"{max(loads):.1f} on {os.cpu_count()} CPUs (other work on the machine "
+                     "shows here)")
+    notes += [f"- {c.system} {c.workload} {c.cache}: when fio stopped the secondary was "
+              f"{max(b for b, _ in c.catch_ups) / MiB:,.1f} MiB behind at most and caught up "
+              f"within {max(t for _, t in c.catch_ups):.2f} s"
+              for c in cells.values() if c.catch_ups]
     notes += [f"- {n}: skipped: {why}" for n, why in skipped.items()]
-    notes += [f"- {c.system} {c.workload}: {len(c.errors)} failed run(s): {c.errors[0]}"
-              for c in cells.values() if c.errors]
+    notes += [f"- {c.system} {c.workload} {c.cache}: {len(c.errors)} failed run(s): "
+              f"{c.errors[0]}" for c in cells.values() if c.errors]
     if meta.get("chart_note"):
         notes.append(f"- chart: {meta['chart_note']}")
     if notes:
@@ -621,13 +850,14 @@ def render_markdown(cfg: Config, meta: dict[str, Any], cells: dict[tuple[str, st
     return "\n".join(lines) + "\n"
 
 
-def _median_of(cells: dict[tuple[str, str], Cell], system: str, workload: str) -> Sample | None:
-    cell = cells.get((system, workload))
+def _median_of(cells: Cells, system: str, workload: str, cache: str) -> Sample | None:
+    cell = cells.get((system, workload, cache))
     return cell.median() if cell else None
 
 
-def write_chart(cfg: Config, cells: dict[tuple[str, str], Cell], path: Path) -> str | None:
-    """IOPS and p99 per workload and system; returns a note instead if matplotlib is missing."""
+def write_chart(cfg: Config, cells: Cells, path: Path) -> str | None:
+    """IOPS and p99 per workload, system and cache state; returns a note instead if
+    matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -636,18 +866,24 @@ def write_chart(cfg: Config, cells: dict[tuple[str, str], Cell], path: Path) -> 
         return "matplotlib is not installed, no chart (`make setup` installs the bench extra)"
     fig, axes = plt.subplots(2, len(cfg.workloads), figsize=(4 * len(cfg.workloads), 7),
                              squeeze=False)
+    width = 0.8 / len(cfg.caches)
     for col, wname in enumerate(cfg.workloads):
-        meds = [cells[(s, wname)].median() for s in cfg.systems]
         for row, (attr, label) in enumerate((("iops", "IOPS"), ("p99_us", "p99 latency (µs)"))):
             ax = axes[row][col]
-            values = [getattr(m, attr) if m else 0.0 for m in meds]
-            bars = ax.bar(cfg.systems, values, color=[f"C{i}" for i in range(len(values))])
-            ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values],
-                         fontsize=7)
+            for i, cache in enumerate(cfg.caches):
+                meds = [cells[(s, wname, cache)].median() for s in cfg.systems]
+                values = [getattr(m, attr) if m else 0.0 for m in meds]
+                xs = [x + (i - (len(cfg.caches) - 1) / 2) * width
+                      for x in range(len(cfg.systems))]
+                bars = ax.bar(xs, values, width, label=cache, color=f"C{i}")
+                ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "n/a" for v in values],
+                             fontsize=6)
+            ax.set_xticks(range(len(cfg.systems)), cfg.systems)
             ax.set_ylabel(label)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
             if row == 0:
                 ax.set_title(wname)
+                ax.legend(fontsize=7)
     fig.suptitle(f"fio over NBD, {cfg.size // MiB} MiB image, {cfg.runtime} s x {cfg.reps}, "
                  "median")
     fig.tight_layout()
@@ -672,7 +908,7 @@ def _machine() -> str:
     return f"{os.cpu_count()} × {model}, Linux {platform.release()}"
 
 
-def write_results(cfg: Config, cells: dict[tuple[str, str], Cell],
+def write_results(cfg: Config, cells: Cells,
                   skipped: dict[str, str]) -> str:
     """results.md, results.json and chart.png in cfg.out; returns the Markdown."""
     meta: dict[str, Any] = {
@@ -682,17 +918,17 @@ def write_results(cfg: Config, cells: dict[tuple[str, str], Cell],
                      "nbdkit": _version(["nbdkit", "--version"]),
                      "qemu": _version(["qemu-storage-daemon", "--version"])},
         "config": {"runtime": cfg.runtime, "reps": cfg.reps, "size": cfg.size,
-                   "systems": cfg.systems, "workloads": cfg.workloads},
+                   "systems": cfg.systems, "workloads": cfg.workloads, "caches": cfg.caches},
     }
     meta["chart_note"] = write_chart(cfg, cells, cfg.out / "chart.png")
     markdown = render_markdown(cfg, meta, cells, skipped)
     (cfg.out / "results.md").write_text(markdown)
     data = {"meta": meta, "skipped": skipped,
             "workloads": {n: asdict(WORKLOADS[n]) for n in cfg.workloads},
-            "results": [{"system": c.system, "workload": c.workload,
+            "results": [{"system": c.system, "workload": c.workload, "cache": c.cache,
                          "median": asdict(m) if (m := c.median()) else None,
                          "samples": [asdict(s) for s in c.samples], "errors": c.errors,
-                         "catch_ups": c.catch_ups}
+                         "catch_ups": c.catch_ups, "resident": c.resident, "loads": c.loads}
                         for c in cells.values()]}
     (cfg.out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     return markdown
@@ -716,9 +952,14 @@ def parse_args(argv: list[str] | None) -> Config:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 repetition, 3 s runtime, 256 MiB image")
     ap.add_argument("--systems", type=lambda v: _names(v, SYSTEMS, "system"),
-                    default=list(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)} (all)")
+                    default=DEFAULT_SYSTEMS, help=f"comma list of {', '.join(SYSTEMS)} "
+                    f"({', '.join(DEFAULT_SYSTEMS)})")
     ap.add_argument("--workloads", type=lambda v: _names(v, WORKLOADS, "workload"),
-                    default=list(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)} (all)")
+                    default=DEFAULT_WORKLOADS, help=f"comma list of {', '.join(WORKLOADS)} "
+                    f"({', '.join(DEFAULT_WORKLOADS)})")
+    ap.add_argument("--caches", type=lambda v: _names(v, dict.fromkeys(CACHES), "cache state"),
+                    default=list(CACHES), help="comma list of hot, cold (both; cold drops the "
+                    "page cache before each job, as root)")
     ap.add_argument("--runtime", type=int, help="seconds per fio job (10; --quick 3)")
     ap.add_argument("--reps", type=int, help="repetitions, median reported (3; --quick 1)")
     ap.add_argument("--size-mib", type=int, help="image size in MiB (1024; --quick 256)")
@@ -735,7 +976,7 @@ def parse_args(argv: list[str] | None) -> Config:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Config(
-        systems=args.systems, workloads=args.workloads,
+        systems=args.systems, workloads=args.workloads, caches=args.caches,
         runtime=args.runtime or (3 if args.quick else 10),
         reps=args.reps or (1 if args.quick else 3),
         size=(args.size_mib or (256 if args.quick else 1024)) * MiB,
