@@ -38,6 +38,8 @@ window=N  (default 64) [primary only]
     most requests in flight to the secondary
 max-lag=SIZE  (default 256M) [primary only]
     async mode: most bytes acknowledged to the guest but not yet sent to the secondary; guest writes wait beyond it (a checkpoint sends what is unsent, so this also bounds its work)
+resync-rate=auto|max|SIZE  (default auto) [primary only]
+    how fast a resync (and an initial sync) copies: auto backs off to small pieces at 16M per second while the guest writes and runs at full speed while it does not; SIZE is a fixed cap in bytes per second (e.g. 100M); max is no limit
 on-isolation=suspend|continue  (default suspend) [primary only]
     what guest writes do once the primary has heard from neither the secondary nor the controller for isolation-timeout: suspend holds them until one answers (a controller that failed over meanwhile fences this node: writes then fail); continue is the explicit opt-in to risk a split brain
 isolation-timeout=DURATION  (default 3s) [primary only]

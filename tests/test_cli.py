@@ -135,6 +135,12 @@ MISTAKES = [
             r"5s or 500ms"),
     Mistake("zero timeout", pri_keys(("timeout", "0s")), r"timeout: '0s' is not positive: use e\.g\. 5s or 500ms"),
     Mistake("bad window", pri_keys(("window", "0")), r"window: expected a whole number >= 1, got '0'"),
+    Mistake("bad resync-rate", pri_keys(("resync-rate", "fast")),
+            r"resync-rate: cannot parse rate 'fast': use auto, max, or bytes per second with an "
+            r"optional K, M, G suffix, e\.g\. 100M"),
+    Mistake("tiny resync-rate", pri_keys(("resync-rate", "64K")),
+            r"resync-rate: '64K' is below 1M per second: a resync that slow may never end; use "
+            r"auto to let it back off while the guest writes"),
     Mistake("tiny max-lag", pri_keys(("max-lag", "64K")),
             r"max-lag: 65536 bytes is too small: use at least 1M"),
 ]

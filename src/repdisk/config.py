@@ -19,6 +19,7 @@ from urllib.parse import unquote
 
 from .errors import ConfigError
 from .qmp import tcp_address
+from .resyncrate import ResyncRate, parse as parse_rate
 from .tls import (TLSSpec, check_control_plain, check_plain, control_tls_dir, uri_tcp_host,
                   uses_tls)
 
@@ -78,6 +79,11 @@ KEYS: tuple[Key, ...] = (
         "async mode: most bytes acknowledged to the guest but not yet sent to the secondary; "
         "guest writes wait beyond it (a checkpoint sends what is unsent, so this also bounds "
         "its work)", default="256M"),
+    Key("resync-rate", (PRIMARY,), "auto|max|SIZE",
+        "how fast a resync (and an initial sync) copies: auto backs off to small pieces at "
+        "16M per second while the guest writes and runs at full speed while it does not; "
+        "SIZE is a fixed cap in bytes per second (e.g. 100M); max is no limit",
+        default="auto"),
     Key("on-isolation", (PRIMARY,), "suspend|continue",
         "what guest writes do once the primary has heard from neither the secondary nor the "
         "controller for isolation-timeout: suspend holds them until one answers (a controller "
@@ -203,6 +209,7 @@ class NodeConfig:
     timeout: float = 5.0
     window: int = 64
     max_lag: int = 256 << 20
+    resync_rate: ResyncRate = ResyncRate(None, True)
     on_isolation: str = "suspend"
     isolation_timeout: float = 3.0
     active: Optional[str] = None
@@ -275,6 +282,7 @@ class NodeConfig:
         self.max_lag = parse_size("max-lag", _one(values, "max-lag") or "256M")
         if self.max_lag < 1 << 20:
             raise ConfigError("max-lag", f"{self.max_lag} bytes is too small: use at least 1M")
+        self.resync_rate = parse_rate("resync-rate", _one(values, "resync-rate") or "auto")
         self.on_isolation = _one(values, "on-isolation") or "suspend"
         if self.on_isolation not in ISOLATION_POLICIES:
             raise ConfigError("on-isolation", f"unknown policy {self.on_isolation!r}: use "

@@ -320,6 +320,7 @@ class Node:
             return PrimaryReplica(name, RawImage.open(path), self.cfg.secondary,
                                   write_mode=self.cfg.write_mode, timeout=self.cfg.timeout,
                                   window=self.cfg.window, max_lag=self.cfg.max_lag,
+                                  resync_rate=self.cfg.resync_rate,
                                   events=self.emit, export_suffix=suffix)
         except ConfigError:
             raise
@@ -723,7 +724,8 @@ class Node:
         for name, rep in self.replicas.items():
             suffix = f"/{name}" if len(self.replicas) > 1 else ""
             primary = PrimaryReplica(name, rep.disk, secondary_uri, write_mode=write_mode,
-                                     timeout=timeout, events=self.emit, export_suffix=suffix)
+                                     timeout=timeout, resync_rate=self.cfg.resync_rate,
+                                     events=self.emit, export_suffix=suffix)
             primary.register(registry)
             replicas[name] = primary
         self._retired += [r for r in self.replicas.values() if isinstance(r, SecondaryReplica)]

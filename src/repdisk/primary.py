@@ -59,7 +59,9 @@ from .dirtymap import DirtyMap
 from .errors import ConfigError, ForwardError, check_range
 from .forwarder import Forwarder, Ticket
 from .images import BlockDevice, RawImage
+from . import resyncrate
 from .rangelock import RangeLock
+from .resyncrate import ResyncRate
 from .sessions import SEAL_SUFFIX, make_tag
 from .replication import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
 from .stage import EventSink, Stage, StageMachine, no_events
@@ -98,12 +100,6 @@ Submit = Callable[[Forwarder], Ticket]
 Progress = Callable[[int, int], None]
 
 
-def _chunks(offset: int, length: int, size: int) -> list[tuple[int, int]]:
-    """Split [offset, offset+length) into pieces of at most ``size`` bytes."""
-    end = offset + length
-    return [(o, min(size, end - o)) for o in range(offset, end, size)]
-
-
 class PrimaryView:
     """The guest's disk (a BlockDevice): served in every stage, whatever the secondary does."""
 
@@ -136,6 +132,7 @@ class PrimaryReplica:
     def __init__(self, name: str, disk: RawImage, secondary_uri: Optional[str], *,
                  write_mode: str = "sync", timeout: float = 5.0, window: int = 64,
                  granularity: Optional[int] = None, max_lag: int = DEFAULT_MAX_LAG,
+                 resync_rate: ResyncRate = ResyncRate(None, True),
                  events: EventSink = no_events, export_suffix: str = "") -> None:
         if write_mode not in WRITE_MODES:
             raise ConfigError("write-mode", f"unknown write mode {write_mode!r}; "
@@ -167,6 +164,9 @@ class PrimaryReplica:
         # async: writes acknowledged during a checkpoint hold, merged into ``dirty`` at resume.
         self.held = DirtyMap(disk.size, granularity)
         self.max_lag = max_lag
+        #: How fast resync copies while the guest runs (resyncrate.py).
+        self.resync_rate = resync_rate
+        self._last_guest_write = float("-inf")
         self.view: BlockDevice = PrimaryView(self)
         # Exclusive holders: updates (local write + submit) and resync's read + submit.
         self._locks = RangeLock()
@@ -254,6 +254,7 @@ class PrimaryReplica:
             self._write_back(offset, length, local, data)
         else:
             self._write_through(offset, length, local, submit)
+        self._last_guest_write = time.monotonic()   # what an adaptive resync backs off from
         with self._count_lock:
             self._counters["writes"] += 1
             self._counters["bytes"] += length
@@ -739,15 +740,21 @@ class PrimaryReplica:
         done = 0
         pending: deque[Ticket] = deque()
         in_flight = 0
+        pacer = self.pacer()
         while runs := self.dirty.runs():
             for offset, length in runs:
-                for coff, clen in _chunks(offset, length, self._piece_size):
+                end = offset + length
+                while offset < end:
+                    step = pacer.step()
+                    clen = min(step.piece, end - offset)
                     while pending and (in_flight + clen > SEND_BUDGET
-                                       or len(pending) >= self.window):
+                                       or len(pending) >= step.in_flight):
                         in_flight -= self._settle_copy(pending.popleft())
-                    pending.append(self._copy_chunk(coff, clen))
+                    pacer.pace(clen, step)
+                    pending.append(self._copy_chunk(offset, clen))
                     in_flight += clen
                     done += clen
+                    offset += clen
                     if report is not None:
                         report(done)
             if not chase:
@@ -755,6 +762,12 @@ class PrimaryReplica:
         while pending:
             self._settle_copy(pending.popleft())
         return done
+
+    def pacer(self) -> resyncrate.Pacer:
+        """A copy's pacing by ``resync_rate``: the guest's writes are the activity it
+        backs off from; pieces and window are the copy's own limits."""
+        return resyncrate.Pacer(self.resync_rate, lambda: self._last_guest_write,
+                                self._piece_size, self.window, self.dirty.granularity)
 
     def _read_piece(self, offset: int, length: int) -> Buffer:
         """A dirty piece's current bytes, its bits cleared (caller holds its range lock)."""
@@ -875,6 +888,7 @@ class PrimaryReplica:
             "error": self.sm.error,
             "degraded": self.degraded,
             "write_mode": self.write_mode,
+            "resync_rate": self.resync_rate.describe(),
             "dirty_bytes": 0 if lagging else unsent,
             "in_flight": fwd.in_flight if fwd else 0,
             "queued": fwd.queued if fwd else 0,
