@@ -12,6 +12,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin
   qemu-utils qemu-system-x86 fio python3-venv
   busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc
+  pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils
 )
 
 missing=()
@@ -22,7 +23,9 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  # --no-install-recommends: pacemaker's recommends (fence-agents) pull in cloud SDKs.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
@@ -37,4 +40,9 @@ if ! pip_out=$(.venv/bin/pip install -q --disable-pip-version-check -e '.[test,b
 fi
 printf '%s\n' "$pip_out" | grep -v "is ignored: it is neither" | grep . || true
 .venv/bin/python -c 'import nbd, repdisk' || { echo "setup: venv is broken (cannot import nbd or repdisk)" >&2; exit 1; }
+# Pacemaker finds OCF agents under /usr/lib/ocf/resource.d/PROVIDER: ocf:repdisk:repdisk is
+# this clone's ocf/repdisk (it runs this clone's .venv).
+SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+$SUDO mkdir -p /usr/lib/ocf/resource.d/repdisk
+$SUDO ln -sfn "$(pwd)/ocf/repdisk" /usr/lib/ocf/resource.d/repdisk/repdisk
 echo "setup: ok ($(.venv/bin/python --version), nbdkit $(nbdkit --version | awk '{print $2}'), libnbd $(.venv/bin/python -c 'import nbd; print(nbd.NBD().get_version())'))"

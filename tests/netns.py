@@ -197,3 +197,43 @@ def net() -> Iterator[Net]:
         pytest.skip(why)
     with Net() as n:
         yield n
+
+
+# -- a switch: every host on one /24 --------------------------------------------------------
+
+@dataclass
+class Port:
+    """A host's cable to the switch; ``cut`` pulls it (the switch end goes down), ``heal``
+    plugs it back."""
+    net: "Net"
+    switch_ns: str
+    dev: str
+    host: Host
+
+    def cut(self) -> None:
+        _ip("-n", self.switch_ns, "link", "set", self.dev, "down")
+
+    def heal(self) -> None:
+        _ip("-n", self.switch_ns, "link", "set", self.dev, "up")
+
+
+def switch(net: Net, hosts: list[Host], subnet: int = 100) -> dict[str, Port]:
+    """Join ``hosts`` through a bridge in a namespace of its own: host i (from 1) gets
+    10.213.<subnet>.<i>/24 (the reach corosync's knet needs: every node sees every other
+    on one address).  Returns each host's port by host name."""
+    sw = net.host(f"sw{subnet}")
+    _ip("-n", sw.ns, "link", "add", "br0", "type", "bridge")
+    _ip("-n", sw.ns, "link", "set", "br0", "up")
+    ports = {}
+    for i, host in enumerate(hosts, 1):
+        dev, peer = f"rd{net.tag}s{i}", f"rd{net.tag}h{i}"
+        _ip("-n", sw.ns, "link", "add", dev, "type", "veth", "peer", "name", peer,
+            "netns", host.ns)
+        _ip("-n", sw.ns, "link", "set", dev, "master", "br0")
+        _ip("-n", sw.ns, "link", "set", dev, "up")
+        addr = f"{SUBNET}.{subnet}.{i}"
+        _ip("-n", host.ns, "addr", "add", f"{addr}/24", "dev", peer)
+        _ip("-n", host.ns, "link", "set", peer, "up")
+        host.addresses.append(addr)
+        ports[host.name] = Port(net, sw.ns, dev, host)
+    return ports

@@ -118,3 +118,21 @@ def test_seal_is_persisted_and_a_new_writer_session_voids_it(nodes: Nodes) -> No
     h = nbd.NBD()
     with pytest.raises(nbd.Error):
         h.connect_uri(sec.uri("replica+seal"))
+
+
+def test_force_promotion_takes_a_stopped_secondary_as_it_is(nodes: Nodes) -> None:
+    """Pacemaker's agent promotes the pair's last primary after a restart (stage none) with
+    force: its disk as it is, the next epoch; a replicating secondary is refused."""
+    pri, sec = start_pair(nodes)
+    write(pri, b"\x42" * 65536, 0)
+    checkpoint(pri, sec)
+    with pytest.raises(ControlError, match="cannot promote by force: stage running"):
+        sec.ctl("replication-promote", secondary=pri.uri("replica"), force=True)
+    pri.kill()
+    sec.kill()
+    alone = nodes.secondary(pri.disks[0], "again")       # the old primary's disk, unstarted
+    alone.ctl("replication-promote", secondary=sec.uri("replica"), force=True)
+    q = alone.ctl("query-replication")
+    assert q["role"] == "primary" and q["epoch"] == 1
+    write(alone, b"\x43" * 4096, 0)                       # it serves, alone for now
+    assert read_file(pri.disks[0])[:8192] == b"\x43" * 4096 + b"\x42" * 4096

@@ -86,7 +86,8 @@ def _controller_commands(node: "Node") -> list[Command]:
 
     def promote(args: dict[str, Any]) -> None:
         node.promote(args["secondary"], args.get("write-mode", "sync"),
-                     float(args.get("timeout", 5.0)), args.get("isolation-timeout"))
+                     float(args.get("timeout", 5.0)), args.get("isolation-timeout"),
+                     bool(args.get("force", False)))
 
     def digests(args: dict[str, Any]) -> dict[str, Any]:
         return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
@@ -118,7 +119,10 @@ def _controller_commands(node: "Node") -> list[Command]:
                  "write-mode": ArgSpec(str, False, "sync (default) or async"),
                  "timeout": ArgSpec(float, False, "seconds the secondary may take (default 5)"),
                  "isolation-timeout": ArgSpec(float, False, "seconds without contact before "
-                                                            "guest writes are held (default 3)")},
+                                                            "guest writes are held (default 3)"),
+                 "force": ArgSpec(bool, False, "a node that is not replicating takes its disk "
+                                               "as it is (its caller knows no newer one "
+                                               "exists: Pacemaker's agent)")},
                 help="a failed-over secondary, or a running one whose primary was demoted "
                      "(a role switch: nothing rolled back or copied), becomes a primary"),
         Command("query-digests", digests,

@@ -799,6 +799,9 @@ def add_parsers(sub: Any) -> None:
                                                      "checkpoint as DIR/vmstate")
     p.add_argument("--on-failover", metavar="COMMAND", help="shell command run after a failover")
     p.add_argument("--initial-sync", default="checksum", choices=resync.SYNC_MODES)
+    p.add_argument("--checkpoint-only", action="store_true",
+                   help="never fail over (a cluster manager such as Pacemaker decides): start, "
+                        "resync and checkpoint the pair only")
     p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics here")
     p.add_argument("--log", metavar="FILE", help="log here (default stderr)")
     p.add_argument("--background", action="store_true", help="detach once serving")
@@ -815,6 +818,7 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
         qmp=args.qmp, freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
         on_failover=args.on_failover, initial_sync=args.initial_sync,
         metrics_file=args.metrics_file, tls=args.tls, insecure=args.insecure,
+        auto_failover=not args.checkpoint_only,
         control_tcp=parse_address("control-tcp", args.control_tcp) if args.control_tcp else None,
         control_tls=tls.control_tls_dir("control-tls", args.control_tls or "off", "server"))
 

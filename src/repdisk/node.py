@@ -679,7 +679,7 @@ class Node:
         self.state.save(self.cfg.state)
 
     def promote(self, secondary_uri: str, write_mode: str = "sync", timeout: float = 5.0,
-                isolation_timeout: Optional[float] = None) -> None:
+                isolation_timeout: Optional[float] = None, force: bool = False) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
 
         Each disk's PrimaryReplica takes over the same RawImage; the ``active`` exports
@@ -688,7 +688,9 @@ class Node:
         """
         if self.mode is ReplicationMode.PRIMARY:
             raise ConfigError("role", "this node is already a primary")
-        if not self._switch():
+        if force:
+            self._take_as_is()
+        elif not self._switch():
             self._check_promotable()
         self._become_primary(secondary_uri, write_mode, timeout, isolation_timeout)
 
@@ -709,6 +711,24 @@ class Node:
                     "(epoch %d), nothing rolled back", self.state.epoch)
         self.emit("EPOCH_CHANGED", {"epoch": self.state.epoch})
         return True
+
+    def _take_as_is(self) -> None:
+        """``force``: a secondary that is not replicating (stage none) declares its disk the
+        newest as it is and starts the next epoch: the pair's last primary restarting, or
+        the first primary of a new cluster.  The caller (Pacemaker's agent) has checked
+        that no newer epoch exists elsewhere; a fenced node is still refused."""
+        if self.state.fenced:
+            raise ReplicationError(f"cannot promote: this node is fenced ({self.state.fenced})")
+        for rep in self.replicas.values():
+            if rep.stage is not Stage.NONE:
+                raise ReplicationError(f"{rep.name}: cannot promote by force: stage "
+                                       f"{rep.stage.value}; only a node that is not "
+                                       "replicating takes its disk as it is")
+        with self._state_lock:
+            self.state.switch()
+            self.state.save(self.cfg.state)
+        log.warning("promoted by force: this disk is taken as it is (epoch %d)",
+                    self.state.epoch)
 
     def _check_promotable(self) -> None:
         for rep in self.replicas.values():
