@@ -14,7 +14,7 @@ again until fio ends, so a resync runs during the whole job. Cases, each with a 
 Reported per case: the guest's write p50/p99/p99.9 completion latency (fio clat) and the
 resync's throughput while the guest wrote (bytes the resyncs sent during the job / its
 length), plus each case's p99 over idle's. fio measures after a ramp second; the resync
-starts half-way through it, once the guest writes. Repetitions are interleaved; medians reported.
+starts in it, once the primary has counted a guest write. Repetitions are interleaved; medians reported.
 
 Run from the repository root: `.venv/bin/python -m bench.resync_rate [--quick]`.
 """
@@ -121,6 +121,19 @@ def _fio(uri: str, offset: int, length: int, iops: int, runtime: int, out: Path)
     return job
 
 
+def _wait_for_guest(control: Path, timeout: float = 30.0) -> None:
+    """Return once the primary has counted a guest write (fio is up and writing)."""
+    client = QMPClient(timeout=30).connect(str(control))
+    try:
+        deadline = time.monotonic() + timeout
+        while client.execute("query-replication")["disks"][0]["counters"]["writes"] == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the guest wrote nothing within {timeout:g}s")
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
 def measure(workdir: Path, case: str, size: int, iops: int, runtime: int) -> Result:
     rate = "max" if case == "idle" else case
     sock, control, cleanup = _pair(workdir, rate)
@@ -130,12 +143,13 @@ def measure(workdir: Path, case: str, size: int, iops: int, runtime: int) -> Res
         if case != "idle":
             copier = Copier(control, half)
         # fio records nothing during its first RAMP seconds: the copier starts in them, once
-        # the guest writes (an adaptive resync would see a quiet guest before that).
+        # the guest writes (an adaptive resync would see a quiet guest before that and
+        # copy at full speed).
         result: dict[str, Any] = {}
         guest = threading.Thread(target=lambda: result.update(job=_fio(
             bench._unix_uri(sock), half, half, iops, runtime, workdir / f"fio-{case}.json")))
         guest.start()
-        time.sleep(RAMP / 2)
+        _wait_for_guest(control)
         began = time.monotonic()
         if copier is not None:
             copier.start()

@@ -134,10 +134,14 @@ def render(value: Any, indent: str = "") -> str:
             else:
                 lines.append(f"{indent}{str(k).ljust(width)}  {_scalar(v)}")
         return "\n".join(lines)
-    if isinstance(value, list):
-        return "\n".join(render(v, indent) if isinstance(v, (dict, list))
+    if isinstance(value, list):  # a flat list inside (e.g. a range [offset, length]): one line
+        return "\n".join(render(v, indent) if isinstance(v, dict) or _nested(v)
                          else indent + _scalar(v) for v in value)
     return indent + _scalar(value)
+
+
+def _nested(v: Any) -> bool:
+    return isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)
 
 
 def _scalar(v: Any) -> str:

@@ -104,7 +104,23 @@ def _controller_commands(node: "Node") -> list[Command]:
             raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
         return {"dirty_bytes": node.mark_dirty(args.get("disk"), runs)}
 
+    def verify(args: dict[str, Any]) -> dict[str, Any]:
+        runs = args.get("runs")
+        if runs is not None and not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                for r in runs):
+            raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
+        return {"disks": node.verify(args.get("disk"), runs, bool(args.get("repair", False)))}
+
     return [
+        Command("replication-verify", verify,
+                {"disk": ArgSpec(str, False, "the disk's name (default: every disk)"),
+                 "runs": ArgSpec(list, False, "[[offset, length], ...] to compare besides "
+                                              "where this node holds data (e.g. where the "
+                                              "secondary does)"),
+                 "repair": ArgSpec(bool, False, "copy the differing ranges (default false)")},
+                help="primary: compare the disks with the secondary's while the guest writes; "
+                     "the exact differing ranges (repair=true copies them)"),
         Command("replication-heartbeat", lambda a: node.heartbeat(),
                 help="the controller's heartbeat: counts as contact for a primary's isolation "
                      "guard; returns what query-replication returns"),

@@ -28,10 +28,12 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "stop": ("replication-stop", {"failover": False}),
     "failover": ("replication-stop", {"failover": True}),
     "resync": ("replication-resync", {}),
+    "verify": ("replication-verify", {}),
 }
 
 #: Commands that may take long: ``repdisk ctl`` shows their progress events on a terminal.
-LONG = {"replication-start", "replication-stop", "replication-resync", "controller-resync"}
+LONG = {"replication-start", "replication-stop", "replication-resync", "controller-resync",
+        "replication-verify", "controller-verify"}
 
 
 def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:

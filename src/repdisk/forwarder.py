@@ -88,10 +88,10 @@ Source = Callable[[int, int],
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
-WRITE, ZERO, TRIM, FLUSH = "write", "zero", "trim", "flush"
+WRITE, ZERO, TRIM, FLUSH, READ = "write", "zero", "trim", "flush", "read"
 _BARRIER = "barrier flush"
 _DRAIN = -2  # Ticket.drained of a draining barrier until the I/O thread takes it
-_STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes"}
+_STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes", READ: "reads"}
 #: Small writes go in batch records (batch.py) of at most this many writes and bytes; a
 #: write of BATCH_PIECE_MAX bytes or more goes alone (a record would only copy it).
 BATCH_PIECES = 64
@@ -116,8 +116,8 @@ class Ticket:
     """
 
     __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "drained", "pulled", "parts", "members", "grains", "_lock", "_fwd",
-                 "_err")
+                 "rejected", "drained", "pulled", "parts", "members", "grains", "data", "_lock",
+                 "_fwd", "_err")
 
     def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
                  buf: "bytes | memoryview | None" = None, fua: bool = False,
@@ -139,6 +139,7 @@ class Ticket:
         self.parts: Optional[list[tuple[int, int]]] = None
         self.members: Optional[list["Ticket"]] = None  # the writes a record carries
         self.grains: Optional[set[int]] = None  # a record's GRAIN blocks, while in flight
+        self.data: Optional[bytearray] = None  # a read's bytes, once it succeeded
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it (none for
@@ -306,7 +307,7 @@ class Forwarder:
         self.error: Optional[str] = None
         self.errno = 0
         self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
-                      "errors": 0, "pulled": 0, "batches": 0}
+                      "errors": 0, "pulled": 0, "batches": 0, "reads": 0}
         # Guards everything submitters touch: _incoming, _accepting, _seq, _hold_seq,
         # _released, _stop, _wake_pending, _pull_wanted, _thread and the failed/error
         # transition.
@@ -465,6 +466,14 @@ class Forwarder:
 
     def submit_flush(self) -> Ticket:
         return self._submit(Ticket(self, FLUSH, 0, 0))
+
+    def submit_read(self, offset: int, length: int) -> Ticket:
+        """Queue a read of the secondary's bytes (``ticket.data`` once it succeeded).
+
+        Ordered like a write: it is sent after every request submitted before it that
+        shares a byte with it is acknowledged, and such a request submitted after it waits
+        for it, so it reads exactly what the requests submitted before it left there."""
+        return self._submit(Ticket(self, READ, offset, length, nbd.Buffer(length)))
 
     def barrier(self, timeout: float, drain: bool = True) -> bool:
         """Wait until every earlier request, then a flush, is acknowledged; True on success.
@@ -870,6 +879,8 @@ class Forwarder:
                     h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
             elif t.kind is ZERO:
                 h.aio_zero(t.length, t.offset, completion=t._completed, flags=flags)
+            elif t.kind is READ:
+                h.aio_pread(t.buf, t.offset, completion=t._completed)
             elif t.kind is TRIM:
                 if not self._can_trim:  # advisory: nothing to tell a server that cannot
                     self._completed.append(t)
@@ -912,6 +923,8 @@ class Forwarder:
                         m._settle(True)
                 stats["bytes"] += t.length
             else:
+                if t.kind is READ:
+                    t.data = t.buf.to_bytearray()
                 stats[_STAT[t.kind]] += 1
             t._settle(True)
         return why
@@ -955,7 +968,8 @@ class Forwarder:
             why = (f"forwarder to secondary {self.uri} closed with {len(pending)} "
                    "requests not acknowledged")
         if why:
-            ranges = [span for t in pending if t.length for span in t.spans()]
+            ranges = [span for t in pending if t.length and t.kind is not READ
+                      for span in t.spans()]
             with self._lock:
                 self.failed = True
                 self.error = why

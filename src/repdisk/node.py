@@ -783,12 +783,51 @@ class Node:
 
     def mark_dirty(self, disk: Optional[str], runs: list[list[int]]) -> int:
         """Primary: these runs must be copied to the secondary (by start or resync)."""
-        self._primaries()
-        rep = self.replicas[disk or self.cfg.disks[0].name]
-        assert isinstance(rep, PrimaryReplica)
+        rep = self._primary(disk or self.cfg.disks[0].name)
         for offset, length in runs:
             rep.dirty.mark(offset, length)
         return rep.dirty.dirty_bytes
+
+    def verify(self, disk: Optional[str], runs: Optional[list[list[int]]],
+               repair: bool) -> list[dict[str, Any]]:
+        """Primary: compare each disk (or ``disk``) with the secondary where either holds
+        data (this node's allocation, plus ``runs``: e.g. the secondary's); with ``repair``
+        copy the differing ranges.  One result per disk; an event and a log line each."""
+        reps = self._primaries() if disk is None else [self._primary(disk)]
+        if runs is not None and len(reps) > 1:
+            raise ConfigError("runs", "name the disk the runs are of (disk=NAME)")
+        results = []
+        for rep in reps:
+            began = time.monotonic()
+            compare = resync.merge_runs(resync.data_runs(rep.disk, 0, rep.disk.size)
+                                        + [(o, n) for o, n in runs or ()])
+            found = rep.verify(compare)
+            result: dict[str, Any] = {
+                "disk": rep.name, "compared": sum(n for _, n in compare),
+                "ranges": [list(r) for r in found], "bytes": sum(n for _, n in found),
+                "duration": round(time.monotonic() - began, 3)}
+            if found:
+                log.warning("verify %s: %d ranges (%d bytes) differ on the secondary: %s",
+                            rep.name, len(found), result["bytes"], found[:64])
+            else:
+                log.info("verify %s: %d bytes compared, no difference", rep.name,
+                         result["compared"])
+            if repair and found:
+                for offset, length in found:
+                    rep.dirty.mark(offset, length)
+                result["repaired"] = rep.resync()
+            self.emit("VERIFY_COMPLETED", result)
+            results.append(result)
+        return results
+
+    def _primary(self, disk: str) -> PrimaryReplica:
+        self._primaries()
+        rep = self.replicas.get(disk)
+        if rep is None:
+            raise ConfigError("disk", f"no disk named {disk!r}; this node has "
+                                      f"{', '.join(self.replicas)}")
+        assert isinstance(rep, PrimaryReplica)
+        return rep
 
     def _primaries(self) -> list[PrimaryReplica]:
         if self.mode is not ReplicationMode.PRIMARY:

@@ -63,6 +63,7 @@ from . import resyncrate
 from .rangelock import RangeLock
 from .resyncrate import ResyncRate
 from .sessions import SEAL_SUFFIX, make_tag
+from .resync import differing_bytes, merge_runs
 from .replication import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
 from .stage import EventSink, Stage, StageMachine, no_events
 
@@ -701,6 +702,77 @@ class PrimaryReplica:
             self.sm.clear_error()
             log.info("%s: resync sent %d bytes", self.name, sent)
             return sent
+
+    def verify(self, runs: list[tuple[int, int]],
+               progress: Optional[Progress] = None) -> list[tuple[int, int]]:
+        """Compare ``runs`` of the local disk with the secondary's disk; returns the exact
+        byte runs that differ (coalesced).  The guest keeps writing.
+
+        Each piece is compared at a consistent point: under its range lock (a sync write
+        holds it for its local write and its submission) the local bytes are read and a
+        read of the secondary's is submitted on the forwarding link, which sends it after
+        every earlier write that overlaps it and sends later ones after it.  Async writes
+        take no range lock and are written back later: what is dirty (unsent) is not
+        reported, and a difference is compared again (twice at most, after the writers of
+        the moment marked) before it is.  Paced like a resync (resync_rate).  Raises
+        ReplicationError if replication is not running in sync, or the link fails
+        (the verify stops; what it found so far is in the message).
+        """
+        if self.sm.stage is not Stage.RUNNING:
+            raise ReplicationError(f"{self.name}: cannot verify: replication is not running "
+                                   f"(stage {self.sm.stage.value})")
+        if self.degraded or self._forwarding() is None:
+            raise ReplicationError(f"{self.name}: cannot verify: the secondary is not in sync "
+                                   f"({self.dirty.dirty_bytes} bytes dirty); resync first")
+        total = sum(n for _, n in runs)
+        found: list[tuple[int, int]] = []
+        pacer, done, last_event = self.pacer(), 0, 0.0
+        for offset, length in merge_runs(runs):
+            end = offset + length
+            while offset < end:
+                step = pacer.step()
+                n = min(step.piece, end - offset)
+                pacer.pace(n, step)
+                found += self._verify_piece(offset, n, done, total, found)
+                offset += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+                if time.monotonic() - last_event >= PROGRESS_INTERVAL:
+                    last_event = time.monotonic()
+                    self.sm.progress("VERIFY", done, total)
+        self.sm.progress("VERIFY", done, total)
+        return merge_runs(found)
+
+    def _verify_piece(self, offset: int, length: int, done: int, total: int,
+                      found: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The differing runs of one piece (async: confirmed, see verify)."""
+        diffs = self._compare(offset, length, done, total, found)
+        for _ in range(2 if self.write_back else 0):
+            diffs = [r for r in diffs if not self.dirty.is_dirty(*r) and not self.held.is_dirty(*r)]
+            if not diffs:
+                break
+            time.sleep(0.01)   # a writer between its local write and its mark marks by then
+            diffs = [d for o, n in diffs for d in self._compare(o, n, done, total, found)]
+        if self.write_back:
+            diffs = [r for r in diffs if not self.dirty.is_dirty(*r) and not self.held.is_dirty(*r)]
+        return diffs
+
+    def _compare(self, offset: int, length: int, done: int, total: int,
+                 found: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        local = bytearray(length)
+        with self._locks.exclusive(offset, offset + length):
+            fwd = self._forwarding()
+            ticket = None if fwd is None else fwd.submit_read(offset, length)
+            self.disk.pread_into(memoryview(local), offset)
+        if ticket is None or not ticket.wait(self.timeout) or ticket.data is None:
+            fwd = self._fwd
+            why = (fwd.error if fwd else None) or f"no answer within {self.timeout:g}s"
+            raise ReplicationError(
+                f"{self.name}: verify stopped at {done} of {total} bytes: the secondary "
+                f"{self.secondary_uri} failed: {why}; {len(found)} differing ranges found "
+                f"before it: {found[:16]}")
+        return differing_bytes(offset, local, ticket.data)
 
     def _copy_dirty(self, progress: Optional[Progress]) -> int:
         """Send every dirty region to the secondary (writes flowing), then a barrier; raise

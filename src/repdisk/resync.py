@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .images import EXTENT_HOLE, RawImage
 
@@ -44,6 +44,7 @@ MAX_DIGEST_LENGTH = 1 << 30
 SYNC_MODES = ("checksum", "full", "none")
 
 Run = tuple[int, int]
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 @lru_cache(maxsize=8)
@@ -99,6 +100,30 @@ def merge_runs(runs: list[Run]) -> list[Run]:
         else:
             out.append((o, n))
     return out
+
+
+def differing_bytes(offset: int, ours: Buffer, theirs: Buffer, block: int = 4096) -> list[Run]:
+    """The exact byte runs where two equally long buffers of ``[offset, ...)`` differ,
+    coalesced (compared a ``block`` at a time; byte by byte only inside differing blocks)."""
+    a, b = memoryview(ours).cast("B"), memoryview(theirs).cast("B")
+    if a.nbytes != b.nbytes:
+        raise ValueError(f"buffers of {a.nbytes} and {b.nbytes} bytes at offset {offset}")
+    runs: list[Run] = []
+    for start in range(0, a.nbytes, block):
+        end = min(start + block, a.nbytes)
+        if a[start:end] == b[start:end]:
+            continue
+        i = start
+        while i < end:
+            if a[i] == b[i]:
+                i += 1
+                continue
+            j = i + 1
+            while j < end and a[j] != b[j]:
+                j += 1
+            runs.append((offset + i, j - i))
+            i = j
+    return merge_runs(runs)
 
 
 def differing_runs(offset: int, granularity: int, ours: list[str], theirs: list[str],
