@@ -9,7 +9,8 @@ O(disk size): a fully dirty 1 TiB disk is one run.  Granule ``g`` covers bytes
 ``[g * granularity, (g + 1) * granularity)``, the last one clamped to the disk's size.
 
 Persistence (:meth:`DirtyMap.save` / :meth:`DirtyMap.load`) is a small JSON file of byte
-runs, replaced atomically (temporary file, fsync, rename, fsync of the directory).
+runs, replaced atomically (:func:`~repdisk.durable.replace_file`): a primary saves its
+maps at a clean stop and reads them back at its next start (node.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from bisect import bisect_left, bisect_right
 from typing import Any
+
+from .durable import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -208,27 +210,9 @@ class DirtyMap:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the map to ``path`` atomically: a crash leaves the old file or the new one."""
-        name = os.fspath(path)
         doc = {"magic": MAGIC, "version": FORMAT_VERSION, "size": self.size,
                "granularity": self.granularity, "runs": self.runs()}
-        directory = os.path.dirname(os.path.abspath(name))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(name) + ".",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(path, json.dumps(doc, separators=(",", ":")))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], size: int, granularity: int = 65536) -> DirtyMap:

@@ -7,9 +7,9 @@ read the same text.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Iterable, Optional
+
+from .durable import replace_file
 
 STATES = ("starting", "running", "degraded", "resyncing", "failed-over", "fenced", "stopped")
 STAGES = ("none", "running", "failover", "failover-failed", "done")
@@ -104,14 +104,4 @@ def _family(name: str, samples: Iterable[tuple[dict[str, Any], Any]]) -> str:
 
 def write_file(path: str, text: str) -> None:
     """Replace ``path`` atomically (a scraper never reads half a file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".metrics.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, text)

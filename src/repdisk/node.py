@@ -27,8 +27,10 @@ nor the controller for ``isolation-timeout`` (see :class:`Isolation`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import threading
 import time
 import uuid
@@ -36,6 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import batch, forwarder, resync, sessions, threadstate
 from .config import PRIMARY, SECONDARY, NodeConfig
+from .dirtymap import DirtyMap
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage
 from .primary import PrimaryReplica
@@ -308,6 +311,8 @@ class Node:
         self._name_exports()
         if self.state.failover_commit is not None:
             self._resume_failover()
+        if self.mode is ReplicationMode.PRIMARY:
+            self._recall_dirty()
 
     # -- building -------------------------------------------------------------
 
@@ -353,6 +358,8 @@ class Node:
                                     (replica + sessions.SEAL_SUFFIX, rep.replica)):
                     self.exports[export] = dev
                     self._gates[export] = gate
+            for replica in aliases:  # read-only digests for a primary's own comparison
+                self.exports[replica + resync.DIGEST_SUFFIX] = resync.DigestView(rep.disk)
             self.exports[f"active/{name}"] = active
             if i == 0:
                 self.exports["active"] = active
@@ -388,8 +395,7 @@ class Node:
         listed = forwarder.list_exports(self.cfg.secondary, self.cfg.timeout)
         if not listed:
             return
-        theirs = sorted({n.partition("/")[2] for n in listed if n.startswith("replica/")
-                         and not n.endswith(batch.EXPORT_SUFFIX)})
+        theirs = sorted({n.partition("/")[2] for n in listed if n.startswith("replica/")})
         ours = sorted(self.replicas)
         if theirs and len(self.replicas) > 1 and theirs != ours:
             raise ConfigError("secondary", f"the disk names differ: this primary has "
@@ -434,9 +440,11 @@ class Node:
         self.emit("PRIMARY_DEMOTED", {"disk": disk, "epoch": epoch})
 
     def list_exports(self) -> list[tuple[str, str]]:
-        """Every export but the batch and seal twins: those are the primary's, not a user's."""
+        """Every export but the batch, seal and digest twins: those are the primary's, not a
+        user's."""
         return [(name, self._describe(name)) for name in self.exports
-                if not name.endswith((batch.EXPORT_SUFFIX, sessions.SEAL_SUFFIX))]
+                if not name.endswith((batch.EXPORT_SUFFIX, sessions.SEAL_SUFFIX,
+                                      resync.DIGEST_SUFFIX))]
 
     def _describe(self, name: str) -> str:
         view, _, disk = name.partition("/")
@@ -457,7 +465,66 @@ class Node:
             tls.serve_control(server, self.cfg.control_tcp, self.cfg.control_tls)
         self._server = server
         if self.mode is ReplicationMode.PRIMARY:
+            self._mark_unclean()
             self._guard(self.cfg.on_isolation, self.cfg.isolation_timeout)
+
+    # -- the dirty maps across stops and crashes (issue 15: DRBD's on-disk bitmap) ---------
+
+    def _map_path(self, disk: str) -> str:
+        return f"{self.cfg.state}.{disk}.dirtymap"
+
+    def _recall_dirty(self) -> None:
+        """Primary at open: what the secondary lacks.  After a clean stop, each disk's map
+        saved then; after an unclean one (``unclean`` still set: killed, crashed, or a map
+        unreadable) nothing is known, so each disk compares itself with the secondary's
+        by digest before its first copy (``compare_first``), and until then no checkpoint
+        can make the secondary consistent (start and resync do it first)."""
+        for rep in self._primaries():
+            if self.state.unclean:
+                rep.compare_first = True
+                continue
+            try:
+                saved = DirtyMap.load(self._map_path(rep.name), rep.disk.size,
+                                      rep.dirty.granularity)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as err:
+                log.warning("%s: %s; comparing the disks instead", rep.name, err)
+                rep.compare_first = True
+                continue
+            for offset, length in saved.runs():
+                rep.dirty.mark(offset, length)
+            log.info("%s: %d bytes dirty since the last clean stop", rep.name,
+                     rep.dirty.dirty_bytes)
+        if self.state.unclean:
+            log.warning("this primary did not stop cleanly: it compares its disks with the "
+                        "secondary's before replicating")
+
+    def _mark_unclean(self) -> None:
+        """Before serving the first write: from now on only a clean stop knows exactly what
+        the secondary lacks (a write in flight or not yet written back at a crash is on
+        this disk only), so record that it has not stopped cleanly.  Once per process,
+        never on a write's path.  The saved maps are in memory now: remove them."""
+        with self._state_lock:
+            self.state.unclean = True
+            self.state.save(self.cfg.state)
+        for rep in self._primaries():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._map_path(rep.name))
+
+    def _save_dirty(self) -> None:
+        """Primary, at a clean stop (links dropped: what they did not acknowledge is dirty):
+        save each disk's map, then clear ``unclean``."""
+        for rep in self._primaries():
+            path = self._map_path(rep.name)
+            if rep.dirty:
+                rep.dirty.save(path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        with self._state_lock:
+            self.state.unclean = False
+            self.state.save(self.cfg.state)
 
     def _guard(self, policy: str, timeout: float) -> None:
         self.isolation = Isolation(timeout, policy, self._secondary_answers, self.emit,
@@ -758,6 +825,7 @@ class Node:
             self.exports[f"active/{name}"].target = primary.view  # type: ignore[attr-defined]
             self.exports[name] = self.exports[f"active/{name}"]
         self.state.role = PRIMARY
+        self.state.unclean = True  # it serves from now on: see _mark_unclean
         self.state.save(self.cfg.state)
         log.warning("promoted to primary (epoch %d), replicating to %s", self.state.epoch,
                     secondary_uri)
@@ -857,6 +925,12 @@ class Node:
             self._server.close()
         for rep in self.replicas.values():
             rep.close()
+        if self.mode is ReplicationMode.PRIMARY and self.state.unclean:
+            try:
+                self._save_dirty()
+            except (OSError, ValueError) as err:
+                log.error("cannot save the dirty maps (%s): the next start compares the disks",
+                          err)
         for old in self._retired:
             old.close(disk=False)
 

@@ -57,7 +57,8 @@ from typing import Any, Callable, Optional, Union
 from .blockcache import BlockCache
 from .dirtymap import DirtyMap
 from .errors import ConfigError, ForwardError, check_range
-from .forwarder import Forwarder, Ticket
+from . import resync
+from .forwarder import Forwarder, Ticket, with_export_suffix
 from .images import BlockDevice, RawImage
 from . import resyncrate
 from .rangelock import RangeLock
@@ -199,6 +200,9 @@ class PrimaryReplica:
         self._waiting = 0
         #: async: guest writes are written back from the dirty map (module note).
         self.write_back = write_mode == "async"
+        #: Nothing is known of what the secondary lacks (this primary did not stop cleanly,
+        #: node.py): the first copy compares the disks by digest first (_copy_dirty).
+        self.compare_first = False
 
     def __repr__(self) -> str:
         return f"PrimaryReplica({self.name!r})"
@@ -547,6 +551,10 @@ class PrimaryReplica:
     def _require_in_sync(self, op: str, hint: str) -> None:
         """Refuse ``op`` unless every write is known to be on the secondary."""
         dirty = self.dirty.dirty_bytes
+        if self.compare_first:
+            raise ReplicationError(f"{self.name}: cannot {op}: this primary did not stop "
+                                   "cleanly and has not compared its disk with the "
+                                   f"secondary's yet; {hint}")
         if self.degraded or dirty:
             raise ReplicationError(f"{self.name}: cannot {op}: the secondary is not in sync: "
                                    f"{dirty} bytes dirty; {hint}")
@@ -793,6 +801,8 @@ class PrimaryReplica:
                 last_event = time.monotonic()
                 self.sm.progress("RESYNC", done, total)
 
+        if self.compare_first:
+            self._compare()
         done = self._send_dirty(chase=not self.write_back, report=report)
         fwd = self._forwarding()
         # Not draining: async writes may keep the dirty map from ever running dry.
@@ -801,6 +811,24 @@ class PrimaryReplica:
         self.sm.progress("RESYNC", done, done)
         self._pull()
         return done
+
+    def _compare(self) -> None:
+        """Mark dirty every granule where the secondary's disk differs from this one (by
+        digest, resync.differing_granules); then the ordinary copy sends them.  Writes
+        made meanwhile are marked as usual, so a granule compared before one is not lost."""
+        began = time.monotonic()
+        try:
+            runs = resync.differing_granules(
+                self.disk, with_export_suffix(self.secondary_uri or "", self.export_suffix),
+                self.timeout)
+        except ForwardError as err:
+            raise ReplicationError(f"{self.name}: cannot compare the disks, so nothing is "
+                                   f"copied yet: {err}") from err
+        for offset, length in runs:
+            self.dirty.mark(offset, length)
+        self.compare_first = False
+        log.warning("%s: compared with the secondary in %.1fs: %d bytes differ", self.name,
+                    time.monotonic() - began, sum(n for _, n in runs))
 
     def _send_dirty(self, chase: bool = True,
                     report: Optional[Callable[[int], None]] = None) -> int:
@@ -970,6 +998,7 @@ class PrimaryReplica:
             "link": dict(fwd.stats) if fwd else None,
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
             "holding": self._holding,
+            "compare_first": self.compare_first,
         }
 
     def close(self) -> None:

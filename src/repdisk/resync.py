@@ -18,6 +18,7 @@ lies wholly in a hole is not read: its digest is that of zeros (cached per lengt
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import time
@@ -26,12 +27,17 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
+import nbd
+
+from . import tls
+from .errors import BlockIOError, ForwardError, check_range
+from .forwarder import _pump, with_export_suffix
 from .images import EXTENT_HOLE, RawImage
 
 log = logging.getLogger(__name__)
 
 __all__ = ["disk_digests", "data_runs", "SyncPlan", "Progress", "SYNC_MODES", "PIECE",
-           "GRANULARITY"]
+           "GRANULARITY", "DigestView", "differing_granules", "DIGEST_SUFFIX"]
 
 DIGEST_SIZE = 16
 #: The default digest granule: the primary's dirty-map granule, so a differing granule is
@@ -135,6 +141,91 @@ def differing_runs(offset: int, granularity: int, ours: list[str], theirs: list[
     runs = [(offset + i * granularity, min(granularity, size - offset - i * granularity))
             for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
     return merge_runs(runs)
+
+
+# -- the primary's own comparison (a restart after it did not stop cleanly) ---------------
+
+#: What ``replica/NAME`` becomes for its digests (the secondary serves it next to the replica).
+DIGEST_SUFFIX = "+digest"
+
+
+class DigestView:
+    """A read-only ``BlockDevice`` whose bytes are a disk's digests: bytes
+    ``[DIGEST_SIZE * k, DIGEST_SIZE * (k + 1))`` are the digest of granule ``k`` (GRANULARITY
+    bytes of the disk, the last one short), as :func:`disk_digests` computes them.
+
+    A secondary serves it as ``replica/NAME+digest`` so that a primary that did not stop
+    cleanly can compare its disk with the secondary's over the NBD link it already has,
+    moving 16 bytes per 64 KiB granule (:func:`differing_granules`).  Reads must be
+    aligned to whole digests; writes are refused.
+    """
+
+    def __init__(self, image: RawImage, granularity: int = GRANULARITY) -> None:
+        self.image = image
+        self.granularity = granularity
+        self.size = -(-image.size // granularity) * DIGEST_SIZE
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        check_range(self.size, offset, len(buf))
+        if offset % DIGEST_SIZE or len(buf) % DIGEST_SIZE:
+            raise BlockIOError(errno.EINVAL, f"{self.image.path} digests: read whole "
+                                             f"{DIGEST_SIZE}-byte digests, not [{offset}, "
+                                             f"{offset + len(buf)})")
+        g = self.granularity
+        first, count = offset // DIGEST_SIZE, len(buf) // DIGEST_SIZE
+        start = first * g
+        digests = disk_digests(self.image, start, min(count * g, self.image.size - start), g)
+        buf[:] = b"".join(bytes.fromhex(d) for d in digests)
+
+    def _refuse(self, *_: object) -> None:
+        raise BlockIOError(errno.EROFS, f"{self.image.path} digests are read-only")
+
+    pwrite = zero = trim = _refuse
+
+    def flush(self) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        check_range(self.size, offset, length)
+        return [(offset, length, 0)]
+
+
+def differing_granules(image: RawImage, uri: str, timeout: float,
+                       progress: Optional[Callable[[int, int], None]] = None) -> list[Run]:
+    """Compare ``image`` with the secondary's disk behind ``uri`` (its replica export, to
+    which DIGEST_SUFFIX is appended) by digest, PIECE bytes at a time; the byte runs of
+    the granules that differ.  Each wait is bounded by ``timeout``.  Raises ForwardError
+    naming the URI if the secondary does not answer or is not a repdisk secondary."""
+    target = with_export_suffix(uri, DIGEST_SUFFIX)
+    h = nbd.NBD()
+
+    def wait(until: Callable[[], bool], what: str) -> None:
+        if not _pump(h, until, time.monotonic() + timeout):
+            raise ForwardError(f"secondary {uri} does not answer: no {what} within {timeout}s")
+
+    try:
+        tls.prepare_client(h, target)
+        h.aio_connect_uri(target)
+        wait(lambda: not h.aio_is_connecting(), "NBD handshake")
+        want = DigestView(image).size
+        if not h.aio_is_ready() or h.get_size() != want:
+            raise ForwardError(f"secondary {uri} serves no digests of a {image.size}-byte "
+                               "disk (is it a repdisk secondary of this version?)")
+        runs: list[Run] = []
+        for offset in range(0, image.size, PIECE):
+            length = min(PIECE, image.size - offset)
+            ours = disk_digests(image, offset, length, GRANULARITY)
+            buf = nbd.Buffer(len(ours) * DIGEST_SIZE)
+            cookie = h.aio_pread(buf, offset // GRANULARITY * DIGEST_SIZE)
+            wait(lambda: bool(h.aio_command_completed(cookie)), "digests")
+            raw = buf.to_bytearray()
+            theirs = [raw[i:i + DIGEST_SIZE].hex() for i in range(0, len(raw), DIGEST_SIZE)]
+            runs += differing_runs(offset, GRANULARITY, ours, theirs, image.size)
+            if progress is not None:
+                progress(offset + length, image.size)
+        return merge_runs(runs)
+    except nbd.Error as err:
+        raise ForwardError(f"secondary {uri} does not answer: {err}") from None
 
 
 # -- progress ------------------------------------------------------------------------------

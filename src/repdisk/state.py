@@ -14,18 +14,22 @@ every start until it has.  A secondary whose primary was demoted cleanly (its fi
 barrier, then a write to the seal export, see node.py) records ``sealed`` (disk -> the
 primary's epoch): its disk then holds every write that primary acknowledged, so it may be
 promoted without a rollback (:meth:`NodeState.switch`); any newer writer session or start
-clears it.  Written atomically
-(temporary file, fsync, rename, fsync of the directory) so a crash leaves the old
-or the new state, never a torn one; a file that cannot be parsed is refused.
+clears it.  A primary records ``unclean`` once it begins to serve, before any write, and
+clears it only at a clean stop, after saving its dirty maps: a primary that finds it set
+at start-up did not stop cleanly (its maps are gone or stale) and compares its disks with
+its secondary's before its first checkpoint (node.py).  Written with
+:func:`~repdisk.durable.replace_file` (temporary file, fsync, rename, fsync of the
+directory) so a crash leaves the old or the new state, never a torn one; a file that cannot
+be parsed is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from .durable import replace_file
 from .errors import ConfigError
 
 FORMAT = 1
@@ -39,6 +43,7 @@ class NodeState:
     fenced: str = ""           # why this node may no longer accept guest writes ("" = not)
     failover_commit: Optional[int] = None  # epoch whose failover commit is under way
     sealed: dict[str, int] = field(default_factory=dict)  # disk -> epoch of a clean demote
+    unclean: bool = False      # a primary served since its dirty maps were last saved
 
     @classmethod
     def load(cls, path: str) -> "NodeState":
@@ -57,22 +62,13 @@ class NodeState:
                        failed_over=bool(raw["failed_over"]),
                        fenced=str(raw.get("fenced", "")),
                        failover_commit=_optional_int(raw.get("failover_commit")),
-                       sealed=_sealed(raw.get("sealed", {})))
+                       sealed=_sealed(raw.get("sealed", {})),
+                       unclean=bool(raw.get("unclean", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, **asdict(self)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        replace_file(path, json.dumps({"format": FORMAT, **asdict(self)}))
 
     def check_start(self, role: str, epoch: Optional[int]) -> None:
         """Refuse a start that would let a stale node write; raise with the reason."""

@@ -1,0 +1,112 @@
+"""What a primary's secondary lacks survives the primary's stop, crash and restart
+(issue 15, item 1: DRBD's on-disk bitmap).
+
+Run as a user runs it: ``repdisk lab``, ``qemu-io`` and ``repdisk ctl`` only.  A write
+acknowledged while the secondary is down must be on the secondary's disk after the
+primary restarts, the next checkpoint and a failover, whether the primary stopped
+cleanly (its dirty map is saved and read back) or was killed (its state file says it did
+not stop cleanly, so it compares the disks by digest before replicating).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Iterator
+
+import pytest
+
+from repdisk import lab
+from repdisk.dirtymap import DirtyMap
+from tests.test_cli import REPDISK, run
+from tests.test_lab import lab_processes
+from tests.test_node_pair import qemu
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def lab_dir(tmp_path) -> Iterator[str]:
+    folder = str(tmp_path / "r2")
+    try:
+        yield folder
+    finally:
+        lab.down(folder, quiet=True)
+        for proc in lab_processes(folder):
+            proc.kill()
+
+
+def repdisk(folder: str, *argv: str) -> str:
+    result = run([REPDISK, *argv], folder, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def pid(folder: str, role: str) -> int:
+    with open(os.path.join(folder, f"{role}.pid")) as f:
+        return int(f.read())
+
+
+def kill9(folder: str, role: str) -> None:
+    p = pid(folder, role)
+    os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(proc.pid == p for proc in lab_processes(folder)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def state(folder: str) -> dict:
+    with open(os.path.join(folder, "pri.img.state")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("stop", ["clean", "kill -9"])
+def test_write_acknowledged_while_degraded_survives_a_primary_restart(lab_dir: str,
+                                                                      stop: str) -> None:
+    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M")
+    assert state(lab_dir)["unclean"] is True           # serving: only a clean stop knows
+    kill9(lab_dir, "sec")
+    guest = f"nbd+unix:///?socket={lab_dir}/pri.sock"
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 1M", guest)   # acknowledged
+    if stop == "clean":
+        repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)
+        assert state(lab_dir)["unclean"] is False
+        saved = DirtyMap.load(os.path.join(lab_dir, "pri.img.state.disk0.dirtymap"), SIZE)
+        assert saved.runs() == [(0, MiB)]
+    else:
+        kill9(lab_dir, "pri")
+        assert state(lab_dir)["unclean"] is True
+        repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)  # removes the sockets and pids
+    repdisk(lab_dir, "lab", "--dir", lab_dir)
+    pri, sec = f"{lab_dir}/pri.qmp", f"{lab_dir}/sec.qmp"
+    log = open(os.path.join(lab_dir, "pri.log")).read()
+    if stop == "kill -9":
+        assert "disk0: compared with the secondary in" in log and ": 1048576 bytes differ" in log
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert repdisk(lab_dir, "ctl", sock, cmd) == "ok\n"
+    assert "consistent" in repdisk(lab_dir, "status", sec)
+    assert repdisk(lab_dir, "ctl", sec, "failover") == "ok\n"
+    active = f"nbd+unix:///active?socket={lab_dir}/sec.sock"
+    qemu("qemu-io", "-f", "raw", "-c", "read -P 0x66 0 1M", "-c", f"read -P 0 1M {SIZE - MiB}",
+         active)
+    with open(os.path.join(lab_dir, "sec.img"), "rb") as f:
+        assert f.read() == b"\x66" * MiB + bytes(SIZE - MiB)
+
+
+def test_clean_stop_of_an_in_sync_primary_leaves_no_map_and_copies_nothing(lab_dir: str
+                                                                          ) -> None:
+    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M")
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M",
+         f"nbd+unix:///?socket={lab_dir}/pri.sock")
+    repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)
+    assert state(lab_dir)["unclean"] is False
+    assert not os.path.exists(os.path.join(lab_dir, "pri.img.state.disk0.dirtymap"))
+    repdisk(lab_dir, "lab", "--dir", lab_dir)
+    q = json.loads(repdisk(lab_dir, "ctl", f"{lab_dir}/pri.qmp", "query-replication", "--json"))
+    assert q["disks"][0]["counters"]["forwarded"] == 0    # nothing was copied at start
+    assert "compared" not in open(os.path.join(lab_dir, "pri.log")).read()
