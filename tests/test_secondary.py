@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repdisk.errors import BlockIOError
-from repdisk.images import BlockDevice, Overlay, RawImage
+from repdisk.images import EXTENT_HOLE, BlockDevice, Overlay, RawImage
 from repdisk.replication import Registry, ReplicationError, ReplicationMode
 from repdisk.secondary import Op, Route, SecondaryReplica, View, gate
 from repdisk.stage import Stage
@@ -325,7 +325,7 @@ def requests(draw: st.DrawFn, kind: str) -> tuple[Any, ...]:
 
 
 OPS = st.lists(st.one_of(requests("primary-write"), requests("primary-zero"),
-                         requests("vm-write"), requests("vm-zero"),
+                         requests("primary-trim"), requests("vm-write"), requests("vm-zero"),
                          st.just(("checkpoint",)), st.just(("failover",)), st.just(("stop",))),
                max_size=30)
 
@@ -345,7 +345,7 @@ class Model:
 
     def apply(self, sec: SecondaryReplica, op: tuple[Any, ...]) -> None:
         kind = op[0]
-        if kind in ("primary-write", "primary-zero", "vm-write", "vm-zero"):
+        if kind in ("primary-write", "primary-zero", "primary-trim", "vm-write", "vm-zero"):
             self._request(sec, *op)
         elif kind == "checkpoint":
             sec.checkpoint()
@@ -380,23 +380,37 @@ class Model:
             targets = [self.vm] if self.stage is Stage.RUNNING else [self.vm, self.disk]
         if kind.endswith("write"):
             dev.pwrite(data, offset)
+        elif kind.endswith("trim"):
+            dev.trim(offset, length)  # the disk punches a hole: reads zeros
         else:
             dev.zero(offset, length)
         for target in targets:
             target[offset:offset + length] = data
 
 
+def hole_clusters(image: RawImage) -> set[int]:
+    """Clusters of SMALL_CS bytes that lie wholly in holes of ``image``."""
+    return {c for off, n, flags in image.extents(0, image.size) if flags & EXTENT_HOLE
+            for c in range(-(-off // SMALL_CS), (off + n) // SMALL_CS)}
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
 def test_views_match_the_model(ops: list[tuple[Any, ...]]) -> None:
-    initial = pattern(SMALL, seed=13)
+    """... and a copy-before-write of a cluster that is a hole on the disk leaves a hole
+    in the hidden overlay's data file (the disk's second half starts as holes, and zeros
+    and trims make more)."""
+    initial = pattern(SMALL // 2, seed=13) + bytes(SMALL // 2)
     with tempfile.TemporaryDirectory() as tmp:
-        sec = make_replica(tmp, SMALL, SMALL_CS, fill=initial)
+        sec = make_replica(tmp, SMALL, SMALL_CS, fill=initial[:SMALL // 2])
         try:
             sec.start(SECONDARY)
             model = Model(initial)
             for op in ops:
+                holes, copied = hole_clusters(sec.disk), set(sec.hidden.allocated_clusters())
                 model.apply(sec, op)
+                new = set(sec.hidden.allocated_clusters()) - copied
+                assert not (new & holes) - hole_clusters(sec.hidden._data), op
                 assert sec.stage is model.stage and sec.consistent is model.consistent
                 assert read(sec.active) == model.vm, op
                 assert read(sec.replica) == model.disk, op

@@ -869,8 +869,9 @@ class Overlay:
             for run_first, run_end, allocated in self._state_runs(first, last):
                 lo, hi = self._span(run_first, run_end)
                 lo, hi = max(lo, offset), min(hi, end)
-                if allocated:
-                    _add_extent(out, lo, hi - lo, 0)
+                if allocated:  # zeroed clusters are holes in the data file
+                    for extent in self._data.extents(lo, hi - lo):
+                        _add_extent(out, *extent)
                 else:
                     for extent in self.backing.extents(lo, hi - lo):
                         _add_extent(out, *extent)
@@ -888,6 +889,9 @@ class Overlay:
     def _copy_clusters(self, first: int, end: int) -> int:
         """Copy every unallocated cluster of ``[first, end)`` from the backing; returns bytes.
 
+        Where the backing is a hole (reads as zeros) the copy is a hole too: no byte is
+        written into the data file, only the cluster's bit, so copy-before-write of a
+        sparse disk (a zero or trim over holes, ``qemu-img convert``) fills nothing.
         Call with ``_ranges`` held exclusively over the clusters.
         """
         copied = 0
@@ -895,7 +899,11 @@ class Overlay:
             if allocated:
                 continue
             lo, hi = self._span(run_first, run_end)
-            copy_range(self.backing, self._data, lo, hi - lo)
+            for offset, length, flags in self.backing.extents(lo, hi - lo):
+                if flags & EXTENT_ZERO:
+                    self._data.zero(offset, length)  # stale bytes from an earlier interval
+                else:
+                    copy_range(self.backing, self._data, offset, length)
             self._mark_allocated(run_first, run_end)
             copied += hi - lo
         return copied
