@@ -56,6 +56,7 @@ import errno
 import os
 import site
 import sys
+import traceback
 
 import nbdkit
 
@@ -76,9 +77,10 @@ _find_package()
 
 from repdisk import config as _config  # noqa: E402
 from repdisk import threadstate  # noqa: E402
-from repdisk.errors import BlockIOError, ConfigError  # noqa: E402
+from repdisk.errors import BlockIOError, ConfigError, RepdiskError  # noqa: E402
 from repdisk.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
 from repdisk.node import Node  # noqa: E402
+from repdisk.qmp import remove_stale_socket  # noqa: E402
 
 API_VERSION = 2
 
@@ -91,6 +93,28 @@ def _fail_startup(err: Exception) -> None:
     sys.stderr.write(f"nbdkit: repdisk: error: {err}\n")
     sys.stderr.flush()
     os._exit(1)
+
+
+_format_exception = traceback.format_exception
+
+
+def _format_refusal(exc, *args, **kwargs):
+    """A request refused on purpose is one line in the node's log, not a traceback.
+
+    nbdkit 1.32 can fail a request only when the callback raises (a return value is
+    ignored), and it logs the exception with ``traceback.format_exception`` (its
+    plugins/python/errors.c looks the function up at every failure).  For a BlockIOError,
+    which the node raises to refuse a request with an errno (a fenced primary, a stale
+    writer, a request past the end), that is the message alone; anything else keeps its
+    full traceback: it is a bug.
+    """
+    value = args[0] if args else kwargs.get("value", exc)
+    if isinstance(value, BlockIOError):
+        return [str(value)]
+    return _format_exception(exc, *args, **kwargs)
+
+
+traceback.format_exception = _format_refusal
 
 
 def thread_model():
@@ -109,10 +133,14 @@ def config(key, value):
 
 
 def config_complete():
+    """Check every key, and that no node serves the control socket, before any file of the
+    node is opened: a refused start touches nothing of a node already running."""
     global _node
     try:
-        _node = Node.from_keys(_keys)
-    except ConfigError as err:
+        cfg = _config.NodeConfig.from_keys(_keys)
+        remove_stale_socket(cfg.control)
+        _node = Node(cfg)
+    except RepdiskError as err:
         _fail_startup(err)
 
 
@@ -124,7 +152,10 @@ def get_ready():
 
 
 def after_fork():
-    _node.serve_control()
+    try:
+        _node.serve_control()
+    except RepdiskError as err:
+        _fail_startup(err)
 
 
 def cleanup():

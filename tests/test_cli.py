@@ -115,7 +115,10 @@ MISTAKES = [
             r"cluster-size: 3072 is not a power of two from 512 to 2M"),
     Mistake("unparsable cluster-size", sec_keys(("cluster-size", "big")),
             r"cluster-size: cannot parse size 'big': use a number with an optional K, M, G or T "
-            r"suffix, e.g\. 64K"),
+            r"suffix, e\.g\. 64K or 1G"),
+    Mistake("control in a missing folder", sec_keys()[:2] + [("control", "/missing/dir/c.qmp")],
+            r"control: /missing/dir/c\.qmp: the folder /missing/dir does not exist: create it "
+            r"\(mkdir -p /missing/dir\) or choose another path"),
     Mistake("missing secondary", pri_keys()[:-1],
             r"secondary: is required for role=primary \(NBD-URI\)"),
     Mistake("not an NBD URI", pri_keys(secondary="http://example.invalid/x"),
@@ -131,8 +134,8 @@ MISTAKES = [
     Mistake("bad write-mode", pri_keys(("write-mode", "fast")),
             r"write-mode: unknown mode 'fast': use sync or async"),
     Mistake("bad timeout", pri_keys(("timeout", "soon")),
-            r"timeout: cannot parse duration 'soon': use a positive number of seconds, e\.g\. "
-            r"5s or 500ms"),
+            r"timeout: cannot parse duration 'soon': use a number with an optional unit ms, s, m "
+            r"or h, e\.g\. 5s or 500ms"),
     Mistake("zero timeout", pri_keys(("timeout", "0s")), r"timeout: '0s' is not positive: use e\.g\. 5s or 500ms"),
     Mistake("bad window", pri_keys(("window", "0")), r"window: expected a whole number >= 1, got '0'"),
     Mistake("bad resync-rate", pri_keys(("resync-rate", "fast")),

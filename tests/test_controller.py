@@ -544,7 +544,8 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
         assert st.returncode == 0, st.stderr
         first = st.stdout.splitlines()[0]
         assert first.startswith("controller running") and "epoch 1" in first
-        assert "primary ok" in first and "secondary ok" in first
+        assert f"primary {pair.pri.control} ok" in first     # which socket has which role
+        assert f"secondary {pair.sec.control} ok" in first
         assert st.stdout.splitlines()[1].startswith("primary")
         ck = subprocess.run(repdisk + ["ctl", ctrl, "checkpoint", "--json"], capture_output=True,
                             text=True, timeout=30)

@@ -68,7 +68,7 @@ def test_lab_up_use_and_down(lab_dir: str) -> None:
     again = run([REPDISK, "lab", "--dir", lab_dir], "/")
     assert again.returncode == 1
     assert again.stderr == (f"repdisk: error: a lab is already running in {lab_dir} (found "
-                            f"{os.path.join(lab_dir, 'sec.pid')}); run: repdisk lab --down "
+                            f"{os.path.join(lab_dir, 'sec.pid')}); run: {lab.command_name()} lab --down "
                             f"--dir {lab_dir}\n")
     assert len(lab_processes(lab_dir)) == 2
 
@@ -106,16 +106,28 @@ def test_lab_that_cannot_start_cleans_up(lab_dir: str) -> None:
     assert not any(f.endswith(".pid") for f in os.listdir(lab_dir))
 
 
+def without_venv_on_path() -> dict[str, str]:
+    """The environment after `make setup`: .venv/bin is not on PATH."""
+    venv = os.path.dirname(REPDISK)
+    path = [d for d in os.environ.get("PATH", "").split(":") if d and d != venv]
+    return {**os.environ, "PATH": ":".join(path or ["/usr/bin", "/bin"])}
+
+
 def test_lab_welcome_names_working_commands(lab_dir: str) -> None:
-    """Every `repdisk ...` line the welcome text suggests runs as printed."""
-    up = run([REPDISK, "lab", "--dir", lab_dir, "--size", "8M"], "/")
-    assert up.returncode == 0
+    """Every command the welcome text suggests runs exactly as printed, in a shell where
+    `repdisk` is not on PATH (as after `make setup`): it names .venv/bin/repdisk."""
+    env = without_venv_on_path()
+    up = subprocess.run([REPDISK, "lab", "--dir", lab_dir, "--size", "8M"], cwd="/", env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
     text = up.stdout.replace("\\\n", " ")                   # join continued lines
     suggested = [line.strip() for line in text.splitlines() if line.startswith("  ")
                  and not line.strip().startswith("qemu-system")]
-    assert any("failover" in s for s in suggested) and suggested[-1].startswith("repdisk lab")
+    assert any("failover" in s for s in suggested)
+    assert suggested[-1].startswith(f"{REPDISK} lab --down")
+    assert all(s.startswith((REPDISK + " ", "qemu-")) for s in suggested), suggested
     script = "\n".join(suggested)
-    done = subprocess.run(["bash", "-e", "-c", script.replace("repdisk ", REPDISK + " ")],
+    done = subprocess.run(["bash", "-e", "-c", script], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr

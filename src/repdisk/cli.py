@@ -16,6 +16,7 @@ The node options are made from the same key table as the plugin's keys
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -120,8 +121,9 @@ def _ctl(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(value: Any, indent: str = "") -> str:
-    """A readable table of a QMP result: keys aligned, lists of disks one block each."""
+def render(value: Any, indent: str = "", key: str = "") -> str:
+    """A readable table of a QMP result: keys aligned, lists of disks one block each, sizes
+    in MiB, seconds and wall-clock times for people (ctlclient.human); ``--json`` is exact."""
     if isinstance(value, dict):
         if not value:
             return indent + "ok"
@@ -130,39 +132,39 @@ def render(value: Any, indent: str = "") -> str:
         for k, v in value.items():
             if isinstance(v, (dict, list)) and v:
                 lines.append(f"{indent}{k}:")
-                lines.append(render(v, indent + "  "))
+                lines.append(render(v, indent + "  ", str(k)))
             else:
-                lines.append(f"{indent}{str(k).ljust(width)}  {_scalar(v)}")
+                lines.append(f"{indent}{str(k).ljust(width)}  {ctlclient.human(str(k), v)}")
         return "\n".join(lines)
     if isinstance(value, list):  # a flat list inside (e.g. a range [offset, length]): one line
-        return "\n".join(render(v, indent) if isinstance(v, dict) or _nested(v)
-                         else indent + _scalar(v) for v in value)
-    return indent + _scalar(value)
+        return "\n".join(render(v, indent, key) if isinstance(v, dict) or _nested(v)
+                         else indent + ctlclient.human(key, v) for v in value)
+    return indent + ctlclient.human(key, value)
 
 
 def _nested(v: Any) -> bool:
     return isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)
 
 
-def _scalar(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, dict) or isinstance(v, list):
-        return json.dumps(v)
-    return str(v)
-
-
 def _status(args: argparse.Namespace) -> int:
-    ok = True
+    """Each address in turn; one that does not answer is a line (or, with --json, an
+    ``error``) and exit status 1.  Printing is outside the ``try``: a closed stdout is not
+    an unreachable node."""
+    ok, found = True, {}
     for sock in args.sockets:
         try:
-            for line in ctlclient.status_lines(sock, args.tls, args.insecure):
-                print(line)
+            kind, q = ctlclient.status_query(sock, args.tls, args.insecure)
         except (RepdiskError, OSError) as err:
             ok = False
-            print(f"{sock}: unreachable: {err}")
+            found[sock] = {"kind": "unreachable", "error": str(err)}
+            lines = [f"{sock}: unreachable: {err}"]
+        else:
+            found[sock] = {"kind": kind, "query": q}
+            lines = ctlclient.render_status(kind, q)
+        if not args.json:
+            print("\n".join(lines), flush=True)
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True))
     return 0 if ok else 1
 
 
@@ -223,12 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", help="a QMP command (e.g. query-replication) or an alias: "
                                    + ", ".join(sorted(ctlclient.ALIASES)))
     p.add_argument("args", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as exact JSON (default: a table in human units)")
     _add_client_tls(p)
     p.set_defaults(func=_ctl)
 
     p = sub.add_parser("status", help="one line per disk per node, one per controller")
     p.add_argument("sockets", nargs="+", metavar="SOCKET|HOST:PORT")
+    p.add_argument("--json", action="store_true",
+                   help="print {ADDRESS: {kind, query | error}} as JSON (kind: node, "
+                        "controller or unreachable; query: what the socket answered)")
     _add_client_tls(p)
     p.set_defaults(func=_status)
 
@@ -244,18 +250,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status after Ctrl-C, and after stdout was closed (as a C tool killed by SIGINT/SIGPIPE).
+EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand.  Whatever happens, the user sees at most one line from us:
+
+    - a repdisk error: ``repdisk: error: ...`` (or the QMP error class), status 1;
+    - a file or folder that cannot be used: ``repdisk: error: PATH: why``, status 1;
+    - stdout closed by its reader (``repdisk status ... | head -1``): nothing, status 141;
+    - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130.
+    """
     try:
-        return int(args.func(args) or 0)
+        args = build_parser().parse_args(argv)     # --help is output too
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except ControlError as err:
         print(f"repdisk: {err.error_class}: {err}", file=sys.stderr)
         return 1
     except RepdiskError as err:
         print(f"repdisk: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_STDOUT_CLOSED
+    except SystemExit:                           # argparse: --help, or a usage error
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _discard_stdout()
+            return EXIT_STDOUT_CLOSED
+        raise
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"repdisk: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        return 130
+        _interrupted()
+        return EXIT_INTERRUPTED   # not reached
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of it cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _interrupted() -> None:
+    """One line, then exit at once: a control client interrupted mid-call leaves asyncio
+    tasks that would print screens of warnings while the interpreter shuts down."""
+    sys.stderr.write("repdisk: interrupted\n")
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .qmp import tcp_address
 from .resyncrate import ResyncRate, parse as parse_rate
 from .tls import (TLSSpec, check_control_plain, check_plain, control_tls_dir, uri_tcp_host,
                   uses_tls)
+from .units import parse_duration, parse_size  # the one parser of each (repdisk.units)
 
 PRIMARY, SECONDARY = "primary", "secondary"
 ROLES = (PRIMARY, SECONDARY)
@@ -118,24 +119,6 @@ def help_text(role: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def parse_size(key: str, text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ConfigError(key, f"cannot parse size {text!r}: use a number with an optional "
-                               "K, M, G or T suffix, e.g. 64K")
-    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
-
-
-def parse_duration(key: str, text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", text)
-    if not m:
-        raise ConfigError(key, f"cannot parse duration {text!r}: use a positive number of "
-                               "seconds, e.g. 5s or 500ms")
-    if float(m.group(1)) <= 0:
-        raise ConfigError(key, f"{text!r} is not positive: use e.g. 5s or 500ms")
-    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-
-
 def parse_bool(key: str, text: str) -> bool:
     if text.lower() in ("yes", "true", "on", "1"):
         return True
@@ -171,6 +154,15 @@ def parse_disk(text: str, index: int) -> DiskSpec:
     if not path:
         raise ConfigError("disk", "empty path: give disk=PATH or disk=NAME:PATH")
     return DiskSpec(name, path)
+
+
+def check_folder(key: str, path: str) -> None:
+    """ConfigError naming ``key`` if the folder that is to hold ``path`` does not exist (a
+    socket, state, pid or log file is created there)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(key, f"{path}: the folder {folder} does not exist: create it "
+                               f"(mkdir -p {folder}) or choose another path")
 
 
 def check_disk_file(path: str) -> int:
@@ -247,6 +239,8 @@ class NodeConfig:
         cfg = cls(role=role, disks=disks, control=_one(values, "control"),
                   state=_one(values, "state") or disks[0].path + ".state",
                   insecure=parse_bool("insecure", _one(values, "insecure") or "no"))
+        check_folder("control", cfg.control)
+        check_folder("state", cfg.state)
         cfg._control_keys(values)
         if role == PRIMARY:
             cfg._primary_keys(values)

@@ -133,22 +133,24 @@ def _controller_commands(node: "Node") -> list[Command]:
         Command("replication-promote", promote,
                 {"secondary": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
                  "write-mode": ArgSpec(str, False, "sync (default) or async"),
-                 "timeout": ArgSpec(float, False, "seconds the secondary may take (default 5)"),
-                 "isolation-timeout": ArgSpec(float, False, "seconds without contact before "
-                                                            "guest writes are held (default 3)"),
+                 "timeout": ArgSpec(float, False, "how long the secondary may take (default "
+                                                  "5s)", unit="duration"),
+                 "isolation-timeout": ArgSpec(float, False, "time without contact before guest "
+                                                            "writes are held (default 3s)",
+                                              unit="duration"),
                  "force": ArgSpec(bool, False, "a node that is not replicating takes its disk "
                                                "as it is (its caller knows no newer one "
                                                "exists: Pacemaker's agent)")},
                 help="a failed-over secondary, or a running one whose primary was demoted "
                      "(a role switch: nothing rolled back or copied), becomes a primary"),
         Command("query-digests", digests,
-                {"disk": disk, "offset": ArgSpec(int, True, "first byte"),
-                 "length": ArgSpec(int, True, "bytes (at most 1 GiB per call)"),
-                 "granularity": ArgSpec(int, True, "bytes per digest")},
+                {"disk": disk, "offset": ArgSpec(int, True, "first byte", unit="size"),
+                 "length": ArgSpec(int, True, "bytes (at most 1 GiB per call)", unit="size"),
+                 "granularity": ArgSpec(int, True, "bytes per digest", unit="size")},
                 help="BLAKE2b digests of the node's own disk in granules (checksum sync)"),
         Command("query-allocation", allocation,
-                {"disk": disk, "offset": ArgSpec(int, False, "first byte (default 0)"),
-                 "length": ArgSpec(int, False, "bytes (default: to the end)")},
+                {"disk": disk, "offset": ArgSpec(int, False, "first byte (default 0)", unit="size"),
+                 "length": ArgSpec(int, False, "bytes (default: to the end)", unit="size")},
                 help="[offset, length] runs where the node's disk holds data (full sync)"),
         Command("replication-mark-dirty", mark,
                 {"disk": disk, "runs": ArgSpec(list, True, "[[offset, length], ...]")},

@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 from qemu.qmp import ExecuteError
 
 from . import ctlclient, metrics, resync, tls
-from .config import parse_address, parse_duration
+from .config import check_folder, parse_address, parse_duration
 from .errors import ConfigError, ControlError, RepdiskError
 from .qmp import ArgSpec, Command, QMPClient, QMPServer, tcp_address
 
@@ -826,6 +826,10 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
 def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     cfg.check()
+    for flag, path in (("--control", args.control), ("--pidfile", args.pidfile),
+                       ("--log", args.log)):
+        if path:
+            check_folder(flag, path)      # one line now, not a detached child's silence
     if args.background:
         return _detach(args)
     logging.basicConfig(filename=args.log, level=logging.INFO,

@@ -10,11 +10,13 @@ Plain TCP only with ``insecure`` (for a port served with insecure=yes).
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from typing import Any, Callable, Optional
 
 from . import tls as tlsmod
+from . import units
 from .errors import ConfigError, ControlError
 from .qmp import QMPClient, tcp_address
 
@@ -107,26 +109,39 @@ def format_progress(event: str, data: dict[str, Any]) -> str:
             f"({100 * done / total:.0f}%)")
 
 
-def status_lines(socket: str, tls: Optional[str] = None, insecure: bool = False) -> list[str]:
-    """One human line per disk of the node behind ``socket``, or one for a controller."""
+def status_query(socket: str, tls: Optional[str] = None,
+                 insecure: bool = False) -> tuple[str, dict[str, Any]]:
+    """``("controller", query-controller)`` or ``("node", query-replication)`` of ``socket``."""
     client = connect(socket, tls, insecure)
     try:
         try:
-            return controller_lines(client.execute("query-controller"))
+            return "controller", client.execute("query-controller")
         except ControlError as err:
             if err.error_class != "CommandNotFound":
                 raise
-        q = client.execute("query-replication")
+        return "node", client.execute("query-replication")
     finally:
         client.close()
+
+
+def status_lines(socket: str, tls: Optional[str] = None, insecure: bool = False) -> list[str]:
+    """One human line per disk of the node behind ``socket``, or those of a controller."""
+    kind, q = status_query(socket, tls, insecure)
+    return render_status(kind, q)
+
+
+def render_status(kind: str, q: dict[str, Any]) -> list[str]:
+    """The lines of :func:`status_lines` for a query already made."""
+    if kind == "controller":
+        return controller_lines(q)
     return [status_line(q, d) for d in q.get("disks", [])]
 
 
 def controller_lines(q: dict[str, Any]) -> list[str]:
-    """A controller's state, nodes, last checkpoint and any running sync, for people."""
-    nodes = "  ".join(f"{role} {'ok' if n['reachable'] else 'LOST'} ({n['last_seen']:.1f}s ago)"
-                      for role, n in q["nodes"].items())
-    parts = [f"controller {q['state']:<11} epoch {q['epoch']}", nodes,
+    """A controller's state, operation, nodes (role, socket, contact), last checkpoint and any
+    running sync, for people."""
+    state = q["state"] + (f" ({q['operation']})" if q.get("operation") else "")
+    parts = [f"controller {state:<11} epoch {q['epoch']}", _nodes_text(q.get("nodes", {})),
              f"dirty {_mib(q.get('dirty', 0))} lag {_mib(q.get('lag', 0))}"]
     last = q["last_checkpoints"][-1] if q.get("last_checkpoints") else None
     parts.append(f"last checkpoint {last['duration'] * 1000:.1f} ms (pause "
@@ -149,9 +164,24 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _nodes_text(nodes: dict[str, Any]) -> str:
+    """``primary a.qmp ok (0.1s ago)  secondary b.qmp LOST (4.0s ago)``: which socket has
+    which role (after a promotion the first one given may be the secondary)."""
+    out = []
+    for key, n in nodes.items():
+        words = [n.get("role") or key, n.get("socket") or n.get("control") or "",
+                 "ok" if n.get("ok", n.get("reachable")) else "LOST"]
+        if isinstance(n.get("last_seen"), (int, float)):
+            words.append(f"({n['last_seen']:.1f}s ago)")
+        out.append(" ".join(w for w in words if w))
+    return "  ".join(out)
+
+
 def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
-    parts = [f"{node['role']:<9} {d.get('disk', '?'):<8} {d.get('stage', '?'):<15}",
-             f"epoch {node.get('epoch', 0)}"]
+    """One disk of a node: role, stage (or FENCED/SUSPENDED with why), epoch, the rest."""
+    held = _held(node)
+    parts = [f"{node['role']:<9} {d.get('disk', '?'):<8} " + (held + "  " if held else "")
+             + f"{d.get('stage', '?'):<15}", f"epoch {node.get('epoch', 0)}"]
     if node["role"] == "primary":
         parts.append(f"{d.get('write_mode', '')} dirty {_mib(d.get('dirty_bytes', 0))}"
                      f" in-flight {d.get('in_flight', 0)}"
@@ -167,5 +197,50 @@ def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _held(node: dict[str, Any]) -> str:
+    """``FENCED (reason)`` or ``SUSPENDED (since, why)`` for a primary whose guest writes
+    fail or wait; empty otherwise."""
+    iso = node.get("isolation") or {}
+    fenced = node.get("fenced") or iso.get("fenced")
+    if fenced:
+        return f"FENCED ({fenced})"
+    if iso.get("suspended"):
+        age = iso.get("last_contact_age")
+        since = f"no contact for {units.format_seconds(age)}" if age is not None else "isolated"
+        return (f"SUSPENDED ({since} with the secondary or the controller: guest writes held "
+                "until one answers)")
+    return ""
+
+
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return units.format_size(n)
+
+
+#: Keys of a QMP result that ``repdisk ctl`` shows in human units (by the key's name).
+SIZE_KEYS = frozenset({"size", "bytes", "dirty", "lag", "done", "total", "max-lag", "max_lag"})
+SECONDS_KEYS = frozenset({"duration", "pause", "age", "last_seen", "last_contact_age", "timeout",
+                          "isolation-timeout", "since", "eta", "loss_to_serving", "interval",
+                          "heartbeat", "heartbeat-timeout"})
+TIME_KEYS = frozenset({"time", "started", "at"})
+
+
+def human(key: str, value: Any) -> str:
+    """One scalar of a result for people: sizes in MiB, seconds as ms/s/minutes, wall-clock
+    times as local ISO time and age; anything else as itself (``-`` for null)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        name = str(key)
+        if name in SIZE_KEYS or name.endswith(("_bytes", "-bytes")):
+            return units.format_size(value)
+        if name == "rate":
+            return units.format_size(value) + "/s"
+        if name in SECONDS_KEYS:
+            return units.format_seconds(value)
+        if name in TIME_KEYS and value > 1e9:
+            return units.format_time(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)

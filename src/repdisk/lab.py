@@ -9,6 +9,9 @@ exact QEMU option to attach a guest and the control commands to try.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 from typing import Optional
 
 from . import config as cfgmod
@@ -45,7 +48,7 @@ def up(folder: str, size: str = "1G", write_mode: str = "sync",
     for role in ROLES:
         if os.path.exists(p[role]["pid"]):
             raise RepdiskError(f"a lab is already running in {folder} (found {p[role]['pid']}); "
-                               f"run: repdisk lab --down --dir {folder}")
+                               f"run: {command_name()} lab --down --dir {folder}")
     for role in ROLES:
         if not os.path.exists(p[role]["disk"]):
             with open(p[role]["disk"], "wb") as f:
@@ -64,23 +67,37 @@ def up(folder: str, size: str = "1G", write_mode: str = "sync",
     return 0
 
 
+def command_name() -> str:
+    """How to run this ``repdisk`` from a shell, as printed in next steps: ``repdisk`` when
+    that name on PATH is this very command, else the full path of the one next to this
+    interpreter (after ``make setup`` it is ``.venv/bin/repdisk``, which is not on PATH)."""
+    here = os.path.join(os.path.dirname(sys.executable), "repdisk")
+    on_path = shutil.which("repdisk")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(here):
+        return "repdisk"
+    return shlex.quote(here) if os.path.exists(here) else "repdisk"
+
+
 def _print_welcome(p: dict[str, dict[str, str]]) -> None:
     pri, sec = p["primary"], p["secondary"]
     guest = nodeproc.Listen(socket=pri["nbd"]).uri()
+    repdisk = command_name()
+    pq, sq = shlex.quote(pri["control"]), shlex.quote(sec["control"])
     print(f"""repdisk lab is up: primary {pri['disk']} -> secondary {sec['disk']}
 
 Attach a guest to the primary:
   qemu-system-x86_64 ... -drive file={guest},format=raw,if=virtio,cache=none
 
 Try:
-  repdisk status {pri['control']} {sec['control']}
+  {repdisk} status {pq} {sq}
   qemu-io -f raw -c 'write -P 0x22 0 1M' '{guest}'
-  repdisk ctl {pri['control']} checkpoint && repdisk ctl {sec['control']} checkpoint \\
-    && repdisk ctl {pri['control']} resume
-  repdisk ctl {sec['control']} failover        # the secondary takes over
+  {repdisk} ctl {pq} checkpoint \\
+    && {repdisk} ctl {sq} checkpoint \\
+    && {repdisk} ctl {pq} resume
+  {repdisk} ctl {sq} failover        # the secondary takes over
   qemu-img info '{nodeproc.Listen(socket=sec['nbd']).uri('active')}'
 Stop it:
-  repdisk lab --down --dir {os.path.dirname(pri['disk'])}""")
+  {repdisk} lab --down --dir {shlex.quote(os.path.dirname(pri['disk']))}""")
 
 
 def down(folder: str, quiet: bool = False) -> int:

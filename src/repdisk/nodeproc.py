@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import psutil
 
-from .errors import RepdiskError
+from .config import check_folder
+from .errors import ControlError, RepdiskError
 from .qmp import remove_stale_socket
 from .tls import TLSSpec, check_plain
 
@@ -103,11 +104,19 @@ def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
     """
     listen.check()
     if listen.socket:
-        remove_stale_socket(listen.socket, "NBD socket")
+        free_socket(listen.socket, "NBD socket")
     if threads is None:
         threads = default_threads(keys)
     return (["nbdkit", "-f", "-t", str(threads)]
             + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
+
+
+def free_socket(path: str, what: str) -> None:
+    """Remove a stale socket file at ``path``; RepdiskError if a server answers there."""
+    try:
+        remove_stale_socket(path, what)
+    except ControlError as err:
+        raise RepdiskError(str(err)) from None
 
 
 def spawn(cmd: list[str], logfile: str) -> subprocess.Popen:
@@ -120,25 +129,58 @@ def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
                      listen: Listen) -> int:
     """Start a detached node; return its pid once it serves, else raise with its log's error.
 
+    A start that is refused touches nothing of a node already running: a pid file naming a
+    live node, or a control socket where a server answers, is refused before anything is
+    written (the running node's log included), and the new node's pid goes to a file of its
+    own (``PIDFILE.starting``) that becomes ``pidfile`` only once it serves.  A folder that
+    does not exist is one line saying so, before anything is started.
+
     ``setsid -f`` forks before nbdkit starts, so nbdkit never sees the process that
     started it go away: nbdkit 1.32 started as our child (even in a new session) was seen
     to shut itself down as soon as this command exited.  A shell writes the pid file and
     then execs nbdkit (same pid), so a node that fails during start-up is noticed at once
     instead of after START_TIMEOUT; nbdkit's ``-P`` writes the same pid again once serving.
     """
-    if os.path.exists(pidfile):
-        os.unlink(pidfile)
-    launch = ["setsid", "-f", "sh", "-c", 'echo $$ > "$0" && exec "$@"', pidfile,
-              cmd[0], "-P", pidfile, *cmd[1:]]
+    refuse_running(pidfile)
+    for what, path in (("--control", control), ("--nbd-socket", listen.socket),
+                       ("--pidfile", pidfile), ("--log", logfile)):
+        if path:
+            check_folder(what, path)
+    free_socket(control, "control socket")
+    starting = pidfile + ".starting"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(starting)       # left by a start that was killed itself: ours alone
+    launch = ["setsid", "-f", "sh", "-c", 'echo $$ > "$0" && exec "$@"', starting,
+              cmd[0], "-P", starting, *cmd[1:]]
     with open(logfile, "ab") as log:
         subprocess.run(launch, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
     try:
-        wait_ready(lambda: _pidfile_alive(pidfile), control, listen, logfile)
+        wait_ready(lambda: _pidfile_alive(starting), control, listen, logfile)
     except BaseException:
-        stop_pidfile(pidfile)
+        stop_pidfile(starting)
         raise
-    with open(pidfile) as f:
-        return int(f.read())
+    with open(starting) as f:
+        pid = int(f.read())
+    os.replace(starting, pidfile)
+    return pid
+
+
+def refuse_running(pidfile: str) -> None:
+    """RepdiskError if ``pidfile`` names a node that runs (a stale one is left for the new
+    node to replace)."""
+    pid = _pidfile_pid(pidfile)
+    if pid is not None and _is_node(pid):
+        raise RepdiskError(f"a node already runs with pid file {pidfile} (pid {pid}): stop it "
+                           "first (kill " + str(pid) + "), or give another --pidfile and "
+                           "--control")
+
+
+def _pidfile_pid(pidfile: str) -> Optional[int]:
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _pidfile_alive(pidfile: str) -> Optional[bool]:
@@ -186,10 +228,8 @@ def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
     The pid file is removed either way, so a node that died leaves nothing that looks
     alive; a pid that now belongs to some other program (reused) is left alone.
     """
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
+    pid = _pidfile_pid(pidfile)
+    if pid is None:
         return False
     stopped = _is_node(pid) and stop_pid(pid, timeout)
     with contextlib.suppress(FileNotFoundError):

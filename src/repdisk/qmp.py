@@ -44,7 +44,8 @@ from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp import QMPClient as _AsyncQMPClient
 
 from . import __version__
-from .errors import ControlError
+from .errors import ConfigError, ControlError
+from .units import parse_duration, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,16 @@ class ArgSpec:
 
     ``bool`` accepts only true/false and ``int`` only integers that are not booleans (Python's
     bool is an int; QMP's are different types); ``float`` accepts any JSON number.
+
+    ``unit`` ``"size"`` (an ``int`` of bytes) or ``"duration"`` (a ``float`` of seconds) also
+    accepts a string with a unit, read by repdisk.units' one parser: ``"1G"``, ``"500ms"``
+    (so ``repdisk ctl SOCK query-digests length=1G`` works as the plugin's keys do).
     """
 
     type: Union[type, tuple[type, ...]]
     required: bool = True
     help: str = ""
+    unit: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -106,12 +112,16 @@ def _type_name(expected: Union[type, tuple[type, ...]]) -> str:
 
 
 def check_arguments(cmd: Command, arguments: dict[str, Any]) -> dict[str, Any]:
-    """Refuse missing, mistyped and unexpected arguments, in QEMU's order and words."""
+    """Refuse missing, mistyped and unexpected arguments, in QEMU's order and words; return
+    the arguments with sizes and durations given as text converted (``ArgSpec.unit``)."""
+    arguments = dict(arguments)
     for name, spec in cmd.args.items():
         if name not in arguments:
             if spec.required:
                 raise ControlError(f"Parameter '{name}' is missing")
             continue
+        if spec.unit is not None and isinstance(arguments[name], str):
+            arguments[name] = _with_unit(name, spec.unit, arguments[name])
         types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
         if not any(_is_type(arguments[name], t) for t in types):
             raise ControlError(f"Parameter '{name}' expects {_type_name(spec.type)}")
@@ -119,6 +129,14 @@ def check_arguments(cmd: Command, arguments: dict[str, Any]) -> dict[str, Any]:
         if name not in cmd.args:
             raise ControlError(f"Parameter '{name}' is unexpected")
     return arguments
+
+
+def _with_unit(name: str, unit: str, text: str) -> Union[int, float]:
+    """A size or duration argument given as text, through the one parser of its kind."""
+    try:
+        return parse_size(name, text) if unit == "size" else parse_duration(name, text)
+    except ConfigError as err:
+        raise ControlError(f"Parameter '{name}': {str(err).removeprefix(name + ': ')}") from None
 
 
 def _parse_request(msg: Any) -> tuple[str, dict[str, Any]]:
@@ -640,7 +658,10 @@ class QMPServer:
         try:
             sock, st = _bind_unix(path, mode)
         except OSError as err:
-            raise ControlError(f"control socket {path}: cannot create it: {err}") from err
+            # strerror, not err: the error names the private directory of _bind_unix
+            raise ControlError(f"control socket {path}: cannot create it in "
+                               f"{os.path.dirname(os.path.abspath(path))}: "
+                               f"{err.strerror or err}") from err
         self._listen(sock, (path, st.st_dev, st.st_ino))
         log.info("qmp: %s control socket listening on %s", self.name, path)
 

@@ -1,0 +1,314 @@
+"""What a user sees from `repdisk` when things are not as planned (issues 14 and 15).
+
+Every test drives the real command (`.venv/bin/repdisk`) in a fresh folder against real
+nodes and checks the exit status, that no Python traceback is shown, and that a failure is
+one line:
+
+* a closed stdout (`repdisk status ... | head -1`) ends every subcommand quietly;
+* Ctrl-C against a node that does not answer (SIGSTOPped) is one line and status 130;
+* a refused start leaves a running node's pid file, log and sockets as they were;
+* a folder that does not exist is one line saying what to do, in both start modes;
+* a request the node refuses on purpose is one line in its log, not a traceback;
+* sizes and durations with units in `repdisk ctl` arguments, human units in its table;
+* `repdisk status` shows FENCED (why), SUSPENDED (since, why), roles, and --json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from repdisk import cli, ctlclient, nodeproc, units
+from repdisk.errors import ConfigError
+from tests.conftest import MiB
+from tests.test_cli import REPDISK, Pair, cli_pair, run, start_cli_pair  # noqa: F401
+from tests.test_node_pair import qemu
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+# -- a closed stdout ----------------------------------------------------------------------------
+
+def run_with_closed_stdout(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """Run with a stdout pipe whose reader is already gone: every write fails with EPIPE
+    (what `| head -1` does once it has its line, here without a race)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(argv, cwd=cwd, stdout=w, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60)
+    finally:
+        os.close(w)
+
+
+def test_closed_stdout_ends_every_subcommand_quietly(cli_pair: Pair) -> None:
+    pri, sec = start_cli_pair(cli_pair)
+    for argv in (["status", pri, sec], ["status", "--json", pri], ["ctl", sec, "status"],
+                 ["ctl", pri, "query-commands", "--json"], ["ctl", sec, "start",
+                                                            "mode=secondary"],
+                 ["--help"], ["ctl", "--help"]):
+        result = run_with_closed_stdout([REPDISK, *argv], cli_pair.folder)
+        assert (result.returncode, result.stderr) == (cli.EXIT_STDOUT_CLOSED, ""), argv
+    # the `start` above ran: its answer was lost, not the command
+    assert "running" in cli_pair.repdisk("status", sec).stdout
+    # and as a user types it: the first line, nothing on stderr, no "unreachable"
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c",
+                            f"{REPDISK} status {pri} {sec} | head -1"], cwd=cli_pair.folder,
+                           capture_output=True, text=True, timeout=60)
+    assert piped.returncode in (0, cli.EXIT_STDOUT_CLOSED)
+    assert piped.stderr == "" and "unreachable" not in piped.stdout
+    assert re.match(r"primary +disk0 +none", one_line(piped.stdout))
+
+
+# -- Ctrl-C against a node that does not answer -------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["ctl", "{sec}", "checkpoint"], ["status", "{pri}", "{sec}"]],
+                         ids=["ctl", "status"])
+def test_ctrl_c_against_a_stopped_node_is_one_line_and_130(cli_pair: Pair, argv) -> None:
+    pri, sec = start_cli_pair(cli_pair)
+    pid = int(open(cli_pair.path("sec.pid")).read())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: stopped(pid), what="SIGSTOP")
+        began = time.monotonic()
+        # timeout(1) as the issue tests it: SIGINT after 1 s, the command's own status kept
+        result = run(["timeout", "--preserve-status", "-s", "INT", "1", REPDISK,
+                      *[a.format(pri=pri, sec=sec) for a in argv]], cli_pair.folder)
+        assert time.monotonic() - began < 8
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    no_traceback(result)
+    assert result.returncode == cli.EXIT_INTERRUPTED, result.stderr
+    assert one_line(result.stderr) == "repdisk: interrupted"
+    if argv[0] == "status":          # the primary's line came before the wait
+        assert re.match(r"primary +disk0", one_line(result.stdout))
+    else:
+        assert result.stdout == ""
+
+
+# -- refused starts -----------------------------------------------------------------------------
+
+def test_refused_start_touches_nothing_of_the_running_node(cli_pair: Pair) -> None:
+    """Issue 15's reproduction: the second start is refused; s1's pid file, log, control
+    socket and NBD socket stay, and s1 goes on serving."""
+    f = cli_pair.path
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "s1.qmp",
+                     "--nbd-socket", "s1.sock", "--background")
+    try:
+        refused_starts_change_nothing(cli_pair)
+    finally:
+        nodeproc.stop_pidfile(f("s1.qmp.pid"))
+
+
+def refused_starts_change_nothing(cli_pair: Pair) -> None:
+    f = cli_pair.path
+    pid_before = open(f("s1.qmp.pid")).read()
+    log_before = open(f("s1.qmp.log"), "rb").read()
+    attempts = [  # (argv, the one line)
+        (["--control", "s1.qmp", "--nbd-socket", "s3.sock", "--background"],
+         rf"repdisk: error: a node already runs with pid file s1\.qmp\.pid \(pid "
+         rf"{pid_before.strip()}\): stop it first \(kill \d+\), or give another --pidfile and "
+         r"--control"),
+        (["--control", "s1.qmp", "--nbd-socket", "s3.sock", "--background", "--pidfile",
+          "other.pid"],
+         r"repdisk: error: control socket s1\.qmp: a live server answers there; stop it or "
+         r"choose another path"),
+        (["--control", "s1.qmp", "--nbd-socket", "s3.sock"],          # in the foreground
+         r"nbdkit: repdisk: error: control socket s1\.qmp: a live server answers there; stop "
+         r"it or choose another path"),
+        (["--control", "s2.qmp", "--nbd-socket", "s1.sock", "--background"],
+         r"repdisk: error: .*NBD socket s1\.sock: a live server answers there.*"),
+    ]
+    for argv, line in attempts:
+        result = run([REPDISK, "secondary", "--disk", "sec.img", *argv], cli_pair.folder)
+        no_traceback(result)
+        assert result.returncode == 1
+        assert re.fullmatch(line, one_line(result.stdout + result.stderr)), result.stderr
+        assert open(f("s1.qmp.pid")).read() == pid_before
+        if "s1.sock" not in argv:   # probing a live NBD socket makes nbdkit log that a
+            assert open(f("s1.qmp.log"), "rb").read() == log_before   # client left
+        assert not os.path.exists(f("other.pid")) and not os.path.exists(f("s3.sock"))
+        assert not os.path.exists(f("s2.qmp"))
+    assert nodeproc.Listen(socket=f("s1.sock")).answers()
+    assert "secondary" in cli_pair.repdisk("status", "s1.qmp").stdout
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+def test_missing_folder_is_one_line(cli_pair: Pair, background: bool) -> None:
+    result = run([REPDISK, "secondary", "--disk", "sec.img", "--control", "/missing/dir/s.qmp",
+                  "--nbd-socket", "s.sock", *(["--background"] if background else [])],
+                 cli_pair.folder)
+    no_traceback(result)
+    assert result.returncode == 1
+    prefix = "repdisk: error: --control" if background else "nbdkit: repdisk: error: control"
+    assert one_line(result.stderr) == (f"{prefix}: /missing/dir/s.qmp: the folder /missing/dir "
+                                       "does not exist: create it (mkdir -p /missing/dir) or "
+                                       "choose another path")
+    assert sorted(os.listdir(cli_pair.folder)) == ["pri.img", "sec.img"]
+
+
+# -- the node's log: one line per request refused on purpose ------------------------------------
+
+def test_refused_request_is_one_log_line_and_status_says_fenced(cli_pair: Pair) -> None:
+    pri, sec = start_cli_pair(cli_pair)
+    cli_pair.repdisk("ctl", sec, "start", "mode=secondary")
+    cli_pair.repdisk("ctl", pri, "start", "mode=primary")
+    cli_pair.repdisk("ctl", pri, "replication-fence", "reason=lost the failover of epoch 1")
+    guest = f"nbd+unix:///?socket={cli_pair.path('pri.sock')}"
+    for _ in range(3):
+        with pytest.raises(AssertionError, match="Operation not permitted"):
+            qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 64k", guest)
+    log = open(cli_pair.path("pri.log")).read()
+    assert "Traceback" not in log
+    refused = [line for line in log.splitlines() if "guest write refused" in line]
+    assert len(refused) == 3, log
+    assert all(line.endswith("pwrite: error: guest write refused: this node is fenced: lost "
+                             "the failover of epoch 1") for line in refused)
+
+    line = one_line(cli_pair.repdisk("status", pri).stdout)
+    assert re.match(r"primary +disk0 +FENCED \(lost the failover of epoch 1\) +done +epoch 0",
+                    line), line
+    q = json.loads(cli_pair.repdisk("status", "--json", pri, sec).stdout)
+    assert q[pri]["kind"] == "node" and q[pri]["query"]["fenced"] == \
+        "lost the failover of epoch 1"
+    assert q[sec]["kind"] == "node" and q[sec]["query"]["role"] == "secondary"
+
+
+def test_status_shows_a_suspended_primary(cli_pair: Pair) -> None:
+    f = cli_pair.path
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
+                     "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid")
+    cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                     "pri.sock", "--secondary", f"nbd+unix:///replica?socket={f('sec.sock')}",
+                     "--isolation-timeout", "500ms", "--background", "--pidfile", "pri.pid")
+    cli_pair.repdisk("ctl", "sec.qmp", "start", "mode=secondary")
+    cli_pair.repdisk("ctl", "pri.qmp", "start", "mode=primary")
+    cli_pair.repdisk("ctl", "pri.qmp", "replication-heartbeat")      # a controller's contact
+    pid = int(open(f("sec.pid")).read())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        def suspended() -> bool:
+            return "SUSPENDED" in cli_pair.repdisk("status", "pri.qmp").stdout
+        wait_for(suspended, what="SUSPENDED")
+        line = one_line(cli_pair.repdisk("status", "pri.qmp").stdout)
+        assert re.match(r"primary +disk0 +SUSPENDED \(no contact for \d+\.\d+ m?s with the "
+                        r"secondary or the controller: guest writes held until one answers\) "
+                        r"+running +epoch 0", line), line
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+# -- units: one parser each, and `repdisk ctl` ---------------------------------------------------
+
+@pytest.mark.parametrize("text,size", [("0", 0), ("4096", 4096), ("64K", 65536), ("64k", 65536),
+                                       ("1M", MiB), ("1G", 1 << 30), ("2T", 2 << 40),
+                                       ("256MiB", 256 * MiB), (" 8 M ", 8 * MiB)])
+def test_parse_size(text: str, size: int) -> None:
+    assert units.parse_size("k", text) == size
+
+
+@pytest.mark.parametrize("text,seconds", [("500ms", 0.5), ("5s", 5.0), ("3", 3.0),
+                                          ("1.5s", 1.5), ("2m", 120.0), ("1h", 3600.0)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert units.parse_duration("k", text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "1X", "-1", "1.5G", "G", "1 2"])
+def test_parse_size_refuses(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"^k: cannot parse size .*e\.g\. 64K or 1G$"):
+        units.parse_size("k", bad)
+
+
+@pytest.mark.parametrize("bad", ["", "5d", "-1s", "s", "0", "0ms"])
+def test_parse_duration_refuses(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"^k: "):
+        units.parse_duration("k", bad)
+
+
+def test_every_parser_is_the_one_in_units() -> None:
+    from repdisk import config, controller, qmp
+    assert config.parse_size is units.parse_size is qmp.parse_size
+    assert config.parse_duration is units.parse_duration is controller.parse_duration
+
+
+def test_ctl_takes_sizes_with_units_and_shows_human_units(cli_pair: Pair) -> None:
+    pri, sec = start_cli_pair(cli_pair)
+    cli_pair.repdisk("ctl", sec, "start", "mode=secondary")
+    cli_pair.repdisk("ctl", pri, "start", "mode=primary")
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 1M",
+         f"nbd+unix:///?socket={cli_pair.path('pri.sock')}")
+    with_units = json.loads(cli_pair.repdisk("ctl", pri, "query-digests", "offset=1M",
+                                             "length=2M", "granularity=512K", "--json").stdout)
+    plain = json.loads(cli_pair.repdisk("ctl", pri, "query-digests", f"offset={MiB}",
+                                        f"length={2 * MiB}", f"granularity={MiB // 2}",
+                                        "--json").stdout)
+    assert with_units == plain and len(plain["digests"]) == 4
+    runs = json.loads(cli_pair.repdisk("ctl", pri, "query-allocation", "length=8M",
+                                       "--json").stdout)["runs"]
+    assert [MiB, MiB] in runs or any(o <= MiB and o + n >= 2 * MiB for o, n in runs)
+    bad = cli_pair.repdisk("ctl", pri, "query-allocation", "length=1Q", ok=False)
+    no_traceback(bad)
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert one_line(bad.stderr) == ("repdisk: GenericError: Parameter 'length': cannot parse "
+                                    "size '1Q': use a number with an optional K, M, G or T "
+                                    "suffix, e.g. 64K or 1G")
+
+    for sock, command in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        cli_pair.repdisk("ctl", sock, command)
+    table = cli_pair.repdisk("ctl", pri, "status").stdout
+    assert re.search(r"^  size +8\.0 MiB$", table, re.M), table
+    assert re.search(r"^  dirty_bytes +0\.0 MiB$", table, re.M)
+    assert re.search(r"^    time +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+\.\d+ m?s ago\)$", table,
+                     re.M), table
+    assert re.search(r"^    duration +\d+\.\d ms$", table, re.M)
+    assert re.search(r"^  timeout +3\.00 s$", table, re.M)          # isolation
+    exact = json.loads(cli_pair.repdisk("ctl", pri, "status", "--json").stdout)
+    disk = exact["disks"][0]
+    assert disk["size"] == 8 * MiB and isinstance(disk["last_checkpoint"]["time"], float)
+
+
+# -- the controller's lines ---------------------------------------------------------------------
+
+def test_controller_lines_name_each_socket_and_role() -> None:
+    """query-controller as it is today (nodes by role, ``control``/``reachable``) and with the
+    controller's state machine (``operation``, nodes with ``socket``/``role``/``ok``)."""
+    base = {"state": "running", "epoch": 2, "dirty": 0, "lag": 0, "last_checkpoints": []}
+    today = {**base, "nodes": {"primary": {"control": "/r/b.qmp", "reachable": True,
+                                           "last_seen": 0.2},
+                               "secondary": {"control": "/r/a.qmp", "reachable": False,
+                                             "last_seen": 4.0}}}
+    assert ctlclient.controller_lines(today)[0] == (
+        "controller running     epoch 2  primary /r/b.qmp ok (0.2s ago)  secondary /r/a.qmp LOST "
+        "(4.0s ago)  dirty 0.0 MiB lag 0.0 MiB  no checkpoint")
+    machine = {**base, "state": "resyncing", "operation": "resync",
+               "nodes": {"primary": {"socket": "/r/b.qmp", "role": "primary", "ok": True},
+                         "secondary": {"socket": "/r/a.qmp", "role": "secondary", "ok": True}}}
+    assert ctlclient.controller_lines(machine)[0] == (
+        "controller resyncing (resync) epoch 2  primary /r/b.qmp ok  secondary /r/a.qmp ok  "
+        "dirty 0.0 MiB lag 0.0 MiB  no checkpoint")
