@@ -128,3 +128,14 @@ def nodes(tmp_path) -> Iterator[Nodes]:
         yield n
     finally:
         n.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed cluster scenario (tests/test_pacemaker.py) shows its timeline and folder."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = getattr(item, "repdisk_cluster", None)
+    if report.failed and cluster is not None:
+        report.sections.append(("cluster timeline", f"evidence: {cluster.folder}\n"
+                                                    f"{cluster.timeline_text()}"))

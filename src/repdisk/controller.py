@@ -368,7 +368,7 @@ class Controller:
             self._set_state("fenced", f"the primary is fenced: {p['fenced']}")
             raise ControlError(f"primary {self.primary.socket} is fenced ({p['fenced']}): "
                                "promote the winner, or restart this node as its secondary")
-        if s.get("failed-over") and s.get("role") == "secondary":
+        if s.get("failed-over") and s.get("role") == "secondary" and s["epoch"] >= self.epoch:
             raise ControlError(f"secondary {self.secondary.socket} won the failover of epoch "
                                f"{s['epoch']} and holds the newest data: promote it "
                                "(controller-promote) instead of overwriting it")

@@ -418,7 +418,12 @@ class Agent:
         return self.cfg.disks[0].path + ".state"
 
     def promoted_marker(self) -> str:
-        return self.cfg.path("promoted")
+        """Says "promoted" until demote or stop; in HA_RSCTMP (/run/resource-agents), which a
+        reboot empties: a node that died while promoted is "failed promoted" (9) until
+        Pacemaker recovers it, one that rebooted is simply stopped."""
+        tmp = os.environ.get("HA_RSCTMP", "/run/resource-agents")
+        os.makedirs(tmp, exist_ok=True)
+        return os.path.join(tmp, f"repdisk-{self.cfg.resource}.promoted")
 
     def log(self, message: str) -> None:
         print(f"repdisk-ocf {self.cfg.resource} {self.cfg.node}: {message}", file=sys.stderr)
@@ -462,8 +467,7 @@ class Agent:
     def stop(self) -> int:
         self.stop_checkpointer()
         nodeproc.stop_pidfile(self.cfg.path("pid"))
-        for name in ("promoted",):
-            _unlink(self.cfg.path(name))
+        _unlink(self.promoted_marker())
         self.refresh_score(None)
         return SUCCESS
 

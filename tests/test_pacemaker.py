@@ -1,0 +1,395 @@
+"""repdisk under a real Corosync (knet) + Pacemaker cluster, with fencing (issue 17).
+
+Two clusters on this machine (tests/cluster.py): nodes n1, n2 (and n3, quorum only), each
+in its own network and mount namespaces, configured with the README's "Running under
+Pacemaker" blocks word for word, fenced by a test agent that power-cuts a node.  The
+guest is a libnbd client inside the primary's namespace; every scenario compares bytes of
+the nodes' disk files, not only states.  A failing scenario's report carries the cluster's
+timeline (boot, power cut, fence, promoted, first write served, ...) and its folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import nbd
+import psutil
+import pytest
+
+from repdisk.errors import RepdiskError
+from repdisk.qmp import QMPClient
+from tests.cluster import Cluster, ClusterNode
+from tests.netns import Net, unavailable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+MiB = 1 << 20
+SIZE = 32 * MiB
+DISK = "/var/lib/repdisk/disk.img"
+CONTROL = "/var/lib/repdisk/repdisk.qmp"
+RUN = "/var/lib/repdisk/run"
+NBD_PORT = 10809
+WRITER_AREA = 16 * MiB      # the writer thread's blocks: [16 MiB, 32 MiB), each used once
+
+
+def readme_block(marker: str) -> str:
+    part = README.split(f"<!-- pacemaker:{marker} -->", 1)[1]
+    return part.split("```sh", 1)[1].split("```", 1)[0]
+
+
+@dataclass
+class Pair:
+    """A cluster running the README's configuration, seen through the nodes' own files."""
+    cluster: Cluster
+    folder: str
+    pair: list[ClusterNode] = field(default_factory=list)
+
+    def note(self, what: str) -> None:
+        self.cluster.note(what)
+
+    def query(self, node: ClusterNode) -> Optional[dict]:
+        if not node.up:
+            return None
+        try:
+            client = QMPClient(timeout=5).connect(node.path(CONTROL))
+        except (OSError, RepdiskError):
+            return None
+        try:
+            return client.execute("query-replication", {})
+        except Exception:
+            return None
+        finally:
+            client.close()
+
+    def roles(self) -> dict[str, str]:
+        out = {}
+        for n in self.pair:
+            q = self.query(n)
+            if q is not None:
+                out[n.name] = q["role"]
+        return out
+
+    def healthy(self) -> Optional[tuple[ClusterNode, ClusterNode]]:
+        """(primary, secondary) once the pair runs: a primary replicating and a consistent
+        secondary of its epoch, the guest resource on the primary's node."""
+        qs = {n.name: self.query(n) for n in self.pair}
+        if any(q is None for q in qs.values()):
+            return None
+        prim = [n for n in self.pair if qs[n.name]["role"] == "primary"]
+        if len(prim) != 1:
+            return None
+        p = prim[0]
+        s = next(n for n in self.pair if n is not p)
+        qp, qs_ = qs[p.name], qs[s.name]
+        if {d["stage"] for d in qp["disks"]} != {"running"} or qp["disks"][0]["degraded"]:
+            return None
+        if {d["stage"] for d in qs_["disks"]} != {"running"} or \
+                not all(d["consistent"] for d in qs_["disks"]) or qs_["epoch"] != qp["epoch"]:
+            return None
+        where = p.run(["crm_resource", "--locate", "--resource", "guest"], check=False).stdout
+        if f"running on: {p.name}" not in where:
+            return None
+        return p, s
+
+    def wait_healthy(self, timeout: float = 90) -> tuple[ClusterNode, ClusterNode]:
+        got: list[tuple[ClusterNode, ClusterNode]] = []
+
+        def ok() -> bool:
+            h = self.healthy()
+            if h:
+                got.append(h)
+            return bool(h)
+        self.cluster.wait(ok, timeout, "a primary with a consistent secondary")
+        return got[-1]
+
+    def checkpoints(self, secondary: ClusterNode) -> int:
+        q = self.query(secondary)
+        return -1 if q is None else q["disks"][0]["counters"]["checkpoints"]
+
+    def wait_checkpoints(self, secondary: ClusterNode, n: int = 2, timeout: float = 30) -> None:
+        """Wait for ``n`` more checkpoints of the secondary (the second began after now)."""
+        c0 = self.checkpoints(secondary)
+        self.cluster.wait(lambda: self.checkpoints(secondary) >= c0 + n, timeout,
+                          f"{n} checkpoints on {secondary.name}")
+
+    def disk(self, node: ClusterNode) -> bytes:
+        with open(node.path(DISK), "rb") as f:
+            return f.read()
+
+    def guest(self, node: ClusterNode) -> nbd.NBD:
+        """An NBD client of the node's default export, from inside its namespace."""
+        def connect() -> nbd.NBD:
+            h = nbd.NBD()
+            h.connect_uri(f"nbd://{node.address}:{NBD_PORT}/")
+            return h
+        return node.host.call(connect)
+
+    def write(self, node: ClusterNode, data: bytes, offset: int) -> None:
+        h = self.guest(node)
+        try:
+            h.pwrite(data, offset)
+            h.flush()
+        finally:
+            h.shutdown()
+
+    def checkpointer(self, node: ClusterNode) -> psutil.Process:
+        with open(node.path(f"{RUN}/rd.ckpt.pid")) as f:
+            return psutil.Process(int(f.read()))
+
+    def serves_writes(self, node: ClusterNode, offset: int, data: bytes) -> bool:
+        """A write acknowledged by ``node`` as the primary (a secondary's default export
+        is its secondary VM's view, which would take writes too)."""
+        q = self.query(node)
+        if q is None or q["role"] != "primary":
+            return False
+        try:
+            self.write(node, data, offset)
+            return True
+        except (nbd.Error, RuntimeError, OSError):
+            return False
+
+    def wait_serving(self, node: ClusterNode, offset: int, data: bytes,
+                     timeout: float = 60) -> float:
+        """Poll until a write through ``node`` is acknowledged; the time it took."""
+        took = self.cluster.wait(lambda: self.serves_writes(node, offset, data), timeout,
+                                 f"{node.name} serving writes")
+        self.note(f"first write served by {node.name}")
+        return took
+
+
+class Writer:
+    """A guest that writes one fresh 4 KiB block after another through whichever node is
+    primary, reconnecting when refused; remembers every acknowledged write and when."""
+
+    def __init__(self, pair: Pair, node: ClusterNode, seed: int, follow: bool = True) -> None:
+        self.pair, self.node, self.follow = pair, node, follow
+        self.rng = random.Random(seed)
+        self.acked: list[tuple[float, str, int, bytes]] = []   # (time, node, offset, data)
+        self.next = 0
+        self.stop_ev = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Writer":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        h: Optional[nbd.NBD] = None
+        node = self.node
+        while not self.stop_ev.is_set() and self.next < WRITER_AREA // 4096:
+            if h is None:
+                try:
+                    h = self.pair.guest(node)
+                except Exception:
+                    h = None
+                    if self.follow:
+                        node = self._primary() or node
+                    time.sleep(0.05)
+                    continue
+            offset = WRITER_AREA + self.next * 4096
+            self.next += 1
+            data = self.rng.randbytes(4096)
+            try:
+                h.pwrite(data, offset)
+            except nbd.Error:
+                try:
+                    h.shutdown()
+                except nbd.Error:
+                    pass
+                h = None
+                if self.follow:
+                    node = self._primary() or node
+                time.sleep(0.01)
+                continue
+            self.acked.append((time.time(), node.name, offset, data))
+            time.sleep(0.002)
+        if h is not None:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+
+    def _primary(self) -> Optional[ClusterNode]:
+        roles = self.pair.roles()
+        return next((n for n in self.pair.pair if roles.get(n.name) == "primary"), None)
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        self.thread.join(timeout=30)
+
+
+def make_pair(n: int, token_ms: Optional[int] = None) -> Iterator[Pair]:
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    for tool in ("corosync", "pacemakerd", "cibadmin", "crm_resource"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: make setup installs it (scripts/setup.sh)")
+    folder = tempfile.mkdtemp(prefix="rdpm-")
+    with Net() as net:
+        cluster = Cluster(net, folder, n, token_ms=token_ms)
+        pair = Pair(cluster, folder, cluster.nodes[:2])
+        failed = True
+        try:
+            for node in pair.pair:
+                with open(node.path(DISK), "wb") as f:
+                    f.truncate(SIZE)
+            cluster.boot()
+            n1 = cluster.nodes[0]
+            n1.run(["sh", "-ec", readme_block("pair")])
+            if n == 3:
+                n1.run(["sh", "-ec", readme_block("third-node")])
+            cluster.note("configured (README)")
+            yield pair
+            failed = False
+        finally:
+            cluster.close()
+            if not failed and os.environ.get("REPDISK_KEEP_CLUSTER") is None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair2() -> Iterator[Pair]:
+    yield from make_pair(2)
+
+
+@pytest.fixture
+def cluster_pair(request, pair2: Pair) -> Pair:
+    """pair2, with its timeline in the report of a test that fails."""
+    request.node.repdisk_cluster = pair2.cluster
+    return pair2
+
+
+def promoted_at(node: ClusterNode) -> float:
+    """When the node's log says it was promoted (the node's own clock line)."""
+    with open(node.path(f"{RUN}/rd.log"), errors="replace") as f:
+        lines = [l for l in f if "promoted to primary" in l]
+    assert lines, f"{node.name} never logged a promotion"
+    stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d+)", lines[-1])
+    assert stamp, lines[-1]
+    return time.mktime(time.strptime(stamp.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + \
+        float("0." + stamp.group(1)[20:])
+
+
+# -- the scenarios --------------------------------------------------------------------------
+
+def test_1_pair_forms_promotes_checkpoints_and_serves_writes(cluster_pair: Pair) -> None:
+    pair = cluster_pair
+    p, s = pair.wait_healthy()
+    pair.note(f"healthy: primary {p.name}")
+    data = random.Random(1).randbytes(2 * MiB)
+    pair.write(p, data, 0)
+    t0 = time.monotonic()
+    pair.wait_checkpoints(s, 2)
+    took = time.monotonic() - t0
+    assert took < 15, f"two checkpoints took {took:.1f}s at a 2s interval"
+    assert pair.disk(p)[:2 * MiB] == data
+    assert pair.disk(p) == pair.disk(s)
+    mon = p.run(["crm_mon", "-1"]).stdout
+    assert re.search(rf"Promoted: \[ {p.name} \]", mon), mon
+    assert re.search(rf"Unpromoted: \[ {s.name} \]", mon), mon
+
+
+def test_2_power_cut_primary_is_fenced_survivor_promoted_at_last_checkpoint(
+        cluster_pair: Pair) -> None:
+    pair = cluster_pair
+    p, s = pair.wait_healthy()
+    pair.write(p, random.Random(2).randbytes(MiB), 2 * MiB)
+    pair.wait_checkpoints(s, 2)
+    at_checkpoint = pair.disk(p)
+    pair.checkpointer(p).send_signal(signal.SIGSTOP)   # no checkpoint after this one
+    pair.write(p, b"\xee" * MiB, 4 * MiB)               # acknowledged, after the checkpoint
+    assert pair.disk(p)[4 * MiB:5 * MiB] == b"\xee" * MiB
+    p.power_cut()
+    took = pair.wait_serving(s, 6 * MiB, b"\x5a" * 4096)
+    pair.note(f"power cut -> {s.name} serving writes: {took:.1f}s")
+    print(f"\npower cut -> survivor serving writes (default timings): {took:.1f} s")
+    fenced = open(pair.cluster.timeline).read()
+    assert f"fence {p.name}" in fenced, pair.cluster.timeline_text()
+    got = pair.disk(s)
+    expected = at_checkpoint[:6 * MiB] + b"\x5a" * 4096 + at_checkpoint[6 * MiB + 4096:]
+    assert got == expected, "the survivor's disk is not the last checkpoint"
+    assert pair.roles()[s.name] == "primary"
+    assert took < 30
+
+
+def test_3_old_primary_rejoins_unpromoted_and_is_resynced(cluster_pair: Pair) -> None:
+    pair = cluster_pair
+    down = [n for n in pair.pair if not n.up]
+    assert down, "scenario 2 left no node down"
+    old = down[0]
+    old.boot()
+    p, s = pair.wait_healthy(120)
+    assert s is old, f"{old.name} came back as {pair.roles()}"
+    pair.write(p, b"\x3c" * 65536, 8 * MiB)
+    pair.wait_checkpoints(s, 2)
+    assert pair.disk(p) == pair.disk(s)
+    assert pair.disk(s)[4 * MiB:5 * MiB] != b"\xee" * MiB   # the rolled-back write is gone
+
+
+def test_4_planned_move_loses_nothing_and_copies_nothing(cluster_pair: Pair) -> None:
+    pair = cluster_pair
+    p, s = pair.wait_healthy()
+    before = pair.disk(p)
+    writer = Writer(pair, p, seed=4).start()
+    time.sleep(1.0)
+    pair.note(f"move to {s.name}")
+    p.run(["crm_resource", "--move", "--resource", "rd-clone", "--promoted", "--node", s.name])
+    try:
+        pair.cluster.wait(lambda: any(a[1] == s.name for a in writer.acked), 60,
+                          f"the writer served by {s.name}")
+        time.sleep(0.5)
+    finally:
+        writer.stop()
+        p.run(["crm_resource", "--clear", "--resource", "rd-clone"])
+    on_old = [a for a in writer.acked if a[1] == p.name]
+    on_new = [a for a in writer.acked if a[1] == s.name]
+    assert on_old and on_new
+    pause = on_new[0][0] - on_old[-1][0]
+    pair.note(f"planned move: guest-visible pause {pause:.2f}s")
+    print(f"\nplanned move: guest-visible pause {pause:.2f} s "
+          f"({len(on_old)} writes before, {len(on_new)} after)")
+    new_p, new_s = pair.wait_healthy()
+    assert new_p is s and new_s is p
+    pair.wait_checkpoints(new_s, 1)
+    got = pair.disk(s)
+    for _, _, offset, data in writer.acked:      # every acknowledged write, both sides of it
+        assert got[offset:offset + 4096] == data, f"acknowledged write at {offset} lost"
+    assert got[:WRITER_AREA] == before[:WRITER_AREA]
+    assert pair.disk(p) == got
+    # Nothing copied but what changed: the old primary, now the secondary, received the new
+    # primary's guest writes only (forwarded, or, for those made before its replication
+    # started, copied from its dirty map in 64 KiB granules), not the disk.
+    q = pair.query(p)
+    assert q is not None
+    granules = {a[2] // 65536 for a in on_new}
+    received = q["disks"][0]["counters"]["replica_bytes"]
+    assert 4096 * len(on_new) <= received <= 4096 * len(on_new) + 65536 * len(granules)
+    print(f"planned move: the new secondary received {received} bytes for "
+          f"{len(on_new)} new 4 KiB writes (disk {SIZE})")
+
+
+def test_6_frozen_primary_is_fenced_not_waited_for(cluster_pair: Pair) -> None:
+    pair = cluster_pair
+    p, s = pair.wait_healthy()
+    pair.write(p, b"\x61" * 65536, 10 * MiB)
+    pair.wait_checkpoints(s, 2)
+    p.freeze(("corosync", "nbdkit"))
+    took = pair.wait_serving(s, 11 * MiB, b"\x62" * 4096)
+    print(f"\nfrozen primary -> survivor serving writes: {took:.1f} s")
+    assert f"fence {p.name}" in open(pair.cluster.timeline).read()
+    assert not p.up or not any(pr.status() != psutil.STATUS_ZOMBIE for pr in p.processes())
+    assert pair.disk(s)[10 * MiB:10 * MiB + 65536] == b"\x61" * 65536
+    assert took < 30
+    p.reap()
+    p.boot()
+    pair.wait_healthy(120)
