@@ -5,6 +5,7 @@
         --secondary 'nbd+unix:///replica?socket=sec.sock'
     repdisk ctl SOCKET|HOST:PORT COMMAND [KEY=VALUE ...] [--json] [--tls DIR]
     repdisk status SOCKET|HOST:PORT ... [--tls DIR]
+    repdisk up|down|status [NAME|all] [--config-dir /etc/repdisk]
     repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
     repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
     repdisk tls psk FILE [--user NAME] | repdisk tls ca DIR --hosts HOST,HOST
@@ -23,7 +24,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from . import config as cfgmod
-from . import controller, ctlclient, nodeproc
+from . import controller, ctlclient, nodeproc, updown
 from . import tls as tlsmod
 from .tls import TLSSpec
 from .errors import ControlError, RepdiskError
@@ -149,7 +150,9 @@ def _nested(v: Any) -> bool:
 def _status(args: argparse.Namespace) -> int:
     """Each address in turn; one that does not answer is a line (or, with --json, an
     ``error``) and exit status 1.  Printing is outside the ``try``: a closed stdout is not
-    an unreachable node."""
+    an unreachable node.  Resource names (or none, or all): this host's resources."""
+    if all(updown.is_resource_name(a) for a in args.sockets):
+        return updown.status(args.sockets, args.config_dir)
     ok, found = True, {}
     for sock in args.sockets:
         try:
@@ -230,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_tls(p)
     p.set_defaults(func=_ctl)
 
-    p = sub.add_parser("status", help="one line per disk per node, one per controller")
-    p.add_argument("sockets", nargs="+", metavar="SOCKET|HOST:PORT")
+    p = sub.add_parser("status", help="one line per disk per node, one per controller; with "
+                                      "resource names (or none): this host's resources")
+    p.add_argument("sockets", nargs="*", metavar="SOCKET|HOST:PORT|NAME|all")
     p.add_argument("--json", action="store_true",
                    help="print {ADDRESS: {kind, query | error}} as JSON (kind: node, "
                         "controller or unreachable; query: what the socket answered)")
     _add_client_tls(p)
+    updown.add_config_dir(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("lab", help="bring up (or --down) a working pair in a folder")
@@ -247,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_parser(sub)
 
     controller.add_parsers(sub)
+    updown.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,239 @@
+"""Resources from config files (resources.py, updown.py): `repdisk up|down|status`.
+
+A user's way: a fresh folder, one TOML file per resource, the `repdisk` command only.
+* Three resources on one host come up with one command, each replicating (a guest's
+  write reaches its secondary), one fails over alone, `down all` leaves no process.
+* A mistake in any file is refused before anything starts, naming file, line and key,
+  and changes nothing that was running.
+* The shipped systemd units pass `systemd-analyze verify`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import nbd
+import psutil
+import pytest
+
+from repdisk import resources
+from repdisk.resources import ResourceError
+
+ROOT = Path(__file__).resolve().parent.parent
+REPDISK = str(ROOT / ".venv" / "bin" / "repdisk")
+MiB = 1 << 20
+
+
+def resource_file(folder: Path, name: str, extra: str = "", **override: str) -> Path:
+    """``folder/etc/NAME.toml`` for a pair on Unix sockets in ``folder``, disks created."""
+    for role in ("pri", "sec"):
+        disk = folder / f"{name}-{role}.img"
+        if not disk.exists():
+            with open(disk, "wb") as f:
+                f.truncate(32 * MiB)
+    text = f"""# resource {name}
+[primary]
+disk = "{folder}/{name}-pri.img"
+control = "{folder}/{name}-pri.qmp"
+nbd-socket = "{override.get('pri_sock', f'{folder}/{name}-pri.sock')}"
+write-mode = "sync"
+isolation-timeout = "1s"
+
+[secondary]
+disk = "{override.get('sec_disk', f'{folder}/{name}-sec.img')}"
+control = "{folder}/{name}-sec.qmp"
+nbd-socket = "{folder}/{name}-sec.sock"
+
+[controller]
+interval = "1s"
+heartbeat-timeout = "2s"
+{extra}"""
+    path = folder / "etc" / f"{name}.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def repdisk(folder: Path, *argv: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([REPDISK, *argv, "--config-dir", str(folder / "etc")],
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode == 0) == ok, result
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def processes_of(folder: Path) -> dict[int, str]:
+    """Live processes whose command line names the folder (nodes and controllers)."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(folder) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found[proc.pid] = cmdline
+    return found
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="rdres-", dir="/tmp"))   # short: socket paths
+    yield path
+    if (path / "etc").is_dir():
+        subprocess.run([REPDISK, "down", "all", "--config-dir", str(path / "etc")],
+                       capture_output=True, timeout=120)
+    for pid in processes_of(path):
+        psutil.Process(pid).kill()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def controller_state(folder: Path, name: str) -> str:
+    out = subprocess.run([REPDISK, "ctl", str(folder / f"{name}-pri.ctrl.qmp"),
+                          "query-controller", "--json"], capture_output=True, text=True,
+                         timeout=30)
+    return re.search(r'"state": "([a-z-]+)"', out.stdout).group(1) if out.returncode == 0 \
+        else "unreachable"
+
+
+def wait_state(folder: Path, name: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := controller_state(folder, name)) != state:
+        assert time.monotonic() < deadline, f"{name}: {got}, expected {state}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(180)
+def test_three_resources_up_replicate_fail_over_alone_and_down_all(folder: Path) -> None:
+    names = ["alpha", "beta", "gamma"]
+    for name in names:
+        resource_file(folder, name)
+    out = repdisk(folder, "up", "all").stdout
+    assert out.splitlines() == [f"{n}: secondary, primary, controller" for n in names]
+    assert repdisk(folder, "up", "beta").stdout == "beta: already up\n"
+    for i, name in enumerate(names):
+        wait_state(folder, name, "running")
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={folder}/{name}-pri.sock")
+        h.pwrite(bytes([0x41 + i]) * MiB, 0)       # sync: on the secondary when acknowledged
+        h.shutdown()
+        with open(folder / f"{name}-sec.img", "rb") as f:
+            assert f.read(MiB) == bytes([0x41 + i]) * MiB, name
+    status = repdisk(folder, "status").stdout
+    for name in names:
+        assert f"{name} ({folder}/etc/{name}.toml)" in status
+    assert status.count("controller running") == 3, status
+    assert status.count("disk0    running") == 6, status
+
+    with open(folder / "beta-pri.qmp.pid") as f:
+        psutil.Process(int(f.read())).kill()        # beta's primary dies
+    wait_state(folder, "beta", "failed-over")
+    h = nbd.NBD()                                    # beta's guest goes on on the secondary
+    h.connect_uri(f"nbd+unix:///active?socket={folder}/beta-sec.sock")
+    assert h.pread(MiB, 0) == b"\x42" * MiB
+    h.shutdown()
+    for name in ("alpha", "gamma"):
+        assert controller_state(folder, name) == "running"
+
+    assert processes_of(folder)
+    out = repdisk(folder, "down", "all").stdout
+    assert "alpha: stopped controller, primary, secondary" in out
+    assert "beta: stopped controller, secondary" in out
+    assert processes_of(folder) == {}
+    for name in names:
+        assert not (folder / f"{name}-pri.qmp").exists()
+    assert "alpha: down" not in repdisk(folder, "status", ok=False).stdout  # names the role
+    assert "  controller: down" in repdisk(folder, "status", "alpha", ok=False).stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_config_error_changes_nothing_running(folder: Path) -> None:
+    resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    before = processes_of(folder)
+    assert len(before) == 3
+    resource_file(folder, "beta", sec_disk=f"{folder}/alpha-sec.img")   # alpha's disk
+    result = repdisk(folder, "up", "all", ok=False)
+    assert result.stderr == (f"repdisk: error: {folder}/etc/beta.toml:10: secondary.disk: "
+                             f"disk {folder}/alpha-sec.img is also used by "
+                             f"{folder}/etc/alpha.toml ([secondary] disk); each resource needs "
+                             "its own\n")
+    repdisk(folder, "down", "alpha", ok=False)        # refused too: the folder is wrong
+    assert processes_of(folder) == before             # nothing started, nothing stopped
+    assert not (folder / "beta-sec.qmp").exists()
+
+
+def _write(folder: Path, text: str, name: str = "x") -> Path:
+    path = folder / "etc" / f"{name}.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def check_refused(folder: Path, line: int, key: str, message: str) -> None:
+    with pytest.raises(ResourceError) as err:
+        resources.load_dir(str(folder / "etc"))
+    assert (err.value.line, err.value.key) == (line, key), str(err.value)
+    assert message in str(err.value), str(err.value)
+    assert str(err.value).startswith(f"{err.value.path}:{line}: {key}: ")
+
+
+def test_unknown_key_names_file_line_and_key(folder: Path) -> None:
+    resource_file(folder, "alpha", extra='colour = "blue"\n')
+    check_refused(folder, 17, "controller.colour", "unknown key; a [controller] section takes")
+    result = repdisk(folder, "up", "all", ok=False)
+    assert result.stderr.startswith(f"repdisk: error: {folder}/etc/alpha.toml:17: "
+                                    "controller.colour: unknown key")
+    assert processes_of(folder) == {}
+
+
+def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:
+    path = resource_file(folder, "alpha")
+    path.write_text(path.read_text().replace('write-mode = "sync"', 'write-mode = "fast"'))
+    check_refused(folder, 6, "primary.write-mode", "unknown mode 'fast': use sync or async")
+    path.write_text(path.read_text().replace('write-mode = "fast"', 'resync-rate = "slow"'))
+    check_refused(folder, 6, "primary.resync-rate", "cannot parse rate 'slow'")
+
+
+def test_two_resources_on_one_socket(folder: Path) -> None:
+    resource_file(folder, "alpha")
+    resource_file(folder, "beta", pri_sock=f"{folder}/alpha-pri.sock")
+    check_refused(folder, 5, "primary.nbd-socket",
+                  f"socket {folder}/alpha-pri.sock is also used by {folder}/etc/alpha.toml "
+                  "([primary] nbd-socket)")
+
+
+def test_missing_peer_and_missing_disk(folder: Path) -> None:
+    path = resource_file(folder, "alpha")
+    text = path.read_text()
+    path.write_text(text.split("[secondary]")[0])
+    check_refused(folder, 1, "secondary", "missing [secondary] section: a resource needs both "
+                                          "nodes (its peer is missing)")
+    path.write_text(text.replace(f"{folder}/alpha-sec.img", f"{folder}/nope.img"))
+    check_refused(folder, 10, "secondary.disk", f"{folder}/nope.img does not exist")
+
+
+def test_not_toml(folder: Path) -> None:
+    _write(folder, "[primary]\ndisk = \n")
+    check_refused(folder, 2, "syntax", "not valid TOML")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """The shipped units, with ExecStart pointing at this checkout's repdisk (the install
+    links it to /usr/local/bin/repdisk), pass systemd-analyze verify without a word."""
+    for unit in ("repdisk@.service", "repdisk.target"):
+        text = (ROOT / "systemd" / unit).read_text()
+        (tmp_path / unit).write_text(text.replace("/usr/local/bin/repdisk", REPDISK))
+    os.symlink("repdisk@.service", tmp_path / "repdisk@web.service")
+    result = subprocess.run(["systemd-analyze", "verify", "./repdisk@web.service",
+                             "./repdisk.target"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    service = (ROOT / "systemd" / "repdisk@.service").read_text()
+    assert "ExecStart=/usr/local/bin/repdisk up %i" in service
+    assert "ExecStop=/usr/local/bin/repdisk down %i" in service
+    assert "WantedBy=repdisk.target" in service
