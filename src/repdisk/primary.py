@@ -755,18 +755,18 @@ class PrimaryReplica:
     def _verify_piece(self, offset: int, length: int, done: int, total: int,
                       found: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The differing runs of one piece (async: confirmed, see verify)."""
-        diffs = self._compare(offset, length, done, total, found)
+        diffs = self._compare_piece(offset, length, done, total, found)
         for _ in range(2 if self.write_back else 0):
             diffs = [r for r in diffs if not self.dirty.is_dirty(*r) and not self.held.is_dirty(*r)]
             if not diffs:
                 break
             time.sleep(0.01)   # a writer between its local write and its mark marks by then
-            diffs = [d for o, n in diffs for d in self._compare(o, n, done, total, found)]
+            diffs = [d for o, n in diffs for d in self._compare_piece(o, n, done, total, found)]
         if self.write_back:
             diffs = [r for r in diffs if not self.dirty.is_dirty(*r) and not self.held.is_dirty(*r)]
         return diffs
 
-    def _compare(self, offset: int, length: int, done: int, total: int,
+    def _compare_piece(self, offset: int, length: int, done: int, total: int,
                  found: list[tuple[int, int]]) -> list[tuple[int, int]]:
         local = bytearray(length)
         with self._locks.exclusive(offset, offset + length):
