@@ -128,6 +128,8 @@ def test_three_resources_up_replicate_fail_over_alone_and_down_all(folder: Path)
     assert status.count("controller running") == 3, status
     assert status.count("disk0    running") == 6, status
 
+    subprocess.run([REPDISK, "ctl", str(folder / "beta-pri.ctrl.qmp"), "checkpoint"],
+                   check=True, capture_output=True, timeout=60)   # the write is in it
     with open(folder / "beta-pri.qmp.pid") as f:
         psutil.Process(int(f.read())).kill()        # beta's primary dies
     wait_state(folder, "beta", "failed-over")
