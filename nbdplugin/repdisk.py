@@ -17,11 +17,21 @@ role=primary|secondary  (required)
 disk=[NAME:]PATH  (required, repeatable)
     a disk of the node (a raw file or block device); repeat the key for a consistency group of several disks. NAME (letters, digits, '-', '_'; default disk0, disk1, ...) names its exports and must match on both nodes
 control=SOCKET  (required)
-    the node's control socket (QMP protocol, mode 0600)
+    the node's control socket (QMP protocol; mode 0600 unless control-mode)
 control-tcp=HOST:PORT  (default None)
     also serve the control protocol on TCP, for a controller on another host; TLS with client certificates (control-tls) is required, loopback included, unless insecure=yes
 control-tls=x509:DIR|off  (default off)
     certificates for control-tcp (repdisk tls ca DIR): the node shows server-cert.pem and accepts only clients with a certificate signed by ca-cert.pem
+control-group=GROUP  (default None)
+    give the control socket to this group (for operators; with control-mode 0660)
+control-mode=MODE  (default 0600)
+    the control socket's permission bits, octal; never for every local user
+socket-owner=USER  (default None)
+    give the NBD Unix socket (--nbd-socket) to this user, e.g. the user QEMU runs as
+socket-group=GROUP  (default None)
+    give the NBD Unix socket to this group, e.g. libvirt-qemu (libvirt's QEMU user on Debian); with socket-mode 0660 QEMU running as that group can connect
+socket-mode=MODE  (default nbdkit's: 0777 minus the umask)
+    the NBD Unix socket's permission bits, octal (connecting needs w), e.g. 0660
 state=PATH  (default first disk + '.state')
     the node's state file (epoch, consistency)
 secondary=NBD-URI  (required) [primary only]
@@ -76,7 +86,7 @@ def _find_package() -> None:
 _find_package()
 
 from repdisk import config as _config  # noqa: E402
-from repdisk import threadstate  # noqa: E402
+from repdisk import sockaccess, threadstate  # noqa: E402
 from repdisk.errors import BlockIOError, ConfigError, RepdiskError  # noqa: E402
 from repdisk.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
 from repdisk.node import Node  # noqa: E402
@@ -152,7 +162,10 @@ def get_ready():
 
 
 def after_fork():
+    """nbdkit has bound its NBD socket: give it its owner/group/mode, then serve control
+    (so a node whose control socket answers has an NBD socket QEMU may open)."""
     try:
+        sockaccess.apply_to_nbd_socket(_node.cfg.nbd_socket_access)
         _node.serve_control()
     except RepdiskError as err:
         _fail_startup(err)

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 from .errors import ConfigError
 from .qmp import tcp_address
 from .resyncrate import ResyncRate, parse as parse_rate
+from .sockaccess import SocketAccess, check_control_mode, parse_access
 from .tls import (TLSSpec, check_control_plain, check_plain, control_tls_dir, uri_tcp_host,
                   uses_tls)
 from .units import parse_duration, parse_size  # the one parser of each (repdisk.units)
@@ -47,7 +48,7 @@ KEYS: tuple[Key, ...] = (
         "a disk of the node (a raw file or block device); repeat the key for a consistency "
         "group of several disks. NAME (letters, digits, '-', '_'; default disk0, disk1, ...) "
         "names its exports and must match on both nodes", required=True, repeat=True),
-    Key("control", ROLES, "SOCKET", "the node's control socket (QMP protocol, mode 0600)",
+    Key("control", ROLES, "SOCKET", "the node's control socket (QMP protocol; mode 0600 unless control-mode)",
         required=True),
     Key("control-tcp", ROLES, "HOST:PORT",
         "also serve the control protocol on TCP, for a controller on another host; TLS with "
@@ -55,6 +56,18 @@ KEYS: tuple[Key, ...] = (
     Key("control-tls", ROLES, "x509:DIR|off",
         "certificates for control-tcp (repdisk tls ca DIR): the node shows server-cert.pem and "
         "accepts only clients with a certificate signed by ca-cert.pem", default="off"),
+    Key("control-group", ROLES, "GROUP",
+        "give the control socket to this group (for operators; with control-mode 0660)"),
+    Key("control-mode", ROLES, "MODE",
+        "the control socket's permission bits, octal; never for every local user", default="0600"),
+    Key("socket-owner", ROLES, "USER",
+        "give the NBD Unix socket (--nbd-socket) to this user, e.g. the user QEMU runs as"),
+    Key("socket-group", ROLES, "GROUP",
+        "give the NBD Unix socket to this group, e.g. libvirt-qemu (libvirt's QEMU user on "
+        "Debian); with socket-mode 0660 QEMU running as that group can connect"),
+    Key("socket-mode", ROLES, "MODE",
+        "the NBD Unix socket's permission bits, octal (connecting needs w), e.g. 0660",
+        default="nbdkit's: 0777 minus the umask"),
     Key("state", ROLES, "PATH", "the node's state file (epoch, consistency)",
         default="first disk + '.state'"),
     Key("secondary", (PRIMARY,), "NBD-URI",
@@ -211,6 +224,8 @@ class NodeConfig:
     insecure: bool = False
     control_tcp: Optional[tuple[str, int]] = None
     control_tls: Optional[str] = None     # certificate directory for control_tcp
+    control_access: SocketAccess = SocketAccess(mode=0o600)
+    nbd_socket_access: SocketAccess = SocketAccess()   # applied by the plugin (sockaccess)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -242,6 +257,7 @@ class NodeConfig:
         check_folder("control", cfg.control)
         check_folder("state", cfg.state)
         cfg._control_keys(values)
+        cfg._socket_keys(values)
         if role == PRIMARY:
             cfg._primary_keys(values)
         else:
@@ -260,6 +276,17 @@ class NodeConfig:
         self.control_tls = control_tls_dir("control-tls", tls, "server")
         if self.control_tls is None:
             check_control_plain("control-tcp", tcp, self.insecure)
+
+    def _socket_keys(self, values: dict[str, list[str]]) -> None:
+        """Who may connect to the control and NBD sockets (repdisk.sockaccess)."""
+        control = parse_access("control", None, _one(values, "control-group"),
+                               _one(values, "control-mode") or "0600")
+        assert control.mode is not None
+        check_control_mode("control-mode", control.mode)
+        self.control_access = control
+        self.nbd_socket_access = parse_access("socket", _one(values, "socket-owner"),
+                                              _one(values, "socket-group"),
+                                              _one(values, "socket-mode"))
 
     def _primary_keys(self, values: dict[str, list[str]]) -> None:
         self.secondary = _one(values, "secondary")

@@ -460,7 +460,9 @@ class Node:
         from . import control, tls
         from .qmp import QMPServer
         server = QMPServer(control.node_commands(self), name=f"repdisk-{self.cfg.role}")
-        server.serve_unix(self.cfg.control)
+        access = self.cfg.control_access
+        server.serve_unix(self.cfg.control, 0o600 if access.mode is None else access.mode,
+                          access.gid)
         if self.cfg.control_tcp:
             tls.serve_control(server, self.cfg.control_tcp, self.cfg.control_tls)
         self._server = server

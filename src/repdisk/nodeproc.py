@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import psutil
 
 from .config import check_folder
-from .errors import ControlError, RepdiskError
+from .errors import ConfigError, ControlError, RepdiskError
 from .qmp import remove_stale_socket
 from .tls import TLSSpec, check_plain
 
@@ -96,13 +96,18 @@ def default_threads(keys: list[tuple[str, str]]) -> int:
 
 def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
                    threads: Optional[int] = None) -> list[str]:
-    """The nbdkit command line of a node; raises ConfigError for an unsafe listener.
+    """The nbdkit command line of a node; raises ConfigError for an unsafe listener, or for
+    socket-owner/group/mode without a Unix socket (checked again by the plugin).
 
     A Unix socket left behind by a node that was killed is removed here (nbdkit would
     refuse to start on it); one where a server still answers is refused.  ``threads``
     None: the default for the node's role and write mode.
     """
     listen.check()
+    socket_keys = [k for k, _ in keys if k.startswith("socket-")]
+    if socket_keys and not listen.socket:
+        raise ConfigError(socket_keys[0], "is for an NBD Unix socket: give --nbd-socket PATH, "
+                                          "or leave the socket-* keys out for a TCP listener")
     if listen.socket:
         free_socket(listen.socket, "NBD socket")
     if threads is None:

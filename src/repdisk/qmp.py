@@ -532,10 +532,13 @@ def remove_stale_socket(path: str, what: str = "control socket") -> None:
                        "choose another path")
 
 
-def _bind_unix(path: str, mode: int) -> tuple[socket.socket, os.stat_result]:
-    """A listening socket at ``path`` that nobody could reach before it had ``mode``.
+def _bind_unix(path: str, mode: int,
+               gid: Optional[int] = None) -> tuple[socket.socket, os.stat_result]:
+    """A listening socket at ``path`` that nobody could reach before it had ``mode`` (and
+    group ``gid``, if given).
 
-    It is bound in a private (0700) directory beside ``path``, chmod-ed, set listening, then
+    It is bound in a private (0700) directory beside ``path``, chown-ed and chmod-ed, set
+    listening, then
     hard-linked into place (link fails if the name was taken meanwhile, unlike rename).
     """
     parent = os.path.dirname(os.path.abspath(path))
@@ -544,6 +547,8 @@ def _bind_unix(path: str, mode: int) -> tuple[socket.socket, os.stat_result]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(tmp)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
         os.chmod(tmp, mode)
         sock.listen(16)
         try:
@@ -643,8 +648,9 @@ class QMPServer:
 
     # -- transports --
 
-    def serve_unix(self, path: str, mode: int = 0o600) -> None:
-        """Listen on a Unix socket at ``path`` with permissions ``mode``; return once listening.
+    def serve_unix(self, path: str, mode: int = 0o600, gid: Optional[int] = None) -> None:
+        """Listen on a Unix socket at ``path`` with permissions ``mode`` (and group ``gid``);
+        return once listening.
 
         A stale socket file is replaced; a path where a server still answers is refused
         (ControlError), as is a path that is not a socket.
@@ -656,7 +662,7 @@ class QMPServer:
             raise ControlError(f"qmp: the {self.name} control server is closed")
         remove_stale_socket(path)
         try:
-            sock, st = _bind_unix(path, mode)
+            sock, st = _bind_unix(path, mode, gid)
         except OSError as err:
             # strerror, not err: the error names the private directory of _bind_unix
             raise ControlError(f"control socket {path}: cannot create it in "
