@@ -22,6 +22,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from repdisk import cli, ctlclient, nodeproc, units
@@ -312,3 +313,54 @@ def test_controller_lines_name_each_socket_and_role() -> None:
     assert ctlclient.controller_lines(machine)[0] == (
         "controller resyncing (resync) epoch 2  primary /r/b.qmp ok  secondary /r/a.qmp ok  "
         "dirty 0.0 MiB lag 0.0 MiB  no checkpoint")
+
+
+def test_status_after_a_promotion_names_the_new_roles(cli_pair: Pair) -> None:
+    """Fail over by kill -9 of the primary, bring its disk back as a secondary, promote:
+    the controller's line then says which socket is primary and which secondary."""
+    f = cli_pair.path
+
+    def controller_state() -> str:
+        return json.loads(cli_pair.repdisk("ctl", "ctl.qmp", "query-controller",
+                                           "--json").stdout)["state"]
+
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
+                     "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid")
+    cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                     "pri.sock", "--secondary", f"nbd+unix:///replica?socket={f('sec.sock')}",
+                     "--isolation-timeout", "1s", "--background", "--pidfile", "pri.pid")
+    cli_pair.repdisk("controller", "--primary", "pri.qmp", "--secondary", "sec.qmp", "--control",
+                     "ctl.qmp", "--interval", "1m", "--heartbeat", "300ms",
+                     "--heartbeat-timeout", "2s", "--background", "--pidfile", "ctl.pid")
+    try:
+        wait_for(lambda: controller_state() == "running", what="a running pair")
+        line = cli_pair.repdisk("status", "ctl.qmp").stdout.splitlines()[0]
+        assert re.match(r"controller running +epoch 1  primary pri\.qmp ok \(\d+\.\ds ago\)  "
+                        r"secondary sec\.qmp ok", line), line
+        os.kill(int(open(f("pri.pid")).read()), signal.SIGKILL)
+
+        def lost() -> bool:
+            line = cli_pair.repdisk("status", "ctl.qmp").stdout.splitlines()[0]
+            return bool(re.search(r"  primary pri\.qmp LOST \(\d+\.\ds ago\)  secondary "
+                                  r"sec\.qmp ok", line))
+        wait_for(lost, what="the primary's loss")
+        wait_for(lambda: controller_state() != "running", what="the failover")
+
+        cli_pair.repdisk("secondary", "--disk", "pri.img", "--control", "old.qmp",
+                         "--nbd-socket", "old.sock", "--background", "--pidfile", "old.pid")
+        cli_pair.repdisk("ctl", "ctl.qmp", "controller-promote", f"secondary={f('old.qmp')}",
+                         f"uri=nbd+unix:///replica?socket={f('old.sock')}")
+        # whether re-protection is done yet or not (the controller's business), the
+        # controller's peers have swapped: its line names each role's socket
+        swapped = (rf"controller \S+( \(\S+\))? +epoch 2  primary sec\.qmp ok \(\d+\.\ds ago\)  "
+                   rf"secondary {re.escape(f('old.qmp'))} ok")
+        wait_for(lambda: re.match(swapped, cli_pair.repdisk("status", "ctl.qmp").stdout),
+                 what="the promoted pair")
+        status = cli_pair.repdisk("status", "sec.qmp", "old.qmp").stdout.splitlines()
+        assert [line.split()[0] for line in status] == ["primary", "secondary"]
+    finally:
+        pid = nodeproc._pidfile_pid(f("ctl.pid"))
+        if pid is not None and "controller" in psutil.Process(pid).cmdline():
+            nodeproc.stop_pid(pid)
+        for name in ("old.pid", "sec.pid"):
+            nodeproc.stop_pidfile(f(name))
