@@ -52,10 +52,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
 import stat
+import struct
 import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Union, runtime_checkable
@@ -73,6 +75,7 @@ __all__ = [
     "Overlay",
     "punch_hole",
     "coalesce",
+    "lock_image",
 ]
 
 #: NBD's extent flags.
@@ -277,6 +280,99 @@ def _create_file(path: str, exist_ok: bool, what: str) -> int:
 
 # --- RawImage ----------------------------------------------------------------------------
 
+# -- QEMU's image locks -----------------------------------------------------------------------
+#
+# QEMU (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes) marks an image in
+# use with one-byte, shared (F_RDLCK) open-file-description locks: byte 100 + i while it
+# holds permission bit i, byte 200 + i while it does *not* share it with others.  A user
+# that wants bit i conflicts with anyone's lock on 200 + i; one that does not share bit i
+# conflicts with anyone's lock on 100 + i.  Taking the same locks makes QEMU's own tools
+# (qemu-io, qemu-img, a QEMU guest) refuse an image a node serves, and one node another's.
+
+LOCK_PERM_BASE, LOCK_SHARED_BASE = 100, 200
+#: QEMU's BLK_PERM_* bits (7.2): consistent read, write, write unchanged, resize.
+PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 0x1, 0x2, 0x4, 0x8
+PERM_ALL = 0xF
+#: What a node does with the files it serves, and what it lets others do: read only (what
+#: qemu-nbd or a guest without share-rw takes on a writable image).
+SERVING_PERM = PERM_ALL
+SERVING_SHARED = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+
+_FLOCK = "hhqqi4x"  # struct flock on Linux x86-64/aarch64: type, whence, start, len, pid
+
+
+def _ofd_lock(fd: int, command: int, kind: int, offset: int, length: int = 1) -> int:
+    """One fcntl(F_OFD_*) call on ``[offset, offset+length)``; the l_type it returns."""
+    raw = fcntl.fcntl(fd, command, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, length, 0))
+    return int(struct.unpack(_FLOCK, raw)[0])
+
+
+def lock_image(fd: int, path: str, perm: int = SERVING_PERM,
+               shared: int = SERVING_SHARED) -> None:
+    """Take QEMU's locks on ``fd`` for ``perm``, sharing only ``shared``, or refuse.
+
+    Applied, then checked, as QEMU does: of two users opening at once at least one finds
+    the other.  Released when the file is closed (the locks belong to its open file
+    description).  Raises BlockIOError(EBUSY) naming the holder(s) of a conflicting lock.
+    """
+    unshared = PERM_ALL & ~shared
+    bits = range(PERM_ALL.bit_length())
+    try:
+        for i in bits:
+            for base, mask in ((LOCK_PERM_BASE, perm), (LOCK_SHARED_BASE, unshared)):
+                if mask >> i & 1:
+                    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, base + i)
+        conflict = any(
+            mask >> i & 1 and _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, base + i)
+            != fcntl.F_UNLCK
+            for i in bits for base, mask in ((LOCK_SHARED_BASE, perm), (LOCK_PERM_BASE, unshared)))
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise _block_error(err, f"{path}: lock") from err
+        conflict = True
+    if conflict:
+        _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, LOCK_PERM_BASE,
+                  LOCK_SHARED_BASE + len(bits) - LOCK_PERM_BASE)
+        raise BlockIOError(errno.EBUSY, f"{path} is in use by {_lock_holders(fd)}: stop it "
+                                        "first (two writers would corrupt it)")
+
+
+def _lock_holders(fd: int) -> str:
+    """Who else holds OFD locks on ``fd``'s file (scans /proc: a refusal's cost only)."""
+    me = os.fstat(fd)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for n in os.listdir(f"/proc/{pid}/fd"):
+                if int(pid) == os.getpid() and int(n) == fd:
+                    continue
+                st = os.stat(f"/proc/{pid}/fd/{n}")
+                if (st.st_dev, st.st_ino) != (me.st_dev, me.st_ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{n}", encoding="utf-8") as f:
+                    if "OFDLCK" in f.read():
+                        found.append(_describe_process(int(pid)))
+                        break
+        except OSError:
+            continue  # gone, or not ours to look at
+    return ", ".join(found) or "another process"
+
+
+def _describe_process(pid: int) -> str:
+    """``repdisk node (pid N, control PATH)`` for a node, else ``COMMAND (pid N)``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            comm = f.read().strip()
+    except OSError:
+        return f"pid {pid}"
+    control = next((a[len("control="):] for a in args if a.startswith("control=")), None)
+    if control is not None:
+        return f"repdisk node (pid {pid}, control {control})"
+    return f"{comm} (pid {pid})"
+
+
 class RawImage:
     """A raw disk image: a (sparse) regular file or a block device.
 
@@ -340,6 +436,10 @@ class RawImage:
             raise BlockIOError(errno.EINVAL, f"raw image {name} is empty (0 bytes): give it a "
                                              f"size first, e.g. truncate -s 1G {name}")
         return size
+
+    def lock(self) -> None:
+        """Mark the file in use for writing, as QEMU does (:func:`lock_image`)."""
+        lock_image(self._fd, self.path)
 
     @property
     def fd(self) -> int:
@@ -642,6 +742,11 @@ class Overlay:
             raise
         return cls(name, backing, data, fd, meta["cluster_size"], loaded)
 
+    def lock(self) -> None:
+        """Mark the data file and the bitmap in use for writing (:func:`lock_image`)."""
+        self._data.lock()
+        lock_image(self._bitmap_fd, self._bitmap_name)
+
     @staticmethod
     def _open_bitmap(name: str) -> int:
         try:
@@ -899,14 +1004,26 @@ class Overlay:
             if allocated:
                 continue
             lo, hi = self._span(run_first, run_end)
-            for offset, length, flags in self.backing.extents(lo, hi - lo):
-                if flags & EXTENT_ZERO:
-                    self._data.zero(offset, length)  # stale bytes from an earlier interval
+            for start, end, zeros in self._backing_runs(lo, hi):
+                if zeros:
+                    self._data.zero(start, end - start)  # stale bytes of an earlier interval
                 else:
-                    copy_range(self.backing, self._data, offset, length)
+                    copy_range(self.backing, self._data, start, end - start)
             self._mark_allocated(run_first, run_end)
             copied += hi - lo
         return copied
+
+    def _backing_runs(self, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start, end, reads_as_zeros)`` runs of the backing over ``[lo, hi)``.  A raw
+        image is asked with SEEK_DATA/SEEK_HOLE directly: two system calls for a run of
+        data, on every copy-before-write (its extents() costs several times that)."""
+        if isinstance(self.backing, RawImage):
+            with _os_errors(f"raw image {self.backing.path}: extents at {lo}"):
+                for start, end, data in _data_runs(self.backing.fd, lo, hi):
+                    yield start, end, not data
+            return
+        for offset, length, flags in self.backing.extents(lo, hi - lo):
+            yield offset, offset + length, bool(flags & EXTENT_ZERO)
 
     def copy_from_backing(self, offset: int, length: int) -> int:
         """Allocate every cluster touching the range, filling new ones from the backing.

@@ -40,7 +40,7 @@ from . import batch, forwarder, resync, sessions, threadstate
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .dirtymap import DirtyMap
 from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
-from .images import BlockDevice, RawImage
+from .images import BlockDevice, RawImage, lock_image
 from .primary import PrimaryReplica
 from .replication import Registry, ReplicationError, ReplicationMode
 from .secondary import SecondaryReplica
@@ -307,7 +307,9 @@ class Node:
         for spec in cfg.disks:
             replica = self._open_replica(spec.name, spec.path)
             self.replicas[spec.name] = replica
+            self._lock(replica)
             replica.register(self.registry)
+        self._state_file_lock = self._lock_state_file()
         self._name_exports()
         if self.state.failover_commit is not None:
             self._resume_failover()
@@ -331,6 +333,32 @@ class Node:
             raise
         except (RepdiskError, OSError, ValueError) as err:
             raise ConfigError("disk", f"{path}: {err}") from err
+
+    def _lock(self, rep: Replica) -> None:
+        """Mark every file the replica writes in use, as QEMU does (images.lock_image): a
+        second node, or a QEMU tool opening one for writing, is refused, naming this one."""
+        try:
+            rep.disk.lock()
+            if isinstance(rep, SecondaryReplica):
+                rep.hidden.lock()
+                rep.active_overlay.lock()
+        except BlockIOError as err:
+            raise ConfigError("disk", str(err)) from err
+
+    def _lock_state_file(self) -> int:
+        """Lock ``STATE.lock`` (the state file itself is replaced on every save, so its
+        lock would not last): two nodes given one state file are refused too."""
+        path = self.cfg.state + ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise ConfigError("state", f"cannot open {path}: {err.strerror}") from err
+        try:
+            lock_image(fd, self.cfg.state)
+        except BlockIOError as err:
+            os.close(fd)
+            raise ConfigError("state", str(err)) from err
+        return fd
 
     def _name_exports(self) -> None:
         if self.mode is ReplicationMode.PRIMARY:
@@ -735,6 +763,7 @@ class Node:
                       rep.disk.path + ".active")
             sec = SecondaryReplica.over(rep.name, rep.disk, hidden, active,
                                         self.cfg.cluster_size, self.emit)
+            self._lock(sec)
             sec.register(registry)
             replicas[rep.name] = sec
         if self.isolation is not None:
@@ -935,6 +964,8 @@ class Node:
                           err)
         for old in self._retired:
             old.close(disk=False)
+        with contextlib.suppress(OSError):
+            os.close(self._state_file_lock)
 
     @classmethod
     def from_keys(cls, pairs: list[tuple[str, str]]) -> "Node":
