@@ -4,11 +4,13 @@
 * Bytes flipped in the secondary's disk file behind repdisk's back (several places, part
   of a block, a run across a block boundary) are reported exactly, then repaired.
 * A verify interrupted by a lost secondary stops, says where and why, and the guest goes on.
-* ``repdisk ctl PRI verify repair=true`` on a terminal shows its progress.
+* ``repdisk ctl PRI verify repair=true`` on a terminal shows its progress; the last
+  verify's numbers are in ``query-replication`` and a controller's metrics.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -95,6 +97,22 @@ def test_clean_pair_under_a_writing_guest_reports_nothing(nodes: Nodes, write_mo
 FLIPS = [(5000, 3), (MiB + 4096 - 2, 5), (7 * MiB, 1), (20 * MiB + 123, 4096)]
 
 
+def metrics_of(nodes: Nodes, pri: NodeProc, sec: NodeProc) -> list[str]:
+    """The verify lines of a controller's query-metrics over the pair (it adopts it)."""
+    ctrl = os.path.join(nodes.folder, "ctrl.qmp")
+    subprocess.run([REPDISK, "controller", "--primary", pri.control, "--secondary",
+                    sec.control, "--control", ctrl, "--initial-sync", "none", "--background"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        text = subprocess.run([REPDISK, "ctl", ctrl, "query-metrics", "--json"], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+    finally:
+        with open(ctrl + ".pid") as f:
+            os.kill(int(f.read()), 15)
+    return [line for line in json.loads(text).splitlines()
+            if line.startswith("repdisk_verify_")]
+
+
 @pytest.mark.timeout(120)
 def test_flipped_bytes_are_reported_exactly_and_repaired(nodes: Nodes) -> None:
     pri, sec = start(nodes)
@@ -118,6 +136,11 @@ def test_flipped_bytes_are_reported_exactly_and_repaired(nodes: Nodes) -> None:
     assert got["bytes"] == sum(n for _, n in expected)
     assert "repaired" not in got
     assert f"verify disk0: 5 ranges ({got['bytes']} bytes) differ" in pri.log_text()
+    last = pri.ctl("query-replication")["disks"][0]["last_verify"]
+    assert (last["ranges"], last["bytes"], last["repaired"]) == (5, got["bytes"], 0)
+    assert metrics_of(nodes, pri, sec)[:2] == [f'repdisk_verify_out_of_sync_bytes{{disk="disk0"}} '
+                                               f'{got["bytes"]}',
+                                               'repdisk_verify_out_of_sync_ranges{disk="disk0"} 5']
 
     fixed = pri.ctl("replication-verify", runs=[[DATA, SIZE - DATA]], repair=True)["disks"][0]
     assert fixed["ranges"] == got["ranges"] and fixed["repaired"] >= got["bytes"]

@@ -7,6 +7,7 @@ read the same text.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Optional
 
 from .durable import replace_file
@@ -32,6 +33,10 @@ _HELP = {
     "repdisk_resync_total_bytes": ("gauge", "bytes the running sync or resync phase covers"),
     "repdisk_resync_eta_seconds": ("gauge", "estimated seconds left in the running phase"),
     "repdisk_resync_bytes_total": ("counter", "bytes copied to the secondary by resyncs"),
+    "repdisk_verify_out_of_sync_bytes": ("gauge", "bytes that differed on the secondary at "
+                                                  "the last verify (before any repair)"),
+    "repdisk_verify_out_of_sync_ranges": ("gauge", "ranges that differed at the last verify"),
+    "repdisk_verify_age_seconds": ("gauge", "seconds since the last verify ended"),
     "repdisk_failovers_total": ("counter", "failovers done by this controller"),
     "repdisk_failover_seconds": ("gauge", "loss-to-serving time of the last failover"),
 }
@@ -72,6 +77,12 @@ def render(snapshot: dict[str, Any], nodes: dict[str, Optional[dict[str, Any]]])
             if q and q.get("role") == "primary":
                 add("repdisk_dirty_bytes", disk.get("dirty_bytes", 0), disk=disk["disk"])
                 add("repdisk_lag_bytes", disk.get("lag_bytes", 0), disk=disk["disk"])
+                verify = disk.get("last_verify")
+                if verify:
+                    add("repdisk_verify_out_of_sync_bytes", verify["bytes"], disk=disk["disk"])
+                    add("repdisk_verify_out_of_sync_ranges", verify["ranges"], disk=disk["disk"])
+                    add("repdisk_verify_age_seconds", round(time.time() - verify["time"], 3),
+                        disk=disk["disk"])
             elif "consistent" in disk:
                 add("repdisk_secondary_consistent", disk["consistent"], disk=disk["disk"])
     counters = snapshot["counters"]

@@ -915,6 +915,9 @@ class Node:
                 for offset, length in found:
                     rep.dirty.mark(offset, length)
                 result["repaired"] = rep.resync()
+            rep.last_verify = {"time": time.time(), "compared": result["compared"],
+                               "ranges": len(found), "bytes": result["bytes"],
+                               "repaired": result.get("repaired", 0)}
             self.emit("VERIFY_COMPLETED", result)
             results.append(result)
         return results

@@ -169,6 +169,8 @@ class PrimaryReplica:
         #: How fast resync copies while the guest runs (resyncrate.py).
         self.resync_rate = resync_rate
         self._last_guest_write = float("-inf")
+        #: The last verify's summary (node.verify): time, compared, ranges, bytes, repaired.
+        self.last_verify: Optional[dict[str, Any]] = None
         self.view: BlockDevice = PrimaryView(self)
         # Exclusive holders: updates (local write + submit) and resync's read + submit.
         self._locks = RangeLock()
@@ -989,6 +991,7 @@ class PrimaryReplica:
             "degraded": self.degraded,
             "write_mode": self.write_mode,
             "resync_rate": self.resync_rate.describe(),
+            "last_verify": self.last_verify,
             "dirty_bytes": 0 if lagging else unsent,
             "in_flight": fwd.in_flight if fwd else 0,
             "queued": fwd.queued if fwd else 0,
