@@ -13,6 +13,7 @@ APT_PACKAGES=(
   qemu-utils qemu-system-x86 fio python3-venv
   busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc
   pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 )
 
 missing=()

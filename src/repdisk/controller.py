@@ -47,6 +47,8 @@ from qemu.qmp import ExecuteError
 from . import ctlclient, metrics, resync, tls
 from .config import check_folder, parse_address, parse_duration
 from .errors import ConfigError, ControlError, RepdiskError
+from .guest import DEFAULT_URI as LIBVIRT_URI, Monitor, check as check_guest
+from .guest import connect as connect_guest
 from .qmp import ArgSpec, Command, QMPClient, QMPServer, tcp_address
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class ControllerConfig:
     heartbeat: float = 1.0
     heartbeat_timeout: float = 3.0
     qmp: Optional[str] = None           # the primary guest's QMP socket
+    libvirt_domain: Optional[str] = None   # or its libvirt domain (guest.py)
+    libvirt_uri: str = LIBVIRT_URI
     freeze: bool = False                # fsfreeze through the guest agent instead of stop/cont
     qga: Optional[str] = None           # the guest agent's socket (default: QMP path + .qga)
     vm_state: Optional[str] = None      # folder for the guest's state at each checkpoint
@@ -108,9 +112,10 @@ class ControllerConfig:
         if self.freeze and not (self.qga or self.qmp):
             raise ConfigError("freeze", "needs the guest agent's socket: give --qga (or --qmp, "
                                         "whose path + '.qga' is then used)")
-        if self.vm_state and (not self.qmp or self.freeze):
-            raise ConfigError("vm-state", "needs --qmp and no --freeze: the guest must be "
-                                          "stopped while its state is saved")
+        check_guest(self.qmp, self.libvirt_domain)
+        if self.vm_state and (not (self.qmp or self.libvirt_domain) or self.freeze):
+            raise ConfigError("vm-state", "needs --qmp (or --libvirt-domain) and no --freeze: "
+                                          "the guest must be stopped while its state is saved")
         for role, address in (("primary", self.primary), ("secondary", self.secondary)):
             if tcp_address(address) and not self.tls and not self.insecure:
                 raise ConfigError(role, f"{address} is a TCP control port: give --tls DIR "
@@ -163,7 +168,7 @@ class GuestAgent:
         sock.sendall(json.dumps(msg).encode() + b"\n")
 
 
-def save_vm_state(guest: QMPClient, path: str, timeout: float = 300.0) -> int:
+def save_vm_state(guest: Monitor, path: str, timeout: float = 300.0) -> int:
     """Save a stopped guest's device and memory state to ``path`` (QMP migrate to a file).
 
     QEMU throttles a migration to 128 MiB/s by default, which only stretches the pause of
@@ -329,7 +334,7 @@ class Controller:
         self._marked_for: Optional[str] = None   # primary instance whose dirty map we filled
         self._old_primary_fenced = False
         self._hook: Optional[subprocess.Popen] = None
-        self._guest: Optional[QMPClient] = None
+        self._guest: Optional[Monitor] = None
         self._progress_said = 0.0
         self._server: Optional[QMPServer] = None
         if cfg.control or cfg.control_tcp:
@@ -524,7 +529,7 @@ class Controller:
 
     def _paused(self, body: Callable[[], None]) -> float:
         """Run ``body`` with the guest stopped (or frozen); return how long it was."""
-        if not self.cfg.qmp and not self.cfg.freeze:
+        if not (self.cfg.qmp or self.cfg.libvirt_domain) and not self.cfg.freeze:
             body()
             return 0.0
         if self.cfg.freeze:
@@ -545,10 +550,10 @@ class Controller:
             guest.execute("cont")
         return time.monotonic() - t0
 
-    def _guest_qmp(self) -> QMPClient:
+    def _guest_qmp(self) -> Monitor:
         if self._guest is None:
-            assert self.cfg.qmp
-            self._guest = QMPClient(timeout=60.0).connect(self.cfg.qmp)
+            self._guest = connect_guest(self.cfg.qmp, self.cfg.libvirt_domain,
+                                        self.cfg.libvirt_uri)
         return self._guest
 
     # -- failover ------------------------------------------------------------------------
@@ -792,6 +797,11 @@ def add_parsers(sub: Any) -> None:
                         "primary's isolation-timeout)")
     p.add_argument("--qmp", metavar="GUEST.qmp", help="the primary guest's QMP socket: stop and "
                                                       "cont it around each checkpoint")
+    p.add_argument("--libvirt-domain", metavar="NAME",
+                   help="instead of --qmp: the guest is libvirt domain NAME, paused (and "
+                        "saved, with --vm-state) through libvirt's QEMU monitor passthrough")
+    p.add_argument("--libvirt-uri", metavar="URI", default=LIBVIRT_URI,
+                   help=f"libvirt connection of --libvirt-domain (default {LIBVIRT_URI})")
     p.add_argument("--freeze", action="store_true",
                    help="fsfreeze the guest's filesystems (guest agent) instead of stopping it")
     p.add_argument("--qga", metavar="QGA.sock", help="guest agent socket (default GUEST.qmp.qga)")
@@ -815,7 +825,8 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
         interval=parse_duration("interval", args.interval),
         heartbeat=parse_duration("heartbeat", args.heartbeat),
         heartbeat_timeout=parse_duration("heartbeat-timeout", args.heartbeat_timeout),
-        qmp=args.qmp, freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
+        qmp=args.qmp, libvirt_domain=args.libvirt_domain, libvirt_uri=args.libvirt_uri,
+        freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
         on_failover=args.on_failover, initial_sync=args.initial_sync,
         metrics_file=args.metrics_file, tls=args.tls, insecure=args.insecure,
         auto_failover=not args.checkpoint_only,
