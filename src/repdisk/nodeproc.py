@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -109,6 +111,9 @@ def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
         raise ConfigError(socket_keys[0], "is for an NBD Unix socket: give --nbd-socket PATH, "
                                           "or leave the socket-* keys out for a TCP listener")
     if listen.socket:
+        if nbd_server_answers(listen.socket):
+            raise RepdiskError(f"NBD socket {listen.socket}: a live server answers there; stop "
+                               "it or choose another path")
         free_socket(listen.socket, "NBD socket")
     if threads is None:
         threads = default_threads(keys)
@@ -122,6 +127,48 @@ def free_socket(path: str, what: str) -> None:
         remove_stale_socket(path, what)
     except ControlError as err:
         raise RepdiskError(str(err)) from None
+
+
+_NBDMAGIC, _IHAVEOPT = b"NBDMAGIC", b"IHAVEOPT"
+_NBD_OPT_ABORT = 2
+
+
+def nbd_server_answers(path: str, timeout: float = 1.0) -> bool:
+    """Whether a server listens on the Unix socket ``path``, asked the way a client that
+    changes its mind does: an NBD server's greeting is answered with its own flags and
+    NBD_OPT_ABORT, so the running node logs nothing (a bare connect and close makes nbdkit
+    log "reading initial client flags: ... Connection reset by peer" in its log).  A server
+    that says nothing within ``timeout`` (stopped, or not NBD) still answers."""
+    if not os.path.exists(path):
+        return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        return False           # refused, gone, or not a socket: remove_stale_socket decides
+    try:
+        greeting = _recv_exactly(sock, 18)
+        if greeting[:16] == _NBDMAGIC + _IHAVEOPT:
+            flags = struct.unpack(">H", greeting[16:])[0] & 0b11   # fixed newstyle, no zeroes
+            sock.sendall(struct.pack(">I", flags) + _IHAVEOPT
+                         + struct.pack(">II", _NBD_OPT_ABORT, 0))
+            _recv_exactly(sock, 20)                                 # the server's ack
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return True
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        data += chunk
+    return data
 
 
 def spawn(cmd: list[str], logfile: str) -> subprocess.Popen:
