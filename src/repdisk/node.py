@@ -754,6 +754,12 @@ class Node:
 
     def _become_secondary(self, primaries: list[PrimaryReplica]) -> None:
         """Each disk's image under a SecondaryReplica (stage NONE); exports switched."""
+        # A node promoted earlier keeps its former secondaries (DONE: their views read the
+        # disk and refuse writes, never touching the overlays); they hold the overlays'
+        # locks, which the new secondaries must take: close them first.
+        for old in self._retired:
+            old.close(disk=False)
+        self._retired = []
         registry, replicas = Registry(), {}
         for rep in primaries:
             single = len(self.cfg.disks) == 1
