@@ -4,7 +4,7 @@
     repdisk primary --disk PRI.img --control pri.qmp --nbd-socket pri.sock \\
         --secondary 'nbd+unix:///replica?socket=sec.sock'
     repdisk ctl SOCKET|HOST:PORT COMMAND [KEY=VALUE ...] [--json] [--tls DIR]
-    repdisk status SOCKET|HOST:PORT ... [--tls DIR]
+    repdisk status SOCKET|HOST:PORT ... [--json] [--tls DIR]
     repdisk up|down|status [NAME|all] [--config-dir /etc/repdisk]
     repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
     repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
@@ -96,7 +96,9 @@ def _run_node(args: argparse.Namespace, role: str) -> int:
 # -- control commands ---------------------------------------------------------------
 
 def parse_value(text: str) -> Any:
-    """ctl arguments: true/false, integers, JSON values, else the string itself."""
+    """ctl arguments: true/false, integers, JSON values, else the string itself (so ``1G``
+    or ``500ms`` goes as text, which the node reads with repdisk.units where the argument
+    is a size or a duration: ``ArgSpec.unit``)."""
     if text in ("true", "false"):
         return text == "true"
     try:
