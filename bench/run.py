@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -372,17 +373,17 @@ def check_colo_hidden(workdir: Path, offset: int, old: bytes) -> None:
         raw.unlink(missing_ok=True)
 
 
-def _require_repdisk_nodes() -> str:
+def _require_repdisk_nodes(repdisk: Path = REPDISK) -> str:
     """The repdisk console script, if it has `primary` and `secondary`; else NotImplementedError."""
-    if not REPDISK.exists():
-        raise NotImplementedError(f"repdisk: {REPDISK} is missing: run `make setup`")
+    if not repdisk.exists():
+        raise NotImplementedError(f"repdisk: {repdisk} is missing: run `make setup`")
     for sub in ("primary", "secondary"):
-        res = subprocess.run([str(REPDISK), sub, "--help"], capture_output=True, text=True,
+        res = subprocess.run([str(repdisk), sub, "--help"], capture_output=True, text=True,
                              timeout=30, stdin=subprocess.DEVNULL)
         if res.returncode != 0:
             why = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise NotImplementedError(f"repdisk {sub} is not available yet ({why})")
-    return str(REPDISK)
+    return str(repdisk)
 
 
 def _ctl(repdisk: str, control: Path, *command: str) -> None:
@@ -393,16 +394,19 @@ def _ctl(repdisk: str, control: Path, *command: str) -> None:
                            f"{res.stderr.strip() or res.stdout.strip()}")
 
 
-def start_repdisk_pair(workdir: Path, mode: str,
-                       threads: int | None = None) -> tuple[str, Cleanup]:
+def start_repdisk_pair(workdir: Path, mode: str, threads: int | None = None,
+                       secondary_threads: int | None = None,
+                       repdisk_path: Path = REPDISK) -> tuple[str, Cleanup]:
     """A repdisk secondary on SECONDARY_IMG and a primary on PRIMARY_IMG replicating to it with
-    `--write-mode mode` (sync|async) and `--threads threads` if given, both started
-    replicating. Returns the primary's URI."""
-    repdisk = _require_repdisk_nodes()
+    `--write-mode mode` (sync|async), both started replicating, with `--threads` if given
+    (`threads` on the primary, `secondary_threads` on the secondary), both run by the
+    `repdisk_path` command. Returns the primary's URI."""
+    repdisk = _require_repdisk_nodes(repdisk_path)
     s1, c1 = _socket_path(workdir, "rd-sec"), _socket_path(workdir, "rd-sec-ctl")
     s2, c2 = _socket_path(workdir, "rd-pri"), _socket_path(workdir, "rd-pri-ctl")
     secondary = [repdisk, "secondary", "--disk", str(workdir / SECONDARY_IMG),
-                 "--nbd-socket", str(s1), "--control", str(c1)]
+                 "--nbd-socket", str(s1), "--control", str(c1),
+                 *(["--threads", str(secondary_threads)] if secondary_threads else [])]
     primary = [repdisk, "primary", "--disk", str(workdir / PRIMARY_IMG),
                "--secondary", _unix_uri(s1, "replica"), "--nbd-socket", str(s2),
                "--control", str(c2), "--write-mode", mode,
@@ -476,12 +480,16 @@ class System:
     check_buffer: Callable[[Path, int, bytes], None] | None = None
 
 
-def _sync_pair(threads: int) -> System:
-    """A sync pair whose primary runs `threads` nbdkit threads (the default is 4)."""
-    return System(f"repdisk-sync-t{threads}",
-                  f"repdisk-sync with `--threads {threads}` on the primary",
-                  functools.partial(start_repdisk_pair, mode="sync", threads=threads), True,
-                  repdisk_checkpoint)
+def _pair(mode: str, threads: int | None, secondary_threads: int | None = None) -> System:
+    """repdisk-MODE with `--threads` on the primary and/or the secondary (named
+    repdisk-MODE-tP or -tPsS, or -sS): for thread-count experiments."""
+    name = (f"repdisk-{mode}" + (f"-t{threads}" if threads else "-")
+            + (f"s{secondary_threads}" if secondary_threads else "")).replace("--", "-")
+    return System(name, f"repdisk-{mode} with nbdkit threads primary {threads or 'default'}, "
+                  f"secondary {secondary_threads or 'default'}",
+                  functools.partial(start_repdisk_pair, mode=mode, threads=threads,
+                                    secondary_threads=secondary_threads), True,
+                  repdisk_checkpoint, repdisk_catch_up if mode == "async" else None)
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in [
@@ -499,13 +507,33 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("repdisk-async", "repdisk primary, write-mode async, -> repdisk secondary",
            functools.partial(start_repdisk_pair, mode="async"), True, repdisk_checkpoint,
            repdisk_catch_up),
-    *(_sync_pair(t) for t in (16, 64)),
+    *(_pair("sync", t, s) for t in (4, 16, 64) for s in (None, 4, 16) if t != 4 or s),
+    *(_pair("async", None, s) for s in (1, 4, 16)),
 ]}
 # What a run measures unless --systems says otherwise (the rest are for experiments).
 DEFAULT_SYSTEMS = ["qemu-colo", "qemu-quorum", "file", "passthrough", "repdisk-sync",
                    "repdisk-async"]
 REFERENCE = "qemu-colo"  # the ratios in the table are to this system's IOPS
 PEERS = ("qemu-colo", "qemu-quorum", "file", "passthrough")
+
+
+def add_baseline(systems: list[str], checkout: Path, only: list[str] | None) -> list[str]:
+    """For an A/B of a change in one interleaved run: each repdisk system of `systems` (of
+    `only`, if given) again as `base-NAME`, run by the `repdisk` of another checkout
+    (CHECKOUT/.venv/bin/repdisk). Returns `systems` with those added after their own."""
+    repdisk = checkout.resolve() / ".venv" / "bin" / "repdisk"
+    out = []
+    for name in systems:
+        out.append(name)
+        system = SYSTEMS[name]
+        if isinstance(system.start, functools.partial) and \
+                system.start.func is start_repdisk_pair and (only is None or name in only):
+            base = f"base-{name}"
+            SYSTEMS[base] = dataclasses.replace(
+                system, name=base, description=f"{name} run by {repdisk}",
+                start=functools.partial(system.start, repdisk_path=repdisk))
+            out.append(base)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,13 +998,20 @@ def parse_args(argv: list[str] | None) -> Config:
     ap.add_argument("--costs", action="store_true",
                     help="also measure the costs that must not grow with the disk "
                          "(bench/costs.py: checkpoint, failover commit, resync, RSS)")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="also run each repdisk system from another checkout (made with "
+                         "`make setup`) as base-NAME: an A/B of a change in one run")
+    ap.add_argument("--baseline-systems", type=lambda v: _names(v, SYSTEMS, "system"),
+                    help="with --baseline: only these systems (every repdisk one)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Config(
-        systems=args.systems, workloads=args.workloads, caches=args.caches,
+        systems=(add_baseline(args.systems, args.baseline, args.baseline_systems)
+                 if args.baseline else args.systems),
+        workloads=args.workloads, caches=args.caches,
         runtime=args.runtime or (3 if args.quick else 10),
         reps=args.reps or (1 if args.quick else 3),
         size=(args.size_mib or (256 if args.quick else 1024)) * MiB,
