@@ -6,10 +6,13 @@ test_qemu_scenarios.py and test_secondary_stress.py.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
+import mmap
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -149,6 +152,57 @@ def test_copy_before_write_copies_each_cluster_once_per_interval(sec: SecondaryR
     assert read(sec.active) == bytes(new)
     sec.replica.pwrite(b"\xdd", cs)
     assert sec.query()["counters"]["cbw_bytes"] == 5 * cs
+
+
+def _resident_clusters(path: str, size: int, cluster_size: int) -> list[int]:
+    """The clusters of the file with a page in the page cache (mincore of a mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    vec = ctypes.create_string_buffer(size // page)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        first = ctypes.c_char.from_buffer(m)  # a private mapping: the address of its start
+        try:
+            assert libc.mincore(ctypes.addressof(first), size, vec) == 0, \
+                os.strerror(ctypes.get_errno())
+        finally:
+            del first  # the mapping cannot close while a ctypes object points into it
+    return sorted({i * page // cluster_size for i, b in enumerate(vec.raw) if b & 1})
+
+
+def test_prefetch_starts_reading_exactly_the_clusters_to_copy(tmp_path: Path) -> None:
+    """prefetch() reads into the page cache the disk clusters the given writes will copy
+    before writing (not those already in hidden), changes nothing, and does nothing
+    before start."""
+    cs, size = 64 * KiB, 1024 * KiB
+    sec = make_replica(tmp_path, size, cluster_size=cs, fill=pattern(size))
+    try:
+        path = str(tmp_path / "disk0.img")
+
+        def evict() -> None:
+            os.fsync(sec.disk.fd)
+            os.posix_fadvise(sec.disk.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert _resident_clusters(path, size, cs) == []
+
+        wanted = [(cs + 5, 10), (2 * cs, 100), (5 * cs - 1, 2), (9 * cs, cs)]
+        evict()
+        sec.prefetch(wanted)                     # not started: no hint
+        assert _resident_clusters(path, size, cs) == []
+        sec.start(SECONDARY)
+        sec.checkpoint()
+        sec.replica.pwrite(b"\xaa", 2 * cs)      # cluster 2 is in hidden now
+        evict()
+        sec.prefetch(wanted)
+        deadline = time.monotonic() + 10
+        while _resident_clusters(path, size, cs) != [1, 4, 5, 9]:
+            assert time.monotonic() < deadline, _resident_clusters(path, size, cs)
+            time.sleep(0.01)
+        assert sec.hidden.allocated_clusters() == [2]
+        expected = bytearray(pattern(size))
+        expected[2 * cs] = 0xAA
+        assert read(sec.replica) == bytes(expected)
+    finally:
+        sec.close()
 
 
 def test_replica_zero_and_trim_keep_the_checkpoint_for_the_vm(sec: SecondaryReplica) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from .errors import BlockIOError, check_range
 from .images import BlockDevice, Extent
@@ -81,10 +81,16 @@ class BatchView:
 
     Wrapped by the session view like ``inner`` would be, so a record is one write of its
     session: a newer session is admitted before or after it, never in the middle.
+    ``prefetch``, if given, is told a checked record's (offset, length) pieces before
+    they are written (``SecondaryReplica.prefetch``: their copy-before-write reads start
+    together).
     """
 
-    def __init__(self, inner: BlockDevice) -> None:
+    def __init__(self, inner: BlockDevice,
+                 prefetch: Optional[Callable[[Iterable[tuple[int, int]]], None]] = None
+                 ) -> None:
         self._inner = inner
+        self._prefetch = prefetch
         self._disk_size = inner.size
         self.size = inner.size + MAILBOX
 
@@ -103,6 +109,8 @@ class BatchView:
         pieces = decode(memoryview(buf).cast("B"))
         for piece_offset, data in pieces:  # all checked first: a bad record changes nothing
             self._in_disk(piece_offset, data.nbytes, True)
+        if self._prefetch is not None and len(pieces) > 1:
+            self._prefetch((piece_offset, data.nbytes) for piece_offset, data in pieces)
         for piece_offset, data in pieces:
             self._inner.pwrite(data, piece_offset, fua)
 

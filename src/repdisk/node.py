@@ -382,7 +382,8 @@ class Node:
             aliases = [f"replica/{name}"] + (["replica"] if i == 0 else [])
             for replica in aliases:  # each with its batch and seal twins, one gate for all
                 for export, dev in ((replica, rep.replica),
-                                    (replica + batch.EXPORT_SUFFIX, batch.BatchView(rep.replica)),
+                                    (replica + batch.EXPORT_SUFFIX,
+                                     batch.BatchView(rep.replica, rep.prefetch)),
                                     (replica + sessions.SEAL_SUFFIX, rep.replica)):
                     self.exports[export] = dev
                     self._gates[export] = gate
