@@ -79,13 +79,12 @@ class Listen:
 
 # nbdkit worker threads per connection, by role and write mode.  With -t 1 nbdkit runs a
 # connection's requests on the connection's thread (no hand-off to a worker, no GIL transfer
-# per request), which is what a secondary and an async primary want: none of their requests
-# waits on the network.  A sync primary's write waits for the secondary, so its threads are
-# the guest's queue depth.  fio 4 KiB random write QD16 on 2 vCPUs, IOPS, primary/secondary
-# threads (thread states kept, threadstate.py): sync 2/1 12.8-13.3k, 3/1 14.5-14.7k,
-# 4/1 16.0-16.4k, 6/1 14.9-16.1k, 8/1 14.5k; async 1/1 19.5-20.5k, 2/1 23.1k, 4/1 19.3k
-# (async 1/1 then won on reads: the bench's 4 KiB random read).
-_DEFAULT_THREADS = {("primary", "sync"): 4, ("primary", "async"): 1, ("secondary", ""): 1}
+# per request), which is what an async primary wants: none of its guest's requests waits on
+# the network.  A sync primary's write waits for the secondary, so its threads are the
+# guest's queue depth: 16, a guest's usual one (4 capped a QD16 guest at 4 writes in flight).
+# A secondary runs 16 too: its copy-before-write reads of a cold disk then overlap instead
+# of queueing behind one thread.  History and numbers: bench/README.md.
+_DEFAULT_THREADS = {("primary", "sync"): 16, ("primary", "async"): 1, ("secondary", ""): 16}
 
 
 def default_threads(keys: list[tuple[str, str]]) -> int:
