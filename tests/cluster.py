@@ -22,10 +22,8 @@ Facts this rests on: ../../shared/reference/pacemaker-on-one-host.md.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -290,12 +288,9 @@ class Cluster:
                                        timeline=self.timeline))
         os.chmod(agent, 0o755)
         os.makedirs(os.path.join(self.ocf_dir, "repdisk"))
-        shutil.copy(os.path.join(REPO, "ocf", "repdisk"),
-                    os.path.join(self.ocf_dir, "repdisk", "repdisk"))
-        with open(os.path.join(self.ocf_dir, "repdisk", "repdisk"), "w") as f:
-            # The copy must find this clone's venv from wherever the overlay shows it.
-            f.write(f"#!/bin/sh\nexec {sys.executable} -m repdisk.ocf \"$@\"\n")
-        os.chmod(os.path.join(self.ocf_dir, "repdisk", "repdisk"), 0o755)
+        # A link, as make setup makes: the agent finds this clone's venv through it.
+        os.symlink(os.path.join(REPO, "ocf", "repdisk"),
+                   os.path.join(self.ocf_dir, "repdisk", "repdisk"))
         for node in self.nodes:
             for sub in BINDS:
                 os.makedirs(os.path.join(node.folder, sub))

@@ -270,14 +270,17 @@ def cluster_pair(request, pair2: Pair) -> Pair:
 
 
 def promoted_at(node: ClusterNode) -> float:
-    """When the node's log says it was promoted (the node's own clock line)."""
-    with open(node.path(f"{RUN}/rd.log"), errors="replace") as f:
-        lines = [l for l in f if "promoted to primary" in l]
-    assert lines, f"{node.name} never logged a promotion"
-    stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d+)", lines[-1])
-    assert stamp, lines[-1]
-    return time.mktime(time.strptime(stamp.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + \
-        float("0." + stamp.group(1)[20:])
+    """When the agent on ``node`` began its last (successful) promotion: its log,
+    RUN/rd.agent.log."""
+    def read() -> list[str]:
+        with open(node.path(f"{RUN}/rd.agent.log"), errors="replace") as f:
+            return f.read().splitlines()
+    node.cluster.wait(lambda: any(" promoted (epoch " in l for l in read()), 30,
+                      f"{node.name}'s agent logging its promotion")
+    lines = read()
+    done = [i for i, l in enumerate(lines) if " promoted (epoch " in l]
+    began = [l for l in lines[:done[-1]] if l.endswith(" promoting")]
+    return float(began[-1].split()[2])
 
 
 # -- the scenarios --------------------------------------------------------------------------
@@ -297,6 +300,35 @@ def test_1_pair_forms_promotes_checkpoints_and_serves_writes(cluster_pair: Pair)
     mon = p.run(["crm_mon", "-1"]).stdout
     assert re.search(rf"Promoted: \[ {p.name} \]", mon), mon
     assert re.search(rf"Unpromoted: \[ {s.name} \]", mon), mon
+    print("\n" + mon)
+    cluster_cpu, repdisk_cpu = idle_cpu(pair, 5.0)
+    print(f"\nidle CPU per node, % of one CPU: corosync+pacemaker {cluster_cpu:.1f}, "
+          f"repdisk nodes + checkpointer (2 s interval) {repdisk_cpu:.1f}")
+    assert cluster_cpu < 25
+
+
+def idle_cpu(pair: Pair, seconds: float) -> tuple[float, float]:
+    """CPU of the cluster stack and of repdisk's processes over ``seconds`` of an idle
+    guest, per node, in % of one CPU."""
+    def sample() -> dict[str, float]:
+        total = {"cluster": 0.0, "repdisk": 0.0}
+        for node in pair.pair:
+            for proc in node.processes():
+                try:
+                    name = proc.name()
+                    t = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                kind = ("cluster" if name.startswith(("corosync", "pacemaker")) else
+                        "repdisk" if name.startswith(("nbdkit", "python")) else None)
+                if kind:
+                    total[kind] += t.user + t.system
+        return total
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    per = 100 / seconds / len(pair.pair)
+    return (b["cluster"] - a["cluster"]) * per, (b["repdisk"] - a["repdisk"]) * per
 
 
 def test_2_power_cut_primary_is_fenced_survivor_promoted_at_last_checkpoint(
@@ -393,3 +425,85 @@ def test_6_frozen_primary_is_fenced_not_waited_for(cluster_pair: Pair) -> None:
     p.reap()
     p.boot()
     pair.wait_healthy(120)
+
+
+# -- three nodes: a partition ----------------------------------------------------------------
+
+TUNED_TOKEN_MS = 1000
+
+
+@pytest.fixture(scope="module")
+def pair3() -> Iterator[Pair]:
+    """n1, n2 (the pair) and n3 (quorum only), corosync's token tuned to 1 s."""
+    yield from make_pair(3, token_ms=TUNED_TOKEN_MS)
+
+
+@pytest.fixture
+def cluster_trio(request, pair3: Pair) -> Pair:
+    request.node.repdisk_cluster = pair3.cluster
+    return pair3
+
+
+def writer_blocks_untouched(image: bytes, writer: Writer) -> bool:
+    """None of the writer's blocks holds what it wrote (they were zeros before)."""
+    return all(image[offset:offset + 4096] != data for _, _, offset, data in writer.acked)
+
+
+def test_5_isolated_primary_loses_quorum_is_fenced_and_rejoins(cluster_trio: Pair) -> None:
+    pair = cluster_trio
+    p, s = pair.wait_healthy(120)
+    pair.write(p, random.Random(5).randbytes(MiB), 12 * MiB)
+    pair.wait_checkpoints(s, 2)
+    pair.checkpointer(p).send_signal(signal.SIGSTOP)   # no checkpoint from here on
+    at_checkpoint = pair.disk(p)
+    writer = Writer(pair, p, seed=55, follow=False).start()
+    time.sleep(0.5)
+    assert port_of(pair, p) is not None
+    pair.note(f"cut {p.name} off from both others")
+    port_of(pair, p).cut()
+    took = pair.wait_serving(s, 13 * MiB, b"\x5c" * 4096)
+    print(f"\nisolated primary -> majority serving writes (token {TUNED_TOKEN_MS} ms): "
+          f"{took:.1f} s")
+    writer.stop()
+    promoted = promoted_at(s)
+    pair.note(f"{s.name} promoted (its log)")
+    timeline = open(pair.cluster.timeline).read()
+    assert f"fence {p.name}" in timeline, pair.cluster.timeline_text()
+    fenced_at = float(next(l for l in timeline.splitlines()
+                           if f"fence {p.name}" in l).split()[0])
+    assert fenced_at <= promoted + 0.01, "promoted before the old primary was fenced"
+    late = [a for a in writer.acked if a[0] > promoted]
+    assert not late, f"{len(late)} writes acknowledged by {p.name} after the promotion"
+    assert writer.acked, "the writer wrote nothing before the cut"
+    got = pair.disk(s)
+    assert got[:13 * MiB] == at_checkpoint[:13 * MiB]
+    assert got[13 * MiB + 4096:] == at_checkpoint[13 * MiB + 4096:]
+    assert writer_blocks_untouched(got, writer)
+    # The link returns; the old primary (power-cut by the fence) boots and rejoins.
+    port_of(pair, p).heal()
+    pair.note("link back")
+    assert not p.up or not p.processes()
+    p.reap()
+    p.boot()
+    new_p, new_s = pair.wait_healthy(120)
+    assert (new_p, new_s) == (s, p)
+    pair.wait_checkpoints(p, 2)
+    final = pair.disk(p)
+    assert final == pair.disk(s)
+    assert writer_blocks_untouched(final, writer)   # survives nowhere
+
+
+def test_power_cut_with_tuned_timings(cluster_trio: Pair) -> None:
+    pair = cluster_trio
+    p, s = pair.wait_healthy(120)
+    pair.wait_checkpoints(s, 1)
+    p.power_cut()
+    took = pair.wait_serving(s, 14 * MiB, b"\x7e" * 4096)
+    print(f"\npower cut -> survivor serving writes (token {TUNED_TOKEN_MS} ms, 3 nodes): "
+          f"{took:.1f} s")
+    assert f"fence {p.name}" in open(pair.cluster.timeline).read()
+    assert took < 15
+
+
+def port_of(pair: Pair, node: ClusterNode):
+    return node.port

@@ -426,7 +426,12 @@ class Agent:
         return os.path.join(tmp, f"repdisk-{self.cfg.resource}.promoted")
 
     def log(self, message: str) -> None:
+        """To stderr (Pacemaker's log) and, with the time, to RUN_DIR/RSC.agent.log."""
         print(f"repdisk-ocf {self.cfg.resource} {self.cfg.node}: {message}", file=sys.stderr)
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{now % 1:.3f}"[2:]
+        with open(self.cfg.path("agent.log"), "a") as f:
+            f.write(f"{stamp} {now:.3f} {message}\n")
 
     def interval(self) -> float:
         return config.parse_duration("checkpoint_interval", self.cfg.interval)
@@ -488,6 +493,7 @@ class Agent:
         return FAILED_PROMOTED if promoted else SUCCESS
 
     def promote(self) -> int:
+        self.log("promoting")
         q = self.query()
         if q is None:
             raise AgentError(NOT_RUNNING, "cannot promote: the node is not running")
@@ -506,6 +512,7 @@ class Agent:
             f.write(f"{q['epoch']}\n")
         self.start_checkpointer(sync)
         self.refresh_score(q)
+        self.log(f"promoted (epoch {q['epoch']})")
         return SUCCESS
 
     def _take_over(self, q: dict[str, Any]) -> str:
