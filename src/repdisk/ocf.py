@@ -464,7 +464,9 @@ class Agent:
                 nodeproc.start_background(cmd, self.cfg.path("pid"), self.cfg.path("log"),
                                           self.cfg.control, self.cfg.listen())
             except RepdiskError as err:
+                self.log(f"start: the node did not start: {err}")
                 raise AgentError(ERR_GENERIC, f"the node did not start: {err}") from None
+            self.log("started (unpromoted)")
             q = self.query()
         self.refresh_score(q)
         return self.monitor()
@@ -551,7 +553,8 @@ class Agent:
             # keeps every write and the node comes back unpromoted.
             self.log(f"demote: {err}; restarting the node unpromoted (its disk keeps "
                      "every write)")
-            nodeproc.stop_pidfile(self.cfg.path("pid"))
+            if not nodeproc.stop_pidfile(self.cfg.path("pid")):
+                self.log("demote: the node's pid file named no running node")
             return self.start() and SUCCESS
         self.refresh_score(self.query())
         return SUCCESS
