@@ -153,14 +153,17 @@ class Pair:
     """
 
     def __init__(self, nodes: Nodes, timeline: Timeline, pri_disks: dict[str, Path],
-                 sec_disks: dict[str, Path], primary_keys: dict[str, str]) -> None:
+                 sec_disks: dict[str, Path], primary_keys: dict[str, str],
+                 node_keys: dict[str, str] | None = None) -> None:
         self.nodes = nodes
+        self.node_keys = node_keys or {}   # keys of both nodes (e.g. socket-group)
         self.timeline = timeline
         self.pri_disks = pri_disks
         self.sec_disks = sec_disks
         self.sec = self._start_secondary()
         self.pri = nodes.start("primary", "pri", self._disk_keys(pri_disks) + [
-            ("secondary", self.sec.uri("replica")), *primary_keys.items()])
+            ("secondary", self.sec.uri("replica")), *self.node_keys.items(),
+            *primary_keys.items()])
         keys = " ".join(f"{k}={v}" for k, v in primary_keys.items())
         timeline.mark("nodes", f"secondary and primary up: disks {', '.join(pri_disks)} {keys}")
 
@@ -169,7 +172,8 @@ class Pair:
         return [("disk", f"{name}:{path}") for name, path in disks.items()]
 
     def _start_secondary(self) -> NodeProc:
-        return self.nodes.start("secondary", "sec", self._disk_keys(self.sec_disks))
+        return self.nodes.start("secondary", "sec", self._disk_keys(self.sec_disks)
+                                + list(self.node_keys.items()))
 
     def uris(self, node: NodeProc, view: str = "") -> list[str]:
         """The NBD URIs of every disk of ``node`` (``view`` "active" on the secondary)."""
@@ -199,19 +203,24 @@ class ControllerProc:
     def __init__(self, pair: Pair, folder: Path, timeline: Timeline, *,
                  guest_qmp: Path | None = None, vm_state: Path | None = None,
                  interval: float = INTERVAL, heartbeat: float = HEARTBEAT,
-                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+                 heartbeat_timeout: float = HEARTBEAT_TIMEOUT, extra_args: Sequence[str] = (),
+                 on_failover: str | None = None) -> None:
+        """``extra_args``: more controller options (e.g. --libvirt-domain NAME);
+        ``on_failover``: a command the hook runs first (e.g. starting the guest)."""
         self.timeline = timeline
         self.control = str(folder / "ctl.qmp")
         self.hook_file = folder / "failover.env"
         self.heartbeat_timeout = heartbeat_timeout
         hook = HOOK.format(tmp=shlex.quote(f"{self.hook_file}.tmp"),
                            file=shlex.quote(str(self.hook_file)))
+        hook = f"{on_failover} && {hook}" if on_failover else hook
         cmd = [str(REPDISK), "controller", "--primary", pair.pri.control,
                "--secondary", pair.sec.control, "--control", self.control,
                "--interval", f"{interval:g}s", "--heartbeat", f"{heartbeat:g}s",
                "--heartbeat-timeout", f"{heartbeat_timeout:g}s", "--on-failover", hook]
         cmd += ["--qmp", str(guest_qmp)] if guest_qmp else []
         cmd += ["--vm-state", str(vm_state)] if vm_state else []
+        cmd += extra_args
         with open(folder / "controller.log", "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -389,16 +398,17 @@ class Scenario:
     def raw_disk(self, name: str, size_mb: int = 8) -> Path:
         return build_raw_disk(self.work / f"{name}.img", size_mb)
 
-    def pair(self, disks: dict[str, Path], **primary_keys: str) -> Pair:
+    def pair(self, disks: dict[str, Path], node_keys: dict[str, str] | None = None,
+             **primary_keys: str) -> Pair:
         """Start a secondary on copies of ``disks`` and a primary on them (not replicating
-        yet: the controller starts them)."""
+        yet: the controller starts them); ``node_keys`` go to both nodes."""
         sec_disks = {}
         for name, path in disks.items():
             sec_disks[name] = path.with_name(f"sec-{path.name}")
             shutil.copyfile(path, sec_disks[name])
         keys = {"isolation-timeout": f"{ISOLATION_TIMEOUT:g}s",
                 **{k.replace("_", "-"): v for k, v in primary_keys.items()}}
-        return Pair(self.nodes, self.timeline, disks, sec_disks, keys)
+        return Pair(self.nodes, self.timeline, disks, sec_disks, keys, node_keys)
 
     def vm(self, name: str, drives: Sequence[str | Path], paused: bool = False,
            **kwargs: Any) -> GuestVM:

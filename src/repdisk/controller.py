@@ -113,9 +113,13 @@ class ControllerConfig:
             raise ConfigError("freeze", "needs the guest agent's socket: give --qga (or --qmp, "
                                         "whose path + '.qga' is then used)")
         check_guest(self.qmp, self.libvirt_domain)
-        if self.vm_state and (not (self.qmp or self.libvirt_domain) or self.freeze):
-            raise ConfigError("vm-state", "needs --qmp (or --libvirt-domain) and no --freeze: "
-                                          "the guest must be stopped while its state is saved")
+        if self.vm_state and self.libvirt_domain:
+            raise ConfigError("vm-state", "is not available with --libvirt-domain: libvirt's "
+                                          "QEMU sandbox forbids the exec: migration that "
+                                          "saves it (QEMU would be killed)")
+        if self.vm_state and (not self.qmp or self.freeze):
+            raise ConfigError("vm-state", "needs --qmp and no --freeze: the guest must be "
+                                          "stopped while its state is saved")
         for role, address in (("primary", self.primary), ("secondary", self.secondary)):
             if tcp_address(address) and not self.tls and not self.insecure:
                 raise ConfigError(role, f"{address} is a TCP control port: give --tls DIR "
@@ -798,8 +802,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--qmp", metavar="GUEST.qmp", help="the primary guest's QMP socket: stop and "
                                                       "cont it around each checkpoint")
     p.add_argument("--libvirt-domain", metavar="NAME",
-                   help="instead of --qmp: the guest is libvirt domain NAME, paused (and "
-                        "saved, with --vm-state) through libvirt's QEMU monitor passthrough")
+                   help="instead of --qmp: the guest is libvirt domain NAME, stopped and "
+                        "continued through libvirt's QEMU monitor passthrough")
     p.add_argument("--libvirt-uri", metavar="URI", default=LIBVIRT_URI,
                    help=f"libvirt connection of --libvirt-domain (default {LIBVIRT_URI})")
     p.add_argument("--freeze", action="store_true",

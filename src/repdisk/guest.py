@@ -1,7 +1,8 @@
 """The protected guest's QEMU monitor, as the controller reaches it: directly, or via libvirt.
 
 The controller pauses the guest around each checkpoint (QMP ``stop``/``cont``) and may save
-its state (``migrate`` to a file).  Both need QEMU's monitor:
+its state (``migrate`` to a file, bare QEMU only: libvirt's seccomp sandbox kills a QEMU
+that forks for ``exec:``).  Both need QEMU's monitor:
 
 - a bare QEMU: its QMP socket (``repdisk controller --qmp GUEST.qmp``), a
   :class:`repdisk.qmp.QMPClient`;
@@ -12,9 +13,8 @@ its state (``migrate`` to a file).  Both need QEMU's monitor:
 
 Both answer ``execute(name, arguments)`` with the command's ``return`` value and raise
 ControlError for an error, so the controller's pause and save code is one path for both
-(see :func:`connect`).  Passthrough rather than ``virsh suspend/resume``: the state save
-needs QMP ``migrate`` anyway (``virsh save`` ends the domain, a checkpoint must not), so
-one way to speak to QEMU serves all three.  libvirt follows QEMU's STOP/RESUME events, so
+(see :func:`connect`).  Passthrough rather than ``virsh suspend/resume``: no second way to
+stop and continue a guest next to the QMP one the controller has.  libvirt follows QEMU's STOP/RESUME events, so
 ``virsh domstate`` shows the guest paused during a checkpoint; it logs the domain as
 tainted (``custom-monitor``) once, which is harmless.
 """
