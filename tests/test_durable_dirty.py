@@ -65,10 +65,11 @@ def state(folder: str) -> dict:
         return json.load(f)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("stop", ["clean", "kill -9"])
-def test_write_acknowledged_while_degraded_survives_a_primary_restart(lab_dir: str,
-                                                                      stop: str) -> None:
-    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M")
+def test_write_acknowledged_while_degraded_survives_a_primary_restart(lab_dir: str, stop: str,
+                                                                      mode: str) -> None:
+    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M", "--write-mode", mode)
     assert state(lab_dir)["unclean"] is True           # serving: only a clean stop knows
     kill9(lab_dir, "sec")
     guest = f"nbd+unix:///?socket={lab_dir}/pri.sock"
@@ -82,7 +83,7 @@ def test_write_acknowledged_while_degraded_survives_a_primary_restart(lab_dir: s
         kill9(lab_dir, "pri")
         assert state(lab_dir)["unclean"] is True
         repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)  # removes the sockets and pids
-    repdisk(lab_dir, "lab", "--dir", lab_dir)
+    repdisk(lab_dir, "lab", "--dir", lab_dir, "--write-mode", mode)
     pri, sec = f"{lab_dir}/pri.qmp", f"{lab_dir}/sec.qmp"
     log = open(os.path.join(lab_dir, "pri.log")).read()
     if stop == "kill -9":
