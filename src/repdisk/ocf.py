@@ -437,6 +437,16 @@ class Agent:
         return config.parse_duration("checkpoint_interval", self.cfg.interval)
 
     def refresh_score(self, q: Optional[dict[str, Any]]) -> Optional[int]:
+        """Set this node's promotion score from ``q``; a cluster tool that fails (a busy
+        CIB) is logged and retried at the next monitor, never fails the action: the
+        score only steers the next promotion, and ``promote`` checks again itself."""
+        try:
+            return self._refresh_score(q)
+        except (AgentError, OSError, subprocess.TimeoutExpired) as err:
+            self.log(f"the promotion score was not updated: {err}")
+            return None
+
+    def _refresh_score(self, q: Optional[dict[str, Any]]) -> Optional[int]:
         s = None if q is None else score(q, self.cluster.epoch(), self.interval())
         cache = self.cfg.path("score")
         text = "none" if s is None else str(s)
