@@ -723,8 +723,8 @@ class PrimaryReplica:
         read of the secondary's is submitted on the forwarding link, which sends it after
         every earlier write that overlaps it and sends later ones after it.  Async writes
         take no range lock and are written back later: what is dirty (unsent) is not
-        reported, and a difference is compared again (twice at most, after the writers of
-        the moment marked) before it is.  Paced like a resync (resync_rate).  Raises
+        reported, and a difference is compared again (twice at most, each time after a
+        moment with no writer between its write and its mark) before it is.  Paced like a resync (resync_rate).  Raises
         ReplicationError if replication is not running in sync, or the link fails
         (the verify stops; what it found so far is in the message).
         """
@@ -759,14 +759,25 @@ class PrimaryReplica:
         """The differing runs of one piece (async: confirmed, see verify)."""
         diffs = self._compare_piece(offset, length, done, total, found)
         for _ in range(2 if self.write_back else 0):
-            diffs = [r for r in diffs if not self.dirty.is_dirty(*r) and not self.held.is_dirty(*r)]
             if not diffs:
                 break
-            time.sleep(0.01)   # a writer between its local write and its mark marks by then
-            diffs = [d for o, n in diffs for d in self._compare_piece(o, n, done, total, found)]
-        if self.write_back:
-            diffs = [r for r in diffs if not self.dirty.is_dirty(*r) and not self.held.is_dirty(*r)]
-        return diffs
+            self._writers_settled(self.timeout / 2)
+            diffs = [d for o, n in diffs if not self._unsent(o, n)
+                     for d in self._compare_piece(o, n, done, total, found)]
+        return [r for r in diffs if not self._unsent(*r)] if self.write_back else diffs
+
+    def _unsent(self, offset: int, length: int) -> bool:
+        return self.dirty.is_dirty(offset, length) or self.held.is_dirty(offset, length)
+
+    def _writers_settled(self, timeout: float) -> bool:
+        """async: wait for a moment with no writer between its entry and its mark (the
+        writers that wrote before it have marked by then); False if none came in time."""
+        deadline = time.monotonic() + timeout
+        while self._writers:          # an int read; the writers change it under _hold_cond
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        return True
 
     def _compare_piece(self, offset: int, length: int, done: int, total: int,
                  found: list[tuple[int, int]]) -> list[tuple[int, int]]:
