@@ -564,6 +564,11 @@ def lose_primary(scenario: Scenario, pair: Pair, vm: GuestVM,
     vm.wait_for_record(vm.last_record() + 1, 30)
     ctl.next_checkpoint(began_after=time.time())  # it holds that record at least
     time.sleep(INTERVAL / 2)  # mid-interval: the guest has written past the checkpoint
+    # A slow guest (TCG on a busy host) may need longer to write past it: wait for that.
+    deadline = time.monotonic() + 30
+    while (vm.last_record() <= ctl.last_checkpoint().bounds(vm)[1]
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
     guest_killed = scenario.kill("primary guest QEMU", vm.kill)
     killed = scenario.kill("primary nbdkit", pair.pri.kill)
     announced = vm.last_record()

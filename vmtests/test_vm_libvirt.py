@@ -109,7 +109,9 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
     created = time.monotonic() - vm.started_at
     scenario.timeline.mark("vm start", f"virsh create --paused {xmls['guest'].name}: "
                                        f"{created:.2f}s")
-    ctl = scenario.controller(pair, None,
+    # Checkpoints every 2 s: a TCG guest paused through libvirt for each one writes slowly
+    # on a busy host, and lose_primary needs it to write past the last checkpoint.
+    ctl = scenario.controller(pair, None, interval=2.0,
                               extra_args=["--libvirt-domain", domain],
                               on_failover=here(hook))
     ctl.wait_running()
