@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import nbd
 import psutil
@@ -227,7 +227,10 @@ class Writer:
         self.thread.join(timeout=30)
 
 
-def make_pair(n: int, token_ms: Optional[int] = None) -> Iterator[Pair]:
+def make_pair(n: int, token_ms: Optional[int] = None,
+              make_disk: Optional[Callable[[str], None]] = None) -> Iterator[Pair]:
+    """A cluster of ``n`` nodes running the README's configuration; each pair node's disk
+    is SIZE of zeros, or what ``make_disk(path)`` writes there."""
     why = unavailable()
     if why:
         pytest.skip(why)
@@ -241,6 +244,9 @@ def make_pair(n: int, token_ms: Optional[int] = None) -> Iterator[Pair]:
         failed = True
         try:
             for node in pair.pair:
+                if make_disk is not None:
+                    make_disk(node.path(DISK))
+                    continue
                 with open(node.path(DISK), "wb") as f:
                     f.truncate(SIZE)
             cluster.boot()

@@ -34,6 +34,7 @@ import pwd
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -171,16 +172,19 @@ def _domain_name(xml: Path) -> str:
     return text.split("<name>", 1)[1].split("</name>", 1)[0]
 
 
-def domain_xml(name: str, guest: Guest, files: Path, disk: str, serial: Path,
-               workload: str = "records") -> str:
+def domain_xml(name: str, guest: Guest, files: Path, disk: str, serial: Path | str,
+               workload: str = "records", seen_as: str | None = None) -> str:
     """The test guest as a libvirt domain: TCG, direct kernel boot (kernel and initramfs
     copied into ``files``, which libvirt may relabel for its QEMU user), the ``<disk>``
     element ``disk`` (the README's), the serial console to the file ``serial``, and every
-    way of ending (poweroff, reboot, crash) ends the domain, as -no-reboot does."""
+    way of ending (poweroff, reboot, crash) ends the domain, as -no-reboot does.
+    ``seen_as``: the path under which libvirtd sees ``files``, if not the same."""
     kernel, initrd = files / "vmlinuz", files / "initramfs.gz"
     for src, dst in ((guest.kernel, kernel), (guest.initramfs, initrd)):
         if not dst.exists():
             shutil.copyfile(src, dst)
+    if seen_as is not None:      # the folder's path where libvirtd runs (a cluster node's)
+        kernel, initrd = Path(seen_as) / kernel.name, Path(seen_as) / initrd.name
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>256</memory>
@@ -208,10 +212,14 @@ class LibvirtGuest(GuestVM):
     goes to ``serial``; the console reader, ``wait_for`` and record stamps of GuestVM read
     it through ``tail -F`` (copied to ``log_path``). ``kill`` is ``virsh destroy``."""
 
-    def __init__(self, daemon: Libvirtd, xml: Path, serial: Path, log_path: Path,
-                 guest: Guest, paused: bool = False, created: bool = False) -> None:
+    def __init__(self, daemon: Libvirtd | None, xml: Path, serial: Path, log_path: Path,
+                 guest: Guest, paused: bool = False, created: bool = False,
+                 run_virsh: Callable[..., Any] = virsh) -> None:
+        """``daemon`` None: the domain runs elsewhere (``created``), e.g. in a cluster node,
+        whose ``virsh`` is ``run_virsh``."""
         super().__init__([], guest=guest, accel="tcg", log_path=log_path)
         self.daemon, self.xml, self.serial = daemon, xml, serial
+        self.run_virsh = run_virsh
         self.name = _domain_name(xml)
         self.paused, self.created = paused, created
         self.cmd = ["tail", "-c", "+1", "-F", str(serial)]
@@ -221,8 +229,9 @@ class LibvirtGuest(GuestVM):
         controller's hook), then follow its console; ``started_at`` is before the create."""
         t0 = time.monotonic()
         if not self.created:
+            assert self.daemon is not None
             self.daemon.create(self.xml, self.paused)
-        else:
+        elif self.daemon is not None:
             self.daemon.domains.append(self.name)
         super().start()
         self.started_at = t0
@@ -234,10 +243,42 @@ class LibvirtGuest(GuestVM):
     def kill(self) -> None:
         """``virsh destroy`` (QEMU gets SIGTERM then SIGKILL, as a dying host stops it), then
         stop following the console once everything it wrote has been read."""
-        virsh("destroy", self.name, check=False, timeout=30)
+        self.run_virsh("destroy", self.name, check=False, timeout=30)
         deadline = time.monotonic() + 5
         while (time.monotonic() < deadline and self.serial.exists()
                and self.log_path.exists()
                and self.log_path.stat().st_size < self.serial.stat().st_size):
             time.sleep(0.02)
         super().kill()
+
+
+#: libvirt in a cluster node (tests/cluster.py): the node's own folders bound over libvirt's,
+#: in the node's mount namespace (/run is already the node's own), then the two daemons.
+#: QEMU's capabilities probed by the host's libvirtd, if any, are copied (same binary: still
+#: valid), so the node's libvirtd does not probe again.
+NODE_SETUP = r"""
+f=$1
+mkdir -p $f/etc $f/lib $f/cache/qemu/capabilities $f/log/qemu
+printf 'user = "root"\ngroup = "root"\n' > $f/etc/qemu.conf
+cp /var/cache/libvirt/qemu/capabilities/*.xml $f/cache/qemu/capabilities/ 2>/dev/null || true
+mount --bind $f/etc /etc/libvirt
+mount --bind $f/lib /var/lib/libvirt
+mount --bind $f/cache /var/cache/libvirt
+mount --bind $f/log /var/log/libvirt
+virtlogd -d
+libvirtd -d
+"""
+
+
+def start_in_node(run: Callable[[list[str]], Any], folder: Path,
+                  timeout: float = START_TIMEOUT) -> float:
+    """Start libvirt in a cluster node (``run``: the node's ``ClusterNode.run``), its state in
+    ``folder``; the seconds until it answered. A power cut of the node ends it."""
+    t0 = time.monotonic()
+    run(["sh", "-ec", NODE_SETUP, "sh", str(folder)])
+    deadline = time.monotonic() + timeout
+    while run(["virsh", "-c", URI, "version"], check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"libvirtd in the node did not answer within {timeout:g}s")
+        time.sleep(0.2)
+    return time.monotonic() - t0
