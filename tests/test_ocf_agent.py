@@ -125,6 +125,7 @@ def test_promotion_scores_follow_the_data() -> None:
     assert s(query("none", epoch=0, **{"state-role": ""}), 1, 2) is None
 
 
+@pytest.mark.timeout(300)
 def test_ocf_tester_passes(tmp_path) -> None:
     need("ocf-tester")
     why = unavailable()

@@ -33,6 +33,7 @@ when its peer is down.
 from __future__ import annotations
 
 import json
+from html import escape
 import os
 import shlex
 import socket
@@ -41,7 +42,6 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
-from xml.sax.saxutils import escape
 
 from . import config, nodeproc
 from .errors import ConfigError, RepdiskError
@@ -447,7 +447,12 @@ class Agent:
             return None
 
     def _refresh_score(self, q: Optional[dict[str, Any]]) -> Optional[int]:
-        s = None if q is None else score(q, self.cluster.epoch(), self.interval())
+        # A primary's and a replicating secondary's score do not depend on the cluster's
+        # epoch (the primary started the secondary in it): no CIB query every monitor.
+        steady = q is not None and (q["role"] == "primary" or
+                                    {d["stage"] for d in q["disks"]} == {"running"})
+        epoch = q["epoch"] if steady and q is not None else self.cluster.epoch()
+        s = None if q is None else score(q, epoch, self.interval())
         cache = self.cfg.path("score")
         text = "none" if s is None else str(s)
         try:
