@@ -35,14 +35,3 @@ def test_a_libvirt_that_does_not_answer_is_a_control_error(tmp_path) -> None:
         monitor.execute("stop")
     monitor.close()
 
-
-def test_vm_state_with_libvirt_domain_is_refused(tmp_path) -> None:
-    """libvirt's QEMU runs with -sandbox spawn=deny: the exec: migration would kill it."""
-    result = subprocess.run([REPDISK, "controller", "--primary", "p.qmp", "--secondary",
-                             "s.qmp", "--control", "c.qmp", "--libvirt-domain", "guest",
-                             "--vm-state", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=30)
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == ("repdisk: error: vm-state: is not available with "
-                             "--libvirt-domain: libvirt's QEMU sandbox forbids the exec: "
-                             "migration that saves it (QEMU would be killed)\n")

@@ -9,7 +9,8 @@ folder ``/srv/repdisk/`` replaced by the test's), the domain name and the contro
 - ``virsh create guest.xml`` boots the guest on the primary (TCG, direct kernel boot, serial
   console to a file; created paused, so the controller starts the pair before its first
   write, as the other VM tests do), writing numbered records;
-- the controller checkpoints it, pausing it through libvirt;
+- the controller checkpoints it, pausing it through libvirt (as libvirt-qemu also saving its
+  state with ``--vm-state``, into a folder only root may enter);
 - the primary's host dies: ``virsh destroy`` of the guest and kill -9 of the primary node;
 - the controller fails over, and its hook (the README's ``virsh create
   guest-on-secondary.xml``) boots the guest on the secondary's ``active`` export: it
@@ -111,7 +112,9 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
                                        f"{created:.2f}s")
     # Checkpoints every 2 s: a TCG guest paused through libvirt for each one writes slowly
     # on a busy host, and lose_primary needs it to write past the last checkpoint.
-    ctl = scenario.controller(pair, None, interval=2.0,
+    # As libvirt-qemu, the controller also saves the guest's state (--vm-state) through
+    # libvirt: a descriptor of a file QEMU's user could not open.
+    ctl = scenario.controller(pair, None, interval=2.0, vm_state=qemu_user != "root",
                               extra_args=["--libvirt-domain", domain],
                               on_failover=here(hook))
     ctl.wait_running()
@@ -124,6 +127,10 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
 
     last, failover = lose_primary(scenario, pair, vm, ctl)
     assert last.pause > 0      # the controller stopped the guest through libvirt
+    if qemu_user != "root":
+        assert failover.vm_state == scenario.work / "vmstate"
+        assert last.vm_state_bytes == failover.vm_state.stat().st_size > 1 << 20
+        assert failover.vm_state.stat().st_uid == 0 and scenario.work.stat().st_mode & 0o077 == 0
     lo, hi = last.bounds(vm)
 
     new = LibvirtGuest(daemon, xmls["guest-on-secondary"],

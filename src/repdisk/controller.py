@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -48,7 +47,7 @@ from . import ctlclient, metrics, resync, tls
 from .config import check_folder, parse_address, parse_duration
 from .errors import ConfigError, ControlError, RepdiskError
 from .guest import DEFAULT_URI as LIBVIRT_URI, Monitor, check as check_guest
-from .guest import connect as connect_guest
+from .guest import connect as connect_guest, migrate_to_file
 from .qmp import ArgSpec, Command, QMPClient, QMPServer, tcp_address
 
 log = logging.getLogger(__name__)
@@ -113,13 +112,9 @@ class ControllerConfig:
             raise ConfigError("freeze", "needs the guest agent's socket: give --qga (or --qmp, "
                                         "whose path + '.qga' is then used)")
         check_guest(self.qmp, self.libvirt_domain)
-        if self.vm_state and self.libvirt_domain:
-            raise ConfigError("vm-state", "is not available with --libvirt-domain: libvirt's "
-                                          "QEMU sandbox forbids the exec: migration that "
-                                          "saves it (QEMU would be killed)")
-        if self.vm_state and (not self.qmp or self.freeze):
-            raise ConfigError("vm-state", "needs --qmp and no --freeze: the guest must be "
-                                          "stopped while its state is saved")
+        if self.vm_state and (not (self.qmp or self.libvirt_domain) or self.freeze):
+            raise ConfigError("vm-state", "needs --qmp (or --libvirt-domain) and no --freeze: "
+                                          "the guest must be stopped while its state is saved")
         for role, address in (("primary", self.primary), ("secondary", self.secondary)):
             if tcp_address(address) and not self.tls and not self.insecure:
                 raise ConfigError(role, f"{address} is a TCP control port: give --tls DIR "
@@ -181,7 +176,7 @@ def save_vm_state(guest: Monitor, path: str, timeout: float = 300.0) -> int:
     if os.path.exists(path):
         os.unlink(path)
     guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
-    guest.execute("migrate", {"uri": "exec:cat > " + shlex.quote(path)})
+    migrate_to_file(guest, path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = guest.execute("query-migrate")
@@ -802,8 +797,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--qmp", metavar="GUEST.qmp", help="the primary guest's QMP socket: stop and "
                                                       "cont it around each checkpoint")
     p.add_argument("--libvirt-domain", metavar="NAME",
-                   help="instead of --qmp: the guest is libvirt domain NAME, stopped and "
-                        "continued through libvirt's QEMU monitor passthrough")
+                   help="instead of --qmp: the guest is libvirt domain NAME, stopped, "
+                        "continued (and saved, with --vm-state) through libvirt's QEMU "
+                        "monitor passthrough")
     p.add_argument("--libvirt-uri", metavar="URI", default=LIBVIRT_URI,
                    help=f"libvirt connection of --libvirt-domain (default {LIBVIRT_URI})")
     p.add_argument("--freeze", action="store_true",

@@ -1,8 +1,7 @@
 """The protected guest's QEMU monitor, as the controller reaches it: directly, or via libvirt.
 
 The controller pauses the guest around each checkpoint (QMP ``stop``/``cont``) and may save
-its state (``migrate`` to a file, bare QEMU only: libvirt's seccomp sandbox kills a QEMU
-that forks for ``exec:``).  Both need QEMU's monitor:
+its state (``migrate`` to a file, :func:`migrate_to_file`).  Both need QEMU's monitor:
 
 - a bare QEMU: its QMP socket (``repdisk controller --qmp GUEST.qmp``), a
   :class:`repdisk.qmp.QMPClient`;
@@ -13,8 +12,16 @@ that forks for ``exec:``).  Both need QEMU's monitor:
 
 Both answer ``execute(name, arguments)`` with the command's ``return`` value and raise
 ControlError for an error, so the controller's pause and save code is one path for both
-(see :func:`connect`).  Passthrough rather than ``virsh suspend/resume``: no second way to
-stop and continue a guest next to the QMP one the controller has.  libvirt follows QEMU's STOP/RESUME events, so
+(see :func:`connect`).  Passthrough rather than ``virsh suspend/resume`` + ``virsh save``:
+no second way to stop and continue a guest next to the QMP one the controller has, and
+``virsh save`` ends the domain, which a checkpoint must not.
+
+The state goes to a file in two ways.  A bare QEMU runs ``cat > FILE`` (``exec:``).  libvirt
+starts QEMU with ``-sandbox ...,spawn=deny``, and a QEMU that forks is killed by seccomp
+(seen: "shutting down, reason=crashed"); so for a libvirt guest the controller opens the
+file itself and hands QEMU the descriptor with the command (``getfd``, through
+``virDomainQemuMonitorCommandWithFiles``), then migrates to ``fd:``: QEMU never opens a path,
+so it works whichever user QEMU runs as.  libvirt follows QEMU's STOP/RESUME events, so
 ``virsh domstate`` shows the guest paused during a checkpoint; it logs the domain as
 tainted (``custom-monitor``) once, which is harmless.
 """
@@ -22,11 +29,14 @@ tainted (``custom-monitor``) once, which is harmless.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from typing import Any, Mapping, Optional, Protocol
 
 from .errors import ConfigError, ControlError
 
 DEFAULT_URI = "qemu:///system"
+FD_NAME = "repdisk-vmstate"    # QEMU's name of the state file's descriptor
 
 
 class Monitor(Protocol):
@@ -84,6 +94,26 @@ class LibvirtMonitor:
                                error.get("class", "GenericError"))
         return reply.get("return")
 
+    def migrate_to_file(self, path: str) -> None:
+        """Start migrating the guest's state into ``path`` (created 0600 by this process),
+        through a descriptor passed with ``getfd``: see the module."""
+        import libvirt
+        import libvirt_qemu
+        dom = self._lookup()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            cmd = {"execute": "getfd", "arguments": {"fdname": FD_NAME}}
+            reply, _ = libvirt_qemu.qemuMonitorCommandWithFiles(dom, json.dumps(cmd), [fd], 0)
+        except libvirt.libvirtError as err:
+            self.close()
+            raise ControlError(f"libvirt domain {self.domain}: getfd: "
+                               f"{err.get_error_message()}") from None
+        finally:
+            os.close(fd)
+        if "error" in json.loads(reply):
+            raise ControlError(f"libvirt domain {self.domain}: getfd: {reply}")
+        self.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+
     def close(self) -> None:
         conn, self._conn, self._dom = self._conn, None, None
         if conn is not None:
@@ -91,6 +121,15 @@ class LibvirtMonitor:
                 conn.close()
             except Exception:   # a connection whose daemon went away: nothing left to free
                 pass
+
+
+def migrate_to_file(monitor: Monitor, path: str) -> None:
+    """Start QMP ``migrate`` of the (stopped) guest into the file ``path``; the caller polls
+    ``query-migrate``.  See the module for the two ways."""
+    if isinstance(monitor, LibvirtMonitor):
+        monitor.migrate_to_file(path)
+    else:
+        monitor.execute("migrate", {"uri": "exec:cat > " + shlex.quote(path)})
 
 
 def check(qmp: Optional[str], libvirt_domain: Optional[str]) -> None:
