@@ -19,7 +19,9 @@ of about 1.5 s. The domains are TCG (``type='qemu'``) either way. /dev/kvm's own
 are put back at the end.
 
 :meth:`Libvirtd.close` destroys the domains the test created and stops both daemons by
-their pid files, leaving no daemon behind; qemu.conf is put back as it was.
+their pid files, leaving no daemon behind; qemu.conf is put back as it was. The host has one
+libvirtd socket and one qemu.conf, so runs of several clones on one machine take turns (a
+lock file held from start to close).
 
 :class:`LibvirtGuest` is one domain running the test guest, with the console reading,
 record stamping and waiting of :class:`vmtests.guest.GuestVM` (its serial console goes to a
@@ -28,6 +30,7 @@ file, which a ``tail -F`` feeds to the reader).
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -36,7 +39,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from xml.sax.saxutils import escape
 
 from vmtests.guest import Guest, GuestVM
@@ -49,6 +52,10 @@ KVM = Path("/dev/kvm")
 QEMU_USER = "libvirt-qemu"
 PIDS = {"virtlogd": Path("/run/repdisk-vmtests-virtlogd.pid"),
         "libvirtd": Path("/run/repdisk-vmtests-libvirtd.pid")}
+#: The host has one libvirtd socket and one qemu.conf: test runs of several clones on one
+#: machine take turns (flock), the second waits for the first instead of failing.
+LOCK = Path("/run/repdisk-vmtests-libvirtd.lock")
+LOCK_TIMEOUT = 900.0
 START_TIMEOUT = 90.0   # the first start probes QEMU's capabilities (about 10 s), then cached
 
 
@@ -67,15 +74,32 @@ class Libvirtd:
     def __init__(self, user: str) -> None:
         self.user = user
         self.domains: list[str] = []
-        self._conf = QEMU_CONF.read_bytes() if QEMU_CONF.exists() else None
+        self._conf: bytes | None = None
         self._kvm: os.stat_result | None = None
+        self._lock: IO[str] | None = None
+        self._held = False                  # our turn: the daemons are ours to stop
         self.start_seconds = 0.0
 
     def start(self) -> Libvirtd:
-        for name, pidfile in PIDS.items():
-            if _alive(pidfile):
-                raise RuntimeError(f"a {name} from an earlier run still runs (pid file "
-                                   f"{pidfile}): stop it first")
+        for tool in ("libvirtd", "virtlogd", "virsh"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is missing: make setup installs libvirt-daemon, "
+                                   "libvirt-daemon-driver-qemu and libvirt-clients")
+        self._lock = open(LOCK, "w")
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"another test run held {LOCK} for "
+                                       f"{LOCK_TIMEOUT:g}s") from None
+                time.sleep(0.5)
+        self._conf = QEMU_CONF.read_bytes() if QEMU_CONF.exists() else None
+        for pidfile in PIDS.values():
+            _stop(pidfile)      # left by a run that was killed (ours: we hold the lock)
         try:                                                          # 1
             pwd.getpwnam(QEMU_USER)
         except KeyError:
@@ -115,7 +139,12 @@ class Libvirtd:
         virsh("create", str(xml), *(["--paused"] if paused else []))
 
     def close(self) -> None:
-        """Destroy the test's domains, stop both daemons, put qemu.conf and /dev/kvm back."""
+        """Destroy the test's domains, stop both daemons, put qemu.conf and /dev/kvm back
+        (nothing if this test never had its turn: the daemons are another run's)."""
+        if not self._held:
+            if self._lock is not None:
+                self._lock.close()
+            return
         for name in self.domains:
             virsh("destroy", name, check=False, timeout=30)
         for pidfile in reversed(PIDS.values()):
@@ -127,6 +156,9 @@ class Libvirtd:
         if self._kvm is not None:
             os.chown(KVM, -1, self._kvm.st_gid)
             KVM.chmod(self._kvm.st_mode & 0o7777)
+        if self._lock is not None:
+            self._lock.close()      # releases the flock
+            self._lock, self._held = None, False
 
 
 def _group_exists(name: str) -> bool:
