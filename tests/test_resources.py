@@ -44,6 +44,7 @@ disk = "{folder}/{name}-pri.img"
 control = "{folder}/{name}-pri.qmp"
 nbd-socket = "{override.get('pri_sock', f'{folder}/{name}-pri.sock')}"
 write-mode = "sync"
+timeout = "1s"
 isolation-timeout = "1s"
 
 [secondary]
@@ -159,7 +160,7 @@ def test_a_config_error_changes_nothing_running(folder: Path) -> None:
     assert len(before) == 3
     resource_file(folder, "beta", sec_disk=f"{folder}/alpha-sec.img")   # alpha's disk
     result = repdisk(folder, "up", "all", ok=False)
-    assert result.stderr == (f"repdisk: error: {folder}/etc/beta.toml:10: secondary.disk: "
+    assert result.stderr == (f"repdisk: error: {folder}/etc/beta.toml:11: secondary.disk: "
                              f"disk {folder}/alpha-sec.img is also used by "
                              f"{folder}/etc/alpha.toml ([secondary] disk); each resource needs "
                              "its own\n")
@@ -185,9 +186,9 @@ def check_refused(folder: Path, line: int, key: str, message: str) -> None:
 
 def test_unknown_key_names_file_line_and_key(folder: Path) -> None:
     resource_file(folder, "alpha", extra='colour = "blue"\n')
-    check_refused(folder, 17, "controller.colour", "unknown key; a [controller] section takes")
+    check_refused(folder, 18, "controller.colour", "unknown key; a [controller] section takes")
     result = repdisk(folder, "up", "all", ok=False)
-    assert result.stderr.startswith(f"repdisk: error: {folder}/etc/alpha.toml:17: "
+    assert result.stderr.startswith(f"repdisk: error: {folder}/etc/alpha.toml:18: "
                                     "controller.colour: unknown key")
     assert processes_of(folder) == {}
 
@@ -215,7 +216,7 @@ def test_missing_peer_and_missing_disk(folder: Path) -> None:
     check_refused(folder, 1, "secondary", "missing [secondary] section: a resource needs both "
                                           "nodes (its peer is missing)")
     path.write_text(text.replace(f"{folder}/alpha-sec.img", f"{folder}/nope.img"))
-    check_refused(folder, 10, "secondary.disk", f"{folder}/nope.img does not exist")
+    check_refused(folder, 11, "secondary.disk", f"{folder}/nope.img does not exist")
 
 
 def test_not_toml(folder: Path) -> None:
