@@ -97,6 +97,23 @@ def test_crm_resource_validate_names_the_bad_parameter(disk, tmp_path, change, c
     assert done.returncode != 0
 
 
+def test_libvirt_domain_is_the_guest_instead_of_guest_qmp(disk, tmp_path) -> None:
+    """A VirtualDomain guest: the checkpointer pauses it through libvirt (item 4 of issue 20,
+    vmtests/test_vm_pacemaker_libvirt.py runs it in a cluster); never both ways at once."""
+    env = {f"OCF_RESKEY_{k}": v for k, v in (o.split("=", 1) for o in good(disk, tmp_path))}
+    env["OCF_RESKEY_libvirt_domain"] = "guest"
+    cfg = ocf.AgentConfig.from_env(env)
+    assert (cfg.libvirt_domain, cfg.libvirt_uri, cfg.guest_qmp) == ("guest", "qemu:///system",
+                                                                      "")
+    assert ocf.run("validate-all", env) == ocf.SUCCESS
+    env["OCF_RESKEY_guest_qmp"] = f"{tmp_path}/guest.qmp"
+    with pytest.raises(ocf.AgentError, match="^parameter libvirt_domain: libvirt owns that "
+                                             "guest's monitor: give libvirt_domain or "
+                                             "guest_qmp, not both$"):
+        ocf.AgentConfig.from_env(env)
+    assert ocf.run("validate-all", env) == ocf.ERR_CONFIGURED
+
+
 def query(stage: str = "running", **extra) -> dict:
     disk = {"disk": "disk0", "stage": stage, "consistent": True,
             "last_checkpoint": {"time": time.time() - 1}}

@@ -116,7 +116,12 @@ PARAMS: tuple[Param, ...] = (
     Param("freeze", "fsfreeze instead of stop", "yes: freeze the guest's filesystems through "
           "its agent (guest_qmp + .qga) instead of stopping it.", "no", kind="boolean"),
     Param("vm_state", "guest state folder", "Save the stopped guest's state here at each "
-          "checkpoint (needs guest_qmp).", ""),
+          "checkpoint (needs guest_qmp or libvirt_domain).", ""),
+    Param("libvirt_domain", "guest libvirt domain", "Instead of guest_qmp: the guest is this "
+          "libvirt domain on the promoted node (e.g. an ocf:heartbeat:VirtualDomain), stopped "
+          "and continued around each checkpoint through libvirt (empty: no pause).", ""),
+    Param("libvirt_uri", "libvirt connection", "The libvirt connection of libvirt_domain.",
+          "qemu:///system"),
 )
 PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
@@ -176,6 +181,8 @@ class AgentConfig:
     guest_qmp: str
     freeze: bool
     vm_state: str
+    libvirt_domain: str = ""
+    libvirt_uri: str = "qemu:///system"
 
     @classmethod
     def from_env(cls, env: dict[str, str], local: bool = True) -> "AgentConfig":
@@ -230,14 +237,19 @@ class AgentConfig:
             raise bad("control", f"{control!r} cannot be a Unix socket: give an absolute path "
                                  f"of at most {UNIX_PATH_MAX} bytes")
         disks = [config.parse_disk(text, i) for i, text in enumerate(get("disks").split())]
-        if get("vm_state") and not get("guest_qmp"):
-            raise bad("vm_state", "needs guest_qmp (the guest whose state is saved)")
+        if get("vm_state") and not (get("guest_qmp") or get("libvirt_domain")):
+            raise bad("vm_state", "needs guest_qmp or libvirt_domain (the guest whose state "
+                                  "is saved)")
+        if get("guest_qmp") and get("libvirt_domain"):
+            raise bad("libvirt_domain", "libvirt owns that guest's monitor: give "
+                                        "libvirt_domain or guest_qmp, not both")
         cfg = cls(resource=_resource(env), node=_node_name(env), disks=disks, nodes=nodes,
                   nbd_port=ports["nbd_port"], control_port=ports["control_port"],
                   control=control, run_dir=get("run_dir"), tls=tls, insecure=insecure,
                   write_mode=write_mode, interval=get("checkpoint_interval"),
                   timeout=get("timeout"), isolation_timeout=get("isolation_timeout"),
-                  guest_qmp=get("guest_qmp"), freeze=freeze, vm_state=get("vm_state"))
+                  guest_qmp=get("guest_qmp"), freeze=freeze, vm_state=get("vm_state"),
+                  libvirt_domain=get("libvirt_domain"), libvirt_uri=get("libvirt_uri"))
         if local:
             cfg.check_local()
         return cfg
@@ -604,6 +616,9 @@ class Agent:
             argv.append("--insecure")
         if self.cfg.guest_qmp:
             argv += ["--qmp", self.cfg.guest_qmp] + (["--freeze"] if self.cfg.freeze else [])
+        if self.cfg.libvirt_domain:
+            argv += ["--libvirt-domain", self.cfg.libvirt_domain,
+                     "--libvirt-uri", self.cfg.libvirt_uri]
         if self.cfg.vm_state:
             argv += ["--vm-state", self.cfg.vm_state]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
