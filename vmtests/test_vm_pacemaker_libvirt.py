@@ -3,7 +3,8 @@ Corosync/Pacemaker cluster of tests/test_pacemaker.py (issue 17).
 
 The cluster runs the README's "Running under Pacemaker" configuration word for word, then
 the README's ``pacemaker:virtualdomain`` block puts a libvirt domain in place of the Dummy
-guest (colocated with the promoted repdisk instance, ordered after its promotion). Each
+guest (colocated with the promoted repdisk instance, ordered after its promotion), which
+the checkpointer pauses through libvirt (``libvirt_domain``). Each
 pair node runs its own libvirtd (vmtests/libvirtd.py, ``start_in_node``) and has the
 domain's XML at /var/lib/repdisk/guest.xml, its disk the node's own NBD export; the guest
 writes numbered records. A power cut of the primary's node (every process of it: QEMU,
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pacemaker import DISK, NBD_PORT, Pair, make_pair, readme_block
+from repdisk.qmp import QMPClient
+from tests.test_pacemaker import DISK, NBD_PORT, RUN, Pair, make_pair, readme_block
 from vmtests.guest import Guest, build_disk, check_records, crash_fsck_clean
 from vmtests.harness import console_problems
 from vmtests.libvirtd import URI, LibvirtGuest, domain_xml, start_in_node
@@ -56,7 +58,7 @@ def run_case(pair: Pair, guest: Guest) -> None:
         took = start_in_node(node.run, Path(node.folder) / "libvirt")
         files = Path(node.path("/var/lib/repdisk"))
         Path(node.path(GUEST_XML)).write_text(domain_xml(
-            f"guest-{node.name}", guest, files, node_disk_xml(node.address), SERIAL,
+            "guest", guest, files, node_disk_xml(node.address), SERIAL,
             seen_as="/var/lib/repdisk"))
         pair.note(f"libvirtd on {node.name} answers after {took:.1f}s")
     p, s = pair.wait_healthy()
@@ -78,6 +80,15 @@ def run_case(pair: Pair, guest: Guest) -> None:
         old.wait_for_record(old.last_record() + 3, 60)
         lo = old.last_record()   # fsync'd before now: in every checkpoint that begins later
         pair.wait_checkpoints(s, 2)
+        # The checkpointer paused the guest through libvirt (libvirt_domain) for each.
+        ckpt = QMPClient(timeout=10).connect(p.path(f"{RUN}/rd.ckpt.qmp"))
+        try:
+            pauses = [c["pause"] for c in ckpt.execute("query-controller")["last_checkpoints"]]
+        finally:
+            ckpt.close()
+        pair.note(f"checkpointer's last pauses of the guest: "
+                  f"{', '.join(f'{x * 1000:.0f} ms' for x in pauses)}")
+        assert pauses and min(pauses) > 0, pauses
         old.wait_for_record(old.last_record() + 1, 30)
         p.power_cut()
         cut = time.monotonic()
@@ -101,10 +112,8 @@ def run_case(pair: Pair, guest: Guest) -> None:
         new.wait_for_record(resume + MORE_RECORDS, 60)
         s.run(["crm_resource", "--resource", "guest", "--meta", "--set-parameter",
                "target-role", "--parameter-value", "Stopped"])
-        pair.cluster.wait(lambda: s.run(["virsh", "-c", URI, "domstate", f"guest-{s.name}"],
-                                        check=False).returncode != 0
-                          or "shut off" in s.run(["virsh", "-c", URI, "domstate",
-                                                  f"guest-{s.name}"], check=False).stdout,
+        pair.cluster.wait(lambda: s.run(["virsh", "-c", URI, "domstate", "guest"],
+                                        check=False).returncode != 0,
                           60, "the guest stopped")
     finally:
         new.close()
