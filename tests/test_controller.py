@@ -2,7 +2,7 @@
 
 Every node is a real nbdkit with the repdisk plugin; the guest is libnbd (and, for the
 pause and VM-state test, a real QEMU without a machine).  Timings are short (heartbeat
-0.1 s, heartbeat-timeout 1 s, isolation-timeout 0.6 s, primary timeout 1 s).
+0.1 s, heartbeat-timeout 1.2 s, isolation-timeout 0.6 s, primary timeout 1 s).
 """
 
 from __future__ import annotations
@@ -358,9 +358,10 @@ def test_interrupted_initial_sync_resumes_and_never_fails_over_meanwhile(nodes):
             ctl.start()
         first = pair.link.sent
         assert pair.sec.ctl("query-replication")["disks"][0]["consistent"] is False
-        with pytest.raises(ControlError, match="no complete checkpoint"):
-            ctl.failover()
-        assert events(ctl, "FAILOVER_REFUSED")
+        with pytest.raises(ControlError, match="cannot failover: the controller is starting"):
+            ctl.failover()                             # the pair never replicated
+        q = pair.sec.ctl("query-replication")
+        assert q["epoch"] == 1 and q["disks"][0]["stage"] == "running"  # nothing changed
         left = pair.pri.ctl("query-replication")["disks"][0]["dirty_bytes"]
         assert 0 < left <= pair.size - 4 * MiB  # the first 4 MiB chunk settled before the cut
         pair.link.sent = 0
@@ -455,7 +456,10 @@ def test_promotion_and_reprotection(nodes):
         pair.close()
 
 
-def test_failover_winner_refuses_to_be_a_secondary_again(nodes):
+def test_failover_winner_is_adopted_never_made_a_secondary(nodes):
+    """A controller started later with stale options (the old primary back as a primary, the
+    winner as its secondary) adopts the pair as it is: failed-over, the old primary fenced,
+    the winner untouched; the node refuses to become a secondary in its winning epoch too."""
     pair = make_pair(nodes)
     try:
         ctl = pair.controller()
@@ -463,17 +467,24 @@ def test_failover_winner_refuses_to_be_a_secondary_again(nodes):
         pair.pri.kill()
         step_until(ctl, "failed-over")
         ctl.close()
-        # A stale controller that would make the winner a secondary of the old data:
         restart(nodes, pair.pri)
         old = nodes.start("primary", "pri2", [("disk", pair.pri_disk),
                                               ("secondary", pair.sec.uri("replica"))])
         stale = pair.controller(primary=old.control)
+        stale.start()
+        assert stale.state == "failed-over" and stale.epoch == 2
+        assert stale.query()["nodes"]["secondary"]["socket"] == pair.sec.control
+        wait_for(lambda: (stale.step(), old.ctl("query-replication")["fenced"])[1], 10,
+                 "the old primary fenced")
+        q = pair.sec.ctl("query-replication")
+        assert q["disks"][0]["stage"] == "done" and q["epoch"] == 2
         with pytest.raises(ControlError, match="won the failover"):
-            stale.start()                                  # refused by the controller
-        restart(nodes, pair.sec)
+            pair.sec.ctl("replication-start", mode="secondary", epoch=2)   # the node itself
+        # The winner restarted as a secondary process: still the winner, adopted as such.
         pair.restart_secondary()
-        with pytest.raises(ControlError, match="won the failover"):
-            stale.start()                                  # refused by the node itself
+        again = pair.controller(primary=old.control)
+        again.start()
+        assert again.state == "failed-over"
         assert pair.sec.ctl("query-replication")["disks"][0]["stage"] == "none"
     finally:
         pair.close()
@@ -531,7 +542,7 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
     run = subprocess.run(repdisk + ["controller", "--primary", pair.pri.control,
                                     "--secondary", pair.sec.control, "--control", ctrl,
                                     "--interval", "200ms", "--heartbeat", "100ms",
-                                    "--heartbeat-timeout", "1s",
+                                    "--heartbeat-timeout", "1.2s",
                                     "--metrics-file", str(metrics_file), "--background"],
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr

@@ -20,7 +20,7 @@ from repdisk.controller import Controller, ControllerConfig
 TIMEOUT = "1s"
 ISOLATION = "0.6s"
 HEARTBEAT = 0.1
-HEARTBEAT_TIMEOUT = 1.0
+HEARTBEAT_TIMEOUT = 1.2
 
 
 class LinkProxy:

@@ -167,7 +167,7 @@ def test_a_primary_refuses_to_open_over_an_unfinished_failover_commit(nodes: Nod
 def _controller(pair: Any, ctrl: str, log: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "repdisk.cli", "controller", "--primary", pair.pri.control,
            "--secondary", pair.sec.control, "--control", ctrl, "--interval", "100ms",
-           "--heartbeat", "100ms", "--heartbeat-timeout", "1s", "--log", log]
+           "--heartbeat", "100ms", "--heartbeat-timeout", "1.2s", "--log", log]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 

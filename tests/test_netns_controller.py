@@ -92,7 +92,8 @@ def test_control_ports_of_node_and_controller_refuse_clients_without_certificate
     # The controller: its own TCP port, and the node reached by HOST:PORT with --tls.
     caplog.set_level(logging.INFO, logger="repdisk.tls")
     ctl_port = free_port()
-    ctl = Controller(ControllerConfig(primary=address, secondary=address, tls=ca["ca"],
+    ctl = Controller(ControllerConfig(primary=f"127.0.0.1:{free_port()}", secondary=address,
+                                      tls=ca["ca"],
                                       control=os.path.join(nodes.folder, "ctl.qmp"),
                                       control_tcp=("127.0.0.1", ctl_port),
                                       control_tls=ca["ca"]))

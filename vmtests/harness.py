@@ -49,10 +49,11 @@ EVIDENCE_ROOT = Path(os.environ.get("REPDISK_VM_EVIDENCE", "/tmp/repdisk-vmtests
 REPDISK = Path(sys.executable).with_name("repdisk")  # the venv's entry point
 INTERVAL = 1.0           # seconds between checkpoints
 HEARTBEAT = 0.2          # seconds between the controller's heartbeats
-HEARTBEAT_TIMEOUT = 1.0  # seconds without an answer from the primary before failing over
-# The primary's isolation-timeout must stay below the controller's heartbeat-timeout
-# (docs/failure-matrix.md, "Timing rules").
+HEARTBEAT_TIMEOUT = 1.2  # seconds without an answer from the primary before failing over
+# The primary's isolation-timeout and timeout must stay below the controller's
+# heartbeat-timeout (docs/failure-matrix.md, "Timing rules"; the controller checks them).
 ISOLATION_TIMEOUT = 0.6
+PRIMARY_TIMEOUT = 1.0
 # A query to a controller that has exited is an expected failure while it shuts down:
 # qemu.qmp's log of each refused connect would bury a failed test's report.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -406,7 +407,7 @@ class Scenario:
         for name, path in disks.items():
             sec_disks[name] = path.with_name(f"sec-{path.name}")
             shutil.copyfile(path, sec_disks[name])
-        keys = {"isolation-timeout": f"{ISOLATION_TIMEOUT:g}s",
+        keys = {"isolation-timeout": f"{ISOLATION_TIMEOUT:g}s", "timeout": f"{PRIMARY_TIMEOUT:g}s",
                 **{k.replace("_", "-"): v for k, v in primary_keys.items()}}
         return Pair(self.nodes, self.timeline, disks, sec_disks, keys, node_keys)
 

@@ -45,7 +45,22 @@ def _refusal_is_the_answer(cmd: Command) -> Command:
 
 
 def node_commands(node: "Node") -> list[Command]:
-    return [_refusal_is_the_answer(cmd) for cmd in _node_commands(node)]
+    return [_refusal_is_the_answer(_leased(node, cmd)) for cmd in _node_commands(node)]
+
+
+def _leased(node: "Node", cmd: Command) -> Command:
+    """Every command may name the controller sending it (``controller``): the node's lease
+    then refuses it while another controller holds this node (see ``ControllerLease``)."""
+    def handler(args: dict[str, Any]) -> Any:
+        args = dict(args)
+        node.lease.check(args.pop("controller", None), args.pop("lease", None))
+        return cmd.handler(args)
+    leased_args = {**cmd.args,
+                   "controller": ArgSpec(str, False, "the controller sending this command: "
+                                                     "refused while another holds the lease"),
+                   "lease": ArgSpec(float, False, "seconds the sender's lease lasts after "
+                                                  "each of its commands")}
+    return dataclasses.replace(cmd, handler=handler, args=leased_args)
 
 
 def _node_commands(node: "Node") -> list[Command]:

@@ -6,28 +6,39 @@
 It talks only to control sockets (the nodes', the guest's QMP and guest agent) and never
 touches data itself.  One thread (``run``) heartbeats both nodes every ``heartbeat`` and
 acts on what it sees (``step``); operations also come from its own control socket.
-Operations (start, checkpoint, failover, resync, promotion) are serialized by one lock.
 
-What ``step`` does, in order (see docs/failure-matrix.md for the whole table):
+State machine: the controller's state is a :class:`ControllerState`, written only by
+``_set_state`` (which logs and emits ``CONTROLLER_STATE_CHANGED``).  Every operation is
+an :class:`Operation` whose row in :data:`TRANSITIONS` says the states it may run in, the
+state shown while it runs and the states it may leave; :func:`gate` is the only check,
+and ``_operation`` runs one operation at a time under one lock (a second one waits, then
+is gated against the state the first left).  A failed operation leaves its ``on_error``
+state; ``promote`` changes nothing on either node until its checks pass, and once the
+winner is a primary the promotion is complete (what is left is re-protection).
 
-* primary silent for ``heartbeat_timeout`` -> fail over on the secondary (refused by the
-  node while the secondary is inconsistent), run the hook; the old primary is fenced as
-  soon as it answers again;
-* secondary silent -> the primary runs degraded (it tracks dirty regions by itself);
-* primary not started (first start, or it restarted and lost its dirty map) -> start
-  the secondary, compare the disks (``--initial-sync``; checksum after a restart), start
-  the primary (which copies what was marked), checkpoint;
-* secondary restarted, or primary degraded or dirty -> re-protect: start the secondary
-  if needed, ``replication-resync`` on the primary, checkpoint;
+What a heartbeat round (``step``) decides, in order (docs/failure-matrix.md has it all):
+
+* starting or fenced -> adopt the pair as the nodes describe it (roles, epoch, state;
+  refusing what it cannot adopt), then bring it up if it is not started;
+* failed-over -> fence the failover's loser when it answers as a primary of an older
+  epoch; wait for ``controller-promote``;
+* primary silent for ``heartbeat_timeout`` -> fail over (refused by the node while the
+  secondary is inconsistent), run the hook;
+* secondary silent -> degraded (the primary tracks dirty regions by itself);
+* degraded, a node not started, the primary dirty -> re-protect (start what is not
+  started, sync by checksum a primary whose dirty map died with its process, copy the
+  dirty regions, checkpoint), retried with a back-off of its own;
 * otherwise a checkpoint every ``interval``.
 
-Timing rule: the primary's ``isolation-timeout`` < ``heartbeat_timeout``, so a primary
-that is cut off from everyone holds its guest writes before the controller fails over.
+Timing rules (checked against the primary's settings when the pair is adopted): the
+primary's ``isolation-timeout`` and ``timeout`` < ``heartbeat_timeout``, so a primary that
+is cut off from everyone holds its guest writes before the controller fails over.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
 import os
@@ -38,8 +49,9 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from qemu.qmp import ExecuteError
 
@@ -52,7 +64,8 @@ from .qmp import ArgSpec, Command, QMPClient, QMPServer, tcp_address
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Controller", "ControllerConfig", "NodeUnreachable", "add_parsers"]
+__all__ = ["Controller", "ControllerConfig", "ControllerRefused", "ControllerState",
+           "NodeUnreachable", "Operation", "TRANSITIONS", "add_parsers", "gate"]
 
 #: Events kept for query-controller.
 EVENT_HISTORY = 50
@@ -62,6 +75,8 @@ CHECKPOINT_HISTORY = 10
 PROGRESS_EVERY = 1.0
 #: Longest wait between two failed attempts to re-protect (it doubles from heartbeat-timeout).
 MAX_BACKOFF = 30.0
+#: A node that stays lost is mentioned again in the log at most this often.
+REMIND_EVERY = 60.0
 #: Migration bandwidth (bytes/s) for saving a stopped guest's state: as fast as it goes.
 VM_STATE_BANDWIDTH = 8 << 30
 #: Node commands that may run long (copies, a failover commit, digests of a disk): they get
@@ -70,10 +85,101 @@ VM_STATE_BANDWIDTH = 8 << 30
 #: controller, and its failover decision, inside a checkpoint for command_timeout.
 LONG_COMMANDS = frozenset({"replication-start", "replication-stop", "replication-resync",
                            "replication-promote", "query-digests", "query-allocation"})
+#: What a node says when another controller holds its lease (node.ControllerLease).
+LEASE_REFUSED = "controller lease refused"
 
 
 class NodeUnreachable(RepdiskError):
     """A node did not answer (as opposed to answering with an error)."""
+
+
+class ControllerRefused(RepdiskError):
+    """The controller will not run this pair as it is (the same node twice, a timing rule
+    broken, roles it cannot adopt, another controller's lease); the message says what to do."""
+
+
+class ControllerState(str, enum.Enum):
+    STARTING = "starting"        # the pair is not adopted yet, or not started: adopt, bring up
+    RUNNING = "running"          # protected: a checkpoint every interval
+    DEGRADED = "degraded"        # the primary serves alone: re-protection retried with back-off
+    RESYNCING = "resyncing"      # re-protection under way: start, sync, copy, checkpoint
+    FAILED_OVER = "failed-over"  # the secondary won: waits for controller-promote
+    PROMOTING = "promoting"      # controller-promote under way
+    FENCED = "fenced"            # the primary is fenced and no winner to promote: an operator
+    STOPPED = "stopped"          # the controller closed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Operation(enum.Enum):
+    ADOPT = "adopt"              # learn roles, epoch and state from the nodes (changes nothing)
+    START = "start"              # bring up a pair that is not started: sync, start, checkpoint
+    HEARTBEAT = "heartbeat"      # one round: look at both nodes, decide the next operation
+    CHECKPOINT = "checkpoint"    # one pair checkpoint
+    RESYNC = "resync"            # re-protect: start what is not started, copy, checkpoint
+    FAILOVER = "failover"        # the secondary takes over (a reachable primary fenced first)
+    FENCE = "fence"              # fence the failover's loser when it answers
+    PROMOTE = "promote"          # the winner becomes the primary of a new pair
+    STOP = "stop"                # close the controller
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One operation's row: where it may run and what it may leave behind."""
+
+    runs_in: frozenset[ControllerState]
+    #: States it may end in on success; None stands for the state it ran in.
+    leaves: frozenset[Optional[ControllerState]]
+    #: The state shown while it runs (None: unchanged).
+    during: Optional[ControllerState] = None
+    #: The state a failure leaves (None: the state it ran in).
+    on_error: Optional[ControllerState] = None
+
+
+_S = ControllerState
+#: The controller's transition table.  Adding an operation (switchover, verify) is one row
+#: here, one function that runs its body under ``self._operation(op)``, and one row in
+#: tests/test_controller_states.py and docs/DESIGN.md.
+TRANSITIONS: dict[Operation, Rule] = {
+    Operation.ADOPT: Rule(frozenset({_S.STARTING, _S.FENCED}),
+                          frozenset({_S.STARTING, _S.RUNNING, _S.DEGRADED, _S.FAILED_OVER,
+                                     _S.FENCED})),
+    Operation.START: Rule(frozenset({_S.STARTING}), frozenset({_S.RUNNING})),
+    Operation.HEARTBEAT: Rule(frozenset({_S.STARTING, _S.RUNNING, _S.DEGRADED, _S.FAILED_OVER,
+                                         _S.FENCED}),
+                              frozenset({None, _S.DEGRADED, _S.FENCED})),
+    Operation.CHECKPOINT: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
+    Operation.RESYNC: Rule(frozenset({_S.RUNNING, _S.DEGRADED}), frozenset({_S.RUNNING}),
+                           during=_S.RESYNCING, on_error=_S.DEGRADED),
+    Operation.FAILOVER: Rule(frozenset({_S.RUNNING, _S.DEGRADED}),
+                             frozenset({_S.FAILED_OVER})),
+    Operation.FENCE: Rule(frozenset({_S.FAILED_OVER}), frozenset({_S.FAILED_OVER})),
+    Operation.PROMOTE: Rule(frozenset({_S.FAILED_OVER}), frozenset({_S.RUNNING, _S.DEGRADED}),
+                            during=_S.PROMOTING, on_error=_S.FAILED_OVER),
+    Operation.STOP: Rule(frozenset(_S), frozenset({_S.STOPPED})),
+}
+
+#: What to do instead, when an operator's command arrives in the wrong state.
+_HINTS = {
+    Operation.PROMOTE: "controller-promote is for a pair that failed over",
+    Operation.CHECKPOINT: "a checkpoint needs a protected pair; the controller re-protects "
+                          "a degraded pair by itself (or: controller-resync)",
+    Operation.FAILOVER: "a failover needs a pair that replicates",
+}
+
+
+def gate(op: Operation, state: ControllerState) -> Rule:
+    """The row of ``op`` if it may run in ``state``; else a ControlError saying why.
+
+    The only check of which operation runs when: every operation calls it first."""
+    rule = TRANSITIONS[op]
+    if state not in rule.runs_in:
+        allowed = ", ".join(sorted(s.value for s in rule.runs_in))
+        hint = f"; {_HINTS[op]}" if op in _HINTS else ""
+        raise ControlError(f"cannot {op.value}: the controller is {state.value} "
+                           f"({op.value} runs in: {allowed}){hint}")
+    return rule
 
 
 @dataclass
@@ -83,7 +189,7 @@ class ControllerConfig:
     control: Optional[str] = None       # the controller's own control socket
     interval: float = 5.0               # seconds between checkpoints
     heartbeat: float = 1.0
-    heartbeat_timeout: float = 3.0
+    heartbeat_timeout: float = 6.0     # above the primary's timeout (5s) and isolation (3s)
     qmp: Optional[str] = None           # the primary guest's QMP socket
     libvirt_domain: Optional[str] = None   # or its libvirt domain (guest.py)
     libvirt_uri: str = LIBVIRT_URI
@@ -115,12 +221,36 @@ class ControllerConfig:
         if self.vm_state and (not (self.qmp or self.libvirt_domain) or self.freeze):
             raise ConfigError("vm-state", "needs --qmp (or --libvirt-domain) and no --freeze: "
                                           "the guest must be stopped while its state is saved")
+        if _same_address(self.primary, self.secondary):
+            raise ConfigError("secondary", f"{self.secondary} is the same node as --primary: "
+                                           "give the other node's control socket")
         for role, address in (("primary", self.primary), ("secondary", self.secondary)):
             if tcp_address(address) and not self.tls and not self.insecure:
                 raise ConfigError(role, f"{address} is a TCP control port: give --tls DIR "
                                         "(client certificates), or --insecure")
         if self.control_tcp and not self.control_tls:
             tls.check_control_plain("control-tcp", "%s:%d" % self.control_tcp, self.insecure)
+
+    @property
+    def ident(self) -> str:
+        """This controller's name in the nodes' leases: stable across its restarts (host and
+        control socket), so a restarted controller takes its pair back at once, while
+        another controller is refused until the lease lapses."""
+        where = (os.path.abspath(self.control) if self.control else
+                 "tcp:%s:%d" % self.control_tcp if self.control_tcp else f"pid {os.getpid()}")
+        return f"{socket.gethostname()}:{where}"
+
+    @property
+    def lease(self) -> float:
+        """How long a node refuses other controllers after this one's last command: longer
+        than any gap between two of its commands (its copies heartbeat both nodes)."""
+        return max(3 * self.heartbeat_timeout, 10.0)
+
+
+def _same_address(a: str, b: str) -> bool:
+    if tcp_address(a) or tcp_address(b):
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class GuestAgent:
@@ -196,6 +326,9 @@ class _Link:
     def __init__(self, name: str, socket: str, timeout: float, cfg: ControllerConfig) -> None:
         self.name, self.socket, self.timeout = name, socket, timeout
         self.tls, self.insecure = cfg.tls, cfg.insecure
+        self.ident, self.lease = cfg.ident, cfg.lease
+        # Set (without the lock) when the node restarted: the connection is dropped first.
+        self.stale = False
         self.quick = min(timeout, cfg.heartbeat_timeout)   # for commands not in LONG_COMMANDS
         # One call at a time on a QMP connection.
         self._lock = threading.Lock()
@@ -208,7 +341,7 @@ class _Link:
         A read-only command that fails on a connection made earlier is tried once more on
         a new one (the node may have restarted since); others are never repeated.
         """
-        reused = self._client is not None
+        reused = self._client is not None and not self.stale
         try:
             return self._call(command, args, on_events)
         except NodeUnreachable:
@@ -218,14 +351,20 @@ class _Link:
 
     def _call(self, command: str, args: Optional[dict[str, Any]],
               on_events: Optional[Callable[[list[dict[str, Any]]], None]]) -> Any:
+        args = {**(args or {}), "controller": self.ident}
+        if command == "replication-heartbeat":
+            args["lease"] = self.lease
         with self._lock:
+            if self.stale:
+                self.stale = False
+                self._drop()
             try:
                 if self._client is None:
                     self._client = ctlclient.connect(
                         self.socket, self.tls, self.insecure, timeout=self.timeout,
                         connect_timeout=min(self.timeout, 5.0))
                 self._client.timeout = self.timeout if command in LONG_COMMANDS else self.quick
-                result = self._client.execute(command, args or {})
+                result = self._client.execute(command, args)
                 if on_events is not None:
                     on_events(self._drain())
                 return result
@@ -251,8 +390,12 @@ class _Link:
             self._drop()
 
 
+
 class _Peer:
-    """A node as the controller sees it: two links (heartbeat, operations) and its last answer."""
+    """A node as the controller sees it: two links (heartbeat, operations) and its last answer.
+
+    It says in the log, once each, when the node is lost and when it answers again, with a
+    reminder at most every REMIND_EVERY while it stays lost."""
 
     def __init__(self, role: str, socket: str, cfg: ControllerConfig) -> None:
         self.role, self.socket = role, socket
@@ -262,38 +405,88 @@ class _Peer:
         self.last_seen = time.monotonic()
         self.reachable = False
         self.last: Optional[dict[str, Any]] = None  # the last query-replication answer
+        self.refused: Optional[str] = None          # another controller holds its lease
+        self._lost_said: Optional[float] = None     # when "lost" was last logged
+
+    def set_role(self, role: str) -> None:
+        self.role = self.beat_link.name = self.ops.name = role
 
     def beat(self, contact: bool = True) -> Optional[dict[str, Any]]:
-        """Heartbeat (counts as contact on a primary); the node's state, or None if silent.
+        """Heartbeat (counts as contact on a primary); the node's state, or None if silent
+        or refused (``refused`` then says why: it is alive, but not ours).
 
         ``contact=False`` only looks (query-replication): after a failover the old primary
         must not hear a heartbeat, which would release the guest writes its isolation guard
         holds before the controller has fenced it."""
         try:
             q = self.beat_link.call("replication-heartbeat" if contact else "query-replication")
-        except (NodeUnreachable, ControlError) as err:
-            if self.reachable:
-                log.warning("%s node %s stopped answering: %s", self.role, self.socket, err)
-            self.reachable = False
+        except ControlError as err:
+            if LEASE_REFUSED in str(err):
+                self._refuse(str(err))
+            else:
+                self.lost(err)
+            return None
+        except NodeUnreachable as err:
+            self.lost(err)
             return None
         self.seen(q)
         return q
 
     def query(self) -> dict[str, Any]:
-        q = self.ops.call("query-replication")
+        """A fresh look on the operations link (made anew if the node restarted)."""
+        try:
+            q = self.ops.call("query-replication")
+        except ControlError as err:
+            if LEASE_REFUSED in str(err):
+                self._refuse(str(err))
+                raise ControllerRefused(f"{self.role} node {self.socket}: {err}") from err
+            raise
         self.seen(q)
         return q
 
     def seen(self, q: dict[str, Any]) -> None:
+        if self._lost_said is not None:
+            log.warning("%s node %s answers again after %.1fs", self.role, self.socket,
+                        time.monotonic() - self.last_seen)
+            self._lost_said = None
+        if self.refused is not None:
+            log.warning("%s node %s: this controller holds its lease again", self.role,
+                        self.socket)
+            self.refused = None
+        if self.last is not None and q.get("instance") != self.last.get("instance"):
+            # The node restarted: connections made to the old process are dead; the next
+            # operation must not spend an attempt finding that out.
+            self.ops.stale = True
         self.last, self.last_seen, self.reachable = q, time.monotonic(), True
 
+    def lost(self, err: Exception) -> None:
+        now = time.monotonic()
+        if self.reachable or self._lost_said is None:
+            log.warning("%s node %s lost: %s", self.role, self.socket, err)
+            self._lost_said = now
+        elif now - self._lost_said >= REMIND_EVERY:
+            log.warning("%s node %s still lost (for %.0fs): %s", self.role, self.socket,
+                        now - self.last_seen, err)
+            self._lost_said = now
+        self.reachable = False
+
+    def _refuse(self, why: str) -> None:
+        if self.refused is None:
+            log.error("%s node %s: %s; this controller does nothing until it gets the lease",
+                      self.role, self.socket, why)
+        self.refused = why
+        self.last_seen = time.monotonic()   # alive: never a reason to fail over
+
     def silent_for(self) -> float:
-        return 0.0 if self.reachable else time.monotonic() - self.last_seen
+        return 0.0 if self.reachable or self.refused else time.monotonic() - self.last_seen
 
     def info(self) -> dict[str, Any]:
-        return {"control": self.socket, "reachable": self.reachable,
+        last = self.last or {}
+        return {"socket": self.socket, "role": self.role,
+                "ok": self.reachable and self.refused is None and not last.get("fenced"),
+                "control": self.socket, "reachable": self.reachable,
                 "last_seen": round(time.monotonic() - self.last_seen, 3),
-                "instance": (self.last or {}).get("instance")}
+                "instance": last.get("instance"), "refused": self.refused}
 
     def close(self) -> None:
         self.beat_link.close()
@@ -308,15 +501,29 @@ def _not_started(q: dict[str, Any]) -> bool:
     return _stages(q) == {"none"}
 
 
+def _consistent(s: dict[str, Any]) -> bool:
+    return all(d.get("consistent") for d in s["disks"])
+
+
+def _needs_resync(p: dict[str, Any]) -> bool:
+    return any(d.get("degraded") or d.get("dirty_bytes") for d in p["disks"])
+
+
+def _winner(q: Optional[dict[str, Any]]) -> bool:
+    """A secondary that won a failover: its disk holds its pair's newest data."""
+    return q is not None and q.get("role") == "secondary" and bool(q.get("failed-over"))
+
+
 class Controller:
     """Runs one pair; see the module docstring.  Thread-safe: one operation at a time."""
 
-    def __init__(self, cfg: ControllerConfig) -> None:
+    def __init__(self, cfg: ControllerConfig, serve: bool = True) -> None:
         cfg.check()
         self.cfg = cfg
         self.primary = _Peer("primary", cfg.primary, cfg)
         self.secondary = _Peer("secondary", cfg.secondary, cfg)
-        self.state = "starting"
+        self.state = ControllerState.STARTING
+        self.operation: Optional[Operation] = None   # the operation under way
         self.epoch = 0
         self.progress: Optional[resync.Progress] = None
         self.last_failover: Optional[dict[str, Any]] = None
@@ -324,26 +531,34 @@ class Controller:
                          "failovers": 0}
         self.checkpoints: deque[dict[str, Any]] = deque(maxlen=CHECKPOINT_HISTORY)
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
-        # Serializes operations (step's actions, control commands).
+        # Serializes operations (_operation: heartbeat rounds and control commands).
         self._lock = threading.RLock()
+        self._generation = 0                     # operations ended: a round older is stale
         self._stop = threading.Event()
         self._next_checkpoint = 0.0
         self._retry_at = 0.0                     # no re-protection attempt before this
         self._backoff = cfg.heartbeat_timeout
         self._marked_for: Optional[str] = None   # primary instance whose dirty map we filled
+        self._sync_next: Optional[str] = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
         self._hook: Optional[subprocess.Popen] = None
         self._guest: Optional[Monitor] = None
         self._progress_said = 0.0
         self._server: Optional[QMPServer] = None
-        if cfg.control or cfg.control_tcp:
+        if serve:
+            self.serve()
+
+    def serve(self) -> None:
+        """Serve the controller's control socket (and TCP port, if configured)."""
+        cfg = self.cfg
+        if self._server is None and (cfg.control or cfg.control_tcp):
             self._server = QMPServer(control_commands(self), name="repdisk-controller")
             if cfg.control:
                 self._server.serve_unix(cfg.control)
             if cfg.control_tcp:
                 tls.serve_control(self._server, cfg.control_tcp, cfg.control_tls)
 
-    # -- events ------------------------------------------------------------------------
+    # -- events and the state machine ----------------------------------------------------
 
     def _event(self, name: str, level: int = logging.INFO, **data: Any) -> None:
         """Log, remember (query-controller) and send (control socket) one event."""
@@ -352,56 +567,211 @@ class Controller:
         if self._server is not None:
             self._server.emit(name, data)
 
-    def _set_state(self, state: str, why: str = "") -> None:
-        if state != self.state:
+    def _set_state(self, state: ControllerState, why: str = "") -> None:
+        """The only writer of ``state``: logs and emits CONTROLLER_STATE_CHANGED."""
+        if state is not self.state:
             old, self.state = self.state, state
-            self._event("CONTROLLER_STATE_CHANGED", **{"from": old, "to": state, "why": why})
+            self._event("CONTROLLER_STATE_CHANGED", **{"from": old.value, "to": state.value,
+                                                       "why": why})
 
-    # -- starting and re-protecting ------------------------------------------------------
+    @contextmanager
+    def _operation(self, op: Operation) -> Iterator[None]:
+        """Run one operation: wait for the one under way, gate, run, check where it ended.
+
+        Raises the gate's ControlError in a wrong state; a failure of the body leaves the
+        row's ``on_error`` state (the state it began in, if none) and is raised."""
+        with self._lock:
+            if self.operation is not None:
+                raise AssertionError(f"{op.value} inside {self.operation.value}: operations "
+                                     "do not nest")
+            rule = gate(op, self.state)
+            began = self.state
+            self.operation = op
+            try:
+                if rule.during is not None:
+                    self._set_state(rule.during, op.value)
+                yield
+            except BaseException as err:
+                self._set_state(rule.on_error or began, f"{op.value} failed: {err}")
+                raise
+            finally:
+                self.operation = None
+                self._generation += 1
+            allowed = {began if s is None else s for s in rule.leaves}
+            if self.state not in allowed:
+                raise AssertionError(f"{op.value} left {self.state.value}, outside its row")
+
+    # -- adopting the pair ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the pair in order: secondary, initial sync, primary, first checkpoint."""
+        """Adopt the pair and, if it is not started, bring it up; raise if that fails."""
+        self.adopt()
         with self._lock:
-            p, s = self.primary.query(), self.secondary.query()
-            self.epoch = max(p["epoch"], s["epoch"], self.epoch, 1)
-            self._bring_up(p, s, self.cfg.initial_sync)
+            if self.state is ControllerState.STARTING:
+                self._start()
 
-    def _bring_up(self, p: dict[str, Any], s: dict[str, Any], sync: str) -> None:
-        """Secondary started, differences marked (once per primary process), primary started."""
-        if p.get("fenced"):
-            self._set_state("fenced", f"the primary is fenced: {p['fenced']}")
-            raise ControlError(f"primary {self.primary.socket} is fenced ({p['fenced']}): "
-                               "promote the winner, or restart this node as its secondary")
-        if s.get("failed-over") and s.get("role") == "secondary" and s["epoch"] >= self.epoch:
-            raise ControlError(f"secondary {self.secondary.socket} won the failover of epoch "
-                               f"{s['epoch']} and holds the newest data: promote it "
-                               "(controller-promote) instead of overwriting it")
-        self._set_state("starting" if self.state == "starting" else "resyncing")
+    def adopt(self) -> None:
+        """Learn from the nodes which one is primary, the epoch and the pair's state.
+
+        Changes nothing on the nodes (but takes their leases).  Raises ControllerRefused for
+        a pair it cannot run (the message names the command to run instead) and
+        NodeUnreachable while neither node answers."""
+        with self._operation(Operation.ADOPT):
+            self._adopt()
+
+    def _peek(self, peer: _Peer) -> Optional[dict[str, Any]]:
         try:
-            self._start_pair(p, s, sync)
-        except RepdiskError as err:
-            # Back off: a link that hangs would otherwise be retried every heartbeat.
+            return peer.query()
+        except NodeUnreachable as err:
+            peer.lost(err)
+            return None
+
+    def _adopt(self) -> None:
+        a, b = self._peek(self.primary), self._peek(self.secondary)
+        if a is None and b is None:
+            raise NodeUnreachable(f"neither {self.primary.socket} nor {self.secondary.socket} "
+                                  "answers")
+        if a is not None and b is not None and a.get("instance") == b.get("instance"):
+            raise ControllerRefused(f"{self.primary.socket} and {self.secondary.socket} are the "
+                                    "same node: give the other node's control socket")
+        roles = (a or {}).get("role"), (b or {}).get("role")
+        if roles in (("secondary", "primary"), ("secondary", None), (None, "primary")) \
+                or (roles == ("secondary", "secondary") and _winner(a)
+                    and (not _winner(b) or a["epoch"] > b["epoch"])):
+            self._swap()
+            a, b = b, a
+            log.warning("adopting the pair as it is now: %s is the primary, %s the secondary "
+                        "(their roles changed since this controller's options were written)",
+                        self.primary.socket, self.secondary.socket)
+        p, s = a, b
+        self.epoch = max(self.epoch, (p or {}).get("epoch", 0), (s or {}).get("epoch", 0), 1)
+        if _winner(s) and (p is None or p.get("role") != "primary" or p.get("fenced")
+                           or p["epoch"] < s["epoch"]):
+            self._set_state(ControllerState.FAILED_OVER,
+                            f"{self.secondary.socket} won the failover of epoch "
+                            f"{s['epoch'] - 1}: promote it (controller-promote)")
+            return
+        if p is not None and p.get("role") != "primary":
+            raise ControllerRefused(
+                f"{self.primary.socket} and {self.secondary.socket} are both secondaries and "
+                "neither won a failover: start the node with the newest data as a primary "
+                "(repdisk primary --disk ... --secondary URI)")
+        if s is not None and s.get("role") != "secondary":
+            fenced = [q for q in (p, s) if q and q.get("fenced")]
+            hint = ("restart the fenced node's disk as a secondary (repdisk secondary) and "
+                    "start the controller with the other as --primary" if fenced else
+                    "restart the one with the older data as a secondary")
+            raise ControllerRefused(f"{self.primary.socket} and {self.secondary.socket} are "
+                                    f"both primaries: {hint}")
+        if p is None:
+            # The primary is silent: adopt a replicating pair (it fails over after
+            # heartbeat-timeout, as it would have), wait otherwise.
+            assert s is not None
+            if not _not_started(s) and _consistent(s):
+                self._set_state(ControllerState.RUNNING, "adopted; the primary does not answer")
+            return
+        self._check_timing(p)
+        if p.get("fenced"):
+            self._set_state(ControllerState.FENCED, f"the primary is fenced: {p['fenced']}")
+        elif s is not None and _winner(s) and s["epoch"] >= p["epoch"]:
+            raise ControllerRefused(f"secondary {self.secondary.socket} won the failover of "
+                                    f"epoch {s['epoch'] - 1} and holds the newest data: "
+                                    "promote it (controller-promote) instead of overwriting it")
+        elif _not_started(p) or s is None or _not_started(s):
+            self._set_state(ControllerState.STARTING if _not_started(p) else
+                            ControllerState.DEGRADED, "adopted; the pair is not started")
+        else:
+            clean = _consistent(s) and not _needs_resync(p)
+            self._set_state(ControllerState.RUNNING if clean else ControllerState.DEGRADED,
+                            "adopted the running pair")
+            self._next_checkpoint = 0.0          # a checkpoint at once
+
+    def _swap(self) -> None:
+        self.primary, self.secondary = self.secondary, self.primary
+        self.primary.set_role("primary")
+        self.secondary.set_role("secondary")
+
+    def _check_timing(self, p: dict[str, Any]) -> None:
+        """docs/failure-matrix.md's timing rules against the primary's own settings."""
+        limit = self.cfg.heartbeat_timeout
+        for key, value in (("isolation-timeout", (p.get("isolation") or {}).get("timeout")),
+                           ("timeout", p.get("timeout"))):
+            if value is not None and value >= limit:
+                raise ControllerRefused(
+                    f"the primary {self.primary.socket} has {key}={value:g}s, which must be "
+                    f"below --heartbeat-timeout ({limit:g}s) or an isolated primary could "
+                    f"still acknowledge writes after a failover: give --heartbeat-timeout "
+                    f"{value + 1:g}s (or start the primary with a shorter {key})")
+
+    # -- bringing up and re-protecting ---------------------------------------------------
+
+    def _start(self) -> None:
+        with self._operation(Operation.START):
+            self._protect("dirty")
+
+    def resync(self, mode: str = "dirty") -> int:
+        """Re-protect now: ``dirty`` copies the primary's dirty map; ``checksum`` or ``full``
+        first mark what differs (e.g. after the secondary's host crashed)."""
+        if mode not in ("dirty", *resync.SYNC_MODES):
+            raise ControlError(f"unknown resync mode {mode!r}: use dirty, checksum or full")
+        with self._operation(Operation.RESYNC):
+            return self._protect(mode)
+
+    def _protect(self, mode: str) -> int:
+        """Start what is not started, sync, copy what is dirty, checkpoint -> running.
+
+        Acts on fresh answers (never on a heartbeat taken before another operation); a
+        failure backs off (heartbeat-timeout, doubling to MAX_BACKOFF) before the heartbeat
+        tries again, whatever the checkpoint interval."""
+        try:
+            p, s = self.primary.query(), self.secondary.query()
+            if p.get("fenced"):
+                raise ControlError(f"primary {self.primary.socket} is fenced ({p['fenced']}): "
+                                   "promote the winner, or restart this node as its secondary")
+            if _winner(s) and s["epoch"] >= p["epoch"]:
+                raise ControlError(f"secondary {self.secondary.socket} won the failover of "
+                                   f"epoch {s['epoch'] - 1} and holds the newest data: promote "
+                                   "it (controller-promote) instead of overwriting it")
+            self.epoch = max(self.epoch, p["epoch"], s["epoch"], 1)
+            sent = self._start_pair(p, s, mode)
+        except RepdiskError:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-            if self.state == "resyncing":
-                self._set_state("degraded", str(err))
             raise
-        self._backoff = self.cfg.heartbeat_timeout
-        self._set_state("running")
+        self._backoff, self._retry_at = self.cfg.heartbeat_timeout, 0.0
+        self._set_state(ControllerState.RUNNING)
+        return sent
 
-    def _start_pair(self, p: dict[str, Any], s: dict[str, Any], sync: str) -> None:
+    def _start_pair(self, p: dict[str, Any], s: dict[str, Any], mode: str) -> int:
         if _not_started(s):
             self.secondary.ops.call("replication-start", {"mode": "secondary",
                                                           "epoch": self.epoch})
+        sent = 0
         if _not_started(p):
-            if sync != "none" and self._marked_for != p["instance"]:
+            sync = self._sync_mode(p)
+            if sync != "none":
                 self._sync(sync, p)
-                self._marked_for = p["instance"]
-            self._copy("replication-start", {"mode": "primary", "epoch": self.epoch})
-        elif self._needs_resync(p):
-            self._copy("replication-resync", {})
+            self._marked_for, self._sync_next = p["instance"], None
+            sent = self._copy("replication-start", {"mode": "primary", "epoch": self.epoch})
+        else:
+            if mode != "dirty":
+                self._sync(mode, p)
+            if mode != "dirty" or _needs_resync(p) or _not_started(s):
+                sent = self._copy("replication-resync", {})
         self._marked_for = p["instance"]
         self._checkpoint_now()
+        return sent
+
+    def _sync_mode(self, p: dict[str, Any]) -> str:
+        """How to find what the secondary lacks before a primary process first starts."""
+        if self._marked_for == p["instance"]:
+            return "none"                       # this process's dirty map has it already
+        if self._sync_next is not None:
+            return self._sync_next              # a promotion: compare by checksum
+        if self._marked_for is None:
+            return self.cfg.initial_sync        # this controller's first bring-up
+        # The primary restarted: its dirty map died with it.
+        return "checksum" if self.cfg.initial_sync == "none" else self.cfg.initial_sync
 
     def _sync(self, mode: str, p: dict[str, Any]) -> None:
         disks = [(d["disk"], d["size"]) for d in p["disks"]]
@@ -446,9 +816,10 @@ class Controller:
         return total
 
     def _watch_copy(self, done: threading.Event) -> None:
-        """While a copy runs: heartbeat the primary (contact) and follow its progress."""
+        """While a copy runs: heartbeat both nodes (contact, leases), follow the progress."""
         while not done.wait(self.cfg.heartbeat):
             q = self.primary.beat()
+            self.secondary.beat()
             if q is None or self.progress is None:
                 continue
             dirty = sum(d.get("dirty_bytes", 0) for d in q["disks"])
@@ -457,39 +828,21 @@ class Controller:
             self._on_progress(progress)
 
     def _on_progress(self, progress: resync.Progress) -> None:
-        """Record, log and send progress; keep the primary's contact while comparing."""
+        """Record, log and send progress; keep both nodes' contact while comparing."""
         self.progress = progress
         now = time.monotonic()
         if progress.phase != "copy" and now - self.primary.last_seen >= self.cfg.heartbeat:
             self.primary.beat()
+            self.secondary.beat()
         if now - self._progress_said >= PROGRESS_EVERY or progress.done >= progress.total:
             self._progress_said = now
             self._event("RESYNC_PROGRESS", **progress.as_dict())
-
-    def _needs_resync(self, p: dict[str, Any]) -> bool:
-        return any(d.get("degraded") or d.get("dirty_bytes") for d in p["disks"])
-
-    def resync(self, mode: str = "dirty") -> int:
-        """Re-protect now: ``dirty`` copies the primary's dirty map; ``checksum`` or ``full``
-        first mark what differs (e.g. after the secondary's host crashed)."""
-        with self._lock:
-            p, s = self.primary.query(), self.secondary.query()
-            self._set_state("resyncing", f"{mode} resync requested")
-            if mode != "dirty":
-                self._sync(mode, p)
-            if _not_started(s):
-                self.secondary.ops.call("replication-start", {"mode": "secondary",
-                                                              "epoch": self.epoch})
-            sent = self._copy("replication-resync", {})
-            self._checkpoint_now()
-            self._set_state("running")
-            return sent
 
     # -- checkpoints -----------------------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
         """One pair checkpoint (DESIGN.md's order); returns its record, raises on failure."""
-        with self._lock:
+        with self._operation(Operation.CHECKPOINT):
             return self._checkpoint_now()
 
     def _checkpoint_now(self) -> dict[str, Any]:
@@ -499,6 +852,7 @@ class Controller:
             rec["pause"] = self._paused(lambda: self._pair_checkpoint(rec))
         except RepdiskError as err:
             self.counters["checkpoint_failures"] += 1
+            self._next_checkpoint = time.monotonic() + self.cfg.heartbeat_timeout
             self._event("CHECKPOINT_FAILED", logging.WARNING, error=str(err))
             raise
         rec["duration"] = time.monotonic() - t0
@@ -557,10 +911,11 @@ class Controller:
 
     # -- failover ------------------------------------------------------------------------
 
-    def failover(self, reason: str = "requested by an operator") -> dict[str, Any]:
-        """Fail over to the secondary now; a reachable primary is fenced first."""
-        with self._lock:
-            return self._failover(reason, manual=True)
+    def failover(self, reason: str = "requested by an operator",
+                 manual: bool = True) -> dict[str, Any]:
+        """Fail over to the secondary now; a reachable primary is fenced first (manual)."""
+        with self._operation(Operation.FAILOVER):
+            return self._failover(reason, manual)
 
     def _failover(self, reason: str, manual: bool) -> dict[str, Any]:
         lost_at = self.primary.last_seen
@@ -586,10 +941,24 @@ class Controller:
                "failover": round(now - began, 3)}
         self.last_failover = rec
         self.counters["failovers"] += 1
-        self._set_state("failed-over", reason)
+        self._set_state(ControllerState.FAILED_OVER, reason)
         self._event("FAILOVER_COMPLETED", logging.WARNING, **rec)
         self._run_hook()
         return rec
+
+    def _loser(self, p: dict[str, Any]) -> bool:
+        """The failover's loser answering as a primary: an older epoch than the pair's, never
+        the winner itself (whatever the controller's own bookkeeping says)."""
+        winner = self.secondary.last or {}
+        return (p.get("role") == "primary" and not p.get("fenced")
+                and p.get("epoch", 0) < self.epoch
+                and p.get("instance") != winner.get("instance"))
+
+    def _fence(self, reason: str) -> None:
+        with self._operation(Operation.FENCE):
+            p = self.primary.query()
+            if self._loser(p):
+                self._fence_old_primary(reason)
 
     def _fence_old_primary(self, reason: str) -> None:
         try:
@@ -621,79 +990,154 @@ class Controller:
     # -- promotion -----------------------------------------------------------------------
 
     def promote(self, secondary_control: str, secondary_uri: str,
-                write_mode: str = "sync") -> None:
+                write_mode: str = "sync") -> dict[str, Any]:
         """Make the failover's winner the primary of a new pair with ``secondary_control``
-        (its replica export at ``secondary_uri``); a checksum sync makes that node equal."""
-        with self._lock:
-            if self.state != "failed-over":
-                raise ControlError(f"cannot promote: the controller is {self.state}, not "
-                                   "failed-over")
-            self.secondary.ops.call("replication-promote", {
-                "secondary": secondary_uri, "write-mode": write_mode,
-                "isolation-timeout": self.cfg.heartbeat_timeout * 0.6})
-            old, self.primary = self.primary, self.secondary
-            self.primary.role = "primary"
+        (its replica export at ``secondary_uri``); a checksum sync makes that node equal.
+
+        Completes or changes nothing: every check (the new secondary answers, is a
+        secondary not yet started, is not the winner, has the winner's disk sizes; the
+        winner reaches ``secondary_uri``) runs before the winner is promoted, and a refusal
+        leaves the controller failed-over with its peers as they were.  Once the winner is
+        a primary the promotion is done: if re-protecting the new pair fails, the pair is
+        degraded and the heartbeat retries with a back-off.  Returns the state it left."""
+        with self._operation(Operation.PROMOTE):
+            new = self._promotion_checked(secondary_control)
+            try:
+                self.secondary.ops.call("replication-promote", {
+                    "secondary": secondary_uri, "write-mode": write_mode,
+                    "timeout": min(5.0, self.cfg.heartbeat_timeout * 0.8),
+                    "isolation-timeout": self.cfg.heartbeat_timeout * 0.6})
+            except BaseException:
+                new.close()
+                raise
+            old, self.primary, self.secondary = self.primary, self.secondary, new
+            self.primary.set_role("primary")
             old.close()
-            self.secondary = _Peer("secondary", secondary_control, self.cfg)
             self._old_primary_fenced = False
+            self._marked_for, self._sync_next = None, "checksum"
+            self._next_checkpoint = 0.0
             self._event("NODE_PROMOTED", node=self.primary.socket, secondary=secondary_control,
                         epoch=self.epoch)
-            self._bring_up(self.primary.query(), self.secondary.query(), "checksum")
+            try:
+                self._protect("dirty")
+            except RepdiskError as err:
+                self._set_state(ControllerState.DEGRADED,
+                                f"promoted; re-protecting {secondary_control} failed: {err}")
+                return {"state": self.state.value, "error": str(err)}
+            return {"state": self.state.value}
+
+    def _promotion_checked(self, control: str) -> _Peer:
+        """The new secondary's peer, once everything a promotion needs is known to hold."""
+        winner = self.secondary
+        if _same_address(control, winner.socket):
+            raise ControlError(f"cannot promote: {control} is the failover's winner itself; "
+                               "give the control socket of the node to become its secondary")
+        try:
+            w = winner.query()
+        except NodeUnreachable as err:
+            raise ControlError(f"cannot promote: the failover's winner {winner.socket} does "
+                               f"not answer ({err})") from err
+        new = _Peer("secondary", control, self.cfg)
+        try:
+            try:
+                n = new.query()
+            except NodeUnreachable as err:
+                raise ControlError(f"cannot promote: the new secondary {control} does not "
+                                   f"answer ({err}): start it first (repdisk secondary "
+                                   f"--disk DISK --control {control} ...)") from err
+            if n.get("instance") == w.get("instance"):
+                raise ControlError(f"cannot promote: {control} is the failover's winner itself")
+            if n.get("role") != "secondary":
+                fenced = f" (fenced: {n['fenced']})" if n.get("fenced") else ""
+                raise ControlError(f"cannot promote: {control} is a {n.get('role')}{fenced}: "
+                                   "restart its disk as a secondary (repdisk secondary --disk "
+                                   "DISK ...) and promote again")
+            if not _not_started(n):
+                raise ControlError(f"cannot promote: {control} already replicates (stage "
+                                   f"{', '.join(sorted(_stages(n)))}): restart it")
+            if _winner(n) and n["epoch"] >= w["epoch"]:
+                raise ControlError(f"cannot promote: {control} won the failover of epoch "
+                                   f"{n['epoch'] - 1}, after {winner.socket}: promote it instead")
+            sizes = {d["disk"]: d["size"] for d in w["disks"]}
+            theirs = {d["disk"]: d["size"] for d in n["disks"]}
+            if sizes != theirs:
+                raise ControlError(f"cannot promote: {control} has disks {theirs}, the winner "
+                                   f"{sizes}: give the new secondary the same disks")
+        except BaseException:
+            new.close()
+            raise
+        return new
 
     # -- the loop ------------------------------------------------------------------------------
 
     def step(self) -> None:
         """One heartbeat round: look at both nodes, then act (at most one operation).
 
-        The beats run outside the lock; a promotion may swap the peers meanwhile, and the
-        answers then describe the other roles' nodes (the new secondary's state would be
-        read as the primary's): that round only looks."""
+        The beats run outside the lock; an operation may end meanwhile (a promotion swaps
+        the peers, a resync starts a node), and the answers then describe a pair that is
+        no more: that round only looks."""
+        generation = self._generation
         primary, secondary = self.primary, self.secondary
-        p, s = primary.beat(contact=self.state != "failed-over"), secondary.beat()
+        contact = self.state not in (ControllerState.FAILED_OVER, ControllerState.PROMOTING)
+        p, s = primary.beat(contact=contact), secondary.beat()
         self._poll_hook()
         try:
             with self._lock:
-                if primary is self.primary and secondary is self.secondary:
-                    self._act(p, s)
+                if generation == self._generation and self.state is not ControllerState.STOPPED \
+                        and not (primary.refused or secondary.refused):
+                    with self._operation(Operation.HEARTBEAT):
+                        then = self._decide(p, s)
+                    if then is not None:
+                        then()
         except RepdiskError as err:
-            log.warning("%s: %s", self.state, err)
+            log.warning("%s: %s", self.state.value, err)
         self._write_metrics()
 
-    def _act(self, p: Optional[dict[str, Any]], s: Optional[dict[str, Any]]) -> None:
-        if self.state in ("stopped", "fenced"):
-            return
-        if self.state == "failed-over":
-            if p is not None and p.get("role") == "primary" and not p.get("fenced"):
-                self._fence_old_primary(f"the pair failed over to {self.secondary.socket} "
-                                        f"in epoch {self.epoch}")
-            return
+    def _decide(self, p: Optional[dict[str, Any]],
+                s: Optional[dict[str, Any]]) -> Optional[Callable[[], Any]]:
+        """The heartbeat's decision: the operation to run next (None: nothing)."""
+        state, now = self.state, time.monotonic()
+        if state in (ControllerState.STARTING, ControllerState.FENCED):
+            if (p is None and s is None) or now < self._retry_at:
+                return None
+            return self._adopt_and_start
+        if state is ControllerState.FAILED_OVER:
+            if p is not None and self._loser(p):
+                return lambda: self._fence(f"the pair failed over to {self.secondary.socket} "
+                                           f"in epoch {self.epoch}")
+            return None
         if p is None:
-            if self.state == "starting":
-                return
-            if self.primary.silent_for() >= self.cfg.heartbeat_timeout and self.cfg.auto_failover:
-                self._failover(f"primary lost: no answer for {self.primary.silent_for():.1f}s",
-                               manual=False)
-            return
+            silent = self.primary.silent_for()
+            if silent >= self.cfg.heartbeat_timeout and self.cfg.auto_failover:
+                return lambda: self.failover(f"primary lost: no answer for {silent:.1f}s",
+                                             manual=False)
+            return None
+        if p.get("fenced"):
+            self._set_state(ControllerState.FENCED, f"the primary is fenced: {p['fenced']}")
+            return None
         if s is None:
-            if self.state != "starting":
-                self._set_state("degraded", "the secondary does not answer")
+            if state is ControllerState.RUNNING:
+                self._set_state(ControllerState.DEGRADED,
+                                f"the secondary {self.secondary.socket} does not answer")
+            return None
+        if (state is ControllerState.DEGRADED or _not_started(p) or _not_started(s)
+                or _needs_resync(p)):
+            return self.resync if now >= self._retry_at else None
+        if not _consistent(s) or now >= self._next_checkpoint:
+            return self.checkpoint
+        return None
+
+    def _adopt_and_start(self) -> None:
+        try:
+            self.adopt()
+        except NodeUnreachable:
             return
-        if self.state == "starting":
-            self.epoch = max(p["epoch"], s["epoch"], self.epoch, 1)
-        if (_not_started(p) or _not_started(s) or self._needs_resync(p)) \
-                and time.monotonic() < self._retry_at:
-            return
-        if _not_started(p):
-            restarted = self._marked_for is not None and self._marked_for != p["instance"]
-            sync = "checksum" if restarted and self.cfg.initial_sync == "none" \
-                else self.cfg.initial_sync
-            self._bring_up(p, s, sync)
-        elif _not_started(s) or self._needs_resync(p):
-            self._bring_up(p, s, "none")
-        elif not all(d.get("consistent") for d in s["disks"]) \
-                or time.monotonic() >= self._next_checkpoint:
-            self._checkpoint_now()
-            self._set_state("running")
+        except ControllerRefused:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+            raise
+        if self.state is ControllerState.STARTING:
+            self._start()
 
     def run(self) -> None:
         """Step every ``heartbeat`` until ``stop()``."""
@@ -711,8 +1155,10 @@ class Controller:
         """What query-controller returns (never waits for an operation)."""
         now = time.time()
         p = self.primary.last or {}
+        op = self.operation
         return {
-            "state": self.state, "epoch": self.epoch,
+            "state": self.state.value, "operation": op.value if op else None,
+            "epoch": self.epoch,
             "nodes": {"primary": self.primary.info(), "secondary": self.secondary.info()},
             "last_checkpoints": [{**c, "age": round(now - c["time"], 3)}
                                  for c in list(self.checkpoints)],
@@ -738,13 +1184,14 @@ class Controller:
 
     def close(self) -> None:
         self.stop()
-        if self._server is not None:
-            self._server.close()
-        for peer in (self.primary, self.secondary):
-            peer.close()
-        if self._guest is not None:
-            self._guest.close()
-        self._set_state("stopped")
+        with self._operation(Operation.STOP):
+            if self._server is not None:
+                self._server.close()
+            for peer in (self.primary, self.secondary):
+                peer.close()
+            if self._guest is not None:
+                self._guest.close()
+            self._set_state(ControllerState.STOPPED, "closed")
 
 
 def control_commands(ctl: Controller) -> list[Command]:
@@ -791,9 +1238,9 @@ def add_parsers(sub: Any) -> None:
                    help="allow plain TCP to nodes and on --control-tcp")
     p.add_argument("--interval", default="5s", help="checkpoint interval (default 5s)")
     p.add_argument("--heartbeat", default="1s", help="heartbeat interval (default 1s)")
-    p.add_argument("--heartbeat-timeout", default="3s",
-                   help="silence that makes a node lost (default 3s; must exceed the "
-                        "primary's isolation-timeout)")
+    p.add_argument("--heartbeat-timeout", default="6s",
+                   help="silence that makes a node lost (default 6s; must exceed the "
+                        "primary's isolation-timeout and timeout: checked at start-up)")
     p.add_argument("--qmp", metavar="GUEST.qmp", help="the primary guest's QMP socket: stop and "
                                                       "cont it around each checkpoint")
     p.add_argument("--libvirt-domain", metavar="NAME",
@@ -848,13 +1295,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
-    ctl = Controller(cfg)
+    # The QMP library logs every failed connection at ERROR: a node that is down would fill
+    # the log every heartbeat; the controller says once that it is lost (and reminds).
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    ctl = Controller(cfg, serve=False)
     signal.signal(signal.SIGTERM, lambda *_: ctl.stop())
     try:
         try:
-            ctl.start()
+            ctl.adopt()
+        except ControllerRefused as err:
+            log.error("refused: %s", err)
+            raise
         except RepdiskError as err:
-            log.error("start: %s; retrying every heartbeat", err)
+            log.warning("start: %s; trying again every heartbeat", err)
+        ctl.serve()
         ctl.run()
     finally:
         ctl.close()
@@ -870,19 +1324,45 @@ def _detach(args: argparse.Namespace) -> int:
     argv = [a for a in sys.argv[1:] if a != "--background"]
     argv += ["--pidfile", pidfile] if not args.pidfile else []
     argv += ["--log", logfile] if not args.log else []
-    for stale in (pidfile, args.control):
-        if os.path.exists(stale):
-            os.unlink(stale)
-    subprocess.run(["setsid", "-f", sys.executable, "-m", "repdisk.cli", *argv],
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=True)
+    if _answers(args.control):
+        raise ControllerRefused(f"a controller already serves {args.control}: stop it first")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    log_size = os.path.getsize(logfile) if os.path.exists(logfile) else 0
+    child = subprocess.Popen(["setsid", sys.executable, "-m", "repdisk.cli", *argv],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if os.path.exists(args.control) and os.path.exists(pidfile):
+        if child.poll() is not None:
+            raise ControllerRefused(_last_error(logfile, log_size) or
+                                    f"the controller ended at start-up; see {logfile}")
+        if _answers(args.control) and os.path.exists(pidfile):
             with open(pidfile) as f:
                 print(f"repdisk controller: running (pid {f.read().strip()}), control "
                       f"{args.control}, log {logfile}")
             return 0
         time.sleep(0.05)
     raise RepdiskError(f"the controller did not start within 20 s; see {logfile}")
+
+
+def _answers(path: str) -> bool:
+    """True if something listens on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def _last_error(logfile: str, since: int) -> Optional[str]:
+    """The last ERROR line the log gained after ``since`` bytes, without its prefix."""
+    try:
+        with open(logfile, encoding="utf-8", errors="replace") as f:
+            f.seek(since)
+            lines = [ln for ln in f.read().splitlines() if " ERROR " in ln]
+    except OSError:
+        return None
+    return lines[-1].split(": ", 1)[-1] if lines else None
 

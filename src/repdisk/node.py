@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 from . import batch, forwarder, resync, sessions, threadstate
 from .config import PRIMARY, SECONDARY, NodeConfig
 from .dirtymap import DirtyMap
-from .errors import BlockIOError, ConfigError, ForwardError, RepdiskError
+from .errors import BlockIOError, ConfigError, ControlError, ForwardError, RepdiskError
 from .images import BlockDevice, RawImage, lock_image
 from .primary import PrimaryReplica
 from .replication import Registry, ReplicationError, ReplicationMode
@@ -285,6 +285,53 @@ class Isolation:
             self._cond.notify_all()
 
 
+class ControllerLease:
+    """One controller per pair: the controller heard from last holds this node's lease.
+
+    Every command a controller sends names it (``controller``); a command from another
+    controller is refused while the holder's lease is fresh (it was heard within
+    ``duration`` seconds, which the holder's heartbeat sets).  Commands without a name
+    (an operator's ``repdisk ctl``) pass.  Not persisted: a lease stands for a controller
+    that is alive now, which a restarted node learns from the next heartbeat; a node that
+    restarted grants it to the first controller it hears, and the other is refused from
+    its next command on.
+    """
+
+    #: Lease length until a heartbeat names one.
+    DEFAULT = 10.0
+
+    def __init__(self) -> None:
+        # Guards the fields below (commands arrive on several control connections).
+        self._lock = threading.Lock()
+        self.holder: Optional[str] = None
+        self.duration = self.DEFAULT
+        self._heard = 0.0
+
+    def check(self, who: Optional[str], duration: Optional[float] = None) -> None:
+        """Grant or renew the lease to ``who``; raise if another controller holds it."""
+        if who is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if self.holder not in (None, who) and now - self._heard < self.duration:
+                raise ControlError(
+                    f"controller lease refused: controller {self.holder} holds this node "
+                    f"(heard {now - self._heard:.1f}s ago, lease {self.duration:g}s); one "
+                    "controller per pair: stop that controller first")
+            if self.holder != who:
+                log.info("controller lease granted to %s", who)
+            self.holder, self._heard = who, now
+            if duration is not None and duration > 0:
+                self.duration = duration
+
+    def query(self) -> Optional[dict[str, Any]]:
+        with self._lock:
+            if self.holder is None:
+                return None
+            return {"holder": self.holder, "duration": self.duration,
+                    "age": round(time.monotonic() - self._heard, 3)}
+
+
 class Node:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
@@ -304,6 +351,7 @@ class Node:
         self.admission = Admission(lambda: self.isolation)
         self._state_lock = threading.Lock()  # the seal's writes of the state (nbdkit threads)
         self._demoted: list[PrimaryReplica] = []  # a demoted node's former primaries
+        self.lease = ControllerLease()
         for spec in cfg.disks:
             replica = self._open_replica(spec.name, spec.path)
             self.replicas[spec.name] = replica
@@ -793,11 +841,25 @@ class Node:
         """
         if self.mode is ReplicationMode.PRIMARY:
             raise ConfigError("role", "this node is already a primary")
+        if not force:
+            self._probe(secondary_uri, timeout)
         if force:
             self._take_as_is()
         elif not self._switch():
             self._check_promotable()
         self._become_primary(secondary_uri, write_mode, timeout, isolation_timeout)
+
+    def _probe(self, secondary_uri: str, timeout: float) -> None:
+        """Before a promotion changes anything: each disk's replica export at
+        ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up)."""
+        for name, rep in self.replicas.items():
+            suffix = f"/{name}" if len(self.replicas) > 1 else ""
+            try:
+                PrimaryReplica(name, rep.disk, secondary_uri, timeout=timeout,
+                               export_suffix=suffix).probe()
+            except RepdiskError as err:
+                raise ConfigError("secondary", f"cannot promote: {err}; start the new "
+                                               "secondary first, or fix the URI") from err
 
     def _switch(self) -> bool:
         """A running secondary whose primary sealed every disk (a clean demote): take the
@@ -953,6 +1015,9 @@ class Node:
             "sealed": dict(self.state.sealed),
             "guest-writes-refused": self.admission.refused or None,
             "isolation": self.isolation.query() if self.isolation else None,
+            "timeout": max((rep.timeout for rep in self._primaries()), default=None)
+            if self.mode is ReplicationMode.PRIMARY else None,
+            "lease": self.lease.query(),
             "default-export": self.default_export,
             "exports": sorted(name for name, _ in self.list_exports()),
             "disks": [{**rep.query(), "size": rep.disk.size} for rep in self.replicas.values()],

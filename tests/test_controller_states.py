@@ -1,0 +1,147 @@
+"""The controller's state machine: the transition table, the gate, and how an operation runs.
+
+No nodes: the table is checked exhaustively against the one written out here (as
+tests/test_secondary.py checks the secondary's ``gate``), and ``_operation`` is driven with
+bodies that succeed, fail or misbehave.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from repdisk.controller import (TRANSITIONS, Controller, ControllerConfig, ControllerState,
+                                Operation, gate)
+from repdisk.errors import ConfigError, ControlError
+
+S = ControllerState
+O = Operation
+ALL = set(S)
+
+#: op -> (runs in, leaves (None = where it ran), shown while running, left on error)
+EXPECTED = {
+    O.ADOPT: ({S.STARTING, S.FENCED},
+              {S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED}, None, None),
+    O.START: ({S.STARTING}, {S.RUNNING}, None, None),
+    O.HEARTBEAT: ({S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED},
+                  {None, S.DEGRADED, S.FENCED}, None, None),
+    O.CHECKPOINT: ({S.RUNNING}, {S.RUNNING}, None, None),
+    O.RESYNC: ({S.RUNNING, S.DEGRADED}, {S.RUNNING}, S.RESYNCING, S.DEGRADED),
+    O.FAILOVER: ({S.RUNNING, S.DEGRADED}, {S.FAILED_OVER}, None, None),
+    O.FENCE: ({S.FAILED_OVER}, {S.FAILED_OVER}, None, None),
+    O.PROMOTE: ({S.FAILED_OVER}, {S.RUNNING, S.DEGRADED}, S.PROMOTING, S.FAILED_OVER),
+    O.STOP: (ALL, {S.STOPPED}, None, None),
+}
+
+
+@pytest.mark.parametrize("op,state", list(itertools.product(O, S)),
+                         ids=lambda v: v.value)
+def test_gate_is_the_table(op: Operation, state: ControllerState) -> None:
+    runs_in = EXPECTED[op][0]
+    if state in runs_in:
+        assert gate(op, state) is TRANSITIONS[op]
+    else:
+        with pytest.raises(ControlError, match=f"cannot {op.value}: the controller is "
+                                               f"{state.value} \\({op.value} runs in: "):
+            gate(op, state)
+
+
+def test_every_row_is_as_written() -> None:
+    assert set(TRANSITIONS) == set(O)
+    for op, (runs_in, leaves, during, on_error) in EXPECTED.items():
+        rule = TRANSITIONS[op]
+        assert (set(rule.runs_in), set(rule.leaves), rule.during, rule.on_error) == \
+            (runs_in, leaves, during, on_error), op
+
+
+def test_transient_states_are_only_shown_during_an_operation() -> None:
+    """resyncing and promoting are entered only as an operation's ``during`` and no
+    operation may start in them: a second operation waits for the first to end."""
+    transient = {S.RESYNCING, S.PROMOTING}
+    assert {r.during for r in TRANSITIONS.values()} - {None} == transient
+    for op, rule in TRANSITIONS.items():
+        if op is not O.STOP:
+            assert not rule.runs_in & transient, op
+        assert not {s for s in rule.leaves if s is not None} & transient, op
+
+
+def test_every_state_is_left_by_some_operation() -> None:
+    """No state but stopped is a dead end."""
+    for state in ALL - {S.STOPPED}:
+        leaving = [op for op, rule in TRANSITIONS.items()
+                   if state in rule.runs_in and op is not O.STOP
+                   and ({s for s in rule.leaves if s is not None} - {state}
+                        or rule.during not in (None, state))]
+        assert leaving or state in (S.RESYNCING, S.PROMOTING), state
+
+
+def _controller(tmp_path) -> Controller:
+    return Controller(ControllerConfig(primary=str(tmp_path / "p.qmp"),
+                                       secondary=str(tmp_path / "s.qmp"), heartbeat=0.1,
+                                       heartbeat_timeout=1.2))
+
+
+def _changes(ctl: Controller) -> list[tuple[str, str]]:
+    return [(e["data"]["from"], e["data"]["to"]) for e in ctl.events
+            if e["event"] == "CONTROLLER_STATE_CHANGED"]
+
+
+def test_an_operation_shows_its_state_and_leaves_on_error_when_it_fails(tmp_path) -> None:
+    ctl = _controller(tmp_path)
+    ctl.state = S.DEGRADED
+    with pytest.raises(RuntimeError, match="boom"):
+        with ctl._operation(O.RESYNC):
+            assert ctl.state is S.RESYNCING and ctl.query()["operation"] == "resync"
+            raise RuntimeError("boom")
+    assert ctl.state is S.DEGRADED and ctl.operation is None
+    assert _changes(ctl) == [("degraded", "resyncing"), ("resyncing", "degraded")]
+    assert ctl.events[-1]["data"]["why"] == "resync failed: boom"
+    with ctl._operation(O.RESYNC):
+        ctl._set_state(S.RUNNING)
+    assert ctl.state is S.RUNNING and ctl.query()["operation"] is None
+
+
+def test_a_failed_promotion_goes_back_to_failed_over(tmp_path) -> None:
+    ctl = _controller(tmp_path)
+    ctl.state = S.FAILED_OVER
+    primary, secondary = ctl.primary, ctl.secondary
+    with pytest.raises(ControlError, match="cannot promote: the failover's winner .* does not "
+                                           "answer"):
+        ctl.promote(str(tmp_path / "new.qmp"), "nbd+unix:///replica?socket=/nowhere")
+    assert ctl.state is S.FAILED_OVER
+    assert (ctl.primary, ctl.secondary) == (primary, secondary)    # peers never swapped
+    assert _changes(ctl) == [("failed-over", "promoting"), ("promoting", "failed-over")]
+
+
+def test_an_operation_may_not_leave_a_state_outside_its_row(tmp_path) -> None:
+    ctl = _controller(tmp_path)
+    ctl.state = S.RUNNING
+    with pytest.raises(AssertionError, match="checkpoint left failed-over, outside its row"):
+        with ctl._operation(O.CHECKPOINT):
+            ctl._set_state(S.FAILED_OVER)
+
+
+def test_operations_do_not_nest(tmp_path) -> None:
+    ctl = _controller(tmp_path)
+    ctl.state = S.RUNNING
+    with pytest.raises(AssertionError, match="checkpoint inside resync"):
+        with ctl._operation(O.RESYNC):
+            with ctl._operation(O.CHECKPOINT):
+                pass
+
+
+def test_operator_commands_in_the_wrong_state_change_nothing(tmp_path) -> None:
+    ctl = _controller(tmp_path)
+    with pytest.raises(ControlError, match="cannot promote: the controller is starting.*"
+                                           "controller-promote is for a pair that failed over"):
+        ctl.promote(str(tmp_path / "n.qmp"), "nbd+unix:///replica?socket=/x")
+    with pytest.raises(ControlError, match="cannot checkpoint: the controller is starting"):
+        ctl.checkpoint()
+    assert ctl.state is S.STARTING and not _changes(ctl)
+
+
+def test_the_same_node_twice_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="secondary: .* is the same node as --primary"):
+        ControllerConfig(primary=str(tmp_path / "a.qmp"),
+                         secondary=str(tmp_path / ".." / tmp_path.name / "a.qmp")).check()
