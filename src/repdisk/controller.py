@@ -461,12 +461,13 @@ class _Peer:
 
     def lost(self, err: Exception) -> None:
         now = time.monotonic()
+        cause = err.__cause__ or err
         if self.reachable or self._lost_said is None:
-            log.warning("%s node %s lost: %s", self.role, self.socket, err)
+            log.warning("%s node %s lost: %s", self.role, self.socket, cause)
             self._lost_said = now
         elif now - self._lost_said >= REMIND_EVERY:
             log.warning("%s node %s still lost (for %.0fs): %s", self.role, self.socket,
-                        now - self.last_seen, err)
+                        now - self.last_seen, cause)
             self._lost_said = now
         self.reachable = False
 
@@ -483,7 +484,8 @@ class _Peer:
     def info(self) -> dict[str, Any]:
         last = self.last or {}
         return {"socket": self.socket, "role": self.role,
-                "ok": self.reachable and self.refused is None and not last.get("fenced"),
+                "ok": (self.reachable and self.refused is None and not last.get("fenced")
+                       and last.get("role") == self.role),
                 "control": self.socket, "reachable": self.reachable,
                 "last_seen": round(time.monotonic() - self.last_seen, 3),
                 "instance": last.get("instance"), "refused": self.refused}
@@ -1304,7 +1306,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             ctl.adopt()
         except ControllerRefused as err:
-            log.error("refused: %s", err)
+            log.error("%s", err)
             raise
         except RepdiskError as err:
             log.warning("start: %s; trying again every heartbeat", err)

@@ -842,6 +842,8 @@ class Node:
         if self.mode is ReplicationMode.PRIMARY:
             raise ConfigError("role", "this node is already a primary")
         if not force:
+            if not self._sealed():
+                self._check_promotable()  # before the probe: a wrong stage says so first
             self._probe(secondary_uri, timeout)
         if force:
             self._take_as_is()
@@ -865,11 +867,9 @@ class Node:
         """A running secondary whose primary sealed every disk (a clean demote): take the
         disk as it is (a checkpoint drops the undo data, nothing is copied) and start the
         next epoch.  False if there is no such seal."""
-        secondaries = self._secondaries()
-        if not secondaries or any(r.stage is not Stage.RUNNING for r in secondaries) \
-                or not self.state.sealed_all([r.name for r in secondaries]):
+        if not self._sealed():
             return False
-        for rep in secondaries:
+        for rep in self._secondaries():
             rep.stop(failover=False)  # a checkpoint, then DONE: the disk is the newest
         with self._state_lock:
             self.state.switch()
@@ -896,6 +896,12 @@ class Node:
             self.state.save(self.cfg.state)
         log.warning("promoted by force: this disk is taken as it is (epoch %d)",
                     self.state.epoch)
+
+    def _sealed(self) -> bool:
+        """Every disk a running secondary whose primary sealed it (a clean demote)."""
+        secondaries = self._secondaries()
+        return bool(secondaries) and all(r.stage is Stage.RUNNING for r in secondaries) \
+            and self.state.sealed_all([r.name for r in secondaries])
 
     def _check_promotable(self) -> None:
         for rep in self.replicas.values():
