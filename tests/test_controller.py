@@ -575,3 +575,48 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
         os.kill(pid, 15)
         wait_for(lambda: not os.path.exists(pidfile), 10, "controller exit")
         pair.close()
+
+
+def test_cli_controller_refusals_one_controller_per_pair_and_timing(nodes, tmp_path):
+    """Refused with one line, nothing changed: the same node twice, a heartbeat-timeout that
+    breaks the timing rules against the primary's own settings, a second controller on a
+    pair whose nodes lease it to the first (naming it), and a second one on the same socket."""
+    pair = make_pair(nodes)
+    repdisk = [sys.executable, "-m", "repdisk.cli", "controller"]
+
+    def controller(*extra: str, ctrl: str = "ctrl.qmp",
+                   primary: str = pair.pri.control) -> subprocess.CompletedProcess:
+        return subprocess.run(repdisk + ["--primary", primary, "--secondary", pair.sec.control,
+                                         "--control", str(tmp_path / ctrl), "--heartbeat",
+                                         "100ms", "--background", *extra],
+                              capture_output=True, text=True, timeout=60)
+
+    def refused(run: subprocess.CompletedProcess, *words: str) -> None:
+        assert run.returncode == 1 and len(run.stderr.splitlines()) == 1, run.stderr
+        assert "Traceback" not in run.stderr and all(w in run.stderr for w in words), run.stderr
+
+    first = str(tmp_path / "ctrl.qmp")
+    try:
+        refused(controller(primary=pair.sec.control), "is the same node as --primary")
+        refused(controller("--heartbeat-timeout", "1s"), "timeout=1s, which must be below "
+                "--heartbeat-timeout (1s)", "give --heartbeat-timeout 2s")
+        refused(controller("--heartbeat-timeout", "500ms"), "isolation-timeout=0.6s")
+        assert pair.sec.ctl("query-replication")["disks"][0]["stage"] == "none"
+        assert not os.path.exists(first)
+        ok = controller("--heartbeat-timeout", "1.2s")
+        assert ok.returncode == 0, ok.stderr
+        wait_for(lambda: ctlclient.execute(first, "query-controller")["state"] == "running",
+                 20, "running")
+        refused(controller("--heartbeat-timeout", "1.2s", ctrl="other.qmp"),
+                "controller lease refused: controller", first, "stop that controller first")
+        refused(controller("--heartbeat-timeout", "1.2s"),
+                f"a controller already serves {first}")
+        lease = pair.pri.ctl("query-replication")["lease"]
+        assert lease["holder"].endswith(":" + first) and lease["duration"] == 10.0
+        assert ctlclient.execute(first, "query-controller")["state"] == "running"
+    finally:
+        if os.path.exists(first + ".pid"):
+            with open(first + ".pid") as f:
+                os.kill(int(f.read()), 15)
+            wait_for(lambda: not os.path.exists(first + ".pid"), 10, "controller exit")
+        pair.close()

@@ -102,7 +102,7 @@ def _controller_commands(node: "Node") -> list[Command]:
     def promote(args: dict[str, Any]) -> None:
         node.promote(args["secondary"], args.get("write-mode", "sync"),
                      float(args.get("timeout", 5.0)), args.get("isolation-timeout"),
-                     bool(args.get("force", False)))
+                     bool(args.get("force", False)), bool(args.get("probe", False)))
 
     def digests(args: dict[str, Any]) -> dict[str, Any]:
         return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
@@ -155,7 +155,10 @@ def _controller_commands(node: "Node") -> list[Command]:
                                               unit="duration"),
                  "force": ArgSpec(bool, False, "a node that is not replicating takes its disk "
                                                "as it is (its caller knows no newer one "
-                                               "exists: Pacemaker's agent)")},
+                                               "exists: Pacemaker's agent)"),
+                 "probe": ArgSpec(bool, False, "first check that the new secondary's replica "
+                                               "export answers with the disks' sizes, and "
+                                               "refuse (changing nothing) if not")},
                 help="a failed-over secondary, or a running one whose primary was demoted "
                      "(a role switch: nothing rolled back or copied), becomes a primary"),
         Command("query-digests", digests,

@@ -1008,7 +1008,7 @@ class Controller:
                 self.secondary.ops.call("replication-promote", {
                     "secondary": secondary_uri, "write-mode": write_mode,
                     "timeout": min(5.0, self.cfg.heartbeat_timeout * 0.8),
-                    "isolation-timeout": self.cfg.heartbeat_timeout * 0.6})
+                    "isolation-timeout": self.cfg.heartbeat_timeout * 0.6, "probe": True})
             except BaseException:
                 new.close()
                 raise

@@ -832,7 +832,8 @@ class Node:
         self.state.save(self.cfg.state)
 
     def promote(self, secondary_uri: str, write_mode: str = "sync", timeout: float = 5.0,
-                isolation_timeout: Optional[float] = None, force: bool = False) -> None:
+                isolation_timeout: Optional[float] = None, force: bool = False,
+                probe: bool = False) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
 
         Each disk's PrimaryReplica takes over the same RawImage; the ``active`` exports
@@ -841,7 +842,7 @@ class Node:
         """
         if self.mode is ReplicationMode.PRIMARY:
             raise ConfigError("role", "this node is already a primary")
-        if not force:
+        if probe and not force:  # the controller's: a wrong URI or a peer not up changes nothing
             if not self._sealed():
                 self._check_promotable()  # before the probe: a wrong stage says so first
             self._probe(secondary_uri, timeout)
