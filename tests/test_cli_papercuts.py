@@ -328,7 +328,8 @@ def test_status_after_a_promotion_names_the_new_roles(cli_pair: Pair) -> None:
                      "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid")
     cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
                      "pri.sock", "--secondary", f"nbd+unix:///replica?socket={f('sec.sock')}",
-                     "--isolation-timeout", "1s", "--background", "--pidfile", "pri.pid")
+                     "--isolation-timeout", "1s", "--timeout", "1s", "--background",
+                     "--pidfile", "pri.pid")
     cli_pair.repdisk("controller", "--primary", "pri.qmp", "--secondary", "sec.qmp", "--control",
                      "ctl.qmp", "--interval", "1m", "--heartbeat", "300ms",
                      "--heartbeat-timeout", "2s", "--background", "--pidfile", "ctl.pid")

@@ -145,3 +145,30 @@ def test_the_same_node_twice_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="secondary: .* is the same node as --primary"):
         ControllerConfig(primary=str(tmp_path / "a.qmp"),
                          secondary=str(tmp_path / ".." / tmp_path.name / "a.qmp")).check()
+
+
+def test_a_lost_node_is_one_line_then_a_reminder_then_one_line_back(tmp_path, caplog,
+                                                                     monkeypatch) -> None:
+    """Not a line per heartbeat: lost once, reminded at most every REMIND_EVERY."""
+    import logging
+    import time
+
+    from repdisk import controller
+    monkeypatch.setattr(controller, "REMIND_EVERY", 0.3)
+    caplog.set_level(logging.WARNING, logger="repdisk.controller")
+    ctl = _controller(tmp_path)
+    peer = ctl.secondary
+    deadline = time.monotonic() + 0.5
+    beats = 0
+    while time.monotonic() < deadline:
+        assert peer.beat() is None
+        beats += 1
+        time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records]
+    assert beats > 10
+    assert sum(" lost: " in m for m in lines) == 1
+    assert 1 <= sum(" still lost (for " in m for m in lines) <= 2
+    peer.seen({"instance": "x", "role": "secondary"})
+    assert caplog.records[-1].getMessage().startswith(f"secondary node {peer.socket} answers "
+                                                      "again after ")
+    assert peer.info()["ok"] is True

@@ -253,6 +253,10 @@ class Cycler:
         repdisk(self.folder, *promote)
         q = self.checkpoint_after(promoted)
         assert self.roles(q) == (sec, pri)
+        with open(pri.path("img") + ".state") as f:     # the node made a secondary
+            state = json.load(f)
+        assert state["role"] == "secondary" and state["epoch"] == q["epoch"] == 2 + i
+        assert state["failed_over"] is False and state["fenced"] == ""
         self.assert_equal_disks()
 
     def assert_equal_disks(self) -> None:

@@ -59,7 +59,7 @@ def _leased(node: "Node", cmd: Command) -> Command:
                    "controller": ArgSpec(str, False, "the controller sending this command: "
                                                      "refused while another holds the lease"),
                    "lease": ArgSpec(float, False, "seconds the sender's lease lasts after "
-                                                  "each of its commands")}
+                                                  "each of its commands (0: release it)")}
     return dataclasses.replace(cmd, handler=handler, args=leased_args)
 
 

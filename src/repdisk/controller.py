@@ -26,8 +26,8 @@ What a heartbeat round (``step``) decides, in order (docs/failure-matrix.md has 
   secondary is inconsistent), run the hook;
 * secondary silent -> degraded (the primary tracks dirty regions by itself);
 * degraded, a node not started, the primary dirty -> re-protect (start what is not
-  started, sync by checksum a primary whose dirty map died with its process, copy the
-  dirty regions, checkpoint), retried with a back-off of its own;
+  started, copy the dirty regions, checkpoint; a restarted primary knows by itself what
+  its secondary lacks), retried with a back-off of its own;
 * otherwise a checkpoint every ``interval``.
 
 Timing rules (checked against the primary's settings when the pair is adopted): the
@@ -244,7 +244,7 @@ class ControllerConfig:
     def lease(self) -> float:
         """How long a node refuses other controllers after this one's last command: longer
         than any gap between two of its commands (its copies heartbeat both nodes)."""
-        return max(3 * self.heartbeat_timeout, 10.0)
+        return max(2 * self.heartbeat_timeout, 5.0)
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -772,8 +772,10 @@ class Controller:
             return self._sync_next              # a promotion: compare by checksum
         if self._marked_for is None:
             return self.cfg.initial_sync        # this controller's first bring-up
-        # The primary restarted: its dirty map died with it.
-        return "checksum" if self.cfg.initial_sync == "none" else self.cfg.initial_sync
+        # The primary restarted: it knows by itself what its secondary lacks (the dirty map
+        # a clean stop saved, or its own digest comparison after a crash: DESIGN.md, "The
+        # dirty map across stops and crashes"), so a comparison here would only repeat it.
+        return "none"
 
     def _sync(self, mode: str, p: dict[str, Any]) -> None:
         disks = [(d["disk"], d["size"]) for d in p["disks"]]
@@ -1190,6 +1192,11 @@ class Controller:
             if self._server is not None:
                 self._server.close()
             for peer in (self.primary, self.secondary):
+                try:        # release the lease: another controller may take the pair at once
+                    if peer.reachable and peer.refused is None:
+                        peer.beat_link.call("query-replication", {"lease": 0.0})
+                except (NodeUnreachable, ControlError):
+                    pass
                 peer.close()
             if self._guest is not None:
                 self._guest.close()
@@ -1306,8 +1313,12 @@ def _run(args: argparse.Namespace) -> int:
         try:
             ctl.adopt()
         except ControllerRefused as err:
-            log.error("%s", err)
-            raise
+            if cfg.auto_failover or LEASE_REFUSED not in str(err):
+                log.error("%s", err)
+                raise
+            # --checkpoint-only (Pacemaker decides the roles): the previous checkpointer's
+            # lease lapses soon; wait for it instead of failing the resource.
+            log.warning("%s; waiting for its lease to lapse", err)
         except RepdiskError as err:
             log.warning("start: %s; trying again every heartbeat", err)
         ctl.serve()

@@ -294,7 +294,7 @@ class ControllerLease:
     (an operator's ``repdisk ctl``) pass.  Not persisted: a lease stands for a controller
     that is alive now, which a restarted node learns from the next heartbeat; a node that
     restarted grants it to the first controller it hears, and the other is refused from
-    its next command on.
+    its next command on.  A controller that stops cleanly releases it (``lease`` 0).
     """
 
     #: Lease length until a heartbeat names one.
@@ -318,6 +318,11 @@ class ControllerLease:
                     f"controller lease refused: controller {self.holder} holds this node "
                     f"(heard {now - self._heard:.1f}s ago, lease {self.duration:g}s); one "
                     "controller per pair: stop that controller first")
+            if duration == 0:            # the holder stops cleanly: anyone may take it now
+                if self.holder == who:
+                    log.info("controller lease released by %s", who)
+                    self.holder = None
+                return
             if self.holder != who:
                 log.info("controller lease granted to %s", who)
             self.holder, self._heard = who, now
