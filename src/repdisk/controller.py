@@ -1111,6 +1111,8 @@ class Controller:
                                            f"in epoch {self.epoch}")
             return None
         if p is None:
+            if s is None:
+                return None          # both silent: nothing to fail over to (logged once each)
             silent = self.primary.silent_for()
             if silent >= self.cfg.heartbeat_timeout and self.cfg.auto_failover:
                 return lambda: self.failover(f"primary lost: no answer for {silent:.1f}s",
