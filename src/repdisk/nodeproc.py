@@ -77,14 +77,14 @@ class Listen:
             return False
 
 
-# nbdkit worker threads per connection, by role and write mode.  With -t 1 nbdkit runs a
-# connection's requests on the connection's thread (no hand-off to a worker, no GIL transfer
-# per request), which is what an async primary wants: none of its guest's requests waits on
-# the network.  A sync primary's write waits for the secondary, so its threads are the
-# guest's queue depth: 16, a guest's usual one (4 capped a QD16 guest at 4 writes in flight).
-# A secondary runs 16 too: its copy-before-write reads of a cold disk then overlap instead
-# of queueing behind one thread.  History and numbers: bench/README.md.
-_DEFAULT_THREADS = {("primary", "sync"): 16, ("primary", "async"): 1, ("secondary", ""): 16}
+# nbdkit worker threads per connection, by role and write mode: 16 for every node.  A sync
+# primary's write waits for the secondary, so its threads are the guest's queue depth (4
+# capped a QD16 guest at 4 writes in flight); a secondary's copy-before-write reads, and an
+# async primary's reads of a cold disk, overlap instead of queueing behind one thread.
+# With -t 1 a connection's requests run on its own thread (no hand-off, no GIL transfer),
+# which measured best for async writes on a quiet machine in 2026-11 and worse on a loaded
+# one in 2026-12.  History and numbers: bench/README.md.
+_DEFAULT_THREADS = {("primary", "sync"): 16, ("primary", "async"): 16, ("secondary", ""): 16}
 
 
 def default_threads(keys: list[tuple[str, str]]) -> int:
