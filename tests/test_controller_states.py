@@ -31,6 +31,8 @@ EXPECTED = {
     O.FAILOVER: ({S.RUNNING, S.DEGRADED}, {S.FAILED_OVER}, None, None),
     O.FENCE: ({S.FAILED_OVER}, {S.FAILED_OVER}, None, None),
     O.PROMOTE: ({S.FAILED_OVER}, {S.RUNNING, S.DEGRADED}, S.PROMOTING, S.FAILED_OVER),
+    O.VERIFY: ({S.RUNNING}, {S.RUNNING}, None, None),
+    O.SWITCHOVER: ({S.RUNNING}, {S.RUNNING}, None, None),
     O.STOP: (ALL, {S.STOPPED}, None, None),
 }
 
@@ -138,6 +140,11 @@ def test_operator_commands_in_the_wrong_state_change_nothing(tmp_path) -> None:
         ctl.promote(str(tmp_path / "n.qmp"), "nbd+unix:///replica?socket=/x")
     with pytest.raises(ControlError, match="cannot checkpoint: the controller is starting"):
         ctl.checkpoint()
+    with pytest.raises(ControlError, match="cannot verify: the controller is starting.*a "
+                                           "verify compares a protected pair"):
+        ctl.verify()
+    with pytest.raises(ControlError, match="cannot switchover: the controller is starting"):
+        ctl.switchover("nbd+unix:///replica?socket=/a", "nbd+unix:///replica?socket=/b")
     assert ctl.state is S.STARTING and not _changes(ctl)
 
 

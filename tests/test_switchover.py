@@ -5,6 +5,8 @@ nothing changed."""
 
 from __future__ import annotations
 
+import time
+
 import nbd
 import pytest
 
@@ -66,3 +68,54 @@ def test_switchover_of_a_pair_not_ready_is_refused_and_changes_nothing(nodes: No
     assert pri.ctl("query-replication")["role"] == "primary"
     assert sec.ctl("query-replication")["role"] == "secondary"
     write(pri, b"\x11" * 4096, 0)                                  # the guest goes on
+
+
+# -- through the controller (controller-switchover, controller-verify) ---------------------
+
+@pytest.mark.timeout(120)
+def test_controller_switchover_and_back_and_verify(nodes: Nodes, tmp_path) -> None:
+    from tests.test_controller_helpers import Writer, file_bytes, make_pair
+
+    pair = make_pair(nodes)
+    try:
+        hook = tmp_path / "hook.out"
+        ctl = pair.controller(on_switchover=f"echo $REPDISK_EPOCH $REPDISK_PRIMARY_CONTROL >> {hook}")
+        ctl.start()
+        writer = Writer(pair.pri.uri(), pair.size, seed=5).start()
+        time.sleep(0.3)
+        ctl.checkpoint()
+        time.sleep(0.2)                                 # writes after the checkpoint
+        writer.stop()                                   # the guest paused (or migrated away)
+        model = bytes(writer.model)                     # every acknowledged write
+        result = ctl.switchover(pair.pri.uri("replica"), pair.sec.uri("replica"))
+        assert result["epoch"] == 2 and ctl.epoch == 2 and ctl.state.value == "running"
+        q = ctl.query()
+        assert q["nodes"]["primary"]["control"] == pair.sec.control
+        assert q["counters"]["switchovers"] == 1
+        assert [e["event"] for e in q["events"]].count("SWITCHOVER_COMPLETED") == 1
+        assert file_bytes(pair.sec_disk) == file_bytes(pair.pri_disk) == model
+        assert pair.sec.ctl("query-replication")["disks"][0]["counters"]["forwarded"] == 0
+
+        write(pair.sec, b"\x77" * MiB, 0)               # the new primary's guest
+        ctl.step()                                      # a heartbeat round: all well
+        assert ctl.state.value == "running"
+        v = ctl.verify()["disks"][0]
+        assert (v["ranges"], v["bytes"]) == ([], 0)
+        with open(pair.pri_disk, "r+b") as f:           # the new secondary, behind its back
+            f.seek(3 * MiB + 5)
+            old = f.read(3)
+            f.seek(3 * MiB + 5)
+            f.write(bytes(b ^ 0x5A for b in old))
+        v = ctl.verify(repair=True)["disks"][0]
+        assert v["ranges"] == [[3 * MiB + 5, 3]] and v["repaired"] > 0, v
+        assert ctl.verify()["disks"][0]["ranges"] == []
+
+        back = ctl.switchover(pair.sec.uri("replica"), pair.pri.uri("replica"))
+        assert back["epoch"] == 3 and ctl.query()["nodes"]["primary"]["control"] == pair.pri.control
+        deadline = time.monotonic() + 10
+        while hook.read_text().count("\n") < 2 if hook.exists() else True:
+            assert time.monotonic() < deadline, "the hook did not run twice"
+            time.sleep(0.05)
+        assert hook.read_text() == f"2 {pair.sec.control}\n3 {pair.pri.control}\n"
+    finally:
+        pair.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from repdisk import ctlclient
 from repdisk.switchover import Node, checkpoint, switchover
 from tests.conftest import NodeProc
 from vmtests.harness import Scenario, check_records, console_problems, records_of
@@ -94,3 +95,58 @@ def test_switchover_and_back_with_a_writing_guest(scenario: Scenario) -> None:
     for disk in (pair.pri_disks["root"], pair.sec_disks["root"]):
         count, problems = check_records(Path(disk), None)
         assert problems == [] and count >= records[-1], (disk, count, problems)
+
+
+def controller_move(scenario: Scenario, ctl_socket: str, vm: GuestVM, name: str,
+                    drives: list[str], uri: str, back_uri: str) -> tuple[GuestVM, dict]:
+    """``repdisk ctl CTRL controller-switchover``: the controller migrates the guest to a
+    QEMU paused with -incoming on ``drives`` and resumes it there after the switch."""
+    sock = scenario.folder / f"{name}.migrate.sock"
+    new = scenario.vm(name, drives, paused=True, incoming=f"unix:{sock}", workload="records")
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert time.monotonic() < deadline, "the incoming QEMU does not listen"
+        time.sleep(0.01)
+    result = ctlclient.execute(ctl_socket, "controller-switchover", {
+        "uri": uri, "back-uri": back_uri, "migrate": f"unix:{sock}",
+        "qmp": str(scenario.vm_control(name))}, timeout=120.0)
+    scenario.timeline.mark("switchover", f"controller: epoch {result['epoch']}, guest paused "
+                                         f"{result['pause']:.3f}s")
+    return new, result
+
+
+@pytest.mark.timeout(240)
+def test_controller_switchover_moves_the_guest_and_back(scenario: Scenario) -> None:
+    """The same through ``repdisk controller`` (--qmp: it pauses the guest at each
+    checkpoint, the new QEMU's monitor after a switchover)."""
+    pair = scenario.pair({"root": scenario.disk("root")}, timeout="1s")
+    vm, ctl = scenario.protected_guest(pair, "guest-a")
+    vm.wait_for_record(vm.last_record() + 5, 60)
+    ctl.next_checkpoint(began_after=time.time())
+    pri_uri, sec_uri = pair.pri.uri("replica"), pair.sec.uri("replica")
+
+    on_b, first = controller_move(scenario, ctl.control, vm, "guest-b",
+                                  pair.uris(pair.sec, "active"), pri_uri, sec_uri)
+    first_a = records_of(vm)
+    on_b.wait_for_record(first_a[-1] + 5, 60)
+    q = ctl.query()
+    assert q["state"] == "running" and q["epoch"] == first["epoch"] == 2, q
+    assert q["nodes"]["primary"]["control"] == pair.sec.control
+    ctl.next_checkpoint(began_after=time.time())    # paused through guest-b's monitor
+
+    back, second = controller_move(scenario, ctl.control, on_b, "guest-a2",
+                                   pair.uris(pair.pri, "active"), sec_uri, pri_uri)
+    on_b_records = records_of(on_b)
+    back.wait_for_record(on_b_records[-1] + 5, 60)
+    ctl.next_checkpoint(began_after=time.time())
+    assert ctl.query()["nodes"]["primary"]["control"] == pair.pri.control
+    scenario.kill("guest QEMU", back.kill)
+
+    records = first_a + on_b_records + records_of(back)
+    assert records == list(range(records[0], records[-1] + 1)), "a record was lost or repeated"
+    for v in (vm, on_b, back):
+        assert console_problems(v) == []
+    assert first["pause"] < 1.5 and second["pause"] < 1.5, (first, second)
+    assert not ctl.hook_file.exists(), "a switchover ran the failover hook"
+    count, problems = check_records(Path(pair.sec_disks["root"]), None)
+    assert problems == [] and count >= records[-1], (count, problems)

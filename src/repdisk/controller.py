@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator, Optional
 from qemu.qmp import ExecuteError
 
 from . import ctlclient, metrics, resync, tls
+from . import switchover as planned
 from .config import check_folder, parse_address, parse_duration
 from .errors import ConfigError, ControlError, RepdiskError
 from .guest import DEFAULT_URI as LIBVIRT_URI, Monitor, check as check_guest
@@ -84,7 +85,8 @@ VM_STATE_BANDWIDTH = 8 << 30
 #: counts as unreachable, so a silent network (a cut that resets nothing) cannot hold the
 #: controller, and its failover decision, inside a checkpoint for command_timeout.
 LONG_COMMANDS = frozenset({"replication-start", "replication-stop", "replication-resync",
-                           "replication-promote", "query-digests", "query-allocation"})
+                           "replication-promote", "query-digests", "query-allocation",
+                           "replication-verify", "replication-demote"})
 #: What a node says when another controller holds its lease (node.ControllerLease).
 LEASE_REFUSED = "controller lease refused"
 
@@ -121,6 +123,8 @@ class Operation(enum.Enum):
     FAILOVER = "failover"        # the secondary takes over (a reachable primary fenced first)
     FENCE = "fence"              # fence the failover's loser when it answers
     PROMOTE = "promote"          # the winner becomes the primary of a new pair
+    VERIFY = "verify"            # compare both disks (repair: copy what differs)
+    SWITCHOVER = "switchover"    # a planned role swap: nothing lost, nothing copied
     STOP = "stop"                # close the controller
 
 
@@ -157,6 +161,8 @@ TRANSITIONS: dict[Operation, Rule] = {
     Operation.FENCE: Rule(frozenset({_S.FAILED_OVER}), frozenset({_S.FAILED_OVER})),
     Operation.PROMOTE: Rule(frozenset({_S.FAILED_OVER}), frozenset({_S.RUNNING, _S.DEGRADED}),
                             during=_S.PROMOTING, on_error=_S.FAILED_OVER),
+    Operation.VERIFY: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
+    Operation.SWITCHOVER: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
     Operation.STOP: Rule(frozenset(_S), frozenset({_S.STOPPED})),
 }
 
@@ -166,6 +172,8 @@ _HINTS = {
     Operation.CHECKPOINT: "a checkpoint needs a protected pair; the controller re-protects "
                           "a degraded pair by itself (or: controller-resync)",
     Operation.FAILOVER: "a failover needs a pair that replicates",
+    Operation.VERIFY: "a verify compares a protected pair",
+    Operation.SWITCHOVER: "a switchover needs a protected pair (running)",
 }
 
 
@@ -197,6 +205,7 @@ class ControllerConfig:
     qga: Optional[str] = None           # the guest agent's socket (default: QMP path + .qga)
     vm_state: Optional[str] = None      # folder for the guest's state at each checkpoint
     on_failover: Optional[str] = None   # shell command run after a failover
+    on_switchover: Optional[str] = None  # shell command run after a switchover
     initial_sync: str = "checksum"
     metrics_file: Optional[str] = None
     granularity: int = resync.GRANULARITY
@@ -947,7 +956,7 @@ class Controller:
         self.counters["failovers"] += 1
         self._set_state(ControllerState.FAILED_OVER, reason)
         self._event("FAILOVER_COMPLETED", logging.WARNING, **rec)
-        self._run_hook()
+        self._run_hook(self.cfg.on_failover)
         return rec
 
     def _loser(self, p: dict[str, Any]) -> bool:
@@ -974,22 +983,124 @@ class Controller:
         self._event("OLD_PRIMARY_FENCED", logging.WARNING, node=self.primary.socket,
                     reason=reason)
 
-    def _run_hook(self) -> None:
-        if not self.cfg.on_failover:
+    def _run_hook(self, command: Optional[str]) -> None:
+        """Run ``command`` (--on-failover, --on-switchover; None: nothing) with the pair's
+        epoch and controls.
+
+        REPDISK_SECONDARY_CONTROL names the failover's winner (after a switchover: the new
+        primary, also REPDISK_PRIMARY_CONTROL), REPDISK_VM_STATE the saved VM state."""
+        if not command:
             return
         env = dict(os.environ, REPDISK_EPOCH=str(self.epoch),
-                   REPDISK_SECONDARY_CONTROL=self.secondary.socket)
+                   REPDISK_SECONDARY_CONTROL=self.secondary.socket,
+                   REPDISK_PRIMARY_CONTROL=self.primary.socket)
         env.pop("REPDISK_VM_STATE", None)
         if self.cfg.vm_state and os.path.exists(os.path.join(self.cfg.vm_state, "vmstate")):
             env["REPDISK_VM_STATE"] = os.path.join(self.cfg.vm_state, "vmstate")
-        self._hook = subprocess.Popen(self.cfg.on_failover, shell=True, env=env,
-                                      stdin=subprocess.DEVNULL)
-        self._event("HOOK_STARTED", command=self.cfg.on_failover, pid=self._hook.pid)
+        self._hook = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL)
+        self._event("HOOK_STARTED", command=command, pid=self._hook.pid)
 
     def _poll_hook(self) -> None:
         if self._hook is not None and self._hook.poll() is not None:
             rc, self._hook = self._hook.returncode, None
             self._event("HOOK_COMPLETED", logging.INFO if rc == 0 else logging.ERROR, rc=rc)
+
+    # -- verify and switchover -----------------------------------------------------------
+
+    def verify(self, repair: bool = False) -> dict[str, Any]:
+        """Compare the nodes' disks where either holds data while the guest writes (the
+        primary's replication-verify, told where the secondary holds data); the exact
+        differing ranges per disk; ``repair`` copies just those.  Both nodes are
+        heartbeaten meanwhile."""
+        with self._operation(Operation.VERIFY):
+            began = time.monotonic()
+            done = threading.Event()
+            watcher = threading.Thread(target=self._watch_copy, args=(done,), daemon=True)
+            watcher.start()
+            try:
+                results = []
+                for d in self.secondary.query()["disks"]:
+                    runs = self.secondary.ops.call("query-allocation",
+                                                   {"disk": d["disk"]})["runs"]
+                    results += self.primary.ops.call("replication-verify", {
+                        "disk": d["disk"], "runs": runs, "repair": repair})["disks"]
+            finally:
+                done.set()
+                watcher.join()
+            differ = sum(r["bytes"] for r in results)
+            self._event("VERIFY_COMPLETED", logging.WARNING if differ else logging.INFO,
+                        disks=[{k: r[k] for k in ("disk", "compared", "bytes", "ranges")
+                                + (("repaired",) if "repaired" in r else ())}
+                               for r in results],
+                        duration=round(time.monotonic() - began, 3))
+            return {"disks": results}
+
+    def switchover(self, uri: str, back_uri: str, migrate: Optional[str] = None,
+                   qmp: Optional[str] = None) -> dict[str, Any]:
+        """A planned role swap (switchover.py): the secondary becomes the primary with
+        nothing lost or copied, the primary its secondary; --on-switchover runs after it.
+
+        ``uri``/``back_uri``: the primary's/secondary's replica NBD URIs (the new primary
+        replicates to ``uri``; a roll-back to ``back_uri``).  With --qmp the guest must
+        move: ``migrate`` (QMP migrate's URI of a QEMU paused with -incoming on the
+        secondary's host) and ``qmp`` (its monitor: resumed after the switch, paused at
+        checkpoints from then on)."""
+        if (self.cfg.qmp or self.cfg.libvirt_domain or self.cfg.freeze) and not (migrate
+                                                                                 and qmp):
+            raise ControlError("cannot switch over: the guest runs on the primary's host; give "
+                               "migrate=URI of a QEMU started paused with -incoming on the "
+                               "secondary's host (its disks: the secondary's active exports) "
+                               "and qmp=ITS.qmp")
+        with self._operation(Operation.SWITCHOVER):
+            p = self.primary.query()
+            a = planned.Node(self._caller(self.primary), uri, self.primary.socket)
+            b = planned.Node(self._caller(self.secondary), back_uri, self.secondary.socket)
+            self._event("SWITCHOVER_STARTED", primary=a.name, secondary=b.name)
+            result = planned.switchover(
+                a, b, write_mode=p["disks"][0].get("write_mode", "sync"),
+                isolation_timeout=self.cfg.heartbeat_timeout * 0.6,
+                pause=self._moving(migrate, qmp) if migrate and qmp else planned.no_pause)
+            self._swap()
+            self.epoch = result["epoch"]
+            if qmp:
+                self.cfg.qmp, self.cfg.libvirt_domain = qmp, None
+                if self._guest is not None:
+                    self._guest.close()
+                    self._guest = None
+            self.counters["switchovers"] = self.counters.get("switchovers", 0) + 1
+            self._event("SWITCHOVER_COMPLETED", logging.WARNING, primary=self.primary.socket,
+                        secondary=self.secondary.socket, **result)
+            self._run_hook(self.cfg.on_switchover)
+            return result
+
+    @staticmethod
+    def _caller(peer: "_Peer") -> planned.Call:
+        return lambda command, args: peer.ops.call(command, args)
+
+    def _moving(self, migrate: str, qmp: str) -> planned.Pause:
+        """``pause``: live-migrate the guest to ``migrate``, run the body once QEMU stopped
+        it, resume the new QEMU at ``qmp``; the guest-visible pause."""
+        def pause(body: Callable[[], None]) -> float:
+            guest = self._guest_qmp()
+            guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
+            guest.execute("migrate", {"uri": migrate})
+            stopped = None
+            while (status := guest.execute("query-migrate").get("status")) != "completed":
+                if status in ("failed", "cancelled"):
+                    raise ControlError(f"cannot switch over: the guest's migration to "
+                                       f"{migrate} {status}; nothing changed")
+                if stopped is None and not guest.execute("query-status")["running"]:
+                    stopped = time.monotonic()
+                time.sleep(0.002)
+            stopped = stopped or time.monotonic()
+            body()
+            new = QMPClient(timeout=30).connect(qmp)
+            try:
+                new.execute("cont")
+            finally:
+                new.close()
+            return time.monotonic() - stopped
+        return pause
 
     # -- promotion -----------------------------------------------------------------------
 
@@ -1223,6 +1334,21 @@ def control_commands(ctl: Controller) -> list[Command]:
                  "uri": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
                  "write-mode": ArgSpec(str, False, "sync (default) or async")},
                 help="after a failover: the winner becomes primary of a new pair"),
+        Command("controller-verify", lambda a: ctl.verify(bool(a.get("repair", False))),
+                {"repair": ArgSpec(bool, False, "copy the differing ranges (default false)")},
+                help="compare both nodes' disks while the guest writes: the exact differing "
+                     "ranges"),
+        Command("controller-switchover",
+                lambda a: ctl.switchover(a["uri"], a["back-uri"], a.get("migrate"),
+                                         a.get("qmp")),
+                {"uri": ArgSpec(str, True, "NBD URI of the primary's replica export (the new "
+                                           "primary replicates to it)"),
+                 "back-uri": ArgSpec(str, True, "NBD URI of the secondary's replica export "
+                                                "(for a roll-back)"),
+                 "migrate": ArgSpec(str, False, "with --qmp: migrate URI of a QEMU paused "
+                                                "with -incoming on the secondary's host"),
+                 "qmp": ArgSpec(str, False, "with --qmp: that QEMU's monitor")},
+                help="planned switchover: the roles swap, nothing lost, nothing copied"),
         Command("query-metrics", lambda a: ctl.metrics(),
                 help="the numbers in Prometheus' text format"),
     ]
@@ -1266,6 +1392,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--vm-state", metavar="DIR", help="save the stopped guest's state at each "
                                                      "checkpoint as DIR/vmstate")
     p.add_argument("--on-failover", metavar="COMMAND", help="shell command run after a failover")
+    p.add_argument("--on-switchover", metavar="COMMAND",
+                   help="shell command run after a switchover (REPDISK_PRIMARY_CONTROL: the "
+                        "new primary)")
     p.add_argument("--initial-sync", default="checksum", choices=resync.SYNC_MODES)
     p.add_argument("--checkpoint-only", action="store_true",
                    help="never fail over (a cluster manager such as Pacemaker decides): start, "
@@ -1285,7 +1414,8 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
         heartbeat_timeout=parse_duration("heartbeat-timeout", args.heartbeat_timeout),
         qmp=args.qmp, libvirt_domain=args.libvirt_domain, libvirt_uri=args.libvirt_uri,
         freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
-        on_failover=args.on_failover, initial_sync=args.initial_sync,
+        on_failover=args.on_failover, on_switchover=args.on_switchover,
+        initial_sync=args.initial_sync,
         metrics_file=args.metrics_file, tls=args.tls, insecure=args.insecure,
         auto_failover=not args.checkpoint_only,
         control_tcp=parse_address("control-tcp", args.control_tcp) if args.control_tcp else None,

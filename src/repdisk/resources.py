@@ -48,7 +48,7 @@ ROLES = (cfgmod.SECONDARY, cfgmod.PRIMARY)   # start order; stop order is the re
 LISTEN_KEYS = ("host", "nbd-socket", "nbd-address", "tls", "threads")
 #: Options of `repdisk controller` a [controller] section may give (beside host, control).
 CONTROLLER_KEYS = ("host", "control", "interval", "heartbeat", "heartbeat-timeout", "qmp",
-                   "freeze", "qga", "vm-state", "on-failover", "initial-sync",
+                   "freeze", "qga", "vm-state", "on-failover", "on-switchover", "initial-sync",
                    "checkpoint-only", "metrics-file", "tls", "insecure")
 SECTIONS = ("primary", "secondary", "controller")
 
