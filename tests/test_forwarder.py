@@ -648,7 +648,8 @@ def test_failure_reports_the_pieces_taken_but_not_acknowledged(servers, make_fwd
     assert eventually(lambda: len(disk.pieces) == 3)
     assert fwd.in_flight == (1 if batch else 3)
     srv.kill()
-    assert eventually(lambda: fwd.failed)
+    # ``failed`` is published just before on_failure runs on the I/O thread: wait for both.
+    assert eventually(lambda: fwd.failed and len(failures.calls) == 1)
     assert len(failures.calls) == 1
     assert sorted(failures.calls[0][1]) == [(3 * 4096, 4096), (9 * 4096, 4096),
                                             (20 * 4096, 4096)]
