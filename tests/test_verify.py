@@ -184,17 +184,11 @@ def test_verify_interrupted_by_a_lost_secondary_stops_and_says_so(nodes: Nodes) 
     assert "Traceback" not in pri.log_text()
 
 
-def test_verify_on_a_terminal_shows_progress(nodes: Nodes) -> None:
-    pri, sec = start(nodes, resync_rate="16M")
-    with open(sec.disks[0], "r+b") as f:
-        f.seek(MiB)
-        byte = f.read(1)[0]
-        f.seek(MiB)
-        f.write(bytes([byte ^ 1]))
+def on_a_terminal(argv: list[str]) -> str:
+    """What ``argv`` prints on a pseudo-terminal (stdout and stderr); it must exit 0."""
     master, slave = os.openpty()
     try:
-        proc = subprocess.run([REPDISK, "ctl", pri.control, "verify", "repair=true"],
-                              stdin=slave, stdout=slave, stderr=slave, timeout=60)
+        proc = subprocess.run(argv, stdin=slave, stdout=slave, stderr=slave, timeout=60)
         os.close(slave)
         slave = -1
         out = b""
@@ -212,6 +206,30 @@ def test_verify_on_a_terminal_shows_progress(nodes: Nodes) -> None:
         os.close(master)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text
+    return text
+
+
+@pytest.mark.parametrize("via", ["node", "controller"])
+def test_verify_on_a_terminal_shows_progress(nodes: Nodes, via: str) -> None:
+    pri, sec = start(nodes, resync_rate="16M")
+    with open(sec.disks[0], "r+b") as f:
+        f.seek(MiB)
+        byte = f.read(1)[0]
+        f.seek(MiB)
+        f.write(bytes([byte ^ 1]))
+    if via == "node":
+        text = on_a_terminal([REPDISK, "ctl", pri.control, "verify", "repair=true"])
+    else:
+        ctrl = os.path.join(nodes.folder, "ctrl.qmp")
+        subprocess.run([REPDISK, "controller", "--primary", pri.control, "--secondary",
+                        sec.control, "--control", ctrl, "--initial-sync", "none",
+                        "--heartbeat", "0.2s", "--background"],
+                       check=True, capture_output=True, timeout=60)
+        try:
+            text = on_a_terminal([REPDISK, "ctl", ctrl, "controller-verify", "repair=true"])
+        finally:
+            with open(ctrl + ".pid") as f:
+                os.kill(int(f.read()), 15)
     assert "disk0 verify: 24.0/24.0 MiB (100%)" in text, text
     assert "  ranges:\r\n    [1048576, 1]\r\n" in text, text
     assert "  repaired  " in text, text

@@ -833,15 +833,22 @@ class Controller:
         while not done.wait(self.cfg.heartbeat):
             q = self.primary.beat()
             self.secondary.beat()
-            if q is None or self.progress is None:
+            progress = self.progress
+            if q is None or progress is None:
+                continue
+            if progress.phase == "verify":  # the primary's verify says how far it is
+                for d in q["disks"]:
+                    if d.get("verify_progress"):
+                        progress.update(d["verify_progress"]["done"])
+                        self._on_progress(progress, d["disk"])
                 continue
             dirty = sum(d.get("dirty_bytes", 0) for d in q["disks"])
-            progress = self.progress
             progress.update(max(progress.total - dirty, 0))
             self._on_progress(progress)
 
-    def _on_progress(self, progress: resync.Progress) -> None:
-        """Record, log and send progress; keep both nodes' contact while comparing."""
+    def _on_progress(self, progress: resync.Progress, disk: Optional[str] = None) -> None:
+        """Record, log and send progress (RESYNC_PROGRESS; VERIFY_PROGRESS of ``disk``
+        while verifying); keep both nodes' contact while comparing."""
         self.progress = progress
         now = time.monotonic()
         if progress.phase != "copy" and now - self.primary.last_seen >= self.cfg.heartbeat:
@@ -849,7 +856,10 @@ class Controller:
             self.secondary.beat()
         if now - self._progress_said >= PROGRESS_EVERY or progress.done >= progress.total:
             self._progress_said = now
-            self._event("RESYNC_PROGRESS", **progress.as_dict())
+            if progress.phase == "verify":
+                self._event("VERIFY_PROGRESS", disk=disk, **progress.as_dict())
+            else:
+                self._event("RESYNC_PROGRESS", **progress.as_dict())
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -1022,11 +1032,15 @@ class Controller:
                 for d in self.secondary.query()["disks"]:
                     runs = self.secondary.ops.call("query-allocation",
                                                    {"disk": d["disk"]})["runs"]
+                    self.progress = resync.Progress("verify", sum(n for _, n in runs))
                     results += self.primary.ops.call("replication-verify", {
                         "disk": d["disk"], "runs": runs, "repair": repair})["disks"]
+                    self.progress.update(self.progress.total)
+                    self._on_progress(self.progress, d["disk"])
             finally:
                 done.set()
                 watcher.join()
+                self.progress = None
             differ = sum(r["bytes"] for r in results)
             self._event("VERIFY_COMPLETED", logging.WARNING if differ else logging.INFO,
                         disks=[{k: r[k] for k in ("disk", "compared", "bytes", "ranges")

@@ -171,6 +171,8 @@ class PrimaryReplica:
         self._last_guest_write = float("-inf")
         #: The last verify's summary (node.verify): time, compared, ranges, bytes, repaired.
         self.last_verify: Optional[dict[str, Any]] = None
+        #: A verify under way: {"done", "total"} bytes (query-replication), else None.
+        self.verify_progress: Optional[dict[str, int]] = None
         self.view: BlockDevice = PrimaryView(self)
         # Exclusive holders: updates (local write + submit) and resync's read + submit.
         self._locks = RangeLock()
@@ -735,6 +737,14 @@ class PrimaryReplica:
             raise ReplicationError(f"{self.name}: cannot verify: the secondary is not in sync "
                                    f"({self.dirty.dirty_bytes} bytes dirty); resync first")
         total = sum(n for _, n in runs)
+        self.verify_progress = {"done": 0, "total": total}
+        try:
+            return self._verify_runs(runs, total, progress)
+        finally:
+            self.verify_progress = None
+
+    def _verify_runs(self, runs: list[tuple[int, int]], total: int,
+                     progress: Optional[Progress]) -> list[tuple[int, int]]:
         found: list[tuple[int, int]] = []
         pacer, done, last_event = self.pacer(), 0, 0.0
         for offset, length in merge_runs(runs):
@@ -746,6 +756,7 @@ class PrimaryReplica:
                 found += self._verify_piece(offset, n, done, total, found)
                 offset += n
                 done += n
+                self.verify_progress = {"done": done, "total": total}
                 if progress is not None:
                     progress(done, total)
                 if time.monotonic() - last_event >= PROGRESS_INTERVAL:
@@ -1003,6 +1014,7 @@ class PrimaryReplica:
             "write_mode": self.write_mode,
             "resync_rate": self.resync_rate.describe(),
             "last_verify": self.last_verify,
+            "verify_progress": self.verify_progress,
             "dirty_bytes": 0 if lagging else unsent,
             "in_flight": fwd.in_flight if fwd else 0,
             "queued": fwd.queued if fwd else 0,
