@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from qemu.qmp import ExecuteError
 
-from . import ctlclient, metrics, resync, tls
+from . import ctlclient, durable, metrics, resync, tls
 from . import switchover as planned
 from .config import check_folder, parse_address, parse_duration
 from .errors import ConfigError, ControlError, RepdiskError
@@ -556,8 +556,67 @@ class Controller:
         self._guest: Optional[Monitor] = None
         self._progress_said = 0.0
         self._server: Optional[QMPServer] = None
+        self._recall_pair()
         if serve:
             self.serve()
+
+    # -- which nodes the pair is, across restarts -----------------------------------------
+
+    @property
+    def pair_file(self) -> Optional[str]:
+        """``CONTROL.pair``: the pair's sockets now and the options that named it first."""
+        return self.cfg.control + ".pair" if self.cfg.control else None
+
+    def _recall_pair(self) -> None:
+        """Restarted with the options it was first given, run the pair as it is now.
+
+        Promotions and switchovers replace or swap the nodes the options name; the pair
+        file remembers where they went.  Options that name other nodes win (the file is
+        then about another pair).  The roles in the file are only a start: ``adopt`` still
+        asks the nodes."""
+        path = self.pair_file
+        if path is None:
+            return
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            options, now = rec["options"], (rec["primary"], rec["secondary"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring the pair file %s (%s): running the pair the options name",
+                        path, err)
+            return
+        if sorted(options) != sorted((self.cfg.primary, self.cfg.secondary)) \
+                or now == (self.primary.socket, self.secondary.socket):
+            return
+        log.warning("the pair changed since these options were first given: %s is its "
+                    "primary node now, %s its secondary (from %s)", now[0], now[1], path)
+        self.primary.close()
+        self.secondary.close()
+        self.primary = _Peer("primary", now[0], self.cfg)
+        self.secondary = _Peer("secondary", now[1], self.cfg)
+
+    def _remember_pair(self) -> None:
+        """Write the pair file (durably): after every change of the peers."""
+        path = self.pair_file
+        if path is None:
+            return
+        try:
+            with open(path) as f:
+                options = json.load(f)["options"]
+        except (OSError, ValueError, KeyError, TypeError):
+            options = None
+        if options is None or sorted(options) != sorted((self.cfg.primary,
+                                                         self.cfg.secondary)):
+            options = [self.cfg.primary, self.cfg.secondary]
+        try:
+            durable.replace_file(path, json.dumps({
+                "options": options, "primary": self.primary.socket,
+                "secondary": self.secondary.socket}) + "\n")
+        except OSError as err:
+            log.warning("cannot write the pair file %s: %s (a restart with the first "
+                        "options will not find the nodes that replaced them)", path, err)
 
     def serve(self) -> None:
         """Serve the controller's control socket (and TCP port, if configured)."""
@@ -701,6 +760,7 @@ class Controller:
         self.primary, self.secondary = self.secondary, self.primary
         self.primary.set_role("primary")
         self.secondary.set_role("secondary")
+        self._remember_pair()
 
     def _check_timing(self, p: dict[str, Any]) -> None:
         """docs/failure-matrix.md's timing rules against the primary's own settings."""
@@ -1142,6 +1202,7 @@ class Controller:
             old, self.primary, self.secondary = self.primary, self.secondary, new
             self.primary.set_role("primary")
             old.close()
+            self._remember_pair()
             self._old_primary_fenced = False
             self._marked_for, self._sync_next = None, "checksum"
             self._next_checkpoint = 0.0

@@ -1,0 +1,122 @@
+"""A controller restarted with its first options finds the nodes that replaced them.
+
+The failure matrix says: restart the controller on the same sockets.  After a failover and
+a promotion of a node on a *new* control socket (the issue 14 reproduction's ``old.qmp``),
+the options' ``--primary`` is dead and the pair is the winner plus that new node; the
+controller's pair file (``CONTROL.pair``) remembers it.  Only the ``repdisk`` command is
+used, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+REPDISK = os.path.join(os.path.dirname(sys.executable), "repdisk")
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def repdisk(folder: str, *argv: str) -> str:
+    run = subprocess.run([REPDISK, *argv], cwd=folder, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, f"repdisk {' '.join(argv)}: {run.stderr}{run.stdout}"
+    return run.stdout
+
+
+def node(folder: str, role: str, disk: str, name: str, *keys: str) -> None:
+    repdisk(folder, role, "--disk", disk, "--control", f"{name}.qmp", "--nbd-socket",
+            f"{name}.sock", "--background", "--pidfile", f"{name}.pid", "--log", f"{name}.log",
+            *keys)
+
+
+def controller(folder: str) -> None:
+    """Always the first options: pri.qmp is --primary, sec.qmp --secondary."""
+    repdisk(folder, "controller", "--primary", "pri.qmp", "--secondary", "sec.qmp",
+            "--control", "ctl.qmp", "--interval", "1s", "--heartbeat", "100ms",
+            "--heartbeat-timeout", "1.2s", "--background", "--pidfile", "ctl.pid",
+            "--log", "ctl.log")
+
+
+def kill9(folder: str, name: str) -> None:
+    with open(os.path.join(folder, f"{name}.pid")) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def wait(folder: str, pred: Any, what: str, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    q: Any = None
+    while time.monotonic() < deadline:
+        run = subprocess.run([REPDISK, "ctl", "ctl.qmp", "query-controller", "--json"],
+                             cwd=folder, capture_output=True, text=True, timeout=60)
+        q = json.loads(run.stdout) if run.returncode == 0 else None
+        if q is not None and pred(q):
+            return q
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout:g}s: {q and q['state']}")
+
+
+def qemu_io(folder: str, uri: str, command: str) -> None:
+    subprocess.run(["qemu-io", "-f", "raw", "-c", command, uri], cwd=folder, check=True,
+                   capture_output=True, timeout=60)
+
+
+def test_restart_with_the_first_options_runs_the_pair_as_it_is_now(tmp_path: Any) -> None:
+    folder = str(tmp_path)
+    for disk in ("p.img", "s.img"):
+        subprocess.run(["truncate", "-s", str(32 * MiB), os.path.join(folder, disk)],
+                       check=True)
+    try:
+        node(folder, "secondary", "s.img", "sec")
+        node(folder, "primary", "p.img", "pri", "--secondary",
+             f"nbd+unix:///replica?socket={folder}/sec.sock", "--timeout", "0.5s",
+             "--isolation-timeout", "0.6s")
+        controller(folder)
+        wait(folder, lambda q: q["state"] == "running", "running pair")
+        qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x11 0 4M")
+        repdisk(folder, "ctl", "ctl.qmp", "replication-do-checkpoint")
+        kill9(folder, "pri")
+        wait(folder, lambda q: q["state"] == "failed-over", "failover")
+        node(folder, "secondary", "p.img", "old")          # a new control socket
+        repdisk(folder, "ctl", "ctl.qmp", "controller-promote", f"secondary={folder}/old.qmp",
+                f"uri=nbd+unix:///replica?socket={folder}/old.sock")
+        wait(folder, lambda q: q["state"] == "running", "protected pair")
+        with open(os.path.join(folder, "ctl.qmp.pair")) as f:
+            assert json.load(f) == {"options": ["pri.qmp", "sec.qmp"], "primary": "sec.qmp",
+                                    "secondary": f"{folder}/old.qmp"}
+
+        kill9(folder, "ctl")
+        controller(folder)                                   # the first options again
+        q = wait(folder, lambda q: q["state"] == "running" and q["nodes"]["secondary"]["ok"],
+                 "the pair adopted")
+        assert (q["nodes"]["primary"]["socket"], q["nodes"]["secondary"]["socket"]) == \
+            ("sec.qmp", f"{folder}/old.qmp")
+        assert q["epoch"] == 2
+        with open(os.path.join(folder, "ctl.log")) as f:
+            assert "the pair changed since these options were first given: sec.qmp is its " \
+                "primary node now" in f.read()
+        # It runs the pair: a write after its next checkpoint is on both disks.
+        qemu_io(folder, f"nbd+unix:///?socket={folder}/sec.sock", "write -P 0x22 0 1M")
+        t = time.time()
+        wait(folder, lambda q: any(c["time"] - c["duration"] > t
+                                   for c in q["last_checkpoints"]), "a checkpoint")
+        with open(os.path.join(folder, "p.img"), "rb") as f:
+            assert f.read(MiB) == b"\x22" * MiB
+    finally:
+        for name in ("ctl", "pri", "sec", "old"):
+            try:
+                kill9(folder, name)
+            except (OSError, ValueError):
+                pass
