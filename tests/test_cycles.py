@@ -60,7 +60,8 @@ def repdisk(folder: str, *argv: str, check: bool = True) -> subprocess.Completed
 def fio(uri: str, jobs: list[tuple[int, int, int]], verify_only: bool = False) -> None:
     """One fio run over ``(offset, size, seed)`` jobs: 64 KiB random writes, crc32c."""
     argv = ["fio", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
-            "--iodepth=4", "--verify=crc32c", "--do_verify=0", "--group_reporting"]
+            "--iodepth=4", "--verify=crc32c", "--do_verify=0", "--group_reporting",
+            "--verify_state_save=0"]  # no local-jN-0-verify.state in the working folder
     if verify_only:
         argv += ["--verify_only=1", "--verify_fatal=1"]
     for i, (offset, size, seed) in enumerate(jobs):
