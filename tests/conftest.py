@@ -63,6 +63,31 @@ def sigstop(proc: subprocess.Popen) -> None:
         time.sleep(0.005)
 
 
+def on_a_terminal(argv: list[str]) -> str:
+    """What ``argv`` prints on a pseudo-terminal (stdout and stderr); it must exit 0."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(argv, stdin=slave, stdout=slave, stderr=slave, timeout=60)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
 def free_port() -> int:
     """A TCP port on loopback that nobody listens on right now."""
     with socket.socket() as s:

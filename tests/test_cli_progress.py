@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.conftest import MiB, Nodes, make_disk
+from tests.conftest import MiB, Nodes, make_disk, on_a_terminal
 
 REPDISK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        ".venv", "bin", "repdisk")
@@ -25,27 +25,7 @@ def _failover_ready(tmp_path, nodes: Nodes):
 
 def test_failover_on_a_terminal_shows_progress_to_completion(tmp_path, nodes: Nodes) -> None:
     sec = _failover_ready(tmp_path, nodes)
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.run([REPDISK, "ctl", sec.control, "failover"], stdin=slave,
-                              stdout=slave, stderr=slave, timeout=60)
-        os.close(slave)
-        slave = -1
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the terminal's other end is closed
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        if slave >= 0:
-            os.close(slave)
-        os.close(master)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
+    text = on_a_terminal([REPDISK, "ctl", sec.control, "failover"])
     assert "disk0 failover: 48.0/48.0 MiB (100%)" in text, text
     assert text.rstrip().endswith("ok"), text
     # the disk rolled back to the checkpoint

@@ -22,7 +22,7 @@ import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.conftest import MiB, NodeProc, Nodes, make_disk, on_a_terminal
 from tests.test_cli_progress import REPDISK
 
 SIZE = 32 * MiB
@@ -182,31 +182,6 @@ def test_verify_interrupted_by_a_lost_secondary_stops_and_says_so(nodes: Nodes) 
     with pytest.raises(ControlError, match="cannot verify: the secondary is not in sync"):
         pri.ctl("replication-verify")
     assert "Traceback" not in pri.log_text()
-
-
-def on_a_terminal(argv: list[str]) -> str:
-    """What ``argv`` prints on a pseudo-terminal (stdout and stderr); it must exit 0."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.run(argv, stdin=slave, stdout=slave, stderr=slave, timeout=60)
-        os.close(slave)
-        slave = -1
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        if slave >= 0:
-            os.close(slave)
-        os.close(master)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
-    return text
 
 
 @pytest.mark.parametrize("via", ["node", "controller"])

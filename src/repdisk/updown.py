@@ -150,11 +150,18 @@ def _control_address(node: Node) -> str:
     return dict(node.keys).get("control-tcp") or node.control
 
 
-def _running(pidfile: str) -> bool:
+def _pid_in(pidfile: str) -> Optional[int]:
+    """The pid a pid file names, or None if there is none to read."""
     try:
         with open(pidfile) as f:
-            pid = int(f.read().strip())
+            return int(f.read().strip())
     except (OSError, ValueError):
+        return None
+
+
+def _running(pidfile: str) -> bool:
+    pid = _pid_in(pidfile)
+    if pid is None:
         return False
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -164,10 +171,8 @@ def _running(pidfile: str) -> bool:
 
 def _stop_controller(pidfile: str) -> bool:
     """SIGTERM the controller named by the pid file (if it is one); True if it ran."""
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
+    pid = _pid_in(pidfile)
+    if pid is None:
         return False
     try:
         cmdline = psutil.Process(pid).cmdline()
