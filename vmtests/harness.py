@@ -453,6 +453,7 @@ class Scenario:
         return ctl
 
     def protected_guest(self, pair: Pair, name: str, vm_state: bool = False,
+                        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
                         **kwargs: Any) -> tuple[GuestVM, ControllerProc]:
         """A guest (default workload: records) on the primary's exports under the controller,
         from its first write on.
@@ -463,7 +464,7 @@ class Scenario:
         """
         vm = self.vm(name, pair.uris(pair.pri), paused=True, **{"workload": "records",
                                                                  **kwargs})
-        ctl = self.controller(pair, name, vm_state)
+        ctl = self.controller(pair, name, vm_state, heartbeat_timeout=heartbeat_timeout)
         ctl.wait_running()
         vm.qmp("cont")
         self.wait_booted(vm, name, since=self.timeline.mark("cont", f"{name} runs"))

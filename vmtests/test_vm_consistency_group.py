@@ -13,8 +13,7 @@ from vmtests.harness import Scenario, continue_on_secondary, lose_primary
 
 @pytest.mark.timeout(150)
 def test_two_disks_fail_over_at_the_same_checkpoint(scenario: Scenario) -> None:
-    pair = scenario.pair({"root": scenario.disk("root"), "data": scenario.raw_disk("data")},
-                         timeout="5s")
+    pair = scenario.pair({"root": scenario.disk("root"), "data": scenario.raw_disk("data")})
     vm, ctl = scenario.protected_guest(pair, "primary-guest")
     last, _ = lose_primary(scenario, pair, vm, ctl)
     continue_on_secondary(scenario, pair, last, vm, 20)

@@ -93,7 +93,7 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
     daemon.start()
     scenario.timeline.mark("libvirtd", f"up in {daemon.start_seconds:.2f}s, QEMU as "
                                        f"{qemu_user}")
-    pair = scenario.pair({"root": scenario.disk("root")}, node_keys=keys, timeout="5s")
+    pair = scenario.pair({"root": scenario.disk("root")}, node_keys=keys)
     assert Path(pair.pri.listen.socket or "") == folder / "pri.sock"
     assert Path(pair.sec.listen.socket or "") == folder / "sec.sock"
     xmls = {}

@@ -15,7 +15,7 @@ MORE_RECORDS = 20  # the new guest must write this many past the checkpoint
 
 @pytest.mark.timeout(150)
 def test_primary_lost_guest_reboots_on_the_secondary(scenario: Scenario) -> None:
-    pair = scenario.pair({"root": scenario.disk("root")}, timeout="5s")
+    pair = scenario.pair({"root": scenario.disk("root")})
     vm, ctl = scenario.protected_guest(pair, "primary-guest")
     last, failover = lose_primary(scenario, pair, vm, ctl)
     assert failover.vm_state is None
@@ -24,7 +24,7 @@ def test_primary_lost_guest_reboots_on_the_secondary(scenario: Scenario) -> None
 
 @pytest.mark.timeout(150)
 def test_primary_lost_guest_resumes_from_the_saved_vm_state(scenario: Scenario) -> None:
-    pair = scenario.pair({"root": scenario.disk("root")}, timeout="5s")
+    pair = scenario.pair({"root": scenario.disk("root")})
     old, ctl = scenario.protected_guest(pair, "primary-guest", vm_state=True)
     last, failover = lose_primary(scenario, pair, old, ctl)
     assert failover.vm_state == scenario.work / "vmstate"

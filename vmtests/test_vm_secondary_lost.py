@@ -19,7 +19,8 @@ TIMEOUT = 2.0  # the primary's timeout: the longest a guest write may wait for t
 @pytest.mark.timeout(180)
 def test_secondary_lost_guest_goes_on_then_resync_and_failover(scenario: Scenario) -> None:
     pair = scenario.pair({"root": scenario.disk("root")}, timeout=f"{TIMEOUT:g}s")
-    vm, ctl = scenario.protected_guest(pair, "primary-guest")
+    # The controller's heartbeat-timeout must exceed the primary's timeout (timing rules).
+    vm, ctl = scenario.protected_guest(pair, "primary-guest", heartbeat_timeout=TIMEOUT + 0.5)
     watch = RecordWatch(vm)
     vm.wait_for_record(1, 30)
     ctl.next_checkpoint()  # the guest is writing and the pair is protected
