@@ -39,10 +39,10 @@ from typing import Any, Callable
 
 import psutil
 
-from repdisk.images import RawImage
-from repdisk.primary import PrimaryReplica
-from repdisk.replication import ReplicationMode
-from repdisk.secondary import SecondaryReplica
+from repdisk.block.images import RawImage
+from repdisk.replication.primary import PrimaryReplica
+from repdisk.replication.framework import ReplicationMode
+from repdisk.replication.secondary import SecondaryReplica
 
 from . import run as bench
 

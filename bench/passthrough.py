@@ -24,7 +24,7 @@ import nbdkit
 # would be that cost, not Python's.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                                 "src"))
-from repdisk.threadstate import pin, reap  # noqa: E402
+from repdisk.node.threadstate import pin, reap  # noqa: E402
 
 API_VERSION = 2
 

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 import nbd
 
 from repdisk.errors import RepdiskError  # a control command of repdisk's hooks failed
-from repdisk.qmp import QMPClient
+from repdisk.qmp.protocol import QMPClient
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ repdisk package (src/repdisk/).  nbdkit 1.32 cannot print a Python script's own
 --help; `nbdkit python nbdplugin/repdisk.py --dump-plugin` and
 `repdisk primary|secondary --help` print the keys below, from the same table.
 
-Keys (generated from repdisk.config.KEYS; tests keep this text equal to it):
+Keys (generated from repdisk.node.config.KEYS; tests keep this text equal to it):
 
 role=primary|secondary  (required)
     which side of the pair this node is
@@ -85,12 +85,13 @@ def _find_package() -> None:
 
 _find_package()
 
-from repdisk import config as _config  # noqa: E402
-from repdisk import sockaccess, threadstate  # noqa: E402
+from repdisk.node import config as _config  # noqa: E402
+from repdisk import sockaccess  # noqa: E402
+from repdisk.node import threadstate  # noqa: E402
 from repdisk.errors import BlockIOError, ConfigError, RepdiskError  # noqa: E402
-from repdisk.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
-from repdisk.node import Node  # noqa: E402
-from repdisk.qmp import remove_stale_socket  # noqa: E402
+from repdisk.block.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
+from repdisk.node.node import Node  # noqa: E402
+from repdisk.qmp.protocol import remove_stale_socket  # noqa: E402
 
 API_VERSION = 2
 

@@ -13,9 +13,9 @@ from typing import Iterator, Optional
 import nbd
 import pytest
 
-from repdisk import nodeproc
-from repdisk.cli import PLUGIN
-from repdisk.qmp import QMPClient
+from repdisk.cli import nodeproc
+from repdisk.cli.main import PLUGIN
+from repdisk.qmp.protocol import QMPClient
 
 MiB = 1 << 20
 

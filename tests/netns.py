@@ -170,8 +170,8 @@ def start_node(nodes: Any, role: str, name: str, keys: list[tuple[str, str]],
     Readiness is probed from inside the namespace, where the listener is reachable.
     """
     from tests.conftest import NodeProc
-    from repdisk import nodeproc
-    from repdisk.cli import PLUGIN
+    from repdisk.cli import nodeproc
+    from repdisk.cli.main import PLUGIN
 
     control = os.path.join(nodes.folder, f"{name}.qmp")
     log = os.path.join(nodes.folder, f"{name}.log")

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from repdisk.batch import MAGIC, MAILBOX, BatchView, decode, encode
+from repdisk.replication.batch import MAGIC, MAILBOX, BatchView, decode, encode
 from repdisk.errors import BlockIOError
-from repdisk.images import RawImage
+from repdisk.block.images import RawImage
 
 SIZE = 1 << 20
 

@@ -3,7 +3,7 @@ primary may put are tested with a real primary in test_primary.py)."""
 
 from __future__ import annotations
 
-from repdisk.blockcache import BLOCK, BlockCache
+from repdisk.block.blockcache import BLOCK, BlockCache
 
 TiB = 1 << 40
 

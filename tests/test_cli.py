@@ -22,11 +22,11 @@ from typing import Callable, Iterator, Optional
 import pytest
 
 from tests.conftest import MiB, Nodes, make_disk
-from repdisk import config as cfgmod
-from repdisk import nodeproc
-from repdisk.cli import PLUGIN
+from repdisk.node import config as cfgmod
+from repdisk.cli import nodeproc
+from repdisk.cli.main import PLUGIN
 from repdisk.errors import RepdiskError
-from repdisk.secondary import SecondaryReplica
+from repdisk.replication.secondary import SecondaryReplica
 from tests.test_node_pair import qemu, read_file
 
 REPDISK = os.path.join(os.path.dirname(sys.executable), "repdisk")

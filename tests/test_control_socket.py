@@ -22,7 +22,7 @@ import nbd
 from qemu.qmp import ExecuteError, QMPClient
 
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from repdisk.qmp import QMPClient as BlockingClient
+from repdisk.qmp.protocol import QMPClient as BlockingClient
 from tests.test_node_pair import SIZE, read_export
 
 # Arguments for the commands that need some; every other listed command runs without any.

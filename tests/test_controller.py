@@ -17,9 +17,9 @@ import nbd
 import pytest
 
 from tests.conftest import MiB, Nodes, make_disk
-from repdisk import ctlclient
+from repdisk.cli import ctlclient
 from repdisk.errors import ControlError
-from repdisk.resync import GRANULARITY
+from repdisk.replication.resync import GRANULARITY
 from tests.test_controller_helpers import (HEARTBEAT_TIMEOUT, Pair, Writer, events, file_bytes,
                                      make_pair, read_export, restart, run_in_thread,
                                      step_until, wait_for)
@@ -515,7 +515,7 @@ def test_checkpoint_pauses_guest_and_saves_vm_state(nodes, tmp_path):
         assert (vm_state / "vmstate").stat().st_size == rec["vm_state_bytes"]
         assert not (vm_state / "vmstate.tmp").exists()
         ctl.close()                                        # QEMU serves one QMP client
-        from repdisk.qmp import QMPClient
+        from repdisk.qmp.protocol import QMPClient
         with QMPClient().connect(qmp) as guest:
             assert guest.execute("query-status")["running"] is True
         print(f"\ncheckpoint with stop/migrate/cont: pause {rec['pause'] * 1000:.1f} ms, "
@@ -541,7 +541,7 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
     pair = make_pair(nodes)
     ctrl = str(tmp_path / "ctrl.qmp")
     metrics_file = tmp_path / "metrics.prom"
-    repdisk = [sys.executable, "-m", "repdisk.cli"]
+    repdisk = [sys.executable, "-m", "repdisk.cli.main"]
     run = subprocess.run(repdisk + ["controller", "--primary", pair.pri.control,
                                     "--secondary", pair.sec.control, "--control", ctrl,
                                     "--interval", "200ms", "--heartbeat", "100ms",
@@ -585,7 +585,7 @@ def test_cli_controller_refusals_one_controller_per_pair_and_timing(nodes, tmp_p
     breaks the timing rules against the primary's own settings, a second controller on a
     pair whose nodes lease it to the first (naming it), and a second one on the same socket."""
     pair = make_pair(nodes)
-    repdisk = [sys.executable, "-m", "repdisk.cli", "controller"]
+    repdisk = [sys.executable, "-m", "repdisk.cli.main", "controller"]
 
     def controller(*extra: str, ctrl: str = "ctrl.qmp",
                    primary: str = pair.pri.control) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from typing import Optional
 import nbd
 
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from repdisk.controller import Controller, ControllerConfig
+from repdisk.controller.controller import Controller, ControllerConfig
 
 # Short timings: every rule holds (isolation < heartbeat-timeout; hold = timeout/2 covers a
 # secondary checkpoint) while a failover still takes about a second.

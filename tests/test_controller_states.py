@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from repdisk.controller import (TRANSITIONS, Controller, ControllerConfig, ControllerState,
+from repdisk.controller.controller import (TRANSITIONS, Controller, ControllerConfig, ControllerState,
                                 Operation, gate)
 from repdisk.errors import ConfigError, ControlError
 
@@ -160,9 +160,9 @@ def test_a_lost_node_is_one_line_then_a_reminder_then_one_line_back(tmp_path, ca
     import logging
     import time
 
-    from repdisk import controller
+    from repdisk.controller import controller
     monkeypatch.setattr(controller, "REMIND_EVERY", 0.3)
-    caplog.set_level(logging.WARNING, logger="repdisk.controller")
+    caplog.set_level(logging.WARNING, logger="repdisk.controller.controller")
     ctl = _controller(tmp_path)
     peer = ctl.secondary
     deadline = time.monotonic() + 0.5

@@ -29,11 +29,11 @@ from tests.test_controller_helpers import (ISOLATION, TIMEOUT, Writer, events, f
                                            make_pair, read_export, restart as forget,
                                            step_until, wait_for)
 from tests.test_faults import kill9, restart
-from repdisk import ctlclient
+from repdisk.cli import ctlclient
 from repdisk.errors import ConfigError, ControlError
-from repdisk.qmp import QMPClient
-from repdisk.resync import GRANULARITY
-from repdisk.state import NodeState
+from repdisk.qmp.protocol import QMPClient
+from repdisk.replication.resync import GRANULARITY
+from repdisk.node.state import NodeState
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +165,7 @@ def test_a_primary_refuses_to_open_over_an_unfinished_failover_commit(nodes: Nod
 # -- the controller killed at random moments -----------------------------------------------------
 
 def _controller(pair: Any, ctrl: str, log: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "repdisk.cli", "controller", "--primary", pair.pri.control,
+    cmd = [sys.executable, "-m", "repdisk.cli.main", "controller", "--primary", pair.pri.control,
            "--secondary", pair.sec.control, "--control", ctrl, "--interval", "100ms",
            "--heartbeat", "100ms", "--heartbeat-timeout", "1.2s", "--log", log]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

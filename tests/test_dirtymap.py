@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repdisk.dirtymap import DirtyMap
+from repdisk.block.dirtymap import DirtyMap
 
 KiB, MiB, TiB = 1 << 10, 1 << 20, 1 << 40
 

@@ -18,8 +18,8 @@ from typing import Iterator
 
 import pytest
 
-from repdisk import lab
-from repdisk.dirtymap import DirtyMap
+from repdisk.cli import lab
+from repdisk.block.dirtymap import DirtyMap
 from tests.test_cli import REPDISK, run
 from tests.test_lab import lab_processes
 from tests.test_node_pair import qemu

@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from tests.netns import start_node
-from repdisk import nodeproc
+from repdisk.cli import nodeproc
 from repdisk.errors import ControlError, RepdiskError
 from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file, start_pair
 

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import sigstop
 from repdisk.errors import ForwardError
-from repdisk.forwarder import BATCH_PIECE_MAX, GRAIN, Forwarder, Ticket, with_export_suffix
+from repdisk.replication.forwarder import BATCH_PIECE_MAX, GRAIN, Forwarder, Ticket, with_export_suffix
 
 #: What a source returns (forwarder.Source): pieces and the call that unlocks them.
 Pieces = tuple[list[tuple[int, bytearray]], Callable[[], None]] | None

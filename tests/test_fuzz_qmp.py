@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import MiB, make_disk
-from repdisk import control
-from repdisk.node import Node
-from repdisk.qmp import QMPClient, QMPProtocol, QMPServer
+from repdisk.node import control
+from repdisk.node.node import Node
+from repdisk.qmp.protocol import QMPClient, QMPProtocol, QMPServer
 
 ERROR_CLASSES = {"GenericError", "CommandNotFound"}
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repdisk.errors import BlockIOError
-from repdisk.images import (EXTENT_HOLE, EXTENT_ZERO, HEADER_SIZE, MAGIC, BlockDevice, Overlay,
+from repdisk.block.images import (EXTENT_HOLE, EXTENT_ZERO, HEADER_SIZE, MAGIC, BlockDevice, Overlay,
                             RawImage, coalesce, copy_range, punch_hole)
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40

@@ -11,7 +11,7 @@ from typing import Iterator
 import psutil
 import pytest
 
-from repdisk import lab
+from repdisk.cli import lab
 from tests.test_cli import REPDISK, run
 from tests.test_node_pair import qemu, read_file
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from repdisk.errors import ControlError
-from repdisk.guest import LibvirtMonitor
+from repdisk.controller.guest import LibvirtMonitor
 from tests.test_cli import REPDISK
 
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from repdisk import nodeproc
+from repdisk.cli import nodeproc
 from tests.conftest import MiB, make_disk
 from tests.test_cli import REPDISK, run
 

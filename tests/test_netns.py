@@ -19,7 +19,8 @@ import pytest
 
 from tests.conftest import MiB, Nodes, make_disk
 from tests.netns import Net, net, start_node  # noqa: F401 (net is a fixture)
-from repdisk import nodeproc, tls
+from repdisk.cli import nodeproc
+from repdisk import tls
 from repdisk.tls import TLSSpec
 from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
 

@@ -34,11 +34,14 @@ import pytest
 
 from tests.conftest import MiB, NodeProc, Nodes, free_port, make_disk
 from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
-from repdisk import cli, ctlclient, nodeproc, tls
-from repdisk.config import NodeConfig
-from repdisk.controller import Controller, ControllerConfig
+from repdisk.cli import main as cli
+from repdisk.cli import ctlclient
+from repdisk.cli import nodeproc
+from repdisk import tls
+from repdisk.node.config import NodeConfig
+from repdisk.controller.controller import Controller, ControllerConfig
 from repdisk.errors import ConfigError, ControlError
-from repdisk.qmp import QMPClient
+from repdisk.qmp.protocol import QMPClient
 from repdisk.tls import TLSSpec
 from tests.test_controller_helpers import Writer, file_bytes, wait_for
 
@@ -182,7 +185,7 @@ class Trio:
 
     def start_controller(self) -> None:
         folder = self.nodes.folder
-        cmd = [sys.executable, "-m", "repdisk.cli", "controller",
+        cmd = [sys.executable, "-m", "repdisk.cli.main", "controller",
                "--primary", f"{self.pri_ctl.addr_a}:{CONTROL_PORT}",
                "--secondary", f"{self.sec_ctl.addr_a}:{CONTROL_PORT}", "--tls", self.certs,
                "--control", self.control, "--interval", "0.5s", "--heartbeat", HEARTBEAT,

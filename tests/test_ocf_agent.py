@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from repdisk import ocf
+from repdisk.cli import ocf
 from tests.cluster import Cluster
 from tests.netns import Net, unavailable
 

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from repdisk import lab
+from repdisk.cli import lab
 from tests.test_cli import REPDISK, run
 from tests.test_lab import lab_processes
 from tests.test_node_pair import qemu

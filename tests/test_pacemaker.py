@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from repdisk.errors import RepdiskError
-from repdisk.qmp import QMPClient
+from repdisk.qmp.protocol import QMPClient
 from tests.cluster import Cluster, ClusterNode
 from tests.netns import Net, unavailable
 

@@ -19,8 +19,8 @@ import nbd
 import pytest
 
 from tests.conftest import MiB, Nodes
-from repdisk import config as cfgmod
-from repdisk.cli import PLUGIN
+from repdisk.node import config as cfgmod
+from repdisk.cli.main import PLUGIN
 from tests.test_node_pair import SIZE, random_bytes, read_all, read_export, start_pair
 
 EXPORTS = ["primary", "replica", "active"]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.errors import ControlError
-from repdisk.qmp import QMPClient
+from repdisk.qmp.protocol import QMPClient
 from tests.test_node_pair import CHUNK, read_file
 
 SIZE, HALF = 64 * MiB, 32 * MiB

@@ -22,10 +22,10 @@ import pytest
 
 from tests.conftest import sigstop
 from repdisk.errors import BlockIOError, ConfigError
-from repdisk.images import RawImage
-from repdisk.primary import RESYNC_CHUNK, PrimaryReplica
-from repdisk.replication import Registry, ReplicationError, ReplicationMode
-from repdisk.stage import Stage
+from repdisk.block.images import RawImage
+from repdisk.replication.primary import RESYNC_CHUNK, PrimaryReplica
+from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
+from repdisk.replication.stage import Stage
 
 PRIMARY = ReplicationMode.PRIMARY
 BATCH_SERVER = Path(__file__).with_name("batchserver.py")

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from repdisk.errors import BlockIOError
-from repdisk.images import Overlay, RawImage
-from repdisk.replication import ReplicationError, ReplicationMode
-from repdisk.secondary import SecondaryReplica
-from repdisk.stage import Stage
+from repdisk.block.images import Overlay, RawImage
+from repdisk.replication.framework import ReplicationError, ReplicationMode
+from repdisk.replication.secondary import SecondaryReplica
+from repdisk.replication.stage import Stage
 from tests.test_secondary import make_replica, read
 
 MiB = 1 << 20

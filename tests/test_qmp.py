@@ -23,7 +23,7 @@ from qemu.qmp import QMPClient as AsyncQMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from repdisk.errors import ControlError
-from repdisk.qmp import MAX_MESSAGE, MAX_QUEUED, ArgSpec, Command, QMPClient, QMPProtocol, QMPServer
+from repdisk.qmp.protocol import MAX_MESSAGE, MAX_QUEUED, ArgSpec, Command, QMPClient, QMPProtocol, QMPServer
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from repdisk import replication as r
-from repdisk.replication import Registry, ReplicationError, ReplicationMode, ReplicationOps
+from repdisk.replication import framework as r
+from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode, ReplicationOps
 
 
 def recording_ops(log: list, name: str, fail: str | None = None) -> ReplicationOps:

@@ -23,8 +23,8 @@ import nbd
 import psutil
 import pytest
 
-from repdisk import resources
-from repdisk.resources import ResourceError
+from repdisk.cli import resources
+from repdisk.cli.resources import ResourceError
 
 ROOT = Path(__file__).resolve().parent.parent
 REPDISK = str(ROOT / ".venv" / "bin" / "repdisk")

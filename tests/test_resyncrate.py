@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from repdisk import resyncrate
+from repdisk.replication import resyncrate
 from repdisk.errors import ConfigError
-from repdisk.replication import ReplicationMode
-from repdisk.resyncrate import BUSY_PIECE, BUSY_RATE, QUIET, Pacer, ResyncRate, parse
+from repdisk.replication.framework import ReplicationMode
+from repdisk.replication.resyncrate import BUSY_PIECE, BUSY_RATE, QUIET, Pacer, ResyncRate, parse
 from tests.test_primary import primary_factory, read_local, secondary_factory  # noqa: F401 (fixtures)
 
 MiB = 1 << 20

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repdisk.errors import BlockIOError
-from repdisk.images import EXTENT_HOLE, BlockDevice, Overlay, RawImage
-from repdisk.replication import Registry, ReplicationError, ReplicationMode
-from repdisk.secondary import Op, Route, SecondaryReplica, View, gate
-from repdisk.stage import Stage
+from repdisk.block.images import EXTENT_HOLE, BlockDevice, Overlay, RawImage
+from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
+from repdisk.replication.secondary import Op, Route, SecondaryReplica, View, gate
+from repdisk.replication.stage import Stage
 
 SECONDARY = ReplicationMode.SECONDARY
 KiB = 1024

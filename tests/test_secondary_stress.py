@@ -37,8 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from repdisk.replication import ReplicationMode
-from repdisk.stage import Stage
+from repdisk.replication.framework import ReplicationMode
+from repdisk.replication.stage import Stage
 from tests.test_secondary import make_replica, read
 
 CS = 4096

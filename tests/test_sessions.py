@@ -10,8 +10,8 @@ import nbd
 import pytest
 
 from repdisk.errors import BlockIOError
-from repdisk.images import RawImage
-from repdisk.sessions import SessionView, WriterGate, make_tag, split_tag
+from repdisk.block.images import RawImage
+from repdisk.replication.sessions import SessionView, WriterGate, make_tag, split_tag
 
 from tests.conftest import MiB, Nodes, make_disk
 

@@ -11,7 +11,7 @@ import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from repdisk.switchover import Node, switchover
+from repdisk.controller.switchover import Node, switchover
 from tests.conftest import MiB, NodeProc, Nodes
 from tests.test_demote import write
 from tests.test_node_pair import SIZE, checkpoint, random_bytes, read_file, start_pair

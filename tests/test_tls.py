@@ -21,10 +21,12 @@ import pytest
 
 from tests.conftest import MiB, Nodes, free_port, make_disk
 from tests.netns import start_node
-from repdisk import cli, nodeproc, tls
-from repdisk.config import NodeConfig
+from repdisk.cli import main as cli
+from repdisk.cli import nodeproc
+from repdisk import tls
+from repdisk.node.config import NodeConfig
 from repdisk.errors import ConfigError, ControlError
-from repdisk.qmp import ArgSpec, Command, QMPClient, QMPServer
+from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer
 from repdisk.tls import TLSSpec
 from tests.test_node_pair import checkpoint, random_bytes, read_file
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repdisk import ctlclient
+from repdisk.cli import ctlclient
 from repdisk.errors import RepdiskError
 from tests.conftest import NodeProc, Nodes
 from vmtests.guest import (Guest, GuestVM, build_disk, build_raw_disk, check_records,

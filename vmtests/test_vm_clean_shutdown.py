@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from repdisk import ctlclient
+from repdisk.cli import ctlclient
 from vmtests.guest import check_records, fsck_clean
 from vmtests.harness import Scenario, console_problems, first_difference, read_export
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from repdisk import ctlclient
-from repdisk.switchover import Node, checkpoint, switchover
+from repdisk.cli import ctlclient
+from repdisk.controller.switchover import Node, checkpoint, switchover
 from tests.conftest import NodeProc
 from vmtests.harness import Scenario, check_records, console_problems, records_of
 from vmtests.guest import GuestVM

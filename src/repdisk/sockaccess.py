@@ -27,7 +27,7 @@ import pwd
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import ConfigError
+from repdisk.errors import ConfigError
 
 #: /proc/net/unix's flag of a listening socket (__SO_ACCEPTCON).
 _ACCEPTCON = 0x10000

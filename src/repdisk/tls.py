@@ -1,7 +1,7 @@
 """TLS for repdisk's links between hosts: the replication link (NBD) and control over TCP.
 
 Replication link.  The secondary's nbdkit requires TLS (``--tls=require`` with a PSK
-file or an x509 directory: nbdkit's flags, set by :mod:`repdisk.nodeproc`); the
+file or an x509 directory: nbdkit's flags, set by :mod:`repdisk.cli.nodeproc`); the
 primary's libnbd client uses the same credentials.  They reach the client inside the
 NBD URI, in libnbd's own syntax (``nbds://USER@host/replica?tls-psk-file=F``), so the
 URI stays the one thing that says where and how to connect, and ``nbdinfo``,
@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 from urllib.parse import parse_qsl, quote, urlencode
 
-from .errors import ConfigError
+from repdisk.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .qmp import QMPServer
+    from repdisk.qmp.protocol import QMPServer
 
 log = logging.getLogger(__name__)
 

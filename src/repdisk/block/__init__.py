@@ -1,0 +1,1 @@
+"""Block devices: the device protocol, raw images, overlays, range locks, dirty maps, the block cache."""

@@ -1,0 +1,1 @@
+"""The repdisk command: node processes, the ctl client, lab, resources, OCF agent, up/down."""

@@ -1,0 +1,246 @@
+"""Client side of the control sockets: one command, a status view, progress.
+
+Used by ``repdisk ctl``, ``repdisk status``, ``repdisk lab`` and the controller.
+
+An address is a Unix socket path or ``HOST:PORT`` (a node's or controller's control-tcp
+port).  TCP needs a certificate directory (``tls``, from ``repdisk tls ca``): the client
+shows client-cert.pem and checks the server against ca-cert.pem and the host it dialled.
+Plain TCP only with ``insecure`` (for a port served with insecure=yes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any, Callable, Optional
+
+from repdisk import tls as tlsmod
+from repdisk import units
+from repdisk.errors import ConfigError, ControlError
+from repdisk.qmp.protocol import QMPClient, tcp_address
+
+#: Short names for ``repdisk ctl``: alias -> (QMP command, fixed arguments).
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "status": ("query-replication", {}),
+    "start": ("replication-start", {}),
+    "checkpoint": ("replication-do-checkpoint", {}),
+    "resume": ("replication-resume", {}),
+    "error": ("replication-get-error", {}),
+    "stop": ("replication-stop", {"failover": False}),
+    "failover": ("replication-stop", {"failover": True}),
+    "resync": ("replication-resync", {}),
+    "verify": ("replication-verify", {}),
+}
+
+#: Commands that may take long: ``repdisk ctl`` shows their progress events on a terminal.
+LONG = {"replication-start", "replication-stop", "replication-resync", "controller-resync",
+        "replication-verify", "controller-verify"}
+
+
+def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    name, fixed = ALIASES.get(command, (command, {}))
+    return name, {**fixed, **args}
+
+
+def connect(address: str, tls: Optional[str] = None, insecure: bool = False, *,
+            timeout: float = 10.0, connect_timeout: float = 10.0) -> QMPClient:
+    """A negotiated client of a control socket or ``HOST:PORT``; TCP uses TLS with the
+    certificates in ``tls`` (read at every connect, so renewed files take effect at once)."""
+    context = None
+    if tcp_address(address) is not None:
+        if tls:
+            context = tlsmod.client_context(tls)
+        elif not insecure:
+            raise ConfigError("tls", f"{address} is a TCP control port: give --tls DIR (client "
+                                     "certificates), or --insecure for a port served without TLS")
+    return QMPClient(timeout=timeout).connect(address, timeout=connect_timeout, tls=context)
+
+
+def execute(socket: str, command: str, args: Optional[dict[str, Any]] = None, *,
+            timeout: float = 600.0, progress: bool = False, tls: Optional[str] = None,
+            insecure: bool = False) -> Any:
+    """Run one command on a control socket; raises ControlError with the server's error."""
+    name, arguments = resolve(command, args or {})
+    watcher = ProgressPrinter(socket, tls=tls, insecure=insecure) \
+        if progress and name in LONG else None
+    client = connect(socket, tls, insecure, timeout=timeout)
+    try:
+        return client.execute(name, arguments)
+    finally:
+        client.close()
+        if watcher:
+            watcher.stop()
+
+
+class ProgressPrinter:
+    """Prints ``*_PROGRESS`` events of a node on a second connection while a command runs."""
+
+    def __init__(self, socket: str, out: Callable[[str], None] = sys.stderr.write,
+                 tls: Optional[str] = None, insecure: bool = False) -> None:
+        self._out = out
+        self._stop = threading.Event()
+        self._client = connect(socket, tls, insecure, timeout=5.0)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(0.2)  # one last read after the command answered
+            events = self._client.events
+            for ev in events:
+                if ev.get("event", "").endswith("_PROGRESS"):
+                    self._out("\r" + format_progress(ev["event"], ev.get("data", {})))
+            events.clear()
+            if stopping:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+        self._out("\n")
+
+
+def format_progress(event: str, data: dict[str, Any]) -> str:
+    done, total = data.get("done", 0), data.get("total", 0) or 1
+    what = event.removesuffix("_PROGRESS").lower()
+    return (f"{data.get('disk', '')} {what}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB "
+            f"({100 * done / total:.0f}%)")
+
+
+def status_query(socket: str, tls: Optional[str] = None,
+                 insecure: bool = False) -> tuple[str, dict[str, Any]]:
+    """``("controller", query-controller)`` or ``("node", query-replication)`` of ``socket``."""
+    client = connect(socket, tls, insecure)
+    try:
+        try:
+            return "controller", client.execute("query-controller")
+        except ControlError as err:
+            if err.error_class != "CommandNotFound":
+                raise
+        return "node", client.execute("query-replication")
+    finally:
+        client.close()
+
+
+def status_lines(socket: str, tls: Optional[str] = None, insecure: bool = False) -> list[str]:
+    """One human line per disk of the node behind ``socket``, or those of a controller."""
+    kind, q = status_query(socket, tls, insecure)
+    return render_status(kind, q)
+
+
+def render_status(kind: str, q: dict[str, Any]) -> list[str]:
+    """The lines of :func:`status_lines` for a query already made."""
+    if kind == "controller":
+        return controller_lines(q)
+    return [status_line(q, d) for d in q.get("disks", [])]
+
+
+def controller_lines(q: dict[str, Any]) -> list[str]:
+    """A controller's state, operation, nodes (role, socket, contact), last checkpoint and any
+    running sync, for people."""
+    state = q["state"] + (f" ({q['operation']})" if q.get("operation") else "")
+    parts = [f"controller {state:<11} epoch {q['epoch']}", _nodes_text(q.get("nodes", {})),
+             f"dirty {_mib(q.get('dirty', 0))} lag {_mib(q.get('lag', 0))}"]
+    last = q["last_checkpoints"][-1] if q.get("last_checkpoints") else None
+    parts.append(f"last checkpoint {last['duration'] * 1000:.1f} ms (pause "
+                 f"{last['pause'] * 1000:.1f} ms) {last['age']:.0f}s ago" if last
+                 else "no checkpoint")
+    lines = ["  ".join(parts)]
+    progress = q.get("progress")
+    if progress:
+        eta = "?" if progress.get("eta") is None else f"{progress['eta']:.0f}s"
+        total = progress["total"] or 1
+        lines.append(f"controller {progress['phase']}: {_mib(progress['done'])} of "
+                     f"{_mib(progress['total'])} ({100 * progress['done'] / total:.0f}%) "
+                     f"{_mib(progress['rate'])}/s ETA {eta}")
+    failover = q.get("failover")
+    if failover:
+        lines.append(f"controller failed over to epoch {failover['epoch']}: "
+                     f"{failover['reason']}"
+                     + (f" (loss to serving {failover['loss_to_serving']:.2f}s)"
+                        if failover.get("loss_to_serving") is not None else ""))
+    return lines
+
+
+def _nodes_text(nodes: dict[str, Any]) -> str:
+    """``primary a.qmp ok (0.1s ago)  secondary b.qmp LOST (4.0s ago)``: which socket has
+    which role (after a promotion the first one given may be the secondary)."""
+    out = []
+    for key, n in nodes.items():
+        words = [n.get("role") or key, n.get("socket") or n.get("control") or "",
+                 "ok" if n.get("ok", n.get("reachable")) else "LOST"]
+        if isinstance(n.get("last_seen"), (int, float)):
+            words.append(f"({n['last_seen']:.1f}s ago)")
+        out.append(" ".join(w for w in words if w))
+    return "  ".join(out)
+
+
+def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
+    """One disk of a node: role, stage (or FENCED/SUSPENDED with why), epoch, the rest."""
+    held = _held(node)
+    parts = [f"{node['role']:<9} {d.get('disk', '?'):<8} " + (held + "  " if held else "")
+             + f"{d.get('stage', '?'):<15}", f"epoch {node.get('epoch', 0)}"]
+    if node["role"] == "primary":
+        parts.append(f"{d.get('write_mode', '')} dirty {_mib(d.get('dirty_bytes', 0))}"
+                     f" in-flight {d.get('in_flight', 0)}"
+                     + (" DEGRADED" if d.get("degraded") else ""))
+    else:
+        parts.append(("consistent" if d.get("consistent") else "INCONSISTENT")
+                     + f" hidden {_mib(d.get('hidden_bytes', 0))}"
+                     f" active {_mib(d.get('active_bytes', 0))}")
+    last = d.get("last_checkpoint")
+    parts.append(f"last checkpoint {last['duration'] * 1000:.1f} ms" if last else "no checkpoint")
+    if d.get("error"):
+        parts.append(f"error: {d['error']}")
+    return "  ".join(parts)
+
+
+def _held(node: dict[str, Any]) -> str:
+    """``FENCED (reason)`` or ``SUSPENDED (since, why)`` for a primary whose guest writes
+    fail or wait; empty otherwise."""
+    iso = node.get("isolation") or {}
+    fenced = node.get("fenced") or iso.get("fenced")
+    if fenced:
+        return f"FENCED ({fenced})"
+    if iso.get("suspended"):
+        age = iso.get("last_contact_age")
+        since = f"no contact for {units.format_seconds(age)}" if age is not None else "isolated"
+        return (f"SUSPENDED ({since} with the secondary or the controller: guest writes held "
+                "until one answers)")
+    return ""
+
+
+def _mib(n: int) -> str:
+    return units.format_size(n)
+
+
+#: Keys of a QMP result that ``repdisk ctl`` shows in human units (by the key's name).
+SIZE_KEYS = frozenset({"size", "bytes", "dirty", "lag", "done", "total", "max-lag", "max_lag"})
+SECONDS_KEYS = frozenset({"duration", "pause", "age", "last_seen", "last_contact_age", "timeout",
+                          "isolation-timeout", "since", "eta", "loss_to_serving", "interval",
+                          "heartbeat", "heartbeat-timeout"})
+TIME_KEYS = frozenset({"time", "started", "at"})
+
+
+def human(key: str, value: Any) -> str:
+    """One scalar of a result for people: sizes in MiB, seconds as ms/s/minutes, wall-clock
+    times as local ISO time and age; anything else as itself (``-`` for null)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        name = str(key)
+        if name in SIZE_KEYS or name.endswith(("_bytes", "-bytes")):
+            return units.format_size(value)
+        if name == "rate":
+            return units.format_size(value) + "/s"
+        if name in SECONDS_KEYS:
+            return units.format_seconds(value)
+        if name in TIME_KEYS and value > 1e9:
+            return units.format_time(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,324 @@
+"""The ``repdisk`` command: start nodes, talk to control sockets, run a lab pair.
+
+    repdisk secondary --disk SEC.img --control sec.qmp --nbd-socket sec.sock
+    repdisk primary --disk PRI.img --control pri.qmp --nbd-socket pri.sock \\
+        --secondary 'nbd+unix:///replica?socket=sec.sock'
+    repdisk ctl SOCKET|HOST:PORT COMMAND [KEY=VALUE ...] [--json] [--tls DIR]
+    repdisk status SOCKET|HOST:PORT ... [--json] [--tls DIR]
+    repdisk up|down|status [NAME|all] [--config-dir /etc/repdisk]
+    repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
+    repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
+    repdisk tls psk FILE [--user NAME] | repdisk tls ca DIR --hosts HOST,HOST
+
+The node options are made from the same key table as the plugin's keys
+(repdisk.node.config.KEYS), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+import sys
+from typing import Any, Optional, Sequence
+
+from repdisk.node import config as cfgmod
+from repdisk.controller import controller
+from repdisk.cli import ctlclient
+from repdisk.cli import nodeproc
+from repdisk.cli import updown
+from repdisk import tls as tlsmod
+from repdisk.tls import TLSSpec
+from repdisk.errors import ControlError, RepdiskError
+
+PLUGIN = str(Path(__file__).resolve().parents[3] / "nbdplugin" / "repdisk.py")
+
+
+# -- node commands ----------------------------------------------------------------
+
+def _add_node_parser(sub: Any, role: str) -> None:
+    p = sub.add_parser(role, help=f"run a {role} node (nbdkit with the repdisk plugin)",
+                       description=f"Run a {role} node. Keys (same as the plugin's):\n\n"
+                                   + cfgmod.help_text(role),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key in cfgmod.KEYS:
+        if role in key.roles and key.name != "role" and key.flag:
+            p.add_argument(f"--{key.name}", dest=key.name.replace("-", "_"),
+                           action="store_const", const="yes", help=argparse.SUPPRESS)
+        elif role in key.roles and key.name != "role":
+            p.add_argument(f"--{key.name}", metavar=key.metavar, dest=key.name.replace("-", "_"),
+                           action="append" if key.repeat else "store", required=key.required,
+                           help=argparse.SUPPRESS)
+    listen = p.add_mutually_exclusive_group(required=True)
+    listen.add_argument("--nbd-socket", metavar="PATH", help="serve NBD on this Unix socket")
+    listen.add_argument("--port", type=int, help="serve NBD on this TCP port")
+    p.add_argument("--address", default="127.0.0.1", help="TCP address to bind (with --port)")
+    p.add_argument("--tls", metavar="psk:FILE|x509:DIR|off",
+                   help="require TLS from NBD clients (a TCP listener off loopback needs it, "
+                        "or --insecure); x509 also requires a client certificate")
+    p.add_argument("--background", action="store_true",
+                   help="detach once serving; write --pidfile, log to --log")
+    p.add_argument("--pidfile", help="pid file (with --background)")
+    p.add_argument("--log", help="log file (default: stderr; with --background: next to the pidfile)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="nbdkit worker threads per connection (default: by role and write "
+                        "mode, see nodeproc.default_threads)")
+    p.set_defaults(func=lambda a: _run_node(a, role))
+
+
+def node_keys(args: argparse.Namespace, role: str) -> list[tuple[str, str]]:
+    """The plugin keys for the options given on the command line, in table order."""
+    keys = [("role", role)]
+    for key in cfgmod.KEYS:
+        value = getattr(args, key.name.replace("-", "_"), None)
+        if key.name == "role" or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            keys.append((key.name, v))
+    return keys
+
+
+def _run_node(args: argparse.Namespace, role: str) -> int:
+    keys = node_keys(args, role)
+    listen = nodeproc.Listen(socket=args.nbd_socket, port=args.port, address=args.address,
+                             tls=TLSSpec.parse("tls", args.tls) if args.tls else None,
+                             insecure=args.insecure == "yes")
+    cmd = nodeproc.nbdkit_command(PLUGIN, keys, listen, threads=args.threads)
+    control = dict(keys)["control"]
+    if not args.background:
+        os.execvp(cmd[0], cmd)
+    pidfile = args.pidfile or control + ".pid"
+    pid = nodeproc.start_background(cmd, pidfile, args.log or pidfile[:-4] + ".log", control,
+                                    listen)
+    print(f"repdisk {role}: serving (pid {pid}), control {control}")
+    return 0
+
+
+# -- control commands ---------------------------------------------------------------
+
+def parse_value(text: str) -> Any:
+    """ctl arguments: true/false, integers, JSON values, else the string itself (so ``1G``
+    or ``500ms`` goes as text, which the node reads with repdisk.units where the argument
+    is a size or a duration: ``ArgSpec.unit``)."""
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    command_args: dict[str, Any] = {}
+    for item in args.args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
+        command_args[key] = parse_value(value)
+    result = ctlclient.execute(args.socket, args.command, command_args,
+                               progress=sys.stderr.isatty(), tls=args.tls,
+                               insecure=args.insecure)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render(result))
+    return 0
+
+
+def render(value: Any, indent: str = "", key: str = "") -> str:
+    """A readable table of a QMP result: keys aligned, lists of disks one block each, sizes
+    in MiB, seconds and wall-clock times for people (ctlclient.human); ``--json`` is exact."""
+    if isinstance(value, dict):
+        if not value:
+            return indent + "ok"
+        width = max(len(str(k)) for k in value)
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines.append(render(v, indent + "  ", str(k)))
+            else:
+                lines.append(f"{indent}{str(k).ljust(width)}  {ctlclient.human(str(k), v)}")
+        return "\n".join(lines)
+    if isinstance(value, list):  # a flat list inside (e.g. a range [offset, length]): one line
+        return "\n".join(render(v, indent, key) if isinstance(v, dict) or _nested(v)
+                         else indent + ctlclient.human(key, v) for v in value)
+    return indent + ctlclient.human(key, value)
+
+
+def _nested(v: Any) -> bool:
+    return isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Each address in turn; one that does not answer is a line (or, with --json, an
+    ``error``) and exit status 1.  Printing is outside the ``try``: a closed stdout is not
+    an unreachable node.  Resource names (or none, or all): this host's resources."""
+    if all(updown.is_resource_name(a) for a in args.sockets):
+        return updown.status(args.sockets, args.config_dir)
+    ok, found = True, {}
+    for sock in args.sockets:
+        try:
+            kind, q = ctlclient.status_query(sock, args.tls, args.insecure)
+        except (RepdiskError, OSError) as err:
+            ok = False
+            found[sock] = {"kind": "unreachable", "error": str(err)}
+            lines = [f"{sock}: unreachable: {err}"]
+        else:
+            found[sock] = {"kind": kind, "query": q}
+            lines = ctlclient.render_status(kind, q)
+        if not args.json:
+            print("\n".join(lines), flush=True)
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True))
+    return 0 if ok else 1
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from repdisk.cli import lab
+    if args.down:
+        return lab.down(args.dir)
+    return lab.up(args.dir, args.size, write_mode=args.write_mode)
+
+
+def _tls(args: argparse.Namespace) -> int:
+    if args.what == "psk":
+        tlsmod.make_psk(args.path, args.user, force=args.force)
+        print(f"repdisk tls: wrote {args.path} (mode 0600, user {args.user}); copy it to both "
+              "nodes over a secure channel")
+        return 0
+    hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
+    files = tlsmod.make_ca(args.path, hosts, days=args.days, force=args.force)
+    print(f"repdisk tls: wrote {', '.join(os.path.basename(f) for f in files)} in {args.path}; "
+          "move ca-key.pem off the nodes once you have issued what you need")
+    return 0
+
+
+def _add_tls_parser(sub: Any) -> None:
+    p = sub.add_parser("tls", help="create TLS credentials for a pair (PSK file or a small CA)",
+                       description="repdisk tls psk FILE: a pre-shared key file (USER:HEXKEY, "
+                                   "mode 0600) for nbdkit --tls-psk and libnbd.\n"
+                                   "repdisk tls ca DIR --hosts A,B: a CA, a server certificate "
+                                   "naming every host, and a client certificate, laid out as "
+                                   "nbdkit and libnbd expect (also used for control over TCP).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("psk", "ca"))
+    p.add_argument("path", metavar="FILE|DIR")
+    p.add_argument("--user", default=tlsmod.PSK_USER, help="psk: the identity (default repdisk)")
+    p.add_argument("--hosts", help="ca: names or addresses clients use to reach the nodes")
+    p.add_argument("--days", type=int, default=3650, help="ca: validity (default 3650)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=_tls)
+
+
+def _add_client_tls(p: argparse.ArgumentParser) -> None:
+    """How ctl and status reach a HOST:PORT control port."""
+    p.add_argument("--tls", metavar="DIR", help="for HOST:PORT: certificate directory (repdisk "
+                                               "tls ca) with ca-cert.pem and a client certificate")
+    p.add_argument("--insecure", action="store_true",
+                   help="for HOST:PORT: plain TCP to a port served with insecure=yes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repdisk", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_node_parser(sub, cfgmod.PRIMARY)
+    _add_node_parser(sub, cfgmod.SECONDARY)
+
+    p = sub.add_parser("ctl", help="send one command to a control socket or TCP port")
+    p.add_argument("socket", metavar="SOCKET|HOST:PORT")
+    p.add_argument("command", help="a QMP command (e.g. query-replication) or an alias: "
+                                   + ", ".join(sorted(ctlclient.ALIASES)))
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as exact JSON (default: a table in human units)")
+    _add_client_tls(p)
+    p.set_defaults(func=_ctl)
+
+    p = sub.add_parser("status", help="one line per disk per node, one per controller; with "
+                                      "resource names (or none): this host's resources")
+    p.add_argument("sockets", nargs="*", metavar="SOCKET|HOST:PORT|NAME|all")
+    p.add_argument("--json", action="store_true",
+                   help="print {ADDRESS: {kind, query | error}} as JSON (kind: node, "
+                        "controller or unreachable; query: what the socket answered)")
+    _add_client_tls(p)
+    updown.add_config_dir(p)
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("lab", help="bring up (or --down) a working pair in a folder")
+    p.add_argument("--dir", default="repdisk-lab", help="the lab folder (default ./repdisk-lab)")
+    p.add_argument("--size", default="1G", help="disk size (default 1G)")
+    p.add_argument("--write-mode", default="sync", choices=("sync", "async"))
+    p.add_argument("--down", action="store_true", help="stop the lab's nodes")
+    p.set_defaults(func=_lab)
+    _add_tls_parser(sub)
+
+    controller.add_parsers(sub)
+    updown.add_parsers(sub)
+    return parser
+
+
+#: Exit status after Ctrl-C, and after stdout was closed (as a C tool killed by SIGINT/SIGPIPE).
+EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one subcommand.  Whatever happens, the user sees at most one line from us:
+
+    - a repdisk error: ``repdisk: error: ...`` (or the QMP error class), status 1;
+    - a file or folder that cannot be used: ``repdisk: error: PATH: why``, status 1;
+    - stdout closed by its reader (``repdisk status ... | head -1``): nothing, status 141;
+    - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130.
+    """
+    try:
+        args = build_parser().parse_args(argv)     # --help is output too
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except ControlError as err:
+        print(f"repdisk: {err.error_class}: {err}", file=sys.stderr)
+        return 1
+    except RepdiskError as err:
+        print(f"repdisk: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_STDOUT_CLOSED
+    except SystemExit:                           # argparse: --help, or a usage error
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _discard_stdout()
+            return EXIT_STDOUT_CLOSED
+        raise
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"repdisk: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _interrupted()
+        return EXIT_INTERRUPTED   # not reached
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of it cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _interrupted() -> None:
+    """One line, then exit at once: a control client interrupted mid-call leaves asyncio
+    tasks that would print screens of warnings while the interpreter shuts down."""
+    sys.stderr.write("repdisk: interrupted\n")
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Starting and stopping node processes (nbdkit with the repdisk plugin).
+
+Used by ``repdisk primary|secondary``, ``repdisk lab`` and the tests, so that
+every node is started the same way: nbdkit in the foreground (``-f``; in the
+background we detach it ourselves, so its log goes to a file and not to
+syslog), ready only once both its NBD listener and its control socket answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import psutil
+
+from repdisk.node.config import check_folder
+from repdisk.errors import ConfigError, ControlError, RepdiskError
+from repdisk.qmp.protocol import remove_stale_socket
+from repdisk.tls import TLSSpec, check_plain
+
+START_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where a node serves NBD, and whether clients must use TLS (nbdkit's flags are
+    server-wide, so TLS belongs here and not to the plugin's keys)."""
+
+    socket: Optional[str] = None
+    port: Optional[int] = None
+    address: str = "127.0.0.1"
+    tls: Optional[TLSSpec] = None
+    insecure: bool = False   # allow a plain TCP listener on an address other hosts reach
+
+    def check(self) -> None:
+        """Refuse a plain TCP listener off loopback unless insecure; check TLS files."""
+        if self.tls is not None:
+            self.tls.check("tls", "server")
+        elif not self.socket:
+            check_plain("tls", "a listener on", self.address, self.insecure)
+
+    def nbdkit_args(self) -> list[str]:
+        tls = self.tls.nbdkit_args() if self.tls else []
+        if self.socket:
+            return ["-U", self.socket, *tls]
+        return ["-i", self.address, "-p", str(self.port), *tls]
+
+    def uri(self, export: str = "") -> str:
+        if self.socket:
+            return f"nbd+unix:///{export}?socket={os.path.abspath(self.socket)}"
+        return f"nbd://{self.address}:{self.port}/{export}"
+
+    def answers(self) -> bool:
+        """True once an NBD handshake succeeds (a bare connect would make nbdkit log an error).
+
+        A TLS listener is asked without credentials: the handshake stops at option
+        negotiation and ends with NBD_OPT_ABORT, which nbdkit allows before TLS.
+        """
+        import nbd
+        h = nbd.NBD()
+        try:
+            if self.tls is not None:
+                h.set_opt_mode(True)
+                h.connect_uri(self.uri())
+                h.opt_abort()
+            else:
+                h.connect_uri(self.uri())
+                h.shutdown()
+            return True
+        except nbd.Error:
+            return False
+
+
+# nbdkit worker threads per connection, by role and write mode: 16 for every node.  A sync
+# primary's write waits for the secondary, so its threads are the guest's queue depth (4
+# capped a QD16 guest at 4 writes in flight); a secondary's copy-before-write reads, and an
+# async primary's reads of a cold disk, overlap instead of queueing behind one thread.
+# With -t 1 a connection's requests run on its own thread (no hand-off, no GIL transfer),
+# which measured best for async writes on a quiet machine in 2026-11 and worse on a loaded
+# one in 2026-12.  History and numbers: bench/README.md.
+_DEFAULT_THREADS = {("primary", "sync"): 16, ("primary", "async"): 16, ("secondary", ""): 16}
+
+
+def default_threads(keys: list[tuple[str, str]]) -> int:
+    """nbdkit's worker thread count for a node with these plugin keys (see _DEFAULT_THREADS)."""
+    given = dict(keys)
+    role = given.get("role", "primary")
+    mode = given.get("write-mode", "sync") if role == "primary" else ""
+    return _DEFAULT_THREADS.get((role, mode), 8)
+
+
+def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
+                   threads: Optional[int] = None) -> list[str]:
+    """The nbdkit command line of a node; raises ConfigError for an unsafe listener, or for
+    socket-owner/group/mode without a Unix socket (checked again by the plugin).
+
+    A Unix socket left behind by a node that was killed is removed here (nbdkit would
+    refuse to start on it); one where a server still answers is refused.  ``threads``
+    None: the default for the node's role and write mode.
+    """
+    listen.check()
+    socket_keys = [k for k, _ in keys if k.startswith("socket-")]
+    if socket_keys and not listen.socket:
+        raise ConfigError(socket_keys[0], "is for an NBD Unix socket: give --nbd-socket PATH, "
+                                          "or leave the socket-* keys out for a TCP listener")
+    if listen.socket:
+        if nbd_server_answers(listen.socket):
+            raise RepdiskError(f"NBD socket {listen.socket}: a live server answers there; stop "
+                               "it or choose another path")
+        free_socket(listen.socket, "NBD socket")
+    if threads is None:
+        threads = default_threads(keys)
+    return (["nbdkit", "-f", "-t", str(threads)]
+            + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
+
+
+def free_socket(path: str, what: str) -> None:
+    """Remove a stale socket file at ``path``; RepdiskError if a server answers there."""
+    try:
+        remove_stale_socket(path, what)
+    except ControlError as err:
+        raise RepdiskError(str(err)) from None
+
+
+_NBDMAGIC, _IHAVEOPT = b"NBDMAGIC", b"IHAVEOPT"
+_NBD_OPT_ABORT = 2
+
+
+def nbd_server_answers(path: str, timeout: float = 1.0) -> bool:
+    """Whether a server listens on the Unix socket ``path``, asked the way a client that
+    changes its mind does: an NBD server's greeting is answered with its own flags and
+    NBD_OPT_ABORT, so the running node logs nothing (a bare connect and close makes nbdkit
+    log "reading initial client flags: ... Connection reset by peer" in its log).  A server
+    that says nothing within ``timeout`` (stopped, or not NBD) still answers."""
+    if not os.path.exists(path):
+        return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        return False           # refused, gone, or not a socket: remove_stale_socket decides
+    try:
+        greeting = _recv_exactly(sock, 18)
+        if greeting[:16] == _NBDMAGIC + _IHAVEOPT:
+            flags = struct.unpack(">H", greeting[16:])[0] & 0b11   # fixed newstyle, no zeroes
+            sock.sendall(struct.pack(">I", flags) + _IHAVEOPT
+                         + struct.pack(">II", _NBD_OPT_ABORT, 0))
+            _recv_exactly(sock, 20)                                 # the server's ack
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return True
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def spawn(cmd: list[str], logfile: str) -> subprocess.Popen:
+    """Start nbdkit as a child of this process, with its output in ``logfile``."""
+    with open(logfile, "ab") as log:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
+                     listen: Listen) -> int:
+    """Start a detached node; return its pid once it serves, else raise with its log's error.
+
+    A start that is refused touches nothing of a node already running: a pid file naming a
+    live node, or a control socket where a server answers, is refused before anything is
+    written (the running node's log included), and the new node's pid goes to a file of its
+    own (``PIDFILE.starting``) that becomes ``pidfile`` only once it serves.  A folder that
+    does not exist is one line saying so, before anything is started.
+
+    ``setsid -f`` forks before nbdkit starts, so nbdkit never sees the process that
+    started it go away: nbdkit 1.32 started as our child (even in a new session) was seen
+    to shut itself down as soon as this command exited.  A shell writes the pid file and
+    then execs nbdkit (same pid), so a node that fails during start-up is noticed at once
+    instead of after START_TIMEOUT; nbdkit's ``-P`` writes the same pid again once serving.
+    """
+    refuse_running(pidfile)
+    for what, path in (("--control", control), ("--nbd-socket", listen.socket),
+                       ("--pidfile", pidfile), ("--log", logfile)):
+        if path:
+            check_folder(what, path)
+    free_socket(control, "control socket")
+    starting = pidfile + ".starting"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(starting)       # left by a start that was killed itself: ours alone
+    launch = ["setsid", "-f", "sh", "-c", 'echo $$ > "$0" && exec "$@"', starting,
+              cmd[0], "-P", starting, *cmd[1:]]
+    with open(logfile, "ab") as log:
+        subprocess.run(launch, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
+    try:
+        wait_ready(lambda: _pidfile_alive(starting), control, listen, logfile)
+    except BaseException:
+        stop_pidfile(starting)
+        raise
+    with open(starting) as f:
+        pid = int(f.read())
+    os.replace(starting, pidfile)
+    return pid
+
+
+def refuse_running(pidfile: str) -> None:
+    """RepdiskError if ``pidfile`` names a node that runs (a stale one is left for the new
+    node to replace)."""
+    pid = _pidfile_pid(pidfile)
+    if pid is not None and _is_node(pid):
+        raise RepdiskError(f"a node already runs with pid file {pidfile} (pid {pid}): stop it "
+                           "first (kill " + str(pid) + "), or give another --pidfile and "
+                           "--control")
+
+
+def _pidfile_pid(pidfile: str) -> Optional[int]:
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pidfile_alive(pidfile: str) -> Optional[bool]:
+    """None while nbdkit has not written its pid yet, else whether it runs."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def child_alive(proc: subprocess.Popen) -> Callable[[], Optional[bool]]:
+    return lambda: proc.poll() is None
+
+
+def wait_ready(alive: Callable[[], Optional[bool]], control: str, listen: Listen,
+               logfile: Optional[str] = None, timeout: float = START_TIMEOUT) -> None:
+    """Wait until the node's control socket exists and its NBD listener answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive() is False:
+            raise RepdiskError(f"node exited: {last_error_line(logfile)}")
+        if os.path.exists(control) and listen.answers():
+            return
+        time.sleep(0.05)
+    raise RepdiskError(f"node did not start within {timeout:.0f} s: {last_error_line(logfile)}")
+
+
+def last_error_line(logfile: Optional[str]) -> str:
+    if not logfile or not os.path.exists(logfile):
+        return "(no log)"
+    with open(logfile, errors="replace") as f:
+        lines = [l.strip() for l in f if l.strip()]
+    if not lines:  # nbdkit reports every failure it sees: something ended it from outside
+        return (f"nothing in its log {logfile}: nbdkit ended without a message (killed, or "
+                "crashed: see the kernel log)")
+    errors = [l for l in lines if "error" in l.lower()]
+    return (errors or lines)[-1]
+
+
+def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
+    """SIGTERM the node named by a pid file, SIGKILL if it lingers; True if one was running.
+
+    The pid file is removed either way, so a node that died leaves nothing that looks
+    alive; a pid that now belongs to some other program (reused) is left alone.
+    """
+    pid = _pidfile_pid(pidfile)
+    if pid is None:
+        return False
+    stopped = _is_node(pid) and stop_pid(pid, timeout)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    return stopped
+
+
+def _is_node(pid: int) -> bool:
+    """Whether ``pid`` is (or is about to exec) an nbdkit process."""
+    try:
+        proc = psutil.Process(pid)
+        return (proc.status() != psutil.STATUS_ZOMBIE
+                and any("nbdkit" in part for part in proc.cmdline()[:5]))
+    except psutil.Error:
+        return False
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM ``pid``, SIGKILL it if it lingers; True if it was running."""
+    try:
+        proc = psutil.Process(pid)
+        proc.terminate()
+        if not _wait_dead(proc, timeout):
+            proc.kill()
+            _wait_dead(proc, timeout)
+    except psutil.NoSuchProcess:
+        return False
+    return True
+
+
+def _wait_dead(proc: psutil.Process, timeout: float) -> bool:
+    """Wait until ``proc`` has exited.  A zombie counts as exited (its files are closed):
+    a detached node's parent is init, which may reap it only seconds later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False

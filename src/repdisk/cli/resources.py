@@ -1,0 +1,323 @@
+"""Resource files: one TOML file per replicated resource, in a directory (``/etc/repdisk``).
+
+A resource is one pair (a consistency group of disks) and its controller.  The file's name
+is the resource's name (``web.toml`` -> ``web``)::
+
+    [primary]
+    host = "alpha"                        # default: this host (see ``this_host``)
+    disk = "/var/lib/repdisk/web.img"     # or a list: ["root:/a.img", "data:/b.img"]
+    control = "/run/repdisk/web-pri.qmp"
+    nbd-socket = "/run/repdisk/web-pri.sock"   # or nbd-address = "10.0.0.1:10809"
+    write-mode = "async"                  # any primary key of `repdisk primary --help`
+
+    [secondary]
+    host = "beta"
+    disk = "/var/lib/repdisk/web.img"
+    control = "/run/repdisk/web-sec.qmp"
+    nbd-address = "10.0.0.2:10809"
+    tls = "x509:/etc/repdisk/tls"         # the NBD listener's TLS (repdisk secondary --tls)
+
+    [controller]                          # optional; runs on the primary's host by default
+    control = "/run/repdisk/web-ctrl.qmp" # default: the primary's control + ".ctrl.qmp"
+    interval = "5s"                       # and any option of `repdisk controller --help`
+
+The primary's ``secondary`` key is made from the secondary's listener (its ``replica``
+export), so the two cannot disagree.  :func:`load_dir` reads every file of the directory
+and checks each one (unknown keys, values, as the nodes themselves would) and all of them
+together (two resources on one socket or port, a disk used twice on a host, a missing
+peer); the first mistake raises :class:`ResourceError` naming the file, the line and the
+key, before anything is started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from repdisk.node import config as cfgmod
+from repdisk.errors import ConfigError, RepdiskError
+
+DEFAULT_DIR = "/etc/repdisk"
+SUFFIX = ".toml"
+ROLES = (cfgmod.SECONDARY, cfgmod.PRIMARY)   # start order; stop order is the reverse
+#: Keys of a node section besides the node keys of config.KEYS for its role.
+LISTEN_KEYS = ("host", "nbd-socket", "nbd-address", "tls", "threads")
+#: Options of `repdisk controller` a [controller] section may give (beside host, control).
+CONTROLLER_KEYS = ("host", "control", "interval", "heartbeat", "heartbeat-timeout", "qmp",
+                   "freeze", "qga", "vm-state", "on-failover", "on-switchover", "initial-sync",
+                   "checkpoint-only", "metrics-file", "tls", "insecure")
+SECTIONS = ("primary", "secondary", "controller")
+
+
+class ResourceError(RepdiskError):
+    """A mistake in a resource file: ``path:line: key: message``."""
+
+    def __init__(self, path: str, line: int, key: str, message: str) -> None:
+        super().__init__(f"{path}:{line}: {key}: {message}")
+        self.path, self.line, self.key = path, line, key
+
+
+def this_host() -> str:
+    """The name a resource file's ``host`` is compared with: the short host name."""
+    return socket.gethostname().split(".")[0]
+
+
+@dataclass
+class Node:
+    """One node of a resource: its role, host, plugin keys and NBD listener."""
+    role: str
+    host: str
+    keys: list[tuple[str, str]]
+    control: str
+    nbd_socket: Optional[str] = None
+    nbd_address: Optional[tuple[str, int]] = None
+    tls: Optional[str] = None
+    threads: Optional[int] = None
+
+    @property
+    def pidfile(self) -> str:
+        return self.control + ".pid"
+
+    @property
+    def log(self) -> str:
+        return self.control + ".log"
+
+    def replica_uri(self) -> str:
+        if self.nbd_socket:
+            return f"nbd+unix:///replica?socket={os.path.abspath(self.nbd_socket)}"
+        assert self.nbd_address is not None
+        host, port = self.nbd_address
+        scheme = "nbds" if self.tls else "nbd"
+        return f"{scheme}://{host}:{port}/replica"
+
+
+@dataclass
+class Controller:
+    host: str
+    control: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pidfile(self) -> str:
+        return self.control + ".pid"
+
+    @property
+    def log(self) -> str:
+        return self.control + ".log"
+
+
+@dataclass
+class Resource:
+    name: str
+    path: str
+    nodes: dict[str, Node]          # by role
+    controller: Controller
+
+    def local_nodes(self, host: str) -> list[Node]:
+        """This host's nodes, in start order (secondary first)."""
+        return [self.nodes[r] for r in ROLES if self.nodes[r].host == host]
+
+
+class _Lines:
+    """Where a key is written in a TOML file (tomllib keeps no positions)."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self._where: dict[tuple[str, str], int] = {}
+        self._tables: dict[str, int] = {}
+        table = ""
+        for n, line in enumerate(text.splitlines(), 1):
+            m = re.match(r"\s*\[\s*([A-Za-z0-9_.-]+)\s*\]", line)
+            if m:
+                table = m.group(1)
+                self._tables.setdefault(table, n)
+                continue
+            m = re.match(r"\s*\"?([A-Za-z0-9_-]+)\"?\s*=", line)
+            if m:
+                self._where.setdefault((table, m.group(1)), n)
+
+    def error(self, table: str, key: str, message: str) -> ResourceError:
+        line = self._where.get((table, key)) or self._tables.get(table) or 1
+        return ResourceError(self.path, line, f"{table}.{key}" if table and key else
+                             (key or table), message)
+
+
+def _text(lines: _Lines, table: str, key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise lines.error(table, key, f"expected a string, got {type(value).__name__} {value!r}")
+
+
+def load_file(path: str, host: Optional[str] = None) -> Resource:
+    """Read and check one resource file (keys, values; the disks of this host's nodes)."""
+    host = host or this_host()
+    name = os.path.basename(path)[:-len(SUFFIX)]
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ResourceError(path, 0, "file", f"cannot read it: {err.strerror}") from err
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        m = re.search(r"line (\d+)", str(err))
+        raise ResourceError(path, int(m.group(1)) if m else 1, "syntax",
+                            f"not valid TOML: {err}") from None
+    lines = _Lines(path, text)
+    if not cfgmod.NAME_RE.match(name):
+        raise lines.error("", "file", f"the file name {name!r} is not a resource name "
+                                      "(letters, digits, '-', '_')")
+    for key, value in doc.items():
+        if key not in SECTIONS or not isinstance(value, dict):
+            raise lines.error(key if isinstance(value, dict) else "", key,
+                              f"unknown {'section' if isinstance(value, dict) else 'key'}; "
+                              f"a resource file has the sections {', '.join(SECTIONS)}")
+    for role in (cfgmod.PRIMARY, cfgmod.SECONDARY):
+        if role not in doc:
+            raise lines.error("", role, f"missing [{role}] section: a resource needs both "
+                                        "nodes (its peer is missing)")
+    secondary = _node(lines, cfgmod.SECONDARY, doc[cfgmod.SECONDARY], host, None)
+    primary = _node(lines, cfgmod.PRIMARY, doc[cfgmod.PRIMARY], host, secondary)
+    controller = _controller(lines, doc.get("controller", {}), primary)
+    return Resource(name, path, {cfgmod.PRIMARY: primary, cfgmod.SECONDARY: secondary},
+                    controller)
+
+
+def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
+          secondary: Optional[Node]) -> Node:
+    allowed = [k.name for k in cfgmod.KEYS if role in k.roles
+               and k.name not in ("role", "secondary")]
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in allowed and key not in LISTEN_KEYS:
+            raise lines.error(role, key, f"unknown key; a [{role}] section takes "
+                                         f"{', '.join(list(LISTEN_KEYS) + allowed)}")
+        values[key] = value
+    for key in ("disk", "control"):
+        if key not in values:
+            raise lines.error(role, key, f"is required in [{role}]")
+    if ("nbd-socket" in values) == ("nbd-address" in values):
+        raise lines.error(role, "nbd-socket", "give exactly one of nbd-socket (a Unix socket) "
+                                              "and nbd-address (HOST:PORT)")
+    node_host = _text(lines, role, "host", values.pop("host", host))
+    disks = values.pop("disk")
+    disk_list = disks if isinstance(disks, list) else [disks]
+    keys = [("role", role)]
+    keys += [("disk", _text(lines, role, "disk", d)) for d in disk_list]
+    listen = {k: values.pop(k) for k in LISTEN_KEYS if k in values}
+    keys += [(k, _text(lines, role, k, v)) for k, v in values.items()]
+    node = Node(role, node_host, keys, _text(lines, role, "control", values["control"]))
+    if "nbd-socket" in listen:
+        node.nbd_socket = _text(lines, role, "nbd-socket", listen["nbd-socket"])
+    else:
+        text = _text(lines, role, "nbd-address", listen["nbd-address"])
+        try:
+            node.nbd_address = cfgmod.parse_address("nbd-address", text)
+        except ConfigError as err:
+            raise lines.error(role, "nbd-address", str(err).split(": ", 1)[-1]) from None
+    if "tls" in listen:
+        node.tls = _text(lines, role, "tls", listen["tls"])
+    if "threads" in listen:
+        node.threads = int(_text(lines, role, "threads", listen["threads"]))
+    if secondary is not None:
+        node.keys.append(("secondary", secondary.replica_uri()))
+    if node_host == host:
+        _check_keys(lines, role, node)
+    return node
+
+
+def _check_keys(lines: _Lines, role: str, node: Node) -> None:
+    """The node's own checks (as `repdisk ROLE` would make them), on this host only: the
+    disks exist here."""
+    try:
+        cfgmod.NodeConfig.from_keys(node.keys)
+    except ConfigError as err:
+        key = err.key if err.key != "secondary" else "nbd-socket"
+        raise lines.error(role, key, str(err).split(": ", 1)[-1]) from None
+
+
+def _controller(lines: _Lines, table: dict[str, Any], primary: Node) -> Controller:
+    for key in table:
+        if key not in CONTROLLER_KEYS:
+            raise lines.error("controller", key, "unknown key; a [controller] section takes "
+                                                 f"{', '.join(CONTROLLER_KEYS)}")
+    options = {k: _text(lines, "controller", k, v) for k, v in table.items()
+               if k not in ("host", "control")}
+    control = _text(lines, "controller", "control",
+                    table.get("control", primary.control.removesuffix(".qmp") + ".ctrl.qmp"))
+    host = _text(lines, "controller", "host", table.get("host", primary.host))
+    return Controller(host, control, options)
+
+
+def load_dir(folder: str, host: Optional[str] = None) -> dict[str, Resource]:
+    """Every resource file of ``folder``, each checked, then all checked together."""
+    host = host or this_host()
+    if not os.path.isdir(folder):
+        raise ResourceError(folder, 0, "config-dir", "is not a directory: create it and put "
+                                                     "one NAME.toml per resource there")
+    resources = {}
+    for entry in sorted(os.listdir(folder)):
+        if entry.endswith(SUFFIX):
+            res = load_file(os.path.join(folder, entry), host)
+            resources[res.name] = res
+    _check_together(resources)
+    return resources
+
+
+def _check_together(resources: dict[str, Resource]) -> None:
+    """No two nodes or controllers on one socket or port, no disk used twice on a host."""
+    seen: dict[tuple[str, str], tuple[Resource, str, str]] = {}
+
+    def claim(res: Resource, host: str, what: str, table: str, key: str) -> None:
+        ident = (host, what)
+        other = seen.get(ident)
+        if other is not None:
+            o_res, o_table, o_key = other
+            raise _Lines(res.path, _read(res.path)).error(
+                table, key, f"{what.replace(':', ' ', 1)} is also used by {o_res.path} "
+                            f"([{o_table}] {o_key}); each resource needs its own")
+        seen[ident] = (res, table, key)
+
+    for res in resources.values():
+        for role, node in res.nodes.items():
+            claim(res, node.host, f"socket:{os.path.abspath(node.control)}", role, "control")
+            if node.nbd_socket:
+                claim(res, node.host, f"socket:{os.path.abspath(node.nbd_socket)}", role,
+                      "nbd-socket")
+            else:
+                assert node.nbd_address is not None
+                claim(res, node.host, f"port:{node.nbd_address[1]}", role, "nbd-address")
+            for key, value in node.keys:
+                if key == "disk":
+                    path = value.split(":", 1)[1] if re.match(r"^[A-Za-z0-9_-]+:", value) \
+                        else value
+                    claim(res, node.host, f"disk:{os.path.realpath(path)}", role, "disk")
+                if key == "control-tcp":
+                    claim(res, node.host, f"port:{value.rsplit(':', 1)[-1]}", role, key)
+        claim(res, res.controller.host,
+              f"socket:{os.path.abspath(res.controller.control)}", "controller", "control")
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def select(resources: dict[str, Resource], names: list[str], folder: str) -> list[Resource]:
+    """The resources named (``all`` or none: every one), in name order."""
+    if not names or names == ["all"]:
+        return [resources[n] for n in sorted(resources)]
+    missing = [n for n in names if n not in resources]
+    if missing:
+        raise RepdiskError(f"no resource named {', '.join(missing)} in {folder} (it has "
+                           f"{', '.join(sorted(resources)) or 'none'})")
+    return [resources[n] for n in names]

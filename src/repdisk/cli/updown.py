@@ -1,0 +1,218 @@
+"""``repdisk up|down [NAME|all]`` and ``repdisk status`` of resources: this host's part of
+each resource in the config directory (resources.py), like ``drbdadm up all``.
+
+``up`` reads and checks *every* resource file first: any mistake is refused before a
+single process starts, so a bad file never changes what is running.  Then, per resource,
+it starts this host's nodes (secondary first; each detached, ``CONTROL.pid`` and
+``CONTROL.log`` next to its control socket) and, where this host runs it, the controller,
+which starts replication once both nodes answer (the other host's node may come later).
+What already runs is left alone.  ``down`` stops the controller, then the primary, then
+the secondary; it leaves no process.  ``status`` prints each resource's lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+from typing import Any, Optional
+
+import psutil
+
+from repdisk.cli import ctlclient
+
+from repdisk.cli import nodeproc
+
+from repdisk.cli import resources
+from repdisk.errors import RepdiskError
+from repdisk.cli.resources import Node, Resource
+from repdisk.tls import TLSSpec
+
+
+def add_parsers(sub: Any) -> None:
+    """The ``up`` and ``down`` subcommands (``status`` lives in cli.py and calls status())."""
+    for name, func, what in (("up", _up, "start"), ("down", _down, "stop")):
+        p = sub.add_parser(name, help=f"{what} this host's nodes and controllers of resources "
+                                      "from their config files",
+                           description=f"{what.capitalize()} this host's part of each named "
+                                       "resource (all: every file in the config directory).")
+        p.add_argument("names", nargs="*", metavar="NAME|all", help="resources (default all)")
+        add_config_dir(p)
+        p.set_defaults(func=func)
+
+
+def add_config_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-dir", default=resources.DEFAULT_DIR, metavar="DIR",
+                   help=f"one NAME.toml per resource (default {resources.DEFAULT_DIR})")
+
+
+def _load(args: argparse.Namespace) -> list[Resource]:
+    found = resources.load_dir(args.config_dir)
+    return resources.select(found, args.names, args.config_dir)
+
+
+def _up(args: argparse.Namespace) -> int:
+    for res in _load(args):          # every file is checked before anything starts
+        started = up(res)
+        print(f"{res.name}: {', '.join(started) if started else 'already up'}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    for res in _load(args):
+        stopped = down(res)
+        print(f"{res.name}: stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
+    return 0
+
+
+def up(res: Resource, host: Optional[str] = None) -> list[str]:
+    """Start what of ``res`` runs on this host and is not running; what was started.  A
+    failure stops what this call started and raises."""
+    host = host or resources.this_host()
+    started: list[str] = []
+    try:
+        for node in res.local_nodes(host):
+            if not _running(node.pidfile):
+                _start_node(node)
+                started.append(node.role)
+        if res.controller.host == host and not _running(res.controller.pidfile):
+            _start_controller(res)
+            started.append("controller")
+    except BaseException:
+        _stop(res, host, started)
+        raise
+    return started
+
+
+def down(res: Resource, host: Optional[str] = None) -> list[str]:
+    """Stop what of ``res`` runs on this host (controller, primary, secondary); what was."""
+    host = host or resources.this_host()
+    return _stop(res, host, ["controller", *reversed(resources.ROLES)])
+
+
+def _stop(res: Resource, host: str, which: list[str]) -> list[str]:
+    stopped = []
+    if "controller" in which and res.controller.host == host:
+        if _stop_controller(res.controller.pidfile):
+            stopped.append("controller")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(res.controller.control)
+    for node in reversed(res.local_nodes(host)):
+        if node.role in which:
+            if nodeproc.stop_pidfile(node.pidfile):
+                stopped.append(node.role)
+            for path in (node.control, node.nbd_socket):
+                if path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+    return stopped
+
+
+def _listen(node: Node) -> nodeproc.Listen:
+    tls = TLSSpec.parse("tls", node.tls) if node.tls else None
+    if node.nbd_socket:
+        return nodeproc.Listen(socket=node.nbd_socket, tls=tls)
+    assert node.nbd_address is not None
+    insecure = dict(node.keys).get("insecure", "no") in ("yes", "true", "on", "1")
+    return nodeproc.Listen(port=node.nbd_address[1], address=node.nbd_address[0], tls=tls,
+                           insecure=insecure)
+
+
+def _start_node(node: Node) -> None:
+    from repdisk.cli.main import PLUGIN
+    listen = _listen(node)
+    listen.check()
+    for path in (node.control, node.nbd_socket):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cmd = nodeproc.nbdkit_command(PLUGIN, node.keys, listen, threads=node.threads)
+    nodeproc.start_background(cmd, node.pidfile, node.log, node.control, listen)
+
+
+def _start_controller(res: Resource) -> None:
+    c = res.controller
+    argv = [sys.executable, "-m", "repdisk.cli.main", "controller",
+            "--primary", _control_address(res.nodes["primary"]),
+            "--secondary", _control_address(res.nodes["secondary"]),
+            "--control", c.control, "--background", "--pidfile", c.pidfile, "--log", c.log]
+    for key, value in c.options.items():
+        if value in ("yes", "no") and key in ("freeze", "checkpoint-only", "insecure"):
+            argv += [f"--{key}"] if value == "yes" else []
+        else:
+            argv += [f"--{key}", value]
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RepdiskError(f"{res.name}: the controller did not start: "
+                           f"{(result.stderr or result.stdout).strip()}")
+
+
+def _control_address(node: Node) -> str:
+    """How the controller reaches a node: its control-tcp port if it has one, else the
+    control socket (same host)."""
+    return dict(node.keys).get("control-tcp") or node.control
+
+
+def _pid_in(pidfile: str) -> Optional[int]:
+    """The pid a pid file names, or None if there is none to read."""
+    try:
+        with open(pidfile) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(pidfile: str) -> bool:
+    pid = _pid_in(pidfile)
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _stop_controller(pidfile: str) -> bool:
+    """SIGTERM the controller named by the pid file (if it is one); True if it ran."""
+    pid = _pid_in(pidfile)
+    if pid is None:
+        return False
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        cmdline = []
+    stopped = "controller" in cmdline and nodeproc.stop_pid(pid)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pidfile)
+    return stopped
+
+
+def is_resource_name(arg: str) -> bool:
+    """A resource name (or ``all``), not a socket path or HOST:PORT."""
+    return bool(resources.cfgmod.NAME_RE.match(arg)) and not os.path.exists(arg)
+
+
+def status(names: list[str], config_dir: str) -> int:
+    """One block per resource: its name and the lines of what this host runs of it."""
+    found = resources.load_dir(config_dir)
+    host = resources.this_host()
+    ok = True
+    for res in resources.select(found, names, config_dir):
+        print(f"{res.name} ({res.path})")
+        sockets = []
+        if res.controller.host == host:
+            sockets.append(("controller", res.controller.control))
+        sockets += [(n.role, n.control) for n in res.local_nodes(host)]
+        for what, sock in sockets:
+            if not os.path.exists(sock):
+                ok = False
+                print(f"  {what}: down")
+                continue
+            try:
+                for line in ctlclient.status_lines(sock):
+                    print(f"  {line}")
+            except (RepdiskError, OSError) as err:
+                ok = False
+                print(f"  {what}: unreachable: {err}")
+    return 0 if ok else 1

@@ -1,0 +1,139 @@
+"""A planned switchover: the primary and its secondary swap roles, nothing lost, nothing copied.
+
+The pair is A (primary) and B (its secondary), both running, B consistent.  With the guest
+paused (the caller's ``pause``, e.g. QMP ``stop`` ... ``cont``, or a migration):
+
+1. A ``replication-demote``: guest writes refused, a final barrier puts every acknowledged
+   write on B (those after the last checkpoint too), a seal tells B so; A is now a
+   secondary in stage none (node.py).  If it fails, nothing changed.
+2. B ``replication-promote {secondary: A's replica URI}``: sealed, so a role switch: B's
+   disk is taken as it is, epoch + 1, nothing rolled back.
+3. A ``replication-start {mode: secondary, epoch}``, B ``replication-start {mode: primary,
+   epoch}``: nothing is dirty, so nothing is copied.  The guest may resume (on B's host).
+4. A pair checkpoint (B, then A): the new secondary holds a complete checkpoint at once.
+
+The same node commands serve Pacemaker's demote and promote (ocf/): one mechanism.  If step
+2 or 3 fails, the switchover rolls back to A as primary: A is promoted as it is (``force``;
+its disk equals B's after the barrier), B is restarted as its secondary in the new epoch;
+if that fails too, the error says what state each node is left in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from repdisk.errors import ControlError, RepdiskError
+
+log = logging.getLogger(__name__)
+
+#: ``call(command, args)``: a node's control command (raises RepdiskError on refusal).
+Call = Callable[[str, dict[str, Any]], Any]
+#: ``pause(body)``: run ``body`` with the guest paused; returns the pause in seconds.
+Pause = Callable[[Callable[[], None]], float]
+
+
+def no_pause(body: Callable[[], None]) -> float:
+    began = time.monotonic()
+    body()
+    return time.monotonic() - began
+
+
+@dataclass
+class Node:
+    """One side as the switchover sees it: its control ``call`` and its replica export."""
+    call: Call
+    replica_uri: str
+    name: str
+
+
+def check_ready(a: Node, b: Node) -> int:
+    """The pair's epoch if A is a running, in-sync primary and B a running, consistent
+    secondary; else raise saying which is not ready (nothing is changed)."""
+    p, s = a.call("query-replication", {}), b.call("query-replication", {})
+    if p["role"] != "primary" or s["role"] != "secondary":
+        raise ControlError(f"cannot switch over: {a.name} is a {p['role']} and {b.name} a "
+                           f"{s['role']}; a switchover needs a primary and its secondary")
+    for d in p["disks"]:
+        if d["stage"] != "running" or d["degraded"] or d["dirty_bytes"]:
+            raise ControlError(f"cannot switch over: {a.name} disk {d['disk']} is "
+                               f"{'degraded' if d['degraded'] else d['stage']} with "
+                               f"{d['dirty_bytes']} bytes dirty; resync first")
+    for d in s["disks"]:
+        if d["stage"] != "running" or not d.get("consistent"):
+            raise ControlError(f"cannot switch over: {b.name} disk {d['disk']} holds no "
+                               "complete checkpoint yet; wait for the next checkpoint")
+    if p["epoch"] != s["epoch"]:
+        raise ControlError(f"cannot switch over: the nodes are in epochs {p['epoch']} and "
+                           f"{s['epoch']}")
+    return int(p["epoch"])
+
+
+def switchover(a: Node, b: Node, *, write_mode: str = "sync",
+               isolation_timeout: Optional[float] = None,
+               pause: Pause = no_pause) -> dict[str, Any]:
+    """Make B the primary and A its secondary (module note); returns ``{epoch, pause,
+    duration}``.  Raises ControlError with nothing changed if the pair is not ready or A
+    cannot demote; after a later failure it rolls back (A primary again) and raises."""
+    began = time.monotonic()
+    check_ready(a, b)
+    done: dict[str, Any] = {}
+
+    def body() -> None:
+        a.call("replication-demote", {})
+        try:
+            promote = {"secondary": a.replica_uri, "write-mode": write_mode}
+            if isolation_timeout is not None:
+                promote["isolation-timeout"] = isolation_timeout
+            b.call("replication-promote", promote)
+            epoch = int(b.call("query-replication", {})["epoch"])
+            a.call("replication-start", {"mode": "secondary", "epoch": epoch})
+            b.call("replication-start", {"mode": "primary", "epoch": epoch})
+        except RepdiskError as err:
+            _roll_back(a, b, write_mode, isolation_timeout, err)
+        done["epoch"] = epoch
+
+    paused = pause(body)
+    checkpoint(b, a)   # the new secondary holds a complete checkpoint: it may fail over
+    result = {"epoch": done["epoch"], "pause": round(paused, 3),
+              "duration": round(time.monotonic() - began, 3)}
+    log.warning("switchover: %s is the primary now, %s its secondary (epoch %d, guest "
+                "paused %.3fs)", b.name, a.name, result["epoch"], paused)
+    return result
+
+
+def checkpoint(primary: Node, secondary: Node) -> None:
+    """One pair checkpoint (docs/DESIGN.md): barrier and hold, the secondary's, resume."""
+    primary.call("replication-do-checkpoint", {})
+    try:
+        secondary.call("replication-get-error", {})
+        secondary.call("replication-do-checkpoint", {})
+    finally:
+        primary.call("replication-resume", {})
+
+
+def _roll_back(a: Node, b: Node, write_mode: str, isolation_timeout: Optional[float],
+               err: RepdiskError) -> None:
+    """After A demoted: A becomes the primary again as it is, B its secondary; raises."""
+    log.error("switchover failed after %s demoted: %s; rolling back", a.name, err)
+    try:
+        if b.call("query-replication", {})["role"] == "primary":
+            raise ControlError(f"{b.name} was promoted already; not rolled back")
+        promote: dict[str, Any] = {"secondary": b.replica_uri, "write-mode": write_mode,
+                                   "force": True}
+        if isolation_timeout is not None:
+            promote["isolation-timeout"] = isolation_timeout
+        a.call("replication-promote", promote)
+        epoch = int(a.call("query-replication", {})["epoch"])
+        b.call("replication-stop", {"failover": False})
+        b.call("replication-start", {"mode": "secondary", "epoch": epoch})
+        a.call("replication-start", {"mode": "primary", "epoch": epoch})
+    except RepdiskError as again:
+        raise ControlError(f"switchover failed ({err}) and so did its roll-back ({again}): "
+                           f"{a.name} demoted and sealed its secondary; look at both nodes' "
+                           "query-replication, then promote the one whose disk to keep "
+                           "(replication-promote force=true)") from again
+    raise ControlError(f"switchover failed ({err}); rolled back: {a.name} is the primary "
+                       f"again (epoch {epoch}), {b.name} its secondary") from err

@@ -1,0 +1,176 @@
+"""A node's control commands, in QMP style, each mapped onto one call of its Node.
+
+``replication-start``, ``replication-do-checkpoint``, ``replication-get-error`` and
+``replication-stop`` are the framework's ``*_all`` calls over the node's disks;
+``replication-resume`` ends a primary's checkpoint hold (see docs/DESIGN.md);
+``replication-resync`` re-protects a degraded primary; ``query-replication``
+reports everything an operator or the controller watches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+from repdisk.errors import ControlError, RepdiskError
+from repdisk.qmp.protocol import ArgSpec, Command
+from repdisk.replication.framework import ReplicationMode
+
+if TYPE_CHECKING:
+    from repdisk.node.node import Node
+
+log = logging.getLogger(__name__)
+
+
+def _mode(value: str) -> ReplicationMode:
+    try:
+        return ReplicationMode(value)
+    except ValueError:
+        raise ControlError(f"Parameter 'mode' expects 'primary' or 'secondary', got {value!r}") from None
+
+
+def _refusal_is_the_answer(cmd: Command) -> Command:
+    """A command the node refuses (a RepdiskError: wrong role, wrong stage, ...) answers with
+    a QMP GenericError and one log line; only a real bug should leave a traceback in the log."""
+    def handler(args: dict[str, Any]) -> Any:
+        try:
+            return cmd.handler(args)
+        except ControlError:
+            raise
+        except RepdiskError as err:
+            log.info("control: %s refused: %s", cmd.name, err)
+            raise ControlError(str(err)) from err
+    return dataclasses.replace(cmd, handler=handler)
+
+
+def node_commands(node: "Node") -> list[Command]:
+    return [_refusal_is_the_answer(_leased(node, cmd)) for cmd in _node_commands(node)]
+
+
+def _leased(node: "Node", cmd: Command) -> Command:
+    """Every command may name the controller sending it (``controller``): the node's lease
+    then refuses it while another controller holds this node (see ``ControllerLease``)."""
+    def handler(args: dict[str, Any]) -> Any:
+        args = dict(args)
+        node.lease.check(args.pop("controller", None), args.pop("lease", None))
+        return cmd.handler(args)
+    leased_args = {**cmd.args,
+                   "controller": ArgSpec(str, False, "the controller sending this command: "
+                                                     "refused while another holds the lease"),
+                   "lease": ArgSpec(float, False, "seconds the sender's lease lasts after "
+                                                  "each of its commands (0: release it)")}
+    return dataclasses.replace(cmd, handler=handler, args=leased_args)
+
+
+def _node_commands(node: "Node") -> list[Command]:
+    def start(args: dict[str, Any]) -> Optional[dict[str, str]]:
+        return node.start(_mode(args["mode"]), args.get("epoch"))
+
+    def stop(args: dict[str, Any]) -> Optional[dict[str, str]]:
+        return node.stop(args["failover"])
+
+    def resync(args: dict[str, Any]) -> dict[str, int]:
+        return {"bytes": node.resync()}
+
+    return [
+        Command("query-replication", lambda a: node.query(),
+                help="role, epoch and, per disk, stage, error, dirty bytes, lag and counters"),
+        Command("replication-start", start,
+                {"mode": ArgSpec(str, True, "primary or secondary: must match the node's role"),
+                 "epoch": ArgSpec(int, False, "the pair's epoch; older than the node's is refused")},
+                help="start replication on every disk (secondary first, then primary)"),
+        Command("replication-do-checkpoint", lambda a: node.checkpoint(),
+                help="take a checkpoint on every disk (primary: barrier and hold)"),
+        Command("replication-resume", lambda a: node.resume(),
+                help="primary: end the hold that a checkpoint began"),
+        Command("replication-get-error", lambda a: node.get_error(),
+                help="fail with the first recorded replication error"),
+        Command("replication-stop", stop,
+                {"failover": ArgSpec(bool, True, "true: the peer is lost (secondary: fail over)")},
+                help="stop replication on every disk"),
+        Command("replication-resync", resync,
+                help="primary: reconnect to the secondary and copy every dirty region"),
+        *_controller_commands(node),
+    ]
+
+
+def _controller_commands(node: "Node") -> list[Command]:
+    """What the controller needs beyond the framework: contact, fencing, promotion, sync."""
+    disk = ArgSpec(str, False, "the disk's name (default: the node's first disk)")
+
+    def promote(args: dict[str, Any]) -> None:
+        node.promote(args["secondary"], args.get("write-mode", "sync"),
+                     float(args.get("timeout", 5.0)), args.get("isolation-timeout"),
+                     bool(args.get("force", False)), bool(args.get("probe", False)))
+
+    def digests(args: dict[str, Any]) -> dict[str, Any]:
+        return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
+                                        args["granularity"])}
+
+    def allocation(args: dict[str, Any]) -> dict[str, Any]:
+        runs = node.allocation(args.get("disk"), args.get("offset", 0), args.get("length"))
+        return {"runs": [list(r) for r in runs]}
+
+    def mark(args: dict[str, Any]) -> dict[str, int]:
+        runs = args["runs"]
+        if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                   for r in runs):
+            raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
+        return {"dirty_bytes": node.mark_dirty(args.get("disk"), runs)}
+
+    def verify(args: dict[str, Any]) -> dict[str, Any]:
+        runs = args.get("runs")
+        if runs is not None and not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+                for r in runs):
+            raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
+        return {"disks": node.verify(args.get("disk"), runs, bool(args.get("repair", False)))}
+
+    return [
+        Command("replication-verify", verify,
+                {"disk": ArgSpec(str, False, "the disk's name (default: every disk)"),
+                 "runs": ArgSpec(list, False, "[[offset, length], ...] to compare besides "
+                                              "where this node holds data (e.g. where the "
+                                              "secondary does)"),
+                 "repair": ArgSpec(bool, False, "copy the differing ranges (default false)")},
+                help="primary: compare the disks with the secondary's while the guest writes; "
+                     "the exact differing ranges (repair=true copies them)"),
+        Command("replication-heartbeat", lambda a: node.heartbeat(),
+                help="the controller's heartbeat: counts as contact for a primary's isolation "
+                     "guard; returns what query-replication returns"),
+        Command("replication-fence", lambda a: node.fence(a["reason"]),
+                {"reason": ArgSpec(str, True, "why (shown to every refused guest write)")},
+                help="primary: this node lost a failover; guest writes fail for good"),
+        Command("replication-demote", lambda a: node.demote(),
+                help="primary: refuse guest writes, final barrier, seal the secondary (it "
+                     "then holds every acknowledged write), become a secondary (stage none)"),
+        Command("replication-promote", promote,
+                {"secondary": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
+                 "write-mode": ArgSpec(str, False, "sync (default) or async"),
+                 "timeout": ArgSpec(float, False, "how long the secondary may take (default "
+                                                  "5s)", unit="duration"),
+                 "isolation-timeout": ArgSpec(float, False, "time without contact before guest "
+                                                            "writes are held (default 3s)",
+                                              unit="duration"),
+                 "force": ArgSpec(bool, False, "a node that is not replicating takes its disk "
+                                               "as it is (its caller knows no newer one "
+                                               "exists: Pacemaker's agent)"),
+                 "probe": ArgSpec(bool, False, "first check that the new secondary's replica "
+                                               "export answers with the disks' sizes, and "
+                                               "refuse (changing nothing) if not")},
+                help="a failed-over secondary, or a running one whose primary was demoted "
+                     "(a role switch: nothing rolled back or copied), becomes a primary"),
+        Command("query-digests", digests,
+                {"disk": disk, "offset": ArgSpec(int, True, "first byte", unit="size"),
+                 "length": ArgSpec(int, True, "bytes (at most 1 GiB per call)", unit="size"),
+                 "granularity": ArgSpec(int, True, "bytes per digest", unit="size")},
+                help="BLAKE2b digests of the node's own disk in granules (checksum sync)"),
+        Command("query-allocation", allocation,
+                {"disk": disk, "offset": ArgSpec(int, False, "first byte (default 0)", unit="size"),
+                 "length": ArgSpec(int, False, "bytes (default: to the end)", unit="size")},
+                help="[offset, length] runs where the node's disk holds data (full sync)"),
+        Command("replication-mark-dirty", mark,
+                {"disk": disk, "runs": ArgSpec(list, True, "[[offset, length], ...]")},
+                help="primary: these runs are to be copied by the next start or resync"),
+    ]

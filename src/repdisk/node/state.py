@@ -1,0 +1,132 @@
+"""A node's persisted state: its epoch (generation), whether it won a failover, fencing.
+
+The epoch is what keeps two nodes from writing in the same generation: every
+failover starts a new epoch, a node refuses to start in an epoch older than the
+one it has recorded, and a node that won a failover (it holds the newest data)
+refuses to become a secondary again in that same epoch.  A primary fenced by the
+controller (it lost a failover) records why, refuses guest writes and refuses to
+start as a primary again: it may only come back as a secondary in a newer epoch,
+whose resync from the winner replaces its data.  A secondary records that its failover
+commit is under way (``failover_commit``, the epoch it fails over from) before the
+commit overwrites its disk, and clears it together with the epoch bump: a node that
+finds it set at start-up finishes that commit before serving anything, and refuses
+every start until it has.  A secondary whose primary was demoted cleanly (its final
+barrier, then a write to the seal export, see node.py) records ``sealed`` (disk -> the
+primary's epoch): its disk then holds every write that primary acknowledged, so it may be
+promoted without a rollback (:meth:`NodeState.switch`); any newer writer session or start
+clears it.  A primary records ``unclean`` once it begins to serve, before any write, and
+clears it only at a clean stop, after saving its dirty maps: a primary that finds it set
+at start-up did not stop cleanly (its maps are gone or stale) and compares its disks with
+its secondary's before its first checkpoint (node.py).  Written with
+:func:`~repdisk.durable.replace_file` (temporary file, fsync, rename, fsync of the
+directory) so a crash leaves the old or the new state, never a torn one; a file that cannot
+be parsed is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from repdisk.durable import replace_file
+from repdisk.errors import ConfigError
+
+FORMAT = 1
+
+
+@dataclass
+class NodeState:
+    epoch: int = 0
+    role: str = ""
+    failed_over: bool = False  # this node's disk became the pair's newest in `epoch`
+    fenced: str = ""           # why this node may no longer accept guest writes ("" = not)
+    failover_commit: Optional[int] = None  # epoch whose failover commit is under way
+    sealed: dict[str, int] = field(default_factory=dict)  # disk -> epoch of a clean demote
+    unclean: bool = False      # a primary served since its dirty maps were last saved
+
+    @classmethod
+    def load(cls, path: str) -> "NodeState":
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as err:
+            raise ConfigError("state", f"{path} cannot be read ({err}); it is never trusted "
+                                       "blindly: check it, or move it away to start afresh") from err
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ConfigError("state", f"{path} is not a repdisk state file of format {FORMAT}")
+        try:
+            return cls(epoch=int(raw["epoch"]), role=str(raw["role"]),
+                       failed_over=bool(raw["failed_over"]),
+                       fenced=str(raw.get("fenced", "")),
+                       failover_commit=_optional_int(raw.get("failover_commit")),
+                       sealed=_sealed(raw.get("sealed", {})),
+                       unclean=bool(raw.get("unclean", False)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
+
+    def save(self, path: str) -> None:
+        replace_file(path, json.dumps({"format": FORMAT, **asdict(self)}))
+
+    def check_start(self, role: str, epoch: Optional[int]) -> None:
+        """Refuse a start that would let a stale node write; raise with the reason."""
+        if self.failover_commit is not None:
+            raise ConfigError("epoch", f"start refused: the failover commit of epoch "
+                                       f"{self.failover_commit} was interrupted and is not "
+                                       "finished (the disk is half committed); restart the "
+                                       "node to finish it, see its log if that fails")
+        if epoch is not None and epoch < self.epoch:
+            raise ConfigError("epoch", f"start in epoch {epoch} refused: this node is already "
+                                       f"in epoch {self.epoch} (a stale controller or node?)")
+        if role == "primary" and self.fenced:
+            raise ConfigError("epoch", f"this node was fenced ({self.fenced}): it may not "
+                                       "be a primary again; start it as the winner's "
+                                       "secondary in a newer epoch (its data is resynced)")
+        if role == "secondary" and self.failed_over and (epoch is None or epoch <= self.epoch):
+            raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
+                                       "holds the newest data: promote it, or start it as a "
+                                       f"secondary with an epoch above {self.epoch} once its "
+                                       "data has been saved or is no longer wanted")
+
+    def begin_failover(self) -> None:
+        """The overlays are durable and the commit is about to overwrite the disk."""
+        self.failover_commit = self.epoch
+
+    def end_failover(self) -> None:
+        """The commit is complete: this node won the failover and starts the next epoch."""
+        self.epoch, self.failed_over, self.failover_commit = self.epoch + 1, True, None
+
+    def enter(self, role: str, epoch: Optional[int]) -> None:
+        """Record a start (already checked): a newer epoch clears what the old one said;
+        any start clears the seals (the disk is about to change again)."""
+        if epoch is not None and epoch > self.epoch:
+            self.epoch, self.failed_over, self.fenced = epoch, False, ""
+        self.role = role
+        self.sealed = {}
+
+    def sealed_all(self, disks: list[str]) -> bool:
+        """Every one of ``disks`` was sealed by a primary of this node's epoch or newer."""
+        return all(self.sealed.get(d, -1) >= self.epoch for d in disks)
+
+    def switch(self) -> None:
+        """A role switch after a clean demote: this node's disk is the newest and starts
+        the next epoch, as a won failover does (nothing was rolled back)."""
+        self.epoch, self.failed_over, self.sealed = self.epoch + 1, True, {}
+
+
+def _optional_int(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"failover_commit is {value!r}, expected an epoch or null")
+    return value
+
+
+def _sealed(value: object) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in value.items()):
+        raise ValueError(f"sealed is {value!r}, expected an object of disk: epoch")
+    return dict(value)

@@ -1,0 +1,1 @@
+"""The control protocol: QMP framing, server, client and the TLS relay."""

@@ -1,0 +1,1 @@
+"""Replication: the framework and stages, the secondary, sessions, batches, the forwarder, resync, the primary."""

@@ -1,0 +1,123 @@
+"""Writer sessions of a secondary's ``replica`` export: fencing stale primaries.
+
+A primary connects to ``replica@EPOCH.GEN`` (``replica/NAME@EPOCH.GEN`` in a
+group): its epoch and a generation that grows with every connection it makes.
+The secondary admits a session only if its epoch is not older than the node's,
+and once a newer session is admitted, every write of an older one is refused
+with EPERM.  Two dangers are closed this way:
+
+* a primary of an older epoch (one that lost a failover) can never write;
+* requests of a connection the primary gave up on (a hung secondary, a cut
+  link) that are still in the secondary's socket buffer cannot land after the
+  primary's resync over a new connection has rewritten the same bytes.
+
+Admission waits for the writes of older sessions that are already under way
+(an exclusive hold of the gate), so no write of an old session is half done
+when a newer one starts.  A plain ``replica`` connection (no tag) is an
+operator's tool and is not fenced.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import threading
+from typing import Any, Optional
+
+from repdisk.errors import BlockIOError
+from repdisk.block.images import BlockDevice
+from repdisk.block.rangelock import RangeLock
+
+Token = tuple[int, int]  # (epoch, generation)
+
+_TAG = re.compile(r"^(\d+)\.(\d+)$")
+
+
+def split_tag(export: str) -> tuple[str, Optional[Token]]:
+    """``replica/root@3.17`` -> (``replica/root``, (3, 17)); no tag -> (name, None)."""
+    base, sep, tag = export.rpartition("@")
+    if not sep:
+        return export, None
+    m = _TAG.match(tag)
+    if not m:
+        raise BlockIOError(errno.EINVAL, f"export {export!r}: the session tag must be "
+                                         "EPOCH.GENERATION")
+    return base, (int(m.group(1)), int(m.group(2)))
+
+
+#: A replica export's seal twin (``replica/NAME+seal@EPOCH.GEN``): a demoting primary
+#: writes there once, after its final barrier, to say that the secondary now holds every
+#: write it acknowledged (node.py records it; a promotion then copies nothing).
+SEAL_SUFFIX = "+seal"
+
+
+def make_tag(epoch: int, generation: int) -> str:
+    return f"@{epoch}.{generation}"
+
+
+class WriterGate:
+    """Which writer session of one disk may write; see the module docstring."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # One range, [0, 1): writes hold it shared, admission of a newer session exclusive.
+        self._hold = RangeLock()
+        # Guards _current (read under the shared hold, written under the exclusive one).
+        self._mutex = threading.Lock()
+        self._current: Token = (-1, -1)
+
+    def admit(self, token: Token, node_epoch: int) -> None:
+        if token[0] < node_epoch:
+            raise BlockIOError(errno.EPERM, f"{self.name}: refusing a primary of epoch "
+                                            f"{token[0]}: this node is in epoch {node_epoch} "
+                                            "(that primary lost a failover)")
+        with self._hold.exclusive(0, 1):
+            with self._mutex:
+                if token < self._current:
+                    raise BlockIOError(errno.EPERM, f"{self.name}: a newer primary session "
+                                                    f"{self._current} is already writing")
+                self._current = token
+
+    def run_write(self, token: Token, fn: Any, *args: Any) -> None:
+        """Run a write of ``token``'s session, holding off newer admissions meanwhile.
+
+        Called for every replica request, so a plain acquire/release rather than a
+        generator context manager (several Python calls per request)."""
+        entry = self._hold.acquire(0, 1, False)
+        try:
+            if token != self._current:
+                raise BlockIOError(errno.EPERM, f"{self.name}: write of a superseded primary "
+                                                f"session {token} refused (current "
+                                                f"{self._current})")
+            fn(*args)
+        finally:
+            self._hold.release(entry)
+
+    @property
+    def current(self) -> Token:
+        return self._current
+
+
+class SessionView:
+    """A ``replica`` view as one writer session sees it: writes pass only while current."""
+
+    def __init__(self, view: BlockDevice, gate: WriterGate, token: Token) -> None:
+        self._view, self._gate, self._token = view, gate, token
+        self.size = view.size
+        self.pread_into = view.pread_into
+        self.extents = view.extents
+
+    def _write(self, fn: Any, *args: Any) -> None:
+        self._gate.run_write(self._token, fn, *args)
+
+    def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
+        self._write(self._view.pwrite, buf, offset, fua)
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        self._write(self._view.zero, offset, length, fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._write(self._view.trim, offset, length, fua)
+
+    def flush(self) -> None:
+        self._write(self._view.flush)
