@@ -33,15 +33,16 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
 from repdisk.block.images import RawImage
-from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.framework import ReplicationMode
+from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
 
 from . import run as bench

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import ctypes
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -42,10 +43,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import nbd
 

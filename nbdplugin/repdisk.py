@@ -85,11 +85,11 @@ def _find_package() -> None:
 
 _find_package()
 
-from repdisk.node import config as _config  # noqa: E402
 from repdisk import sockaccess  # noqa: E402
-from repdisk.node import threadstate  # noqa: E402
-from repdisk.errors import BlockIOError, ConfigError, RepdiskError  # noqa: E402
 from repdisk.block.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
+from repdisk.errors import BlockIOError, ConfigError, RepdiskError  # noqa: E402
+from repdisk.node import config as _config  # noqa: E402
+from repdisk.node import threadstate  # noqa: E402
 from repdisk.node.node import Node  # noqa: E402
 from repdisk.qmp.protocol import remove_stale_socket  # noqa: E402
 

@@ -21,12 +21,13 @@ Facts this rests on: ../../shared/reference/pacemaker-on-one-host.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import psutil
 
@@ -123,13 +124,13 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
 
 @dataclass
 class ClusterNode:
-    cluster: "Cluster"
+    cluster: Cluster
     name: str
     nodeid: int
     host: Host
-    port: Optional[Port] = None
+    port: Port | None = None
     folder: str = ""
-    init: Optional[subprocess.Popen] = None
+    init: subprocess.Popen | None = None
     daemons: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -153,7 +154,7 @@ class ClusterNode:
         return ["nsenter", "-t", str(self.init.pid), "-m", "-n", "-u", "--", *argv]
 
     def run(self, argv: list[str], check: bool = True, timeout: float = 60,
-            env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         done = _run(self.enter(argv), timeout=timeout, env=env)
         if check and done.returncode:
             raise RuntimeError(f"{self.name}: {' '.join(argv)} -> {done.returncode}: "
@@ -212,10 +213,8 @@ class ClusterNode:
         if self.init is None or self.init.poll() is not None:
             return
         for p in self.processes():
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         self.reap()
         self.cluster.note(f"power cut {self.name}")
 
@@ -246,8 +245,8 @@ class ClusterNode:
 class Cluster:
     """``n`` nodes n1..nN on one switch, seeded with ``options`` (cluster properties)."""
 
-    def __init__(self, net: Net, folder: str, n: int, token_ms: Optional[int] = None,
-                 options: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, net: Net, folder: str, n: int, token_ms: int | None = None,
+                 options: dict[str, str] | None = None) -> None:
         self.net = net
         self.folder = folder
         self.t0 = time.time()
@@ -333,7 +332,7 @@ class Cluster:
                   "every node online with a DC")
         self.note("cluster formed")
 
-    def online(self, via: Optional[ClusterNode] = None) -> set[str]:
+    def online(self, via: ClusterNode | None = None) -> set[str]:
         node = via or next(n for n in self.nodes if n.up)
         out = node.run(["crm_mon", "-1", "--output-as=xml"], check=False).stdout
         import xml.etree.ElementTree as ET

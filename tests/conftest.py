@@ -7,8 +7,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 import nbd
 import pytest
@@ -95,7 +95,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_disk(path: str, size: int, fill: Optional[int] = None) -> str:
+def make_disk(path: str, size: int, fill: int | None = None) -> str:
     with open(path, "wb") as f:
         if fill is None:
             f.truncate(size)

@@ -26,8 +26,9 @@ import os
 import secrets
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ CLONE_NEWNET = 0x40000000
 SUBNET = "10.213"
 
 
-def unavailable() -> Optional[str]:
+def unavailable() -> str | None:
     """Why namespace tests cannot run here, or None if they can."""
     if os.geteuid() != 0:
         return "network namespace tests need root (ip netns add)"
@@ -153,7 +154,7 @@ class Net:
             subprocess.run(["ip", "netns", "del", host.ns], capture_output=True)
         self.hosts.clear()
 
-    def __enter__(self) -> "Net":
+    def __enter__(self) -> Net:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,15 +164,15 @@ class Net:
 # -- nodes on hosts ----------------------------------------------------------------------
 
 def start_node(nodes: Any, role: str, name: str, keys: list[tuple[str, str]],
-               listen: Any, host: Optional[Host] = None) -> Any:
+               listen: Any, host: Host | None = None) -> Any:
     """A repdisk node started as ``repdisk`` starts it, with any listener (TCP, TLS),
     inside ``host``'s namespace if given; ``nodes`` (conftest.Nodes) kills it at the end.
 
     Readiness is probed from inside the namespace, where the listener is reachable.
     """
-    from tests.conftest import NodeProc
     from repdisk.cli import nodeproc
     from repdisk.cli.main import PLUGIN
+    from tests.conftest import NodeProc
 
     control = os.path.join(nodes.folder, f"{name}.qmp")
     log = os.path.join(nodes.folder, f"{name}.log")
@@ -205,7 +206,7 @@ def net() -> Iterator[Net]:
 class Port:
     """A host's cable to the switch; ``cut`` pulls it (the switch end goes down), ``heal``
     plugs it back."""
-    net: "Net"
+    net: Net
     switch_ns: str
     dev: str
     host: Host

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from repdisk.replication.batch import MAGIC, MAILBOX, BatchView, decode, encode
-from repdisk.errors import BlockIOError
 from repdisk.block.images import RawImage
+from repdisk.errors import BlockIOError
+from repdisk.replication.batch import MAGIC, MAILBOX, BatchView, decode, encode
 
 SIZE = 1 << 20
 

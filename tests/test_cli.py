@@ -16,17 +16,17 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import pytest
 
-from tests.conftest import MiB, Nodes, make_disk
-from repdisk.node import config as cfgmod
 from repdisk.cli import nodeproc
 from repdisk.cli.main import PLUGIN
 from repdisk.errors import RepdiskError
+from repdisk.node import config as cfgmod
 from repdisk.replication.secondary import SecondaryReplica
+from tests.conftest import MiB, Nodes, make_disk
 from tests.test_node_pair import qemu, read_file
 
 REPDISK = os.path.join(os.path.dirname(sys.executable), "repdisk")
@@ -47,7 +47,7 @@ class Mistake:
     keys: list[tuple[str, str]]
     message: str                      # a regex for the text after "nbdkit: repdisk: error: "
     cli: bool = True                  # expressible with `repdisk primary|secondary`
-    setup: Optional[Callable[[str, Nodes], None]] = None
+    setup: Callable[[str, Nodes], None] | None = None
 
 
 def sec_keys(*extra: tuple[str, str], disk: str = "d.img") -> list[tuple[str, str]]:

@@ -25,13 +25,9 @@ import time
 import psutil
 import pytest
 
-from repdisk.cli import main as cli
-
-from repdisk.cli import ctlclient
-
-from repdisk.cli import nodeproc
-
 from repdisk import units
+from repdisk.cli import ctlclient, nodeproc
+from repdisk.cli import main as cli
 from repdisk.errors import ConfigError
 from tests.conftest import MiB
 from tests.test_cli import REPDISK, Pair, cli_pair, run, start_cli_pair  # noqa: F401
@@ -259,8 +255,8 @@ def test_parse_duration_refuses(bad: str) -> None:
 
 
 def test_every_parser_is_the_one_in_units() -> None:
-    from repdisk.node import config
     from repdisk.controller import controller
+    from repdisk.node import config
     from repdisk.qmp import protocol as qmp
     assert config.parse_size is units.parse_size is qmp.parse_size
     assert config.parse_duration is units.parse_duration is controller.parse_duration

@@ -16,13 +16,13 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 import nbd
 from qemu.qmp import ExecuteError, QMPClient
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.qmp.protocol import QMPClient as BlockingClient
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from tests.test_node_pair import SIZE, read_export
 
 # Arguments for the commands that need some; every other listed command runs without any.
@@ -146,7 +146,7 @@ class Raw:
         self.sock.close()
 
 
-def error(reply: dict[str, Any], cls: str, desc: str, msg_id: Optional[Any] = None) -> None:
+def error(reply: dict[str, Any], cls: str, desc: str, msg_id: Any | None = None) -> None:
     assert reply.get("error", {}).get("class") == cls, reply
     assert desc in reply["error"]["desc"], reply
     assert reply.get("id") == msg_id

@@ -16,13 +16,23 @@ import time
 import nbd
 import pytest
 
-from tests.conftest import MiB, Nodes, make_disk
 from repdisk.cli import ctlclient
 from repdisk.errors import ControlError
 from repdisk.replication.resync import GRANULARITY
-from tests.test_controller_helpers import (HEARTBEAT_TIMEOUT, Pair, Writer, events, file_bytes,
-                                     make_pair, read_export, restart, run_in_thread,
-                                     step_until, wait_for)
+from tests.conftest import MiB, Nodes, make_disk
+from tests.test_controller_helpers import (
+    HEARTBEAT_TIMEOUT,
+    Pair,
+    Writer,
+    events,
+    file_bytes,
+    make_pair,
+    read_export,
+    restart,
+    run_in_thread,
+    step_until,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import nbd
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.controller.controller import Controller, ControllerConfig
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 
 # Short timings: every rule holds (isolation < heartbeat-timeout; hold = timeout/2 covers a
 # secondary checkpoint) while a failover still takes about a second.
@@ -33,7 +33,7 @@ class LinkProxy:
         self.path, self.target = path, target
         self.mode = "pass"
         self.sent = 0
-        self.cut_after: Optional[int] = None
+        self.cut_after: int | None = None
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -83,18 +83,14 @@ class LinkProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def _cut_locked(self) -> None:
         self.mode = "cut"
         for s in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._conns = []
 
     def cut(self) -> None:
@@ -135,8 +131,8 @@ class Pair:
     sec_disk: str
     sec: NodeProc
     pri: NodeProc
-    link: Optional[LinkProxy] = None
-    ctl_link: Optional[LinkProxy] = None    # the controller's path to the primary's control
+    link: LinkProxy | None = None
+    ctl_link: LinkProxy | None = None    # the controller's path to the primary's control
     controllers: list[Controller] = field(default_factory=list)
 
     def controller(self, **kw) -> Controller:
@@ -163,7 +159,7 @@ class Pair:
 
 
 def make_pair(nodes: Nodes, size: int = 16 * MiB, proxy: bool = False, ctl_proxy: bool = False,
-              pri_fill: Optional[int] = None, sec_fill: Optional[int] = None,
+              pri_fill: int | None = None, sec_fill: int | None = None,
               **primary_keys: str) -> Pair:
     folder = nodes.folder
     pri_disk = make_disk(os.path.join(folder, "pri.img"), size, pri_fill)
@@ -209,7 +205,7 @@ class Writer:
 
     def __init__(self, uri: str, size: int, threads: int = 3, seed: int = 0,
                  max_len: int = 64 << 10, stop_on_error: bool = True,
-                 span: Optional[int] = None) -> None:
+                 span: int | None = None) -> None:
         self.uri, self.size = uri, size
         self.model = bytearray(size)
         self.errors: list[str] = []
@@ -226,7 +222,7 @@ class Writer:
         self._threads = [threading.Thread(target=self._run, args=(i * stripe, used, seed + i),
                                           daemon=True) for i in range(threads)]
 
-    def start(self, model: Optional[bytes] = None) -> "Writer":
+    def start(self, model: bytes | None = None) -> Writer:
         if model is not None:
             self.model[:] = model
         for t in self._threads:
@@ -267,10 +263,8 @@ class Writer:
                 with self._cond:
                     self._active -= 1
                     self._cond.notify_all()
-        try:
+        with contextlib.suppress(nbd.Error):
             h.shutdown()
-        except nbd.Error:
-            pass
 
     def pause(self) -> bytes:
         """Stop new writes, wait for those in flight; the model, which is now the disk."""

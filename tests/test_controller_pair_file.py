@@ -9,6 +9,7 @@ used, as a user would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,7 +117,5 @@ def test_restart_with_the_first_options_runs_the_pair_as_it_is_now(tmp_path: Any
             assert f.read(MiB) == b"\x22" * MiB
     finally:
         for name in ("ctl", "pri", "sec", "old"):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 kill9(folder, name)
-            except (OSError, ValueError):
-                pass

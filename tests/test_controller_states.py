@@ -11,8 +11,14 @@ import itertools
 
 import pytest
 
-from repdisk.controller.controller import (TRANSITIONS, Controller, ControllerConfig, ControllerState,
-                                Operation, gate)
+from repdisk.controller.controller import (
+    TRANSITIONS,
+    Controller,
+    ControllerConfig,
+    ControllerState,
+    Operation,
+    gate,
+)
 from repdisk.errors import ConfigError, ControlError
 
 S = ControllerState
@@ -92,10 +98,9 @@ def _changes(ctl: Controller) -> list[tuple[str, str]]:
 def test_an_operation_shows_its_state_and_leaves_on_error_when_it_fails(tmp_path) -> None:
     ctl = _controller(tmp_path)
     ctl.state = S.DEGRADED
-    with pytest.raises(RuntimeError, match="boom"):
-        with ctl._operation(O.RESYNC):
-            assert ctl.state is S.RESYNCING and ctl.query()["operation"] == "resync"
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ctl._operation(O.RESYNC):
+        assert ctl.state is S.RESYNCING and ctl.query()["operation"] == "resync"
+        raise RuntimeError("boom")
     assert ctl.state is S.DEGRADED and ctl.operation is None
     assert _changes(ctl) == [("degraded", "resyncing"), ("resyncing", "degraded")]
     assert ctl.events[-1]["data"]["why"] == "resync failed: boom"

@@ -24,16 +24,25 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.test_controller_helpers import (ISOLATION, TIMEOUT, Writer, events, file_bytes,
-                                           make_pair, read_export, restart as forget,
-                                           step_until, wait_for)
-from tests.test_faults import kill9, restart
 from repdisk.cli import ctlclient
 from repdisk.errors import ConfigError, ControlError
+from repdisk.node.state import NodeState
 from repdisk.qmp.protocol import QMPClient
 from repdisk.replication.resync import GRANULARITY
-from repdisk.node.state import NodeState
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.test_controller_helpers import (
+    ISOLATION,
+    TIMEOUT,
+    Writer,
+    events,
+    file_bytes,
+    make_pair,
+    read_export,
+    step_until,
+    wait_for,
+)
+from tests.test_controller_helpers import restart as forget
+from tests.test_faults import kill9, restart
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,6 +25,7 @@ Runtime: 70-100 s per write mode on the shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -128,10 +129,8 @@ class Site:
             kill_ours(int(f.read()), self.folder)
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
             self.kill()
-        except (OSError, ValueError, AssertionError):
-            pass
 
 
 class Cycler:
@@ -162,7 +161,7 @@ class Cycler:
 
     def wait(self, what: str, pred: Any, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        q: Optional[dict[str, Any]] = None
+        q: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             try:
                 q = self.query()
@@ -279,10 +278,8 @@ class Cycler:
 
     def close(self) -> None:
         for stop in (self.kill_controller, self.a.stop, self.b.stop):
-            try:
+            with contextlib.suppress(OSError, ValueError, AssertionError):
                 stop()
-            except (OSError, ValueError, AssertionError):
-                pass
 
 
 def _since(path: str, offset: int) -> str:

@@ -15,7 +15,7 @@ import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from tests.conftest import MiB, Nodes, NodeProc
+from tests.conftest import MiB, NodeProc, Nodes
 from tests.test_node_pair import SIZE, checkpoint, random_bytes, read_export, read_file, start_pair
 
 

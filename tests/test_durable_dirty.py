@@ -14,12 +14,12 @@ import json
 import os
 import signal
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from repdisk.cli import lab
 from repdisk.block.dirtymap import DirtyMap
+from repdisk.cli import lab
 from tests.test_cli import REPDISK, run
 from tests.test_lab import lab_processes
 from tests.test_node_pair import qemu

@@ -17,15 +17,16 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import nbd
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.netns import start_node
 from repdisk.cli import nodeproc
 from repdisk.errors import ControlError, RepdiskError
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.netns import start_node
 from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file, start_pair
 
 SIZE = 4 * MiB
@@ -65,7 +66,7 @@ def test_secondary_killed_in_the_middle_of_a_checkpoint_then_restarted(nodes: No
     kill9(sec)
     t.join()
     pri.ctl("replication-resume")
-    for i in range(32):                  # the guest goes on writing: no error, ever
+    for _i in range(32):                  # the guest goes on writing: no error, ever
         off = rng.randrange(0, SIZE - BLOCK)
         data = rng.randbytes(rng.randrange(1, BLOCK))
         h.pwrite(data, off)

@@ -15,15 +15,21 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import nbd
 import pytest
 
-from tests.conftest import sigstop
 from repdisk.errors import ForwardError
-from repdisk.replication.forwarder import BATCH_PIECE_MAX, GRAIN, Forwarder, Ticket, with_export_suffix
+from repdisk.replication.forwarder import (
+    BATCH_PIECE_MAX,
+    GRAIN,
+    Forwarder,
+    Ticket,
+    with_export_suffix,
+)
+from tests.conftest import sigstop
 
 #: What a source returns (forwarder.Source): pieces and the call that unlocks them.
 Pieces = tuple[list[tuple[int, bytearray]], Callable[[], None]] | None

@@ -16,7 +16,8 @@ Bounded for CI: a fixed number of derandomized examples; the module runs in seco
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import nbd
 import pytest

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import MiB, make_disk
 from repdisk.node import control
 from repdisk.node.node import Node
 from repdisk.qmp.protocol import QMPClient, QMPProtocol, QMPServer
+from tests.conftest import MiB, make_disk
 
 ERROR_CLASSES = {"GenericError", "CommandNotFound"}
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,

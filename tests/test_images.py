@@ -10,16 +10,27 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from repdisk.block.images import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    HEADER_SIZE,
+    MAGIC,
+    BlockDevice,
+    Overlay,
+    RawImage,
+    coalesce,
+    copy_range,
+    punch_hole,
+)
 from repdisk.errors import BlockIOError
-from repdisk.block.images import (EXTENT_HOLE, EXTENT_ZERO, HEADER_SIZE, MAGIC, BlockDevice, Overlay,
-                            RawImage, coalesce, copy_range, punch_hole)
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from repdisk.errors import ControlError
 from repdisk.controller.guest import LibvirtMonitor
+from repdisk.errors import ControlError
 from tests.test_cli import REPDISK
 
 

@@ -5,7 +5,7 @@ exact one line that says what is wrong and what to do."""
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import nbd
 import pytest
 
+from repdisk import tls
+from repdisk.cli import nodeproc
+from repdisk.tls import TLSSpec
 from tests.conftest import MiB, Nodes, make_disk
 from tests.netns import Net, net, start_node  # noqa: F401 (net is a fixture)
-from repdisk.cli import nodeproc
-from repdisk import tls
-from repdisk.tls import TLSSpec
 from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
 
 pytestmark = pytest.mark.netns

@@ -18,6 +18,7 @@ who is refused and that it is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
@@ -26,23 +27,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import nbd
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes, free_port, make_disk
-from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
-from repdisk.cli import main as cli
-from repdisk.cli import ctlclient
-from repdisk.cli import nodeproc
 from repdisk import tls
-from repdisk.node.config import NodeConfig
+from repdisk.cli import ctlclient, nodeproc
+from repdisk.cli import main as cli
 from repdisk.controller.controller import Controller, ControllerConfig
 from repdisk.errors import ConfigError, ControlError
+from repdisk.node.config import NodeConfig
 from repdisk.qmp.protocol import QMPClient
 from repdisk.tls import TLSSpec
+from tests.conftest import MiB, NodeProc, Nodes, free_port, make_disk
+from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
 from tests.test_controller_helpers import Writer, file_bytes, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -283,7 +284,7 @@ class AckWriter:
         self.h = nbd.NBD()
         self.h.connect_uri(uri)
         self.acks: list[float] = []          # wall-clock times, to compare with the controller's
-        self.error: Optional[str] = None
+        self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -302,10 +303,8 @@ class AckWriter:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        try:
+        with contextlib.suppress(nbd.Error):
             self.h.shutdown()
-        except nbd.Error:
-            pass
 
 
 def isolate_primary(trio: Trio) -> tuple[AckWriter, dict[str, Any]]:

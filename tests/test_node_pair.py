@@ -16,13 +16,12 @@ import os
 import random
 import subprocess
 import time
-from typing import Optional
 
 import nbd
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.errors import ControlError
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 
 SIZE = 16 * MiB
 CHUNK = 16 * MiB   # below libnbd's and nbdkit's 64 MiB request limit
@@ -30,7 +29,7 @@ CHUNK = 16 * MiB   # below libnbd's and nbdkit's 64 MiB request limit
 
 # -- helpers shared by the node-level tests -------------------------------------------------
 
-def read_all(h: nbd.NBD, size: Optional[int] = None) -> bytes:
+def read_all(h: nbd.NBD, size: int | None = None) -> bytes:
     """Every byte of an export, read in chunks."""
     size = h.get_size() if size is None else size
     return b"".join(h.pread(min(CHUNK, size - off), off) for off in range(0, size, CHUNK))
@@ -53,7 +52,7 @@ def random_bytes(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def start_pair(nodes: Nodes, size: int = SIZE, fill: Optional[int] = None,
+def start_pair(nodes: Nodes, size: int = SIZE, fill: int | None = None,
                **primary_keys: str) -> tuple[NodeProc, NodeProc]:
     """A secondary, then a primary forwarding to it, both started (secondary first)."""
     sec_disk = make_disk(os.path.join(nodes.folder, "sec.img"), size, fill)

@@ -10,6 +10,7 @@ timeline (boot, power cut, fence, promoted, first write served, ...) and its fol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -18,8 +19,8 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import nbd
 import psutil
@@ -58,7 +59,7 @@ class Pair:
     def note(self, what: str) -> None:
         self.cluster.note(what)
 
-    def query(self, node: ClusterNode) -> Optional[dict]:
+    def query(self, node: ClusterNode) -> dict | None:
         if not node.up:
             return None
         try:
@@ -80,7 +81,7 @@ class Pair:
                 out[n.name] = q["role"]
         return out
 
-    def healthy(self) -> Optional[tuple[ClusterNode, ClusterNode]]:
+    def healthy(self) -> tuple[ClusterNode, ClusterNode] | None:
         """(primary, secondary) once the pair runs: a primary replicating and a consistent
         secondary of its epoch, the guest resource on the primary's node."""
         qs = {n.name: self.query(n) for n in self.pair}
@@ -180,12 +181,12 @@ class Writer:
         self.stop_ev = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Writer":
+    def start(self) -> Writer:
         self.thread.start()
         return self
 
     def _run(self) -> None:
-        h: Optional[nbd.NBD] = None
+        h: nbd.NBD | None = None
         node = self.node
         while not self.stop_ev.is_set() and self.next < WRITER_AREA // 4096:
             if h is None:
@@ -203,10 +204,8 @@ class Writer:
             try:
                 h.pwrite(data, offset)
             except nbd.Error:
-                try:
+                with contextlib.suppress(nbd.Error):
                     h.shutdown()
-                except nbd.Error:
-                    pass
                 h = None
                 if self.follow:
                     node = self._primary() or node
@@ -215,12 +214,10 @@ class Writer:
             self.acked.append((time.time(), node.name, offset, data))
             time.sleep(0.002)
         if h is not None:
-            try:
+            with contextlib.suppress(nbd.Error):
                 h.shutdown()
-            except nbd.Error:
-                pass
 
-    def _primary(self) -> Optional[ClusterNode]:
+    def _primary(self) -> ClusterNode | None:
         roles = self.pair.roles()
         return next((n for n in self.pair.pair if roles.get(n.name) == "primary"), None)
 
@@ -229,8 +226,8 @@ class Writer:
         self.thread.join(timeout=30)
 
 
-def make_pair(n: int, token_ms: Optional[int] = None,
-              make_disk: Optional[Callable[[str], None]] = None) -> Iterator[Pair]:
+def make_pair(n: int, token_ms: int | None = None,
+              make_disk: Callable[[str], None] | None = None) -> Iterator[Pair]:
     """A cluster of ``n`` nodes running the README's configuration; each pair node's disk
     is SIZE of zeros, or what ``make_disk(path)`` writes there."""
     why = unavailable()

@@ -13,14 +13,14 @@ import ast
 import random
 import subprocess
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import nbd
 import pytest
 
-from tests.conftest import MiB, Nodes
-from repdisk.node import config as cfgmod
 from repdisk.cli.main import PLUGIN
+from repdisk.node import config as cfgmod
+from tests.conftest import MiB, Nodes
 from tests.test_node_pair import SIZE, random_bytes, read_all, read_export, start_pair
 
 EXPORTS = ["primary", "replica", "active"]

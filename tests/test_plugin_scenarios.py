@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import nbd
 import pytest
 
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from repdisk.errors import ControlError
 from repdisk.qmp.protocol import QMPClient
+from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from tests.test_node_pair import CHUNK, read_file
 
 SIZE, HALF = 64 * MiB, 32 * MiB

@@ -15,17 +15,18 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import pytest
 
-from tests.conftest import sigstop
-from repdisk.errors import BlockIOError, ConfigError
 from repdisk.block.images import RawImage
-from repdisk.replication.primary import RESYNC_CHUNK, PrimaryReplica
+from repdisk.errors import BlockIOError, ConfigError
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
+from repdisk.replication.primary import RESYNC_CHUNK, PrimaryReplica
 from repdisk.replication.stage import Stage
+from tests.conftest import sigstop
 
 PRIMARY = ReplicationMode.PRIMARY
 BATCH_SERVER = Path(__file__).with_name("batchserver.py")
@@ -36,7 +37,7 @@ class Secondary:
     """nbdkit serving ``path`` on a Unix socket (tests/batchserver.py: plain and batched, as
     a secondary's replica export); can be killed, hung, restarted."""
 
-    def __init__(self, directory: Path, name: str, size: int, fill: Optional[int] = None,
+    def __init__(self, directory: Path, name: str, size: int, fill: int | None = None,
                  filters: tuple[str, ...] = ()) -> None:
         self.filters = filters  # e.g. ("--filter=delay", "delay-write=50ms")
         self.path = directory / f"{name}.img"
@@ -46,7 +47,7 @@ class Secondary:
             f.truncate(size)
             if fill is not None:
                 f.write(bytes([fill]) * size)
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
@@ -89,7 +90,7 @@ class Secondary:
 def secondary_factory(tmp_path: Path) -> Iterator[Callable[..., Secondary]]:
     made: list[Secondary] = []
 
-    def make(size: int, fill: Optional[int] = None, filters: tuple[str, ...] = ()) -> Secondary:
+    def make(size: int, fill: int | None = None, filters: tuple[str, ...] = ()) -> Secondary:
         sec = Secondary(tmp_path, f"secondary{len(made)}", size, fill, filters)
         made.append(sec)
         return sec
@@ -104,7 +105,7 @@ def primary_factory(tmp_path: Path) -> Iterator[Callable[..., PrimaryReplica]]:
     made: list[PrimaryReplica] = []
     serial = iter(range(1000))
 
-    def make(size: int, uri: Optional[str], **kwargs: Any) -> PrimaryReplica:
+    def make(size: int, uri: str | None, **kwargs: Any) -> PrimaryReplica:
         n = next(serial)
         disk = RawImage.create(tmp_path / f"primary{n}.img", size)
         try:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from repdisk.errors import BlockIOError
 from repdisk.block.images import Overlay, RawImage
+from repdisk.errors import BlockIOError
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import Stage

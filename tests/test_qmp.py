@@ -14,8 +14,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError
@@ -23,7 +24,15 @@ from qemu.qmp import QMPClient as AsyncQMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from repdisk.errors import ControlError
-from repdisk.qmp.protocol import MAX_MESSAGE, MAX_QUEUED, ArgSpec, Command, QMPClient, QMPProtocol, QMPServer
+from repdisk.qmp.protocol import (
+    MAX_MESSAGE,
+    MAX_QUEUED,
+    ArgSpec,
+    Command,
+    QMPClient,
+    QMPProtocol,
+    QMPServer,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,7 +7,12 @@ import threading
 import pytest
 
 from repdisk.replication import framework as r
-from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode, ReplicationOps
+from repdisk.replication.framework import (
+    Registry,
+    ReplicationError,
+    ReplicationMode,
+    ReplicationOps,
+)
 
 
 def recording_ops(log: list, name: str, fail: str | None = None) -> ReplicationOps:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from repdisk.replication import resyncrate
 from repdisk.errors import ConfigError
+from repdisk.replication import resyncrate
 from repdisk.replication.framework import ReplicationMode
 from repdisk.replication.resyncrate import BUSY_PIECE, BUSY_RATE, QUIET, Pacer, ResyncRate, parse
 from tests.test_primary import primary_factory, read_local, secondary_factory  # noqa: F401 (fixtures)
@@ -62,7 +62,7 @@ def test_parse_refuses(text: str, message: str) -> None:
 def test_max_never_waits_and_uses_the_copiers_own_limits() -> None:
     clock, last = Clock(), [float("-inf")]
     p = pacer(ResyncRate(None, False), last, clock)
-    for i in range(100):
+    for _i in range(100):
         last[0] = clock.now                  # a guest writing makes no difference
         step = p.step()
         assert (step.piece, step.in_flight, step.busy) == (PIECE, WINDOW, False)

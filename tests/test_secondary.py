@@ -14,14 +14,14 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.errors import BlockIOError
 from repdisk.block.images import EXTENT_HOLE, BlockDevice, Overlay, RawImage
+from repdisk.errors import BlockIOError
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.secondary import Op, Route, SecondaryReplica, View, gate
 from repdisk.replication.stage import Stage
@@ -31,7 +31,7 @@ KiB = 1024
 
 
 def make_replica(directory: Path | str, size: int, cluster_size: int = 4 * KiB,
-                 fill: Optional[bytes] = None, events: Any = None,
+                 fill: bytes | None = None, events: Any = None,
                  name: str = "disk0") -> SecondaryReplica:
     """A secondary over a fresh ``size``-byte disk holding ``fill`` (zeros if None)."""
     path = os.path.join(directory, f"{name}.img")
@@ -45,7 +45,7 @@ def make_replica(directory: Path | str, size: int, cluster_size: int = 4 * KiB,
     return SecondaryReplica.open(name, path, cluster_size=cluster_size, **kwargs)
 
 
-def read(dev: BlockDevice, offset: int = 0, length: Optional[int] = None) -> bytes:
+def read(dev: BlockDevice, offset: int = 0, length: int | None = None) -> bytes:
     """Every byte of ``[offset, offset+length)`` (to the end by default) of ``dev``."""
     length = dev.size - offset if length is None else length
     buf = bytearray(length)

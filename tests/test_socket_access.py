@@ -8,6 +8,7 @@ socket); in another group it is refused (EACCES), as it is from a node without t
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import shutil
@@ -53,10 +54,8 @@ def folder() -> Iterator[Path]:
     for pidfile in path.glob("*.pid"):
         subprocess.run([REPDISK, "ctl", str(pidfile)[:-4], "quit"], capture_output=True)
         pid = int(pidfile.read_text())
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
     shutil.rmtree(path, ignore_errors=True)
 
 

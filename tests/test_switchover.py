@@ -10,8 +10,8 @@ import time
 import nbd
 import pytest
 
-from repdisk.errors import ControlError
 from repdisk.controller.switchover import Node, switchover
+from repdisk.errors import ControlError
 from tests.conftest import MiB, NodeProc, Nodes
 from tests.test_demote import write
 from tests.test_node_pair import SIZE, checkpoint, random_bytes, read_file, start_pair

@@ -14,20 +14,21 @@ import ssl
 import stat
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import nbd
 import pytest
 
-from tests.conftest import MiB, Nodes, free_port, make_disk
-from tests.netns import start_node
+from repdisk import tls
 from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
-from repdisk import tls
-from repdisk.node.config import NodeConfig
 from repdisk.errors import ConfigError, ControlError
+from repdisk.node.config import NodeConfig
 from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer
 from repdisk.tls import TLSSpec
+from tests.conftest import MiB, Nodes, free_port, make_disk
+from tests.netns import start_node
 from tests.test_node_pair import checkpoint, random_bytes, read_file
 
 SIZE = 4 * MiB

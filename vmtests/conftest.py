@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `vmtests.guest` must import however pytest is started
     sys.path.insert(0, str(ROOT))
 
-from vmtests.guest import (Guest, GuestVM, build_disk, choose_accel,  # noqa: E402
-                           ensure_guest, qemu_available)
+from vmtests.guest import Guest, GuestVM, build_disk, choose_accel, ensure_guest, qemu_available  # noqa: E402
 from vmtests.harness import Scenario, evidence_folder  # noqa: E402
 
 

@@ -37,8 +37,14 @@ from typing import Any
 from repdisk.cli import ctlclient
 from repdisk.errors import RepdiskError
 from tests.conftest import NodeProc, Nodes
-from vmtests.guest import (Guest, GuestVM, build_disk, build_raw_disk, check_records,
-                           crash_fsck_clean)
+from vmtests.guest import (
+    Guest,
+    GuestVM,
+    build_disk,
+    build_raw_disk,
+    check_records,
+    crash_fsck_clean,
+)
 from vmtests.guest.qemu import RECORD_RE, QemuError, die_with_parent
 
 log = logging.getLogger(__name__)

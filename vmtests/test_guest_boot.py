@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from vmtests.guest import (GuestVM, build_raw_disk, check_records, crash_fsck_clean,
-                           fsck_clean, nbdkit_file, record_line)
+from vmtests.guest import (
+    GuestVM,
+    build_raw_disk,
+    check_records,
+    crash_fsck_clean,
+    fsck_clean,
+    nbdkit_file,
+    record_line,
+)
 from vmtests.guest.build import RECORDS_PATH, SLOT_SIZE
 from vmtests.guest.checker import raw_layout
 

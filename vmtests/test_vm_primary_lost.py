@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from vmtests.harness import (BOOTED, Scenario, check_secondary_disk, console_problems,
-                             continue_on_secondary, lose_primary, records_of, restore_vm)
+from vmtests.harness import (
+    BOOTED,
+    Scenario,
+    check_secondary_disk,
+    console_problems,
+    continue_on_secondary,
+    lose_primary,
+    records_of,
+    restore_vm,
+)
 
 MORE_RECORDS = 20  # the new guest must write this many past the checkpoint
 

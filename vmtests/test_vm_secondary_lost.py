@@ -10,8 +10,14 @@ import time
 
 import pytest
 
-from vmtests.harness import (INTERVAL, RecordWatch, Scenario, console_problems,
-                             continue_on_secondary, lose_primary)
+from vmtests.harness import (
+    INTERVAL,
+    RecordWatch,
+    Scenario,
+    console_problems,
+    continue_on_secondary,
+    lose_primary,
+)
 
 TIMEOUT = 2.0  # the primary's timeout: the longest a guest write may wait for the secondary
 

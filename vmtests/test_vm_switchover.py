@@ -20,8 +20,8 @@ import pytest
 from repdisk.cli import ctlclient
 from repdisk.controller.switchover import Node, checkpoint, switchover
 from tests.conftest import NodeProc
-from vmtests.harness import Scenario, check_records, console_problems, records_of
 from vmtests.guest import GuestVM
+from vmtests.harness import Scenario, check_records, console_problems, records_of
 
 
 def side(node: NodeProc, name: str) -> Node:

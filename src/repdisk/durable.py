@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Union
 
 __all__ = ["replace_file"]
 
 
-def replace_file(path: Union[str, "os.PathLike[str]"], data: Union[str, bytes],
+def replace_file(path: str | os.PathLike[str], data: str | bytes,
                  mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (text is UTF-8) atomically and durably, as ``mode``."""
     name = os.fspath(path)

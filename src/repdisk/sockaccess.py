@@ -25,7 +25,6 @@ import grp
 import os
 import pwd
 from dataclasses import dataclass
-from typing import Optional
 
 from repdisk.errors import ConfigError
 
@@ -37,9 +36,9 @@ _ACCEPTCON = 0x10000
 class SocketAccess:
     """Owner, group and permission bits to give a socket; None leaves that one alone."""
 
-    uid: Optional[int] = None
-    gid: Optional[int] = None
-    mode: Optional[int] = None
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
 
     def __bool__(self) -> bool:
         return (self.uid, self.gid, self.mode) != (None, None, None)
@@ -94,8 +93,8 @@ def parse_mode(key: str, text: str) -> int:
     return mode
 
 
-def parse_access(prefix: str, owner: Optional[str], group: Optional[str],
-                 mode: Optional[str]) -> SocketAccess:
+def parse_access(prefix: str, owner: str | None, group: str | None,
+                 mode: str | None) -> SocketAccess:
     """The keys ``PREFIX-owner``, ``PREFIX-group``, ``PREFIX-mode`` (each may be absent)."""
     return SocketAccess(parse_user(f"{prefix}-owner", owner) if owner else None,
                         parse_group(f"{prefix}-group", group) if group else None,
@@ -138,7 +137,7 @@ def listening_unix_sockets(pid: str = "self") -> list[str]:
     return paths
 
 
-def apply_to_nbd_socket(access: SocketAccess, key: str = "socket-group") -> Optional[str]:
+def apply_to_nbd_socket(access: SocketAccess, key: str = "socket-group") -> str | None:
     """Give the one Unix socket this process (nbdkit) listens on ``access``; return its path
     (None if ``access`` asks for nothing).  ConfigError if nbdkit serves no Unix socket."""
     if not access:

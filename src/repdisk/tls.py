@@ -25,6 +25,7 @@ small CA and one server and one client certificate, named as nbdkit and libnbd e
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -36,7 +37,7 @@ import ssl
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlencode
 
 from repdisk.errors import ConfigError
@@ -71,7 +72,7 @@ class TLSSpec:
     username: str = PSK_USER  # psk: which identity of the file the client uses
 
     @classmethod
-    def parse(cls, key: str, text: str) -> Optional["TLSSpec"]:
+    def parse(cls, key: str, text: str) -> TLSSpec | None:
         """``psk:FILE[:USER]``, ``x509:DIR`` or ``off`` (None); the path is made absolute.
 
         nbdkit changes directory when it daemonizes, so a relative path would break later.
@@ -132,7 +133,7 @@ def uses_tls(uri: str) -> bool:
     return uri.startswith("nbds")
 
 
-def uri_tcp_host(uri: str) -> Optional[str]:
+def uri_tcp_host(uri: str) -> str | None:
     """The host of a TCP NBD URI (brackets of an IPv6 literal removed), None otherwise."""
     m = re.match(r"^nbds?://(?:[^@/]*@)?(\[[^\]]*\]|[^:/?]*)", uri)
     return m.group(1).strip("[]") if m else None
@@ -157,7 +158,7 @@ def check_plain(key: str, what: str, host: str, insecure: bool) -> None:
                            "insecure explicitly")
 
 
-def control_tls_dir(key: str, text: str, side: str) -> Optional[str]:
+def control_tls_dir(key: str, text: str, side: str) -> str | None:
     """The certificate directory of ``x509:DIR`` for control over TCP (None for ``off``);
     its files for ``side`` are checked now.  Python's ``ssl`` has no PSK before 3.13."""
     spec = TLSSpec.parse(key, text)
@@ -279,7 +280,7 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def _issue(cert: str, key: str, ca: Optional[tuple[str, str]], template: list[str],
+def _issue(cert: str, key: str, ca: tuple[str, str] | None, template: list[str],
            days: int) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".info") as info:
         info.write("\n".join([*template, f"expiration_days = {days}"]) + "\n")
@@ -331,8 +332,8 @@ def client_context(folder: str) -> ssl.SSLContext:
     return ctx
 
 
-def serve_control(server: "QMPServer", address: tuple[str, int],
-                  folder: Optional[str]) -> tuple[str, int]:
+def serve_control(server: QMPServer, address: tuple[str, int],
+                  folder: str | None) -> tuple[str, int]:
     """Serve a node's or controller's control protocol on TCP ``address``: TLS with client
     certificates of ``folder``'s CA, or plain when ``folder`` is None (the configuration
     checked that the operator said insecure).  Returns the bound address."""
@@ -368,7 +369,7 @@ class TLSRelay:
 
     @classmethod
     def accept(cls, raw: socket.socket, context: ssl.SSLContext, peer: str,
-               what: str = "control client") -> Optional[tuple["TLSRelay", socket.socket]]:
+               what: str = "control client") -> tuple[TLSRelay, socket.socket] | None:
         raw.settimeout(HANDSHAKE_TIMEOUT)
         try:
             tls = context.wrap_socket(raw, server_side=True)
@@ -388,10 +389,8 @@ class TLSRelay:
             log.debug("tls relay ended: %s", err)
         finally:
             for s in (self.tls, self.plain):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
     def _loop(self) -> None:
         tls, plain = self.tls, self.plain
@@ -481,7 +480,7 @@ class TLSRelay:
                 sel.unregister(sock)
 
 
-def prepare_client(h: "object", uri: str) -> None:
+def prepare_client(h: object, uri: str) -> None:
     """Let a libnbd handle read the credential files a TLS URI names (``tls-psk-file``,
     ``tls-certificates``): libnbd refuses local files in URIs by default, in case the URI
     came from someone else; ours comes from the node's own configuration."""

@@ -27,8 +27,6 @@ forwarder's ``take`` needs no lock against writers.
 
 from __future__ import annotations
 
-from typing import Optional
-
 __all__ = ["BLOCK", "BlockCache"]
 
 #: The one piece size kept: the async dirty map's grain, and a guest's usual random write.
@@ -70,7 +68,7 @@ class BlockCache:
             for block in [b for b in list(blocks) if first <= b < end]:
                 blocks.pop(block, None)
 
-    def take(self, offset: int, length: int) -> Optional[bytes]:
+    def take(self, offset: int, length: int) -> bytes | None:
         """The bytes of piece ``[offset, offset + length)`` if it is one kept block (and
         forget it), else None and forget the blocks inside it.
 

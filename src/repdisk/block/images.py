@@ -59,11 +59,12 @@ import os
 import stat
 import struct
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Optional, Protocol, Union, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
-from repdisk.errors import BlockIOError, check_range
 from repdisk.block.rangelock import RangeLock
+from repdisk.errors import BlockIOError, check_range
 
 log = logging.getLogger(__name__)
 
@@ -718,7 +719,7 @@ class Overlay:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], backing: BlockDevice,
-             cluster_size: Optional[int] = None) -> Overlay:
+             cluster_size: int | None = None) -> Overlay:
         """Open an existing overlay over ``backing``, validating everything before trusting it.
 
         ``cluster_size``, if given, must match the file's.
@@ -762,7 +763,7 @@ class Overlay:
 
     @classmethod
     def _validate(cls, name: str, fd: int, data: RawImage, backing: BlockDevice,
-                  cluster_size: Optional[int]) -> dict[str, int]:
+                  cluster_size: int | None) -> dict[str, int]:
         """Check header, sizes and bitmap length against the backing and the data file."""
         bitmap_name = name + ".bitmap"
         with _os_errors(f"overlay bitmap {bitmap_name}: read header"):
@@ -1098,7 +1099,7 @@ class Overlay:
             if not punch_hole(self._data.fd, lo, hi - lo):
                 return
 
-    def commit(self, progress: Optional[Callable[[int, int], None]] = None) -> int:
+    def commit(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Write every allocated cluster into the backing, flush it, then empty the overlay.
 
         Adjacent clusters are coalesced into writes of up to COPY_CHUNK bytes, ascending;

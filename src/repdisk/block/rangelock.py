@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Optional
 
 Entry = tuple[int, int, bool]
 
@@ -30,7 +29,7 @@ class _Held:
 
     __slots__ = ("_lock", "_start", "_end", "_exclusive", "_entry")
 
-    def __init__(self, lock: "RangeLock", start: int, end: int, exclusive: bool) -> None:
+    def __init__(self, lock: RangeLock, start: int, end: int, exclusive: bool) -> None:
         self._lock = lock
         self._start = start
         self._end = end
@@ -39,8 +38,8 @@ class _Held:
     def __enter__(self) -> None:
         self._entry = self._lock.acquire(self._start, self._end, self._exclusive)
 
-    def __exit__(self, exc_type: Optional[type[BaseException]],
-                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
         self._lock.release(self._entry)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from repdisk import tls as tlsmod
 from repdisk import units
@@ -43,7 +44,7 @@ def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, {**fixed, **args}
 
 
-def connect(address: str, tls: Optional[str] = None, insecure: bool = False, *,
+def connect(address: str, tls: str | None = None, insecure: bool = False, *,
             timeout: float = 10.0, connect_timeout: float = 10.0) -> QMPClient:
     """A negotiated client of a control socket or ``HOST:PORT``; TCP uses TLS with the
     certificates in ``tls`` (read at every connect, so renewed files take effect at once)."""
@@ -57,8 +58,8 @@ def connect(address: str, tls: Optional[str] = None, insecure: bool = False, *,
     return QMPClient(timeout=timeout).connect(address, timeout=connect_timeout, tls=context)
 
 
-def execute(socket: str, command: str, args: Optional[dict[str, Any]] = None, *,
-            timeout: float = 600.0, progress: bool = False, tls: Optional[str] = None,
+def execute(socket: str, command: str, args: dict[str, Any] | None = None, *,
+            timeout: float = 600.0, progress: bool = False, tls: str | None = None,
             insecure: bool = False) -> Any:
     """Run one command on a control socket; raises ControlError with the server's error."""
     name, arguments = resolve(command, args or {})
@@ -77,7 +78,7 @@ class ProgressPrinter:
     """Prints ``*_PROGRESS`` events of a node on a second connection while a command runs."""
 
     def __init__(self, socket: str, out: Callable[[str], None] = sys.stderr.write,
-                 tls: Optional[str] = None, insecure: bool = False) -> None:
+                 tls: str | None = None, insecure: bool = False) -> None:
         self._out = out
         self._stop = threading.Event()
         self._client = connect(socket, tls, insecure, timeout=5.0)
@@ -109,7 +110,7 @@ def format_progress(event: str, data: dict[str, Any]) -> str:
             f"({100 * done / total:.0f}%)")
 
 
-def status_query(socket: str, tls: Optional[str] = None,
+def status_query(socket: str, tls: str | None = None,
                  insecure: bool = False) -> tuple[str, dict[str, Any]]:
     """``("controller", query-controller)`` or ``("node", query-replication)`` of ``socket``."""
     client = connect(socket, tls, insecure)
@@ -124,7 +125,7 @@ def status_query(socket: str, tls: Optional[str] = None,
         client.close()
 
 
-def status_lines(socket: str, tls: Optional[str] = None, insecure: bool = False) -> list[str]:
+def status_lines(socket: str, tls: str | None = None, insecure: bool = False) -> list[str]:
     """One human line per disk of the node behind ``socket``, or those of a controller."""
     kind, q = status_query(socket, tls, insecure)
     return render_status(kind, q)

@@ -12,12 +12,10 @@ import os
 import shlex
 import shutil
 import sys
-from typing import Optional
 
-from repdisk.node import config as cfgmod
-from repdisk.cli import ctlclient
-from repdisk.cli import nodeproc
+from repdisk.cli import ctlclient, nodeproc
 from repdisk.errors import RepdiskError
+from repdisk.node import config as cfgmod
 
 ROLES = ("secondary", "primary")  # start order; stop order is the reverse
 
@@ -41,7 +39,7 @@ def node_keys(p: dict[str, dict[str, str]], role: str, write_mode: str) -> list[
 
 
 def up(folder: str, size: str = "1G", write_mode: str = "sync",
-       plugin: Optional[str] = None) -> int:
+       plugin: str | None = None) -> int:
     from repdisk.cli.main import PLUGIN
     nbytes = cfgmod.parse_size("--size", size)
     os.makedirs(folder, exist_ok=True)

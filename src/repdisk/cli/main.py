@@ -20,18 +20,17 @@ import argparse
 import contextlib
 import json
 import os
-from pathlib import Path
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from repdisk.node import config as cfgmod
-from repdisk.controller import controller
-from repdisk.cli import ctlclient
-from repdisk.cli import nodeproc
-from repdisk.cli import updown
 from repdisk import tls as tlsmod
-from repdisk.tls import TLSSpec
+from repdisk.cli import ctlclient, nodeproc, updown
+from repdisk.controller import controller
 from repdisk.errors import ControlError, RepdiskError
+from repdisk.node import config as cfgmod
+from repdisk.tls import TLSSpec
 
 PLUGIN = str(Path(__file__).resolve().parents[3] / "nbdplugin" / "repdisk.py")
 
@@ -265,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand.  Whatever happens, the user sees at most one line from us:
 
     - a repdisk error: ``repdisk: error: ...`` (or the QMP error class), status 1;

@@ -14,13 +14,13 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import psutil
 
-from repdisk.node.config import check_folder
 from repdisk.errors import ConfigError, ControlError, RepdiskError
+from repdisk.node.config import check_folder
 from repdisk.qmp.protocol import remove_stale_socket
 from repdisk.tls import TLSSpec, check_plain
 
@@ -32,10 +32,10 @@ class Listen:
     """Where a node serves NBD, and whether clients must use TLS (nbdkit's flags are
     server-wide, so TLS belongs here and not to the plugin's keys)."""
 
-    socket: Optional[str] = None
-    port: Optional[int] = None
+    socket: str | None = None
+    port: int | None = None
     address: str = "127.0.0.1"
-    tls: Optional[TLSSpec] = None
+    tls: TLSSpec | None = None
     insecure: bool = False   # allow a plain TCP listener on an address other hosts reach
 
     def check(self) -> None:
@@ -96,7 +96,7 @@ def default_threads(keys: list[tuple[str, str]]) -> int:
 
 
 def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
-                   threads: Optional[int] = None) -> list[str]:
+                   threads: int | None = None) -> list[str]:
     """The nbdkit command line of a node; raises ConfigError for an unsafe listener, or for
     socket-owner/group/mode without a Unix socket (checked again by the plugin).
 
@@ -226,7 +226,7 @@ def refuse_running(pidfile: str) -> None:
                            "--control")
 
 
-def _pidfile_pid(pidfile: str) -> Optional[int]:
+def _pidfile_pid(pidfile: str) -> int | None:
     try:
         with open(pidfile) as f:
             return int(f.read().strip())
@@ -234,7 +234,7 @@ def _pidfile_pid(pidfile: str) -> Optional[int]:
         return None
 
 
-def _pidfile_alive(pidfile: str) -> Optional[bool]:
+def _pidfile_alive(pidfile: str) -> bool | None:
     """None while nbdkit has not written its pid yet, else whether it runs."""
     try:
         with open(pidfile) as f:
@@ -244,12 +244,12 @@ def _pidfile_alive(pidfile: str) -> Optional[bool]:
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
-def child_alive(proc: subprocess.Popen) -> Callable[[], Optional[bool]]:
+def child_alive(proc: subprocess.Popen) -> Callable[[], bool | None]:
     return lambda: proc.poll() is None
 
 
-def wait_ready(alive: Callable[[], Optional[bool]], control: str, listen: Listen,
-               logfile: Optional[str] = None, timeout: float = START_TIMEOUT) -> None:
+def wait_ready(alive: Callable[[], bool | None], control: str, listen: Listen,
+               logfile: str | None = None, timeout: float = START_TIMEOUT) -> None:
     """Wait until the node's control socket exists and its NBD listener answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -261,7 +261,7 @@ def wait_ready(alive: Callable[[], Optional[bool]], control: str, listen: Listen
     raise RepdiskError(f"node did not start within {timeout:.0f} s: {last_error_line(logfile)}")
 
 
-def last_error_line(logfile: Optional[str]) -> str:
+def last_error_line(logfile: str | None) -> str:
     if not logfile or not os.path.exists(logfile):
         return "(no log)"
     with open(logfile, errors="replace") as f:

@@ -32,21 +32,22 @@ when its peer is down.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from html import escape
 import os
 import shlex
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
-from repdisk.node import config
+from html import escape
+from typing import Any
 
 from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, RepdiskError
+from repdisk.node import config
 from repdisk.qmp.protocol import QMPClient
 from repdisk.tls import TLSSpec
 
@@ -174,7 +175,7 @@ class AgentConfig:
     control_port: int
     control: str
     run_dir: str
-    tls: Optional[TLSSpec]
+    tls: TLSSpec | None
     insecure: bool
     write_mode: str
     interval: str
@@ -187,7 +188,7 @@ class AgentConfig:
     libvirt_uri: str = "qemu:///system"
 
     @classmethod
-    def from_env(cls, env: dict[str, str], local: bool = True) -> "AgentConfig":
+    def from_env(cls, env: dict[str, str], local: bool = True) -> AgentConfig:
         """Check every parameter; raise AgentError naming the first wrong one.
 
         ERR_CONFIGURED for a mistake anywhere (an unknown write mode, a socket path too
@@ -335,11 +336,11 @@ def _node_name(env: dict[str, str]) -> str:
 class Cluster:
     """crm_attribute calls; ``run`` is replaceable for tests of the decisions alone."""
 
-    def __init__(self, resource: str, run: Optional[Callable[[list[str]], str]] = None) -> None:
+    def __init__(self, resource: str, run: Callable[[list[str]], str] | None = None) -> None:
         self.resource = resource
         self._run = run or _crm
 
-    def epoch(self) -> Optional[int]:
+    def epoch(self) -> int | None:
         out = self._run(["crm_attribute", "--type", "crm_config", "--name", self._epoch_name,
                          "--query", "--quiet"])
         return int(out) if out.strip().isdigit() else None
@@ -348,7 +349,7 @@ class Cluster:
         self._run(["crm_attribute", "--type", "crm_config", "--name", self._epoch_name,
                    "--update", str(epoch)])
 
-    def set_score(self, score: Optional[int]) -> None:
+    def set_score(self, score: int | None) -> None:
         if score is None:
             self._run(["crm_attribute", "--promotion", "--delete"])
         else:
@@ -367,7 +368,7 @@ def _crm(argv: list[str]) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def score(q: dict[str, Any], cluster_epoch: Optional[int], interval: float) -> Optional[int]:
+def score(q: dict[str, Any], cluster_epoch: int | None, interval: float) -> int | None:
     """The promotion score of a node from its ``query-replication`` answer: where the
     newest data is.  None (no score: never promote) for a fenced node, one of an older
     epoch than the cluster's, an inconsistent one, or one whose data no rule vouches for.
@@ -403,7 +404,7 @@ def score(q: dict[str, Any], cluster_epoch: Optional[int], interval: float) -> O
 # -- the node -------------------------------------------------------------------------------
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, cluster: Optional[Cluster] = None) -> None:
+    def __init__(self, cfg: AgentConfig, cluster: Cluster | None = None) -> None:
         self.cfg = cfg
         self.cluster = cluster or Cluster(cfg.resource)
 
@@ -416,7 +417,7 @@ class Agent:
         finally:
             client.close()
 
-    def query(self) -> Optional[dict[str, Any]]:
+    def query(self) -> dict[str, Any] | None:
         """The node's query-replication with its state file's role, or None if it is down."""
         if not nodeproc._pidfile_alive(self.cfg.path("pid")):
             return None
@@ -450,7 +451,7 @@ class Agent:
     def interval(self) -> float:
         return config.parse_duration("checkpoint_interval", self.cfg.interval)
 
-    def refresh_score(self, q: Optional[dict[str, Any]]) -> Optional[int]:
+    def refresh_score(self, q: dict[str, Any] | None) -> int | None:
         """Set this node's promotion score from ``q``; a cluster tool that fails (a busy
         CIB) is logged and retried at the next monitor, never fails the action: the
         score only steers the next promotion, and ``promote`` checks again itself."""
@@ -460,7 +461,7 @@ class Agent:
             self.log(f"the promotion score was not updated: {err}")
             return None
 
-    def _refresh_score(self, q: Optional[dict[str, Any]]) -> Optional[int]:
+    def _refresh_score(self, q: dict[str, Any] | None) -> int | None:
         # A primary's and a replicating secondary's score do not depend on the cluster's
         # epoch (the primary started the secondary in it): no CIB query every monitor.
         steady = q is not None and (q["role"] == "primary" or
@@ -652,7 +653,7 @@ def _state_role(path: str) -> str:
         return ""
 
 
-def _describe(q: dict[str, Any], cluster_epoch: Optional[int]) -> str:
+def _describe(q: dict[str, Any], cluster_epoch: int | None) -> str:
     stages = ",".join(sorted({d["stage"] for d in q["disks"]}))
     consistent = all(d.get("consistent") for d in q["disks"])
     return (f"epoch {q['epoch']} (cluster {cluster_epoch}), stages {stages}, "
@@ -666,10 +667,8 @@ def _plugin() -> str:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def run(action: str, env: dict[str, str]) -> int:
@@ -704,7 +703,7 @@ def run(action: str, env: dict[str, str]) -> int:
         return ERR_GENERIC
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     action = args[0] if args else os.environ.get("__OCF_ACTION", "")
     return run(action, dict(os.environ))

@@ -36,10 +36,10 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-from repdisk.node import config as cfgmod
 from repdisk.errors import ConfigError, RepdiskError
+from repdisk.node import config as cfgmod
 
 DEFAULT_DIR = "/etc/repdisk"
 SUFFIX = ".toml"
@@ -73,10 +73,10 @@ class Node:
     host: str
     keys: list[tuple[str, str]]
     control: str
-    nbd_socket: Optional[str] = None
-    nbd_address: Optional[tuple[str, int]] = None
-    tls: Optional[str] = None
-    threads: Optional[int] = None
+    nbd_socket: str | None = None
+    nbd_address: tuple[str, int] | None = None
+    tls: str | None = None
+    threads: int | None = None
 
     @property
     def pidfile(self) -> str:
@@ -156,7 +156,7 @@ def _text(lines: _Lines, table: str, key: str, value: Any) -> str:
     raise lines.error(table, key, f"expected a string, got {type(value).__name__} {value!r}")
 
 
-def load_file(path: str, host: Optional[str] = None) -> Resource:
+def load_file(path: str, host: str | None = None) -> Resource:
     """Read and check one resource file (keys, values; the disks of this host's nodes)."""
     host = host or this_host()
     name = os.path.basename(path)[:-len(SUFFIX)]
@@ -193,7 +193,7 @@ def load_file(path: str, host: Optional[str] = None) -> Resource:
 
 
 def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
-          secondary: Optional[Node]) -> Node:
+          secondary: Node | None) -> Node:
     allowed = [k.name for k in cfgmod.KEYS if role in k.roles
                and k.name not in ("role", "secondary")]
     values: dict[str, Any] = {}
@@ -258,7 +258,7 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node) -> Controll
     return Controller(host, control, options)
 
 
-def load_dir(folder: str, host: Optional[str] = None) -> dict[str, Resource]:
+def load_dir(folder: str, host: str | None = None) -> dict[str, Resource]:
     """Every resource file of ``folder``, each checked, then all checked together."""
     host = host or this_host()
     if not os.path.isdir(folder):

@@ -17,17 +17,13 @@ import contextlib
 import os
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 
-from repdisk.cli import ctlclient
-
-from repdisk.cli import nodeproc
-
-from repdisk.cli import resources
-from repdisk.errors import RepdiskError
+from repdisk.cli import ctlclient, nodeproc, resources
 from repdisk.cli.resources import Node, Resource
+from repdisk.errors import RepdiskError
 from repdisk.tls import TLSSpec
 
 
@@ -67,7 +63,7 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
-def up(res: Resource, host: Optional[str] = None) -> list[str]:
+def up(res: Resource, host: str | None = None) -> list[str]:
     """Start what of ``res`` runs on this host and is not running; what was started.  A
     failure stops what this call started and raises."""
     host = host or resources.this_host()
@@ -86,7 +82,7 @@ def up(res: Resource, host: Optional[str] = None) -> list[str]:
     return started
 
 
-def down(res: Resource, host: Optional[str] = None) -> list[str]:
+def down(res: Resource, host: str | None = None) -> list[str]:
     """Stop what of ``res`` runs on this host (controller, primary, secondary); what was."""
     host = host or resources.this_host()
     return _stop(res, host, ["controller", *reversed(resources.ROLES)])
@@ -154,7 +150,7 @@ def _control_address(node: Node) -> str:
     return dict(node.keys).get("control-tcp") or node.control
 
 
-def _pid_in(pidfile: str) -> Optional[int]:
+def _pid_in(pidfile: str) -> int | None:
     """The pid a pid file names, or None if there is none to read."""
     try:
         with open(pidfile) as f:

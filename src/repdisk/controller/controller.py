@@ -49,27 +49,25 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 from qemu.qmp import ExecuteError
 
+from repdisk import durable, tls
 from repdisk.cli import ctlclient
-
-from repdisk import durable
-
 from repdisk.controller import metrics
-
-from repdisk.replication import resync
-
-from repdisk import tls
 from repdisk.controller import switchover as planned
-from repdisk.node.config import check_folder, parse_address, parse_duration
+from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI
+from repdisk.controller.guest import Monitor, migrate_to_file
+from repdisk.controller.guest import check as check_guest
+from repdisk.controller.guest import connect as connect_guest
 from repdisk.errors import ConfigError, ControlError, RepdiskError
-from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI, Monitor, check as check_guest
-from repdisk.controller.guest import connect as connect_guest, migrate_to_file
+from repdisk.node.config import check_folder, parse_address, parse_duration
 from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer, tcp_address
+from repdisk.replication import resync
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +140,11 @@ class Rule:
 
     runs_in: frozenset[ControllerState]
     #: States it may end in on success; None stands for the state it ran in.
-    leaves: frozenset[Optional[ControllerState]]
+    leaves: frozenset[ControllerState | None]
     #: The state shown while it runs (None: unchanged).
-    during: Optional[ControllerState] = None
+    during: ControllerState | None = None
     #: The state a failure leaves (None: the state it ran in).
-    on_error: Optional[ControllerState] = None
+    on_error: ControllerState | None = None
 
 
 _S = ControllerState
@@ -202,27 +200,27 @@ def gate(op: Operation, state: ControllerState) -> Rule:
 class ControllerConfig:
     primary: str                        # control sockets
     secondary: str
-    control: Optional[str] = None       # the controller's own control socket
+    control: str | None = None       # the controller's own control socket
     interval: float = 5.0               # seconds between checkpoints
     heartbeat: float = 1.0
     heartbeat_timeout: float = 6.0     # above the primary's timeout (5s) and isolation (3s)
-    qmp: Optional[str] = None           # the primary guest's QMP socket
-    libvirt_domain: Optional[str] = None   # or its libvirt domain (guest.py)
+    qmp: str | None = None           # the primary guest's QMP socket
+    libvirt_domain: str | None = None   # or its libvirt domain (guest.py)
     libvirt_uri: str = LIBVIRT_URI
     freeze: bool = False                # fsfreeze through the guest agent instead of stop/cont
-    qga: Optional[str] = None           # the guest agent's socket (default: QMP path + .qga)
-    vm_state: Optional[str] = None      # folder for the guest's state at each checkpoint
-    on_failover: Optional[str] = None   # shell command run after a failover
-    on_switchover: Optional[str] = None  # shell command run after a switchover
+    qga: str | None = None           # the guest agent's socket (default: QMP path + .qga)
+    vm_state: str | None = None      # folder for the guest's state at each checkpoint
+    on_failover: str | None = None   # shell command run after a failover
+    on_switchover: str | None = None  # shell command run after a switchover
     initial_sync: str = "checksum"
-    metrics_file: Optional[str] = None
+    metrics_file: str | None = None
     granularity: int = resync.GRANULARITY
     command_timeout: float = 3600.0     # long node commands: copies, failover commits
     auto_failover: bool = True
-    tls: Optional[str] = None           # certificates for nodes reached at HOST:PORT
+    tls: str | None = None           # certificates for nodes reached at HOST:PORT
     insecure: bool = False              # plain TCP to nodes / on control_tcp
-    control_tcp: Optional[tuple[str, int]] = None   # the controller's own TCP control port
-    control_tls: Optional[str] = None   # its certificate directory
+    control_tcp: tuple[str, int] | None = None   # the controller's own TCP control port
+    control_tls: str | None = None   # its certificate directory
 
     def check(self) -> None:
         if self.heartbeat_timeout <= self.heartbeat:
@@ -286,7 +284,7 @@ class GuestAgent:
     def thaw(self) -> int:
         return int(self.call("guest-fsfreeze-thaw"))
 
-    def call(self, command: str, args: Optional[dict[str, Any]] = None) -> Any:
+    def call(self, command: str, args: dict[str, Any] | None = None) -> Any:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
@@ -307,7 +305,7 @@ class GuestAgent:
         return reply["return"]
 
     @staticmethod
-    def _send(sock: socket.socket, command: str, args: Optional[dict[str, Any]]) -> None:
+    def _send(sock: socket.socket, command: str, args: dict[str, Any] | None) -> None:
         msg: dict[str, Any] = {"execute": command}
         if args:
             msg["arguments"] = args
@@ -349,10 +347,10 @@ class _Link:
         self.quick = min(timeout, cfg.heartbeat_timeout)   # for commands not in LONG_COMMANDS
         # One call at a time on a QMP connection.
         self._lock = threading.Lock()
-        self._client: Optional[QMPClient] = None
+        self._client: QMPClient | None = None
 
-    def call(self, command: str, args: Optional[dict[str, Any]] = None,
-             on_events: Optional[Callable[[list[dict[str, Any]]], None]] = None) -> Any:
+    def call(self, command: str, args: dict[str, Any] | None = None,
+             on_events: Callable[[list[dict[str, Any]]], None] | None = None) -> Any:
         """Run a command: the node's own error raises ControlError, silence NodeUnreachable.
 
         A read-only command that fails on a connection made earlier is tried once more on
@@ -366,8 +364,8 @@ class _Link:
                 raise
             return self._call(command, args, on_events)
 
-    def _call(self, command: str, args: Optional[dict[str, Any]],
-              on_events: Optional[Callable[[list[dict[str, Any]]], None]]) -> Any:
+    def _call(self, command: str, args: dict[str, Any] | None,
+              on_events: Callable[[list[dict[str, Any]]], None] | None) -> Any:
         args = {**(args or {}), "controller": self.ident}
         if command == "replication-heartbeat":
             args["lease"] = self.lease
@@ -421,14 +419,14 @@ class _Peer:
         self.ops = _Link(role, socket, cfg.command_timeout, cfg)
         self.last_seen = time.monotonic()
         self.reachable = False
-        self.last: Optional[dict[str, Any]] = None  # the last query-replication answer
-        self.refused: Optional[str] = None          # another controller holds its lease
-        self._lost_said: Optional[float] = None     # when "lost" was last logged
+        self.last: dict[str, Any] | None = None  # the last query-replication answer
+        self.refused: str | None = None          # another controller holds its lease
+        self._lost_said: float | None = None     # when "lost" was last logged
 
     def set_role(self, role: str) -> None:
         self.role = self.beat_link.name = self.ops.name = role
 
-    def beat(self, contact: bool = True) -> Optional[dict[str, Any]]:
+    def beat(self, contact: bool = True) -> dict[str, Any] | None:
         """Heartbeat (counts as contact on a primary); the node's state, or None if silent
         or refused (``refused`` then says why: it is alive, but not ours).
 
@@ -528,7 +526,7 @@ def _needs_resync(p: dict[str, Any]) -> bool:
     return any(d.get("degraded") or d.get("dirty_bytes") for d in p["disks"])
 
 
-def _winner(q: Optional[dict[str, Any]]) -> bool:
+def _winner(q: dict[str, Any] | None) -> bool:
     """A secondary that won a failover: its disk holds its pair's newest data."""
     return q is not None and q.get("role") == "secondary" and bool(q.get("failed-over"))
 
@@ -542,10 +540,10 @@ class Controller:
         self.primary = _Peer("primary", cfg.primary, cfg)
         self.secondary = _Peer("secondary", cfg.secondary, cfg)
         self.state = ControllerState.STARTING
-        self.operation: Optional[Operation] = None   # the operation under way
+        self.operation: Operation | None = None   # the operation under way
         self.epoch = 0
-        self.progress: Optional[resync.Progress] = None
-        self.last_failover: Optional[dict[str, Any]] = None
+        self.progress: resync.Progress | None = None
+        self.last_failover: dict[str, Any] | None = None
         self.counters = {"checkpoints": 0, "checkpoint_failures": 0, "resync_bytes": 0,
                          "failovers": 0}
         self.checkpoints: deque[dict[str, Any]] = deque(maxlen=CHECKPOINT_HISTORY)
@@ -557,13 +555,13 @@ class Controller:
         self._next_checkpoint = 0.0
         self._retry_at = 0.0                     # no re-protection attempt before this
         self._backoff = cfg.heartbeat_timeout
-        self._marked_for: Optional[str] = None   # primary instance whose dirty map we filled
-        self._sync_next: Optional[str] = None    # the next bring-up's sync (promotion: checksum)
+        self._marked_for: str | None = None   # primary instance whose dirty map we filled
+        self._sync_next: str | None = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
-        self._hook: Optional[subprocess.Popen] = None
-        self._guest: Optional[Monitor] = None
+        self._hook: subprocess.Popen | None = None
+        self._guest: Monitor | None = None
         self._progress_said = 0.0
-        self._server: Optional[QMPServer] = None
+        self._server: QMPServer | None = None
         self._recall_pair()
         if serve:
             self.serve()
@@ -571,7 +569,7 @@ class Controller:
     # -- which nodes the pair is, across restarts -----------------------------------------
 
     @property
-    def pair_file(self) -> Optional[str]:
+    def pair_file(self) -> str | None:
         """``CONTROL.pair``: the pair's sockets now and the options that named it first."""
         return self.cfg.control + ".pair" if self.cfg.control else None
 
@@ -697,7 +695,7 @@ class Controller:
         with self._operation(Operation.ADOPT):
             self._adopt()
 
-    def _peek(self, peer: _Peer) -> Optional[dict[str, Any]]:
+    def _peek(self, peer: _Peer) -> dict[str, Any] | None:
         try:
             return peer.query()
         except NodeUnreachable as err:
@@ -914,7 +912,7 @@ class Controller:
             progress.update(max(progress.total - dirty, 0))
             self._on_progress(progress)
 
-    def _on_progress(self, progress: resync.Progress, disk: Optional[str] = None) -> None:
+    def _on_progress(self, progress: resync.Progress, disk: str | None = None) -> None:
         """Record, log and send progress (RESYNC_PROGRESS; VERIFY_PROGRESS of ``disk``
         while verifying); keep both nodes' contact while comparing."""
         self.progress = progress
@@ -1061,7 +1059,7 @@ class Controller:
         self._event("OLD_PRIMARY_FENCED", logging.WARNING, node=self.primary.socket,
                     reason=reason)
 
-    def _run_hook(self, command: Optional[str]) -> None:
+    def _run_hook(self, command: str | None) -> None:
         """Run ``command`` (--on-failover, --on-switchover; None: nothing) with the pair's
         epoch and controls.
 
@@ -1117,8 +1115,8 @@ class Controller:
                         duration=round(time.monotonic() - began, 3))
             return {"disks": results}
 
-    def switchover(self, uri: str, back_uri: str, migrate: Optional[str] = None,
-                   qmp: Optional[str] = None) -> dict[str, Any]:
+    def switchover(self, uri: str, back_uri: str, migrate: str | None = None,
+                   qmp: str | None = None) -> dict[str, Any]:
         """A planned role swap (switchover.py): the secondary becomes the primary with
         nothing lost or copied, the primary its secondary; --on-switchover runs after it.
 
@@ -1156,7 +1154,7 @@ class Controller:
             return result
 
     @staticmethod
-    def _caller(peer: "_Peer") -> planned.Call:
+    def _caller(peer: _Peer) -> planned.Call:
         return lambda command, args: peer.ops.call(command, args)
 
     def _moving(self, migrate: str, qmp: str) -> planned.Pause:
@@ -1291,8 +1289,8 @@ class Controller:
             log.warning("%s: %s", self.state.value, err)
         self._write_metrics()
 
-    def _decide(self, p: Optional[dict[str, Any]],
-                s: Optional[dict[str, Any]]) -> Optional[Callable[[], Any]]:
+    def _decide(self, p: dict[str, Any] | None,
+                s: dict[str, Any] | None) -> Callable[[], Any] | None:
         """The heartbeat's decision: the operation to run next (None: nothing)."""
         state, now = self.state, time.monotonic()
         if state in (ControllerState.STARTING, ControllerState.FENCED):
@@ -1584,7 +1582,7 @@ def _answers(path: str) -> bool:
             return False
 
 
-def _last_error(logfile: str, since: int) -> Optional[str]:
+def _last_error(logfile: str, since: int) -> str | None:
     """The last ERROR line the log gained after ``since`` bytes, without its prefix."""
     try:
         with open(logfile, encoding="utf-8", errors="replace") as f:

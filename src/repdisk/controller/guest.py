@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from typing import Any, Mapping, Optional, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from repdisk.errors import ConfigError, ControlError
 
@@ -42,7 +43,7 @@ FD_NAME = "repdisk-vmstate"    # QEMU's name of the state file's descriptor
 class Monitor(Protocol):
     """What the controller needs of a guest's monitor."""
 
-    def execute(self, name: str, arguments: Optional[Mapping[str, Any]] = None, /) -> Any: ...
+    def execute(self, name: str, arguments: Mapping[str, Any] | None = None, /) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -74,7 +75,7 @@ class LibvirtMonitor:
                                    f"the guest, or give its name (virsh list)") from None
         return self._dom
 
-    def execute(self, name: str, arguments: Optional[Mapping[str, Any]] = None, /) -> Any:
+    def execute(self, name: str, arguments: Mapping[str, Any] | None = None, /) -> Any:
         """Run QMP command ``name``; its ``return`` value, or ControlError."""
         import libvirt
         import libvirt_qemu
@@ -132,7 +133,7 @@ def migrate_to_file(monitor: Monitor, path: str) -> None:
         monitor.execute("migrate", {"uri": "exec:cat > " + shlex.quote(path)})
 
 
-def check(qmp: Optional[str], libvirt_domain: Optional[str]) -> None:
+def check(qmp: str | None, libvirt_domain: str | None) -> None:
     """One way to reach the guest's monitor, not two; python3-libvirt for libvirt."""
     if qmp and libvirt_domain:
         raise ConfigError("libvirt-domain", "libvirt owns that guest's monitor: give "
@@ -145,7 +146,7 @@ def check(qmp: Optional[str], libvirt_domain: Optional[str]) -> None:
                                                 "install python3-libvirt") from None
 
 
-def connect(qmp: Optional[str], libvirt_domain: Optional[str],
+def connect(qmp: str | None, libvirt_domain: str | None,
             libvirt_uri: str = DEFAULT_URI) -> Monitor:
     """The guest's monitor: libvirt's passthrough for a domain, else its QMP socket."""
     if libvirt_domain:

@@ -8,7 +8,8 @@ read the same text.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from repdisk.durable import replace_file
 
@@ -55,7 +56,7 @@ def _num(value: Any) -> str:
     return repr(float(value)) if isinstance(value, float) else str(int(value))
 
 
-def render(snapshot: dict[str, Any], nodes: dict[str, Optional[dict[str, Any]]]) -> str:
+def render(snapshot: dict[str, Any], nodes: dict[str, dict[str, Any] | None]) -> str:
     """Prometheus text for a controller snapshot and the nodes' last answers."""
     samples: dict[str, list[tuple[dict[str, Any], Any]]] = {name: [] for name in _HELP}
 

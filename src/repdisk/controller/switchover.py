@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from repdisk.errors import ControlError, RepdiskError
 
@@ -72,7 +73,7 @@ def check_ready(a: Node, b: Node) -> int:
 
 
 def switchover(a: Node, b: Node, *, write_mode: str = "sync",
-               isolation_timeout: Optional[float] = None,
+               isolation_timeout: float | None = None,
                pause: Pause = no_pause) -> dict[str, Any]:
     """Make B the primary and A its secondary (module note); returns ``{epoch, pause,
     duration}``.  Raises ControlError with nothing changed if the pair is not ready or A
@@ -114,7 +115,7 @@ def checkpoint(primary: Node, secondary: Node) -> None:
         primary.call("replication-resume", {})
 
 
-def _roll_back(a: Node, b: Node, write_mode: str, isolation_timeout: Optional[float],
+def _roll_back(a: Node, b: Node, write_mode: str, isolation_timeout: float | None,
                err: RepdiskError) -> None:
     """After A demoted: A becomes the primary again as it is, B its secondary; raises."""
     log.error("switchover failed after %s demoted: %s; rolling back", a.name, err)

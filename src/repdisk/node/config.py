@@ -13,16 +13,23 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 from urllib.parse import unquote
 
 from repdisk.errors import ConfigError
 from repdisk.qmp.protocol import tcp_address
-from repdisk.replication.resyncrate import ResyncRate, parse as parse_rate
+from repdisk.replication.resyncrate import ResyncRate
+from repdisk.replication.resyncrate import parse as parse_rate
 from repdisk.sockaccess import SocketAccess, check_control_mode, parse_access
-from repdisk.tls import (TLSSpec, check_control_plain, check_plain, control_tls_dir, uri_tcp_host,
-                  uses_tls)
+from repdisk.tls import (
+    TLSSpec,
+    check_control_plain,
+    check_plain,
+    control_tls_dir,
+    uri_tcp_host,
+    uses_tls,
+)
 from repdisk.units import parse_duration, parse_size  # the one parser of each (repdisk.units)
 
 PRIMARY, SECONDARY = "primary", "secondary"
@@ -36,7 +43,7 @@ class Key:
     roles: tuple[str, ...]
     metavar: str
     help: str
-    default: Optional[str] = None
+    default: str | None = None
     required: bool = False
     repeat: bool = False
     flag: bool = False     # a yes/no key: `repdisk --NAME` without a value means yes
@@ -118,7 +125,7 @@ KEY_BY_NAME = {k.name: k for k in KEYS}
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def help_text(role: Optional[str] = None) -> str:
+def help_text(role: str | None = None) -> str:
     """The key table as text, for one role or both."""
     lines = []
     for k in KEYS:
@@ -209,7 +216,7 @@ class NodeConfig:
     disks: list[DiskSpec]
     control: str
     state: str
-    secondary: Optional[str] = None
+    secondary: str | None = None
     write_mode: str = "sync"
     timeout: float = 5.0
     window: int = 64
@@ -217,19 +224,19 @@ class NodeConfig:
     resync_rate: ResyncRate = ResyncRate(None, True)
     on_isolation: str = "suspend"
     isolation_timeout: float = 3.0
-    active: Optional[str] = None
-    hidden: Optional[str] = None
+    active: str | None = None
+    hidden: str | None = None
     cluster_size: int = 65536
-    secondary_tls: Optional[TLSSpec] = None
+    secondary_tls: TLSSpec | None = None
     insecure: bool = False
-    control_tcp: Optional[tuple[str, int]] = None
-    control_tls: Optional[str] = None     # certificate directory for control_tcp
+    control_tcp: tuple[str, int] | None = None
+    control_tls: str | None = None     # certificate directory for control_tcp
     control_access: SocketAccess = SocketAccess(mode=0o600)
     nbd_socket_access: SocketAccess = SocketAccess()   # applied by the plugin (sockaccess)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_keys(cls, pairs: Iterable[tuple[str, str]]) -> "NodeConfig":
+    def from_keys(cls, pairs: Iterable[tuple[str, str]]) -> NodeConfig:
         """Check every key and value; the first mistake raises ConfigError."""
         values: dict[str, list[str]] = {}
         for key, value in pairs:
@@ -350,7 +357,7 @@ def _check_replica_export(uri: str) -> None:
                                    f"disk of a group): use {example}")
 
 
-def _one(values: dict[str, list[str]], key: str) -> Optional[str]:
+def _one(values: dict[str, list[str]], key: str) -> str | None:
     got = values.get(key)
     return got[0] if got else None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from repdisk.errors import ControlError, RepdiskError
 from repdisk.qmp.protocol import ArgSpec, Command
@@ -44,11 +44,11 @@ def _refusal_is_the_answer(cmd: Command) -> Command:
     return dataclasses.replace(cmd, handler=handler)
 
 
-def node_commands(node: "Node") -> list[Command]:
+def node_commands(node: Node) -> list[Command]:
     return [_refusal_is_the_answer(_leased(node, cmd)) for cmd in _node_commands(node)]
 
 
-def _leased(node: "Node", cmd: Command) -> Command:
+def _leased(node: Node, cmd: Command) -> Command:
     """Every command may name the controller sending it (``controller``): the node's lease
     then refuses it while another controller holds this node (see ``ControllerLease``)."""
     def handler(args: dict[str, Any]) -> Any:
@@ -63,11 +63,11 @@ def _leased(node: "Node", cmd: Command) -> Command:
     return dataclasses.replace(cmd, handler=handler, args=leased_args)
 
 
-def _node_commands(node: "Node") -> list[Command]:
-    def start(args: dict[str, Any]) -> Optional[dict[str, str]]:
+def _node_commands(node: Node) -> list[Command]:
+    def start(args: dict[str, Any]) -> dict[str, str] | None:
         return node.start(_mode(args["mode"]), args.get("epoch"))
 
-    def stop(args: dict[str, Any]) -> Optional[dict[str, str]]:
+    def stop(args: dict[str, Any]) -> dict[str, str] | None:
         return node.stop(args["failover"])
 
     def resync(args: dict[str, Any]) -> dict[str, int]:
@@ -95,7 +95,7 @@ def _node_commands(node: "Node") -> list[Command]:
     ]
 
 
-def _controller_commands(node: "Node") -> list[Command]:
+def _controller_commands(node: Node) -> list[Command]:
     """What the controller needs beyond the framework: contact, fencing, promotion, sync."""
     disk = ArgSpec(str, False, "the disk's name (default: the node's first disk)")
 

@@ -34,26 +34,20 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Union
 
-from repdisk.replication import batch
-
-from repdisk.replication import forwarder
-
-from repdisk.replication import resync
-
-from repdisk.replication import sessions
-
+from repdisk.block.dirtymap import DirtyMap
+from repdisk.block.images import BlockDevice, RawImage, lock_image
+from repdisk.errors import BlockIOError, ConfigError, ControlError, ForwardError, RepdiskError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig
-from repdisk.block.dirtymap import DirtyMap
-from repdisk.errors import BlockIOError, ConfigError, ControlError, ForwardError, RepdiskError
-from repdisk.block.images import BlockDevice, RawImage, lock_image
-from repdisk.replication.primary import PrimaryReplica
+from repdisk.node.state import NodeState
+from repdisk.replication import batch, forwarder, resync, sessions
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
+from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import EventSink, Stage
-from repdisk.node.state import NodeState
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +61,7 @@ class Export:
     connection's life, so switching ``target`` (promotion) reaches open connections too.
     """
 
-    def __init__(self, target: BlockDevice, admission: "Admission") -> None:
+    def __init__(self, target: BlockDevice, admission: Admission) -> None:
         self.target = target
         self.size = target.size
         self._admit = admission.enter
@@ -84,7 +78,7 @@ class Export:
         self._target = device
         self.pread_into = device.pread_into
 
-    def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
+    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
         self._admit()
         try:
             self.target.pwrite(buf, offset, fua)
@@ -121,7 +115,7 @@ class Admission:
     until the writes already admitted have left, so a demote's barrier covers them all.
     """
 
-    def __init__(self, isolation: Callable[[], Optional["Isolation"]]) -> None:
+    def __init__(self, isolation: Callable[[], Isolation | None]) -> None:
         self._isolation = isolation
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -163,14 +157,14 @@ class _SealView:
     """A secondary's ``replica/NAME+seal`` export as one writer session sees it: a write
     records that the primary of that session demoted cleanly (see Node.record_seal)."""
 
-    def __init__(self, node: "Node", gate: sessions.WriterGate, token: sessions.Token,
+    def __init__(self, node: Node, gate: sessions.WriterGate, token: sessions.Token,
                  size: int) -> None:
         self._node, self._gate, self._token, self.size = node, gate, token, size
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         buf[:] = bytes(len(buf))
 
-    def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
+    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
         self._gate.run_write(self._token, self._node.record_seal, self._gate.name,
                              self._token[0])
 
@@ -311,11 +305,11 @@ class ControllerLease:
     def __init__(self) -> None:
         # Guards the fields below (commands arrive on several control connections).
         self._lock = threading.Lock()
-        self.holder: Optional[str] = None
+        self.holder: str | None = None
         self.duration = self.DEFAULT
         self._heard = 0.0
 
-    def check(self, who: Optional[str], duration: Optional[float] = None) -> None:
+    def check(self, who: str | None, duration: float | None = None) -> None:
         """Grant or renew the lease to ``who``; raise if another controller holds it."""
         if who is None:
             return
@@ -337,7 +331,7 @@ class ControllerLease:
             if duration is not None and duration > 0:
                 self.duration = duration
 
-    def query(self) -> Optional[dict[str, Any]]:
+    def query(self) -> dict[str, Any] | None:
         with self._lock:
             if self.holder is None:
                 return None
@@ -359,8 +353,8 @@ class Node:
         # Secondary: the writer gate of each replica export name (aliases share one).
         self._gates: dict[str, sessions.WriterGate] = {}
         self._server: Any = None  # the QMP server, once serving
-        self.isolation: Optional[Isolation] = None
-        self._acks: dict[str, Optional[int]] = {}
+        self.isolation: Isolation | None = None
+        self._acks: dict[str, int | None] = {}
         self.admission = Admission(lambda: self.isolation)
         self._state_lock = threading.Lock()  # the seal's writes of the state (nbdkit threads)
         self._demoted: list[PrimaryReplica] = []  # a demoted node's former primaries
@@ -547,8 +541,8 @@ class Node:
     def serve_control(self) -> None:
         """Start the control socket (and the TCP control port, if configured) and, on a
         primary, the isolation monitor (call after nbdkit forked: all start threads)."""
-        from repdisk.node import control
         from repdisk import tls
+        from repdisk.node import control
         from repdisk.qmp.protocol import QMPServer
         server = QMPServer(control.node_commands(self), name=f"repdisk-{self.cfg.role}")
         access = self.cfg.control_access
@@ -642,7 +636,7 @@ class Node:
     # -- replication: each maps to one *_all call of the node's registry ---------
 
     def start(self, mode: ReplicationMode,
-              epoch: Optional[int] = None) -> Optional[dict[str, str]]:
+              epoch: int | None = None) -> dict[str, str] | None:
         """Start every disk; returns ``{"ignored": why}`` where QEMU would ignore the start.
 
         A secondary that won a failover ignores ``start`` in mode primary, as QEMU does for a
@@ -677,7 +671,7 @@ class Node:
         self.emit("REPLICATION_REQUEST_IGNORED", {"command": command, "reason": why})
         return {"ignored": why}
 
-    def checkpoint(self) -> Optional[dict[str, str]]:
+    def checkpoint(self) -> dict[str, str] | None:
         over = self.replication_over()
         if over:
             return self._ignored("replication-do-checkpoint", over)
@@ -692,7 +686,7 @@ class Node:
     def get_error(self) -> None:
         self.registry.get_error_all()
 
-    def stop(self, failover: bool) -> Optional[dict[str, str]]:
+    def stop(self, failover: bool) -> dict[str, str] | None:
         over = self.replication_over()
         if over:
             return self._ignored("replication-stop", over)
@@ -846,7 +840,7 @@ class Node:
         self.state.save(self.cfg.state)
 
     def promote(self, secondary_uri: str, write_mode: str = "sync", timeout: float = 5.0,
-                isolation_timeout: Optional[float] = None, force: bool = False,
+                isolation_timeout: float | None = None, force: bool = False,
                 probe: bool = False) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
 
@@ -927,7 +921,7 @@ class Node:
                                        "primary was demoted cleanly, can be promoted")
 
     def _become_primary(self, secondary_uri: str, write_mode: str, timeout: float,
-                        isolation_timeout: Optional[float]) -> None:
+                        isolation_timeout: float | None) -> None:
         registry, replicas = Registry(), {}
         for name, rep in self.replicas.items():
             suffix = f"/{name}" if len(self.replicas) > 1 else ""
@@ -942,7 +936,7 @@ class Node:
         self.admission.admit()  # a demoted node refused guest writes until now
         self._guard(self.cfg.on_isolation,
                     isolation_timeout or self.cfg.isolation_timeout)
-        for i, (name, primary) in enumerate(replicas.items()):
+        for _i, (name, primary) in enumerate(replicas.items()):
             self.exports[f"active/{name}"].target = primary.view  # type: ignore[attr-defined]
             self.exports[name] = self.exports[f"active/{name}"]
         self.state.role = PRIMARY
@@ -952,7 +946,7 @@ class Node:
                     secondary_uri)
         self.emit("NODE_PROMOTED", {"epoch": self.state.epoch, "secondary": secondary_uri})
 
-    def _image(self, disk: Optional[str]) -> RawImage:
+    def _image(self, disk: str | None) -> RawImage:
         name = disk or self.cfg.disks[0].name
         rep = self.replicas.get(name)
         if rep is None:
@@ -960,24 +954,24 @@ class Node:
                                       f"{', '.join(self.replicas)}")
         return rep.disk
 
-    def digests(self, disk: Optional[str], offset: int, length: int,
+    def digests(self, disk: str | None, offset: int, length: int,
                 granularity: int) -> list[str]:
         """Digests of the node's own disk (a secondary's: without its overlays)."""
         return resync.disk_digests(self._image(disk), offset, length, granularity)
 
-    def allocation(self, disk: Optional[str], offset: int,
-                   length: Optional[int]) -> list[tuple[int, int]]:
+    def allocation(self, disk: str | None, offset: int,
+                   length: int | None) -> list[tuple[int, int]]:
         image = self._image(disk)
         return resync.data_runs(image, offset, image.size - offset if length is None else length)
 
-    def mark_dirty(self, disk: Optional[str], runs: list[list[int]]) -> int:
+    def mark_dirty(self, disk: str | None, runs: list[list[int]]) -> int:
         """Primary: these runs must be copied to the secondary (by start or resync)."""
         rep = self._primary(disk or self.cfg.disks[0].name)
         for offset, length in runs:
             rep.dirty.mark(offset, length)
         return rep.dirty.dirty_bytes
 
-    def verify(self, disk: Optional[str], runs: Optional[list[list[int]]],
+    def verify(self, disk: str | None, runs: list[list[int]] | None,
                repair: bool) -> list[dict[str, Any]]:
         """Primary: compare each disk (or ``disk``) with the secondary where either holds
         data (this node's allocation, plus ``runs``: e.g. the secondary's); with ``repair``
@@ -1064,7 +1058,7 @@ class Node:
             os.close(self._state_file_lock)
 
     @classmethod
-    def from_keys(cls, pairs: list[tuple[str, str]]) -> "Node":
+    def from_keys(cls, pairs: list[tuple[str, str]]) -> Node:
         return cls(NodeConfig.from_keys(pairs))
 
 

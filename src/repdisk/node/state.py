@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from repdisk.durable import replace_file
 from repdisk.errors import ConfigError
@@ -41,12 +40,12 @@ class NodeState:
     role: str = ""
     failed_over: bool = False  # this node's disk became the pair's newest in `epoch`
     fenced: str = ""           # why this node may no longer accept guest writes ("" = not)
-    failover_commit: Optional[int] = None  # epoch whose failover commit is under way
+    failover_commit: int | None = None  # epoch whose failover commit is under way
     sealed: dict[str, int] = field(default_factory=dict)  # disk -> epoch of a clean demote
     unclean: bool = False      # a primary served since its dirty maps were last saved
 
     @classmethod
-    def load(cls, path: str) -> "NodeState":
+    def load(cls, path: str) -> NodeState:
         try:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
@@ -70,7 +69,7 @@ class NodeState:
     def save(self, path: str) -> None:
         replace_file(path, json.dumps({"format": FORMAT, **asdict(self)}))
 
-    def check_start(self, role: str, epoch: Optional[int]) -> None:
+    def check_start(self, role: str, epoch: int | None) -> None:
         """Refuse a start that would let a stale node write; raise with the reason."""
         if self.failover_commit is not None:
             raise ConfigError("epoch", f"start refused: the failover commit of epoch "
@@ -98,7 +97,7 @@ class NodeState:
         """The commit is complete: this node won the failover and starts the next epoch."""
         self.epoch, self.failed_over, self.failover_commit = self.epoch + 1, True, None
 
-    def enter(self, role: str, epoch: Optional[int]) -> None:
+    def enter(self, role: str, epoch: int | None) -> None:
         """Record a start (already checked): a newer epoch clears what the old one said;
         any start clears the seals (the disk is about to change again)."""
         if epoch is not None and epoch > self.epoch:
@@ -116,7 +115,7 @@ class NodeState:
         self.epoch, self.failed_over, self.sealed = self.epoch + 1, True, {}
 
 
-def _optional_int(value: object) -> Optional[int]:
+def _optional_int(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):

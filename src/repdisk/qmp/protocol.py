@@ -24,6 +24,7 @@ it queues the event for each negotiated client and drops a client whose queue is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -36,9 +37,10 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Union
 
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp import QMPClient as _AsyncQMPClient
@@ -73,10 +75,10 @@ class ArgSpec:
     (so ``repdisk ctl SOCK query-digests length=1G`` works as the plugin's keys do).
     """
 
-    type: Union[type, tuple[type, ...]]
+    type: type | tuple[type, ...]
     required: bool = True
     help: str = ""
-    unit: Optional[str] = None
+    unit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _is_type(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def _type_name(expected: Union[type, tuple[type, ...]]) -> str:
+def _type_name(expected: type | tuple[type, ...]) -> str:
     types = expected if isinstance(expected, tuple) else (expected,)
     return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
 
@@ -131,7 +133,7 @@ def check_arguments(cmd: Command, arguments: dict[str, Any]) -> dict[str, Any]:
     return arguments
 
 
-def _with_unit(name: str, unit: str, text: str) -> Union[int, float]:
+def _with_unit(name: str, unit: str, text: str) -> int | float:
     """A size or duration argument given as text, through the one parser of its kind."""
     try:
         return parse_size(name, text) if unit == "size" else parse_duration(name, text)
@@ -205,7 +207,7 @@ class _Splitter:
         self._buf += data
         out: list[bytes] = []
         start, pos = 0, self._scan
-        m: Optional[re.Match[bytes]] = None
+        m: re.Match[bytes] | None = None
         while not self.overflow and (m := _SPECIAL.search(self._buf, pos)):
             ch, pos = m.group(), m.end()
             if ch == b"\n":
@@ -265,7 +267,7 @@ class QMPProtocol:
     transports, and tests, share it.  Commands run synchronously inside :meth:`receive`.
     """
 
-    def __init__(self, server: "QMPServer") -> None:
+    def __init__(self, server: QMPServer) -> None:
         self._server = server
         self._splitter = _Splitter(server.max_message)
         #: Set once qmp_capabilities succeeded; from then on the client may get events.
@@ -353,14 +355,14 @@ class _Connection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, server: "QMPServer", sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: QMPServer, sock: socket.socket, peer: str) -> None:
         self.server = server
         self.protocol = QMPProtocol(server)
         self.subscribed = False   # set after the qmp_capabilities reply is queued
         self.name = f"qmp-{next(self._ids)}"
         self._sock = sock
         self._peer = peer
-        self._out: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        self._out: queue.Queue[bytes | None] = queue.Queue()
         self._dropped = False
         self._plain = type(sock) is socket.socket   # MSG_NOSIGNAL is not allowed on TLS
 
@@ -379,7 +381,7 @@ class _Connection:
             return
         self._out.put_nowait(data)
 
-    def drop(self, reason: Optional[str]) -> None:
+    def drop(self, reason: str | None) -> None:
         """Disconnect the client; its threads notice and exit.  ``reason`` None: quietly."""
         if not self._dropped and reason:
             log.warning("%s: dropping client %s: %s", self.name, self._peer, reason)
@@ -388,10 +390,8 @@ class _Connection:
         self._shutdown(socket.SHUT_RDWR)
 
     def _shutdown(self, how: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(how)
-        except OSError:
-            pass
 
     def _read_loop(self) -> None:
         try:
@@ -428,7 +428,7 @@ class _Connection:
             self._linger()
         self._sock.close()
 
-    def _next_batch(self) -> Optional[bytes]:
+    def _next_batch(self) -> bytes | None:
         """Everything queued, joined, so a burst of events costs one send; None at the end
         (messages queued before the end are still returned first)."""
         batch: list[bytes] = []
@@ -459,9 +459,9 @@ class _Connection:
 class _Listener:
     """An accept loop on one listening socket, in its own daemon thread."""
 
-    def __init__(self, server: "QMPServer", sock: socket.socket,
-                 unlink: Optional[tuple[str, int, int]] = None,
-                 adopt: Optional[Callable[[socket.socket, str], None]] = None) -> None:
+    def __init__(self, server: QMPServer, sock: socket.socket,
+                 unlink: tuple[str, int, int] | None = None,
+                 adopt: Callable[[socket.socket, str], None] | None = None) -> None:
         self.server = server
         self.sock = sock
         self._unlink = unlink          # (path, st_dev, st_ino) of a socket file we created
@@ -518,10 +518,8 @@ def remove_stale_socket(path: str, what: str = "control socket") -> None:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         log.info("removing stale %s %s", what, path)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         return
     except OSError as err:
         raise ControlError(f"{what} {path}: cannot tell whether a server still "
@@ -533,7 +531,7 @@ def remove_stale_socket(path: str, what: str = "control socket") -> None:
 
 
 def _bind_unix(path: str, mode: int,
-               gid: Optional[int] = None) -> tuple[socket.socket, os.stat_result]:
+               gid: int | None = None) -> tuple[socket.socket, os.stat_result]:
     """A listening socket at ``path`` that nobody could reach before it had ``mode`` (and
     group ``gid``, if given).
 
@@ -562,10 +560,8 @@ def _bind_unix(path: str, mode: int,
         raise
     finally:
         for remove, target in ((os.unlink, tmp), (os.rmdir, private)):
-            try:
+            with contextlib.suppress(OSError):
                 remove(target)
-            except OSError:
-                pass
 
 
 # -- server -------------------------------------------------------------------------------
@@ -608,7 +604,7 @@ class QMPServer:
                 raise ValueError(f"qmp: command {cmd.name} is already registered")
             self._commands = {**self._commands, cmd.name: cmd}   # readers never see a half
 
-    def command(self, name: str) -> Optional[Command]:
+    def command(self, name: str) -> Command | None:
         return self._commands.get(name)
 
     @property
@@ -625,7 +621,7 @@ class QMPServer:
 
     # -- events --
 
-    def emit(self, event: str, data: Optional[dict[str, Any]] = None) -> None:
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
         """Send an event to every negotiated client; never blocks, callable from any thread.
 
         An event whose data is not JSON is logged and dropped rather than raised, because the
@@ -648,7 +644,7 @@ class QMPServer:
 
     # -- transports --
 
-    def serve_unix(self, path: str, mode: int = 0o600, gid: Optional[int] = None) -> None:
+    def serve_unix(self, path: str, mode: int = 0o600, gid: int | None = None) -> None:
         """Listen on a Unix socket at ``path`` with permissions ``mode`` (and group ``gid``);
         return once listening.
 
@@ -686,7 +682,7 @@ class QMPServer:
         return self.serve_tcp(host, port, context)
 
     def serve_tcp(self, host: str, port: int,
-                  context: Optional[ssl.SSLContext] = None) -> tuple[str, int]:
+                  context: ssl.SSLContext | None = None) -> tuple[str, int]:
         """Listen on TCP: TLS clients only with ``context`` (see :meth:`serve_tls`), plain
         without (for an operator who said insecure); return the bound address."""
         try:
@@ -718,8 +714,8 @@ class QMPServer:
         self._adopt(app_end, peer)
         relay.run()
 
-    def _listen(self, sock: socket.socket, unlink: Optional[tuple[str, int, int]],
-                adopt: Optional[Callable[[socket.socket, str], None]] = None) -> None:
+    def _listen(self, sock: socket.socket, unlink: tuple[str, int, int] | None,
+                adopt: Callable[[socket.socket, str], None] | None = None) -> None:
         with self._lock:
             if self._closed:
                 sock.close()
@@ -753,7 +749,7 @@ class QMPServer:
         for conn in clients:
             conn.drop(None)
 
-    def __enter__(self) -> "QMPServer":
+    def __enter__(self) -> QMPServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -775,7 +771,7 @@ Address = Union[str, tuple[str, int]]
 CLOSE_TIMEOUT = 1.0
 
 
-def tcp_address(address: Address) -> Optional[tuple[str, int]]:
+def tcp_address(address: Address) -> tuple[str, int] | None:
     """``(host, port)`` for a TCP control address (``"host:port"``, ``"[v6]:port"`` or a
     tuple); None for a Unix socket path."""
     if isinstance(address, tuple):
@@ -816,10 +812,10 @@ class QMPClient:
         self._qmp = _QMPSession("repdisk")
         self._lock = threading.Lock()
         self._received: list[dict[str, Any]] = []
-        self.address: Optional[Address] = None
+        self.address: Address | None = None
 
-    def connect(self, address: Address, timeout: Optional[float] = None,
-                tls: Optional[ssl.SSLContext] = None) -> "QMPClient":
+    def connect(self, address: Address, timeout: float | None = None,
+                tls: ssl.SSLContext | None = None) -> QMPClient:
         """Connect to ``path`` or ``(host, port)`` or ``"host:port"`` and negotiate.
 
         ``tls``: a client context (:func:`repdisk.tls.client_context`) for a node's TLS
@@ -835,10 +831,10 @@ class QMPClient:
         return self
 
     @property
-    def greeting(self) -> Optional[dict[str, Any]]:
+    def greeting(self) -> dict[str, Any] | None:
         return self._qmp.greeting._asdict() if self._qmp.greeting else None
 
-    def execute(self, name: str, arguments: Optional[Mapping[str, Any]] = None, /,
+    def execute(self, name: str, arguments: Mapping[str, Any] | None = None, /,
                 **kwargs: Any) -> Any:
         """Run a command; arguments as a dict (names with dashes) and/or keywords.
 
@@ -857,14 +853,12 @@ class QMPClient:
 
         The socket is read only during calls; this reads for a moment (10 ms) first.
         """
-        try:
+        with contextlib.suppress(ControlError):
             self._run(asyncio.sleep(0.01), None, "read events")
-        except ControlError:
-            pass
         self._collect()
         return self._received
 
-    def wait_event(self, name: str, timeout: Optional[float] = None) -> dict[str, Any]:
+    def wait_event(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         """Remove and return the first received event called ``name``, waiting for it."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
@@ -896,7 +890,7 @@ class QMPClient:
             try:
                 self._loop.run_until_complete(
                     asyncio.wait_for(self._qmp.disconnect(), CLOSE_TIMEOUT))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.debug("qmp client: %s: no orderly close within %gs; aborted",
                           self.address, CLOSE_TIMEOUT)
                 if writer is not None:
@@ -906,7 +900,7 @@ class QMPClient:
                 log.debug("qmp client: %s: session ended with %s", self.address, err)
             self._loop.close()
 
-    def _run(self, coro: Any, timeout: Optional[float], what: str) -> Any:
+    def _run(self, coro: Any, timeout: float | None, what: str) -> Any:
         limit = self.timeout if timeout is None else timeout
         with self._lock:
             if self._loop.is_closed():
@@ -914,7 +908,7 @@ class QMPClient:
                 raise ControlError(f"{self.address}: the QMP client is closed")
             try:
                 return self._loop.run_until_complete(asyncio.wait_for(coro, limit))
-            except asyncio.TimeoutError as err:
+            except TimeoutError as err:
                 raise ControlError(f"{self.address}: {what}: no answer within {limit} s") \
                     from err
             except ExecuteError:
@@ -922,9 +916,9 @@ class QMPClient:
             except (QMPError, OSError, EOFError) as err:
                 raise ControlError(f"{self.address}: {what}: {err}") from err
 
-    def __enter__(self) -> "QMPClient":
+    def __enter__(self) -> QMPClient:
         return self
 
-    def __exit__(self, exc_type: Optional[type[BaseException]],
-                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
 
-from repdisk.errors import BlockIOError, check_range
 from repdisk.block.images import BlockDevice, Extent
+from repdisk.errors import BlockIOError, check_range
 
 #: Bytes past the disk's end where records are written (one record fits).
 MAILBOX = 64 << 20
@@ -37,7 +37,7 @@ MAGIC = b"RDBATCH1"
 _ENTRY = struct.Struct("<QQ")
 _TRAILER = struct.Struct("<I4x8s")
 
-Piece = tuple[int, Union[bytes, bytearray, memoryview]]
+Piece = tuple[int, bytes | bytearray | memoryview]
 
 
 def encode(pieces: Sequence[Piece]) -> bytes:
@@ -87,7 +87,7 @@ class BatchView:
     """
 
     def __init__(self, inner: BlockDevice,
-                 prefetch: Optional[Callable[[Iterable[tuple[int, int]]], None]] = None
+                 prefetch: Callable[[Iterable[tuple[int, int]]], None] | None = None
                  ) -> None:
         self._inner = inner
         self._prefetch = prefetch
@@ -101,7 +101,7 @@ class BatchView:
         self._in_disk(offset, len(buf), False)
         self._inner.pread_into(buf, offset)
 
-    def pwrite(self, buf: Union[bytes, memoryview], offset: int, fua: bool = False) -> None:
+    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
         if offset < self._disk_size:
             self._in_disk(offset, len(buf), True)
             self._inner.pwrite(buf, offset, fua)

@@ -60,6 +60,7 @@ as a memoryview as soon as ``wait`` returns.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -68,15 +69,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Callable, Optional
+from collections.abc import Callable
 from urllib.parse import quote
 
 import nbd
 
-from repdisk.replication import batch as _batch
-
 from repdisk import tls
 from repdisk.errors import ForwardError
+from repdisk.replication import batch as _batch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ FailureCallback = Callable[[str, list[tuple[int, int]]], None]
 #: or None; their ranges stay locked against writers until the forwarder calls ``placed()``
 #: (see Pulling).
 Source = Callable[[int, int],
-                  "Optional[tuple[list[tuple[int, bytes | bytearray]], Callable[[], None]]]"]
+                  "tuple[list[tuple[int, bytes | bytearray]], Callable[[], None]] | None"]
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
@@ -121,8 +121,8 @@ class Ticket:
                  "rejected", "drained", "pulled", "parts", "members", "grains", "data", "_lock",
                  "_fwd", "_err")
 
-    def __init__(self, fwd: Optional["Forwarder"], kind: str, offset: int, length: int,
-                 buf: "bytes | memoryview | None" = None, fua: bool = False,
+    def __init__(self, fwd: Forwarder | None, kind: str, offset: int, length: int,
+                 buf: bytes | memoryview | None = None, fua: bool = False,
                  pulled: bool = False) -> None:
         self.kind = kind
         self.offset = offset
@@ -138,15 +138,15 @@ class Ticket:
         self.pulled = pulled  # taken from the source: nobody waits for it
         # A batch record (batch.py): its writes' (offset, length), sorted; ``offset`` is
         # then the lowest, ``length`` the bytes of them all and ``buf`` the record.
-        self.parts: Optional[list[tuple[int, int]]] = None
-        self.members: Optional[list["Ticket"]] = None  # the writes a record carries
-        self.grains: Optional[set[int]] = None  # a record's GRAIN blocks, while in flight
-        self.data: Optional[bytearray] = None  # a read's bytes, once it succeeded
+        self.parts: list[tuple[int, int]] | None = None
+        self.members: list[Ticket] | None = None  # the writes a record carries
+        self.grains: set[int] | None = None  # a record's GRAIN blocks, while in flight
+        self.data: bytearray | None = None  # a read's bytes, once it succeeded
         self._fwd = fwd
         self._err = 0
         # Held from creation until the request is settled; waiters block on it (none for
         # a pulled piece: nobody has its ticket).
-        self._lock: Optional[threading.Lock] = None if pulled else threading.Lock()
+        self._lock: threading.Lock | None = None if pulled else threading.Lock()
         if self._lock is not None:
             self._lock.acquire()
 
@@ -164,7 +164,7 @@ class Ticket:
         """The (offset, length) ranges of the disk it changes, sorted."""
         return self.parts if self.parts is not None else [(self.offset, self.length)]
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
+    def wait(self, timeout: float | None = None) -> bool:
         """True once the secondary acknowledged; False if it failed or ``timeout`` expired.
 
         An expired wait fails the forwarder (see the module note) and returns once the
@@ -196,7 +196,7 @@ class Ticket:
         if self._lock is not None:
             self._lock.release()
 
-    def _completed(self, err: "nbd.Error") -> int:
+    def _completed(self, err: nbd.Error) -> int:
         """libnbd completion callback (runs inside aio_notify_*): defer, then retire."""
         self._err = err.value
         fwd = self._fwd
@@ -224,7 +224,7 @@ def with_export_suffix(uri: str, suffix: str) -> str:
     return f"{scheme}://{authority}/{path}{quote(suffix, safe='')}{sep}{query}"
 
 
-def list_exports(uri: str, timeout: float = 5.0) -> Optional[list[str]]:
+def list_exports(uri: str, timeout: float = 5.0) -> list[str] | None:
     """The export names the NBD server at ``uri`` lists, or None if it cannot say (it does
     not answer in ``timeout``, or refuses to list).  For messages, never for decisions."""
     h = nbd.NBD()
@@ -253,7 +253,7 @@ def _poll_mask(direction: int) -> int:
             | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
 
 
-def _notify(h: "nbd.NBD", events: int) -> None:
+def _notify(h: nbd.NBD, events: int) -> None:
     """Tell libnbd what poll saw on its fd (HUP/ERR count as readable: the read finds out)."""
     if events & select.POLLOUT:
         h.aio_notify_write()
@@ -261,7 +261,7 @@ def _notify(h: "nbd.NBD", events: int) -> None:
         h.aio_notify_read()
 
 
-def _pump(h: "nbd.NBD", until: Callable[[], bool], deadline: float) -> bool:
+def _pump(h: nbd.NBD, until: Callable[[], bool], deadline: float) -> bool:
     """Drive ``h`` with a private poll loop until ``until()`` or ``deadline``; True if reached.
 
     Used where no other thread can use the handle yet (handshake) or any more (close).
@@ -287,9 +287,9 @@ class Forwarder:
     """
 
     def __init__(self, uri: str, *, timeout: float = 5.0, window: int = 64,
-                 on_failure: Optional[FailureCallback] = None,
+                 on_failure: FailureCallback | None = None,
                  export_suffix: str = "", session_tag: str = "",
-                 source: Optional[Source] = None, pull_delay: float = 0.0,
+                 source: Source | None = None, pull_delay: float = 0.0,
                  batch: bool = False) -> None:
         if window < 1:
             raise ValueError(f"forwarder window must be at least 1, not {window}")
@@ -306,7 +306,7 @@ class Forwarder:
         self._pull_delay = pull_delay
         self.size = 0
         self.failed = False
-        self.error: Optional[str] = None
+        self.error: str | None = None
         self.errno = 0
         self.stats = {"writes": 0, "zeros": 0, "trims": 0, "flushes": 0, "bytes": 0,
                       "errors": 0, "pulled": 0, "batches": 0, "reads": 0}
@@ -318,13 +318,13 @@ class Forwarder:
         self._accepting = False
         self._seq = 0
         self._hold_seq: float = _INF        # requests with seq >= this are held
-        self._released: Optional[tuple[float, float]] = None  # (old hold_seq, time)
-        self._stop: Optional[str] = None     # why the I/O thread must stop ("" = close)
+        self._released: tuple[float, float] | None = None  # (old hold_seq, time)
+        self._stop: str | None = None     # why the I/O thread must stop ("" = close)
         self._wake_pending = False
         self._pull_wanted = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._thread: Optional[threading.Thread] = None
-        self._handoff: Optional[nbd.NBD] = None
+        self._thread: threading.Thread | None = None
+        self._handoff: nbd.NBD | None = None
         self._reset_io_state()
 
     def _reset_io_state(self) -> None:
@@ -403,7 +403,7 @@ class Forwarder:
         log.info("forwarding to secondary %s (%d bytes, window %d)", self.uri, self.size,
                  self.window)
 
-    def _handshake(self, h: "nbd.NBD") -> int:
+    def _handshake(self, h: nbd.NBD) -> int:
         """Connect ``h`` within ``timeout`` without blocking forever on a hung secondary."""
         try:
             h.aio_connect_uri(self._connect_uri)
@@ -456,7 +456,7 @@ class Forwarder:
 
     # -- submission (any thread) ----------------------------------------------------
 
-    def submit_write(self, buf: "bytes | memoryview", offset: int, fua: bool = False) -> Ticket:
+    def submit_write(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> Ticket:
         """Queue a write; ``buf`` must stay unchanged until the ticket is done."""
         return self._submit(Ticket(self, WRITE, offset, len(buf), buf, fua))
 
@@ -532,7 +532,7 @@ class Forwarder:
             self._wake_pending = True
             os.eventfd_write(self._wake_fd, 1)
 
-    def _expire(self, t: Ticket, timeout: Optional[float]) -> None:
+    def _expire(self, t: Ticket, timeout: float | None) -> None:
         """A waiter gave up on ``t``: fail the forwarder (unless ``t`` just settled)."""
         with self._lock:
             if self._stop is None and not t.done:
@@ -561,7 +561,7 @@ class Forwarder:
             log.error("forwarder could not close its libnbd handle; buffers stay referenced")
         self._finish(why)
 
-    def _loop(self, h: "nbd.NBD") -> str:
+    def _loop(self, h: nbd.NBD) -> str:
         """Run until a failure or close; returns the reason ("" for close).
 
         Every libnbd call drops and retakes the GIL, a thread switch when nbdkit's workers
@@ -619,7 +619,7 @@ class Forwarder:
         except nbd.Error as err:
             return f"secondary {self.uri} failed: {err}"
 
-    def _read_replies(self, h: "nbd.NBD", readable: "select.poll") -> None:
+    def _read_replies(self, h: nbd.NBD, readable: select.poll) -> None:
         """Read every reply already waiting: libnbd reads one per ``aio_notify_read``, so
         without this each reply would cost a round of its own (a poll and a wake-up).
 
@@ -636,7 +636,7 @@ class Forwarder:
                 return  # the last read found the end of the connection: the loop reports it
 
     @staticmethod
-    def _repoll(poller: "select.poll", fd: int, old: int, new: int) -> int:
+    def _repoll(poller: select.poll, fd: int, old: int, new: int) -> int:
         """Point ``poller`` at ``fd`` for the events in ``new`` (0: not at all)."""
         if new != old:
             if old:
@@ -646,12 +646,10 @@ class Forwarder:
         return new
 
     def _drain_wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
 
-    def _take_incoming(self) -> Optional[str]:
+    def _take_incoming(self) -> str | None:
         """Move the submitted batch into the queue; returns a stop reason if one is set."""
         with self._lock:
             self._wake_pending = False
@@ -753,7 +751,7 @@ class Forwarder:
         return bool(self._pull_delay) and not self._barriers and \
             time.monotonic() < self._next_pull
 
-    def _send(self, h: "nbd.NBD") -> Optional[str]:
+    def _send(self, h: nbd.NBD) -> str | None:
         """Issue queued requests in order while the window, overlaps and the hold allow,
         taking pieces from the source whenever the queue runs empty."""
         q, inflight = self._queue, self._inflight
@@ -863,7 +861,7 @@ class Forwarder:
             return True
         return any(o.seq < seq for o in self._inflight)
 
-    def _issue(self, h: "nbd.NBD", t: Ticket) -> Optional[str]:
+    def _issue(self, h: nbd.NBD, t: Ticket) -> str | None:
         """Hand ``t`` to libnbd; it counts as in flight even if libnbd refuses it."""
         self._inflight.add(t)
         self._issued = True
@@ -894,7 +892,7 @@ class Forwarder:
             return f"secondary {self.uri} refused {t.what()}: {err}"
         return None
 
-    def _retire(self) -> Optional[str]:
+    def _retire(self) -> str | None:
         """Settle what libnbd completed; returns the first error (those stay unacknowledged)."""
         done = self._completed
         if not done:
@@ -931,7 +929,7 @@ class Forwarder:
             t._settle(True)
         return why
 
-    def _check_deadlines(self) -> Optional[str]:
+    def _check_deadlines(self) -> str | None:
         """Fail if the oldest unacknowledged, unheld request is older than ``timeout``."""
         now = time.monotonic()
         if now < self._next_check:
@@ -949,7 +947,7 @@ class Forwarder:
         self._next_check = oldest.t0 + self.timeout
         return None
 
-    def _disconnect(self, h: "nbd.NBD") -> None:
+    def _disconnect(self, h: nbd.NBD) -> None:
         """Polite close when nothing is outstanding: NBD_CMD_DISC, briefly wait for EOF."""
         try:
             h.aio_disconnect()

@@ -21,8 +21,9 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from repdisk.errors import RepdiskError
 
@@ -58,7 +59,7 @@ class ReplicationError(RepdiskError):
     ``__cause__``, and by the replicas themselves for a wrong stage or mode.
     """
 
-    def __init__(self, message: str, state: Optional["ReplicationState"] = None) -> None:
+    def __init__(self, message: str, state: ReplicationState | None = None) -> None:
         super().__init__(message)
         self.state = state
 
@@ -72,13 +73,13 @@ StateFn = Callable[["ReplicationState"], None]
 class ReplicationOps:
     """The four optional callbacks of a state; ``None`` means "skip"."""
 
-    start: Optional[StartFn] = None
-    stop: Optional[StopFn] = None
-    checkpoint: Optional[StateFn] = None
-    get_error: Optional[StateFn] = None
+    start: StartFn | None = None
+    stop: StopFn | None = None
+    checkpoint: StateFn | None = None
+    get_error: StateFn | None = None
 
     @classmethod
-    def bound_to(cls, replica: Any) -> "ReplicationOps":
+    def bound_to(cls, replica: Any) -> ReplicationOps:
         """The callbacks of an object with ``start(mode)``, ``stop(failover)``,
         ``checkpoint()`` and ``get_error()`` methods (the primary and secondary replicas)."""
         return cls(start=lambda rs, mode: replica.start(mode),

@@ -52,20 +52,26 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 from repdisk.block.blockcache import BlockCache
 from repdisk.block.dirtymap import DirtyMap
-from repdisk.errors import ConfigError, ForwardError, check_range
-from repdisk.replication import resync
-from repdisk.replication.forwarder import Forwarder, Ticket, with_export_suffix
 from repdisk.block.images import BlockDevice, RawImage
-from repdisk.replication import resyncrate
 from repdisk.block.rangelock import RangeLock
+from repdisk.errors import ConfigError, ForwardError, check_range
+from repdisk.replication import resync, resyncrate
+from repdisk.replication.forwarder import Forwarder, Ticket, with_export_suffix
+from repdisk.replication.framework import (
+    Registry,
+    ReplicationError,
+    ReplicationMode,
+    ReplicationOps,
+    ReplicationState,
+)
+from repdisk.replication.resync import differing_bytes, merge_runs
 from repdisk.replication.resyncrate import ResyncRate
 from repdisk.replication.sessions import SEAL_SUFFIX, make_tag
-from repdisk.replication.resync import differing_bytes, merge_runs
-from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
 from repdisk.replication.stage import EventSink, Stage, StageMachine, no_events
 
 log = logging.getLogger(__name__)
@@ -105,7 +111,7 @@ Progress = Callable[[int, int], None]
 class PrimaryView:
     """The guest's disk (a BlockDevice): served in every stage, whatever the secondary does."""
 
-    def __init__(self, replica: "PrimaryReplica") -> None:
+    def __init__(self, replica: PrimaryReplica) -> None:
         self._replica = replica
         self.size = replica.disk.size
         # Reads go straight to the local disk (which checks the range): no call of ours.
@@ -131,9 +137,9 @@ class PrimaryView:
 class PrimaryReplica:
     """One primary disk: every primary transition, and the guest's I/O path."""
 
-    def __init__(self, name: str, disk: RawImage, secondary_uri: Optional[str], *,
+    def __init__(self, name: str, disk: RawImage, secondary_uri: str | None, *,
                  write_mode: str = "sync", timeout: float = 5.0, window: int = 64,
-                 granularity: Optional[int] = None, max_lag: int = DEFAULT_MAX_LAG,
+                 granularity: int | None = None, max_lag: int = DEFAULT_MAX_LAG,
                  resync_rate: ResyncRate = ResyncRate(None, True),
                  events: EventSink = no_events, export_suffix: str = "") -> None:
         if write_mode not in WRITE_MODES:
@@ -170,14 +176,14 @@ class PrimaryReplica:
         self.resync_rate = resync_rate
         self._last_guest_write = float("-inf")
         #: The last verify's summary (node.verify): time, compared, ranges, bytes, repaired.
-        self.last_verify: Optional[dict[str, Any]] = None
+        self.last_verify: dict[str, Any] | None = None
         #: A verify under way: {"done", "total"} bytes (query-replication), else None.
-        self.verify_progress: Optional[dict[str, int]] = None
+        self.verify_progress: dict[str, int] | None = None
         self.view: BlockDevice = PrimaryView(self)
         # Exclusive holders: updates (local write + submit) and resync's read + submit.
         self._locks = RangeLock()
         # The connection writes are forwarded on; None = not forwarding (mark dirty instead).
-        self._fwd: Optional[Forwarder] = None
+        self._fwd: Forwarder | None = None
         self.degraded = False
         # Guards the checkpoint hold: _holding, _hold_gen (invalidates a stale expiry timer),
         # and, in async mode, the writers' side of it: _writers (writes that entered before
@@ -194,12 +200,12 @@ class PrimaryReplica:
         self.blocks = BlockCache(CACHED_BLOCKS)
         self._holding = False
         self._hold_gen = 0
-        self._hold_timer: Optional[threading.Timer] = None
+        self._hold_timer: threading.Timer | None = None
         # Guards _counters.
         self._count_lock = threading.Lock()
         self._counters = {"writes": 0, "bytes": 0, "forwarded": 0, "forward_errors": 0,
                           "checkpoints": 0}
-        self._last_checkpoint: Optional[dict[str, float]] = None
+        self._last_checkpoint: dict[str, float] | None = None
         # async: writers waiting in _write_held or _wait_lag for pieces to be sent.
         self._waiting = 0
         #: async: guest writes are written back from the dirty map (module note).
@@ -220,7 +226,7 @@ class PrimaryReplica:
         return self.sm.stage
 
     @property
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         return self.sm.error
 
     @property
@@ -255,7 +261,7 @@ class PrimaryReplica:
         fwd.submit_flush().wait(self.timeout)  # a failure is handled by on_failure
 
     def _update(self, offset: int, length: int, local: Callable[[], None], submit: Submit,
-                data: Optional[memoryview] = None) -> None:
+                data: memoryview | None = None) -> None:
         """The one write path: the mode's way of writing, then the counters.  ``data``:
         a write's bytes (async mode may keep them, see _write_back)."""
         check_range(self.disk.size, offset, length, write=True)
@@ -280,7 +286,7 @@ class PrimaryReplica:
             self.dirty.mark(offset, length)  # on_failure marks it too: harmless
 
     def _write_back(self, offset: int, length: int, local: Callable[[], None],
-                    data: Optional[memoryview] = None) -> None:
+                    data: memoryview | None = None) -> None:
         """async: local change, mark dirty, ask the forwarder to pull; during a hold, see
         _write_held.  A block written by a write that ran alone is kept for the forwarder
         (``data``; blockcache.py), any other change drops what it touches."""
@@ -319,7 +325,7 @@ class PrimaryReplica:
         self._changes += 1
         return self._changes if self._changing == 1 else 0
 
-    def _end_change(self, offset: int, length: int, data: Optional[memoryview],
+    def _end_change(self, offset: int, length: int, data: memoryview | None,
                     alone: int) -> None:
         """A change of the disk is done, before its mark (hold lock held): keep its block
         if it wrote ``data`` and ran alone (no other change under way at its start, none
@@ -369,7 +375,7 @@ class PrimaryReplica:
                     self._waiting -= 1
         self._write_back(offset, length, local)
 
-    def _submit(self, offset: int, length: int, submit: Submit) -> Optional[Ticket]:
+    def _submit(self, offset: int, length: int, submit: Submit) -> Ticket | None:
         """Forward a change (range lock held), or mark it dirty; the ticket if it was sent.
 
         Shared by guest updates and resync, so both obey the same order and window.
@@ -392,7 +398,7 @@ class PrimaryReplica:
         if fwd is not None:
             fwd.pull()
 
-    def _forwarding(self) -> Optional[Forwarder]:
+    def _forwarding(self) -> Forwarder | None:
         """The forwarder writes go to now, or None if they only go to the local disk."""
         fwd = self._fwd
         return None if fwd is None or self.degraded else fwd
@@ -456,7 +462,7 @@ class PrimaryReplica:
         """Check that the secondary answers and has this disk's size (node start-up)."""
         self._connect(session=False).close()
 
-    def link_acks(self) -> Optional[int]:
+    def link_acks(self) -> int | None:
         """Requests the secondary acknowledged on the current link; None when not forwarding.
 
         The node's isolation monitor watches it grow: an acknowledgement is proof of contact.
@@ -507,7 +513,7 @@ class PrimaryReplica:
 
     # -- transitions ---------------------------------------------------------------
 
-    def start(self, mode: ReplicationMode, progress: Optional[Progress] = None) -> None:
+    def start(self, mode: ReplicationMode, progress: Progress | None = None) -> None:
         """Connect, copy what is dirty, then RUNNING; ignored once DONE."""
         with self.sm.lock:
             if not self.sm.guard_start(mode):
@@ -615,7 +621,7 @@ class PrimaryReplica:
             finally:
                 self._waiting -= 1
 
-    def _begin_hold(self, fwd: Optional[Forwarder]) -> int:
+    def _begin_hold(self, fwd: Forwarder | None) -> int:
         """Hold the forwarder (sync) or the writers (async, ``fwd`` None); the hold ends by
         itself after timeout/2 unless resume() comes.
 
@@ -641,7 +647,7 @@ class PrimaryReplica:
         """End the checkpoint hold: held writes are sent.  No hold: nothing to do."""
         self._end_hold(expired=False)
 
-    def _end_hold(self, expired: bool, gen: Optional[int] = None) -> None:
+    def _end_hold(self, expired: bool, gen: int | None = None) -> None:
         with self._hold_lock:
             if not self._holding or (gen is not None and gen != self._hold_gen):
                 return  # no hold, or a timer from a hold already ended
@@ -696,7 +702,7 @@ class PrimaryReplica:
             self.sm.clear_error()
             self.resume()  # writes held by a clean stop: local from now on, so dirty
 
-    def resync(self, progress: Optional[Progress] = None) -> int:
+    def resync(self, progress: Progress | None = None) -> int:
         """Re-protect: reconnect if needed, then copy every dirty region; returns bytes sent.
 
         The guest keeps running: new writes are forwarded from the moment the link is up,
@@ -716,7 +722,7 @@ class PrimaryReplica:
             return sent
 
     def verify(self, runs: list[tuple[int, int]],
-               progress: Optional[Progress] = None) -> list[tuple[int, int]]:
+               progress: Progress | None = None) -> list[tuple[int, int]]:
         """Compare ``runs`` of the local disk with the secondary's disk; returns the exact
         byte runs that differ (coalesced).  The guest keeps writing.
 
@@ -744,7 +750,7 @@ class PrimaryReplica:
             self.verify_progress = None
 
     def _verify_runs(self, runs: list[tuple[int, int]], total: int,
-                     progress: Optional[Progress]) -> list[tuple[int, int]]:
+                     progress: Progress | None) -> list[tuple[int, int]]:
         found: list[tuple[int, int]] = []
         pacer, done, last_event = self.pacer(), 0, 0.0
         for offset, length in merge_runs(runs):
@@ -806,7 +812,7 @@ class PrimaryReplica:
                 f"before it: {found[:16]}")
         return differing_bytes(offset, local, ticket.data)
 
-    def _copy_dirty(self, progress: Optional[Progress]) -> int:
+    def _copy_dirty(self, progress: Progress | None) -> int:
         """Send every dirty region to the secondary (writes flowing), then a barrier; raise
         if the link fails.  Returns the bytes sent.
 
@@ -855,7 +861,7 @@ class PrimaryReplica:
                     time.monotonic() - began, sum(n for _, n in runs))
 
     def _send_dirty(self, chase: bool = True,
-                    report: Optional[Callable[[int], None]] = None) -> int:
+                    report: Callable[[int], None] | None = None) -> int:
         """Send the dirty runs, SEND_BUDGET bytes and ``window`` pieces at most in flight;
         returns the bytes sent once they are all acknowledged.  ``chase``: go on until the
         map is empty, else one pass over the runs dirty at the start.  Raises
@@ -923,7 +929,7 @@ class PrimaryReplica:
         return buf
 
     def _next_pieces(self, count: int,
-                     budget: int) -> Optional[tuple[Pieces, Callable[[], None]]]:
+                     budget: int) -> tuple[Pieces, Callable[[], None]] | None:
         """async: the forwarder's source (its I/O thread): the highest dirty pieces, at
         most ``count``, taken while fewer than ``budget`` bytes are, cleared and read, with
         the range lock held until the forwarder has placed them in its order (a resync copy

@@ -22,17 +22,18 @@ import errno
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 import nbd
 
 from repdisk import tls
+from repdisk.block.images import EXTENT_HOLE, RawImage
 from repdisk.errors import BlockIOError, ForwardError, check_range
 from repdisk.replication.forwarder import _pump, with_export_suffix
-from repdisk.block.images import EXTENT_HOLE, RawImage
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class DigestView:
 
 
 def differing_granules(image: RawImage, uri: str, timeout: float,
-                       progress: Optional[Callable[[int, int], None]] = None) -> list[Run]:
+                       progress: Callable[[int, int], None] | None = None) -> list[Run]:
     """Compare ``image`` with the secondary's disk behind ``uri`` (its replica export, to
     which DIGEST_SUFFIX is appended) by digest, PIECE bytes at a time; the byte runs of
     the granules that differ.  Each wait is bounded by ``timeout``.  Raises ForwardError
@@ -238,7 +239,7 @@ class Progress:
     done: int = 0
     started: float = field(default_factory=time.monotonic)
 
-    def update(self, done: int, total: Optional[int] = None) -> None:
+    def update(self, done: int, total: int | None = None) -> None:
         self.done = done
         if total is not None:
             self.total = max(total, done)
@@ -249,7 +250,7 @@ class Progress:
         return self.done / elapsed if elapsed > 0 else 0.0
 
     @property
-    def eta(self) -> Optional[float]:
+    def eta(self) -> float | None:
         rate = self.rate
         return (self.total - self.done) / rate if rate > 0 else None
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from repdisk.errors import ConfigError
 
@@ -49,7 +49,7 @@ AUTO, MAX = "auto", "max"
 class ResyncRate:
     """A parsed ``resync-rate``: ``cap`` bytes per second (None: no cap) and whether the
     copy backs off while the guest writes."""
-    cap: Optional[int]
+    cap: int | None
     adaptive: bool
 
     def describe(self) -> str:

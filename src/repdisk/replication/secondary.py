@@ -36,19 +36,26 @@ only writers of the stage (through ``sm.set_stage``).
 from __future__ import annotations
 
 import enum
-import functools
 import errno
+import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterable, Iterator, NoReturn, Optional
+from typing import Any, ContextManager, NoReturn
 
-from repdisk.errors import BlockIOError, check_range
 from repdisk.block.images import BlockDevice, Overlay, RawImage, coalesce
 from repdisk.block.rangelock import RangeLock
-from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode, ReplicationOps, ReplicationState
+from repdisk.errors import BlockIOError, check_range
+from repdisk.replication.framework import (
+    Registry,
+    ReplicationError,
+    ReplicationMode,
+    ReplicationOps,
+    ReplicationState,
+)
 from repdisk.replication.stage import EventSink, Stage, StageMachine, no_events
 
 log = logging.getLogger(__name__)
@@ -113,7 +120,7 @@ def _replica_route(name: str, op: Op, stage: Stage) -> Route:
 class _ReplicaView:
     """A ``BlockDevice`` facade over one view; every call goes to ``SecondaryReplica._io``."""
 
-    def __init__(self, owner: "SecondaryReplica", view: View) -> None:
+    def __init__(self, owner: SecondaryReplica, view: View) -> None:
         self._owner = owner
         self._view = view
         self.size = owner.size
@@ -165,15 +172,15 @@ class SecondaryReplica:
         self._counters_lock = threading.Lock()
         self._counters = dict.fromkeys(
             ("replica_writes", "replica_bytes", "cbw_bytes", "active_writes", "checkpoints"), 0)
-        self._last_checkpoint: Optional[dict[str, float]] = None
+        self._last_checkpoint: dict[str, float] | None = None
         self.consistent = False
         self.replica: BlockDevice = _ReplicaView(self, View.REPLICA)
         self.active: BlockDevice = _ReplicaView(self, View.ACTIVE)
 
     @classmethod
-    def open(cls, name: str, disk_path: str, hidden_path: Optional[str] = None,
-             active_path: Optional[str] = None, cluster_size: int = 65536,
-             events: EventSink = no_events) -> "SecondaryReplica":
+    def open(cls, name: str, disk_path: str, hidden_path: str | None = None,
+             active_path: str | None = None, cluster_size: int = 65536,
+             events: EventSink = no_events) -> SecondaryReplica:
         """Open the disk and its two overlays (``DISK.hidden``, ``DISK.active`` by default).
 
         Missing overlays are created empty; present ones are validated against the
@@ -189,7 +196,7 @@ class SecondaryReplica:
 
     @classmethod
     def over(cls, name: str, disk: RawImage, hidden_path: str, active_path: str,
-             cluster_size: int = 65536, events: EventSink = no_events) -> "SecondaryReplica":
+             cluster_size: int = 65536, events: EventSink = no_events) -> SecondaryReplica:
         """A secondary over a disk that is already open (a demoted primary's); the overlays
         are opened or created as :meth:`open` does.  The disk stays the caller's on failure."""
         hidden = _open_overlay(hidden_path, disk, cluster_size)
@@ -211,7 +218,7 @@ class SecondaryReplica:
         return self.sm.stage
 
     @property
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         return self.sm.error
 
     # -- transitions ------------------------------------------------------------
@@ -246,7 +253,7 @@ class SecondaryReplica:
     def get_error(self) -> None:
         self.sm.get_error()
 
-    def stop(self, failover: bool, progress: Optional[Progress] = None) -> None:
+    def stop(self, failover: bool, progress: Progress | None = None) -> None:
         """End replication: with a checkpoint (failover=False) or by committing the overlays."""
         with self.sm.lock:
             if not self.sm.guard_running("stop"):
@@ -279,7 +286,7 @@ class SecondaryReplica:
                 self._commit_failed(err)
             return True
 
-    def resume_failover(self, progress: Optional[Progress] = None) -> None:
+    def resume_failover(self, progress: Progress | None = None) -> None:
         """A failover's second half, the commit: after :meth:`begin_failover`, or when a node
         reopens after a crash in the middle of it (stage NONE, the overlays as persisted).
 
@@ -377,7 +384,7 @@ class SecondaryReplica:
         self.sm.events("CHECKPOINT_COMPLETED", {"disk": self.name, "mode": self.sm.mode.value,
                                               "duration": duration})
 
-    def _failover_commit(self, progress: Optional[Progress]) -> None:
+    def _failover_commit(self, progress: Progress | None) -> None:
         """Commit active into hidden, hidden into the disk; DONE, or FAILOVER_FAILED.
 
         ``progress`` is handed to both commits, so it sees two runs of (done, total).
@@ -427,7 +434,7 @@ class SecondaryReplica:
 
 
     def _io(self, view: View, op: Op, call: str, offset: int, length: int,
-            buf: Optional[bytes | memoryview] = None, fua: bool = False) -> Any:
+            buf: bytes | memoryview | None = None, fua: bool = False) -> Any:
         """Check the range, lock it, ask the gate, run ``call`` on the route it names."""
         check_range(self.size, offset, length, op is Op.WRITE)
         start, end = self._round(offset, length)
@@ -440,7 +447,7 @@ class SecondaryReplica:
         return None
 
     def _read(self, route: Route, call: str, offset: int, length: int,
-              buf: Optional[bytes | memoryview]) -> Any:
+              buf: bytes | memoryview | None) -> Any:
         dev = self.disk if route is Route.DISK else self.active_overlay
         if call == "extents":
             return dev.extents(offset, length)
@@ -448,7 +455,7 @@ class SecondaryReplica:
         return None
 
     def _write(self, view: View, route: Route, call: str, offset: int, length: int,
-               buf: Optional[bytes | memoryview], fua: bool) -> None:
+               buf: bytes | memoryview | None, fua: bool) -> None:
         try:
             if route is Route.COPY_BEFORE_WRITE:
                 copied = self.hidden.copy_from_backing(offset, length)
@@ -469,7 +476,7 @@ class SecondaryReplica:
                                           f"failed: {err}") from err
 
     def _split_write(self, call: str, offset: int, length: int,
-                     buf: Optional[bytes | memoryview], fua: bool) -> None:
+                     buf: bytes | memoryview | None, fua: bool) -> None:
         """FAILOVER_FAILED: per cluster, active if active or hidden holds it, else the disk."""
         data = memoryview(buf) if buf is not None else None
         cs, end = self.cluster_size, offset + length
@@ -580,7 +587,7 @@ def _open_overlay(path: str, backing: BlockDevice, cluster_size: int) -> Overlay
 
 
 def _apply(dev: BlockDevice, call: str, offset: int, length: int,
-           buf: Optional[bytes | memoryview], fua: bool) -> None:
+           buf: bytes | memoryview | None, fua: bool) -> None:
     """Run one write-class call (pwrite, zero, trim) on ``dev``."""
     if call == "pwrite":
         assert buf is not None

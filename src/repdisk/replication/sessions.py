@@ -22,18 +22,18 @@ from __future__ import annotations
 import errno
 import re
 import threading
-from typing import Any, Optional
+from typing import Any
 
-from repdisk.errors import BlockIOError
 from repdisk.block.images import BlockDevice
 from repdisk.block.rangelock import RangeLock
+from repdisk.errors import BlockIOError
 
 Token = tuple[int, int]  # (epoch, generation)
 
 _TAG = re.compile(r"^(\d+)\.(\d+)$")
 
 
-def split_tag(export: str) -> tuple[str, Optional[Token]]:
+def split_tag(export: str) -> tuple[str, Token | None]:
     """``replica/root@3.17`` -> (``replica/root``, (3, 17)); no tag -> (name, None)."""
     base, sep, tag = export.rpartition("@")
     if not sep:
@@ -71,12 +71,11 @@ class WriterGate:
             raise BlockIOError(errno.EPERM, f"{self.name}: refusing a primary of epoch "
                                             f"{token[0]}: this node is in epoch {node_epoch} "
                                             "(that primary lost a failover)")
-        with self._hold.exclusive(0, 1):
-            with self._mutex:
-                if token < self._current:
-                    raise BlockIOError(errno.EPERM, f"{self.name}: a newer primary session "
-                                                    f"{self._current} is already writing")
-                self._current = token
+        with self._hold.exclusive(0, 1), self._mutex:
+            if token < self._current:
+                raise BlockIOError(errno.EPERM, f"{self.name}: a newer primary session "
+                                                f"{self._current} is already writing")
+            self._current = token
 
     def run_write(self, token: Token, fn: Any, *args: Any) -> None:
         """Run a write of ``token``'s session, holding off newer admissions meanwhile.

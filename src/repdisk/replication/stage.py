@@ -13,7 +13,8 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 
@@ -46,14 +47,14 @@ class StageMachine:
         # transition may call another (start runs a checkpoint).
         self.lock = threading.RLock()
         self._stage = Stage.NONE
-        self._error: Optional[str] = None
+        self._error: str | None = None
 
     @property
     def stage(self) -> Stage:
         return self._stage
 
     @property
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         return self._error
 
     def set_stage(self, new: Stage) -> None:
