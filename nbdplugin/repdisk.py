@@ -85,13 +85,13 @@ def _find_package() -> None:
 
 _find_package()
 
-from repdisk import sockaccess  # noqa: E402
-from repdisk.block.images import EXTENT_HOLE, EXTENT_ZERO  # noqa: E402
-from repdisk.errors import BlockIOError, ConfigError, RepdiskError  # noqa: E402
-from repdisk.node import config as _config  # noqa: E402
-from repdisk.node import threadstate  # noqa: E402
-from repdisk.node.node import Node  # noqa: E402
-from repdisk.qmp.protocol import remove_stale_socket  # noqa: E402
+from repdisk import sockaccess
+from repdisk.block.images import EXTENT_HOLE, EXTENT_ZERO
+from repdisk.errors import BlockIOError, ConfigError, RepdiskError
+from repdisk.node import config as _config
+from repdisk.node import control, threadstate
+from repdisk.node.node import Node
+from repdisk.qmp.protocol import remove_stale_socket
 
 API_VERSION = 2
 
@@ -139,7 +139,8 @@ def dump_plugin():
 
 def config(key, value):
     if key not in _config.KEY_BY_NAME:
-        _fail_startup(ConfigError(key, f"unknown key; known keys: {', '.join(_config.KEY_BY_NAME)}"))
+        known = ", ".join(_config.KEY_BY_NAME)
+        _fail_startup(ConfigError(key, f"unknown key; known keys: {known}"))
     _keys.append((key, value))
 
 
@@ -167,7 +168,7 @@ def after_fork():
     (so a node whose control socket answers has an NBD socket QEMU may open)."""
     try:
         sockaccess.apply_to_nbd_socket(_node.cfg.nbd_socket_access)
-        _node.serve_control()
+        control.serve(_node)
     except RepdiskError as err:
         _fail_startup(err)
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from repdisk.errors import ControlError, RepdiskError
+from repdisk.node.node import Node
 from repdisk.qmp.protocol import ArgSpec, Command
 from repdisk.replication.framework import ReplicationMode
-
-if TYPE_CHECKING:
-    from repdisk.node.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,11 @@ def _refusal_is_the_answer(cmd: Command) -> Command:
             log.info("control: %s refused: %s", cmd.name, err)
             raise ControlError(str(err)) from err
     return dataclasses.replace(cmd, handler=handler)
+
+
+def serve(node: Node) -> None:
+    """Serve the node's commands on its control socket (call after nbdkit forked)."""
+    node.serve_control(node_commands(node))
 
 
 def node_commands(node: Node) -> list[Command]:

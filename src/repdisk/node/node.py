@@ -37,12 +37,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Union
 
+from repdisk import tls
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.images import BlockDevice, RawImage, lock_image
 from repdisk.errors import BlockIOError, ConfigError, ControlError, ForwardError, RepdiskError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig
 from repdisk.node.state import NodeState
+from repdisk.qmp.protocol import Command, QMPServer
 from repdisk.replication import batch, forwarder, resync, sessions
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
@@ -352,7 +354,7 @@ class Node:
         self.exports: dict[str, BlockDevice] = {}
         # Secondary: the writer gate of each replica export name (aliases share one).
         self._gates: dict[str, sessions.WriterGate] = {}
-        self._server: Any = None  # the QMP server, once serving
+        self._server: QMPServer | None = None  # the control server, once serving
         self.isolation: Isolation | None = None
         self._acks: dict[str, int | None] = {}
         self.admission = Admission(lambda: self.isolation)
@@ -538,13 +540,11 @@ class Node:
         return (f"repdisk secondary disk {disk}: "
                 + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
 
-    def serve_control(self) -> None:
-        """Start the control socket (and the TCP control port, if configured) and, on a
-        primary, the isolation monitor (call after nbdkit forked: all start threads)."""
-        from repdisk import tls
-        from repdisk.node import control
-        from repdisk.qmp.protocol import QMPServer
-        server = QMPServer(control.node_commands(self), name=f"repdisk-{self.cfg.role}")
+    def serve_control(self, commands: list[Command]) -> None:
+        """Serve ``commands`` on the control socket (and the TCP control port, if
+        configured) and, on a primary, start the isolation monitor (call after nbdkit
+        forked: all start threads)."""
+        server = QMPServer(commands, name=f"repdisk-{self.cfg.role}")
         access = self.cfg.control_access
         server.serve_unix(self.cfg.control, 0o600 if access.mode is None else access.mode,
                           access.gid)
