@@ -27,8 +27,8 @@ from repdisk.replication.forwarder import (
     GRAIN,
     Forwarder,
     Ticket,
-    with_export_suffix,
 )
+from repdisk.uri import with_export_suffix
 from tests.conftest import sigstop
 
 #: What a source returns (forwarder.Source): pieces and the call that unlocks them.

@@ -20,7 +20,7 @@ from typing import Any
 import nbd
 import pytest
 
-from repdisk import tls
+from repdisk import tls, uri
 from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, ControlError
@@ -123,8 +123,8 @@ def test_tls_spec_parsing_and_client_uris(tmp_path: Any) -> None:
             == "nbds://h/replica?tls-certificates=/d&tls-verify-peer=true")
     with pytest.raises(ConfigError, match="already carries TLS"):
         psk.client_uri("s", "nbds://u@h/replica?tls-psk-file=/x")
-    assert tls.uri_tcp_host("nbds://u@[fd00::2]:10809/r") == "fd00::2"
-    assert tls.uri_tcp_host("nbd+unix:///r?socket=/s") is None
+    assert uri.uri_tcp_host("nbds://u@[fd00::2]:10809/r") == "fd00::2"
+    assert uri.uri_tcp_host("nbd+unix:///r?socket=/s") is None
 
 
 def test_plain_tcp_between_hosts_needs_insecure(tmp_path: Any, creds: dict[str, str]) -> None:

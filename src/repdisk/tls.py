@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlencode
 
 from repdisk.errors import ConfigError
+from repdisk.uri import is_loopback, uses_tls
 
 if TYPE_CHECKING:
     from repdisk.qmp.protocol import QMPServer
@@ -126,27 +127,6 @@ class TLSSpec:
             params += [("tls-certificates", self.path), ("tls-verify-peer", "true")]
         query = urlencode(params, quote_via=quote, safe="/")
         return f"nbds{scheme[3:]}://{base}?{query}"
-
-
-def uses_tls(uri: str) -> bool:
-    """True for libnbd's TLS schemes (nbds://, nbds+unix://, nbds+vsock://)."""
-    return uri.startswith("nbds")
-
-
-def uri_tcp_host(uri: str) -> str | None:
-    """The host of a TCP NBD URI (brackets of an IPv6 literal removed), None otherwise."""
-    m = re.match(r"^nbds?://(?:[^@/]*@)?(\[[^\]]*\]|[^:/?]*)", uri)
-    return m.group(1).strip("[]") if m else None
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses that cannot leave this host (127/8, ::1, localhost)."""
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_plain(key: str, what: str, host: str, insecure: bool) -> None:

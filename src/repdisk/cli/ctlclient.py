@@ -19,7 +19,8 @@ from typing import Any
 from repdisk import tls as tlsmod
 from repdisk import units
 from repdisk.errors import ConfigError, ControlError
-from repdisk.qmp.protocol import QMPClient, tcp_address
+from repdisk.qmp.protocol import QMPClient
+from repdisk.uri import tcp_address
 
 #: Short names for ``repdisk ctl``: alias -> (QMP command, fixed arguments).
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {

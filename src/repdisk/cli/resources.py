@@ -40,6 +40,7 @@ from typing import Any
 
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config as cfgmod
+from repdisk.uri import parse_address
 
 DEFAULT_DIR = "/etc/repdisk"
 SUFFIX = ".toml"
@@ -221,7 +222,7 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
     else:
         text = _text(lines, role, "nbd-address", listen["nbd-address"])
         try:
-            node.nbd_address = cfgmod.parse_address("nbd-address", text)
+            node.nbd_address = parse_address("nbd-address", text)
         except ConfigError as err:
             raise lines.error(role, "nbd-address", str(err).split(": ", 1)[-1]) from None
     if "tls" in listen:

@@ -65,9 +65,10 @@ from repdisk.controller.guest import Monitor, migrate_to_file
 from repdisk.controller.guest import check as check_guest
 from repdisk.controller.guest import connect as connect_guest
 from repdisk.errors import ConfigError, ControlError, RepdiskError
-from repdisk.node.config import check_folder, parse_address, parse_duration
-from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer, tcp_address
+from repdisk.node.config import check_folder, parse_duration
+from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer
 from repdisk.replication import resync
+from repdisk.uri import parse_address, tcp_address
 
 log = logging.getLogger(__name__)
 

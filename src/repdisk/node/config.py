@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from repdisk.errors import ConfigError
-from repdisk.qmp.protocol import tcp_address
 from repdisk.replication.resyncrate import ResyncRate
 from repdisk.replication.resyncrate import parse as parse_rate
 from repdisk.sockaccess import SocketAccess, check_control_mode, parse_access
@@ -27,10 +26,9 @@ from repdisk.tls import (
     check_control_plain,
     check_plain,
     control_tls_dir,
-    uri_tcp_host,
-    uses_tls,
 )
 from repdisk.units import parse_duration, parse_size  # the one parser of each (repdisk.units)
+from repdisk.uri import parse_address, uri_tcp_host, uses_tls
 
 PRIMARY, SECONDARY = "primary", "secondary"
 ROLES = (PRIMARY, SECONDARY)
@@ -145,14 +143,6 @@ def parse_bool(key: str, text: str) -> bool:
     if text.lower() in ("no", "false", "off", "0"):
         return False
     raise ConfigError(key, f"expected yes or no, got {text!r}")
-
-
-def parse_address(key: str, text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (an IPv6 literal in brackets) as a (host, port) pair."""
-    address = tcp_address(text)
-    if address is None or not address[0] or not 0 < address[1] < 65536:
-        raise ConfigError(key, f"cannot parse {text!r}: use HOST:PORT, e.g. 10.0.0.1:7000")
-    return address
 
 
 def parse_uint(key: str, text: str, low: int = 1) -> int:

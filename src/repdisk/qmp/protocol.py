@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp import QMPClient as _AsyncQMPClient
@@ -48,6 +48,7 @@ from qemu.qmp import QMPClient as _AsyncQMPClient
 from repdisk import __version__
 from repdisk.errors import ConfigError, ControlError
 from repdisk.units import parse_duration, parse_size
+from repdisk.uri import Address, tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -766,20 +767,8 @@ def _capabilities(args: dict[str, Any]) -> None:
 
 # -- client -------------------------------------------------------------------------------
 
-Address = Union[str, tuple[str, int]]
 #: Longest wait for an orderly disconnect (QMPClient.close).
 CLOSE_TIMEOUT = 1.0
-
-
-def tcp_address(address: Address) -> tuple[str, int] | None:
-    """``(host, port)`` for a TCP control address (``"host:port"``, ``"[v6]:port"`` or a
-    tuple); None for a Unix socket path."""
-    if isinstance(address, tuple):
-        return address
-    if not re.fullmatch(r"[^/]*:\d+", address):
-        return None
-    host, port = address.rsplit(":", 1)
-    return host.strip("[]"), int(port)
 
 
 class _QMPSession(_AsyncQMPClient):

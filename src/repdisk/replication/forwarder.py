@@ -70,13 +70,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from urllib.parse import quote
 
 import nbd
 
 from repdisk import tls
 from repdisk.errors import ForwardError
 from repdisk.replication import batch as _batch
+from repdisk.uri import with_export_suffix
 
 log = logging.getLogger(__name__)
 
@@ -211,17 +211,6 @@ def _rejected(kind: str, offset: int, length: int) -> Ticket:
     t.done = True
     t._lock.release()
     return t
-
-
-def with_export_suffix(uri: str, suffix: str) -> str:
-    """Append ``suffix`` to the export name in an NBD URI (its path after the leading /)."""
-    if not suffix:
-        return uri
-    # By hand: urlunsplit drops the empty authority of nbd+unix:///export.
-    base, sep, query = uri.partition("?")
-    scheme, _, rest = base.partition("://")
-    authority, _, path = rest.partition("/")
-    return f"{scheme}://{authority}/{path}{quote(suffix, safe='')}{sep}{query}"
 
 
 def list_exports(uri: str, timeout: float = 5.0) -> list[str] | None:

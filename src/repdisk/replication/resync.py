@@ -33,7 +33,8 @@ import nbd
 from repdisk import tls
 from repdisk.block.images import EXTENT_HOLE, RawImage
 from repdisk.errors import BlockIOError, ForwardError, check_range
-from repdisk.replication.forwarder import _pump, with_export_suffix
+from repdisk.replication.forwarder import _pump
+from repdisk.uri import with_export_suffix
 
 log = logging.getLogger(__name__)
 
