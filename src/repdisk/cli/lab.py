@@ -14,6 +14,7 @@ import shutil
 import sys
 
 from repdisk.cli import ctlclient, nodeproc
+from repdisk.cli.nodeproc import PLUGIN
 from repdisk.errors import RepdiskError
 from repdisk.node import config as cfgmod
 
@@ -40,7 +41,6 @@ def node_keys(p: dict[str, dict[str, str]], role: str, write_mode: str) -> list[
 
 def up(folder: str, size: str = "1G", write_mode: str = "sync",
        plugin: str | None = None) -> int:
-    from repdisk.cli.main import PLUGIN
     nbytes = cfgmod.parse_size("--size", size)
     os.makedirs(folder, exist_ok=True)
     p = paths(folder)

@@ -22,18 +22,15 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from repdisk import tls as tlsmod
-from repdisk.cli import ctlclient, nodeproc, updown
+from repdisk.cli import ctlclient, lab, nodeproc, updown
+from repdisk.cli.nodeproc import PLUGIN
 from repdisk.controller import controller
 from repdisk.errors import ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.tls import TLSSpec
-
-PLUGIN = str(Path(__file__).resolve().parents[3] / "nbdplugin" / "repdisk.py")
-
 
 # -- node commands ----------------------------------------------------------------
 
@@ -176,7 +173,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from repdisk.cli import lab
     if args.down:
         return lab.down(args.dir)
     return lab.up(args.dir, args.size, write_mode=args.write_mode)

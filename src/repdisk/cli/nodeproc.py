@@ -16,7 +16,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import nbd
 import psutil
 
 from repdisk.errors import ConfigError, ControlError, RepdiskError
@@ -24,6 +26,8 @@ from repdisk.node.config import check_folder
 from repdisk.qmp.protocol import remove_stale_socket
 from repdisk.tls import TLSSpec, check_plain
 
+#: The plugin every node runs (nbdkit's python plugin script).
+PLUGIN = str(Path(__file__).resolve().parents[3] / "nbdplugin" / "repdisk.py")
 START_TIMEOUT = 20.0
 
 
@@ -62,7 +66,6 @@ class Listen:
         A TLS listener is asked without credentials: the handshake stops at option
         negotiation and ends with NBD_OPT_ABORT, which nbdkit allows before TLS.
         """
-        import nbd
         h = nbd.NBD()
         try:
             if self.tls is not None:

@@ -487,7 +487,7 @@ class Agent:
         q = self.query()
         if q is None:
             cmd = nodeproc.nbdkit_command(
-                _plugin(), self.cfg.node_keys(), self.cfg.listen(),
+                nodeproc.PLUGIN, self.cfg.node_keys(), self.cfg.listen(),
                 threads=nodeproc.default_threads([("role", "primary"),
                                                   ("write-mode", self.cfg.write_mode)]))
             try:
@@ -659,11 +659,6 @@ def _describe(q: dict[str, Any], cluster_epoch: int | None) -> str:
     return (f"epoch {q['epoch']} (cluster {cluster_epoch}), stages {stages}, "
             f"{'consistent' if consistent else 'inconsistent'}"
             f"{', fenced' if q.get('fenced') else ''}")
-
-
-def _plugin() -> str:
-    from repdisk.cli.main import PLUGIN
-    return PLUGIN
 
 
 def _unlink(path: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from repdisk.cli import ctlclient, nodeproc, resources
+from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
 from repdisk.errors import RepdiskError
 from repdisk.tls import TLSSpec
@@ -117,7 +118,6 @@ def _listen(node: Node) -> nodeproc.Listen:
 
 
 def _start_node(node: Node) -> None:
-    from repdisk.cli.main import PLUGIN
     listen = _listen(node)
     listen.check()
     for path in (node.control, node.nbd_socket):

@@ -28,6 +28,7 @@ tainted (``custom-monitor``) once, which is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -35,6 +36,15 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from repdisk.errors import ConfigError, ControlError
+from repdisk.qmp.protocol import QMPClient
+
+try:        # python3-libvirt: needed only for --libvirt-domain (check() says so)
+    import libvirt
+    import libvirt_qemu
+except ImportError:
+    HAVE_LIBVIRT = False
+else:
+    HAVE_LIBVIRT = True
 
 DEFAULT_URI = "qemu:///system"
 FD_NAME = "repdisk-vmstate"    # QEMU's name of the state file's descriptor
@@ -61,7 +71,6 @@ class LibvirtMonitor:
         self._dom: Any = None
 
     def _lookup(self) -> Any:
-        import libvirt
         if self._dom is None:
             try:
                 self._conn = self._conn or libvirt.open(self.uri)
@@ -77,8 +86,6 @@ class LibvirtMonitor:
 
     def execute(self, name: str, arguments: Mapping[str, Any] | None = None, /) -> Any:
         """Run QMP command ``name``; its ``return`` value, or ControlError."""
-        import libvirt
-        import libvirt_qemu
         cmd: dict[str, Any] = {"execute": name}
         if arguments:
             cmd["arguments"] = dict(arguments)
@@ -98,8 +105,6 @@ class LibvirtMonitor:
     def migrate_to_file(self, path: str) -> None:
         """Start migrating the guest's state into ``path`` (created 0600 by this process),
         through a descriptor passed with ``getfd``: see the module."""
-        import libvirt
-        import libvirt_qemu
         dom = self._lookup()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -118,10 +123,9 @@ class LibvirtMonitor:
     def close(self) -> None:
         conn, self._conn, self._dom = self._conn, None, None
         if conn is not None:
-            try:
+            # A connection whose daemon went away: nothing left to free.
+            with contextlib.suppress(Exception):
                 conn.close()
-            except Exception:   # a connection whose daemon went away: nothing left to free
-                pass
 
 
 def migrate_to_file(monitor: Monitor, path: str) -> None:
@@ -138,12 +142,9 @@ def check(qmp: str | None, libvirt_domain: str | None) -> None:
     if qmp and libvirt_domain:
         raise ConfigError("libvirt-domain", "libvirt owns that guest's monitor: give "
                                             "--libvirt-domain or --qmp, not both")
-    if libvirt_domain:
-        try:
-            import libvirt  # noqa: F401
-        except ImportError:
-            raise ConfigError("libvirt-domain", "needs the libvirt Python module: apt-get "
-                                                "install python3-libvirt") from None
+    if libvirt_domain and not HAVE_LIBVIRT:
+        raise ConfigError("libvirt-domain", "needs the libvirt Python module: apt-get "
+                                            "install python3-libvirt")
 
 
 def connect(qmp: str | None, libvirt_domain: str | None,
@@ -151,6 +152,5 @@ def connect(qmp: str | None, libvirt_domain: str | None,
     """The guest's monitor: libvirt's passthrough for a domain, else its QMP socket."""
     if libvirt_domain:
         return LibvirtMonitor(libvirt_domain, libvirt_uri)
-    from repdisk.qmp.protocol import QMPClient
     assert qmp
     return QMPClient(timeout=60.0).connect(qmp)
