@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from repdisk.block.images import RawImage
+from repdisk.block.rawimage import RawImage
 from repdisk.replication.framework import ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica

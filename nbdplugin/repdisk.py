@@ -86,7 +86,7 @@ def _find_package() -> None:
 _find_package()
 
 from repdisk import sockaccess
-from repdisk.block.images import EXTENT_HOLE, EXTENT_ZERO
+from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO
 from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import config as _config
 from repdisk.node import control, threadstate

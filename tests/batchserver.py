@@ -18,7 +18,7 @@ import nbdkit
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from repdisk.block.images import RawImage  # noqa: E402
+from repdisk.block.rawimage import RawImage  # noqa: E402
 from repdisk.errors import BlockIOError  # noqa: E402
 from repdisk.replication.batch import EXPORT_SUFFIX, BatchView  # noqa: E402
 from repdisk.replication.sessions import split_tag  # noqa: E402

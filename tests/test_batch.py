@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repdisk.block.images import RawImage
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
 from repdisk.replication.batch import MAGIC, MAILBOX, BatchView, decode, encode
 

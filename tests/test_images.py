@@ -1,4 +1,4 @@
-"""Tests of images.py: RawImage, Overlay and chains of them, with exact byte comparisons."""
+"""Tests of rawimage.py and overlay.py: RawImage, Overlay and chains of them, exact bytes."""
 
 from __future__ import annotations
 
@@ -18,18 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.block.images import (
-    EXTENT_HOLE,
-    EXTENT_ZERO,
-    HEADER_SIZE,
-    MAGIC,
-    BlockDevice,
-    Overlay,
-    RawImage,
-    coalesce,
-    copy_range,
-    punch_hole,
-)
+from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO, BlockDevice
+from repdisk.block.fileio import punch_hole
+from repdisk.block.overlay import HEADER_SIZE, MAGIC, Overlay, coalesce
+from repdisk.block.rawimage import RawImage, copy_range
 from repdisk.errors import BlockIOError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40

@@ -1,6 +1,6 @@
 """Nothing stops two users of one disk, unless it is locked (issue 15, item 2).
 
-A node takes QEMU's own image locks (images.lock_image: shared OFD locks on bytes 100+perm
+A node takes QEMU's own image locks (imagelock.lock_image: shared OFD locks on bytes 100+perm
 and 200+perm, as block/file-posix.c does) on its disk, each overlay and its bitmap, and a
 lock file next to its state file.  Checked as a user meets them: ``repdisk ... --background``
 and QEMU's tools, each refusal one line naming the holder, and nothing changed by it.

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from repdisk.block.images import RawImage
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, ConfigError
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.primary import RESYNC_CHUNK, PrimaryReplica

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from repdisk.block.images import Overlay, RawImage
+from repdisk.block.overlay import Overlay
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.secondary import SecondaryReplica

@@ -20,7 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.block.images import EXTENT_HOLE, BlockDevice, Overlay, RawImage
+from repdisk.block.device import EXTENT_HOLE, BlockDevice
+from repdisk.block.overlay import Overlay
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.secondary import Op, Route, SecondaryReplica, View, gate

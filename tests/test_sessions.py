@@ -9,7 +9,7 @@ import time
 import nbd
 import pytest
 
-from repdisk.block.images import RawImage
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
 from repdisk.replication.sessions import SessionView, WriterGate, make_tag, split_tag
 from tests.conftest import MiB, Nodes, make_disk

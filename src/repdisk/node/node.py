@@ -38,8 +38,10 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from repdisk import tls
+from repdisk.block.device import BlockDevice
 from repdisk.block.dirtymap import DirtyMap
-from repdisk.block.images import BlockDevice, RawImage, lock_image
+from repdisk.block.imagelock import lock_image
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, ConfigError, ControlError, ForwardError, RepdiskError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig
@@ -392,7 +394,7 @@ class Node:
             raise ConfigError("disk", f"{path}: {err}") from err
 
     def _lock(self, rep: Replica) -> None:
-        """Mark every file the replica writes in use, as QEMU does (images.lock_image): a
+        """Mark every file the replica writes in use, as QEMU does (imagelock.lock_image): a
         second node, or a QEMU tool opening one for writing, is refused, naming this one."""
         try:
             rep.disk.lock()

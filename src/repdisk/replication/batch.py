@@ -25,7 +25,7 @@ import errno
 import struct
 from collections.abc import Callable, Iterable, Sequence
 
-from repdisk.block.images import BlockDevice, Extent
+from repdisk.block.device import BlockDevice, Extent
 from repdisk.errors import BlockIOError, check_range
 
 #: Bytes past the disk's end where records are written (one record fits).

@@ -56,9 +56,10 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from repdisk.block.blockcache import BlockCache
+from repdisk.block.device import BlockDevice
 from repdisk.block.dirtymap import DirtyMap
-from repdisk.block.images import BlockDevice, RawImage
 from repdisk.block.rangelock import RangeLock
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import ConfigError, ForwardError, check_range
 from repdisk.replication import resync, resyncrate
 from repdisk.replication.forwarder import Forwarder, Ticket

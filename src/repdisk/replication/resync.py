@@ -31,7 +31,8 @@ from typing import Any, Union
 import nbd
 
 from repdisk import tls
-from repdisk.block.images import EXTENT_HOLE, RawImage
+from repdisk.block.device import EXTENT_HOLE
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, ForwardError, check_range
 from repdisk.replication.forwarder import _pump
 from repdisk.uri import with_export_suffix

@@ -46,8 +46,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ContextManager, NoReturn
 
-from repdisk.block.images import BlockDevice, Overlay, RawImage, coalesce
+from repdisk.block.device import BlockDevice
+from repdisk.block.overlay import Overlay, coalesce
 from repdisk.block.rangelock import RangeLock
+from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, check_range
 from repdisk.replication.framework import (
     Registry,

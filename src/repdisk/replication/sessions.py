@@ -24,7 +24,7 @@ import re
 import threading
 from typing import Any
 
-from repdisk.block.images import BlockDevice
+from repdisk.block.device import BlockDevice
 from repdisk.block.rangelock import RangeLock
 from repdisk.errors import BlockIOError
 

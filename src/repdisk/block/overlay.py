@@ -1,19 +1,8 @@
-"""Block devices: the ``BlockDevice`` protocol, sparse raw images and copy-on-write overlays.
+"""Copy-on-write overlays: a sparse data file plus a persisted allocation bitmap.
 
-Everything repdisk serves has the shape of :class:`BlockDevice` (docs/DESIGN.md).  Two
-implementations live here:
+An :class:`Overlay` is a ``BlockDevice`` over a ``backing`` BlockDevice of the same size.
+The secondary stacks two of them: ``active -> hidden -> disk``.
 
-* :class:`RawImage`, a sparse file or block device.  ``zero`` tries the fast paths in
-  order (punch a hole, then zero the range, then write zeros) and switches each one off
-  for good, with a debug line, the first time the filesystem says "not supported", as
-  nbdkit's file plugin does.  Copies between two of them (``copy_range``) run in the
-  kernel where it can (copy_file_range), with the same switch-off rule.
-
-* :class:`Overlay`, a copy-on-write layer over a ``backing`` BlockDevice of the same size.
-  The secondary stacks two of them: ``active -> hidden -> disk``.
-
-Overlay design
---------------
 The virtual disk is divided into clusters (a power of two, 512 B .. 2 MiB).  A cluster is
 either *unallocated* (reads fall through to the backing; the overlay holds nothing) or
 *allocated* (the data file ``PATH`` holds the whole cluster at ``cluster * cluster_size``).
@@ -48,191 +37,46 @@ Locks (taken in this order):
   in-memory updates, never across I/O.
 """
 
+
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import json
 import logging
 import os
-import stat
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Protocol, Union, runtime_checkable
 
+from repdisk.block.device import EXTENT_ZERO, BlockDevice, Buffer, Extent, add_extent, byte_view
+from repdisk.block.fileio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_ZERO_RANGE,
+    create_file,
+    data_runs,
+    fallocate,
+    os_errors,
+    punch_hole,
+    read_full,
+    whole_blocks,
+    write_full,
+)
+from repdisk.block.imagelock import lock_image
 from repdisk.block.rangelock import RangeLock
+from repdisk.block.rawimage import COPY_CHUNK, RawImage, copy_range
 from repdisk.errors import BlockIOError, check_range
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "EXTENT_HOLE",
-    "EXTENT_ZERO",
-    "BlockDevice",
-    "RawImage",
-    "Overlay",
-    "punch_hole",
-    "coalesce",
-    "lock_image",
-]
+__all__ = ["Overlay", "coalesce", "DEFAULT_CLUSTER_SIZE"]
 
-#: NBD's extent flags.
-EXTENT_HOLE = 1
-EXTENT_ZERO = 2
-
-Buffer = Union[bytes, bytearray, memoryview]
-Extent = tuple[int, int, int]
-
-
-@runtime_checkable
-class BlockDevice(Protocol):
-    """What the plugin serves and every image is (see docs/DESIGN.md)."""
-
-    size: int
-
-    def pread_into(self, buf: memoryview, offset: int) -> None: ...
-    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
-    def zero(self, offset: int, length: int, fua: bool = False) -> None: ...
-    def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def extents(self, offset: int, length: int) -> list[Extent]: ...
-
-
-# --- low-level file helpers ------------------------------------------------------------
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-# What fallocate says when a filesystem or device cannot do a mode (ENOTSUP == EOPNOTSUPP).
-_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV})
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-# Source of zeros for the write-zeros fallback and for reads past a short file's end.
-_ZEROS = memoryview(bytes(1 << 20))
-
-
-def _fallocate_supported(fd: int, mode: int, offset: int, length: int) -> bool:
-    """Run fallocate; False if the filesystem does not support ``mode``, raise on failure."""
-    while True:
-        if _fallocate(fd, mode, offset, length) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err == errno.EINTR:
-            continue
-        if err in _UNSUPPORTED:
-            return False
-        raise BlockIOError(err, f"fallocate(mode {mode:#x}) of [{offset}, {offset + length}) "
-                                f"on fd {fd} failed: {os.strerror(err)}")
-
-
-def _blocks(nbytes: int) -> int:
-    """``nbytes`` rounded up to whole 4 KiB blocks."""
-    return -(-nbytes // 4096) * 4096
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a range so it reads as zeros; False when the filesystem cannot punch holes."""
-    return _fallocate_supported(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-
-
-def _byte_view(buf: Buffer) -> memoryview:
-    """A flat byte view of ``buf`` without copying it."""
-    view = memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _read_full(fd: int, view: memoryview, offset: int) -> None:
-    """Fill all of ``view`` from ``offset``; bytes past the end of a short file read as zeros."""
-    n = len(view)
-    done = os.preadv(fd, [view], offset)  # nearly always all of it: one call
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            while done < n:
-                step = min(n - done, len(_ZEROS))
-                view[done:done + step] = _ZEROS[:step]
-                done += step
-        done += got
-
-
-def _write_full(fd: int, view: memoryview, offset: int) -> None:
-    """Write all of ``view`` at ``offset``, looping on short writes."""
-    n = len(view)
-    done = os.pwrite(fd, view, offset)  # nearly always all of it: one call
-    while done < n:
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-# What copy_file_range says when it cannot copy between these two files at all: not
-# regular files (EINVAL), different filesystems (EXDEV), no support (the _UNSUPPORTED set).
-_NO_KERNEL_COPY = frozenset({errno.EINVAL, errno.EXDEV, *_UNSUPPORTED})
-
-
-def copy_range(src: BlockDevice, dst: BlockDevice, offset: int, length: int) -> None:
-    """Copy ``[offset, offset + length)`` of ``src`` to the same place in ``dst``.
-
-    Overlays keep a cluster at its own offset in their data file, so copy-before-write
-    and commit are both this.  Between two raw images the kernel copies
-    (``RawImage.copy_to``): one copy of each byte instead of a read into a buffer and a
-    write out of it, and one system call instead of two, for the secondary's every first
-    write to a cluster.  Anywhere else, or once the kernel has refused, through a buffer
-    of at most COPY_CHUNK bytes.
-    """
-    if isinstance(src, RawImage) and isinstance(dst, RawImage):
-        done = src.copy_to(dst, offset, length)
-        offset, length = offset + done, length - done
-    if not length:
-        return
-    buf = memoryview(bytearray(min(length, COPY_CHUNK)))
-    for pos in range(offset, offset + length, len(buf)):
-        piece = buf[:min(len(buf), offset + length - pos)]
-        src.pread_into(piece, pos)
-        dst.pwrite(piece, pos)
-
-
-def _data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
-    """Yield ``(offset, end, is_data)`` runs of ``[start, end)`` found with SEEK_DATA/SEEK_HOLE.
-
-    Where the system cannot tell, everything is data (a safe answer: data may be zeros,
-    but a hole is promised to be zeros).
-    """
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as err:
-            if err.errno == errno.ENXIO:        # no data at or after pos
-                data = end
-            elif err.errno in (errno.EINVAL, *_UNSUPPORTED):
-                yield pos, end, True
-                return
-            else:
-                raise
-        data = min(data, end)
-        if data > pos:
-            yield pos, data, False
-            pos = data
-            continue
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        if hole > pos:                          # else the data just vanished: look again
-            yield pos, hole, True
-            pos = hole
-
-
-def _add_extent(out: list[Extent], offset: int, length: int, flags: int) -> None:
-    """Append an extent, merging it into the previous one when they are alike and adjacent."""
-    if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == offset:
-        prev = out[-1]
-        out[-1] = (prev[0], prev[1] + length, flags)
-    else:
-        out.append((offset, length, flags))
+MAGIC = b"REPDISK-OVERLAY\n"
+FORMAT_VERSION = 1
+HEADER_SIZE = 4096
+MIN_CLUSTER_SIZE = 512
+MAX_CLUSTER_SIZE = 2 << 20
+DEFAULT_CLUSTER_SIZE = 64 << 10
+# Scan unit when loading a bitmap: all-zero pages are skipped at C speed.
+_SCAN_PAGE = 4096
 
 
 def coalesce(indices: Iterable[int], limit: int = 0) -> Iterator[tuple[int, int]]:
@@ -247,345 +91,6 @@ def coalesce(indices: Iterable[int], limit: int = 0) -> Iterator[tuple[int, int]
         first, count = i, 1
     if count:
         yield first, count
-
-
-@contextmanager
-def _os_errors(what: str) -> Iterator[None]:
-    """Turn an OSError into a BlockIOError that names the object and the call."""
-    try:
-        yield
-    except BlockIOError:
-        raise
-    except OSError as err:
-        raise _block_error(err, what) from err
-
-
-def _block_error(err: OSError, what: str) -> BlockIOError:
-    """The BlockIOError for ``err``; the hot paths catch OSError themselves and call this,
-    so a request pays for its message only when it fails."""
-    return BlockIOError(err.errno or errno.EIO, f"{what} failed: {err.strerror or err}")
-
-
-def _create_file(path: str, exist_ok: bool, what: str) -> int:
-    """Create ``path`` read-write, refusing an existing one unless ``exist_ok``."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if exist_ok else os.O_EXCL)
-    try:
-        return os.open(path, flags, 0o644)
-    except FileExistsError:
-        raise BlockIOError(errno.EEXIST, f"{what} {path} already exists and is not "
-                                         "overwritten; move it away if it is not wanted") from None
-    except OSError as err:
-        raise BlockIOError(err.errno or errno.EIO,
-                           f"cannot create {what} {path}: {err.strerror}") from err
-
-
-# --- RawImage ----------------------------------------------------------------------------
-
-# -- QEMU's image locks -----------------------------------------------------------------------
-#
-# QEMU (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes) marks an image in
-# use with one-byte, shared (F_RDLCK) open-file-description locks: byte 100 + i while it
-# holds permission bit i, byte 200 + i while it does *not* share it with others.  A user
-# that wants bit i conflicts with anyone's lock on 200 + i; one that does not share bit i
-# conflicts with anyone's lock on 100 + i.  Taking the same locks makes QEMU's own tools
-# (qemu-io, qemu-img, a QEMU guest) refuse an image a node serves, and one node another's.
-
-LOCK_PERM_BASE, LOCK_SHARED_BASE = 100, 200
-#: QEMU's BLK_PERM_* bits (7.2): consistent read, write, write unchanged, resize.
-PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 0x1, 0x2, 0x4, 0x8
-PERM_ALL = 0xF
-#: What a node does with the files it serves, and what it lets others do: read only (what
-#: qemu-nbd or a guest without share-rw takes on a writable image).
-SERVING_PERM = PERM_ALL
-SERVING_SHARED = PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
-
-_FLOCK = "hhqqi4x"  # struct flock on Linux x86-64/aarch64: type, whence, start, len, pid
-
-
-def _ofd_lock(fd: int, command: int, kind: int, offset: int, length: int = 1) -> int:
-    """One fcntl(F_OFD_*) call on ``[offset, offset+length)``; the l_type it returns."""
-    raw = fcntl.fcntl(fd, command, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, length, 0))
-    return int(struct.unpack(_FLOCK, raw)[0])
-
-
-def lock_image(fd: int, path: str, perm: int = SERVING_PERM,
-               shared: int = SERVING_SHARED) -> None:
-    """Take QEMU's locks on ``fd`` for ``perm``, sharing only ``shared``, or refuse.
-
-    Applied, then checked, as QEMU does: of two users opening at once at least one finds
-    the other.  Released when the file is closed (the locks belong to its open file
-    description).  Raises BlockIOError(EBUSY) naming the holder(s) of a conflicting lock.
-    """
-    unshared = PERM_ALL & ~shared
-    bits = range(PERM_ALL.bit_length())
-    try:
-        for i in bits:
-            for base, mask in ((LOCK_PERM_BASE, perm), (LOCK_SHARED_BASE, unshared)):
-                if mask >> i & 1:
-                    _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, base + i)
-        conflict = any(
-            mask >> i & 1 and _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, base + i)
-            != fcntl.F_UNLCK
-            for i in bits for base, mask in ((LOCK_SHARED_BASE, perm), (LOCK_PERM_BASE, unshared)))
-    except OSError as err:
-        if err.errno not in (errno.EAGAIN, errno.EACCES):
-            raise _block_error(err, f"{path}: lock") from err
-        conflict = True
-    if conflict:
-        _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, LOCK_PERM_BASE,
-                  LOCK_SHARED_BASE + len(bits) - LOCK_PERM_BASE)
-        raise BlockIOError(errno.EBUSY, f"{path} is in use by {_lock_holders(fd)}: stop it "
-                                        "first (two writers would corrupt it)")
-
-
-def _lock_holders(fd: int) -> str:
-    """Who else holds OFD locks on ``fd``'s file (scans /proc: a refusal's cost only)."""
-    me = os.fstat(fd)
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for n in os.listdir(f"/proc/{pid}/fd"):
-                if int(pid) == os.getpid() and int(n) == fd:
-                    continue
-                st = os.stat(f"/proc/{pid}/fd/{n}")
-                if (st.st_dev, st.st_ino) != (me.st_dev, me.st_ino):
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{n}", encoding="utf-8") as f:
-                    if "OFDLCK" in f.read():
-                        found.append(_describe_process(int(pid)))
-                        break
-        except OSError:
-            continue  # gone, or not ours to look at
-    return ", ".join(found) or "another process"
-
-
-def _describe_process(pid: int) -> str:
-    """``repdisk node (pid N, control PATH)`` for a node, else ``COMMAND (pid N)``."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-            comm = f.read().strip()
-    except OSError:
-        return f"pid {pid}"
-    control = next((a[len("control="):] for a in args if a.startswith("control=")), None)
-    if control is not None:
-        return f"repdisk node (pid {pid}, control {control})"
-    return f"{comm} (pid {pid})"
-
-
-class RawImage:
-    """A raw disk image: a (sparse) regular file or a block device.
-
-    Create with :meth:`create` or open with :meth:`open`; the size is fixed at open time.
-    """
-
-    def __init__(self, path: str, fd: int, size: int, readonly: bool) -> None:
-        self.path = path
-        self.size = size
-        self.readonly = readonly
-        self._fd = fd
-        # Fast paths of zero(), switched off for good once the filesystem refuses them.
-        self._can_punch = True
-        self._can_zero_range = True
-        self._can_copy = True  # copy_to in the kernel (copy_file_range), see there
-
-    @classmethod
-    def create(cls, path: str | os.PathLike[str], size: int, exist_ok: bool = False) -> RawImage:
-        """Create a sparse image of ``size`` bytes (an existing file is resized if exist_ok)."""
-        if size <= 0:
-            raise ValueError(f"raw image {os.fspath(path)}: size must be positive, not {size}")
-        name = os.fspath(path)
-        fd = _create_file(name, exist_ok, "raw image")
-        try:
-            with _os_errors(f"raw image {name}: ftruncate to {size} bytes"):
-                os.ftruncate(fd, size)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(name, fd, size, False)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], readonly: bool = False) -> RawImage:
-        """Open an existing file or block device; its current size is the disk's size."""
-        name = os.fspath(path)
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = os.open(name, flags)
-        except OSError as err:
-            raise BlockIOError(err.errno or errno.EIO,
-                               f"cannot open raw image {name}: {err.strerror}") from err
-        try:
-            size = cls._size_of(name, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(name, fd, size, readonly)
-
-    @staticmethod
-    def _size_of(name: str, fd: int) -> int:
-        """The size of a regular file or block device, refusing anything else and size 0."""
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode):
-            size = os.fstat(fd).st_size
-        elif stat.S_ISBLK(mode):
-            size = os.lseek(fd, 0, os.SEEK_END)
-        else:
-            raise BlockIOError(errno.EINVAL,
-                               f"raw image {name} is not a regular file or block device")
-        if size == 0:
-            raise BlockIOError(errno.EINVAL, f"raw image {name} is empty (0 bytes): give it a "
-                                             f"size first, e.g. truncate -s 1G {name}")
-        return size
-
-    def lock(self) -> None:
-        """Mark the file in use for writing, as QEMU does (:func:`lock_image`)."""
-        lock_image(self._fd, self.path)
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        """Close the file (without flushing: callers flush when they need durability)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> RawImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"RawImage({self.path!r}, size={self.size})"
-
-    def _check_writable(self) -> None:
-        if self.readonly:
-            raise BlockIOError(errno.EROFS, f"raw image {self.path} is open read-only")
-
-    def pread_into(self, buf: Buffer, offset: int) -> None:
-        # The guest's every read comes here: the common case is one preadv and no call of
-        # ours (check_range and _read_full only when the request is bad or the read short).
-        view = _byte_view(buf)
-        n = len(view)
-        if n <= 0 or offset < 0 or offset + n > self.size:
-            check_range(self.size, offset, n)
-        try:
-            if os.preadv(self._fd, [view], offset) != n:
-                _read_full(self._fd, view, offset)
-        except OSError as err:
-            raise _block_error(err, f"raw image {self.path}: read at {offset}") from err
-
-    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
-        view = _byte_view(buf)
-        check_range(self.size, offset, len(view), write=True)
-        if self.readonly:
-            self._check_writable()
-        try:
-            _write_full(self._fd, view, offset)
-            if fua:
-                os.fdatasync(self._fd)
-        except OSError as err:
-            raise _block_error(err, f"raw image {self.path}: write at {offset}") from err
-
-    def copy_to(self, dst: RawImage, offset: int, length: int) -> int:
-        """Copy ``[offset, offset + length)`` to the same place in ``dst`` in the kernel;
-        returns the bytes copied, the rest is the caller's (``copy_range``).
-
-        Fewer than ``length`` only when the kernel cannot copy between the two files (it
-        is then not asked again: a debug line, as for zero's fast paths) or the source
-        ends early (the caller's read pads with zeros, as every read of a short file).
-        A failure of the copy itself is a BlockIOError naming both files.
-        """
-        check_range(self.size, offset, length)
-        check_range(dst.size, offset, length, write=True)
-        dst._check_writable()
-        done = 0
-        while self._can_copy and done < length:
-            try:
-                n = os.copy_file_range(self._fd, dst._fd, length - done,
-                                       offset + done, offset + done)
-            except OSError as err:
-                if err.errno == errno.EINTR:
-                    continue
-                if err.errno not in _NO_KERNEL_COPY or done:
-                    raise _block_error(err, f"copy of [{offset + done}, {offset + length}) "
-                                            f"from raw image {self.path} to {dst.path}") from err
-                self._can_copy = False
-                log.debug("%s: the kernel cannot copy to %s (%s), copying through a buffer",
-                          self.path, dst.path, err.strerror)
-                break
-            if n == 0:
-                break
-            done += n
-        return done
-
-    def zero(self, offset: int, length: int, fua: bool = False) -> None:
-        check_range(self.size, offset, length, write=True)
-        self._check_writable()
-        with _os_errors(f"raw image {self.path}: zero at {offset}"):
-            self._zero_range(offset, length)
-            if fua:
-                os.fdatasync(self._fd)
-
-    def _zero_range(self, offset: int, length: int) -> None:
-        """Make a range read as zeros: punch, else zero range, else write zeros."""
-        if self._can_punch:
-            if punch_hole(self._fd, offset, length):
-                return
-            self._can_punch = False
-            log.debug("%s: cannot punch holes, falling back to zero range", self.path)
-        if self._can_zero_range:
-            mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-            if _fallocate_supported(self._fd, mode, offset, length):
-                return
-            self._can_zero_range = False
-            log.debug("%s: cannot zero ranges, falling back to writing zeros", self.path)
-        end = offset + length
-        while offset < end:
-            step = min(end - offset, len(_ZEROS))
-            _write_full(self._fd, _ZEROS[:step], offset)
-            offset += step
-
-    def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        """Punch a hole where the filesystem can; trim is advisory, so otherwise do nothing."""
-        check_range(self.size, offset, length, write=True)
-        self._check_writable()
-        with _os_errors(f"raw image {self.path}: trim at {offset}"):
-            if self._can_punch and not punch_hole(self._fd, offset, length):
-                self._can_punch = False
-                log.debug("%s: cannot punch holes, trim does nothing", self.path)
-            if fua:
-                os.fdatasync(self._fd)
-
-    def flush(self) -> None:
-        with _os_errors(f"raw image {self.path}: fdatasync"):
-            os.fdatasync(self._fd)
-
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        """Holes (HOLE|ZERO) and data (0) of ``[offset, offset+length)``, from SEEK_DATA."""
-        check_range(self.size, offset, length)
-        out: list[Extent] = []
-        with _os_errors(f"raw image {self.path}: extents at {offset}"):
-            for start, end, is_data in _data_runs(self._fd, offset, offset + length):
-                _add_extent(out, start, end - start, 0 if is_data else EXTENT_HOLE | EXTENT_ZERO)
-        return out
-
-
-# --- Overlay -----------------------------------------------------------------------------
-
-MAGIC = b"REPDISK-OVERLAY\n"
-FORMAT_VERSION = 1
-HEADER_SIZE = 4096
-MIN_CLUSTER_SIZE = 512
-MAX_CLUSTER_SIZE = 2 << 20
-DEFAULT_CLUSTER_SIZE = 64 << 10
-#: Largest single I/O of commit and copy_from_backing (adjacent clusters are coalesced).
-COPY_CHUNK = 4 << 20
-# Scan unit when loading a bitmap: all-zero pages are skipped at C speed.
-_SCAN_PAGE = 4096
 
 
 def _check_cluster_size(cluster_size: int, what: str) -> None:
@@ -638,11 +143,11 @@ def _load_bitmap(fd: int, nbytes: int) -> tuple[bytearray, set[int], int]:
     view = memoryview(bitmap)
     used: set[int] = set()
     count = 0
-    for start, end, is_data in _data_runs(fd, HEADER_SIZE, HEADER_SIZE + nbytes):
+    for start, end, is_data in data_runs(fd, HEADER_SIZE, HEADER_SIZE + nbytes):
         if not is_data:
             continue
         lo, hi = start - HEADER_SIZE, end - HEADER_SIZE
-        _read_full(fd, view[lo:hi], start)
+        read_full(fd, view[lo:hi], start)
         for page in range(lo, hi, _SCAN_PAGE):
             page_end = min(page + _SCAN_PAGE, hi)
             if bitmap.count(0, page, page_end) == page_end - page:
@@ -693,9 +198,9 @@ class Overlay:
         nbytes = cls._bitmap_bytes(backing.size, cluster_size)
         data = RawImage.create(name, backing.size, exist_ok)
         try:
-            fd = _create_file(bitmap_name, exist_ok, "overlay bitmap")
+            fd = create_file(bitmap_name, exist_ok, "overlay bitmap")
             try:
-                with _os_errors(f"overlay {name}: create"):
+                with os_errors(f"overlay {name}: create"):
                     # A reused data file starts empty; the bitmap file gets its header and an
                     # all-zero bitmap whose blocks are reserved (unwritten, so they still read
                     # and seek as holes): setting bits then never needs a free block, and a
@@ -704,9 +209,9 @@ class Overlay:
                     os.ftruncate(data.fd, backing.size)
                     os.fdatasync(data.fd)
                     os.ftruncate(fd, 0)
-                    _write_full(fd, memoryview(_encode_header(cluster_size, backing.size)), 0)
+                    write_full(fd, memoryview(_encode_header(cluster_size, backing.size)), 0)
                     os.ftruncate(fd, HEADER_SIZE + nbytes)
-                    _fallocate_supported(fd, FALLOC_FL_KEEP_SIZE, HEADER_SIZE, _blocks(nbytes))
+                    fallocate(fd, FALLOC_FL_KEEP_SIZE, HEADER_SIZE, whole_blocks(nbytes))
                     os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -731,7 +236,7 @@ class Overlay:
             try:
                 meta = cls._validate(name, fd, data, backing, cluster_size)
                 nbytes = cls._bitmap_bytes(backing.size, meta["cluster_size"])
-                with _os_errors(f"overlay bitmap {name}.bitmap: read"):
+                with os_errors(f"overlay bitmap {name}.bitmap: read"):
                     loaded = _load_bitmap(fd, nbytes)
                 cls._check_tail_bits(name + ".bitmap", loaded[0], backing.size,
                                      meta["cluster_size"])
@@ -766,7 +271,7 @@ class Overlay:
                   cluster_size: int | None) -> dict[str, int]:
         """Check header, sizes and bitmap length against the backing and the data file."""
         bitmap_name = name + ".bitmap"
-        with _os_errors(f"overlay bitmap {bitmap_name}: read header"):
+        with os_errors(f"overlay bitmap {bitmap_name}: read header"):
             header = bytearray(HEADER_SIZE)
             got = os.preadv(fd, [header], 0)
         meta = _decode_header(bytes(header[:got]), bitmap_name)
@@ -895,7 +400,7 @@ class Overlay:
 
     def pread_into(self, buf: Buffer, offset: int) -> None:
         """One backing read per run of unallocated clusters, one data read per allocated run."""
-        view = _byte_view(buf)
+        view = byte_view(buf)
         end = offset + len(view)
         check_range(self.size, offset, len(view))
         first, last = self._clusters(offset, len(view))
@@ -907,7 +412,7 @@ class Overlay:
                 source.pread_into(view[lo - offset:hi - offset], lo)
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
-        view = _byte_view(buf)
+        view = byte_view(buf)
         check_range(self.size, offset, len(view), write=True)
         first, end = self._clusters(offset, len(view))
         with self._ranges.exclusive(first, end):
@@ -960,9 +465,9 @@ class Overlay:
                 for i in range(start, start + count):
                     chunk[i - start] &= ~later.get(i, 0) & 0xFF
                 chunks.append((start, chunk))
-        with _os_errors(f"overlay bitmap {self._bitmap_name}: write"):
+        with os_errors(f"overlay bitmap {self._bitmap_name}: write"):
             for start, chunk in chunks:
-                _write_full(self._bitmap_fd, memoryview(chunk), HEADER_SIZE + start)
+                write_full(self._bitmap_fd, memoryview(chunk), HEADER_SIZE + start)
             os.fdatasync(self._bitmap_fd)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
@@ -977,10 +482,10 @@ class Overlay:
                 lo, hi = max(lo, offset), min(hi, end)
                 if allocated:  # zeroed clusters are holes in the data file
                     for extent in self._data.extents(lo, hi - lo):
-                        _add_extent(out, *extent)
+                        add_extent(out, *extent)
                 else:
                     for extent in self.backing.extents(lo, hi - lo):
-                        _add_extent(out, *extent)
+                        add_extent(out, *extent)
         return out
 
     # --- copy-on-write ---
@@ -1019,8 +524,8 @@ class Overlay:
         image is asked with SEEK_DATA/SEEK_HOLE directly: two system calls for a run of
         data, on every copy-before-write (its extents() costs several times that)."""
         if isinstance(self.backing, RawImage):
-            with _os_errors(f"raw image {self.backing.path}: extents at {lo}"):
-                for start, end, data in _data_runs(self.backing.fd, lo, hi):
+            with os_errors(f"raw image {self.backing.path}: extents at {lo}"):
+                for start, end, data in data_runs(self.backing.fd, lo, hi):
                     yield start, end, not data
             return
         for offset, length, flags in self.backing.extents(lo, hi - lo):
@@ -1045,10 +550,7 @@ class Overlay:
     def _all_set(self, first: int, end: int) -> bool:
         """True if every cluster of ``[first, end)`` is allocated."""
         bitmap = self._bitmap
-        for cluster in range(first, end):
-            if not bitmap[cluster >> 3] >> (cluster & 7) & 1:
-                return False
-        return True
+        return all(bitmap[cluster >> 3] >> (cluster & 7) & 1 for cluster in range(first, end))
 
     def make_empty(self) -> None:
         """Drop every allocated cluster (O(allocated)): reads fall through to the backing."""
@@ -1061,7 +563,7 @@ class Overlay:
                 clusters = self._allocated_locked()
             if not clusters:
                 return
-            with _os_errors(f"overlay {self.path}: make empty"):
+            with os_errors(f"overlay {self.path}: make empty"):
                 # The bitmap file first: once it is clear, a crash leaves an empty overlay.
                 self._clear_bitmap_file()
                 self._discard_data(clusters)
@@ -1083,8 +585,8 @@ class Overlay:
         # One call over the whole body: the kernel's cost is in the blocks that hold data.
         # Zeroing a range keeps its blocks reserved (see create); punching frees them.
         # (Whole 4 KiB blocks, past the end of the file if need be: both keep the size.)
-        body = _blocks(len(self._bitmap))
-        if not (_fallocate_supported(self._bitmap_fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+        body = whole_blocks(len(self._bitmap))
+        if not (fallocate(self._bitmap_fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                                      HEADER_SIZE, body)
                 or punch_hole(self._bitmap_fd, HEADER_SIZE, body)):
             for first, count in coalesce(sorted(self._used)):

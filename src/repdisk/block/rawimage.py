@@ -1,0 +1,275 @@
+"""Raw images: a sparse file or a block device as a ``BlockDevice``.
+
+``zero`` tries the fast paths in order (punch a hole, then zero the range, then write
+zeros) and switches each one off for good, with a debug line, the first time the
+filesystem says "not supported", as nbdkit's file plugin does.  Copies between two of
+them (``copy_range``) run in the kernel where it can (copy_file_range), with the same
+switch-off rule.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from repdisk.block.device import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    BlockDevice,
+    Buffer,
+    Extent,
+    add_extent,
+    byte_view,
+)
+from repdisk.block.fileio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_ZERO_RANGE,
+    UNSUPPORTED,
+    ZEROS,
+    block_error,
+    create_file,
+    data_runs,
+    fallocate,
+    os_errors,
+    punch_hole,
+    read_full,
+    write_full,
+)
+from repdisk.block.imagelock import lock_image
+from repdisk.errors import BlockIOError, check_range
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RawImage", "copy_range", "COPY_CHUNK"]
+
+#: Largest single buffer of ``copy_range`` (and of an overlay's commit: adjacent clusters
+#: are coalesced up to it).
+COPY_CHUNK = 4 << 20
+
+# What copy_file_range says when it cannot copy between these two files at all: not
+# regular files (EINVAL), different filesystems (EXDEV), no support (the UNSUPPORTED set).
+_NO_KERNEL_COPY = frozenset({errno.EINVAL, errno.EXDEV, *UNSUPPORTED})
+
+
+def copy_range(src: BlockDevice, dst: BlockDevice, offset: int, length: int) -> None:
+    """Copy ``[offset, offset + length)`` of ``src`` to the same place in ``dst``.
+
+    Overlays keep a cluster at its own offset in their data file, so copy-before-write
+    and commit are both this.  Between two raw images the kernel copies
+    (``RawImage.copy_to``): one copy of each byte instead of a read into a buffer and a
+    write out of it, and one system call instead of two, for the secondary's every first
+    write to a cluster.  Anywhere else, or once the kernel has refused, through a buffer
+    of at most COPY_CHUNK bytes.
+    """
+    if isinstance(src, RawImage) and isinstance(dst, RawImage):
+        done = src.copy_to(dst, offset, length)
+        offset, length = offset + done, length - done
+    if not length:
+        return
+    buf = memoryview(bytearray(min(length, COPY_CHUNK)))
+    for pos in range(offset, offset + length, len(buf)):
+        piece = buf[:min(len(buf), offset + length - pos)]
+        src.pread_into(piece, pos)
+        dst.pwrite(piece, pos)
+
+
+class RawImage:
+    """A raw disk image: a (sparse) regular file or a block device.
+
+    Create with :meth:`create` or open with :meth:`open`; the size is fixed at open time.
+    """
+
+    def __init__(self, path: str, fd: int, size: int, readonly: bool) -> None:
+        self.path = path
+        self.size = size
+        self.readonly = readonly
+        self._fd = fd
+        # Fast paths of zero(), switched off for good once the filesystem refuses them.
+        self._can_punch = True
+        self._can_zero_range = True
+        self._can_copy = True  # copy_to in the kernel (copy_file_range), see there
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int, exist_ok: bool = False) -> RawImage:
+        """Create a sparse image of ``size`` bytes (an existing file is resized if exist_ok)."""
+        if size <= 0:
+            raise ValueError(f"raw image {os.fspath(path)}: size must be positive, not {size}")
+        name = os.fspath(path)
+        fd = create_file(name, exist_ok, "raw image")
+        try:
+            with os_errors(f"raw image {name}: ftruncate to {size} bytes"):
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, fd, size, False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], readonly: bool = False) -> RawImage:
+        """Open an existing file or block device; its current size is the disk's size."""
+        name = os.fspath(path)
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags)
+        except OSError as err:
+            raise BlockIOError(err.errno or errno.EIO,
+                               f"cannot open raw image {name}: {err.strerror}") from err
+        try:
+            size = cls._size_of(name, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, fd, size, readonly)
+
+    @staticmethod
+    def _size_of(name: str, fd: int) -> int:
+        """The size of a regular file or block device, refusing anything else and size 0."""
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            size = os.fstat(fd).st_size
+        elif stat.S_ISBLK(mode):
+            size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            raise BlockIOError(errno.EINVAL,
+                               f"raw image {name} is not a regular file or block device")
+        if size == 0:
+            raise BlockIOError(errno.EINVAL, f"raw image {name} is empty (0 bytes): give it a "
+                                             f"size first, e.g. truncate -s 1G {name}")
+        return size
+
+    def lock(self) -> None:
+        """Mark the file in use for writing, as QEMU does (:func:`lock_image`)."""
+        lock_image(self._fd, self.path)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Close the file (without flushing: callers flush when they need durability)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> RawImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RawImage({self.path!r}, size={self.size})"
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise BlockIOError(errno.EROFS, f"raw image {self.path} is open read-only")
+
+    def pread_into(self, buf: Buffer, offset: int) -> None:
+        # The guest's every read comes here: the common case is one preadv and no call of
+        # ours (check_range and read_full only when the request is bad or the read short).
+        view = byte_view(buf)
+        n = len(view)
+        if n <= 0 or offset < 0 or offset + n > self.size:
+            check_range(self.size, offset, n)
+        try:
+            if os.preadv(self._fd, [view], offset) != n:
+                read_full(self._fd, view, offset)
+        except OSError as err:
+            raise block_error(err, f"raw image {self.path}: read at {offset}") from err
+
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        view = byte_view(buf)
+        check_range(self.size, offset, len(view), write=True)
+        if self.readonly:
+            self._check_writable()
+        try:
+            write_full(self._fd, view, offset)
+            if fua:
+                os.fdatasync(self._fd)
+        except OSError as err:
+            raise block_error(err, f"raw image {self.path}: write at {offset}") from err
+
+    def copy_to(self, dst: RawImage, offset: int, length: int) -> int:
+        """Copy ``[offset, offset + length)`` to the same place in ``dst`` in the kernel;
+        returns the bytes copied, the rest is the caller's (``copy_range``).
+
+        Fewer than ``length`` only when the kernel cannot copy between the two files (it
+        is then not asked again: a debug line, as for zero's fast paths) or the source
+        ends early (the caller's read pads with zeros, as every read of a short file).
+        A failure of the copy itself is a BlockIOError naming both files.
+        """
+        check_range(self.size, offset, length)
+        check_range(dst.size, offset, length, write=True)
+        dst._check_writable()
+        done = 0
+        while self._can_copy and done < length:
+            try:
+                n = os.copy_file_range(self._fd, dst._fd, length - done,
+                                       offset + done, offset + done)
+            except OSError as err:
+                if err.errno == errno.EINTR:
+                    continue
+                if err.errno not in _NO_KERNEL_COPY or done:
+                    raise block_error(err, f"copy of [{offset + done}, {offset + length}) "
+                                            f"from raw image {self.path} to {dst.path}") from err
+                self._can_copy = False
+                log.debug("%s: the kernel cannot copy to %s (%s), copying through a buffer",
+                          self.path, dst.path, err.strerror)
+                break
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        check_range(self.size, offset, length, write=True)
+        self._check_writable()
+        with os_errors(f"raw image {self.path}: zero at {offset}"):
+            self._zero_range(offset, length)
+            if fua:
+                os.fdatasync(self._fd)
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        """Make a range read as zeros: punch, else zero range, else write zeros."""
+        if self._can_punch:
+            if punch_hole(self._fd, offset, length):
+                return
+            self._can_punch = False
+            log.debug("%s: cannot punch holes, falling back to zero range", self.path)
+        if self._can_zero_range:
+            mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+            if fallocate(self._fd, mode, offset, length):
+                return
+            self._can_zero_range = False
+            log.debug("%s: cannot zero ranges, falling back to writing zeros", self.path)
+        end = offset + length
+        while offset < end:
+            step = min(end - offset, len(ZEROS))
+            write_full(self._fd, ZEROS[:step], offset)
+            offset += step
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Punch a hole where the filesystem can; trim is advisory, so otherwise do nothing."""
+        check_range(self.size, offset, length, write=True)
+        self._check_writable()
+        with os_errors(f"raw image {self.path}: trim at {offset}"):
+            if self._can_punch and not punch_hole(self._fd, offset, length):
+                self._can_punch = False
+                log.debug("%s: cannot punch holes, trim does nothing", self.path)
+            if fua:
+                os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        with os_errors(f"raw image {self.path}: fdatasync"):
+            os.fdatasync(self._fd)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Holes (HOLE|ZERO) and data (0) of ``[offset, offset+length)``, from SEEK_DATA."""
+        check_range(self.size, offset, length)
+        out: list[Extent] = []
+        with os_errors(f"raw image {self.path}: extents at {offset}"):
+            for start, end, is_data in data_runs(self._fd, offset, offset + length):
+                add_extent(out, start, end - start, 0 if is_data else EXTENT_HOLE | EXTENT_ZERO)
+        return out
