@@ -21,6 +21,7 @@ from pathlib import Path
 import nbd
 import psutil
 
+from repdisk import detach
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder
 from repdisk.qmp.protocol import remove_stale_socket
@@ -189,11 +190,8 @@ def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
     own (``PIDFILE.starting``) that becomes ``pidfile`` only once it serves.  A folder that
     does not exist is one line saying so, before anything is started.
 
-    ``setsid -f`` forks before nbdkit starts, so nbdkit never sees the process that
-    started it go away: nbdkit 1.32 started as our child (even in a new session) was seen
-    to shut itself down as soon as this command exited.  A shell writes the pid file and
-    then execs nbdkit (same pid), so a node that fails during start-up is noticed at once
-    instead of after START_TIMEOUT; nbdkit's ``-P`` writes the same pid again once serving.
+    Detached by :func:`repdisk.detach.launch` (a node that fails during start-up is
+    noticed at once); nbdkit's ``-P`` writes the same pid again once serving.
     """
     refuse_running(pidfile)
     for what, path in (("--control", control), ("--nbd-socket", listen.socket),
@@ -204,12 +202,9 @@ def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
     starting = pidfile + ".starting"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(starting)       # left by a start that was killed itself: ours alone
-    launch = ["setsid", "-f", "sh", "-c", 'echo $$ > "$0" && exec "$@"', starting,
-              cmd[0], "-P", starting, *cmd[1:]]
-    with open(logfile, "ab") as log:
-        subprocess.run(launch, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
+    detach.launch([cmd[0], "-P", starting, *cmd[1:]], starting, logfile)
     try:
-        wait_ready(lambda: _pidfile_alive(starting), control, listen, logfile)
+        wait_ready(detach.watch(starting), control, listen, logfile)
     except BaseException:
         stop_pidfile(starting)
         raise
@@ -237,16 +232,6 @@ def _pidfile_pid(pidfile: str) -> int | None:
         return None
 
 
-def _pidfile_alive(pidfile: str) -> bool | None:
-    """None while nbdkit has not written its pid yet, else whether it runs."""
-    try:
-        with open(pidfile) as f:
-            pid = int(f.read())
-    except (OSError, ValueError):
-        return None
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-
-
 def child_alive(proc: subprocess.Popen) -> Callable[[], bool | None]:
     return lambda: proc.poll() is None
 
@@ -254,14 +239,11 @@ def child_alive(proc: subprocess.Popen) -> Callable[[], bool | None]:
 def wait_ready(alive: Callable[[], bool | None], control: str, listen: Listen,
                logfile: str | None = None, timeout: float = START_TIMEOUT) -> None:
     """Wait until the node's control socket exists and its NBD listener answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if alive() is False:
-            raise RepdiskError(f"node exited: {last_error_line(logfile)}")
-        if os.path.exists(control) and listen.answers():
-            return
-        time.sleep(0.05)
-    raise RepdiskError(f"node did not start within {timeout:.0f} s: {last_error_line(logfile)}")
+    try:
+        detach.wait(alive, lambda: os.path.exists(control) and listen.answers(), timeout)
+    except detach.StartFailed as err:
+        when = "exited" if err.exited else f"did not start within {timeout:.0f} s"
+        raise RepdiskError(f"node {when}: {last_error_line(logfile)}") from None
 
 
 def last_error_line(logfile: str | None) -> str:

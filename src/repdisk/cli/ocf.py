@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from repdisk import detach
 from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config
@@ -419,7 +420,7 @@ class Agent:
 
     def query(self) -> dict[str, Any] | None:
         """The node's query-replication with its state file's role, or None if it is down."""
-        if not nodeproc._pidfile_alive(self.cfg.path("pid")):
+        if not detach.pidfile_alive(self.cfg.path("pid")):
             return None
         try:
             q = self.call("query-replication", timeout=10)
@@ -601,7 +602,7 @@ class Agent:
     # -- the checkpointer: the controller in checkpoint-only mode, on the promoted node
 
     def checkpointer_alive(self) -> bool:
-        return bool(nodeproc._pidfile_alive(self.cfg.path("ckpt.pid")))
+        return bool(detach.pidfile_alive(self.cfg.path("ckpt.pid")))
 
     def start_checkpointer(self, initial_sync: str) -> None:
         if self.checkpointer_alive():

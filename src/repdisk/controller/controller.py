@@ -56,7 +56,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError
 
-from repdisk import durable, tls
+from repdisk import detach, durable, tls
 from repdisk.cli import ctlclient
 from repdisk.controller import metrics
 from repdisk.controller import switchover as planned
@@ -1545,7 +1545,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _detach(args: argparse.Namespace) -> int:
-    """Start this same command detached (setsid), logging to a file; wait for its socket."""
+    """Start this same command detached (:func:`repdisk.detach.launch`), logging to a file;
+    wait for its socket."""
     pidfile = args.pidfile or args.control + ".pid"
     logfile = args.log or pidfile.rsplit(".", 1)[0] + ".log"
     argv = [a for a in sys.argv[1:] if a != "--background"]
@@ -1556,21 +1557,19 @@ def _detach(args: argparse.Namespace) -> int:
     if os.path.exists(pidfile):
         os.unlink(pidfile)
     log_size = os.path.getsize(logfile) if os.path.exists(logfile) else 0
-    child = subprocess.Popen(["setsid", sys.executable, "-m", "repdisk.cli.main", *argv],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
+    # The pid file is written before the controller runs, and by it again once it serves.
+    detach.launch([sys.executable, "-m", "repdisk.cli.main", *argv], pidfile, os.devnull)
+    try:
+        detach.wait(detach.watch(pidfile), lambda: _answers(args.control), 20)
+    except detach.StartFailed as err:
+        if err.exited:
             raise ControllerRefused(_last_error(logfile, log_size) or
-                                    f"the controller ended at start-up; see {logfile}")
-        if _answers(args.control) and os.path.exists(pidfile):
-            with open(pidfile) as f:
-                print(f"repdisk controller: running (pid {f.read().strip()}), control "
-                      f"{args.control}, log {logfile}")
-            return 0
-        time.sleep(0.05)
-    raise RepdiskError(f"the controller did not start within 20 s; see {logfile}")
+                                    f"the controller ended at start-up; see {logfile}") from None
+        raise RepdiskError(f"the controller did not start within 20 s; see {logfile}") from None
+    with open(pidfile) as f:
+        print(f"repdisk controller: running (pid {f.read().strip()}), control "
+              f"{args.control}, log {logfile}")
+    return 0
 
 
 def _answers(path: str) -> bool:
