@@ -22,12 +22,10 @@ import nbd
 import pytest
 
 from repdisk.errors import ForwardError
-from repdisk.replication.forwarder import (
-    BATCH_PIECE_MAX,
-    GRAIN,
-    Forwarder,
-    Ticket,
-)
+from repdisk.replication.batch import BATCH_PIECE_MAX
+from repdisk.replication.forwarder import Forwarder
+from repdisk.replication.overlap import GRAIN, OverlapIndex
+from repdisk.replication.ticket import Ticket
 from repdisk.uri import with_export_suffix
 from tests.conftest import sigstop
 
@@ -371,23 +369,23 @@ def test_overlap_index_of_records_in_flight() -> None:
     """Records in flight are indexed by GRAIN block: a write sharing a byte with one of
     their parts always waits, one sharing only a block may wait, others never do; the
     index empties as records retire."""
-    fwd = Forwarder("nbd+unix:///?socket=/nonexistent")
+    index = OverlapIndex()
     rng = random.Random(4)
     records = [[(rng.randrange(0, 1 << 22), rng.randrange(1, BATCH_PIECE_MAX))
                 for _ in range(rng.randrange(1, 20))] for _ in range(4)]
-    indexed = [fwd._index_record(parts) for parts in records]
+    indexed = [index.add(parts) for parts in records]
     blocks = {g for parts in records for o, n in parts
               for g in range(o // GRAIN, (o + n - 1) // GRAIN + 1)}
     for _ in range(3000):
         start = rng.randrange(0, 1 << 22)
         end = start + int(2 ** rng.uniform(0, 26))
-        hit = fwd._grains_hit(start, end)
+        hit = index.hits(start, end)
         assert hit == any(start // GRAIN <= g <= (end - 1) // GRAIN for g in blocks)
         if any(o < end and start < o + n for parts in records for o, n in parts):
             assert hit
     for grains in indexed:
-        fwd._unindex_record(grains)
-    assert fwd._record_grains == []
+        index.remove(grains)
+    assert index.records == []
 
 
 def test_held_writes_reach_the_server_only_after_release(server, make_fwd):

@@ -47,7 +47,7 @@ from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig
 from repdisk.node.state import NodeState
 from repdisk.qmp.protocol import Command, QMPServer
-from repdisk.replication import batch, forwarder, resync, sessions
+from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
@@ -480,7 +480,7 @@ class Node:
         """A secondary that answers but lacks a disk's replica export: if it lists other
         disks, say that the names differ, with both lists (raises ConfigError)."""
         assert self.cfg.secondary is not None
-        listed = forwarder.list_exports(self.cfg.secondary, self.cfg.timeout)
+        listed = nbdclient.list_exports(self.cfg.secondary, self.cfg.timeout)
         if not listed:
             return
         theirs = sorted({n.partition("/")[2] for n in listed if n.startswith("replica/")})

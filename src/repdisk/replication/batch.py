@@ -17,6 +17,11 @@ Record (little-endian): the pieces' bytes back to back, then one ``<QQ`` (offset
 length) per piece in the same order, then the trailer ``<I4x8s`` (piece count,
 ``MAGIC``).  The table is at the end so that the record is built by appending.
 Pieces are applied in record order: a later piece may overwrite an earlier one.
+
+Sending side.  The forwarder makes a record when it sends (never while queuing): the
+small writes at the head of its queue that may all go now (:func:`groupable` ones, up
+to ``BATCH_PIECES`` and ``BATCH_BYTES``) become one ticket (:func:`record_ticket`)
+whose acknowledgement settles every write it carries.
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ from collections.abc import Callable, Iterable, Sequence
 
 from repdisk.block.device import BlockDevice, Extent
 from repdisk.errors import BlockIOError, check_range
+from repdisk.replication.ticket import WRITE, Ticket, TicketOwner
 
 #: Bytes past the disk's end where records are written (one record fits).
 MAILBOX = 64 << 20
 #: What ``replica/NAME`` becomes when batching (before any session tag).
 EXPORT_SUFFIX = "+batch"
 MAGIC = b"RDBATCH1"
+#: Small writes go in records of at most this many writes and bytes; a write of
+#: BATCH_PIECE_MAX bytes or more goes alone (a record would only copy it).
+BATCH_PIECES = 64
+BATCH_BYTES = 256 << 10
+BATCH_PIECE_MAX = 64 << 10
+#: Records in flight at once: each new one is checked for overlap against each of them.
+BATCHES_IN_FLIGHT = 4
 
 _ENTRY = struct.Struct("<QQ")
 _TRAILER = struct.Struct("<I4x8s")
@@ -45,6 +58,23 @@ def encode(pieces: Sequence[Piece]) -> bytes:
     table = b"".join(_ENTRY.pack(off, len(buf)) for off, buf in pieces)
     return b"".join([*(buf for _, buf in pieces), table,
                      _TRAILER.pack(len(pieces), MAGIC)])
+
+
+def groupable(t: Ticket) -> bool:
+    """A queued write that may share a record: small, without FUA."""
+    return t.kind is WRITE and not t.fua and t.length < BATCH_PIECE_MAX
+
+
+def record_ticket(owner: TicketOwner, members: list[Ticket]) -> Ticket:
+    """One record carrying ``members`` (queued writes, in order), as a ticket placed
+    where the first of them was: its ``parts`` are their ranges, sorted."""
+    record = encode([(m.offset, m.buf) for m in members])
+    parts = sorted((m.offset, m.length) for m in members)
+    g = Ticket(owner, WRITE, parts[0][0], sum(m.length for m in members), record)
+    g.parts, g.members = parts, members
+    g.seq, g.t0 = members[0].seq, min(m.t0 for m in members)
+    g.pulled = all(m.pulled for m in members)
+    return g
 
 
 def decode(record: memoryview) -> list[tuple[int, memoryview]]:

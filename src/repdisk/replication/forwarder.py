@@ -38,9 +38,9 @@ barrier arrived, and for every piece taken before that.
 Batches.  With ``batch``, the forwarder connects to the export's batch twin
 (batch.py), and the small writes at the head of the queue that may all go now,
 pushed or pulled alike, go as one batch record: one request whose ``parts`` are
-checked for overlap (an index of the 4 KiB blocks of the records in flight) and
-reported on a failure piece by piece, and whose acknowledgement settles every write
-it carries.
+checked for overlap (overlap.py: an index of the 4 KiB blocks of the records in
+flight) and reported on a failure piece by piece, and whose acknowledgement settles
+every write it carries.
 
 Failure.  A request completing with an error, a dead connection, or a request
 unacknowledged ``timeout`` seconds after submission (after ``release()`` for held
@@ -53,9 +53,7 @@ Submissions after a failure (or before ``connect``) return a ticket that is alre
 failed and ``rejected``: its range is in no ``on_failure`` call, the caller marks it
 dirty itself.
 
-Buffers.  Tickets are released only after libnbd has retired their command (success)
-or after the handle is closed (failure), so the caller may reuse a buffer it passed
-as a memoryview as soon as ``wait`` returns.
+Buffers.  A caller may reuse a buffer it passed as soon as ``wait`` returns (ticket.py).
 """
 
 from __future__ import annotations
@@ -76,9 +74,24 @@ import nbd
 from repdisk import tls
 from repdisk.errors import ForwardError
 from repdisk.replication import batch as _batch
+from repdisk.replication.batch import BATCH_BYTES, BATCH_PIECES, BATCHES_IN_FLIGHT, groupable
+from repdisk.replication.nbdclient import notify, poll_mask, pump
+from repdisk.replication.overlap import OverlapIndex
+from repdisk.replication.ticket import (
+    BARRIER,
+    FLUSH,
+    READ,
+    TRIM,
+    WRITE,
+    ZERO,
+    Ticket,
+    rejected,
+)
 from repdisk.uri import with_export_suffix
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Forwarder", "FailureCallback", "Source", "PULL_BUDGET"]
 
 #: ``on_failure(error, ranges)``: ranges are (offset, length) of unacknowledged writes.
 FailureCallback = Callable[[str, list[tuple[int, int]]], None]
@@ -90,181 +103,9 @@ Source = Callable[[int, int],
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
-WRITE, ZERO, TRIM, FLUSH, READ = "write", "zero", "trim", "flush", "read"
-_BARRIER = "barrier flush"
 _DRAIN = -2  # Ticket.drained of a draining barrier until the I/O thread takes it
-_STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", _BARRIER: "flushes", READ: "reads"}
-#: Small writes go in batch records (batch.py) of at most this many writes and bytes; a
-#: write of BATCH_PIECE_MAX bytes or more goes alone (a record would only copy it).
-BATCH_PIECES = 64
-BATCH_BYTES = 256 << 10
-BATCH_PIECE_MAX = 64 << 10
-#: Records in flight at once: each new one is checked for overlap against each of them.
-BATCHES_IN_FLIGHT = 4
-#: The block size of the overlap index of records in flight (``Forwarder._record_grains``).
-GRAIN = 4096
-# How long an expired Ticket.wait waits for the I/O thread to close the handle; closing
-# a Unix/TCP socket takes microseconds, so this only matters if the I/O thread is wedged.
-_ABORT_GRACE = 1.0
+_STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", BARRIER: "flushes", READ: "reads"}
 _INF = float("inf")
-_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
-
-
-class Ticket:
-    """One submitted request; ``wait`` for the secondary's acknowledgement.
-
-    ``seq`` is the submission order; ``rejected`` means the forwarder was already failed
-    (or not connected) at submission, so this range reaches no ``on_failure`` call.
-    """
-
-    __slots__ = ("kind", "offset", "length", "buf", "fua", "seq", "t0", "done", "ok",
-                 "rejected", "drained", "pulled", "parts", "members", "grains", "data", "_lock",
-                 "_fwd", "_err")
-
-    def __init__(self, fwd: Forwarder | None, kind: str, offset: int, length: int,
-                 buf: bytes | memoryview | None = None, fua: bool = False,
-                 pulled: bool = False) -> None:
-        self.kind = kind
-        self.offset = offset
-        self.length = length
-        self.buf = buf
-        self.fua = fua
-        self.seq = -1
-        self.t0 = 0.0
-        self.done = False
-        self.ok = False
-        self.rejected = False
-        self.drained = -1  # a draining barrier: the source's empty rounds when it arrived
-        self.pulled = pulled  # taken from the source: nobody waits for it
-        # A batch record (batch.py): its writes' (offset, length), sorted; ``offset`` is
-        # then the lowest, ``length`` the bytes of them all and ``buf`` the record.
-        self.parts: list[tuple[int, int]] | None = None
-        self.members: list[Ticket] | None = None  # the writes a record carries
-        self.grains: set[int] | None = None  # a record's GRAIN blocks, while in flight
-        self.data: bytearray | None = None  # a read's bytes, once it succeeded
-        self._fwd = fwd
-        self._err = 0
-        # Held from creation until the request is settled; waiters block on it (none for
-        # a pulled piece: nobody has its ticket).
-        self._lock: threading.Lock | None = None if pulled else threading.Lock()
-        if self._lock is not None:
-            self._lock.acquire()
-
-    def __repr__(self) -> str:
-        state = "ok" if self.ok else "failed" if self.done else "pending"
-        return f"<Ticket #{self.seq} {self.what()} {state}>"
-
-    def what(self) -> str:
-        """What messages call it: ``write [a, b)`` or ``batch of N pieces in [a, b)``."""
-        spans = self.spans()
-        where = f"[{spans[0][0]}, {spans[-1][0] + spans[-1][1]})"
-        return f"batch of {len(spans)} pieces in {where}" if self.parts else f"{self.kind} {where}"
-
-    def spans(self) -> list[tuple[int, int]]:
-        """The (offset, length) ranges of the disk it changes, sorted."""
-        return self.parts if self.parts is not None else [(self.offset, self.length)]
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once the secondary acknowledged; False if it failed or ``timeout`` expired.
-
-        An expired wait fails the forwarder (see the module note) and returns once the
-        handle is closed and ``on_failure`` has run: microseconds past ``timeout`` plus
-        the callback's own time (at most ``_ABORT_GRACE`` more, in case the I/O thread
-        is wedged).
-        """
-        fwd = self._fwd  # read first: settling clears it
-        if self.done:
-            return self.ok
-        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            self._lock.release()
-            return self.ok
-        assert fwd is not None  # a ticket without forwarder is born done
-        fwd._expire(self, timeout)
-        if self._lock.acquire(timeout=_ABORT_GRACE):
-            self._lock.release()
-        else:
-            log.error("forwarder I/O thread did not abort within %ss; %r returns anyway",
-                      _ABORT_GRACE, self)
-        return self.ok
-
-    def _settle(self, ok: bool) -> None:
-        """Mark done and wake waiters; the I/O thread calls this once per ticket."""
-        self.ok = ok
-        self.done = True
-        self.buf = None
-        self._fwd = None
-        if self._lock is not None:
-            self._lock.release()
-
-    def _completed(self, err: nbd.Error) -> int:
-        """libnbd completion callback (runs inside aio_notify_*): defer, then retire."""
-        self._err = err.value
-        fwd = self._fwd
-        if fwd is not None:
-            fwd._completed.append(self)
-        return 1
-
-
-def _rejected(kind: str, offset: int, length: int) -> Ticket:
-    t = Ticket(None, kind, offset, length)
-    t.rejected = True
-    t.done = True
-    t._lock.release()
-    return t
-
-
-def list_exports(uri: str, timeout: float = 5.0) -> list[str] | None:
-    """The export names the NBD server at ``uri`` lists, or None if it cannot say (it does
-    not answer in ``timeout``, or refuses to list).  For messages, never for decisions."""
-    h = nbd.NBD()
-    names: list[str] = []
-    try:
-        tls.prepare_client(h, uri)
-        h.set_opt_mode(True)
-        h.aio_connect_uri(uri)
-        if not _pump(h, lambda: not h.aio_is_connecting() or h.aio_is_negotiating(),
-                     time.monotonic() + timeout) or not h.aio_is_negotiating():
-            return None
-
-        def listed(name: str, _description: str) -> int:
-            names.append(name)
-            return 0
-
-        h.opt_list(listed)
-        h.opt_abort()
-    except nbd.Error:
-        return None
-    return names  # the handle closes when dropped
-
-
-def _poll_mask(direction: int) -> int:
-    return ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
-            | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
-
-
-def _notify(h: nbd.NBD, events: int) -> None:
-    """Tell libnbd what poll saw on its fd (HUP/ERR count as readable: the read finds out)."""
-    if events & select.POLLOUT:
-        h.aio_notify_write()
-    if events & _READABLE:
-        h.aio_notify_read()
-
-
-def _pump(h: nbd.NBD, until: Callable[[], bool], deadline: float) -> bool:
-    """Drive ``h`` with a private poll loop until ``until()`` or ``deadline``; True if reached.
-
-    Used where no other thread can use the handle yet (handshake) or any more (close).
-    """
-    while not until():
-        left = deadline - time.monotonic()
-        mask = _poll_mask(h.aio_get_direction())
-        if left <= 0 or not mask:  # no mask: dead or closed, nothing more will happen
-            return until()
-        p = select.poll()
-        p.register(h.aio_get_fd(), mask)
-        for _fd, events in p.poll(int(left * 1000) + 1):
-            _notify(h, events)
-    return True
 
 
 class Forwarder:
@@ -333,9 +174,8 @@ class Forwarder:
         self._next_pull = 0.0  # no pull round starts before (pull_delay after an empty one)
         self._waited = 0       # requests in flight that someone waits for (not pulled)
         self._batches = 0      # batch records in flight
-        # The GRAIN blocks of each record in flight (at most BATCHES_IN_FLIGHT sets): a
-        # set made when it is issued and dropped whole when it retires.
-        self._record_grains: list[set[int]] = []
+        # The blocks of each batch record in flight (overlap.py).
+        self._records = OverlapIndex()
         self.in_flight_bytes = 0
 
     # -- public state ---------------------------------------------------------------
@@ -396,7 +236,7 @@ class Forwarder:
         """Connect ``h`` within ``timeout`` without blocking forever on a hung secondary."""
         try:
             h.aio_connect_uri(self._connect_uri)
-            done = _pump(h, lambda: not h.aio_is_connecting(),
+            done = pump(h, lambda: not h.aio_is_connecting(),
                          time.monotonic() + self.timeout)
             if not done:
                 raise ForwardError(f"secondary {self.uri} does not answer: no NBD handshake "
@@ -474,7 +314,7 @@ class Forwarder:
         has (see Pulling): only for a source that writers have stopped feeding, or it may
         never come up empty.  Failing (or expiring) fails the forwarder.
         """
-        t = Ticket(self, _BARRIER, 0, 0)
+        t = Ticket(self, BARRIER, 0, 0)
         if drain and self._source is not None:
             t.drained = _DRAIN
         return self._submit(t).wait(timeout)
@@ -482,7 +322,7 @@ class Forwarder:
     def _submit(self, t: Ticket) -> Ticket:
         with self._lock:
             if not self._accepting:
-                return _rejected(t.kind, t.offset, t.length)
+                return rejected(t.kind, t.offset, t.length)
             t.seq = self._seq
             self._seq += 1
             t.t0 = time.monotonic()
@@ -521,8 +361,9 @@ class Forwarder:
             self._wake_pending = True
             os.eventfd_write(self._wake_fd, 1)
 
-    def _expire(self, t: Ticket, timeout: float | None) -> None:
-        """A waiter gave up on ``t``: fail the forwarder (unless ``t`` just settled)."""
+    def ticket_expired(self, t: Ticket, timeout: float | None) -> None:
+        """A waiter gave up on ``t``: fail the forwarder (unless ``t`` just settled).
+        Any thread (``Ticket.wait``)."""
         with self._lock:
             if self._stop is None and not t.done:
                 self._stop = (f"secondary {self.uri} did not acknowledge {t.what()} "
@@ -530,6 +371,11 @@ class Forwarder:
                 self._wake_locked()
 
     # -- the I/O thread ---------------------------------------------------------------
+
+    def ticket_completed(self, t: Ticket) -> None:
+        """libnbd retired ``t``'s command: settle it in this round's ``_retire`` (the
+        completion runs inside ``aio_notify_*``, where nothing may call libnbd)."""
+        self._completed.append(t)
 
     def _run(self) -> None:
         h, self._handoff = self._handoff, None
@@ -584,7 +430,7 @@ class Forwarder:
                     refresh = True  # ...and so may a reply read (or the end of the link)
                 if refresh:
                     direction = h.aio_get_direction()
-                want = _poll_mask(direction)
+                want = poll_mask(direction)
                 if not want:
                     return self._retire() or f"secondary {self.uri} closed the connection"
                 mask = self._repoll(poller, fd, mask, want & ~select.POLLIN if lazy else want)
@@ -596,7 +442,7 @@ class Forwarder:
                     if got_fd == self._wake_fd:
                         self._drain_wake()
                     else:
-                        _notify(h, events)
+                        notify(h, events)
                         if events & select.POLLIN:
                             self._read_replies(h, readable)
                         direction = h.aio_get_direction()
@@ -660,7 +506,7 @@ class Forwarder:
 
     def _enqueue(self, batch: list[Ticket]) -> None:
         for t in batch:
-            if t.kind is _BARRIER:
+            if t.kind is BARRIER:
                 self._barriers.append(t)
                 if t.drained == _DRAIN:  # it waits for the source to come up empty
                     t.drained = self._drained
@@ -750,7 +596,7 @@ class Forwarder:
                 if not self._sendable(t):
                     break
                 q.popleft()
-                if self._batch and _groupable(t) and self._batches < BATCHES_IN_FLIGHT:
+                if self._batch and groupable(t) and self._batches < BATCHES_IN_FLIGHT:
                     t = self._group(t)
                 why = self._issue(h, t)
                 if why is not None:
@@ -773,19 +619,11 @@ class Forwarder:
         """``first`` and the small writes queued right behind it that may go now, as one
         batch record (batch.py); ``first`` alone if none may."""
         q, members, size = self._queue, [first], first.length
-        while (q and len(members) < BATCH_PIECES and _groupable(q[0])
+        while (q and len(members) < BATCH_PIECES and groupable(q[0])
                and size + q[0].length <= BATCH_BYTES and self._sendable(q[0])):
             members.append(q.popleft())
             size += members[-1].length
-        if len(members) == 1:
-            return first
-        record = _batch.encode([(m.offset, m.buf) for m in members])
-        parts = sorted((m.offset, m.length) for m in members)
-        g = Ticket(self, WRITE, parts[0][0], size, record)
-        g.parts, g.members = parts, members
-        g.seq, g.t0 = first.seq, min(m.t0 for m in members)
-        g.pulled = all(m.pulled for m in members)
-        return g
+        return first if len(members) == 1 else _batch.record_ticket(self, members)
 
     def _overlaps(self, t: Ticket) -> bool:
         """True if queued ``t`` (never a record) must wait: its bytes overlap an in-flight
@@ -793,46 +631,12 @@ class Forwarder:
         if t.kind is FLUSH:
             return any(o.length for o in self._inflight)
         start, end = t.offset, t.offset + t.length
-        if self._record_grains and self._grains_hit(start, end):
+        if self._records and self._records.hits(start, end):
             return True
         for o in self._inflight:
             if o.parts is None and o.offset < end and start < o.offset + o.length:
                 return True
         return False
-
-    def _grains_hit(self, start: int, end: int) -> bool:
-        """True if a record in flight has a part in a GRAIN block of ``[start, end)`` (a
-        block in common, not always a byte: such a write only waits)."""
-        first, last = start // GRAIN, (end - 1) // GRAIN
-        for grains in self._record_grains:
-            if first == last:  # the usual case: a piece of one block
-                if first in grains:
-                    return True
-            elif last - first < len(grains):
-                if not grains.isdisjoint(range(first, last + 1)):
-                    return True
-            elif any(first <= g <= last for g in grains):
-                return True
-        return False
-
-    def _index_record(self, parts: list[tuple[int, int]]) -> set[int]:
-        """Add a record's parts to the overlap index; returns its set for _unindex_record."""
-        grains: set[int] = set()
-        for offset, length in parts:
-            first, last = offset // GRAIN, (offset + length - 1) // GRAIN
-            if first == last:
-                grains.add(first)
-            else:
-                grains.update(range(first, last + 1))
-        self._record_grains.append(grains)
-        return grains
-
-    def _unindex_record(self, grains: set[int]) -> None:
-        """Remove a record's set (from _index_record) from the overlap index."""
-        for i, other in enumerate(self._record_grains):
-            if other is grains:
-                del self._record_grains[i]
-                return
 
     def _barrier_ready(self, b: Ticket) -> bool:
         """Everything before ``b`` is acknowledged: the requests submitted earlier and,
@@ -862,21 +666,21 @@ class Forwarder:
                 self.in_flight_bytes += t.length
                 if t.parts is not None:  # a record goes to the mailbox (batch.py)
                     self._batches += 1
-                    t.grains = self._index_record(t.parts)
-                    h.aio_pwrite(t.buf, self.size, completion=t._completed, flags=flags)
+                    t.grains = self._records.add(t.parts)
+                    h.aio_pwrite(t.buf, self.size, completion=t.completed, flags=flags)
                 else:
-                    h.aio_pwrite(t.buf, t.offset, completion=t._completed, flags=flags)
+                    h.aio_pwrite(t.buf, t.offset, completion=t.completed, flags=flags)
             elif t.kind is ZERO:
-                h.aio_zero(t.length, t.offset, completion=t._completed, flags=flags)
+                h.aio_zero(t.length, t.offset, completion=t.completed, flags=flags)
             elif t.kind is READ:
-                h.aio_pread(t.buf, t.offset, completion=t._completed)
+                h.aio_pread(t.buf, t.offset, completion=t.completed)
             elif t.kind is TRIM:
                 if not self._can_trim:  # advisory: nothing to tell a server that cannot
                     self._completed.append(t)
                     return None
-                h.aio_trim(t.length, t.offset, completion=t._completed, flags=flags)
+                h.aio_trim(t.length, t.offset, completion=t.completed, flags=flags)
             else:
-                h.aio_flush(completion=t._completed)
+                h.aio_flush(completion=t.completed)
         except nbd.Error as err:
             return f"secondary {self.uri} refused {t.what()}: {err}"
         return None
@@ -890,10 +694,10 @@ class Forwarder:
         why = None
         stats = self.stats
         for t in done:
-            if t._err:
+            if t.err:
                 stats["errors"] += 1
-                why = why or f"secondary {self.uri} failed {t.what()}: {os.strerror(t._err)}"
-                self.errno = self.errno or t._err
+                why = why or f"secondary {self.uri} failed {t.what()}: {os.strerror(t.err)}"
+                self.errno = self.errno or t.err
                 continue
             self._inflight.discard(t)
             if not t.pulled:
@@ -904,18 +708,18 @@ class Forwarder:
                 if t.members:
                     self._batches -= 1
                     if t.grains is not None:
-                        self._unindex_record(t.grains)
+                        self._records.remove(t.grains)
                         t.grains = None
                     stats["batches"] += 1
                     stats["writes"] += len(t.members) - 1
                     for m in t.members:
-                        m._settle(True)
+                        m.settle(True)
                 stats["bytes"] += t.length
             else:
                 if t.kind is READ:
                     t.data = t.buf.to_bytearray()
                 stats[_STAT[t.kind]] += 1
-            t._settle(True)
+            t.settle(True)
         return why
 
     def _check_deadlines(self) -> str | None:
@@ -940,7 +744,7 @@ class Forwarder:
         """Polite close when nothing is outstanding: NBD_CMD_DISC, briefly wait for EOF."""
         try:
             h.aio_disconnect()
-            _pump(h, h.aio_is_closed, time.monotonic() + min(self.timeout, 1.0))
+            pump(h, h.aio_is_closed, time.monotonic() + min(self.timeout, 1.0))
         except nbd.Error as err:
             log.debug("disconnect from %s: %s", self.uri, err)
 
@@ -968,8 +772,8 @@ class Forwarder:
             log.info("forwarder to secondary %s closed", self.uri)
         for t in pending:
             for m in t.members or ():
-                m._settle(False)
-            t._settle(False)
+                m.settle(False)
+            t.settle(False)
 
     def _call_on_failure(self, why: str, ranges: list[tuple[int, int]]) -> None:
         if self.on_failure is None:
@@ -978,9 +782,3 @@ class Forwarder:
             self.on_failure(why, ranges)
         except Exception:  # the I/O thread must still release every waiter
             log.exception("forwarder on_failure callback raised")
-
-
-def _groupable(t: Ticket) -> bool:
-    """A queued write that may share a batch record (records are made when sending, so
-    none is ever queued): small, without FUA."""
-    return t.kind is WRITE and not t.fua and t.length < BATCH_PIECE_MAX

@@ -62,7 +62,7 @@ from repdisk.block.rangelock import RangeLock
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import ConfigError, ForwardError, check_range
 from repdisk.replication import resync, resyncrate
-from repdisk.replication.forwarder import Forwarder, Ticket
+from repdisk.replication.forwarder import Forwarder
 from repdisk.replication.framework import (
     Registry,
     ReplicationError,
@@ -74,6 +74,7 @@ from repdisk.replication.resync import differing_bytes, merge_runs
 from repdisk.replication.resyncrate import ResyncRate
 from repdisk.replication.sessions import SEAL_SUFFIX, make_tag
 from repdisk.replication.stage import EventSink, Stage, StageMachine, no_events
+from repdisk.replication.ticket import Ticket
 from repdisk.uri import with_export_suffix
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from repdisk import tls
 from repdisk.block.device import EXTENT_HOLE
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, ForwardError, check_range
-from repdisk.replication.forwarder import _pump
+from repdisk.replication.nbdclient import pump
 from repdisk.uri import with_export_suffix
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def differing_granules(image: RawImage, uri: str, timeout: float,
     h = nbd.NBD()
 
     def wait(until: Callable[[], bool], what: str) -> None:
-        if not _pump(h, until, time.monotonic() + timeout):
+        if not pump(h, until, time.monotonic() + timeout):
             raise ForwardError(f"secondary {uri} does not answer: no {what} within {timeout}s")
 
     try:
