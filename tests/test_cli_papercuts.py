@@ -255,11 +255,11 @@ def test_parse_duration_refuses(bad: str) -> None:
 
 
 def test_every_parser_is_the_one_in_units() -> None:
-    from repdisk.controller import controller
+    from repdisk.cli import controllercmd
     from repdisk.node import config
     from repdisk.qmp import protocol as qmp
     assert config.parse_size is units.parse_size is qmp.parse_size
-    assert config.parse_duration is units.parse_duration is controller.parse_duration
+    assert config.parse_duration is units.parse_duration is controllercmd.parse_duration
 
 
 def test_ctl_takes_sizes_with_units_and_shows_human_units(cli_pair: Pair) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import nbd
 
-from repdisk.controller.controller import Controller, ControllerConfig
+from repdisk.controller.config import ControllerConfig
+from repdisk.controller.controller import Controller
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
 
 # Short timings: every rule holds (isolation < heartbeat-timeout; hold = timeout/2 covers a

@@ -11,14 +11,9 @@ import itertools
 
 import pytest
 
-from repdisk.controller.controller import (
-    TRANSITIONS,
-    Controller,
-    ControllerConfig,
-    ControllerState,
-    Operation,
-    gate,
-)
+from repdisk.controller.config import ControllerConfig
+from repdisk.controller.controller import Controller
+from repdisk.controller.states import TRANSITIONS, ControllerState, Operation, gate
 from repdisk.errors import ConfigError, ControlError
 
 S = ControllerState
@@ -165,9 +160,9 @@ def test_a_lost_node_is_one_line_then_a_reminder_then_one_line_back(tmp_path, ca
     import logging
     import time
 
-    from repdisk.controller import controller
-    monkeypatch.setattr(controller, "REMIND_EVERY", 0.3)
-    caplog.set_level(logging.WARNING, logger="repdisk.controller.controller")
+    from repdisk.controller import peer as peermod
+    monkeypatch.setattr(peermod, "REMIND_EVERY", 0.3)
+    caplog.set_level(logging.WARNING, logger="repdisk.controller.peer")
     ctl = _controller(tmp_path)
     peer = ctl.secondary
     deadline = time.monotonic() + 0.5

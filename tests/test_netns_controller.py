@@ -37,7 +37,8 @@ import pytest
 from repdisk import tls
 from repdisk.cli import ctlclient, nodeproc
 from repdisk.cli import main as cli
-from repdisk.controller.controller import Controller, ControllerConfig
+from repdisk.controller.config import ControllerConfig
+from repdisk.controller.controller import Controller
 from repdisk.errors import ConfigError, ControlError
 from repdisk.node.config import NodeConfig
 from repdisk.qmp.protocol import QMPClient

@@ -25,9 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from repdisk import tls as tlsmod
-from repdisk.cli import ctlclient, lab, nodeproc, updown
+from repdisk.cli import controllercmd, ctlclient, lab, nodeproc, updown
 from repdisk.cli.nodeproc import PLUGIN
-from repdisk.controller import controller
 from repdisk.errors import ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.tls import TLSSpec
@@ -251,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lab)
     _add_tls_parser(sub)
 
-    controller.add_parsers(sub)
+    controllercmd.add_parsers(sub)
     updown.add_parsers(sub)
     return parser
 

@@ -1,1 +1,2 @@
-"""The controller: checkpoints, failover, re-protection; the guest's monitor and VM state; metrics."""
+"""The controller: checkpoints, failover, re-protection; the guest's monitor and VM state;
+metrics."""

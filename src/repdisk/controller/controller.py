@@ -7,14 +7,18 @@ It talks only to control sockets (the nodes', the guest's QMP and guest agent) a
 touches data itself.  One thread (``run``) heartbeats both nodes every ``heartbeat`` and
 acts on what it sees (``step``); operations also come from its own control socket.
 
-State machine: the controller's state is a :class:`ControllerState`, written only by
-``_set_state`` (which logs and emits ``CONTROLLER_STATE_CHANGED``).  Every operation is
-an :class:`Operation` whose row in :data:`TRANSITIONS` says the states it may run in, the
-state shown while it runs and the states it may leave; :func:`gate` is the only check,
-and ``_operation`` runs one operation at a time under one lock (a second one waits, then
-is gated against the state the first left).  A failed operation leaves its ``on_error``
-state; ``promote`` changes nothing on either node until its checks pass, and once the
-winner is a primary the promotion is complete (what is left is re-protection).
+State machine (states.py): the controller's state is a ``ControllerState``, written only by
+``_set_state`` (which logs and emits ``CONTROLLER_STATE_CHANGED``).
+Every operation is an ``Operation`` whose row in ``TRANSITIONS`` says the states it may
+run in, the state shown while it runs and the states it may leave; ``gate`` is the only
+check, and ``_operation`` runs one operation at a time under one lock (a second one waits,
+then is gated against the state the first left).  A failed operation leaves its
+``on_error`` state; ``promote`` changes nothing on either node until its checks pass, and
+once the winner is a primary the promotion is complete (what is left is re-protection).
+
+The other modules: the settings (config.py), a node as the controller sees it (peer.py),
+the guest (guest.py), the control socket's commands (commands.py), a planned switchover
+(switchover.py), the metrics (metrics.py); ``repdisk controller`` is cli/controllercmd.py.
 
 What a heartbeat round (``step``) decides, in order (docs/failure-matrix.md has it all):
 
@@ -37,43 +41,44 @@ is cut off from everyone holds its guest writes before the controller fails over
 
 from __future__ import annotations
 
-import argparse
-import enum
-import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from qemu.qmp import ExecuteError
-
-from repdisk import detach, durable, tls
-from repdisk.cli import ctlclient
-from repdisk.controller import metrics
+from repdisk import tls
+from repdisk.controller import metrics, pairfile
 from repdisk.controller import switchover as planned
-from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI
-from repdisk.controller.guest import Monitor, migrate_to_file
-from repdisk.controller.guest import check as check_guest
+from repdisk.controller.commands import control_commands
+from repdisk.controller.config import ControllerConfig, same_address
+from repdisk.controller.guest import (
+    GuestAgent,
+    Monitor,
+    migration_pause,
+    save_vm_state,
+)
 from repdisk.controller.guest import connect as connect_guest
-from repdisk.errors import ConfigError, ControlError, RepdiskError
-from repdisk.node.config import check_folder, parse_duration
-from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer
-from repdisk.replication import resync
-from repdisk.uri import parse_address, tcp_address
+from repdisk.controller.peer import (
+    ControllerRefused,
+    NodeUnreachable,
+    Peer,
+    consistent,
+    needs_resync,
+    not_started,
+    stages,
+    won_failover,
+)
+from repdisk.controller.states import ControllerState, Operation, StateMachine
+from repdisk.errors import ControlError, RepdiskError
+from repdisk.qmp.protocol import QMPServer
+from repdisk.replication.resync import SYNC_MODES, Progress, SyncPlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Controller", "ControllerConfig", "ControllerRefused", "ControllerState",
-           "NodeUnreachable", "Operation", "TRANSITIONS", "add_parsers", "gate"]
 
 #: Events kept for query-controller.
 EVENT_HISTORY = 50
@@ -83,475 +88,24 @@ CHECKPOINT_HISTORY = 10
 PROGRESS_EVERY = 1.0
 #: Longest wait between two failed attempts to re-protect (it doubles from heartbeat-timeout).
 MAX_BACKOFF = 30.0
-#: A node that stays lost is mentioned again in the log at most this often.
-REMIND_EVERY = 60.0
-#: Migration bandwidth (bytes/s) for saving a stopped guest's state: as fast as it goes.
-VM_STATE_BANDWIDTH = 8 << 30
-#: Node commands that may run long (copies, a failover commit, digests of a disk): they get
-#: command_timeout.  Any other command must answer within heartbeat-timeout or the node
-#: counts as unreachable, so a silent network (a cut that resets nothing) cannot hold the
-#: controller, and its failover decision, inside a checkpoint for command_timeout.
-LONG_COMMANDS = frozenset({"replication-start", "replication-stop", "replication-resync",
-                           "replication-promote", "query-digests", "query-allocation",
-                           "replication-verify", "replication-demote"})
-#: What a node says when another controller holds its lease (node.ControllerLease).
-LEASE_REFUSED = "controller lease refused"
 
 
-class NodeUnreachable(RepdiskError):
-    """A node did not answer (as opposed to answering with an error)."""
-
-
-class ControllerRefused(RepdiskError):
-    """The controller will not run this pair as it is (the same node twice, a timing rule
-    broken, roles it cannot adopt, another controller's lease); the message says what to do."""
-
-
-class ControllerState(str, enum.Enum):
-    STARTING = "starting"        # the pair is not adopted yet, or not started: adopt, bring up
-    RUNNING = "running"          # protected: a checkpoint every interval
-    DEGRADED = "degraded"        # the primary serves alone: re-protection retried with back-off
-    RESYNCING = "resyncing"      # re-protection under way: start, sync, copy, checkpoint
-    FAILED_OVER = "failed-over"  # the secondary won: waits for controller-promote
-    PROMOTING = "promoting"      # controller-promote under way
-    FENCED = "fenced"            # the primary is fenced and no winner to promote: an operator
-    STOPPED = "stopped"          # the controller closed
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Operation(enum.Enum):
-    ADOPT = "adopt"              # learn roles, epoch and state from the nodes (changes nothing)
-    START = "start"              # bring up a pair that is not started: sync, start, checkpoint
-    HEARTBEAT = "heartbeat"      # one round: look at both nodes, decide the next operation
-    CHECKPOINT = "checkpoint"    # one pair checkpoint
-    RESYNC = "resync"            # re-protect: start what is not started, copy, checkpoint
-    FAILOVER = "failover"        # the secondary takes over (a reachable primary fenced first)
-    FENCE = "fence"              # fence the failover's loser when it answers
-    PROMOTE = "promote"          # the winner becomes the primary of a new pair
-    VERIFY = "verify"            # compare both disks (repair: copy what differs)
-    SWITCHOVER = "switchover"    # a planned role swap: nothing lost, nothing copied
-    STOP = "stop"                # close the controller
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One operation's row: where it may run and what it may leave behind."""
-
-    runs_in: frozenset[ControllerState]
-    #: States it may end in on success; None stands for the state it ran in.
-    leaves: frozenset[ControllerState | None]
-    #: The state shown while it runs (None: unchanged).
-    during: ControllerState | None = None
-    #: The state a failure leaves (None: the state it ran in).
-    on_error: ControllerState | None = None
-
-
-_S = ControllerState
-#: The controller's transition table.  Adding an operation (switchover, verify) is one row
-#: here, one function that runs its body under ``self._operation(op)``, and one row in
-#: tests/test_controller_states.py and docs/DESIGN.md.
-TRANSITIONS: dict[Operation, Rule] = {
-    Operation.ADOPT: Rule(frozenset({_S.STARTING, _S.FENCED}),
-                          frozenset({_S.STARTING, _S.RUNNING, _S.DEGRADED, _S.FAILED_OVER,
-                                     _S.FENCED})),
-    Operation.START: Rule(frozenset({_S.STARTING}), frozenset({_S.RUNNING})),
-    Operation.HEARTBEAT: Rule(frozenset({_S.STARTING, _S.RUNNING, _S.DEGRADED, _S.FAILED_OVER,
-                                         _S.FENCED}),
-                              frozenset({None, _S.DEGRADED, _S.FENCED})),
-    Operation.CHECKPOINT: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
-    Operation.RESYNC: Rule(frozenset({_S.RUNNING, _S.DEGRADED}), frozenset({_S.RUNNING}),
-                           during=_S.RESYNCING, on_error=_S.DEGRADED),
-    Operation.FAILOVER: Rule(frozenset({_S.RUNNING, _S.DEGRADED}),
-                             frozenset({_S.FAILED_OVER})),
-    Operation.FENCE: Rule(frozenset({_S.FAILED_OVER}), frozenset({_S.FAILED_OVER})),
-    Operation.PROMOTE: Rule(frozenset({_S.FAILED_OVER}), frozenset({_S.RUNNING, _S.DEGRADED}),
-                            during=_S.PROMOTING, on_error=_S.FAILED_OVER),
-    Operation.VERIFY: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
-    Operation.SWITCHOVER: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
-    Operation.STOP: Rule(frozenset(_S), frozenset({_S.STOPPED})),
-}
-
-#: What to do instead, when an operator's command arrives in the wrong state.
-_HINTS = {
-    Operation.PROMOTE: "controller-promote is for a pair that failed over",
-    Operation.CHECKPOINT: "a checkpoint needs a protected pair; the controller re-protects "
-                          "a degraded pair by itself (or: controller-resync)",
-    Operation.FAILOVER: "a failover needs a pair that replicates",
-    Operation.VERIFY: "a verify compares a protected pair",
-    Operation.SWITCHOVER: "a switchover needs a protected pair (running)",
-}
-
-
-def gate(op: Operation, state: ControllerState) -> Rule:
-    """The row of ``op`` if it may run in ``state``; else a ControlError saying why.
-
-    The only check of which operation runs when: every operation calls it first."""
-    rule = TRANSITIONS[op]
-    if state not in rule.runs_in:
-        allowed = ", ".join(sorted(s.value for s in rule.runs_in))
-        hint = f"; {_HINTS[op]}" if op in _HINTS else ""
-        raise ControlError(f"cannot {op.value}: the controller is {state.value} "
-                           f"({op.value} runs in: {allowed}){hint}")
-    return rule
-
-
-@dataclass
-class ControllerConfig:
-    primary: str                        # control sockets
-    secondary: str
-    control: str | None = None       # the controller's own control socket
-    interval: float = 5.0               # seconds between checkpoints
-    heartbeat: float = 1.0
-    heartbeat_timeout: float = 6.0     # above the primary's timeout (5s) and isolation (3s)
-    qmp: str | None = None           # the primary guest's QMP socket
-    libvirt_domain: str | None = None   # or its libvirt domain (guest.py)
-    libvirt_uri: str = LIBVIRT_URI
-    freeze: bool = False                # fsfreeze through the guest agent instead of stop/cont
-    qga: str | None = None           # the guest agent's socket (default: QMP path + .qga)
-    vm_state: str | None = None      # folder for the guest's state at each checkpoint
-    on_failover: str | None = None   # shell command run after a failover
-    on_switchover: str | None = None  # shell command run after a switchover
-    initial_sync: str = "checksum"
-    metrics_file: str | None = None
-    granularity: int = resync.GRANULARITY
-    command_timeout: float = 3600.0     # long node commands: copies, failover commits
-    auto_failover: bool = True
-    tls: str | None = None           # certificates for nodes reached at HOST:PORT
-    insecure: bool = False              # plain TCP to nodes / on control_tcp
-    control_tcp: tuple[str, int] | None = None   # the controller's own TCP control port
-    control_tls: str | None = None   # its certificate directory
-
-    def check(self) -> None:
-        if self.heartbeat_timeout <= self.heartbeat:
-            raise ConfigError("heartbeat-timeout", f"{self.heartbeat_timeout:g}s must exceed "
-                                                   f"the heartbeat ({self.heartbeat:g}s)")
-        if self.initial_sync not in resync.SYNC_MODES:
-            raise ConfigError("initial-sync", f"unknown mode {self.initial_sync!r}: use "
-                                              f"{', '.join(resync.SYNC_MODES)}")
-        if self.freeze and not (self.qga or self.qmp):
-            raise ConfigError("freeze", "needs the guest agent's socket: give --qga (or --qmp, "
-                                        "whose path + '.qga' is then used)")
-        check_guest(self.qmp, self.libvirt_domain)
-        if self.vm_state and (not (self.qmp or self.libvirt_domain) or self.freeze):
-            raise ConfigError("vm-state", "needs --qmp (or --libvirt-domain) and no --freeze: "
-                                          "the guest must be stopped while its state is saved")
-        if _same_address(self.primary, self.secondary):
-            raise ConfigError("secondary", f"{self.secondary} is the same node as --primary: "
-                                           "give the other node's control socket")
-        for role, address in (("primary", self.primary), ("secondary", self.secondary)):
-            if tcp_address(address) and not self.tls and not self.insecure:
-                raise ConfigError(role, f"{address} is a TCP control port: give --tls DIR "
-                                        "(client certificates), or --insecure")
-        if self.control_tcp and not self.control_tls:
-            tls.check_control_plain("control-tcp", "%s:%d" % self.control_tcp, self.insecure)
-
-    @property
-    def ident(self) -> str:
-        """This controller's name in the nodes' leases: stable across its restarts (host and
-        control socket), so a restarted controller takes its pair back at once, while
-        another controller is refused until the lease lapses."""
-        where = (os.path.abspath(self.control) if self.control else
-                 "tcp:%s:%d" % self.control_tcp if self.control_tcp else f"pid {os.getpid()}")
-        return f"{socket.gethostname()}:{where}"
-
-    @property
-    def lease(self) -> float:
-        """How long a node refuses other controllers after this one's last command: longer
-        than any gap between two of its commands (its copies heartbeat both nodes)."""
-        return max(2 * self.heartbeat_timeout, 5.0)
-
-
-def _same_address(a: str, b: str) -> bool:
-    if tcp_address(a) or tcp_address(b):
-        return a == b
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-class GuestAgent:
-    """The QEMU guest agent (JSON lines over its socket), for fsfreeze around checkpoints.
-
-    Each call opens the socket, resynchronizes with ``guest-sync`` (the agent may hold a
-    stale reply from an earlier client) and runs one command.
-    """
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.path, self.timeout = path, timeout
-
-    def freeze(self) -> int:
-        return int(self.call("guest-fsfreeze-freeze"))
-
-    def thaw(self) -> int:
-        return int(self.call("guest-fsfreeze-thaw"))
-
-    def call(self, command: str, args: dict[str, Any] | None = None) -> Any:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(self.timeout)
-                sock.connect(self.path)
-                lines = sock.makefile("rb")
-                token = int(time.monotonic_ns() % 2**31)
-                self._send(sock, "guest-sync", {"id": token})
-                while json.loads(lines.readline() or b"null") != {"return": token}:
-                    pass
-                self._send(sock, command, args)
-                reply = json.loads(lines.readline() or b"null")
-        except (OSError, ValueError) as err:
-            raise ControlError(f"guest agent {self.path}: {command} failed: {err}; is "
-                               "qemu-guest-agent running in the guest?") from err
-        if not isinstance(reply, dict) or "return" not in reply:
-            desc = (reply or {}).get("error", {}).get("desc", reply)
-            raise ControlError(f"guest agent {self.path}: {command} failed: {desc}")
-        return reply["return"]
-
-    @staticmethod
-    def _send(sock: socket.socket, command: str, args: dict[str, Any] | None) -> None:
-        msg: dict[str, Any] = {"execute": command}
-        if args:
-            msg["arguments"] = args
-        sock.sendall(json.dumps(msg).encode() + b"\n")
-
-
-def save_vm_state(guest: Monitor, path: str, timeout: float = 300.0) -> int:
-    """Save a stopped guest's device and memory state to ``path`` (QMP migrate to a file).
-
-    QEMU throttles a migration to 128 MiB/s by default, which only stretches the pause of
-    a guest that is stopped anyway (0.7 s instead of 0.1 s for 90 MiB): lift the limit.
-    """
-    if os.path.exists(path):
-        os.unlink(path)
-    guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
-    migrate_to_file(guest, path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = guest.execute("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return os.path.getsize(path)
-        if status in ("failed", "cancelled"):
-            raise ControlError(f"saving the guest's state to {path} failed: "
-                               f"{info.get('error-desc', status)}")
-        time.sleep(0.01)
-    raise ControlError(f"saving the guest's state to {path} took over {timeout:g}s")
-
-
-class _Link:
-    """One control connection to a node, made on demand and dropped when it fails."""
-
-    def __init__(self, name: str, socket: str, timeout: float, cfg: ControllerConfig) -> None:
-        self.name, self.socket, self.timeout = name, socket, timeout
-        self.tls, self.insecure = cfg.tls, cfg.insecure
-        self.ident, self.lease = cfg.ident, cfg.lease
-        # Set (without the lock) when the node restarted: the connection is dropped first.
-        self.stale = False
-        self.quick = min(timeout, cfg.heartbeat_timeout)   # for commands not in LONG_COMMANDS
-        # One call at a time on a QMP connection.
-        self._lock = threading.Lock()
-        self._client: QMPClient | None = None
-
-    def call(self, command: str, args: dict[str, Any] | None = None,
-             on_events: Callable[[list[dict[str, Any]]], None] | None = None) -> Any:
-        """Run a command: the node's own error raises ControlError, silence NodeUnreachable.
-
-        A read-only command that fails on a connection made earlier is tried once more on
-        a new one (the node may have restarted since); others are never repeated.
-        """
-        reused = self._client is not None and not self.stale
-        try:
-            return self._call(command, args, on_events)
-        except NodeUnreachable:
-            if not reused or not command.startswith(("query-", "replication-heartbeat")):
-                raise
-            return self._call(command, args, on_events)
-
-    def _call(self, command: str, args: dict[str, Any] | None,
-              on_events: Callable[[list[dict[str, Any]]], None] | None) -> Any:
-        args = {**(args or {}), "controller": self.ident}
-        if command == "replication-heartbeat":
-            args["lease"] = self.lease
-        with self._lock:
-            if self.stale:
-                self.stale = False
-                self._drop()
-            try:
-                if self._client is None:
-                    self._client = ctlclient.connect(
-                        self.socket, self.tls, self.insecure, timeout=self.timeout,
-                        connect_timeout=min(self.timeout, 5.0))
-                self._client.timeout = self.timeout if command in LONG_COMMANDS else self.quick
-                result = self._client.execute(command, args)
-                if on_events is not None:
-                    on_events(self._drain())
-                return result
-            except ControlError as err:
-                if isinstance(err.__cause__, ExecuteError):
-                    raise
-                self._drop()
-                raise NodeUnreachable(f"{self.name} node {self.socket}: {err}") from err
-
-    def _drain(self) -> list[dict[str, Any]]:
-        assert self._client is not None
-        events = list(self._client.events)
-        self._client.events.clear()
-        return events
-
-    def _drop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
-
-
-
-class _Peer:
-    """A node as the controller sees it: two links (heartbeat, operations) and its last answer.
-
-    It says in the log, once each, when the node is lost and when it answers again, with a
-    reminder at most every REMIND_EVERY while it stays lost."""
-
-    def __init__(self, role: str, socket: str, cfg: ControllerConfig) -> None:
-        self.role, self.socket = role, socket
-        self.beat_link = _Link(role, socket, min(cfg.heartbeat_timeout, max(cfg.heartbeat, 0.5)),
-                               cfg)
-        self.ops = _Link(role, socket, cfg.command_timeout, cfg)
-        self.last_seen = time.monotonic()
-        self.reachable = False
-        self.last: dict[str, Any] | None = None  # the last query-replication answer
-        self.refused: str | None = None          # another controller holds its lease
-        self._lost_said: float | None = None     # when "lost" was last logged
-
-    def set_role(self, role: str) -> None:
-        self.role = self.beat_link.name = self.ops.name = role
-
-    def beat(self, contact: bool = True) -> dict[str, Any] | None:
-        """Heartbeat (counts as contact on a primary); the node's state, or None if silent
-        or refused (``refused`` then says why: it is alive, but not ours).
-
-        ``contact=False`` only looks (query-replication): after a failover the old primary
-        must not hear a heartbeat, which would release the guest writes its isolation guard
-        holds before the controller has fenced it."""
-        try:
-            q = self.beat_link.call("replication-heartbeat" if contact else "query-replication")
-        except ControlError as err:
-            if LEASE_REFUSED in str(err):
-                self._refuse(str(err))
-            else:
-                self.lost(err)
-            return None
-        except NodeUnreachable as err:
-            self.lost(err)
-            return None
-        self.seen(q)
-        return q
-
-    def query(self) -> dict[str, Any]:
-        """A fresh look on the operations link (made anew if the node restarted)."""
-        try:
-            q = self.ops.call("query-replication")
-        except ControlError as err:
-            if LEASE_REFUSED in str(err):
-                self._refuse(str(err))
-                raise ControllerRefused(f"{self.role} node {self.socket}: {err}") from err
-            raise
-        self.seen(q)
-        return q
-
-    def seen(self, q: dict[str, Any]) -> None:
-        if self._lost_said is not None:
-            log.warning("%s node %s answers again after %.1fs", self.role, self.socket,
-                        time.monotonic() - self.last_seen)
-            self._lost_said = None
-        if self.refused is not None:
-            log.warning("%s node %s: this controller holds its lease again", self.role,
-                        self.socket)
-            self.refused = None
-        if self.last is not None and q.get("instance") != self.last.get("instance"):
-            # The node restarted: connections made to the old process are dead; the next
-            # operation must not spend an attempt finding that out.
-            self.ops.stale = True
-        self.last, self.last_seen, self.reachable = q, time.monotonic(), True
-
-    def lost(self, err: Exception) -> None:
-        now = time.monotonic()
-        cause = err.__cause__ or err
-        if self.reachable or self._lost_said is None:
-            log.warning("%s node %s lost: %s", self.role, self.socket, cause)
-            self._lost_said = now
-        elif now - self._lost_said >= REMIND_EVERY:
-            log.warning("%s node %s still lost (for %.0fs): %s", self.role, self.socket,
-                        now - self.last_seen, cause)
-            self._lost_said = now
-        self.reachable = False
-
-    def _refuse(self, why: str) -> None:
-        if self.refused is None:
-            log.error("%s node %s: %s; this controller does nothing until it gets the lease",
-                      self.role, self.socket, why)
-        self.refused = why
-        self.last_seen = time.monotonic()   # alive: never a reason to fail over
-
-    def silent_for(self) -> float:
-        return 0.0 if self.reachable or self.refused else time.monotonic() - self.last_seen
-
-    def info(self) -> dict[str, Any]:
-        last = self.last or {}
-        return {"socket": self.socket, "role": self.role,
-                "ok": (self.reachable and self.refused is None and not last.get("fenced")
-                       and last.get("role") == self.role),
-                "control": self.socket, "reachable": self.reachable,
-                "last_seen": round(time.monotonic() - self.last_seen, 3),
-                "instance": last.get("instance"), "refused": self.refused}
-
-    def close(self) -> None:
-        self.beat_link.close()
-        self.ops.close()
-
-
-def _stages(q: dict[str, Any]) -> set[str]:
-    return {d["stage"] for d in q.get("disks", [])}
-
-
-def _not_started(q: dict[str, Any]) -> bool:
-    return _stages(q) == {"none"}
-
-
-def _consistent(s: dict[str, Any]) -> bool:
-    return all(d.get("consistent") for d in s["disks"])
-
-
-def _needs_resync(p: dict[str, Any]) -> bool:
-    return any(d.get("degraded") or d.get("dirty_bytes") for d in p["disks"])
-
-
-def _winner(q: dict[str, Any] | None) -> bool:
-    """A secondary that won a failover: its disk holds its pair's newest data."""
-    return q is not None and q.get("role") == "secondary" and bool(q.get("failed-over"))
-
-
-class Controller:
+class Controller(StateMachine):
     """Runs one pair; see the module docstring.  Thread-safe: one operation at a time."""
 
     def __init__(self, cfg: ControllerConfig, serve: bool = True) -> None:
         cfg.check()
+        super().__init__()
         self.cfg = cfg
-        self.primary = _Peer("primary", cfg.primary, cfg)
-        self.secondary = _Peer("secondary", cfg.secondary, cfg)
-        self.state = ControllerState.STARTING
-        self.operation: Operation | None = None   # the operation under way
+        self.primary = Peer("primary", cfg.primary, cfg)
+        self.secondary = Peer("secondary", cfg.secondary, cfg)
         self.epoch = 0
-        self.progress: resync.Progress | None = None
+        self.progress: Progress | None = None
         self.last_failover: dict[str, Any] | None = None
         self.counters = {"checkpoints": 0, "checkpoint_failures": 0, "resync_bytes": 0,
                          "failovers": 0}
         self.checkpoints: deque[dict[str, Any]] = deque(maxlen=CHECKPOINT_HISTORY)
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
-        # Serializes operations (_operation: heartbeat rounds and control commands).
-        self._lock = threading.RLock()
-        self._generation = 0                     # operations ended: a round older is stale
         self._stop = threading.Event()
         self._next_checkpoint = 0.0
         self._retry_at = 0.0                     # no re-protection attempt before this
@@ -559,7 +113,7 @@ class Controller:
         self._marked_for: str | None = None   # primary instance whose dirty map we filled
         self._sync_next: str | None = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
-        self._hook: subprocess.Popen | None = None
+        self._hook: subprocess.Popen[bytes] | None = None
         self._guest: Monitor | None = None
         self._progress_said = 0.0
         self._server: QMPServer | None = None
@@ -575,55 +129,24 @@ class Controller:
         return self.cfg.control + ".pair" if self.cfg.control else None
 
     def _recall_pair(self) -> None:
-        """Restarted with the options it was first given, run the pair as it is now.
-
-        Promotions and switchovers replace or swap the nodes the options name; the pair
-        file remembers where they went.  Options that name other nodes win (the file is
-        then about another pair).  The roles in the file are only a start: ``adopt`` still
-        asks the nodes."""
+        """Restarted with the options it was first given, run the pair as it is now
+        (pairfile.py)."""
         path = self.pair_file
-        if path is None:
-            return
-        try:
-            with open(path) as f:
-                rec = json.load(f)
-            options, now = rec["options"], (rec["primary"], rec["secondary"])
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.warning("ignoring the pair file %s (%s): running the pair the options name",
-                        path, err)
-            return
-        if sorted(options) != sorted((self.cfg.primary, self.cfg.secondary)) \
-                or now == (self.primary.socket, self.secondary.socket):
+        now = pairfile.recall(path, (self.cfg.primary, self.cfg.secondary)) if path else None
+        if now is None or now == (self.primary.socket, self.secondary.socket):
             return
         log.warning("the pair changed since these options were first given: %s is its "
                     "primary node now, %s its secondary (from %s)", now[0], now[1], path)
         self.primary.close()
         self.secondary.close()
-        self.primary = _Peer("primary", now[0], self.cfg)
-        self.secondary = _Peer("secondary", now[1], self.cfg)
+        self.primary = Peer("primary", now[0], self.cfg)
+        self.secondary = Peer("secondary", now[1], self.cfg)
 
     def _remember_pair(self) -> None:
         """Write the pair file (durably): after every change of the peers."""
-        path = self.pair_file
-        if path is None:
-            return
-        try:
-            with open(path) as f:
-                options = json.load(f)["options"]
-        except (OSError, ValueError, KeyError, TypeError):
-            options = None
-        if options is None or sorted(options) != sorted((self.cfg.primary,
-                                                         self.cfg.secondary)):
-            options = [self.cfg.primary, self.cfg.secondary]
-        try:
-            durable.replace_file(path, json.dumps({
-                "options": options, "primary": self.primary.socket,
-                "secondary": self.secondary.socket}) + "\n")
-        except OSError as err:
-            log.warning("cannot write the pair file %s: %s (a restart with the first "
-                        "options will not find the nodes that replaced them)", path, err)
+        if self.pair_file is not None:
+            pairfile.remember(self.pair_file, (self.cfg.primary, self.cfg.secondary),
+                              self.primary.socket, self.secondary.socket)
 
     def serve(self) -> None:
         """Serve the controller's control socket (and TCP port, if configured)."""
@@ -635,48 +158,14 @@ class Controller:
             if cfg.control_tcp:
                 tls.serve_control(self._server, cfg.control_tcp, cfg.control_tls)
 
-    # -- events and the state machine ----------------------------------------------------
+    # -- events --------------------------------------------------------------------------
 
-    def _event(self, name: str, level: int = logging.INFO, **data: Any) -> None:
+    def _event(self, name: str, level: int = logging.INFO, /, **data: Any) -> None:
         """Log, remember (query-controller) and send (control socket) one event."""
         self.events.append({"time": time.time(), "event": name, "data": data})
         log.log(level, "%s %s", name, " ".join(f"{k}={v}" for k, v in data.items()))
         if self._server is not None:
             self._server.emit(name, data)
-
-    def _set_state(self, state: ControllerState, why: str = "") -> None:
-        """The only writer of ``state``: logs and emits CONTROLLER_STATE_CHANGED."""
-        if state is not self.state:
-            old, self.state = self.state, state
-            self._event("CONTROLLER_STATE_CHANGED", **{"from": old.value, "to": state.value,
-                                                       "why": why})
-
-    @contextmanager
-    def _operation(self, op: Operation) -> Iterator[None]:
-        """Run one operation: wait for the one under way, gate, run, check where it ended.
-
-        Raises the gate's ControlError in a wrong state; a failure of the body leaves the
-        row's ``on_error`` state (the state it began in, if none) and is raised."""
-        with self._lock:
-            if self.operation is not None:
-                raise AssertionError(f"{op.value} inside {self.operation.value}: operations "
-                                     "do not nest")
-            rule = gate(op, self.state)
-            began = self.state
-            self.operation = op
-            try:
-                if rule.during is not None:
-                    self._set_state(rule.during, op.value)
-                yield
-            except BaseException as err:
-                self._set_state(rule.on_error or began, f"{op.value} failed: {err}")
-                raise
-            finally:
-                self.operation = None
-                self._generation += 1
-            allowed = {began if s is None else s for s in rule.leaves}
-            if self.state not in allowed:
-                raise AssertionError(f"{op.value} left {self.state.value}, outside its row")
 
     # -- adopting the pair ---------------------------------------------------------------
 
@@ -696,7 +185,7 @@ class Controller:
         with self._operation(Operation.ADOPT):
             self._adopt()
 
-    def _peek(self, peer: _Peer) -> dict[str, Any] | None:
+    def _peek(self, peer: Peer) -> dict[str, Any] | None:
         try:
             return peer.query()
         except NodeUnreachable as err:
@@ -713,8 +202,8 @@ class Controller:
                                     "same node: give the other node's control socket")
         roles = (a or {}).get("role"), (b or {}).get("role")
         if roles in (("secondary", "primary"), ("secondary", None), (None, "primary")) \
-                or (roles == ("secondary", "secondary") and _winner(a)
-                    and (not _winner(b) or a["epoch"] > b["epoch"])):
+                or (roles == ("secondary", "secondary") and won_failover(a)
+                    and (not won_failover(b) or a["epoch"] > b["epoch"])):
             self._swap()
             a, b = b, a
             log.warning("adopting the pair as it is now: %s is the primary, %s the secondary "
@@ -722,7 +211,7 @@ class Controller:
                         self.primary.socket, self.secondary.socket)
         p, s = a, b
         self.epoch = max(self.epoch, (p or {}).get("epoch", 0), (s or {}).get("epoch", 0), 1)
-        if _winner(s) and (p is None or p.get("role") != "primary" or p.get("fenced")
+        if won_failover(s) and (p is None or p.get("role") != "primary" or p.get("fenced")
                            or p["epoch"] < s["epoch"]):
             self._set_state(ControllerState.FAILED_OVER,
                             f"{self.secondary.socket} won the failover of epoch "
@@ -744,21 +233,21 @@ class Controller:
             # The primary is silent: adopt a replicating pair (it fails over after
             # heartbeat-timeout, as it would have), wait otherwise.
             assert s is not None
-            if not _not_started(s) and _consistent(s):
+            if not not_started(s) and consistent(s):
                 self._set_state(ControllerState.RUNNING, "adopted; the primary does not answer")
             return
         self._check_timing(p)
         if p.get("fenced"):
             self._set_state(ControllerState.FENCED, f"the primary is fenced: {p['fenced']}")
-        elif s is not None and _winner(s) and s["epoch"] >= p["epoch"]:
+        elif s is not None and won_failover(s) and s["epoch"] >= p["epoch"]:
             raise ControllerRefused(f"secondary {self.secondary.socket} won the failover of "
                                     f"epoch {s['epoch'] - 1} and holds the newest data: "
                                     "promote it (controller-promote) instead of overwriting it")
-        elif _not_started(p) or s is None or _not_started(s):
-            self._set_state(ControllerState.STARTING if _not_started(p) else
+        elif not_started(p) or s is None or not_started(s):
+            self._set_state(ControllerState.STARTING if not_started(p) else
                             ControllerState.DEGRADED, "adopted; the pair is not started")
         else:
-            clean = _consistent(s) and not _needs_resync(p)
+            clean = consistent(s) and not needs_resync(p)
             self._set_state(ControllerState.RUNNING if clean else ControllerState.DEGRADED,
                             "adopted the running pair")
             self._next_checkpoint = 0.0          # a checkpoint at once
@@ -790,7 +279,7 @@ class Controller:
     def resync(self, mode: str = "dirty") -> int:
         """Re-protect now: ``dirty`` copies the primary's dirty map; ``checksum`` or ``full``
         first mark what differs (e.g. after the secondary's host crashed)."""
-        if mode not in ("dirty", *resync.SYNC_MODES):
+        if mode not in ("dirty", *SYNC_MODES):
             raise ControlError(f"unknown resync mode {mode!r}: use dirty, checksum or full")
         with self._operation(Operation.RESYNC):
             return self._protect(mode)
@@ -806,7 +295,7 @@ class Controller:
             if p.get("fenced"):
                 raise ControlError(f"primary {self.primary.socket} is fenced ({p['fenced']}): "
                                    "promote the winner, or restart this node as its secondary")
-            if _winner(s) and s["epoch"] >= p["epoch"]:
+            if won_failover(s) and s["epoch"] >= p["epoch"]:
                 raise ControlError(f"secondary {self.secondary.socket} won the failover of "
                                    f"epoch {s['epoch'] - 1} and holds the newest data: promote "
                                    "it (controller-promote) instead of overwriting it")
@@ -821,11 +310,11 @@ class Controller:
         return sent
 
     def _start_pair(self, p: dict[str, Any], s: dict[str, Any], mode: str) -> int:
-        if _not_started(s):
+        if not_started(s):
             self.secondary.ops.call("replication-start", {"mode": "secondary",
                                                           "epoch": self.epoch})
         sent = 0
-        if _not_started(p):
+        if not_started(p):
             sync = self._sync_mode(p)
             if sync != "none":
                 self._sync(sync, p)
@@ -834,7 +323,7 @@ class Controller:
         else:
             if mode != "dirty":
                 self._sync(mode, p)
-            if mode != "dirty" or _needs_resync(p) or _not_started(s):
+            if mode != "dirty" or needs_resync(p) or not_started(s):
                 sent = self._copy("replication-resync", {})
         self._marked_for = p["instance"]
         self._checkpoint_now()
@@ -857,7 +346,7 @@ class Controller:
         disks = [(d["disk"], d["size"]) for d in p["disks"]]
         self._event("SYNC_STARTED", mode=mode, bytes=sum(n for _, n in disks))
         t0 = time.monotonic()
-        plan = resync.SyncPlan(primary=self.primary.ops.call, secondary=self.secondary.ops.call,
+        plan = SyncPlan(primary=self.primary.ops.call, secondary=self.secondary.ops.call,
                                disks=disks, mode=mode, granularity=self.cfg.granularity,
                                on_progress=self._on_progress)
         marked = plan.run()
@@ -878,7 +367,7 @@ class Controller:
 
         dirty = sum(d.get("dirty_bytes", 0) for d in self.primary.query()["disks"])
         self._event("RESYNC_STARTED", command=command, dirty=dirty)
-        self.progress = resync.Progress("copy", dirty)
+        self.progress = Progress("copy", dirty)
         done = threading.Event()
         watcher = threading.Thread(target=self._watch_copy, args=(done,), daemon=True)
         watcher.start()
@@ -913,7 +402,7 @@ class Controller:
             progress.update(max(progress.total - dirty, 0))
             self._on_progress(progress)
 
-    def _on_progress(self, progress: resync.Progress, disk: str | None = None) -> None:
+    def _on_progress(self, progress: Progress, disk: str | None = None) -> None:
         """Record, log and send progress (RESYNC_PROGRESS; VERIFY_PROGRESS of ``disk``
         while verifying); keep both nodes' contact while comparing."""
         self.progress = progress
@@ -976,7 +465,7 @@ class Controller:
             body()
             return 0.0
         if self.cfg.freeze:
-            agent = GuestAgent(self.cfg.qga or self.cfg.qmp + ".qga")  # type: ignore[operator]
+            agent = GuestAgent(self.cfg.qga_path)
             t0 = time.monotonic()
             agent.freeze()
             try:
@@ -1099,7 +588,7 @@ class Controller:
                 for d in self.secondary.query()["disks"]:
                     runs = self.secondary.ops.call("query-allocation",
                                                    {"disk": d["disk"]})["runs"]
-                    self.progress = resync.Progress("verify", sum(n for _, n in runs))
+                    self.progress = Progress("verify", sum(n for _, n in runs))
                     results += self.primary.ops.call("replication-verify", {
                         "disk": d["disk"], "runs": runs, "repair": repair})["disks"]
                     self.progress.update(self.progress.total)
@@ -1140,7 +629,8 @@ class Controller:
             result = planned.switchover(
                 a, b, write_mode=p["disks"][0].get("write_mode", "sync"),
                 isolation_timeout=self.cfg.heartbeat_timeout * 0.6,
-                pause=self._moving(migrate, qmp) if migrate and qmp else planned.no_pause)
+                pause=(migration_pause(self._guest_qmp, migrate, qmp) if migrate and qmp
+                       else planned.no_pause))
             self._swap()
             self.epoch = result["epoch"]
             if qmp:
@@ -1155,33 +645,8 @@ class Controller:
             return result
 
     @staticmethod
-    def _caller(peer: _Peer) -> planned.Call:
+    def _caller(peer: Peer) -> planned.Call:
         return lambda command, args: peer.ops.call(command, args)
-
-    def _moving(self, migrate: str, qmp: str) -> planned.Pause:
-        """``pause``: live-migrate the guest to ``migrate``, run the body once QEMU stopped
-        it, resume the new QEMU at ``qmp``; the guest-visible pause."""
-        def pause(body: Callable[[], None]) -> float:
-            guest = self._guest_qmp()
-            guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
-            guest.execute("migrate", {"uri": migrate})
-            stopped = None
-            while (status := guest.execute("query-migrate").get("status")) != "completed":
-                if status in ("failed", "cancelled"):
-                    raise ControlError(f"cannot switch over: the guest's migration to "
-                                       f"{migrate} {status}; nothing changed")
-                if stopped is None and not guest.execute("query-status")["running"]:
-                    stopped = time.monotonic()
-                time.sleep(0.002)
-            stopped = stopped or time.monotonic()
-            body()
-            new = QMPClient(timeout=30).connect(qmp)
-            try:
-                new.execute("cont")
-            finally:
-                new.close()
-            return time.monotonic() - stopped
-        return pause
 
     # -- promotion -----------------------------------------------------------------------
 
@@ -1223,10 +688,10 @@ class Controller:
                 return {"state": self.state.value, "error": str(err)}
             return {"state": self.state.value}
 
-    def _promotion_checked(self, control: str) -> _Peer:
+    def _promotion_checked(self, control: str) -> Peer:
         """The new secondary's peer, once everything a promotion needs is known to hold."""
         winner = self.secondary
-        if _same_address(control, winner.socket):
+        if same_address(control, winner.socket):
             raise ControlError(f"cannot promote: {control} is the failover's winner itself; "
                                "give the control socket of the node to become its secondary")
         try:
@@ -1234,7 +699,7 @@ class Controller:
         except NodeUnreachable as err:
             raise ControlError(f"cannot promote: the failover's winner {winner.socket} does "
                                f"not answer ({err})") from err
-        new = _Peer("secondary", control, self.cfg)
+        new = Peer("secondary", control, self.cfg)
         try:
             try:
                 n = new.query()
@@ -1249,10 +714,10 @@ class Controller:
                 raise ControlError(f"cannot promote: {control} is a {n.get('role')}{fenced}: "
                                    "restart its disk as a secondary (repdisk secondary --disk "
                                    "DISK ...) and promote again")
-            if not _not_started(n):
+            if not not_started(n):
                 raise ControlError(f"cannot promote: {control} already replicates (stage "
-                                   f"{', '.join(sorted(_stages(n)))}): restart it")
-            if _winner(n) and n["epoch"] >= w["epoch"]:
+                                   f"{', '.join(sorted(stages(n)))}): restart it")
+            if won_failover(n) and n["epoch"] >= w["epoch"]:
                 raise ControlError(f"cannot promote: {control} won the failover of epoch "
                                    f"{n['epoch'] - 1}, after {winner.socket}: promote it instead")
             sizes = {d["disk"]: d["size"] for d in w["disks"]}
@@ -1319,10 +784,10 @@ class Controller:
                 self._set_state(ControllerState.DEGRADED,
                                 f"the secondary {self.secondary.socket} does not answer")
             return None
-        if (state is ControllerState.DEGRADED or _not_started(p) or _not_started(s)
-                or _needs_resync(p)):
+        if (state is ControllerState.DEGRADED or not_started(p) or not_started(s)
+                or needs_resync(p)):
             return self.resync if now >= self._retry_at else None
-        if not _consistent(s) or now >= self._next_checkpoint:
+        if not consistent(s) or now >= self._next_checkpoint:
             return self.checkpoint
         return None
 
@@ -1397,198 +862,4 @@ class Controller:
                 self._guest.close()
             self._set_state(ControllerState.STOPPED, "closed")
 
-
-def control_commands(ctl: Controller) -> list[Command]:
-    return [
-        Command("query-controller", lambda a: ctl.query(),
-                help="state, epoch, nodes, last checkpoints, lag, progress, recent events"),
-        Command("replication-do-checkpoint", lambda a: ctl.checkpoint(),
-                help="take a pair checkpoint now"),
-        Command("controller-failover", lambda a: ctl.failover(a.get("reason", "manual")),
-                {"reason": ArgSpec(str, False, "why (logged)")},
-                help="fail over to the secondary now (the primary is fenced if it answers)"),
-        Command("controller-resync", lambda a: {"bytes": ctl.resync(a.get("mode", "dirty"))},
-                {"mode": ArgSpec(str, False, "dirty (default), checksum or full")},
-                help="re-protect now, copying the dirty regions or what differs"),
-        Command("controller-promote",
-                lambda a: ctl.promote(a["secondary"], a["uri"], a.get("write-mode", "sync")),
-                {"secondary": ArgSpec(str, True, "the new secondary's control socket"),
-                 "uri": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
-                 "write-mode": ArgSpec(str, False, "sync (default) or async")},
-                help="after a failover: the winner becomes primary of a new pair"),
-        Command("controller-verify", lambda a: ctl.verify(bool(a.get("repair", False))),
-                {"repair": ArgSpec(bool, False, "copy the differing ranges (default false)")},
-                help="compare both nodes' disks while the guest writes: the exact differing "
-                     "ranges"),
-        Command("controller-switchover",
-                lambda a: ctl.switchover(a["uri"], a["back-uri"], a.get("migrate"),
-                                         a.get("qmp")),
-                {"uri": ArgSpec(str, True, "NBD URI of the primary's replica export (the new "
-                                           "primary replicates to it)"),
-                 "back-uri": ArgSpec(str, True, "NBD URI of the secondary's replica export "
-                                                "(for a roll-back)"),
-                 "migrate": ArgSpec(str, False, "with --qmp: migrate URI of a QEMU paused "
-                                                "with -incoming on the secondary's host"),
-                 "qmp": ArgSpec(str, False, "with --qmp: that QEMU's monitor")},
-                help="planned switchover: the roles swap, nothing lost, nothing copied"),
-        Command("query-metrics", lambda a: ctl.metrics(),
-                help="the numbers in Prometheus' text format"),
-    ]
-
-
-# -- the command line ---------------------------------------------------------------------------
-
-def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("controller", help="run the controller of a pair",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--primary", required=True, metavar="PRI.qmp|HOST:PORT",
-                   help="primary's control socket or control-tcp port")
-    p.add_argument("--secondary", required=True, metavar="SEC.qmp|HOST:PORT",
-                   help="secondary's control socket or control-tcp port")
-    p.add_argument("--control", required=True, metavar="CTRL.qmp",
-                   help="the controller's own control socket")
-    p.add_argument("--tls", metavar="DIR", help="certificates (repdisk tls ca) for nodes given "
-                                               "as HOST:PORT: a client certificate and the CA")
-    p.add_argument("--control-tcp", metavar="HOST:PORT",
-                   help="also serve the controller's control on TCP (needs --control-tls)")
-    p.add_argument("--control-tls", metavar="x509:DIR",
-                   help="certificates for --control-tcp; clients need one from the same CA")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow plain TCP to nodes and on --control-tcp")
-    p.add_argument("--interval", default="5s", help="checkpoint interval (default 5s)")
-    p.add_argument("--heartbeat", default="1s", help="heartbeat interval (default 1s)")
-    p.add_argument("--heartbeat-timeout", default="6s",
-                   help="silence that makes a node lost (default 6s; must exceed the "
-                        "primary's isolation-timeout and timeout: checked at start-up)")
-    p.add_argument("--qmp", metavar="GUEST.qmp", help="the primary guest's QMP socket: stop and "
-                                                      "cont it around each checkpoint")
-    p.add_argument("--libvirt-domain", metavar="NAME",
-                   help="instead of --qmp: the guest is libvirt domain NAME, stopped, "
-                        "continued (and saved, with --vm-state) through libvirt's QEMU "
-                        "monitor passthrough")
-    p.add_argument("--libvirt-uri", metavar="URI", default=LIBVIRT_URI,
-                   help=f"libvirt connection of --libvirt-domain (default {LIBVIRT_URI})")
-    p.add_argument("--freeze", action="store_true",
-                   help="fsfreeze the guest's filesystems (guest agent) instead of stopping it")
-    p.add_argument("--qga", metavar="QGA.sock", help="guest agent socket (default GUEST.qmp.qga)")
-    p.add_argument("--vm-state", metavar="DIR", help="save the stopped guest's state at each "
-                                                     "checkpoint as DIR/vmstate")
-    p.add_argument("--on-failover", metavar="COMMAND", help="shell command run after a failover")
-    p.add_argument("--on-switchover", metavar="COMMAND",
-                   help="shell command run after a switchover (REPDISK_PRIMARY_CONTROL: the "
-                        "new primary)")
-    p.add_argument("--initial-sync", default="checksum", choices=resync.SYNC_MODES)
-    p.add_argument("--checkpoint-only", action="store_true",
-                   help="never fail over (a cluster manager such as Pacemaker decides): start, "
-                        "resync and checkpoint the pair only")
-    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics here")
-    p.add_argument("--log", metavar="FILE", help="log here (default stderr)")
-    p.add_argument("--background", action="store_true", help="detach once serving")
-    p.add_argument("--pidfile", help="pid file (with --background)")
-    p.set_defaults(func=_run)
-
-
-def _config(args: argparse.Namespace) -> ControllerConfig:
-    return ControllerConfig(
-        primary=args.primary, secondary=args.secondary, control=args.control,
-        interval=parse_duration("interval", args.interval),
-        heartbeat=parse_duration("heartbeat", args.heartbeat),
-        heartbeat_timeout=parse_duration("heartbeat-timeout", args.heartbeat_timeout),
-        qmp=args.qmp, libvirt_domain=args.libvirt_domain, libvirt_uri=args.libvirt_uri,
-        freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
-        on_failover=args.on_failover, on_switchover=args.on_switchover,
-        initial_sync=args.initial_sync,
-        metrics_file=args.metrics_file, tls=args.tls, insecure=args.insecure,
-        auto_failover=not args.checkpoint_only,
-        control_tcp=parse_address("control-tcp", args.control_tcp) if args.control_tcp else None,
-        control_tls=tls.control_tls_dir("control-tls", args.control_tls or "off", "server"))
-
-
-def _run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    cfg.check()
-    for flag, path in (("--control", args.control), ("--pidfile", args.pidfile),
-                       ("--log", args.log)):
-        if path:
-            check_folder(flag, path)      # one line now, not a detached child's silence
-    if args.background:
-        return _detach(args)
-    logging.basicConfig(filename=args.log, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.pidfile:
-        with open(args.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    # The QMP library logs every failed connection at ERROR: a node that is down would fill
-    # the log every heartbeat; the controller says once that it is lost (and reminds).
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    ctl = Controller(cfg, serve=False)
-    signal.signal(signal.SIGTERM, lambda *_: ctl.stop())
-    try:
-        try:
-            ctl.adopt()
-        except ControllerRefused as err:
-            if cfg.auto_failover or LEASE_REFUSED not in str(err):
-                log.error("%s", err)
-                raise
-            # --checkpoint-only (Pacemaker decides the roles): the previous checkpointer's
-            # lease lapses soon; wait for it instead of failing the resource.
-            log.warning("%s; waiting for its lease to lapse", err)
-        except RepdiskError as err:
-            log.warning("start: %s; trying again every heartbeat", err)
-        ctl.serve()
-        ctl.run()
-    finally:
-        ctl.close()
-        if args.pidfile and os.path.exists(args.pidfile):
-            os.unlink(args.pidfile)
-    return 0
-
-
-def _detach(args: argparse.Namespace) -> int:
-    """Start this same command detached (:func:`repdisk.detach.launch`), logging to a file;
-    wait for its socket."""
-    pidfile = args.pidfile or args.control + ".pid"
-    logfile = args.log or pidfile.rsplit(".", 1)[0] + ".log"
-    argv = [a for a in sys.argv[1:] if a != "--background"]
-    argv += ["--pidfile", pidfile] if not args.pidfile else []
-    argv += ["--log", logfile] if not args.log else []
-    if _answers(args.control):
-        raise ControllerRefused(f"a controller already serves {args.control}: stop it first")
-    if os.path.exists(pidfile):
-        os.unlink(pidfile)
-    log_size = os.path.getsize(logfile) if os.path.exists(logfile) else 0
-    # The pid file is written before the controller runs, and by it again once it serves.
-    detach.launch([sys.executable, "-m", "repdisk.cli.main", *argv], pidfile, os.devnull)
-    try:
-        detach.wait(detach.watch(pidfile), lambda: _answers(args.control), 20)
-    except detach.StartFailed as err:
-        if err.exited:
-            raise ControllerRefused(_last_error(logfile, log_size) or
-                                    f"the controller ended at start-up; see {logfile}") from None
-        raise RepdiskError(f"the controller did not start within 20 s; see {logfile}") from None
-    with open(pidfile) as f:
-        print(f"repdisk controller: running (pid {f.read().strip()}), control "
-              f"{args.control}, log {logfile}")
-    return 0
-
-
-def _answers(path: str) -> bool:
-    """True if something listens on the Unix socket ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-            return True
-        except OSError:
-            return False
-
-
-def _last_error(logfile: str, since: int) -> str | None:
-    """The last ERROR line the log gained after ``since`` bytes, without its prefix."""
-    try:
-        with open(logfile, encoding="utf-8", errors="replace") as f:
-            f.seek(since)
-            lines = [ln for ln in f.read().splitlines() if " ERROR " in ln]
-    except OSError:
-        return None
-    return lines[-1].split(": ", 1)[-1] if lines else None
 

@@ -1,0 +1,184 @@
+"""``repdisk controller``: its options, and running the controller in the foreground or
+detached (``--background``: started again with ``setsid``, ready once its socket answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from repdisk import detach, tls
+from repdisk.controller import controller
+from repdisk.controller.config import ControllerConfig
+from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI
+from repdisk.controller.peer import LEASE_REFUSED, ControllerRefused
+from repdisk.errors import RepdiskError
+from repdisk.node.config import check_folder
+from repdisk.replication import resync
+from repdisk.units import parse_duration
+from repdisk.uri import parse_address
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``repdisk controller`` to the subcommands ``sub``."""
+    p = sub.add_parser("controller", help="run the controller of a pair",
+                       description=controller.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--primary", required=True, metavar="PRI.qmp|HOST:PORT",
+                   help="primary's control socket or control-tcp port")
+    p.add_argument("--secondary", required=True, metavar="SEC.qmp|HOST:PORT",
+                   help="secondary's control socket or control-tcp port")
+    p.add_argument("--control", required=True, metavar="CTRL.qmp",
+                   help="the controller's own control socket")
+    p.add_argument("--tls", metavar="DIR", help="certificates (repdisk tls ca) for nodes given "
+                                               "as HOST:PORT: a client certificate and the CA")
+    p.add_argument("--control-tcp", metavar="HOST:PORT",
+                   help="also serve the controller's control on TCP (needs --control-tls)")
+    p.add_argument("--control-tls", metavar="x509:DIR",
+                   help="certificates for --control-tcp; clients need one from the same CA")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain TCP to nodes and on --control-tcp")
+    p.add_argument("--interval", default="5s", help="checkpoint interval (default 5s)")
+    p.add_argument("--heartbeat", default="1s", help="heartbeat interval (default 1s)")
+    p.add_argument("--heartbeat-timeout", default="6s",
+                   help="silence that makes a node lost (default 6s; must exceed the "
+                        "primary's isolation-timeout and timeout: checked at start-up)")
+    p.add_argument("--qmp", metavar="GUEST.qmp", help="the primary guest's QMP socket: stop and "
+                                                      "cont it around each checkpoint")
+    p.add_argument("--libvirt-domain", metavar="NAME",
+                   help="instead of --qmp: the guest is libvirt domain NAME, stopped, "
+                        "continued (and saved, with --vm-state) through libvirt's QEMU "
+                        "monitor passthrough")
+    p.add_argument("--libvirt-uri", metavar="URI", default=LIBVIRT_URI,
+                   help=f"libvirt connection of --libvirt-domain (default {LIBVIRT_URI})")
+    p.add_argument("--freeze", action="store_true",
+                   help="fsfreeze the guest's filesystems (guest agent) instead of stopping it")
+    p.add_argument("--qga", metavar="QGA.sock", help="guest agent socket (default GUEST.qmp.qga)")
+    p.add_argument("--vm-state", metavar="DIR", help="save the stopped guest's state at each "
+                                                     "checkpoint as DIR/vmstate")
+    p.add_argument("--on-failover", metavar="COMMAND", help="shell command run after a failover")
+    p.add_argument("--on-switchover", metavar="COMMAND",
+                   help="shell command run after a switchover (REPDISK_PRIMARY_CONTROL: the "
+                        "new primary)")
+    p.add_argument("--initial-sync", default="checksum", choices=resync.SYNC_MODES)
+    p.add_argument("--checkpoint-only", action="store_true",
+                   help="never fail over (a cluster manager such as Pacemaker decides): start, "
+                        "resync and checkpoint the pair only")
+    p.add_argument("--metrics-file", metavar="PATH", help="write Prometheus metrics here")
+    p.add_argument("--log", metavar="FILE", help="log here (default stderr)")
+    p.add_argument("--background", action="store_true", help="detach once serving")
+    p.add_argument("--pidfile", help="pid file (with --background)")
+    p.set_defaults(func=_run)
+
+
+def _config(args: argparse.Namespace) -> ControllerConfig:
+    return ControllerConfig(
+        primary=args.primary, secondary=args.secondary, control=args.control,
+        interval=parse_duration("interval", args.interval),
+        heartbeat=parse_duration("heartbeat", args.heartbeat),
+        heartbeat_timeout=parse_duration("heartbeat-timeout", args.heartbeat_timeout),
+        qmp=args.qmp, libvirt_domain=args.libvirt_domain, libvirt_uri=args.libvirt_uri,
+        freeze=args.freeze, qga=args.qga, vm_state=args.vm_state,
+        on_failover=args.on_failover, on_switchover=args.on_switchover,
+        initial_sync=args.initial_sync,
+        metrics_file=args.metrics_file, tls=args.tls, insecure=args.insecure,
+        auto_failover=not args.checkpoint_only,
+        control_tcp=parse_address("control-tcp", args.control_tcp) if args.control_tcp else None,
+        control_tls=tls.control_tls_dir("control-tls", args.control_tls or "off", "server"))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    cfg.check()
+    for flag, path in (("--control", args.control), ("--pidfile", args.pidfile),
+                       ("--log", args.log)):
+        if path:
+            check_folder(flag, path)      # one line now, not a detached child's silence
+    if args.background:
+        return _detach(args)
+    logging.basicConfig(filename=args.log, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    # The QMP library logs every failed connection at ERROR: a node that is down would fill
+    # the log every heartbeat; the controller says once that it is lost (and reminds).
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    ctl = controller.Controller(cfg, serve=False)
+    signal.signal(signal.SIGTERM, lambda *_: ctl.stop())
+    try:
+        try:
+            ctl.adopt()
+        except ControllerRefused as err:
+            if cfg.auto_failover or LEASE_REFUSED not in str(err):
+                log.error("%s", err)
+                raise
+            # --checkpoint-only (Pacemaker decides the roles): the previous checkpointer's
+            # lease lapses soon; wait for it instead of failing the resource.
+            log.warning("%s; waiting for its lease to lapse", err)
+        except RepdiskError as err:
+            log.warning("start: %s; trying again every heartbeat", err)
+        ctl.serve()
+        ctl.run()
+    finally:
+        ctl.close()
+        if args.pidfile and os.path.exists(args.pidfile):
+            os.unlink(args.pidfile)
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Start this same command detached (:func:`repdisk.detach.launch`), logging to a file;
+    wait for its socket."""
+    pidfile = args.pidfile or args.control + ".pid"
+    logfile = args.log or pidfile.rsplit(".", 1)[0] + ".log"
+    argv = [a for a in sys.argv[1:] if a != "--background"]
+    argv += ["--pidfile", pidfile] if not args.pidfile else []
+    argv += ["--log", logfile] if not args.log else []
+    if _answers(args.control):
+        raise ControllerRefused(f"a controller already serves {args.control}: stop it first")
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    log_size = os.path.getsize(logfile) if os.path.exists(logfile) else 0
+    # The pid file is written before the controller runs, and by it again once it serves.
+    detach.launch([sys.executable, "-m", "repdisk.cli.main", *argv], pidfile, os.devnull)
+    try:
+        detach.wait(detach.watch(pidfile), lambda: _answers(args.control), 20)
+    except detach.StartFailed as err:
+        if err.exited:
+            raise ControllerRefused(_last_error(logfile, log_size) or
+                                    f"the controller ended at start-up; see {logfile}") from None
+        raise RepdiskError(f"the controller did not start within 20 s; see {logfile}") from None
+    with open(pidfile) as f:
+        print(f"repdisk controller: running (pid {f.read().strip()}), control "
+              f"{args.control}, log {logfile}")
+    return 0
+
+
+def _answers(path: str) -> bool:
+    """True if something listens on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def _last_error(logfile: str, since: int) -> str | None:
+    """The last ERROR line the log gained after ``since`` bytes, without its prefix."""
+    try:
+        with open(logfile, encoding="utf-8", errors="replace") as f:
+            f.seek(since)
+            lines = [ln for ln in f.read().splitlines() if " ERROR " in ln]
+    except OSError:
+        return None
+    return lines[-1].split(": ", 1)[-1] if lines else None
+

@@ -1,0 +1,56 @@
+"""The pair file (``CONTROL.pair``): which nodes a controller's pair is, across its restarts.
+
+Promotions and switchovers replace or swap the nodes that the controller's options name;
+the file remembers where they went, with the options that named the pair first, so a
+controller restarted with those options runs the pair as it is now.  The roles in the
+file are only a start: the controller still asks the nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from repdisk import durable
+
+log = logging.getLogger(__name__)
+
+
+def recall(path: str, options: tuple[str, str]) -> tuple[str, str] | None:
+    """The pair's (primary, secondary) control sockets now, from the file at ``path``, if it
+    is about the pair that ``options`` (the controller's --primary, --secondary) name.
+
+    None if there is no file, or it is about another pair (options that name other nodes
+    win); a file that cannot be read is logged and ignored."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        first, now = rec["options"], (rec["primary"], rec["secondary"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring the pair file %s (%s): running the pair the options name",
+                    path, err)
+        return None
+    if sorted(first) != sorted(options):
+        return None
+    return now
+
+
+def remember(path: str, options: tuple[str, str], primary: str, secondary: str) -> None:
+    """Write the file at ``path`` durably (after every change of the pair's nodes): the pair
+    is ``primary``, ``secondary`` now, named first by the options the file already holds
+    if they name the same nodes as ``options``, else by ``options``.  A failure is logged."""
+    try:
+        with open(path) as f:
+            first = json.load(f)["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+        first = None
+    if first is None or sorted(first) != sorted(options):
+        first = list(options)
+    try:
+        durable.replace_file(path, json.dumps({
+            "options": first, "primary": primary, "secondary": secondary}) + "\n")
+    except OSError as err:
+        log.warning("cannot write the pair file %s: %s (a restart with the first "
+                    "options will not find the nodes that replaced them)", path, err)
