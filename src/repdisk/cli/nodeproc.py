@@ -23,7 +23,7 @@ import psutil
 
 from repdisk import detach
 from repdisk.errors import ConfigError, ControlError, RepdiskError
-from repdisk.node.config import check_folder
+from repdisk.node.config import check_folder, default
 from repdisk.qmp.protocol import remove_stale_socket
 from repdisk.tls import TLSSpec, check_plain
 
@@ -95,7 +95,7 @@ def default_threads(keys: list[tuple[str, str]]) -> int:
     """nbdkit's worker thread count for a node with these plugin keys (see _DEFAULT_THREADS)."""
     given = dict(keys)
     role = given.get("role", "primary")
-    mode = given.get("write-mode", "sync") if role == "primary" else ""
+    mode = given.get("write-mode", default("write-mode")) if role == "primary" else ""
     return _DEFAULT_THREADS.get((role, mode), 8)
 
 

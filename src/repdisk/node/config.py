@@ -41,10 +41,11 @@ class Key:
     roles: tuple[str, ...]
     metavar: str
     help: str
-    default: str | None = None
+    default: str | None = None  # the value taken when the key is not given
     required: bool = False
     repeat: bool = False
     flag: bool = False     # a yes/no key: `repdisk --NAME` without a value means yes
+    derived: str | None = None  # a default derived from other keys, as the help shows it
 
 
 KEYS: tuple[Key, ...] = (
@@ -53,8 +54,8 @@ KEYS: tuple[Key, ...] = (
         "a disk of the node (a raw file or block device); repeat the key for a consistency "
         "group of several disks. NAME (letters, digits, '-', '_'; default disk0, disk1, ...) "
         "names its exports and must match on both nodes", required=True, repeat=True),
-    Key("control", ROLES, "SOCKET", "the node's control socket (QMP protocol; mode 0600 unless control-mode)",
-        required=True),
+    Key("control", ROLES, "SOCKET",
+        "the node's control socket (QMP protocol; mode 0600 unless control-mode)", required=True),
     Key("control-tcp", ROLES, "HOST:PORT",
         "also serve the control protocol on TCP, for a controller on another host; TLS with "
         "client certificates (control-tls) is required, loopback included, unless insecure=yes"),
@@ -72,9 +73,9 @@ KEYS: tuple[Key, ...] = (
         "Debian); with socket-mode 0660 QEMU running as that group can connect"),
     Key("socket-mode", ROLES, "MODE",
         "the NBD Unix socket's permission bits, octal (connecting needs w), e.g. 0660",
-        default="nbdkit's: 0777 minus the umask"),
+        derived="nbdkit's: 0777 minus the umask"),
     Key("state", ROLES, "PATH", "the node's state file (epoch, consistency)",
-        default="first disk + '.state'"),
+        derived="first disk + '.state'"),
     Key("secondary", (PRIMARY,), "NBD-URI",
         "the secondary's replica export, e.g. nbd+unix:///replica?socket=/run/sec.sock or "
         "nbd://host:10809/replica; with several disks each disk NAME uses replica/NAME",
@@ -113,13 +114,21 @@ KEYS: tuple[Key, ...] = (
         "heartbeat-timeout, so an isolated primary stops writing before a failover",
         default="3s"),
     Key("active", (SECONDARY,), "PATH", "the active overlay (one disk only)",
-        default="disk + '.active'"),
+        derived="disk + '.active'"),
     Key("hidden", (SECONDARY,), "PATH", "the hidden overlay (one disk only)",
-        default="disk + '.hidden'"),
+        derived="disk + '.hidden'"),
     Key("cluster-size", (SECONDARY,), "SIZE",
         "overlay cluster size, a power of two from 512 to 2M (e.g. 64K)", default="64K"),
 )
 KEY_BY_NAME = {k.name: k for k in KEYS}
+
+
+def default(key: str) -> str:
+    """The key table's default value of ``key`` (the one place defaults are written)."""
+    value = KEY_BY_NAME[key].default
+    if value is None:
+        raise KeyError(f"the key {key} has no default value")
+    return value
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -129,7 +138,7 @@ def help_text(role: str | None = None) -> str:
     for k in KEYS:
         if role and role not in k.roles:
             continue
-        flags = "required" if k.required else f"default {k.default}"
+        flags = "required" if k.required else f"default {k.derived or k.default}"
         if k.repeat:
             flags += ", repeatable"
         only = "" if len(k.roles) == 2 else f" [{k.roles[0]} only]"
@@ -202,28 +211,31 @@ def check_disk_file(path: str) -> int:
 
 @dataclass
 class NodeConfig:
+    """A node's checked keys.  Every setting holds the value given or the key table's
+    default, for either role: a secondary keeps a primary's settings (its promotion uses
+    them) and a primary a secondary's (its demotion does)."""
+
     role: str
     disks: list[DiskSpec]
     control: str
     state: str
-    secondary: str | None = None
-    write_mode: str = "sync"
-    timeout: float = 5.0
-    window: int = 64
-    max_lag: int = 256 << 20
-    resync_rate: ResyncRate = ResyncRate(None, True)
-    on_isolation: str = "suspend"
-    isolation_timeout: float = 3.0
-    active: str | None = None
-    hidden: str | None = None
-    cluster_size: int = 65536
-    secondary_tls: TLSSpec | None = None
-    insecure: bool = False
-    control_tcp: tuple[str, int] | None = None
-    control_tls: str | None = None     # certificate directory for control_tcp
-    control_access: SocketAccess = SocketAccess(mode=0o600)
-    nbd_socket_access: SocketAccess = SocketAccess()   # applied by the plugin (sockaccess)
-    extra: dict[str, str] = field(default_factory=dict)
+    insecure: bool
+    secondary: str | None = field(init=False)       # primary only: the replica URI
+    secondary_tls: TLSSpec | None = field(init=False)
+    write_mode: str = field(init=False)
+    timeout: float = field(init=False)
+    window: int = field(init=False)
+    max_lag: int = field(init=False)
+    resync_rate: ResyncRate = field(init=False)
+    on_isolation: str = field(init=False)
+    isolation_timeout: float = field(init=False)
+    active: str | None = field(init=False)          # given for a single disk, else None
+    hidden: str | None = field(init=False)
+    cluster_size: int = field(init=False)
+    control_tcp: tuple[str, int] | None = field(init=False)
+    control_tls: str | None = field(init=False)     # certificate directory for control_tcp
+    control_access: SocketAccess = field(init=False)
+    nbd_socket_access: SocketAccess = field(init=False)   # applied by the plugin (sockaccess)
 
     @classmethod
     def from_keys(cls, pairs: Iterable[tuple[str, str]]) -> NodeConfig:
@@ -237,7 +249,7 @@ class NodeConfig:
                 raise ConfigError(key, "given twice; give it once")
             values.setdefault(key, []).append(value)
         role = _one(values, "role")
-        if role not in ROLES:
+        if role is None or role not in ROLES:
             raise ConfigError("role", f"unknown role {role!r}: use role=primary or role=secondary")
         for key in values:
             if role not in KEY_BY_NAME[key].roles:
@@ -248,22 +260,30 @@ class NodeConfig:
                 raise ConfigError(k.name, f"is required for role={role} ({k.metavar})")
         disks = [parse_disk(text, i) for i, text in enumerate(values["disk"])]
         _check_disks(disks)
-        cfg = cls(role=role, disks=disks, control=_one(values, "control"),
+        control = _one(values, "control")
+        assert control is not None  # required
+        cfg = cls(role=role, disks=disks, control=control,
                   state=_one(values, "state") or disks[0].path + ".state",
-                  insecure=parse_bool("insecure", _one(values, "insecure") or "no"))
+                  insecure=parse_bool("insecure", _value(values, "insecure")))
         check_folder("control", cfg.control)
         check_folder("state", cfg.state)
         cfg._control_keys(values)
         cfg._socket_keys(values)
+        cfg.secondary, cfg.secondary_tls = None, None
         if role == PRIMARY:
-            cfg._primary_keys(values)
-        else:
-            cfg._secondary_keys(values)
+            cfg._link_keys(values)
+        cfg._primary_keys(values)
+        cfg._secondary_keys(values)
         return cfg
+
+    def overlays(self, disk_path: str) -> tuple[str, str]:
+        """The hidden and active overlays' paths of the disk at ``disk_path``."""
+        return self.hidden or disk_path + ".hidden", self.active or disk_path + ".active"
 
     def _control_keys(self, values: dict[str, list[str]]) -> None:
         """control-tcp needs control-tls (or insecure); control-tls alone is a mistake."""
-        tcp, tls = _one(values, "control-tcp"), _one(values, "control-tls") or "off"
+        tcp, tls = _one(values, "control-tcp"), _value(values, "control-tls")
+        self.control_tcp, self.control_tls = None, None
         if tcp is None:
             if tls != "off":
                 raise ConfigError("control-tls", "is for control-tcp: give control-tcp=HOST:PORT "
@@ -277,7 +297,7 @@ class NodeConfig:
     def _socket_keys(self, values: dict[str, list[str]]) -> None:
         """Who may connect to the control and NBD sockets (repdisk.sockaccess)."""
         control = parse_access("control", None, _one(values, "control-group"),
-                               _one(values, "control-mode") or "0600")
+                               _value(values, "control-mode"))
         assert control.mode is not None
         check_control_mode("control-mode", control.mode)
         self.control_access = control
@@ -285,28 +305,31 @@ class NodeConfig:
                                               _one(values, "socket-group"),
                                               _one(values, "socket-mode"))
 
-    def _primary_keys(self, values: dict[str, list[str]]) -> None:
+    def _link_keys(self, values: dict[str, list[str]]) -> None:
+        """A primary's link: the secondary's replica URI and its credentials."""
         self.secondary = _one(values, "secondary")
         if not re.match(r"^nbds?(\+unix|\+vsock)?://", self.secondary or ""):
             raise ConfigError("secondary", f"{self.secondary!r} is not an NBD URI: use e.g. "
                                            "nbd+unix:///replica?socket=/run/sec.sock")
         _check_replica_export(self.secondary or "")
-        self._secondary_tls(_one(values, "secondary-tls") or "off")
-        self.write_mode = _one(values, "write-mode") or "sync"
+        self._secondary_tls(_value(values, "secondary-tls"))
+
+    def _primary_keys(self, values: dict[str, list[str]]) -> None:
+        self.write_mode = _value(values, "write-mode")
         if self.write_mode not in ("sync", "async"):
             raise ConfigError("write-mode", f"unknown mode {self.write_mode!r}: use sync or async")
-        self.timeout = parse_duration("timeout", _one(values, "timeout") or "5s")
-        self.window = parse_uint("window", _one(values, "window") or "64")
-        self.max_lag = parse_size("max-lag", _one(values, "max-lag") or "256M")
+        self.timeout = parse_duration("timeout", _value(values, "timeout"))
+        self.window = parse_uint("window", _value(values, "window"))
+        self.max_lag = parse_size("max-lag", _value(values, "max-lag"))
         if self.max_lag < 1 << 20:
             raise ConfigError("max-lag", f"{self.max_lag} bytes is too small: use at least 1M")
-        self.resync_rate = parse_rate("resync-rate", _one(values, "resync-rate") or "auto")
-        self.on_isolation = _one(values, "on-isolation") or "suspend"
+        self.resync_rate = parse_rate("resync-rate", _value(values, "resync-rate"))
+        self.on_isolation = _value(values, "on-isolation")
         if self.on_isolation not in ISOLATION_POLICIES:
             raise ConfigError("on-isolation", f"unknown policy {self.on_isolation!r}: use "
                                               "suspend or continue")
         self.isolation_timeout = parse_duration("isolation-timeout",
-                                                _one(values, "isolation-timeout") or "3s")
+                                                _value(values, "isolation-timeout"))
 
     def _secondary_tls(self, text: str) -> None:
         """Fold the link's credentials into the secondary's URI; refuse plain TCP to another
@@ -327,7 +350,7 @@ class NodeConfig:
             raise ConfigError("active" if self.active else "hidden",
                               "only for a single disk; with several disks each disk's overlays "
                               "are PATH.active and PATH.hidden")
-        size = parse_size("cluster-size", _one(values, "cluster-size") or "64K")
+        size = parse_size("cluster-size", _value(values, "cluster-size"))
         if size < 512 or size > 2 << 20 or size & (size - 1):
             raise ConfigError("cluster-size", f"{size} is not a power of two from 512 to 2M")
         self.cluster_size = size
@@ -350,6 +373,12 @@ def _check_replica_export(uri: str) -> None:
 def _one(values: dict[str, list[str]], key: str) -> str | None:
     got = values.get(key)
     return got[0] if got else None
+
+
+def _value(values: dict[str, list[str]], key: str) -> str:
+    """The value given for ``key``, else the key table's default."""
+    given = _one(values, key)
+    return default(key) if given is None else given
 
 
 def _check_disks(disks: list[DiskSpec]) -> None:

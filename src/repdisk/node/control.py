@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from repdisk.errors import ControlError, RepdiskError
+from repdisk.node.config import default
 from repdisk.node.node import Node
 from repdisk.qmp.protocol import ArgSpec, Command
 from repdisk.replication.framework import ReplicationMode
@@ -103,8 +104,9 @@ def _controller_commands(node: Node) -> list[Command]:
     disk = ArgSpec(str, False, "the disk's name (default: the node's first disk)")
 
     def promote(args: dict[str, Any]) -> None:
-        node.promote(args["secondary"], args.get("write-mode", "sync"),
-                     float(args.get("timeout", 5.0)), args.get("isolation-timeout"),
+        timeout = args.get("timeout")
+        node.promote(args["secondary"], args.get("write-mode"),
+                     None if timeout is None else float(timeout), args.get("isolation-timeout"),
                      bool(args.get("force", False)), bool(args.get("probe", False)))
 
     def digests(args: dict[str, Any]) -> dict[str, Any]:
@@ -150,11 +152,13 @@ def _controller_commands(node: Node) -> list[Command]:
                      "then holds every acknowledged write), become a secondary (stage none)"),
         Command("replication-promote", promote,
                 {"secondary": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
-                 "write-mode": ArgSpec(str, False, "sync (default) or async"),
+                 "write-mode": ArgSpec(str, False, f"sync or async (default "
+                                                   f"{default('write-mode')})"),
                  "timeout": ArgSpec(float, False, "how long the secondary may take (default "
-                                                  "5s)", unit="duration"),
+                                                  f"{default('timeout')})", unit="duration"),
                  "isolation-timeout": ArgSpec(float, False, "time without contact before guest "
-                                                            "writes are held (default 3s)",
+                                                            "writes are held (default: the "
+                                                            "node's isolation-timeout)",
                                               unit="duration"),
                  "force": ArgSpec(bool, False, "a node that is not replicating takes its disk "
                                                "as it is (its caller knows no newer one "

@@ -44,7 +44,7 @@ from repdisk.block.imagelock import lock_image
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, ConfigError, ControlError, ForwardError, RepdiskError
 from repdisk.node import threadstate
-from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig
+from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, default
 from repdisk.node.state import NodeState
 from repdisk.qmp.protocol import Command, QMPServer
 from repdisk.replication import batch, nbdclient, resync, sessions
@@ -52,6 +52,7 @@ from repdisk.replication.framework import Registry, ReplicationError, Replicatio
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import EventSink, Stage
+from repdisk.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +381,8 @@ class Node:
     def _open_replica(self, name: str, path: str) -> Replica:
         try:
             if self.mode is ReplicationMode.SECONDARY:
-                return SecondaryReplica.open(name, path, self.cfg.hidden, self.cfg.active,
+                hidden, active = self.cfg.overlays(path)
+                return SecondaryReplica.open(name, path, hidden, active,
                                              cluster_size=self.cfg.cluster_size, events=self.emit)
             suffix = f"/{name}" if len(self.cfg.disks) > 1 else ""
             return PrimaryReplica(name, RawImage.open(path), self.cfg.secondary,
@@ -821,11 +823,7 @@ class Node:
         self._retired = []
         registry, replicas = Registry(), {}
         for rep in primaries:
-            single = len(self.cfg.disks) == 1
-            hidden = (self.cfg.hidden if single and self.cfg.hidden else
-                      rep.disk.path + ".hidden")
-            active = (self.cfg.active if single and self.cfg.active else
-                      rep.disk.path + ".active")
+            hidden, active = self.cfg.overlays(rep.disk.path)
             sec = SecondaryReplica.over(rep.name, rep.disk, hidden, active,
                                         self.cfg.cluster_size, self.emit)
             self._lock(sec)
@@ -841,17 +839,21 @@ class Node:
         self.state.role = SECONDARY
         self.state.save(self.cfg.state)
 
-    def promote(self, secondary_uri: str, write_mode: str = "sync", timeout: float = 5.0,
-                isolation_timeout: float | None = None, force: bool = False,
-                probe: bool = False) -> None:
+    def promote(self, secondary_uri: str, write_mode: str | None = None,
+                timeout: float | None = None, isolation_timeout: float | None = None,
+                force: bool = False, probe: bool = False) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
 
         Each disk's PrimaryReplica takes over the same RawImage; the ``active`` exports
         switch to the primaries' views.  Replication starts with ``replication-start``
-        (after the controller marked what differs on the new secondary).
+        (after the controller marked what differs on the new secondary).  ``write_mode``
+        and ``timeout`` None: the key table's defaults; ``isolation_timeout`` None: the
+        node's ``isolation-timeout``.
         """
         if self.mode is ReplicationMode.PRIMARY:
             raise ConfigError("role", "this node is already a primary")
+        write_mode = write_mode or default("write-mode")
+        timeout = parse_duration("timeout", default("timeout")) if timeout is None else timeout
         if probe and not force:  # the controller's: a wrong URI or a peer not up changes nothing
             if not self._sealed():
                 self._check_promotable()  # before the probe: a wrong stage says so first
@@ -868,7 +870,9 @@ class Node:
         for name, rep in self.replicas.items():
             suffix = f"/{name}" if len(self.replicas) > 1 else ""
             try:
-                PrimaryReplica(name, rep.disk, secondary_uri, timeout=timeout,
+                PrimaryReplica(name, rep.disk, secondary_uri, write_mode=self.cfg.write_mode,
+                               timeout=timeout, window=self.cfg.window,
+                               max_lag=self.cfg.max_lag, resync_rate=self.cfg.resync_rate,
                                export_suffix=suffix).probe()
             except RepdiskError as err:
                 raise ConfigError("secondary", f"cannot promote: {err}; start the new "
@@ -928,7 +932,8 @@ class Node:
         for name, rep in self.replicas.items():
             suffix = f"/{name}" if len(self.replicas) > 1 else ""
             primary = PrimaryReplica(name, rep.disk, secondary_uri, write_mode=write_mode,
-                                     timeout=timeout, resync_rate=self.cfg.resync_rate,
+                                     timeout=timeout, window=self.cfg.window,
+                                     max_lag=self.cfg.max_lag, resync_rate=self.cfg.resync_rate,
                                      events=self.emit, export_suffix=suffix)
             primary.register(registry)
             replicas[name] = primary
