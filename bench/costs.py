@@ -105,7 +105,7 @@ def _fresh_secondary(workdir: Path, size: int) -> SecondaryReplica:
 
 def _write_replica(sec: SecondaryReplica, nbytes: int, data: memoryview) -> None:
     for piece in _offsets(sec.size, nbytes):
-        sec.replica.pwrite(data, piece * PIECE)
+        sec.replica_view.pwrite(data, piece * PIECE)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -135,8 +135,8 @@ def failover_commit(workdir: Path, nbytes: int, data: memoryview) -> dict[str, f
         sec.checkpoint()  # consistent: failover allowed
         _write_replica(sec, nbytes, data)
         for piece in _offsets(sec.size, nbytes // 4, seed=7):
-            sec.active.pwrite(data, piece * PIECE)
-        committed = sec.hidden.allocated_bytes + sec.active_overlay.allocated_bytes
+            sec.active_view.pwrite(data, piece * PIECE)
+        committed = sec.hidden_overlay.allocated_bytes + sec.active_overlay.allocated_bytes
         seconds = _timed(lambda: sec.stop(failover=True))
     finally:
         sec.close()

@@ -48,7 +48,7 @@ def disk_file(tmp_path: Path) -> bytes:
 
 def primary_writes_upper_half(sec: SecondaryReplica) -> None:
     """Scenario 4's primary write of 0x22 to [32M, 64M), as the NBD server hands it over."""
-    sec.replica.pwrite(b"\x22" * HALF, HALF)
+    sec.replica_view.pwrite(b"\x22" * HALF, HALF)
 
 
 # Scenarios 1 and 2 are the primary's: tests/test_primary.py (repdisk's primary serves the
@@ -56,7 +56,7 @@ def primary_writes_upper_half(sec: SecondaryReplica) -> None:
 
 
 def test_3_secondary_not_started_refuses_io(sec: SecondaryReplica) -> None:
-    for dev, code in ((sec.active, errno.EIO), (sec.replica, errno.ESHUTDOWN)):
+    for dev, code in ((sec.active_view, errno.EIO), (sec.replica_view, errno.ESHUTDOWN)):
         with pytest.raises(BlockIOError, match="replication not started") as exc:
             read(dev, 0, 4096)
         assert exc.value.errno == code
@@ -70,14 +70,14 @@ def scenario_4(sec: SecondaryReplica, checkpoint_first: bool = False) -> None:
     sec.start(SECONDARY)
     if checkpoint_first:
         sec.checkpoint()
-    expect(sec.active, 0, SIZE, b"\x11")
+    expect(sec.active_view, 0, SIZE, b"\x11")
     primary_writes_upper_half(sec)
-    expect(sec.replica, HALF, HALF, b"\x22")
-    expect(sec.active, HALF, HALF, b"\x11")   # old data was copied into hidden
-    sec.active.pwrite(b"\x33" * HALF, 0)
-    expect(sec.active, 0, HALF, b"\x33")
-    expect(sec.active, HALF, HALF, b"\x11")
-    expect(sec.replica, 0, HALF, b"\x11")     # the VM's writes stay off the disk
+    expect(sec.replica_view, HALF, HALF, b"\x22")
+    expect(sec.active_view, HALF, HALF, b"\x11")   # old data was copied into hidden
+    sec.active_view.pwrite(b"\x33" * HALF, 0)
+    expect(sec.active_view, 0, HALF, b"\x33")
+    expect(sec.active_view, HALF, HALF, b"\x11")
+    expect(sec.replica_view, 0, HALF, b"\x11")     # the VM's writes stay off the disk
 
 
 def test_4_secondary_started(sec: SecondaryReplica) -> None:
@@ -91,8 +91,8 @@ def failover_5(sec: SecondaryReplica, tmp_path: Path) -> None:
     scenario_4(sec, checkpoint_first=True)
     sec.stop(True)
     assert sec.stage is Stage.DONE
-    expect(sec.active, 0, HALF, b"\x33")
-    expect(sec.active, HALF, HALF, b"\x11")   # upstream expects 0x22 here (its bug)
+    expect(sec.active_view, 0, HALF, b"\x33")
+    expect(sec.active_view, HALF, HALF, b"\x11")   # upstream expects 0x22 here (its bug)
     on_disk = disk_file(tmp_path)
     assert on_disk == b"\x33" * HALF + b"\x11" * HALF
 
@@ -109,18 +109,18 @@ def test_6_continuous_replication_after_failover(sec: SecondaryReplica, tmp_path
     sec.checkpoint()
     sec.stop(True)
     assert sec.stage is Stage.DONE
-    expect(sec.active, 0, HALF, b"\x33")
-    expect(sec.active, HALF, HALF, b"\x11")
+    expect(sec.active_view, 0, HALF, b"\x33")
+    expect(sec.active_view, HALF, HALF, b"\x11")
     assert disk_file(tmp_path) == b"\x33" * HALF + b"\x11" * HALF
 
 
 def test_7_checkpoint_drops_the_hidden_buffer(sec: SecondaryReplica) -> None:
     sec.start(SECONDARY)
     primary_writes_upper_half(sec)
-    expect(sec.active, HALF, HALF, b"\x11")
+    expect(sec.active_view, HALF, HALF, b"\x11")
     sec.checkpoint()
-    expect(sec.active, HALF, HALF, b"\x22")
-    expect(sec.active, 0, HALF, b"\x11")
+    expect(sec.active_view, HALF, HALF, b"\x22")
+    expect(sec.active_view, 0, HALF, b"\x11")
 
 
 def test_8_get_error_after_start(sec: SecondaryReplica) -> None:
@@ -191,10 +191,10 @@ def test_stop_without_failover_checkpoints_and_ends_done(sec: SecondaryReplica,
     sec.stop(False)
     assert sec.stage is Stage.DONE and sec.consistent
     # The checkpoint kept the primary's writes and dropped the VM's; the VM now uses the disk.
-    expect(sec.active, 0, HALF, b"\x11")
-    expect(sec.active, HALF, HALF, b"\x22")
+    expect(sec.active_view, 0, HALF, b"\x11")
+    expect(sec.active_view, HALF, HALF, b"\x22")
     assert disk_file(tmp_path) == b"\x11" * HALF + b"\x22" * HALF
-    sec.active.pwrite(b"\x44" * 4096, 0)
+    sec.active_view.pwrite(b"\x44" * 4096, 0)
     assert disk_file(tmp_path)[:8192] == b"\x44" * 4096 + b"\x11" * 4096
 
 
@@ -204,24 +204,24 @@ def test_failover_of_an_inconsistent_secondary_is_refused(sec: SecondaryReplica)
                                                "inconsistent disk"):
         sec.stop(True)
     assert sec.stage is Stage.RUNNING
-    expect(sec.active, HALF, HALF, b"\x11")      # nothing was committed
+    expect(sec.active_view, HALF, HALF, b"\x11")      # nothing was committed
     sec.checkpoint()
     sec.stop(True)
     assert sec.stage is Stage.DONE
-    expect(sec.active, 0, SIZE // 2, b"\x11")    # the checkpoint had dropped the VM's writes
-    expect(sec.active, HALF, HALF, b"\x22")
+    expect(sec.active_view, 0, SIZE // 2, b"\x11")    # the checkpoint had dropped the VM's writes
+    expect(sec.active_view, HALF, HALF, b"\x22")
 
 
 def test_primary_write_after_failover_is_fenced(sec: SecondaryReplica, tmp_path: Path) -> None:
     failover_5(sec, tmp_path)
     with pytest.raises(BlockIOError) as exc:
-        sec.replica.pwrite(b"\x55" * 512, 0)
+        sec.replica_view.pwrite(b"\x55" * 512, 0)
     assert exc.value.errno == errno.EROFS
     assert str(exc.value) == ("replication of disk0 is over (stage done): "
                               "refusing the old primary's write")
     with pytest.raises(BlockIOError, match="refusing the old primary's write"):
-        sec.replica.zero(0, 512)
-    expect(sec.replica, 0, HALF, b"\x33")         # replica reads still work (compare tools)
+        sec.replica_view.zero(0, 512)
+    expect(sec.replica_view, 0, HALF, b"\x33")         # replica reads still work (compare tools)
 
 
 def test_failed_commit_splits_writes_by_allocation(tmp_path: Path,
@@ -234,8 +234,8 @@ def test_failed_commit_splits_writes_by_allocation(tmp_path: Path,
     try:
         sec.start(SECONDARY)
         sec.checkpoint()
-        sec.replica.pwrite(b"\xaa" * cs, 2 * cs)     # hidden: cluster 2 (old 0x11)
-        sec.active.pwrite(b"\xbb" * cs, 5 * cs)      # active: cluster 5
+        sec.replica_view.pwrite(b"\xaa" * cs, 2 * cs)     # hidden: cluster 2 (old 0x11)
+        sec.active_view.pwrite(b"\xbb" * cs, 5 * cs)      # active: cluster 5
         sec.disk.readonly = True
         with pytest.raises(ReplicationError, match="failover commit failed: .*read-only"):
             sec.stop(True)
@@ -247,15 +247,15 @@ def test_failed_commit_splits_writes_by_allocation(tmp_path: Path,
         assert events[-2][1]["to"] == "failover-failed"
         # active went into hidden; hidden could not go into the disk.
         assert sec.active_overlay.allocated_clusters() == []
-        assert sec.hidden.allocated_clusters() == [2, 5]
+        assert sec.hidden_overlay.allocated_clusters() == [2, 5]
         sec.disk.readonly = False                    # the disk is writable again
         lo, hi = cs + 100, 6 * cs + 50
-        sec.active.pwrite(b"\xcc" * (hi - lo), lo)
+        sec.active_view.pwrite(b"\xcc" * (hi - lo), lo)
         assert sec.active_overlay.allocated_clusters() == [2, 5]
         view = bytearray(b"\x11" * size)
         view[5 * cs:6 * cs] = b"\xbb" * cs
         view[lo:hi] = b"\xcc" * (hi - lo)
-        assert read(sec.active) == bytes(view)
+        assert read(sec.active_view) == bytes(view)
         disk = bytearray(b"\x11" * size)
         disk[2 * cs:3 * cs] = b"\xaa" * cs
         for first, last in ((lo, 2 * cs), (3 * cs, 5 * cs), (6 * cs, hi)):
@@ -266,9 +266,9 @@ def test_failed_commit_splits_writes_by_allocation(tmp_path: Path,
             with pytest.raises(ReplicationError, match="failover-failed"):
                 call()
         with pytest.raises(BlockIOError, match="stage failover-failed"):
-            sec.replica.pwrite(b"x", 0)
+            sec.replica_view.pwrite(b"x", 0)
         with pytest.raises(BlockIOError, match="half committed"):
-            read(sec.replica, 0, 1)
+            read(sec.replica_view, 0, 1)
     finally:
         sec.close()
 
@@ -276,8 +276,8 @@ def test_failed_commit_splits_writes_by_allocation(tmp_path: Path,
 def test_stage_events_of_start_checkpoint_failover(sec: SecondaryReplica, events: list) -> None:
     sec.start(SECONDARY)
     sec.checkpoint()
-    sec.active.pwrite(b"\x33" * 100, 10)
-    sec.replica.pwrite(b"\x22" * 100, HALF)
+    sec.active_view.pwrite(b"\x33" * 100, 10)
+    sec.replica_view.pwrite(b"\x22" * 100, HALF)
     sec.stop(True)
     names = [n for n, _ in events]
     assert names == ["REPLICATION_STAGE_CHANGED", "CHECKPOINT_COMPLETED",

@@ -115,7 +115,7 @@ def test_gate_table(view: View, op: Op, stage: Stage) -> None:
 @pytest.mark.parametrize("view", ["replica", "active"])
 def test_empty_and_past_end_requests_are_refused(sec: SecondaryReplica, view: str) -> None:
     sec.start(SECONDARY)
-    dev = getattr(sec, view)
+    dev = getattr(sec, view + "_view")
     with pytest.raises(BlockIOError, match="invalid request length 0") as exc:
         dev.pwrite(b"", 0)
     assert exc.value.errno == errno.EINVAL
@@ -127,32 +127,32 @@ def test_empty_and_past_end_requests_are_refused(sec: SecondaryReplica, view: st
     assert exc.value.errno == errno.EINVAL
     with pytest.raises(BlockIOError, match="invalid request length 0"):
         dev.zero(5, 0)
-    assert read(sec.active) == pattern(sec.size)  # nothing was written
+    assert read(sec.active_view) == pattern(sec.size)  # nothing was written
 
 
 def test_copy_before_write_copies_each_cluster_once_per_interval(sec: SecondaryReplica) -> None:
     sec.start(SECONDARY)
     sec.checkpoint()
     cs, old = sec.cluster_size, pattern(sec.size)
-    sec.replica.pwrite(b"\xaa" * 10, cs + 5)          # cluster 1
-    sec.replica.pwrite(b"\xbb" * 10, cs + 100)        # cluster 1 again: no copy
-    sec.replica.pwrite(b"\xcc" * (cs + 2), 3 * cs - 1)  # clusters 2, 3, 4
+    sec.replica_view.pwrite(b"\xaa" * 10, cs + 5)          # cluster 1
+    sec.replica_view.pwrite(b"\xbb" * 10, cs + 100)        # cluster 1 again: no copy
+    sec.replica_view.pwrite(b"\xcc" * (cs + 2), 3 * cs - 1)  # clusters 2, 3, 4
     q = sec.query()
     assert q["counters"]["cbw_bytes"] == 4 * cs
     assert q["counters"]["replica_writes"] == 3
     assert q["counters"]["replica_bytes"] == 10 + 10 + cs + 2
     assert q["hidden_bytes"] == 4 * cs and q["active_bytes"] == 0
-    assert sec.hidden.allocated_clusters() == [1, 2, 3, 4]
-    assert read(sec.active) == old                    # the VM still sees the checkpoint
+    assert sec.hidden_overlay.allocated_clusters() == [1, 2, 3, 4]
+    assert read(sec.active_view) == old                    # the VM still sees the checkpoint
     new = bytearray(old)
     new[cs + 5:cs + 15] = b"\xaa" * 10
     new[cs + 100:cs + 110] = b"\xbb" * 10
     new[3 * cs - 1:4 * cs + 1] = b"\xcc" * (cs + 2)
-    assert read(sec.replica) == bytes(new)
+    assert read(sec.replica_view) == bytes(new)
     sec.checkpoint()                                  # new interval: copy again
     assert sec.query()["hidden_bytes"] == 0
-    assert read(sec.active) == bytes(new)
-    sec.replica.pwrite(b"\xdd", cs)
+    assert read(sec.active_view) == bytes(new)
+    sec.replica_view.pwrite(b"\xdd", cs)
     assert sec.query()["counters"]["cbw_bytes"] == 5 * cs
 
 
@@ -192,17 +192,17 @@ def test_prefetch_starts_reading_exactly_the_clusters_to_copy(tmp_path: Path) ->
         assert _resident_clusters(path, size, cs) == []
         sec.start(SECONDARY)
         sec.checkpoint()
-        sec.replica.pwrite(b"\xaa", 2 * cs)      # cluster 2 is in hidden now
+        sec.replica_view.pwrite(b"\xaa", 2 * cs)      # cluster 2 is in hidden now
         evict()
         sec.prefetch(wanted)
         deadline = time.monotonic() + 10
         while _resident_clusters(path, size, cs) != [1, 4, 5, 9]:
             assert time.monotonic() < deadline, _resident_clusters(path, size, cs)
             time.sleep(0.01)
-        assert sec.hidden.allocated_clusters() == [2]
+        assert sec.hidden_overlay.allocated_clusters() == [2]
         expected = bytearray(pattern(size))
         expected[2 * cs] = 0xAA
-        assert read(sec.replica) == bytes(expected)
+        assert read(sec.replica_view) == bytes(expected)
     finally:
         sec.close()
 
@@ -210,27 +210,27 @@ def test_prefetch_starts_reading_exactly_the_clusters_to_copy(tmp_path: Path) ->
 def test_replica_zero_and_trim_keep_the_checkpoint_for_the_vm(sec: SecondaryReplica) -> None:
     sec.start(SECONDARY)
     cs, old = sec.cluster_size, pattern(sec.size)
-    sec.replica.zero(cs - 7, 2 * cs)
-    sec.replica.trim(5 * cs, 3 * cs)
-    assert read(sec.active) == old
-    got = read(sec.replica)
+    sec.replica_view.zero(cs - 7, 2 * cs)
+    sec.replica_view.trim(5 * cs, 3 * cs)
+    assert read(sec.active_view) == old
+    got = read(sec.replica_view)
     assert got[cs - 7:3 * cs - 7] == bytes(2 * cs)
     assert got[:cs - 7] == old[:cs - 7]
     assert got[3 * cs - 7:5 * cs] == old[3 * cs - 7:5 * cs]
     assert got[8 * cs:] == old[8 * cs:]  # trimmed bytes are unspecified, the rest is not
-    assert sec.hidden.allocated_clusters() == [0, 1, 2, 5, 6, 7]
+    assert sec.hidden_overlay.allocated_clusters() == [0, 1, 2, 5, 6, 7]
 
 
 def test_unaligned_vm_writes_and_zeroes_read_back(sec: SecondaryReplica) -> None:
     sec.start(SECONDARY)
     cs = sec.cluster_size
     want = bytearray(pattern(sec.size))
-    sec.active.pwrite(b"\x33" * 3000, cs - 1000)
+    sec.active_view.pwrite(b"\x33" * 3000, cs - 1000)
     want[cs - 1000:cs + 2000] = b"\x33" * 3000
-    sec.active.zero(6 * cs + 1, cs)
+    sec.active_view.zero(6 * cs + 1, cs)
     want[6 * cs + 1:7 * cs + 1] = bytes(cs)
-    assert read(sec.active) == bytes(want)
-    assert read(sec.replica) == pattern(sec.size)     # the VM's writes stay in active
+    assert read(sec.active_view) == bytes(want)
+    assert read(sec.replica_view) == pattern(sec.size)     # the VM's writes stay in active
     assert sec.active_overlay.allocated_clusters() == [0, 1, 6, 7]
     assert sec.query()["counters"]["active_writes"] == 2
 
@@ -241,7 +241,7 @@ def test_image_error_during_replica_write_is_recorded(sec: SecondaryReplica) -> 
     sec.get_error()
     sec.disk.readonly = True
     with pytest.raises(BlockIOError) as exc:
-        sec.replica.pwrite(b"x", 0)
+        sec.replica_view.pwrite(b"x", 0)
     assert exc.value.errno == errno.EIO
     assert "disk0: replica pwrite at 0 failed" in str(exc.value)
     with pytest.raises(ReplicationError, match="replica pwrite of 1 bytes at 0 failed.*read-only"):
@@ -255,25 +255,25 @@ def test_image_error_during_replica_write_is_recorded(sec: SecondaryReplica) -> 
 
 def test_flush_follows_the_gate(sec: SecondaryReplica) -> None:
     with pytest.raises(BlockIOError, match="replication not started"):
-        sec.replica.flush()
+        sec.replica_view.flush()
     sec.start(SECONDARY)
-    sec.replica.flush()
-    sec.active.flush()
+    sec.replica_view.flush()
+    sec.active_view.flush()
     sec.stop(False)
-    sec.active.flush()
+    sec.active_view.flush()
     with pytest.raises(BlockIOError, match="refusing the old primary's write") as exc:
-        sec.replica.flush()
+        sec.replica_view.flush()
     assert exc.value.errno == errno.EROFS
 
 
 def test_extents_of_the_views(sec: SecondaryReplica) -> None:
     sec.start(SECONDARY)
     cs = sec.cluster_size
-    sec.active.pwrite(b"x", 2 * cs)
-    ext = sec.active.extents(0, sec.size)
+    sec.active_view.pwrite(b"x", 2 * cs)
+    ext = sec.active_view.extents(0, sec.size)
     assert ext[0][0] == 0 and sum(length for _, length, _ in ext) == sec.size
     assert all(flags == 0 for off, length, flags in ext if off <= 2 * cs < off + length)
-    assert sum(length for _, length, _ in sec.replica.extents(cs, cs)) == cs
+    assert sum(length for _, length, _ in sec.replica_view.extents(cs, cs)) == cs
 
 
 def test_failover_reports_progress_and_bytes(sec: SecondaryReplica) -> None:
@@ -282,9 +282,9 @@ def test_failover_reports_progress_and_bytes(sec: SecondaryReplica) -> None:
     sec.start(SECONDARY)
     sec.checkpoint()
     cs = sec.cluster_size
-    sec.replica.pwrite(b"\x22" * (3 * cs), 0)        # hidden: clusters 0-2
-    sec.active.pwrite(b"\x33" * 10, 2 * cs + 1)      # active: cluster 2
-    sec.active.pwrite(b"\x33" * 10, 9 * cs)          # active: cluster 9
+    sec.replica_view.pwrite(b"\x22" * (3 * cs), 0)        # hidden: clusters 0-2
+    sec.active_view.pwrite(b"\x33" * 10, 2 * cs + 1)      # active: cluster 2
+    sec.active_view.pwrite(b"\x33" * 10, 9 * cs)          # active: cluster 9
     calls: list[tuple[int, int]] = []
     sec.stop(True, progress=lambda done, total: calls.append((done, total)))
     assert calls and calls[-1] == (4 * cs, 4 * cs)   # the last run: hidden's 0-2 and 9
@@ -293,7 +293,7 @@ def test_failover_reports_progress_and_bytes(sec: SecondaryReplica) -> None:
     want = bytearray(pattern(sec.size))
     want[2 * cs + 1:2 * cs + 11] = b"\x33" * 10
     want[9 * cs:9 * cs + 10] = b"\x33" * 10
-    assert read(sec.active) == bytes(want) == read(sec.replica)
+    assert read(sec.active_view) == bytes(want) == read(sec.replica_view)
 
 
 # -- opening, query, framework ---------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_open_creates_overlays_then_validates_them(tmp_path: Path) -> None:
     for suffix in (".hidden", ".hidden.bitmap", ".active", ".active.bitmap"):
         assert os.path.exists(disk + suffix)
     rep.start(SECONDARY)
-    rep.active.pwrite(b"\x44" * 100, 50)
+    rep.active_view.pwrite(b"\x44" * 100, 50)
     rep.close()
     again = SecondaryReplica.open("disk0", disk, cluster_size=4 * KiB)
     assert again.active_overlay.allocated_clusters() == [0]  # present overlays are reused
@@ -426,13 +426,13 @@ class Model:
                  byte: int) -> None:
         data = bytes([byte]) * length if kind.endswith("write") else bytes(length)
         if kind.startswith("primary"):
-            dev, targets = sec.replica, [self.disk]
+            dev, targets = sec.replica_view, [self.disk]
             if self.stage is Stage.DONE:
                 with pytest.raises(BlockIOError, match="refusing the old primary's write"):
                     dev.pwrite(data, offset)
                 return
         else:
-            dev = sec.active
+            dev = sec.active_view
             targets = [self.vm] if self.stage is Stage.RUNNING else [self.vm, self.disk]
         if kind.endswith("write"):
             dev.pwrite(data, offset)
@@ -463,13 +463,14 @@ def test_views_match_the_model(ops: list[tuple[Any, ...]]) -> None:
             sec.start(SECONDARY)
             model = Model(initial)
             for op in ops:
-                holes, copied = hole_clusters(sec.disk), set(sec.hidden.allocated_clusters())
+                holes = hole_clusters(sec.disk)
+                copied = set(sec.hidden_overlay.allocated_clusters())
                 model.apply(sec, op)
-                new = set(sec.hidden.allocated_clusters()) - copied
-                assert not (new & holes) - hole_clusters(sec.hidden._data), op
+                new = set(sec.hidden_overlay.allocated_clusters()) - copied
+                assert not (new & holes) - hole_clusters(sec.hidden_overlay._data), op
                 assert sec.stage is model.stage and sec.consistent is model.consistent
-                assert read(sec.active) == model.vm, op
-                assert read(sec.replica) == model.disk, op
+                assert read(sec.active_view) == model.vm, op
+                assert read(sec.replica_view) == model.disk, op
             with open(os.path.join(tmp, "disk0.img"), "rb") as f:
                 on_disk = f.read()
             if model.stage is Stage.DONE:
@@ -490,12 +491,13 @@ def test_failover_without_a_callback_reports_progress_as_events(tmp_path: Path) 
     try:
         sec.start(SECONDARY)
         sec.checkpoint()
-        sec.replica.pwrite(b"\x22" * (8 * KiB), 0)
-        sec.active.pwrite(b"\x33" * (4 * KiB), 32 * KiB)
+        sec.replica_view.pwrite(b"\x22" * (8 * KiB), 0)
+        sec.active_view.pwrite(b"\x33" * (4 * KiB), 32 * KiB)
         sec.ops().stop(None, True)  # type: ignore[arg-type]
         progress = [d for n, d in seen if n == "FAILOVER_PROGRESS"]
         assert progress and all(p["disk"] == "d" for p in progress)
         assert progress[-1]["done"] == progress[-1]["total"] > 0
-        assert read(sec.active) == b"\x11" * (32 * KiB) + b"\x33" * (4 * KiB) + b"\x11" * (28 * KiB)
+        assert read(sec.active_view) == (b"\x11" * (32 * KiB) + b"\x33" * (4 * KiB)
+                                         + b"\x11" * (28 * KiB))
     finally:
         sec.close()

@@ -101,7 +101,7 @@ class Harness:
                 self.written[c].add(gen)
                 self.started[c] = gen
             data = b"".join(stamp(c, gen) for c in range(first, first + count))
-            self.sec.replica.pwrite(data, first * CS)
+            self.sec.replica_view.pwrite(data, first * CS)
             for c in range(first, first + count):
                 self.done[c] = gen
             self.counts["writes"] += 1
@@ -112,7 +112,7 @@ class Harness:
             first = rng.randrange(CLUSTERS)
             count = rng.randint(1, min(8, CLUSTERS - first))
             a = self.published
-            data = read(self.sec.active, first * CS, count * CS)
+            data = read(self.sec.active_view, first * CS, count * CS)
             b = self.begun
             self.observations.append((a, b, first, stamps_of(data, first)))
             self.counts["reads"] += 1
@@ -124,7 +124,7 @@ class Harness:
             lo = list(self.done)
             self.sec.checkpoint()
             hi = list(self.started)
-            snap = stamps_of(read(self.sec.active), 0)
+            snap = stamps_of(read(self.sec.active_view), 0)
             for c in range(CLUSTERS):
                 assert lo[c] <= snap[c] <= hi[c], (c, lo[c], snap[c], hi[c])
                 assert snap[c] in self.written[c]
@@ -158,17 +158,17 @@ def test_concurrent_writes_reads_checkpoints_then_failover(tmp_path: Path) -> No
         assert len(h.snapshots) >= 20, len(h.snapshots)
         assert h.counts["writes"] >= 200 and h.counts["reads"] >= 200, h.counts
         h.check_observations()
-        assert stamps_of(read(sec.replica), 0) == h.done  # the disk: every write, in order
+        assert stamps_of(read(sec.replica_view), 0) == h.done  # the disk: every write, in order
 
         # The VM writes a few clusters; failover keeps them over the last checkpoint.
         expected = [stamp(c, g) for c, g in enumerate(h.snapshots[-1])]
         for c in range(0, CLUSTERS, 9):
             expected[c] = stamp(c, 10**9 + c)
-            sec.active.pwrite(expected[c], c * CS)
+            sec.active_view.pwrite(expected[c], c * CS)
         sec.stop(True)
         assert sec.stage is Stage.DONE
         want = b"".join(expected)
         assert (tmp_path / "disk0.img").read_bytes() == want
-        assert read(sec.active) == want and read(sec.replica) == want
+        assert read(sec.active_view) == want and read(sec.replica_view) == want
     finally:
         sec.close()

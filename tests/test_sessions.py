@@ -11,7 +11,7 @@ import pytest
 
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
-from repdisk.replication.sessions import SessionView, WriterGate, make_tag, split_tag
+from repdisk.replication.sessions import SessionFence, SessionView, make_tag, split_tag
 from tests.conftest import MiB, Nodes, make_disk
 
 
@@ -25,12 +25,12 @@ def test_tags_parse_and_bad_tags_are_refused() -> None:
 
 def test_a_newer_session_fences_the_older_and_an_older_epoch_is_refused(tmp_path) -> None:
     with RawImage.create(str(tmp_path / "d.img"), MiB) as disk:
-        gate = WriterGate("d")
-        gate.admit((1, 10), node_epoch=1)
-        old = SessionView(disk, gate, (1, 10))
+        fence = SessionFence("d")
+        fence.admit((1, 10), node_epoch=1)
+        old = SessionView(disk, fence, (1, 10))
         old.pwrite(b"a" * 512, 0)
-        gate.admit((1, 11), node_epoch=1)
-        new = SessionView(disk, gate, (1, 11))
+        fence.admit((1, 11), node_epoch=1)
+        new = SessionView(disk, fence, (1, 11))
         with pytest.raises(BlockIOError) as info:
             old.pwrite(b"b" * 512, 0)
         assert info.value.errno == errno.EPERM and "superseded" in str(info.value)
@@ -39,10 +39,10 @@ def test_a_newer_session_fences_the_older_and_an_older_epoch_is_refused(tmp_path
         disk.pread_into(memoryview(buf), 0)
         assert buf == b"a" * 512 + b"c" * 512
         with pytest.raises(BlockIOError, match="newer primary session"):
-            gate.admit((1, 9), node_epoch=1)
+            fence.admit((1, 9), node_epoch=1)
         with pytest.raises(BlockIOError, match="refusing a primary of epoch 0: this node is "
                                                "in epoch 1"):
-            gate.admit((0, 99), node_epoch=1)
+            fence.admit((0, 99), node_epoch=1)
 
 
 class _SlowDisk:
@@ -64,12 +64,12 @@ class _SlowDisk:
 
 
 def test_admission_waits_for_the_older_sessions_write_in_progress() -> None:
-    disk, gate = _SlowDisk(), WriterGate("d")
-    gate.admit((0, 1), 0)
-    writer = threading.Thread(target=SessionView(disk, gate, (0, 1)).pwrite, args=(b"x", 0))
+    disk, fence = _SlowDisk(), SessionFence("d")
+    fence.admit((0, 1), 0)
+    writer = threading.Thread(target=SessionView(disk, fence, (0, 1)).pwrite, args=(b"x", 0))
     writer.start()
     assert disk.started.wait(5)
-    admitted = threading.Thread(target=lambda: (gate.admit((0, 2), 0),
+    admitted = threading.Thread(target=lambda: (fence.admit((0, 2), 0),
                                                 disk.log.append("newer admitted")))
     admitted.start()
     time.sleep(0.2)

@@ -162,7 +162,7 @@ class _SealView:
     """A secondary's ``replica/NAME+seal`` export as one writer session sees it: a write
     records that the primary of that session demoted cleanly (see Node.record_seal)."""
 
-    def __init__(self, node: Node, gate: sessions.WriterGate, token: sessions.Token,
+    def __init__(self, node: Node, gate: sessions.SessionFence, token: sessions.Token,
                  size: int) -> None:
         self._node, self._gate, self._token, self.size = node, gate, token, size
 
@@ -356,7 +356,7 @@ class Node:
         self._retired: list[SecondaryReplica] = []  # a promoted node's former secondaries
         self.exports: dict[str, BlockDevice] = {}
         # Secondary: the writer gate of each replica export name (aliases share one).
-        self._gates: dict[str, sessions.WriterGate] = {}
+        self._gates: dict[str, sessions.SessionFence] = {}
         self._server: QMPServer | None = None  # the control server, once serving
         self.isolation: Isolation | None = None
         self._acks: dict[str, int | None] = {}
@@ -401,7 +401,7 @@ class Node:
         try:
             rep.disk.lock()
             if isinstance(rep, SecondaryReplica):
-                rep.hidden.lock()
+                rep.hidden_overlay.lock()
                 rep.active_overlay.lock()
         except BlockIOError as err:
             raise ConfigError("disk", str(err)) from err
@@ -436,16 +436,16 @@ class Node:
             assert isinstance(rep, SecondaryReplica)
             active = self.exports.get(f"active/{name}") or self.exports.get(name)
             if isinstance(active, Export):
-                active.target = rep.active
+                active.target = rep.active_view
             else:
-                active = Export(rep.active, self.admission)
-            gate = sessions.WriterGate(name)
+                active = Export(rep.active_view, self.admission)
+            gate = sessions.SessionFence(name)
             aliases = [f"replica/{name}"] + (["replica"] if i == 0 else [])
             for replica in aliases:  # each with its batch and seal twins, one gate for all
-                for export, dev in ((replica, rep.replica),
+                for export, dev in ((replica, rep.replica_view),
                                     (replica + batch.EXPORT_SUFFIX,
-                                     batch.BatchView(rep.replica, rep.prefetch)),
-                                    (replica + sessions.SEAL_SUFFIX, rep.replica)):
+                                     batch.BatchView(rep.replica_view, rep.prefetch)),
+                                    (replica + sessions.SEAL_SUFFIX, rep.replica_view)):
                     self.exports[export] = dev
                     self._gates[export] = gate
             for replica in aliases:  # read-only digests for a primary's own comparison

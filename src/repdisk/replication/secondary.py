@@ -7,12 +7,13 @@ Layout (all three the same length)::
                                    overwrote since the last
                                    checkpoint)
 
-Two views are served, both ``BlockDevice``-shaped:
+The images are ``disk``, ``hidden_overlay`` and ``active_overlay``.  Two views over
+them are served, both ``BlockDevice``-shaped:
 
-* ``replica`` -- what the primary writes into.  A write first copies the old
-  contents of every cluster it touches into ``hidden`` (copy-before-write, once
-  per cluster per checkpoint interval), then writes the disk.
-* ``active`` -- the secondary VM's disk: its own writes, else the disk as it was
+* ``replica_view`` -- what the primary writes into.  A write first copies the old
+  contents of every cluster it touches into the hidden overlay (copy-before-write,
+  once per cluster per checkpoint interval), then writes the disk.
+* ``active_view`` -- the secondary VM's disk: its own writes, else the disk as it was
   at the last checkpoint (reads fall through active, hidden, disk).
 
 One gate, :func:`gate`, decides every request's fate from (view, op, stage);
@@ -43,8 +44,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any, ContextManager, NoReturn
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, NoReturn
 
 from repdisk.block.device import BlockDevice
 from repdisk.block.overlay import Overlay, coalesce
@@ -152,14 +153,15 @@ class _ReplicaView:
 class SecondaryReplica:
     """One replicated disk on the secondary node (a node may hold several).
 
-    Owns the three images it is given: ``close`` closes them.
+    Owns the three images it is given (``disk``, ``hidden_overlay``, ``active_overlay``):
+    ``close`` closes them.  Serves them through ``replica_view`` and ``active_view``.
     """
 
     def __init__(self, name: str, disk: RawImage, hidden: Overlay, active: Overlay, *,
                  events: EventSink = no_events) -> None:
         self.name = name
         self.disk = disk
-        self.hidden = hidden
+        self.hidden_overlay = hidden
         self.active_overlay = active
         self.size = disk.size
         self.cluster_size = hidden.cluster_size
@@ -176,8 +178,8 @@ class SecondaryReplica:
             ("replica_writes", "replica_bytes", "cbw_bytes", "active_writes", "checkpoints"), 0)
         self._last_checkpoint: dict[str, float] | None = None
         self.consistent = False
-        self.replica: BlockDevice = _ReplicaView(self, View.REPLICA)
-        self.active: BlockDevice = _ReplicaView(self, View.ACTIVE)
+        self.replica_view: BlockDevice = _ReplicaView(self, View.REPLICA)
+        self.active_view: BlockDevice = _ReplicaView(self, View.ACTIVE)
 
     @classmethod
     def open(cls, name: str, disk_path: str, hidden_path: str | None = None,
@@ -283,7 +285,7 @@ class SecondaryReplica:
             try:
                 with self._ranges.whole(self.size):
                     self.active_overlay.flush()
-                    self.hidden.flush()
+                    self.hidden_overlay.flush()
             except OSError as err:
                 self._commit_failed(err)
             return True
@@ -299,7 +301,8 @@ class SecondaryReplica:
             if self.stage is Stage.NONE:
                 log.warning("%s: finishing a failover commit interrupted by a crash "
                             "(active %d bytes, hidden %d bytes still buffered)", self.name,
-                            self.active_overlay.allocated_bytes, self.hidden.allocated_bytes)
+                            self.active_overlay.allocated_bytes,
+                            self.hidden_overlay.allocated_bytes)
                 self.sm.set_stage(Stage.FAILOVER)
             elif self.stage is not Stage.FAILOVER:
                 raise ReplicationError(f"{self.name}: no failover commit to finish "
@@ -332,7 +335,7 @@ class SecondaryReplica:
         return {
             "disk": self.name, "mode": self.sm.mode.value, "stage": self.stage.value,
             "error": self.error, "consistent": self.consistent,
-            "hidden_bytes": self.hidden.allocated_bytes,
+            "hidden_bytes": self.hidden_overlay.allocated_bytes,
             "active_bytes": self.active_overlay.allocated_bytes,
             "counters": counters,
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
@@ -342,7 +345,7 @@ class SecondaryReplica:
         """Flush and close the overlays, then the disk (``disk=False``: a promoted node's
         primary owns it now)."""
         self.active_overlay.close()
-        self.hidden.close()
+        self.hidden_overlay.close()
         if disk:
             self.disk.flush()
             self.disk.close()
@@ -351,12 +354,13 @@ class SecondaryReplica:
 
     def _check_chain(self) -> None:
         """Equal lengths first (an overlay made for another disk shows up here), then links."""
-        sizes = (self.active_overlay.size, self.hidden.size, self.disk.size)
+        sizes = (self.active_overlay.size, self.hidden_overlay.size, self.disk.size)
         if len(set(sizes)) != 1:
             raise ReplicationError(f"{self.name}: active disk, hidden disk, secondary disk's "
                                    f"length are not the same ({sizes[0]}, {sizes[1]}, "
                                    f"{sizes[2]} bytes); recreate the overlays for this disk")
-        if self.active_overlay.backing is not self.hidden or self.hidden.backing is not self.disk:
+        if (self.active_overlay.backing is not self.hidden_overlay
+                or self.hidden_overlay.backing is not self.disk):
             raise ReplicationError(f"{self.name}: the chain must be active -> hidden -> disk: "
                                    "the active overlay must be backed by the hidden overlay "
                                    "and the hidden overlay by the secondary disk")
@@ -367,7 +371,7 @@ class SecondaryReplica:
             self.disk.flush()  # the primary's writes are durable before their undo data goes
             try:
                 self.active_overlay.make_empty()
-                self.hidden.make_empty()
+                self.hidden_overlay.make_empty()
             except BaseException:
                 self.consistent = False  # neither the old nor the new checkpoint is whole now
                 raise
@@ -395,7 +399,7 @@ class SecondaryReplica:
         try:
             with self._ranges.whole(self.size):
                 self.active_overlay.commit(progress)
-                committed = self.hidden.commit(progress)  # holds active's clusters too now
+                committed = self.hidden_overlay.commit(progress)  # holds active's clusters too now
                 self.disk.flush()
         except Exception as err:
             self._commit_failed(err)
@@ -424,7 +428,7 @@ class SecondaryReplica:
         """
         if self.stage is not Stage.RUNNING:
             return
-        cs, allocated = self.cluster_size, self.hidden.is_allocated
+        cs, allocated = self.cluster_size, self.hidden_overlay.is_allocated
         clusters = sorted({c for offset, length in ranges
                            for c in range(offset // cs, -(-(offset + length) // cs))
                            if not allocated(c)})
@@ -460,7 +464,7 @@ class SecondaryReplica:
                buf: bytes | memoryview | None, fua: bool) -> None:
         try:
             if route is Route.COPY_BEFORE_WRITE:
-                copied = self.hidden.copy_from_backing(offset, length)
+                copied = self.hidden_overlay.copy_from_backing(offset, length)
                 _apply(self.disk, call, offset, length, buf, fua)
                 self._count_replica_write(length, copied)
                 return
@@ -487,9 +491,10 @@ class SecondaryReplica:
             stop = min(end, (pos // cs + 1) * cs)
             cluster = pos // cs
             buffered = (self.active_overlay.is_allocated(cluster)
-                        or self.hidden.is_allocated(cluster))
+                        or self.hidden_overlay.is_allocated(cluster))
             piece = data[pos - offset:stop - offset] if data is not None else None
-            _apply(self.active_overlay if buffered else self.disk, call, pos, stop - pos, piece, fua)
+            dev = self.active_overlay if buffered else self.disk
+            _apply(dev, call, pos, stop - pos, piece, fua)
             pos = stop
 
     def _flush(self, view: View) -> None:
@@ -539,11 +544,11 @@ class _FairRangeLock:
         self._turnstile = threading.Condition(threading.Lock())
         self._draining = 0
 
-    def shared(self, start: int, end: int) -> ContextManager[None]:
+    def shared(self, start: int, end: int) -> AbstractContextManager[None]:
         self._wait_turn()
         return self._ranges.shared(start, end)
 
-    def exclusive(self, start: int, end: int) -> ContextManager[None]:
+    def exclusive(self, start: int, end: int) -> AbstractContextManager[None]:
         self._wait_turn()
         return self._ranges.exclusive(start, end)
 

@@ -12,7 +12,7 @@ with EPERM.  Two dangers are closed this way:
   primary's resync over a new connection has rewritten the same bytes.
 
 Admission waits for the writes of older sessions that are already under way
-(an exclusive hold of the gate), so no write of an old session is half done
+(the fence's writing lock, exclusive), so no write of an old session is half done
 when a newer one starts.  A plain ``replica`` connection (no tag) is an
 operator's tool and is not fenced.
 """
@@ -55,14 +55,15 @@ def make_tag(epoch: int, generation: int) -> str:
     return f"@{epoch}.{generation}"
 
 
-class WriterGate:
-    """Which writer session of one disk may write; see the module docstring."""
+class SessionFence:
+    """Which writer session of one disk may write (the newest admitted); see the module
+    docstring.  Shared by a replica export and its batch and seal twins."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        # One range, [0, 1): writes hold it shared, admission of a newer session exclusive.
-        self._hold = RangeLock()
-        # Guards _current (read under the shared hold, written under the exclusive one).
+        # One range, [0, 1): writes take it shared, admission of a newer session exclusive.
+        self._writing = RangeLock()
+        # Guards _current (read with _writing shared, written with it exclusive).
         self._mutex = threading.Lock()
         self._current: Token = (-1, -1)
 
@@ -71,7 +72,7 @@ class WriterGate:
             raise BlockIOError(errno.EPERM, f"{self.name}: refusing a primary of epoch "
                                             f"{token[0]}: this node is in epoch {node_epoch} "
                                             "(that primary lost a failover)")
-        with self._hold.exclusive(0, 1), self._mutex:
+        with self._writing.exclusive(0, 1), self._mutex:
             if token < self._current:
                 raise BlockIOError(errno.EPERM, f"{self.name}: a newer primary session "
                                                 f"{self._current} is already writing")
@@ -82,7 +83,7 @@ class WriterGate:
 
         Called for every replica request, so a plain acquire/release rather than a
         generator context manager (several Python calls per request)."""
-        entry = self._hold.acquire(0, 1, False)
+        entry = self._writing.acquire(0, 1, False)
         try:
             if token != self._current:
                 raise BlockIOError(errno.EPERM, f"{self.name}: write of a superseded primary "
@@ -90,7 +91,7 @@ class WriterGate:
                                                 f"{self._current})")
             fn(*args)
         finally:
-            self._hold.release(entry)
+            self._writing.release(entry)
 
     @property
     def current(self) -> Token:
@@ -100,14 +101,14 @@ class WriterGate:
 class SessionView:
     """A ``replica`` view as one writer session sees it: writes pass only while current."""
 
-    def __init__(self, view: BlockDevice, gate: WriterGate, token: Token) -> None:
-        self._view, self._gate, self._token = view, gate, token
+    def __init__(self, view: BlockDevice, fence: SessionFence, token: Token) -> None:
+        self._view, self._fence, self._token = view, fence, token
         self.size = view.size
         self.pread_into = view.pread_into
         self.extents = view.extents
 
     def _write(self, fn: Any, *args: Any) -> None:
-        self._gate.run_write(self._token, fn, *args)
+        self._fence.run_write(self._token, fn, *args)
 
     def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         self._write(self._view.pwrite, buf, offset, fua)
