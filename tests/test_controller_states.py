@@ -124,6 +124,13 @@ def test_an_operation_may_not_leave_a_state_outside_its_row(tmp_path) -> None:
             ctl._set_state(S.FAILED_OVER)
 
 
+def test_the_state_changes_only_inside_an_operation(tmp_path) -> None:
+    ctl = _controller(tmp_path)
+    with pytest.raises(AssertionError, match="the state set to running outside an operation"):
+        ctl._set_state(S.RUNNING)
+    assert ctl.state is S.STARTING and not _changes(ctl)
+
+
 def test_operations_do_not_nest(tmp_path) -> None:
     ctl = _controller(tmp_path)
     ctl.state = S.RUNNING

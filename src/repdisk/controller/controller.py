@@ -8,7 +8,7 @@ touches data itself.  One thread (``run``) heartbeats both nodes every ``heartbe
 acts on what it sees (``step``); operations also come from its own control socket.
 
 State machine (states.py): the controller's state is a ``ControllerState``, written only by
-``_set_state`` (which logs and emits ``CONTROLLER_STATE_CHANGED``).
+``_set_state`` (which logs and emits ``CONTROLLER_STATE_CHANGED``) inside an operation.
 Every operation is an ``Operation`` whose row in ``TRANSITIONS`` says the states it may
 run in, the state shown while it runs and the states it may leave; ``gate`` is the only
 check, and ``_operation`` runs one operation at a time under one lock (a second one waits,

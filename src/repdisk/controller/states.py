@@ -1,12 +1,12 @@
 """The controller's state machine: its states, its operations, and which runs when.
 
 The controller's state is a :class:`ControllerState`, written only by
-:meth:`StateMachine._set_state` (which logs and emits ``CONTROLLER_STATE_CHANGED``).
-Every operation is an :class:`Operation` whose row in :data:`TRANSITIONS` says the states
-it may run in, the state shown while it runs and the states it may leave; :func:`gate` is
-the only check, and :meth:`StateMachine._operation` runs one operation at a time under
-one lock (a second one waits, then is gated against the state the first left).  A failed
-operation leaves its ``on_error`` state.
+:meth:`StateMachine._set_state` (which logs and emits ``CONTROLLER_STATE_CHANGED``), and
+only while an operation runs.  Every operation is an :class:`Operation` whose row in
+:data:`TRANSITIONS` says the states it may run in, the state shown while it runs and the
+states it may leave; :func:`gate` is the only check, and :meth:`StateMachine._operation`
+runs one operation at a time under one lock (a second one waits, then is gated against
+the state the first left).  A failed operation leaves its ``on_error`` state.
 """
 
 from __future__ import annotations
@@ -132,7 +132,12 @@ class StateMachine:
         raise NotImplementedError
 
     def _set_state(self, state: ControllerState, why: str = "") -> None:
-        """The only writer of ``state``: logs and emits CONTROLLER_STATE_CHANGED."""
+        """The only writer of ``state``: logs and emits CONTROLLER_STATE_CHANGED.
+
+        Only an operation changes the state: called outside one, it raises AssertionError
+        (where an operation may leave the state is checked when it ends)."""
+        if self.operation is None:
+            raise AssertionError(f"the state set to {state.value} outside an operation")
         if state is not self.state:
             old, self.state = self.state, state
             self._event("CONTROLLER_STATE_CHANGED", **{"from": old.value, "to": state.value,
