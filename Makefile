@@ -1,13 +1,17 @@
 # The README's test command is `make check`: set-up, then every test (unit, integration, VM).
 PY := .venv/bin/python
 
-.PHONY: setup check test vmtest bench lab clean
+.PHONY: setup check lint test vmtest bench lab clean
 
 setup:
 	./scripts/setup.sh
 
 check: setup
 	$(PY) -m pytest tests vmtests bench
+
+# ruff and mypy --strict (tests/test_lint.py; `check` runs them too).
+lint: setup
+	$(PY) -m pytest tests/test_lint.py
 
 test: setup
 	$(PY) -m pytest tests
@@ -19,4 +23,4 @@ bench: setup
 	$(PY) -m bench.run --costs
 
 clean:
-	rm -rf .venv build *.egg-info src/*.egg-info
+	rm -rf .venv build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .import_linter_cache

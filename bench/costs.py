@@ -265,7 +265,7 @@ def measure(workdir: Path, quick: bool = False) -> Costs:
 
 def render(costs: Costs) -> str:
     """The costs as one Markdown table (plus the ratios)."""
-    rows = [("checkpoint latency, %s dirty, %s disk" % (_human(EQUAL_DIRTY), d),
+    rows = [(f"checkpoint latency, {_human(EQUAL_DIRTY)} dirty, {d} disk",
              f"{s * 1000:,.1f} ms") for d, s in costs.checkpoint_by_disk.items()]
     rows += [(f"checkpoint latency, {d} dirty, {_human(SWEEP_DISK)} disk", f"{s * 1000:,.1f} ms")
              for d, s in costs.checkpoint_by_dirty.items()]

@@ -14,7 +14,8 @@ again until fio ends, so a resync runs during the whole job. Cases, each with a 
 Reported per case: the guest's write p50/p99/p99.9 completion latency (fio clat) and the
 resync's throughput while the guest wrote (bytes the resyncs sent during the job / its
 length), plus each case's p99 over idle's. fio measures after a ramp second; the resync
-starts in it, once the primary has counted a guest write. Repetitions are interleaved; medians reported.
+starts in it, once the primary has counted a guest write. Repetitions are interleaved;
+medians reported.
 
 Run from the repository root: `.venv/bin/python -m bench.resync_rate [--quick]`.
 """

@@ -17,8 +17,8 @@ identical and the only variable is the server stack:
 
 Every job runs hot (the page cache as the jobs before left it) and cold (dropped first).
 Repetitions are interleaved (rep 1 of every system, then rep 2 ...) so slow drift of the
-machine spreads over all systems; the median of each metric is reported with its range. A system that cannot
-start is skipped with a note in the table; the run goes on.
+machine spreads over all systems; the median of each metric is reported with its range. A
+system that cannot start is skipped with a note in the table; the run goes on.
 
 Run from the repository root: `.venv/bin/python -m bench.run [--quick] [--systems a,b]`.
 """
@@ -801,7 +801,7 @@ def run_benchmark(cfg: Config) -> tuple[Cells, dict[str, str]]:
             log.info("rep %d/%d: %s", rep + 1, cfg.reps, name)
             os.sync()  # each system starts with no dirty pages left by the previous one
             _try(name, skipped,
-                 lambda n=name: _measure_system(SYSTEMS[n], cfg, rep, cells, rawdir))
+                 lambda n=name, r=rep: _measure_system(SYSTEMS[n], cfg, r, cells, rawdir))
     return cells, skipped
 
 
@@ -831,7 +831,8 @@ def render_markdown(cfg: Config, meta: dict[str, Any], cells: Cells,
         f"Image {cfg.size // MiB} MiB (fully written), runtime {cfg.runtime} s time_based, "
         f"{cfg.reps} repetition(s), median shown with the range of IOPS over them. Cache "
         "`hot`: both images read into the page cache before a system's first hot job, then "
-        "as the jobs before left it; `cold`: dropped right before the job. MB/s = 10^6 B/s; p50/p99 = completion latency percentiles (reads and writes "
+        "as the jobs before left it; `cold`: dropped right before the job. MB/s = 10^6 B/s; "
+        "p50/p99 = completion latency percentiles (reads and writes "
         f"merged); ratios are of IOPS, to {REFERENCE} and to file in the same cache state.", "",
         f"| workload | system | cache | IOPS | IOPS range | MB/s | p50 (µs) | p99 (µs) "
         f"| vs {REFERENCE} | vs file |",

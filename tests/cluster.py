@@ -115,7 +115,7 @@ if action in ("off", "reboot"):
         f.write(f"{{time.time():.3f}} fence {{node}} ({{action}}, by {{os.uname().nodename}})\n")
     sys.exit(0)
 sys.exit(0)
-'''
+'''  # noqa: E501 (the agent's metadata XML, one element a line)
 
 
 def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
@@ -170,7 +170,8 @@ class ClusterNode:
             self.host.cmd(["unshare", "--mount", "--uts", "--propagation", "private", "--",
                            "sh", "-c", SETUP, "sh", self.name, *binds,
                            self.cluster.fence_dir, self.cluster.ocf_dir]),
-            stdout=subprocess.PIPE, stderr=open(os.path.join(self.folder, "init.log"), "ab"),
+            stdout=subprocess.PIPE,
+            stderr=open(os.path.join(self.folder, "init.log"), "ab"),  # noqa: SIM115 (the child's)
             text=True)
         assert self.init.stdout is not None
         line = self.init.stdout.readline().strip()
@@ -180,7 +181,7 @@ class ClusterNode:
         with open(self.cluster.ns_file(self.name), "w") as f:
             f.write(self.mnt_ns)
         env = {**os.environ, "PCMK_logfile": "/var/log/pacemaker/pacemaker.log"}
-        log = open(os.path.join(self.folder, "daemons.log"), "ab")
+        log = open(os.path.join(self.folder, "daemons.log"), "ab")  # noqa: SIM115 (the daemons')
         self.daemons = [subprocess.Popen(self.enter(["corosync", "-f"]), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=env)]
         self._wait(lambda: self.run(["corosync-cfgtool", "-s"], check=False).returncode == 0,
@@ -276,7 +277,7 @@ class Cluster:
                 lines = f.read().splitlines()
         except OSError:
             return "(no timeline)"
-        rows = sorted((float(l.split(" ", 1)[0]), l.split(" ", 1)[1]) for l in lines if l)
+        rows = sorted((float(ln.split(" ", 1)[0]), ln.split(" ", 1)[1]) for ln in lines if ln)
         return "\n".join(f"{t - self.t0:8.3f}s  {what}" for t, what in rows)
 
     def _prepare(self) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nbd
 import pytest
@@ -58,8 +59,8 @@ class NodeProc:
 def sigstop(proc: subprocess.Popen) -> None:
     """SIGSTOP ``proc`` and wait until the kernel has really stopped it (signals are async)."""
     proc.send_signal(signal.SIGSTOP)
-    stat = f"/proc/{proc.pid}/stat"
-    while open(stat).read().rpartition(")")[2].split()[0] != "T":
+    stat = Path(f"/proc/{proc.pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] != "T":
         time.sleep(0.005)
 
 

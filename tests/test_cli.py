@@ -136,8 +136,10 @@ MISTAKES = [
     Mistake("bad timeout", pri_keys(("timeout", "soon")),
             r"timeout: cannot parse duration 'soon': use a number with an optional unit ms, s, m "
             r"or h, e\.g\. 5s or 500ms"),
-    Mistake("zero timeout", pri_keys(("timeout", "0s")), r"timeout: '0s' is not positive: use e\.g\. 5s or 500ms"),
-    Mistake("bad window", pri_keys(("window", "0")), r"window: expected a whole number >= 1, got '0'"),
+    Mistake("zero timeout", pri_keys(("timeout", "0s")),
+            r"timeout: '0s' is not positive: use e\.g\. 5s or 500ms"),
+    Mistake("bad window", pri_keys(("window", "0")),
+            r"window: expected a whole number >= 1, got '0'"),
     Mistake("bad resync-rate", pri_keys(("resync-rate", "fast")),
             r"resync-rate: cannot parse rate 'fast': use auto, max, or bytes per second with an "
             r"optional K, M, G suffix, e\.g\. 100M"),

@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -95,7 +96,7 @@ def test_closed_stdout_ends_every_subcommand_quietly(cli_pair: Pair) -> None:
                          ids=["ctl", "status"])
 def test_ctrl_c_against_a_stopped_node_is_one_line_and_130(cli_pair: Pair, argv) -> None:
     pri, sec = start_cli_pair(cli_pair)
-    pid = int(open(cli_pair.path("sec.pid")).read())
+    pid = int(Path(cli_pair.path("sec.pid")).read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: stopped(pid), what="SIGSTOP")
@@ -131,8 +132,8 @@ def test_refused_start_touches_nothing_of_the_running_node(cli_pair: Pair) -> No
 
 def refused_starts_change_nothing(cli_pair: Pair) -> None:
     f = cli_pair.path
-    pid_before = open(f("s1.qmp.pid")).read()
-    log_before = open(f("s1.qmp.log"), "rb").read()
+    pid_before = Path(f("s1.qmp.pid")).read_text()
+    log_before = Path(f("s1.qmp.log")).read_bytes()
     attempts = [  # (argv, the one line)
         (["--control", "s1.qmp", "--nbd-socket", "s3.sock", "--background"],
          rf"repdisk: error: a node already runs with pid file s1\.qmp\.pid \(pid "
@@ -154,8 +155,8 @@ def refused_starts_change_nothing(cli_pair: Pair) -> None:
         no_traceback(result)
         assert result.returncode == 1
         assert re.fullmatch(line, one_line(result.stdout + result.stderr)), result.stderr
-        assert open(f("s1.qmp.pid")).read() == pid_before
-        assert open(f("s1.qmp.log"), "rb").read() == log_before
+        assert Path(f("s1.qmp.pid")).read_text() == pid_before
+        assert Path(f("s1.qmp.log")).read_bytes() == log_before
         assert not os.path.exists(f("other.pid")) and not os.path.exists(f("s3.sock"))
         assert not os.path.exists(f("s2.qmp"))
     assert nodeproc.Listen(socket=f("s1.sock")).answers()
@@ -187,7 +188,7 @@ def test_refused_request_is_one_log_line_and_status_says_fenced(cli_pair: Pair) 
     for _ in range(3):
         with pytest.raises(AssertionError, match="Operation not permitted"):
             qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 64k", guest)
-    log = open(cli_pair.path("pri.log")).read()
+    log = Path(cli_pair.path("pri.log")).read_text()
     assert "Traceback" not in log
     refused = [line for line in log.splitlines() if "guest write refused" in line]
     assert len(refused) == 3, log
@@ -213,7 +214,7 @@ def test_status_shows_a_suspended_primary(cli_pair: Pair) -> None:
     cli_pair.repdisk("ctl", "sec.qmp", "start", "mode=secondary")
     cli_pair.repdisk("ctl", "pri.qmp", "start", "mode=primary")
     cli_pair.repdisk("ctl", "pri.qmp", "replication-heartbeat")      # a controller's contact
-    pid = int(open(f("sec.pid")).read())
+    pid = int(Path(f("sec.pid")).read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
         def suspended() -> bool:
@@ -342,7 +343,7 @@ def test_status_after_a_promotion_names_the_new_roles(cli_pair: Pair) -> None:
         line = cli_pair.repdisk("status", "ctl.qmp").stdout.splitlines()[0]
         assert re.match(r"controller running +epoch 1  primary pri\.qmp ok \(\d+\.\ds ago\)  "
                         r"secondary sec\.qmp ok", line), line
-        os.kill(int(open(f("pri.pid")).read()), signal.SIGKILL)
+        os.kill(int(Path(f("pri.pid")).read_text()), signal.SIGKILL)
 
         def lost() -> bool:
             line = cli_pair.repdisk("status", "ctl.qmp").stdout.splitlines()[0]

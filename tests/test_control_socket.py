@@ -68,16 +68,16 @@ async def run_every_command(pri_path: str, sec_path: str) -> list[tuple[dict[str
     try:
         for i, mode in ((1, "secondary"), (0, "primary")):
             await run(nodes[i][0], "replication-start", {"mode": mode}, answers[i])
-        for (qmp, names), got in zip(nodes, answers):
+        for (qmp, names), got in zip(nodes, answers, strict=True):
             for name in names:
                 if name not in LAST and name not in got and name != "qmp_capabilities":
                     await run(qmp, name, ARGS.get(name, {}), got)
-        for (qmp, names), got in zip(nodes, answers):
+        for (qmp, names), got in zip(nodes, answers, strict=True):
             for name in (n for n in LAST if n in names):
                 await run(qmp, name, ARGS.get(name, {}), got)
             await run(qmp, "query-version", {}, got)     # still talking
         return [(got, [e["event"] for e in qmp.events.clear()])
-                for (qmp, _), got in zip(nodes, answers)]
+                for (qmp, _), got in zip(nodes, answers, strict=True)]
     finally:
         for qmp, _ in nodes:
             await qmp.disconnect()

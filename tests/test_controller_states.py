@@ -17,28 +17,28 @@ from repdisk.controller.states import TRANSITIONS, ControllerState, Operation, g
 from repdisk.errors import ConfigError, ControlError
 
 S = ControllerState
-O = Operation
+Op = Operation
 ALL = set(S)
 
 #: op -> (runs in, leaves (None = where it ran), shown while running, left on error)
 EXPECTED = {
-    O.ADOPT: ({S.STARTING, S.FENCED},
+    Op.ADOPT: ({S.STARTING, S.FENCED},
               {S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED}, None, None),
-    O.START: ({S.STARTING}, {S.RUNNING}, None, None),
-    O.HEARTBEAT: ({S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED},
+    Op.START: ({S.STARTING}, {S.RUNNING}, None, None),
+    Op.HEARTBEAT: ({S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED},
                   {None, S.DEGRADED, S.FENCED}, None, None),
-    O.CHECKPOINT: ({S.RUNNING}, {S.RUNNING}, None, None),
-    O.RESYNC: ({S.RUNNING, S.DEGRADED}, {S.RUNNING}, S.RESYNCING, S.DEGRADED),
-    O.FAILOVER: ({S.RUNNING, S.DEGRADED}, {S.FAILED_OVER}, None, None),
-    O.FENCE: ({S.FAILED_OVER}, {S.FAILED_OVER}, None, None),
-    O.PROMOTE: ({S.FAILED_OVER}, {S.RUNNING, S.DEGRADED}, S.PROMOTING, S.FAILED_OVER),
-    O.VERIFY: ({S.RUNNING}, {S.RUNNING}, None, None),
-    O.SWITCHOVER: ({S.RUNNING}, {S.RUNNING}, None, None),
-    O.STOP: (ALL, {S.STOPPED}, None, None),
+    Op.CHECKPOINT: ({S.RUNNING}, {S.RUNNING}, None, None),
+    Op.RESYNC: ({S.RUNNING, S.DEGRADED}, {S.RUNNING}, S.RESYNCING, S.DEGRADED),
+    Op.FAILOVER: ({S.RUNNING, S.DEGRADED}, {S.FAILED_OVER}, None, None),
+    Op.FENCE: ({S.FAILED_OVER}, {S.FAILED_OVER}, None, None),
+    Op.PROMOTE: ({S.FAILED_OVER}, {S.RUNNING, S.DEGRADED}, S.PROMOTING, S.FAILED_OVER),
+    Op.VERIFY: ({S.RUNNING}, {S.RUNNING}, None, None),
+    Op.SWITCHOVER: ({S.RUNNING}, {S.RUNNING}, None, None),
+    Op.STOP: (ALL, {S.STOPPED}, None, None),
 }
 
 
-@pytest.mark.parametrize("op,state", list(itertools.product(O, S)),
+@pytest.mark.parametrize("op,state", list(itertools.product(Op, S)),
                          ids=lambda v: v.value)
 def test_gate_is_the_table(op: Operation, state: ControllerState) -> None:
     runs_in = EXPECTED[op][0]
@@ -51,7 +51,7 @@ def test_gate_is_the_table(op: Operation, state: ControllerState) -> None:
 
 
 def test_every_row_is_as_written() -> None:
-    assert set(TRANSITIONS) == set(O)
+    assert set(TRANSITIONS) == set(Op)
     for op, (runs_in, leaves, during, on_error) in EXPECTED.items():
         rule = TRANSITIONS[op]
         assert (set(rule.runs_in), set(rule.leaves), rule.during, rule.on_error) == \
@@ -64,7 +64,7 @@ def test_transient_states_are_only_shown_during_an_operation() -> None:
     transient = {S.RESYNCING, S.PROMOTING}
     assert {r.during for r in TRANSITIONS.values()} - {None} == transient
     for op, rule in TRANSITIONS.items():
-        if op is not O.STOP:
+        if op is not Op.STOP:
             assert not rule.runs_in & transient, op
         assert not {s for s in rule.leaves if s is not None} & transient, op
 
@@ -73,7 +73,7 @@ def test_every_state_is_left_by_some_operation() -> None:
     """No state but stopped is a dead end."""
     for state in ALL - {S.STOPPED}:
         leaving = [op for op, rule in TRANSITIONS.items()
-                   if state in rule.runs_in and op is not O.STOP
+                   if state in rule.runs_in and op is not Op.STOP
                    and ({s for s in rule.leaves if s is not None} - {state}
                         or rule.during not in (None, state))]
         assert leaving or state in (S.RESYNCING, S.PROMOTING), state
@@ -93,13 +93,13 @@ def _changes(ctl: Controller) -> list[tuple[str, str]]:
 def test_an_operation_shows_its_state_and_leaves_on_error_when_it_fails(tmp_path) -> None:
     ctl = _controller(tmp_path)
     ctl.state = S.DEGRADED
-    with pytest.raises(RuntimeError, match="boom"), ctl._operation(O.RESYNC):
+    with pytest.raises(RuntimeError, match="boom"), ctl._operation(Op.RESYNC):
         assert ctl.state is S.RESYNCING and ctl.query()["operation"] == "resync"
         raise RuntimeError("boom")
     assert ctl.state is S.DEGRADED and ctl.operation is None
     assert _changes(ctl) == [("degraded", "resyncing"), ("resyncing", "degraded")]
     assert ctl.events[-1]["data"]["why"] == "resync failed: boom"
-    with ctl._operation(O.RESYNC):
+    with ctl._operation(Op.RESYNC):
         ctl._set_state(S.RUNNING)
     assert ctl.state is S.RUNNING and ctl.query()["operation"] is None
 
@@ -119,9 +119,9 @@ def test_a_failed_promotion_goes_back_to_failed_over(tmp_path) -> None:
 def test_an_operation_may_not_leave_a_state_outside_its_row(tmp_path) -> None:
     ctl = _controller(tmp_path)
     ctl.state = S.RUNNING
-    with pytest.raises(AssertionError, match="checkpoint left failed-over, outside its row"):
-        with ctl._operation(O.CHECKPOINT):
-            ctl._set_state(S.FAILED_OVER)
+    with pytest.raises(AssertionError, match="checkpoint left failed-over, outside its row"), \
+            ctl._operation(Op.CHECKPOINT):
+        ctl._set_state(S.FAILED_OVER)
 
 
 def test_the_state_changes_only_inside_an_operation(tmp_path) -> None:
@@ -134,10 +134,9 @@ def test_the_state_changes_only_inside_an_operation(tmp_path) -> None:
 def test_operations_do_not_nest(tmp_path) -> None:
     ctl = _controller(tmp_path)
     ctl.state = S.RUNNING
-    with pytest.raises(AssertionError, match="checkpoint inside resync"):
-        with ctl._operation(O.RESYNC):
-            with ctl._operation(O.CHECKPOINT):
-                pass
+    with pytest.raises(AssertionError, match="checkpoint inside resync"), \
+            ctl._operation(Op.RESYNC), ctl._operation(Op.CHECKPOINT):
+        pass
 
 
 def test_operator_commands_in_the_wrong_state_change_nothing(tmp_path) -> None:

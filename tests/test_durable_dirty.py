@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_write_acknowledged_while_degraded_survives_a_primary_restart(lab_dir: s
         repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)  # removes the sockets and pids
     repdisk(lab_dir, "lab", "--dir", lab_dir, "--write-mode", mode)
     pri, sec = f"{lab_dir}/pri.qmp", f"{lab_dir}/sec.qmp"
-    log = open(os.path.join(lab_dir, "pri.log")).read()
+    log = Path(lab_dir, "pri.log").read_text()
     if stop == "kill -9":
         assert "disk0: compared with the secondary in" in log and ": 1048576 bytes differ" in log
     for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
@@ -110,4 +111,4 @@ def test_clean_stop_of_an_in_sync_primary_leaves_no_map_and_copies_nothing(lab_d
     repdisk(lab_dir, "lab", "--dir", lab_dir)
     q = json.loads(repdisk(lab_dir, "ctl", f"{lab_dir}/pri.qmp", "query-replication", "--json"))
     assert q["disks"][0]["counters"]["forwarded"] == 0    # nothing was copied at start
-    assert "compared" not in open(os.path.join(lab_dir, "pri.log")).read()
+    assert "compared" not in Path(lab_dir, "pri.log").read_text()

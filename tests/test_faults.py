@@ -10,6 +10,7 @@ secondary's disk with the primary's after recovery, every byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -84,10 +85,8 @@ def test_secondary_killed_in_the_middle_of_a_checkpoint_then_restarted(nodes: No
 
 
 def _swallow(fn: Any, *args: Any) -> None:
-    try:
+    with contextlib.suppress(ControlError, OSError):   # the node died under the command
         fn(*args)
-    except (ControlError, OSError):
-        pass                             # the node died under the command: expected
 
 
 @pytest.mark.parametrize("seed", [4, 5])
@@ -173,7 +172,8 @@ def test_full_disk_under_the_hidden_overlay(nodes: Nodes, small_fs: str) -> None
     assert read_file(pri_disk) == new
     q = pri.ctl("query-replication")["disks"][0]
     assert q["degraded"] and "failed write" in q["error"], q["error"]
-    with pytest.raises(ControlError, match="replica pwrite .* failed: .*hidden: .*No space left on device"):
+    with pytest.raises(ControlError,
+                       match="replica pwrite .* failed: .*hidden: .*No space left on device"):
         sec.ctl("replication-get-error")
     # The failover needs no free space: the overlay's bitmap blocks were reserved when it
     # was created, so its bits are persisted on the full file system, and the commit

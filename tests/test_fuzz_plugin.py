@@ -76,7 +76,7 @@ def apply(h: nbd.NBD, model: bytearray, op: str, off: int, length: int, fua: boo
         model[off:off + length] = bytes(length)
     else:
         now = h.pread(length, off)
-        assert all(b in (old, 0) for b, old in zip(now, before)), "trim invented data"
+        assert all(b in (old, 0) for b, old in zip(now, before, strict=True)), "trim invented data"
         model[off:off + length] = now
 
 

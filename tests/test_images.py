@@ -109,7 +109,8 @@ def test_raw_create_refuses_existing_unless_exist_ok(tmp_path: Path) -> None:
     path = tmp_path / "d"
     with RawImage.create(path, MiB) as disk:
         disk.pwrite(b"keep", 0)
-    with pytest.raises(BlockIOError, match="already exists and is not overwritten; move it away") as info:
+    with pytest.raises(BlockIOError,
+                       match="already exists and is not overwritten; move it away") as info:
         RawImage.create(path, MiB)
     assert info.value.errno == errno.EEXIST and str(path) in str(info.value)
     with RawImage.create(path, 2 * MiB, exist_ok=True) as disk:
@@ -230,12 +231,12 @@ def test_copy_range_of_a_shrunk_source_pads_zeros(tmp_path: Path) -> None:
 
 
 def test_copy_to_a_read_only_image_is_refused(tmp_path: Path) -> None:
-    with new_disk(tmp_path / "s", MiB, seed=45) as src, new_disk(tmp_path / "d", MiB, 46):
-        with RawImage.open(tmp_path / "d", readonly=True) as dst:
-            with pytest.raises(BlockIOError, match=r"d is open read-only") as err:
-                copy_range(src, dst, 0, 4096)
-            assert err.value.errno == errno.EROFS
-            assert read_all(dst) == randbytes(MiB, 46)
+    with new_disk(tmp_path / "s", MiB, seed=45) as src, new_disk(tmp_path / "d", MiB, 46), \
+            RawImage.open(tmp_path / "d", readonly=True) as dst:
+        with pytest.raises(BlockIOError, match=r"d is open read-only") as err:
+            copy_range(src, dst, 0, 4096)
+        assert err.value.errno == errno.EROFS
+        assert read_all(dst) == randbytes(MiB, 46)
 
 
 @pytest.mark.parametrize("path_", ["punch", "zero-range", "write-zeros"])
@@ -987,7 +988,8 @@ _FAST_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 @pytest.mark.parametrize("depth", [2, 3])
-@settings(max_examples=int(os.environ.get("REPDISK_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("REPDISK_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_chain_matches_model(depth: int, data: st.DataObject) -> None:
     size = data.draw(st.sampled_from([64 * KiB, 64 * KiB - 1234]), label="size")

@@ -68,8 +68,8 @@ def test_lab_up_use_and_down(lab_dir: str) -> None:
     again = run([REPDISK, "lab", "--dir", lab_dir], "/")
     assert again.returncode == 1
     assert again.stderr == (f"repdisk: error: a lab is already running in {lab_dir} (found "
-                            f"{os.path.join(lab_dir, 'sec.pid')}); run: {lab.command_name()} lab --down "
-                            f"--dir {lab_dir}\n")
+                            f"{os.path.join(lab_dir, 'sec.pid')}); run: {lab.command_name()} lab "
+                            f"--down --dir {lab_dir}\n")
     assert len(lab_processes(lab_dir)) == 2
 
     down = run([REPDISK, "lab", "--down", "--dir", lab_dir], "/")

@@ -75,7 +75,8 @@ def test_crm_resource_validate_accepts_good_parameters(disk, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("change, code, words", [
-    ("disks=/nonexistent/d.img", ocf.ERR_ARGS, "parameter disks: /nonexistent/d.img does not exist"),
+    ("disks=/nonexistent/d.img", ocf.ERR_ARGS,
+     "parameter disks: /nonexistent/d.img does not exist"),
     ("write_mode=fast", ocf.ERR_CONFIGURED, "parameter write_mode: unknown mode 'fast'"),
     ("control=/" + "x" * 120 + "/c.qmp", ocf.ERR_CONFIGURED, "parameter control: "),
     ("control=/dev/null/c.qmp", ocf.ERR_ARGS, "parameter control: cannot create /dev/null"),

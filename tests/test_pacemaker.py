@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nbd
 import psutil
@@ -34,7 +35,7 @@ from tests.netns import Net, unavailable
 pytestmark = pytest.mark.timeout(300)   # a cluster's boot is part of its first test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(ROOT, "README.md")).read()
+README = Path(ROOT, "README.md").read_text()
 MiB = 1 << 20
 SIZE = 32 * MiB
 DISK = "/var/lib/repdisk/disk.img"
@@ -280,11 +281,11 @@ def promoted_at(node: ClusterNode) -> float:
     def read() -> list[str]:
         with open(node.path(f"{RUN}/rd.agent.log"), errors="replace") as f:
             return f.read().splitlines()
-    node.cluster.wait(lambda: any(" promoted (epoch " in l for l in read()), 30,
+    node.cluster.wait(lambda: any(" promoted (epoch " in line for line in read()), 30,
                       f"{node.name}'s agent logging its promotion")
     lines = read()
-    done = [i for i, l in enumerate(lines) if " promoted (epoch " in l]
-    began = [l for l in lines[:done[-1]] if l.endswith(" promoting")]
+    done = [i for i, line in enumerate(lines) if " promoted (epoch " in line]
+    began = [line for line in lines[:done[-1]] if line.endswith(" promoting")]
     return float(began[-1].split()[2])
 
 
@@ -358,7 +359,7 @@ def test_2_power_cut_primary_is_fenced_survivor_promoted_at_last_checkpoint(
     took = pair.wait_serving(s, 6 * MiB, b"\x5a" * 4096)
     pair.note(f"power cut -> {s.name} serving writes: {took:.1f}s")
     print(f"\npower cut -> survivor serving writes (default timings): {took:.1f} s")
-    fenced = open(pair.cluster.timeline).read()
+    fenced = Path(pair.cluster.timeline).read_text()
     assert f"fence {p.name}" in fenced, pair.cluster.timeline_text()
     got = pair.disk(s)
     expected = at_checkpoint[:6 * MiB] + b"\x5a" * 4096 + at_checkpoint[6 * MiB + 4096:]
@@ -431,7 +432,7 @@ def test_6_frozen_primary_is_fenced_not_waited_for(cluster_pair: Pair) -> None:
     p.freeze(("corosync", "nbdkit"))
     took = pair.wait_serving(s, 11 * MiB, b"\x62" * 4096)
     print(f"\nfrozen primary -> survivor serving writes: {took:.1f} s")
-    assert f"fence {p.name}" in open(pair.cluster.timeline).read()
+    assert f"fence {p.name}" in Path(pair.cluster.timeline).read_text()
     assert not p.up or not any(pr.status() != psutil.STATUS_ZOMBIE for pr in p.processes())
     assert pair.disk(s)[10 * MiB:10 * MiB + 65536] == b"\x61" * 65536
     assert took < 30
@@ -480,10 +481,10 @@ def test_5_isolated_primary_loses_quorum_is_fenced_and_rejoins(cluster_trio: Pai
     writer.stop()
     promoted = promoted_at(s)
     pair.note(f"{s.name} promoted (its log)")
-    timeline = open(pair.cluster.timeline).read()
+    timeline = Path(pair.cluster.timeline).read_text()
     assert f"fence {p.name}" in timeline, pair.cluster.timeline_text()
-    fenced_at = float(next(l for l in timeline.splitlines()
-                           if f"fence {p.name}" in l).split()[0])
+    fenced_at = float(next(line for line in timeline.splitlines()
+                           if f"fence {p.name}" in line).split()[0])
     assert fenced_at <= promoted + 0.01, "promoted before the old primary was fenced"
     late = [a for a in writer.acked if a[0] > promoted]
     assert not late, f"{len(late)} writes acknowledged by {p.name} after the promotion"
@@ -514,7 +515,7 @@ def test_power_cut_with_tuned_timings(cluster_trio: Pair) -> None:
     took = pair.wait_serving(s, 14 * MiB, b"\x7e" * 4096)
     print(f"\npower cut -> survivor serving writes (token {TUNED_TOKEN_MS} ms, 3 nodes): "
           f"{took:.1f} s")
-    assert f"fence {p.name}" in open(pair.cluster.timeline).read()
+    assert f"fence {p.name}" in Path(pair.cluster.timeline).read_text()
     assert took < 15
 
 

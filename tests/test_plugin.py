@@ -88,7 +88,7 @@ def extents(h: nbd.NBD) -> list[tuple[int, int, int]]:
     def collect(context: str, offset: int, entries: list[int], err: object) -> int:
         nonlocal pos
         assert context == nbd.CONTEXT_BASE_ALLOCATION and offset == pos
-        for length, flags in zip(entries[::2], entries[1::2]):
+        for length, flags in zip(entries[::2], entries[1::2], strict=True):
             if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == pos:
                 out[-1] = (out[-1][0], out[-1][1] + length, flags)
             else:

@@ -664,7 +664,8 @@ class Load:
         self.errors: list[BaseException] = []
         self.latencies: list[float] = []
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(seed + i,)) for i in range(threads)]
+        self.threads = [threading.Thread(target=self._run, args=(seed + i,))
+                        for i in range(threads)]
         for t in self.threads:
             t.start()
 
@@ -903,7 +904,8 @@ def test_measure_random_4k_writes(primary_factory, secondary_factory) -> None:
         stop = threading.Event()
         data = os.urandom(4096)
 
-        def run(i: int) -> None:
+        def run(i: int, stop: threading.Event = stop, rep: PrimaryReplica = rep,
+                data: bytes = data, count: list[int] = count) -> None:
             rng = random.Random(i)
             while not stop.is_set():
                 rep.view.pwrite(data, rng.randrange(size // 4096) * 4096)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(ROOT, "README.md")).read()
+README = Path(ROOT, "README.md").read_text()
 BIN = os.path.join(ROOT, ".venv", "bin")
 
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert "make check" in README
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    ci = Path(ROOT, ".ci", "run").read_text()
     assert re.search(r"^make check$", ci, re.M)
 
 
@@ -48,7 +49,7 @@ def test_worked_example_runs_as_shown(tmp_path) -> None:
             got = subprocess.run(command, shell=True, cwd=lab, env=env, text=True,
                                  capture_output=True)
             assert got.returncode == 0, f"{command}: {got.stderr}"
-            out = [l for l in got.stdout.splitlines() if l]
+            out = [ln for ln in got.stdout.splitlines() if ln]
             for line in expected:  # every line the README shows is printed, in order
                 assert _normalise(line) in map(_normalise, out), f"{command}: {line!r} not in {out}"
     finally:

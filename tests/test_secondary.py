@@ -350,7 +350,8 @@ def test_registered_replica_follows_the_all_calls(tmp_path: Path) -> None:
     b = make_replica(tmp_path, 16 * KiB, name="b")
     rs_a, rs_b = a.register(reg), b.register(reg)
     assert reg.states() == [rs_b, rs_a] and rs_a.opaque is a
-    with pytest.raises(ReplicationError, match="^b: get_error failed: b: replication is not running"):
+    with pytest.raises(ReplicationError,
+                       match="^b: get_error failed: b: replication is not running"):
         reg.get_error_all()
     reg.start_all(SECONDARY)
     reg.do_checkpoint_all()

@@ -79,7 +79,8 @@ def test_controller_switchover_and_back_and_verify(nodes: Nodes, tmp_path) -> No
     pair = make_pair(nodes)
     try:
         hook = tmp_path / "hook.out"
-        ctl = pair.controller(on_switchover=f"echo $REPDISK_EPOCH $REPDISK_PRIMARY_CONTROL >> {hook}")
+        ctl = pair.controller(
+            on_switchover=f"echo $REPDISK_EPOCH $REPDISK_PRIMARY_CONTROL >> {hook}")
         ctl.start()
         writer = Writer(pair.pri.uri(), pair.size, seed=5).start()
         time.sleep(0.3)

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import nbd
@@ -54,11 +55,11 @@ def test_psk_file_is_private_well_formed_and_never_overwritten(tmp_path: Any) ->
     path = str(tmp_path / "k.psk")
     tls.make_psk(path, "alice")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    user, key = open(path).read().strip().split(":")
+    user, key = Path(path).read_text().strip().split(":")
     assert user == "alice" and len(key) == 2 * tls.PSK_BYTES and int(key, 16) >= 0
     with pytest.raises(ConfigError, match="exists"):
         tls.make_psk(path)
-    assert open(path).read().startswith("alice:")           # untouched
+    assert Path(path).read_text().startswith("alice:")           # untouched
     tls.make_psk(path, force=True)
     assert tls.read_psk_users("k", path) == ["repdisk"]
 

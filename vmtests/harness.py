@@ -320,7 +320,7 @@ class ControllerProc:
         deadline = time.monotonic() + timeout
         while True:
             done = self.query()["counters"]["checkpoints"]
-            self.wait_for(lambda q: q["counters"]["checkpoints"] > done,
+            self.wait_for(lambda q, done=done: q["counters"]["checkpoints"] > done,
                           max(0.0, deadline - time.monotonic()), f"checkpoint after #{done}")
             last = self.last_checkpoint()
             if began_after is None or last.time >= began_after:
@@ -372,7 +372,7 @@ class RecordWatch:
         times = [t for t, _ in self.changes if t >= since]
         end = time.monotonic() if until is None else until
         times = [since, *[t for t in times if t <= end], end] if times else [since, end]
-        return max(b - a for a, b in zip(times, times[1:]))
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
 
     def close(self) -> None:
         self._stop.set()

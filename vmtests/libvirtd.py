@@ -85,7 +85,7 @@ class Libvirtd:
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is missing: make setup installs libvirt-daemon, "
                                    "libvirt-daemon-driver-qemu and libvirt-clients")
-        self._lock = open(LOCK, "w")
+        self._lock = open(LOCK, "w")  # noqa: SIM115 (held until close)
         deadline = time.monotonic() + LOCK_TIMEOUT
         while True:
             try:

@@ -97,7 +97,7 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
     assert Path(pair.pri.listen.socket or "") == folder / "pri.sock"
     assert Path(pair.sec.listen.socket or "") == folder / "sec.sock"
     xmls = {}
-    for name, disk in zip(("guest", "guest-on-secondary"), readme_disks()):
+    for name, disk in zip(("guest", "guest-on-secondary"), readme_disks(), strict=False):
         xmls[name] = folder / f"{name}.xml"
         xmls[name].write_text(domain_xml(domain, scenario.guest, folder, here(disk),
                                          folder / f"{name}.serial.log"))

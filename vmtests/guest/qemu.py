@@ -240,7 +240,7 @@ class GuestVM:
         """Start QEMU and the console reader thread."""
         log.info("starting %s", " ".join(self.cmd))
         self.started_at = time.monotonic()
-        self.stderr = open(self.log_path.with_suffix(".stderr"), "wb")
+        self.stderr = open(self.log_path.with_suffix(".stderr"), "wb")  # noqa: SIM115 (QEMU writes it; close() closes it)
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=self.stderr, preexec_fn=die_with_parent)
         self._reader = threading.Thread(target=self._read_console, daemon=True,
