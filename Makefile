@@ -9,7 +9,7 @@ setup:
 check: setup
 	$(PY) -m pytest tests vmtests bench
 
-# ruff and mypy --strict (tests/test_lint.py; `check` runs them too).
+# ruff, mypy --strict and the import contracts (tests/test_lint.py; `check` runs them too).
 lint: setup
 	$(PY) -m pytest tests/test_lint.py
 

@@ -1,5 +1,6 @@
 """Linters run as tests, each with the repository's own configuration (pyproject.toml):
-ruff (pyflakes, pycodestyle, bugbear, pyupgrade, isort, simplify) and mypy --strict over src/.
+ruff (pyflakes, pycodestyle, bugbear, pyupgrade, isort, simplify), mypy --strict over src/,
+and import-linter's contracts (the layers of src/repdisk, no import cycles).
 
 A failure shows the tool's own report; `make lint` runs only these.
 """
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
 
 
 def check(argv: list[str]) -> None:
@@ -26,3 +28,6 @@ def test_ruff() -> None:
 def test_mypy_strict() -> None:
     check([sys.executable, "-m", "mypy"])
 
+
+def test_import_contracts() -> None:
+    check([os.path.join(BIN, "lint-imports"), "--no-logo", "--no-cache"])
