@@ -91,15 +91,12 @@ def test_bad_parameters_are_refused() -> None:
         DirtyMap(MiB, 3000)
 
 
-def test_clear_all_and_snapshot_is_independent() -> None:
+def test_clear_all() -> None:
     dm = DirtyMap(MiB, 4096)
     dm.mark(0, 10_000)
-    snap = dm.snapshot()
     dm.mark(500 * KiB, 1)
-    assert snap.runs() == [(0, 3 * 4096)] and snap.dirty_bytes == 3 * 4096
     dm.clear_all()
     assert not dm and dm.dirty_bytes == 0
-    assert snap.runs() == [(0, 3 * 4096)]
 
 
 @pytest.mark.timeout(10)

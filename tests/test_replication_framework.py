@@ -6,7 +6,6 @@ import threading
 
 import pytest
 
-from repdisk.replication import framework as r
 from repdisk.replication.framework import (
     Registry,
     ReplicationError,
@@ -109,16 +108,3 @@ def test_concurrent_registration_and_walks() -> None:
     reg.do_checkpoint_all()
     assert len(counts) == len(reg) == 400
 
-
-def test_module_level_functions_use_the_default_registry() -> None:
-    log: list = []
-    rs = r.replication_new("module", recording_ops(log, "m"))
-    try:
-        r.replication_start_all(ReplicationMode.PRIMARY)
-        r.replication_do_checkpoint_all()
-        r.replication_get_error_all()
-        r.replication_stop_all(True)
-    finally:
-        r.replication_remove(rs)
-    assert [op for _, op, _ in log] == ["start", "checkpoint", "get_error", "stop"]
-    assert rs not in r.default_registry.states()

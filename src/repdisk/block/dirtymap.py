@@ -195,16 +195,7 @@ class DirtyMap:
         g = self.granularity
         with self._lock:
             return [(s * g, min(e * g, self.size) - s * g)
-                    for s, e in zip(self._starts, self._ends)]
-
-    def snapshot(self) -> DirtyMap:
-        """An independent copy, e.g. to report or save while writers keep marking."""
-        copy = DirtyMap(self.size, self.granularity)
-        with self._lock:
-            copy._starts = list(self._starts)
-            copy._ends = list(self._ends)
-            copy._count = self._count
-        return copy
+                    for s, e in zip(self._starts, self._ends, strict=True)]
 
     # --- persistence ---
 

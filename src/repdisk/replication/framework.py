@@ -11,9 +11,8 @@ A missing callback is skipped.  A state may be removed while a walk is under
 way (the walk runs over a snapshot).  The registry is thread-safe; callbacks run
 without the registry lock held, so a callback may register or remove states.
 
-Besides the module-level functions that use a default registry (as QEMU has one
-process-wide list), :class:`Registry` can be instantiated, so that a test or a
-node serving several groups keeps its own.
+QEMU has one process-wide list; here the list is a :class:`Registry` object, and each
+node (or test) keeps its own.
 """
 
 from __future__ import annotations
@@ -35,13 +34,6 @@ __all__ = [
     "ReplicationOps",
     "ReplicationState",
     "Registry",
-    "default_registry",
-    "replication_new",
-    "replication_remove",
-    "replication_start_all",
-    "replication_do_checkpoint_all",
-    "replication_get_error_all",
-    "replication_stop_all",
 ]
 
 
@@ -154,30 +146,3 @@ class Registry:
             except Exception as err:  # noqa: BLE001 - every callback error stops the walk
                 log.debug("replication %s of %r failed: %s", op, rs, err)
                 raise ReplicationError(f"{rs.opaque}: {op} failed: {err}", rs) from err
-
-
-default_registry = Registry()
-
-
-def replication_new(opaque: Any, ops: ReplicationOps) -> ReplicationState:
-    return default_registry.new(opaque, ops)
-
-
-def replication_remove(rs: ReplicationState) -> None:
-    default_registry.remove(rs)
-
-
-def replication_start_all(mode: ReplicationMode) -> None:
-    default_registry.start_all(mode)
-
-
-def replication_do_checkpoint_all() -> None:
-    default_registry.do_checkpoint_all()
-
-
-def replication_get_error_all() -> None:
-    default_registry.get_error_all()
-
-
-def replication_stop_all(failover: bool) -> None:
-    default_registry.stop_all(failover)

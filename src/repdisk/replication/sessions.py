@@ -93,10 +93,6 @@ class SessionFence:
         finally:
             self._writing.release(entry)
 
-    @property
-    def current(self) -> Token:
-        return self._current
-
 
 class SessionView:
     """A ``replica`` view as one writer session sees it: writes pass only while current."""
