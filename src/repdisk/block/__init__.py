@@ -1,1 +1,2 @@
-"""Block devices: the device protocol, raw images, overlays, range locks, dirty maps, the block cache."""
+"""Block devices: the device protocol, raw images, overlays, file helpers, image locks,
+range locks, dirty maps, the block cache.  Imports only the shared modules."""

@@ -350,7 +350,7 @@ class Overlay:
             return self._allocated_locked()
 
     def _allocated_locked(self) -> list[int]:
-        out = []
+        out: list[int] = []
         bitmap = self._bitmap
         for i in sorted(self._used):
             byte = bitmap[i]

@@ -51,10 +51,7 @@ class RangeLock:
         self._waiters = 0
 
     def _conflicts(self, start: int, end: int, exclusive: bool) -> bool:
-        for s, e, x in self._held:
-            if s < end and start < e and (exclusive or x):
-                return True
-        return False
+        return any(s < end and start < e and (exclusive or x) for s, e, x in self._held)
 
     def acquire(self, start: int, end: int, exclusive: bool = True) -> Entry:
         entry = (start, end, exclusive)

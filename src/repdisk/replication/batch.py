@@ -89,7 +89,8 @@ def decode(record: memoryview) -> list[tuple[int, memoryview]]:
     table_at = size - _TRAILER.size - _ENTRY.size * count
     if count < 1 or table_at < 0:
         raise _bad(f"{count} pieces do not fit in {size} bytes")
-    pieces, at = [], 0
+    pieces: list[tuple[int, memoryview]] = []
+    at = 0
     for offset, length in _ENTRY.iter_unpack(record[table_at:size - _TRAILER.size]):
         if length < 1 or at + length > table_at:
             raise _bad(f"piece {len(pieces)} ({length} bytes at {offset}) runs past the "

@@ -247,7 +247,7 @@ class Forwarder:
             if h.is_read_only():
                 raise ForwardError(f"secondary {self.uri} is read-only; its replica export "
                                    "must accept writes")
-            size = h.get_size()
+            size = int(h.get_size())
             if not self._batch:
                 return size
             if size < _batch.MAILBOX:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 
-from repdisk.block.device import BlockDevice
+from repdisk.block.device import BlockDevice, Buffer, Extent
 from repdisk.block.overlay import Overlay, coalesce
 from repdisk.block.rangelock import RangeLock
 from repdisk.block.rawimage import RawImage
@@ -131,7 +131,7 @@ class _ReplicaView:
     def pread_into(self, buf: memoryview, offset: int) -> None:
         self._owner._io(self._view, Op.READ, "pread", offset, len(buf), buf)
 
-    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         self._owner._io(self._view, Op.WRITE, "pwrite", offset, len(buf), buf, fua)
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
@@ -143,8 +143,10 @@ class _ReplicaView:
     def flush(self) -> None:
         self._owner._flush(self._view)
 
-    def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
-        return self._owner._io(self._view, Op.READ, "extents", offset, length)
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        extents = self._owner._io(self._view, Op.READ, "extents", offset, length)
+        assert extents is not None  # a read's answer
+        return extents
 
     def __repr__(self) -> str:
         return f"<{self._owner.name} {self._view.value} view>"
@@ -440,8 +442,9 @@ class SecondaryReplica:
 
 
     def _io(self, view: View, op: Op, call: str, offset: int, length: int,
-            buf: bytes | memoryview | None = None, fua: bool = False) -> Any:
-        """Check the range, lock it, ask the gate, run ``call`` on the route it names."""
+            buf: Buffer | None = None, fua: bool = False) -> list[Extent] | None:
+        """Check the range, lock it, ask the gate, run ``call`` on the route it names;
+        the extents for ``extents``, else None."""
         check_range(self.size, offset, length, op is Op.WRITE)
         start, end = self._round(offset, length)
         lock = self._ranges.shared if op is Op.READ else self._ranges.exclusive
@@ -453,15 +456,16 @@ class SecondaryReplica:
         return None
 
     def _read(self, route: Route, call: str, offset: int, length: int,
-              buf: bytes | memoryview | None) -> Any:
-        dev = self.disk if route is Route.DISK else self.active_overlay
+              buf: Buffer | None) -> list[Extent] | None:
+        dev: RawImage | Overlay = self.disk if route is Route.DISK else self.active_overlay
         if call == "extents":
             return dev.extents(offset, length)
-        dev.pread_into(buf, offset)  # type: ignore[arg-type]
+        assert buf is not None  # pread passes its buffer
+        dev.pread_into(buf, offset)
         return None
 
     def _write(self, view: View, route: Route, call: str, offset: int, length: int,
-               buf: bytes | memoryview | None, fua: bool) -> None:
+               buf: Buffer | None, fua: bool) -> None:
         try:
             if route is Route.COPY_BEFORE_WRITE:
                 copied = self.hidden_overlay.copy_from_backing(offset, length)
@@ -482,7 +486,7 @@ class SecondaryReplica:
                                           f"failed: {err}") from err
 
     def _split_write(self, call: str, offset: int, length: int,
-                     buf: bytes | memoryview | None, fua: bool) -> None:
+                     buf: Buffer | None, fua: bool) -> None:
         """FAILOVER_FAILED: per cluster, active if active or hidden holds it, else the disk."""
         data = memoryview(buf) if buf is not None else None
         cs, end = self.cluster_size, offset + length
@@ -501,10 +505,11 @@ class SecondaryReplica:
         """Flush what the view writes into; the hidden overlay's undo data needs no
         durability (start empties it, so it never outlives a restart)."""
         route = gate(self.name, view, Op.FLUSH, self.stage)
-        devices = {Route.DISK: (self.disk,), Route.ACTIVE: (self.active_overlay,),
-                   Route.SPLIT: (self.active_overlay, self.disk)}[route]
+        targets: dict[Route, tuple[BlockDevice, ...]] = {
+            Route.DISK: (self.disk,), Route.ACTIVE: (self.active_overlay,),
+            Route.SPLIT: (self.active_overlay, self.disk)}
         try:
-            for dev in devices:
+            for dev in targets[route]:
                 dev.flush()
         except OSError as err:
             if view is View.REPLICA:
@@ -594,7 +599,7 @@ def _open_overlay(path: str, backing: BlockDevice, cluster_size: int) -> Overlay
 
 
 def _apply(dev: BlockDevice, call: str, offset: int, length: int,
-           buf: bytes | memoryview | None, fua: bool) -> None:
+           buf: Buffer | None, fua: bool) -> None:
     """Run one write-class call (pwrite, zero, trim) on ``dev``."""
     if call == "pwrite":
         assert buf is not None
