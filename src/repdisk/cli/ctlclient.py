@@ -78,7 +78,7 @@ def execute(socket: str, command: str, args: dict[str, Any] | None = None, *,
 class ProgressPrinter:
     """Prints ``*_PROGRESS`` events of a node on a second connection while a command runs."""
 
-    def __init__(self, socket: str, out: Callable[[str], None] = sys.stderr.write,
+    def __init__(self, socket: str, out: Callable[[str], object] = sys.stderr.write,
                  tls: str | None = None, insecure: bool = False) -> None:
         self._out = out
         self._stop = threading.Event()

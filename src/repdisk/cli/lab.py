@@ -13,10 +13,10 @@ import shlex
 import shutil
 import sys
 
+from repdisk import units
 from repdisk.cli import ctlclient, nodeproc
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.errors import RepdiskError
-from repdisk.node import config as cfgmod
 
 ROLES = ("secondary", "primary")  # start order; stop order is the reverse
 
@@ -41,7 +41,7 @@ def node_keys(p: dict[str, dict[str, str]], role: str, write_mode: str) -> list[
 
 def up(folder: str, size: str = "1G", write_mode: str = "sync",
        plugin: str | None = None) -> int:
-    nbytes = cfgmod.parse_size("--size", size)
+    nbytes = units.parse_size("--size", size)
     os.makedirs(folder, exist_ok=True)
     p = paths(folder)
     for role in ROLES:

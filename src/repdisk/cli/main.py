@@ -56,7 +56,8 @@ def _add_node_parser(sub: Any, role: str) -> None:
     p.add_argument("--background", action="store_true",
                    help="detach once serving; write --pidfile, log to --log")
     p.add_argument("--pidfile", help="pid file (with --background)")
-    p.add_argument("--log", help="log file (default: stderr; with --background: next to the pidfile)")
+    p.add_argument("--log", help="log file (default: stderr; with --background: next to the "
+                                 "pidfile)")
     p.add_argument("--threads", type=int, default=None,
                    help="nbdkit worker threads per connection (default: by role and write "
                         "mode, see nodeproc.default_threads)")
@@ -153,7 +154,8 @@ def _status(args: argparse.Namespace) -> int:
     an unreachable node.  Resource names (or none, or all): this host's resources."""
     if all(updown.is_resource_name(a) for a in args.sockets):
         return updown.status(args.sockets, args.config_dir)
-    ok, found = True, {}
+    ok = True
+    found: dict[str, dict[str, Any]] = {}
     for sock in args.sockets:
         try:
             kind, q = ctlclient.status_query(sock, args.tls, args.insecure)

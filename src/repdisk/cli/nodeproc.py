@@ -174,7 +174,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def spawn(cmd: list[str], logfile: str) -> subprocess.Popen:
+def spawn(cmd: list[str], logfile: str) -> subprocess.Popen[bytes]:
     """Start nbdkit as a child of this process, with its output in ``logfile``."""
     with open(logfile, "ab") as log:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -232,7 +232,7 @@ def _pidfile_pid(pidfile: str) -> int | None:
         return None
 
 
-def child_alive(proc: subprocess.Popen) -> Callable[[], bool | None]:
+def child_alive(proc: subprocess.Popen[bytes]) -> Callable[[], bool | None]:
     return lambda: proc.poll() is None
 
 
@@ -250,11 +250,11 @@ def last_error_line(logfile: str | None) -> str:
     if not logfile or not os.path.exists(logfile):
         return "(no log)"
     with open(logfile, errors="replace") as f:
-        lines = [l.strip() for l in f if l.strip()]
+        lines = [line.strip() for line in f if line.strip()]
     if not lines:  # nbdkit reports every failure it sees: something ended it from outside
         return (f"nothing in its log {logfile}: nbdkit ended without a message (killed, or "
                 "crashed: see the kernel log)")
-    errors = [l for l in lines if "error" in l.lower()]
+    errors = [line for line in lines if "error" in line.lower()]
     return (errors or lines)[-1]
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from repdisk import detach
+from repdisk import detach, units
 from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config
@@ -223,7 +223,7 @@ class AgentConfig:
             raise bad("write_mode", f"unknown mode {write_mode!r}: use sync or async")
         for name in ("checkpoint_interval", "timeout", "isolation_timeout"):
             try:
-                config.parse_duration(name, get(name))
+                units.parse_duration(name, get(name))
             except ConfigError as err:
                 raise bad(name, _reason(err)) from None
         try:
@@ -450,7 +450,7 @@ class Agent:
             f.write(f"{stamp} {now:.3f} {message}\n")
 
     def interval(self) -> float:
-        return config.parse_duration("checkpoint_interval", self.cfg.interval)
+        return units.parse_duration("checkpoint_interval", self.cfg.interval)
 
     def refresh_score(self, q: dict[str, Any] | None) -> int | None:
         """Set this node's promotion score from ``q``; a cluster tool that fails (a busy
@@ -552,10 +552,10 @@ class Agent:
         """Make this secondary the primary; returns the initial sync its peer needs."""
         stages = {d["stage"] for d in q["disks"]}
         names = {d["disk"] for d in q["disks"]}
-        args = {"secondary": self.cfg.replica_uri(self.cfg.peer), "write-mode":
+        args: dict[str, Any] = {"secondary": self.cfg.replica_uri(self.cfg.peer), "write-mode":
                 self.cfg.write_mode,
-                "timeout": config.parse_duration("timeout", self.cfg.timeout),
-                "isolation-timeout": config.parse_duration("isolation_timeout",
+                "timeout": units.parse_duration("timeout", self.cfg.timeout),
+                "isolation-timeout": units.parse_duration("isolation_timeout",
                                                            self.cfg.isolation_timeout)}
         if stages == {"running"} and names <= set(q.get("sealed", {})):
             self.log("promote: role switch (the primary demoted cleanly)")

@@ -25,6 +25,7 @@ from repdisk.cli import ctlclient, nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
 from repdisk.errors import RepdiskError
+from repdisk.node.config import NAME_RE
 from repdisk.tls import TLSSpec
 
 
@@ -186,7 +187,7 @@ def _stop_controller(pidfile: str) -> bool:
 
 def is_resource_name(arg: str) -> bool:
     """A resource name (or ``all``), not a socket path or HOST:PORT."""
-    return bool(resources.cfgmod.NAME_RE.match(arg)) and not os.path.exists(arg)
+    return bool(NAME_RE.match(arg)) and not os.path.exists(arg)
 
 
 def status(names: list[str], config_dir: str) -> int:

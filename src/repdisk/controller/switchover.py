@@ -85,7 +85,7 @@ def switchover(a: Node, b: Node, *, write_mode: str = "sync",
     def body() -> None:
         a.call("replication-demote", {})
         try:
-            promote = {"secondary": a.replica_uri, "write-mode": write_mode}
+            promote: dict[str, Any] = {"secondary": a.replica_uri, "write-mode": write_mode}
             if isolation_timeout is not None:
                 promote["isolation-timeout"] = isolation_timeout
             b.call("replication-promote", promote)
