@@ -26,12 +26,24 @@ class BlockDevice(Protocol):
 
     size: int
 
-    def pread_into(self, buf: memoryview, offset: int) -> None: ...
-    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
-    def zero(self, offset: int, length: int, fua: bool = False) -> None: ...
-    def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def extents(self, offset: int, length: int) -> list[Extent]: ...
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill all of ``buf`` with the bytes at ``offset``."""
+
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        """Write all of ``buf`` at ``offset``; durable on return if ``fua``."""
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        """Make the range read back as zeros."""
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Advise that the range is unused; may do nothing (reads are then unchanged)."""
+
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """``(offset, length, flags)`` covering the range in order, flags NBD's
+        (``EXTENT_HOLE``, ``EXTENT_ZERO``)."""
 
 
 def byte_view(buf: Buffer) -> memoryview:

@@ -2,8 +2,8 @@
 
 Why.  An async primary sends the secondary scattered 4 KiB pieces.  One NBD request
 per piece costs, on each side, a request's worth of nbdkit and Python machinery and a
-send or receive per piece: on the bench machine that, not the bytes, bounded how
-fast the secondary kept up.  A batch carries many pieces in one request and is
+send or receive per piece, and that, not the bytes, bounds how fast the secondary
+keeps up.  A batch carries many pieces in one request and is
 applied on the secondary as the same pieces written one by one, in order.
 
 Where.  NBD has no vectored write, so the secondary serves, next to each

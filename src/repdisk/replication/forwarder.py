@@ -3,9 +3,10 @@
 Design note
 -----------
 One libnbd handle, owned by ONE I/O thread that runs its own ``poll`` loop.  Why not
-a handle per nbdkit thread, or ``h.poll()``: a synchronous handle per thread managed
-~500 random 4 KiB writes/s, and libnbd keeps its handle lock inside ``poll()``, so a
-thread blocked in ``h.poll(-1)`` stalls every other thread's ``aio_pwrite``.  Here
+a handle per nbdkit thread, or ``h.poll()``: a synchronous handle per thread has one
+request in flight per thread, each waiting for its reply, and libnbd keeps its handle
+lock inside ``poll()``, so a thread blocked in ``h.poll(-1)`` stalls every other
+thread's ``aio_pwrite``.  Here
 submitting threads never touch the handle: they append a ``Ticket`` to ``_incoming``
 under ``_lock`` and wake the I/O thread through an eventfd (once per batch, not once
 per request).  Each round the I/O thread takes the whole batch, sends what it may,

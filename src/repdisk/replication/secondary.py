@@ -538,9 +538,9 @@ class _FairRangeLock:
     """``RangeLock`` plus a turnstile: a whole-disk holder-to-be stops new requests.
 
     A checkpoint or failover commit needs the whole disk exclusively, and RangeLock
-    has no writer preference: without the turnstile, three threads reading and three
-    writing (test_secondary_stress.py) let 2 checkpoints through in 3 s instead of
-    about 100, while the primary's checkpoint hold runs out.
+    has no writer preference: without the turnstile, readers and writers that keep
+    coming (test_secondary_stress.py) keep it waiting while the primary's checkpoint
+    hold runs out.
     """
 
     def __init__(self) -> None:
