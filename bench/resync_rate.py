@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import run as bench
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 
 MiB = 1 << 20
 RAMP = 1  # seconds of fio's ramp time (not measured)

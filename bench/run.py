@@ -51,7 +51,7 @@ from typing import Any
 import nbd
 
 from repdisk.errors import RepdiskError  # a control command of repdisk's hooks failed
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 
 log = logging.getLogger(__name__)
 

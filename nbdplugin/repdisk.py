@@ -91,7 +91,7 @@ from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import config as _config
 from repdisk.node import control, threadstate
 from repdisk.node.node import Node
-from repdisk.qmp.protocol import remove_stale_socket
+from repdisk.qmp.server import remove_stale_socket
 
 API_VERSION = 2
 

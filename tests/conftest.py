@@ -16,7 +16,7 @@ import pytest
 
 from repdisk.cli import nodeproc
 from repdisk.cli.main import PLUGIN
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 
 MiB = 1 << 20
 

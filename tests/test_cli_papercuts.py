@@ -27,8 +27,9 @@ import psutil
 import pytest
 
 from repdisk import units
-from repdisk.cli import ctlclient, nodeproc
 from repdisk.cli import main as cli
+from repdisk.cli import nodeproc
+from repdisk.cli.status import controller_lines
 from repdisk.errors import ConfigError
 from tests.conftest import MiB
 from tests.test_cli import REPDISK, Pair, cli_pair, run, start_cli_pair  # noqa: F401
@@ -309,13 +310,13 @@ def test_controller_lines_name_each_socket_and_role() -> None:
                                            "last_seen": 0.2},
                                "secondary": {"control": "/r/a.qmp", "reachable": False,
                                              "last_seen": 4.0}}}
-    assert ctlclient.controller_lines(today)[0] == (
+    assert controller_lines(today)[0] == (
         "controller running     epoch 2  primary /r/b.qmp ok (0.2s ago)  secondary /r/a.qmp LOST "
         "(4.0s ago)  dirty 0.0 MiB lag 0.0 MiB  no checkpoint")
     machine = {**base, "state": "resyncing", "operation": "resync",
                "nodes": {"primary": {"socket": "/r/b.qmp", "role": "primary", "ok": True},
                          "secondary": {"socket": "/r/a.qmp", "role": "secondary", "ok": True}}}
-    assert ctlclient.controller_lines(machine)[0] == (
+    assert controller_lines(machine)[0] == (
         "controller resyncing (resync) epoch 2  primary /r/b.qmp ok  secondary /r/a.qmp ok  "
         "dirty 0.0 MiB lag 0.0 MiB  no checkpoint")
 

@@ -21,7 +21,7 @@ from typing import Any
 import nbd
 from qemu.qmp import ExecuteError, QMPClient
 
-from repdisk.qmp.protocol import QMPClient as BlockingClient
+from repdisk.qmp.client import QMPClient as BlockingClient
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from tests.test_node_pair import SIZE, read_export
 

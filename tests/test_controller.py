@@ -16,8 +16,9 @@ import time
 import nbd
 import pytest
 
-from repdisk.cli import ctlclient
+from repdisk.cli.status import controller_lines, status_lines
 from repdisk.errors import ControlError
+from repdisk.qmp.client import execute
 from repdisk.replication.resync import GRANULARITY
 from tests.conftest import MiB, Nodes, make_disk
 from tests.test_controller_helpers import (
@@ -131,7 +132,7 @@ def test_status_lines_show_progress_and_failover():
          "progress": {"phase": "copy", "done": 1 << 20, "total": 4 << 20, "rate": 2 << 20,
                       "eta": 1.5},
          "failover": {"epoch": 3, "reason": "primary lost", "loss_to_serving": 1.25}}
-    lines = ctlclient.controller_lines(q)
+    lines = controller_lines(q)
     assert lines[0].split() == ["controller", "resyncing", "epoch", "3", "primary", "ok",
                                 "(0.1s", "ago)", "secondary", "LOST", "(4.0s", "ago)", "dirty",
                                 "3.0", "MiB", "lag", "0.0", "MiB", "last", "checkpoint",
@@ -450,7 +451,7 @@ def test_promotion_and_reprotection(nodes):
         guest.shutdown()
         ctl.checkpoint()
         assert read_export(new_sec.uri("active"), pair.size) == image
-        status = ctlclient.status_lines(winner.control)
+        status = status_lines(winner.control)
         assert status[0].startswith("primary")
         # Second failover: the old primary's disk takes over again, at the last checkpoint.
         writer = Writer(winner.uri("active"), pair.size, seed=12).start(image)
@@ -525,7 +526,7 @@ def test_checkpoint_pauses_guest_and_saves_vm_state(nodes, tmp_path):
         assert (vm_state / "vmstate").stat().st_size == rec["vm_state_bytes"]
         assert not (vm_state / "vmstate.tmp").exists()
         ctl.close()                                        # QEMU serves one QMP client
-        from repdisk.qmp.protocol import QMPClient
+        from repdisk.qmp.client import QMPClient
         with QMPClient().connect(qmp) as guest:
             assert guest.execute("query-status")["running"] is True
         print(f"\ncheckpoint with stop/migrate/cont: pause {rec['pause'] * 1000:.1f} ms, "
@@ -561,7 +562,7 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
     assert run.returncode == 0, run.stderr
     pidfile = ctrl + ".pid"
     try:
-        wait_for(lambda: ctlclient.execute(ctrl, "query-controller")["state"] == "running", 10,
+        wait_for(lambda: execute(ctrl, "query-controller")["state"] == "running", 10,
                  "running")
         st = subprocess.run(repdisk + ["status", ctrl, pair.pri.control], capture_output=True,
                             text=True, timeout=30)
@@ -574,12 +575,12 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
         ck = subprocess.run(repdisk + ["ctl", ctrl, "checkpoint", "--json"], capture_output=True,
                             text=True, timeout=30)
         assert ck.returncode == 0 and '"pause"' in ck.stdout
-        text = ctlclient.execute(ctrl, "query-metrics")
+        text = execute(ctrl, "query-metrics")
         assert 'repdisk_controller_state{state="running"} 1' in text
         assert "repdisk_epoch 1" in text and "repdisk_checkpoints_total" in text
         wait_for(lambda: metrics_file.exists() and "repdisk_dirty_bytes" in
                  metrics_file.read_text(), 5, "metrics file")
-        q = ctlclient.execute(ctrl, "query-controller")
+        q = execute(ctrl, "query-controller")
         assert q["counters"]["checkpoints"] >= 2        # the interval runs them
         assert any(e["event"] == "CHECKPOINT_COMPLETED" for e in q["events"])
     finally:
@@ -618,7 +619,7 @@ def test_cli_controller_refusals_one_controller_per_pair_and_timing(nodes, tmp_p
         assert not os.path.exists(first)
         ok = controller("--heartbeat-timeout", "1.2s")
         assert ok.returncode == 0, ok.stderr
-        wait_for(lambda: ctlclient.execute(first, "query-controller")["state"] == "running",
+        wait_for(lambda: execute(first, "query-controller")["state"] == "running",
                  20, "running")
         refused(controller("--heartbeat-timeout", "1.2s", ctrl="other.qmp"),
                 "controller lease refused: controller", first, "stop that controller first")
@@ -626,7 +627,7 @@ def test_cli_controller_refusals_one_controller_per_pair_and_timing(nodes, tmp_p
                 f"a controller already serves {first}")
         lease = pair.pri.ctl("query-replication")["lease"]
         assert lease["holder"].endswith(":" + first) and lease["duration"] == 5.0
-        assert ctlclient.execute(first, "query-controller")["state"] == "running"
+        assert execute(first, "query-controller")["state"] == "running"
         _stop_controller(first)          # a clean stop releases the lease: the next one runs
         other = controller("--heartbeat-timeout", "1.2s", ctrl="other.qmp")
         assert other.returncode == 0, other.stderr

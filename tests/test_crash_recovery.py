@@ -25,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from repdisk.cli import ctlclient
 from repdisk.errors import ConfigError, ControlError
 from repdisk.node.state import NodeState
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient, execute
 from repdisk.replication.resync import GRANULARITY
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from tests.test_controller_helpers import (
@@ -185,12 +184,12 @@ def _adopted(ctrl: str) -> dict[str, Any]:
     """Wait until the controller at ``ctrl`` runs the pair and has checkpointed it."""
     def ready() -> bool:
         try:
-            q = ctlclient.execute(ctrl, "query-controller")
+            q = execute(ctrl, "query-controller")
         except (ControlError, OSError):
             return False
         return q["state"] == "running" and q["counters"]["checkpoints"] >= 1
     wait_for(ready, 15, f"controller {ctrl} running")
-    return ctlclient.execute(ctrl, "query-controller")
+    return execute(ctrl, "query-controller")
 
 
 def _kill_in_a_checkpoint(pri: NodeProc, proc: subprocess.Popen) -> None:
@@ -240,8 +239,8 @@ def test_controller_killed_at_random_moments_adopts_the_running_pair(nodes: Node
         time.sleep(0.3)
         image = writer.pause()                                 # every acknowledged write
         assert not writer.errors and writer.writes > 0
-        ctlclient.execute(ctrl, "replication-do-checkpoint")
-        ctlclient.execute(ctrl, "controller-failover", {"reason": "test"})
+        execute(ctrl, "replication-do-checkpoint")
+        execute(ctrl, "controller-failover", {"reason": "test"})
         assert read_export(pair.sec.uri("active"), pair.size) == image == file_bytes(pair.pri_disk)
         assert pair.sec.ctl("query-replication")["epoch"] == 2
         with open(log) as f:

@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from repdisk.node import control
 from repdisk.node.node import Node
-from repdisk.qmp.protocol import QMPClient, QMPProtocol, QMPServer
+from repdisk.qmp.client import QMPClient
+from repdisk.qmp.protocol import QMPProtocol
+from repdisk.qmp.server import QMPServer
 from tests.conftest import MiB, make_disk
 
 ERROR_CLASSES = {"GenericError", "CommandNotFound"}

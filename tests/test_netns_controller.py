@@ -35,13 +35,14 @@ import nbd
 import pytest
 
 from repdisk import tls
-from repdisk.cli import ctlclient, nodeproc
 from repdisk.cli import main as cli
+from repdisk.cli import nodeproc
+from repdisk.cli.status import status_lines
 from repdisk.controller.config import ControllerConfig
 from repdisk.controller.controller import Controller
 from repdisk.errors import ConfigError, ControlError
 from repdisk.node.config import NodeConfig
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient, connect
 from repdisk.tls import TLSSpec
 from tests.conftest import MiB, NodeProc, Nodes, free_port, make_disk
 from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
@@ -95,7 +96,7 @@ def test_control_ports_of_node_and_controller_refuse_clients_without_certificate
     assert sec.ctl("query-replication")["disks"][0]["stage"] == "none"    # nothing ran
     assert stat.S_IMODE(os.stat(sec.control).st_mode) == 0o600
     # The controller: its own TCP port, and the node reached by HOST:PORT with --tls.
-    caplog.set_level(logging.INFO, logger="repdisk.tls")
+    caplog.set_level(logging.INFO, logger="repdisk.qmp.tlsrelay")
     ctl_port = free_port()
     ctl = Controller(ControllerConfig(primary=f"127.0.0.1:{free_port()}", secondary=address,
                                       tls=ca["ca"],
@@ -104,7 +105,7 @@ def test_control_ports_of_node_and_controller_refuse_clients_without_certificate
                                       control_tls=ca["ca"]))
     try:
         assert ctl.secondary.query()["role"] == "secondary"               # over TLS
-        lines = ctlclient.status_lines(f"127.0.0.1:{ctl_port}", ca["ca"])
+        lines = status_lines(f"127.0.0.1:{ctl_port}", ca["ca"])
         assert lines[0].startswith("controller starting")
         with pytest.raises(ControlError):
             QMPClient(timeout=5).connect(("127.0.0.1", ctl_port), timeout=5,
@@ -136,7 +137,7 @@ def test_plain_tcp_control_needs_insecure_loopback_included(ca: dict[str, str],
 
 def _answers(address: str, certs: str) -> bool:
     try:
-        ctlclient.connect(address, certs, timeout=2, connect_timeout=2).close()
+        connect(address, certs, timeout=2, connect_timeout=2).close()
         return True
     except ControlError:
         return False

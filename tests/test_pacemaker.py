@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from repdisk.errors import RepdiskError
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 from tests.cluster import Cluster, ClusterNode
 from tests.netns import Net, unavailable
 

@@ -17,7 +17,7 @@ import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 from tests.conftest import MiB, NodeProc, Nodes, make_disk
 from tests.test_node_pair import CHUNK, read_file
 

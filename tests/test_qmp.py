@@ -24,15 +24,9 @@ from qemu.qmp import QMPClient as AsyncQMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from repdisk.errors import ControlError
-from repdisk.qmp.protocol import (
-    MAX_MESSAGE,
-    MAX_QUEUED,
-    ArgSpec,
-    Command,
-    QMPClient,
-    QMPProtocol,
-    QMPServer,
-)
+from repdisk.qmp.client import QMPClient
+from repdisk.qmp.protocol import MAX_MESSAGE, ArgSpec, Command, QMPProtocol
+from repdisk.qmp.server import MAX_QUEUED, QMPServer
 
 pytestmark = pytest.mark.timeout(30)
 

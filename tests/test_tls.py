@@ -26,7 +26,9 @@ from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, ControlError
 from repdisk.node.config import NodeConfig
-from repdisk.qmp.protocol import ArgSpec, Command, QMPClient, QMPServer
+from repdisk.qmp.client import QMPClient
+from repdisk.qmp.protocol import ArgSpec, Command
+from repdisk.qmp.server import QMPServer
 from repdisk.tls import TLSSpec
 from tests.conftest import MiB, Nodes, free_port, make_disk
 from tests.netns import start_node
@@ -297,7 +299,7 @@ def test_control_over_tls_runs_commands_and_relays_large_messages_and_events(
 def test_control_refuses_clients_without_valid_certificates_and_logs_it(
         tls_server: Any, creds: dict[str, str], tmp_path: Any, caplog: Any) -> None:
     server, addr, rec = tls_server
-    caplog.set_level(logging.INFO, logger="repdisk.tls")
+    caplog.set_level(logging.INFO, logger="repdisk.qmp.tlsrelay")
     nocert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     nocert.load_verify_locations(os.path.join(creds["ca"], "ca-cert.pem"))
     attempts = {"no client certificate": nocert,

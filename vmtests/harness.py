@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repdisk.cli import ctlclient
 from repdisk.errors import RepdiskError
+from repdisk.qmp.client import execute
 from tests.conftest import NodeProc, Nodes
 from vmtests.guest import (
     Guest,
@@ -244,7 +244,7 @@ class ControllerProc:
 
     def query(self) -> dict[str, Any]:
         """``query-controller`` now; also records its new events and checkpoints."""
-        q = ctlclient.execute(self.control, "query-controller", timeout=10.0)
+        q = execute(self.control, "query-controller", timeout=10.0)
         self._record(q)
         return q
 

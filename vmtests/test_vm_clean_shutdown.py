@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from repdisk.cli import ctlclient
+from repdisk.qmp.client import execute
 from vmtests.guest import check_records, fsck_clean
 from vmtests.harness import Scenario, console_problems, first_difference, read_export
 
@@ -35,9 +35,9 @@ def test_clean_shutdown_leaves_a_byte_identical_secondary(scenario: Scenario) ->
     assert "REPDISK-POWEROFF" in vm.console and console_problems(vm) == []
     assert ctl.last_checkpoint().time > started, "no checkpoint while the guest ran"
 
-    final = ctlclient.execute(ctl.control, "replication-do-checkpoint")
+    final = execute(ctl.control, "replication-do-checkpoint")
     assert final["pause"] == 0
-    ctlclient.execute(ctl.control, "controller-failover", {"reason": "the guest shut down"})
+    execute(ctl.control, "controller-failover", {"reason": "the guest shut down"})
     failover = ctl.wait_failover()
     assert failover.vm_state is None and ctl.query()["old_primary_fenced"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 from tests.test_pacemaker import DISK, NBD_PORT, RUN, Pair, make_pair, readme_block
 from vmtests.guest import Guest, build_disk, check_records, crash_fsck_clean
 from vmtests.harness import console_problems

@@ -17,8 +17,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from repdisk.cli import ctlclient
 from repdisk.controller.switchover import Node, checkpoint, switchover
+from repdisk.qmp.client import execute
 from tests.conftest import NodeProc
 from vmtests.guest import GuestVM
 from vmtests.harness import Scenario, check_records, console_problems, records_of
@@ -107,7 +107,7 @@ def controller_move(scenario: Scenario, ctl_socket: str, vm: GuestVM, name: str,
     while not sock.exists():
         assert time.monotonic() < deadline, "the incoming QEMU does not listen"
         time.sleep(0.01)
-    result = ctlclient.execute(ctl_socket, "controller-switchover", {
+    result = execute(ctl_socket, "controller-switchover", {
         "uri": uri, "back-uri": back_uri, "migrate": f"unix:{sock}",
         "qmp": str(scenario.vm_control(name))}, timeout=120.0)
     scenario.timeline.mark("switchover", f"controller: epoch {result['epoch']}, guest paused "

@@ -12,10 +12,7 @@ the URI names.
 Control over TCP.  The same QMP protocol, inside TLS with x509 certificates on both
 sides (Python's ``ssl`` has no PSK before 3.13): :func:`server_context` requires a
 client certificate signed by the pair's CA, so a client without one is refused during
-the handshake, before it can send a command.  :class:`TLSRelay` runs that handshake on
-the connection's own thread and then relays between the TLS socket and a plain socket
-pair, so the QMP connection code stays transport-blind and no TLS object is ever used
-by two threads at once (OpenSSL forbids it; QMP has a reader and a writer thread).
+the handshake (run by :mod:`repdisk.qmp.tlsrelay`), before it can send a command.
 
 Files.  :func:`make_psk` writes ``USER:HEXKEY`` (mode 0600); :func:`make_ca` writes a
 small CA and one server and one client certificate, named as nbdkit and libnbd expect
@@ -25,28 +22,19 @@ small CA and one server and one client certificate, named as nbdkit and libnbd e
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import logging
 import os
 import re
 import secrets
-import selectors
-import socket
 import ssl
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import parse_qsl, quote, urlencode
 
 from repdisk.errors import ConfigError
 from repdisk.uri import is_loopback, uses_tls
-
-if TYPE_CHECKING:
-    from repdisk.qmp.protocol import QMPServer
-
-log = logging.getLogger(__name__)
 
 PSK_USER = "repdisk"
 PSK_BYTES = 32
@@ -55,8 +43,6 @@ CERT_FILES = {
     "server": ("ca-cert.pem", "server-cert.pem", "server-key.pem"),
     "client": ("ca-cert.pem", "client-cert.pem", "client-key.pem"),
 }
-#: A control client must finish the TLS handshake within this many seconds.
-HANDSHAKE_TIMEOUT = 10.0
 _USER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _PSK_LINE = re.compile(r"^([^:\s]+):([0-9a-fA-F]+)$")
 _TLS_QUERY = ("tls-psk-file", "tls-certificates", "tls-verify-peer")
@@ -285,7 +271,7 @@ def _certtool(*args: str) -> bytes:
     return done.stdout
 
 
-# -- control over TCP: ssl contexts and the relay ----------------------------------------------
+# -- control over TCP: ssl contexts ---------------------------------------------------------
 
 def server_context(folder: str) -> ssl.SSLContext:
     """A control server's TLS: its certificate, and client certificates from the CA required."""
@@ -312,157 +298,18 @@ def client_context(folder: str) -> ssl.SSLContext:
     return ctx
 
 
-def serve_control(server: QMPServer, address: tuple[str, int],
-                  folder: str | None) -> tuple[str, int]:
-    """Serve a node's or controller's control protocol on TCP ``address``: TLS with client
-    certificates of ``folder``'s CA, or plain when ``folder`` is None (the configuration
-    checked that the operator said insecure).  Returns the bound address."""
-    return server.serve_tcp(*address, server_context(folder) if folder else None)
+# -- the replication link's libnbd client ---------------------------------------------------
+
+class URIClient(Protocol):
+    """The part of a libnbd handle (``nbd.NBD``) that :func:`prepare_client` uses."""
+
+    def set_uri_allow_local_file(self, allow: bool) -> None:
+        """Whether a URI may name local files (libnbd's default: no)."""
 
 
-def peer_name(tls: ssl.SSLSocket) -> str:
-    """The common name of the peer's certificate, for the log."""
-    cert = tls.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName":
-                return str(v)
-    return "?"
-
-
-class TLSRelay:
-    """One TLS connection terminated on its own thread and relayed to a plain socket.
-
-    ``accept(raw, peer)`` runs the server handshake (bounded by ``HANDSHAKE_TIMEOUT``);
-    a client that fails it is logged and closed, and nothing else happens.  On success
-    the plain end of a socket pair is returned for the application and :meth:`run` then
-    copies bytes both ways until either side closes.
-    """
-
-    CHUNK = 1 << 16
-    #: Most bytes buffered in one direction before reading from that side pauses.
-    LIMIT = 1 << 20
-
-    def __init__(self, tls: ssl.SSLSocket, relay_end: socket.socket) -> None:
-        self.tls = tls
-        self.plain = relay_end
-
-    @classmethod
-    def accept(cls, raw: socket.socket, context: ssl.SSLContext, peer: str,
-               what: str = "control client") -> tuple[TLSRelay, socket.socket] | None:
-        raw.settimeout(HANDSHAKE_TIMEOUT)
-        try:
-            tls = context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as err:
-            log.warning("refused %s %s: TLS handshake failed: %s", what, peer, err)
-            raw.close()
-            return None
-        log.info("%s %s authenticated as %r", what, peer, peer_name(tls))
-        app_end, relay_end = socket.socketpair()
-        return cls(tls, relay_end), app_end
-
-    def run(self) -> None:
-        """Relay until both directions ended or either side failed; closes both sockets."""
-        try:
-            self._loop()
-        except (ssl.SSLError, OSError) as err:
-            log.debug("tls relay ended: %s", err)
-        finally:
-            for s in (self.tls, self.plain):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def _loop(self) -> None:
-        tls, plain = self.tls, self.plain
-        tls.setblocking(False)
-        plain.setblocking(False)
-        to_plain, to_tls = bytearray(), bytearray()
-        tls_open = plain_open = True        # each side may still send us bytes
-        told_eof = False
-        sel = selectors.DefaultSelector()
-        while True:
-            tls_wants = 0
-            if tls_open and len(to_plain) < self.LIMIT:
-                tls_open, tls_wants = self._read_tls(to_plain)
-            if to_plain:
-                del to_plain[:self._send_plain(to_plain)]
-            if not tls_open and not to_plain and not told_eof:
-                plain.shutdown(socket.SHUT_WR)   # the application's reader sees the end
-                told_eof = True
-            if plain_open and len(to_tls) < self.LIMIT:
-                plain_open = self._read_plain(to_tls)
-            if to_tls:
-                sent, wants = self._send_tls(to_tls)
-                del to_tls[:sent]
-                tls_wants |= wants
-            if not plain_open and not to_tls:
-                return                      # the application closed and all is sent
-            read_tls = tls_open and len(to_plain) < self.LIMIT
-            if read_tls and tls.pending():
-                continue                    # decrypted bytes wait inside OpenSSL, not the fd
-            tls_events = ((selectors.EVENT_READ if read_tls else 0)
-                          | (selectors.EVENT_WRITE if to_tls else 0) | tls_wants)
-            plain_events = ((selectors.EVENT_READ if plain_open and len(to_tls) < self.LIMIT
-                             else 0) | (selectors.EVENT_WRITE if to_plain else 0))
-            self._wait(sel, tls_events, plain_events)
-
-    def _read_tls(self, into: bytearray) -> tuple[bool, int]:
-        """Read what TLS has decrypted; (still open, extra event TLS waits for)."""
-        while True:
-            try:
-                data = self.tls.recv(self.CHUNK)
-            except ssl.SSLWantReadError:
-                return True, 0
-            except ssl.SSLWantWriteError:
-                return True, selectors.EVENT_WRITE
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError):
-                return False, 0
-            if not data:
-                return False, 0
-            into += data
-            if not self.tls.pending() or len(into) >= self.LIMIT:
-                return True, 0
-
-    def _send_plain(self, data: bytearray) -> int:
-        try:
-            return self.plain.send(data)
-        except BlockingIOError:
-            return 0
-
-    def _read_plain(self, into: bytearray) -> bool:
-        try:
-            data = self.plain.recv(self.CHUNK)
-        except BlockingIOError:
-            return True
-        into += data
-        return bool(data)
-
-    def _send_tls(self, data: bytearray) -> tuple[int, int]:
-        """Send what TLS takes now; (bytes taken, extra event TLS waits for)."""
-        try:
-            return self.tls.send(data[:self.CHUNK]), 0
-        except ssl.SSLWantWriteError:
-            return 0, 0
-        except ssl.SSLWantReadError:
-            return 0, selectors.EVENT_READ
-
-    def _wait(self, sel: selectors.BaseSelector, tls_events: int, plain_events: int) -> None:
-        """Block until a socket is ready for what the relay waits on (never with nothing)."""
-        pairs = [(s, e) for s, e in ((self.tls, tls_events), (self.plain, plain_events)) if e]
-        if not pairs:
-            raise OSError("tls relay has nothing to wait for")   # both sides are finished
-        for sock, events in pairs:
-            sel.register(sock, events)
-        try:
-            sel.select()
-        finally:
-            for sock, _ in pairs:
-                sel.unregister(sock)
-
-
-def prepare_client(h: object, uri: str) -> None:
+def prepare_client(h: URIClient, uri: str) -> None:
     """Let a libnbd handle read the credential files a TLS URI names (``tls-psk-file``,
     ``tls-certificates``): libnbd refuses local files in URIs by default, in case the URI
     came from someone else; ours comes from the node's own configuration."""
     if uses_tls(uri):
-        h.set_uri_allow_local_file(True)  # type: ignore[attr-defined]
+        h.set_uri_allow_local_file(True)

@@ -2,7 +2,8 @@
 
 Every size and duration a user types goes through here: the plugin's keys (``max-lag=256M``,
 ``timeout=500ms``), ``repdisk controller --interval 5s``, ``repdisk lab --size 1G`` and the
-arguments of ``repdisk ctl`` (``length=1G``, ``timeout=2s``: see ``repdisk.qmp.protocol.ArgSpec.unit``).
+arguments of ``repdisk ctl`` (``length=1G``, ``timeout=2s``: see
+``repdisk.qmp.protocol.ArgSpec.unit``).
 
 - A size is a whole number with an optional binary suffix ``K``, ``M``, ``G`` or ``T``
   (case-insensitive, ``KiB``/``KB``-style endings accepted): ``64K`` is 65536.

@@ -1,1 +1,1 @@
-"""The repdisk command: node processes, the ctl client, lab, resources, OCF agent, up/down."""
+"""The repdisk command: node processes, status views, lab, resources, OCF agent, up/down."""

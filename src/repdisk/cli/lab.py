@@ -14,9 +14,10 @@ import shutil
 import sys
 
 from repdisk import units
-from repdisk.cli import ctlclient, nodeproc
+from repdisk.cli import nodeproc
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.errors import RepdiskError
+from repdisk.qmp.client import execute
 
 ROLES = ("secondary", "primary")  # start order; stop order is the reverse
 
@@ -58,7 +59,7 @@ def up(folder: str, size: str = "1G", write_mode: str = "sync",
             cmd = nodeproc.nbdkit_command(plugin or PLUGIN, node_keys(p, role, write_mode), listen)
             nodeproc.start_background(cmd, p[role]["pid"], p[role]["log"], p[role]["control"],
                                       listen)
-            ctlclient.execute(p[role]["control"], "replication-start", {"mode": role})
+            execute(p[role]["control"], "replication-start", {"mode": role})
     except RepdiskError:
         down(folder, quiet=True)
         raise

@@ -25,10 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from repdisk import tls as tlsmod
-from repdisk.cli import controllercmd, ctlclient, lab, nodeproc, updown
+from repdisk.cli import controllercmd, lab, nodeproc, updown
 from repdisk.cli.nodeproc import PLUGIN
+from repdisk.cli.status import human, render_status, status_query
 from repdisk.errors import ControlError, RepdiskError
 from repdisk.node import config as cfgmod
+from repdisk.qmp.client import ALIASES, execute
 from repdisk.tls import TLSSpec
 
 # -- node commands ----------------------------------------------------------------
@@ -113,7 +115,7 @@ def _ctl(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
         command_args[key] = parse_value(value)
-    result = ctlclient.execute(args.socket, args.command, command_args,
+    result = execute(args.socket, args.command, command_args,
                                progress=sys.stderr.isatty(), tls=args.tls,
                                insecure=args.insecure)
     if args.json:
@@ -125,7 +127,7 @@ def _ctl(args: argparse.Namespace) -> int:
 
 def render(value: Any, indent: str = "", key: str = "") -> str:
     """A readable table of a QMP result: keys aligned, lists of disks one block each, sizes
-    in MiB, seconds and wall-clock times for people (ctlclient.human); ``--json`` is exact."""
+    in MiB, seconds and wall-clock times for people (repdisk.cli.status.human); ``--json`` is exact."""
     if isinstance(value, dict):
         if not value:
             return indent + "ok"
@@ -136,12 +138,12 @@ def render(value: Any, indent: str = "", key: str = "") -> str:
                 lines.append(f"{indent}{k}:")
                 lines.append(render(v, indent + "  ", str(k)))
             else:
-                lines.append(f"{indent}{str(k).ljust(width)}  {ctlclient.human(str(k), v)}")
+                lines.append(f"{indent}{str(k).ljust(width)}  {human(str(k), v)}")
         return "\n".join(lines)
     if isinstance(value, list):  # a flat list inside (e.g. a range [offset, length]): one line
         return "\n".join(render(v, indent, key) if isinstance(v, dict) or _nested(v)
-                         else indent + ctlclient.human(key, v) for v in value)
-    return indent + ctlclient.human(key, value)
+                         else indent + human(key, v) for v in value)
+    return indent + human(key, value)
 
 
 def _nested(v: Any) -> bool:
@@ -158,14 +160,14 @@ def _status(args: argparse.Namespace) -> int:
     found: dict[str, dict[str, Any]] = {}
     for sock in args.sockets:
         try:
-            kind, q = ctlclient.status_query(sock, args.tls, args.insecure)
+            kind, q = status_query(sock, args.tls, args.insecure)
         except (RepdiskError, OSError) as err:
             ok = False
             found[sock] = {"kind": "unreachable", "error": str(err)}
             lines = [f"{sock}: unreachable: {err}"]
         else:
             found[sock] = {"kind": kind, "query": q}
-            lines = ctlclient.render_status(kind, q)
+            lines = render_status(kind, q)
         if not args.json:
             print("\n".join(lines), flush=True)
     if args.json:
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ctl", help="send one command to a control socket or TCP port")
     p.add_argument("socket", metavar="SOCKET|HOST:PORT")
     p.add_argument("command", help="a QMP command (e.g. query-replication) or an alias: "
-                                   + ", ".join(sorted(ctlclient.ALIASES)))
+                                   + ", ".join(sorted(ALIASES)))
     p.add_argument("args", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true",
                    help="print the result as exact JSON (default: a table in human units)")

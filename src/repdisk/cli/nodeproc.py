@@ -24,7 +24,7 @@ import psutil
 from repdisk import detach
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder, default
-from repdisk.qmp.protocol import remove_stale_socket
+from repdisk.qmp.server import remove_stale_socket
 from repdisk.tls import TLSSpec, check_plain
 
 #: The plugin every node runs (nbdkit's python plugin script).

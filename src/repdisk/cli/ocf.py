@@ -49,7 +49,7 @@ from repdisk import detach, units
 from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 from repdisk.tls import TLSSpec
 
 # OCF return codes.

@@ -21,9 +21,10 @@ from typing import Any
 
 import psutil
 
-from repdisk.cli import ctlclient, nodeproc, resources
+from repdisk.cli import nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
+from repdisk.cli.status import status_lines
 from repdisk.errors import RepdiskError
 from repdisk.node.config import NAME_RE
 from repdisk.tls import TLSSpec
@@ -207,7 +208,7 @@ def status(names: list[str], config_dir: str) -> int:
                 print(f"  {what}: down")
                 continue
             try:
-                for line in ctlclient.status_lines(sock):
+                for line in status_lines(sock):
                     print(f"  {line}")
             except (RepdiskError, OSError) as err:
                 ok = False

@@ -50,7 +50,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from repdisk import tls
 from repdisk.controller import metrics, pairfile
 from repdisk.controller import switchover as planned
 from repdisk.controller.commands import control_commands
@@ -74,7 +73,7 @@ from repdisk.controller.peer import (
 )
 from repdisk.controller.states import ControllerState, Operation, StateMachine
 from repdisk.errors import ControlError, RepdiskError
-from repdisk.qmp.protocol import QMPServer
+from repdisk.qmp.server import QMPServer, serve_control
 from repdisk.replication.resync import SYNC_MODES, Progress, SyncPlan
 
 log = logging.getLogger(__name__)
@@ -156,7 +155,7 @@ class Controller(StateMachine):
             if cfg.control:
                 self._server.serve_unix(cfg.control)
             if cfg.control_tcp:
-                tls.serve_control(self._server, cfg.control_tcp, cfg.control_tls)
+                serve_control(self._server, cfg.control_tcp, cfg.control_tls)
 
     # -- events --------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ The controller pauses the guest around each checkpoint (QMP ``stop``/``cont``; w
 moves it in a switchover (:func:`migration_pause`).  All but the freeze need QEMU's monitor:
 
 - a bare QEMU: its QMP socket (``repdisk controller --qmp GUEST.qmp``), a
-  :class:`repdisk.qmp.protocol.QMPClient`;
+  :class:`repdisk.qmp.client.QMPClient`;
 - a guest run by libvirt, which owns the QMP socket (``--libvirt-domain NAME
   [--libvirt-uri URI]``): :class:`LibvirtMonitor` sends the same QMP commands through
   libvirt's monitor passthrough (``virDomainQemuMonitorCommand``, what ``virsh
@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from repdisk.errors import ConfigError, ControlError
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
 
 try:        # python3-libvirt: needed only for --libvirt-domain (check() says so)
     import libvirt

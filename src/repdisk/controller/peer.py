@@ -15,10 +15,10 @@ from typing import Any, TypeGuard
 
 from qemu.qmp import ExecuteError
 
-from repdisk.cli import ctlclient
 from repdisk.controller.config import ControllerConfig
 from repdisk.errors import ControlError, RepdiskError
-from repdisk.qmp.protocol import QMPClient
+from repdisk.qmp.client import QMPClient
+from repdisk.qmp.client import connect as connect_control
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Link:
                 self._drop()
             try:
                 if self._client is None:
-                    self._client = ctlclient.connect(
+                    self._client = connect_control(
                         self.socket, self.tls, self.insecure, timeout=self.timeout,
                         connect_timeout=min(self.timeout, 5.0))
                 self._client.timeout = self.timeout if command in LONG_COMMANDS else self.quick

@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Union
 
-from repdisk import tls
 from repdisk.block.device import BlockDevice
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.imagelock import lock_image
@@ -46,7 +45,8 @@ from repdisk.errors import BlockIOError, ConfigError, ControlError, ForwardError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, default
 from repdisk.node.state import NodeState
-from repdisk.qmp.protocol import Command, QMPServer
+from repdisk.qmp.protocol import Command
+from repdisk.qmp.server import QMPServer, serve_control
 from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
@@ -553,7 +553,7 @@ class Node:
         server.serve_unix(self.cfg.control, 0o600 if access.mode is None else access.mode,
                           access.gid)
         if self.cfg.control_tcp:
-            tls.serve_control(server, self.cfg.control_tcp, self.cfg.control_tls)
+            serve_control(server, self.cfg.control_tcp, self.cfg.control_tls)
         self._server = server
         if self.mode is ReplicationMode.PRIMARY:
             self._mark_unclean()

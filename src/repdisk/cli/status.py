@@ -1,114 +1,16 @@
-"""Client side of the control sockets: one command, a status view, progress.
+"""What a control socket says, for people: ``repdisk status`` lines and ``repdisk ctl``'s units.
 
-Used by ``repdisk ctl``, ``repdisk status``, ``repdisk lab`` and the controller.
-
-An address is a Unix socket path or ``HOST:PORT`` (a node's or controller's control-tcp
-port).  TCP needs a certificate directory (``tls``, from ``repdisk tls ca``): the client
-shows client-cert.pem and checks the server against ca-cert.pem and the host it dialled.
-Plain TCP only with ``insecure`` (for a port served with insecure=yes).
+The query goes through :mod:`repdisk.qmp.client`; everything here only renders its answer.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import threading
-from collections.abc import Callable
 from typing import Any
 
-from repdisk import tls as tlsmod
 from repdisk import units
-from repdisk.errors import ConfigError, ControlError
-from repdisk.qmp.protocol import QMPClient
-from repdisk.uri import tcp_address
-
-#: Short names for ``repdisk ctl``: alias -> (QMP command, fixed arguments).
-ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "status": ("query-replication", {}),
-    "start": ("replication-start", {}),
-    "checkpoint": ("replication-do-checkpoint", {}),
-    "resume": ("replication-resume", {}),
-    "error": ("replication-get-error", {}),
-    "stop": ("replication-stop", {"failover": False}),
-    "failover": ("replication-stop", {"failover": True}),
-    "resync": ("replication-resync", {}),
-    "verify": ("replication-verify", {}),
-}
-
-#: Commands that may take long: ``repdisk ctl`` shows their progress events on a terminal.
-LONG = {"replication-start", "replication-stop", "replication-resync", "controller-resync",
-        "replication-verify", "controller-verify"}
-
-
-def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    name, fixed = ALIASES.get(command, (command, {}))
-    return name, {**fixed, **args}
-
-
-def connect(address: str, tls: str | None = None, insecure: bool = False, *,
-            timeout: float = 10.0, connect_timeout: float = 10.0) -> QMPClient:
-    """A negotiated client of a control socket or ``HOST:PORT``; TCP uses TLS with the
-    certificates in ``tls`` (read at every connect, so renewed files take effect at once)."""
-    context = None
-    if tcp_address(address) is not None:
-        if tls:
-            context = tlsmod.client_context(tls)
-        elif not insecure:
-            raise ConfigError("tls", f"{address} is a TCP control port: give --tls DIR (client "
-                                     "certificates), or --insecure for a port served without TLS")
-    return QMPClient(timeout=timeout).connect(address, timeout=connect_timeout, tls=context)
-
-
-def execute(socket: str, command: str, args: dict[str, Any] | None = None, *,
-            timeout: float = 600.0, progress: bool = False, tls: str | None = None,
-            insecure: bool = False) -> Any:
-    """Run one command on a control socket; raises ControlError with the server's error."""
-    name, arguments = resolve(command, args or {})
-    watcher = ProgressPrinter(socket, tls=tls, insecure=insecure) \
-        if progress and name in LONG else None
-    client = connect(socket, tls, insecure, timeout=timeout)
-    try:
-        return client.execute(name, arguments)
-    finally:
-        client.close()
-        if watcher:
-            watcher.stop()
-
-
-class ProgressPrinter:
-    """Prints ``*_PROGRESS`` events of a node on a second connection while a command runs."""
-
-    def __init__(self, socket: str, out: Callable[[str], object] = sys.stderr.write,
-                 tls: str | None = None, insecure: bool = False) -> None:
-        self._out = out
-        self._stop = threading.Event()
-        self._client = connect(socket, tls, insecure, timeout=5.0)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.wait(0.2)  # one last read after the command answered
-            events = self._client.events
-            for ev in events:
-                if ev.get("event", "").endswith("_PROGRESS"):
-                    self._out("\r" + format_progress(ev["event"], ev.get("data", {})))
-            events.clear()
-            if stopping:
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._client.close()
-        self._out("\n")
-
-
-def format_progress(event: str, data: dict[str, Any]) -> str:
-    done, total = data.get("done", 0), data.get("total", 0) or 1
-    what = event.removesuffix("_PROGRESS").lower()
-    return (f"{data.get('disk', '')} {what}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB "
-            f"({100 * done / total:.0f}%)")
+from repdisk.errors import ControlError
+from repdisk.qmp.client import connect
 
 
 def status_query(socket: str, tls: str | None = None,
