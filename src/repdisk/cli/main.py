@@ -127,7 +127,8 @@ def _ctl(args: argparse.Namespace) -> int:
 
 def render(value: Any, indent: str = "", key: str = "") -> str:
     """A readable table of a QMP result: keys aligned, lists of disks one block each, sizes
-    in MiB, seconds and wall-clock times for people (repdisk.cli.status.human); ``--json`` is exact."""
+    in MiB, seconds and wall-clock times for people (repdisk.cli.status.human); ``--json``
+    is exact."""
     if isinstance(value, dict):
         if not value:
             return indent + "ok"
