@@ -1,1 +1,2 @@
-"""A node: its key table and config, state file, control commands, the Node behind the nbdkit plugin."""
+"""A node: its key table and config, state file, control commands, and the Node behind the
+nbdkit plugin with its roles."""

@@ -26,7 +26,8 @@ def _mode(value: str) -> ReplicationMode:
     try:
         return ReplicationMode(value)
     except ValueError:
-        raise ControlError(f"Parameter 'mode' expects 'primary' or 'secondary', got {value!r}") from None
+        raise ControlError(f"Parameter 'mode' expects 'primary' or 'secondary', "
+                           f"got {value!r}") from None
 
 
 def _refusal_is_the_answer(cmd: Command) -> Command:
@@ -82,7 +83,8 @@ def _node_commands(node: Node) -> list[Command]:
                 help="role, epoch and, per disk, stage, error, dirty bytes, lag and counters"),
         Command("replication-start", start,
                 {"mode": ArgSpec(str, True, "primary or secondary: must match the node's role"),
-                 "epoch": ArgSpec(int, False, "the pair's epoch; older than the node's is refused")},
+                 "epoch": ArgSpec(int, False,
+                                  "the pair's epoch; older than the node's is refused")},
                 help="start replication on every disk (secondary first, then primary)"),
         Command("replication-do-checkpoint", lambda a: node.checkpoint(),
                 help="take a checkpoint on every disk (primary: barrier and hold)"),

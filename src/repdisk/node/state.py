@@ -17,7 +17,7 @@ promoted without a rollback (:meth:`NodeState.switch`); any newer writer session
 clears it.  A primary records ``unclean`` once it begins to serve, before any write, and
 clears it only at a clean stop, after saving its dirty maps: a primary that finds it set
 at start-up did not stop cleanly (its maps are gone or stale) and compares its disks with
-its secondary's before its first checkpoint (node.py).  Written with
+its secondary's before its first checkpoint (primaryrole.py).  Written with
 :func:`~repdisk.durable.replace_file` (temporary file, fsync, rename, fsync of the
 directory) so a crash leaves the old or the new state, never a torn one; a file that cannot
 be parsed is refused.
@@ -53,7 +53,8 @@ class NodeState:
             return cls()
         except (OSError, ValueError) as err:
             raise ConfigError("state", f"{path} cannot be read ({err}); it is never trusted "
-                                       "blindly: check it, or move it away to start afresh") from err
+                                       "blindly: check it, or move it away to start "
+                                       "afresh") from err
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ConfigError("state", f"{path} is not a repdisk state file of format {FORMAT}")
         try:

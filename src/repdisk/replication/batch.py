@@ -30,7 +30,7 @@ import errno
 import struct
 from collections.abc import Callable, Iterable, Sequence
 
-from repdisk.block.device import BlockDevice, Extent
+from repdisk.block.device import BlockDevice, Buffer, Extent
 from repdisk.errors import BlockIOError, check_range
 from repdisk.replication.ticket import WRITE, Ticket, TicketOwner
 
@@ -132,7 +132,7 @@ class BatchView:
         self._in_disk(offset, len(buf), False)
         self._inner.pread_into(buf, offset)
 
-    def pwrite(self, buf: bytes | memoryview, offset: int, fua: bool = False) -> None:
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         if offset < self._disk_size:
             self._in_disk(offset, len(buf), True)
             self._inner.pwrite(buf, offset, fua)

@@ -1,0 +1,123 @@
+"""A primary's guard against split brain (see :class:`Isolation`)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from repdisk.errors import BlockIOError
+from repdisk.replication.stage import EventSink
+
+log = logging.getLogger(__name__)
+
+
+class Isolation:
+    """A primary's guard against split brain: no contact for ``timeout`` -> isolated.
+
+    Contact is a controller heartbeat (:meth:`contact`) or an acknowledgement from the
+    secondary (``secondary_answers``, polled by a monitor thread; it may probe an idle
+    link).  Isolated with policy ``suspend``: guest writes wait in :meth:`admit` until
+    contact returns (reads go on); with ``continue``: only reported.  Fenced (the
+    controller failed over meanwhile): writes fail with EROFS for good.
+
+    Armed by the first controller heartbeat: a primary that no controller manages
+    (``repdisk lab``, tests of a bare pair) never suspends.  The controller must fail over
+    only after its heartbeat-timeout, which must exceed ``timeout``: an isolated primary
+    has then already stopped acknowledging writes.
+    """
+
+    def __init__(self, timeout: float, policy: str, secondary_answers: Callable[[], bool],
+                 events: EventSink, fenced: str = "") -> None:
+        self.timeout = timeout
+        self.policy = policy
+        self._secondary_answers = secondary_answers
+        self._events = events
+        # Guards every field below; waiters in admit() wait on it.
+        self._cond = threading.Condition()
+        self._armed = False
+        self._last_contact = time.monotonic()
+        self.isolated = False
+        self.suspended = False
+        self.fenced = fenced
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="repdisk-isolation", daemon=True)
+        self._thread.start()
+
+    def admit(self) -> None:
+        """Let a guest write through, hold it while suspended, refuse it once fenced."""
+        if not self.suspended and not self.fenced:
+            return
+        with self._cond:
+            while not self.fenced and self.suspended:
+                self._cond.wait()
+            if self.fenced:
+                raise BlockIOError(errno.EROFS, f"guest write refused: this node is fenced: "
+                                                f"{self.fenced}")
+
+    def contact(self) -> None:
+        """The controller was heard from (arms the guard)."""
+        with self._cond:
+            self._armed = True
+            self._last_contact = max(self._last_contact, time.monotonic())
+            self._update()
+
+    def fence(self, reason: str) -> None:
+        with self._cond:
+            first = not self.fenced
+            self.fenced = reason
+            self._cond.notify_all()
+        if first:
+            log.error("fenced: %s; guest writes fail from now on", reason)
+            self._events("NODE_FENCED", {"reason": reason})
+
+    def _run(self) -> None:
+        tick = min(self.timeout / 4, 0.25)
+        looked = time.monotonic()
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            # Ask the link only when contact is getting old: a probe costs a flush.
+            if self._armed and now - self._last_contact > self.timeout / 3:
+                if self._secondary_answers():
+                    with self._cond:  # the acknowledgement came after the previous look
+                        self._last_contact = max(self._last_contact, looked)
+                looked = now
+            with self._cond:
+                self._update()
+
+    def _update(self) -> None:
+        """Re-evaluate isolation (``_cond`` held); log and report a change."""
+        since = time.monotonic() - self._last_contact
+        isolated = self._armed and since >= self.timeout
+        if isolated == self.isolated:
+            return
+        self.isolated = isolated
+        self.suspended = isolated and self.policy == "suspend"
+        self._cond.notify_all()
+        if isolated:
+            log.error("isolated: no contact with the secondary or the controller for %.1fs; "
+                      "guest writes %s", since,
+                      "are held" if self.suspended else "go on (on-isolation=continue)")
+            self._events("NODE_ISOLATED", {"policy": self.policy, "since": since})
+        else:
+            log.warning("contact restored; guest writes flow again")
+            self._events("NODE_CONTACT_RESTORED", {})
+
+    def query(self) -> dict[str, Any]:
+        with self._cond:
+            return {"policy": self.policy, "timeout": self.timeout, "armed": self._armed,
+                    "isolated": self.isolated, "suspended": self.suspended,
+                    "fenced": self.fenced or None,
+                    "last_contact_age": round(time.monotonic() - self._last_contact, 3)}
+
+    def close(self) -> None:
+        """Stop the monitor; writes still held are refused (the node is going away)."""
+        self._stop.set()
+        self._thread.join()
+        with self._cond:
+            self.fenced = self.fenced or "the node is shutting down"
+            self._cond.notify_all()
+

@@ -1,0 +1,93 @@
+"""What a node does in each role, shared part: its replicas and their registry.
+
+A node holds one role object at a time (:class:`~repdisk.node.primaryrole.PrimaryRole` or
+:class:`~repdisk.node.secondaryrole.SecondaryRole`) and replaces it on promotion and
+demotion; the role owns the replicas of that role, the node owns what outlives a switch
+(:class:`~repdisk.node.context.NodeContext`).  The defaults here are what a role does
+not take part in: a secondary has no link to probe, a primary never ignores a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Protocol, TypeVar
+
+from repdisk.block.rawimage import RawImage
+from repdisk.errors import ConfigError
+from repdisk.node.context import NodeContext
+from repdisk.replication.framework import Registry, ReplicationMode, ReplicationState
+from repdisk.replication.stage import Stage
+
+
+class Replica(Protocol):
+    """What the node needs of every replica, primary or secondary."""
+
+    name: str
+    disk: RawImage
+
+    @property
+    def stage(self) -> Stage: ...
+
+    def register(self, registry: Registry) -> ReplicationState: ...
+
+    def query(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=Replica)
+
+
+class Role(Generic[R]):
+    """The replicas of one role, registered together (the ``*_all`` calls act on the whole
+    consistency group)."""
+
+    name: str                 # config.PRIMARY or config.SECONDARY
+    mode: ReplicationMode
+
+    def __init__(self, ctx: NodeContext, replicas: dict[str, R]) -> None:
+        self.ctx = ctx
+        self.replicas = replicas
+        self.registry = Registry()
+        for rep in replicas.values():
+            rep.register(self.registry)
+
+    def image(self, disk: str | None) -> RawImage:
+        """The disk named ``disk`` (None: the first); ConfigError if there is none."""
+        name = disk or self.ctx.cfg.disks[0].name
+        rep = self.replicas.get(name)
+        if rep is None:
+            raise ConfigError("disk", f"no disk named {name!r}; this node has "
+                                      f"{', '.join(self.replicas)}")
+        return rep.disk
+
+    def replication_over(self) -> str:
+        """Why replication requests are ignored here ("" if they are not)."""
+        return ""
+
+    def before_start(self, epoch: int | None) -> None:
+        """Called by ``replication-start`` once the state allowed it, before the replicas
+        start."""
+
+    def stop(self, failover: bool) -> None:
+        self.registry.stop_all(failover)
+
+    def probe_secondary(self) -> None:
+        """At start-up, before serving: check the link to the peer, if the role has one."""
+
+    def serving(self) -> None:
+        """The control socket serves (nbdkit has forked): start the role's threads."""
+
+    def contact(self) -> None:
+        """The controller was heard from."""
+
+    def isolation(self) -> dict[str, Any] | None:
+        """The isolation guard's report, if the role has one."""
+        return None
+
+    def link_timeout(self) -> float | None:
+        """How long the peer may take to answer, if the role waits for one."""
+        return None
+
+    def close(self) -> None:
+        for rep in self.replicas.values():
+            rep.close()

@@ -1,0 +1,236 @@
+"""A node's secondary role: its SecondaryReplicas, their exports, failover and promotion.
+
+A secondary serves ``replica/NAME`` (the primary writes here) and ``active/NAME`` (a
+secondary VM's view) for each disk, with ``replica`` and ``active`` naming the first disk
+and ``active`` the default export.  Each replica export has unlisted twins: ``+batch``
+(batch.py, an async primary's records), ``+seal`` (a demoting primary's proof) and
+``+digest`` (resync.py, read-only digests); all of one disk share its session fence
+(sessions.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from repdisk.block.device import BlockDevice
+from repdisk.errors import ConfigError, RepdiskError
+from repdisk.node.config import SECONDARY
+from repdisk.node.context import NodeContext
+from repdisk.node.exports import Export
+from repdisk.node.primaryrole import new_primary
+from repdisk.node.role import Role
+from repdisk.replication import batch, resync, sessions
+from repdisk.replication.framework import ReplicationError, ReplicationMode
+from repdisk.replication.primary import PrimaryReplica
+from repdisk.replication.secondary import SecondaryReplica
+from repdisk.replication.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+class SecondaryRole(Role[SecondaryReplica]):
+    name = SECONDARY
+    mode = ReplicationMode.SECONDARY
+
+    def __init__(self, ctx: NodeContext, replicas: dict[str, SecondaryReplica],
+                 demoted: list[PrimaryReplica]) -> None:
+        super().__init__(ctx, replicas)
+        self.demoted = demoted  # a demoted node's former primaries (links dropped)
+
+    # -- becoming a secondary ----------------------------------------------------------
+
+    @classmethod
+    def open(cls, ctx: NodeContext) -> SecondaryRole:
+        """Open every disk of the keys with its overlays (locked), before serving."""
+        cfg = ctx.cfg
+        replicas = {}
+        for spec in cfg.disks:
+            hidden, active = cfg.overlays(spec.path)
+            try:
+                rep = SecondaryReplica.open(spec.name, spec.path, hidden, active,
+                                            cluster_size=cfg.cluster_size, events=ctx.emit)
+            except ConfigError:
+                raise
+            except (RepdiskError, OSError, ValueError) as err:
+                raise ConfigError("disk", f"{spec.path}: {err}") from err
+            ctx.lock(rep.disk, rep.hidden_overlay, rep.active_overlay)
+            replicas[spec.name] = rep
+        return cls(ctx, replicas, [])
+
+    @classmethod
+    def over(cls, ctx: NodeContext, primaries: dict[str, PrimaryReplica]) -> SecondaryRole:
+        """Each of a demoted primary's images under a SecondaryReplica (stage NONE), its
+        overlays beside it; the caller switches the exports (:meth:`name_exports`)."""
+        replicas = {}
+        for name, rep in primaries.items():
+            hidden, active = ctx.cfg.overlays(rep.disk.path)
+            sec = SecondaryReplica.over(name, rep.disk, hidden, active,
+                                        ctx.cfg.cluster_size, ctx.emit)
+            ctx.lock(sec.disk, sec.hidden_overlay, sec.active_overlay)
+            replicas[name] = sec
+        return cls(ctx, replicas, list(primaries.values()))
+
+    def name_exports(self) -> None:
+        """A secondary's exports; a demoted node's guest-facing ``Export`` objects are kept
+        (open connections keep them) and switched to the secondaries' ``active`` views."""
+        exports, fences = self.ctx.exports, self.ctx.fences
+        for i, (name, rep) in enumerate(self.replicas.items()):
+            kept = exports.get(f"active/{name}") or exports.get(name)
+            if isinstance(kept, Export):
+                kept.target = rep.active_view
+                active = kept
+            else:
+                active = Export(rep.active_view, self.ctx.admission)
+            fence = sessions.SessionFence(name)
+            aliases = [f"replica/{name}"] + (["replica"] if i == 0 else [])
+            for replica in aliases:  # each with its batch and seal twins, one fence for all
+                twins: tuple[tuple[str, BlockDevice], ...] = (
+                    (replica, rep.replica_view),
+                    (replica + batch.EXPORT_SUFFIX,
+                     batch.BatchView(rep.replica_view, rep.prefetch)),
+                    (replica + sessions.SEAL_SUFFIX, rep.replica_view))
+                for export, dev in twins:
+                    exports[export] = dev
+                    fences[export] = fence
+            for replica in aliases:  # read-only digests for a primary's own comparison
+                exports[replica + resync.DIGEST_SUFFIX] = resync.DigestView(rep.disk)
+            exports[f"active/{name}"] = active
+            if i == 0:
+                exports["active"] = active
+        self.ctx.default_export = "active"
+
+    def describe(self, name: str) -> str:
+        view, _, disk = name.partition("/")
+        disk = disk or self.ctx.cfg.disks[0].name
+        return (f"repdisk secondary disk {disk}: "
+                + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
+
+    def recover(self) -> None:
+        """At open: finish the failover commit that a crash interrupted, before serving.
+
+        If it fails again the node still serves, in failover-failed (reads work; starts
+        are refused while the state says the commit is unfinished)."""
+        if self.ctx.state.failover_commit is None:
+            return
+        log.warning("the failover commit of epoch %s was interrupted: finishing it",
+                    self.ctx.state.failover_commit)
+        try:
+            self._commit_failover()
+        except ReplicationError as err:
+            log.error("%s; the node serves the half-committed disk in failover-failed", err)
+            return
+        log.warning("failover commit finished: epoch %d", self.ctx.state.epoch)
+
+    # -- replication -------------------------------------------------------------------
+
+    def replication_over(self) -> str:
+        """This secondary won a failover and was not promoted: its side of replication is
+        over."""
+        if not self.ctx.state.failed_over:
+            return ""
+        return (f"this node took over in a failover (epoch {self.ctx.state.epoch}): its "
+                "replication is over; promote it (replication-promote) to replicate again")
+
+    def stop(self, failover: bool) -> None:
+        if failover:
+            self._failover()
+        else:
+            super().stop(failover)
+
+    def _failover(self) -> None:
+        """All disks of the group fail over, or none: refuse before committing any.
+
+        Crash-safe: once every disk's overlays are durable, the state file records that
+        the commit is under way; a node killed before the commit ends finishes it when it
+        reopens (:meth:`recover`).  A failover that is already over does nothing.
+        """
+        secondaries = list(self.replicas.values())
+        for rep in secondaries:
+            rep.check_failover()
+        began = [rep.begin_failover() for rep in secondaries]
+        if not any(began):
+            return
+        with self.ctx.changing_state() as state:
+            state.begin_failover()
+        self._commit_failover()
+
+    def _commit_failover(self) -> None:
+        for rep in self.replicas.values():
+            rep.resume_failover()
+        with self.ctx.changing_state() as state:
+            state.end_failover()
+        self.ctx.emit("EPOCH_CHANGED", {"epoch": self.ctx.state.epoch})
+
+    # -- promotion -----------------------------------------------------------------------
+
+    def prepare_promotion(self, secondary_uri: str, timeout: float, force: bool,
+                          probe: bool) -> None:
+        """Everything a promotion checks and records before the role changes: refuse (and
+        change nothing) a node that may not be promoted, or whose new secondary does not
+        answer (``probe``); a role switch or ``force`` starts the next epoch."""
+        if probe and not force:  # the controller's: a wrong URI or a peer not up changes nothing
+            if not self._sealed():
+                self._check_promotable()  # before the probe: a wrong stage says so first
+            self._probe(secondary_uri, timeout)
+        if force:
+            self._take_as_is()
+        elif not self._switch():
+            self._check_promotable()
+
+    def _probe(self, secondary_uri: str, timeout: float) -> None:
+        """Before a promotion changes anything: each disk's replica export at
+        ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up)."""
+        for name, rep in self.replicas.items():
+            try:
+                new_primary(self.ctx, name, rep.disk, secondary_uri, self.ctx.cfg.write_mode,
+                            timeout, len(self.replicas)).probe()
+            except RepdiskError as err:
+                raise ConfigError("secondary", f"cannot promote: {err}; start the new "
+                                               "secondary first, or fix the URI") from err
+
+    def _switch(self) -> bool:
+        """A running secondary whose primary sealed every disk (a clean demote): take the
+        disk as it is (a checkpoint drops the undo data, nothing is copied) and start the
+        next epoch.  False if there is no such seal."""
+        if not self._sealed():
+            return False
+        for rep in self.replicas.values():
+            rep.stop(failover=False)  # a checkpoint, then DONE: the disk is the newest
+        with self.ctx.changing_state() as state:
+            state.switch()
+        log.warning("role switch: the primary demoted cleanly; this disk is the newest "
+                    "(epoch %d), nothing rolled back", self.ctx.state.epoch)
+        self.ctx.emit("EPOCH_CHANGED", {"epoch": self.ctx.state.epoch})
+        return True
+
+    def _take_as_is(self) -> None:
+        """``force``: a secondary that is not replicating (stage none) declares its disk the
+        newest as it is and starts the next epoch: the pair's last primary restarting, or
+        the first primary of a new cluster.  The caller (Pacemaker's agent) has checked
+        that no newer epoch exists elsewhere; a fenced node is still refused."""
+        if self.ctx.state.fenced:
+            raise ReplicationError(f"cannot promote: this node is fenced "
+                                   f"({self.ctx.state.fenced})")
+        for rep in self.replicas.values():
+            if rep.stage is not Stage.NONE:
+                raise ReplicationError(f"{rep.name}: cannot promote by force: stage "
+                                       f"{rep.stage.value}; only a node that is not "
+                                       "replicating takes its disk as it is")
+        with self.ctx.changing_state() as state:
+            state.switch()
+        log.warning("promoted by force: this disk is taken as it is (epoch %d)",
+                    self.ctx.state.epoch)
+
+    def _sealed(self) -> bool:
+        """Every disk a running secondary whose primary sealed it (a clean demote)."""
+        secondaries = list(self.replicas.values())
+        return (bool(secondaries) and all(r.stage is Stage.RUNNING for r in secondaries)
+                and self.ctx.state.sealed_all([r.name for r in secondaries]))
+
+    def _check_promotable(self) -> None:
+        for rep in self.replicas.values():
+            restarted_winner = rep.stage is Stage.NONE and self.ctx.state.failed_over
+            if rep.stage is not Stage.DONE and not restarted_winner:
+                raise ReplicationError(f"{rep.name}: cannot promote: stage {rep.stage.value}; "
+                                       "only a node whose failover completed, or whose "
+                                       "primary was demoted cleanly, can be promoted")
