@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,7 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from repdisk.errors import ControlError
 from repdisk.qmp.client import QMPClient
-from repdisk.qmp.protocol import MAX_MESSAGE, ArgSpec, Command, QMPProtocol
+from repdisk.qmp.protocol import GATE, MAX_MESSAGE, ArgSpec, Command, Phase, QMPProtocol, gate
 from repdisk.qmp.server import MAX_QUEUED, QMPServer
 
 pytestmark = pytest.mark.timeout(30)
@@ -259,6 +260,42 @@ def test_protocol_splits_any_chunking(handlers: Handlers, chunk: int) -> None:
         error("QMP input must be a JSON object"),
         {"return": {"x": -1}},
     ]
+
+
+def test_gate_table() -> None:
+    """Which command runs in which phase, and what answers the others."""
+    first = ("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
+    done = ("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+    closing = ("GenericError", "the connection is closing: its input broke the protocol")
+    expected = {Phase.NEGOTIATING: (None, first), Phase.RUNNING: (done, None),
+                Phase.CLOSED: (closing, closing)}
+    for phase, answers in expected.items():
+        for name, answer in zip(("qmp_capabilities", "query-version"), answers, strict=True):
+            if answer is None:
+                gate(phase, name)
+                continue
+            with pytest.raises(ControlError) as refused:
+                gate(phase, name)
+            assert (refused.value.error_class, str(refused.value)) == answer, (phase, name)
+    assert set(GATE) == {(p, c) for p in Phase for c in (True, False)}
+
+
+def test_phases_change_in_order_through_one_setter(handlers: Handlers, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="repdisk.qmp.protocol")
+    proto = QMPProtocol(QMPServer(handlers.commands(), max_message=64))
+    assert (proto.phase, proto.negotiated, proto.closed) == (Phase.NEGOTIATING, False, False)
+    assert [json.loads(r) for r in proto.receive(b'{"execute": "echo"}\n')] == [
+        error("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound")]
+    assert proto.phase is Phase.NEGOTIATING                     # a refusal changes nothing
+    proto.receive(b'{"execute": "qmp_capabilities"}\n')
+    assert (proto.phase, proto.negotiated, proto.closed) == (Phase.RUNNING, True, False)
+    assert [json.loads(r) for r in proto.receive(b'{"execute": "echo", "arguments": '
+                                                 b'{"name": "' + b"a" * 64)] == [
+        error("QMP input longer than 64 bytes; closing the connection")]
+    assert (proto.phase, proto.negotiated, proto.closed) == (Phase.CLOSED, False, True)
+    assert proto.receive(b'{"execute": "echo"}\n') == []       # nothing runs once closed
+    assert [r.getMessage() for r in caplog.records if r.name == "repdisk.qmp.protocol"] == [
+        "qmp: connection negotiating -> running", "qmp: connection running -> closed"]
 
 
 def test_malformed_json_then_recovers(path: str) -> None:

@@ -3,10 +3,14 @@
 :class:`QMPProtocol` takes the bytes a client sent and returns the bytes to send back; it
 never touches a socket, so every transport (:mod:`repdisk.qmp.server`) and the tests share
 it.  What it needs of the server behind it is :class:`CommandTable`.
+
+A connection is in one :class:`Phase` at a time, changed only by ``QMPProtocol._set_phase``;
+:func:`gate` is the one place that says which command may run in which phase.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import re
@@ -22,7 +26,10 @@ log = logging.getLogger(__name__)
 #: Longest JSON text a client may send; longer input is answered with an error and dropped.
 MAX_MESSAGE = 1 << 20
 
+CAPABILITIES = "qmp_capabilities"
 NEGOTIATION_FIRST = "Expecting capabilities negotiation with 'qmp_capabilities'"
+NEGOTIATION_DONE = "Capabilities negotiation is already complete, command ignored"
+CLOSING = "the connection is closing: its input broke the protocol"
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -224,6 +231,39 @@ class _Splitter:
 _NO_ID = object()
 
 
+class Phase(enum.Enum):
+    """Where one connection's QMP session is."""
+
+    #: The greeting is out: only ``qmp_capabilities`` runs (QEMU's negotiation mode).
+    NEGOTIATING = "negotiating"
+    #: ``qmp_capabilities`` succeeded: every other command runs, and the client gets events.
+    RUNNING = "running"
+    #: The input broke the protocol beyond repair (a text too long): nothing runs any more;
+    #: the transport sends the replies already made, then hangs up.
+    CLOSED = "closed"
+
+
+#: What a command meets in each phase, by (phase, is it qmp_capabilities): None runs it,
+#: otherwise the QMP error (class, description) that answers it instead.
+GATE: dict[tuple[Phase, bool], tuple[str, str] | None] = {
+    (Phase.NEGOTIATING, True): None,
+    (Phase.NEGOTIATING, False): ("CommandNotFound", NEGOTIATION_FIRST),
+    (Phase.RUNNING, True): ("CommandNotFound", NEGOTIATION_DONE),
+    (Phase.RUNNING, False): None,
+    (Phase.CLOSED, True): ("GenericError", CLOSING),
+    (Phase.CLOSED, False): ("GenericError", CLOSING),
+}
+
+
+def gate(phase: Phase, name: str) -> None:
+    """Let the command called ``name`` run in ``phase``, or raise the ControlError that
+    answers it (:data:`GATE`)."""
+    refusal = GATE[phase, name == CAPABILITIES]
+    if refusal is not None:
+        error_class, desc = refusal
+        raise ControlError(desc, error_class)
+
+
 class CommandTable(Protocol):
     """What a :class:`QMPProtocol` needs of the server it answers for."""
 
@@ -247,12 +287,26 @@ class QMPProtocol:
     def __init__(self, server: CommandTable) -> None:
         self._server = server
         self._splitter = _Splitter(server.max_message)
-        #: Set once qmp_capabilities succeeded; from then on the client may get events.
-        self.negotiated = False
-        #: Set when the input broke the protocol beyond repair: send the replies, then hang up.
-        self.closed = False
+        self.phase = Phase.NEGOTIATING
+
+    def _set_phase(self, phase: Phase) -> None:
+        """The one writer of :attr:`phase`; logs each change."""
+        log.debug("qmp: connection %s -> %s", self.phase.value, phase.value)
+        self.phase = phase
+
+    @property
+    def negotiated(self) -> bool:
+        """True once qmp_capabilities succeeded and until the connection closes: the
+        client may get events."""
+        return self.phase is Phase.RUNNING
+
+    @property
+    def closed(self) -> bool:
+        """True when the input broke the protocol: send the replies made, then hang up."""
+        return self.phase is Phase.CLOSED
 
     def greeting(self) -> bytes:
+        """The greeting QEMU sends first: the server's version, no capabilities offered."""
         return encode({"QMP": {"version": self._server.version_info(), "capabilities": []}})
 
     def receive(self, data: bytes) -> list[bytes]:
@@ -266,7 +320,7 @@ class QMPProtocol:
         for text in self._splitter.feed(data):
             yield self.handle(text)
         if self._splitter.overflow:
-            self.closed = True
+            self._set_phase(Phase.CLOSED)
             yield encode({"error": {"class": "GenericError", "desc":
                                     f"QMP input longer than {self._splitter.limit} bytes; "
                                     "closing the connection"}})
@@ -297,16 +351,12 @@ class QMPProtocol:
     def _dispatch(self, msg: Any) -> Any:
         name, arguments = _parse_request(msg)
         cmd = self._server.command(name)
-        if not self.negotiated and name != "qmp_capabilities":
-            raise ControlError(NEGOTIATION_FIRST, "CommandNotFound")
-        if self.negotiated and name == "qmp_capabilities":
-            raise ControlError("Capabilities negotiation is already complete, command ignored",
-                               "CommandNotFound")
+        gate(self.phase, name)
         if cmd is None:
             raise ControlError(f"The command {name} has not been found", "CommandNotFound")
         result = run_command(cmd, check_arguments(cmd, arguments))
-        if name == "qmp_capabilities":
-            self.negotiated = True
+        if name == CAPABILITIES:
+            self._set_phase(Phase.RUNNING)
         return {} if result is None else result
 
 

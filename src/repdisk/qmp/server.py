@@ -25,7 +25,7 @@ from typing import Any
 
 from repdisk import __version__
 from repdisk.errors import ControlError
-from repdisk.qmp.protocol import MAX_MESSAGE, ArgSpec, Command, QMPProtocol, encode
+from repdisk.qmp.protocol import CAPABILITIES, MAX_MESSAGE, ArgSpec, Command, QMPProtocol, encode
 from repdisk.qmp.tlsrelay import TLSRelay
 from repdisk.tls import server_context
 
@@ -279,7 +279,7 @@ class QMPServer:
 
     def _builtins(self) -> list[Command]:
         return [
-            Command("qmp_capabilities", _capabilities,
+            Command(CAPABILITIES, _capabilities,
                     {"enable": ArgSpec(list, False, "capabilities to enable (none offered)")},
                     "leave capabilities negotiation mode; required before any other command"),
             Command("query-commands", lambda _: [{"name": n} for n in sorted(self._commands)],
