@@ -84,6 +84,7 @@ class QMPClient:
 
     @property
     def greeting(self) -> dict[str, Any] | None:
+        """The server's greeting as received, or None before a connection succeeded."""
         return self._qmp.greeting._asdict() if self._qmp.greeting else None
 
     def execute(self, name: str, arguments: Mapping[str, Any] | None = None, /,
@@ -153,6 +154,9 @@ class QMPClient:
             self._loop.close()
 
     def _run(self, coro: Any, timeout: float | None, what: str) -> Any:
+        """Run ``coro`` on the private loop, one call at a time, within ``timeout``
+        (``self.timeout`` if None); a timeout or a broken session becomes a ControlError
+        naming ``what``, a command's error stays qemu.qmp's ExecuteError."""
         limit = self.timeout if timeout is None else timeout
         with self._lock:
             if self._loop.is_closed():
@@ -256,6 +260,8 @@ class ProgressPrinter:
                 return
 
     def stop(self) -> None:
+        """Print the events that came until now, then close the watching connection; call
+        once, after the command answered."""
         self._stop.set()
         self._thread.join()
         self._client.close()
@@ -263,6 +269,7 @@ class ProgressPrinter:
 
 
 def format_progress(event: str, data: dict[str, Any]) -> str:
+    """One ``*_PROGRESS`` event as a line: ``disk resync: 1.0/4.0 MiB (25%)``."""
     done, total = data.get("done", 0), data.get("total", 0) or 1
     what = event.removesuffix("_PROGRESS").lower()
     return (f"{data.get('disk', '')} {what}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB "

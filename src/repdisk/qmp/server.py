@@ -60,6 +60,7 @@ class _Connection:
         self._plain = type(sock) is socket.socket   # MSG_NOSIGNAL is not allowed on TLS
 
     def start(self) -> None:
+        """Start the reader thread (greeting, then commands) and the writer thread; once."""
         log.debug("%s: client connected from %s", self.name, self._peer)
         for role, target in (("reader", self._read_loop), ("writer", self._write_loop)):
             threading.Thread(target=target, name=f"{self.name}-{role}", daemon=True).start()
@@ -178,6 +179,8 @@ class _Listener:
             self._adopt(conn, str(addr) if addr else "unix")
 
     def close(self) -> None:
+        """Stop accepting, close the socket and remove the socket file if it is still ours;
+        connections already accepted go on."""
         self._closing = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)   # wakes accept() on Linux
@@ -296,6 +299,7 @@ class QMPServer:
             self._commands = {**self._commands, cmd.name: cmd}   # readers never see a half
 
     def command(self, name: str) -> Command | None:
+        """The command registered as ``name``, or None; safe from any thread."""
         return self._commands.get(name)
 
     @property
@@ -407,6 +411,8 @@ class QMPServer:
 
     def _listen(self, sock: socket.socket, unlink: tuple[str, int, int] | None,
                 adopt: Callable[[socket.socket, str], None] | None = None) -> None:
+        """Accept on ``sock`` in a thread of its own; refused (and ``sock`` closed) once the
+        server is closed.  ``adopt`` takes each accepted socket (default: serve it)."""
         with self._lock:
             if self._closed:
                 sock.close()
@@ -414,6 +420,7 @@ class QMPServer:
             self._listeners.append(_Listener(self, sock, unlink, adopt))
 
     def _adopt(self, sock: socket.socket, peer: str) -> None:
+        """Serve an accepted plain socket as a client; closed at once if the server is."""
         conn = _Connection(self, sock, peer)
         with self._lock:
             if self._closed:

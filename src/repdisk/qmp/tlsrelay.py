@@ -52,6 +52,8 @@ class TLSRelay:
     @classmethod
     def accept(cls, raw: socket.socket, context: ssl.SSLContext, peer: str,
                what: str = "control client") -> tuple[TLSRelay, socket.socket] | None:
+        """The server handshake on ``raw`` (blocks up to ``HANDSHAKE_TIMEOUT``): the relay
+        and the application's plain end, or None when it failed (logged, ``raw`` closed)."""
         raw.settimeout(HANDSHAKE_TIMEOUT)
         try:
             tls = context.wrap_socket(raw, server_side=True)
