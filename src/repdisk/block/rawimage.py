@@ -180,12 +180,18 @@ class RawImage:
             raise block_error(err, f"raw image {self.path}: read at {offset}") from err
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
-        view = byte_view(buf)
-        check_range(self.size, offset, len(view), write=True)
+        # Every write comes here: the common case is one pwrite and no call of ours
+        # (check_range and write_full only when the request is bad or the write short).
+        view = memoryview(buf)
+        n = view.nbytes
+        if n <= 0 or offset < 0 or offset + n > self.size:
+            check_range(self.size, offset, n, write=True)
         if self.readonly:
             self._check_writable()
         try:
-            write_full(self._fd, view, offset)
+            done = os.pwrite(self._fd, view, offset)
+            if done != n:
+                write_full(self._fd, byte_view(view)[done:], offset + done)
             if fua:
                 os.fdatasync(self._fd)
         except OSError as err:

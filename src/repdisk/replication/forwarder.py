@@ -163,7 +163,8 @@ class Forwarder:
         self._queue: deque[Ticket] = deque()
         self._barriers: list[Ticket] = []
         self._inflight: set[Ticket] = set()
-        self._completed: list[Ticket] = []
+        # Completed by libnbd, to be settled by _retire (tickets append themselves).
+        self.completions: list[Ticket] = []
         self._cur_hold: float = _INF
         self._next_check = 0.0
         self._can_trim = True
@@ -372,11 +373,6 @@ class Forwarder:
                 self._wake_locked()
 
     # -- the I/O thread ---------------------------------------------------------------
-
-    def ticket_completed(self, t: Ticket) -> None:
-        """libnbd retired ``t``'s command: settle it in this round's ``_retire`` (the
-        completion runs inside ``aio_notify_*``, where nothing may call libnbd)."""
-        self._completed.append(t)
 
     def _run(self) -> None:
         h, self._handoff = self._handoff, None
@@ -632,7 +628,7 @@ class Forwarder:
         if t.kind is FLUSH:
             return any(o.length for o in self._inflight)
         start, end = t.offset, t.offset + t.length
-        if self._records and self._records.hits(start, end):
+        if self._records.records and self._records.hits(start, end):
             return True
         for o in self._inflight:
             if o.parts is None and o.offset < end and start < o.offset + o.length:
@@ -677,7 +673,7 @@ class Forwarder:
                 h.aio_pread(t.buf, t.offset, completion=t.completed)
             elif t.kind is TRIM:
                 if not self._can_trim:  # advisory: nothing to tell a server that cannot
-                    self._completed.append(t)
+                    self.completions.append(t)
                     return None
                 h.aio_trim(t.length, t.offset, completion=t.completed, flags=flags)
             else:
@@ -688,10 +684,10 @@ class Forwarder:
 
     def _retire(self) -> str | None:
         """Settle what libnbd completed; returns the first error (those stay unacknowledged)."""
-        done = self._completed
+        done = self.completions
         if not done:
             return None
-        self._completed = []
+        self.completions = []
         why = None
         stats = self.stats
         for t in done:

@@ -20,10 +20,8 @@ class OverlapIndex:
     """The ``GRAIN`` blocks of each record in flight (a few sets: at most one per record)."""
 
     def __init__(self) -> None:
+        # One set per record in flight; empty when none is (checked before hits()).
         self.records: list[set[int]] = []
-
-    def __bool__(self) -> bool:
-        return bool(self.records)
 
     def add(self, parts: list[tuple[int, int]]) -> set[int]:
         """Index a record's (offset, length) parts; returns its set, for :meth:`remove`."""

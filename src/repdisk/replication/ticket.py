@@ -33,8 +33,9 @@ ABORT_GRACE = 1.0
 class TicketOwner(Protocol):
     """What a ticket tells the forwarder it was submitted to."""
 
-    def ticket_completed(self, t: Ticket) -> None:
-        """libnbd retired ``t``'s command (called inside ``aio_notify_*``, I/O thread)."""
+    #: Tickets whose command libnbd has completed, for the I/O thread to settle: a
+    #: ticket appends itself inside ``aio_notify_*``, on that thread.
+    completions: list[Ticket]
 
     def ticket_expired(self, t: Ticket, timeout: float | None) -> None:
         """A waiter gave up on ``t`` after ``timeout`` seconds (any thread)."""
@@ -130,11 +131,11 @@ class Ticket:
 
     def completed(self, err: Any) -> int:
         """libnbd's completion callback (runs inside aio_notify_*): note ``err``'s errno,
-        hand the ticket to its forwarder to settle, and retire the command (1)."""
+        join its forwarder's ``completions`` to be settled, and retire the command (1)."""
         self.err = err.value
         owner = self._owner
         if owner is not None:
-            owner.ticket_completed(self)
+            owner.completions.append(self)
         return 1
 
 
