@@ -3,9 +3,14 @@
     RepdiskError
      +-- ConfigError        a bad key or value at start-up (names the key)
      +-- BlockIOError       an I/O request failed; carries the errno the NBD client should see
-     +-- ReplicationError   a replication transition failed (defined in replication.py)
      +-- ForwardError       the primary could not reach or write to its secondary
      +-- ControlError       a control command failed (QMP error class + description)
+
+Defined beside the code that raises them, each a direct subclass of the root:
+``ReplicationError`` (a replication transition failed, repdisk.replication.framework),
+``NodeUnreachable`` and ``ControllerRefused`` (repdisk.controller.peer), ``ResourceError``
+(a resource file's mistake, repdisk.cli.resources), ``StartFailed`` (a detached process did
+not get ready, repdisk.detach).
 """
 
 from __future__ import annotations
