@@ -47,7 +47,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, QMPS
         node = Node.from_keys(keys)
         nodes.append(node)
         server = QMPServer(control.node_commands(node), name=f"repdisk-{role}")
-        node._server = server          # events of the node reach the fuzzed clients
+        node.ctx.server = server       # events of the node reach the fuzzed clients
         server.serve_unix(str(d / f"{role}.qmp"))
         out[role] = server
     yield out

@@ -101,6 +101,14 @@ def _node_commands(node: Node) -> list[Command]:
     ]
 
 
+def _runs(value: list[Any]) -> list[list[int]]:
+    """A ``runs`` argument, checked: [[offset, length], ...]."""
+    if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
+               for r in value):
+        raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
+    return value
+
+
 def _controller_commands(node: Node) -> list[Command]:
     """What the controller needs beyond the framework: contact, fencing, promotion, sync."""
     disk = ArgSpec(str, False, "the disk's name (default: the node's first disk)")
@@ -120,19 +128,12 @@ def _controller_commands(node: Node) -> list[Command]:
         return {"runs": [list(r) for r in runs]}
 
     def mark(args: dict[str, Any]) -> dict[str, int]:
-        runs = args["runs"]
-        if not all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
-                   for r in runs):
-            raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
-        return {"dirty_bytes": node.mark_dirty(args.get("disk"), runs)}
+        return {"dirty_bytes": node.mark_dirty(args.get("disk"), _runs(args["runs"]))}
 
     def verify(args: dict[str, Any]) -> dict[str, Any]:
         runs = args.get("runs")
-        if runs is not None and not all(
-                isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r)
-                for r in runs):
-            raise ControlError("Parameter 'runs' expects an array of [offset, length] pairs")
-        return {"disks": node.verify(args.get("disk"), runs, bool(args.get("repair", False)))}
+        return {"disks": node.verify(args.get("disk"), None if runs is None else _runs(runs),
+                                     bool(args.get("repair", False)))}
 
     return [
         Command("replication-verify", verify,

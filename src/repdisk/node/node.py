@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 class Node:
     """One consistency group's node, in one role at a time (see the module docstring).
 
-    Every public method but :meth:`export`, :meth:`list_exports` and :meth:`record_seal`
-    is one control command (control.py) and may be called from any control connection;
-    those three run on nbdkit's threads.
+    The control commands (control.py) call its methods from any control connection;
+    :meth:`export`, :meth:`list_exports` and :meth:`record_seal` run on nbdkit's threads;
+    :meth:`probe_secondary`, :meth:`serve_control` and :meth:`close` are the plugin's
+    start-up and shutdown steps.
     """
 
     def __init__(self, cfg: NodeConfig) -> None:
@@ -156,9 +157,6 @@ class Node:
             serve_control(server, self.cfg.control_tcp, self.cfg.control_tls)
         self.ctx.server = server
         self._role.serving()
-
-    def emit(self, name: str, data: dict[str, Any]) -> None:
-        self.ctx.emit(name, data)
 
     # -- replication: each maps to one *_all call of the role's registry ---------------
 
