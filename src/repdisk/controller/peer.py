@@ -1,7 +1,7 @@
 """A node as the controller sees it: its control links, its last answer, what answers say.
 
-A :class:`Peer` has two :class:`Link` s to the node's control socket (heartbeats, and
-operations that may run long); a node's own error raises ControlError, its silence
+A :class:`Peer` has two links (:class:`Link`) to the node's control socket: heartbeats,
+and operations that may run long; a node's own error raises ControlError, its silence
 :class:`NodeUnreachable`.  The functions at the end read a ``query-replication`` answer.
 """
 
