@@ -343,25 +343,26 @@ def test_async_round_that_fails_a_read_leaves_every_piece_dirty(primary_factory)
 
     rep.disk.pread_into = second_fails  # type: ignore[method-assign]
     with pytest.raises(BlockIOError, match="injected read error"):
-        rep._next_pieces(64, MiB)
+        rep.write_path.next_pieces(64, MiB)
     assert calls == [4096 * 200, 4096 * 100]  # highest first
     assert rep.dirty.runs() == runs
-    unlocked = threading.Thread(target=lambda: rep._locks.release(rep._locks.acquire(0, size)))
+    unlocked = threading.Thread(target=lambda: rep.write_path.locks.release(
+        rep.write_path.locks.acquire(0, size)))
     unlocked.start()
     unlocked.join(5)
     assert not unlocked.is_alive()
     rep.disk.pread_into = read  # type: ignore[method-assign]
-    got = rep._next_pieces(64, MiB)
+    got = rep.write_path.next_pieces(64, MiB)
     assert got is not None
     pieces, placed = got
     placed()
     assert [(offset, len(buf)) for offset, buf in pieces] == runs[::-1] and not rep.dirty
-    assert rep._next_pieces(64, MiB) is None
+    assert rep.write_path.next_pieces(64, MiB) is None
 
 
 def _count_disk_reads(rep: PrimaryReplica) -> list[tuple[int, int]]:
     """Record (offset, length) of every read of the local disk from here on, except the
-    guest's (PrimaryView reads through the method it bound at start)."""
+    guest's (the view reads through the method it bound at start)."""
     read, reads = rep.disk.pread_into, []
 
     def counted(buf: memoryview, offset: int) -> None:
@@ -387,7 +388,7 @@ def test_async_single_blocks_are_sent_from_memory(primary_factory, secondary_fac
     rep.resume()
     assert sec.read() == read_local(rep)
     assert reads == [(4096 * 201, 8192)]
-    assert rep.query()["counters"]["blocks_from_memory"] == 20 and len(rep.blocks) == 0
+    assert rep.query()["counters"]["blocks_from_memory"] == 20 and len(rep.write_path.blocks) == 0
 
 
 def test_async_writes_of_one_block_at_once_are_sent_from_the_disk(primary_factory,
@@ -428,7 +429,7 @@ def test_async_zero_and_trim_forget_kept_blocks(primary_factory, secondary_facto
         rep.view.pwrite(bytes([block + 1]) * 4096, block * 4096)
     rep.view.zero(4096, 4096)
     rep.view.trim(4 * 4096, 2 * 4096)
-    assert len(rep.blocks) == 5
+    assert len(rep.write_path.blocks) == 5
     rep.start(PRIMARY)
     local = read_local(rep)
     assert local[:8 * 4096] == (b"\x01" * 4096 + bytes(4096) + b"\x03" * 4096 + b"\x04" * 4096

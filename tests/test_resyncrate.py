@@ -168,7 +168,7 @@ def test_auto_resync_backs_off_under_a_writing_guest(primary_factory,
     def guest() -> None:
         offset = 16 * MiB
         while not stop.is_set():
-            if rep._forwarding() is None:
+            if rep.link.sending is None:
                 unlinked[0] += 1
             rep.view.pwrite(b"\x33" * 4096, offset)
             offset = 16 * MiB + (offset + 4096) % (8 * MiB)

@@ -6,7 +6,7 @@ call per piece, and each one hands the primary's GIL to the guest's thread and b
 async primary's limit, bench/README.md).  A copy of the block made by the writer, while
 it has the GIL anyway, spares both: ``take`` is a dict lookup.
 
-What keeps it true, the primary's side of the bargain (primary.py, ``_write_back``):
+What keeps it true, the primary's side of the bargain (writeback.py, ``WriteBack._write``):
 
 * a block's entry is put only by a write that ran alone (no other change of the disk
   began or was under way from its start to the put), after its local write and before
@@ -27,7 +27,14 @@ forwarder's ``take`` needs no lock against writers.
 
 from __future__ import annotations
 
-__all__ = ["BLOCK", "BlockCache"]
+from collections.abc import Callable
+
+from repdisk.block.dirtymap import DirtyMap
+
+__all__ = ["BLOCK", "BlockCache", "Pieces"]
+
+#: Pieces of the disk to send: (offset, bytes).
+Pieces = list[tuple[int, bytes | bytearray]]
 
 #: The one piece size kept: the async dirty map's grain, and a guest's usual random write.
 BLOCK = 4096
@@ -81,3 +88,31 @@ class BlockCache:
             return data
         self.drop(offset, length)
         return None
+
+    def read_cleared(self, read: Callable[[memoryview, int], None], dirty: DirtyMap,
+                     runs: list[tuple[int, int]]) -> Pieces:
+        """The current bytes of dirty pieces whose bits in ``dirty`` were just cleared
+        (their ranges locked against the writers that lock): a kept block from memory
+        (``take``), any other piece through ``read(buf, offset)`` (the disk's
+        ``pread_into``).  On a failure, marks them all dirty again (none is sent) and
+        raises.
+
+        Cleared, then read: an async write takes no range lock and marks after writing, so
+        a write that lands during the read marks the piece again and it is sent again; read
+        first, a write between the read and the clear would be lost.  A kept block obeys
+        the same rule (see above)."""
+        pieces: Pieces = []
+        try:
+            for offset, length in runs:
+                data = self.take(offset, length)
+                if data is None:
+                    buf = bytearray(length)
+                    read(memoryview(buf), offset)
+                    pieces.append((offset, buf))
+                else:
+                    pieces.append((offset, data))
+        except BaseException:
+            for offset, length in runs:
+                dirty.mark(offset, length)
+            raise
+        return pieces

@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Union
+from functools import lru_cache, partial
+from typing import Any
 
 import nbd
 
@@ -53,7 +53,7 @@ MAX_DIGEST_LENGTH = 1 << 30
 SYNC_MODES = ("checksum", "full", "none")
 
 Run = tuple[int, int]
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 @lru_cache(maxsize=8)
@@ -142,7 +142,7 @@ def differing_runs(offset: int, granularity: int, ours: list[str], theirs: list[
         raise ValueError(f"digest lists of different lengths ({len(ours)} and {len(theirs)}) "
                          f"at offset {offset}: the disks or granularities differ")
     runs = [(offset + i * granularity, min(granularity, size - offset - i * granularity))
-            for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
     return merge_runs(runs)
 
 
@@ -193,6 +193,10 @@ class DigestView:
         return [(offset, length, 0)]
 
 
+def _completed(h: nbd.NBD, cookie: int) -> bool:
+    return bool(h.aio_command_completed(cookie))
+
+
 def differing_granules(image: RawImage, uri: str, timeout: float,
                        progress: Callable[[int, int], None] | None = None) -> list[Run]:
     """Compare ``image`` with the secondary's disk behind ``uri`` (its replica export, to
@@ -220,7 +224,7 @@ def differing_granules(image: RawImage, uri: str, timeout: float,
             ours = disk_digests(image, offset, length, GRANULARITY)
             buf = nbd.Buffer(len(ours) * DIGEST_SIZE)
             cookie = h.aio_pread(buf, offset // GRANULARITY * DIGEST_SIZE)
-            wait(lambda: bool(h.aio_command_completed(cookie)), "digests")
+            wait(partial(_completed, h, cookie), "digests")
             raw = buf.to_bytearray()
             theirs = [raw[i:i + DIGEST_SIZE].hex() for i in range(0, len(raw), DIGEST_SIZE)]
             runs += differing_runs(offset, GRANULARITY, ours, theirs, image.size)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from repdisk.errors import ConfigError
+from repdisk.units import parse_size
 
 #: auto: a guest write within this many seconds means the guest is writing.
 QUIET = 0.5
@@ -60,7 +61,6 @@ class ResyncRate:
 
 def parse(key: str, text: str) -> ResyncRate:
     """``auto``, ``max`` or a size per second (``100M``, ``100M/s``); ConfigError if not."""
-    from repdisk.node.config import parse_size  # the one size parser; config imports this module
     word = text.strip().lower()
     if word == AUTO:
         return ResyncRate(None, True)

@@ -1,0 +1,213 @@
+"""The primary's link to its secondary: one forwarding connection at a time, and its state.
+
+:class:`LinkState` (written only by :meth:`Link._set`, which logs the change)::
+
+    DOWN      not replicating (before start, after stop): writes are local and dirty
+    UP        forwarding: writes and copies go to ``forwarder``
+    DEGRADED  the connection failed (or was dropped while failed): writes are local and
+              dirty until a resync brings the link up again
+
+Whatever a failing forwarder did not get acknowledged is marked in the dirty map by its
+``on_failure`` (this module), so nothing acknowledged to the guest is forgotten.  Every
+connection for replication is a writer session (sessions.py) named by the pair's ``epoch``
+and a growing generation, so the secondary fences the older ones.
+
+``current`` is the pair (state, the forwarder writes go to now: None unless UP), replaced
+as one value, so a writer reads both at once from any thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+
+from repdisk.block.dirtymap import DirtyMap
+from repdisk.errors import ForwardError
+from repdisk.replication.forwarder import Forwarder, Source
+from repdisk.replication.framework import ReplicationError
+from repdisk.replication.sessions import SEAL_SUFFIX, make_tag
+from repdisk.replication.stage import StageMachine
+from repdisk.uri import with_export_suffix
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Link", "LinkState", "PULL_DELAY"]
+
+#: async: the forwarder gathers dirty pieces this long before a round (fio 4 KiB random
+#: writes QD16, 2 vCPUs: see bench/README.md).
+PULL_DELAY = 0.001
+
+
+class LinkState(enum.Enum):
+    DOWN = "down"          # not replicating: writes are local and dirty
+    UP = "up"              # forwarding
+    DEGRADED = "degraded"  # failed: writes are local and dirty until resync
+
+
+class Link:
+    """The connection a primary disk forwards on: connect, degrade, failure, probe, seal.
+
+    ``up``, ``drop`` and ``stop`` run under the replica's transition lock; ``degrade``
+    also runs on a failing forwarder's thread (``on_failure``).
+    """
+
+    def __init__(self, name: str, uri: str | None, dirty: DirtyMap, sm: StageMachine, *,
+                 timeout: float, window: int, export_suffix: str) -> None:
+        self.name = name
+        self.uri = uri
+        self.timeout = timeout
+        self.window = window
+        self.export_suffix = export_suffix
+        #: The pair's epoch, set by the node at start; every connection names it.
+        self.epoch = 0
+        self._dirty = dirty
+        self._sm = sm
+        # Guards errors (counted on forwarders' threads).
+        self._count_lock = threading.Lock()
+        #: Forwarders that failed (query-replication's forward_errors).
+        self.errors = 0
+        self.state = LinkState.DOWN
+        #: The connection, failed or not; None when there is none.
+        self.forwarder: Forwarder | None = None
+        #: (state, the forwarder writes go to now: None unless UP), one value.
+        self.current: tuple[LinkState, Forwarder | None] = (LinkState.DOWN, None)
+
+    @property
+    def sending(self) -> Forwarder | None:
+        """The forwarder writes go to now, or None if they only go to the local disk."""
+        return self.current[1]
+
+    @property
+    def degraded(self) -> bool:
+        return self.state is LinkState.DEGRADED
+
+    @property
+    def export_uri(self) -> str:
+        """The secondary's export of this disk ("" without a secondary)."""
+        return with_export_suffix(self.uri or "", self.export_suffix)
+
+    def _set(self, state: LinkState, fwd: Forwarder | None) -> None:
+        """The one writer of the state, the connection and ``current``."""
+        if state is not self.state:
+            log.info("%s: link %s -> %s", self.name, self.state.value, state.value)
+        self.state, self.forwarder = state, fwd
+        self.current = (state, fwd if state is LinkState.UP else None)
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def up(self, source: Source | None = None) -> None:
+        """Connect and forward from now on (UP; DEGRADED if the connection failed at once);
+        ``source``: the async write-back's pieces (forwarder.py's Pulling).  Raises
+        ReplicationError (state unchanged) if the secondary is unfit."""
+        fwd = self._connect(session=True, source=source)
+        self._set(LinkState.UP, fwd)
+        if fwd.failed:  # failed before it was ours: on_failure did not degrade
+            self.degrade(f"forwarding to the secondary {self.uri} failed: {fwd.error}")
+
+    def drop(self) -> None:
+        """Close the connection; whatever it did not acknowledge is marked dirty.  A
+        degraded link stays DEGRADED (only a resync clears that), any other goes DOWN."""
+        fwd = self.forwarder
+        self._set(LinkState.DEGRADED if self.degraded else LinkState.DOWN, None)
+        if fwd is not None:
+            fwd.close()  # reports what it did not acknowledge to on_failure: marked dirty
+
+    def stop(self) -> None:
+        """Replication is over: drop the connection, DOWN even if degraded."""
+        self.drop()
+        self._set(LinkState.DOWN, None)
+
+    def degrade(self, why: str) -> None:
+        """Stop forwarding until resync; get_error reports ``why`` (and an event goes out)."""
+        self._set(LinkState.DEGRADED, self.forwarder)
+        self._sm.record_error(f"{why}; writes are kept local and tracked as dirty until "
+                              "resync")
+
+    def _on_failure(self, fwd: Forwarder, error: str, ranges: list[tuple[int, int]]) -> None:
+        """Called once by a failing forwarder (its thread): mark, degrade, report."""
+        for off, length in ranges:
+            if length > 0:
+                self._dirty.mark(off, length)
+        with self._count_lock:
+            self.errors += 1
+        if fwd is not self.forwarder:
+            return  # an abandoned connection: its ranges are marked, nothing else to say
+        self.degrade(f"forwarding to the secondary {self.uri} failed: {error}")
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _connect(self, session: bool, source: Source | None = None) -> Forwarder:
+        """A new connection to the secondary, checked for size; raises ReplicationError.
+
+        ``session``: a writer session (sessions.py), fenced by the secondary once a newer
+        one starts; the start-up probe only looks and is not one."""
+        if self.uri is None:
+            raise ReplicationError(f"{self.name}: cannot replicate: no secondary is "
+                                   "configured (set the 'secondary' key to its NBD URI)")
+        fwd: Forwarder
+
+        def on_failure(error: str, ranges: list[tuple[int, int]]) -> None:
+            self._on_failure(fwd, error, ranges)
+
+        tag = make_tag(self.epoch, time.time_ns()) if session else ""
+        fwd = Forwarder(self.uri, timeout=self.timeout, window=self.window,
+                        on_failure=on_failure, export_suffix=self.export_suffix,
+                        session_tag=tag, source=source if session else None,
+                        pull_delay=PULL_DELAY, batch=source is not None and session)
+        try:
+            fwd.connect()
+        except ForwardError as err:
+            fwd.close()
+            raise ReplicationError(f"{self.name}: {err}") from err  # err names the URI
+        if fwd.size != self._dirty.size:
+            fwd.close()
+            raise ReplicationError(
+                f"{self.name}: the secondary {self.uri} is {fwd.size} bytes but the "
+                f"local disk is {self._dirty.size} bytes; give both disks the same size")
+        return fwd
+
+    def probe(self) -> None:
+        """Check that the secondary answers and has this disk's size (node start-up)."""
+        self._connect(session=False).close()
+
+    def seal(self) -> None:
+        """Tell the secondary that it holds every write this primary acknowledged: one
+        write to its seal export on a new writer session (admitting it fences the
+        forwarding session there).  Only after a barrier that covered every acknowledged
+        write, with guest writes refused (a demote); raises ReplicationError if the
+        secondary did not confirm."""
+        if self.uri is None:
+            raise ReplicationError(f"{self.name}: no secondary to seal")
+        fwd = Forwarder(self.uri, timeout=self.timeout, window=1,
+                        export_suffix=self.export_suffix + SEAL_SUFFIX,
+                        session_tag=make_tag(self.epoch, time.time_ns()))
+        try:
+            fwd.connect()
+            ok = fwd.submit_write(bytes(512), 0).wait(self.timeout)
+        except ForwardError as err:
+            raise ReplicationError(f"{self.name}: cannot seal the secondary: {err}") from err
+        finally:
+            fwd.close()
+        if not ok:
+            raise ReplicationError(f"{self.name}: the secondary {self.uri} did not "
+                                   f"confirm the seal: {fwd.error or 'no answer'}")
+
+    def acks(self) -> int | None:
+        """Requests the secondary acknowledged on the current link; None when not forwarding.
+
+        The node's isolation monitor watches it grow: an acknowledgement is proof of contact.
+        """
+        fwd = self.sending
+        if fwd is None:
+            return None
+        stats = fwd.stats
+        return stats["writes"] + stats["zeros"] + stats["trims"] + stats["flushes"]
+
+    def probe_idle(self) -> None:
+        """Send a flush if the link is idle, so that an idle secondary still proves it
+        answers (and a dead one is noticed before the next guest write)."""
+        fwd = self.sending
+        if fwd is not None and not fwd.in_flight and not fwd.queued:
+            fwd.submit_flush()

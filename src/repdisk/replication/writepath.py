@@ -1,0 +1,299 @@
+"""The guest's disk on a primary: one gate for every write, and a strategy per write mode.
+
+The guest is served in every stage: reads come from the local disk, and a write goes to
+the local disk and then where :func:`gate` routes it, from the write mode, the link's state
+(link.py) and whether a checkpoint hold is under way:
+
+============  ==============================================================================
+route         what the write (or flush) does
+============  ==============================================================================
+FORWARD       sync, link up: local, then sent under its range lock; waits for the secondary
+MARK          sync, no link or degraded: local, then marked dirty (a resync copies it)
+WRITE_BACK    async: local, then marked dirty; the forwarder pulls it (writeback.py)
+HELD          async, during a hold: local, marked in the hold's own map, sent after resume
+LOCAL         a flush that only the local disk needs (async, or sync without a link)
+============  ==============================================================================
+
+The stage decides nothing by itself: a primary has no link before ``start`` and after
+``stop``, and one from the moment ``start`` connects.  A strategy looks its routes up in
+the gate's table once per request (a dict lookup, not a call).
+
+:class:`WritePath` is the guest's ``BlockDevice`` and what both modes share: the range
+lock, the counters, the checkpoint hold (a checkpoint's barrier covers what came before
+it; what comes after waits for ``resume`` or ``timeout / 2``).  :class:`WriteThrough` is
+the sync mode; the async one is writeback.py's WriteBack.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from repdisk.block.blockcache import BlockCache
+from repdisk.block.device import Extent
+from repdisk.block.dirtymap import DirtyMap
+from repdisk.block.rangelock import RangeLock
+from repdisk.block.rawimage import RawImage
+from repdisk.errors import check_range
+from repdisk.replication.forwarder import Forwarder, Source
+from repdisk.replication.link import Link, LinkState
+from repdisk.replication.stage import StageMachine
+from repdisk.replication.ticket import Ticket
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Buffer", "Op", "Route", "WriteMode", "WritePath", "WriteThrough", "gate"]
+
+Buffer = bytes | bytearray | memoryview
+#: A Forwarder's submit method, called unbound: ``submit(forwarder, *args)``.
+Submit = Callable[..., Ticket]
+
+
+class WriteMode(enum.Enum):
+    SYNC = "sync"    # acknowledged once local and on the secondary
+    ASYNC = "async"  # acknowledged once local, written back from the dirty map
+
+
+class Op(enum.Enum):
+    WRITE = "write"  # pwrite, zero, trim
+    FLUSH = "flush"
+
+
+class Route(enum.Enum):
+    FORWARD = "forward"        # local, then sent; waits for the secondary's answer
+    MARK = "mark"              # local, then dirty until a resync
+    WRITE_BACK = "write-back"  # local, then dirty; the forwarder pulls it
+    HELD = "held"              # local during a hold, sent after it
+    LOCAL = "local"            # the local disk only (a flush)
+
+
+def gate(mode: WriteMode, op: Op, link: LinkState, holding: bool) -> Route:
+    """The route of a guest write or flush; the only write policy of a primary."""
+    if mode is WriteMode.ASYNC:
+        if op is Op.FLUSH:
+            return Route.LOCAL  # async promises the local disk; a checkpoint's barrier
+        return Route.HELD if holding else Route.WRITE_BACK  # flushes the secondary
+    if link is LinkState.UP:
+        return Route.FORWARD    # a hold keeps the forwarded request queued (forwarder.py)
+    return Route.LOCAL if op is Op.FLUSH else Route.MARK
+
+
+def _routes(mode: WriteMode, op: Op) -> dict[tuple[LinkState, bool], Route]:
+    return {(link, holding): gate(mode, op, link, holding)
+            for link in LinkState for holding in (False, True)}
+
+
+class WritePath:
+    """The guest's disk (a BlockDevice), served in every stage: a write mode's strategy.
+
+    Subclasses implement ``pwrite``, ``zero`` and ``trim`` by their routes, and the
+    hold's mode-specific steps (``_holding_starts``, ``_holding_ends``).
+    """
+
+    mode: ClassVar[WriteMode]
+    #: Whether the mode writes back from the dirty map (its unsent bytes are lag).
+    write_back: ClassVar[bool] = False
+
+    def __init__(self, name: str, disk: RawImage, dirty: DirtyMap, link: Link,
+                 sm: StageMachine, timeout: float, blocks: BlockCache) -> None:
+        self.name = name
+        self.disk = disk
+        self.dirty = dirty
+        self.link = link
+        self.sm = sm
+        self.timeout = timeout
+        self.size = disk.size
+        # Reads go straight to the local disk (which checks the range): no call of ours.
+        self.pread_into = disk.pread_into
+        #: Exclusive holders: sync writes (local write + submit), resync's and verify's
+        #: read + submit, async writes during a hold, the async source's reads.
+        self.locks = RangeLock()
+        #: Blocks kept for the forwarder (blockcache.py); only the write-back keeps any.
+        self.blocks = blocks
+        #: When the guest last wrote (monotonic): what an adaptive resync backs off from.
+        self.last_write = float("-inf")
+        # Guards counters.
+        self._count_lock = threading.Lock()
+        self.counters = {"writes": 0, "bytes": 0, "forwarded": 0}
+        # Guards the checkpoint hold (holding, _hold_gen: it invalidates a stale expiry
+        # timer, _hold_timer) and the write-back's writers (writeback.py); the condition
+        # wakes whoever waits for a writer to leave, a piece to be sent, or the hold's end.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        #: A checkpoint hold is under way.
+        self.holding = False
+        self._hold_gen = 0
+        self._hold_timer: threading.Timer | None = None
+        #: The forwarder's source of pieces, for a mode that writes back (forwarder.py).
+        self.source: Source | None = None
+        self._write_routes = _routes(self.mode, Op.WRITE)
+        self._flush_routes = _routes(self.mode, Op.FLUSH)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        check_range(self.size, offset, length)
+        return self.disk.extents(offset, length)
+
+    def flush(self) -> None:
+        """Flush locally, and where the gate says so on the secondary too (waits for it, up
+        to timeout; a failure is the link's, handled by its on_failure)."""
+        self.disk.flush()
+        state, fwd = self.link.current
+        if self._flush_routes[state, self.holding] is Route.FORWARD:
+            assert fwd is not None  # UP
+            fwd.submit_flush().wait(self.timeout)
+
+    def counts(self) -> dict[str, int]:
+        """The guest's writes and bytes, and how many were forwarded."""
+        with self._count_lock:
+            return dict(self.counters)
+
+    # -- what is unsent -------------------------------------------------------------------
+
+    def unsent(self, offset: int, length: int) -> bool:
+        """Whether any of the range is not on the secondary yet (dirty)."""
+        return self.dirty.is_dirty(offset, length)
+
+    @property
+    def unsent_bytes(self) -> int:
+        return self.dirty.dirty_bytes
+
+    def settled(self, timeout: float) -> bool:
+        """Wait for a moment when every write has marked what it wrote; False if none came
+        within ``timeout``.  Sync writes mark under their range lock: always settled."""
+        return True
+
+    def pull(self) -> None:
+        """Have the forwarder take what is dirty (the write-back's; nothing here)."""
+
+    def piece_sent(self) -> None:
+        """A copy sent a dirty piece (the write-back wakes its waiting writers)."""
+
+    # -- the checkpoint hold --------------------------------------------------------------
+
+    def hold(self, op: str) -> int:
+        """Begin a checkpoint hold after which a barrier covers every earlier write; the
+        hold's generation.  Only with the link UP and the secondary in sync (the caller
+        checks); raises ReplicationError (no hold) where the mode cannot promise it."""
+        return self._begin_hold()
+
+    def _begin_hold(self) -> int:
+        """Hold (the mode's way) until ``end_hold``, or by itself after timeout/2.
+
+        Half the timeout: a sync write held meanwhile still has the other half for the
+        secondary to answer before its wait (and the forwarder's deadline) runs out.
+        """
+        with self._lock:
+            self._holding_starts()
+            self.holding = True
+            self._hold_gen += 1
+            timer = threading.Timer(self.timeout / 2, self.end_hold, (True, self._hold_gen))
+            timer.daemon = True
+            timer.start()
+            self._hold_timer = timer
+            return self._hold_gen
+
+    def still_holding(self, gen: int) -> bool:
+        with self._lock:
+            return self.holding and self._hold_gen == gen
+
+    def end_hold(self, expired: bool = False, gen: int | None = None) -> None:
+        """End the hold: what it kept back is sent.  No hold, or a timer (``gen``) of a
+        hold already ended: nothing to do."""
+        with self._lock:
+            if not self.holding or (gen is not None and gen != self._hold_gen):
+                return
+            self.holding = False
+            timer, self._hold_timer = self._hold_timer, None
+            self._holding_ends()
+        self.pull()
+        if timer is not None and not expired:
+            timer.cancel()
+        if expired:
+            log.warning("%s: checkpoint hold expired after %gs without replication-resume; "
+                        "held writes were sent", self.name, self.timeout / 2)
+            self.sm.events("CHECKPOINT_HOLD_EXPIRED", {"disk": self.name,
+                                                       "mode": self.sm.mode.value,
+                                                       "held": self.timeout / 2})
+
+    def _holding_starts(self) -> None:
+        """The mode's part of beginning a hold (``_lock`` held)."""
+        raise NotImplementedError
+
+    def _holding_ends(self) -> None:
+        """The mode's part of ending a hold (``_lock`` held)."""
+        raise NotImplementedError
+
+
+class WriteThrough(WritePath):
+    """sync: a write is local, then forwarded under its range lock, and acknowledged once
+    the secondary has it (or marked dirty: no link, a refusal, no answer within timeout).
+
+    Each write takes an exclusive range lock over its bytes, writes locally and submits
+    the forward before releasing it, so overlapping writes are submitted in the order
+    they hit the local disk; the forwarder keeps that order.  The hold is the forwarder's:
+    requests submitted during it stay queued until it ends.
+    """
+
+    mode = WriteMode.SYNC
+
+    def __init__(self, name: str, disk: RawImage, dirty: DirtyMap, link: Link,
+                 sm: StageMachine, timeout: float) -> None:
+        super().__init__(name, disk, dirty, link, sm, timeout, BlockCache(0))
+
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        view = memoryview(buf).cast("B")
+        self._change(offset, view.nbytes, self.disk.pwrite, Forwarder.submit_write,
+                     view, offset, fua)
+
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        self._change(offset, length, self.disk.zero, Forwarder.submit_zero,
+                     offset, length, fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._change(offset, length, self.disk.trim, Forwarder.submit_trim,
+                     offset, length, fua)
+
+    def _change(self, offset: int, length: int, local: Callable[..., None], submit: Submit,
+                *args: Any) -> None:
+        """Lock, ``local(*args)`` (the local disk checks the range), forward with
+        ``submit(forwarder, *args)`` (FORWARD) or else mark dirty, unlock, then wait for
+        the secondary.  The forwarder fails a request older than timeout (and an expired
+        wait fails it), so this never waits longer; the write succeeds either way.
+
+        One call of this module per write: the guest's thread goes from here to the local
+        disk and to the forwarder and back, never through another of our functions."""
+        ticket: Ticket | None = None
+        entry = self.locks.acquire(offset, offset + length)
+        try:
+            local(*args)
+            state, fwd = self.link.current
+            if self._write_routes[state, self.holding] is Route.FORWARD:
+                ticket = submit(fwd, *args)
+                if ticket.done and not ticket.ok:  # the forwarder had already failed
+                    ticket = None
+            if ticket is None:
+                self.dirty.mark(offset, length)
+        finally:
+            self.locks.release(entry)
+        if ticket is not None and not ticket.wait(self.timeout):
+            self.dirty.mark(offset, length)  # on_failure marks it too: harmless
+        self.last_write = time.monotonic()
+        with self._count_lock:
+            counters = self.counters
+            counters["writes"] += 1
+            counters["bytes"] += length
+            counters["forwarded"] += ticket is not None
+
+    def _holding_starts(self) -> None:
+        fwd = self.link.forwarder
+        assert fwd is not None  # a hold begins only with the link UP
+        fwd.hold()
+
+    def _holding_ends(self) -> None:
+        fwd = self.link.forwarder
+        if fwd is not None:
+            fwd.release()
