@@ -67,6 +67,8 @@ import os
 import site
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import nbdkit
 
@@ -86,7 +88,7 @@ def _find_package() -> None:
 _find_package()
 
 from repdisk import sockaccess
-from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO
+from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO, BlockDevice, Extent
 from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import config as _config
 from repdisk.node import control, threadstate
@@ -95,11 +97,14 @@ from repdisk.qmp.server import remove_stale_socket
 
 API_VERSION = 2
 
-_keys: list = []
-_node = None
+_keys: list[tuple[str, str]] = []
+_node: Node | None = None
+T = TypeVar("T")
+_PARALLEL: int = nbdkit.THREAD_MODEL_PARALLEL
+_FUA_NATIVE: int = nbdkit.FUA_NATIVE
 
 
-def _fail_startup(err: Exception) -> None:
+def _fail_startup(err: Exception) -> NoReturn:
     """One clear line and a non-zero exit instead of nbdkit's Python traceback."""
     sys.stderr.write(f"nbdkit: repdisk: error: {err}\n")
     sys.stderr.flush()
@@ -109,7 +114,7 @@ def _fail_startup(err: Exception) -> None:
 _format_exception = traceback.format_exception
 
 
-def _format_refusal(exc, *args, **kwargs):
+def _format_refusal(exc: Any, *args: Any, **kwargs: Any) -> list[str]:
     """A request refused on purpose is one line in the node's log, not a traceback.
 
     nbdkit 1.32 can fail a request only when the callback raises (a return value is
@@ -128,23 +133,23 @@ def _format_refusal(exc, *args, **kwargs):
 traceback.format_exception = _format_refusal
 
 
-def thread_model():
-    return nbdkit.THREAD_MODEL_PARALLEL
+def thread_model() -> int:
+    return _PARALLEL
 
 
-def dump_plugin():
+def dump_plugin() -> None:
     print("repdisk_keys=" + " ".join(k.name for k in _config.KEYS))
     print(_config.help_text())
 
 
-def config(key, value):
+def config(key: str, value: str) -> None:
     if key not in _config.KEY_BY_NAME:
         known = ", ".join(_config.KEY_BY_NAME)
         _fail_startup(ConfigError(key, f"unknown key; known keys: {known}"))
     _keys.append((key, value))
 
 
-def config_complete():
+def config_complete() -> None:
     """Check every key, and that no node serves the control socket, before any file of the
     node is opened: a refused start touches nothing of a node already running."""
     global _node
@@ -156,113 +161,120 @@ def config_complete():
         _fail_startup(err)
 
 
-def get_ready():
+def _the_node() -> Node:
+    """The node config_complete built (every later callback comes after it)."""
+    assert _node is not None
+    return _node
+
+
+def get_ready() -> None:
     try:
-        _node.probe_secondary()
+        _the_node().probe_secondary()
     except ConfigError as err:
         _fail_startup(err)
 
 
-def after_fork():
+def after_fork() -> None:
     """nbdkit has bound its NBD socket: give it its owner/group/mode, then serve control
     (so a node whose control socket answers has an NBD socket QEMU may open)."""
     try:
-        sockaccess.apply_to_nbd_socket(_node.cfg.nbd_socket_access)
-        control.serve(_node)
+        node = _the_node()
+        sockaccess.apply_to_nbd_socket(node.cfg.nbd_socket_access)
+        control.serve(node)
     except RepdiskError as err:
         _fail_startup(err)
 
 
-def cleanup():
+def cleanup() -> None:
     if _node is not None:
         _node.close()
 
 
-def list_exports(readonly, is_tls):
-    return _node.list_exports()
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    return _the_node().list_exports()
 
 
-def default_export(readonly, is_tls):
-    return _node.default_export
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return _the_node().default_export
 
 
-def open(readonly):
+def open(readonly: bool) -> BlockDevice:
     threadstate.reap()  # states pinned by the threads of closed connections
-    return _call(_node.export, nbdkit.export_name())
+    return _call(_the_node().export, nbdkit.export_name())
 
 
-def close(h):
+def close(h: BlockDevice) -> None:
     threadstate.reap()
 
 
-def get_size(h):
+def get_size(h: BlockDevice) -> int:
     return h.size
 
 
-def block_size(h):
+def block_size(h: BlockDevice) -> tuple[int, int, int]:
     return (1, 4096, 0xFFFFFFFF)
 
 
-def can_write(h):
+def can_write(h: BlockDevice) -> bool:
     return True
 
 
-def can_flush(h):
+def can_flush(h: BlockDevice) -> bool:
     return True
 
 
-def can_fua(h):
-    return nbdkit.FUA_NATIVE
+def can_fua(h: BlockDevice) -> int:
+    return _FUA_NATIVE
 
 
-def can_trim(h):
+def can_trim(h: BlockDevice) -> bool:
     return True
 
 
-def can_zero(h):
+def can_zero(h: BlockDevice) -> bool:
     return True
 
 
-def can_fast_zero(h):
+def can_fast_zero(h: BlockDevice) -> bool:
     # Zeroing punches holes (or allocates zeroed clusters): never slower than a write.
     return True
 
 
-def can_extents(h):
+def can_extents(h: BlockDevice) -> bool:
     return True
 
 
-def can_multi_conn(h):
+def can_multi_conn(h: BlockDevice) -> bool:
     # Every connection of an export shares one device object (one file, one forwarder),
     # so a flush on one connection covers the writes of all of them.
     return True
 
 
-def pread(h, buf, offset, flags):
+def pread(h: BlockDevice, buf: memoryview, offset: int, flags: int) -> None:
     _call(h.pread_into, buf, offset)
 
 
-def pwrite(h, buf, offset, flags):
+def pwrite(h: BlockDevice, buf: memoryview, offset: int, flags: int) -> None:
     _call(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
-def flush(h, flags):
+def flush(h: BlockDevice, flags: int) -> None:
     _call(h.flush)
 
 
-def trim(h, count, offset, flags):
+def trim(h: BlockDevice, count: int, offset: int, flags: int) -> None:
     _call(h.trim, offset, count, bool(flags & nbdkit.FLAG_FUA))
 
 
-def zero(h, count, offset, flags):
+def zero(h: BlockDevice, count: int, offset: int, flags: int) -> None:
     _call(h.zero, offset, count, bool(flags & nbdkit.FLAG_FUA))
 
 
-def extents(h, count, offset, flags):
+def extents(h: BlockDevice, count: int, offset: int, flags: int) -> list[Extent]:
     return _call(h.extents, offset, count)
 
 
-def _call(fn, *args):
+def _call(fn: Callable[..., T], *args: Any) -> T:
     """Run one request; a BlockIOError reaches the client as its own errno.
 
     ``pin``: keep the thread's Python state between requests (threadstate.py: nbdkit

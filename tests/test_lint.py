@@ -1,6 +1,6 @@
 """Linters run as tests, each with the repository's own configuration (pyproject.toml):
-ruff (pyflakes, pycodestyle, bugbear, pyupgrade, isort, simplify), mypy --strict over src/,
-and import-linter's contracts (the layers of src/repdisk, no import cycles).
+ruff (pyflakes, pycodestyle, bugbear, pyupgrade, isort, simplify), mypy --strict over src/
+and the plugin, and import-linter's contracts (the layers of src/repdisk, no import cycles).
 
 A failure shows the tool's own report; `make lint` runs only these.
 """
@@ -27,6 +27,11 @@ def test_ruff() -> None:
 
 def test_mypy_strict() -> None:
     check([sys.executable, "-m", "mypy"])
+
+
+def test_mypy_strict_plugin() -> None:
+    # A file of its own: the script is named like the package it imports (repdisk).
+    check([sys.executable, "-m", "mypy", "nbdplugin/repdisk.py"])
 
 
 def test_import_contracts() -> None:
