@@ -1,13 +1,14 @@
 """Byte-range locks with shared and exclusive holders.
 
 Used where an operation must not interleave with another on the same bytes: a
-read of the secondary's ``active`` view against a primary write whose
+read of the secondary's ``active_view`` against a primary write whose
 copy-before-write is half done, a checkpoint against any write, a partial
 cluster's read-modify-write against a neighbour in the same cluster.
 
 Holders are few (one per request in progress, so at most the number of nbdkit
 threads plus background jobs), so a list scanned under one lock is both simple
-and fast; there is no fairness beyond what the condition gives.
+and fast; there is no fairness beyond what the condition gives (:class:`FairRangeLock`
+adds a turnstile for whole-range holders).
 
 Every request takes one, so the uncontended path is kept to one lock round and
 a list append/remove: waiters are counted, and a release wakes them only when
@@ -19,6 +20,8 @@ context managers are small classes, not generators (a generator-based
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 
 Entry = tuple[int, int, bool]
@@ -44,6 +47,9 @@ class _Held:
 
 
 class RangeLock:
+    """Shared and exclusive holds of half-open ranges ``[start, end)``: two holds
+    conflict when they overlap and one of them is exclusive; a conflicting acquire waits."""
+
     def __init__(self) -> None:
         # Guards _held and _waiters; waiters sleep on it until an overlapping holder leaves.
         self._cond = threading.Condition(threading.Lock())
@@ -77,3 +83,51 @@ class RangeLock:
 
     def shared(self, start: int, end: int) -> _Held:
         return _Held(self, start, end, False)
+
+
+class FairRangeLock:
+    """``RangeLock`` plus a turnstile: a whole-range holder-to-be stops new requests.
+
+    The secondary's checkpoint or failover commit needs the whole disk exclusively, and
+    RangeLock has no writer preference: without the turnstile, readers and writers that
+    keep coming (test_secondary_stress.py) keep it waiting while the primary's checkpoint
+    hold runs out.  ``shared`` and ``exclusive`` wait while a ``whole`` holder waits or
+    holds, then lock as RangeLock does.
+    """
+
+    def __init__(self) -> None:
+        self._ranges = RangeLock()
+        # Guards _draining: the number of whole-disk holders waiting or holding.
+        self._turnstile = threading.Condition(threading.Lock())
+        self._draining = 0
+
+    def shared(self, start: int, end: int) -> AbstractContextManager[None]:
+        self._wait_turn()
+        return self._ranges.shared(start, end)
+
+    def exclusive(self, start: int, end: int) -> AbstractContextManager[None]:
+        self._wait_turn()
+        return self._ranges.exclusive(start, end)
+
+    @contextmanager
+    def whole(self, size: int) -> Iterator[None]:
+        """Hold ``[0, size)`` exclusively, ahead of requests that arrive meanwhile."""
+        with self._turnstile:
+            self._draining += 1
+        try:
+            with self._ranges.exclusive(0, size):
+                yield
+        finally:
+            with self._turnstile:
+                self._draining -= 1
+                self._turnstile.notify_all()
+
+    def _wait_turn(self) -> None:
+        """Wait while a whole-disk holder is waiting or holding.  The unlocked check is
+        the per-request fast path; a holder that arrives just after it is still excluded
+        by the range lock itself (the turnstile only gives it priority)."""
+        if not self._draining:
+            return
+        with self._turnstile:
+            while self._draining:
+                self._turnstile.wait()

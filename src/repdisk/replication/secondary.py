@@ -21,7 +21,8 @@ the views ask only the gate, under the range lock of the request, so a request
 that waited for a checkpoint or a failover commit sees the stage that commit
 left behind.
 
-Locking (``SecondaryReplica._ranges``, cluster-rounded byte ranges of the disk):
+Locking (``SecondaryReplica._ranges``, a FairRangeLock over cluster-rounded byte ranges
+of the disk):
 
 * replica writes, zeroes and trims: exclusive over copy-before-write + disk write,
   so nobody reads a cluster whose old contents are not yet in ``hidden``;
@@ -43,13 +44,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 from repdisk.block.device import BlockDevice, Buffer, Extent
 from repdisk.block.overlay import Overlay, coalesce
-from repdisk.block.rangelock import RangeLock
+from repdisk.block.rangelock import FairRangeLock
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, check_range
 from repdisk.replication.framework import (
@@ -173,7 +173,7 @@ class SecondaryReplica:
                                    f"{hidden.cluster_size}; recreate them with one cluster size")
         self.sm = StageMachine(name, ReplicationMode.SECONDARY, events)
         # Cluster-rounded byte ranges of the disk; see the module docstring for who holds what.
-        self._ranges = _FairRangeLock()
+        self._ranges = FairRangeLock()
         # Guards _counters only (they are bumped by nbdkit's worker threads).
         self._counters_lock = threading.Lock()
         self._counters = dict.fromkeys(
@@ -532,52 +532,6 @@ class SecondaryReplica:
         with self._counters_lock:
             for key, delta in deltas.items():
                 self._counters[key] += delta
-
-
-class _FairRangeLock:
-    """``RangeLock`` plus a turnstile: a whole-disk holder-to-be stops new requests.
-
-    A checkpoint or failover commit needs the whole disk exclusively, and RangeLock
-    has no writer preference: without the turnstile, readers and writers that keep
-    coming (test_secondary_stress.py) keep it waiting while the primary's checkpoint
-    hold runs out.
-    """
-
-    def __init__(self) -> None:
-        self._ranges = RangeLock()
-        # Guards _draining: the number of whole-disk holders waiting or holding.
-        self._turnstile = threading.Condition(threading.Lock())
-        self._draining = 0
-
-    def shared(self, start: int, end: int) -> AbstractContextManager[None]:
-        self._wait_turn()
-        return self._ranges.shared(start, end)
-
-    def exclusive(self, start: int, end: int) -> AbstractContextManager[None]:
-        self._wait_turn()
-        return self._ranges.exclusive(start, end)
-
-    @contextmanager
-    def whole(self, size: int) -> Iterator[None]:
-        with self._turnstile:
-            self._draining += 1
-        try:
-            with self._ranges.exclusive(0, size):
-                yield
-        finally:
-            with self._turnstile:
-                self._draining -= 1
-                self._turnstile.notify_all()
-
-    def _wait_turn(self) -> None:
-        """Wait while a whole-disk holder is waiting or holding.  The unlocked check is
-        the per-request fast path; a holder that arrives just after it is still excluded
-        by the range lock itself (the turnstile only gives it priority)."""
-        if not self._draining:
-            return
-        with self._turnstile:
-            while self._draining:
-                self._turnstile.wait()
 
 
 def _open_overlay(path: str, backing: BlockDevice, cluster_size: int) -> Overlay:
