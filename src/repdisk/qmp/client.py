@@ -17,9 +17,9 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp import QMPClient as _AsyncQMPClient
@@ -29,6 +29,8 @@ from repdisk.errors import ConfigError, ControlError
 from repdisk.uri import Address, tcp_address
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Longest wait for an orderly disconnect (QMPClient.close).
 CLOSE_TIMEOUT = 1.0
@@ -153,7 +155,7 @@ class QMPClient:
                 log.debug("qmp client: %s: session ended with %s", self.address, err)
             self._loop.close()
 
-    def _run(self, coro: Any, timeout: float | None, what: str) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, _T], timeout: float | None, what: str) -> _T:
         """Run ``coro`` on the private loop, one call at a time, within ``timeout``
         (``self.timeout`` if None); a timeout or a broken session becomes a ControlError
         naming ``what``, a command's error stays qemu.qmp's ExecuteError."""
