@@ -66,14 +66,6 @@ class ControllerConfig:
             tls.check_control_plain("control-tcp", f"{host}:{port}", self.insecure)
 
     @property
-    def qga_path(self) -> str:
-        """The guest agent's socket for ``freeze``: ``qga``, else the QMP path + ``.qga``
-        (``check`` refuses a freeze with neither)."""
-        path = self.qga or (self.qmp + ".qga" if self.qmp else None)
-        assert path is not None, "freeze without --qga or --qmp passed check()"
-        return path
-
-    @property
     def ident(self) -> str:
         """This controller's name in the nodes' leases: stable across its restarts (host and
         control socket), so a restarted controller takes its pair back at once, while

@@ -54,13 +54,7 @@ from repdisk.controller import metrics, pairfile
 from repdisk.controller import switchover as planned
 from repdisk.controller.commands import control_commands
 from repdisk.controller.config import ControllerConfig, same_address
-from repdisk.controller.guest import (
-    GuestAgent,
-    Monitor,
-    migration_pause,
-    save_vm_state,
-)
-from repdisk.controller.guest import connect as connect_guest
+from repdisk.controller.guest import Guest, migration_pause, save_vm_state
 from repdisk.controller.peer import (
     ControllerRefused,
     NodeUnreachable,
@@ -113,7 +107,7 @@ class Controller(StateMachine):
         self._sync_next: str | None = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
         self._hook: subprocess.Popen[bytes] | None = None
-        self._guest: Monitor | None = None
+        self.guest = Guest(cfg.qmp, cfg.libvirt_domain, cfg.libvirt_uri, cfg.freeze, cfg.qga)
         self._progress_said = 0.0
         self._server: QMPServer | None = None
         self._recall_pair()
@@ -427,7 +421,7 @@ class Controller(StateMachine):
         rec: dict[str, Any] = {"seq": self.counters["checkpoints"] + 1, "time": time.time()}
         t0 = time.monotonic()
         try:
-            rec["pause"] = self._paused(lambda: self._pair_checkpoint(rec))
+            rec["pause"] = self.guest.paused(lambda: self._pair_checkpoint(rec))
         except RepdiskError as err:
             self.counters["checkpoint_failures"] += 1
             self._next_checkpoint = time.monotonic() + self.cfg.heartbeat_timeout
@@ -448,7 +442,7 @@ class Controller(StateMachine):
             # flush held by the checkpoint would wait for the hold to expire.  The guest is
             # stopped, so its disks are the same before and after the barrier.
             tmp = os.path.join(self.cfg.vm_state, "vmstate.tmp")
-            rec["vm_state_bytes"] = save_vm_state(self._guest_qmp(), tmp)
+            rec["vm_state_bytes"] = save_vm_state(self.guest.monitor(), tmp)
         self.primary.ops.call("replication-do-checkpoint")          # barrier + hold
         try:
             self.secondary.ops.call("replication-get-error")
@@ -457,35 +451,6 @@ class Controller(StateMachine):
                 os.replace(tmp, os.path.join(self.cfg.vm_state or "", "vmstate"))
         finally:
             self.primary.ops.call("replication-resume")
-
-    def _paused(self, body: Callable[[], None]) -> float:
-        """Run ``body`` with the guest stopped (or frozen); return how long it was."""
-        if not (self.cfg.qmp or self.cfg.libvirt_domain) and not self.cfg.freeze:
-            body()
-            return 0.0
-        if self.cfg.freeze:
-            agent = GuestAgent(self.cfg.qga_path)
-            t0 = time.monotonic()
-            agent.freeze()
-            try:
-                body()
-            finally:
-                agent.thaw()
-            return time.monotonic() - t0
-        guest = self._guest_qmp()
-        t0 = time.monotonic()
-        guest.execute("stop")
-        try:
-            body()
-        finally:
-            guest.execute("cont")
-        return time.monotonic() - t0
-
-    def _guest_qmp(self) -> Monitor:
-        if self._guest is None:
-            self._guest = connect_guest(self.cfg.qmp, self.cfg.libvirt_domain,
-                                        self.cfg.libvirt_uri)
-        return self._guest
 
     # -- failover ------------------------------------------------------------------------
 
@@ -614,8 +579,7 @@ class Controller(StateMachine):
         move: ``migrate`` (QMP migrate's URI of a QEMU paused with -incoming on the
         secondary's host) and ``qmp`` (its monitor: resumed after the switch, paused at
         checkpoints from then on)."""
-        if (self.cfg.qmp or self.cfg.libvirt_domain or self.cfg.freeze) and not (migrate
-                                                                                 and qmp):
+        if self.guest.managed and not (migrate and qmp):
             raise ControlError("cannot switch over: the guest runs on the primary's host; give "
                                "migrate=URI of a QEMU started paused with -incoming on the "
                                "secondary's host (its disks: the secondary's active exports) "
@@ -628,15 +592,12 @@ class Controller(StateMachine):
             result = planned.switchover(
                 a, b, write_mode=p["disks"][0].get("write_mode", "sync"),
                 isolation_timeout=self.cfg.heartbeat_timeout * 0.6,
-                pause=(migration_pause(self._guest_qmp, migrate, qmp) if migrate and qmp
+                pause=(migration_pause(self.guest.monitor, migrate, qmp) if migrate and qmp
                        else planned.no_pause))
             self._swap()
             self.epoch = result["epoch"]
             if qmp:
-                self.cfg.qmp, self.cfg.libvirt_domain = qmp, None
-                if self._guest is not None:
-                    self._guest.close()
-                    self._guest = None
+                self.guest.moved(qmp)
             self.counters["switchovers"] = self.counters.get("switchovers", 0) + 1
             self._event("SWITCHOVER_COMPLETED", logging.WARNING, primary=self.primary.socket,
                         secondary=self.secondary.socket, **result)
@@ -857,8 +818,7 @@ class Controller(StateMachine):
                 except (NodeUnreachable, ControlError):
                     pass
                 peer.close()
-            if self._guest is not None:
-                self._guest.close()
+            self.guest.close()
             self._set_state(ControllerState.STOPPED, "closed")
 
 

@@ -1,4 +1,5 @@
-"""The protected guest, as the controller reaches it: its QEMU monitor and its guest agent.
+"""The protected guest, as the controller reaches it: its QEMU monitor and its guest agent;
+:class:`Guest` is what the controller holds.
 
 The controller pauses the guest around each checkpoint (QMP ``stop``/``cont``; with
 ``--freeze`` it freezes the guest's filesystems through the guest agent instead,
@@ -227,6 +228,70 @@ def save_vm_state(guest: Monitor, path: str, timeout: float = 300.0) -> int:
                                f"{info.get('error-desc', status)}")
         time.sleep(0.01)
     raise ControlError(f"saving the guest's state to {path} took over {timeout:g}s")
+
+
+class Guest:
+    """The protected guest as the controller handles it: paused around each checkpoint
+    (stopped through its monitor, or with ``freeze`` its filesystems frozen through its
+    guest agent), its state saved through the monitor, moved by a switchover.
+
+    ``qmp`` or ``libvirt_domain`` reach its monitor (:func:`check` allows one), connected on
+    first use and kept until the guest moves or :meth:`close`; with neither and no
+    ``freeze`` there is no guest to pause.  ``qga``: the agent's socket (default: the QMP
+    path + ``.qga``)."""
+
+    def __init__(self, qmp: str | None, libvirt_domain: str | None,
+                 libvirt_uri: str = DEFAULT_URI, freeze: bool = False,
+                 qga: str | None = None) -> None:
+        self.qmp, self.libvirt_domain, self.libvirt_uri = qmp, libvirt_domain, libvirt_uri
+        self.freeze, self.qga = freeze, qga
+        self._monitor: Monitor | None = None
+
+    @property
+    def managed(self) -> bool:
+        """Whether there is a guest to pause (it runs on the primary's host)."""
+        return bool(self.qmp or self.libvirt_domain or self.freeze)
+
+    def monitor(self) -> Monitor:
+        """The guest's monitor, connected on first use."""
+        if self._monitor is None:
+            self._monitor = connect(self.qmp, self.libvirt_domain, self.libvirt_uri)
+        return self._monitor
+
+    def paused(self, body: Callable[[], None]) -> float:
+        """Run ``body`` with the guest stopped (or frozen); return how long it was."""
+        if not (self.qmp or self.libvirt_domain) and not self.freeze:
+            body()
+            return 0.0
+        if self.freeze:
+            qga = self.qga or (self.qmp + ".qga" if self.qmp else None)
+            assert qga is not None, "a freeze needs --qga or --qmp (ControllerConfig.check)"
+            agent = GuestAgent(qga)
+            t0 = time.monotonic()
+            agent.freeze()
+            try:
+                body()
+            finally:
+                agent.thaw()
+            return time.monotonic() - t0
+        guest = self.monitor()
+        t0 = time.monotonic()
+        guest.execute("stop")
+        try:
+            body()
+        finally:
+            guest.execute("cont")
+        return time.monotonic() - t0
+
+    def moved(self, qmp: str) -> None:
+        """The guest runs in the QEMU whose monitor is ``qmp`` now (a switchover moved it)."""
+        self.qmp, self.libvirt_domain = qmp, None
+        self.close()
+
+    def close(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.close()
 
 
 def migration_pause(monitor: Callable[[], Monitor], migrate: str,
