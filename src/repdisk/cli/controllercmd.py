@@ -17,9 +17,9 @@ from repdisk.controller import controller
 from repdisk.controller.config import ControllerConfig
 from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI
 from repdisk.controller.peer import LEASE_REFUSED, ControllerRefused
+from repdisk.controller.syncplan import SYNC_MODES
 from repdisk.errors import RepdiskError
 from repdisk.node.config import check_folder
-from repdisk.replication import resync
 from repdisk.units import parse_duration
 from repdisk.uri import parse_address
 
@@ -67,7 +67,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--on-switchover", metavar="COMMAND",
                    help="shell command run after a switchover (REPDISK_PRIMARY_CONTROL: the "
                         "new primary)")
-    p.add_argument("--initial-sync", default="checksum", choices=resync.SYNC_MODES)
+    p.add_argument("--initial-sync", default="checksum", choices=SYNC_MODES)
     p.add_argument("--checkpoint-only", action="store_true",
                    help="never fail over (a cluster manager such as Pacemaker decides): start, "
                         "resync and checkpoint the pair only")

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from repdisk import tls
 from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI
 from repdisk.controller.guest import check as check_guest
+from repdisk.controller.syncplan import SYNC_MODES
 from repdisk.errors import ConfigError
-from repdisk.replication import resync
+from repdisk.replication.resync import GRANULARITY
 from repdisk.uri import tcp_address
 
 
@@ -32,7 +33,7 @@ class ControllerConfig:
     on_switchover: str | None = None  # shell command run after a switchover
     initial_sync: str = "checksum"
     metrics_file: str | None = None
-    granularity: int = resync.GRANULARITY
+    granularity: int = GRANULARITY
     command_timeout: float = 3600.0     # long node commands: copies, failover commits
     auto_failover: bool = True
     tls: str | None = None           # certificates for nodes reached at HOST:PORT
@@ -44,9 +45,9 @@ class ControllerConfig:
         if self.heartbeat_timeout <= self.heartbeat:
             raise ConfigError("heartbeat-timeout", f"{self.heartbeat_timeout:g}s must exceed "
                                                    f"the heartbeat ({self.heartbeat:g}s)")
-        if self.initial_sync not in resync.SYNC_MODES:
+        if self.initial_sync not in SYNC_MODES:
             raise ConfigError("initial-sync", f"unknown mode {self.initial_sync!r}: use "
-                                              f"{', '.join(resync.SYNC_MODES)}")
+                                              f"{', '.join(SYNC_MODES)}")
         if self.freeze and not (self.qga or self.qmp):
             raise ConfigError("freeze", "needs the guest agent's socket: give --qga (or --qmp, "
                                         "whose path + '.qga' is then used)")

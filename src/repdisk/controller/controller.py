@@ -66,9 +66,9 @@ from repdisk.controller.peer import (
     won_failover,
 )
 from repdisk.controller.states import ControllerState, Operation, StateMachine
+from repdisk.controller.syncplan import SYNC_MODES, Progress, SyncPlan
 from repdisk.errors import ControlError, RepdiskError
 from repdisk.qmp.server import QMPServer, serve_control
-from repdisk.replication.resync import SYNC_MODES, Progress, SyncPlan
 
 log = logging.getLogger(__name__)
 

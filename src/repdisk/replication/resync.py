@@ -7,9 +7,8 @@ primary's digests with the secondary's and marks the granules that differ dirty 
 primary's DirtyMap; the primary's ordinary ``start``/``resync`` then copies them.  One copy
 mechanism serves the dirty-region resync, the checksum sync and the full sync.
 
-Controller side: :class:`SyncPlan` walks the disks in pieces (so digests of a 1 TiB disk
-never sit in one message, and progress can be reported between pieces), asking both nodes
-for a piece's digests at once, and :class:`Progress` turns bytes done into a rate and ETA.
+The controller's side, which asks both nodes piece by piece and marks what differs, is
+repdisk.controller.syncplan.
 
 The hashes are BLAKE2b with a 16-byte digest: a collision between two different 64 KiB
 granules is not a practical concern, and hashing runs at memory speed.  A granule that
@@ -23,10 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Any
 
 import nbd
 
@@ -39,18 +35,17 @@ from repdisk.uri import with_export_suffix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["disk_digests", "data_runs", "SyncPlan", "Progress", "SYNC_MODES", "PIECE",
-           "GRANULARITY", "DigestView", "differing_granules", "DIGEST_SUFFIX"]
+__all__ = ["disk_digests", "data_runs", "merge_runs", "differing_runs", "GRANULARITY", "PIECE",
+           "DigestView", "differing_granules", "DIGEST_SUFFIX"]
 
 DIGEST_SIZE = 16
 #: The default digest granule: the primary's dirty-map granule, so a differing granule is
 #: exactly one dirty granule.
 GRANULARITY = 64 << 10
-#: The controller compares the disks this many bytes at a time (1024 digests per message).
+#: Disks are compared this many bytes at a time (1024 digests per message or read).
 PIECE = 64 << 20
 #: Most bytes one query-digests call hashes (bounds a call's duration and reply size).
 MAX_DIGEST_LENGTH = 1 << 30
-SYNC_MODES = ("checksum", "full", "none")
 
 Run = tuple[int, int]
 Buffer = bytes | bytearray | memoryview
@@ -233,104 +228,3 @@ def differing_granules(image: RawImage, uri: str, timeout: float,
         return merge_runs(runs)
     except nbd.Error as err:
         raise ForwardError(f"secondary {uri} does not answer: {err}") from None
-
-
-# -- progress ------------------------------------------------------------------------------
-
-@dataclass
-class Progress:
-    """Bytes done of a total, with a rate and an ETA; ``phase`` says what is being done."""
-    phase: str
-    total: int
-    done: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def update(self, done: int, total: int | None = None) -> None:
-        self.done = done
-        if total is not None:
-            self.total = max(total, done)
-
-    @property
-    def rate(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return self.done / elapsed if elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        rate = self.rate
-        return (self.total - self.done) / rate if rate > 0 else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "done": self.done, "total": self.total,
-                "rate": round(self.rate), "eta": None if self.eta is None else round(self.eta, 1),
-                "elapsed": round(time.monotonic() - self.started, 3)}
-
-    def line(self) -> str:
-        eta = "?" if self.eta is None else f"{self.eta:.0f}s"
-        pct = 100 * self.done / self.total if self.total else 100.0
-        return (f"{self.phase} {self.done / 2**20:.1f}/{self.total / 2**20:.1f} MiB "
-                f"({pct:.0f}%) {self.rate / 2**20:.1f} MiB/s ETA {eta}")
-
-
-# -- the controller's side -------------------------------------------------------------------
-
-Call = Callable[[str, dict[str, Any]], Any]
-
-
-@dataclass
-class SyncPlan:
-    """Find what must be copied so that the secondary's disk equals the primary's.
-
-    ``primary`` and ``secondary`` run a node command and return its result.  ``mode``:
-    ``checksum`` marks the granules whose digests differ; ``full`` marks every run that
-    holds data on either side (the primary's data, and the secondary's data where the
-    primary has holes, which the copy then turns into zeros).  The marks go into the
-    primary's dirty map; nothing is copied here.
-    """
-    primary: Call
-    secondary: Call
-    disks: list[tuple[str, int]]              # (name, size)
-    mode: str = "checksum"
-    granularity: int = GRANULARITY
-    piece: int = PIECE
-    on_progress: Callable[[Progress], None] = lambda p: None
-    marked: int = 0                           # bytes in the runs marked
-    dirty: dict[str, int] = field(default_factory=dict)  # each disk's dirty bytes after
-
-    def run(self) -> int:
-        """Compare every disk piece by piece; returns the bytes marked dirty."""
-        if self.mode not in ("checksum", "full"):
-            raise ValueError(f"unknown sync mode {self.mode!r}: use checksum or full")
-        progress = Progress("compare" if self.mode == "checksum" else "scan",
-                            sum(size for _, size in self.disks))
-        base = 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for name, size in self.disks:
-                for offset in range(0, size, self.piece):
-                    length = min(self.piece, size - offset)
-                    runs = self._piece(pool, name, size, offset, length)
-                    if runs:
-                        res = self.primary("replication-mark-dirty",
-                                           {"disk": name, "runs": [list(r) for r in runs]})
-                        self.marked += sum(n for _, n in runs)
-                        self.dirty[name] = res["dirty_bytes"]
-                    progress.update(base + offset + length)
-                    self.on_progress(progress)
-                base += size
-        log.info("%s sync: %d of %d bytes differ", self.mode, self.marked, progress.total)
-        return self.marked
-
-    def _piece(self, pool: ThreadPoolExecutor, name: str, size: int, offset: int,
-               length: int) -> list[Run]:
-        """Ask both nodes about one piece at once (the secondary's answer in a thread)."""
-        if self.mode == "checksum":
-            args = {"disk": name, "offset": offset, "length": length,
-                    "granularity": self.granularity}
-            theirs = pool.submit(self.secondary, "query-digests", args)
-            ours = self.primary("query-digests", args)
-            return differing_runs(offset, self.granularity, ours["digests"],
-                                  theirs.result()["digests"], size)
-        args = {"disk": name, "offset": offset, "length": length}
-        theirs = pool.submit(self.secondary, "query-allocation", args)
-        ours = self.primary("query-allocation", args)
-        return merge_runs([tuple(r) for r in ours["runs"] + theirs.result()["runs"]])
