@@ -14,9 +14,8 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -26,17 +25,9 @@ from repdisk.cli.main import PLUGIN
 from repdisk.errors import RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.replication.secondary import SecondaryReplica
-from tests.conftest import MiB, Nodes, make_disk
-from tests.test_node_pair import qemu, read_file
-
-REPDISK = os.path.join(os.path.dirname(sys.executable), "repdisk")
-SIZE = 8 * MiB
-
-
-def run(argv: list[str], cwd: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
+from tests.helpers.cli import SIZE, Pair, start_cli_pair
+from tests.helpers.commands import REPDISK, qemu, run
+from tests.helpers.nodes import MiB, Nodes, make_disk, read_file
 
 # -- start-up mistakes ------------------------------------------------------------------------
 
@@ -240,43 +231,6 @@ def test_background_node_that_ends_without_a_word_is_reported_at_once(tmp_path) 
 
 
 # -- a pair run with `repdisk ... --background`, driven with `repdisk ctl` ----------------------
-
-@dataclass
-class Pair:
-    folder: str
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.folder, name)
-
-    def repdisk(self, *argv: str, ok: bool = True) -> subprocess.CompletedProcess:
-        result = run([REPDISK, *argv], self.folder, timeout=60)
-        if ok:
-            assert result.returncode == 0, result.stdout + result.stderr
-            assert "Traceback" not in result.stderr
-        return result
-
-
-@pytest.fixture
-def cli_pair(tmp_path) -> Iterator[Pair]:
-    pair = Pair(str(tmp_path))
-    for name in ("pri.img", "sec.img"):
-        make_disk(pair.path(name), SIZE)
-    try:
-        yield pair
-    finally:
-        for role in ("pri", "sec"):
-            nodeproc.stop_pidfile(pair.path(f"{role}.pid"))
-
-
-def start_cli_pair(pair: Pair) -> tuple[str, str]:
-    out = pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
-                       "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid").stdout
-    assert re.fullmatch(r"repdisk secondary: serving \(pid \d+\), control sec\.qmp\n", out)
-    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
-                 "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
-                 "--background", "--pidfile", "pri.pid")
-    return pair.path("pri.qmp"), pair.path("sec.qmp")
-
 
 def test_background_pair_start_checkpoint_failover(cli_pair: Pair) -> None:
     pri, sec = start_cli_pair(cli_pair)

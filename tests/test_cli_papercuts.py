@@ -31,9 +31,9 @@ from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.cli.status import controller_lines
 from repdisk.errors import ConfigError
-from tests.conftest import MiB
-from tests.test_cli import REPDISK, Pair, cli_pair, run, start_cli_pair  # noqa: F401
-from tests.test_node_pair import qemu
+from tests.helpers.cli import Pair, start_cli_pair
+from tests.helpers.commands import REPDISK, qemu, run
+from tests.helpers.nodes import MiB
 
 
 def no_traceback(result: subprocess.CompletedProcess) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 
-from tests.conftest import MiB, Nodes, make_disk, on_a_terminal
-
-REPDISK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       ".venv", "bin", "repdisk")
+from tests.helpers.commands import REPDISK, on_a_terminal
+from tests.helpers.nodes import MiB, Nodes, make_disk
 
 
 def _failover_ready(tmp_path, nodes: Nodes):

@@ -22,8 +22,7 @@ import nbd
 from qemu.qmp import ExecuteError, QMPClient
 
 from repdisk.qmp.client import QMPClient as BlockingClient
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.test_node_pair import SIZE, read_export
+from tests.helpers.nodes import SIZE, MiB, NodeProc, Nodes, make_disk, read_export
 
 # Arguments for the commands that need some; every other listed command runs without any.
 ARGS: dict[str, dict[str, Any]] = {

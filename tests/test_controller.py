@@ -20,8 +20,7 @@ from repdisk.cli.status import controller_lines, status_lines
 from repdisk.errors import ControlError
 from repdisk.qmp.client import execute
 from repdisk.replication.resync import GRANULARITY
-from tests.conftest import MiB, Nodes, make_disk
-from tests.test_controller_helpers import (
+from tests.helpers.controller import (
     HEARTBEAT_TIMEOUT,
     Pair,
     Writer,
@@ -34,6 +33,7 @@ from tests.test_controller_helpers import (
     step_until,
     wait_for,
 )
+from tests.helpers.nodes import MiB, Nodes, make_disk
 
 pytestmark = pytest.mark.timeout(120)
 

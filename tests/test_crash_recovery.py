@@ -29,8 +29,7 @@ from repdisk.errors import ConfigError, ControlError
 from repdisk.node.state import NodeState
 from repdisk.qmp.client import QMPClient, execute
 from repdisk.replication.resync import GRANULARITY
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.test_controller_helpers import (
+from tests.helpers.controller import (
     ISOLATION,
     TIMEOUT,
     Writer,
@@ -41,8 +40,8 @@ from tests.test_controller_helpers import (
     step_until,
     wait_for,
 )
-from tests.test_controller_helpers import restart as forget
-from tests.test_faults import kill9, restart
+from tests.helpers.controller import restart as forget
+from tests.helpers.nodes import MiB, NodeProc, Nodes, kill9, make_disk, restart
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,17 +15,18 @@ import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from tests.conftest import MiB, NodeProc, Nodes
-from tests.test_node_pair import SIZE, checkpoint, random_bytes, read_export, read_file, start_pair
-
-
-def write(node: NodeProc, data: bytes, offset: int, export: str = "") -> None:
-    h = node.client(export)
-    try:
-        h.pwrite(data, offset)
-        h.flush()
-    finally:
-        h.shutdown()
+from tests.helpers.nodes import (
+    SIZE,
+    MiB,
+    NodeProc,
+    Nodes,
+    checkpoint,
+    random_bytes,
+    read_export,
+    read_file,
+    start_pair,
+    write,
+)
 
 
 def switch(pri: NodeProc, sec: NodeProc) -> dict:

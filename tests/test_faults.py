@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import threading
 import time
@@ -26,24 +25,23 @@ import pytest
 
 from repdisk.cli import nodeproc
 from repdisk.errors import ControlError, RepdiskError
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.netns import start_node
-from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file, start_pair
+from tests.helpers.nodes import (
+    MiB,
+    NodeProc,
+    Nodes,
+    checkpoint,
+    kill9,
+    make_disk,
+    random_bytes,
+    read_all,
+    read_file,
+    restart,
+    start_node,
+    start_pair,
+)
 
 SIZE = 4 * MiB
 BLOCK = 64 * 1024
-
-
-def restart(nodes: Nodes, node: NodeProc, keys: list[tuple[str, str]]) -> NodeProc:
-    """Start a node again on the same files and sockets (after it was killed)."""
-    node.kill()
-    name = os.path.basename(node.control)[:-4]
-    return start_node(nodes, node.role, name, keys, node.listen)
-
-
-def kill9(node: NodeProc) -> None:
-    node.proc.send_signal(signal.SIGKILL)
-    node.proc.wait()
 
 
 # -- kill -9 ---------------------------------------------------------------------------------

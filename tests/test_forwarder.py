@@ -27,14 +27,14 @@ from repdisk.replication.forwarder import Forwarder
 from repdisk.replication.overlap import GRAIN, OverlapIndex
 from repdisk.replication.ticket import Ticket
 from repdisk.uri import with_export_suffix
-from tests.conftest import sigstop
+from tests.helpers.commands import sigstop
+from tests.helpers.replicas import BATCH_SERVER
 
 #: What a source returns (forwarder.Source): pieces and the call that unlocks them.
 Pieces = tuple[list[tuple[int, bytearray]], Callable[[], None]] | None
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
-BATCH_SERVER = Path(__file__).with_name("batchserver.py")
 
 
 class Server:
@@ -43,7 +43,7 @@ class Server:
     def __init__(self, sock: Path, *args: str, export: str = "") -> None:
         self.sock = sock
         self.uri = f"nbd+unix:///{export}?socket={sock}"
-        self.batch = False  # serves batch records (tests/batchserver.py)
+        self.batch = False  # serves batch records (tests/helpers/batchserver.py)
         self.proc = subprocess.Popen(["nbdkit", "-U", str(sock), "--exit-with-parent", "-f",
                                       *args])
         deadline = time.monotonic() + 10
@@ -123,7 +123,7 @@ def flush(h, flags):
 
 
 def batch_server_on(servers: Callable[..., Server], tmp_path: Path) -> Server:
-    """tests/batchserver.py on a SIZE image: a replica export with its batch twin, whose
+    """tests/helpers/batchserver.py on a SIZE image: a replica export with its batch twin, whose
     writes sleep up to 4 ms first (requests in flight finish out of order)."""
     img = tmp_path / "batch.img"
     with open(img, "wb") as f:

@@ -24,8 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import NodeProc, Nodes
-from tests.test_node_pair import checkpoint, read_file, start_pair
+from tests.helpers.nodes import NodeProc, Nodes, checkpoint, read_file, start_pair
 
 SIZE = 1 << 20
 FLAGS = {True: nbd.CMD_FLAG_FUA, False: 0}

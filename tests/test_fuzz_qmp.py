@@ -24,7 +24,7 @@ from repdisk.node.node import Node
 from repdisk.qmp.client import QMPClient
 from repdisk.qmp.protocol import QMPProtocol
 from repdisk.qmp.server import QMPServer
-from tests.conftest import MiB, make_disk
+from tests.helpers.nodes import MiB, make_disk
 
 ERROR_CLASSES = {"GenericError", "CommandNotFound"}
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,

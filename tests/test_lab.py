@@ -8,25 +8,13 @@ import re
 import subprocess
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
 from repdisk.cli import lab
-from tests.test_cli import REPDISK, run
-from tests.test_node_pair import qemu, read_file
+from tests.helpers.commands import REPDISK, lab_processes, qemu, run
+from tests.helpers.nodes import read_file
 
 MiB = 1 << 20
-
-
-def lab_processes(folder: str) -> list[psutil.Process]:
-    """Live nbdkit processes whose command line names the lab folder (zombies are dead)."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["name"] != "nbdkit":
-            continue
-        if any(folder in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 @pytest.fixture

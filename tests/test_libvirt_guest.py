@@ -13,7 +13,7 @@ import pytest
 
 from repdisk.controller.guest import LibvirtMonitor
 from repdisk.errors import ControlError
-from tests.test_cli import REPDISK
+from tests.helpers.commands import REPDISK
 
 
 def test_qmp_and_libvirt_domain_together_is_one_line(tmp_path) -> None:

@@ -2,11 +2,15 @@
 ruff (pyflakes, pycodestyle, bugbear, pyupgrade, isort, simplify), mypy --strict over src/
 and the plugin, and import-linter's contracts (the layers of src/repdisk, no import cycles).
 
-A failure shows the tool's own report; `make lint` runs only these.
+A failure shows the tool's own report; `make lint` runs only these.  Last, the test
+modules' own rule: they share code through tests/helpers and fixtures through conftest.py,
+never by importing another test module or conftest.
 """
 
 from __future__ import annotations
 
+import ast
+import glob
 import os
 import subprocess
 import sys
@@ -36,3 +40,16 @@ def test_mypy_strict_plugin() -> None:
 
 def test_import_contracts() -> None:
     check([os.path.join(BIN, "lint-imports"), "--no-logo", "--no-cache"])
+
+
+def test_no_test_module_imports_another_or_conftest() -> None:
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*tests", "**", "*.py"), recursive=True)):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{os.path.relpath(path, ROOT)}:{node.lineno}: {name}" for name in names
+                      if name.split(".")[-1].startswith("test_") or name.endswith("conftest")]
+    assert not found, "import from tests/helpers instead:\n" + "\n".join(found)

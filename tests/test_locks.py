@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from repdisk.cli import nodeproc
-from tests.conftest import MiB, make_disk
-from tests.test_cli import REPDISK, run
+from tests.helpers.commands import REPDISK, run
+from tests.helpers.nodes import MiB, make_disk
 
 SIZE = 8 * MiB
 REFUSED = ("repdisk: error: node exited: nbdkit: repdisk: error: {key}: {path} is in use by "

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from repdisk.cli import nodeproc
-from tests.conftest import MiB, make_disk
-from tests.test_cli import REPDISK, run
+from tests.helpers.commands import REPDISK, run
+from tests.helpers.nodes import MiB, make_disk
 
 SIZE = 8 * MiB
 

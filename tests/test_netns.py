@@ -21,9 +21,17 @@ import pytest
 from repdisk import tls
 from repdisk.cli import nodeproc
 from repdisk.tls import TLSSpec
-from tests.conftest import MiB, Nodes, make_disk
-from tests.netns import Net, net, start_node  # noqa: F401 (net is a fixture)
-from tests.test_node_pair import checkpoint, random_bytes, read_all, read_file
+from tests.helpers.netns import Net
+from tests.helpers.nodes import (
+    MiB,
+    Nodes,
+    checkpoint,
+    make_disk,
+    random_bytes,
+    read_all,
+    read_file,
+    start_node,
+)
 
 pytestmark = pytest.mark.netns
 

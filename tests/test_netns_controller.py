@@ -44,9 +44,9 @@ from repdisk.errors import ConfigError, ControlError
 from repdisk.node.config import NodeConfig
 from repdisk.qmp.client import QMPClient, connect
 from repdisk.tls import TLSSpec
-from tests.conftest import MiB, NodeProc, Nodes, free_port, make_disk
-from tests.netns import Host, Link, Net, net, start_node  # noqa: F401 (net is a fixture)
-from tests.test_controller_helpers import Writer, file_bytes, wait_for
+from tests.helpers.controller import Writer, file_bytes, wait_for
+from tests.helpers.netns import Host, Link, Net
+from tests.helpers.nodes import MiB, NodeProc, Nodes, free_port, make_disk, start_node
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,79 +5,33 @@ Data goes in through the primary's export with libnbd, ``qemu-io``, ``qemu-img c
 disk file).  A checkpoint (primary checkpoint, secondary get-error + checkpoint, primary
 resume) followed by a failover must leave the secondary's ``active`` export holding exactly
 "disk at the last checkpoint + the secondary VM's own writes" (the reference semantics).
-
-The helpers here (``pair``, ``checkpoint``, ``read_all``, ...) are shared by the other
-node-level test modules.
 """
 
 from __future__ import annotations
 
 import os
-import random
-import subprocess
 import time
 
 import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-
-SIZE = 16 * MiB
-CHUNK = 16 * MiB   # below libnbd's and nbdkit's 64 MiB request limit
-
+from tests.helpers.commands import qemu
+from tests.helpers.nodes import (
+    SIZE,
+    MiB,
+    NodeProc,
+    Nodes,
+    checkpoint,
+    make_disk,
+    random_bytes,
+    read_all,
+    read_export,
+    read_file,
+    start_pair,
+)
 
 # -- helpers shared by the node-level tests -------------------------------------------------
-
-def read_all(h: nbd.NBD, size: int | None = None) -> bytes:
-    """Every byte of an export, read in chunks."""
-    size = h.get_size() if size is None else size
-    return b"".join(h.pread(min(CHUNK, size - off), off) for off in range(0, size, CHUNK))
-
-
-def read_export(node: NodeProc, export: str = "") -> bytes:
-    h = node.client(export)
-    try:
-        return read_all(h)
-    finally:
-        h.shutdown()
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def random_bytes(seed: int, n: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def start_pair(nodes: Nodes, size: int = SIZE, fill: int | None = None,
-               **primary_keys: str) -> tuple[NodeProc, NodeProc]:
-    """A secondary, then a primary forwarding to it, both started (secondary first)."""
-    sec_disk = make_disk(os.path.join(nodes.folder, "sec.img"), size, fill)
-    pri_disk = make_disk(os.path.join(nodes.folder, "pri.img"), size, fill)
-    sec = nodes.secondary(sec_disk)
-    sec.ctl("replication-start", mode="secondary")
-    pri = nodes.primary(pri_disk, sec, **primary_keys)
-    pri.ctl("replication-start", mode="primary")
-    return pri, sec
-
-
-def checkpoint(pri: NodeProc, sec: NodeProc) -> None:
-    """One pair checkpoint in the order of docs/DESIGN.md: barrier + hold, secondary, resume."""
-    pri.ctl("replication-do-checkpoint")
-    sec.ctl("replication-get-error")
-    sec.ctl("replication-do-checkpoint")
-    pri.ctl("replication-resume")
-
-
-def qemu(*argv: str) -> str:
-    """Run a QEMU tool; its output, or a failure that shows what it printed."""
-    run = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"{argv} failed ({run.returncode}): {run.stdout}{run.stderr}"
-    return run.stdout
-
 
 # -- data arrives ---------------------------------------------------------------------------
 

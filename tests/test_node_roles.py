@@ -17,7 +17,7 @@ from repdisk.node.config import PRIMARY, SECONDARY
 from repdisk.node.node import Node
 from repdisk.node.state import NodeState
 from repdisk.replication.framework import ReplicationError
-from tests.conftest import MiB, make_disk
+from tests.helpers.nodes import MiB, make_disk
 
 FOR_PRIMARY = "role: this command is for a primary node"
 ALREADY_PRIMARY = "role: this node is already a primary"

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from repdisk.cli import ocf
-from tests.cluster import Cluster
-from tests.netns import Net, unavailable
+from tests.helpers.cluster import Cluster
+from tests.helpers.netns import Net, unavailable
 
 AGENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ocf",
                      "repdisk")

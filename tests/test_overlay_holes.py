@@ -17,9 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from repdisk.cli import lab
-from tests.test_cli import REPDISK, run
-from tests.test_lab import lab_processes
-from tests.test_node_pair import qemu
+from tests.helpers.commands import REPDISK, lab_processes, qemu, run
 
 MiB = 1 << 20
 SIZE = 64 * MiB

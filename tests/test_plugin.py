@@ -20,8 +20,7 @@ import pytest
 
 from repdisk.cli.main import PLUGIN
 from repdisk.node import config as cfgmod
-from tests.conftest import MiB, Nodes
-from tests.test_node_pair import SIZE, random_bytes, read_all, read_export, start_pair
+from tests.helpers.nodes import SIZE, MiB, Nodes, random_bytes, read_all, read_export, start_pair
 
 EXPORTS = ["primary", "replica", "active"]
 HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO

@@ -18,8 +18,7 @@ import pytest
 
 from repdisk.errors import ControlError
 from repdisk.qmp.client import QMPClient
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
-from tests.test_node_pair import CHUNK, read_file
+from tests.helpers.nodes import CHUNK, MiB, NodeProc, Nodes, make_disk, read_file
 
 SIZE, HALF = 64 * MiB, 32 * MiB
 

@@ -1,7 +1,7 @@
 """PrimaryReplica against a real nbdkit secondary: forwarding, dirty map, checkpoint hold,
 failure of the secondary (killed, hung), resync, bad input, throughput.
 
-The secondary is nbdkit serving an image file with tests/batchserver.py (the replica
+The secondary is nbdkit serving an image file with tests/helpers/batchserver.py (the replica
 export and its batch twin, batch.py); the tests read the file directly, so "on the
 secondary" means "in that file", byte for byte.
 """
@@ -12,113 +12,21 @@ import errno
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, ConfigError
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.primary import RESYNC_CHUNK, PrimaryReplica
 from repdisk.replication.stage import Stage
-from tests.conftest import sigstop
+from tests.helpers.replicas import Secondary, read_local
 
 PRIMARY = ReplicationMode.PRIMARY
-BATCH_SERVER = Path(__file__).with_name("batchserver.py")
 KiB, MiB = 1024, 1024 * 1024
-
-
-class Secondary:
-    """nbdkit serving ``path`` on a Unix socket (tests/batchserver.py: plain and batched, as
-    a secondary's replica export); can be killed, hung, restarted."""
-
-    def __init__(self, directory: Path, name: str, size: int, fill: int | None = None,
-                 filters: tuple[str, ...] = ()) -> None:
-        self.filters = filters  # e.g. ("--filter=delay", "delay-write=50ms")
-        self.path = directory / f"{name}.img"
-        self.sock = directory / f"{name}.sock"
-        self.pidfile = directory / f"{name}.pid"
-        with open(self.path, "wb") as f:
-            f.truncate(size)
-            if fill is not None:
-                f.write(bytes([fill]) * size)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def start(self) -> None:
-        for p in (self.sock, self.pidfile):
-            p.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "-P", str(self.pidfile),
-             *[f for f in self.filters if f.startswith("--")], "python", str(BATCH_SERVER),
-             f"file={self.path}",
-             *[f for f in self.filters if not f.startswith("--")]], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.pidfile.exists() or not self.pidfile.read_text().strip():
-            assert self.proc.poll() is None, "nbdkit exited at start-up"
-            assert time.monotonic() < deadline, "nbdkit did not become ready"
-            time.sleep(0.01)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        sigstop(self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-
-    def read(self) -> bytes:
-        return self.path.read_bytes()
-
-
-@pytest.fixture
-def secondary_factory(tmp_path: Path) -> Iterator[Callable[..., Secondary]]:
-    made: list[Secondary] = []
-
-    def make(size: int, fill: int | None = None, filters: tuple[str, ...] = ()) -> Secondary:
-        sec = Secondary(tmp_path, f"secondary{len(made)}", size, fill, filters)
-        made.append(sec)
-        return sec
-
-    yield make
-    for sec in made:
-        sec.kill()
-
-
-@pytest.fixture
-def primary_factory(tmp_path: Path) -> Iterator[Callable[..., PrimaryReplica]]:
-    made: list[PrimaryReplica] = []
-    serial = iter(range(1000))
-
-    def make(size: int, uri: str | None, **kwargs: Any) -> PrimaryReplica:
-        n = next(serial)
-        disk = RawImage.create(tmp_path / f"primary{n}.img", size)
-        try:
-            rep = PrimaryReplica(f"disk{n}", disk, uri, **kwargs)
-        except BaseException:
-            disk.close()
-            raise
-        made.append(rep)
-        return rep
-
-    yield make
-    for rep in made:
-        rep.close()
 
 
 class Events:
@@ -135,12 +43,6 @@ class Events:
     def named(self, name: str) -> list[dict[str, Any]]:
         with self.lock:
             return [d for n, d in self.seen if n == name]
-
-
-def read_local(rep: PrimaryReplica) -> bytes:
-    buf = bytearray(rep.view.size)
-    rep.view.pread_into(memoryview(buf), 0)
-    return bytes(buf)
 
 
 def assert_differences_dirty(local: bytes, secondary: bytes, rep: PrimaryReplica) -> int:

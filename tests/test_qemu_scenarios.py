@@ -18,7 +18,7 @@ from repdisk.errors import BlockIOError
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import Stage
-from tests.test_secondary import make_replica, read
+from tests.helpers.replicas import make_replica, read
 
 MiB = 1 << 20
 SIZE, HALF = 64 * MiB, 32 * MiB

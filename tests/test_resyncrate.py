@@ -13,7 +13,7 @@ from repdisk.errors import ConfigError
 from repdisk.replication import resyncrate
 from repdisk.replication.framework import ReplicationMode
 from repdisk.replication.resyncrate import BUSY_PIECE, BUSY_RATE, QUIET, Pacer, ResyncRate, parse
-from tests.test_primary import primary_factory, read_local, secondary_factory  # noqa: F401 (fixtures)
+from tests.helpers.replicas import read_local
 
 MiB = 1 << 20
 PIECE, WINDOW, GRAIN = 4 * MiB, 64, 65536

@@ -1,8 +1,4 @@
-"""SecondaryReplica: the gate, copy-before-write, requests, opening, query, and a model check.
-
-The helpers at the top (``make_replica``, ``read``, ``pattern``) are shared with
-test_qemu_scenarios.py and test_secondary_stress.py.
-"""
+"""SecondaryReplica: the gate, copy-before-write, requests, opening, query, and a model check."""
 
 from __future__ import annotations
 
@@ -20,44 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repdisk.block.device import EXTENT_HOLE, BlockDevice
+from repdisk.block.device import EXTENT_HOLE
 from repdisk.block.overlay import Overlay
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
 from repdisk.replication.framework import Registry, ReplicationError, ReplicationMode
 from repdisk.replication.secondary import Op, Route, SecondaryReplica, View, gate
 from repdisk.replication.stage import Stage
+from tests.helpers.replicas import make_replica, pattern, read
 
 SECONDARY = ReplicationMode.SECONDARY
 KiB = 1024
-
-
-def make_replica(directory: Path | str, size: int, cluster_size: int = 4 * KiB,
-                 fill: bytes | None = None, events: Any = None,
-                 name: str = "disk0") -> SecondaryReplica:
-    """A secondary over a fresh ``size``-byte disk holding ``fill`` (zeros if None)."""
-    path = os.path.join(directory, f"{name}.img")
-    with RawImage.create(path, size) as disk:
-        if fill is not None:
-            disk.pwrite(fill, 0)
-    # Progress events are checked on their own (test_failover_progress...); the event lists
-    # that tests compare exactly hold the state events only.
-    kwargs = {} if events is None else {
-        "events": lambda n, d: n.endswith("_PROGRESS") or events.append((n, d))}
-    return SecondaryReplica.open(name, path, cluster_size=cluster_size, **kwargs)
-
-
-def read(dev: BlockDevice, offset: int = 0, length: int | None = None) -> bytes:
-    """Every byte of ``[offset, offset+length)`` (to the end by default) of ``dev``."""
-    length = dev.size - offset if length is None else length
-    buf = bytearray(length)
-    dev.pread_into(memoryview(buf), offset)
-    return bytes(buf)
-
-
-def pattern(size: int, seed: int = 7) -> bytes:
-    """Non-repeating-per-cluster content, so a byte copied from the wrong place shows."""
-    return bytes((i * seed + i // 4093) % 251 for i in range(size))
 
 
 @pytest.fixture

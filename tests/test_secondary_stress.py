@@ -39,7 +39,7 @@ import pytest
 
 from repdisk.replication.framework import ReplicationMode
 from repdisk.replication.stage import Stage
-from tests.test_secondary import make_replica, read
+from tests.helpers.replicas import make_replica, read
 
 CS = 4096
 CLUSTERS = 128

@@ -12,7 +12,7 @@ import pytest
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError
 from repdisk.replication.sessions import SessionFence, SessionView, make_tag, split_tag
-from tests.conftest import MiB, Nodes, make_disk
+from tests.helpers.nodes import MiB, Nodes, make_disk
 
 
 def test_tags_parse_and_bad_tags_are_refused() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import REPDISK
+from tests.helpers.commands import REPDISK
 
 NOBODY = 65534
 GROUP = grp.getgrgid(65534).gr_name   # Debian's nogroup

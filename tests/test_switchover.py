@@ -12,9 +12,18 @@ import pytest
 
 from repdisk.controller.switchover import Node, switchover
 from repdisk.errors import ControlError
-from tests.conftest import MiB, NodeProc, Nodes
-from tests.test_demote import write
-from tests.test_node_pair import SIZE, checkpoint, random_bytes, read_file, start_pair
+from tests.helpers.controller import Writer, file_bytes, make_pair
+from tests.helpers.nodes import (
+    SIZE,
+    MiB,
+    NodeProc,
+    Nodes,
+    checkpoint,
+    random_bytes,
+    read_file,
+    start_pair,
+    write,
+)
 
 
 def side(node: NodeProc, name: str) -> Node:
@@ -74,8 +83,6 @@ def test_switchover_of_a_pair_not_ready_is_refused_and_changes_nothing(nodes: No
 
 @pytest.mark.timeout(120)
 def test_controller_switchover_and_back_and_verify(nodes: Nodes, tmp_path) -> None:
-    from tests.test_controller_helpers import Writer, file_bytes, make_pair
-
     pair = make_pair(nodes)
     try:
         hook = tmp_path / "hook.out"

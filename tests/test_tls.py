@@ -30,9 +30,16 @@ from repdisk.qmp.client import QMPClient
 from repdisk.qmp.protocol import ArgSpec, Command
 from repdisk.qmp.server import QMPServer
 from repdisk.tls import TLSSpec
-from tests.conftest import MiB, Nodes, free_port, make_disk
-from tests.netns import start_node
-from tests.test_node_pair import checkpoint, random_bytes, read_file
+from tests.helpers.nodes import (
+    MiB,
+    Nodes,
+    checkpoint,
+    free_port,
+    make_disk,
+    random_bytes,
+    read_file,
+    start_node,
+)
 
 SIZE = 4 * MiB
 

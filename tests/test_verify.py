@@ -22,8 +22,8 @@ import nbd
 import pytest
 
 from repdisk.errors import ControlError
-from tests.conftest import MiB, NodeProc, Nodes, make_disk, on_a_terminal
-from tests.test_cli_progress import REPDISK
+from tests.helpers.commands import REPDISK, on_a_terminal
+from tests.helpers.nodes import MiB, NodeProc, Nodes, make_disk
 
 SIZE = 32 * MiB
 DATA = 24 * MiB     # the guest's data: [0, DATA); the rest stays a hole

@@ -36,7 +36,7 @@ from typing import Any
 
 from repdisk.errors import RepdiskError
 from repdisk.qmp.client import execute
-from tests.conftest import NodeProc, Nodes
+from tests.helpers.nodes import NodeProc, Nodes
 from vmtests.guest import (
     Guest,
     GuestVM,

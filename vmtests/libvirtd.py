@@ -284,8 +284,8 @@ class LibvirtGuest(GuestVM):
         super().kill()
 
 
-#: libvirt in a cluster node (tests/cluster.py): the node's own folders bound over libvirt's,
-#: in the node's mount namespace (/run is already the node's own), then the two daemons.
+#: libvirt in a cluster node (tests/helpers/cluster.py): the node's own folders bound over
+#: libvirt's, in the node's mount namespace (/run is already the node's own), then the two daemons.
 #: QEMU's capabilities probed by the host's libvirtd, if any, are copied (same binary: still
 #: valid), so the node's libvirtd does not probe again.
 NODE_SETUP = r"""

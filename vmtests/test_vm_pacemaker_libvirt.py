@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from repdisk.qmp.client import QMPClient
-from tests.test_pacemaker import DISK, NBD_PORT, RUN, Pair, make_pair, readme_block
+from tests.helpers.pacemaker import DISK, NBD_PORT, RUN, Pair, make_pair, readme_block
 from vmtests.guest import Guest, build_disk, check_records, crash_fsck_clean
 from vmtests.harness import console_problems
 from vmtests.libvirtd import URI, LibvirtGuest, domain_xml, start_in_node

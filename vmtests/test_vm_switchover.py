@@ -19,7 +19,7 @@ import pytest
 
 from repdisk.controller.switchover import Node, checkpoint, switchover
 from repdisk.qmp.client import execute
-from tests.conftest import NodeProc
+from tests.helpers.nodes import NodeProc
 from vmtests.guest import GuestVM
 from vmtests.harness import Scenario, check_records, console_problems, records_of
 

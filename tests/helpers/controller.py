@@ -14,7 +14,7 @@ import nbd
 
 from repdisk.controller.config import ControllerConfig
 from repdisk.controller.controller import Controller
-from tests.conftest import MiB, NodeProc, Nodes, make_disk
+from tests.helpers.nodes import MiB, NodeProc, Nodes, make_disk
 
 # Short timings: every rule holds (isolation < heartbeat-timeout; hold = timeout/2 covers a
 # secondary checkpoint) while a failover still takes about a second.

@@ -1,6 +1,6 @@
 """Real Corosync (knet) + Pacemaker clusters on one machine, for the agent's tests.
 
-Each cluster node is a network namespace (tests/netns.py, all nodes on one switch) plus a
+Each cluster node is a network namespace (tests/helpers/netns.py, all nodes on one switch) plus a
 mount and UTS namespace of its own, held by an ``init`` process (``sleep``) in which:
 ``/run`` and ``/dev/shm`` are private tmpfs (libqb's IPC), the node's own folders are bound
 over ``/etc/corosync``, ``/var/lib/corosync``, ``/var/lib/pacemaker``, ``/var/log/...`` and
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from tests.netns import Host, Net, Port, switch
+from tests.helpers.netns import Host, Net, Port, switch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: Binds inside a node: its folder's subfolder -> the path it covers.
 BINDS = {"etc-corosync": "/etc/corosync", "var-lib-corosync": "/var/lib/corosync",
@@ -60,7 +60,7 @@ exec sleep infinity
 
 FENCE_AGENT = r'''#!/usr/bin/python3
 """fence_repdisktest: "power-cuts" a test cluster node: SIGKILL of every process in its
-mount namespace (tests/cluster.py).  Reads key=value lines on stdin, as fence agents do."""
+mount namespace (tests/helpers/cluster.py).  Reads key=value lines on stdin, as fence agents do."""
 import os, signal, sys, time
 NODES = {nodes!r}           # node name -> file holding its mount namespace (readlink)
 TIMELINE = {timeline!r}

@@ -2,7 +2,7 @@
 export does to a primary: plain, and under ``NAME+batch`` through repdisk's BatchView
 (batch.py), so a batching forwarder can be tested without a whole secondary node.
 
-    nbdkit python tests/batchserver.py file=IMG [jitter=SECONDS]
+    nbdkit python tests/helpers/batchserver.py file=IMG [jitter=SECONDS]
 
 ``jitter``: each write sleeps a random time up to this long first, so that requests in
 flight together finish out of order (the forwarder's order rules must hold anyway).
@@ -16,7 +16,7 @@ import time
 
 import nbdkit
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
 from repdisk.block.rawimage import RawImage  # noqa: E402
 from repdisk.errors import BlockIOError  # noqa: E402

@@ -26,11 +26,9 @@ import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import pytest
 
 CLONE_NEWNET = 0x40000000
 SUBNET = "10.213"
@@ -159,45 +157,6 @@ class Net:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# -- nodes on hosts ----------------------------------------------------------------------
-
-def start_node(nodes: Any, role: str, name: str, keys: list[tuple[str, str]],
-               listen: Any, host: Host | None = None) -> Any:
-    """A repdisk node started as ``repdisk`` starts it, with any listener (TCP, TLS),
-    inside ``host``'s namespace if given; ``nodes`` (conftest.Nodes) kills it at the end.
-
-    Readiness is probed from inside the namespace, where the listener is reachable.
-    """
-    from repdisk.cli import nodeproc
-    from repdisk.cli.main import PLUGIN
-    from tests.conftest import NodeProc
-
-    control = os.path.join(nodes.folder, f"{name}.qmp")
-    log = os.path.join(nodes.folder, f"{name}.log")
-    cmd = nodeproc.nbdkit_command(PLUGIN, [("role", role), ("control", control)] + keys, listen)
-    proc = nodeproc.spawn(host.cmd(cmd) if host else cmd, log)
-    node = NodeProc(role, proc, control, listen, log,
-                    [v.split(":", 1)[-1] for k, v in keys if k == "disk"])
-    nodes.started.append(node)
-    wait = (nodeproc.wait_ready, nodeproc.child_alive(proc), control, listen, log)
-    try:
-        host.call(*wait) if host else wait[0](*wait[1:])
-    except Exception:
-        node.kill()
-        raise
-    return node
-
-
-@pytest.fixture
-def net() -> Iterator[Net]:
-    """A set of namespaces for one test, removed afterwards; skips where they cannot be made."""
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    with Net() as n:
-        yield n
 
 
 # -- a switch: every host on one /24 --------------------------------------------------------

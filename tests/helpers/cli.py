@@ -1,0 +1,39 @@
+"""A pair started with ``repdisk secondary|primary --background`` in one folder, driven with
+the ``repdisk`` command (the ``cli_pair`` fixture in tests/conftest.py makes one)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+from tests.helpers.commands import REPDISK, run
+from tests.helpers.nodes import MiB
+
+SIZE = 8 * MiB   # each disk of a cli pair
+
+
+@dataclass
+class Pair:
+    folder: str
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def repdisk(self, *argv: str, ok: bool = True) -> subprocess.CompletedProcess:
+        result = run([REPDISK, *argv], self.folder, timeout=60)
+        if ok:
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "Traceback" not in result.stderr
+        return result
+
+
+def start_cli_pair(pair: Pair) -> tuple[str, str]:
+    out = pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
+                       "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid").stdout
+    assert re.fullmatch(r"repdisk secondary: serving \(pid \d+\), control sec\.qmp\n", out)
+    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                 "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
+                 "--background", "--pidfile", "pri.pid")
+    return pair.path("pri.qmp"), pair.path("sec.qmp")
