@@ -26,6 +26,7 @@ the sync mode; the async one is writeback.py's WriteBack.
 
 from __future__ import annotations
 
+import abc
 import enum
 import logging
 import threading
@@ -75,10 +76,11 @@ def gate(mode: WriteMode, op: Op, link: LinkState, holding: bool) -> Route:
     """The route of a guest write or flush; the only write policy of a primary."""
     if mode is WriteMode.ASYNC:
         if op is Op.FLUSH:
-            return Route.LOCAL  # async promises the local disk; a checkpoint's barrier
-        return Route.HELD if holding else Route.WRITE_BACK  # flushes the secondary
+            # async promises the local disk; a checkpoint's barrier flushes the secondary
+            return Route.LOCAL
+        return Route.HELD if holding else Route.WRITE_BACK
     if link is LinkState.UP:
-        return Route.FORWARD    # a hold keeps the forwarded request queued (forwarder.py)
+        return Route.FORWARD  # a hold keeps the forwarded request queued (forwarder.py)
     return Route.LOCAL if op is Op.FLUSH else Route.MARK
 
 
@@ -87,11 +89,12 @@ def _routes(mode: WriteMode, op: Op) -> dict[tuple[LinkState, bool], Route]:
             for link in LinkState for holding in (False, True)}
 
 
-class WritePath:
+class WritePath(abc.ABC):
     """The guest's disk (a BlockDevice), served in every stage: a write mode's strategy.
 
-    Subclasses implement ``pwrite``, ``zero`` and ``trim`` by their routes, and the
-    hold's mode-specific steps (``_holding_starts``, ``_holding_ends``).
+    Subclasses implement ``pwrite``, ``zero`` and ``trim`` by their routes, ``pull`` and
+    ``piece_sent`` for a write-back, and the hold's mode-specific steps
+    (``_holding_starts``, ``_holding_ends``).
     """
 
     mode: ClassVar[WriteMode]
@@ -133,6 +136,18 @@ class WritePath:
         self._write_routes = _routes(self.mode, Op.WRITE)
         self._flush_routes = _routes(self.mode, Op.FLUSH)
 
+    @abc.abstractmethod
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
+        """A guest write, by its route."""
+
+    @abc.abstractmethod
+    def zero(self, offset: int, length: int, fua: bool = False) -> None:
+        """A guest zero, by its route (a write)."""
+
+    @abc.abstractmethod
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """A guest trim, by its route (a write)."""
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         check_range(self.size, offset, length)
         return self.disk.extents(offset, length)
@@ -166,11 +181,13 @@ class WritePath:
         within ``timeout``.  Sync writes mark under their range lock: always settled."""
         return True
 
+    @abc.abstractmethod
     def pull(self) -> None:
-        """Have the forwarder take what is dirty (the write-back's; nothing here)."""
+        """Have the forwarder take what is dirty (a write-back's source)."""
 
+    @abc.abstractmethod
     def piece_sent(self) -> None:
-        """A copy sent a dirty piece (the write-back wakes its waiting writers)."""
+        """A copy sent a dirty piece (a write-back wakes its waiting writers)."""
 
     # -- the checkpoint hold --------------------------------------------------------------
 
@@ -219,13 +236,13 @@ class WritePath:
                                                        "mode": self.sm.mode.value,
                                                        "held": self.timeout / 2})
 
+    @abc.abstractmethod
     def _holding_starts(self) -> None:
         """The mode's part of beginning a hold (``_lock`` held)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _holding_ends(self) -> None:
         """The mode's part of ending a hold (``_lock`` held)."""
-        raise NotImplementedError
 
 
 class WriteThrough(WritePath):
@@ -287,6 +304,12 @@ class WriteThrough(WritePath):
             counters["writes"] += 1
             counters["bytes"] += length
             counters["forwarded"] += ticket is not None
+
+    def pull(self) -> None:
+        """Nothing: sync writes are forwarded, not pulled."""
+
+    def piece_sent(self) -> None:
+        """Nothing: no sync write waits for a piece."""
 
     def _holding_starts(self) -> None:
         fwd = self.link.forwarder
