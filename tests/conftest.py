@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from repdisk.block.rawimage import RawImage
-from repdisk.cli import nodeproc
+from repdisk.cli import lab, nodeproc
 from repdisk.replication.primary import PrimaryReplica
 from tests.helpers import cli
+from tests.helpers.commands import lab_processes
 from tests.helpers.netns import Net, unavailable
 from tests.helpers.nodes import Nodes, make_disk
 from tests.helpers.replicas import Secondary
@@ -36,6 +37,19 @@ def cli_pair(tmp_path) -> Iterator[cli.Pair]:
     finally:
         for role in ("pri", "sec"):
             nodeproc.stop_pidfile(pair.path(f"{role}.pid"))
+
+
+@pytest.fixture
+def lab_dir(tmp_path) -> Iterator[str]:
+    """A folder for `repdisk lab --dir`; the lab is taken down at the end, and its nbdkit
+    processes killed by pid if `--down` failed."""
+    folder = str(tmp_path / "lab")
+    try:
+        yield folder
+    finally:
+        lab.down(folder, quiet=True)
+        for proc in lab_processes(folder):
+            proc.kill()
 
 
 @pytest.fixture

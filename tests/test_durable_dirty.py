@@ -14,28 +14,15 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from repdisk.block.dirtymap import DirtyMap
-from repdisk.cli import lab
 from tests.helpers.commands import REPDISK, lab_processes, qemu, run
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-
-
-@pytest.fixture
-def lab_dir(tmp_path) -> Iterator[str]:
-    folder = str(tmp_path / "r2")
-    try:
-        yield folder
-    finally:
-        lab.down(folder, quiet=True)
-        for proc in lab_processes(folder):
-            proc.kill()
 
 
 def repdisk(folder: str, *argv: str) -> str:

@@ -6,26 +6,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
-
-import pytest
 
 from repdisk.cli import lab
 from tests.helpers.commands import REPDISK, lab_processes, qemu, run
 from tests.helpers.nodes import read_file
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def lab_dir(tmp_path) -> Iterator[str]:
-    folder = str(tmp_path / "lab")
-    try:
-        yield folder
-    finally:
-        lab.down(folder, quiet=True)
-        for proc in lab_processes(folder):   # only if --down failed: kill by pid
-            proc.kill()
 
 
 def test_lab_up_use_and_down(lab_dir: str) -> None:

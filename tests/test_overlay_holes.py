@@ -12,28 +12,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
-from repdisk.cli import lab
-from tests.helpers.commands import REPDISK, lab_processes, qemu, run
+from tests.helpers.commands import REPDISK, qemu, run
 
 MiB = 1 << 20
 SIZE = 64 * MiB
 
 
 @pytest.fixture
-def lab_dir(tmp_path) -> Iterator[str]:
-    folder = str(tmp_path / "lab")
-    up = run([REPDISK, "lab", "--dir", folder, "--size", "64M"], "/")
+def lab_dir(lab_dir: str) -> str:
+    """conftest's lab folder, with a lab up in it."""
+    up = run([REPDISK, "lab", "--dir", lab_dir, "--size", "64M"], "/")
     assert up.returncode == 0, up.stderr
-    try:
-        yield folder
-    finally:
-        lab.down(folder, quiet=True)
-        for proc in lab_processes(folder):
-            proc.kill()
+    return lab_dir
 
 
 def ctl(folder: str, node: str, command: str) -> None:
