@@ -41,9 +41,10 @@ if ! pip_out=$(.venv/bin/pip install -q --disable-pip-version-check -e '.[test,b
 fi
 printf '%s\n' "$pip_out" | grep -v "is ignored: it is neither" | grep . || true
 .venv/bin/python -c 'import nbd, repdisk' || { echo "setup: venv is broken (cannot import nbd or repdisk)" >&2; exit 1; }
-# Pacemaker finds OCF agents under /usr/lib/ocf/resource.d/PROVIDER: ocf:repdisk:repdisk is
-# this clone's ocf/repdisk (it runs this clone's .venv).
+# Pacemaker finds OCF agents under /usr/lib/ocf/resource.d/PROVIDER: ocf:repdisk:repdisk
+# runs this clone's ocf/repdisk (and its .venv); ocf/install says why it is not a link.
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 $SUDO mkdir -p /usr/lib/ocf/resource.d/repdisk
-$SUDO ln -sfn "$(pwd)/ocf/repdisk" /usr/lib/ocf/resource.d/repdisk/repdisk
+$SUDO rm -f /usr/lib/ocf/resource.d/repdisk/repdisk   # an older setup's link into a clone
+$SUDO ./ocf/install /usr/lib/ocf/resource.d/repdisk
 echo "setup: ok ($(.venv/bin/python --version), nbdkit $(nbdkit --version | awk '{print $2}'), libnbd $(.venv/bin/python -c 'import nbd; print(nbd.NBD().get_version())'))"

@@ -69,7 +69,7 @@ def good(disk: str, tmp_path) -> list[str]:
 def test_crm_resource_validate_accepts_good_parameters(disk, tmp_path) -> None:
     need("crm_resource")
     assert os.path.exists("/usr/lib/ocf/resource.d/repdisk/repdisk"), \
-        "make setup links the agent into /usr/lib/ocf/resource.d/repdisk"
+        "make setup writes the agent into /usr/lib/ocf/resource.d/repdisk"
     done = validate(*good(disk, tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
 

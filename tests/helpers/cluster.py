@@ -288,9 +288,9 @@ class Cluster:
                                        timeline=self.timeline))
         os.chmod(agent, 0o755)
         os.makedirs(os.path.join(self.ocf_dir, "repdisk"))
-        # A link, as make setup makes: the agent finds this clone's venv through it.
-        os.symlink(os.path.join(REPO, "ocf", "repdisk"),
-                   os.path.join(self.ocf_dir, "repdisk", "repdisk"))
+        # Written as make setup writes it: it runs this clone's ocf/repdisk and venv.
+        subprocess.run([os.path.join(REPO, "ocf", "install"),
+                        os.path.join(self.ocf_dir, "repdisk")], check=True)
         for node in self.nodes:
             for sub in BINDS:
                 os.makedirs(os.path.join(node.folder, sub))
