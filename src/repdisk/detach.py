@@ -2,11 +2,18 @@
 background (``repdisk primary|secondary --background``, ``repdisk controller --background``).
 
 :func:`launch` starts the command with ``setsid -f``, which forks before the command
-starts, so the command runs in a session of its own and is never a child of the caller:
-the caller may exit at once (nbdkit 1.32 started as a child, even in a new session, was
-seen to shut itself down as soon as its starter exited).  A shell writes the pid file and
-then execs the command (same pid), so a process that fails during start-up is noticed
-at once by :func:`wait`, not after its timeout.
+starts, so the command runs in a session of its own and is never a child of the caller,
+and the caller may exit at once.  A shell writes the pid file and then execs the command
+(same pid), so a process that fails during start-up is noticed at once by :func:`wait`,
+not after its timeout.
+
+The shell execs the command only once its own parent, the half of ``setsid -f`` that
+returns to the caller, has exited: nbdkit 1.32.5 (Debian 12's) arms
+``PR_SET_PDEATHSIG(SIGTERM)`` at start-up whether or not ``--exit-with-parent`` was
+given (its server/main.c lost the option's guard), so an nbdkit that got that far
+before its parent exited was killed with SIGTERM the moment it did: a node that died
+at start-up without a word in its log, on a loaded machine.  Once the parent has exited
+the shell's parent is init (or a subreaper), and the signal is never sent.
 """
 
 from __future__ import annotations
@@ -32,10 +39,20 @@ class StartFailed(RepdiskError):
         self.exited = exited
 
 
+#: The detached shell: write its pid, wait until its parent (``setsid -f``'s returning
+#: half, if ``$PPID`` is still that) has exited, then become the command.
+_EXEC_ALONE = ('echo $$ > "$0" || exit\n'
+               'while [ "$(cat /proc/$PPID/comm 2>/dev/null)" = setsid ] '
+               '&& read -r _ _ _ ppid _ < /proc/$$/stat && [ "$ppid" = "$PPID" ]; do\n'
+               '  sleep 0.01\n'
+               'done\n'
+               'exec "$@"')
+
+
 def launch(cmd: list[str], pidfile: str, output: str) -> None:
     """Start ``cmd`` detached (see the module docstring), its pid in ``pidfile`` before it
     runs, its stdout and stderr appended to ``output``; returns once it is started."""
-    sh = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', pidfile, *cmd]
+    sh = ["sh", "-c", _EXEC_ALONE, pidfile, *cmd]
     with open(output, "ab") as out:
         subprocess.run(["setsid", "-f", *sh], stdin=subprocess.DEVNULL, stdout=out,
                        stderr=out, check=True)
