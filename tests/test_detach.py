@@ -53,9 +53,10 @@ def test_a_background_node_survives_a_slow_exit_of_setsids_parent_half(tmp_path)
         assert node.name() == "nbdkit"
         # The slow parent half has exited by now (the start waited for it).
         time.sleep(DELAY)
-        assert node.status() != psutil.STATUS_ZOMBIE, open(os.path.join(folder, "s.log")).read()
+        assert node.status() != psutil.STATUS_ZOMBIE, (tmp_path / "s.log").read_text()
         status = run([REPDISK, "status", "s.qmp"], folder)
-        assert status.returncode == 0 and "secondary" in status.stdout, status.stdout + status.stderr
+        assert status.returncode == 0 and "secondary" in status.stdout, \
+            status.stdout + status.stderr
     finally:
         if pid:
             run(["kill", str(pid)], folder)
