@@ -9,7 +9,8 @@ and records, with a profile hook, every call of a repdisk function the write cau
 the primary, from the plugin's ``pwrite`` until it returns (the guest's thread) and on the
 forwarder's thread meanwhile and shortly after (an async write is sent after its
 acknowledgement); on the secondary, in the plugin's ``pwrite`` that applies it, down to the
-disk file's write.  A few writes go first, so that nothing is done for the first time.
+disk file's write.  A burst of concurrent writes (so that every nbdkit thread has served
+one) and a few single writes go first, so that nothing is done for the first time.
 
 Reported per write mode:
 
@@ -43,6 +44,8 @@ _open = open
 FOLLOW = 0.3
 #: Writes before the measured one, and the pause between writes (longer than FOLLOW).
 WARMUPS, PAUSE = 3, 0.5
+#: Concurrent writes before those: more than the nodes' nbdkit threads (16).
+BURST = 64
 
 
 # -- inside nbdkit: the recording plugin ------------------------------------------------------
@@ -198,6 +201,15 @@ def walk(mode: str, folder: str) -> dict:
         _qmp(os.path.join(folder, "pri.qmp"), "replication-start", mode="primary")
         h = nbd.NBD()
         h.connect_unix(pri_sock)
+        # A burst first, so that every nbdkit thread of the primary and the secondary has
+        # served a request: a thread's first request pins its Python state (threadstate.py),
+        # once in the thread's life.
+        buf = nbd.Buffer.from_bytearray(bytearray(4096))
+        for i in range(BURST):
+            h.aio_pwrite(buf, (16 << 20) + i * 4096)
+        while h.aio_in_flight():
+            h.poll(-1)
+        time.sleep(PAUSE + FOLLOW)
         for i in range(WARMUPS + 1):
             offset = (1 << 20) if i == WARMUPS else (8 << 20) + i * (64 << 10)
             h.pwrite(bytes([i + 1]) * 4096, offset)

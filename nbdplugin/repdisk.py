@@ -102,6 +102,7 @@ _node: Node | None = None
 T = TypeVar("T")
 _PARALLEL: int = nbdkit.THREAD_MODEL_PARALLEL
 _FUA_NATIVE: int = nbdkit.FUA_NATIVE
+_this_thread = threadstate.this_thread
 
 
 def _fail_startup(err: Exception) -> NoReturn:
@@ -278,8 +279,9 @@ def _call(fn: Callable[..., T], *args: Any) -> T:
     """Run one request; a BlockIOError reaches the client as its own errno.
 
     ``pin``: keep the thread's Python state between requests (threadstate.py: nbdkit
-    would create and destroy one per request)."""
-    threadstate.pin()
+    would create and destroy one per request); only a thread's first request calls it."""
+    if not _this_thread.pinned:
+        threadstate.pin()
     try:
         return fn(*args)
     except BlockIOError as err:

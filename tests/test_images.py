@@ -19,9 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO, BlockDevice
-from repdisk.block.fileio import punch_hole
 from repdisk.block.overlay import HEADER_SIZE, MAGIC, Overlay, coalesce
-from repdisk.block.rawimage import RawImage, copy_range
+from repdisk.block.rawimage import RawImage, copy_range, punch_hole
 from repdisk.errors import BlockIOError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40

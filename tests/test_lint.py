@@ -53,3 +53,27 @@ def test_no_test_module_imports_another_or_conftest() -> None:
             found += [f"{os.path.relpath(path, ROOT)}:{node.lineno}: {name}" for name in names
                       if name.split(".")[-1].startswith("test_") or name.endswith("conftest")]
     assert not found, "import from tests/helpers instead:\n" + "\n".join(found)
+
+
+def test_stage_has_one_writer() -> None:
+    """A replica's stage is a plain field (the I/O gates read it without a call), so
+    nothing checks its writers at run time: only StageMachine.__init__ and set_stage
+    assign ``.stage`` anywhere in src/."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.py"), recursive=True)):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for func in ast.walk(tree):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(func):
+                targets = (node.targets if isinstance(node, ast.Assign) else
+                           [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign)
+                           else [])
+                for target in targets:
+                    for t in ast.walk(target):
+                        if isinstance(t, ast.Attribute) and t.attr == "stage":
+                            found.append((os.path.relpath(path, ROOT), func.name, node.lineno))
+    writers = {(path, name) for path, name, _line in found}
+    assert writers == {("src/repdisk/replication/stage.py", "__init__"),
+                       ("src/repdisk/replication/stage.py", "set_stage")}, found

@@ -60,3 +60,9 @@ def check_range(size: int, offset: int, length: int, write: bool = False) -> Non
         raise BlockIOError(_errno.ENOSPC if write else _errno.EINVAL,
                            f"request [{offset}, {offset + length}) is past the end of the "
                            f"{size}-byte disk")
+
+
+def block_error(err: OSError, what: str) -> BlockIOError:
+    """The BlockIOError for ``err``; the hot paths catch OSError themselves and call this,
+    so a request pays for its message only when it fails."""
+    return BlockIOError(err.errno or _errno.EIO, f"{what} failed: {err.strerror or err}")

@@ -15,8 +15,7 @@ import fcntl
 import os
 import struct
 
-from repdisk.block.fileio import block_error
-from repdisk.errors import BlockIOError
+from repdisk.errors import BlockIOError, block_error
 
 LOCK_PERM_BASE, LOCK_SHARED_BASE = 100, 200
 #: QEMU's BLK_PERM_* bits (7.2): consistent read, write, write unchanged, resize.

@@ -48,9 +48,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from repdisk.block.device import EXTENT_ZERO, BlockDevice, Buffer, Extent, add_extent, byte_view
-from repdisk.block.fileio import (
+from repdisk.block.imagelock import lock_image
+from repdisk.block.rangelock import RangeLock
+from repdisk.block.rawimage import (
+    COPY_CHUNK,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_ZERO_RANGE,
+    RawImage,
+    copy_range,
     create_file,
     data_runs,
     fallocate,
@@ -60,9 +65,6 @@ from repdisk.block.fileio import (
     whole_blocks,
     write_full,
 )
-from repdisk.block.imagelock import lock_image
-from repdisk.block.rangelock import RangeLock
-from repdisk.block.rawimage import COPY_CHUNK, RawImage, copy_range
 from repdisk.errors import BlockIOError, check_range
 
 log = logging.getLogger(__name__)
@@ -537,7 +539,8 @@ class Overlay:
         This is the secondary's copy-before-write into the hidden overlay.  Returns the
         bytes copied (0 when every cluster was already allocated).
         """
-        check_range(self.size, offset, length, write=True)
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            check_range(self.size, offset, length, write=True)  # raises: names what is wrong
         first, end = self._clusters(offset, length)
         if self._all_set(first, end):
             # Already copied (every replica write after the first one to a cluster in a

@@ -90,8 +90,8 @@ class Admission:
 
     def enter(self) -> None:
         guard = self.guard
-        if guard is not None:
-            guard.admit()
+        if guard is not None and (guard.suspended or guard.fenced):
+            guard.admit()  # held while suspended, refused once fenced (no call otherwise)
         with self._lock:
             if self.refused:
                 raise BlockIOError(errno.EROFS, f"guest write refused: {self.refused}")

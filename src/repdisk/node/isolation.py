@@ -48,7 +48,10 @@ class Isolation:
         self._thread.start()
 
     def admit(self) -> None:
-        """Let a guest write through, hold it while suspended, refuse it once fenced."""
+        """Let a guest write through, hold it while suspended, refuse it once fenced.
+
+        ``Admission.enter`` calls it only while ``suspended`` or ``fenced`` is set (plain
+        fields, read without the lock: a write racing the change is either side of it)."""
         if not self.suspended and not self.fenced:
             return
         with self._cond:

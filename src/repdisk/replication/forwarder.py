@@ -76,7 +76,7 @@ from repdisk import tls
 from repdisk.errors import ForwardError
 from repdisk.replication import batch as _batch
 from repdisk.replication.batch import BATCH_BYTES, BATCH_PIECES, BATCHES_IN_FLIGHT, groupable
-from repdisk.replication.nbdclient import notify, poll_mask, pump
+from repdisk.replication.nbdclient import POLL_EVENTS, READABLE, pump
 from repdisk.replication.overlap import OverlapIndex
 from repdisk.replication.ticket import (
     BARRIER,
@@ -427,7 +427,7 @@ class Forwarder:
                     refresh = True  # ...and so may a reply read (or the end of the link)
                 if refresh:
                     direction = h.aio_get_direction()
-                want = poll_mask(direction)
+                want = POLL_EVENTS[direction]
                 if not want:
                     return self._retire() or f"secondary {self.uri} closed the connection"
                 mask = self._repoll(poller, fd, mask, want & ~select.POLLIN if lazy else want)
@@ -439,9 +439,12 @@ class Forwarder:
                     if got_fd == self._wake_fd:
                         self._drain_wake()
                     else:
-                        notify(h, events)
-                        if events & select.POLLIN:
-                            self._read_replies(h, readable)
+                        if events & select.POLLOUT:
+                            h.aio_notify_write()
+                        if events & READABLE:  # a reply, or the end of the link (HUP/ERR)
+                            h.aio_notify_read()
+                            if events & select.POLLIN:
+                                self._read_replies(h, readable)  # and those behind it
                         direction = h.aio_get_direction()
                 why = self._retire()
                 if why is None and not direction:

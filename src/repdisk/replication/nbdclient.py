@@ -4,7 +4,8 @@ libnbd's own tests drive the async API with an external loop: on each round wait
 what ``aio_get_direction()`` says (0 means do not wait: the handle is dead or closed),
 then ``aio_notify_read()`` / ``aio_notify_write()``.  :func:`pump` is that loop for a
 handle no other thread uses (a handshake, a close, a one-off question); the forwarder's
-I/O thread runs its own around the same :func:`poll_mask` and :func:`notify`.
+I/O thread runs its own (it also waits for its wake-up fd and reads every reply waiting),
+with the same :data:`POLL_EVENTS` and :data:`READABLE`.
 """
 
 from __future__ import annotations
@@ -18,24 +19,17 @@ import nbd
 
 from repdisk import tls
 
-__all__ = ["READABLE", "poll_mask", "notify", "pump", "list_exports"]
+__all__ = ["READABLE", "POLL_EVENTS", "pump", "list_exports"]
 
 #: What poll reports that libnbd must read to find out (a reply, or the end of the link).
 READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
-
-def poll_mask(direction: int) -> int:
-    """The poll events that libnbd's ``aio_get_direction()`` answer asks for."""
-    return ((select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
-            | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0))
-
-
-def notify(h: Any, events: int) -> None:
-    """Tell libnbd what poll saw on its fd (HUP/ERR count as readable: the read finds out)."""
-    if events & select.POLLOUT:
-        h.aio_notify_write()
-    if events & READABLE:
-        h.aio_notify_read()
+#: The poll events for each answer of ``aio_get_direction()`` (0: none, the handle is dead
+#: or closed), a lookup rather than a call: the forwarder asks after every round.
+POLL_EVENTS: tuple[int, ...] = tuple(
+    (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0)
+    | (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0)
+    for direction in range(nbd.AIO_DIRECTION_BOTH + 1))
 
 
 def pump(h: Any, until: Callable[[], bool], deadline: float) -> bool:
@@ -45,13 +39,16 @@ def pump(h: Any, until: Callable[[], bool], deadline: float) -> bool:
     """
     while not until():
         left = deadline - time.monotonic()
-        mask = poll_mask(h.aio_get_direction())
+        mask = POLL_EVENTS[h.aio_get_direction()]
         if left <= 0 or not mask:  # no mask: dead or closed, nothing more will happen
             return until()
         p = select.poll()
         p.register(h.aio_get_fd(), mask)
         for _fd, events in p.poll(int(left * 1000) + 1):
-            notify(h, events)
+            if events & select.POLLOUT:
+                h.aio_notify_write()
+            if events & READABLE:  # HUP/ERR too: the read finds out
+                h.aio_notify_read()
     return True
 
 

@@ -445,11 +445,12 @@ class SecondaryReplica:
             buf: Buffer | None = None, fua: bool = False) -> list[Extent] | None:
         """Check the range, lock it, ask the gate, run ``call`` on the route it names;
         the extents for ``extents``, else None."""
-        check_range(self.size, offset, length, op is Op.WRITE)
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            check_range(self.size, offset, length, op is Op.WRITE)  # raises: names what is wrong
         start, end = self._round(offset, length)
         lock = self._ranges.shared if op is Op.READ else self._ranges.exclusive
         with lock(start, end):
-            route = gate(self.name, view, op, self.stage)
+            route = gate(self.name, view, op, self.sm.stage)
             if op is Op.READ:
                 return self._read(route, call, offset, length, buf)
             self._write(view, route, call, offset, length, buf, fua)

@@ -46,19 +46,17 @@ class StageMachine:
         # Serializes transitions of this replica (start/checkpoint/stop); reentrant so a
         # transition may call another (start runs a checkpoint).
         self.lock = threading.RLock()
-        self._stage = Stage.NONE
+        #: The stage: read it freely (a plain field, so the I/O gates read it without a
+        #: call); :meth:`set_stage` is its one writer (tests/test_lint.py checks).
+        self.stage = Stage.NONE
         self._error: str | None = None
-
-    @property
-    def stage(self) -> Stage:
-        return self._stage
 
     @property
     def error(self) -> str | None:
         return self._error
 
     def set_stage(self, new: Stage) -> None:
-        old, self._stage = self._stage, new
+        old, self.stage = self.stage, new
         if old is not new:
             log.info("%s: stage %s -> %s", self.name, old.value, new.value)
             self.events("REPLICATION_STAGE_CHANGED", {
@@ -83,15 +81,15 @@ class StageMachine:
 
     def finished(self) -> bool:
         """DONE or FAILOVER: start, checkpoint and stop are ignored (QEMU checks this first)."""
-        return self._stage in (Stage.DONE, Stage.FAILOVER)
+        return self.stage in (Stage.DONE, Stage.FAILOVER)
 
     def guard_start(self, mode: ReplicationMode) -> bool:
         """True if start must run; False if it is ignored; raises for a wrong stage or mode."""
         if self.finished():
             return False
-        if self._stage is not Stage.NONE:
+        if self.stage is not Stage.NONE:
             raise ReplicationError(f"{self.name}: replication is running or done "
-                                   f"(stage {self._stage.value}); stop it before starting again")
+                                   f"(stage {self.stage.value}); stop it before starting again")
         if mode is not self.mode:
             raise ReplicationError(f"{self.name}: the start mode {mode.value} does not match "
                                    f"this disk's mode {self.mode.value}")
@@ -101,14 +99,14 @@ class StageMachine:
         """True if ``op`` must run; False if ignored; raises unless RUNNING."""
         if self.finished():
             return False
-        if self._stage is not Stage.RUNNING:
+        if self.stage is not Stage.RUNNING:
             raise ReplicationError(f"{self.name}: cannot {op}: replication is not running "
-                                   f"(stage {self._stage.value})")
+                                   f"(stage {self.stage.value})")
         return True
 
     def get_error(self) -> None:
         """QEMU's get_error: NONE is an error, then any recorded I/O error."""
-        if self._stage is Stage.NONE:
+        if self.stage is Stage.NONE:
             raise ReplicationError(f"{self.name}: replication is not running")
         if self._error is not None:
             raise ReplicationError(f"{self.name}: {self._error}")
