@@ -41,9 +41,11 @@ from typing import Any
 import psutil
 
 from repdisk.block.rawimage import RawImage
+from repdisk.node.config import default, primary_settings
 from repdisk.replication.framework import ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
+from repdisk.units import parse_size
 
 from . import run as bench
 
@@ -98,7 +100,8 @@ def _remove_image(path: Path) -> None:
 
 def _fresh_secondary(workdir: Path, size: int) -> SecondaryReplica:
     _remove_image(workdir / "sec.img")
-    sec = SecondaryReplica.open("d0", _sparse(workdir / "sec.img", size))
+    sec = SecondaryReplica.open("d0", _sparse(workdir / "sec.img", size),
+                                cluster_size=parse_size("cluster-size", default("cluster-size")))
     sec.start(ReplicationMode.SECONDARY)
     return sec
 
@@ -149,13 +152,14 @@ def resync(workdir: Path, size: int, nbytes: int, data: memoryview) -> dict[str,
     _remove_image(pri_img)
     _remove_image(sec_img)
     with _secondary_node(workdir, _sparse(sec_img, size)) as uri:
-        pri = PrimaryReplica("d0", RawImage.open(_sparse(pri_img, size)), uri)
+        pri = PrimaryReplica("d0", RawImage.open(_sparse(pri_img, size)), uri,
+                             primary_settings())
         try:
             for piece in _offsets(size, nbytes, seed=8):  # not replicating yet: all dirty
                 pri.view.pwrite(data, piece * PIECE)
             dirty = pri.dirty.dirty_bytes
             seconds = _timed(lambda: pri.start(ReplicationMode.PRIMARY))
-            fwd = pri._fwd
+            fwd = pri.link.forwarder
             sent = fwd.stats["bytes"] if fwd is not None else 0
             left = pri.dirty.dirty_bytes
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,16 @@ import pytest
 
 from repdisk.block.rawimage import RawImage
 from repdisk.cli import lab, nodeproc
-from repdisk.replication.primary import PrimaryReplica
+from repdisk.node.config import primary_settings
+from repdisk.replication.primary import PrimaryReplica, PrimarySettings
 from tests.helpers import cli
 from tests.helpers.commands import lab_processes
 from tests.helpers.netns import Net, unavailable
 from tests.helpers.nodes import Nodes, make_disk
 from tests.helpers.replicas import Secondary
+
+#: The PrimaryReplica arguments that are settings (their defaults: the key table's).
+SETTINGS = {f.name for f in fields(PrimarySettings)}
 
 
 @pytest.fixture
@@ -82,10 +87,14 @@ def primary_factory(tmp_path: Path) -> Iterator[Callable[..., PrimaryReplica]]:
     serial = iter(range(1000))
 
     def make(size: int, uri: str | None, **kwargs: Any) -> PrimaryReplica:
+        """A PrimaryReplica with a node's defaults (the key table's), but for the settings
+        given (``timeout=2.0``); other keyword arguments go to PrimaryReplica itself."""
         n = next(serial)
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in SETTINGS}
+        settings = replace(primary_settings(), **given)
         disk = RawImage.create(tmp_path / f"primary{n}.img", size)
         try:
-            rep = PrimaryReplica(f"disk{n}", disk, uri, **kwargs)
+            rep = PrimaryReplica(f"disk{n}", disk, uri, settings, **kwargs)
         except BaseException:
             disk.close()
             raise

@@ -25,6 +25,7 @@ from repdisk.cli.main import PLUGIN
 from repdisk.errors import RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.replication.secondary import SecondaryReplica
+from repdisk.units import parse_size
 from tests.helpers.cli import SIZE, Pair, start_cli_pair
 from tests.helpers.commands import REPDISK, qemu, run
 from tests.helpers.nodes import MiB, Nodes, make_disk, read_file
@@ -39,6 +40,9 @@ class Mistake:
     message: str                      # a regex for the text after "nbdkit: repdisk: error: "
     cli: bool = True                  # expressible with `repdisk primary|secondary`
     setup: Callable[[str, Nodes], None] | None = None
+
+#: The cluster size a node gives its overlays (the key table's default).
+NODE_CLUSTER = parse_size("cluster-size", cfgmod.default("cluster-size"))
 
 
 def sec_keys(*extra: tuple[str, str], disk: str = "d.img") -> list[tuple[str, str]]:
@@ -55,14 +59,14 @@ def overlays_for_a_bigger_disk(folder: str, nodes: Nodes) -> None:
     """d.img's overlays were made when d.img was twice as long."""
     path = os.path.join(folder, "d.img")
     os.truncate(path, 2 * SIZE)
-    SecondaryReplica.open("d", path).close()
+    SecondaryReplica.open("d", path, cluster_size=NODE_CLUSTER).close()
     os.truncate(path, SIZE)
 
 
 def stale_bitmap(folder: str, nodes: Nodes) -> None:
     """d.img's hidden overlay lost its data file; its bitmap is still there."""
     path = os.path.join(folder, "d.img")
-    SecondaryReplica.open("d", path).close()
+    SecondaryReplica.open("d", path, cluster_size=NODE_CLUSTER).close()
     os.unlink(path + ".hidden")
 
 

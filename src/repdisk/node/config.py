@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from repdisk.errors import ConfigError
-from repdisk.replication.resyncrate import ResyncRate
+from repdisk.replication.primary import PrimarySettings
 from repdisk.replication.resyncrate import parse as parse_rate
 from repdisk.sockaccess import SocketAccess, check_control_mode, parse_access
 from repdisk.tls import (
@@ -222,11 +222,7 @@ class NodeConfig:
     insecure: bool
     secondary: str | None = field(init=False)       # primary only: the replica URI
     secondary_tls: TLSSpec | None = field(init=False)
-    write_mode: str = field(init=False)
-    timeout: float = field(init=False)
-    window: int = field(init=False)
-    max_lag: int = field(init=False)
-    resync_rate: ResyncRate = field(init=False)
+    primary: PrimarySettings = field(init=False)    # what its primary disks are built with
     on_isolation: str = field(init=False)
     isolation_timeout: float = field(init=False)
     active: str | None = field(init=False)          # given for a single disk, else None
@@ -315,15 +311,7 @@ class NodeConfig:
         self._secondary_tls(_value(values, "secondary-tls"))
 
     def _primary_keys(self, values: dict[str, list[str]]) -> None:
-        self.write_mode = _value(values, "write-mode")
-        if self.write_mode not in ("sync", "async"):
-            raise ConfigError("write-mode", f"unknown mode {self.write_mode!r}: use sync or async")
-        self.timeout = parse_duration("timeout", _value(values, "timeout"))
-        self.window = parse_uint("window", _value(values, "window"))
-        self.max_lag = parse_size("max-lag", _value(values, "max-lag"))
-        if self.max_lag < 1 << 20:
-            raise ConfigError("max-lag", f"{self.max_lag} bytes is too small: use at least 1M")
-        self.resync_rate = parse_rate("resync-rate", _value(values, "resync-rate"))
+        self.primary = _primary_settings(values)
         self.on_isolation = _value(values, "on-isolation")
         if self.on_isolation not in ISOLATION_POLICIES:
             raise ConfigError("on-isolation", f"unknown policy {self.on_isolation!r}: use "
@@ -373,6 +361,27 @@ def _check_replica_export(uri: str) -> None:
 def _one(values: dict[str, list[str]], key: str) -> str | None:
     got = values.get(key)
     return got[0] if got else None
+
+
+def primary_settings(**given: str) -> PrimarySettings:
+    """A primary disk's settings from key values (``write_mode="async"``: the key's name
+    with ``_`` for ``-``), each one not given the key table's default: how library users
+    (tests, bench/) build a ``PrimaryReplica`` with the defaults a node has."""
+    return _primary_settings({key.replace("_", "-"): [value] for key, value in given.items()})
+
+
+def _primary_settings(values: dict[str, list[str]]) -> PrimarySettings:
+    write_mode = _value(values, "write-mode")
+    if write_mode not in ("sync", "async"):
+        raise ConfigError("write-mode", f"unknown mode {write_mode!r}: use sync or async")
+    max_lag = parse_size("max-lag", _value(values, "max-lag"))
+    if max_lag < 1 << 20:
+        raise ConfigError("max-lag", f"{max_lag} bytes is too small: use at least 1M")
+    return PrimarySettings(write_mode=write_mode,
+                           timeout=parse_duration("timeout", _value(values, "timeout")),
+                           window=parse_uint("window", _value(values, "window")),
+                           max_lag=max_lag,
+                           resync_rate=parse_rate("resync-rate", _value(values, "resync-rate")))
 
 
 def _value(values: dict[str, list[str]], key: str) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from repdisk.block.dirtymap import DirtyMap
@@ -37,10 +38,8 @@ def new_primary(ctx: NodeContext, name: str, disk: RawImage, secondary_uri: str 
                 write_mode: str, timeout: float, disks: int) -> PrimaryReplica:
     """A PrimaryReplica of one of the node's ``disks`` disks, with the node's settings
     (in a group, a disk's replica export on the secondary is ``replica/NAME``)."""
-    cfg = ctx.cfg
-    return PrimaryReplica(name, disk, secondary_uri, write_mode=write_mode, timeout=timeout,
-                          window=cfg.window, max_lag=cfg.max_lag,
-                          resync_rate=cfg.resync_rate, events=ctx.emit,
+    settings = replace(ctx.cfg.primary, write_mode=write_mode, timeout=timeout)
+    return PrimaryReplica(name, disk, secondary_uri, settings, events=ctx.emit,
                           export_suffix=f"/{name}" if disks > 1 else "")
 
 
@@ -67,7 +66,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         for spec in cfg.disks:
             try:
                 rep = new_primary(ctx, spec.name, RawImage.open(spec.path), cfg.secondary,
-                                  cfg.write_mode, cfg.timeout, len(cfg.disks))
+                                  cfg.primary.write_mode, cfg.primary.timeout, len(cfg.disks))
             except ConfigError:
                 raise
             except (RepdiskError, OSError, ValueError) as err:
@@ -142,7 +141,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         disks, say that the names differ, with both lists (raises ConfigError)."""
         cfg = self.ctx.cfg
         assert cfg.secondary is not None
-        listed = nbdclient.list_exports(cfg.secondary, cfg.timeout)
+        listed = nbdclient.list_exports(cfg.secondary, cfg.primary.timeout)
         if not listed:
             return
         theirs = sorted({n.partition("/")[2] for n in listed if n.startswith("replica/")})
@@ -341,10 +340,10 @@ class PrimaryRole(Role[PrimaryReplica]):
                     f"{'degraded' if rep.degraded else rep.stage.value}, so the secondary may "
                     "lack acknowledged writes; resync first, or stop this node and fail over")
         why = "this node was demoted: it is a secondary now; write to the new primary"
-        if not ctx.admission.refuse(why, ctx.cfg.timeout):
+        if not ctx.admission.refuse(why, ctx.cfg.primary.timeout):
             ctx.admission.admit()
             raise ReplicationError(f"cannot demote: guest writes under way did not finish "
-                                   f"within {ctx.cfg.timeout:g}s; nothing changed")
+                                   f"within {ctx.cfg.primary.timeout:g}s; nothing changed")
         try:
             for rep in primaries:
                 rep.checkpoint()   # the final barrier; its hold keeps the link quiet

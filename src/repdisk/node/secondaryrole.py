@@ -180,10 +180,11 @@ class SecondaryRole(Role[SecondaryReplica]):
     def _probe(self, secondary_uri: str, timeout: float) -> None:
         """Before a promotion changes anything: each disk's replica export at
         ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up)."""
+        write_mode = self.ctx.cfg.primary.write_mode
         for name, rep in self.replicas.items():
             try:
-                new_primary(self.ctx, name, rep.disk, secondary_uri, self.ctx.cfg.write_mode,
-                            timeout, len(self.replicas)).probe()
+                new_primary(self.ctx, name, rep.disk, secondary_uri, write_mode, timeout,
+                            len(self.replicas)).probe()
             except RepdiskError as err:
                 raise ConfigError("secondary", f"cannot promote: {err}; start the new "
                                                "secondary first, or fix the URI") from err

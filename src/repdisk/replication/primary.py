@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from repdisk.block.device import BlockDevice
@@ -48,12 +49,12 @@ from repdisk.replication.framework import (
 from repdisk.replication.link import Link
 from repdisk.replication.resyncrate import ResyncRate
 from repdisk.replication.stage import EventSink, Stage, StageMachine, no_events
-from repdisk.replication.writeback import DEFAULT_MAX_LAG, WriteBack
+from repdisk.replication.writeback import WriteBack
 from repdisk.replication.writepath import WriteMode, WritePath, WriteThrough
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrimaryReplica", "WRITE_MODES", "RESYNC_CHUNK"]
+__all__ = ["PrimaryReplica", "PrimarySettings", "WRITE_MODES", "RESYNC_CHUNK"]
 
 WRITE_MODES = tuple(m.value for m in WriteMode)
 #: resync (and the async write-back) copies a dirty run in pieces of at most this many bytes.
@@ -62,18 +63,33 @@ RESYNC_CHUNK = 4 << 20
 #: than was written (the secondary's lag at the end of a random-write job grows with it:
 #: bench/README.md).
 ASYNC_GRANULARITY = 4096
-#: resync-rate's default: auto (resyncrate.py).
-AUTO_RATE = ResyncRate(None, True)
+@dataclass(frozen=True)
+class PrimarySettings:
+    """What a primary disk is built with, each one required: their defaults live in the
+    node's key table alone (``repdisk.node.config.primary_settings`` reads them, for the
+    node and for library users such as tests and bench/).
+
+    ``write_mode``: "sync" or "async"; ``timeout``: seconds the secondary may take;
+    ``window``: most requests in flight to it; ``max_lag``: async, most bytes unsent;
+    ``resync_rate``: how fast a resync copies.
+    """
+
+    write_mode: str
+    timeout: float
+    window: int
+    max_lag: int
+    resync_rate: ResyncRate
 
 
 class PrimaryReplica:
     """One primary disk: every primary transition; the guest's I/O is ``view``'s."""
 
-    def __init__(self, name: str, disk: RawImage, secondary_uri: str | None, *,
-                 write_mode: str = "sync", timeout: float = 5.0, window: int = 64,
-                 granularity: int | None = None, max_lag: int = DEFAULT_MAX_LAG,
-                 resync_rate: ResyncRate = AUTO_RATE,
+    def __init__(self, name: str, disk: RawImage, secondary_uri: str | None,
+                 settings: PrimarySettings, *, granularity: int | None = None,
                  events: EventSink = no_events, export_suffix: str = "") -> None:
+        write_mode, timeout, window, max_lag, resync_rate = (
+            settings.write_mode, settings.timeout, settings.window, settings.max_lag,
+            settings.resync_rate)
         if write_mode not in WRITE_MODES:
             raise ConfigError("write-mode", f"unknown write mode {write_mode!r}; "
                                             f"use {' or '.join(WRITE_MODES)}")

@@ -185,9 +185,10 @@ class SecondaryReplica:
 
     @classmethod
     def open(cls, name: str, disk_path: str, hidden_path: str | None = None,
-             active_path: str | None = None, cluster_size: int = 65536,
+             active_path: str | None = None, *, cluster_size: int,
              events: EventSink = no_events) -> SecondaryReplica:
         """Open the disk and its two overlays (``DISK.hidden``, ``DISK.active`` by default).
+        ``cluster_size`` has no default here: the node's is its key table's ``cluster-size``.
 
         Missing overlays are created empty; present ones are validated against the
         disk's length and ``cluster_size`` by ``Overlay.open``.
@@ -202,7 +203,7 @@ class SecondaryReplica:
 
     @classmethod
     def over(cls, name: str, disk: RawImage, hidden_path: str, active_path: str,
-             cluster_size: int = 65536, events: EventSink = no_events) -> SecondaryReplica:
+             cluster_size: int, events: EventSink = no_events) -> SecondaryReplica:
         """A secondary over a disk that is already open (a demoted primary's); the overlays
         are opened or created as :meth:`open` does.  The disk stays the caller's on failure."""
         hidden = _open_overlay(hidden_path, disk, cluster_size)

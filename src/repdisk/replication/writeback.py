@@ -38,12 +38,10 @@ from repdisk.replication.link import Link
 from repdisk.replication.stage import StageMachine
 from repdisk.replication.writepath import Buffer, Route, WriteMode, WritePath
 
-__all__ = ["WriteBack", "CATCH_UP", "DEFAULT_MAX_LAG", "CACHED_BLOCKS"]
+__all__ = ["WriteBack", "CATCH_UP", "CACHED_BLOCKS"]
 
 #: A checkpoint first waits (writes flowing) until at most this much is unsent.
 CATCH_UP = 4 << 20
-#: Most bytes acknowledged to the guest but not yet sent (writers wait beyond it).
-DEFAULT_MAX_LAG = 256 << 20
 #: Most 4 KiB blocks kept in memory for the forwarder (16 MiB; blockcache.py; the
 #: measurements are in bench/README.md).
 CACHED_BLOCKS = 4096
