@@ -77,3 +77,18 @@ def test_stage_has_one_writer() -> None:
     writers = {(path, name) for path, name, _line in found}
     assert writers == {("src/repdisk/replication/stage.py", "__init__"),
                        ("src/repdisk/replication/stage.py", "set_stage")}, found
+
+
+def test_no_import_inside_a_function() -> None:
+    """Imports are at the top of a module (a try for an optional package included): an
+    import inside a function would hide a cycle from import-linter's contracts."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.py"), recursive=True)
+                       + [os.path.join(ROOT, "nbdplugin", "repdisk.py")]):
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                found += [f"{os.path.relpath(path, ROOT)}:{node.lineno}" for node in ast.walk(func)
+                          if isinstance(node, ast.Import | ast.ImportFrom)]
+    assert not found, "move these imports to the top of their module:\n" + "\n".join(found)
