@@ -279,7 +279,7 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     bad = cli_pair.repdisk("ctl", sec, "no-such-command", ok=False)
     assert (bad.returncode, bad.stdout) == (1, "")
     assert bad.stderr == ("repdisk: CommandNotFound: The command no-such-command has not been "
-                          "found\n")
+                          f"found: repdisk ctl {sec} query-commands lists them\n")
     bad = cli_pair.repdisk("ctl", sec, "replication-stop", "failover=maybe", ok=False)
     assert bad.returncode == 1
     assert bad.stderr == "repdisk: GenericError: Parameter 'failover' expects boolean\n"

@@ -302,6 +302,23 @@ def test_ctl_takes_sizes_with_units_and_shows_human_units(cli_pair: Pair) -> Non
 
 # -- the controller's lines ---------------------------------------------------------------------
 
+def test_an_unknown_command_names_the_closest_one(cli_pair: Pair) -> None:
+    """A mistyped ``repdisk ctl`` command: one line, the closest command the node knows (an
+    alias of repdisk ctl included), and where the list is; nothing is run."""
+    pri, sec = start_cli_pair(cli_pair)
+    for typed, hint in (("replication-do-checkpont", "did you mean replication-do-checkpoint? "),
+                        ("chekpoint", "did you mean checkpoint? "), ("quit", "")):
+        bad = cli_pair.repdisk("ctl", sec, typed, ok=False)
+        no_traceback(bad)
+        assert (bad.returncode, bad.stdout) == (1, "")
+        assert one_line(bad.stderr) == (
+            f"repdisk: CommandNotFound: The command {typed} has not been found: {hint}"
+            + (f"(repdisk ctl {sec} query-commands lists them)" if hint else
+               f"repdisk ctl {sec} query-commands lists them"))
+    status = json.loads(cli_pair.repdisk("ctl", sec, "status", "--json").stdout)
+    assert status["disks"][0]["stage"] == "none"       # nothing was started or checkpointed
+
+
 def test_controller_lines_name_each_socket_and_role() -> None:
     """query-controller as it is today (nodes by role, ``control``/``reachable``) and with the
     controller's state machine (``operation``, nodes with ``socket``/``role``/``ok``)."""

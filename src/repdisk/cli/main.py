@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import sys
@@ -115,14 +116,32 @@ def _ctl(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
         command_args[key] = parse_value(value)
-    result = execute(args.socket, args.command, command_args,
-                               progress=sys.stderr.isatty(), tls=args.tls,
-                               insecure=args.insecure)
+    try:
+        result = execute(args.socket, args.command, command_args,
+                         progress=sys.stderr.isatty(), tls=args.tls, insecure=args.insecure)
+    except ControlError as err:
+        if err.error_class != "CommandNotFound":
+            raise
+        raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(render(result))
     return 0
+
+
+def _known_commands(args: argparse.Namespace) -> str:
+    """What to type instead of a command the node or controller does not know: the closest
+    of the commands it lists (and of ``repdisk ctl``'s aliases), else where the list is."""
+    listing = f"repdisk ctl {args.socket} query-commands lists them"
+    try:
+        known = [c["name"] for c in execute(args.socket, "query-commands", tls=args.tls,
+                                            insecure=args.insecure, timeout=10.0)]
+    except RepdiskError:
+        return listing
+    aliases = [alias for alias, (name, _args) in ALIASES.items() if name in known]
+    close = difflib.get_close_matches(args.command, known + aliases, n=1, cutoff=0.8)
+    return f"did you mean {close[0]}? ({listing})" if close else listing
 
 
 def render(value: Any, indent: str = "", key: str = "") -> str:
