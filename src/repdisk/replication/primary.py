@@ -63,6 +63,8 @@ RESYNC_CHUNK = 4 << 20
 #: than was written (the secondary's lag at the end of a random-write job grows with it:
 #: bench/README.md).
 ASYNC_GRANULARITY = 4096
+
+
 @dataclass(frozen=True)
 class PrimarySettings:
     """What a primary disk is built with, each one required: their defaults live in the
