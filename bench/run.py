@@ -396,18 +396,24 @@ def _ctl(repdisk: str, control: Path, *command: str) -> None:
 
 
 def start_repdisk_pair(workdir: Path, mode: str, threads: int | None = None,
-                       secondary_threads: int | None = None,
+                       secondary_threads: int | None = None, cluster_size: str | None = None,
                        repdisk_path: Path = REPDISK) -> tuple[str, Cleanup]:
     """A repdisk secondary on SECONDARY_IMG and a primary on PRIMARY_IMG replicating to it with
     `--write-mode mode` (sync|async), both started replicating, with `--threads` if given
-    (`threads` on the primary, `secondary_threads` on the secondary), both run by the
-    `repdisk_path` command. Returns the primary's URI."""
+    (`threads` on the primary, `secondary_threads` on the secondary) and the secondary's
+    `--cluster-size` if given, both run by the `repdisk_path` command. Returns the primary's
+    URI."""
     repdisk = _require_repdisk_nodes(repdisk_path)
     s1, c1 = _socket_path(workdir, "rd-sec"), _socket_path(workdir, "rd-sec-ctl")
     s2, c2 = _socket_path(workdir, "rd-pri"), _socket_path(workdir, "rd-pri-ctl")
     secondary = [repdisk, "secondary", "--disk", str(workdir / SECONDARY_IMG),
                  "--nbd-socket", str(s1), "--control", str(c1),
-                 *(["--threads", str(secondary_threads)] if secondary_threads else [])]
+                 *(["--threads", str(secondary_threads)] if secondary_threads else []),
+                 # overlays of their own: those of the default size stay valid beside them
+                 *(["--cluster-size", cluster_size,
+                    "--hidden", str(workdir / f"{SECONDARY_IMG}.hidden-{cluster_size}"),
+                    "--active", str(workdir / f"{SECONDARY_IMG}.active-{cluster_size}")]
+                   if cluster_size else [])]
     primary = [repdisk, "primary", "--disk", str(workdir / PRIMARY_IMG),
                "--secondary", _unix_uri(s1, "replica"), "--nbd-socket", str(s2),
                "--control", str(c2), "--write-mode", mode,
@@ -493,6 +499,15 @@ def _pair(mode: str, threads: int | None, secondary_threads: int | None = None) 
                   repdisk_checkpoint, repdisk_catch_up if mode == "async" else None)
 
 
+def _clustered(mode: str, cluster_size: str) -> System:
+    """repdisk-MODE with the secondary's overlays at ``cluster_size`` (named
+    repdisk-MODE-cSIZE): for cluster-size experiments."""
+    return System(f"repdisk-{mode}-c{cluster_size}",
+                  f"repdisk-{mode} with the secondary's overlay clusters of {cluster_size}",
+                  functools.partial(start_repdisk_pair, mode=mode, cluster_size=cluster_size),
+                  True, repdisk_checkpoint, repdisk_catch_up if mode == "async" else None)
+
+
 SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("qemu-colo", "qemu-storage-daemon quorum(file, nbd->secondary qemu-storage-daemon "
            "raw(copy-before-write(file, target=hidden qcow2 backed by it))), checkpointed "
@@ -511,6 +526,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     *(_pair("sync", t, s) for t in (4, 16, 64) for s in (None, 4, 16) if t != 4 or s),
     *(_pair("async", None, s) for s in (1, 4, 16)),
     *(_pair("async", t) for t in (4, 16)),
+    *(_clustered(mode, c) for mode in ("sync", "async") for c in ("4K", "16K")),
 ]}
 # What a run measures unless --systems says otherwise (the rest are for experiments).
 DEFAULT_SYSTEMS = ["qemu-colo", "qemu-quorum", "file", "passthrough", "repdisk-sync",
