@@ -107,8 +107,6 @@ def write_full(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-# What copy_file_range says when it cannot copy between these two files at all: not
-
 def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """Yield ``(offset, end, is_data)`` runs of ``[start, end)`` found with SEEK_DATA/SEEK_HOLE.
 
