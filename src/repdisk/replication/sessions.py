@@ -15,6 +15,13 @@ Admission waits for the writes of older sessions that are already under way
 (the fence's writing lock, exclusive), so no write of an old session is half done
 when a newer one starts.  A plain ``replica`` connection (no tag) is an
 operator's tool and is not fenced.
+
+A superseded session's refusals leave one at a time, REFUSAL_GAP apart.  Its
+connection is one the primary gave up on, so it usually delivers a burst of queued
+requests and is gone: nbdkit 1.32.4 to 1.33.9 (Debian 12 ships 1.32.5) aborts the
+whole node when two replies race on a connection whose client has closed (upstream
+Red Hat bug 2173054, fixed in 1.33.10).  Spaced out, the first reply's failure marks
+the connection dead before the next refusal returns, and nbdkit then sends nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import errno
 import re
 import threading
+import time
 from typing import Any
 
 from repdisk.block.device import BlockDevice
@@ -51,6 +59,11 @@ def split_tag(export: str) -> tuple[str, Token | None]:
 SEAL_SUFFIX = "+seal"
 
 
+#: Seconds between two refusals of superseded sessions (see the module docstring): far
+#: longer than nbdkit takes to send one reply, and nothing waits on a dead connection.
+REFUSAL_GAP = 0.02
+
+
 def make_tag(epoch: int, generation: int) -> str:
     return f"@{epoch}.{generation}"
 
@@ -66,6 +79,8 @@ class SessionFence:
         # Guards _current (read with _writing shared, written with it exclusive).
         self._mutex = threading.Lock()
         self._current: Token = (-1, -1)
+        # Held while a superseded session's request is refused: one refusal at a time.
+        self._refusing = threading.Lock()
 
     def admit(self, token: Token, node_epoch: int) -> None:
         if token[0] < node_epoch:
@@ -85,13 +100,16 @@ class SessionFence:
         generator context manager (several Python calls per request)."""
         entry = self._writing.acquire(0, 1, False)
         try:
-            if token != self._current:
-                raise BlockIOError(errno.EPERM, f"{self.name}: write of a superseded primary "
-                                                f"session {token} refused (current "
-                                                f"{self._current})")
-            fn(*args)
+            current = self._current
+            if token == current:
+                fn(*args)
+                return
         finally:
             self._writing.release(entry)
+        with self._refusing:        # not holding _writing: admissions do not wait for this
+            time.sleep(REFUSAL_GAP)
+            raise BlockIOError(errno.EPERM, f"{self.name}: write of a superseded primary "
+                                            f"session {token} refused (current {current})")
 
 
 class SessionView:
