@@ -100,16 +100,16 @@ def test_requests_other_than_records_stay_inside_the_disk(view: BatchView) -> No
             call()
 
 
-def test_a_checked_record_is_prefetched_before_its_first_piece_is_written(
-        tmp_path: Path) -> None:
-    """The prefetch hint gets every piece of a record before any is written, and none of a
-    record that is refused."""
-    seen: list[tuple[list[tuple[int, int]], bytes]] = []
+def test_a_checked_record_is_handed_whole_to_write_pieces(tmp_path: Path) -> None:
+    """write_pieces gets every piece of a checked record, in order, with the request's
+    FUA, and nothing of a record that is refused."""
+    seen: list[tuple[list[tuple[int, bytes]], bool]] = []
     with RawImage.create(tmp_path / "disk.img", SIZE) as img:
-        view = BatchView(img, lambda ranges: seen.append((list(ranges), read(view, 0, 8192))))
-        view.pwrite(encode([(4096, b"x" * 4096), (0, b"y" * 10)]), SIZE)
-        assert seen == [([(4096, 4096), (0, 10)], bytes(8192))]
-        assert read(view, 0, 8192) == b"y" * 10 + bytes(4086) + b"x" * 4096
+        view = BatchView(img, lambda pieces, fua: seen.append(
+            ([(o, bytes(b)) for o, b in pieces], fua)))
+        view.pwrite(encode([(4096, b"x" * 4096), (0, b"y" * 10)]), SIZE, fua=True)
+        assert seen == [([(4096, b"x" * 4096), (0, b"y" * 10)], True)]
+        assert read(view, 0, 8192) == bytes(8192)  # written by write_pieces alone
         with pytest.raises(BlockIOError):
             view.pwrite(encode([(0, b"z"), (SIZE, b"past the disk")]), SIZE)
         assert len(seen) == 1

@@ -141,6 +141,45 @@ def _resident_clusters(path: str, size: int, cluster_size: int) -> list[int]:
     return sorted({i * page // cluster_size for i, b in enumerate(vec.raw) if b & 1})
 
 
+def test_a_record_written_whole_equals_its_pieces_written_one_by_one(tmp_path: Path) -> None:
+    """write_record gives the disk, the hidden overlay and the counters exactly what
+    replica_view.pwrite of each piece in turn gives: pieces that overlap (the later wins),
+    two in one cluster (hidden keeps the checkpoint's bytes, not the first piece's), one
+    across two clusters, one in a cluster hidden already holds, one in the short last
+    cluster; and it is refused, changing nothing, outside RUNNING."""
+    cs, size = 4 * KiB, 40 * KiB + 100
+    pieces = [(5 * KiB, b"a" * 3000), (6 * KiB, b"b" * 10), (cs - 5, b"c" * 10),
+              (20 * KiB + 7, b"d" * 50), (20 * KiB + 3000, b"e" * 600), (size - 60, b"f" * 60),
+              (12 * KiB, b"g" * 4)]
+    whole = make_replica(tmp_path, size, cs, fill=pattern(size), name="whole")
+    one_by_one = make_replica(tmp_path, size, cs, fill=pattern(size), name="one")
+    try:
+        with pytest.raises(BlockIOError) as info:
+            whole.write_record([(0, b"x")])
+        assert info.value.errno == NOT_STARTED
+        for rep in (whole, one_by_one):
+            rep.start(SECONDARY)
+            rep.checkpoint()
+            rep.replica_view.pwrite(b"h" * 100, 12 * KiB + 10)  # cluster 3 is in hidden now
+        whole.write_record([(o, memoryview(b)) for o, b in pieces])
+        for offset, buf in pieces:
+            one_by_one.replica_view.pwrite(buf, offset)
+        assert read(whole.disk) == read(one_by_one.disk) != pattern(size)
+        assert whole.hidden_overlay.allocated_clusters() == \
+            one_by_one.hidden_overlay.allocated_clusters() == [0, 1, 3, 5, 10]
+        assert read(whole.hidden_overlay) == read(one_by_one.hidden_overlay)
+        assert read(whole.hidden_overlay, 5 * KiB, 10) == pattern(size)[5 * KiB:5 * KiB + 10]
+        assert whole.query()["counters"] == one_by_one.query()["counters"]
+        whole.stop(failover=True)
+        before = read(whole.disk)
+        with pytest.raises(BlockIOError) as info:
+            whole.write_record([(0, b"x")])
+        assert info.value.errno == errno.EROFS and read(whole.disk) == before
+    finally:
+        whole.close()
+        one_by_one.close()
+
+
 def test_prefetch_starts_reading_exactly_the_clusters_to_copy(tmp_path: Path) -> None:
     """prefetch() reads into the page cache the disk clusters the given writes will copy
     before writing (not those already in hidden), changes nothing, and does nothing
@@ -157,13 +196,13 @@ def test_prefetch_starts_reading_exactly_the_clusters_to_copy(tmp_path: Path) ->
 
         wanted = [(cs + 5, 10), (2 * cs, 100), (5 * cs - 1, 2), (9 * cs, cs)]
         evict()
-        sec.prefetch(wanted)                     # not started: no hint
+        assert sec.prefetch(wanted) == []        # not started: no hint
         assert _resident_clusters(path, size, cs) == []
         sec.start(SECONDARY)
         sec.checkpoint()
         sec.replica_view.pwrite(b"\xaa", 2 * cs)      # cluster 2 is in hidden now
         evict()
-        sec.prefetch(wanted)
+        assert sec.prefetch(wanted) == [(1, 1), (4, 2), (9, 1)]     # the runs to copy
         deadline = time.monotonic() + 10
         while _resident_clusters(path, size, cs) != [1, 4, 5, 9]:
             assert time.monotonic() < deadline, _resident_clusters(path, size, cs)
@@ -212,7 +251,7 @@ def test_image_error_during_replica_write_is_recorded(sec: SecondaryReplica) -> 
     with pytest.raises(BlockIOError) as exc:
         sec.replica_view.pwrite(b"x", 0)
     assert exc.value.errno == errno.EIO
-    assert "disk0: replica pwrite at 0 failed" in str(exc.value)
+    assert "disk0: replica pwrite of 1 bytes at 0 failed" in str(exc.value)
     with pytest.raises(ReplicationError, match="replica pwrite of 1 bytes at 0 failed.*read-only"):
         sec.get_error()
     assert sec.query()["error"] == sec.error
@@ -220,6 +259,19 @@ def test_image_error_during_replica_write_is_recorded(sec: SecondaryReplica) -> 
     sec.checkpoint()
     with pytest.raises(ReplicationError):
         sec.get_error()                                # an error stays until start/failover
+
+
+def test_image_error_during_a_record_is_recorded(sec: SecondaryReplica) -> None:
+    """The same for a batch record written whole: EIO naming the record, the error kept."""
+    sec.start(SECONDARY)
+    sec.disk.readonly = True
+    with pytest.raises(BlockIOError) as exc:
+        sec.write_record([(4096, b"x"), (0, b"y")])
+    assert exc.value.errno == errno.EIO
+    assert "disk0: replica record of 2 pieces at 4096 failed" in str(exc.value)
+    with pytest.raises(ReplicationError, match="replica record of 2 pieces at 4096 failed.*"
+                                               "read-only"):
+        sec.get_error()
 
 
 def test_flush_follows_the_gate(sec: SecondaryReplica) -> None:

@@ -87,7 +87,7 @@ class SecondaryRole(Role[SecondaryReplica]):
                 twins: tuple[tuple[str, BlockDevice], ...] = (
                     (replica, rep.replica_view),
                     (replica + batch.EXPORT_SUFFIX,
-                     batch.BatchView(rep.replica_view, rep.prefetch)),
+                     batch.BatchView(rep.replica_view, rep.write_record)),
                     (replica + sessions.SEAL_SUFFIX, rep.replica_view))
                 for export, dev in twins:
                     exports[export] = dev

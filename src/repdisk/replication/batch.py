@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from repdisk.block.device import BlockDevice, Buffer, Extent
 from repdisk.errors import BlockIOError, check_range
@@ -112,16 +112,16 @@ class BatchView:
 
     Wrapped by the session view like ``inner`` would be, so a record is one write of its
     session: a newer session is admitted before or after it, never in the middle.
-    ``prefetch``, if given, is told a checked record's (offset, length) pieces before
-    they are written (``SecondaryReplica.prefetch``: their copy-before-write reads start
-    together).
+    ``write_pieces``, if given, writes a checked record's pieces (``(offset, bytes)``, in
+    order, and the request's FUA) as ``inner.pwrite`` of each in turn would
+    (``SecondaryReplica.write_record``: one lock and one copy-before-write pass per record).
     """
 
     def __init__(self, inner: BlockDevice,
-                 prefetch: Callable[[Iterable[tuple[int, int]]], None] | None = None
-                 ) -> None:
+                 write_pieces: Callable[[list[tuple[int, memoryview]], bool], None] | None
+                 = None) -> None:
         self._inner = inner
-        self._prefetch = prefetch
+        self._write_pieces = write_pieces
         self._disk_size = inner.size
         self.size = inner.size + MAILBOX
 
@@ -140,8 +140,9 @@ class BatchView:
         pieces = decode(memoryview(buf).cast("B"))
         for piece_offset, data in pieces:  # all checked first: a bad record changes nothing
             self._in_disk(piece_offset, data.nbytes, True)
-        if self._prefetch is not None and len(pieces) > 1:
-            self._prefetch((piece_offset, data.nbytes) for piece_offset, data in pieces)
+        if self._write_pieces is not None:
+            self._write_pieces(pieces, fua)
+            return
         for piece_offset, data in pieces:
             self._inner.pwrite(data, piece_offset, fua)
 

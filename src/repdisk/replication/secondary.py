@@ -25,7 +25,8 @@ Locking (``SecondaryReplica._ranges``, a FairRangeLock over cluster-rounded byte
 of the disk):
 
 * replica writes, zeroes and trims: exclusive over copy-before-write + disk write,
-  so nobody reads a cluster whose old contents are not yet in ``hidden``;
+  so nobody reads a cluster whose old contents are not yet in ``hidden``; a batch
+  record (``write_record``): exclusive over the span of its pieces;
 * replica and active reads: shared;
 * active writes: exclusive (a partial cluster is read-modify-written from hidden/disk);
 * checkpoint and the failover commit: exclusive over the whole disk.
@@ -44,7 +45,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from repdisk.block.device import BlockDevice, Buffer, Extent
@@ -421,26 +422,55 @@ class SecondaryReplica:
 
     # -- I/O -------------------------------------------------------------------------
 
-    def prefetch(self, ranges: Iterable[tuple[int, int]]) -> None:
-        """A hint that replica writes of these (offset, length) ranges come next: start
-        reading from the disk, all at once, the clusters their copy-before-write will copy
-        (``posix_fadvise(WILLNEED)``, which queues the reads and returns), so that the
-        copies of a batch record's pieces, run one after another, overlap their reads on
-        a cold cache instead of each waiting for its own.  Changes nothing and refuses
-        nothing: the writes themselves take the gate and the locks.
+    def prefetch(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Start reading from the disk, all at once, the clusters that replica writes of
+        these (offset, length) ranges will copy before writing (those hidden lacks;
+        ``posix_fadvise(WILLNEED)``, which queues the reads and returns), so that copies
+        run one after another overlap their reads on a cold cache instead of each waiting
+        for its own.  Returns those clusters as ascending (first, count) runs; none before
+        start.  Changes nothing and refuses nothing: the writes take the gate and the
+        locks.  A single run gets no hint: its copy reads it at once anyway.
         """
         if self.stage is not Stage.RUNNING:
-            return
+            return []
         cs, allocated = self.cluster_size, self.hidden_overlay.is_allocated
-        clusters = sorted({c for offset, length in ranges
-                           for c in range(offset // cs, -(-(offset + length) // cs))
-                           if not allocated(c)})
+        runs = list(coalesce(sorted({c for offset, length in ranges
+                                     for c in range(offset // cs, -(-(offset + length) // cs))
+                                     if not allocated(c)})))
         try:
-            for first, count in coalesce(clusters):
+            for first, count in runs if len(runs) > 1 else ():
                 os.posix_fadvise(self.disk.fd, first * cs, count * cs, os.POSIX_FADV_WILLNEED)
         except OSError as err:  # a hint: the copy reads what it needs anyway
             log.debug("%s: prefetch not given: %s", self.name, err)
+        return runs
 
+    def write_record(self, pieces: Sequence[tuple[int, Buffer]], fua: bool = False) -> None:
+        """Write a batch record's pieces, ``(offset, bytes)`` already checked against the
+        disk, through the replica view as one request.
+
+        The result is that of ``replica_view.pwrite`` of each piece in turn, for less work
+        per piece: one gate and one range lock over the pieces' span, then one
+        copy-before-write pass over every cluster they touch that hidden lacks (their
+        reads started together by ``prefetch``), then the pieces in order.  Copying
+        before any piece is written is what each piece's own copy would have seen: a
+        cluster not in hidden holds on the disk what it held at the last checkpoint.
+        """
+        lo = min(offset for offset, _ in pieces)
+        start, end = self._round(lo, max(offset + len(buf) for offset, buf in pieces) - lo)
+        cs, hidden, disk = self.cluster_size, self.hidden_overlay, self.disk
+        with self._ranges.exclusive(start, end):
+            gate(self.name, View.REPLICA, Op.WRITE, self.sm.stage)  # raises when refused
+            try:
+                copied = 0
+                for first, count in self.prefetch((o, len(b)) for o, b in pieces):
+                    at = first * cs
+                    copied += hidden.copy_from_backing(at, min(count * cs, self.size - at))
+                for offset, buf in pieces:
+                    disk.pwrite(buf, offset, fua)
+            except OSError as err:  # BlockIOError included: the images name the file and call
+                raise self._write_failed(View.REPLICA, f"record of {len(pieces)} pieces at "
+                                                       f"{pieces[0][0]}", err) from err
+        self._count_replica_writes(len(pieces), sum(len(buf) for _, buf in pieces), copied)
 
     def _io(self, view: View, op: Op, call: str, offset: int, length: int,
             buf: Buffer | None = None, fua: bool = False) -> list[Extent] | None:
@@ -472,7 +502,7 @@ class SecondaryReplica:
             if route is Route.COPY_BEFORE_WRITE:
                 copied = self.hidden_overlay.copy_from_backing(offset, length)
                 _apply(self.disk, call, offset, length, buf, fua)
-                self._count_replica_write(length, copied)
+                self._count_replica_writes(1, length, copied)
                 return
             if route is Route.SPLIT:
                 self._split_write(call, offset, length, buf, fua)
@@ -481,11 +511,14 @@ class SecondaryReplica:
                        call, offset, length, buf, fua)
             self._count(active_writes=1)
         except OSError as err:  # BlockIOError included: the images name the file and call
-            if view is View.REPLICA:  # a lost primary write breaks replication; a VM's does not
-                self.sm.record_error(f"{view.value} {call} of {length} bytes at {offset} "
-                                     f"failed: {err}")
-            raise BlockIOError(errno.EIO, f"{self.name}: {view.value} {call} at {offset} "
-                                          f"failed: {err}") from err
+            raise self._write_failed(view, f"{call} of {length} bytes at {offset}", err) from err
+
+    def _write_failed(self, view: View, what: str, err: OSError) -> BlockIOError:
+        """The EIO a failed write of ``view`` answers; a lost primary write (the replica
+        view) breaks replication and is recorded, a VM's does not."""
+        if view is View.REPLICA:
+            self.sm.record_error(f"{view.value} {what} failed: {err}")
+        return BlockIOError(errno.EIO, f"{self.name}: {view.value} {what} failed: {err}")
 
     def _split_write(self, call: str, offset: int, length: int,
                      buf: Buffer | None, fua: bool) -> None:
@@ -522,12 +555,12 @@ class SecondaryReplica:
         cs = self.cluster_size
         return offset // cs * cs, min(self.size, -(-(offset + length) // cs) * cs)
 
-    def _count_replica_write(self, length: int, copied: int) -> None:
+    def _count_replica_writes(self, writes: int, nbytes: int, copied: int) -> None:
         """The per-request counters of the replica view (no keyword dict on the hot path)."""
         counters = self._counters
         with self._counters_lock:
-            counters["replica_writes"] += 1
-            counters["replica_bytes"] += length
+            counters["replica_writes"] += writes
+            counters["replica_bytes"] += nbytes
             counters["cbw_bytes"] += copied
 
     def _count(self, **deltas: int) -> None:
