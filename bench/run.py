@@ -525,7 +525,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
            repdisk_catch_up),
     *(_pair("sync", t, s) for t in (4, 16, 64) for s in (None, 4, 16) if t != 4 or s),
     *(_pair("async", None, s) for s in (1, 4, 16)),
-    *(_pair("async", t) for t in (4, 16)),
+    *(_pair("async", t) for t in (1, 4, 16)),
+    _pair("async", 1, 1),
     *(_clustered(mode, c) for mode in ("sync", "async") for c in ("4K", "16K")),
 ]}
 # What a run measures unless --systems says otherwise (the rest are for experiments).

@@ -81,14 +81,14 @@ class Listen:
             return False
 
 
-# nbdkit worker threads per connection, by role and write mode: 16 for every node.  A sync
-# primary's write waits for the secondary, so its threads are the guest's queue depth (4
-# capped a QD16 guest at 4 writes in flight); a secondary's copy-before-write reads, and an
-# async primary's reads of a cold disk, overlap instead of queueing behind one thread.
-# With -t 1 a connection's requests run on its own thread (no hand-off, no GIL transfer),
-# which measured best for async writes on a quiet machine in 2026-11 and worse on a loaded
-# one in 2026-12.  History and numbers: bench/README.md.
-_DEFAULT_THREADS = {("primary", "sync"): 16, ("primary", "async"): 16, ("secondary", ""): 16}
+# nbdkit worker threads per connection, by role and write mode.  A sync primary's write
+# waits for the secondary, so its threads are the guest's queue depth (4 capped a QD16 guest
+# at 4 writes in flight); a secondary's copy-before-write reads overlap on 16 instead of
+# queueing behind one thread.  An async primary runs 4: every thread more is one more
+# taker of the GIL that its forwarder needs to send (16 measured 1.6-1.8x slower for 4 KiB
+# writes on a quiet machine), while cold reads still overlap (1 thread: 3.5x slower).
+# History and numbers: bench/README.md.
+_DEFAULT_THREADS = {("primary", "sync"): 16, ("primary", "async"): 4, ("secondary", ""): 16}
 
 
 def default_threads(keys: list[tuple[str, str]]) -> int:
