@@ -286,12 +286,14 @@ class LibvirtGuest(GuestVM):
 
 #: libvirt in a cluster node (tests/helpers/cluster.py): the node's own folders bound over
 #: libvirt's, in the node's mount namespace (/run is already the node's own), then the two daemons.
+#: ``namespaces = []``: QEMU stays in the node's mount namespace, by which a power cut and the
+#: fence agent find the node's processes (libvirt's default gives each QEMU one of its own).
 #: QEMU's capabilities probed by the host's libvirtd, if any, are copied (same binary: still
 #: valid), so the node's libvirtd does not probe again.
 NODE_SETUP = r"""
 f=$1
 mkdir -p $f/etc $f/lib $f/cache/qemu/capabilities $f/log/qemu
-printf 'user = "root"\ngroup = "root"\n' > $f/etc/qemu.conf
+printf 'user = "root"\ngroup = "root"\nnamespaces = []\n' > $f/etc/qemu.conf
 cp /var/cache/libvirt/qemu/capabilities/*.xml $f/cache/qemu/capabilities/ 2>/dev/null || true
 mount --bind $f/etc /etc/libvirt
 mount --bind $f/lib /var/lib/libvirt

@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from repdisk.qmp.client import QMPClient
@@ -40,6 +41,16 @@ def node_disk_xml(address: str) -> str:
             f"  <source protocol='nbd'><host name='{address}' port='{NBD_PORT}'/></source>\n"
             "  <target dev='vda' bus='virtio'/>\n"
             "</disk>")
+
+
+def guest_qemus(address: str) -> list[int]:
+    """PIDs of the QEMU processes whose disk is the NBD export at ``address``."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "qemu-system" in cmdline and f'"host":"{address}"' in cmdline:
+            found.append(proc.info["pid"])
+    return found
 
 
 @pytest.mark.timeout(420)
@@ -92,6 +103,9 @@ def run_case(pair: Pair, guest: Guest) -> None:
         old.wait_for_record(old.last_record() + 1, 30)
         p.power_cut()
         cut = time.monotonic()
+        # A power cut leaves no QEMU behind, as on a real host (and the fence agent finds
+        # the node's processes the same way).
+        assert guest_qemus(p.address) == [], guest_qemus(p.address)
     finally:
         old.close()           # once the console file is read to its end
     at_cut = old.last_record()
