@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO, BlockDevice
 from repdisk.block.overlay import HEADER_SIZE, MAGIC, Overlay, coalesce
-from repdisk.block.rawimage import RawImage, copy_range, punch_hole
+from repdisk.block.rawimage import RawImage, copy_range, data_runs, punch_hole
 from repdisk.errors import BlockIOError
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -280,6 +280,60 @@ def test_raw_extents(tmp_path: Path) -> None:
         assert disk.extents(130 * KiB, 100) == [(130 * KiB, 100, 0)]
         assert disk.extents(100, 128 * KiB) == [(100, 128 * KiB - 100, hole),
                                                 (128 * KiB, 100, 0)]
+
+
+def test_data_runs_by_granule_asks_no_seek_hole(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a granule, data reaches its granule's end and no SEEK_HOLE is made: SEEK_HOLE
+    searches up to the next hole, in a fully written disk its end (O(disk) per call)."""
+    with RawImage.create(tmp_path / "d", MiB) as disk:
+        disk.pwrite(b"\1" * (4 * KiB), 68 * KiB)       # mid-cluster 1
+        disk.pwrite(b"\2" * (128 * KiB), 256 * KiB)    # clusters 4 and 5
+        disk.pwrite(b"\3" * (4 * KiB), 384 * KiB)      # start of cluster 6: joins them
+        exact = [(0, 68 * KiB, False), (68 * KiB, 72 * KiB, True), (72 * KiB, 256 * KiB, False),
+                 (256 * KiB, 388 * KiB, True), (388 * KiB, MiB, False)]
+        assert list(data_runs(disk.fd, 0, MiB)) == exact
+        whence: list[int] = []
+        real_lseek = os.lseek
+
+        def lseek(fd: int, pos: int, how: int) -> int:  # a spy: the real call, counted
+            whence.append(how)
+            return real_lseek(fd, pos, how)
+
+        monkeypatch.setattr(os, "lseek", lseek)
+        assert list(data_runs(disk.fd, 0, MiB, 64 * KiB)) == [
+            (0, 68 * KiB, False), (68 * KiB, 128 * KiB, True), (128 * KiB, 256 * KiB, False),
+            (256 * KiB, 448 * KiB, True), (448 * KiB, MiB, False)]
+        assert whence == [os.SEEK_DATA] * 7   # 3 holes, 4 clusters of data
+        assert list(data_runs(disk.fd, 260 * KiB, 300 * KiB, 64 * KiB)) == [
+            (260 * KiB, 300 * KiB, True)]
+
+
+def test_copy_before_write_of_a_dense_disk_costs_its_clusters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secondary's copy-before-write asks the backing one SEEK_DATA per cluster, never
+    SEEK_HOLE, and still leaves holes holes and keeps every old byte."""
+    size = MiB
+    base = bytearray(randbytes(size, 21))
+    base[512 * KiB:] = bytes(size - 512 * KiB)
+    with RawImage.create(tmp_path / "d", size) as disk, \
+            Overlay.create(tmp_path / "hidden", disk, 64 * KiB) as hidden:
+        disk.pwrite(base[:512 * KiB], 0)               # data, then a hole to the end
+        whence: list[int] = []
+        real_lseek = os.lseek
+
+        def lseek(fd: int, pos: int, how: int) -> int:  # a spy: the real call, counted
+            if fd == disk.fd:
+                whence.append(how)
+            return real_lseek(fd, pos, how)
+
+        monkeypatch.setattr(os, "lseek", lseek)
+        assert hidden.copy_from_backing(448 * KiB, 128 * KiB) == 128 * KiB   # clusters 7, 8
+        assert whence == [os.SEEK_DATA, os.SEEK_DATA]
+        assert os.stat(tmp_path / "hidden").st_blocks * 512 <= 64 * KiB + 8 * KiB  # + bitmap
+        disk.pwrite(b"\x22" * size, 0)
+        assert read_all(hidden)[384 * KiB:640 * KiB] == \
+            b"\x22" * (64 * KiB) + base[448 * KiB:576 * KiB] + b"\x22" * (64 * KiB)
 
 
 def test_punch_hole_function(tmp_path: Path) -> None:

@@ -523,11 +523,13 @@ class Overlay:
 
     def _backing_runs(self, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
         """``(start, end, reads_as_zeros)`` runs of the backing over ``[lo, hi)``.  A raw
-        image is asked with SEEK_DATA/SEEK_HOLE directly: two system calls for a run of
-        data, on every copy-before-write (its extents() costs several times that)."""
+        image is asked with SEEK_DATA directly, one system call per cluster of data or
+        run of holes, on every copy-before-write (its extents() costs several times that,
+        and SEEK_HOLE as much as the disk after ``lo``: data_runs); a cluster's zeros
+        after its data are copied."""
         if isinstance(self.backing, RawImage):
             with os_errors(f"raw image {self.backing.path}: extents at {lo}"):
-                for start, end, data in data_runs(self.backing.fd, lo, hi):
+                for start, end, data in data_runs(self.backing.fd, lo, hi, self.cluster_size):
                     yield start, end, not data
             return
         for offset, length, flags in self.backing.extents(lo, hi - lo):

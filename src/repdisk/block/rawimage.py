@@ -107,13 +107,20 @@ def write_full(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+def data_runs(fd: int, start: int, end: int,
+              granule: int = 0) -> Iterator[tuple[int, int, bool]]:
     """Yield ``(offset, end, is_data)`` runs of ``[start, end)`` found with SEEK_DATA/SEEK_HOLE.
 
     Where the system cannot tell, everything is data (a safe answer: data may be zeros,
     but a hole is promised to be zeros).
+
+    SEEK_HOLE searches up to the next hole, which in a fully allocated file is its end:
+    its cost grows with what lies after ``start``, not with ``end - start``.  With a
+    ``granule``, no SEEK_HOLE is made: data found at an offset is taken to reach the next
+    multiple of ``granule`` (one SEEK_DATA per granule of data, one per hole), so a data
+    run may hold zeros up to a granule's end.  Adjacent data runs come as one.
     """
-    pos = start
+    pos, run = start, start         # run: where the data run ending at pos began
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
@@ -121,19 +128,26 @@ def data_runs(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
             if err.errno == errno.ENXIO:        # no data at or after pos
                 data = end
             elif err.errno in (errno.EINVAL, *UNSUPPORTED):
-                yield pos, end, True
+                yield run, end, True
                 return
             else:
                 raise
         data = min(data, end)
         if data > pos:
+            if run < pos:
+                yield run, pos, True
             yield pos, data, False
-            pos = data
+            pos = run = data
+            continue
+        if granule:
+            pos = min(end, pos - pos % granule + granule)
             continue
         hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
         if hole > pos:                          # else the data just vanished: look again
-            yield pos, hole, True
-            pos = hole
+            yield run, hole, True
+            pos = run = hole
+    if run < pos:
+        yield run, pos, True
 
 
 @contextmanager
