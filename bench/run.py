@@ -767,8 +767,8 @@ def resident_share(workdir: Path) -> float:
 def _measure_system(system: System, cfg: Config, rep: int, cells: Cells, rawdir: Path) -> None:
     """Start the system once and run every workload on it in every cache state (one
     repetition): all hot jobs first (the images read into the cache before the first, then
-    the cache as the jobs before left it), then the cold ones, each after a checkpoint (if
-    the system takes one) and then a drop of the cache."""
+    the cache as the jobs before left it, written back), then the cold ones, each after a
+    checkpoint (if the system takes one) and then a drop of the cache."""
     uri, cleanup = system.start(cfg.workdir)
     try:
         for cache in cfg.caches:
@@ -779,6 +779,10 @@ def _measure_system(system: System, cfg: Config, rep: int, cells: Cells, rawdir:
                 options = [*WORKLOADS[wname].fio_options(), f"--runtime={cfg.runtime}",
                            "--time_based"]
                 try:
+                    # The job before's dirty pages are written back first, in every cache
+                    # state: else a job pays for the one before it, and a checkpoint's
+                    # flush of gigabytes outlasts its hold.
+                    os.sync()
                     if system.before_job is not None:
                         system.before_job(cfg.workdir)
                     if cache == "cold":
