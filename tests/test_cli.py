@@ -282,7 +282,8 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
                           f"found: repdisk ctl {sec} query-commands lists them\n")
     bad = cli_pair.repdisk("ctl", sec, "replication-stop", "failover=maybe", ok=False)
     assert bad.returncode == 1
-    assert bad.stderr == "repdisk: GenericError: Parameter 'failover' expects boolean\n"
+    assert bad.stderr == ("repdisk: GenericError: Parameter 'failover' expects boolean: "
+                          "true or false\n")
     bad = cli_pair.repdisk("ctl", sec, "failover", ok=False)     # before any checkpoint
     assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr

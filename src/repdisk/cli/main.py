@@ -120,9 +120,11 @@ def _ctl(args: argparse.Namespace) -> int:
         result = execute(args.socket, args.command, command_args,
                          progress=sys.stderr.isatty(), tls=args.tls, insecure=args.insecure)
     except ControlError as err:
-        if err.error_class != "CommandNotFound":
-            raise
-        raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
+        if err.error_class == "CommandNotFound":
+            raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
+        if str(err).endswith("expects boolean"):  # repair=yes: say what ctl reads as one
+            raise ControlError(f"{err}: true or false", err.error_class) from None
+        raise
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
