@@ -282,6 +282,21 @@ def test_raw_extents(tmp_path: Path) -> None:
                                                 (128 * KiB, 100, 0)]
 
 
+def lseeks_of(fd: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``whence`` of every lseek of ``fd`` from now on, in order (a spy: the real call
+    is made)."""
+    whence: list[int] = []
+    real_lseek = os.lseek
+
+    def lseek(at: int, pos: int, how: int) -> int:
+        if at == fd:
+            whence.append(how)
+        return real_lseek(at, pos, how)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    return whence
+
+
 def test_data_runs_by_granule_asks_no_seek_hole(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """With a granule, data reaches its granule's end and no SEEK_HOLE is made: SEEK_HOLE
@@ -293,14 +308,7 @@ def test_data_runs_by_granule_asks_no_seek_hole(tmp_path: Path,
         exact = [(0, 68 * KiB, False), (68 * KiB, 72 * KiB, True), (72 * KiB, 256 * KiB, False),
                  (256 * KiB, 388 * KiB, True), (388 * KiB, MiB, False)]
         assert list(data_runs(disk.fd, 0, MiB)) == exact
-        whence: list[int] = []
-        real_lseek = os.lseek
-
-        def lseek(fd: int, pos: int, how: int) -> int:  # a spy: the real call, counted
-            whence.append(how)
-            return real_lseek(fd, pos, how)
-
-        monkeypatch.setattr(os, "lseek", lseek)
+        whence = lseeks_of(disk.fd, monkeypatch)
         assert list(data_runs(disk.fd, 0, MiB, 64 * KiB)) == [
             (0, 68 * KiB, False), (68 * KiB, 128 * KiB, True), (128 * KiB, 256 * KiB, False),
             (256 * KiB, 448 * KiB, True), (448 * KiB, MiB, False)]
@@ -319,15 +327,7 @@ def test_copy_before_write_of_a_dense_disk_costs_its_clusters(
     with RawImage.create(tmp_path / "d", size) as disk, \
             Overlay.create(tmp_path / "hidden", disk, 64 * KiB) as hidden:
         disk.pwrite(base[:512 * KiB], 0)               # data, then a hole to the end
-        whence: list[int] = []
-        real_lseek = os.lseek
-
-        def lseek(fd: int, pos: int, how: int) -> int:  # a spy: the real call, counted
-            if fd == disk.fd:
-                whence.append(how)
-            return real_lseek(fd, pos, how)
-
-        monkeypatch.setattr(os, "lseek", lseek)
+        whence = lseeks_of(disk.fd, monkeypatch)
         assert hidden.copy_from_backing(448 * KiB, 128 * KiB) == 128 * KiB   # clusters 7, 8
         assert whence == [os.SEEK_DATA, os.SEEK_DATA]
         assert os.stat(tmp_path / "hidden").st_blocks * 512 <= 64 * KiB + 8 * KiB  # + bitmap
