@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -122,14 +123,24 @@ def _ctl(args: argparse.Namespace) -> int:
     except ControlError as err:
         if err.error_class == "CommandNotFound":
             raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
-        if str(err).endswith("expects boolean"):  # repair=yes: say what ctl reads as one
-            raise ControlError(f"{err}: true or false", err.error_class) from None
+        hint = _argument_hint(str(err))
+        if hint:
+            raise ControlError(f"{err}: {hint}", err.error_class) from None
         raise
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(render(result))
     return 0
+
+
+def _argument_hint(message: str) -> str:
+    """What to type for a refused argument, in ctl's KEY=VALUE words ("" if nothing to add):
+    ``repair=yes`` expects true or false; a missing ``uri`` is added as ``uri=VALUE``."""
+    if message.endswith("expects boolean"):
+        return "true or false"
+    name = re.fullmatch(r"Parameter '([^']+)' is missing", message)
+    return f"add {name[1]}=VALUE to the command" if name else ""
 
 
 def _known_commands(args: argparse.Namespace) -> str:
