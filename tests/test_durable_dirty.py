@@ -97,3 +97,44 @@ def test_clean_stop_of_an_in_sync_primary_leaves_no_map_and_copies_nothing(lab_d
     q = json.loads(repdisk(lab_dir, "ctl", f"{lab_dir}/pri.qmp", "query-replication", "--json"))
     assert q["disks"][0]["counters"]["forwarded"] == 0    # nothing was copied at start
     assert "compared" not in Path(lab_dir, "pri.log").read_text()
+
+
+@pytest.mark.parametrize("stop", ["clean", "kill -9"])
+def test_a_primary_with_writes_its_peer_lacks_is_refused_as_its_secondary(lab_dir: str,
+                                                                          stop: str) -> None:
+    """The disks started in swapped roles: the old primary's disk, holding a write only it
+    has, would be overwritten by the other's resync.  Its start as a secondary in the same
+    epoch is refused and changes nothing; an epoch above is the operator's way to say the
+    writes are no longer wanted."""
+    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M")
+    kill9(lab_dir, "sec")
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 1M",
+         f"nbd+unix:///?socket={lab_dir}/pri.sock")                     # acknowledged
+    if stop == "kill -9":
+        kill9(lab_dir, "pri")
+    repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)
+    before = state(lab_dir)
+    assert before["role"] == "primary"
+    repdisk(lab_dir, "secondary", "--disk", "pri.img", "--control", "a.qmp",
+            "--nbd-socket", "a.sock", "--background")
+    repdisk(lab_dir, "primary", "--disk", "sec.img", "--control", "b.qmp",
+            "--nbd-socket", "b.sock", "--secondary",
+            f"nbd+unix:///replica?socket={lab_dir}/a.sock", "--background")
+    bad = run([REPDISK, "ctl", "a.qmp", "start", "mode=secondary"], lab_dir, timeout=60)
+    why = ("did not stop cleanly, so its disks may hold writes its secondary lacks"
+           if stop == "kill -9" else
+           "holds writes its secondary lacks (disk0: 1048576 bytes in "
+           "pri.img.state.disk0.dirtymap)")
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == (f"repdisk: GenericError: epoch: this node was the primary of epoch "
+                          f"{before['epoch']} and {why}: start it as the primary again (it "
+                          "sends them to its secondary), or as a secondary with an epoch "
+                          f"above {before['epoch']} once they are no longer wanted\n")
+    assert state(lab_dir) == before
+    assert "none" in repdisk(lab_dir, "status", "a.qmp")        # still not started
+    with open(os.path.join(lab_dir, "pri.img"), "rb") as f:
+        assert f.read(MiB) == b"\x66" * MiB
+    epoch = before["epoch"] + 1
+    assert repdisk(lab_dir, "ctl", "a.qmp", "start", "mode=secondary",
+                   f"epoch={epoch}") == "ok\n"
+    assert state(lab_dir)["role"] == "secondary" and state(lab_dir)["epoch"] == epoch

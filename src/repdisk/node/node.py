@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 from repdisk.block.device import BlockDevice
+from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.imagelock import lock_image
 from repdisk.errors import BlockIOError, ConfigError
 from repdisk.node import threadstate
@@ -38,7 +39,7 @@ from repdisk.node.exports import SealView
 from repdisk.node.lease import ControllerLease
 from repdisk.node.primaryrole import PrimaryRole
 from repdisk.node.secondaryrole import SecondaryRole
-from repdisk.node.state import NodeState
+from repdisk.node.state import NodeState, dirty_map_path
 from repdisk.qmp.protocol import Command
 from repdisk.qmp.server import QMPServer, serve_control
 from repdisk.replication import batch, resync, sessions
@@ -173,12 +174,33 @@ class Node:
         if over and mode is ReplicationMode.PRIMARY:
             self.state.check_start(PRIMARY, epoch)
             return self._ignored("replication-start", over)
-        self.state.check_start(self._role.name, epoch)
+        self.state.check_start(self._role.name, epoch, self._unsent())
         self._role.before_start(epoch)
         self._role.registry.start_all(mode)
         with self.ctx.changing_state() as state:
             state.enter(self._role.name, epoch)
         return None
+
+    def _unsent(self) -> str:
+        """What this node's disks may hold that its peer lacks, from its last run as a
+        primary ("" nothing, or it was not a primary): after an unclean stop anything,
+        after a clean one what its saved dirty maps hold (NodeState.check_start)."""
+        if self.state.role != PRIMARY:
+            return ""
+        if self.state.unclean:
+            return "did not stop cleanly, so its disks may hold writes its secondary lacks"
+        held = []
+        for name, rep in self._role.replicas.items():
+            path = dirty_map_path(self.cfg.state, name)
+            try:
+                dirty = DirtyMap.load(path, rep.disk.size).dirty_bytes
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as err:
+                return f"may hold writes its secondary lacks ({err})"
+            if dirty:
+                held.append(f"{name}: {dirty} bytes in {path}")
+        return f"holds writes its secondary lacks ({'; '.join(held)})" if held else ""
 
     def _ignored(self, command: str, why: str) -> dict[str, str]:
         """Answer a request QEMU ignores in this state: the reply, a log line, an event."""

@@ -25,6 +25,7 @@ from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
 from repdisk.node.role import Role
+from repdisk.node.state import dirty_map_path
 from repdisk.replication import nbdclient, resync
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
@@ -159,7 +160,7 @@ class PrimaryRole(Role[PrimaryReplica]):
     # -- the dirty maps across stops and crashes (DRBD's on-disk bitmap) -------------
 
     def _map_path(self, disk: str) -> str:
-        return f"{self.ctx.cfg.state}.{disk}.dirtymap"
+        return dirty_map_path(self.ctx.cfg.state, disk)
 
     def _recall_dirty(self) -> None:
         """At open: what the secondary lacks.  After a clean stop, each disk's map

@@ -70,8 +70,11 @@ class NodeState:
     def save(self, path: str) -> None:
         replace_file(path, json.dumps({"format": FORMAT, **asdict(self)}))
 
-    def check_start(self, role: str, epoch: int | None) -> None:
-        """Refuse a start that would let a stale node write; raise with the reason."""
+    def check_start(self, role: str, epoch: int | None, unsent: str = "") -> None:
+        """Refuse a start that would let a stale node write, or overwrite what only this
+        node holds; raise with the reason.  ``unsent`` says what a node that last ran as a
+        primary may hold that its secondary lacks ("" nothing): it may not become a
+        secondary (whose disk the other node overwrites) in the same epoch."""
         if self.failover_commit is not None:
             raise ConfigError("epoch", f"start refused: the failover commit of epoch "
                                        f"{self.failover_commit} was interrupted and is not "
@@ -84,7 +87,14 @@ class NodeState:
             raise ConfigError("epoch", f"this node was fenced ({self.fenced}): it may not "
                                        "be a primary again; start it as the winner's "
                                        "secondary in a newer epoch (its data is resynced)")
-        if role == "secondary" and self.failed_over and (epoch is None or epoch <= self.epoch):
+        same_epoch = epoch is None or epoch <= self.epoch
+        if role == "secondary" and self.role == "primary" and unsent and same_epoch:
+            raise ConfigError("epoch", f"this node was the primary of epoch {self.epoch} and "
+                                       f"{unsent}: start it as the primary again (it sends "
+                                       "them to its secondary), or as a secondary with an "
+                                       f"epoch above {self.epoch} once they are no longer "
+                                       "wanted")
+        if role == "secondary" and self.failed_over and same_epoch:
             raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
                                        "holds the newest data: promote it, or start it as a "
                                        f"secondary with an epoch above {self.epoch} once its "
@@ -114,6 +124,11 @@ class NodeState:
         """A role switch after a clean demote: this node's disk is the newest and starts
         the next epoch, as a won failover does (nothing was rolled back)."""
         self.epoch, self.failed_over, self.sealed = self.epoch + 1, True, {}
+
+
+def dirty_map_path(state_path: str, disk: str) -> str:
+    """Where a primary saves ``disk``'s dirty map at a clean stop (primaryrole.py)."""
+    return f"{state_path}.{disk}.dirtymap"
 
 
 def _optional_int(value: object) -> int | None:
