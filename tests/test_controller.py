@@ -614,7 +614,9 @@ def test_cli_controller_refusals_one_controller_per_pair_and_timing(nodes, tmp_p
         refused(controller(primary=pair.sec.control), "is the same node as --primary")
         refused(controller("--heartbeat-timeout", "1s"), "timeout=1s, which must be below "
                 "--heartbeat-timeout (1s)", "give --heartbeat-timeout 2s")
-        refused(controller("--heartbeat-timeout", "500ms"), "isolation-timeout=0.6s")
+        refused(controller("--heartbeat-timeout", "500ms"), "has isolation-timeout=0.6s and "
+                "timeout=1s, which must be below --heartbeat-timeout (0.5s)",
+                "give --heartbeat-timeout 2s")     # one value that meets both rules
         assert pair.sec.ctl("query-replication")["disks"][0]["stage"] == "none"
         assert not os.path.exists(first)
         ok = controller("--heartbeat-timeout", "1.2s")

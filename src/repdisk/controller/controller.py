@@ -254,14 +254,18 @@ class Controller(StateMachine):
     def _check_timing(self, p: dict[str, Any]) -> None:
         """docs/failure-matrix.md's timing rules against the primary's own settings."""
         limit = self.cfg.heartbeat_timeout
-        for key, value in (("isolation-timeout", (p.get("isolation") or {}).get("timeout")),
-                           ("timeout", p.get("timeout"))):
-            if value is not None and value >= limit:
-                raise ControllerRefused(
-                    f"the primary {self.primary.socket} has {key}={value:g}s, which must be "
-                    f"below --heartbeat-timeout ({limit:g}s) or an isolated primary could "
-                    f"still acknowledge writes after a failover: give --heartbeat-timeout "
-                    f"{value + 1:g}s (or start the primary with a shorter {key})")
+        over = [(key, value) for key, value in
+                (("isolation-timeout", (p.get("isolation") or {}).get("timeout")),
+                 ("timeout", p.get("timeout"))) if value is not None and value >= limit]
+        if over:  # one suggestion that satisfies every rule at once
+            has = " and ".join(f"{key}={value:g}s" for key, value in over)
+            keys = " and ".join(key for key, _ in over)
+            raise ControllerRefused(
+                f"the primary {self.primary.socket} has {has}, which must be below "
+                f"--heartbeat-timeout ({limit:g}s) or an isolated primary could still "
+                f"acknowledge writes after a failover: give --heartbeat-timeout "
+                f"{max(value for _, value in over) + 1:g}s (or start the primary with a "
+                f"shorter {keys})")
 
     # -- bringing up and re-protecting ---------------------------------------------------
 
