@@ -284,6 +284,15 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     assert bad.returncode == 1
     assert bad.stderr == ("repdisk: GenericError: Parameter 'failover' expects boolean: "
                           "true or false\n")
+    def stage() -> str:
+        return json.loads(cli_pair.repdisk("ctl", pri, "status", "--json").stdout
+                          )["disks"][0]["stage"]
+    before = stage()
+    bad = cli_pair.repdisk("ctl", pri, "failover", ok=False)      # the wrong node's socket
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == (f"repdisk ctl: {pri} is a primary; failover is for its secondary, "
+                          "once the primary is lost: repdisk ctl SECONDARY-SOCKET failover\n")
+    assert stage() == before
     bad = cli_pair.repdisk("ctl", sec, "replication-stop", ok=False)
     assert bad.returncode == 1
     assert bad.stderr == ("repdisk: GenericError: Parameter 'failover' is missing: "

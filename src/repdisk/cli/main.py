@@ -117,6 +117,8 @@ def _ctl(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
         command_args[key] = parse_value(value)
+    if args.command == "failover":
+        _refuse_failover_of_a_primary(args)
     try:
         result = execute(args.socket, args.command, command_args,
                          progress=sys.stderr.isatty(), tls=args.tls, insecure=args.insecure)
@@ -132,6 +134,21 @@ def _ctl(args: argparse.Namespace) -> int:
     else:
         print(render(result))
     return 0
+
+
+def _refuse_failover_of_a_primary(args: argparse.Namespace) -> None:
+    """``ctl PRIMARY failover`` is a slip for the secondary's socket: on a primary it would
+    end replication for good (QEMU's stop of a primary), so it is refused, changing nothing.
+    ``replication-stop failover=true`` by its name still does what QEMU's does."""
+    try:
+        role = execute(args.socket, "query-replication", tls=args.tls, insecure=args.insecure,
+                       timeout=10.0).get("role")
+    except ControlError:  # not a node (a controller): the command itself says what is wrong
+        return
+    if role == "primary":
+        raise SystemExit(f"repdisk ctl: {args.socket} is a primary; failover is for its "
+                         "secondary, once the primary is lost: repdisk ctl SECONDARY-SOCKET "
+                         "failover")
 
 
 def _argument_hint(message: str) -> str:
