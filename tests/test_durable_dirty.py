@@ -115,16 +115,19 @@ def test_a_primary_with_writes_its_peer_lacks_is_refused_as_its_secondary(lab_di
     repdisk(lab_dir, "lab", "--down", "--dir", lab_dir)
     before = state(lab_dir)
     assert before["role"] == "primary"
-    repdisk(lab_dir, "secondary", "--disk", "pri.img", "--control", "a.qmp",
-            "--nbd-socket", "a.sock", "--background")
-    repdisk(lab_dir, "primary", "--disk", "sec.img", "--control", "b.qmp",
-            "--nbd-socket", "b.sock", "--secondary",
-            f"nbd+unix:///replica?socket={lab_dir}/a.sock", "--background")
+    # Paths name the lab folder: the fixture stops every nbdkit whose command line does.
+    a, b = f"{lab_dir}/a", f"{lab_dir}/b"
+    repdisk(lab_dir, "secondary", "--disk", f"{lab_dir}/pri.img", "--control", f"{a}.qmp",
+            "--nbd-socket", f"{a}.sock", "--background")
+    repdisk(lab_dir, "primary", "--disk", f"{lab_dir}/sec.img", "--control", f"{b}.qmp",
+            "--nbd-socket", f"{b}.sock", "--secondary",
+            f"nbd+unix:///replica?socket={a}.sock", "--background")
+    assert len(lab_processes(lab_dir)) == 2
     bad = run([REPDISK, "ctl", "a.qmp", "start", "mode=secondary"], lab_dir, timeout=60)
     why = ("did not stop cleanly, so its disks may hold writes its secondary lacks"
            if stop == "kill -9" else
            "holds writes its secondary lacks (disk0: 1048576 bytes in "
-           "pri.img.state.disk0.dirtymap)")
+           f"{lab_dir}/pri.img.state.disk0.dirtymap)")
     assert (bad.returncode, bad.stdout) == (1, "")
     assert bad.stderr == (f"repdisk: GenericError: epoch: this node was the primary of epoch "
                           f"{before['epoch']} and {why}: start it as the primary again (it "
