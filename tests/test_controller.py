@@ -91,16 +91,19 @@ def test_failover_hook_gets_epoch_and_secondary(nodes, tmp_path):
             ctl.step()
         assert events(ctl, "HOOK_COMPLETED")[0]["rc"] == 0
         assert out.read_text().split() == ["2", pair.sec.control, "none"]
-        # The old primary comes back (same sockets, its old state): fenced at first contact.
+        # The old primary comes back (same sockets, its old state): it sees the winner's
+        # newer epoch and comes up fenced, before any contact; the controller notes it.
         restart(nodes, pair.pri)
         pair.pri = nodes.start("primary", "pri", [("disk", pair.pri_disk),
                                                   ("secondary", pair.sec.uri("replica"))])
-        wait_for(lambda: (ctl.step(), ctl.query()["old_primary_fenced"])[1], 5, "fence")
+        assert pair.pri.ctl("query-replication")["fenced"] == (
+            f"the node at --secondary {pair.sec.uri('replica')} is in epoch 2, newer than "
+            "this node's 1: it won a failover and holds the newest data")
         h = pair.pri.client()
         with pytest.raises(nbd.Error, match="Operation not permitted"):
             h.pwrite(b"x" * 512, 0)
         h.shutdown()
-        assert "failed over" in pair.pri.ctl("query-replication")["fenced"]
+        wait_for(lambda: (ctl.step(), ctl.query()["old_primary_fenced"])[1], 5, "fence")
     finally:
         pair.close()
 

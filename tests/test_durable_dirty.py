@@ -141,3 +141,38 @@ def test_a_primary_with_writes_its_peer_lacks_is_refused_as_its_secondary(lab_di
     assert repdisk(lab_dir, "ctl", "a.qmp", "start", "mode=secondary",
                    f"epoch={epoch}") == "ok\n"
     assert state(lab_dir)["role"] == "secondary" and state(lab_dir)["epoch"] == epoch
+
+
+def test_an_old_primary_restarted_without_a_controller_comes_up_fenced(lab_dir: str) -> None:
+    """The primary is lost, its secondary fails over (epoch 1), and the old primary is
+    started again with its old command while no controller runs: it sees the winner's
+    newer epoch and refuses guest writes from its first one, which the winner would never
+    have (they would be lost at the re-protect)."""
+    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M")
+    guest = f"nbd+unix:///?socket={lab_dir}/pri.sock"
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", guest)
+    pri, sec = f"{lab_dir}/pri.qmp", f"{lab_dir}/sec.qmp"
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert repdisk(lab_dir, "ctl", sock, cmd) == "ok\n"
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M", guest)   # after the checkpoint
+    kill9(lab_dir, "pri")
+    assert repdisk(lab_dir, "ctl", sec, "failover") == "ok\n"
+    assert state(lab_dir)["epoch"] == 0
+    c = f"{lab_dir}/c"
+    replica = f"nbd+unix:///replica?socket={lab_dir}/sec.sock"
+    repdisk(lab_dir, "primary", "--disk", f"{lab_dir}/pri.img", "--control", f"{c}.qmp",
+            "--nbd-socket", f"{c}.sock", "--secondary", replica, "--background")
+    why = (f"the node at --secondary {replica} is in epoch 1, newer than this node's 0: it "
+           "won a failover and holds the newest data")
+    q = json.loads(repdisk(lab_dir, "ctl", f"{c}.qmp", "status", "--json"))
+    assert q["fenced"] == why and state(lab_dir)["fenced"] == why
+    assert f"FENCED ({why})" in repdisk(lab_dir, "status", f"{c}.qmp")
+    refused = run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 1M",
+                   f"nbd+unix:///?socket={c}.sock"], lab_dir, timeout=60)
+    assert "Operation not permitted" in refused.stdout + refused.stderr
+    with open(os.path.join(lab_dir, "pri.img"), "rb") as f:
+        assert f.read(MiB) == b"\x22" * MiB                           # untouched
+    start = run([REPDISK, "ctl", f"{c}.qmp", "start", "mode=primary"], lab_dir, timeout=60)
+    assert start.returncode == 1 and "this node was fenced" in start.stderr
+    qemu("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 1M",
+         f"nbd+unix:///active?socket={lab_dir}/sec.sock")             # the winner: checkpoint

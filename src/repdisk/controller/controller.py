@@ -517,6 +517,11 @@ class Controller(StateMachine):
         self._event("OLD_PRIMARY_FENCED", logging.WARNING, node=self.primary.socket,
                     reason=reason)
 
+    def _old_primary_found_fenced(self, reason: str) -> None:
+        self._old_primary_fenced = True
+        self._event("OLD_PRIMARY_FENCED", logging.WARNING, node=self.primary.socket,
+                    reason=reason)
+
     def _run_hook(self, command: str | None) -> None:
         """Run ``command`` (--on-failover, --on-switchover; None: nothing) with the pair's
         epoch and controls.
@@ -731,6 +736,10 @@ class Controller(StateMachine):
             if p is not None and self._loser(p):
                 return lambda: self._fence(f"the pair failed over to {self.secondary.socket} "
                                            f"in epoch {self.epoch}")
+            if p is not None and p.get("fenced") and not self._old_primary_fenced \
+                    and p.get("epoch", 0) < self.epoch:
+                # It fenced itself at start-up: it saw the winner's newer epoch.
+                return lambda: self._old_primary_found_fenced(str(p["fenced"]))
             return None
         if p is None:
             if s is None:

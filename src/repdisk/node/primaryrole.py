@@ -24,7 +24,7 @@ from repdisk.node.config import PRIMARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
-from repdisk.node.role import Role
+from repdisk.node.role import Role, describe_disk, described_epoch
 from repdisk.node.state import dirty_map_path
 from repdisk.replication import nbdclient, resync
 from repdisk.replication.framework import ReplicationError, ReplicationMode
@@ -101,9 +101,8 @@ class PrimaryRole(Role[PrimaryReplica]):
             self.ctx.exports[name] = Export(rep.view, self.ctx.admission)
         self.ctx.default_export = self.ctx.cfg.disks[0].name
 
-    @staticmethod
-    def describe(name: str) -> str:
-        return f"repdisk primary disk {name}"
+    def describe(self, name: str) -> str:
+        return describe_disk("primary", name, self.ctx.state.epoch)
 
     def recover(self) -> None:
         """At open: refuse a node whose state says a secondary's failover commit was cut
@@ -122,6 +121,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         secondary does not answer: both nodes may have died, and the primary's disk is
         then the only good copy; the controller syncs by checksum once the secondary is
         back.  A first start still refuses, as the URI is more likely wrong."""
+        self._fence_if_superseded()
         for rep in self.replicas.values():
             try:
                 rep.probe()
@@ -137,12 +137,36 @@ class PrimaryRole(Role[PrimaryReplica]):
                 hint = "; start the secondary first, or fix the URI" if unreachable else ""
                 raise ConfigError("secondary", f"{err}{hint}") from err
 
+    def _fence_if_superseded(self) -> None:
+        """Come up fenced if the node at ``--secondary`` lists an export of a newer epoch:
+        it won a failover while this node was down (it may have been promoted since), so
+        every guest write acknowledged here would be lost.  Guest writes then fail
+        (EROFS) as for a primary the controller fenced, before any is served, controller
+        or not.  Only for a node that was a primary (its state says so): a first start is
+        the controller's to judge; a node that cannot be asked changes nothing here."""
+        cfg, state = self.ctx.cfg, self.ctx.state
+        assert cfg.secondary is not None
+        if state.role != PRIMARY or state.fenced:
+            return
+        # At most 2 s: a host that is down must not hold up a primary that serves alone.
+        listed = nbdclient.list_exports(cfg.secondary, min(cfg.primary.timeout, 2.0)) or {}
+        newest = max((e for e in map(described_epoch, listed.values()) if e is not None),
+                     default=None)
+        if newest is None or newest <= state.epoch:
+            return
+        reason = (f"the node at --secondary {cfg.secondary} is in epoch {newest}, newer than "
+                  f"this node's {state.epoch}: it won a failover and holds the newest data")
+        with self.ctx.changing_state() as changed:
+            changed.fenced = reason
+        log.error("fenced at start-up: %s; guest writes fail: start this disk as its "
+                  "secondary (repdisk secondary) to re-protect the pair", reason)
+
     def _check_disk_names(self) -> None:
         """A secondary that answers but lacks a disk's replica export: if it lists other
         disks, say that the names differ, with both lists (raises ConfigError)."""
         cfg = self.ctx.cfg
         assert cfg.secondary is not None
-        listed = nbdclient.list_exports(cfg.secondary, cfg.primary.timeout)
+        listed = list(nbdclient.list_exports(cfg.secondary, cfg.primary.timeout) or ())
         if not listed:
             return
         theirs = sorted({n.partition("/")[2] for n in listed if n.startswith("replica/")})

@@ -9,6 +9,7 @@ not take part in: a secondary has no link to probe, a primary never ignores a re
 
 from __future__ import annotations
 
+import re
 from typing import Any, Generic, Protocol, TypeVar
 
 from repdisk.block.rawimage import RawImage
@@ -16,6 +17,20 @@ from repdisk.errors import ConfigError
 from repdisk.node.context import NodeContext
 from repdisk.replication.framework import Registry, ReplicationMode, ReplicationState
 from repdisk.replication.stage import Stage
+
+_DESCRIBED_EPOCH = re.compile(r"^repdisk (?:primary|secondary) disk \S+ in epoch (\d+)")
+
+
+def describe_disk(role: str, disk: str, epoch: int) -> str:
+    """The start of an export's NBD description: the node's role, the disk and the node's
+    epoch, which a restarting primary reads from its secondary (:func:`described_epoch`)."""
+    return f"repdisk {role} disk {disk} in epoch {epoch}"
+
+
+def described_epoch(description: str) -> int | None:
+    """The epoch a :func:`describe_disk` description names (None: not one of ours)."""
+    m = _DESCRIBED_EPOCH.match(description)
+    return int(m.group(1)) if m else None
 
 
 class Replica(Protocol):

@@ -18,7 +18,7 @@ from repdisk.node.config import SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.primaryrole import new_primary
-from repdisk.node.role import Role
+from repdisk.node.role import Role, describe_disk
 from repdisk.replication import batch, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
@@ -102,7 +102,7 @@ class SecondaryRole(Role[SecondaryReplica]):
     def describe(self, name: str) -> str:
         view, _, disk = name.partition("/")
         disk = disk or self.ctx.cfg.disks[0].name
-        return (f"repdisk secondary disk {disk}: "
+        return (describe_disk("secondary", disk, self.ctx.state.epoch) + ": "
                 + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
 
     def recover(self) -> None:

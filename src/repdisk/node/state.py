@@ -6,7 +6,8 @@ one it has recorded, and a node that won a failover (it holds the newest data)
 refuses to become a secondary again in that same epoch, as does a primary that may hold
 writes its secondary lacks (a saved dirty map with data, or an unclean stop: the other
 node's resync would overwrite them).  A primary fenced by the
-controller (it lost a failover) records why, refuses guest writes and refuses to
+controller (it lost a failover), or by itself when it starts and finds its secondary
+in a newer epoch, records why, refuses guest writes and refuses to
 start as a primary again: it may only come back as a secondary in a newer epoch,
 whose resync from the winner replaces its data.  A secondary records that its failover
 commit is under way (``failover_commit``, the epoch it fails over from) before the

@@ -52,11 +52,11 @@ def pump(h: Any, until: Callable[[], bool], deadline: float) -> bool:
     return True
 
 
-def list_exports(uri: str, timeout: float = 5.0) -> list[str] | None:
-    """The export names the NBD server at ``uri`` lists, or None if it cannot say (it does
-    not answer in ``timeout``, or refuses to list).  For messages, never for decisions."""
+def list_exports(uri: str, timeout: float = 5.0) -> dict[str, str] | None:
+    """The exports the NBD server at ``uri`` lists, name -> description, or None if it
+    cannot say (it does not answer in ``timeout``, or refuses to list)."""
     h = nbd.NBD()
-    names: list[str] = []
+    listed: dict[str, str] = {}
     try:
         tls.prepare_client(h, uri)
         h.set_opt_mode(True)
@@ -65,12 +65,12 @@ def list_exports(uri: str, timeout: float = 5.0) -> list[str] | None:
                     time.monotonic() + timeout) or not h.aio_is_negotiating():
             return None
 
-        def listed(name: str, _description: str) -> int:
-            names.append(name)
+        def add(name: str, description: str) -> int:
+            listed[name] = description
             return 0
 
-        h.opt_list(listed)
+        h.opt_list(add)
         h.opt_abort()
     except nbd.Error:
         return None
-    return names  # the handle closes when dropped
+    return listed  # the handle closes when dropped
