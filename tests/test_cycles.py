@@ -254,6 +254,14 @@ class Cycler:
             assert bad.returncode == 1 and "fix the URI" in bad.stderr, bad.stderr
             q = self.query()
             assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
+            # The winner's own replica export (it answers, with the right size): refused.
+            own = promote[:4] + [f"uri={sec.uri('replica')}"] + promote[5:]
+            bad = repdisk(self.folder, *own, check=False)
+            assert bad.returncode == 1 and bad.stderr.endswith(
+                f"cannot promote: {sec.uri('replica')} is this node's own replica export: "
+                "give the new secondary's URI\n"), bad.stderr
+            q = self.query()
+            assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
         if i == 2:   # the controller killed between failover and promotion, restarted
             self.kill_controller()
             self.start_controller()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ class NodeContext:
 
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
+        #: This process (a restart is a new one): in ``query-replication`` and in every
+        #: export's description, so a peer or the controller can tell nodes apart.
+        self.instance = uuid.uuid4().hex
         self.state = NodeState.load(cfg.state)
         # Guards every change and save of ``state``: control connections and nbdkit's
         # threads (a seal, a writer session voiding one) change it concurrently.

@@ -25,7 +25,6 @@ import contextlib
 import errno
 import logging
 import os
-import uuid
 from typing import Any
 
 from repdisk.block.device import BlockDevice
@@ -61,7 +60,6 @@ class Node:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.ctx = NodeContext(cfg)
-        self.instance = uuid.uuid4().hex  # tells the controller that this process restarted
         self.lease = ControllerLease()
         self._role: PrimaryRole | SecondaryRole = (
             PrimaryRole.open(self.ctx) if cfg.role == PRIMARY else SecondaryRole.open(self.ctx))
@@ -324,7 +322,7 @@ class Node:
         role, state = self._role, self.state
         return {
             "role": role.name,
-            "instance": self.instance,
+            "instance": self.ctx.instance,
             "epoch": state.epoch,
             "failed-over": state.failed_over,
             "fenced": state.fenced or None,

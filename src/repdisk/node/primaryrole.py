@@ -24,7 +24,7 @@ from repdisk.node.config import PRIMARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
-from repdisk.node.role import Role, describe_disk, described_epoch
+from repdisk.node.role import Role, describe_disk, described
 from repdisk.node.state import dirty_map_path
 from repdisk.replication import nbdclient, resync
 from repdisk.replication.framework import ReplicationError, ReplicationMode
@@ -102,7 +102,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         self.ctx.default_export = self.ctx.cfg.disks[0].name
 
     def describe(self, name: str) -> str:
-        return describe_disk("primary", name, self.ctx.state.epoch)
+        return describe_disk("primary", name, self.ctx)
 
     def recover(self) -> None:
         """At open: refuse a node whose state says a secondary's failover commit was cut
@@ -150,7 +150,7 @@ class PrimaryRole(Role[PrimaryReplica]):
             return
         # At most 2 s: a host that is down must not hold up a primary that serves alone.
         listed = nbdclient.list_exports(cfg.secondary, min(cfg.primary.timeout, 2.0)) or {}
-        newest = max((e for e in map(described_epoch, listed.values()) if e is not None),
+        newest = max((d[0] for d in map(described, listed.values()) if d is not None),
                      default=None)
         if newest is None or newest <= state.epoch:
             return

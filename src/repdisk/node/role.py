@@ -18,19 +18,22 @@ from repdisk.node.context import NodeContext
 from repdisk.replication.framework import Registry, ReplicationMode, ReplicationState
 from repdisk.replication.stage import Stage
 
-_DESCRIBED_EPOCH = re.compile(r"^repdisk (?:primary|secondary) disk \S+ in epoch (\d+)")
+_DESCRIBED = re.compile(r"^repdisk (?:primary|secondary) disk \S+ in epoch (\d+) "
+                       r"of node ([0-9a-f]+)")
 
 
-def describe_disk(role: str, disk: str, epoch: int) -> str:
-    """The start of an export's NBD description: the node's role, the disk and the node's
-    epoch, which a restarting primary reads from its secondary (:func:`described_epoch`)."""
-    return f"repdisk {role} disk {disk} in epoch {epoch}"
+def describe_disk(role: str, disk: str, ctx: NodeContext) -> str:
+    """The start of an export's NBD description: the node's role, the disk, the node's
+    epoch and process, which peers read (:func:`described`): a restarting primary its
+    secondary's epoch, a node being promoted whether a URI leads back to itself."""
+    return f"repdisk {role} disk {disk} in epoch {ctx.state.epoch} of node {ctx.instance}"
 
 
-def described_epoch(description: str) -> int | None:
-    """The epoch a :func:`describe_disk` description names (None: not one of ours)."""
-    m = _DESCRIBED_EPOCH.match(description)
-    return int(m.group(1)) if m else None
+def described(description: str) -> tuple[int, str] | None:
+    """The (epoch, node instance) a :func:`describe_disk` description names (None: not
+    one of ours)."""
+    m = _DESCRIBED.match(description)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 class Replica(Protocol):

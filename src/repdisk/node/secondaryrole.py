@@ -18,8 +18,8 @@ from repdisk.node.config import SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.primaryrole import new_primary
-from repdisk.node.role import Role, describe_disk
-from repdisk.replication import batch, resync, sessions
+from repdisk.node.role import Role, describe_disk, described
+from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
@@ -102,7 +102,7 @@ class SecondaryRole(Role[SecondaryReplica]):
     def describe(self, name: str) -> str:
         view, _, disk = name.partition("/")
         disk = disk or self.ctx.cfg.disks[0].name
-        return (describe_disk("secondary", disk, self.ctx.state.epoch) + ": "
+        return (describe_disk("secondary", disk, self.ctx) + ": "
                 + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
 
     def recover(self) -> None:
@@ -180,6 +180,11 @@ class SecondaryRole(Role[SecondaryReplica]):
     def _probe(self, secondary_uri: str, timeout: float) -> None:
         """Before a promotion changes anything: each disk's replica export at
         ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up)."""
+        listed = nbdclient.list_exports(secondary_uri, timeout) or {}
+        if any(d is not None and d[1] == self.ctx.instance
+               for d in map(described, listed.values())):
+            raise ConfigError("secondary", f"cannot promote: {secondary_uri} is this node's own "
+                                           "replica export: give the new secondary's URI")
         write_mode = self.ctx.cfg.primary.write_mode
         for name, rep in self.replicas.items():
             try:
