@@ -108,6 +108,31 @@ def test_failover_hook_gets_epoch_and_secondary(nodes, tmp_path):
         pair.close()
 
 
+def test_a_failover_made_without_the_controller_is_noticed_and_its_loser_fenced(nodes):
+    """``repdisk ctl SEC failover`` while the controller runs: its next heartbeat sees the
+    winner's newer epoch, goes failed-over (so controller-promote works) and fences the
+    primary, whose guest writes the winner would never have."""
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        h = pair.pri.client()
+        h.pwrite(b"\x42" * 8192, 0)
+        ctl.checkpoint()
+        pair.sec.ctl("replication-stop", failover=True)           # by hand
+        step_until(ctl, "failed-over")
+        assert ctl.epoch == 2
+        wait_for(lambda: (ctl.step(), ctl.query()["old_primary_fenced"])[1], 5, "fence")
+        assert pair.pri.ctl("query-replication")["fenced"] == (
+            f"the pair failed over to {pair.sec.control} in epoch 2")
+        with pytest.raises(nbd.Error, match="Operation not permitted"):
+            h.pwrite(b"x" * 512, 0)
+        h.shutdown()
+        assert read_export(pair.sec.uri("active"), 8192) == b"\x42" * 8192
+    finally:
+        pair.close()
+
+
 def test_manual_failover_fences_the_live_primary_first(nodes):
     pair = make_pair(nodes)
     try:

@@ -749,6 +749,15 @@ class Controller(StateMachine):
                 return lambda: self.failover(f"primary lost: no answer for {silent:.1f}s",
                                              manual=False)
             return None
+        if s is not None and won_failover(s) and s["epoch"] > p.get("epoch", 0):
+            # Failed over without this controller (repdisk ctl SEC failover): the secondary
+            # holds the newest data; the next round fences the primary that lost.
+            self.epoch = max(self.epoch, s["epoch"])
+            self._set_state(ControllerState.FAILED_OVER,
+                            f"{self.secondary.socket} won the failover of epoch "
+                            f"{s['epoch'] - 1} without this controller: promote it "
+                            "(controller-promote)")
+            return None
         if p.get("fenced"):
             self._set_state(ControllerState.FENCED, f"the primary is fenced: {p['fenced']}")
             return None

@@ -75,7 +75,7 @@ TRANSITIONS: dict[Operation, Rule] = {
     Operation.START: Rule(frozenset({_S.STARTING}), frozenset({_S.RUNNING})),
     Operation.HEARTBEAT: Rule(frozenset({_S.STARTING, _S.RUNNING, _S.DEGRADED, _S.FAILED_OVER,
                                          _S.FENCED}),
-                              frozenset({None, _S.DEGRADED, _S.FENCED})),
+                              frozenset({None, _S.DEGRADED, _S.FENCED, _S.FAILED_OVER})),
     Operation.CHECKPOINT: Rule(frozenset({_S.RUNNING}), frozenset({_S.RUNNING})),
     Operation.RESYNC: Rule(frozenset({_S.RUNNING, _S.DEGRADED}), frozenset({_S.RUNNING}),
                            during=_S.RESYNCING, on_error=_S.DEGRADED),
