@@ -192,10 +192,13 @@ def test_startup_mistake_via_repdisk(mistake: Mistake, workdir: str, nodes: Node
     if mistake.setup:
         mistake.setup(workdir, nodes)
     result = run(repdisk_argv(mistake.keys), workdir)
-    if mistake.name.startswith("missing"):        # argparse's own usage error
-        assert result.returncode == 2 and "Traceback" not in result.stderr
+    if mistake.name.startswith("missing"):        # argparse's usage error, in one line
         key = mistake.message.split(":")[0]
-        assert f"the following arguments are required: --{key}" in result.stderr
+        assert (result.returncode, result.stdout) == (1, "")
+        assert re.fullmatch(r"repdisk (primary|secondary): error: the following arguments "
+                            rf"are required: (--\S+, )*--{key}(, --\S+)* "
+                            r"\(see repdisk (primary|secondary) --help\)\n", result.stderr), \
+            result.stderr
         return
     assert_one_line(result, mistake.message, "nbdkit: repdisk: error: ")
 
@@ -318,3 +321,15 @@ def test_overlay_size_message_is_plain(workdir: str, nodes: Nodes) -> None:
     overlays_for_a_bigger_disk(workdir, nodes)
     result = run(nbdkit_argv(sec_keys()), workdir)
     assert "RawImage(" not in result.stderr and "delete" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["stauts", "x.qmp"], "repdisk: error: unknown command 'stauts': did you mean status? "
+                          "(see repdisk --help)"),
+    (["xyzzy"], "repdisk: error: unknown command 'xyzzy' (see repdisk --help)"),
+    (["ctl", "x.qmp", "status", "--jsn"],
+     "repdisk: error: unrecognized arguments: --jsn (see repdisk --help)"),
+])
+def test_usage_mistakes_are_one_line(argv: list[str], said: str, tmp_path) -> None:
+    result = run([REPDISK, *argv], str(tmp_path))
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", said + "\n")

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from repdisk import tls as tlsmod
 from repdisk.cli import controllercmd, lab, nodeproc, updown
@@ -269,9 +269,24 @@ def _add_client_tls(p: argparse.ArgumentParser) -> None:
                    help="for HOST:PORT: plain TCP to a port served with insecure=yes")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (status 1) that names the help to
+    read, as every other mistake is (main); its subcommands' parsers are of this class."""
+
+    def error(self, message: str) -> NoReturn:
+        typo = re.fullmatch(r"argument cmd: invalid choice: '([^']*)' \(choose from (.*)\)",
+                            message)
+        if typo:  # a mistyped subcommand: the closest one, if any is close
+            known = re.findall(r"'([^']*)'", typo[2])
+            close = difflib.get_close_matches(typo[1], known, n=1, cutoff=0.6)
+            message = f"unknown command '{typo[1]}'" + (f": did you mean {close[0]}?"
+                                                        if close else "")
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repdisk", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="repdisk", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_node_parser(sub, cfgmod.PRIMARY)
     _add_node_parser(sub, cfgmod.SECONDARY)
