@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -79,8 +80,11 @@ class QMPClient:
         self.address = address
         try:
             self._run(self._qmp.connect(address, ssl=tls), timeout, "connect")
-        except ControlError:
+        except ControlError as err:
             self.close()          # a failed client holds no loop or socket
+            if "no answer within" in str(err) and _speaks_nbd(address):
+                raise ControlError(f"{address} is an NBD socket, not a control socket: give "
+                                   "the node's --control socket") from err
             raise
         return self
 
@@ -180,6 +184,21 @@ class QMPClient:
     def __exit__(self, exc_type: type[BaseException] | None,
                  exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _speaks_nbd(address: Address) -> bool:
+    """True if the server at ``address`` greets as an NBD server does (``NBDMAGIC``), which
+    is silent until its client speaks: a node's NBD socket given for its control socket.
+    Asked only after a connection found no QMP greeting, so a slip costs one look."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 \
+        if ":" in address[0] else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(address)
+            return sock.recv(8) == b"NBDMAGIC"
+    except OSError:
+        return False
 
 
 # -- one command on a control socket ------------------------------------------------------
