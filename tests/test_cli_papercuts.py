@@ -336,6 +336,23 @@ def test_controller_lines_name_each_socket_and_role() -> None:
     assert controller_lines(machine)[0] == (
         "controller resyncing (resync) epoch 2  primary /r/b.qmp ok  secondary /r/a.qmp ok  "
         "dirty 0.0 MiB lag 0.0 MiB  no checkpoint")
+    # A node that answers but is not ok says why; one that never answered says so.
+    seen = {"reachable": True, "answered": True, "last_seen": 0.3}
+    for node, word in (({**seen, "fenced": "lost the failover of epoch 1"}, "FENCED (0.3s ago)"),
+                       ({**seen, "answers_as": "secondary"}, "now a secondary (0.3s ago)"),
+                       ({**seen, "refused": "controller lease refused"},
+                        "LEASE REFUSED (0.3s ago)"),
+                       ({"reachable": False, "answered": False, "last_seen": 6.2},
+                        "NO ANSWER (never answered)"),
+                       ({"reachable": False, "answered": True, "last_seen": 6.2},
+                        "LOST (6.2s ago)")):
+        q = {**base, "state": "failed-over",
+             "nodes": {"primary": {"socket": "/r/a.qmp", "role": "primary", "ok": False,
+                                   **node},
+                       "secondary": {"socket": "/r/b.qmp", "role": "secondary", "ok": True}}}
+        assert controller_lines(q)[0].startswith(
+            f"controller failed-over epoch 2  primary /r/a.qmp {word}  secondary /r/b.qmp ok"
+        ), controller_lines(q)[0]
 
 
 def test_status_after_a_promotion_names_the_new_roles(cli_pair: Pair) -> None:

@@ -73,12 +73,29 @@ def _nodes_text(nodes: dict[str, Any]) -> str:
     which role (after a promotion the first one given may be the secondary)."""
     out = []
     for key, n in nodes.items():
-        words = [n.get("role") or key, n.get("socket") or n.get("control") or "",
-                 "ok" if n.get("ok", n.get("reachable")) else "LOST"]
-        if isinstance(n.get("last_seen"), (int, float)):
+        role = n.get("role") or key
+        words = [role, n.get("socket") or n.get("control") or "", _node_word(role, n)]
+        if not n.get("answered", True):
+            words.append("(never answered)")
+        elif isinstance(n.get("last_seen"), (int, float)):
             words.append(f"({n['last_seen']:.1f}s ago)")
         out.append(" ".join(w for w in words if w))
     return "  ".join(out)
+
+
+def _node_word(role: str, n: dict[str, Any]) -> str:
+    """What the controller's line says of one node: ok, LOST (or NO ANSWER: it never
+    answered), or why a node that answers is not ok."""
+    if n.get("ok", n.get("reachable")):
+        return "ok"
+    if not n.get("reachable"):
+        return "LOST" if n.get("answered", True) else "NO ANSWER"
+    if n.get("refused"):
+        return "LEASE REFUSED"
+    if n.get("fenced"):
+        return "FENCED"
+    answers_as = n.get("answers_as")
+    return f"now a {answers_as}" if answers_as and answers_as != role else "LOST"
 
 
 def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:

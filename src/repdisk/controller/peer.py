@@ -216,7 +216,10 @@ class Peer:
                        and last.get("role") == self.role),
                 "control": self.socket, "reachable": self.reachable,
                 "last_seen": round(time.monotonic() - self.last_seen, 3),
-                "instance": last.get("instance"), "refused": self.refused}
+                "instance": last.get("instance"), "refused": self.refused,
+                # Why a node that answers is not "ok" (repdisk status says which).
+                "answered": self.last is not None, "fenced": last.get("fenced"),
+                "answers_as": last.get("role")}
 
     def close(self) -> None:
         self.beat_link.close()
