@@ -191,6 +191,14 @@ def test_unknown_key_names_file_line_and_key(folder: Path) -> None:
     assert result.stderr.startswith(f"repdisk: error: {folder}/etc/alpha.toml:18: "
                                     "controller.colour: unknown key")
     assert processes_of(folder) == {}
+    # status only reads: the other resources are still shown, the mistake in one line
+    resource_file(folder, "beta")
+    result = repdisk(folder, "status", ok=False)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"error: {folder}/etc/alpha.toml:18: controller.colour: "
+                               "unknown key")
+    assert lines[1:] == [f"beta ({folder}/etc/beta.toml)", "  controller: down",
+                         "  secondary: down", "  primary: down"]
 
 
 def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:

@@ -259,8 +259,13 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node) -> Controll
     return Controller(host, control, options)
 
 
-def load_dir(folder: str, host: str | None = None) -> dict[str, Resource]:
-    """Every resource file of ``folder``, each checked, then all checked together."""
+def load_dir(folder: str, host: str | None = None,
+             broken: list[ResourceError] | None = None) -> dict[str, Resource]:
+    """Every resource file of ``folder``, each checked, then all checked together.
+
+    With a ``broken`` list (what only reads, ``repdisk status``), a file that fails its
+    own checks is skipped and its error appended there, and the check of all together
+    is not made; without one (``up``, ``down``) the first mistake is raised."""
     host = host or this_host()
     if not os.path.isdir(folder):
         raise ResourceError(folder, 0, "config-dir", "is not a directory: create it and put "
@@ -268,9 +273,16 @@ def load_dir(folder: str, host: str | None = None) -> dict[str, Resource]:
     resources = {}
     for entry in sorted(os.listdir(folder)):
         if entry.endswith(SUFFIX):
-            res = load_file(os.path.join(folder, entry), host)
+            try:
+                res = load_file(os.path.join(folder, entry), host)
+            except ResourceError as err:
+                if broken is None:
+                    raise
+                broken.append(err)
+                continue
             resources[res.name] = res
-    _check_together(resources)
+    if broken is None:
+        _check_together(resources)
     return resources
 
 

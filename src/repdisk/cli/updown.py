@@ -192,10 +192,14 @@ def is_resource_name(arg: str) -> bool:
 
 
 def status(names: list[str], config_dir: str) -> int:
-    """One block per resource: its name and the lines of what this host runs of it."""
-    found = resources.load_dir(config_dir)
+    """One block per resource: its name and the lines of what this host runs of it; a
+    file with a mistake is one line (the others are still shown), status 1."""
+    broken: list[resources.ResourceError] = []
+    found = resources.load_dir(config_dir, broken=broken)
     host = resources.this_host()
-    ok = True
+    ok = not broken
+    for err in broken:
+        print(f"error: {err}")
     for res in resources.select(found, names, config_dir):
         print(f"{res.name} ({res.path})")
         sockets = []
