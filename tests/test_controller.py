@@ -655,6 +655,14 @@ def test_cli_controller_refusals_one_controller_per_pair_and_timing(nodes, tmp_p
                 "controller lease refused: controller", first, "stop that controller first")
         refused(controller("--heartbeat-timeout", "1.2s"),
                 f"a controller already serves {first}")
+        for ctrl in ("ctrl.qmp", "other.qmp"):     # in the foreground too: one line, at once
+            fg = subprocess.run(repdisk + ["--primary", pair.pri.control, "--secondary",
+                                           pair.sec.control, "--control", str(tmp_path / ctrl),
+                                           "--heartbeat", "100ms", "--heartbeat-timeout",
+                                           "1.2s"], capture_output=True, text=True, timeout=60)
+            refused(fg, "a live server answers there" if ctrl == "ctrl.qmp" else
+                    "controller lease refused")
+        assert not os.path.exists(tmp_path / "other.qmp")
         lease = pair.pri.ctl("query-replication")["lease"]
         assert lease["holder"].endswith(":" + first) and lease["duration"] == 5.0
         assert execute(first, "query-controller")["state"] == "running"

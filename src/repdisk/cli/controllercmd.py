@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from repdisk.controller.peer import LEASE_REFUSED, ControllerRefused
 from repdisk.controller.syncplan import SYNC_MODES
 from repdisk.errors import RepdiskError
 from repdisk.node.config import check_folder
+from repdisk.qmp.server import remove_stale_socket
 from repdisk.units import parse_duration
 from repdisk.uri import parse_address
 
@@ -103,8 +105,14 @@ def _run(args: argparse.Namespace) -> int:
             check_folder(flag, path)      # one line now, not a detached child's silence
     if args.background:
         return _detach(args)
-    logging.basicConfig(filename=args.log, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before adopting (which takes the nodes' leases): a controller already serving this
+    # control socket is refused with nothing changed.
+    remove_stale_socket(args.control)
+    held = None
+    if args.log:
+        logging.basicConfig(filename=args.log, level=logging.INFO, format=LOG_FORMAT)
+    else:
+        held = _StartupLog()
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -118,13 +126,18 @@ def _run(args: argparse.Namespace) -> int:
             ctl.adopt()
         except ControllerRefused as err:
             if cfg.auto_failover or LEASE_REFUSED not in str(err):
-                log.error("%s", err)
+                if held is not None:
+                    held.drop()   # on stderr, main's one line says why
+                else:
+                    log.error("%s", err)
                 raise
             # --checkpoint-only (Pacemaker decides the roles): the previous checkpointer's
             # lease lapses soon; wait for it instead of failing the resource.
             log.warning("%s; waiting for its lease to lapse", err)
         except RepdiskError as err:
             log.warning("start: %s; trying again every heartbeat", err)
+        if held is not None:
+            held.release()
         ctl.serve()
         ctl.run()
     finally:
@@ -132,6 +145,38 @@ def _run(args: argparse.Namespace) -> int:
         if args.pidfile and os.path.exists(args.pidfile):
             os.unlink(args.pidfile)
     return 0
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StartupLog:
+    """A foreground controller logging to stderr: what it logs until it has adopted the
+    pair is held back, then shown (``release``), or dropped when it is refused (``drop``),
+    so that a refusal is main's one line, not the log's lines before it."""
+
+    def __init__(self) -> None:
+        self.stream = logging.StreamHandler()
+        self.stream.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.buffer = logging.handlers.MemoryHandler(
+            100_000, flushLevel=logging.CRITICAL + 1, target=self.stream)
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        root.addHandler(self.buffer)
+
+    def release(self) -> None:
+        root = logging.getLogger()
+        root.addHandler(self.stream)
+        root.removeHandler(self.buffer)
+        self.buffer.flush()
+
+    def drop(self) -> None:
+        self.buffer.acquire()
+        try:
+            self.buffer.buffer.clear()
+            self.buffer.setTarget(None)    # nothing reaches stderr any more
+        finally:
+            self.buffer.release()
 
 
 def _detach(args: argparse.Namespace) -> int:
