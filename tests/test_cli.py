@@ -224,6 +224,17 @@ def test_node_help_shows_the_key_table(role: str, tmp_path) -> None:
     assert other and all(f"\n{k.name}=" not in result.stdout for k in other)
 
 
+def test_controller_help_is_for_its_user(tmp_path) -> None:
+    """The controller's help: what it does, how to run it, where failures are described;
+    not the state machine's internals (the module's docstring goes on about those)."""
+    result = run([REPDISK, "controller", "--help"], str(tmp_path))
+    assert result.returncode == 0
+    text = result.stdout
+    assert "\n    repdisk controller --primary PRI.qmp --secondary SEC.qmp --control " \
+           "CTRL.qmp\n" in text and "docs/failure-matrix.md" in text
+    assert all(word not in text for word in ("_set_state", "TRANSITIONS", "states.py"))
+
+
 def test_background_node_that_ends_without_a_word_is_reported_at_once(tmp_path) -> None:
     """A node gone before serving with nothing in its log (killed, crashed) is named as
     such, with the log's path, as soon as it is gone."""

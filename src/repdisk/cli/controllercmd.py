@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 def add_parsers(sub: Any) -> None:
     """Add ``repdisk controller`` to the subcommands ``sub``."""
+    # The module docstring's first paragraphs are a user's; the rest is for developers.
+    user_part = "\n\n".join((controller.__doc__ or "").split("\n\n")[:2])
     p = sub.add_parser("controller", help="run the controller of a pair",
-                       description=controller.__doc__,
+                       description=user_part + "\n\nWhat it does when a node, a link or "
+                       "it fails: docs/failure-matrix.md.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--primary", required=True, metavar="PRI.qmp|HOST:PORT",
                    help="primary's control socket or control-tcp port")
