@@ -405,3 +405,38 @@ def test_status_after_a_promotion_names_the_new_roles(cli_pair: Pair) -> None:
             nodeproc.stop_pid(pid)
         for name in ("old.pid", "sec.pid"):
             nodeproc.stop_pidfile(f(name))
+
+
+def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: Pair) -> None:
+    """The README's nodes by hand run in epoch 0; a controller that adopts them says
+    epoch 0 too (it said 1, which no node was in)."""
+    f = cli_pair.path
+    pri, sec = start_cli_pair(cli_pair)
+    cli_pair.repdisk("ctl", sec, "start", "mode=secondary")
+    cli_pair.repdisk("ctl", pri, "start", "mode=primary")
+    cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
+                     "ctl.qmp", "--background", "--pidfile", "ctl.pid")
+    try:
+        def query() -> dict:
+            return json.loads(cli_pair.repdisk("ctl", "ctl.qmp", "query-controller",
+                                               "--json").stdout)
+        wait_for(lambda: query()["state"] == "running", what="the adopted pair")
+        assert query()["epoch"] == 0
+        for sock in (pri, sec):
+            assert json.loads(cli_pair.repdisk("ctl", sock, "status", "--json").stdout
+                              )["epoch"] == 0
+        assert re.match(r"controller running +epoch 0  ",
+                        cli_pair.repdisk("status", "ctl.qmp").stdout)
+        # The secondary restarts: the controller starts it in the pair's epoch, 0 (in 1 the
+        # primary's writer sessions were refused, and the pair stayed degraded for good).
+        nodeproc.stop_pidfile(f("sec.pid"))
+        wait_for(lambda: query()["state"] == "degraded", what="the secondary's loss")
+        cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
+                         "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid")
+        wait_for(lambda: query()["state"] == "running", what="the pair re-protected")
+        q = json.loads(cli_pair.repdisk("ctl", sec, "status", "--json").stdout)
+        assert (q["epoch"], q["disks"][0]["consistent"]) == (0, True)
+    finally:
+        pid = nodeproc._pidfile_pid(f("ctl.pid"))
+        if pid is not None and "controller" in psutil.Process(pid).cmdline():
+            nodeproc.stop_pid(pid)

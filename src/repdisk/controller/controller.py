@@ -203,7 +203,9 @@ class Controller(StateMachine):
                         "(their roles changed since this controller's options were written)",
                         self.primary.socket, self.secondary.socket)
         p, s = a, b
-        self.epoch = max(self.epoch, (p or {}).get("epoch", 0), (s or {}).get("epoch", 0), 1)
+        # The nodes' epoch, as they say it (a pair started by hand runs in epoch 0); the
+        # controller's own start of a pair begins at 1 (_protect).
+        self.epoch = max(self.epoch, (p or {}).get("epoch", 0), (s or {}).get("epoch", 0))
         if won_failover(s) and (p is None or p.get("role") != "primary" or p.get("fenced")
                            or p["epoch"] < s["epoch"]):
             self._set_state(ControllerState.FAILED_OVER,
@@ -296,7 +298,10 @@ class Controller(StateMachine):
                 raise ControlError(f"secondary {self.secondary.socket} won the failover of "
                                    f"epoch {s['epoch'] - 1} and holds the newest data: promote "
                                    "it (controller-promote) instead of overwriting it")
-            self.epoch = max(self.epoch, p["epoch"], s["epoch"], 1)
+            # A pair this controller starts begins in epoch 1; a running primary's epoch is
+            # the pair's (a pair started by hand runs in 0): a secondary started in any
+            # other would refuse its writer sessions (sessions.py).
+            self.epoch = max(self.epoch, p["epoch"], s["epoch"], 1 if not_started(p) else 0)
             sent = self._start_pair(p, s, mode)
         except RepdiskError:
             self._retry_at = time.monotonic() + self._backoff
