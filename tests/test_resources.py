@@ -248,3 +248,36 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert "ExecStart=/usr/local/bin/repdisk up %i" in service
     assert "ExecStop=/usr/local/bin/repdisk down %i" in service
     assert "WantedBy=repdisk.target" in service
+
+
+@pytest.mark.timeout(180)
+def test_up_after_the_roles_changed_names_the_sections_to_swap(folder: Path) -> None:
+    """After a switchover the file's [primary] is the secondary's node: up refuses before
+    starting anything and says what to change; with the sections swapped the pair runs."""
+    path = resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+    pri, sec = (f"nbd+unix:///replica?socket={folder}/alpha-{r}.sock" for r in ("pri", "sec"))
+    subprocess.run([REPDISK, "ctl", str(folder / "alpha-pri.ctrl.qmp"), "controller-switchover",
+                    f"uri={pri}", f"back-uri={sec}"], check=True, capture_output=True,
+                   timeout=60)
+    repdisk(folder, "down", "alpha")
+    result = repdisk(folder, "up", "alpha", ok=False)
+    assert result.stderr == (
+        f"repdisk: error: alpha: the node of [secondary] was last a primary (epoch 2: a "
+        f"failover, promotion or switchover since {path} was written): swap its [primary] "
+        "and [secondary] sections so that each names the role its node has now, then run "
+        "up again\n")
+    assert processes_of(folder) == {}
+    text = path.read_text()
+    head, rest = text.split("[primary]\n")
+    primary, rest = rest.split("[secondary]\n")
+    secondary, controller = rest.split("[controller]\n")
+    moving = [line for line in primary.splitlines(keepends=True)   # primary-only keys
+              if line.split(" = ")[0] in ("write-mode", "timeout", "isolation-timeout")]
+    primary = "".join(line for line in primary.splitlines(keepends=True) if line not in moving)
+    secondary += "".join(moving)
+    path.write_text(f"{head}[primary]\n{secondary}[secondary]\n{primary}"
+                    f"[controller]\ncontrol = \"{folder}/alpha-pri.ctrl.qmp\"\n{controller}")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")

@@ -26,7 +26,8 @@ from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
 from repdisk.cli.status import status_lines
 from repdisk.errors import RepdiskError
-from repdisk.node.config import NAME_RE
+from repdisk.node.config import NAME_RE, NodeConfig
+from repdisk.node.state import NodeState
 from repdisk.tls import TLSSpec
 
 
@@ -70,6 +71,8 @@ def up(res: Resource, host: str | None = None) -> list[str]:
     """Start what of ``res`` runs on this host and is not running; what was started.  A
     failure stops what this call started and raises."""
     host = host or resources.this_host()
+    for node in res.local_nodes(host):
+        _check_role(res, node)          # before anything starts
     started: list[str] = []
     try:
         for node in res.local_nodes(host):
@@ -83,6 +86,23 @@ def up(res: Resource, host: str | None = None) -> list[str]:
         _stop(res, host, started)
         raise
     return started
+
+
+def _check_role(res: Resource, node: Node) -> None:
+    """Refuse to start a node in a role other than the one its state file says it last
+    had: after a failover, a promotion or a switchover the file's sections name the old
+    roles, and the controller would refuse the pair (or a resync overwrite the newest
+    data).  A node without a state file (never started) may take any role."""
+    try:
+        state = NodeState.load(NodeConfig.from_keys(node.keys).state)
+    except RepdiskError:
+        return                          # the node's own start says what is wrong
+    if state.role and state.role != node.role:
+        raise RepdiskError(
+            f"{res.name}: the node of [{node.role}] was last a {state.role} (epoch "
+            f"{state.epoch}: a failover, promotion or switchover since {res.path} was "
+            f"written): swap its [primary] and [secondary] sections so that each names the "
+            "role its node has now, then run up again")
 
 
 def down(res: Resource, host: str | None = None) -> list[str]:
