@@ -151,6 +151,14 @@ def test_three_resources_up_replicate_fail_over_alone_and_down_all(folder: Path)
     assert "alpha: down" not in repdisk(folder, "status", ok=False).stdout  # names the role
     assert "  controller: down" in repdisk(folder, "status", "alpha", ok=False).stdout
 
+    # beta after its failover, as the README says: sections swapped, up; the winner is the
+    # primary, the old primary's disk its secondary, with the winner's bytes.
+    swap_sections(folder / "etc" / "beta.toml", folder, "beta")
+    assert repdisk(folder, "up", "beta").stdout == "beta: secondary, primary, controller\n"
+    wait_state(folder, "beta", "running")
+    with open(folder / "beta-pri.img", "rb") as f:
+        assert f.read(MiB) == b"\x42" * MiB
+
 
 @pytest.mark.timeout(120)
 def test_a_config_error_changes_nothing_running(folder: Path) -> None:
@@ -264,20 +272,25 @@ def test_up_after_the_roles_changed_names_the_sections_to_swap(folder: Path) -> 
     repdisk(folder, "down", "alpha")
     result = repdisk(folder, "up", "alpha", ok=False)
     assert result.stderr == (
-        f"repdisk: error: alpha: the node of [secondary] was last a primary (epoch 2: a "
-        f"failover, promotion or switchover since {path} was written): swap its [primary] "
-        "and [secondary] sections so that each names the role its node has now, then run "
-        "up again\n")
+        f"repdisk: error: alpha: the node of [primary] was last a secondary (epoch 2: a "
+        f"promotion or switchover since {path} was written): take the resource down, swap "
+        "its [primary] and [secondary] sections so that each names the role its node has "
+        "now, then run up again\n")
     assert processes_of(folder) == {}
-    text = path.read_text()
-    head, rest = text.split("[primary]\n")
+    swap_sections(path, folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+
+
+def swap_sections(path: Path, folder: Path, name: str) -> None:
+    """What the README says to do after the roles changed: the [primary] and [secondary]
+    sections swapped (primary-only keys move with the role), the controller's socket kept."""
+    head, rest = path.read_text().split("[primary]\n")
     primary, rest = rest.split("[secondary]\n")
     secondary, controller = rest.split("[controller]\n")
     moving = [line for line in primary.splitlines(keepends=True)   # primary-only keys
               if line.split(" = ")[0] in ("write-mode", "timeout", "isolation-timeout")]
     primary = "".join(line for line in primary.splitlines(keepends=True) if line not in moving)
     secondary += "".join(moving)
-    path.write_text(f"{head}[primary]\n{secondary}[secondary]\n{primary}"
-                    f"[controller]\ncontrol = \"{folder}/alpha-pri.ctrl.qmp\"\n{controller}")
-    repdisk(folder, "up", "alpha")
-    wait_state(folder, "alpha", "running")
+    path.write_text(f"{head}[primary]\n{secondary}[secondary]\n{primary}[controller]\n"
+                    f"control = \"{folder}/{name}-pri.ctrl.qmp\"\n{controller}")

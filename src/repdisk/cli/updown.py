@@ -89,20 +89,23 @@ def up(res: Resource, host: str | None = None) -> list[str]:
 
 
 def _check_role(res: Resource, node: Node) -> None:
-    """Refuse to start a node in a role other than the one its state file says it last
-    had: after a failover, a promotion or a switchover the file's sections name the old
-    roles, and the controller would refuse the pair (or a resync overwrite the newest
-    data).  A node without a state file (never started) may take any role."""
+    """Refuse to start as the primary a node whose state says it was last a secondary that
+    did not win a failover: after a promotion or a switchover the file's sections name the
+    old roles, and that node's disk is not the newest.  Every other start is the node's
+    and the controller's to judge (a failover's winner may take its disk as it is; an old
+    primary may come back as the winner's secondary in the newer epoch)."""
+    if node.role != "primary":
+        return
     try:
         state = NodeState.load(NodeConfig.from_keys(node.keys).state)
     except RepdiskError:
         return                          # the node's own start says what is wrong
-    if state.role and state.role != node.role:
+    if state.role == "secondary" and not state.failed_over:
         raise RepdiskError(
-            f"{res.name}: the node of [{node.role}] was last a {state.role} (epoch "
-            f"{state.epoch}: a failover, promotion or switchover since {res.path} was "
-            f"written): swap its [primary] and [secondary] sections so that each names the "
-            "role its node has now, then run up again")
+            f"{res.name}: the node of [primary] was last a secondary (epoch {state.epoch}: "
+            f"a promotion or switchover since {res.path} was written): take the resource "
+            "down, swap its [primary] and [secondary] sections so that each names the role "
+            "its node has now, then run up again")
 
 
 def down(res: Resource, host: str | None = None) -> list[str]:
