@@ -262,6 +262,15 @@ class Cycler:
                 "give the new secondary's URI\n"), bad.stderr
             q = self.query()
             assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
+            # The new secondary's active export, not its replica: refused too.
+            active = promote[:4] + [f"uri={pri.uri('active')}"] + promote[5:]
+            bad = repdisk(self.folder, *active, check=False)
+            assert bad.returncode == 1 and bad.stderr.endswith(
+                f"cannot promote: {pri.uri('active')} names export 'active', not a "
+                "secondary's replica export: give its replica export (.../replica?...)\n"), \
+                bad.stderr
+            q = self.query()
+            assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
         if i == 2:   # the controller killed between failover and promotion, restarted
             self.kill_controller()
             self.start_controller()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from repdisk.errors import ConfigError
 
@@ -69,3 +69,9 @@ def with_export_suffix(uri: str, suffix: str) -> str:
     scheme, _, rest = base.partition("://")
     authority, _, path = rest.partition("/")
     return f"{scheme}://{authority}/{path}{quote(suffix, safe='')}{sep}{query}"
+
+
+def export_name(uri: str) -> str:
+    """The export name of an NBD URI: its path after the leading /, unquoted."""
+    base = uri.partition("?")[0]
+    return unquote(base.partition("://")[2].partition("/")[2])

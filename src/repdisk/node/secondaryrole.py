@@ -24,8 +24,13 @@ from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import Stage
+from repdisk.uri import export_name
 
 log = logging.getLogger(__name__)
+
+
+#: How a replica export's description ends (what a promotion checks its URI against).
+REPLICA_VIEW = "the primary writes here"
 
 
 class SecondaryRole(Role[SecondaryReplica]):
@@ -103,7 +108,7 @@ class SecondaryRole(Role[SecondaryReplica]):
         view, _, disk = name.partition("/")
         disk = disk or self.ctx.cfg.disks[0].name
         return (describe_disk("secondary", disk, self.ctx) + ": "
-                + ("the primary writes here" if view == "replica" else "the secondary VM's view"))
+                + (REPLICA_VIEW if view == "replica" else "the secondary VM's view"))
 
     def recover(self) -> None:
         """At open: finish the failover commit that a crash interrupted, before serving.
@@ -187,6 +192,11 @@ class SecondaryRole(Role[SecondaryReplica]):
                                            "replica export: give the new secondary's URI")
         write_mode = self.ctx.cfg.primary.write_mode
         for name, rep in self.replicas.items():
+            export = export_name(secondary_uri) + (f"/{name}" if len(self.replicas) > 1 else "")
+            if listed and not listed.get(export, "").endswith(REPLICA_VIEW):
+                raise ConfigError("secondary", f"cannot promote: {secondary_uri} names export "
+                                               f"{export!r}, not a secondary's replica export: "
+                                               "give its replica export (.../replica?...)")
             try:
                 new_primary(self.ctx, name, rep.disk, secondary_uri, write_mode, timeout,
                             len(self.replicas)).probe()
