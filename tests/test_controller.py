@@ -17,6 +17,8 @@ import nbd
 import pytest
 
 from repdisk.cli.status import controller_lines, status_lines
+from repdisk.controller.config import ControllerConfig
+from repdisk.controller.controller import Controller
 from repdisk.errors import ControlError
 from repdisk.qmp.client import execute
 from repdisk.replication.resync import GRANULARITY
@@ -129,6 +131,27 @@ def test_a_failover_made_without_the_controller_is_noticed_and_its_loser_fenced(
             h.pwrite(b"x" * 512, 0)
         h.shutdown()
         assert read_export(pair.sec.uri("active"), 8192) == b"\x42" * 8192
+    finally:
+        pair.close()
+
+
+def test_checkpoints_start_every_interval_not_a_heartbeat_later(nodes):
+    """--interval bounds what a failover rolls back: checkpoints start ``interval`` apart,
+    not ``interval`` after the last one ended and then at the next heartbeat."""
+    pair = make_pair(nodes)
+    try:
+        ctl = Controller(ControllerConfig(primary=pair.pri.control, secondary=pair.sec.control,
+                                          interval=0.6, heartbeat=0.45,
+                                          heartbeat_timeout=HEARTBEAT_TIMEOUT))
+        pair.controllers.append(ctl)
+        ctl.start()
+        runner = run_in_thread(ctl)
+        wait_for(lambda: len(ctl.checkpoints) >= 8, 20, "checkpoints")
+        ctl.stop()
+        runner.join()
+        starts = [c["time"] for c in list(ctl.checkpoints)[-7:]]
+        gaps = sorted(b - a for a, b in zip(starts, starts[1:], strict=False))
+        assert gaps[len(gaps) // 2] < 0.6 * 1.2, gaps      # a heartbeat late: about 0.9 s
     finally:
         pair.close()
 

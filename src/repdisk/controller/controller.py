@@ -439,7 +439,8 @@ class Controller(StateMachine):
         rec["duration"] = time.monotonic() - t0
         self.counters["checkpoints"] += 1
         self.checkpoints.append(rec)
-        self._next_checkpoint = time.monotonic() + self.cfg.interval
+        # --interval apart, start to start: it bounds what a failover rolls back.
+        self._next_checkpoint = t0 + self.cfg.interval
         self._event("CHECKPOINT_COMPLETED", seq=rec["seq"], duration=round(rec["duration"], 6),
                     pause=round(rec["pause"], 6))
         return rec
@@ -791,11 +792,15 @@ class Controller(StateMachine):
             self._start()
 
     def run(self) -> None:
-        """Step every ``heartbeat`` until ``stop()``."""
+        """Step every ``heartbeat`` (and when a checkpoint is due) until ``stop()``."""
         while not self._stop.is_set():
             began = time.monotonic()
             self.step()
-            self._stop.wait(max(0.0, self.cfg.heartbeat - (time.monotonic() - began)))
+            now = time.monotonic()
+            wait = self.cfg.heartbeat - (now - began)
+            if self.state is ControllerState.RUNNING and now < self._next_checkpoint:
+                wait = min(wait, self._next_checkpoint - now)  # a checkpoint on time
+            self._stop.wait(max(0.0, wait))
 
     def stop(self) -> None:
         self._stop.set()
