@@ -343,7 +343,13 @@ def test_overlay_size_message_is_plain(workdir: str, nodes: Nodes) -> None:
                           "(see repdisk --help)"),
     (["xyzzy"], "repdisk: error: unknown command 'xyzzy' (see repdisk --help)"),
     (["ctl", "x.qmp", "status", "--jsn"],
-     "repdisk: error: unrecognized arguments: --jsn (see repdisk --help)"),
+     "repdisk ctl: error: unrecognized arguments: --jsn (see repdisk ctl --help)"),
+    (["secondary", "--disk", "x.img", "--control", "x.qmp", "--nbd-socket", "x.sock",
+      "--write-mode", "async"],
+     "repdisk secondary: error: unrecognized arguments: --write-mode async "
+     "(see repdisk secondary --help)"),
+    (["ctl"], "repdisk ctl: error: the following arguments are required: SOCKET|HOST:PORT, "
+              "command (see repdisk ctl --help)"),
 ])
 def test_usage_mistakes_are_one_line(argv: list[str], said: str, tmp_path) -> None:
     result = run([REPDISK, *argv], str(tmp_path))

@@ -427,6 +427,11 @@ def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: P
                               )["epoch"] == 0
         assert re.match(r"controller running +epoch 0  ",
                         cli_pair.repdisk("status", "ctl.qmp").stdout)
+        bad = cli_pair.repdisk("ctl", "ctl.qmp", "failover", ok=False)   # a node's alias
+        assert bad.returncode == 1 and bad.stderr.startswith(
+            "repdisk: CommandNotFound: The command replication-stop has not been found: did "
+            "you mean controller-failover? "), bad.stderr
+        assert query()["state"] == "running"
         # The secondary restarts: the controller starts it in the pair's epoch, 0 (in 1 the
         # primary's writer sessions were refused, and the pair stayed degraded for good).
         nodeproc.stop_pidfile(f("sec.pid"))

@@ -170,6 +170,8 @@ def _known_commands(args: argparse.Namespace) -> str:
     except RepdiskError:
         return listing
     aliases = [alias for alias, (name, _args) in ALIASES.items() if name in known]
+    if f"controller-{args.command}" in known:   # a node's alias sent to a controller
+        return f"did you mean controller-{args.command}? ({listing})"
     close = difflib.get_close_matches(args.command, known + aliases, n=1, cutoff=0.8)
     return f"did you mean {close[0]}? ({listing})" if close else listing
 
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repdisk", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.set_defaults(subcommands=sub.choices)   # their parsers, for usage mistakes
     _add_node_parser(sub, cfgmod.PRIMARY)
     _add_node_parser(sub, cfgmod.SECONDARY)
 
@@ -295,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("socket", metavar="SOCKET|HOST:PORT")
     p.add_argument("command", help="a QMP command (e.g. query-replication) or an alias: "
                                    + ", ".join(sorted(ALIASES)))
-    p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE", default=[])  # optional: a default
     p.add_argument("--json", action="store_true",
                    help="print the result as exact JSON (default: a table in human units)")
     _add_client_tls(p)
@@ -337,7 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130.
     """
     try:
-        args = build_parser().parse_args(argv)     # --help is output too
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)     # --help is output too
+        if extra:  # the subcommand's own words, and its help to read
+            args.subcommands[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
         code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
