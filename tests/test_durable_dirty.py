@@ -131,16 +131,55 @@ def test_a_primary_with_writes_its_peer_lacks_is_refused_as_its_secondary(lab_di
     assert (bad.returncode, bad.stdout) == (1, "")
     assert bad.stderr == (f"repdisk: GenericError: epoch: this node was the primary of epoch "
                           f"{before['epoch']} and {why}: start it as the primary again (it "
-                          "sends them to its secondary), or as a secondary with an epoch "
-                          f"above {before['epoch']} once they are no longer wanted\n")
+                          "sends them to its secondary), or, once they are no longer wanted, "
+                          f"start it as a secondary with epoch={before['epoch'] + 1} and let "
+                          "a controller start its primary (it compares the disks by checksum "
+                          "first)\n")
     assert state(lab_dir) == before
     assert "none" in repdisk(lab_dir, "status", "a.qmp")        # still not started
+    with open(os.path.join(lab_dir, "pri.img"), "rb") as f:
+        assert f.read(MiB) == b"\x66" * MiB
+    # A controller would start it in its own first epoch (1): it refuses, says why in
+    # status, and changes nothing either.
+    ctl0 = f"{lab_dir}/c0.qmp"
+    repdisk(lab_dir, "controller", "--primary", f"{b}.qmp", "--secondary", f"{a}.qmp",
+            "--control", ctl0, "--background", "--pidfile", f"{ctl0}.pid")
+    try:
+        deadline = time.monotonic() + 30
+        while not json.loads(repdisk(lab_dir, "ctl", ctl0, "query-controller", "--json")
+                             ).get("error"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        said = repdisk(lab_dir, "status", ctl0).splitlines()
+        assert said[-1].startswith(f"controller error: {a}.qmp was the primary of epoch "
+                                   f"{before['epoch']} and {why}: start it as the primary "
+                                   "again"), said
+    finally:
+        with open(f"{ctl0}.pid") as f:
+            os.kill(int(f.read()), signal.SIGTERM)
+    assert state(lab_dir) == before
     with open(os.path.join(lab_dir, "pri.img"), "rb") as f:
         assert f.read(MiB) == b"\x66" * MiB
     epoch = before["epoch"] + 1
     assert repdisk(lab_dir, "ctl", "a.qmp", "start", "mode=secondary",
                    f"epoch={epoch}") == "ok\n"
     assert state(lab_dir)["role"] == "secondary" and state(lab_dir)["epoch"] == epoch
+    # ... and a controller starts its primary in that epoch, the disks compared first
+    ctl = f"{lab_dir}/c.qmp"
+    repdisk(lab_dir, "controller", "--primary", f"{b}.qmp", "--secondary", f"{a}.qmp",
+            "--control", ctl, "--background", "--pidfile", f"{ctl}.pid")
+    try:
+        deadline = time.monotonic() + 30
+        while json.loads(repdisk(lab_dir, "ctl", ctl, "query-controller", "--json")
+                         )["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with open(os.path.join(lab_dir, "pri.img"), "rb") as x, \
+                open(os.path.join(lab_dir, "sec.img"), "rb") as y:
+            assert x.read() == y.read()                      # the unwanted write is gone
+    finally:
+        with open(f"{ctl}.pid") as f:
+            os.kill(int(f.read()), signal.SIGTERM)
 
 
 def test_an_old_primary_restarted_without_a_controller_comes_up_fenced(lab_dir: str) -> None:

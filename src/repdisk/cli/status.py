@@ -65,6 +65,8 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
                      f"{failover['reason']}"
                      + (f" (loss to serving {failover['loss_to_serving']:.2f}s)"
                         if failover.get("loss_to_serving") is not None else ""))
+    if q.get("error"):
+        lines.append(f"controller error: {q['error']}")
     return lines
 
 

@@ -106,6 +106,7 @@ class Controller(StateMachine):
         self._marked_for: str | None = None   # primary instance whose dirty map we filled
         self._sync_next: str | None = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
+        self.last_error: str | None = None
         self._hook: subprocess.Popen[bytes] | None = None
         self.guest = Guest(cfg.qmp, cfg.libvirt_domain, cfg.libvirt_uri, cfg.freeze, cfg.qga)
         self._progress_said = 0.0
@@ -298,6 +299,14 @@ class Controller(StateMachine):
                 raise ControlError(f"secondary {self.secondary.socket} won the failover of "
                                    f"epoch {s['epoch'] - 1} and holds the newest data: promote "
                                    "it (controller-promote) instead of overwriting it")
+            unsent = s.get("unsent-as-primary")
+            if unsent and not_started(s) and p["epoch"] <= s["epoch"]:
+                raise ControlError(f"{self.secondary.socket} was the primary of epoch "
+                                   f"{s['epoch']} and {unsent}: start it as the primary "
+                                   "again (swap the nodes' roles), or, once those writes are "
+                                   "no longer wanted, start it as a secondary with epoch="
+                                   f"{s['epoch'] + 1} (repdisk ctl SOCKET start "
+                                   f"mode=secondary epoch={s['epoch'] + 1})")
             # A pair this controller starts begins in epoch 1; a running primary's epoch is
             # the pair's (a pair started by hand runs in 0): a secondary started in any
             # other would refuse its writer sessions (sessions.py).
@@ -726,8 +735,10 @@ class Controller(StateMachine):
                         then = self._decide(p, s)
                     if then is not None:
                         then()
+                        self.last_error = None
         except RepdiskError as err:
             log.warning("%s: %s", self.state.value, err)
+            self.last_error = str(err)
         self._write_metrics()
 
     def _decide(self, p: dict[str, Any] | None,
@@ -822,6 +833,8 @@ class Controller(StateMachine):
             "dirty": sum(d.get("dirty_bytes", 0) for d in p.get("disks", [])),
             "progress": self.progress.as_dict() if self.progress else None,
             "failover": self.last_failover,
+            # Why the last operation a heartbeat started failed (None once one succeeds).
+            "error": self.last_error,
             "old_primary_fenced": self._old_primary_fenced,
             "counters": dict(self.counters),
             "events": list(self.events)[-20:],

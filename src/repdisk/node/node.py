@@ -326,6 +326,9 @@ class Node:
             "epoch": state.epoch,
             "failed-over": state.failed_over,
             "fenced": state.fenced or None,
+            # A node about to start as a secondary that may hold what its peer lacks: the
+            # controller's check before it starts it (NodeState.check_start is the node's).
+            "unsent-as-primary": self._unsent() if role.name == SECONDARY else "",
             "sealed": dict(state.sealed),
             "guest-writes-refused": self.ctx.admission.refused or None,
             "isolation": role.isolation(),

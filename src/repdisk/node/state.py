@@ -94,9 +94,10 @@ class NodeState:
         if role == "secondary" and self.role == "primary" and unsent and same_epoch:
             raise ConfigError("epoch", f"this node was the primary of epoch {self.epoch} and "
                                        f"{unsent}: start it as the primary again (it sends "
-                                       "them to its secondary), or as a secondary with an "
-                                       f"epoch above {self.epoch} once they are no longer "
-                                       "wanted")
+                                       "them to its secondary), or, once they are no longer "
+                                       "wanted, start it as a secondary with epoch="
+                                       f"{self.epoch + 1} and let a controller start its "
+                                       "primary (it compares the disks by checksum first)")
         if role == "secondary" and self.failed_over and same_epoch:
             raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
                                        "holds the newest data: promote it, or start it as a "
