@@ -215,3 +215,35 @@ def test_an_old_primary_restarted_without_a_controller_comes_up_fenced(lab_dir: 
     assert start.returncode == 1 and "this node was fenced" in start.stderr
     qemu("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 1M",
          f"nbd+unix:///active?socket={lab_dir}/sec.sock")             # the winner: checkpoint
+
+
+def test_an_old_primary_that_meets_the_winner_later_is_fenced_then(lab_dir: str) -> None:
+    """As above, but the winner is down when the old primary starts again: it serves (it
+    cannot know), and the first contact, its start, fences it instead of failing obscurely."""
+    repdisk("/", "lab", "--dir", lab_dir, "--size", "64M")
+    pri, sec = f"{lab_dir}/pri.qmp", f"{lab_dir}/sec.qmp"
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert repdisk(lab_dir, "ctl", sock, cmd) == "ok\n"
+    kill9(lab_dir, "pri")
+    assert repdisk(lab_dir, "ctl", sec, "failover") == "ok\n"
+    os.kill(pid(lab_dir, "sec"), signal.SIGTERM)                    # the winner goes away
+    deadline = time.monotonic() + 10
+    while lab_processes(lab_dir):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c, replica = f"{lab_dir}/c", f"nbd+unix:///replica?socket={lab_dir}/sec.sock"
+    repdisk(lab_dir, "primary", "--disk", f"{lab_dir}/pri.img", "--control", f"{c}.qmp",
+            "--nbd-socket", f"{c}.sock", "--secondary", replica, "--background")
+    assert json.loads(repdisk(lab_dir, "ctl", f"{c}.qmp", "status", "--json"))["fenced"] is None
+    repdisk(lab_dir, "secondary", "--disk", f"{lab_dir}/sec.img", "--control",
+            f"{lab_dir}/s2.qmp", "--nbd-socket", f"{lab_dir}/sec.sock", "--background")
+    start = run([REPDISK, "ctl", f"{c}.qmp", "start", "mode=primary"], lab_dir, timeout=60)
+    why = (f"the node at --secondary {replica} is in epoch 1, newer than this node's 0: it "
+           "won a failover and holds the newest data")
+    assert (start.returncode, start.stderr) == (1, (
+        f"repdisk: GenericError: epoch: start refused, and this node is fenced now: {why}; "
+        "start its disk as that node's secondary\n"))
+    assert state(lab_dir)["fenced"] == why
+    refused = run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 1M",
+                   f"nbd+unix:///?socket={c}.sock"], lab_dir, timeout=60)
+    assert "Operation not permitted" in refused.stdout + refused.stderr

@@ -30,7 +30,7 @@ from typing import Any
 from repdisk.block.device import BlockDevice
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.imagelock import lock_image
-from repdisk.errors import BlockIOError, ConfigError
+from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, default
 from repdisk.node.context import NodeContext
@@ -174,7 +174,17 @@ class Node:
             return self._ignored("replication-start", over)
         self.state.check_start(self._role.name, epoch, self._unsent())
         self._role.before_start(epoch)
-        self._role.registry.start_all(mode)
+        try:
+            self._role.registry.start_all(mode)
+        except RepdiskError as err:
+            # The peer refused or did not answer: it may have won a failover meanwhile.
+            role = self._role
+            lost = role.superseded() if isinstance(role, PrimaryRole) else None
+            if lost is None or not isinstance(role, PrimaryRole):
+                raise
+            role.fence(lost)
+            raise ConfigError("epoch", f"start refused, and this node is fenced now: {lost}; "
+                                       "start its disk as that node's secondary") from err
         with self.ctx.changing_state() as state:
             state.enter(self._role.name, epoch)
         return None

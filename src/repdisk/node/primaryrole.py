@@ -138,28 +138,35 @@ class PrimaryRole(Role[PrimaryReplica]):
                 raise ConfigError("secondary", f"{err}{hint}") from err
 
     def _fence_if_superseded(self) -> None:
-        """Come up fenced if the node at ``--secondary`` lists an export of a newer epoch:
-        it won a failover while this node was down (it may have been promoted since), so
-        every guest write acknowledged here would be lost.  Guest writes then fail
-        (EROFS) as for a primary the controller fenced, before any is served, controller
-        or not.  Only for a node that was a primary (its state says so): a first start is
-        the controller's to judge; a node that cannot be asked changes nothing here."""
-        cfg, state = self.ctx.cfg, self.ctx.state
-        assert cfg.secondary is not None
-        if state.role != PRIMARY or state.fenced:
+        """At start-up, before serving: come up fenced if the node at ``--secondary`` is in
+        a newer epoch (:meth:`superseded`).  Guest writes then fail (EROFS) from the first
+        one, as for a primary the controller fenced, controller or not."""
+        reason = self.superseded()
+        if reason is None:
             return
-        # At most 2 s: a host that is down must not hold up a primary that serves alone.
-        listed = nbdclient.list_exports(cfg.secondary, min(cfg.primary.timeout, 2.0)) or {}
-        newest = max((d[0] for d in map(described, listed.values()) if d is not None),
-                     default=None)
-        if newest is None or newest <= state.epoch:
-            return
-        reason = (f"the node at --secondary {cfg.secondary} is in epoch {newest}, newer than "
-                  f"this node's {state.epoch}: it won a failover and holds the newest data")
         with self.ctx.changing_state() as changed:
             changed.fenced = reason
         log.error("fenced at start-up: %s; guest writes fail: start this disk as its "
                   "secondary (repdisk secondary) to re-protect the pair", reason)
+
+    def superseded(self) -> str | None:
+        """Why this node lost to its ``--secondary``, if it did: that node lists an export of
+        a newer epoch, so it won a failover while this one was down or cut off (it may have
+        been promoted since), and every guest write acknowledged here would be lost.  Only
+        for a node that was a primary (its state says so; a first start is the controller's
+        to judge) and is not fenced yet; None when the peer cannot be asked (at most 2 s: a
+        host that is down must not hold up a primary that serves alone)."""
+        cfg, state = self.ctx.cfg, self.ctx.state
+        assert cfg.secondary is not None
+        if state.role != PRIMARY or state.fenced:
+            return None
+        listed = nbdclient.list_exports(cfg.secondary, min(cfg.primary.timeout, 2.0)) or {}
+        newest = max((d[0] for d in map(described, listed.values()) if d is not None),
+                     default=None)
+        if newest is None or newest <= state.epoch:
+            return None
+        return (f"the node at --secondary {cfg.secondary} is in epoch {newest}, newer than "
+                f"this node's {state.epoch}: it won a failover and holds the newest data")
 
     def _check_disk_names(self) -> None:
         """A secondary that answers but lacks a disk's replica export: if it lists other
