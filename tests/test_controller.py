@@ -124,6 +124,9 @@ def test_a_failover_made_without_the_controller_is_noticed_and_its_loser_fenced(
         pair.sec.ctl("replication-stop", failover=True)           # by hand
         step_until(ctl, "failed-over")
         assert ctl.epoch == 2
+        assert controller_lines(ctl.query())[1] == (
+            "controller failed over to epoch 2: made without this controller (noticed at a "
+            "heartbeat)")
         wait_for(lambda: (ctl.step(), ctl.query()["old_primary_fenced"])[1], 5, "fence")
         assert pair.pri.ctl("query-replication")["fenced"] == (
             f"the pair failed over to {pair.sec.control} in epoch 2")

@@ -770,6 +770,11 @@ class Controller(StateMachine):
             # Failed over without this controller (repdisk ctl SEC failover): the secondary
             # holds the newest data; the next round fences the primary that lost.
             self.epoch = max(self.epoch, s["epoch"])
+            self.last_failover = {"time": time.time(), "epoch": s["epoch"],
+                                  "reason": "made without this controller (noticed at a "
+                                            "heartbeat)",
+                                  "loss_to_serving": None, "failover": None}
+            self.counters["failovers"] += 1
             self._set_state(ControllerState.FAILED_OVER,
                             f"{self.secondary.socket} won the failover of epoch "
                             f"{s['epoch'] - 1} without this controller: promote it "
