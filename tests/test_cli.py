@@ -350,6 +350,8 @@ def test_overlay_size_message_is_plain(workdir: str, nodes: Nodes) -> None:
      "(see repdisk secondary --help)"),
     (["ctl"], "repdisk ctl: error: the following arguments are required: SOCKET|HOST:PORT, "
               "command (see repdisk ctl --help)"),
+    (["secondary", "--disk", "x.img", "--control", "x.qmp", "--port", "99999"],
+     "repdisk: error: port: 99999 is not a TCP port: give 1 to 65535"),
 ])
 def test_usage_mistakes_are_one_line(argv: list[str], said: str, tmp_path) -> None:
     result = run([REPDISK, *argv], str(tmp_path))

@@ -44,7 +44,10 @@ class Listen:
     insecure: bool = False   # allow a plain TCP listener on an address other hosts reach
 
     def check(self) -> None:
-        """Refuse a plain TCP listener off loopback unless insecure; check TLS files."""
+        """Refuse a port that is not one, and a plain TCP listener off loopback unless
+        insecure; check TLS files."""
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError("port", f"{self.port} is not a TCP port: give 1 to 65535")
         if self.tls is not None:
             self.tls.check("tls", "server")
         elif not self.socket:
