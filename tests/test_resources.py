@@ -202,11 +202,17 @@ def test_unknown_key_names_file_line_and_key(folder: Path) -> None:
     # status only reads: the other resources are still shown, the mistake in one line
     resource_file(folder, "beta")
     result = repdisk(folder, "status", ok=False)
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"error: {folder}/etc/alpha.toml:18: controller.colour: "
-                               "unknown key")
-    assert lines[1:] == [f"beta ({folder}/etc/beta.toml)", "  controller: down",
-                         "  secondary: down", "  primary: down"]
+    assert result.stderr.startswith(f"repdisk: error: {folder}/etc/alpha.toml:18: "
+                                    "controller.colour: unknown key")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout.splitlines() == [f"beta ({folder}/etc/beta.toml)",
+                                          "  controller: down", "  secondary: down",
+                                          "  primary: down"]
+    result = repdisk(folder, "status", "alpha", ok=False)     # the one with the mistake
+    assert (result.stdout, len(result.stderr.splitlines())) == ("", 1)
+    assert "no resource named" not in result.stderr
+    result = repdisk(folder, "status", "beta", ok=False)      # alpha's mistake not in the way
+    assert result.stderr == "" and result.stdout.startswith("beta (")
 
 
 def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:

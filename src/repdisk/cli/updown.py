@@ -88,6 +88,11 @@ def up(res: Resource, host: str | None = None) -> list[str]:
     return started
 
 
+def _file_name(path: str) -> str:
+    """The resource a file in the config folder is (its name without .toml)."""
+    return os.path.basename(path).removesuffix(resources.SUFFIX)
+
+
 def _check_role(res: Resource, node: Node) -> None:
     """Refuse to start as the primary a node whose state says it was last a secondary that
     did not win a failover: after a promotion or a switchover the file's sections name the
@@ -220,10 +225,15 @@ def status(names: list[str], config_dir: str) -> int:
     broken: list[resources.ResourceError] = []
     found = resources.load_dir(config_dir, broken=broken)
     host = resources.this_host()
-    ok = not broken
-    for err in broken:
-        print(f"error: {err}")
-    for res in resources.select(found, names, config_dir):
+    named = set(names) - {"all"}
+    shown = [err for err in broken if not named or _file_name(err.path) in named]
+    for err in shown:
+        print(f"repdisk: error: {err}", file=sys.stderr)
+    ok = not shown
+    wanted = [n for n in names if n not in {_file_name(err.path) for err in broken}]
+    if names and not wanted and named:
+        return 1                        # every resource named has a mistake, said above
+    for res in resources.select(found, wanted, config_dir):
         print(f"{res.name} ({res.path})")
         sockets = []
         if res.controller.host == host:
