@@ -314,6 +314,9 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     bad = cli_pair.repdisk("ctl", sec, "failover", ok=False)     # before any checkpoint
     assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr
+    bad = cli_pair.repdisk("ctl", "pri.img", "status", ok=False)    # the disk, a file
+    assert bad.stderr == ("repdisk: GenericError: pri.img is not a socket: give the node's (or "
+                          "the controller's) --control socket\n")
     bad = cli_pair.repdisk("ctl", "pri.sock", "status", ok=False)   # the NBD socket
     assert (bad.returncode, bad.stdout) == (1, "")
     assert bad.stderr == ("repdisk: GenericError: pri.sock is an NBD socket, not a control "

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -82,6 +84,10 @@ class QMPClient:
             self._run(self._qmp.connect(address, ssl=tls), timeout, "connect")
         except ControlError as err:
             self.close()          # a failed client holds no loop or socket
+            if isinstance(address, str) and os.path.exists(address) \
+                    and not stat.S_ISSOCK(os.stat(address).st_mode):
+                raise ControlError(f"{address} is not a socket: give the node's (or the "
+                                   "controller's) --control socket") from err
             if "no answer within" in str(err) and _speaks_nbd(address):
                 raise ControlError(f"{address} is an NBD socket, not a control socket: give "
                                    "the node's --control socket") from err
