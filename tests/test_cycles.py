@@ -248,29 +248,22 @@ class Cycler:
             assert self.query()["state"] == "failed-over"
         pri.start("secondary")
         if i == 1:   # a wrong URI: refused by the winner before anything changes
-            wrong = promote[:4] + [f"uri=nbd+unix:///replica?socket={pri.path('nosock')}"] \
-                + promote[5:]
-            bad = repdisk(self.folder, *wrong, check=False)
-            assert bad.returncode == 1 and "fix the URI" in bad.stderr, bad.stderr
-            q = self.query()
-            assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
-            # The winner's own replica export (it answers, with the right size): refused.
-            own = promote[:4] + [f"uri={sec.uri('replica')}"] + promote[5:]
-            bad = repdisk(self.folder, *own, check=False)
-            assert bad.returncode == 1 and bad.stderr.endswith(
-                f"cannot promote: {sec.uri('replica')} is this node's own replica export: "
-                "give the new secondary's URI\n"), bad.stderr
-            q = self.query()
-            assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
-            # The new secondary's active export, not its replica: refused too.
-            active = promote[:4] + [f"uri={pri.uri('active')}"] + promote[5:]
-            bad = repdisk(self.folder, *active, check=False)
-            assert bad.returncode == 1 and bad.stderr.endswith(
-                f"cannot promote: {pri.uri('active')} names export 'active', not a "
-                "secondary's replica export: give its replica export (.../replica?...)\n"), \
-                bad.stderr
-            q = self.query()
-            assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
+            nowhere = f"nbd+unix:///replica?socket={pri.path('nosock')}"
+            for uri, said in (
+                    (nowhere, "; start the new secondary first, or fix the URI\n"),
+                    # the winner's own replica export (it answers, with the right size)
+                    (sec.uri("replica"), f"cannot promote: {sec.uri('replica')} is this "
+                                         "node's own replica export: give the new "
+                                         "secondary's URI\n"),
+                    # the new secondary's active export, not its replica
+                    (pri.uri("active"), f"cannot promote: {pri.uri('active')} names export "
+                                        "'active', not a secondary's replica export: give its "
+                                        "replica export (.../replica?...)\n")):
+                wrong = promote[:4] + [f"uri={uri}"] + promote[5:]
+                bad = repdisk(self.folder, *wrong, check=False)
+                assert bad.returncode == 1 and bad.stderr.endswith(said), bad.stderr
+                q = self.query()
+                assert q["state"] == "failed-over" and self.roles(q) == (pri, sec)
         if i == 2:   # the controller killed between failover and promotion, restarted
             self.kill_controller()
             self.start_controller()
