@@ -157,10 +157,15 @@ def _text(lines: _Lines, table: str, key: str, value: Any) -> str:
     raise lines.error(table, key, f"expected a string, got {type(value).__name__} {value!r}")
 
 
+def resource_name(path: str) -> str:
+    """The resource a file of the config folder describes: its name without ``.toml``."""
+    return os.path.basename(path)[:-len(SUFFIX)]
+
+
 def load_file(path: str, host: str | None = None) -> Resource:
     """Read and check one resource file (keys, values; the disks of this host's nodes)."""
     host = host or this_host()
-    name = os.path.basename(path)[:-len(SUFFIX)]
+    name = resource_name(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()

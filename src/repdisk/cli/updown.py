@@ -88,11 +88,6 @@ def up(res: Resource, host: str | None = None) -> list[str]:
     return started
 
 
-def _file_name(path: str) -> str:
-    """The resource a file in the config folder is (its name without .toml)."""
-    return os.path.basename(path).removesuffix(resources.SUFFIX)
-
-
 def _check_role(res: Resource, node: Node) -> None:
     """Refuse to start as the primary a node whose state says it was last a secondary that
     did not win a failover: after a promotion or a switchover the file's sections name the
@@ -226,11 +221,11 @@ def status(names: list[str], config_dir: str) -> int:
     found = resources.load_dir(config_dir, broken=broken)
     host = resources.this_host()
     named = set(names) - {"all"}
-    shown = [err for err in broken if not named or _file_name(err.path) in named]
+    shown = [err for err in broken if not named or resources.resource_name(err.path) in named]
     for err in shown:
         print(f"repdisk: error: {err}", file=sys.stderr)
     ok = not shown
-    wanted = [n for n in names if n not in {_file_name(err.path) for err in broken}]
+    wanted = [n for n in names if n not in {resources.resource_name(err.path) for err in broken}]
     if names and not wanted and named:
         return 1                        # every resource named has a mistake, said above
     for res in resources.select(found, wanted, config_dir):
