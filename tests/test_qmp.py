@@ -215,9 +215,36 @@ def test_repdisk_client(server: QMPServer, path: str, handlers: Handlers) -> Non
         assert client.execute("echo", x=4) == {"x": 4}   # the late reply was dropped
 
 
+def _greet(listener: socket.socket, greeting: bytes) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.sendall(greeting)
+        conn.recv(1)  # until the client hangs up
+
+
 def test_repdisk_client_errors(sockdir: Path) -> None:
-    with pytest.raises(ControlError, match="connect"):
-        QMPClient(timeout=2).connect(str(sockdir / "missing"))
+    missing = str(sockdir / "missing")
+    with pytest.raises(ControlError) as info:
+        QMPClient(timeout=2).connect(missing)
+    assert (str(info.value), info.value.error_class) == (
+        f"{missing}: nothing answers there (No such file or directory): start the node (or "
+        "controller) first, or give its --control socket", "")
+    # A server that greets with something else is refused at its first byte, not after
+    # the connect timeout (60 s here).
+    for greeting, what in ((b"NBDMAGICIHAVEOPT\0\3", "an NBD socket"),
+                           (b"SSH-2.0-x\r\n", "a socket whose server does not speak QMP")):
+        with socket.socket(socket.AF_UNIX) as other:
+            where = str(sockdir / "other")
+            other.bind(where)
+            other.listen()
+            talker = threading.Thread(target=_greet, args=(other, greeting))
+            talker.start()
+            with pytest.raises(ControlError) as info:
+                QMPClient(timeout=60).connect(where)
+            talker.join()
+            assert str(info.value) == (f"{where} is {what}, not a control socket: give the "
+                                       "node's --control socket")
+            os.unlink(where)
     with socket.socket(socket.AF_UNIX) as mute:       # accepts, never greets
         mute.bind(str(sockdir / "mute"))
         mute.listen()

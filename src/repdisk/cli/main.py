@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except ControlError as err:
-        print(f"repdisk: {err.error_class}: {err}", file=sys.stderr)
+        print(f"repdisk: {err.error_class or 'error'}: {err}", file=sys.stderr)
         return 1
     except RepdiskError as err:
         print(f"repdisk: error: {err}", file=sys.stderr)

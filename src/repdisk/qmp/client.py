@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import ssl
 import stat
 import sys
@@ -39,11 +38,32 @@ _T = TypeVar("_T")
 CLOSE_TIMEOUT = 1.0
 
 
+#: How an NBD server's greeting begins.
+_NBDMAGIC = b"NBDMAGIC"
+
+
+class NotQMPError(QMPError):
+    """The server's first bytes are not a QMP greeting; the message says what it is."""
+
+
 class _QMPSession(_AsyncQMPClient):
     """qemu.qmp's client, with one fix for TLS: its disconnect flushes by setting the write
     high-water mark to 0 and draining, and CPython 3.11's SSL transport pauses writing when
     the buffer size is >= that mark (0 >= 0), so the drain never returns.  Over TLS the
     queue is drained normally instead; closing the transport still sends what is left."""
+
+    async def _readline(self) -> bytes:
+        """A line; before the greeting, refuse at once a server whose first byte is not
+        QMP's ``{``.  An NBD server greets with ``NBDMAGIC`` and no newline, which qemu.qmp
+        would wait for until the connect timed out."""
+        if self._greeting is not None or self._reader is None:
+            return await super()._readline()
+        first = await self._reader.readexactly(1)
+        if first == b"{":
+            return first + await super()._readline()
+        magic = first + await self._reader.read(len(_NBDMAGIC) - 1)
+        raise NotQMPError("an NBD socket" if magic == _NBDMAGIC
+                          else "a socket whose server does not speak QMP")
 
     async def _bh_flush_writer(self) -> None:
         writer = self._writer
@@ -87,10 +107,15 @@ class QMPClient:
             if isinstance(address, str) and os.path.exists(address) \
                     and not stat.S_ISSOCK(os.stat(address).st_mode):
                 raise ControlError(f"{address} is not a socket: give the node's (or the "
-                                   "controller's) --control socket") from err
-            if "no answer within" in str(err) and _speaks_nbd(address):
-                raise ControlError(f"{address} is an NBD socket, not a control socket: give "
-                                   "the node's --control socket") from err
+                                   "controller's) --control socket", "") from err
+            why = getattr(err.__cause__, "exc", None)  # qemu.qmp's ConnectError
+            if isinstance(why, NotQMPError):
+                raise ControlError(f"{address} is {why}, not a control socket: give the "
+                                   "node's --control socket", "") from err
+            if isinstance(why, (FileNotFoundError, ConnectionRefusedError)):
+                raise ControlError(f"{address}: nothing answers there ({why.strerror}): "
+                                   "start the node (or controller) first, or give its "
+                                   "--control socket", "") from err
             raise
         return self
 
@@ -133,7 +158,7 @@ class QMPClient:
                     return self._received.pop(i)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ControlError(f"{self.address}: no {name} event within the timeout")
+                raise ControlError(f"{self.address}: no {name} event within the timeout", "")
             try:
                 self._received.append(dict(self._run(self._qmp.events.get(), left, name)))
             except ControlError:
@@ -173,16 +198,17 @@ class QMPClient:
         with self._lock:
             if self._loop.is_closed():
                 coro.close()
-                raise ControlError(f"{self.address}: the QMP client is closed")
+                raise ControlError(f"{self.address}: the QMP client is closed", "")
             try:
                 return self._loop.run_until_complete(asyncio.wait_for(coro, limit))
             except TimeoutError as err:
-                raise ControlError(f"{self.address}: {what}: no answer within {limit} s") \
+                raise ControlError(f"{self.address}: {what}: no answer within {limit} s",
+                                   "") \
                     from err
             except ExecuteError:
                 raise
             except (QMPError, OSError, EOFError) as err:
-                raise ControlError(f"{self.address}: {what}: {err}") from err
+                raise ControlError(f"{self.address}: {what}: {err}", "") from err
 
     def __enter__(self) -> QMPClient:
         return self
@@ -190,21 +216,6 @@ class QMPClient:
     def __exit__(self, exc_type: type[BaseException] | None,
                  exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
-
-
-def _speaks_nbd(address: Address) -> bool:
-    """True if the server at ``address`` greets as an NBD server does (``NBDMAGIC``), which
-    is silent until its client speaks: a node's NBD socket given for its control socket.
-    Asked only after a connection found no QMP greeting, so a slip costs one look."""
-    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET6 \
-        if ":" in address[0] else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            sock.connect(address)
-            return sock.recv(8) == b"NBDMAGIC"
-    except OSError:
-        return False
 
 
 # -- one command on a control socket ------------------------------------------------------
