@@ -219,6 +219,13 @@ class RawImage:
         self._can_zero_range = True
         self._can_copy = True  # copy_to in the kernel (copy_file_range), see there
 
+    @property
+    def identity(self) -> str:
+        """Which file this is (device and inode; a block device's own number), not its
+        contents: another file at the same path, or the same file, says so."""
+        st = os.fstat(self._fd)
+        return f"dev {st.st_rdev}" if stat.S_ISBLK(st.st_mode) else f"{st.st_dev}:{st.st_ino}"
+
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, exist_ok: bool = False) -> RawImage:
         """Create a sparse image of ``size`` bytes (an existing file is resized if exist_ok)."""

@@ -221,6 +221,7 @@ class Node:
         if over:
             return self._ignored("replication-do-checkpoint", over)
         self._role.registry.do_checkpoint_all()
+        self._role.checkpointed()
         return None
 
     def resume(self) -> None:

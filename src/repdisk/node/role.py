@@ -98,6 +98,9 @@ class Role(Generic[R]):
     def contact(self) -> None:
         """The controller was heard from."""
 
+    def checkpointed(self) -> None:
+        """Every disk took a checkpoint (replication-do-checkpoint succeeded)."""
+
     def isolation(self) -> dict[str, Any] | None:
         """The isolation guard's report, if the role has one."""
         return None

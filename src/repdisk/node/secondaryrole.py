@@ -21,6 +21,7 @@ from repdisk.node.primaryrole import new_primary
 from repdisk.node.role import Role, describe_disk, described
 from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
+from repdisk.replication.link import CONTENTS_UNKNOWN
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import Stage
@@ -38,9 +39,13 @@ class SecondaryRole(Role[SecondaryReplica]):
     mode = ReplicationMode.SECONDARY
 
     def __init__(self, ctx: NodeContext, replicas: dict[str, SecondaryReplica],
-                 demoted: list[PrimaryReplica]) -> None:
+                 demoted: list[PrimaryReplica], unknown: set[str]) -> None:
         super().__init__(ctx, replicas)
         self.demoted = demoted  # a demoted node's former primaries (links dropped)
+        #: Disks new to this node (their file is not the one a checkpoint last made a
+        #: consistent copy, NodeState.synced): the replica export says so (CONTENTS_UNKNOWN)
+        #: until a checkpoint, so that the primary compares before it copies.
+        self.unknown = unknown
 
     # -- becoming a secondary ----------------------------------------------------------
 
@@ -60,7 +65,13 @@ class SecondaryRole(Role[SecondaryReplica]):
                 raise ConfigError("disk", f"{spec.path}: {err}") from err
             ctx.lock(rep.disk, rep.hidden_overlay, rep.active_overlay)
             replicas[spec.name] = rep
-        return cls(ctx, replicas, [])
+        unknown = {name for name, rep in replicas.items()
+                   if ctx.state.synced.get(name) != rep.disk.identity}
+        if unknown:
+            log.warning("%s: not the file last synced as this node's disk (or no record of "
+                        "one): the primary compares the disks before copying",
+                        ", ".join(sorted(unknown)))
+        return cls(ctx, replicas, [], unknown)
 
     @classmethod
     def over(cls, ctx: NodeContext, primaries: dict[str, PrimaryReplica]) -> SecondaryRole:
@@ -73,7 +84,8 @@ class SecondaryRole(Role[SecondaryReplica]):
                                         ctx.cfg.cluster_size, ctx.emit)
             ctx.lock(sec.disk, sec.hidden_overlay, sec.active_overlay)
             replicas[name] = sec
-        return cls(ctx, replicas, list(primaries.values()))
+        # Demoted after a final barrier: each disk holds what the new primary's does.
+        return cls(ctx, replicas, list(primaries.values()), set())
 
     def name_exports(self) -> None:
         """A secondary's exports; a demoted node's guest-facing ``Export`` objects are kept
@@ -107,8 +119,22 @@ class SecondaryRole(Role[SecondaryReplica]):
     def describe(self, name: str) -> str:
         view, _, disk = name.partition("/")
         disk = disk or self.ctx.cfg.disks[0].name
-        return (describe_disk("secondary", disk, self.ctx) + ": "
-                + (REPLICA_VIEW if view == "replica" else "the secondary VM's view"))
+        if view != "replica":
+            return describe_disk("secondary", disk, self.ctx) + ": the secondary VM's view"
+        unknown = f"{CONTENTS_UNKNOWN}; " if disk in self.unknown else ""
+        return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}"
+
+    def checkpointed(self) -> None:
+        """Record which file each disk that is a consistent copy now is (the state is
+        written only when that changes); those disks are no longer new to the node."""
+        synced = {**self.ctx.state.synced,
+                  **{name: rep.disk.identity for name, rep in self.replicas.items()
+                     if rep.consistent}}
+        if self.ctx.state.synced != synced:
+            with self.ctx.changing_state() as state:
+                state.synced = synced
+        self.unknown = {name for name in self.unknown
+                        if synced.get(name) != self.replicas[name].disk.identity}
 
     def recover(self) -> None:
         """At open: finish the failover commit that a crash interrupted, before serving.

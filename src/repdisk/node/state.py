@@ -20,7 +20,11 @@ promoted without a rollback (:meth:`NodeState.switch`); any newer writer session
 clears it.  A primary records ``unclean`` once it begins to serve, before any write, and
 clears it only at a clean stop, after saving its dirty maps: a primary that finds it set
 at start-up did not stop cleanly (its maps are gone or stale) and compares its disks with
-its secondary's before its first checkpoint (primaryrole.py).  Written with
+its secondary's before its first checkpoint (primaryrole.py).  A secondary records, per
+disk, which file a checkpoint last made a consistent copy (``synced``); one started on
+any other file (replaced, swapped with another disk, or its state lost) tells its primary
+that its contents are unknown, and the primary compares before it copies (secondaryrole.py);
+serving as a primary clears the record.  Written with
 :func:`~repdisk.durable.replace_file` (temporary file, fsync, rename, fsync of the
 directory) so a crash leaves the old or the new state, never a torn one; a file that cannot
 be parsed is refused.
@@ -46,6 +50,9 @@ class NodeState:
     failover_commit: int | None = None  # epoch whose failover commit is under way
     sealed: dict[str, int] = field(default_factory=dict)  # disk -> epoch of a clean demote
     unclean: bool = False      # a primary served since its dirty maps were last saved
+    #: disk -> identity (RawImage.identity) of the file a checkpoint last made a consistent
+    #: secondary copy; a disk whose file is not the one recorded is new to its primary
+    synced: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> NodeState:
@@ -66,7 +73,8 @@ class NodeState:
                        fenced=str(raw.get("fenced", "")),
                        failover_commit=_optional_int(raw.get("failover_commit")),
                        sealed=_sealed(raw.get("sealed", {})),
-                       unclean=bool(raw.get("unclean", False)))
+                       unclean=bool(raw.get("unclean", False)),
+                       synced=_synced(raw.get("synced", {})))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
@@ -111,6 +119,7 @@ class NodeState:
     def end_failover(self) -> None:
         """The commit is complete: this node won the failover and starts the next epoch."""
         self.epoch, self.failed_over, self.failover_commit = self.epoch + 1, True, None
+        self.synced = {}  # the disk holds the secondary VM's writes now
 
     def enter(self, role: str, epoch: int | None) -> None:
         """Record a start (already checked): a newer epoch clears what the old one said;
@@ -127,7 +136,7 @@ class NodeState:
     def switch(self) -> None:
         """A role switch after a clean demote: this node's disk is the newest and starts
         the next epoch, as a won failover does (nothing was rolled back)."""
-        self.epoch, self.failed_over, self.sealed = self.epoch + 1, True, {}
+        self.epoch, self.failed_over, self.sealed, self.synced = self.epoch + 1, True, {}, {}
 
 
 def dirty_map_path(state_path: str, disk: str) -> str:
@@ -141,6 +150,13 @@ def _optional_int(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"failover_commit is {value!r}, expected an epoch or null")
     return value
+
+
+def _synced(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"synced is {value!r}, expected an object of disk: file identity")
+    return dict(value)
 
 
 def _sealed(value: object) -> dict[str, int]:

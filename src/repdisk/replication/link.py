@@ -25,15 +25,20 @@ import time
 
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.errors import ForwardError
+from repdisk.replication import nbdclient
 from repdisk.replication.forwarder import Forwarder, Source
 from repdisk.replication.framework import ReplicationError
 from repdisk.replication.sessions import SEAL_SUFFIX, make_tag
 from repdisk.replication.stage import StageMachine
-from repdisk.uri import with_export_suffix
+from repdisk.uri import export_name, with_export_suffix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Link", "LinkState", "PULL_DELAY"]
+__all__ = ["CONTENTS_UNKNOWN", "Link", "LinkState", "PULL_DELAY"]
+
+#: What a secondary's replica export description says when the disk is new to it (not
+#: the file a checkpoint last made a consistent copy): its primary compares first.
+CONTENTS_UNKNOWN = "contents unknown, compared before any copy"
 
 #: async: the forwarder gathers dirty pieces this long before a round (fio 4 KiB random
 #: writes QD16, 2 vCPUs: see bench/README.md).
@@ -167,6 +172,14 @@ class Link:
                 f"{self.name}: the secondary {self.uri} is {fwd.size} bytes but the "
                 f"local disk is {self._dirty.size} bytes; give both disks the same size")
         return fwd
+
+    def peer_contents_unknown(self) -> bool:
+        """Whether the secondary's replica export says its disk is new to it
+        (CONTENTS_UNKNOWN): what the dirty map says it lacks is then not all it lacks.
+        False for a server that does not list it (not a repdisk secondary)."""
+        assert self.uri is not None
+        listed = nbdclient.list_exports(self.uri, self.timeout) or {}
+        return CONTENTS_UNKNOWN in listed.get(export_name(self.export_uri), "")
 
     def probe(self) -> None:
         """Check that the secondary answers and has this disk's size (node start-up)."""

@@ -294,8 +294,13 @@ class PrimaryReplica:
 
     def _link_up(self) -> None:
         """Connect (a write-back's forwarder pulls from its source); raises
-        ReplicationError if the secondary is unfit."""
+        ReplicationError if the secondary is unfit.  A secondary whose disk is new to it
+        (replaced, swapped, its state lost) makes the next copy compare first."""
         self.link.up(self.write_path.source)
+        if not self.compare_first and self.link.peer_contents_unknown():
+            log.warning("%s: the secondary %s says its disk is new to it: comparing the "
+                        "disks before copying", self.name, self.link.uri)
+            self.compare_first = True
 
     def _copy(self, progress: Progress | None) -> int:
         """Compare first if nothing is known of the secondary, then copy what is dirty."""
@@ -308,9 +313,10 @@ class PrimaryReplica:
         """Refuse ``op`` unless every write is known to be on the secondary."""
         dirty = self.dirty.dirty_bytes
         if self.compare_first:
-            raise ReplicationError(f"{self.name}: cannot {op}: this primary did not stop "
-                                   "cleanly and has not compared its disk with the "
-                                   f"secondary's yet; {hint}")
+            raise ReplicationError(f"{self.name}: cannot {op}: this primary has not compared "
+                                   "its disk with the secondary's yet (it did not stop "
+                                   "cleanly, or the secondary's disk is new to it); "
+                                   f"{hint}")
         if self.link.degraded or dirty:
             raise ReplicationError(f"{self.name}: cannot {op}: the secondary is not in sync: "
                                    f"{dirty} bytes dirty; {hint}")
