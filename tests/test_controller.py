@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -323,6 +324,35 @@ def test_isolated_primary_suspends_then_is_fenced(nodes):
         # A fenced node may not start as a primary again.
         with pytest.raises(ControlError, match="fenced"):
             pair.pri.ctl("replication-start", mode="primary", epoch=3)
+    finally:
+        pair.close()
+
+
+def test_a_primary_stopped_past_the_failover_acknowledges_nothing_when_it_wakes(nodes):
+    """A primary frozen (SIGSTOP) with a write under way for longer than the controller's
+    heartbeat-timeout wakes after the failover with a stale verdict of its guard (its
+    monitor thread slept too): that write, and any other, must not be acknowledged; they
+    wait for contact, which is the controller's fence."""
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        runner = run_in_thread(ctl)
+        writer = Writer(pair.pri.uri(), pair.size, max_len=16 << 10, threads=2).start()
+        time.sleep(0.3)
+        pair.pri.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: ctl.state == "failed-over", 5, "failover")
+            n = writer.writes
+        finally:
+            pair.pri.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: ctl.query()["old_primary_fenced"], 5, "fence")
+        wait_for(lambda: len(writer.errors) == 2, 5, "both writes refused")
+        assert writer.writes == n, "the woken primary acknowledged a write after the failover"
+        assert all("EPERM" in e for e in writer.errors), writer.errors
+        writer.stop()
+        ctl.stop()
+        runner.join()
     finally:
         pair.close()
 

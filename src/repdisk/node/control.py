@@ -144,7 +144,7 @@ def _controller_commands(node: Node) -> list[Command]:
                  "repair": ArgSpec(bool, False, "copy the differing ranges (default false)")},
                 help="primary: compare the disks with the secondary's while the guest writes; "
                      "the exact differing ranges (repair=true copies them)"),
-        Command("replication-heartbeat", lambda a: node.heartbeat(),
+        Command("replication-heartbeat", lambda a: node.heartbeat(), timely=True,
                 help="the controller's heartbeat: counts as contact for a primary's isolation "
                      "guard; returns what query-replication returns"),
         Command("replication-fence", lambda a: node.fence(a["reason"]),

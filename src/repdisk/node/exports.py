@@ -31,6 +31,7 @@ class Export:
         self.size = target.size
         self._admit = admission.enter
         self._done = admission.leave
+        self._pass_guard = admission.pass_guard
 
     @property
     def target(self) -> BlockDevice:
@@ -49,6 +50,7 @@ class Export:
             self.target.pwrite(buf, offset, fua)
         finally:
             self._done()
+        self._pass_guard()  # again before acknowledging
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
         self._admit()
@@ -56,6 +58,7 @@ class Export:
             self.target.zero(offset, length, fua)
         finally:
             self._done()
+        self._pass_guard()  # again before acknowledging
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._admit()
@@ -63,6 +66,7 @@ class Export:
             self.target.trim(offset, length, fua)
         finally:
             self._done()
+        self._pass_guard()  # again before acknowledging
 
     def flush(self) -> None:
         self.target.flush()
@@ -75,8 +79,9 @@ class Admission:
     """Which guest writes the node lets in, and how many are under way.
 
     Every guest write (``Export``) enters and leaves here.  ``enter`` first passes the
-    isolation guard of a primary (``guard``: held while isolated, refused once fenced),
-    then is refused with EROFS while the node refuses guest writes (a demoted primary);
+    isolation guard of a primary (``guard``: held while isolated, refused once fenced;
+    passed again before a write is acknowledged), then is refused with EROFS while the
+    node refuses guest writes (a demoted primary);
     ``refuse`` waits until the writes already admitted have left, so a demote's barrier
     covers them all.
     """
@@ -89,9 +94,7 @@ class Admission:
         self.refused = ""  # why guest writes are refused ("" = they are admitted)
 
     def enter(self) -> None:
-        guard = self.guard
-        if guard is not None and (guard.suspended or guard.fenced):
-            guard.admit()  # held while suspended, refused once fenced (no call otherwise)
+        self.pass_guard()
         with self._lock:
             if self.refused:
                 raise BlockIOError(errno.EROFS, f"guest write refused: {self.refused}")
@@ -100,6 +103,15 @@ class Admission:
     def leave(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+    def pass_guard(self) -> None:
+        """Pass the isolation guard: on entering, and again before a finished write is
+        acknowledged, so that a write admitted before the node stopped or starved for
+        longer than the isolation timeout is not acknowledged when it wakes (held while
+        suspended, refused once fenced; no call of the guard otherwise)."""
+        guard = self.guard
+        if guard is not None and (guard.suspended or guard.fenced or guard.overdue()):
+            guard.admit()
 
     def refuse(self, why: str, timeout: float) -> bool:
         """Refuse new guest writes; True once none is under way, False (still refusing)

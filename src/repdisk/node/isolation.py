@@ -47,13 +47,23 @@ class Isolation:
         self._thread = threading.Thread(target=self._run, name="repdisk-isolation", daemon=True)
         self._thread.start()
 
+    def overdue(self) -> bool:
+        """Armed and the last contact older than ``timeout``, whether or not the monitor
+        has seen it yet (a node that was stopped or starved wakes with a stale verdict);
+        plain fields, read without the lock."""
+        return self._armed and time.monotonic() - self._last_contact >= self.timeout
+
     def admit(self) -> None:
         """Let a guest write through, hold it while suspended, refuse it once fenced.
 
-        ``Admission.enter`` calls it only while ``suspended`` or ``fenced`` is set (plain
-        fields, read without the lock: a write racing the change is either side of it)."""
+        ``Admission`` calls it only while ``suspended``, ``fenced`` or :meth:`overdue`
+        (plain fields, read without the lock: a write racing the change is either side of
+        it); an overdue guard is judged again here first."""
         if not self.suspended and not self.fenced:
-            return
+            if not self.overdue():
+                return
+            with self._cond:
+                self._update()
         with self._cond:
             while not self.fenced and self.suspended:
                 self._cond.wait()

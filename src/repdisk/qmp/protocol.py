@@ -64,6 +64,9 @@ class Command:
     handler: Callable[[dict[str, Any]], Any]
     args: Mapping[str, ArgSpec] = field(default_factory=dict)
     help: str = ""
+    #: Refused, not run, if its client hung up before it came to run: what it says is
+    #: "now" (a heartbeat), and a node that was stopped may read it long after it was sent.
+    timely: bool = False
 
 
 _TYPE_NAMES: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string",
@@ -287,6 +290,8 @@ class QMPProtocol:
     def __init__(self, server: CommandTable) -> None:
         self._server = server
         self._splitter = _Splitter(server.max_message)
+        #: The transport saw the client hang up (its requests may still be buffered).
+        self.client_gone = False
         self.phase = Phase.NEGOTIATING
 
     def _set_phase(self, phase: Phase) -> None:
@@ -354,6 +359,8 @@ class QMPProtocol:
         gate(self.phase, name)
         if cmd is None:
             raise ControlError(f"The command {name} has not been found", "CommandNotFound")
+        if cmd.timely and self.client_gone:
+            raise ControlError(f"{name} not run: its client hung up before it could run")
         result = run_command(cmd, check_arguments(cmd, arguments))
         if name == CAPABILITIES:
             self._set_phase(Phase.RUNNING)

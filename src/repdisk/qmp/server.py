@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import queue
+import select
 import socket
 import ssl
 import stat
@@ -94,6 +95,7 @@ class _Connection:
                 data = self._sock.recv(65536)
                 if not data:
                     break
+                self.protocol.client_gone = _hung_up(self._sock)
                 for reply in self.protocol.replies(data):
                     self.post(reply)
                     if self.protocol.negotiated and not self.subscribed and not self._dropped:
@@ -194,6 +196,13 @@ class _Listener:
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has closed its side already (a FIN behind the bytes read)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 def remove_stale_socket(path: str, what: str = "control socket") -> None:
