@@ -5,6 +5,8 @@ nothing changed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import nbd
@@ -12,7 +14,8 @@ import pytest
 
 from repdisk.controller.switchover import Node, switchover
 from repdisk.errors import ControlError
-from tests.helpers.controller import Writer, file_bytes, make_pair
+from repdisk.qmp.client import QMPClient
+from tests.helpers.controller import Writer, file_bytes, make_pair, wait_for
 from tests.helpers.nodes import (
     SIZE,
     MiB,
@@ -95,6 +98,14 @@ def test_controller_switchover_and_back_and_verify(nodes: Nodes, tmp_path) -> No
         time.sleep(0.2)                                 # writes after the checkpoint
         writer.stop()                                   # the guest paused (or migrated away)
         model = bytes(writer.model)                     # every acknowledged write
+        for uri, back, said in (
+                (pair.sec.uri("replica"), pair.pri.uri("replica"), "is not the primary"),
+                (pair.pri.uri(), pair.sec.uri("replica"), "not a replica export"),
+                (pair.pri.uri("replica"), pair.pri.uri("replica"), "is not the secondary")):
+            with pytest.raises(ControlError, match=f"{said}.*nothing changed"):
+                ctl.switchover(uri, back)                # a tired operator's URIs
+            assert (ctl.state.value, ctl.epoch) == ("running", 1)
+            assert pair.pri.ctl("query-replication")["role"] == "primary"
         result = ctl.switchover(pair.pri.uri("replica"), pair.sec.uri("replica"))
         assert result["epoch"] == 2 and ctl.epoch == 2 and ctl.state.value == "running"
         q = ctl.query()
@@ -126,4 +137,37 @@ def test_controller_switchover_and_back_and_verify(nodes: Nodes, tmp_path) -> No
             time.sleep(0.05)
         assert hook.read_text() == f"2 {pair.sec.control}\n3 {pair.pri.control}\n"
     finally:
+        pair.close()
+
+
+def test_switchover_with_a_wrong_new_guest_monitor_changes_nothing(nodes: Nodes,
+                                                                   tmp_path) -> None:
+    """qmp= must be a QEMU waiting for the guest (-incoming): a typo, or the guest's own
+    monitor, is refused before the guest is migrated or a node changes."""
+    pair = make_pair(nodes)
+    qmp, other = str(tmp_path / "guest.qmp"), str(tmp_path / "other.qmp")
+    qemus = [subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{path},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for path in (qmp, other)]
+    try:
+        wait_for(lambda: os.path.exists(qmp) and os.path.exists(other), 10, "QMP sockets")
+        ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))
+        ctl.start()
+        for new, said in ((str(tmp_path / "typo.qmp"), "does not answer"),
+                          (qmp, "does not answer"),      # the guest's own: held by us
+                          (other, "is a QEMU in state running")):
+            with pytest.raises(ControlError, match=f"qmp={new}.*{said}.*nothing changed"):
+                ctl.switchover(pair.pri.uri("replica"), pair.sec.uri("replica"),
+                               migrate=f"unix:{tmp_path}/mig.sock", qmp=new)
+            assert (ctl.state.value, ctl.epoch) == ("running", 1)
+            assert pair.pri.ctl("query-replication")["role"] == "primary"
+        ctl.close()                                      # QEMU serves one QMP client
+        with QMPClient(timeout=5).connect(qmp) as guest:
+            assert guest.execute("query-status")["status"] == "running"
+    finally:
+        for q in qemus:
+            q.kill()
+            q.wait()
         pair.close()

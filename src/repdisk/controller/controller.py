@@ -68,7 +68,10 @@ from repdisk.controller.peer import (
 from repdisk.controller.states import ControllerState, Operation, StateMachine
 from repdisk.controller.syncplan import SYNC_MODES, Progress, SyncPlan
 from repdisk.errors import ControlError, RepdiskError
+from repdisk.node.role import described
 from repdisk.qmp.server import QMPServer, serve_control
+from repdisk.replication import nbdclient
+from repdisk.uri import export_name
 
 log = logging.getLogger(__name__)
 
@@ -610,6 +613,9 @@ class Controller(StateMachine):
                                "and qmp=ITS.qmp")
         with self._operation(Operation.SWITCHOVER):
             p = self.primary.query()
+            self._check_replica_uri("uri", uri, self.primary, p)
+            self._check_replica_uri("back-uri", back_uri, self.secondary,
+                                    self.secondary.query())
             a = planned.Node(self._caller(self.primary), uri, self.primary.socket)
             b = planned.Node(self._caller(self.secondary), back_uri, self.secondary.socket)
             self._event("SWITCHOVER_STARTED", primary=a.name, secondary=b.name)
@@ -627,6 +633,24 @@ class Controller(StateMachine):
                         secondary=self.secondary.socket, **result)
             self._run_hook(self.cfg.on_switchover)
             return result
+
+    @staticmethod
+    def _check_replica_uri(what: str, uri: str, peer: Peer, q: dict[str, Any]) -> None:
+        """Before a switchover changes anything: ``uri`` names a replica export of the
+        node ``peer`` is (its exports' descriptions name its instance), or does not answer
+        from here (the nodes then find out, and a failure rolls back)."""
+        if not export_name(uri).startswith("replica"):
+            raise ControlError(f"cannot switch over: {what}={uri} names export "
+                               f"{export_name(uri)!r}, not a replica export (.../replica?...); "
+                               "nothing changed")
+        listed = nbdclient.list_exports(uri, 2.0)
+        if not listed:
+            return
+        theirs = {d[1] for d in map(described, listed.values()) if d is not None}
+        if theirs != {q.get("instance")}:
+            raise ControlError(f"cannot switch over: {what}={uri} is not the {peer.role} "
+                               f"{peer.socket}'s (uri= is the primary's replica URI, "
+                               "back-uri= the secondary's); nothing changed")
 
     @staticmethod
     def _caller(peer: Peer) -> planned.Call:

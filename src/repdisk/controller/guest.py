@@ -298,25 +298,48 @@ def migration_pause(monitor: Callable[[], Monitor], migrate: str,
                     qmp: str) -> Callable[[Callable[[], None]], float]:
     """A switchover's ``pause`` that moves the guest: live-migrate it (its monitor:
     ``monitor()``) to ``migrate``, run the body once QEMU stopped it, resume the new QEMU
-    at ``qmp``; the pause returns how long the guest was stopped."""
+    at ``qmp``; the pause returns how long the guest was stopped.  The new QEMU must answer
+    at ``qmp`` and wait for a migration before anything changes (raises ControlError)."""
     def pause(body: Callable[[], None]) -> float:
-        guest = monitor()
-        guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
-        guest.execute("migrate", {"uri": migrate})
-        stopped = None
-        while (status := guest.execute("query-migrate").get("status")) != "completed":
-            if status in ("failed", "cancelled"):
-                raise ControlError(f"cannot switch over: the guest's migration to "
-                                   f"{migrate} {status}; nothing changed")
-            if stopped is None and not guest.execute("query-status")["running"]:
-                stopped = time.monotonic()
-            time.sleep(0.002)
-        stopped = stopped or time.monotonic()
-        body()
-        new = QMPClient(timeout=30).connect(qmp)
+        new = _incoming(qmp)
         try:
-            new.execute("cont")
+            return _migrate(monitor(), migrate, body, new)
         finally:
             new.close()
-        return time.monotonic() - stopped
     return pause
+
+
+def _incoming(qmp: str) -> QMPClient:
+    """The monitor of the QEMU the guest moves to, checked: it answers and waits for an
+    incoming migration (raises ControlError, nothing changed)."""
+    try:
+        new = QMPClient(timeout=30).connect(qmp, timeout=5.0)
+    except ControlError as err:
+        raise ControlError(f"cannot switch over: the new guest's monitor qmp={qmp} does not "
+                           f"answer ({err}); nothing changed") from err
+    status = new.execute("query-status").get("status")
+    if status != "inmigrate":
+        new.close()
+        raise ControlError(f"cannot switch over: qmp={qmp} is a QEMU in state {status}, not "
+                           "one waiting for the guest (-incoming); give the new QEMU's "
+                           "monitor; nothing changed")
+    return new
+
+
+def _migrate(guest: Monitor, migrate: str, body: Callable[[], None], new: QMPClient) -> float:
+    """Live-migrate the guest to ``migrate``, run ``body`` once it stopped, resume ``new``;
+    how long the guest was stopped."""
+    guest.execute("migrate-set-parameters", {"max-bandwidth": VM_STATE_BANDWIDTH})
+    guest.execute("migrate", {"uri": migrate})
+    stopped = None
+    while (status := guest.execute("query-migrate").get("status")) != "completed":
+        if status in ("failed", "cancelled"):
+            raise ControlError(f"cannot switch over: the guest's migration to "
+                               f"{migrate} {status}; nothing changed")
+        if stopped is None and not guest.execute("query-status")["running"]:
+            stopped = time.monotonic()
+        time.sleep(0.002)
+    stopped = stopped or time.monotonic()
+    body()
+    new.execute("cont")
+    return time.monotonic() - stopped
