@@ -110,7 +110,8 @@ class Admission:
         longer than the isolation timeout is not acknowledged when it wakes (held while
         suspended, refused once fenced; no call of the guard otherwise)."""
         guard = self.guard
-        if guard is not None and (guard.suspended or guard.fenced or guard.overdue()):
+        if guard is not None and (guard.suspended or guard.fenced or guard.judging
+                                  or guard.overdue()):
             guard.admit()
 
     def refuse(self, why: str, timeout: float) -> bool:

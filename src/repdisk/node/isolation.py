@@ -42,6 +42,9 @@ class Isolation:
         self._last_contact = time.monotonic()
         self.isolated = False
         self.suspended = False
+        #: Writes are held while a refusal by the secondary is judged (hold_for_verdict;
+        #: how many verdicts are awaited, one per disk refused).
+        self.judging = 0
         self.fenced = fenced
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="repdisk-isolation", daemon=True)
@@ -59,13 +62,13 @@ class Isolation:
         ``Admission`` calls it only while ``suspended``, ``fenced`` or :meth:`overdue`
         (plain fields, read without the lock: a write racing the change is either side of
         it); an overdue guard is judged again here first."""
-        if not self.suspended and not self.fenced:
+        if not self.suspended and not self.fenced and not self.judging:
             if not self.overdue():
                 return
             with self._cond:
                 self._update()
         with self._cond:
-            while not self.fenced and self.suspended:
+            while not self.fenced and (self.suspended or self.judging):
                 self._cond.wait()
             if self.fenced:
                 raise BlockIOError(errno.EROFS, f"guest write refused: this node is fenced: "
@@ -77,6 +80,14 @@ class Isolation:
             self._armed = True
             self._last_contact = max(self._last_contact, time.monotonic())
             self._update()
+
+    def hold_for_verdict(self, held: bool) -> None:
+        """Hold guest writes (True) until the verdict (False, or :meth:`fence`): the
+        secondary refused this primary's writes, and whether another node took over is
+        being asked.  Calls pair up; writes wait until every verdict is in."""
+        with self._cond:
+            self.judging += 1 if held else -1
+            self._cond.notify_all()
 
     def fence(self, reason: str) -> None:
         with self._cond:

@@ -11,8 +11,10 @@ its disks with the secondary's first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -56,6 +58,8 @@ class PrimaryRole(Role[PrimaryReplica]):
         self.retired = retired
         self.guard: Isolation | None = None
         self._acks: dict[str, int | None] = {}
+        for rep in replicas.values():
+            rep.link.on_refused = functools.partial(self._refused, rep)
 
     # -- becoming a primary ------------------------------------------------------------
 
@@ -149,7 +153,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         log.error("fenced at start-up: %s; guest writes fail: start this disk as its "
                   "secondary (repdisk secondary) to re-protect the pair", reason)
 
-    def superseded(self) -> str | None:
+    def superseded(self, uri: str | None = None) -> str | None:
         """Why this node lost to its ``--secondary``, if it did: that node lists an export of
         a newer epoch, so it won a failover while this one was down or cut off (it may have
         been promoted since), and every guest write acknowledged here would be lost.  Only
@@ -157,16 +161,44 @@ class PrimaryRole(Role[PrimaryReplica]):
         to judge) and is not fenced yet; None when the peer cannot be asked (at most 2 s: a
         host that is down must not hold up a primary that serves alone)."""
         cfg, state = self.ctx.cfg, self.ctx.state
-        assert cfg.secondary is not None
-        if state.role != PRIMARY or state.fenced:
+        uri = uri or cfg.secondary
+        if uri is None or state.role != PRIMARY or state.fenced:
             return None
-        listed = nbdclient.list_exports(cfg.secondary, min(cfg.primary.timeout, 2.0)) or {}
+        listed = nbdclient.list_exports(uri, min(cfg.primary.timeout, 2.0)) or {}
         newest = max((d[0] for d in map(described, listed.values()) if d is not None),
                      default=None)
         if newest is None or newest <= state.epoch:
             return None
-        return (f"the node at --secondary {cfg.secondary} is in epoch {newest}, newer than "
-                f"this node's {state.epoch}: it won a failover and holds the newest data")
+        where = f"--secondary {uri}" if uri == cfg.secondary else uri
+        return (f"the node at {where} is in epoch {newest}, newer than this node's "
+                f"{state.epoch}: it won a failover and holds the newest data")
+
+    def _refused(self, rep: PrimaryReplica, error: str) -> None:
+        """The secondary refused this primary's writes (``Link.on_refused``: the failing
+        forwarder's thread, before the writes it failed are settled).  Hold guest writes
+        and judge, on a thread of its own, whether another node took over: then fence this
+        one, so that no write is acknowledged here and lost there; if not within the
+        link's timeout (replication stopped without a failover), let them go on."""
+        guard = self.guard
+        if guard is None:
+            return
+        guard.hold_for_verdict(True)
+        threading.Thread(target=self._judge_refusal, args=(rep, error, guard),
+                         name="repdisk-verdict", daemon=True).start()
+
+    def _judge_refusal(self, rep: PrimaryReplica, error: str, guard: Isolation) -> None:
+        deadline = time.monotonic() + rep.timeout
+        try:
+            while (reason := self.superseded(rep.secondary_uri)) is None:
+                if self.ctx.state.fenced or time.monotonic() >= deadline:
+                    return
+                time.sleep(0.1)
+            log.error("%s: %s", rep.name, error)
+            self.fence(reason)
+        except RepdiskError as err:
+            log.error("%s: judging the secondary's refusal failed: %s", rep.name, err)
+        finally:
+            guard.hold_for_verdict(False)
 
     def _check_disk_names(self) -> None:
         """A secondary that answers but lacks a disk's replica export: if it lists other

@@ -26,7 +26,10 @@ def describe_disk(role: str, disk: str, ctx: NodeContext) -> str:
     """The start of an export's NBD description: the node's role, the disk, the node's
     epoch and process, which peers read (:func:`described`): a restarting primary its
     secondary's epoch, a node being promoted whether a URI leads back to itself."""
-    return f"repdisk {role} disk {disk} in epoch {ctx.state.epoch} of node {ctx.instance}"
+    state = ctx.state
+    # A failover commit under way already refuses the old primary: name the epoch it makes.
+    epoch = state.epoch if state.failover_commit is None else state.failover_commit + 1
+    return f"repdisk {role} disk {disk} in epoch {epoch} of node {ctx.instance}"
 
 
 def described(description: str) -> tuple[int, str] | None:

@@ -19,9 +19,11 @@ as one value, so a writer reads both at once from any thread.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.errors import ForwardError
@@ -73,6 +75,10 @@ class Link:
         self._count_lock = threading.Lock()
         #: Forwarders that failed (query-replication's forward_errors).
         self.errors = 0
+        #: Told, on the failing forwarder's thread and before the writes it failed are
+        #: settled, when the secondary refused this primary's writes (EPERM: a newer
+        #: session or a failover superseded it); the node judges whether it lost.
+        self.on_refused: Callable[[str], None] | None = None
         self.state = LinkState.DOWN
         #: The connection, failed or not; None when there is none.
         self.forwarder: Forwarder | None = None
@@ -140,6 +146,8 @@ class Link:
         if fwd is not self.forwarder:
             return  # an abandoned connection: its ranges are marked, nothing else to say
         self.degrade(f"forwarding to the secondary {self.uri} failed: {error}")
+        if fwd.errno == errno.EPERM and self.on_refused is not None:
+            self.on_refused(error)
 
     # -- connections -----------------------------------------------------------------------
 
