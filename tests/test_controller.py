@@ -21,7 +21,7 @@ from repdisk.cli.status import controller_lines, status_lines
 from repdisk.controller.config import ControllerConfig
 from repdisk.controller.controller import Controller
 from repdisk.errors import ControlError
-from repdisk.qmp.client import execute
+from repdisk.qmp.client import QMPClient, execute
 from repdisk.replication.resync import GRANULARITY
 from tests.helpers.controller import (
     HEARTBEAT_TIMEOUT,
@@ -610,7 +610,6 @@ def test_checkpoint_pauses_guest_and_saves_vm_state(nodes, tmp_path):
         assert (vm_state / "vmstate").stat().st_size == rec["vm_state_bytes"]
         assert not (vm_state / "vmstate.tmp").exists()
         ctl.close()                                        # QEMU serves one QMP client
-        from repdisk.qmp.client import QMPClient
         with QMPClient().connect(qmp) as guest:
             assert guest.execute("query-status")["running"] is True
         print(f"\ncheckpoint with stop/migrate/cont: pause {rec['pause'] * 1000:.1f} ms, "
@@ -618,6 +617,38 @@ def test_checkpoint_pauses_guest_and_saves_vm_state(nodes, tmp_path):
     finally:
         qemu.kill()
         qemu.wait()
+        pair.close()
+
+
+def test_a_checkpoint_never_continues_a_guest_that_migrated_away(nodes, tmp_path):
+    """--qmp naming a QEMU whose guest moved on (a switchover, then the controller restarted
+    with its first options): continuing it would run the guest twice.  The checkpoint is
+    refused, the old QEMU stays in postmigrate."""
+    pair = make_pair(nodes)
+    qmp, new_qmp = str(tmp_path / "guest.qmp"), str(tmp_path / "new.qmp")
+    mig = tmp_path / "mig.sock"
+    qemus = [subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{path},server=on,wait=off", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for path, extra in ((qmp, []), (new_qmp, ["-incoming", f"unix:{mig}"]))]
+    try:
+        wait_for(lambda: os.path.exists(qmp) and os.path.exists(mig), 10, "QEMUs")
+        with QMPClient().connect(qmp) as guest:
+            guest.execute("migrate", {"uri": f"unix:{mig}"})
+            wait_for(lambda: guest.execute("query-status")["status"] == "postmigrate", 10,
+                     "migration")
+        ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))
+        with pytest.raises(ControlError, match=r"migrated away \(postmigrate\): restart the "
+                                               "controller with --qmp of the QEMU it runs in"):
+            ctl.start()
+        ctl.close()
+        with QMPClient().connect(qmp) as guest:
+            assert guest.execute("query-status")["status"] == "postmigrate"
+    finally:
+        for q in qemus:
+            q.kill()
+            q.wait()
         pair.close()
 
 

@@ -259,7 +259,11 @@ class Guest:
         return self._monitor
 
     def paused(self, body: Callable[[], None]) -> float:
-        """Run ``body`` with the guest stopped (or frozen); return how long it was."""
+        """Run ``body`` with the guest stopped (or frozen); return how long it was.
+
+        A guest that migrated away (postmigrate) is refused, as continuing it would run
+        the guest twice (ControlError); any other is continued afterwards, so that a guest
+        a controller killed inside a checkpoint left stopped runs again."""
         if not (self.qmp or self.libvirt_domain) and not self.freeze:
             body()
             return 0.0
@@ -275,6 +279,11 @@ class Guest:
                 agent.thaw()
             return time.monotonic() - t0
         guest = self.monitor()
+        status = guest.execute("query-status").get("status")
+        if status == "postmigrate":
+            raise ControlError(f"the guest at {self.qmp or self.libvirt_domain} migrated "
+                               "away (postmigrate): restart the controller with --qmp of the "
+                               "QEMU it runs in now")
         t0 = time.monotonic()
         guest.execute("stop")
         try:
