@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,12 +288,17 @@ def _is_node(pid: int) -> bool:
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> bool:
-    """SIGTERM ``pid``, SIGKILL it if it lingers; True if it was running."""
+    """SIGTERM ``pid``, SIGKILL it if it lingers (saying so on stderr); True if it was
+    running."""
     try:
         proc = psutil.Process(pid)
         proc.terminate()
         if not _wait_dead(proc, timeout):
             proc.kill()
+            print(f"repdisk: process {pid} did not stop within {timeout:g} s of SIGTERM, so "
+                  "it was killed (a node waits for its NBD clients to disconnect: stop the "
+                  "guest first; a killed primary compares the disks at its next start)",
+                  file=sys.stderr)
             _wait_dead(proc, timeout)
     except psutil.NoSuchProcess:
         return False
