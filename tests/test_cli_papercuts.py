@@ -117,6 +117,18 @@ def test_ctrl_c_against_a_stopped_node_is_one_line_and_130(cli_pair: Pair, argv)
         assert result.stdout == ""
 
 
+@pytest.mark.parametrize("delay", ["0.05", "0.15", "0.3", "0.6"])
+def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(tmp_path,
+                                                                     delay: str) -> None:
+    """Ctrl-C while Python still loads the CLI (libnbd, qemu.qmp): the status of a C tool
+    killed by SIGINT, at most one line, never a traceback."""
+    result = run(["timeout", "--preserve-status", "-s", "INT", delay, REPDISK, "status",
+                  str(tmp_path / "x.qmp")], str(tmp_path))
+    no_traceback(result)
+    assert result.returncode in (-signal.SIGINT, cli.EXIT_INTERRUPTED, 1), result
+    assert result.stderr in ("", "repdisk: interrupted\n") or result.returncode == 1, result
+
+
 # -- refused starts -----------------------------------------------------------------------------
 
 def test_refused_start_touches_nothing_of_the_running_node(cli_pair: Pair) -> None:

@@ -22,7 +22,9 @@ import difflib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -339,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     - stdout closed by its reader (``repdisk status ... | head -1``): nothing, status 141;
     - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # entry.py: SIG_DFL while loading
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)     # --help is output too
