@@ -388,3 +388,18 @@ def test_a_node_kept_up_by_a_connected_client_is_killed_and_said_so(cli_pair: Pa
     assert said == (f"repdisk: process {pid} did not stop within 1 s of SIGTERM, so it was "
                     "killed (a node waits for its NBD clients to disconnect: stop the guest "
                     "first; a killed primary compares the disks at its next start)\n")
+
+
+def test_controller_refuses_a_node_socket_that_is_not_a_control_socket(cli_pair: Pair) -> None:
+    """A tired operator's --primary: the node's NBD socket, or its disk; refused at once in
+    one line, not a controller waiting in "starting" for ever."""
+    start_cli_pair(cli_pair)
+    for given, said in (("pri.sock", "pri.sock is an NBD socket, not a control socket: give "
+                                     "the node's --control socket"),
+                        ("pri.img", "pri.img is not a socket: give the node's (or the "
+                                    "controller's) --control socket")):
+        bad = cli_pair.repdisk("controller", "--primary", given, "--secondary", "sec.qmp",
+                               "--control", "ctrl.qmp", ok=False)
+        assert (bad.returncode, bad.stdout) == (1, "")
+        assert bad.stderr == f"repdisk: error: primary: {said}\n"
+        assert not os.path.exists(cli_pair.path("ctrl.qmp"))

@@ -19,11 +19,12 @@ from repdisk.controller.config import ControllerConfig
 from repdisk.controller.guest import DEFAULT_URI as LIBVIRT_URI
 from repdisk.controller.peer import LEASE_REFUSED, ControllerRefused
 from repdisk.controller.syncplan import SYNC_MODES
-from repdisk.errors import RepdiskError
+from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder
+from repdisk.qmp.client import QMPClient
 from repdisk.qmp.server import remove_stale_socket
 from repdisk.units import parse_duration
-from repdisk.uri import parse_address
+from repdisk.uri import parse_address, tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def _config(args: argparse.Namespace) -> ControllerConfig:
 def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     cfg.check()
+    _check_node_sockets(cfg)
     for flag, path in (("--control", args.control), ("--pidfile", args.pidfile),
                        ("--log", args.log)):
         if path:
@@ -148,6 +150,20 @@ def _run(args: argparse.Namespace) -> int:
         if args.pidfile and os.path.exists(args.pidfile):
             os.unlink(args.pidfile)
     return 0
+
+
+def _check_node_sockets(cfg: ControllerConfig) -> None:
+    """Refuse, in one line, a --primary or --secondary that is a file or another server's
+    socket (a node's NBD socket); a node that does not answer yet is the run loop's to
+    wait for."""
+    for role, path in (("primary", cfg.primary), ("secondary", cfg.secondary)):
+        if tcp_address(path) or not os.path.exists(path):
+            continue
+        try:
+            QMPClient(timeout=2.0).connect(path, timeout=2.0).close()
+        except ControlError as err:
+            if "not a control socket" in str(err) or "is not a socket" in str(err):
+                raise ConfigError(role, str(err)) from err
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
