@@ -1059,3 +1059,27 @@ def test_chain_matches_model(depth: int, data: st.DataObject) -> None:
                 _check(chain, model)
         finally:
             chain.close()
+
+
+def test_a_file_is_named_by_its_extended_attribute_not_its_inode(tmp_path) -> None:
+    """A new file at the same path has no name, even when it gets the old inode number
+    (file systems reuse them at once, which made the secondary's record of which disk it
+    synced believe a replaced disk was the same one)."""
+    path = str(tmp_path / "d.img")
+    img = RawImage.create(path, 1 << 20)
+    assert img.identity() is None
+    name = img.named()
+    assert len(name) == 32 and img.identity() == name == img.named()
+    ino = os.stat(path).st_ino
+    img.close()
+    again = RawImage.open(path)
+    assert again.identity() == name
+    again.close()
+    for _ in range(20):                 # until the new file reuses the inode number
+        os.unlink(path)
+        fresh = RawImage.create(path, 1 << 20)
+        reused = os.stat(path).st_ino == ino
+        assert fresh.identity() is None
+        fresh.close()
+        if reused:
+            break

@@ -19,6 +19,7 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -203,6 +204,12 @@ def copy_range(src: BlockDevice, dst: BlockDevice, offset: int, length: int) -> 
         dst.pwrite(piece, pos)
 
 
+#: The extended attribute that names a disk file (RawImage.identity).
+IDENTITY_XATTR = "user.repdisk.id"
+#: What a file system without (user) extended attributes answers.
+_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM)
+
+
 class RawImage:
     """A raw disk image: a (sparse) regular file or a block device.
 
@@ -219,12 +226,41 @@ class RawImage:
         self._can_zero_range = True
         self._can_copy = True  # copy_to in the kernel (copy_file_range), see there
 
-    @property
-    def identity(self) -> str:
-        """Which file this is (device and inode; a block device's own number), not its
-        contents: another file at the same path, or the same file, says so."""
+    def identity(self) -> str | None:
+        """Which file this is, not what it holds: a random name kept in the file's extended
+        attribute ``user.repdisk.id`` (None if it has none yet, see :meth:`named`), which a
+        new file at the same path lacks even where the file system reuses the inode
+        number; a block device's own number; where the file system keeps no extended
+        attributes, the device and inode."""
+        return self._identity(create=False)
+
+    def named(self) -> str:
+        """:meth:`identity`, giving the file its name first if it has none."""
+        name = self._identity(create=True)
+        assert name is not None
+        return name
+
+    def _identity(self, create: bool) -> str | None:
         st = os.fstat(self._fd)
-        return f"dev {st.st_rdev}" if stat.S_ISBLK(st.st_mode) else f"{st.st_dev}:{st.st_ino}"
+        if stat.S_ISBLK(st.st_mode):
+            return f"dev {st.st_rdev}"
+        try:
+            return os.getxattr(self._fd, IDENTITY_XATTR).decode("ascii", "replace")
+        except OSError as err:
+            if err.errno in _NO_XATTRS:
+                return f"{st.st_dev}:{st.st_ino}"
+            if err.errno != errno.ENODATA:
+                raise
+        if not create:
+            return None
+        name = secrets.token_hex(16)
+        try:
+            os.setxattr(self._fd, IDENTITY_XATTR, name.encode("ascii"))
+        except OSError as err:
+            if err.errno not in _NO_XATTRS:
+                raise
+            return f"{st.st_dev}:{st.st_ino}"
+        return name
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, exist_ok: bool = False) -> RawImage:

@@ -66,7 +66,8 @@ class SecondaryRole(Role[SecondaryReplica]):
             ctx.lock(rep.disk, rep.hidden_overlay, rep.active_overlay)
             replicas[spec.name] = rep
         unknown = {name for name, rep in replicas.items()
-                   if ctx.state.synced.get(name) != rep.disk.identity}
+                   if (mine := rep.disk.identity()) is None
+                   or ctx.state.synced.get(name) != mine}
         if unknown:
             log.warning("%s: not the file last synced as this node's disk (or no record of "
                         "one): the primary compares the disks before copying",
@@ -128,13 +129,13 @@ class SecondaryRole(Role[SecondaryReplica]):
         """Record which file each disk that is a consistent copy now is (the state is
         written only when that changes); those disks are no longer new to the node."""
         synced = {**self.ctx.state.synced,
-                  **{name: rep.disk.identity for name, rep in self.replicas.items()
+                  **{name: rep.disk.named() for name, rep in self.replicas.items()
                      if rep.consistent}}
         if self.ctx.state.synced != synced:
             with self.ctx.changing_state() as state:
                 state.synced = synced
         self.unknown = {name for name in self.unknown
-                        if synced.get(name) != self.replicas[name].disk.identity}
+                        if synced.get(name) != self.replicas[name].disk.identity()}
 
     def recover(self) -> None:
         """At open: finish the failover commit that a crash interrupted, before serving.

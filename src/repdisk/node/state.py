@@ -50,7 +50,7 @@ class NodeState:
     failover_commit: int | None = None  # epoch whose failover commit is under way
     sealed: dict[str, int] = field(default_factory=dict)  # disk -> epoch of a clean demote
     unclean: bool = False      # a primary served since its dirty maps were last saved
-    #: disk -> identity (RawImage.identity) of the file a checkpoint last made a consistent
+    #: disk -> name (RawImage.identity) of the file a checkpoint last made a consistent
     #: secondary copy; a disk whose file is not the one recorded is new to its primary
     synced: dict[str, str] = field(default_factory=dict)
 
