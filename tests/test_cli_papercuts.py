@@ -444,6 +444,19 @@ def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: P
             "repdisk: CommandNotFound: The command replication-stop has not been found: did "
             "you mean controller-failover? "), bad.stderr
         assert query()["state"] == "running"
+        # The README's hand checkpoint, typed while the controller holds the pair: one node's
+        # half of a checkpoint would break the pair's; the controller's works.
+        for sock in (pri, sec):
+            for alias in ("checkpoint", "resume"):
+                bad = cli_pair.repdisk("ctl", sock, alias, ok=False)
+                assert (bad.returncode, bad.stdout) == (1, "")
+                assert re.fullmatch(
+                    r"repdisk: GenericError: replication-(do-checkpoint|resume) refused: "
+                    r"controller \S+ takes this pair's checkpoints: ask it \(repdisk ctl "
+                    r"CONTROLLER-SOCKET checkpoint\)\n", bad.stderr), bad.stderr
+        assert not json.loads(cli_pair.repdisk("ctl", pri, "status", "--json").stdout
+                              )["disks"][0]["holding"]
+        cli_pair.repdisk("ctl", "ctl.qmp", "checkpoint")
         # The secondary restarts: the controller starts it in the pair's epoch, 0 (in 1 the
         # primary's writer sessions were refused, and the pair stayed degraded for good).
         nodeproc.stop_pidfile(f("sec.pid"))

@@ -53,12 +53,24 @@ def node_commands(node: Node) -> list[Command]:
     return [_refusal_is_the_answer(_leased(node, cmd)) for cmd in _node_commands(node)]
 
 
+#: A pair's checkpoint is its controller's: one node's half of it, sent by hand while a
+#: controller holds the node, would make the pair's checkpoint (and a saved VM state)
+#: disagree with the disks.
+CONTROLLERS_ONLY = ("replication-do-checkpoint", "replication-resume")
+
+
 def _leased(node: Node, cmd: Command) -> Command:
     """Every command may name the controller sending it (``controller``): the node's lease
-    then refuses it while another controller holds this node (see ``ControllerLease``)."""
+    then refuses it while another controller holds this node (see ``ControllerLease``).
+    An unnamed sender (``repdisk ctl``) may not take a checkpoint's steps while one does."""
     def handler(args: dict[str, Any]) -> Any:
         args = dict(args)
-        node.lease.check(args.pop("controller", None), args.pop("lease", None))
+        who = args.pop("controller", None)
+        node.lease.check(who, args.pop("lease", None))
+        if who is None and cmd.name in CONTROLLERS_ONLY and \
+                (holder := node.lease.holder_now()) is not None:
+            raise ControlError(f"{cmd.name} refused: controller {holder} takes this pair's "
+                               "checkpoints: ask it (repdisk ctl CONTROLLER-SOCKET checkpoint)")
         return cmd.handler(args)
     leased_args = {**cmd.args,
                    "controller": ArgSpec(str, False, "the controller sending this command: "

@@ -56,6 +56,12 @@ class ControllerLease:
             if duration is not None and duration > 0:
                 self.duration = duration
 
+    def holder_now(self) -> str | None:
+        """The controller whose lease is fresh, if one is."""
+        with self._lock:
+            fresh = time.monotonic() - self._heard < self.duration
+            return self.holder if fresh else None
+
     def query(self) -> dict[str, Any] | None:
         with self._lock:
             if self.holder is None:
