@@ -240,8 +240,10 @@ class Cycler:
         if q["last_checkpoints"][-1]["seq"] == seq:                 # none slipped in
             assert reads_zeros(sec.uri("active"), POST_AT + i * POST, POST)
             self.rollbacks_checked += 1
+        # no write-mode=: the promoted node keeps the lost primary's (cycle 2: as the pair
+        # file remembers it for a controller restarted after the failover)
         promote = ["ctl", self.ctl, "controller-promote", f"secondary={pri.control}",
-                   f"uri={pri.uri('replica')}", f"write-mode={self.write_mode}"]
+                   f"uri={pri.uri('replica')}"]
         if i == 0:   # the new secondary is not up yet: refused, nothing changes
             bad = repdisk(self.folder, *promote, check=False)
             assert bad.returncode == 1 and "does not answer" in bad.stderr, bad.stderr
@@ -276,6 +278,9 @@ class Cycler:
             state = json.load(f)
         assert state["role"] == "secondary" and state["epoch"] == q["epoch"] == 2 + i
         assert state["failed_over"] is False and state["fenced"] == ""
+        mode = json.loads(repdisk(self.folder, "ctl", sec.control, "status", "--json").stdout
+                          )["disks"][0]["write_mode"]
+        assert mode == self.write_mode
         self.assert_equal_disks()
 
     def assert_equal_disks(self) -> None:

@@ -21,7 +21,7 @@ class Operations(Protocol):
     def resync(self, mode: str = ...) -> int: ...
 
     def promote(self, secondary_control: str, secondary_uri: str,
-                write_mode: str = ...) -> dict[str, Any]: ...
+                write_mode: str | None = ...) -> dict[str, Any]: ...
 
     def verify(self, repair: bool = ...) -> dict[str, Any]: ...
 
@@ -43,10 +43,11 @@ def control_commands(ctl: Operations) -> list[Command]:
                 {"mode": ArgSpec(str, False, "dirty (default), checksum or full")},
                 help="re-protect now, copying the dirty regions or what differs"),
         Command("controller-promote",
-                lambda a: ctl.promote(a["secondary"], a["uri"], a.get("write-mode", "sync")),
+                lambda a: ctl.promote(a["secondary"], a["uri"], a.get("write-mode")),
                 {"secondary": ArgSpec(str, True, "the new secondary's control socket"),
                  "uri": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
-                 "write-mode": ArgSpec(str, False, "sync (default) or async")},
+                 "write-mode": ArgSpec(str, False, "sync or async (default: the lost "
+                                                   "primary's, as the controller last saw it)")},
                 help="after a failover: the winner becomes primary of a new pair"),
         Command("controller-verify", lambda a: ctl.verify(bool(a.get("repair", False))),
                 {"repair": ArgSpec(bool, False, "copy the differing ranges (default false)")},

@@ -109,6 +109,8 @@ class Controller(StateMachine):
         self._marked_for: str | None = None   # primary instance whose dirty map we filled
         self._sync_next: str | None = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
+        #: The primary's write mode, as last seen: a promotion keeps it unless told.
+        self.write_mode = "sync"
         self.last_error: str | None = None
         self._hook: subprocess.Popen[bytes] | None = None
         self.guest = Guest(cfg.qmp, cfg.libvirt_domain, cfg.libvirt_uri, cfg.freeze, cfg.qga)
@@ -129,7 +131,10 @@ class Controller(StateMachine):
         """Restarted with the options it was first given, run the pair as it is now
         (pairfile.py)."""
         path = self.pair_file
-        now = pairfile.recall(path, (self.cfg.primary, self.cfg.secondary)) if path else None
+        options = (self.cfg.primary, self.cfg.secondary)
+        now = pairfile.recall(path, options) if path else None
+        if path is not None:
+            self.write_mode = pairfile.recall_write_mode(path, options) or self.write_mode
         if now is None or now == (self.primary.socket, self.secondary.socket):
             return
         log.warning("the pair changed since these options were first given: %s is its "
@@ -139,11 +144,20 @@ class Controller(StateMachine):
         self.primary = Peer("primary", now[0], self.cfg)
         self.secondary = Peer("secondary", now[1], self.cfg)
 
+    def _note_write_mode(self, p: dict[str, Any] | None) -> None:
+        """Keep the primary's write mode (remembered in the pair file when it changes):
+        a promotion after the primary is lost gives it to the new primary."""
+        mode = (p["disks"][0].get("write_mode") if p is not None and p.get("role") == "primary"
+                and p.get("disks") else None)
+        if mode is not None and mode != self.write_mode:
+            self.write_mode = mode
+            self._remember_pair()
+
     def _remember_pair(self) -> None:
         """Write the pair file (durably): after every change of the peers."""
         if self.pair_file is not None:
             pairfile.remember(self.pair_file, (self.cfg.primary, self.cfg.secondary),
-                              self.primary.socket, self.secondary.socket)
+                              self.primary.socket, self.secondary.socket, self.write_mode)
 
     def serve(self) -> None:
         """Serve the controller's control socket (and TCP port, if configured)."""
@@ -659,9 +673,10 @@ class Controller(StateMachine):
     # -- promotion -----------------------------------------------------------------------
 
     def promote(self, secondary_control: str, secondary_uri: str,
-                write_mode: str = "sync") -> dict[str, Any]:
+                write_mode: str | None = None) -> dict[str, Any]:
         """Make the failover's winner the primary of a new pair with ``secondary_control``
         (its replica export at ``secondary_uri``); a checksum sync makes that node equal.
+        ``write_mode``: the new primary's (None: the lost primary's, as last seen).
 
         Completes or changes nothing: every check (the new secondary answers, is a
         secondary not yet started, is not the winner, has the winner's disk sizes; the
@@ -673,7 +688,7 @@ class Controller(StateMachine):
             new = self._promotion_checked(secondary_control)
             try:
                 self.secondary.ops.call("replication-promote", {
-                    "secondary": secondary_uri, "write-mode": write_mode,
+                    "secondary": secondary_uri, "write-mode": write_mode or self.write_mode,
                     "timeout": min(5.0, self.cfg.heartbeat_timeout * 0.8),
                     "isolation-timeout": self.cfg.heartbeat_timeout * 0.6, "probe": True})
             except BaseException:
@@ -755,6 +770,7 @@ class Controller(StateMachine):
             with self._lock:
                 if generation == self._generation and self.state is not ControllerState.STOPPED \
                         and not (primary.refused or secondary.refused):
+                    self._note_write_mode(p)
                     with self._operation(Operation.HEARTBEAT):
                         then = self._decide(p, s)
                     if then is not None:

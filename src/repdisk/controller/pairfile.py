@@ -37,10 +37,25 @@ def recall(path: str, options: tuple[str, str]) -> tuple[str, str] | None:
     return now
 
 
-def remember(path: str, options: tuple[str, str], primary: str, secondary: str) -> None:
-    """Write the file at ``path`` durably (after every change of the pair's nodes): the pair
-    is ``primary``, ``secondary`` now, named first by the options the file already holds
-    if they name the same nodes as ``options``, else by ``options``.  A failure is logged."""
+def recall_write_mode(path: str, options: tuple[str, str]) -> str | None:
+    """The pair's write mode as the file at ``path`` remembers it (None: no such file, one
+    about another pair, or one written before it held the mode)."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        mode = rec.get("write_mode")
+        return mode if sorted(rec["options"]) == sorted(options) and \
+            isinstance(mode, str) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def remember(path: str, options: tuple[str, str], primary: str, secondary: str,
+             write_mode: str) -> None:
+    """Write the file at ``path`` durably (after every change of the pair's nodes or of its
+    write mode): the pair is ``primary``, ``secondary`` now, named first by the options the
+    file already holds if they name the same nodes as ``options``, else by ``options``.  A
+    failure is logged."""
     try:
         with open(path) as f:
             first = json.load(f)["options"]
@@ -50,7 +65,8 @@ def remember(path: str, options: tuple[str, str], primary: str, secondary: str) 
         first = list(options)
     try:
         durable.replace_file(path, json.dumps({
-            "options": first, "primary": primary, "secondary": secondary}) + "\n")
+            "options": first, "primary": primary, "secondary": secondary,
+            "write_mode": write_mode}) + "\n")
     except OSError as err:
         log.warning("cannot write the pair file %s: %s (a restart with the first "
                     "options will not find the nodes that replaced them)", path, err)
