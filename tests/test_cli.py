@@ -315,6 +315,14 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     bad = cli_pair.repdisk("ctl", sec, "failover", ok=False)     # before any checkpoint
     assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr
+    for epoch in ("99999999999999999999999", "-1"):       # a typo is refused, not kept
+        bad = cli_pair.repdisk("ctl", sec, "start", "mode=secondary", f"epoch={epoch}", ok=False)
+        assert (bad.returncode, bad.stdout) == (1, "")
+        assert bad.stderr == (f"repdisk: GenericError: epoch: start in epoch {epoch} refused: "
+                              "an epoch is 0 to 9007199254740991 (this node is in epoch 0; a "
+                              "new generation is usually 1)\n")
+    with open(cli_pair.path("sec.img.state"), encoding="utf-8") as f:
+        assert json.load(f)["epoch"] == 0
     # Mistakes of the caller's, not errors of a server: no QMP error class.
     bad = cli_pair.repdisk("ctl", "pri.img", "status", ok=False)    # the disk, a file
     assert bad.stderr == ("repdisk: error: pri.img is not a socket: give the node's (or "

@@ -39,6 +39,8 @@ from repdisk.durable import replace_file
 from repdisk.errors import ConfigError
 
 FORMAT = 1
+#: The largest epoch (JSON's exact integers; a pair fails over far fewer times).
+MAX_EPOCH = 2**53 - 1
 
 
 @dataclass
@@ -86,6 +88,10 @@ class NodeState:
         node holds; raise with the reason.  ``unsent`` says what a node that last ran as a
         primary may hold that its secondary lacks ("" nothing): it may not become a
         secondary (whose disk the other node overwrites) in the same epoch."""
+        if epoch is not None and not 0 <= epoch <= MAX_EPOCH:
+            raise ConfigError("epoch", f"start in epoch {epoch} refused: an epoch is 0 to "
+                                       f"{MAX_EPOCH} (this node is in epoch {self.epoch}; a new "
+                                       f"generation is usually {self.epoch + 1})")
         if self.failover_commit is not None:
             raise ConfigError("epoch", f"start refused: the failover commit of epoch "
                                        f"{self.failover_commit} was interrupted and is not "
