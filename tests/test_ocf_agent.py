@@ -80,7 +80,12 @@ def test_crm_resource_validate_accepts_good_parameters(disk, tmp_path) -> None:
     ("write_mode=fast", ocf.ERR_CONFIGURED, "parameter write_mode: unknown mode 'fast'"),
     ("control=/" + "x" * 120 + "/c.qmp", ocf.ERR_CONFIGURED, "parameter control: "),
     ("control=/dev/null/c.qmp", ocf.ERR_ARGS, "parameter control: cannot create /dev/null"),
-    ("nodes=n1=10.0.0.1", ocf.ERR_CONFIGURED, "parameter nodes: names 1 nodes"),
+    ("nodes=n1=10.0.0.1", ocf.ERR_CONFIGURED, "parameter nodes: names 1 node; a pair has "
+                                               "exactly 2, separated by a space"),
+    ("nodes=n1=10.0.0.1,n2=10.0.0.2", ocf.ERR_CONFIGURED, "parameter nodes: names 1 node"),
+    ("checkpoint_intervall=30s", ocf.ERR_CONFIGURED,     # a typo would be ignored
+     "unknown parameter checkpoint_intervall (did you mean checkpoint_interval?): "
+     "crm_resource --show-metadata ocf:repdisk:repdisk lists them"),
     ("checkpoint_interval=soon", ocf.ERR_CONFIGURED, "parameter checkpoint_interval: "),
     ("insecure=no", ocf.ERR_CONFIGURED, "parameter tls: is off"),
 ])

@@ -33,6 +33,7 @@ when its peer is down.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import shlex
@@ -211,7 +212,9 @@ class AgentConfig:
                 raise bad("nodes", f"{item!r} is not NODE=ADDRESS")
             nodes[name] = addr
         if len(nodes) != 2:
-            raise bad("nodes", f"names {len(nodes)} nodes; a pair has exactly 2")
+            raise bad("nodes", f"names {len(nodes)} node{'s' if len(nodes) != 1 else ''}; a "
+                               "pair has exactly 2, separated by a space: "
+                               "\"n1=ADDRESS n2=ADDRESS\"")
         ports = {}
         for name in ("nbd_port", "control_port"):
             try:
@@ -667,6 +670,21 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+def _unknown_params(env: dict[str, str]) -> str:
+    """What is wrong with a parameter the agent does not have (a typo: its value would be
+    ignored), or "" if there is none; Pacemaker's own (CRM_meta_*, crm_feature_set) are
+    not ours to judge."""
+    unknown = sorted(name for key in env if key.startswith("OCF_RESKEY_")
+                     and not (name := key.removeprefix("OCF_RESKEY_")).lower().startswith("crm_")
+                     and name not in PARAM_BY_NAME)
+    if not unknown:
+        return ""
+    near = difflib.get_close_matches(unknown[0], PARAM_BY_NAME, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return (f"unknown parameter {unknown[0]}{hint}: crm_resource --show-metadata "
+            "ocf:repdisk:repdisk lists them")
+
+
 def run(action: str, env: dict[str, str]) -> int:
     if action == "meta-data":
         print(meta_data(), end="")
@@ -680,6 +698,11 @@ def run(action: str, env: dict[str, str]) -> int:
         # A probe or stop on a node without the disks must still answer (not running).
         local = action not in ("stop", "monitor")
         cfg = AgentConfig.from_env(env, local=local)
+        unknown = _unknown_params(env)
+        if unknown and action == "validate-all":
+            raise AgentError(ERR_CONFIGURED, unknown)
+        if unknown:
+            print(f"repdisk-ocf: {action}: warning: {unknown}", file=sys.stderr)
         if action == "validate-all":
             return SUCCESS
         if action in ("stop", "monitor") and (cfg.node not in cfg.nodes or not all(
