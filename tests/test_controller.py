@@ -234,6 +234,34 @@ def test_kill_secondary_during_load_then_resync_only_dirty_regions(nodes):
         pair.close()
 
 
+def test_a_secondary_put_right_is_reprotected_without_waiting_out_the_back_off(nodes):
+    """Re-protection attempts that fail back off (doubling); a secondary restarted (put
+    right) is tried again at the next heartbeat, not after the back-off grown meanwhile."""
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        runner = run_in_thread(ctl)
+        pair.sec.kill()
+        wait_for(lambda: ctl.state == "degraded", 5, "degraded")
+        small = make_disk(os.path.join(nodes.folder, "small.img"), pair.size // 2)
+        restart(nodes, pair.sec)
+        pair.sec = nodes.secondary(small, "sec")     # the wrong disk: every attempt fails
+        wait_for(lambda: ctl._backoff >= 8 * ctl.cfg.heartbeat_timeout, 30, "a long back-off")
+        restart(nodes, pair.sec)
+        put_right = time.monotonic()
+        pair.sec = nodes.secondary(pair.sec_disk, "sec")
+        wait_for(lambda: ctl.state == "running", 10, "re-protected")
+        waited = time.monotonic() - put_right
+        assert waited < 2 * ctl.cfg.heartbeat_timeout, f"re-protected after {waited:.1f}s"
+        print(f"\nre-protected {waited:.2f}s after the secondary was put right "
+              f"(back-off then {ctl._backoff:.1f}s)")
+        ctl.stop()
+        runner.join()
+    finally:
+        pair.close()
+
+
 # -- the link between the nodes --------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["cut", "hang"])

@@ -771,6 +771,8 @@ class Controller(StateMachine):
                 if generation == self._generation and self.state is not ControllerState.STOPPED \
                         and not (primary.refused or secondary.refused):
                     self._note_write_mode(p)
+                    if primary.came_back() | secondary.came_back():
+                        self._backoff, self._retry_at = self.cfg.heartbeat_timeout, 0.0
                     with self._operation(Operation.HEARTBEAT):
                         then = self._decide(p, s)
                     if then is not None:

@@ -134,6 +134,10 @@ class Peer:
         self.last: dict[str, Any] | None = None  # the last query-replication answer
         self.refused: str | None = None          # another controller holds its lease
         self._lost_said: float | None = None     # when "lost" was last logged
+        #: It answered again after it was lost, restarted, or changed its role, epoch or
+        #: stages (someone started it) since the controller last asked (came_back): a
+        #: re-protection waits for no back-off then.
+        self._back = False
 
     def set_role(self, role: str) -> None:
         self.role = self.beat_link.name = self.ops.name = role
@@ -177,6 +181,7 @@ class Peer:
             log.warning("%s node %s answers again after %.1fs", self.role, self.socket,
                         time.monotonic() - self.last_seen)
             self._lost_said = None
+            self._back = True
         if self.refused is not None:
             log.warning("%s node %s: this controller holds its lease again", self.role,
                         self.socket)
@@ -185,7 +190,15 @@ class Peer:
             # The node restarted: connections made to the old process are dead; the next
             # operation must not spend an attempt finding that out.
             self.ops.stale = True
+            self._back = True
+        if self.last is not None and _shape(q) != _shape(self.last):
+            self._back = True
         self.last, self.last_seen, self.reachable = q, time.monotonic(), True
+
+    def came_back(self) -> bool:
+        """Whether the node answered again, restarted or changed since the last call."""
+        back, self._back = self._back, False
+        return back
 
     def lost(self, err: Exception) -> None:
         now = time.monotonic()
@@ -250,3 +263,8 @@ def won_failover(q: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
     """A secondary that won a failover: its disk holds its pair's newest data."""
     return q is not None and q.get("role") == "secondary" and bool(q.get("failed-over"))
 
+
+def _shape(q: dict[str, Any]) -> tuple[Any, ...]:
+    """What of a node's answer says it was changed (not just that time passed)."""
+    return (q.get("role"), q.get("epoch"), q.get("fenced"),
+            tuple(d.get("stage") for d in q.get("disks", ())))
