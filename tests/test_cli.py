@@ -269,7 +269,7 @@ def test_background_pair_start_checkpoint_failover(cli_pair: Pair) -> None:
     assert cli_pair.repdisk("ctl", sec, "failover").stdout == "ok\n"
     status = cli_pair.repdisk("status", sec).stdout
     assert re.match(r"secondary +disk0 +done +epoch 1 +consistent hidden 0\.0 MiB active "
-                    r"0\.0 MiB  last checkpoint \d+\.\d ms\n$", status)
+                    r"0\.0 MiB  last checkpoint \d+s ago \(\d+\.\d ms\)\n$", status)
     expect = b"\x22" * MiB + bytes(3 * MiB) + b"\x44" * 4096 + bytes(SIZE - 4 * MiB - 4096)
     assert read_file(cli_pair.path("sec.img")) == expect
     qemu("qemu-io", "-f", "raw", "-c", "read -P 0x22 0 1M", "-c", "read -P 0 1M 3M",

@@ -6,6 +6,7 @@ The query goes through :mod:`repdisk.qmp.client`; everything here only renders i
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from repdisk import units
@@ -39,6 +40,16 @@ def render_status(kind: str, q: dict[str, Any]) -> list[str]:
     if kind == "controller":
         return controller_lines(q)
     return [status_line(q, d) for d in q.get("disks", [])]
+
+
+def _node_checkpoint(last: dict[str, Any]) -> str:
+    """``last checkpoint 12s ago (1.0 ms)``: how old the node's rollback point is first (its
+    wall-clock time; a node on another host is as right as the two clocks), then how long
+    it took."""
+    took = f"{last['duration'] * 1000:.1f} ms"
+    if "time" not in last:
+        return f"last checkpoint ({took})"
+    return f"last checkpoint {max(0.0, time.time() - last['time']):.0f}s ago ({took})"
 
 
 def controller_lines(q: dict[str, Any]) -> list[str]:
@@ -114,7 +125,7 @@ def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
                      + f" hidden {_mib(d.get('hidden_bytes', 0))}"
                      f" active {_mib(d.get('active_bytes', 0))}")
     last = d.get("last_checkpoint")
-    parts.append(f"last checkpoint {last['duration'] * 1000:.1f} ms" if last else "no checkpoint")
+    parts.append(_node_checkpoint(last) if last else "no checkpoint")
     if d.get("error"):
         parts.append(f"error: {d['error']}")
     return "  ".join(parts)
