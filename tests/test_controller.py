@@ -195,6 +195,7 @@ def test_status_lines_show_progress_and_failover():
     assert lines[1] == "controller copy: 1.0 MiB of 4.0 MiB (25%) 2.0 MiB/s ETA 2s"
     assert lines[2] == ("controller failed over to epoch 3: primary lost "
                         "(loss to serving 1.25s)")
+    assert len(controller_lines({**q, "state": "running", "progress": None})) == 1
 
 
 # -- secondary lost ------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
                      f"{_mib(progress['total'])} ({100 * progress['done'] / total:.0f}%) "
                      f"{_mib(progress['rate'])}/s ETA {eta}")
     failover = q.get("failover")
-    if failover:
+    if failover and q["state"] != "running":    # once re-protected, it is history
         lines.append(f"controller failed over to epoch {failover['epoch']}: "
                      f"{failover['reason']}"
                      + (f" (loss to serving {failover['loss_to_serving']:.2f}s)"
