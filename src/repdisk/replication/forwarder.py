@@ -88,7 +88,7 @@ from repdisk.replication.ticket import (
     Ticket,
     rejected,
 )
-from repdisk.uri import with_export_suffix
+from repdisk.uri import export_name, with_export_suffix
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,9 @@ class Forwarder:
                                    "version?)")
             return size - _batch.MAILBOX
         except nbd.Error as err:
-            raise ForwardError(f"secondary {self.uri} does not answer: {err}") from None
+            # libnbd names the export it asked for: the one the user gave, not the session's
+            said = str(err).replace(export_name(self._connect_uri), export_name(self.uri))
+            raise ForwardError(f"secondary {self.uri} does not answer: {said}") from None
 
     def close(self) -> None:
         """Stop the I/O thread and close the handle; idempotent.
