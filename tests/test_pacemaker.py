@@ -204,6 +204,24 @@ def test_6_frozen_primary_is_fenced_not_waited_for(cluster_pair: Pair) -> None:
     pair.wait_healthy(120)
 
 
+def test_7_a_second_promotion_of_a_healthy_pair_is_refused(cluster_pair: Pair) -> None:
+    """An operator's --force-promote of the secondary (as promoted-max=2 would do) while the
+    primary serves: the agent refuses, so there is never a second writer, and the primary
+    goes on acknowledging writes that the secondary receives."""
+    pair = cluster_pair
+    p, s = pair.wait_healthy()
+    done = s.run(["crm_resource", "--force-promote", "--resource", "rd"], check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert f"promotion refused: the peer {p.name} answers as a running primary" in out, out
+    q = pair.query(s)
+    assert q is not None and q["role"] == "secondary", q
+    pair.write(p, b"\x71" * 65536, 12 * MiB)
+    pair.wait_checkpoints(s, 1)
+    assert pair.disk(s)[12 * MiB:12 * MiB + 65536] == b"\x71" * 65536
+    assert pair.wait_healthy() == (p, s)
+
+
 # -- three nodes: a partition ----------------------------------------------------------------
 
 TUNED_TOKEN_MS = 1000

@@ -51,6 +51,7 @@ from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config
 from repdisk.qmp.client import QMPClient
+from repdisk.qmp.client import connect as connect_control
 from repdisk.tls import TLSSpec
 
 # OCF return codes.
@@ -565,6 +566,12 @@ class Agent:
             self.call("replication-promote", **args)
             return "none"
         if stages == {"running"}:
+            serving = self._peer_serving()
+            if serving:
+                raise AgentError(ERR_GENERIC, f"promotion refused: the peer {self.cfg.peer} "
+                                              f"answers as a running primary ({serving}): two "
+                                              "primaries would both acknowledge writes; demote "
+                                              "it first (and keep promoted-max=1)")
             self.log("promote: failover to the last checkpoint (the primary is gone)")
             self.call("replication-stop", timeout=3600, failover=True)
         elif stages == {"none"} and not q.get("failed-over"):
@@ -572,6 +579,25 @@ class Agent:
             args["force"] = True
         self.call("replication-promote", **args)
         return "checksum"
+
+    def _peer_serving(self) -> str:
+        """What the peer says if it answers as a running primary that is not fenced (then a
+        failover here makes two writers), else "" (it does not answer within 3 s: gone,
+        fenced by the cluster, or cut off)."""
+        try:
+            client = connect_control(self.cfg.control_address(self.cfg.peer),
+                                     self.cfg.tls.path if self.cfg.tls else None,
+                                     self.cfg.insecure, timeout=3.0, connect_timeout=3.0)
+            try:
+                q = client.execute("query-replication")
+            finally:
+                client.close()
+        except (OSError, RepdiskError):
+            return ""
+        if q.get("role") != "primary" or q.get("fenced") or \
+                "running" not in {d.get("stage") for d in q.get("disks", [])}:
+            return ""
+        return f"epoch {q.get('epoch')}"
 
     def demote(self) -> int:
         q = self.query()
