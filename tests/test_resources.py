@@ -10,6 +10,7 @@ A user's way: a fresh folder, one TOML file per resource, the `repdisk` command 
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import nbd
 import psutil
 import pytest
 
-from repdisk.cli import resources
+from repdisk.cli import controllercmd, resources
 from repdisk.cli.resources import ResourceError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,3 +301,15 @@ def swap_sections(path: Path, folder: Path, name: str) -> None:
     secondary += "".join(moving)
     path.write_text(f"{head}[primary]\n{secondary}[secondary]\n{primary}[controller]\n"
                     f"control = \"{folder}/{name}-pri.ctrl.qmp\"\n{controller}")
+
+
+def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None:
+    """The README says a [controller] section takes any option of `repdisk controller`:
+    every one but those `repdisk up` gives itself."""
+    parser = argparse.ArgumentParser()
+    controllercmd.add_parsers(parser.add_subparsers())
+    options = {opt.removeprefix("--") for action in parser._subparsers._group_actions[0]
+               .choices["controller"]._actions for opt in action.option_strings
+               if opt.startswith("--")}
+    given_by_up = {"help", "primary", "secondary", "log", "background", "pidfile"}
+    assert options - given_by_up == set(resources.CONTROLLER_KEYS) - {"host"}

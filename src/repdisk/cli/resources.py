@@ -50,7 +50,8 @@ LISTEN_KEYS = ("host", "nbd-socket", "nbd-address", "tls", "threads")
 #: Options of `repdisk controller` a [controller] section may give (beside host, control).
 CONTROLLER_KEYS = ("host", "control", "interval", "heartbeat", "heartbeat-timeout", "qmp",
                    "freeze", "qga", "vm-state", "on-failover", "on-switchover", "initial-sync",
-                   "checkpoint-only", "metrics-file", "tls", "insecure")
+                   "checkpoint-only", "metrics-file", "tls", "insecure", "libvirt-domain",
+                   "libvirt-uri", "control-tcp", "control-tls")
 SECTIONS = ("primary", "secondary", "controller")
 
 
