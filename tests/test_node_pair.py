@@ -125,25 +125,25 @@ def test_checkpoint_then_failover_gives_checkpoint_plus_secondary_vm_writes(
     assert q["disks"][0]["hidden_bytes"] == q["disks"][0]["active_bytes"] == 0
 
 
-def test_old_primary_is_refused_after_failover_and_its_guest_goes_on(nodes: Nodes) -> None:
-    """After a failover the secondary refuses the old primary's writes (never two writers);
-    the primary's guest keeps working, degraded, with the refused ranges dirty."""
+def test_old_primary_is_refused_after_failover_and_fences_itself(nodes: Nodes) -> None:
+    """After a failover the secondary refuses the old primary's writes (never two writers),
+    and the old primary, learning that it lost, fences itself: its guest's write fails
+    rather than being acknowledged and then lost (the winner holds the pair's data now)."""
     pri, sec = start_pair(nodes, timeout="2s")
     checkpoint(pri, sec)
     sec.ctl("replication-stop", failover=True)
     before = read_export(sec, "replica")
     g = pri.client()
     try:
-        g.pwrite(b"\x77" * 65536, 0)
-        g.flush()
-        assert g.pread(65536, 0) == b"\x77" * 65536
+        with pytest.raises(nbd.Error, match="Operation not permitted"):
+            g.pwrite(b"\x77" * 65536, 0)
     finally:
         g.shutdown()
     assert read_export(sec, "replica") == before
-    disk = pri.ctl("query-replication")["disks"][0]
-    assert disk["degraded"] and disk["dirty_bytes"] >= 65536
-    with pytest.raises(ControlError, match="dirty"):
-        pri.ctl("replication-do-checkpoint")
+    q = pri.ctl("query-replication")
+    assert q["fenced"].startswith(f"the node at --secondary {sec.uri('replica')} is in epoch 1"), q
+    with pytest.raises(ControlError, match="fenced"):
+        pri.ctl("replication-start", mode="primary")
 
 
 def test_failover_before_the_first_checkpoint_is_refused(nodes: Nodes) -> None:
