@@ -252,7 +252,7 @@ def test_5_isolated_primary_loses_quorum_is_fenced_and_rejoins(cluster_trio: Pai
     pair.checkpointer(p).send_signal(signal.SIGSTOP)   # no checkpoint from here on
     at_checkpoint = pair.disk(p)
     writer = Writer(pair, p, seed=55, follow=False).start()
-    time.sleep(0.5)
+    pair.cluster.wait(lambda: len(writer.acked) >= 3, 30, "writes served before the cut")
     assert port_of(pair, p) is not None
     pair.note(f"cut {p.name} off from both others")
     port_of(pair, p).cut()

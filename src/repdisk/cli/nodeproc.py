@@ -296,7 +296,7 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
         if not _wait_dead(proc, timeout):
             proc.kill()
             print(f"repdisk: process {pid} did not stop within {timeout:g} s of SIGTERM, so "
-                  "it was killed (a node waits for its NBD clients to disconnect: stop the "
+                  "it was killed (a node may wait for its NBD clients to disconnect: stop the "
                   "guest first; a killed primary compares the disks at its next start)",
                   file=sys.stderr)
             _wait_dead(proc, timeout)
