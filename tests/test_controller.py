@@ -27,6 +27,7 @@ from tests.helpers.controller import (
     HEARTBEAT_TIMEOUT,
     Pair,
     Writer,
+    bare_qemu,
     events,
     file_bytes,
     make_pair,
@@ -656,11 +657,7 @@ def test_a_checkpoint_never_continues_a_guest_that_migrated_away(nodes, tmp_path
     pair = make_pair(nodes)
     qmp, new_qmp = str(tmp_path / "guest.qmp"), str(tmp_path / "new.qmp")
     mig = tmp_path / "mig.sock"
-    qemus = [subprocess.Popen(
-        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-         "-qmp", f"unix:{path},server=on,wait=off", *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for path, extra in ((qmp, []), (new_qmp, ["-incoming", f"unix:{mig}"]))]
+    qemus = [bare_qemu(qmp), bare_qemu(new_qmp, "-incoming", f"unix:{mig}")]
     try:
         wait_for(lambda: os.path.exists(qmp) and os.path.exists(mig), 10, "QEMUs")
         with QMPClient().connect(qmp) as guest:

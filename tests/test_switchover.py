@@ -6,7 +6,6 @@ nothing changed."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import nbd
@@ -15,7 +14,7 @@ import pytest
 from repdisk.controller.switchover import Node, switchover
 from repdisk.errors import ControlError
 from repdisk.qmp.client import QMPClient
-from tests.helpers.controller import Writer, file_bytes, make_pair, wait_for
+from tests.helpers.controller import Writer, bare_qemu, file_bytes, make_pair, wait_for
 from tests.helpers.nodes import (
     SIZE,
     MiB,
@@ -146,11 +145,7 @@ def test_switchover_with_a_wrong_new_guest_monitor_changes_nothing(nodes: Nodes,
     monitor, is refused before the guest is migrated or a node changes."""
     pair = make_pair(nodes)
     qmp, other = str(tmp_path / "guest.qmp"), str(tmp_path / "other.qmp")
-    qemus = [subprocess.Popen(
-        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-         "-qmp", f"unix:{path},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for path in (qmp, other)]
+    qemus = [bare_qemu(qmp), bare_qemu(other)]
     try:
         wait_for(lambda: os.path.exists(qmp) and os.path.exists(other), 10, "QMP sockets")
         ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))

@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -314,3 +315,12 @@ def step_until(ctl: Controller, state: str, timeout: float = 10.0) -> None:
 
 def events(ctl: Controller, name: str) -> list[dict]:
     return [e["data"] for e in ctl.events if e["event"] == name]
+
+
+def bare_qemu(qmp: str, *extra: str) -> subprocess.Popen:
+    """A QEMU with no machine and no devices, its monitor at ``qmp`` (the caller kills it):
+    enough for stop, cont, query-status and a migration to another (``-incoming``)."""
+    return subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{qmp},server=on,wait=off", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
