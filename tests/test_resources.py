@@ -224,6 +224,29 @@ def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:
     check_refused(folder, 6, "primary.resync-rate", "cannot parse rate 'slow'")
 
 
+def test_bad_controller_values_are_refused_before_anything_starts(folder: Path) -> None:
+    """A [controller] value `repdisk controller` would refuse is refused by `up` with its
+    file, line and key, before a node starts (not after, by the controller's start)."""
+    path = resource_file(folder, "alpha")
+    text = path.read_text()
+    for line, written, key, message in (
+            (16, 'interval = "0s"', "interval", "'0s' is not positive"),
+            (17, 'heartbeat-timeout = "1s"', "heartbeat-timeout",
+             "1s must exceed the heartbeat (1s)"),
+            (18, 'initial-sync = "fast"', "initial-sync", "invalid choice: 'fast'"),
+            (18, 'freeze = "maybe"', "freeze", "'maybe' is not a yes/no value"),
+            (18, "freeze = true", "freeze", "needs the guest agent's socket"),
+            (18, 'control-tcp = "127.0.0.1:1"', "control-tcp", "without TLS")):
+        old = {16: 'interval = "1s"', 17: 'heartbeat-timeout = "2s"'}.get(line)
+        path.write_text(text.replace(old, written) if old else text + written + "\n")
+        check_refused(folder, line, f"controller.{key}", message)
+    result = repdisk(folder, "up", "all", ok=False)
+    assert result.stderr.startswith(f"repdisk: error: {folder}/etc/alpha.toml:18: "
+                                    "controller.control-tcp: ")
+    assert len(result.stderr.splitlines()) == 1
+    assert processes_of(folder) == {}
+
+
 def test_two_resources_on_one_socket(folder: Path) -> None:
     resource_file(folder, "alpha")
     resource_file(folder, "beta", pri_sock=f"{folder}/alpha-pri.sock")

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from repdisk import detach, tls
@@ -37,6 +38,11 @@ def add_parsers(sub: Any) -> None:
                        description=user_part + "\n\nWhat it does when a node, a link or "
                        "it fails: docs/failure-matrix.md.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--primary", required=True, metavar="PRI.qmp|HOST:PORT",
                    help="primary's control socket or control-tcp port")
     p.add_argument("--secondary", required=True, metavar="SEC.qmp|HOST:PORT",
@@ -81,7 +87,42 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--log", metavar="FILE", help="log here (default stderr)")
     p.add_argument("--background", action="store_true", help="detach once serving")
     p.add_argument("--pidfile", help="pid file (with --background)")
-    p.set_defaults(func=_run)
+
+
+#: Options that take no value; a config file's [controller] section gives them as yes/no.
+FLAGS = ("freeze", "checkpoint-only", "insecure")
+
+
+def options_argv(options: Mapping[str, str]) -> list[str]:
+    """The arguments of ``repdisk controller`` that say what ``options`` (a config file's
+    [controller] keys, without ``--``; flags ``yes`` or ``no``) say."""
+    argv: list[str] = []
+    for key, value in options.items():
+        if key in FLAGS:
+            argv += [f"--{key}"] if value == "yes" else []
+        else:
+            argv += [f"--{key}", value]
+    return argv
+
+
+def check_options(primary: str, secondary: str, control: str,
+                  options: Mapping[str, str]) -> None:
+    """Make the checks ``repdisk controller`` makes of its options before it starts, on
+    a config file's [controller] keys, so that ``repdisk up`` refuses a bad value before
+    anything starts.  Raises ConfigError naming the key."""
+    for key in FLAGS:
+        if options.get(key, "no") not in ("yes", "no"):
+            raise ConfigError(key, f"{options[key]!r} is not a yes/no value: use yes or no")
+    parser = argparse.ArgumentParser(prog="repdisk controller", add_help=False,
+                                     exit_on_error=False)
+    _add_arguments(parser)
+    argv = ["--primary", primary, "--secondary", secondary, "--control", control]
+    try:
+        args = parser.parse_args(argv + options_argv(options))
+    except argparse.ArgumentError as err:
+        raise ConfigError((err.argument_name or "controller").split("/")[0].removeprefix("--"),
+                          err.message) from None
+    _config(args).check()
 
 
 def _config(args: argparse.Namespace) -> ControllerConfig:

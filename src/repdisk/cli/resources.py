@@ -38,6 +38,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from repdisk.cli import controllercmd
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.uri import parse_address
@@ -87,6 +88,12 @@ class Node:
     @property
     def log(self) -> str:
         return self.control + ".log"
+
+    @property
+    def control_address(self) -> str:
+        """How the controller reaches this node: its control-tcp port if it has one, else
+        its control socket (same host)."""
+        return dict(self.keys).get("control-tcp") or self.control
 
     def replica_uri(self) -> str:
         if self.nbd_socket:
@@ -194,7 +201,7 @@ def load_file(path: str, host: str | None = None) -> Resource:
                                         "nodes (its peer is missing)")
     secondary = _node(lines, cfgmod.SECONDARY, doc[cfgmod.SECONDARY], host, None)
     primary = _node(lines, cfgmod.PRIMARY, doc[cfgmod.PRIMARY], host, secondary)
-    controller = _controller(lines, doc.get("controller", {}), primary)
+    controller = _controller(lines, doc.get("controller", {}), primary, secondary)
     return Resource(name, path, {cfgmod.PRIMARY: primary, cfgmod.SECONDARY: secondary},
                     controller)
 
@@ -252,7 +259,8 @@ def _check_keys(lines: _Lines, role: str, node: Node) -> None:
         raise lines.error(role, key, str(err).split(": ", 1)[-1]) from None
 
 
-def _controller(lines: _Lines, table: dict[str, Any], primary: Node) -> Controller:
+def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
+                secondary: Node) -> Controller:
     for key in table:
         if key not in CONTROLLER_KEYS:
             raise lines.error("controller", key, "unknown key; a [controller] section takes "
@@ -262,6 +270,11 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node) -> Controll
     control = _text(lines, "controller", "control",
                     table.get("control", primary.control.removesuffix(".qmp") + ".ctrl.qmp"))
     host = _text(lines, "controller", "host", table.get("host", primary.host))
+    try:
+        controllercmd.check_options(primary.control_address, secondary.control_address,
+                                    control, options)
+    except ConfigError as err:
+        raise lines.error("controller", err.key, str(err).split(": ", 1)[-1]) from None
     return Controller(host, control, options)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from repdisk.cli import nodeproc, resources
+from repdisk.cli import controllercmd, nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
 from repdisk.cli.status import status_lines
@@ -155,24 +155,14 @@ def _start_node(node: Node) -> None:
 def _start_controller(res: Resource) -> None:
     c = res.controller
     argv = [sys.executable, "-m", "repdisk.cli.main", "controller",
-            "--primary", _control_address(res.nodes["primary"]),
-            "--secondary", _control_address(res.nodes["secondary"]),
-            "--control", c.control, "--background", "--pidfile", c.pidfile, "--log", c.log]
-    for key, value in c.options.items():
-        if value in ("yes", "no") and key in ("freeze", "checkpoint-only", "insecure"):
-            argv += [f"--{key}"] if value == "yes" else []
-        else:
-            argv += [f"--{key}", value]
+            "--primary", res.nodes["primary"].control_address,
+            "--secondary", res.nodes["secondary"].control_address,
+            "--control", c.control, "--background", "--pidfile", c.pidfile, "--log", c.log,
+            *controllercmd.options_argv(c.options)]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if result.returncode != 0:
         raise RepdiskError(f"{res.name}: the controller did not start: "
                            f"{(result.stderr or result.stdout).strip()}")
-
-
-def _control_address(node: Node) -> str:
-    """How the controller reaches a node: its control-tcp port if it has one, else the
-    control socket (same host)."""
-    return dict(node.keys).get("control-tcp") or node.control
 
 
 def _pid_in(pidfile: str) -> int | None:
