@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from repdisk.errors import ConfigError
-from repdisk.replication.primary import PrimarySettings
 from repdisk.replication.resyncrate import parse as parse_rate
+from repdisk.replication.settings import PrimarySettings
 from repdisk.sockaccess import SocketAccess, check_control_mode, parse_access
 from repdisk.tls import (
     TLSSpec,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from repdisk.block.device import BlockDevice
@@ -47,7 +46,7 @@ from repdisk.replication.framework import (
     ReplicationState,
 )
 from repdisk.replication.link import Link
-from repdisk.replication.resyncrate import ResyncRate
+from repdisk.replication.settings import PrimarySettings
 from repdisk.replication.stage import EventSink, Stage, StageMachine, no_events
 from repdisk.replication.writeback import WriteBack
 from repdisk.replication.writepath import WriteMode, WritePath, WriteThrough
@@ -63,24 +62,6 @@ RESYNC_CHUNK = 4 << 20
 #: than was written (the secondary's lag at the end of a random-write job grows with it:
 #: bench/README.md).
 ASYNC_GRANULARITY = 4096
-
-
-@dataclass(frozen=True)
-class PrimarySettings:
-    """What a primary disk is built with, each one required: their defaults live in the
-    node's key table alone (``repdisk.node.config.primary_settings`` reads them, for the
-    node and for library users such as tests and bench/).
-
-    ``write_mode``: "sync" or "async"; ``timeout``: seconds the secondary may take;
-    ``window``: most requests in flight to it; ``max_lag``: async, most bytes unsent;
-    ``resync_rate``: how fast a resync copies.
-    """
-
-    write_mode: str
-    timeout: float
-    window: int
-    max_lag: int
-    resync_rate: ResyncRate
 
 
 class PrimaryReplica:
