@@ -6,12 +6,14 @@ nothing changed."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import nbd
 import pytest
 
-from repdisk.controller.switchover import Node, switchover
+from repdisk.controller.switchover import CATCH_UP_BYTES, Node, switchover
 from repdisk.errors import ControlError
 from repdisk.qmp.client import QMPClient
 from tests.helpers.controller import Writer, bare_qemu, file_bytes, make_pair, wait_for
@@ -46,7 +48,7 @@ def test_switchover_and_back_loses_nothing_and_copies_nothing(nodes: Nodes,
     guest = pri.client()
     a, b = side(pri, "A"), side(sec, "B")
     result = switchover(a, b, write_mode=write_mode)
-    assert result["epoch"] == 1 and result["pause"] < 1.0, result
+    assert result["epoch"] == 1 and result["pause"] < 1.0 and result["lag"] == 0, result
     new, old = sec.ctl("query-replication"), pri.ctl("query-replication")
     assert (new["role"], old["role"], new["epoch"], old["epoch"]) == ("primary", "secondary", 1, 1)
     assert new["disks"][0]["counters"]["forwarded"] == 0           # nothing copied
@@ -66,6 +68,25 @@ def test_switchover_and_back_loses_nothing_and_copies_nothing(nodes: Nodes,
     image[0:4096] = b"\x66" * 4096
     checkpoint(pri, sec)
     assert read_file(pri.disks[0]) == read_file(sec.disks[0]) == bytes(image)
+
+
+def test_an_async_switchover_writes_back_before_the_pause(nodes: Nodes) -> None:
+    """What an async primary has not written back yet is sent with the guest running: the
+    pause begins with its secondary lacking at most CATCH_UP_BYTES, not 48 MiB."""
+    pri, sec = start_pair(nodes, size=64 * MiB, write_mode="async")
+    checkpoint(pri, sec)
+    data = random_bytes(3, 48 * MiB)
+    os.kill(sec.proc.pid, signal.SIGSTOP)            # the write-back waits; the guest not
+    try:
+        for at in range(0, len(data), 16 * MiB):
+            write(pri, data[at:at + 16 * MiB], at)
+        behind = pri.ctl("query-replication")["disks"][0]["lag_bytes"]
+        assert behind > 32 * MiB, behind
+    finally:
+        threading.Timer(0.3, os.kill, (sec.proc.pid, signal.SIGCONT)).start()
+    result = switchover(side(pri, "A"), side(sec, "B"), write_mode="async")
+    assert result["epoch"] == 1 and result["lag"] <= CATCH_UP_BYTES, result
+    assert read_file(sec.disks[0])[:len(data)] == data
 
 
 def test_switchover_of_a_pair_not_ready_is_refused_and_changes_nothing(nodes: Nodes) -> None:

@@ -636,6 +636,8 @@ class Controller(StateMachine):
             result = planned.switchover(
                 a, b, write_mode=p["disks"][0].get("write_mode", "sync"),
                 isolation_timeout=self.cfg.heartbeat_timeout * 0.6,
+                catch_up_wait=self.cfg.heartbeat_timeout,
+                catch_up_poll="replication-heartbeat",   # the run loop waits meanwhile
                 pause=(migration_pause(self.guest.monitor, migrate, qmp) if migrate and qmp
                        else planned.no_pause))
             self._swap()

@@ -1,6 +1,8 @@
 """A planned switchover: the primary and its secondary swap roles, nothing lost, nothing copied.
 
-The pair is A (primary) and B (its secondary), both running, B consistent.  With the guest
+The pair is A (primary) and B (its secondary), both running, B consistent.  First, with
+the guest running, an async A is given time to write back what B lacks (``catch_up``), so
+that the pause does not send it.  Then, with the guest
 paused (the caller's ``pause``, e.g. QMP ``stop`` ... ``cont``, or a migration):
 
 1. A ``replication-demote``: guest writes refused, a final barrier puts every acknowledged
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 Call = Callable[[str, dict[str, Any]], Any]
 #: ``pause(body)``: run ``body`` with the guest paused; returns the pause in seconds.
 Pause = Callable[[Callable[[], None]], float]
+
+#: Before the pause, an async primary writes back until its secondary lacks at most this.
+CATCH_UP_BYTES = 1 << 20
 
 
 def no_pause(body: Callable[[], None]) -> float:
@@ -72,14 +77,33 @@ def check_ready(a: Node, b: Node) -> int:
     return int(p["epoch"])
 
 
+def catch_up(a: Node, wait: float, poll: str = "query-replication") -> int:
+    """Wait, at most ``wait`` seconds and with the guest running, until the primary A's
+    secondary lacks at most CATCH_UP_BYTES (an async primary's write-back; a sync one
+    lacks nothing); the bytes it lacked when the wait ended.  ``poll``: the command that
+    asks A (a controller's ``replication-heartbeat`` keeps A's contact meanwhile).
+    Changes nothing: a guest that writes faster than the link only makes the pause
+    longer, for the demote's barrier sends the rest."""
+    deadline = time.monotonic() + wait
+    while True:
+        lag = int(sum(d.get("lag_bytes", 0) for d in a.call(poll, {})["disks"]))
+        if lag <= CATCH_UP_BYTES or time.monotonic() >= deadline:
+            return lag
+        time.sleep(0.02)
+
+
 def switchover(a: Node, b: Node, *, write_mode: str = "sync",
                isolation_timeout: float | None = None,
-               pause: Pause = no_pause) -> dict[str, Any]:
+               pause: Pause = no_pause, catch_up_wait: float = 5.0,
+               catch_up_poll: str = "query-replication") -> dict[str, Any]:
     """Make B the primary and A its secondary (module note); returns ``{epoch, pause,
-    duration}``.  Raises ControlError with nothing changed if the pair is not ready or A
-    cannot demote; after a later failure it rolls back (A primary again) and raises."""
+    duration, lag}`` (``lag``: the bytes B lacked when the pause, or the migration, began:
+    what the pause had to send).  Raises ControlError with nothing changed if the pair is
+    not ready or A cannot demote; after a later failure it rolls back (A primary again)
+    and raises."""
     began = time.monotonic()
     check_ready(a, b)
+    lag = catch_up(a, catch_up_wait, catch_up_poll)
     done: dict[str, Any] = {}
 
     def body() -> None:
@@ -99,7 +123,7 @@ def switchover(a: Node, b: Node, *, write_mode: str = "sync",
     paused = pause(body)
     checkpoint(b, a)   # the new secondary holds a complete checkpoint: it may fail over
     result = {"epoch": done["epoch"], "pause": round(paused, 3),
-              "duration": round(time.monotonic() - began, 3)}
+              "duration": round(time.monotonic() - began, 3), "lag": lag}
     log.warning("switchover: %s is the primary now, %s its secondary (epoch %d, guest "
                 "paused %.3fs)", b.name, a.name, result["epoch"], paused)
     return result
