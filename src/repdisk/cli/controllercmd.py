@@ -22,7 +22,7 @@ from repdisk.controller.peer import LEASE_REFUSED, ControllerRefused
 from repdisk.controller.syncplan import SYNC_MODES
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder
-from repdisk.qmp.client import QMPClient
+from repdisk.qmp.client import NotAControlSocket, QMPClient
 from repdisk.qmp.server import remove_stale_socket
 from repdisk.units import parse_duration
 from repdisk.uri import parse_address, tcp_address
@@ -202,9 +202,10 @@ def _check_node_sockets(cfg: ControllerConfig) -> None:
             continue
         try:
             QMPClient(timeout=2.0).connect(path, timeout=2.0).close()
-        except ControlError as err:
-            if "not a control socket" in str(err) or "is not a socket" in str(err):
-                raise ConfigError(role, str(err)) from err
+        except NotAControlSocket as err:
+            raise ConfigError(role, str(err)) from err
+        except ControlError:
+            pass                          # not answering yet: the run loop waits for it
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -46,6 +46,11 @@ class NotQMPError(QMPError):
     """The server's first bytes are not a QMP greeting; the message says what it is."""
 
 
+class NotAControlSocket(ControlError):
+    """The address is a file, or a socket whose server does not speak QMP (e.g. a node's
+    NBD socket): no control socket at all, unlike one that does not answer yet."""
+
+
 class _QMPSession(_AsyncQMPClient):
     """qemu.qmp's client, with one fix for TLS: its disconnect flushes by setting the write
     high-water mark to 0 and draining, and CPython 3.11's SSL transport pauses writing when
@@ -106,12 +111,12 @@ class QMPClient:
             self.close()          # a failed client holds no loop or socket
             if isinstance(address, str) and os.path.exists(address) \
                     and not stat.S_ISSOCK(os.stat(address).st_mode):
-                raise ControlError(f"{address} is not a socket: give the node's (or the "
-                                   "controller's) --control socket", "") from err
+                raise NotAControlSocket(f"{address} is not a socket: give the node's (or "
+                                        "the controller's) --control socket", "") from err
             why = getattr(err.__cause__, "exc", None)  # qemu.qmp's ConnectError
             if isinstance(why, NotQMPError):
-                raise ControlError(f"{address} is {why}, not a control socket: give the "
-                                   "node's --control socket", "") from err
+                raise NotAControlSocket(f"{address} is {why}, not a control socket: give "
+                                        "the node's --control socket", "") from err
             if isinstance(why, (FileNotFoundError, ConnectionRefusedError)):
                 raise ControlError(f"{address}: nothing answers there ({why.strerror}): "
                                    "start the node (or controller) first, or give its "
