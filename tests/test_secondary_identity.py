@@ -5,31 +5,12 @@ data must survive a failover.  Driven with the ``repdisk`` command only."""
 from __future__ import annotations
 
 import os
-import signal
-import time
 
-import psutil
 import pytest
 
-from tests.helpers.cli import SIZE, Pair, start_cli_pair
+from tests.helpers.cli import SEC, SIZE, Pair, checkpoint, kill_secondary, start_cli_pair
 from tests.helpers.commands import qemu
 from tests.helpers.nodes import MiB, make_disk, read_file
-
-SEC = ("secondary", "--nbd-socket", "sec.sock", "--control", "sec.qmp", "--background",
-       "--pidfile", "sec.pid")
-
-
-def checkpoint(pair: Pair, pri: str, sec: str) -> None:
-    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
-        assert pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
-
-
-def kill_secondary(pair: Pair) -> None:
-    with open(pair.path("sec.pid"), encoding="ascii") as f:
-        pid = int(f.read())
-    os.kill(pid, signal.SIGKILL)
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("how", ["replaced", "state lost"])

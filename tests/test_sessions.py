@@ -25,11 +25,13 @@ from tests.helpers.nodes import MiB, Nodes, make_disk
 
 
 def test_tags_parse_and_bad_tags_are_refused() -> None:
-    assert split_tag("replica") == ("replica", None)
-    assert split_tag("replica/root" + make_tag(3, 17)) == ("replica/root", (3, 17))
-    with pytest.raises(BlockIOError) as info:
-        split_tag("replica@three")
-    assert info.value.errno == errno.EINVAL and "EPOCH.GENERATION" in str(info.value)
+    assert split_tag("replica") == ("replica", None, "")
+    assert split_tag("replica/root" + make_tag(3, 17)) == ("replica/root", (3, 17), "")
+    assert split_tag("replica" + make_tag(3, 17, "ab12")) == ("replica", (3, 17), "ab12")
+    for bad in ("replica@three", "replica@3.17.XYZ", "replica@3.17.ab12.1"):
+        with pytest.raises(BlockIOError) as info:
+            split_tag(bad)
+        assert info.value.errno == errno.EINVAL and "EPOCH.GENERATION" in str(info.value)
 
 
 def test_a_newer_session_fences_the_older_and_an_older_epoch_is_refused(tmp_path) -> None:

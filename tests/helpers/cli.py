@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
+
+import psutil
 
 from tests.helpers.commands import REPDISK, run
 from tests.helpers.nodes import MiB
@@ -37,3 +41,23 @@ def start_cli_pair(pair: Pair) -> tuple[str, str]:
                  "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
                  "--background", "--pidfile", "pri.pid")
     return pair.path("pri.qmp"), pair.path("sec.qmp")
+
+
+#: ``repdisk secondary`` of a cli pair, restarted by hand (give ``--disk``).
+SEC = ("secondary", "--nbd-socket", "sec.sock", "--control", "sec.qmp", "--background",
+       "--pidfile", "sec.pid")
+
+
+def checkpoint(pair: Pair, pri: str, sec: str) -> None:
+    """A pair checkpoint by hand: the primary's barrier and hold, the secondary's, resume."""
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+
+
+def kill_secondary(pair: Pair) -> None:
+    """SIGKILL the pair's secondary and wait until it is gone."""
+    with open(pair.path("sec.pid"), encoding="ascii") as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGKILL)
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)

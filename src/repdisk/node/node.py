@@ -108,7 +108,7 @@ class Node:
     def export(self, name: str) -> BlockDevice:
         """The device behind an export name; a primary's tagged ``replica...@EPOCH.GEN``
         connection gets a fenced session view (see sessions.py)."""
-        base, token = sessions.split_tag(name)
+        base, token, writer = sessions.split_tag(name)
         exports, fences = self.ctx.exports, self.ctx.fences
         dev = exports.get(base or self.ctx.default_export)
         if dev is None or (token is not None and base not in fences):
@@ -120,7 +120,9 @@ class Node:
                                                  "needs a writer-session tag")
             return dev
         fence = fences[base]
-        fence.admit(token, self.state.epoch)
+        fence.admit(token, self.state.epoch, writer)
+        if isinstance(self._role, SecondaryRole):
+            self._role.admitted(fence.name, writer)
         if base.endswith(sessions.SEAL_SUFFIX):
             return SealView(self.record_seal, fence, token, dev.size)
         if fence.name in self.state.sealed:  # a primary writes again: the seal is void

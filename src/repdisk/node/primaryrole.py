@@ -260,7 +260,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         never on a write's path.  The saved maps are in memory now: remove them."""
         with self.ctx.changing_state() as state:
             state.unclean = True
-            state.synced = {}  # this disk changes now as no secondary's does
+            state.forget_synced()  # this disk changes now as no secondary's does
         for rep in self.replicas.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._map_path(rep.name))

@@ -123,19 +123,34 @@ class SecondaryRole(Role[SecondaryReplica]):
         if view != "replica":
             return describe_disk("secondary", disk, self.ctx) + ": the secondary VM's view"
         unknown = f"{CONTENTS_UNKNOWN}; " if disk in self.unknown else ""
-        return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}"
+        fence = self.ctx.fences.get(f"replica/{disk}")
+        refused = f"; {fence.refusal}" if fence is not None and fence.refusal else ""
+        return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}{refused}"
 
     def checkpointed(self) -> None:
         """Record which file each disk that is a consistent copy now is (the state is
         written only when that changes); those disks are no longer new to the node."""
+        consistent = [name for name, rep in self.replicas.items() if rep.consistent]
         synced = {**self.ctx.state.synced,
-                  **{name: rep.disk.named() for name, rep in self.replicas.items()
-                     if rep.consistent}}
-        if self.ctx.state.synced != synced:
+                  **{name: self.replicas[name].disk.named() for name in consistent}}
+        synced_by = {**self.ctx.state.synced_by,
+                     **{name: self.ctx.fences[f"replica/{name}"].writer for name in consistent}}
+        if (self.ctx.state.synced, self.ctx.state.synced_by) != (synced, synced_by):
             with self.ctx.changing_state() as state:
-                state.synced = synced
+                state.synced, state.synced_by = synced, synced_by
         self.unknown = {name for name in self.unknown
                         if synced.get(name) != self.replicas[name].disk.identity()}
+
+    def admitted(self, disk: str, writer: str) -> None:
+        """A writer session of the primary disk ``writer`` was admitted to ``disk``: if
+        the disk's last checkpoint made it another primary's copy (or it has no record of
+        whose), its contents are unknown to this one, which compares before it copies
+        (its link-up reads the replica export's description after connecting)."""
+        if writer and disk not in self.unknown and self.ctx.state.synced_by.get(disk) != writer:
+            log.warning("%s: last synced as a copy of another primary disk (%s), now "
+                        "written by %s: its primary compares the disks before copying", disk,
+                        self.ctx.state.synced_by.get(disk, "none recorded"), writer)
+            self.unknown = self.unknown | {disk}
 
     def recover(self) -> None:
         """At open: finish the failover commit that a crash interrupted, before serving.

@@ -21,9 +21,10 @@ clears it.  A primary records ``unclean`` once it begins to serve, before any wr
 clears it only at a clean stop, after saving its dirty maps: a primary that finds it set
 at start-up did not stop cleanly (its maps are gone or stale) and compares its disks with
 its secondary's before its first checkpoint (primaryrole.py).  A secondary records, per
-disk, which file a checkpoint last made a consistent copy (``synced``); one started on
-any other file (replaced, swapped with another disk, or its state lost) tells its primary
-that its contents are unknown, and the primary compares before it copies (secondaryrole.py);
+disk, which file a checkpoint last made a consistent copy (``synced``) and of which
+primary disk (``synced_by``); one started on any other file (replaced, swapped with
+another disk, or its state lost), or written by another primary, tells its primary that
+its contents are unknown, and the primary compares before it copies (secondaryrole.py);
 serving as a primary clears the record.  Written with
 :func:`~repdisk.durable.replace_file` (temporary file, fsync, rename, fsync of the
 directory) so a crash leaves the old or the new state, never a torn one; a file that cannot
@@ -55,6 +56,9 @@ class NodeState:
     #: disk -> name (RawImage.identity) of the file a checkpoint last made a consistent
     #: secondary copy; a disk whose file is not the one recorded is new to its primary
     synced: dict[str, str] = field(default_factory=dict)
+    #: disk -> the primary disk (sessions.writer_id) whose copy that checkpoint made it;
+    #: a session of another primary finds the disk new to it
+    synced_by: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> NodeState:
@@ -76,7 +80,8 @@ class NodeState:
                        failover_commit=_optional_int(raw.get("failover_commit")),
                        sealed=_sealed(raw.get("sealed", {})),
                        unclean=bool(raw.get("unclean", False)),
-                       synced=_synced(raw.get("synced", {})))
+                       synced=_synced("synced", raw.get("synced", {})),
+                       synced_by=_synced("synced_by", raw.get("synced_by", {})))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
@@ -125,7 +130,7 @@ class NodeState:
     def end_failover(self) -> None:
         """The commit is complete: this node won the failover and starts the next epoch."""
         self.epoch, self.failed_over, self.failover_commit = self.epoch + 1, True, None
-        self.synced = {}  # the disk holds the secondary VM's writes now
+        self.forget_synced()  # the disk holds the secondary VM's writes now
 
     def enter(self, role: str, epoch: int | None) -> None:
         """Record a start (already checked): a newer epoch clears what the old one said;
@@ -142,7 +147,13 @@ class NodeState:
     def switch(self) -> None:
         """A role switch after a clean demote: this node's disk is the newest and starts
         the next epoch, as a won failover does (nothing was rolled back)."""
-        self.epoch, self.failed_over, self.sealed, self.synced = self.epoch + 1, True, {}, {}
+        self.epoch, self.failed_over, self.sealed = self.epoch + 1, True, {}
+        self.forget_synced()
+
+    def forget_synced(self) -> None:
+        """The disks are no longer any primary's checkpointed copy (they changed as no
+        secondary's does): a later secondary start finds them new."""
+        self.synced, self.synced_by = {}, {}
 
 
 def dirty_map_path(state_path: str, disk: str) -> str:
@@ -158,10 +169,10 @@ def _optional_int(value: object) -> int | None:
     return value
 
 
-def _synced(value: object) -> dict[str, str]:
+def _synced(key: str, value: object) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ValueError(f"synced is {value!r}, expected an object of disk: file identity")
+        raise ValueError(f"{key} is {value!r}, expected an object of disk: name")
     return dict(value)
 
 

@@ -30,7 +30,7 @@ from repdisk.errors import ForwardError
 from repdisk.replication import nbdclient
 from repdisk.replication.forwarder import Forwarder, Source
 from repdisk.replication.framework import ReplicationError
-from repdisk.replication.sessions import SEAL_SUFFIX, make_tag
+from repdisk.replication.sessions import SEAL_SUFFIX, make_tag, refusal_of
 from repdisk.replication.stage import StageMachine
 from repdisk.uri import export_name, with_export_suffix
 
@@ -61,8 +61,10 @@ class Link:
     """
 
     def __init__(self, name: str, uri: str | None, dirty: DirtyMap, sm: StageMachine, *,
-                 timeout: float, window: int, export_suffix: str) -> None:
+                 timeout: float, window: int, export_suffix: str, writer: str = "") -> None:
         self.name = name
+        #: This primary disk's name in session tags (sessions.writer_id).
+        self.writer = writer
         self.uri = uri
         self.timeout = timeout
         self.window = window
@@ -164,7 +166,7 @@ class Link:
         def on_failure(error: str, ranges: list[tuple[int, int]]) -> None:
             self._on_failure(fwd, error, ranges)
 
-        tag = make_tag(self.epoch, time.time_ns()) if session else ""
+        tag = make_tag(self.epoch, time.time_ns(), self.writer) if session else ""
         fwd = Forwarder(self.uri, timeout=self.timeout, window=self.window,
                         on_failure=on_failure, export_suffix=self.export_suffix,
                         session_tag=tag, source=source if session else None,
@@ -173,6 +175,10 @@ class Link:
             fwd.connect()
         except ForwardError as err:
             fwd.close()
+            why = self._refusal(tag) if tag else None
+            if why:
+                raise ReplicationError(f"{self.name}: the secondary {self.uri} refused this "
+                                       f"primary: {why}") from err
             raise ReplicationError(f"{self.name}: {err}") from err  # err names the URI
         if fwd.size != self._dirty.size:
             fwd.close()
@@ -189,6 +195,13 @@ class Link:
         listed = nbdclient.list_exports(self.uri, self.timeout) or {}
         return CONTENTS_UNKNOWN in listed.get(export_name(self.export_uri), "")
 
+    def _refusal(self, tag: str) -> str | None:
+        """Why the secondary refused the session ``tag``, if its replica export's
+        description says (sessions.REFUSED); None if it does not, or does not answer."""
+        assert self.uri is not None
+        listed = nbdclient.list_exports(self.uri, self.timeout) or {}
+        return refusal_of(listed.get(export_name(self.export_uri), ""), tag)
+
     def probe(self) -> None:
         """Check that the secondary answers and has this disk's size (node start-up)."""
         self._connect(session=False).close()
@@ -203,7 +216,7 @@ class Link:
             raise ReplicationError(f"{self.name}: no secondary to seal")
         fwd = Forwarder(self.uri, timeout=self.timeout, window=1,
                         export_suffix=self.export_suffix + SEAL_SUFFIX,
-                        session_tag=make_tag(self.epoch, time.time_ns()))
+                        session_tag=make_tag(self.epoch, time.time_ns(), self.writer))
         try:
             fwd.connect()
             ok = fwd.submit_write(bytes(512), 0).wait(self.timeout)

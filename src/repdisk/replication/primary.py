@@ -46,6 +46,7 @@ from repdisk.replication.framework import (
     ReplicationState,
 )
 from repdisk.replication.link import Link
+from repdisk.replication.sessions import writer_id
 from repdisk.replication.settings import PrimarySettings
 from repdisk.replication.stage import EventSink, Stage, StageMachine, no_events
 from repdisk.replication.writeback import WriteBack
@@ -101,7 +102,8 @@ class PrimaryReplica:
         #: The last verify's summary (node.verify): time, compared, ranges, bytes, repaired.
         self.last_verify: dict[str, Any] | None = None
         self.link = Link(name, secondary_uri, self.dirty, self.sm, timeout=self.timeout,
-                         window=window, export_suffix=export_suffix)
+                         window=window, export_suffix=export_suffix,
+                         writer=writer_id(disk.named()))
         self.write_path: WritePath
         if mode is WriteMode.ASYNC:
             self.write_path = WriteBack(name, disk, self.dirty, self.link, self.sm,

@@ -1,15 +1,20 @@
 """Writer sessions of a secondary's ``replica`` export: fencing stale primaries.
 
-A primary connects to ``replica@EPOCH.GEN`` (``replica/NAME@EPOCH.GEN`` in a
-group): its epoch and a generation that grows with every connection it makes.
-The secondary admits a session only if its epoch is not older than the node's,
-and once a newer session is admitted, every write of an older one is refused
-with EPERM.  Two dangers are closed this way:
+A primary connects to ``replica@EPOCH.GEN.WRITER`` (``replica/NAME@...`` in a
+group): its epoch, a generation that grows with every connection it makes, and
+which primary disk it is (:func:`writer_id`).  The secondary admits a session only
+if its epoch is not older than the node's, and once a newer session is admitted,
+every write of an older one is refused with EPERM.  Three dangers are closed this
+way:
 
 * a primary of an older epoch (one that lost a failover) can never write;
 * requests of a connection the primary gave up on (a hung secondary, a cut
   link) that are still in the secondary's socket buffer cannot land after the
-  primary's resync over a new connection has rewritten the same bytes.
+  primary's resync over a new connection has rewritten the same bytes;
+* a second primary given this secondary's URI by mistake (another disk's) cannot
+  take it over, whatever epoch it names: the first writer a fence admits is the
+  one it serves, and any other is refused until the secondary restarts (a demote
+  or promotion makes new fences too).
 
 Admission waits for the writes of older sessions that are already under way
 (the fence's writing lock, exclusive), so no write of an old session is half done
@@ -27,6 +32,7 @@ the connection dead before the next refusal returns, and nbdkit then sends nothi
 from __future__ import annotations
 
 import errno
+import hashlib
 import re
 import threading
 import time
@@ -38,19 +44,26 @@ from repdisk.errors import BlockIOError
 
 Token = tuple[int, int]  # (epoch, generation)
 
-_TAG = re.compile(r"^(\d+)\.(\d+)$")
+_TAG = re.compile(r"^(\d+)\.(\d+)(?:\.([0-9a-f]{1,32}))?$")
 
 
-def split_tag(export: str) -> tuple[str, Token | None]:
-    """``replica/root@3.17`` -> (``replica/root``, (3, 17)); no tag -> (name, None)."""
+def split_tag(export: str) -> tuple[str, Token | None, str]:
+    """``replica/root@3.17.ab12`` -> (``replica/root``, (3, 17), ``ab12``): the writer is
+    "" if the tag names none; no tag -> (name, None, "")."""
     base, sep, tag = export.rpartition("@")
     if not sep:
-        return export, None
+        return export, None, ""
     m = _TAG.match(tag)
     if not m:
         raise BlockIOError(errno.EINVAL, f"export {export!r}: the session tag must be "
-                                         "EPOCH.GENERATION")
-    return base, (int(m.group(1)), int(m.group(2)))
+                                         "EPOCH.GENERATION[.WRITER]")
+    return base, (int(m.group(1)), int(m.group(2))), m.group(3) or ""
+
+
+def writer_id(identity: str) -> str:
+    """A primary disk's name in its session tags: 16 hex digits of a hash of its
+    identity (``RawImage.named``), the same at every start on the same file."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 #: A replica export's seal twin (``replica/NAME+seal@EPOCH.GEN``): a demoting primary
@@ -64,8 +77,21 @@ SEAL_SUFFIX = "+seal"
 REFUSAL_GAP = 0.02
 
 
-def make_tag(epoch: int, generation: int) -> str:
-    return f"@{epoch}.{generation}"
+def make_tag(epoch: int, generation: int, writer: str = "") -> str:
+    return f"@{epoch}.{generation}" + (f".{writer}" if writer else "")
+
+
+#: How a replica export's description names the last session its fence refused and why
+#: (``refused session EPOCH.GEN.WRITER: why``): a refused primary reads its own there, for
+#: NBD says no more than "no export named" when the secondary refuses to open one.
+REFUSED = "refused session"
+
+
+def refusal_of(description: str, tag: str) -> str | None:
+    """Why the session ``tag`` (``@EPOCH.GEN[.WRITER]``) was refused, if ``description``
+    (its replica export's) says so."""
+    _, sep, why = description.partition(f"{REFUSED} {tag[1:]}: ")
+    return why if sep else None
 
 
 class SessionFence:
@@ -79,19 +105,44 @@ class SessionFence:
         # Guards _current (read with _writing shared, written with it exclusive).
         self._mutex = threading.Lock()
         self._current: Token = (-1, -1)
+        # The primary disk this fence serves (writer_id), once a tagged session named one.
+        self._writer = ""
+        #: The last session refused and why (REFUSED; "" if none), for the description.
+        self.refusal = ""
         # Held while a superseded session's request is refused: one refusal at a time.
         self._refusing = threading.Lock()
 
-    def admit(self, token: Token, node_epoch: int) -> None:
-        if token[0] < node_epoch:
-            raise BlockIOError(errno.EPERM, f"{self.name}: refusing a primary of epoch "
-                                            f"{token[0]}: this node is in epoch {node_epoch} "
-                                            "(that primary lost a failover)")
+    def admit(self, token: Token, node_epoch: int, writer: str = "") -> None:
+        """Make ``token``'s session the one that writes, or raise EPERM saying why not
+        (and keep why for :attr:`refusal`): its epoch is older than the node's, a newer
+        session writes, or another primary disk (``writer``) writes in this epoch."""
         with self._writing.exclusive(0, 1), self._mutex:
-            if token < self._current:
-                raise BlockIOError(errno.EPERM, f"{self.name}: a newer primary session "
-                                                f"{self._current} is already writing")
+            why = self._refuses(token, node_epoch, writer)
+            if why:
+                self.refusal = f"{REFUSED} {make_tag(*token, writer)[1:]}: {why}"
+                raise BlockIOError(errno.EPERM, f"{self.name}: {why}")
             self._current = token
+            self._writer = writer or self._writer
+
+    @property
+    def writer(self) -> str:
+        """The primary disk this fence serves ("" until a tagged session named one)."""
+        return self._writer
+
+    def _refuses(self, token: Token, node_epoch: int, writer: str) -> str:
+        """Why ``token``'s session may not write ("": it may)."""
+        if token[0] < node_epoch:
+            return (f"refusing a primary of epoch {token[0]}: this node is in epoch "
+                    f"{node_epoch} (that primary lost a failover, or was started in the "
+                    "wrong epoch)")
+        if token < self._current:
+            return f"a newer primary session {self._current} is already writing"
+        if writer and self._writer and writer != self._writer:
+            return (f"refusing a second primary (disk {writer}): this secondary replicates "
+                    f"the primary of disk {self._writer} (a secondary serves one primary "
+                    f"disk); give the primary of disk {writer} its own secondary, or restart "
+                    "this secondary to pair it with that primary")
+        return ""
 
     def run_write(self, token: Token, fn: Any, *args: Any) -> None:
         """Run a write of ``token``'s session, holding off newer admissions meanwhile.
