@@ -678,6 +678,33 @@ def test_a_checkpoint_never_continues_a_guest_that_migrated_away(nodes, tmp_path
         pair.close()
 
 
+def test_a_guest_qemu_restarted_on_the_same_monitor_is_paused_again(nodes, tmp_path):
+    """The guest's QEMU restarted (its monitor socket made anew): the next checkpoint
+    connects to the new QEMU, pauses and continues it, instead of failing for ever on the
+    old connection."""
+    pair = make_pair(nodes)
+    qmp = str(tmp_path / "guest.qmp")
+    qemu = bare_qemu(qmp)
+    try:
+        wait_for(lambda: os.path.exists(qmp), 10, "QEMU's QMP socket")
+        ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))
+        ctl.start()
+        assert ctl.checkpoint()["pause"] > 0
+        qemu.kill()
+        qemu.wait()
+        os.unlink(qmp)
+        qemu = bare_qemu(qmp)
+        wait_for(lambda: os.path.exists(qmp), 10, "the new QEMU's QMP socket")
+        assert ctl.checkpoint()["pause"] > 0
+        ctl.close()                                        # QEMU serves one QMP client
+        with QMPClient().connect(qmp) as guest:
+            assert guest.execute("query-status")["running"] is True
+    finally:
+        qemu.kill()
+        qemu.wait()
+        pair.close()
+
+
 def test_freeze_without_guest_agent_fails_cleanly(nodes, tmp_path):
     pair = make_pair(nodes)
     try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import socket
@@ -50,6 +51,8 @@ except ImportError:
     HAVE_LIBVIRT = False
 else:
     HAVE_LIBVIRT = True
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URI = "qemu:///system"
 FD_NAME = "repdisk-vmstate"    # QEMU's name of the state file's descriptor
@@ -278,19 +281,32 @@ class Guest:
             finally:
                 agent.thaw()
             return time.monotonic() - t0
-        guest = self.monitor()
-        status = guest.execute("query-status").get("status")
+        status = self._execute("query-status").get("status")
         if status == "postmigrate":
             raise ControlError(f"the guest at {self.qmp or self.libvirt_domain} migrated "
                                "away (postmigrate): restart the controller with --qmp of the "
                                "QEMU it runs in now")
         t0 = time.monotonic()
-        guest.execute("stop")
+        self._execute("stop")
         try:
             body()
         finally:
-            guest.execute("cont")
+            self._execute("cont")
         return time.monotonic() - t0
+
+    def _execute(self, command: str) -> Any:
+        """Run ``command`` on the monitor.  A connection that broke (the guest's QEMU was
+        restarted, or its monitor closed ours) is made anew, once: the next QEMU on the
+        same socket is the guest now.  One that did not answer in time is not retried."""
+        try:
+            return self.monitor().execute(command)
+        except ControlError as err:
+            if isinstance(err.__cause__, TimeoutError):
+                raise
+            log.warning("guest monitor %s: %s; connecting again", self.qmp or
+                        self.libvirt_domain, err)
+            self.close()
+            return self.monitor().execute(command)
 
     def moved(self, qmp: str) -> None:
         """The guest runs in the QEMU whose monitor is ``qmp`` now (a switchover moved it)."""
