@@ -10,6 +10,7 @@ resume) followed by a failover must leave the secondary's ``active`` export hold
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import nbd
@@ -29,6 +30,7 @@ from tests.helpers.nodes import (
     read_export,
     read_file,
     start_pair,
+    write,
 )
 
 # -- helpers shared by the node-level tests -------------------------------------------------
@@ -255,3 +257,24 @@ def test_python_thread_states_stay_bounded_over_many_connections(nodes: Nodes) -
     assert 1 <= states <= 2 * (4 + 1)
     assert read_export(sec, "replica")[:12 * 4096] == b"".join(
         bytes([i + 1]) * 4096 for i in range(12))
+
+
+def test_a_resync_under_way_shows_no_error_of_the_link_it_mended(nodes: Nodes) -> None:
+    """Once a resync has the link up again, the primary's error (why the link broke) is
+    cleared: a status line must not say "writes are kept local" while they are forwarded."""
+    pri, sec = start_pair(nodes, resync_rate="4M")
+    sec.kill()
+    write(pri, random_bytes(1, 8 * MiB), 0)                # degraded: dirty, the error set
+    disk = pri.ctl("query-replication")["disks"][0]
+    assert disk["degraded"] and "writes are kept local" in disk["error"], disk
+    nodes.secondary(sec.disks[0]).ctl("replication-start", mode="secondary")
+    resync = threading.Thread(target=pri.ctl, args=("replication-resync",))
+    resync.start()
+    seen = []
+    while resync.is_alive():                                  # about 2 s at 4 MiB/s
+        disk = pri.ctl("query-replication")["disks"][0]
+        if not disk["degraded"] and disk["dirty_bytes"]:
+            seen.append(disk["error"])
+        time.sleep(0.1)
+    resync.join()
+    assert seen and set(seen) == {None}, seen

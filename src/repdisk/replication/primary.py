@@ -244,6 +244,7 @@ class PrimaryReplica:
             if self.link.degraded or fwd is None or fwd.failed:
                 self.link.drop()
                 self._link_up()
+                self.sm.clear_error()  # the link is back: what broke it is history now
             sent = self._copy(progress)
             self.sm.clear_error()
             log.info("%s: resync sent %d bytes", self.name, sent)
