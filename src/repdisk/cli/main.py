@@ -339,10 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     - a repdisk error: ``repdisk: error: ...`` (or the QMP error class), status 1;
     - a file or folder that cannot be used: ``repdisk: error: PATH: why``, status 1;
     - stdout closed by its reader (``repdisk status ... | head -1``): nothing, status 141;
-    - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130.
+    - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130
+      (for ``ctl``, the line says that the command sent may still run).
     """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # entry.py: SIG_DFL while loading
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)     # --help is output too
@@ -372,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"repdisk: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        _interrupted()
+        sent = getattr(args, "cmd", None) == "ctl"
+        _interrupted(f"; {args.command} may still run in {args.socket} (repdisk status "
+                     f"{args.socket} shows it)" if sent and args is not None else "")
         return EXIT_INTERRUPTED   # not reached
 
 
@@ -383,10 +387,11 @@ def _discard_stdout() -> None:
     os.close(devnull)
 
 
-def _interrupted() -> None:
-    """One line, then exit at once: a control client interrupted mid-call leaves asyncio
-    tasks that would print screens of warnings while the interpreter shuts down."""
-    sys.stderr.write("repdisk: interrupted\n")
+def _interrupted(more: str = "") -> None:
+    """One line (``more`` appended: a command sent is not called back), then exit at
+    once: a control client interrupted mid-call leaves asyncio tasks that would print
+    screens of warnings while the interpreter shuts down."""
+    sys.stderr.write(f"repdisk: interrupted{more}\n")
     with contextlib.suppress(OSError):
         sys.stdout.flush()
     sys.stderr.flush()
