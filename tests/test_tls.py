@@ -27,6 +27,7 @@ from repdisk.cli import nodeproc
 from repdisk.errors import ConfigError, ControlError
 from repdisk.node.config import NodeConfig
 from repdisk.qmp.client import QMPClient
+from repdisk.qmp.client import connect as qmp_connect
 from repdisk.qmp.protocol import ArgSpec, Command
 from repdisk.qmp.server import QMPServer
 from repdisk.tls import TLSSpec
@@ -359,6 +360,21 @@ def test_control_client_checks_the_server_certificate(tls_server: Any,
     _, addr, rec = tls_server
     with pytest.raises(ControlError, match="certificate"):
         QMPClient(timeout=5).connect(addr, tls=tls.client_context(creds["other"]))
+    assert rec.calls == []
+
+
+def test_a_plain_client_of_a_tls_control_port_is_told_to_give_tls(
+        tls_server: Any, tmp_path: Any) -> None:
+    """`--insecure` against a port served with TLS: the server waits for a TLS hello and the
+    client for a greeting, so the timeout says what is missing; a --tls folder without
+    certificates names the option the user gave."""
+    _, (host, port), rec = tls_server
+    with pytest.raises(ControlError, match=r"connect: no answer within 1(\.0)? s: a control port "
+                                           "served with TLS says nothing to a client without "
+                                           "it; give --tls DIR"):
+        qmp_connect(f"{host}:{port}", insecure=True, connect_timeout=1.0)
+    with pytest.raises(ConfigError, match=r"^tls: .*ca-cert\.pem"):
+        qmp_connect(f"{host}:{port}", tls=str(tmp_path / "missing"))
     assert rec.calls == []
 
 

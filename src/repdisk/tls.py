@@ -288,8 +288,8 @@ def server_context(folder: str) -> ssl.SSLContext:
 
 def client_context(folder: str) -> ssl.SSLContext:
     """A control client's TLS: its certificate, and the server checked against the CA and
-    the host name it was reached by."""
-    check_cert_dir("control-tls", folder, "client")
+    the host name it was reached by.  ``folder`` is a client's ``--tls DIR``."""
+    check_cert_dir("tls", folder, "client")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(os.path.join(folder, "client-cert.pem"),

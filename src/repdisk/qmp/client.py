@@ -261,7 +261,15 @@ def connect(address: str, tls: str | None = None, insecure: bool = False, *,
         elif not insecure:
             raise ConfigError("tls", f"{address} is a TCP control port: give --tls DIR (client "
                                      "certificates), or --insecure for a port served without TLS")
-    return QMPClient(timeout=timeout).connect(address, timeout=connect_timeout, tls=context)
+    try:
+        return QMPClient(timeout=timeout).connect(address, timeout=connect_timeout,
+                                                  tls=context)
+    except ControlError as err:
+        if context is None and tcp_address(address) and isinstance(err.__cause__,
+                                                                   TimeoutError):
+            raise ControlError(f"{err}: a control port served with TLS says nothing to a "
+                               "client without it; give --tls DIR", "") from err
+        raise
 
 
 def execute(socket: str, command: str, args: dict[str, Any] | None = None, *,
