@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -681,7 +682,7 @@ def test_a_checkpoint_never_continues_a_guest_that_migrated_away(nodes, tmp_path
 def test_a_guest_qemu_restarted_on_the_same_monitor_is_paused_again(nodes, tmp_path):
     """The guest's QEMU restarted (its monitor socket made anew): the next checkpoint
     connects to the new QEMU, pauses and continues it, instead of failing for ever on the
-    old connection."""
+    old connection.  While no QEMU answers, checkpoints fail and status says so first."""
     pair = make_pair(nodes)
     qmp = str(tmp_path / "guest.qmp")
     qemu = bare_qemu(qmp)
@@ -693,9 +694,18 @@ def test_a_guest_qemu_restarted_on_the_same_monitor_is_paused_again(nodes, tmp_p
         qemu.kill()
         qemu.wait()
         os.unlink(qmp)
+        for _ in range(2):                 # no guest: checkpoints fail, and status says so
+            with pytest.raises(ControlError, match=rf"guest monitor {qmp} does not answer "
+                                                   r"\(No such file or directory\): start "
+                                                   "the guest's QEMU, or give --qmp"):
+                ctl.checkpoint()
+        assert ctl.query()["checkpoints_failing"]["count"] == 2
+        assert re.match(r"controller running CHECKPOINTS FAILING \(2 in a row, \d+s\) epoch",
+                        controller_lines(ctl.query())[0])
         qemu = bare_qemu(qmp)
         wait_for(lambda: os.path.exists(qmp), 10, "the new QEMU's QMP socket")
         assert ctl.checkpoint()["pause"] > 0
+        assert ctl.query()["checkpoints_failing"] is None
         ctl.close()                                        # QEMU serves one QMP client
         with QMPClient().connect(qmp) as guest:
             assert guest.execute("query-status")["running"] is True

@@ -56,6 +56,10 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
     """A controller's state, operation, nodes (role, socket, contact), last checkpoint and any
     running sync, for people."""
     state = q["state"] + (f" ({q['operation']})" if q.get("operation") else "")
+    failing = q.get("checkpoints_failing")
+    if failing:     # what a failover would roll back grows: say so before anything else
+        state += (f" CHECKPOINTS FAILING ({failing['count']} in a row, "
+                  f"{failing['for']:.0f}s)")
     parts = [f"controller {state:<11} epoch {q['epoch']}", _nodes_text(q.get("nodes", {})),
              f"dirty {_mib(q.get('dirty', 0))} lag {_mib(q.get('lag', 0))}"]
     last = q["last_checkpoints"][-1] if q.get("last_checkpoints") else None

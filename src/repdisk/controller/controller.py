@@ -104,6 +104,9 @@ class Controller(StateMachine):
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
         self._stop = threading.Event()
         self._next_checkpoint = 0.0
+        #: (wall-clock time of the first, count) of the checkpoints failed since the last
+        #: one that succeeded; None while they succeed.
+        self.failing: tuple[float, int] | None = None
         self._retry_at = 0.0                     # no re-protection attempt before this
         self._backoff = cfg.heartbeat_timeout
         self._marked_for: str | None = None   # primary instance whose dirty map we filled
@@ -459,10 +462,13 @@ class Controller(StateMachine):
             rec["pause"] = self.guest.paused(lambda: self._pair_checkpoint(rec))
         except RepdiskError as err:
             self.counters["checkpoint_failures"] += 1
+            since, count = self.failing or (rec["time"], 0)
+            self.failing = (since, count + 1)
             self._next_checkpoint = time.monotonic() + self.cfg.heartbeat_timeout
             self._event("CHECKPOINT_FAILED", logging.WARNING, error=str(err))
             raise
         rec["duration"] = time.monotonic() - t0
+        self.failing = None
         self.counters["checkpoints"] += 1
         self.checkpoints.append(rec)
         # --interval apart, start to start: it bounds what a failover rolls back.
@@ -881,6 +887,10 @@ class Controller(StateMachine):
             "lag": sum(d.get("lag_bytes", 0) for d in p.get("disks", [])),
             "dirty": sum(d.get("dirty_bytes", 0) for d in p.get("disks", [])),
             "progress": self.progress.as_dict() if self.progress else None,
+            # Checkpoints failing in a row: a failover would roll back to the last good one.
+            "checkpoints_failing": ({"count": self.failing[1],
+                                     "for": round(now - self.failing[0], 3)}
+                                    if self.failing else None),
             "failover": self.last_failover,
             # Why the last operation a heartbeat started failed (None once one succeeds).
             "error": self.last_error,

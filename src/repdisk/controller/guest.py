@@ -163,7 +163,23 @@ def connect(qmp: str | None, libvirt_domain: str | None,
     if libvirt_domain:
         return LibvirtMonitor(libvirt_domain, libvirt_uri)
     assert qmp
-    return QMPClient(timeout=60.0).connect(qmp)
+    try:
+        return QMPClient(timeout=60.0).connect(qmp)
+    except ControlError as err:
+        raise ControlError(f"guest monitor {qmp} does not answer ({_root_cause(err)}): start "
+                           "the guest's QEMU, or give --qmp the socket of its -qmp option",
+                           "") from err
+
+
+def _root_cause(err: BaseException) -> str:
+    """The system's word for why a connection failed (the first OSError of the chain), or
+    the error's own text."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or getattr(seen, "exc", None)
+    return str(err)
 
 
 class GuestAgent:
