@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import nbd
@@ -521,6 +522,23 @@ def test_primary_restart_resyncs_by_itself(nodes):
         assert len(events(ctl, "SYNC_COMPARED")) == 1              # the first start's only
         sent = events(ctl, "RESYNC_COMPLETED")[1]["bytes"]
         assert 200_000 <= sent <= 200_000 + 2 * GRANULARITY
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk)
+    finally:
+        pair.close()
+
+
+def test_a_stop_during_a_resync_says_it_waits_for_it(nodes, caplog):
+    """SIGTERM (stop) while a long resync runs: the controller ends it first, and says so
+    at once rather than seeming to ignore the signal."""
+    pair = make_pair(nodes, pri_fill=1, resync_rate="4M")     # 16 MiB to copy: 4 s
+    try:
+        ctl = pair.controller(auto_failover=False, initial_sync="full")
+        starting = threading.Thread(target=ctl.start)
+        starting.start()
+        wait_for(lambda: ctl.operation is not None and ctl.progress is not None, 10, "resync")
+        ctl.stop()
+        assert caplog.text.count("stopping once the start under way ends") == 1
+        starting.join()
         assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk)
     finally:
         pair.close()

@@ -869,6 +869,11 @@ class Controller(StateMachine):
             self._stop.wait(max(0.0, wait))
 
     def stop(self) -> None:
+        """Stop once the operation under way (if any) has ended; say so, for a resync or
+        a verify may take long."""
+        op = self.operation
+        if op is not None and not self._stop.is_set():
+            log.warning("stopping once the %s under way ends", op.value)
         self._stop.set()
 
     # -- observability ---------------------------------------------------------------------------
