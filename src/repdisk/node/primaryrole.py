@@ -138,7 +138,7 @@ class PrimaryRole(Role[PrimaryReplica]):
                     continue
                 if unreachable:
                     self._check_disk_names()
-                hint = "; start the secondary first, or fix the URI" if unreachable else ""
+                hint = _unreachable_hint(str(err)) if unreachable else ""
                 raise ConfigError("secondary", f"{err}{hint}") from err
 
     def _fence_if_superseded(self) -> None:
@@ -441,3 +441,12 @@ class PrimaryRole(Role[PrimaryReplica]):
                 log.error("cannot save the dirty maps (%s): the next start compares the disks",
                           err)
         self.close_retired()
+
+
+def _unreachable_hint(error: str) -> str:
+    """What to do about a secondary that did not answer at start-up: a failed TLS
+    handshake (libnbd names GnuTLS) is a credentials mismatch, not a node that is down."""
+    if "gnutls" in error.lower():
+        return ("; the TLS handshake failed: give both nodes the same PSK file, or "
+                "certificates of one CA naming the secondary's host (repdisk tls), not expired")
+    return "; start the secondary first, or fix the URI"
