@@ -126,6 +126,12 @@ def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(tmp_path,
     killed by SIGINT, at most one line, never a traceback."""
     result = run(["timeout", "--preserve-status", "-s", "INT", delay, REPDISK, "status",
                   str(tmp_path / "x.qmp")], str(tmp_path))
+    if result.stderr.startswith("Fatal Python error: init_import_site"):
+        # On a loaded machine 0.05 s can land in the interpreter's own start-up, in the
+        # site-packages .pth files it runs (setuptools', the system's), before a line of
+        # repdisk runs: Python reports that itself.  No frame of repdisk may be in it.
+        assert "src/repdisk/" not in result.stderr and result.returncode != 0, result
+        return
     no_traceback(result)
     assert result.returncode in (-signal.SIGINT, cli.EXIT_INTERRUPTED, 1), result
     assert result.stderr in ("", "repdisk: interrupted\n") or result.returncode == 1, result
