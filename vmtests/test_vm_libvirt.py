@@ -12,8 +12,8 @@ folder ``/srv/repdisk/`` replaced by the test's), the domain name and the contro
 - the controller checkpoints it, pausing it through libvirt (as libvirt-qemu also saving its
   state with ``--vm-state``, into a folder only root may enter);
 - the primary's host dies: ``virsh destroy`` of the guest and kill -9 of the primary node;
-- the controller fails over, and its hook (the README's ``virsh create
-  guest-on-secondary.xml``) boots the guest on the secondary's ``active`` export: it
+- the controller fails over, and its hook (the README's ``virsh destroy``, ``virsh create
+  guest-on-sec.xml``) boots the guest on the secondary's ``active`` export: it
   carries on from the last checkpoint's records; at the end the secondary's disk holds
   gapless records and its file system is clean.
 """
@@ -74,7 +74,8 @@ def test_the_readme_section_is_what_this_test_runs() -> None:
     keys, domain, hook, create = readme_setup()
     assert keys == {"socket-group": "libvirt-qemu", "socket-mode": "0660"}
     assert (domain, hook, create) == (
-        "guest", "virsh -c qemu:///system create /srv/repdisk/guest-on-secondary.xml",
+        "guest", "virsh -c qemu:///system destroy guest; virsh -c qemu:///system create "
+                 "/srv/repdisk/guest-on-$(basename $REPDISK_SECONDARY_CONTROL .qmp).xml",
         "virsh -c qemu:///system create /srv/repdisk/guest.xml")
     primary, secondary = readme_disks()
     assert f"socket='{FOLDER}pri.sock'" in primary and "name='active'" not in primary
@@ -97,7 +98,7 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
     assert Path(pair.pri.listen.socket or "") == folder / "pri.sock"
     assert Path(pair.sec.listen.socket or "") == folder / "sec.sock"
     xmls = {}
-    for name, disk in zip(("guest", "guest-on-secondary"), readme_disks(), strict=False):
+    for name, disk in zip(("guest", "guest-on-sec"), readme_disks(), strict=False):
         xmls[name] = folder / f"{name}.xml"
         xmls[name].write_text(domain_xml(domain, scenario.guest, folder, here(disk),
                                          folder / f"{name}.serial.log"))
@@ -133,8 +134,8 @@ def test_libvirt_guest_checkpointed_then_booted_on_the_secondary(scenario: Scena
         assert failover.vm_state.stat().st_uid == 0 and scenario.work.stat().st_mode & 0o077 == 0
     lo, hi = last.bounds(vm)
 
-    new = LibvirtGuest(daemon, xmls["guest-on-secondary"],
-                       folder / "guest-on-secondary.serial.log",
+    assert pair.sec.control == str(folder / "sec.qmp")     # the hook's guest-on-sec.xml
+    new = LibvirtGuest(daemon, xmls["guest-on-sec"], folder / "guest-on-sec.serial.log",
                        folder / "secondary-guest.console.log", scenario.guest, created=True)
     scenario._stack.callback(new.close)
     new.start()
