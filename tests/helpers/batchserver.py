@@ -49,7 +49,7 @@ def thread_model():
 
 
 def open(readonly):
-    name, _token = _call(split_tag, nbdkit.export_name())  # sessions are not fenced here
+    name, _token, _writer = _call(split_tag, nbdkit.export_name())  # sessions not fenced here
     return BatchView(_image) if name.endswith(EXPORT_SUFFIX) else _image
 
 
