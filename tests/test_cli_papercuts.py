@@ -478,3 +478,20 @@ def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: P
         pid = nodeproc._pidfile_pid(f("ctl.pid"))
         if pid is not None and "controller" in psutil.Process(pid).cmdline():
             nodeproc.stop_pid(pid)
+
+
+def test_a_start_of_a_stopped_primary_says_it_is_ignored_and_changes_nothing(
+        cli_pair: Pair) -> None:
+    """After replication-stop a primary's replication does not start again in its process
+    (QEMU's rule): start says so instead of answering ok, and its epoch stays as it was."""
+    pri, sec = start_cli_pair(cli_pair)
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    assert cli_pair.repdisk("ctl", pri, "stop", "failover=true").stdout == "ok\n"
+    out = cli_pair.repdisk("ctl", pri, "start", "mode=primary", "epoch=3").stdout
+    assert "ignored" in out and "replication was stopped on this primary (stage done)" in out \
+        and "restart the node" in out, out
+    assert re.match(r"primary +disk0 +done +epoch 0 ", cli_pair.repdisk("status", pri).stdout)
+    bad = cli_pair.repdisk("ctl", pri, "resync", ok=False)
+    assert bad.stderr.endswith("(stage done); restart the node to replicate again\n"), bad.stderr
+

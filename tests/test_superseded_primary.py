@@ -6,23 +6,23 @@ Driven with the ``repdisk`` command only."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import nbd
 import pytest
 
-from tests.helpers.cli import Pair
+from repdisk.cli import nodeproc
+from tests.helpers.cli import Pair, kill_secondary
 from tests.helpers.commands import qemu
-from tests.helpers.nodes import MiB
+from tests.helpers.nodes import MiB, read_file
 
 
 def start_pair(pair: Pair, write_mode: str) -> tuple[str, str, str]:
     """A running pair with 0x11 in its first MiB checkpointed; (pri, sec, guest URI)."""
     pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp", "--nbd-socket",
                  "sec.sock", "--background", "--pidfile", "sec.pid")
-    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
-                 "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
-                 "--write-mode", write_mode, "--background", "--pidfile", "pri.pid")
+    start_primary(pair, write_mode)
     pri, sec = pair.path("pri.qmp"), pair.path("sec.qmp")
     assert pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
     assert pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
@@ -31,6 +31,12 @@ def start_pair(pair: Pair, write_mode: str) -> tuple[str, str, str]:
     for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
         assert pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
     return pri, sec, guest
+
+
+def start_primary(pair: Pair, write_mode: str) -> None:
+    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                 "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
+                 "--write-mode", write_mode, "--background", "--pidfile", "pri.pid")
 
 
 def writes_until_refused(guest: str) -> int:
@@ -72,3 +78,37 @@ def test_a_secondary_that_only_stopped_replicating_leaves_its_primary_serving(
     assert writes_until_refused(guest) == -1
     status = cli_pair.repdisk("status", pri).stdout
     assert "FENCED" not in status and "DEGRADED" in status, status
+
+
+def test_a_secondary_started_in_a_mistyped_epoch_fences_nobody(cli_pair: Pair) -> None:
+    """`start mode=secondary epoch=5` by mistake: the secondary refuses the primary (older
+    epoch) and says why, but it wrote nothing in epoch 5, so the primary is not fenced
+    (its disk is the newest) and goes on, degraded; moved to epoch 5 it resyncs."""
+    pri, sec, guest = start_pair(cli_pair, "sync")
+    kill_secondary(cli_pair)
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp", "--nbd-socket",
+                     "sec.sock", "--background", "--pidfile", "sec.pid")
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary", "epoch=5").stdout == "ok\n"
+    bad = cli_pair.repdisk("ctl", pri, "resync", ok=False)
+    assert bad.stderr.endswith("refused this primary: refusing a primary of epoch 0: this node "
+                               "is in epoch 5 (that primary lost a failover, or was started "
+                               "in the wrong epoch)\n"), bad.stderr
+    assert writes_until_refused(guest) == -1                       # not fenced
+    status = cli_pair.repdisk("status", pri).stdout
+    assert "FENCED" not in status and "DEGRADED" in status, status
+    # a restart asks the secondary's epoch: newer, but it wrote nothing in it
+    nodeproc.stop_pidfile(cli_pair.path("pri.pid"))
+    start_primary(cli_pair, "sync")
+    status = cli_pair.repdisk("status", pri).stdout
+    assert "FENCED" not in status and "none" in status, status
+    # the way out: the secondary's state holds nothing but the mistaken epoch; moved away,
+    # the secondary starts afresh, new to its primary, which compares before it copies
+    kill_secondary(cli_pair)
+    os.rename(cli_pair.path("sec.img.state"), cli_pair.path("sec.img.state.mistaken"))
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp", "--nbd-socket",
+                     "sec.sock", "--background", "--pidfile", "sec.pid")
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+    assert read_file(cli_pair.path("sec.img")) == read_file(cli_pair.path("pri.img"))

@@ -26,7 +26,7 @@ from repdisk.node.config import PRIMARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
-from repdisk.node.role import Role, describe_disk, described
+from repdisk.node.role import Role, describe_disk, newer_writer
 from repdisk.node.state import dirty_map_path
 from repdisk.replication import nbdclient, resync
 from repdisk.replication.framework import ReplicationError, ReplicationMode
@@ -154,9 +154,11 @@ class PrimaryRole(Role[PrimaryReplica]):
                   "secondary (repdisk secondary) to re-protect the pair", reason)
 
     def superseded(self, uri: str | None = None) -> str | None:
-        """Why this node lost to its ``--secondary``, if it did: that node lists an export of
-        a newer epoch, so it won a failover while this one was down or cut off (it may have
-        been promoted since), and every guest write acknowledged here would be lost.  Only
+        """Why this node lost to its ``--secondary``, if it did: that node is the writer of a
+        newer epoch (role.newer_writer), so it won a failover while this one was down or cut
+        off (it may have been promoted since), and every guest write acknowledged here would
+        be lost.  A secondary merely started in a newer epoch (a typo) supersedes nothing:
+        it refuses this primary's writes, which then go on degraded.  Only
         for a node that was a primary (its state says so; a first start is the controller's
         to judge) and is not fenced yet; None when the peer cannot be asked (at most 2 s: a
         host that is down must not hold up a primary that serves alone)."""
@@ -165,9 +167,8 @@ class PrimaryRole(Role[PrimaryReplica]):
         if uri is None or state.role != PRIMARY or state.fenced:
             return None
         listed = nbdclient.list_exports(uri, min(cfg.primary.timeout, 2.0)) or {}
-        newest = max((d[0] for d in map(described, listed.values()) if d is not None),
-                     default=None)
-        if newest is None or newest <= state.epoch:
+        newest = newer_writer(listed.values(), state.epoch)
+        if newest is None:
             return None
         where = f"--secondary {uri}" if uri == cfg.secondary else uri
         return (f"the node at {where} is in epoch {newest}, newer than this node's "
@@ -316,6 +317,15 @@ class PrimaryRole(Role[PrimaryReplica]):
             self.ctx.admission.guard = None
 
     # -- the controller's commands ---------------------------------------------------
+
+    def replication_over(self) -> str:
+        """Every disk's replication was stopped (stage done): as in QEMU, a start is then
+        ignored, so say so rather than answer ok and change nothing."""
+        if any(rep.stage is not Stage.DONE for rep in self.replicas.values()):
+            return ""
+        return ("replication was stopped on this primary (stage done) and does not start "
+                "again in this process, as in QEMU: restart the node (stop its guest, stop "
+                "the node, repdisk primary again) to replicate again")
 
     def before_start(self, epoch: int | None) -> None:
         for rep in self.replicas.values():  # its connections carry the epoch

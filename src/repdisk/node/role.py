@@ -10,6 +10,7 @@ not take part in: a secondary has no link to probe, a primary never ignores a re
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 from repdisk.block.rawimage import RawImage
@@ -19,7 +20,7 @@ from repdisk.replication.framework import Registry, ReplicationMode, Replication
 from repdisk.replication.stage import Stage
 
 _DESCRIBED = re.compile(r"^repdisk (?:primary|secondary) disk \S+ in epoch (\d+) "
-                       r"of node ([0-9a-f]+)")
+                       r"of node ([0-9a-f]+)( \(its writer\))?")
 
 
 def describe_disk(role: str, disk: str, ctx: NodeContext) -> str:
@@ -29,7 +30,18 @@ def describe_disk(role: str, disk: str, ctx: NodeContext) -> str:
     state = ctx.state
     # A failover commit under way already refuses the old primary: name the epoch it makes.
     epoch = state.epoch if state.failover_commit is None else state.failover_commit + 1
-    return f"repdisk {role} disk {disk} in epoch {epoch} of node {ctx.instance}"
+    writer = role == "primary" or state.failed_over or state.failover_commit is not None
+    return (f"repdisk {role} disk {disk} in epoch {epoch} of node {ctx.instance}"
+            + (" (its writer)" if writer else ""))
+
+
+def newer_writer(descriptions: Iterable[str], epoch: int) -> int | None:
+    """The newest epoch above ``epoch`` whose writer one of these descriptions names (a
+    primary, or a secondary that won or is winning a failover), or None.  A secondary
+    merely started in a newer epoch (an ``epoch=`` typo) writes nothing in it."""
+    found = [int(m.group(1)) for m in map(_DESCRIBED.match, descriptions)
+             if m is not None and m.group(3) and int(m.group(1)) > epoch]
+    return max(found, default=None)
 
 
 def described(description: str) -> tuple[int, str] | None:

@@ -238,8 +238,10 @@ class PrimaryReplica:
         """
         with self.sm.lock:
             if self.sm.stage is not Stage.RUNNING:
+                then = ("restart the node to replicate again" if self.sm.finished()
+                        else "start it instead")
                 raise ReplicationError(f"{self.name}: cannot resync: replication is not running "
-                                       f"(stage {self.sm.stage.value}); start it instead")
+                                       f"(stage {self.sm.stage.value}); {then}")
             fwd = self.link.forwarder
             if self.link.degraded or fwd is None or fwd.failed:
                 self.link.drop()
