@@ -495,3 +495,17 @@ def test_a_start_of_a_stopped_primary_says_it_is_ignored_and_changes_nothing(
     bad = cli_pair.repdisk("ctl", pri, "resync", ok=False)
     assert bad.stderr.endswith("(stage done); restart the node to replicate again\n"), bad.stderr
 
+
+def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(
+        cli_pair: Pair) -> None:
+    """nbdkit stops only once its clients hang up, and a secondary's client is its primary:
+    an idle primary still probes its link every isolation-timeout (3 s), so a SIGTERM'd
+    secondary stops within that, and its primary knows it is gone (degraded)."""
+    pri, sec = start_cli_pair(cli_pair)
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    pid = int(Path(cli_pair.path("sec.pid")).read_text())
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not psutil.pid_exists(pid)
+             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, "the secondary's exit")
+    wait_for(lambda: "DEGRADED" in cli_pair.repdisk("status", pri).stdout, 10, "degraded")

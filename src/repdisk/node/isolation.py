@@ -109,6 +109,12 @@ class Isolation:
                     with self._cond:  # the acknowledgement came after the previous look
                         self._last_contact = max(self._last_contact, looked)
                 looked = now
+            elif not self._armed and now - looked >= self.timeout:
+                # No controller: an idle link is still probed now and then, for a
+                # secondary asked to stop (SIGTERM) closes its connection only after a
+                # request, and a dead one is then noticed before the next guest write.
+                self._secondary_answers()
+                looked = now
             with self._cond:
                 self._update()
 
