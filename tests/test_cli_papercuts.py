@@ -31,7 +31,7 @@ from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.cli.status import controller_lines
 from repdisk.errors import ConfigError
-from tests.helpers.cli import Pair, start_cli_pair
+from tests.helpers.cli import Pair, replicating_pair, start_cli_pair
 from tests.helpers.commands import REPDISK, qemu, run
 from tests.helpers.nodes import MiB
 
@@ -484,9 +484,7 @@ def test_a_start_of_a_stopped_primary_says_it_is_ignored_and_changes_nothing(
         cli_pair: Pair) -> None:
     """After replication-stop a primary's replication does not start again in its process
     (QEMU's rule): start says so instead of answering ok, and its epoch stays as it was."""
-    pri, sec = start_cli_pair(cli_pair)
-    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
-    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    pri, sec, _ = replicating_pair(cli_pair)
     assert cli_pair.repdisk("ctl", pri, "stop", "failover=true").stdout == "ok\n"
     out = cli_pair.repdisk("ctl", pri, "start", "mode=primary", "epoch=3").stdout
     assert "ignored" in out and "replication was stopped on this primary (stage done)" in out \
@@ -501,9 +499,7 @@ def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(
     """nbdkit stops only once its clients hang up, and a secondary's client is its primary:
     an idle primary still probes its link every isolation-timeout (3 s), so a SIGTERM'd
     secondary stops within that, and its primary knows it is gone (degraded)."""
-    pri, sec = start_cli_pair(cli_pair)
-    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
-    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    pri, sec, _ = replicating_pair(cli_pair)
     pid = int(Path(cli_pair.path("sec.pid")).read_text())
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not psutil.pid_exists(pid)

@@ -8,16 +8,20 @@ from __future__ import annotations
 import re
 
 from repdisk.cli import nodeproc
-from tests.helpers.cli import SEC, SIZE, Pair, checkpoint, kill_secondary, start_cli_pair
+from tests.helpers.cli import (
+    SEC,
+    SIZE,
+    Pair,
+    checkpoint,
+    kill_secondary,
+    replicating_pair,
+)
 from tests.helpers.commands import qemu
 from tests.helpers.nodes import MiB, make_disk, read_file
 
 
 def test_a_second_primary_is_refused_and_takes_nothing_over(cli_pair: Pair) -> None:
-    pri, sec = start_cli_pair(cli_pair)
-    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
-    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
-    guest = f"nbd+unix:///?socket={cli_pair.path('pri.sock')}"
+    pri, sec, guest = replicating_pair(cli_pair)
     qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", guest)
     checkpoint(cli_pair, pri, sec)
 

@@ -8,17 +8,21 @@ import os
 
 import pytest
 
-from tests.helpers.cli import SEC, SIZE, Pair, checkpoint, kill_secondary, start_cli_pair
+from tests.helpers.cli import (
+    SEC,
+    SIZE,
+    Pair,
+    checkpoint,
+    kill_secondary,
+    replicating_pair,
+)
 from tests.helpers.commands import qemu
 from tests.helpers.nodes import MiB, make_disk, read_file
 
 
 @pytest.mark.parametrize("how", ["replaced", "state lost"])
 def test_a_secondary_restarted_on_a_new_disk_is_compared(cli_pair: Pair, how: str) -> None:
-    pri, sec = start_cli_pair(cli_pair)
-    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
-    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
-    guest = f"nbd+unix:///?socket={cli_pair.path('pri.sock')}"
+    pri, sec, guest = replicating_pair(cli_pair)
     qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", guest)
     checkpoint(cli_pair, pri, sec)                      # the secondary holds 0x11
 
@@ -45,10 +49,7 @@ def test_a_secondary_restarted_on_a_new_disk_is_compared(cli_pair: Pair, how: st
 def test_a_secondary_restarted_on_the_same_disk_copies_only_what_is_dirty(
         cli_pair: Pair) -> None:
     """The record of which file was synced is what spares a restart the comparison."""
-    pri, sec = start_cli_pair(cli_pair)
-    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
-    assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
-    guest = f"nbd+unix:///?socket={cli_pair.path('pri.sock')}"
+    pri, sec, guest = replicating_pair(cli_pair)
     qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", guest)
     checkpoint(cli_pair, pri, sec)
     kill_secondary(cli_pair)

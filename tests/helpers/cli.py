@@ -43,6 +43,15 @@ def start_cli_pair(pair: Pair) -> tuple[str, str]:
     return pair.path("pri.qmp"), pair.path("sec.qmp")
 
 
+def replicating_pair(pair: Pair) -> tuple[str, str, str]:
+    """:func:`start_cli_pair`, then replication started (secondary first): the primary's
+    and the secondary's control sockets and the guest's NBD URI."""
+    pri, sec = start_cli_pair(pair)
+    assert pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+    assert pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+    return pri, sec, f"nbd+unix:///?socket={pair.path('pri.sock')}"
+
+
 #: ``repdisk secondary`` of a cli pair, restarted by hand (give ``--disk``).
 SEC = ("secondary", "--nbd-socket", "sec.sock", "--control", "sec.qmp", "--background",
        "--pidfile", "sec.pid")
