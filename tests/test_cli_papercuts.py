@@ -33,7 +33,7 @@ from repdisk.cli.status import controller_lines
 from repdisk.errors import ConfigError
 from tests.helpers.cli import Pair, replicating_pair, start_cli_pair
 from tests.helpers.commands import REPDISK, qemu, run
-from tests.helpers.nodes import MiB
+from tests.helpers.nodes import MiB, read_file
 
 
 def no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -505,3 +505,22 @@ def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(
     wait_for(lambda: not psutil.pid_exists(pid)
              or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, "the secondary's exit")
     wait_for(lambda: "DEGRADED" in cli_pair.repdisk("status", pri).stdout, 10, "degraded")
+
+
+def test_a_stopped_secondary_neither_starts_nor_fails_over_nor_takes_writes(
+        cli_pair: Pair) -> None:
+    """After `stop` (no failover) a secondary's replication is over in its process: start and
+    failover say they are ignored instead of answering ok, and its active view refuses a
+    VM's writes, for the primary still writes in this epoch (two writers otherwise, and the
+    next resync would overwrite the VM's acknowledged write)."""
+    pri, sec, guest = replicating_pair(cli_pair)
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", guest)
+    assert cli_pair.repdisk("ctl", sec, "stop").stdout == "ok\n"
+    for argv in (["start", "mode=secondary"], ["failover"]):
+        out = cli_pair.repdisk("ctl", sec, *argv).stdout
+        assert "ignored" in out and "stopped on this secondary without a failover" in out, out
+    assert re.match(r"secondary +disk0 +done +epoch 0 ", cli_pair.repdisk("status", sec).stdout)
+    active = f"nbd+unix:///active?socket={cli_pair.path('sec.sock')}"
+    vm = run(["qemu-io", "-f", "raw", "-c", "write -P 0x99 4M 1M", active], cli_pair.folder)
+    assert vm.returncode == 1 and vm.stdout.startswith("write failed"), vm
+    assert read_file(cli_pair.path("sec.img"))[4 * MiB:5 * MiB] == bytes(MiB)

@@ -174,6 +174,8 @@ class Node:
         if over and mode is ReplicationMode.PRIMARY:
             self.state.check_start(PRIMARY, epoch)
             return self._ignored("replication-start", over)
+        if over and not self.state.failed_over:   # stopped without a failover
+            return self._ignored("replication-start", over)
         self.state.check_start(self._role.name, epoch, self._unsent())
         self._role.before_start(epoch)
         try:

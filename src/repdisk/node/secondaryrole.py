@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 REPLICA_VIEW = "the primary writes here"
 
 
+#: Why a secondary whose replication was stopped without a failover refuses requests.
+STOPPED = "replication was stopped on this secondary without a failover (stage done)"
+
+
 class SecondaryRole(Role[SecondaryReplica]):
     name = SECONDARY
     mode = ReplicationMode.SECONDARY
@@ -171,18 +175,27 @@ class SecondaryRole(Role[SecondaryReplica]):
     # -- replication -------------------------------------------------------------------
 
     def replication_over(self) -> str:
-        """This secondary won a failover and was not promoted: its side of replication is
-        over."""
-        if not self.ctx.state.failed_over:
-            return ""
-        return (f"this node took over in a failover (epoch {self.ctx.state.epoch}): its "
-                "replication is over; promote it (replication-promote) to replicate again")
+        """This secondary won a failover and was not promoted, or its replication was
+        stopped without one: its side of replication is over (start, stop, failover and
+        checkpoint are ignored, as in QEMU, and the node says so)."""
+        if self.ctx.state.failed_over:
+            return (f"this node took over in a failover (epoch {self.ctx.state.epoch}): its "
+                    "replication is over; promote it (replication-promote) to replicate "
+                    "again")
+        if self.replicas and all(r.stage is Stage.DONE for r in self.replicas.values()):
+            return (STOPPED + ": it neither starts nor fails over again in this process, "
+                    "as in QEMU; restart the node to replicate again")
+        return ""
 
     def stop(self, failover: bool) -> None:
         if failover:
             self._failover()
-        else:
-            super().stop(failover)
+            return
+        super().stop(failover)
+        # The primary still writes in this epoch: a secondary VM's write here would make
+        # two writers (and be overwritten by the next resync).
+        self.ctx.admission.refuse(STOPPED + ": the primary is the writer; fail over a "
+                                  "running secondary to write here", 5.0)
 
     def _failover(self) -> None:
         """All disks of the group fail over, or none: refuse before committing any.
