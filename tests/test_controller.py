@@ -733,6 +733,31 @@ def test_a_guest_qemu_restarted_on_the_same_monitor_is_paused_again(nodes, tmp_p
         pair.close()
 
 
+def test_a_hung_guest_monitor_holds_a_checkpoint_for_heartbeat_timeout_only(nodes, tmp_path):
+    """A guest QEMU that stopped answering (SIGSTOP; a `stop` that hangs draining I/O)
+    fails the checkpoint after heartbeat-timeout, not 60 s: the run loop, whose heartbeats
+    notice a lost primary, waits for it.  Continued, the guest is paused again."""
+    pair = make_pair(nodes)
+    qmp = str(tmp_path / "guest.qmp")
+    qemu = bare_qemu(qmp)
+    try:
+        wait_for(lambda: os.path.exists(qmp), 10, "QEMU's QMP socket")
+        ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))
+        ctl.start()
+        qemu.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        with pytest.raises(ControlError, match=r"query-status: no answer within 1\.2 s"):
+            ctl.checkpoint()
+        assert time.monotonic() - began < 3 * HEARTBEAT_TIMEOUT
+        qemu.send_signal(signal.SIGCONT)
+        assert ctl.checkpoint()["pause"] > 0
+        ctl.close()
+    finally:
+        qemu.kill()
+        qemu.wait()
+        pair.close()
+
+
 def test_freeze_without_guest_agent_fails_cleanly(nodes, tmp_path):
     pair = make_pair(nodes)
     try:

@@ -116,7 +116,8 @@ class Controller(StateMachine):
         self.write_mode = "sync"
         self.last_error: str | None = None
         self._hook: subprocess.Popen[bytes] | None = None
-        self.guest = Guest(cfg.qmp, cfg.libvirt_domain, cfg.libvirt_uri, cfg.freeze, cfg.qga)
+        self.guest = Guest(cfg.qmp, cfg.libvirt_domain, cfg.libvirt_uri, cfg.freeze, cfg.qga,
+                           timeout=cfg.heartbeat_timeout)
         self._progress_said = 0.0
         self._server: QMPServer | None = None
         self._recall_pair()

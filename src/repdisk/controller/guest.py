@@ -158,13 +158,14 @@ def check(qmp: str | None, libvirt_domain: str | None) -> None:
 
 
 def connect(qmp: str | None, libvirt_domain: str | None,
-            libvirt_uri: str = DEFAULT_URI) -> Monitor:
-    """The guest's monitor: libvirt's passthrough for a domain, else its QMP socket."""
+            libvirt_uri: str = DEFAULT_URI, timeout: float = 60.0) -> Monitor:
+    """The guest's monitor: libvirt's passthrough for a domain, else its QMP socket, whose
+    every call answers within ``timeout`` seconds or fails."""
     if libvirt_domain:
         return LibvirtMonitor(libvirt_domain, libvirt_uri)
     assert qmp
     try:
-        return QMPClient(timeout=60.0).connect(qmp)
+        return QMPClient(timeout=timeout).connect(qmp, timeout=timeout)
     except ControlError as err:
         raise ControlError(f"guest monitor {qmp} does not answer ({_root_cause(err)}): start "
                            "the guest's QEMU, or give --qmp the socket of its -qmp option",
@@ -261,9 +262,12 @@ class Guest:
 
     def __init__(self, qmp: str | None, libvirt_domain: str | None,
                  libvirt_uri: str = DEFAULT_URI, freeze: bool = False,
-                 qga: str | None = None) -> None:
+                 qga: str | None = None, timeout: float = 60.0) -> None:
         self.qmp, self.libvirt_domain, self.libvirt_uri = qmp, libvirt_domain, libvirt_uri
         self.freeze, self.qga = freeze, qga
+        #: Seconds a monitor call may take: the controller's run loop (its heartbeats, a
+        #: failover) waits for a checkpoint's, so a hung QEMU must not hold it for long.
+        self.timeout = timeout
         self._monitor: Monitor | None = None
 
     @property
@@ -274,7 +278,8 @@ class Guest:
     def monitor(self) -> Monitor:
         """The guest's monitor, connected on first use."""
         if self._monitor is None:
-            self._monitor = connect(self.qmp, self.libvirt_domain, self.libvirt_uri)
+            self._monitor = connect(self.qmp, self.libvirt_domain, self.libvirt_uri,
+                                    self.timeout)
         return self._monitor
 
     def paused(self, body: Callable[[], None]) -> float:
