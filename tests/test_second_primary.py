@@ -38,8 +38,9 @@ def test_a_second_primary_is_refused_and_takes_nothing_over(cli_pair: Pair) -> N
                 rf"{re.escape(replica)} refused this primary: refusing a second primary "
                 r"\(disk ([0-9a-f]{16})\): this secondary replicates the primary of disk "
                 r"(?!\1)[0-9a-f]{16} \(a secondary serves one primary disk\); give the "
-                r"primary of disk \1 its own secondary, or restart this secondary to pair "
-                r"it with that primary\n", bad.stderr), bad.stderr
+                r"primary of disk \1 its own secondary, or restart this secondary \(its "
+                r"controller stopped first, if one runs its pair\) to pair it with that "
+                r"primary\n", bad.stderr), bad.stderr
         # the pair goes on as it was: replicating, nothing to resync, checkpoints
         qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 1M", guest)
         assert cli_pair.repdisk("ctl", pri, "resync").stdout == "bytes  0.0 MiB\n"

@@ -91,8 +91,10 @@ def test_a_secondary_started_in_a_mistyped_epoch_fences_nobody(cli_pair: Pair) -
     assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary", "epoch=5").stdout == "ok\n"
     bad = cli_pair.repdisk("ctl", pri, "resync", ok=False)
     assert bad.stderr.endswith("refused this primary: refusing a primary of epoch 0: this node "
-                               "is in epoch 5 (that primary lost a failover, or was started "
-                               "in the wrong epoch)\n"), bad.stderr
+                               "is in epoch 5 (this node was started in that epoch, it won no "
+                               "failover in it: if that start's epoch= was a typo, see "
+                               "docs/failure-matrix.md, 'a secondary started in a wrong "
+                               "epoch')\n"), bad.stderr
     assert writes_until_refused(guest) == -1                       # not fenced
     status = cli_pair.repdisk("status", pri).stdout
     assert "FENCED" not in status and "DEGRADED" in status, status

@@ -120,7 +120,7 @@ class Node:
                                                  "needs a writer-session tag")
             return dev
         fence = fences[base]
-        fence.admit(token, self.state.epoch, writer)
+        fence.admit(token, self.state.epoch, writer, self.state.failed_over)
         if isinstance(self._role, SecondaryRole):
             self._role.admitted(fence.name, writer)
         if base.endswith(sessions.SEAL_SUFFIX):

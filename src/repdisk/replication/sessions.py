@@ -112,12 +112,13 @@ class SessionFence:
         # Held while a superseded session's request is refused: one refusal at a time.
         self._refusing = threading.Lock()
 
-    def admit(self, token: Token, node_epoch: int, writer: str = "") -> None:
+    def admit(self, token: Token, node_epoch: int, writer: str = "",
+              node_won: bool = True) -> None:
         """Make ``token``'s session the one that writes, or raise EPERM saying why not
         (and keep why for :attr:`refusal`): its epoch is older than the node's, a newer
         session writes, or another primary disk (``writer``) writes in this epoch."""
         with self._writing.exclusive(0, 1), self._mutex:
-            why = self._refuses(token, node_epoch, writer)
+            why = self._refuses(token, node_epoch, writer, node_won)
             if why:
                 self.refusal = f"{REFUSED} {make_tag(*token, writer)[1:]}: {why}"
                 raise BlockIOError(errno.EPERM, f"{self.name}: {why}")
@@ -129,19 +130,24 @@ class SessionFence:
         """The primary disk this fence serves ("" until a tagged session named one)."""
         return self._writer
 
-    def _refuses(self, token: Token, node_epoch: int, writer: str) -> str:
-        """Why ``token``'s session may not write ("": it may)."""
+    def _refuses(self, token: Token, node_epoch: int, writer: str, node_won: bool) -> str:
+        """Why ``token``'s session may not write ("": it may).  ``node_won``: this node
+        won its epoch's failover (else it was only started in it, maybe by mistake)."""
         if token[0] < node_epoch:
+            why = ("that primary lost a failover to this node" if node_won else
+                   "this node was started in that epoch, it won no failover in it: if that "
+                   "start's epoch= was a typo, see docs/failure-matrix.md, 'a secondary "
+                   "started in a wrong epoch'")
             return (f"refusing a primary of epoch {token[0]}: this node is in epoch "
-                    f"{node_epoch} (that primary lost a failover, or was started in the "
-                    "wrong epoch)")
+                    f"{node_epoch} ({why})")
         if token < self._current:
             return f"a newer primary session {self._current} is already writing"
         if writer and self._writer and writer != self._writer:
             return (f"refusing a second primary (disk {writer}): this secondary replicates "
                     f"the primary of disk {self._writer} (a secondary serves one primary "
                     f"disk); give the primary of disk {writer} its own secondary, or restart "
-                    "this secondary to pair it with that primary")
+                    "this secondary (its controller stopped first, if one runs its pair) to "
+                    "pair it with that primary")
         return ""
 
     def run_write(self, token: Token, fn: Any, *args: Any) -> None:
