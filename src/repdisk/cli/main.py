@@ -374,9 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"repdisk: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        sent = getattr(args, "cmd", None) == "ctl"
-        _interrupted(f"; {args.command} may still run in {args.socket} (repdisk status "
-                     f"{args.socket} shows it)" if sent and args is not None else "")
+        if args is not None and getattr(args, "cmd", None) == "ctl" \
+                and not _is_query(args.command):
+            _interrupted(f"; {args.command} may still run in {args.socket}: interrupting "
+                         "this command does not call it back")
+        _interrupted()
         return EXIT_INTERRUPTED   # not reached
 
 
@@ -385,6 +387,13 @@ def _discard_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def _is_query(command: str) -> bool:
+    """A ``ctl`` command (or alias) that only reads: interrupting it leaves nothing
+    running."""
+    name = ALIASES.get(command, (command, {}))[0]
+    return name.startswith("query-")
 
 
 def _interrupted(more: str = "") -> None:
