@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin
   qemu-utils qemu-system-x86 fio python3-venv
-  busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc
+  busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc gcc libc6-dev
   pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 )
@@ -41,6 +41,10 @@ if ! pip_out=$(.venv/bin/pip install -q --disable-pip-version-check -e '.[test,b
 fi
 printf '%s\n' "$pip_out" | grep -v "is ignored: it is neither" | grep . || true
 .venv/bin/python -c 'import nbd, repdisk' || { echo "setup: venv is broken (cannot import nbd or repdisk)" >&2; exit 1; }
+# Every node preloads this into nbdkit (nbdplugin/nbdkit-guard.c says why).
+mkdir -p .venv/lib/repdisk
+cc -O2 -shared -fPIC -Wall -Wextra -Werror -o .venv/lib/repdisk/nbdkit-guard.so \
+  nbdplugin/nbdkit-guard.c -ldl
 # Pacemaker finds OCF agents under /usr/lib/ocf/resource.d/PROVIDER: ocf:repdisk:repdisk
 # runs this clone's ocf/repdisk (and its .venv); ocf/install says why it is not a link.
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import socket
-import struct
 import threading
 import time
 
@@ -21,7 +19,7 @@ from repdisk.replication.sessions import (
     split_tag,
 )
 from tests.helpers.controller import wait_for
-from tests.helpers.nodes import MiB, Nodes, make_disk
+from tests.helpers.nodes import REQUEST, REQUEST_MAGIC, MiB, Nodes, make_disk, raw_session
 
 
 def test_tags_parse_and_bad_tags_are_refused() -> None:
@@ -135,19 +133,6 @@ def test_a_real_primary_connects_with_a_session_tag(tmp_path, nodes: Nodes) -> N
     assert sec.client("replica").pread(512, 0) == b"\x55" * 512
 
 
-def _raw_session(node, export: str) -> socket.socket:
-    """A plain socket past the NBD handshake for ``export`` (fixed newstyle,
-    NBD_OPT_EXPORT_NAME): requests can be queued on it without waiting for replies."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(node.listen.socket)
-    greeting = s.recv(18, socket.MSG_WAITALL)
-    assert greeting[:16] == b"NBDMAGICIHAVEOPT", greeting
-    name = export.encode()
-    s.sendall(struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)
-    s.recv(8 + 2 + 124, socket.MSG_WAITALL)
-    return s
-
-
 def test_a_superseded_connection_that_hangs_up_with_writes_queued_leaves_the_node_up(
         tmp_path, nodes: Nodes) -> None:
     """A connection the primary gave up on delivers its queued writes late (a healed link),
@@ -157,11 +142,10 @@ def test_a_superseded_connection_that_hangs_up_with_writes_queued_leaves_the_nod
     not all: the race needs two replies at the moment of the close.)"""
     sec = nodes.secondary(make_disk(str(tmp_path / "s.img"), 16 * MiB))
     sec.ctl("replication-start", mode="secondary")
-    write = struct.Struct(">IHHQQI")
     for generation in range(1, 21, 2):
-        stale = _raw_session(sec, f"replica{make_tag(0, generation)}")
+        stale = raw_session(sec.listen.socket, f"replica{make_tag(0, generation)}")
         newer = _connect(sec, f"replica{make_tag(0, generation + 1)}")
-        stale.sendall(b"".join(write.pack(0x25609513, 0, 1, i, i * 4096, 4096) + b"\x07" * 4096
+        stale.sendall(b"".join(REQUEST.pack(REQUEST_MAGIC, 0, 1, i, i * 4096, 4096) + b"\x07" * 4096
                                for i in range(64)))
         stale.close()
         newer.pwrite(b"\x08" * 4096, 0)

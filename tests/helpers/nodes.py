@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 from dataclasses import dataclass, field
 
@@ -182,6 +183,24 @@ def write(node: NodeProc, data: bytes, offset: int, export: str = "") -> None:
         h.flush()
     finally:
         h.shutdown()
+
+
+def raw_session(path: str, export: str) -> socket.socket:
+    """A plain socket to the NBD Unix socket ``path``, past the handshake for ``export`` (fixed
+    newstyle, NBD_OPT_EXPORT_NAME): requests can be queued on it without waiting for replies."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    greeting = s.recv(18, socket.MSG_WAITALL)
+    assert greeting[:16] == b"NBDMAGICIHAVEOPT", greeting
+    name = export.encode()
+    s.sendall(struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)
+    s.recv(8 + 2 + 124, socket.MSG_WAITALL)
+    return s
+
+
+#: An NBD request's header: magic, flags, type (0 read, 1 write), handle, offset, length.
+REQUEST = struct.Struct(">IHHQQI")
+REQUEST_MAGIC = 0x25609513
 
 
 def read_file(path: str) -> bytes:

@@ -31,6 +31,9 @@ from repdisk.tls import TLSSpec, check_plain
 #: The plugin every node runs (nbdkit's python plugin script).
 PLUGIN = str(Path(__file__).resolve().parents[3] / "nbdplugin" / "repdisk.py")
 START_TIMEOUT = 20.0
+#: Preloaded into every node's nbdkit: nbdkit 1.32.4-1.33.9 aborts when a client hangs up
+#: with replies under way (nbdplugin/nbdkit-guard.c says how; scripts/setup.sh builds it).
+NBDKIT_GUARD = os.path.join(sys.prefix, "lib", "repdisk", "nbdkit-guard.so")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,19 @@ def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
         free_socket(listen.socket, "NBD socket")
     if threads is None:
         threads = default_threads(keys)
-    return (["nbdkit", "-f", "-t", str(threads)]
+    return (nbdkit_program() + ["-f", "-t", str(threads)]
             + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
+
+
+def nbdkit_program() -> list[str]:
+    """How to run nbdkit for a node: with :data:`NBDKIT_GUARD` preloaded, or, if it was not
+    built, plain (after a warning on stderr that says what that risks)."""
+    if os.path.exists(NBDKIT_GUARD):
+        return ["env", f"LD_PRELOAD={NBDKIT_GUARD}", "nbdkit"]
+    print(f"repdisk: warning: {NBDKIT_GUARD} is missing (run make setup): without it a client "
+          "that hangs up during I/O can abort the node (nbdkit 1.32, docs/failure-matrix.md)",
+          file=sys.stderr)
+    return ["nbdkit"]
 
 
 def free_socket(path: str, what: str) -> None:
@@ -206,7 +220,8 @@ def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
     starting = pidfile + ".starting"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(starting)       # left by a start that was killed itself: ours alone
-    detach.launch([cmd[0], "-P", starting, *cmd[1:]], starting, logfile)
+    after = cmd.index("nbdkit") + 1 if "nbdkit" in cmd else 1
+    detach.launch([*cmd[:after], "-P", starting, *cmd[after:]], starting, logfile)
     try:
         wait_ready(detach.watch(starting), control, listen, logfile)
     except BaseException:

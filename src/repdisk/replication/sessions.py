@@ -25,8 +25,10 @@ A superseded session's refusals leave one at a time, REFUSAL_GAP apart.  Its
 connection is one the primary gave up on, so it usually delivers a burst of queued
 requests and is gone: nbdkit 1.32.4 to 1.33.9 (Debian 12 ships 1.32.5) aborts the
 whole node when two replies race on a connection whose client has closed (upstream
-Red Hat bug 2173054, fixed in 1.33.10).  Spaced out, the first reply's failure marks
-the connection dead before the next refusal returns, and nbdkit then sends nothing.
+Red Hat bug 2173054, fixed in 1.33.10).  Every node preloads a guard against that
+(nbdplugin/nbdkit-guard.c); the spacing keeps a node started without it up in this
+common case: the first reply's failure marks the connection dead before the next
+refusal returns, and nbdkit then sends nothing.
 """
 
 from __future__ import annotations
