@@ -30,6 +30,7 @@ from tests.helpers.controller import (
     Pair,
     Writer,
     bare_qemu,
+    controlled_pair_with_guest,
     events,
     file_bytes,
     make_pair,
@@ -701,61 +702,39 @@ def test_a_guest_qemu_restarted_on_the_same_monitor_is_paused_again(nodes, tmp_p
     """The guest's QEMU restarted (its monitor socket made anew): the next checkpoint
     connects to the new QEMU, pauses and continues it, instead of failing for ever on the
     old connection.  While no QEMU answers, checkpoints fail and status says so first."""
-    pair = make_pair(nodes)
-    qmp = str(tmp_path / "guest.qmp")
-    qemu = bare_qemu(qmp)
-    try:
-        wait_for(lambda: os.path.exists(qmp), 10, "QEMU's QMP socket")
-        ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))
-        ctl.start()
+    with controlled_pair_with_guest(nodes, str(tmp_path)) as (_, ctl, guest):
         assert ctl.checkpoint()["pause"] > 0
-        qemu.kill()
-        qemu.wait()
-        os.unlink(qmp)
+        guest.kill()
+        os.unlink(guest.qmp)
         for _ in range(2):                 # no guest: checkpoints fail, and status says so
-            with pytest.raises(ControlError, match=rf"guest monitor {qmp} does not answer "
-                                                   r"\(No such file or directory\): start "
-                                                   "the guest's QEMU, or give --qmp"):
+            with pytest.raises(ControlError, match=rf"guest monitor {guest.qmp} does not "
+                                                   r"answer \(No such file or directory\): "
+                                                   "start the guest's QEMU, or give --qmp"):
                 ctl.checkpoint()
         assert ctl.query()["checkpoints_failing"]["count"] == 2
         assert re.match(r"controller running CHECKPOINTS FAILING \(2 in a row, \d+s\) epoch",
                         controller_lines(ctl.query())[0])
-        qemu = bare_qemu(qmp)
-        wait_for(lambda: os.path.exists(qmp), 10, "the new QEMU's QMP socket")
+        guest.start()
         assert ctl.checkpoint()["pause"] > 0
         assert ctl.query()["checkpoints_failing"] is None
         ctl.close()                                        # QEMU serves one QMP client
-        with QMPClient().connect(qmp) as guest:
-            assert guest.execute("query-status")["running"] is True
-    finally:
-        qemu.kill()
-        qemu.wait()
-        pair.close()
+        with QMPClient().connect(guest.qmp) as monitor:
+            assert monitor.execute("query-status")["running"] is True
 
 
 def test_a_hung_guest_monitor_holds_a_checkpoint_for_heartbeat_timeout_only(nodes, tmp_path):
     """A guest QEMU that stopped answering (SIGSTOP; a `stop` that hangs draining I/O)
     fails the checkpoint after heartbeat-timeout, not 60 s: the run loop, whose heartbeats
     notice a lost primary, waits for it.  Continued, the guest is paused again."""
-    pair = make_pair(nodes)
-    qmp = str(tmp_path / "guest.qmp")
-    qemu = bare_qemu(qmp)
-    try:
-        wait_for(lambda: os.path.exists(qmp), 10, "QEMU's QMP socket")
-        ctl = pair.controller(qmp=qmp, control=str(tmp_path / "c.qmp"))
-        ctl.start()
-        qemu.send_signal(signal.SIGSTOP)
+    with controlled_pair_with_guest(nodes, str(tmp_path)) as (_, ctl, guest):
+        guest.proc.send_signal(signal.SIGSTOP)
         began = time.monotonic()
         with pytest.raises(ControlError, match=r"query-status: no answer within 1\.2 s"):
             ctl.checkpoint()
         assert time.monotonic() - began < 3 * HEARTBEAT_TIMEOUT
-        qemu.send_signal(signal.SIGCONT)
+        guest.proc.send_signal(signal.SIGCONT)
         assert ctl.checkpoint()["pause"] > 0
         ctl.close()
-    finally:
-        qemu.kill()
-        qemu.wait()
-        pair.close()
 
 
 def test_freeze_without_guest_agent_fails_cleanly(nodes, tmp_path):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import nbd
@@ -324,3 +325,36 @@ def bare_qemu(qmp: str, *extra: str) -> subprocess.Popen:
         ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
          "-qmp", f"unix:{qmp},server=on,wait=off", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@dataclass
+class BareGuest:
+    """A :func:`bare_qemu` standing for a controller's guest, its monitor at ``qmp``."""
+    qmp: str
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = bare_qemu(self.qmp)
+        wait_for(lambda: os.path.exists(self.qmp), 10, "QEMU's QMP socket")
+
+    def kill(self) -> None:
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def controlled_pair_with_guest(nodes: Nodes, folder: str) -> Iterator[tuple[Pair, Controller,
+                                                                            BareGuest]]:
+    """A pair, a :class:`BareGuest` and a controller started with ``--qmp`` at it; all of
+    them stopped at the end."""
+    pair = make_pair(nodes)
+    guest = BareGuest(os.path.join(folder, "guest.qmp"))
+    try:
+        guest.start()
+        ctl = pair.controller(qmp=guest.qmp, control=os.path.join(folder, "c.qmp"))
+        ctl.start()
+        yield pair, ctl, guest
+    finally:
+        guest.kill()
+        pair.close()
