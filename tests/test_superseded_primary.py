@@ -98,6 +98,10 @@ def test_a_secondary_started_in_a_mistyped_epoch_fences_nobody(cli_pair: Pair) -
     assert writes_until_refused(guest) == -1                       # not fenced
     status = cli_pair.repdisk("status", pri).stdout
     assert "FENCED" not in status and "DEGRADED" in status, status
+    # status says what the refused resync said, not what first broke the link
+    refusal = bad.stderr.removeprefix("repdisk: GenericError: disk0: ").rstrip("\n")
+    assert status.endswith(f"error: {refusal}; writes are kept local and tracked as dirty "
+                           "until resync\n"), (status, refusal)
     # a restart asks the secondary's epoch: newer, but it wrote nothing in it
     nodeproc.stop_pidfile(cli_pair.path("pri.pid"))
     start_primary(cli_pair, "sync")

@@ -135,8 +135,13 @@ class Link:
     def degrade(self, why: str) -> None:
         """Stop forwarding until resync; get_error reports ``why`` (and an event goes out)."""
         self._set(LinkState.DEGRADED, self.forwarder)
-        self._sm.record_error(f"{why}; writes are kept local and tracked as dirty until "
-                              "resync")
+        self._sm.record_error(_degraded(why))
+
+    def still_degraded(self, why: str) -> None:
+        """A resync could not bring a degraded link back: get_error reports ``why`` from now
+        on, instead of what first broke the link."""
+        if self.degraded:
+            self._sm.replace_error(_degraded(why))
 
     def _on_failure(self, fwd: Forwarder, error: str, ranges: list[tuple[int, int]]) -> None:
         """Called once by a failing forwarder (its thread): mark, degrade, report."""
@@ -245,3 +250,7 @@ class Link:
         fwd = self.sending
         if fwd is not None and not fwd.in_flight and not fwd.queued:
             fwd.submit_flush()
+
+
+def _degraded(why: str) -> str:
+    return f"{why}; writes are kept local and tracked as dirty until resync"

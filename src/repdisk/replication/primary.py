@@ -245,7 +245,11 @@ class PrimaryReplica:
             fwd = self.link.forwarder
             if self.link.degraded or fwd is None or fwd.failed:
                 self.link.drop()
-                self._link_up()
+                try:
+                    self._link_up()
+                except ReplicationError as err:
+                    self.link.still_degraded(str(err).removeprefix(f"{self.name}: "))
+                    raise
                 self.sm.clear_error()  # the link is back: what broke it is history now
             sent = self._copy(progress)
             self.sm.clear_error()

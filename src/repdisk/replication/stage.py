@@ -70,6 +70,13 @@ class StageMachine:
             self.events("REPLICATION_ERROR", {"disk": self.name, "mode": self.mode.value,
                                               "error": message})
 
+    def replace_error(self, message: str) -> None:
+        """Record ``message`` in place of the error recorded so far (the same failure, whose
+        newest cause is the one to act on); logged once, not again while it stays."""
+        if message != self._error:
+            self._error = None
+            self.record_error(message)
+
     def clear_error(self) -> None:
         self._error = None
 
