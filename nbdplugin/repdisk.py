@@ -205,6 +205,7 @@ def open(readonly: bool) -> BlockDevice:
 
 
 def close(h: BlockDevice) -> None:
+    _the_node().closed(h)
     threadstate.reap()
 
 

@@ -31,7 +31,7 @@ from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.cli.status import controller_lines
 from repdisk.errors import ConfigError
-from tests.helpers.cli import Pair, replicating_pair, start_cli_pair
+from tests.helpers.cli import Pair, primary_argv, replicating_pair, start_cli_pair
 from tests.helpers.commands import REPDISK, qemu, run
 from tests.helpers.nodes import MiB, read_file
 
@@ -250,6 +250,35 @@ def test_status_shows_a_suspended_primary(cli_pair: Pair) -> None:
                         r"+running +epoch 0", line), line
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_status_shows_a_secondary_that_no_primary_replicates_into(cli_pair: Pair) -> None:
+    """A running secondary says NO PRIMARY while no primary is connected: before its primary
+    starts, after it died (kill -9), after it stopped replicating; not while one is."""
+    pri, sec = start_cli_pair(cli_pair)
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+
+    def no_primary() -> bool:
+        line = cli_pair.repdisk("status", sec).stdout
+        if re.match(r"secondary +disk0 +running +epoch 0  INCONSISTENT", line):
+            return False
+        assert re.match(r"secondary +disk0 +running +epoch 0  NO PRIMARY \(for \d+\.\d+ m?s\)  "
+                        "INCONSISTENT", line), line
+        return True
+
+    assert no_primary()
+    for end in ("kill", "stop"):
+        assert cli_pair.repdisk("ctl", pri, "start", "mode=primary").stdout == "ok\n"
+        assert not no_primary()
+        assert json.loads(cli_pair.repdisk("ctl", sec, "query-replication", "--json").stdout)[
+            "disks"][0]["no_primary_since"] is None
+        if end == "kill":
+            os.kill(int(Path(cli_pair.path("pri.pid")).read_text()), signal.SIGKILL)
+            wait_for(no_primary, what="NO PRIMARY after kill -9")
+            cli_pair.repdisk(*primary_argv(cli_pair))
+        else:
+            assert cli_pair.repdisk("ctl", pri, "stop").stdout == "ok\n"
+            wait_for(no_primary, what="NO PRIMARY after stop")
 
 
 # -- units: one parser each, and `repdisk ctl` ---------------------------------------------------

@@ -37,10 +37,15 @@ def start_cli_pair(pair: Pair) -> tuple[str, str]:
     out = pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
                        "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid").stdout
     assert re.fullmatch(r"repdisk secondary: serving \(pid \d+\), control sec\.qmp\n", out)
-    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
-                 "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
-                 "--background", "--pidfile", "pri.pid")
+    pair.repdisk(*primary_argv(pair))
     return pair.path("pri.qmp"), pair.path("sec.qmp")
+
+
+def primary_argv(pair: Pair) -> tuple[str, ...]:
+    """``repdisk primary`` of a cli pair (again after a kill: the stale files are its own)."""
+    return ("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket", "pri.sock",
+            "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
+            "--background", "--pidfile", "pri.pid")
 
 
 def replicating_pair(pair: Pair) -> tuple[str, str, str]:

@@ -125,6 +125,9 @@ def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
                      f" in-flight {d.get('in_flight', 0)}"
                      + (" DEGRADED" if d.get("degraded") else ""))
     else:
+        since = d.get("no_primary_since")
+        if d.get("stage") == "running" and since is not None:   # nothing replicates into it
+            parts.append(f"NO PRIMARY (for {units.format_seconds(max(0.0, time.time() - since))})")
         parts.append(("consistent" if d.get("consistent") else "INCONSISTENT")
                      + f" hidden {_mib(d.get('hidden_bytes', 0))}"
                      f" active {_mib(d.get('active_bytes', 0))}")
@@ -165,7 +168,7 @@ SIZE_KEYS = frozenset({"size", "bytes", "dirty", "lag", "done", "total", "max-la
 SECONDS_KEYS = frozenset({"duration", "pause", "age", "last_seen", "last_contact_age", "timeout",
                           "isolation-timeout", "since", "eta", "loss_to_serving", "interval",
                           "heartbeat", "heartbeat-timeout"})
-TIME_KEYS = frozenset({"time", "started", "at"})
+TIME_KEYS = frozenset({"time", "started", "at", "no_primary_since"})
 
 
 def human(key: str, value: Any) -> str:

@@ -37,6 +37,7 @@ from repdisk.node.context import NodeContext
 from repdisk.node.exports import SealView
 from repdisk.node.lease import ControllerLease
 from repdisk.node.primaryrole import PrimaryRole
+from repdisk.node.role import Replica
 from repdisk.node.secondaryrole import SecondaryRole
 from repdisk.node.state import NodeState, dirty_map_path
 from repdisk.qmp.protocol import Command
@@ -351,9 +352,23 @@ class Node:
             "lease": self.lease.query(),
             "default-export": self.ctx.default_export,
             "exports": sorted(name for name, _ in self.list_exports()),
-            "disks": [{**rep.query(), "size": rep.disk.size} for rep in role.replicas.values()],
+            "disks": [self._disk_query(name, rep) for name, rep in role.replicas.items()],
             "python-thread-states": threadstate.pinned_count(),
         }
+
+    def _disk_query(self, name: str, rep: Replica) -> dict[str, Any]:
+        """One disk's query; a secondary's says since when no primary has been connected
+        (``no_primary_since``: time.time(), None while one is)."""
+        q = {**rep.query(), "size": rep.disk.size}
+        fence = self.ctx.fences.get(f"replica/{name}")
+        if fence is not None:
+            q["no_primary_since"] = fence.unconnected_since()
+        return q
+
+    def closed(self, dev: BlockDevice) -> None:
+        """A connection to ``dev`` (what :meth:`export` gave it) closed."""
+        if isinstance(dev, sessions.SessionView):
+            dev.close()
 
     def close(self) -> None:
         if self.ctx.server is not None:

@@ -113,6 +113,10 @@ class SessionFence:
         self.refusal = ""
         # Held while a superseded session's request is refused: one refusal at a time.
         self._refusing = threading.Lock()
+        # Open connections of each session (SessionView), and since when the current
+        # session has had none (time.time(); the fence's making if none ever connected).
+        self._open: dict[Token, int] = {}
+        self._unconnected_since: float = time.time()
 
     def admit(self, token: Token, node_epoch: int, writer: str = "",
               node_won: bool = True) -> None:
@@ -126,6 +130,26 @@ class SessionFence:
                 raise BlockIOError(errno.EPERM, f"{self.name}: {why}")
             self._current = token
             self._writer = writer or self._writer
+
+    def joined(self, token: Token) -> None:
+        """A connection of ``token``'s session opened (a SessionView was made)."""
+        with self._mutex:
+            self._open[token] = self._open.get(token, 0) + 1
+
+    def left(self, token: Token) -> None:
+        """A connection of ``token``'s session closed."""
+        with self._mutex:
+            count = self._open.pop(token, 0) - 1
+            if count > 0:
+                self._open[token] = count
+            elif token == self._current:
+                self._unconnected_since = time.time()
+
+    def unconnected_since(self) -> float | None:
+        """When (time.time()) the current session last had a connection open, or the
+        fence was made; None while it has one: a primary is connected."""
+        with self._mutex:
+            return None if self._open.get(self._current) else self._unconnected_since
 
     @property
     def writer(self) -> str:
@@ -179,6 +203,11 @@ class SessionView:
         self.size = view.size
         self.pread_into = view.pread_into
         self.extents = view.extents
+        fence.joined(token)
+
+    def close(self) -> None:
+        """The connection closed (called once, by the plugin's close)."""
+        self._fence.left(self._token)
 
     def _write(self, fn: Any, *args: Any) -> None:
         self._fence.run_write(self._token, fn, *args)
