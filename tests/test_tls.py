@@ -364,6 +364,23 @@ def test_control_client_checks_the_server_certificate(tls_server: Any,
     assert rec.calls == []
 
 
+def test_a_tls_client_of_a_plain_control_port_is_told_to_give_insecure(
+        creds: dict[str, str]) -> None:
+    """`--tls DIR` against a port served --insecure: one line that says so, not OpenSSL's
+    WRONG_VERSION_NUMBER alone."""
+    server = QMPServer([], name="repdisk-test")
+    host, port = server.serve_tcp("127.0.0.1", 0)
+    try:
+        with pytest.raises(ControlError, match=rf"^{host}:{port}: the port answered without "
+                                               r"TLS \(it is served --insecure\): give "
+                                               "--insecure instead of --tls$"):
+            qmp_connect(f"{host}:{port}", tls=creds["ca"])
+        with qmp_connect(f"{host}:{port}", insecure=True) as c:
+            assert c.greeting
+    finally:
+        server.close()
+
+
 def test_a_plain_client_of_a_tls_control_port_is_told_to_give_tls(
         tls_server: Any, tmp_path: Any) -> None:
     """`--insecure` against a port served with TLS: the server waits for a TLS hello and the

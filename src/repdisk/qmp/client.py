@@ -269,6 +269,10 @@ def connect(address: str, tls: str | None = None, insecure: bool = False, *,
                                                                    TimeoutError):
             raise ControlError(f"{err}: a control port served with TLS says nothing to a "
                                "client without it; give --tls DIR", "") from err
+        why = getattr(err.__cause__, "exc", None)  # qemu.qmp's ConnectError
+        if isinstance(why, ssl.SSLError) and why.reason == "WRONG_VERSION_NUMBER":
+            raise ControlError(f"{address}: the port answered without TLS (it is served "
+                               "--insecure): give --insecure instead of --tls", "") from err
         raise
 
 
