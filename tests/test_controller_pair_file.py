@@ -119,3 +119,37 @@ def test_restart_with_the_first_options_runs_the_pair_as_it_is_now(tmp_path: Any
         for name in ("ctl", "pri", "sec", "old"):
             with contextlib.suppress(OSError, ValueError):
                 kill9(folder, name)
+
+
+def test_a_controller_restarted_during_its_start_waits_for_the_start_under_way(
+        tmp_path: Any) -> None:
+    """kill -9 of a controller while the primary's start copies: the node's start goes on,
+    and the next controller waits for it instead of starting again (which failed with
+    "replication is running or done ... stop it before starting again"), then protects."""
+    folder = str(tmp_path)
+    with open(os.path.join(folder, "p.img"), "wb") as f:
+        f.write(os.urandom(16 * MiB))
+    subprocess.run(["truncate", "-s", str(16 * MiB), os.path.join(folder, "s.img")], check=True)
+    try:
+        node(folder, "secondary", "s.img", "sec")
+        node(folder, "primary", "p.img", "pri", "--secondary",
+             f"nbd+unix:///replica?socket={folder}/sec.sock", "--timeout", "0.5s",
+             "--isolation-timeout", "0.6s", "--resync-rate", "4M")
+        controller(folder)
+        wait(folder, lambda q: (q.get("progress") or {}).get("done", 0) > 0, "a copy under way")
+        kill9(folder, "ctl")
+        controller(folder)
+        wait(folder, lambda q: q["state"] == "running", "the pair protected")
+        with open(os.path.join(folder, "ctl.log")) as f:
+            log = f.read().split("control socket listening")[-1]     # the second controller
+        assert "pri.qmp: a start is under way on the primary (asked for before this " \
+               "controller): waiting for it" in log
+        assert "WARNING" not in log.replace("WARNING repdisk.controller.controller: pri.qmp: "
+                                            "a start is under way", ""), log
+        with open(os.path.join(folder, "p.img"), "rb") as p, \
+                open(os.path.join(folder, "s.img"), "rb") as s:
+            assert p.read() == s.read()
+    finally:
+        for name in ("ctl", "pri", "sec"):
+            with contextlib.suppress(OSError, ValueError):
+                kill9(folder, name)

@@ -63,6 +63,7 @@ from repdisk.controller.peer import (
     needs_resync,
     not_started,
     stages,
+    start_under_way,
     won_failover,
 )
 from repdisk.controller.states import ControllerState, Operation, StateMachine
@@ -345,6 +346,8 @@ class Controller(StateMachine):
         if not_started(s):
             self.secondary.ops.call("replication-start", {"mode": "secondary",
                                                           "epoch": self.epoch})
+        if not_started(p) and start_under_way(p):
+            p = self._await_start()
         sent = 0
         if not_started(p):
             sync = self._sync_mode(p)
@@ -360,6 +363,16 @@ class Controller(StateMachine):
         self._marked_for = p["instance"]
         self._checkpoint_now()
         return sent
+
+    def _await_start(self) -> dict[str, Any]:
+        """Wait for a start of the primary that someone else asked for (a controller killed
+        during its start: the node's start goes on), rather than start again; the primary's
+        answer once it ended.  Raises NodeUnreachable if the primary stops answering."""
+        log.warning("%s: a start is under way on the primary (asked for before this "
+                    "controller): waiting for it", self.primary.socket)
+        while start_under_way(p := self.primary.query()):
+            time.sleep(self.cfg.heartbeat)
+        return p
 
     def _sync_mode(self, p: dict[str, Any]) -> str:
         """How to find what the secondary lacks before a primary process first starts."""

@@ -249,6 +249,12 @@ def not_started(q: dict[str, Any]) -> bool:
     return stages(q) == {"none"}
 
 
+def start_under_way(p: dict[str, Any]) -> bool:
+    """A disk of a primary is starting (connecting and copying, stage still none): a start
+    asked for by someone else, e.g. a controller before this one."""
+    return any(d.get("starting") for d in p["disks"])
+
+
 def consistent(s: dict[str, Any]) -> bool:
     """Every disk of a secondary holds a complete checkpoint."""
     return all(d.get("consistent") for d in s["disks"])

@@ -120,6 +120,9 @@ class PrimaryReplica:
         #: Nothing is known of what the secondary lacks (this primary did not stop cleanly,
         #: node.py): the first copy compares the disks by digest first (_copy).
         self.compare_first = False
+        #: A start is under way (it connects and copies; the stage is still NONE): a
+        #: controller that came after the one which asked for it waits instead.
+        self.starting = False
 
     def __repr__(self) -> str:
         return f"PrimaryReplica({self.name!r})"
@@ -162,14 +165,18 @@ class PrimaryReplica:
         with self.sm.lock:
             if not self.sm.guard_start(mode):
                 return
-            self._link_up()
+            self.starting = True
             try:
-                self._copy(progress)
-            except BaseException:
-                self.link.drop()
-                raise
-            self.sm.set_stage(Stage.RUNNING)
-            self.sm.clear_error()
+                self._link_up()
+                try:
+                    self._copy(progress)
+                except BaseException:
+                    self.link.drop()
+                    raise
+                self.sm.set_stage(Stage.RUNNING)
+                self.sm.clear_error()
+            finally:
+                self.starting = False
 
     def checkpoint(self) -> None:
         """Barrier + hold: every write acknowledged before is on the secondary, later ones wait."""
@@ -363,6 +370,7 @@ class PrimaryReplica:
             "disk": self.name,
             "mode": self.sm.mode.value,
             "stage": self.sm.stage.value,
+            "starting": self.starting,
             "error": self.sm.error,
             "degraded": self.link.degraded,
             "write_mode": self.write_mode,
