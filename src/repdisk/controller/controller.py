@@ -367,12 +367,14 @@ class Controller(StateMachine):
     def _await_start(self) -> dict[str, Any]:
         """Wait for a start of the primary that someone else asked for (a controller killed
         during its start: the node's start goes on), rather than start again; the primary's
-        answer once it ended.  Raises NodeUnreachable if the primary stops answering."""
+        answer once it ended.  Heartbeats both nodes meanwhile, as during a copy; raises
+        NodeUnreachable if the primary stops answering."""
         log.warning("%s: a start is under way on the primary (asked for before this "
                     "controller): waiting for it", self.primary.socket)
-        while start_under_way(p := self.primary.query()):
+        while (p := self.primary.beat()) is not None and start_under_way(p):
+            self.secondary.beat()
             time.sleep(self.cfg.heartbeat)
-        return p
+        return self.primary.query()
 
     def _sync_mode(self, p: dict[str, Any]) -> str:
         """How to find what the secondary lacks before a primary process first starts."""
