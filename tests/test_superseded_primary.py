@@ -6,7 +6,9 @@ Driven with the ``repdisk`` command only."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 
 import nbd
@@ -118,3 +120,30 @@ def test_a_secondary_started_in_a_mistyped_epoch_fences_nobody(cli_pair: Pair) -
     for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
         assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
     assert read_file(cli_pair.path("sec.img")) == read_file(cli_pair.path("pri.img"))
+
+
+def test_a_failback_by_hand_without_an_epoch_never_leaves_two_writers(cli_pair: Pair) -> None:
+    """B fails over (epoch 1); A is restarted as B's secondary with a plain `start
+    mode=secondary` (its state still says epoch 0); B, promoted, replicates into it.  A joins
+    epoch 1 at B's first session, so a failover of A starts epoch 2, above its writer's, and
+    B, refused, fences itself: never two nodes writing in one epoch."""
+    pri, sec, _ = start_pair(cli_pair, "sync")                     # A: pri.qmp, B: sec.qmp
+    assert cli_pair.repdisk("ctl", sec, "failover").stdout == "ok\n"
+    nodeproc.stop_pidfile(cli_pair.path("pri.pid"))
+    cli_pair.repdisk("secondary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                     "pri.sock", "--background", "--pidfile", "pri.pid")
+    assert cli_pair.repdisk("ctl", pri, "start", "mode=secondary").stdout == "ok\n"
+    cli_pair.repdisk("ctl", sec, "replication-promote",
+                     f"secondary=nbd+unix:///replica?socket={cli_pair.path('pri.sock')}")
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=primary").stdout == "ok\n"
+    for sock, cmd in ((sec, "checkpoint"), (pri, "checkpoint"), (sec, "resume")):
+        assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+    assert "epoch 1" in cli_pair.repdisk("status", pri).stdout
+    # durable: written before B's first write reached A's disk
+    assert json.loads(read_file(cli_pair.path("pri.img.state")))["epoch"] == 1
+    assert cli_pair.repdisk("ctl", pri, "failover").stdout == "ok\n"
+    assert re.match(r"secondary +disk0 +done +epoch 2 ", cli_pair.repdisk("status", pri).stdout)
+    b_guest = f"nbd+unix:///?socket={cli_pair.path('sec.sock')}"
+    assert writes_until_refused(b_guest) == 0                      # sync: refused at once
+    status = cli_pair.repdisk("status", sec).stdout
+    assert "FENCED" in status and "epoch 2" in status, status

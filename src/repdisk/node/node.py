@@ -124,6 +124,13 @@ class Node:
         fence.admit(token, self.state.epoch, writer, self.state.failed_over)
         if isinstance(self._role, SecondaryRole):
             self._role.admitted(fence.name, writer)
+            if token[0] > self.state.epoch:
+                # Durable before the first write: were this node to fail over in its old
+                # epoch, it would start the writer's own, and two nodes would write in one.
+                with self.ctx.changing_state() as state:
+                    state.join(token[0])
+                log.warning("%s: a primary of epoch %d writes to it: this node is in that "
+                            "epoch now", fence.name, token[0])
         if base.endswith(sessions.SEAL_SUFFIX):
             return SealView(self.record_seal, fence, token, dev.size)
         if fence.name in self.state.sealed:  # a primary writes again: the seal is void

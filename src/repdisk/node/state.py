@@ -140,6 +140,12 @@ class NodeState:
         self.role = role
         self.sealed = {}
 
+    def join(self, epoch: int) -> None:
+        """A secondary admitted a writer of the newer ``epoch`` (the pair moved on: a
+        promoted winner writes to it): it is in that epoch now, holds no failover's newest
+        data, and a failover of it starts the epoch after, above its writer's."""
+        self.epoch, self.failed_over, self.fenced = epoch, False, ""
+
     def sealed_all(self, disks: list[str]) -> bool:
         """Every one of ``disks`` was sealed by a primary of this node's epoch or newer."""
         return all(self.sealed.get(d, -1) >= self.epoch for d in disks)
