@@ -103,6 +103,16 @@ def disk_q(node: NodeProc) -> dict:
     return node.ctl("query-replication")["disks"][0]
 
 
+def pair_checkpoint(sc: Scenario) -> None:
+    """The secondary's checkpoint, after the primary's if there is one (a secondary takes
+    one only after its writer session's primary marked it) and with its resume."""
+    if sc.pri is not None:
+        sc.pri.ctl("replication-do-checkpoint")
+    sc.sec.ctl("replication-do-checkpoint")
+    if sc.pri is not None:
+        sc.pri.ctl("replication-resume")
+
+
 def test_3_secondary_not_started_refuses_io(direct: Scenario) -> None:
     refused(direct.sec, "active")
     refused(direct.sec, "replica", errno.ESHUTDOWN)  # "not started yet"
@@ -113,7 +123,7 @@ def test_3_secondary_not_started_refuses_io(direct: Scenario) -> None:
 def scenario_4(sc: Scenario, checkpoint_first: bool = False) -> None:
     sc.start()
     if checkpoint_first:
-        sc.sec.ctl("replication-do-checkpoint")
+        pair_checkpoint(sc)
     expect(sc.sec, "active", 0, SIZE, 0x11)
     sc.primary_writes_upper_half()
     expect(sc.sec, "replica", HALF, HALF, 0x22)
@@ -186,11 +196,7 @@ def test_7_checkpoint_drops_the_hidden_buffer(sc: Scenario) -> None:
     sc.start()
     sc.primary_writes_upper_half()
     expect(sc.sec, "active", HALF, HALF, 0x11)
-    if sc.pri is not None:                            # a pair checkpoint
-        sc.pri.ctl("replication-do-checkpoint")
-    sc.sec.ctl("replication-do-checkpoint")
-    if sc.pri is not None:
-        sc.pri.ctl("replication-resume")
+    pair_checkpoint(sc)
     assert sc.events.wait_event("CHECKPOINT_COMPLETED")["data"]["disk"] == "disk0"
     expect(sc.sec, "active", HALF, HALF, 0x22)
     expect(sc.sec, "active", 0, HALF, 0x11)

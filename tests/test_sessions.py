@@ -10,8 +10,9 @@ import nbd
 import pytest
 
 from repdisk.block.rawimage import RawImage
-from repdisk.errors import BlockIOError
+from repdisk.errors import BlockIOError, ControlError
 from repdisk.replication.sessions import (
+    MARK_SUFFIX,
     REFUSAL_GAP,
     SessionFence,
     SessionView,
@@ -108,6 +109,18 @@ def test_through_a_node_a_stale_connection_cannot_write_and_an_old_epoch_cannot_
     assert info.value.errno == "EPERM"  # libnbd names the errno
     new.pwrite(b"\x03" * 4096, 4096)
     assert sec.client("replica").pread(8192, 0) == b"\x01" * 4096 + b"\x03" * 4096
+    # A checkpoint needs the current session's primary to mark one first (sessions.py)
+    with pytest.raises(ControlError, match="disk0: no checkpoint: the primary wrote since"):
+        sec.ctl("replication-do-checkpoint")
+    with pytest.raises(nbd.Error):
+        _connect(sec, f"replica{MARK_SUFFIX}@0.1")              # the stale session's mark
+    mark = _connect(sec, f"replica{MARK_SUFFIX}@0.2")
+    mark.flush()
+    sec.ctl("replication-do-checkpoint")
+    new.pwrite(b"\x04" * 4096, 4096)                          # a write after the mark
+    with pytest.raises(ControlError, match="disk0: no checkpoint: the primary wrote since"):
+        sec.ctl("replication-do-checkpoint")
+    mark.flush()
     sec.ctl("replication-do-checkpoint")
     sec.ctl("replication-stop", failover=True)  # epoch 1 now
     with pytest.raises(nbd.Error):

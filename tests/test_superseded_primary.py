@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 
 import nbd
@@ -16,7 +17,7 @@ import pytest
 
 from repdisk.cli import nodeproc
 from tests.helpers.cli import Pair, kill_secondary
-from tests.helpers.commands import qemu
+from tests.helpers.commands import REPDISK, qemu
 from tests.helpers.nodes import MiB, read_file
 
 
@@ -147,3 +148,38 @@ def test_a_failback_by_hand_without_an_epoch_never_leaves_two_writers(cli_pair: 
     assert writes_until_refused(b_guest) == 0                      # sync: refused at once
     status = cli_pair.repdisk("status", sec).stdout
     assert "FENCED" in status and "epoch 2" in status, status
+
+
+def test_a_secondary_checkpoint_without_the_primarys_is_refused(cli_pair: Pair) -> None:
+    """`repdisk ctl SEC checkpoint` alone, while the primary's start copies: the disk is
+    half a copy, and a checkpoint would make it "consistent" for a failover.  It is
+    refused, changing nothing, until a checkpoint of the primary came first with no write
+    since; so is one after a guest write."""
+    with open(cli_pair.path("pri.img"), "r+b") as f:
+        f.write(os.urandom(8 * MiB))
+    pri, sec = cli_pair.path("pri.qmp"), cli_pair.path("sec.qmp")
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp", "--nbd-socket",
+                     "sec.sock", "--background", "--pidfile", "sec.pid")
+    cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                     "pri.sock", "--secondary", f"nbd+unix:///replica?socket={cli_pair.path('sec.sock')}",
+                     "--resync-rate", "2M", "--background", "--pidfile", "pri.pid")
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=secondary").stdout == "ok\n"
+    starting = subprocess.Popen([REPDISK, "ctl", pri, "start", "mode=primary"],
+                                stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)                                            # a quarter of the copy
+    refusal = ("repdisk: GenericError: disk0: no checkpoint: the primary wrote since its last "
+               "checkpoint (or took none yet: a copy may be under way); checkpoint the primary "
+               "first (repdisk ctl PRI checkpoint, then this, then repdisk ctl PRI resume), or "
+               "let a controller do it\n")
+    lone = cli_pair.repdisk("ctl", sec, "checkpoint", ok=False)
+    assert (lone.returncode, lone.stderr) == (1, refusal)
+    assert "INCONSISTENT" in cli_pair.repdisk("status", sec).stdout
+    assert starting.wait(30) == 0 and starting.stdout.read() == "ok\n"
+    for sock, cmd in ((pri, "checkpoint"), (sec, "checkpoint"), (pri, "resume")):
+        assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+    assert "  consistent" in cli_pair.repdisk("status", sec).stdout
+    assert read_file(cli_pair.path("sec.img")) == read_file(cli_pair.path("pri.img"))
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k",
+         f"nbd+unix:///?socket={cli_pair.path('pri.sock')}")
+    lone = cli_pair.repdisk("ctl", sec, "checkpoint", ok=False)
+    assert (lone.returncode, lone.stderr) == (1, refusal)

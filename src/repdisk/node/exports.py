@@ -133,27 +133,52 @@ class Admission:
             self.refused = ""
 
 
-class SealView:
-    """A secondary's ``replica/NAME+seal`` export as one writer session sees it: a write
-    records that the primary of that session demoted cleanly (``record(disk, epoch)``)."""
+class SignalView:
+    """A twin of a secondary's ``replica/NAME`` export that takes one request, a flush: a
+    signal of one writer session's primary (:meth:`signal`).  It stores no data; a flush,
+    not a write, so that one that reached a plain NBD server serving every export name as
+    its disk (given as the secondary by mistake) changes nothing there."""
 
-    def __init__(self, record: Callable[[str, int], None], fence: sessions.SessionFence,
-                 token: sessions.Token, size: int) -> None:
-        self._record, self._fence, self._token, self.size = record, fence, token, size
+    def __init__(self, fence: sessions.SessionFence, token: sessions.Token, size: int) -> None:
+        self._fence, self._token, self.size = fence, token, size
+
+    def signal(self) -> None:
+        raise NotImplementedError
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         buf[:] = bytes(len(buf))
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
-        self._fence.run_write(self._token, self._record, self._fence.name, self._token[0])
+        raise BlockIOError(errno.EINVAL, "this export takes one flush")
 
     def zero(self, offset: int, length: int, fua: bool = False) -> None:
-        raise BlockIOError(errno.EINVAL, "the seal export takes one write")
+        raise BlockIOError(errno.EINVAL, "this export takes one flush")
 
     trim = zero
 
     def flush(self) -> None:
-        pass
+        self.signal()
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, int]]:
         return [(offset, length, EXTENT_HOLE | EXTENT_ZERO)]
+
+
+class SealView(SignalView):
+    """``replica/NAME+seal``: its flush records that the primary of that session demoted
+    cleanly (``record(disk, epoch)``)."""
+
+    def __init__(self, record: Callable[[str, int], None], fence: sessions.SessionFence,
+                 token: sessions.Token, size: int) -> None:
+        super().__init__(fence, token, size)
+        self._record = record
+
+    def signal(self) -> None:
+        self._fence.run_write(self._token, self._record, self._fence.name, self._token[0])
+
+
+class MarkView(SignalView):
+    """``replica/NAME+mark``: its flush says that the session's primary took a checkpoint
+    (sessions.MARK_SUFFIX)."""
+
+    def signal(self) -> None:
+        self._fence.mark(self._token)

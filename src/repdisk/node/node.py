@@ -34,7 +34,7 @@ from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, default
 from repdisk.node.context import NodeContext
-from repdisk.node.exports import SealView
+from repdisk.node.exports import MarkView, SealView
 from repdisk.node.lease import ControllerLease
 from repdisk.node.primaryrole import PrimaryRole
 from repdisk.node.role import Replica
@@ -116,9 +116,9 @@ class Node:
             raise BlockIOError(errno.ENOENT, f"no export named {name!r}; this node serves "
                                              f"{', '.join(sorted(exports))}")
         if token is None:
-            if base.endswith(sessions.SEAL_SUFFIX):
-                raise BlockIOError(errno.EINVAL, f"export {name!r} is a primary's seal: it "
-                                                 "needs a writer-session tag")
+            if base.endswith((sessions.SEAL_SUFFIX, sessions.MARK_SUFFIX)):
+                raise BlockIOError(errno.EINVAL, f"export {name!r} is a primary's signal: "
+                                                 "it needs a writer-session tag")
             return dev
         fence = fences[base]
         fence.admit(token, self.state.epoch, writer, self.state.failed_over)
@@ -133,6 +133,8 @@ class Node:
                             "epoch now", fence.name, token[0])
         if base.endswith(sessions.SEAL_SUFFIX):
             return SealView(self.record_seal, fence, token, dev.size)
+        if base.endswith(sessions.MARK_SUFFIX):
+            return MarkView(fence, token, dev.size)
         if fence.name in self.state.sealed:  # a primary writes again: the seal is void
             with self.ctx.changing_state() as state:
                 state.sealed.pop(fence.name, None)
@@ -149,11 +151,11 @@ class Node:
         self.ctx.emit("PRIMARY_DEMOTED", {"disk": disk, "epoch": epoch})
 
     def list_exports(self) -> list[tuple[str, str]]:
-        """Every export but the batch, seal and digest twins: those are the primary's, not a
-        user's."""
+        """Every export but the batch, seal, mark and digest twins: those are the primary's,
+        not a user's."""
         return [(name, self._role.describe(name)) for name in self.ctx.exports
                 if not name.endswith((batch.EXPORT_SUFFIX, sessions.SEAL_SUFFIX,
-                                      resync.DIGEST_SUFFIX))]
+                                      sessions.MARK_SUFFIX, resync.DIGEST_SUFFIX))]
 
     def serve_control(self, commands: list[Command]) -> None:
         """Serve ``commands`` on the control socket (and the TCP control port, if
@@ -232,6 +234,7 @@ class Node:
         over = self._role.replication_over()
         if over:
             return self._ignored("replication-do-checkpoint", over)
+        self._role.check_checkpoint()
         self._role.registry.do_checkpoint_all()
         self._role.checkpointed()
         return None

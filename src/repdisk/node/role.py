@@ -113,6 +113,9 @@ class Role(Generic[R]):
     def contact(self) -> None:
         """The controller was heard from."""
 
+    def check_checkpoint(self) -> None:
+        """Raise (changing nothing) if a checkpoint may not be taken now."""
+
     def checkpointed(self) -> None:
         """Every disk took a checkpoint (replication-do-checkpoint succeeded)."""
 

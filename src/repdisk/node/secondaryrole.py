@@ -110,7 +110,8 @@ class SecondaryRole(Role[SecondaryReplica]):
                     (replica, rep.replica_view),
                     (replica + batch.EXPORT_SUFFIX,
                      batch.BatchView(rep.replica_view, rep.write_record)),
-                    (replica + sessions.SEAL_SUFFIX, rep.replica_view))
+                    (replica + sessions.SEAL_SUFFIX, rep.replica_view),
+                    (replica + sessions.MARK_SUFFIX, rep.replica_view))
                 for export, dev in twins:
                     exports[export] = dev
                     fences[export] = fence
@@ -130,6 +131,18 @@ class SecondaryRole(Role[SecondaryReplica]):
         fence = self.ctx.fences.get(f"replica/{disk}")
         refused = f"; {fence.refusal}" if fence is not None and fence.refusal else ""
         return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}{refused}"
+
+    def check_checkpoint(self) -> None:
+        """Refuse a checkpoint that no checkpoint of the primary came before (its mark,
+        sessions.MARK_SUFFIX): the disk may then be half a copy, or between two writes."""
+        for name in self.replicas:
+            fence = self.ctx.fences.get(f"replica/{name}")
+            if fence is not None and not fence.checkpointable():
+                raise ReplicationError(
+                    f"{name}: no checkpoint: the primary wrote since its last checkpoint (or "
+                    "took none yet: a copy may be under way); checkpoint the primary first "
+                    "(repdisk ctl PRI checkpoint, then this, then repdisk ctl PRI resume), or "
+                    "let a controller do it")
 
     def checkpointed(self) -> None:
         """Record which file each disk that is a consistent copy now is (the state is

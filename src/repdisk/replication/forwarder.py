@@ -128,6 +128,8 @@ class Forwarder:
         # What is connected to: the batch twin of the export if batching (batch.py), the
         # primary's writer-session tag last (sessions.py).
         self._batch = batch
+        #: The writer session this connection writes in ("" for none), for its twins.
+        self.session_tag = session_tag
         self._connect_uri = with_export_suffix(
             uri, export_suffix + (_batch.EXPORT_SUFFIX if batch else "") + session_tag)
         self.timeout = timeout

@@ -30,7 +30,7 @@ from repdisk.errors import ForwardError
 from repdisk.replication import nbdclient
 from repdisk.replication.forwarder import Forwarder, Source
 from repdisk.replication.framework import ReplicationError
-from repdisk.replication.sessions import SEAL_SUFFIX, make_tag, refusal_of
+from repdisk.replication.sessions import MARK_SUFFIX, SEAL_SUFFIX, make_tag, refusal_of
 from repdisk.replication.stage import StageMachine
 from repdisk.uri import export_name, with_export_suffix
 
@@ -84,6 +84,8 @@ class Link:
         self.state = LinkState.DOWN
         #: The connection, failed or not; None when there is none.
         self.forwarder: Forwarder | None = None
+        # The mark connection (mark_checkpoint) and the forwarder whose session it is in.
+        self._marker: tuple[Forwarder, Forwarder] | None = None
         #: (state, the forwarder writes go to now: None unless UP), one value.
         self.current: tuple[LinkState, Forwarder | None] = (LinkState.DOWN, None)
 
@@ -124,6 +126,7 @@ class Link:
         degraded link stays DEGRADED (only a resync clears that), any other goes DOWN."""
         fwd = self.forwarder
         self._set(LinkState.DEGRADED if self.degraded else LinkState.DOWN, None)
+        self._close_marker()
         if fwd is not None:
             fwd.close()  # reports what it did not acknowledge to on_failure: marked dirty
 
@@ -213,7 +216,7 @@ class Link:
 
     def seal(self) -> None:
         """Tell the secondary that it holds every write this primary acknowledged: one
-        write to its seal export on a new writer session (admitting it fences the
+        flush of its seal export on a new writer session (admitting it fences the
         forwarding session there).  Only after a barrier that covered every acknowledged
         write, with guest writes refused (a demote); raises ReplicationError if the
         secondary did not confirm."""
@@ -224,7 +227,7 @@ class Link:
                         session_tag=make_tag(self.epoch, time.time_ns(), self.writer))
         try:
             fwd.connect()
-            ok = fwd.submit_write(bytes(512), 0).wait(self.timeout)
+            ok = fwd.submit_flush().wait(self.timeout)
         except ForwardError as err:
             raise ReplicationError(f"{self.name}: cannot seal the secondary: {err}") from err
         finally:
@@ -232,6 +235,36 @@ class Link:
         if not ok:
             raise ReplicationError(f"{self.name}: the secondary {self.uri} did not "
                                    f"confirm the seal: {fwd.error or 'no answer'}")
+
+    def mark_checkpoint(self) -> None:
+        """Tell the secondary that this primary checkpointed (sessions.MARK_SUFFIX): one
+        flush of its mark export, in the forwarding session.  Only after a barrier, with
+        guest writes held; raises ReplicationError if the secondary did not confirm."""
+        fwd = self.forwarder
+        assert fwd is not None and self.uri is not None   # UP: the checkpoint's barrier ran
+        if self._marker is None or self._marker[0] is not fwd:
+            self._close_marker()
+            marker = Forwarder(self.uri, timeout=self.timeout, window=1,
+                               export_suffix=self.export_suffix + MARK_SUFFIX,
+                               session_tag=fwd.session_tag)
+            try:
+                marker.connect()
+            except ForwardError as err:
+                marker.close()
+                raise ReplicationError(f"{self.name}: cannot mark the checkpoint on the "
+                                       f"secondary: {err}") from err
+            self._marker = (fwd, marker)
+        marker = self._marker[1]
+        if not marker.submit_flush().wait(self.timeout):
+            why = marker.error or f"no answer within {self.timeout:g}s"
+            self._close_marker()
+            raise ReplicationError(f"{self.name}: the secondary {self.uri} did not confirm "
+                                   f"the checkpoint: {why}")
+
+    def _close_marker(self) -> None:
+        if self._marker is not None:
+            self._marker[1].close()
+            self._marker = None
 
     def acks(self) -> int | None:
         """Requests the secondary acknowledged on the current link; None when not forwarding.

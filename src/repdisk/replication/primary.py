@@ -202,6 +202,11 @@ class PrimaryReplica:
                     f"{self.name}: checkpoint failed: the secondary took longer than the hold "
                     f"({self.timeout / 2:g}s, half the timeout) to confirm the writes; retry, "
                     "or raise the timeout")
+            try:
+                self.link.mark_checkpoint()      # the secondary's checkpoint may follow
+            except ReplicationError:
+                self.resume()
+                raise
             duration = time.monotonic() - began
             self._checkpoints += 1
             self._last_checkpoint = {"time": time.time(), "duration": duration}

@@ -69,9 +69,18 @@ def writer_id(identity: str) -> str:
 
 
 #: A replica export's seal twin (``replica/NAME+seal@EPOCH.GEN``): a demoting primary
-#: writes there once, after its final barrier, to say that the secondary now holds every
+#: flushes it once, after its final barrier, to say that the secondary now holds every
 #: write it acknowledged (node.py records it; a promotion then copies nothing).
 SEAL_SUFFIX = "+seal"
+
+
+#: A replica export's mark twin (``replica/NAME+mark@EPOCH.GEN.WRITER``, on the forwarding
+#: session's own tag): a primary flushes it at each checkpoint, after its barrier and
+#: while it holds guest writes, to say that the secondary's disk is a checkpoint's closed
+#: set.  A secondary takes a checkpoint only after such a mark with no write of the
+#: session since (a lone `checkpoint` of the secondary during a copy would otherwise make
+#: half a copy consistent).
+MARK_SUFFIX = "+mark"
 
 
 #: Seconds between two refusals of superseded sessions (see the module docstring): far
@@ -113,6 +122,8 @@ class SessionFence:
         self.refusal = ""
         # Held while a superseded session's request is refused: one refusal at a time.
         self._refusing = threading.Lock()
+        # The session whose primary's checkpoint mark came with no write of it since.
+        self._marked: Token | None = None
         # Open connections of each session (SessionView), and since when the current
         # session has had none (time.time(); the fence's making if none ever connected).
         self._open: dict[Token, int] = {}
@@ -130,6 +141,25 @@ class SessionFence:
                 raise BlockIOError(errno.EPERM, f"{self.name}: {why}")
             self._current = token
             self._writer = writer or self._writer
+
+    def mark(self, token: Token) -> None:
+        """``token``'s primary checkpointed (MARK_SUFFIX); EPERM if a newer session writes."""
+        entry = self._writing.acquire(0, 1, False)
+        try:
+            current = self._current
+            if token == current:
+                self._marked = token
+                return
+        finally:
+            self._writing.release(entry)
+        raise BlockIOError(errno.EPERM, f"{self.name}: checkpoint mark of a superseded "
+                                        f"primary session {token} refused (current {current})")
+
+    def checkpointable(self) -> bool:
+        """Whether the disk is a checkpoint's closed set: the current session's primary
+        marked a checkpoint and wrote nothing since, or no primary session ever wrote
+        (a plain ``replica`` connection, an operator's tool)."""
+        return self._current == (-1, -1) or self._marked == self._current
 
     def joined(self, token: Token) -> None:
         """A connection of ``token``'s session opened (a SessionView was made)."""
@@ -181,11 +211,22 @@ class SessionFence:
 
         Called for every replica request, so a plain acquire/release rather than a
         generator context manager (several Python calls per request)."""
+        self._run(token, True, fn, args)
+
+    def run_flush(self, token: Token, fn: Any) -> None:
+        """:meth:`run_write` for a flush: it changes no data, so a checkpoint mark stands."""
+        self._run(token, False, fn, ())
+
+    def _run(self, token: Token, changes: bool, fn: Any, args: tuple[Any, ...]) -> None:
         entry = self._writing.acquire(0, 1, False)
         try:
             current = self._current
             if token == current:
-                fn(*args)
+                try:
+                    fn(*args)
+                finally:
+                    if changes:
+                        self._marked = None     # a write after the last checkpoint mark
                 return
         finally:
             self._writing.release(entry)
@@ -222,4 +263,4 @@ class SessionView:
         self._write(self._view.trim, offset, length, fua)
 
     def flush(self) -> None:
-        self._write(self._view.flush)
+        self._fence.run_flush(self._token, self._view.flush)
