@@ -775,6 +775,11 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
         ck = subprocess.run(repdisk + ["ctl", ctrl, "checkpoint", "--json"], capture_output=True,
                             text=True, timeout=30)
         assert ck.returncode == 0 and '"pause"' in ck.stdout
+        # ctl's short names mean the controller's own commands there
+        for alias, key in (("status", '"state": "running"'), ("resync", '"bytes": 0')):
+            run = subprocess.run(repdisk + ["ctl", ctrl, alias, "--json"], capture_output=True,
+                                 text=True, timeout=30)
+            assert run.returncode == 0 and key in run.stdout, (alias, run.stdout, run.stderr)
         text = execute(ctrl, "query-metrics")
         assert 'repdisk_controller_state{state="running"} 1' in text
         assert "repdisk_epoch 1" in text and "repdisk_checkpoints_total" in text

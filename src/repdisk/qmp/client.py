@@ -238,16 +238,33 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "verify": ("replication-verify", {}),
 }
 
+#: The same short names sent to a controller (its commands for the same intent).
+CONTROLLER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "status": ("query-controller", {}),
+    "checkpoint": ("replication-do-checkpoint", {}),
+    "failover": ("controller-failover", {}),
+    "resync": ("controller-resync", {}),
+    "verify": ("controller-verify", {}),
+}
+
 #: Commands that may take long: ``repdisk ctl`` shows their progress events on a terminal.
 LONG = {"replication-start", "replication-stop", "replication-resync", "controller-resync",
         "replication-verify", "controller-verify"}
 
 
-def resolve(command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The QMP command and arguments behind ``command``, an alias of :data:`ALIASES` or a
-    command's own name; ``args`` are given after the alias' fixed arguments."""
-    name, fixed = ALIASES.get(command, (command, {}))
+def resolve(command: str, args: dict[str, Any],
+            controller: bool = False) -> tuple[str, dict[str, Any]]:
+    """The QMP command and arguments behind ``command``, an alias (of :data:`ALIASES`, or
+    of :data:`CONTROLLER_ALIASES` for a controller) or a command's own name; ``args`` are
+    given after the alias' fixed arguments."""
+    name, fixed = (CONTROLLER_ALIASES if controller else ALIASES).get(command, (command, {}))
     return name, {**fixed, **args}
+
+
+def is_controller(client: QMPClient) -> bool:
+    """Whether ``client`` is connected to a controller (its greeting names it)."""
+    version = (client.greeting or {}).get("QMP", {}).get("version", {})
+    return str(version.get("package", "")).startswith("repdisk-controller")
 
 
 def connect(address: str, tls: str | None = None, insecure: bool = False, *,
@@ -280,16 +297,18 @@ def execute(socket: str, command: str, args: dict[str, Any] | None = None, *,
             timeout: float = 600.0, progress: bool = False, tls: str | None = None,
             insecure: bool = False) -> Any:
     """Run one command on a control socket; raises ControlError with the server's error."""
-    name, arguments = resolve(command, args or {})
-    watcher = ProgressPrinter(socket, tls=tls, insecure=insecure) \
-        if progress and name in LONG else None
     client = connect(socket, tls, insecure, timeout=timeout)
     try:
-        return client.execute(name, arguments)
+        name, arguments = resolve(command, args or {}, is_controller(client))
+        watcher = ProgressPrinter(socket, tls=tls, insecure=insecure) \
+            if progress and name in LONG else None
+        try:
+            return client.execute(name, arguments)
+        finally:
+            if watcher:
+                watcher.stop()
     finally:
         client.close()
-        if watcher:
-            watcher.stop()
 
 
 class ProgressPrinter:
