@@ -125,7 +125,7 @@ def test_a_controller_restarted_during_its_start_waits_for_the_start_under_way(
         tmp_path: Any) -> None:
     """kill -9 of a controller while the primary's start copies: the node's start goes on,
     and the next controller waits for it instead of starting again (which failed with
-    "replication is running or done ... stop it before starting again"), then protects."""
+    "replication is running or done ..."), then protects."""
     folder = str(tmp_path)
     with open(os.path.join(folder, "p.img"), "wb") as f:
         f.write(os.urandom(16 * MiB))

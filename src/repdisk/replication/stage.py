@@ -96,7 +96,8 @@ class StageMachine:
             return False
         if self.stage is not Stage.NONE:
             raise ReplicationError(f"{self.name}: replication is running or done "
-                                   f"(stage {self.stage.value}); stop it before starting again")
+                                   f"(stage {self.stage.value}): it is started already, "
+                                   "nothing to do")
         if mode is not self.mode:
             raise ReplicationError(f"{self.name}: the start mode {mode.value} does not match "
                                    f"this disk's mode {self.mode.value}")
