@@ -127,7 +127,7 @@ def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
     else:
         since = d.get("no_primary_since")
         if d.get("stage") == "running" and since is not None:   # nothing replicates into it
-            parts.append(f"NO PRIMARY (for {units.format_seconds(max(0.0, time.time() - since))})")
+            parts.append(f"NO PRIMARY (for {max(0.0, time.time() - since):.0f}s)")
         parts.append(("consistent" if d.get("consistent") else "INCONSISTENT")
                      + f" hidden {_mib(d.get('hidden_bytes', 0))}"
                      f" active {_mib(d.get('active_bytes', 0))}")

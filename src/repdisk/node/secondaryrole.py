@@ -132,6 +132,13 @@ class SecondaryRole(Role[SecondaryReplica]):
         refused = f"; {fence.refusal}" if fence is not None and fence.refusal else ""
         return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}{refused}"
 
+    def before_start(self, epoch: int | None) -> None:
+        """A start: how long no primary has been connected counts from now (status)."""
+        for name in self.replicas:
+            fence = self.ctx.fences.get(f"replica/{name}")
+            if fence is not None:
+                fence.restart_clock()
+
     def check_checkpoint(self) -> None:
         """Refuse a checkpoint that no checkpoint of the primary came before (its mark,
         sessions.MARK_SUFFIX): the disk may then be half a copy, or between two writes."""

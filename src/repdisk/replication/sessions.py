@@ -175,6 +175,11 @@ class SessionFence:
             elif token == self._current:
                 self._unconnected_since = time.time()
 
+    def restart_clock(self) -> None:
+        """Count :meth:`unconnected_since` from now if no primary is connected (a start)."""
+        with self._mutex:
+            self._unconnected_since = time.time()
+
     def unconnected_since(self) -> float | None:
         """When (time.time()) the current session last had a connection open, or the
         fence was made; None while it has one: a primary is connected."""
