@@ -176,7 +176,8 @@ class SessionFence:
                 self._unconnected_since = time.time()
 
     def restart_clock(self) -> None:
-        """Count :meth:`unconnected_since` from now if no primary is connected (a start)."""
+        """Count :meth:`unconnected_since` from now (a start); while a primary is connected
+        it is not read."""
         with self._mutex:
             self._unconnected_since = time.time()
 
