@@ -45,6 +45,10 @@ class NodeContext:
         self.default_export = ""
         self.server: QMPServer | None = None  # the control server, once serving
 
+    def fence(self, disk: str) -> sessions.SessionFence | None:
+        """The session fence of ``disk``'s replica export (None on a primary)."""
+        return self.fences.get(f"replica/{disk}")
+
     @contextlib.contextmanager
     def changing_state(self) -> Iterator[NodeState]:
         """Change the state and save it durably, under the state's lock; nothing is saved

@@ -370,7 +370,7 @@ class Node:
         """One disk's query; a secondary's says since when no primary has been connected
         (``no_primary_since``: time.time(), None while one is)."""
         q = {**rep.query(), "size": rep.disk.size}
-        fence = self.ctx.fences.get(f"replica/{name}")
+        fence = self.ctx.fence(name)
         if fence is not None:
             q["no_primary_since"] = fence.unconnected_since()
         return q

@@ -128,14 +128,14 @@ class SecondaryRole(Role[SecondaryReplica]):
         if view != "replica":
             return describe_disk("secondary", disk, self.ctx) + ": the secondary VM's view"
         unknown = f"{CONTENTS_UNKNOWN}; " if disk in self.unknown else ""
-        fence = self.ctx.fences.get(f"replica/{disk}")
+        fence = self.ctx.fence(disk)
         refused = f"; {fence.refusal}" if fence is not None and fence.refusal else ""
         return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}{refused}"
 
     def before_start(self, epoch: int | None) -> None:
         """A start: how long no primary has been connected counts from now (status)."""
         for name in self.replicas:
-            fence = self.ctx.fences.get(f"replica/{name}")
+            fence = self.ctx.fence(name)
             if fence is not None:
                 fence.restart_clock()
 
@@ -143,7 +143,7 @@ class SecondaryRole(Role[SecondaryReplica]):
         """Refuse a checkpoint that no checkpoint of the primary came before (its mark,
         sessions.MARK_SUFFIX): the disk may then be half a copy, or between two writes."""
         for name in self.replicas:
-            fence = self.ctx.fences.get(f"replica/{name}")
+            fence = self.ctx.fence(name)
             if fence is not None and not fence.checkpointable():
                 raise ReplicationError(
                     f"{name}: no checkpoint: the primary wrote since its last checkpoint (or "
