@@ -222,19 +222,12 @@ class Link:
         secondary did not confirm."""
         if self.uri is None:
             raise ReplicationError(f"{self.name}: no secondary to seal")
-        fwd = Forwarder(self.uri, timeout=self.timeout, window=1,
-                        export_suffix=self.export_suffix + SEAL_SUFFIX,
-                        session_tag=make_tag(self.epoch, time.time_ns(), self.writer))
+        fwd = self._signaller(SEAL_SUFFIX, make_tag(self.epoch, time.time_ns(), self.writer),
+                              "seal the secondary")
         try:
-            fwd.connect()
-            ok = fwd.submit_flush().wait(self.timeout)
-        except ForwardError as err:
-            raise ReplicationError(f"{self.name}: cannot seal the secondary: {err}") from err
+            self._signal(fwd, "the seal")
         finally:
             fwd.close()
-        if not ok:
-            raise ReplicationError(f"{self.name}: the secondary {self.uri} did not "
-                                   f"confirm the seal: {fwd.error or 'no answer'}")
 
     def mark_checkpoint(self) -> None:
         """Tell the secondary that this primary checkpointed (sessions.MARK_SUFFIX): one
@@ -244,22 +237,34 @@ class Link:
         assert fwd is not None and self.uri is not None   # UP: the checkpoint's barrier ran
         if self._marker is None or self._marker[0] is not fwd:
             self._close_marker()
-            marker = Forwarder(self.uri, timeout=self.timeout, window=1,
-                               export_suffix=self.export_suffix + MARK_SUFFIX,
-                               session_tag=fwd.session_tag)
-            try:
-                marker.connect()
-            except ForwardError as err:
-                marker.close()
-                raise ReplicationError(f"{self.name}: cannot mark the checkpoint on the "
-                                       f"secondary: {err}") from err
-            self._marker = (fwd, marker)
-        marker = self._marker[1]
-        if not marker.submit_flush().wait(self.timeout):
-            why = marker.error or f"no answer within {self.timeout:g}s"
+            self._marker = (fwd, self._signaller(MARK_SUFFIX, fwd.session_tag,
+                                                 "mark the checkpoint on the secondary"))
+        try:
+            self._signal(self._marker[1], "the checkpoint")
+        except ReplicationError:
             self._close_marker()
+            raise
+
+    def _signaller(self, suffix: str, tag: str, what: str) -> Forwarder:
+        """A connection to the secondary's signal export ``suffix`` (node/exports.py's
+        SignalView) in the writer session ``tag``; ReplicationError "cannot ``what``"."""
+        assert self.uri is not None
+        fwd = Forwarder(self.uri, timeout=self.timeout, window=1,
+                        export_suffix=self.export_suffix + suffix, session_tag=tag)
+        try:
+            fwd.connect()
+        except ForwardError as err:
+            fwd.close()
+            raise ReplicationError(f"{self.name}: cannot {what}: {err}") from err
+        return fwd
+
+    def _signal(self, fwd: Forwarder, what: str) -> None:
+        """The one flush of a signal connection; ReplicationError if the secondary did
+        not confirm ``what``."""
+        if not fwd.submit_flush().wait(self.timeout):
+            why = fwd.error or f"no answer within {self.timeout:g}s"
             raise ReplicationError(f"{self.name}: the secondary {self.uri} did not confirm "
-                                   f"the checkpoint: {why}")
+                                   f"{what}: {why}")
 
     def _close_marker(self) -> None:
         if self._marker is not None:
