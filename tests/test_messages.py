@@ -59,7 +59,7 @@ def test_primary_started_before_its_secondary_says_it_is_not_started(folder: Fol
     assert primary(folder, uri, "p.img")[0] == 0
     code, out, err = folder.repdisk("ctl", "p.qmp", "start", "mode=primary")
     assert (code, out) == (1, "")
-    assert err == (f"repdisk: GenericError: disk0: start failed: disk0: the secondary {uri} "
+    assert err == (f"repdisk: GenericError: disk0: start failed: the secondary {uri} "
                    "is not started yet: start it first (repdisk ctl SECONDARY-CONTROL start "
                    "mode=secondary), then this primary; 0 bytes wait to be copied\n")
     # The refusal changed nothing: in the right order, the pair starts.

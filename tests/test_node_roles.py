@@ -78,4 +78,4 @@ def test_both_roles_answer_the_shared_commands(nodes: dict[str, Node]) -> None:
         assert len(node.digests(None, 0, MiB, MiB)) == 1
         with pytest.raises(ReplicationError) as err:
             node.get_error()    # not started: both roles say so the same way
-        assert str(err.value) == "disk0: get_error failed: disk0: replication is not running"
+        assert str(err.value) == "disk0: replication is not running"

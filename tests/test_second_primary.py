@@ -34,7 +34,7 @@ def test_a_second_primary_is_refused_and_takes_nothing_over(cli_pair: Pair) -> N
         for epoch in ([], ["epoch=3"]):               # a newer epoch takes nothing over
             bad = cli_pair.repdisk("ctl", other, "start", "mode=primary", *epoch, ok=False)
             assert re.fullmatch(
-                rf"repdisk: GenericError: disk0: start failed: disk0: the secondary "
+                rf"repdisk: GenericError: disk0: start failed: the secondary "
                 rf"{re.escape(replica)} refused this primary: refusing a second primary "
                 r"\(disk ([0-9a-f]{16})\): this secondary replicates the primary of disk "
                 r"(?!\1)[0-9a-f]{16} \(a secondary serves one primary disk\); give the "

@@ -127,13 +127,18 @@ class Registry:
         self._walk("checkpoint", lambda fn, rs: fn(rs))
 
     def get_error_all(self) -> None:
-        self._walk("get_error", lambda fn, rs: fn(rs))
+        """Raise the first state's error as it is: the error is the answer, not a failure of
+        ``get_error`` (QEMU propagates it unchanged)."""
+        self._walk("get_error", lambda fn, rs: fn(rs), name_op=False)
 
     def stop_all(self, failover: bool) -> None:
         self._walk("stop", lambda fn, rs: fn(rs, failover))
 
-    def _walk(self, op: str, call: Callable[[Callable[..., None], ReplicationState], None]) -> None:
-        """Call ``op`` on every state still registered, newest first; stop at the first error."""
+    def _walk(self, op: str, call: Callable[[Callable[..., None], ReplicationState], None],
+              name_op: bool = True) -> None:
+        """Call ``op`` on every state still registered, newest first; stop at the first error,
+        raised as ``OPAQUE: OP failed: WHY`` (``WHY`` without an ``OPAQUE:`` of its own), or
+        ``OPAQUE: WHY`` without ``name_op``."""
         for rs in self.states():
             fn = getattr(rs.ops, op)
             if fn is None:
@@ -145,4 +150,6 @@ class Registry:
                 call(fn, rs)
             except Exception as err:  # noqa: BLE001 - every callback error stops the walk
                 log.debug("replication %s of %r failed: %s", op, rs, err)
-                raise ReplicationError(f"{rs.opaque}: {op} failed: {err}", rs) from err
+                why = str(err).removeprefix(f"{rs.opaque}: ")
+                what = f"{op} failed: " if name_op else ""
+                raise ReplicationError(f"{rs.opaque}: {what}{why}", rs) from err
