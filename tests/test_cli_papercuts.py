@@ -31,7 +31,7 @@ from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.cli.status import controller_lines
 from repdisk.errors import ConfigError
-from tests.helpers.cli import Pair, primary_argv, replicating_pair, start_cli_pair
+from tests.helpers.cli import Pair, kill_secondary, primary_argv, replicating_pair, start_cli_pair
 from tests.helpers.commands import REPDISK, qemu, run
 from tests.helpers.nodes import MiB, read_file
 
@@ -518,12 +518,30 @@ def test_a_start_of_a_stopped_primary_says_it_is_ignored_and_changes_nothing(
     (QEMU's rule): start says so instead of answering ok, and its epoch stays as it was."""
     pri, sec, _ = replicating_pair(cli_pair)
     assert cli_pair.repdisk("ctl", pri, "stop", "failover=true").stdout == "ok\n"
-    out = cli_pair.repdisk("ctl", pri, "start", "mode=primary", "epoch=3").stdout
+    ignored = cli_pair.repdisk("ctl", pri, "start", "mode=primary", "epoch=3", ok=False)
+    out = ignored.stdout
+    assert ignored.returncode == 3 and ignored.stderr == "", ignored    # `&&` stops here
     assert "ignored" in out and "replication was stopped on this primary (stage done)" in out \
         and "restart the node" in out, out
     assert re.match(r"primary +disk0 +done +epoch 0 ", cli_pair.repdisk("status", pri).stdout)
     bad = cli_pair.repdisk("ctl", pri, "resync", ok=False)
     assert bad.stderr.endswith("(stage done); restart the node to replicate again\n"), bad.stderr
+
+
+def test_ctl_error_prints_the_error_as_its_answer(cli_pair: Pair) -> None:
+    """`ctl NODE error` answers ok, or prints the disk's error on stdout with status 1: the
+    error is what was asked for, so it is not reported as the command's own failure."""
+    pri, _sec, guest = replicating_pair(cli_pair)
+    assert cli_pair.repdisk("ctl", pri, "error").stdout == "ok\n"
+    kill_secondary(cli_pair)
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64K", guest)
+    uri = f"nbd+unix:///replica?socket={cli_pair.path('sec.sock')}"
+    for command in ("error", "replication-get-error"):
+        err = cli_pair.repdisk("ctl", pri, command, ok=False)
+        assert (err.returncode, err.stderr) == (1, ""), err
+        assert err.stdout == (f"disk0: forwarding to the secondary {uri} failed: secondary "
+                              f"{uri} closed the connection; writes are kept local and "
+                              "tracked as dirty until resync\n"), err.stdout
 
 
 def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(
@@ -549,7 +567,9 @@ def test_a_stopped_secondary_neither_starts_nor_fails_over_nor_takes_writes(
     qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", guest)
     assert cli_pair.repdisk("ctl", sec, "stop").stdout == "ok\n"
     for argv in (["start", "mode=secondary"], ["failover"]):
-        out = cli_pair.repdisk("ctl", sec, *argv).stdout
+        ignored = cli_pair.repdisk("ctl", sec, *argv, ok=False)
+        out = ignored.stdout
+        assert ignored.returncode == 3, ignored
         assert "ignored" in out and "stopped on this secondary without a failover" in out, out
     assert re.match(r"secondary +disk0 +done +epoch 0 ", cli_pair.repdisk("status", sec).stdout)
     active = f"nbd+unix:///active?socket={cli_pair.path('sec.sock')}"

@@ -125,6 +125,10 @@ def _ctl(args: argparse.Namespace) -> int:
         result = execute(args.socket, args.command, command_args,
                          progress=sys.stderr.isatty(), tls=args.tls, insecure=args.insecure)
     except ControlError as err:
+        if err.error_class == "GenericError" and \
+                ALIASES.get(args.command, (args.command, {}))[0] == "replication-get-error":
+            print(str(err))     # the error is the answer (QEMU's get_error), status 1
+            return 1
         if err.error_class == "CommandNotFound":
             raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
         hint = _argument_hint(str(err))
@@ -135,7 +139,8 @@ def _ctl(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(render(result))
-    return 0
+    ignored = isinstance(result, dict) and set(result) == {"ignored"}
+    return EXIT_IGNORED if ignored else 0
 
 
 def _refuse_failover_of_a_primary(args: argparse.Namespace) -> None:
@@ -331,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Exit status after Ctrl-C, and after stdout was closed (as a C tool killed by SIGINT/SIGPIPE).
 EXIT_INTERRUPTED, EXIT_STDOUT_CLOSED = 130, 141
+#: ``ctl``: the node answered that it ignored the command (QEMU's rule once replication is
+#: over), so nothing was done; the line printed says what to do instead.
+EXIT_IGNORED = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     - a repdisk error: ``repdisk: error: ...`` (or the QMP error class), status 1;
     - a file or folder that cannot be used: ``repdisk: error: PATH: why``, status 1;
+    - ``ctl error`` on a node with an error: the error on stdout, status 1;
+    - ``ctl`` of a command the node ignored: ``ignored  why``, status 3;
     - stdout closed by its reader (``repdisk status ... | head -1``): nothing, status 141;
     - Ctrl-C, even while a node does not answer: ``repdisk: interrupted``, status 130
       (for ``ctl``, the line says that the command sent may still run).
