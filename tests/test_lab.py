@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from repdisk.cli import lab
 from tests.helpers.commands import REPDISK, lab_processes, qemu, run
 from tests.helpers.nodes import read_file
@@ -106,3 +108,18 @@ def test_lab_welcome_names_working_commands(lab_dir: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert lab_processes(lab_dir) == []                    # its last line was --down
+
+
+@pytest.mark.parametrize("size", ["1000", "1M-1", "1048577"])
+def test_lab_refuses_a_size_no_disk_has(lab_dir: str, size: str) -> None:
+    """A size without a unit is bytes: `--size 1000` would be a 1000-byte disk that the
+    welcome's own commands cannot write, so it is refused, and nothing is created."""
+    up = run([REPDISK, "lab", "--dir", lab_dir, "--size", size], "/")
+    assert up.returncode == 1 and up.stdout == "", up
+    if size == "1000":
+        assert up.stderr == ("repdisk: error: --size: 1000 is 1000 bytes; a lab disk is at "
+                             "least 1M and a multiple of 512 bytes: give a unit, e.g. "
+                             "--size 1G\n"), up.stderr
+    else:
+        assert up.stderr.startswith("repdisk: error: --size: "), up.stderr
+    assert not os.path.exists(lab_dir)

@@ -16,10 +16,11 @@ import sys
 from repdisk import units
 from repdisk.cli import nodeproc
 from repdisk.cli.nodeproc import PLUGIN
-from repdisk.errors import RepdiskError
+from repdisk.errors import ConfigError, RepdiskError
 from repdisk.qmp.client import execute
 
 ROLES = ("secondary", "primary")  # start order; stop order is the reverse
+MIN_SIZE = 1 << 20                # the welcome's commands write 1M
 
 
 def paths(folder: str) -> dict[str, dict[str, str]]:
@@ -43,6 +44,9 @@ def node_keys(p: dict[str, dict[str, str]], role: str, write_mode: str) -> list[
 def up(folder: str, size: str = "1G", write_mode: str = "sync",
        plugin: str | None = None) -> int:
     nbytes = units.parse_size("--size", size)
+    if nbytes < MIN_SIZE or nbytes % 512:
+        raise ConfigError("--size", f"{size} is {nbytes} bytes; a lab disk is at least 1M and "
+                                    "a multiple of 512 bytes: give a unit, e.g. --size 1G")
     os.makedirs(folder, exist_ok=True)
     p = paths(folder)
     for role in ROLES:
