@@ -6,6 +6,7 @@
     repdisk ctl SOCKET|HOST:PORT COMMAND [KEY=VALUE ...] [--json] [--tls DIR]
     repdisk status SOCKET|HOST:PORT ... [--json] [--tls DIR]
     repdisk up|down|status [NAME|all] [--config-dir /etc/repdisk]
+    repdisk down CONTROL ...
     repdisk controller --primary PRI.qmp --secondary SEC.qmp --control CTRL.qmp
     repdisk lab [--dir DIR] [--size 1G] | repdisk lab --down
     repdisk tls psk FILE [--user NAME] | repdisk tls ca DIR --hosts HOST,HOST

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -290,6 +291,56 @@ def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pidfile)
     return stopped
+
+
+def stop_serving(control: str, timeout: float = 10.0) -> str:
+    """Stop the node or controller that serves the Unix control socket ``control`` as
+    :func:`stop_pid` does, and wait until it has exited; what it was (``the node (pid N)``), or
+    "" if nothing serves that socket any more.  Raises RepdiskError, sending no signal, for
+    a path that is not a socket or a socket that some other program serves."""
+    pid = _listener_pid(control)
+    if pid is None:
+        return ""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return ""                                   # it exited meanwhile
+    if _is_node(pid):
+        what = "node"
+    elif "controller" in cmdline and any("repdisk" in part for part in cmdline):
+        what = "controller"
+    else:
+        raise RepdiskError(f"{control} is served by pid {pid} ({' '.join(cmdline[:3])}), "
+                           "not a repdisk node or controller: nothing stopped")
+    stop_pid(pid, timeout)
+    if _pidfile_pid(control + ".pid") == pid:     # --pidfile's default
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control + ".pid")
+    return f"the {what} (pid {pid})"
+
+
+def _listener_pid(control: str) -> int | None:
+    """The pid of the process listening on the Unix socket ``control`` (SO_PEERCRED), or
+    None if the socket is left over from one that exited."""
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(control).st_mode)
+    except FileNotFoundError:
+        raise RepdiskError(f"{control}: no control socket there (stopped already, or not its "
+                           "path): give the --control socket of a running node or controller, "
+                           "or a resource name") from None
+    if not is_socket:
+        raise RepdiskError(f"{control} is not a socket: give the --control socket of a running "
+                           "node or controller, or a resource name")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(control)
+        except ConnectionRefusedError:
+            return None
+        except OSError as err:
+            raise RepdiskError(f"{control}: not a control socket ({err.strerror})") from None
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", cred)[0]
+    return pid
 
 
 def _is_node(pid: int) -> bool:

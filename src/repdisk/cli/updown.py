@@ -7,7 +7,8 @@ it starts this host's nodes (secondary first; each detached, ``CONTROL.pid`` and
 ``CONTROL.log`` next to its control socket) and, where this host runs it, the controller,
 which starts replication once both nodes answer (the other host's node may come later).
 What already runs is left alone.  ``down`` stops the controller, then the primary, then
-the secondary; it leaves no process.  ``status`` prints each resource's lines.
+the secondary; it leaves no process.  ``status`` prints each resource's lines.  Given
+control sockets instead of names, ``down`` stops what serves each, as ``status`` shows each.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def add_parsers(sub: Any) -> None:
                                       "from their config files",
                            description=f"{what.capitalize()} this host's part of each named "
                                        "resource (all: every file in the config directory).")
-        p.add_argument("names", nargs="*", metavar="NAME|all", help="resources (default all)")
+        p.add_argument("names", nargs="*", metavar="NAME|all" + ("|CONTROL" if name == "down"
+                                                                  else ""),
+                       help="resources (default all)" + (
+                           "; or the control sockets of nodes and controllers started by "
+                           "hand, stopped in the order given, each waited for"
+                           if name == "down" else ""))
         add_config_dir(p)
         p.set_defaults(func=func)
 
@@ -61,6 +67,12 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    if args.names and not all(is_resource_name(a) for a in args.names):
+        for control in args.names:      # control sockets, stopped in the order given
+            what = nodeproc.stop_serving(control)
+            print(f"{control}: stopped {what}" if what else f"{control}: nothing serves it "
+                  "(stopped already)")
+        return 0
     for res in _load(args):
         stopped = down(res)
         print(f"{res.name}: stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
