@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.commands import lab_processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = Path(ROOT, "README.md").read_text()
 BIN = os.path.join(ROOT, ".venv", "bin")
@@ -21,20 +23,24 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def _example() -> list[tuple[str, list[str]]]:
-    """The console block of the worked example as (command, expected output lines)."""
-    block = README.split("## A worked example", 1)[1].split("```console", 1)[1].split("```", 1)[0]
+    """The console blocks of the worked example, a failover and a fail-back, as (command,
+    expected output lines)."""
+    section = README.split("## A worked example", 1)[1].split("\n## ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in section.split("```console")[1:]]
+    assert len(blocks) == 2, "the worked example and its fail-back"
     steps: list[tuple[str, list[str]]] = []
-    for line in block.strip("\n").splitlines():
+    for line in "".join(blocks).strip("\n").splitlines():
         if line.startswith("$ "):
             steps.append((line[2:], []))
-        else:
+        elif line:
             steps[-1][1].append(line)
     return steps
 
 
 def _normalise(text: str) -> str:
-    """Drop what varies between runs: timings and ages."""
-    return re.sub(r"\d+s ago", "Ns ago", re.sub(r"\d+\.\d+ ms", "N ms", text))
+    """Drop what varies between runs: timings, ages and pids."""
+    text = re.sub(r"\d+s ago", "Ns ago", re.sub(r"\d+\.\d+ ms", "N ms", text))
+    return re.sub(r"pid \d+", "pid N", text)
 
 
 @pytest.mark.timeout(90)
@@ -55,6 +61,7 @@ def test_worked_example_runs_as_shown(tmp_path) -> None:
     finally:
         subprocess.run([os.path.join(BIN, "repdisk"), "lab", "--down", "--dir", lab], env=env,
                        capture_output=True)
+    assert lab_processes(lab) == [], "lab --down stops the node restarted by hand too"
 
 
 def _qemu_drive_options() -> list[list[str]]:

@@ -61,11 +61,12 @@ def sigstop(proc: subprocess.Popen) -> None:
 
 
 def lab_processes(folder: str) -> list[psutil.Process]:
-    """Live nbdkit processes whose command line names the lab folder (zombies are dead)."""
+    """Live nbdkit processes whose command line names the lab folder, or that run in it
+    (a node started there with relative paths); zombies are dead."""
     found = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+    for proc in psutil.process_iter(["name", "cmdline", "status", "cwd"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["name"] != "nbdkit":
             continue
-        if any(folder in part for part in proc.info["cmdline"] or []):
+        if proc.info["cwd"] == folder or any(folder in part for part in proc.info["cmdline"] or []):
             found.append(proc)
     return found

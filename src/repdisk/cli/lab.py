@@ -104,9 +104,20 @@ Stop it:
   {repdisk} lab --down --dir {shlex.quote(os.path.dirname(pri['disk']))}""")
 
 
+def _stop(files: dict[str, str]) -> bool:
+    """Stop the node of the lab's pid file, else one restarted by hand on the lab's control
+    socket (with a pid file of its own: the README's fail-back); True if one ran."""
+    if nodeproc.stop_pidfile(files["pid"]):
+        return True
+    try:
+        return bool(nodeproc.stop_serving(files["control"]))
+    except RepdiskError:        # no socket there: nothing runs on it
+        return False
+
+
 def down(folder: str, quiet: bool = False) -> int:
     p = paths(folder)
-    stopped = [role for role in reversed(ROLES) if nodeproc.stop_pidfile(p[role]["pid"])]
+    stopped = [role for role in reversed(ROLES) if _stop(p[role])]
     for role in ROLES:
         for key in ("nbd", "control"):
             if os.path.exists(p[role][key]):
