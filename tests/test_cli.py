@@ -239,12 +239,15 @@ def test_controller_help_is_for_its_user(tmp_path) -> None:
 
 def test_background_node_that_ends_without_a_word_is_reported_at_once(tmp_path) -> None:
     """A node gone before serving with nothing in its log (killed, crashed) is named as
-    such, with the log's path, as soon as it is gone."""
+    such, with the log's path, as soon as it is gone; what an earlier run of the node
+    wrote to the same log is not taken for this start's error."""
     listen = nodeproc.Listen(socket=str(tmp_path / "n.sock"))
+    (tmp_path / "n.log").write_text("disk0: an error of the run before\nstopped\n")
     started = time.monotonic()
     with pytest.raises(RepdiskError,
-                       match=r"^node exited: nothing in its log .*/n\.log: nbdkit ended "
-                             r"without a message \(killed, or crashed: see the kernel log\)$"):
+                       match=r"^node exited: nothing in its log .*/n\.log from this start: "
+                             r"nbdkit ended without a message \(killed, or crashed: see the "
+                             r"kernel log\)$"):
         nodeproc.start_background(["true"], str(tmp_path / "n.pid"), str(tmp_path / "n.log"),
                                   str(tmp_path / "n.qmp"), listen)
     assert time.monotonic() - started < nodeproc.START_TIMEOUT / 2

@@ -222,9 +222,10 @@ def start_background(cmd: list[str], pidfile: str, logfile: str, control: str,
     with contextlib.suppress(FileNotFoundError):
         os.unlink(starting)       # left by a start that was killed itself: ours alone
     after = cmd.index("nbdkit") + 1 if "nbdkit" in cmd else 1
+    earlier = os.path.getsize(logfile) if os.path.exists(logfile) else 0
     detach.launch([*cmd[:after], "-P", starting, *cmd[after:]], starting, logfile)
     try:
-        wait_ready(detach.watch(starting), control, listen, logfile)
+        wait_ready(detach.watch(starting), control, listen, logfile, since=earlier)
     except BaseException:
         stop_pidfile(starting)
         raise
@@ -257,23 +258,30 @@ def child_alive(proc: subprocess.Popen[bytes]) -> Callable[[], bool | None]:
 
 
 def wait_ready(alive: Callable[[], bool | None], control: str, listen: Listen,
-               logfile: str | None = None, timeout: float = START_TIMEOUT) -> None:
-    """Wait until the node's control socket exists and its NBD listener answers."""
+               logfile: str | None = None, timeout: float = START_TIMEOUT,
+               since: int = 0) -> None:
+    """Wait until the node's control socket exists and its NBD listener answers; a node
+    that exits (or does not start) raises with the error it wrote to ``logfile`` after
+    byte ``since`` (what earlier runs wrote there is not this start's)."""
     try:
         detach.wait(alive, lambda: os.path.exists(control) and listen.answers(), timeout)
     except detach.StartFailed as err:
         when = "exited" if err.exited else f"did not start within {timeout:.0f} s"
-        raise RepdiskError(f"node {when}: {last_error_line(logfile)}") from None
+        raise RepdiskError(f"node {when}: {last_error_line(logfile, since)}") from None
 
 
-def last_error_line(logfile: str | None) -> str:
+def last_error_line(logfile: str | None, since: int = 0) -> str:
+    """The last line of ``logfile`` after byte ``since`` that names an error, else its
+    last line."""
     if not logfile or not os.path.exists(logfile):
         return "(no log)"
-    with open(logfile, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    with open(logfile, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:  # nbdkit reports every failure it sees: something ended it from outside
-        return (f"nothing in its log {logfile}: nbdkit ended without a message (killed, or "
-                "crashed: see the kernel log)")
+        return (f"nothing in its log {logfile} from this start: nbdkit ended without a "
+                "message (killed, or crashed: see the kernel log)")
     errors = [line for line in lines if "error" in line.lower()]
     return (errors or lines)[-1]
 
