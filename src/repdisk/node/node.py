@@ -381,11 +381,17 @@ class Node:
             dev.close()
 
     def close(self) -> None:
+        """nbdkit is shutting down (it was sent SIGTERM or SIGINT, and every NBD client has
+        hung up since): stop serving control, then the role, which saves what must
+        survive a restart."""
+        log.warning("stopping: nbdkit is shutting down (SIGTERM or SIGINT; its NBD clients "
+                    "have hung up)")
         if self.ctx.server is not None:
             self.ctx.server.close()
         self._role.close()
         with contextlib.suppress(OSError):
             os.close(self._state_file_lock)
+        log.warning("stopped")
 
 
 __all__ = ["Node", "PRIMARY", "SECONDARY"]
