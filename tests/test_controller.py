@@ -628,12 +628,14 @@ def test_failover_winner_is_adopted_never_made_a_secondary(nodes):
         assert q["disks"][0]["stage"] == "done" and q["epoch"] == 2
         with pytest.raises(ControlError, match="won the failover"):
             pair.sec.ctl("replication-start", mode="secondary", epoch=2)   # the node itself
-        # The winner restarted as a secondary process: still the winner, adopted as such.
+        # The winner restarted as a secondary process: still the winner, adopted as such,
+        # and serving its disk (done) as before.
         pair.restart_secondary()
         again = pair.controller(primary=old.control)
         again.start()
         assert again.state == "failed-over"
-        assert pair.sec.ctl("query-replication")["disks"][0]["stage"] == "none"
+        q = pair.sec.ctl("query-replication")
+        assert (q["disks"][0]["stage"], q["epoch"], q["failed-over"]) == ("done", 2, True)
     finally:
         pair.close()
 

@@ -574,7 +574,7 @@ class Agent:
                                               "it first (and keep promoted-max=1)")
             self.log("promote: failover to the last checkpoint (the primary is gone)")
             self.call("replication-stop", timeout=3600, failover=True)
-        elif stages == {"none"} and not q.get("failed-over"):
+        elif stages == {"none"}:        # a failover's winner restarts done, not here
             self.log("promote: the disk as it is (the pair's last primary, or a first start)")
             args["force"] = True
         self.call("replication-promote", **args)

@@ -140,17 +140,11 @@ def status_line(node: dict[str, Any], d: dict[str, Any]) -> str:
 
 def _held(node: dict[str, Any]) -> str:
     """``FENCED (reason)`` or ``SUSPENDED (since, why)`` for a primary whose guest writes
-    fail or wait, ``WON FAILOVER (...)`` for a failover's winner restarted (it serves nothing
-    until promoted); empty otherwise."""
+    fail or wait; empty otherwise."""
     iso = node.get("isolation") or {}
     fenced = node.get("fenced") or iso.get("fenced")
     if fenced:
         return f"FENCED ({fenced})"
-    if node.get("role") == "secondary" and node.get("failed-over") and all(
-            d.get("stage") == "none" for d in node.get("disks", [])):
-        # Restarted after it won: it serves nothing until promoted (stage none).
-        return ("WON FAILOVER (it holds the newest data and serves nothing: promote it "
-                "with controller-promote, or restart it as a primary)")
     if iso.get("suspended"):
         age = iso.get("last_contact_age")
         since = f"no contact for {units.format_seconds(age)}" if age is not None else "isolated"

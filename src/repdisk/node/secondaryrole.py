@@ -177,11 +177,18 @@ class SecondaryRole(Role[SecondaryReplica]):
             self.unknown = self.unknown | {disk}
 
     def recover(self) -> None:
-        """At open: finish the failover commit that a crash interrupted, before serving.
+        """At open: finish the failover commit that a crash interrupted, before serving;
+        a failover's winner not promoted since serves as it did before it stopped (done).
 
-        If it fails again the node still serves, in failover-failed (reads work; starts
-        are refused while the state says the commit is unfinished)."""
-        if self.ctx.state.failover_commit is None:
+        If the commit fails again the node still serves, in failover-failed (reads work;
+        starts are refused while the state says the commit is unfinished)."""
+        state = self.ctx.state
+        if state.failover_commit is None:
+            if state.failed_over and state.role == SECONDARY:
+                for rep in self.replicas.values():
+                    rep.reopen_done()
+                log.warning("this node won the failover of epoch %d: its active export "
+                            "serves the disk (done) until it is promoted", state.epoch)
             return
         log.warning("the failover commit of epoch %s was interrupted: finishing it",
                     self.ctx.state.failover_commit)
@@ -320,8 +327,7 @@ class SecondaryRole(Role[SecondaryReplica]):
 
     def _check_promotable(self) -> None:
         for rep in self.replicas.values():
-            restarted_winner = rep.stage is Stage.NONE and self.ctx.state.failed_over
-            if rep.stage is not Stage.DONE and not restarted_winner:
+            if rep.stage is not Stage.DONE:
                 raise ReplicationError(f"{rep.name}: cannot promote: stage {rep.stage.value}; "
                                        "only a node whose failover completed, or whose "
                                        "primary was demoted cleanly, can be promoted")

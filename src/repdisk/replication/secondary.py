@@ -313,6 +313,20 @@ class SecondaryReplica:
                                        f"(stage {self.stage.value})")
             self._failover_commit(progress or functools.partial(self.sm.progress, "FAILOVER"))
 
+    def reopen_done(self) -> None:
+        """Reopened after its failover completed (the node's state says so): DONE again,
+        as before the restart, the active view straight onto the disk.  A completed commit
+        left the overlays empty; whatever they still hold is committed first."""
+        with self.sm.lock:
+            if self.stage is not Stage.NONE:
+                raise ReplicationError(f"{self.name}: cannot reopen as done "
+                                       f"(stage {self.stage.value})")
+            if self.active_overlay.allocated_bytes or self.hidden_overlay.allocated_bytes:
+                self.resume_failover()
+                return
+            self.sm.set_stage(Stage.DONE)
+            self.consistent = True      # the failover's disk: its last checkpoint and after
+
     def check_failover(self) -> None:
         """Refuse a failover that would hand the guest an inconsistent disk.
 
@@ -408,6 +422,7 @@ class SecondaryReplica:
         except Exception as err:
             self._commit_failed(err)
         self.sm.set_stage(Stage.DONE)
+        self.consistent = True  # checked before the commit began, or before the crash
         self.sm.clear_error()
         self.sm.events("FAILOVER_COMPLETED", {"disk": self.name,
                                             "duration": time.monotonic() - t0,
