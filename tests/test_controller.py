@@ -197,9 +197,12 @@ def test_status_lines_show_progress_and_failover():
                                 "3.0", "MiB", "lag", "0.0", "MiB", "last", "checkpoint",
                                 "12.3", "ms", "(pause", "2.0", "ms)", "7s", "ago"]
     assert lines[1] == "controller copy: 1.0 MiB of 4.0 MiB (25%) 2.0 MiB/s ETA 2s"
-    assert lines[2] == ("controller failed over to epoch 3: primary lost "
-                        "(loss to serving 1.25s)")
-    assert len(controller_lines({**q, "state": "running", "progress": None})) == 1
+    assert len(lines) == 2                  # re-protected since: the failover is history
+    assert controller_lines({**q, "state": "promoting"})[2] == (
+        "controller failed over to epoch 3: primary lost (loss to serving 1.25s)")
+    assert len(controller_lines({**q, "state": "failed-over", "progress": None})) == 2
+    for state in ("running", "degraded"):
+        assert len(controller_lines({**q, "state": state, "progress": None})) == 1
 
 
 # -- secondary lost ------------------------------------------------------------------------------

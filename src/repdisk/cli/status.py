@@ -75,7 +75,7 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
                      f"{_mib(progress['total'])} ({100 * progress['done'] / total:.0f}%) "
                      f"{_mib(progress['rate'])}/s ETA {eta}")
     failover = q.get("failover")
-    if failover and q["state"] != "running":    # once re-protected, it is history
+    if failover and q["state"] in UNPROTECTED_SINCE_FAILOVER:   # after, it is history
         lines.append(f"controller failed over to epoch {failover['epoch']}: "
                      f"{failover['reason']}"
                      + (f" (loss to serving {failover['loss_to_serving']:.2f}s)"
@@ -83,6 +83,11 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
     if q.get("error"):
         lines.append(f"controller error: {q['error']}")
     return lines
+
+
+#: The controller states in which its last failover is news: the pair has not been
+#: protected since (a degraded or resyncing pair after a promotion lost a node again).
+UNPROTECTED_SINCE_FAILOVER = frozenset({"failed-over", "promoting", "fenced"})
 
 
 def _nodes_text(nodes: dict[str, Any]) -> str:
