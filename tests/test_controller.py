@@ -27,6 +27,8 @@ from repdisk.qmp.client import QMPClient, execute
 from repdisk.replication.resync import GRANULARITY
 from tests.helpers.controller import (
     HEARTBEAT_TIMEOUT,
+    ISOLATION,
+    TIMEOUT,
     Pair,
     Writer,
     bare_qemu,
@@ -639,6 +641,41 @@ def test_failover_winner_is_adopted_never_made_a_secondary(nodes):
         assert again.state == "failed-over"
         q = pair.sec.ctl("query-replication")
         assert (q["disks"][0]["stage"], q["epoch"], q["failed-over"]) == ("done", 2, True)
+    finally:
+        pair.close()
+
+
+def test_a_winner_restarted_as_a_primary_is_not_promoted_again_but_adopted(nodes):
+    """The failover's winner restarted by hand as a primary, the old primary's disk as its
+    secondary: controller-promote is refused, naming what to do (restart the controller),
+    and changes nothing; a controller started again adopts the pair and re-protects it."""
+    pair = make_pair(nodes)
+    try:
+        ctl = pair.controller()
+        ctl.start()
+        h = pair.pri.client()
+        h.pwrite(b"\x42" * 65536, 0)
+        ctl.checkpoint()
+        h.shutdown()
+        pair.pri.kill()
+        step_until(ctl, "failed-over")
+        restart(nodes, pair.pri)
+        restart(nodes, pair.sec)
+        old = nodes.secondary(pair.pri_disk, "pri")               # same sockets as before
+        winner = nodes.primary(pair.sec_disk, old, "sec", timeout=TIMEOUT,
+                               isolation_timeout=ISOLATION)
+        with pytest.raises(ControlError, match="^" + re.escape(
+                f"cannot promote: the failover's winner {winner.control} is a primary "
+                "already (restarted as one?): restart this controller with the same options")):
+            ctl.promote(old.control, old.uri("replica"))
+        assert ctl.state == "failed-over"
+        ctl.close()
+        again = pair.controller()
+        again.start()
+        step_until(again, "running", 30)
+        again.checkpoint()
+        assert file_bytes(pair.pri_disk) == file_bytes(pair.sec_disk)
+        assert file_bytes(pair.sec_disk)[:65536] == b"\x42" * 65536
     finally:
         pair.close()
 

@@ -152,6 +152,14 @@ def test_operator_commands_in_the_wrong_state_change_nothing(tmp_path) -> None:
     with pytest.raises(ControlError, match="cannot switchover: the controller is starting"):
         ctl.switchover("nbd+unix:///replica?socket=/a", "nbd+unix:///replica?socket=/b")
     assert ctl.state is S.STARTING and not _changes(ctl)
+    ctl.state = S.FAILED_OVER          # what to do instead is a promotion, not a resync
+    with pytest.raises(ControlError, match="cannot checkpoint: the controller is failed-over.*"
+                                           "once its winner is promoted .controller-promote.$"):
+        ctl.checkpoint()
+    with pytest.raises(ControlError, match="cannot resync: the controller is failed-over.*"
+                                           "after a failover, controller-promote the winner"):
+        ctl.resync()
+    assert ctl.state is S.FAILED_OVER and not _changes(ctl)
 
 
 def test_the_same_node_twice_is_refused(tmp_path) -> None:

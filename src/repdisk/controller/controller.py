@@ -746,6 +746,11 @@ class Controller(StateMachine):
         except NodeUnreachable as err:
             raise ControlError(f"cannot promote: the failover's winner {winner.socket} does "
                                f"not answer ({err})") from err
+        if w.get("role") == "primary":
+            raise ControlError(f"cannot promote: the failover's winner {winner.socket} is a "
+                               "primary already (restarted as one?): restart this controller "
+                               "with the same options; it adopts the pair as the nodes "
+                               "describe it")
         new = Peer("secondary", control, self.cfg)
         try:
             try:

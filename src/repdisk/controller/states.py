@@ -94,7 +94,10 @@ TRANSITIONS: dict[Operation, Rule] = {
 _HINTS = {
     Operation.PROMOTE: "controller-promote is for a pair that failed over",
     Operation.CHECKPOINT: "a checkpoint needs a protected pair; the controller re-protects "
-                          "a degraded pair by itself (or: controller-resync)",
+                          "a degraded pair by itself (or: controller-resync), and a failed-over "
+                          "one once its winner is promoted (controller-promote)",
+    Operation.RESYNC: "a resync needs a pair that replicates; after a failover, "
+                      "controller-promote the winner (it copies what the new secondary lacks)",
     Operation.FAILOVER: "a failover needs a pair that replicates",
     Operation.VERIFY: "a verify compares a protected pair",
     Operation.SWITCHOVER: "a switchover needs a protected pair (running)",
