@@ -260,6 +260,38 @@ def test_status_shows_a_suspended_primary(cli_pair: Pair) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+def test_a_suspended_primary_goes_on_once_its_secondary_is_back_and_resynced(
+        cli_pair: Pair) -> None:
+    """Failure matrix, controller and secondary lost: the primary holds its guest's writes;
+    with no controller to come back, restarting the secondary and `ctl PRI resync` (its
+    link is contact again) releases them, and nothing held is lost."""
+    f = cli_pair.path
+    cli_pair.repdisk(*SEC, "--disk", "sec.img")
+    cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                     "pri.sock", "--secondary", f"nbd+unix:///replica?socket={f('sec.sock')}",
+                     "--isolation-timeout", "500ms", "--background", "--pidfile", "pri.pid")
+    cli_pair.repdisk("ctl", "sec.qmp", "start", "mode=secondary")
+    cli_pair.repdisk("ctl", "pri.qmp", "start", "mode=primary")
+    cli_pair.repdisk("ctl", "pri.qmp", "replication-heartbeat")      # a controller's contact
+    kill_secondary(cli_pair)
+    wait_for(lambda: "SUSPENDED" in cli_pair.repdisk("status", "pri.qmp").stdout,
+             what="SUSPENDED")
+    held = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 1M",
+                             f"nbd+unix:///?socket={f('pri.sock')}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)
+    assert held.poll() is None, "a suspended primary acknowledged a write"
+    cli_pair.repdisk(*SEC, "--disk", "sec.img")
+    cli_pair.repdisk("ctl", "sec.qmp", "start", "mode=secondary")
+    assert cli_pair.repdisk("ctl", "pri.qmp", "resync").stdout.startswith("bytes  ")
+    assert held.wait(30) == 0, held.stdout.read() if held.stdout else ""
+    assert "SUSPENDED" not in cli_pair.repdisk("status", "pri.qmp").stdout
+    for sock, cmd in (("pri.qmp", "checkpoint"), ("sec.qmp", "checkpoint"),
+                      ("pri.qmp", "resume")):
+        assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+    assert read_file(f("sec.img"))[MiB:2 * MiB] == b"\x5a" * MiB
+
+
 def test_status_shows_a_secondary_that_no_primary_replicates_into(cli_pair: Pair) -> None:
     """A running secondary says NO PRIMARY while no primary is connected: before its primary
     starts, after it died (kill -9), after it stopped replicating; not while one is."""
