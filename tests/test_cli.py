@@ -316,6 +316,10 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     assert bad.returncode == 1
     assert bad.stderr == ("repdisk: GenericError: Parameter 'failover' is missing: "
                           "add failover=VALUE to the command\n")
+    bad = cli_pair.repdisk("ctl", sec, "replication-stop", "failovr=true", ok=False)
+    assert (bad.returncode, bad.stderr) == (1, "repdisk: GenericError: Parameter 'failover' "
+                                               "is missing: did you mean failover= (not "
+                                               "failovr=)?\n")
     bad = cli_pair.repdisk("ctl", sec, "failover", ok=False)     # before any checkpoint
     assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -132,7 +132,7 @@ def _ctl(args: argparse.Namespace) -> int:
             return 1
         if err.error_class == "CommandNotFound":
             raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
-        hint = _argument_hint(str(err))
+        hint = _argument_hint(str(err), command_args)
         if hint:
             raise ControlError(f"{err}: {hint}", err.error_class) from None
         raise
@@ -159,13 +159,19 @@ def _refuse_failover_of_a_primary(args: argparse.Namespace) -> None:
                          "failover")
 
 
-def _argument_hint(message: str) -> str:
+def _argument_hint(message: str, given: dict[str, Any]) -> str:
     """What to type for a refused argument, in ctl's KEY=VALUE words ("" if nothing to add):
-    ``repair=yes`` expects true or false; a missing ``uri`` is added as ``uri=VALUE``."""
+    ``repair=yes`` expects true or false; a missing ``uri`` is added as ``uri=VALUE``, or
+    is the misspelt key given (``ur=``)."""
     if message.endswith("expects boolean"):
         return "true or false"
     name = re.fullmatch(r"Parameter '([^']+)' is missing", message)
-    return f"add {name[1]}=VALUE to the command" if name else ""
+    if not name:
+        return ""
+    close = difflib.get_close_matches(name[1], list(given), n=1)
+    if close:
+        return f"did you mean {name[1]}= (not {close[0]}=)?"
+    return f"add {name[1]}=VALUE to the command"
 
 
 def _known_commands(args: argparse.Namespace) -> str:
