@@ -56,6 +56,10 @@ def test_lab_up_use_and_down(lab_dir: str) -> None:
     down = run([REPDISK, "lab", "--down", "--dir", lab_dir], "/")
     assert (down.returncode, down.stdout) == (0, "repdisk lab: stopped nothing (no node was "
                                                  "running)\n")
+    down = run([REPDISK, "lab", "--down"], "/")            # --dir forgotten: not "nothing"
+    assert (down.returncode, down.stdout) == (1, "")
+    assert down.stderr == (f"repdisk: error: no lab in /repdisk-lab: give the folder it was "
+                           f"brought up in, {lab.command_name()} lab --down --dir DIR\n")
 
 
 def test_lab_comes_back_up_on_its_disks(lab_dir: str) -> None:

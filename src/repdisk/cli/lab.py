@@ -115,8 +115,14 @@ def _stop(files: dict[str, str]) -> bool:
         return False
 
 
-def down(folder: str, quiet: bool = False) -> int:
+def down(folder: str, quiet: bool = False, expect_lab: bool = False) -> int:
+    """Stop the lab's nodes; with ``expect_lab`` (``repdisk lab --down``) a folder that
+    holds no lab is an error (a forgotten ``--dir``), not "stopped nothing"."""
     p = paths(folder)
+    if expect_lab and not any(os.path.exists(p[role][key])
+                              for role in ROLES for key in ("disk", "pid")):
+        raise RepdiskError(f"no lab in {os.path.abspath(folder)}: give the folder it was "
+                           f"brought up in, {command_name()} lab --down --dir DIR")
     stopped = [role for role in reversed(ROLES) if _stop(p[role])]
     for role in ROLES:
         for key in ("nbd", "control"):

@@ -243,7 +243,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _lab(args: argparse.Namespace) -> int:
     if args.down:
-        return lab.down(args.dir)
+        return lab.down(args.dir, expect_lab=True)
     return lab.up(args.dir, args.size, write_mode=args.write_mode)
 
 
