@@ -568,6 +568,21 @@ def test_a_start_of_a_stopped_primary_says_it_is_ignored_and_changes_nothing(
     assert bad.stderr.endswith("(stage done); restart the node to replicate again\n"), bad.stderr
 
 
+def test_a_primary_given_its_own_socket_as_secondary_is_refused(cli_pair: Pair) -> None:
+    """`--secondary` naming the node's own `--nbd-socket` (absolute or relative) is one
+    line before anything starts, not a node that fails later at `start`."""
+    for sock in (cli_pair.path("pri.sock"), "pri.sock"):
+        uri = f"nbd+unix:///replica?socket={sock}"
+        bad = cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp",
+                               "--nbd-socket", "pri.sock", "--secondary", uri, "--background",
+                               ok=False)
+        assert (bad.returncode, bad.stdout) == (1, "")
+        assert bad.stderr == (f"repdisk: error: secondary: {uri} is this node's own "
+                              "--nbd-socket: give the secondary's, e.g. nbd+unix:///replica?"
+                              "socket=/path/sec.sock\n"), bad.stderr
+    assert sorted(os.listdir(cli_pair.folder)) == ["pri.img", "sec.img"]
+
+
 def test_ctl_error_prints_the_error_as_its_answer(cli_pair: Pair) -> None:
     """`ctl NODE error` answers ok, or prints the disk's error on stdout with status 1: the
     error is what was asked for, so it is not reported as the command's own failure."""

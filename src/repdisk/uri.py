@@ -3,7 +3,7 @@
 A control address is a Unix socket path or TCP ``HOST:PORT`` (``[V6]:PORT`` for an IPv6
 literal); :func:`tcp_address` tells them apart and :func:`parse_address` checks a key's
 ``HOST:PORT``.  An NBD URI is libnbd's (``nbd://``, ``nbds://``, ``nbd+unix://``, ...):
-whether it uses TLS, its TCP host, and the same URI for a sibling export
+whether it uses TLS, its TCP host or Unix socket, and the same URI for a sibling export
 (:func:`with_export_suffix`).  Credentials are :mod:`repdisk.tls`' business.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from repdisk.errors import ConfigError
 
@@ -58,6 +58,14 @@ def uri_tcp_host(uri: str) -> str | None:
     """The host of a TCP NBD URI (brackets of an IPv6 literal removed), None otherwise."""
     m = re.match(r"^nbds?://(?:[^@/]*@)?(\[[^\]]*\]|[^:/?]*)", uri)
     return m.group(1).strip("[]") if m else None
+
+
+def uri_unix_socket(uri: str) -> str | None:
+    """The socket path of a Unix NBD URI (``nbd+unix:///?socket=PATH``), None otherwise."""
+    if not re.match(r"^nbds?\+unix://", uri):
+        return None
+    found = parse_qs(uri.partition("?")[2]).get("socket")
+    return found[0] if found else None
 
 
 def with_export_suffix(uri: str, suffix: str) -> str:

@@ -33,10 +33,11 @@ from repdisk import tls as tlsmod
 from repdisk.cli import controllercmd, lab, nodeproc, updown
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.status import human, render_status, status_query
-from repdisk.errors import ControlError, RepdiskError
+from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.qmp.client import ALIASES, execute
 from repdisk.tls import TLSSpec
+from repdisk.uri import uri_unix_socket
 
 # -- node commands ----------------------------------------------------------------
 
@@ -85,6 +86,7 @@ def node_keys(args: argparse.Namespace, role: str) -> list[tuple[str, str]]:
 
 def _run_node(args: argparse.Namespace, role: str) -> int:
     keys = node_keys(args, role)
+    _refuse_own_socket_as_secondary(args)
     listen = nodeproc.Listen(socket=args.nbd_socket, port=args.port, address=args.address,
                              tls=TLSSpec.parse("tls", args.tls) if args.tls else None,
                              insecure=args.insecure == "yes")
@@ -97,6 +99,17 @@ def _run_node(args: argparse.Namespace, role: str) -> int:
                                     listen)
     print(f"repdisk {role}: serving (pid {pid}), control {control}")
     return 0
+
+
+def _refuse_own_socket_as_secondary(args: argparse.Namespace) -> None:
+    """A primary whose ``--secondary`` is its own ``--nbd-socket`` would start, and fail
+    only at ``start`` with "no export named 'replica'": refuse it before anything starts."""
+    secondary = getattr(args, "secondary", None)
+    path = uri_unix_socket(secondary) if secondary else None
+    if path and args.nbd_socket and os.path.abspath(path) == os.path.abspath(args.nbd_socket):
+        raise ConfigError("secondary", f"{secondary} is this node's own --nbd-socket: give "
+                                       "the secondary's, e.g. nbd+unix:///replica?socket="
+                                       "/path/sec.sock")
 
 
 # -- control commands ---------------------------------------------------------------
