@@ -499,6 +499,17 @@ def test_status_after_a_promotion_names_the_new_roles(cli_pair: Pair) -> None:
             nodeproc.stop_pidfile(f(name))
 
 
+def test_a_refused_controller_start_writes_no_pair_file(cli_pair: Pair) -> None:
+    """A controller given the roles the other way round swaps them to adopt the pair; when
+    it is then refused (here: the primary's timeouts against --heartbeat-timeout), it has
+    written nothing, not even the pair file that records such a swap."""
+    pri, sec, _ = replicating_pair(cli_pair)
+    bad = cli_pair.repdisk("controller", "--primary", sec, "--secondary", pri, "--control",
+                           "ctl.qmp", "--heartbeat-timeout", "2s", "--background", ok=False)
+    assert bad.returncode == 1 and "must be below --heartbeat-timeout (2s)" in bad.stderr, bad
+    assert not os.path.exists(cli_pair.path("ctl.qmp.pair"))
+
+
 def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: Pair) -> None:
     """The README's nodes by hand run in epoch 0; a controller that adopts them says
     epoch 0 too (it said 1, which no node was in)."""

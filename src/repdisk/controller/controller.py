@@ -199,7 +199,10 @@ class Controller(StateMachine):
         a pair it cannot run (the message names the command to run instead) and
         NodeUnreachable while neither node answers."""
         with self._operation(Operation.ADOPT):
+            before = (self.primary.socket, self.secondary.socket)
             self._adopt()
+            if (self.primary.socket, self.secondary.socket) != before:
+                self._remember_pair()   # once the adoption stands: a refusal writes nothing
 
     def _peek(self, peer: Peer) -> dict[str, Any] | None:
         try:
@@ -220,7 +223,7 @@ class Controller(StateMachine):
         if roles in (("secondary", "primary"), ("secondary", None), (None, "primary")) \
                 or (roles == ("secondary", "secondary") and won_failover(a)
                     and (not won_failover(b) or a["epoch"] > b["epoch"])):
-            self._swap()
+            self._swap(remember=False)
             a, b = b, a
             log.warning("adopting the pair as it is now: %s is the primary, %s the secondary "
                         "(their roles changed since this controller's options were written)",
@@ -270,11 +273,13 @@ class Controller(StateMachine):
                             "adopted the running pair")
             self._next_checkpoint = 0.0          # a checkpoint at once
 
-    def _swap(self) -> None:
+    def _swap(self, remember: bool = True) -> None:
+        """The peers exchange roles; ``remember`` writes the pair file."""
         self.primary, self.secondary = self.secondary, self.primary
         self.primary.set_role("primary")
         self.secondary.set_role("secondary")
-        self._remember_pair()
+        if remember:
+            self._remember_pair()
 
     def _check_timing(self, p: dict[str, Any]) -> None:
         """docs/failure-matrix.md's timing rules against the primary's own settings."""
