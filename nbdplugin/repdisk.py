@@ -63,6 +63,7 @@ cluster-size=SIZE  (default 64K) [secondary only]
 """  # noqa: E501 (the key table is config.help_text() verbatim: test_plugin keeps them equal)
 
 import errno
+import logging
 import os
 import site
 import sys
@@ -97,6 +98,10 @@ from repdisk.qmp.server import remove_stale_socket
 
 API_VERSION = 2
 
+#: A node's log: nbdkit's stderr, warnings and errors only, each line with its time (a
+#: log file is appended to by every run of the node).
+LOG_FORMAT = "%(asctime)s %(message)s"
+_log = logging.getLogger("repdisk.node")
 _keys: list[tuple[str, str]] = []
 _node: Node | None = None
 T = TypeVar("T")
@@ -154,6 +159,7 @@ def config_complete() -> None:
     """Check every key, and that no node serves the control socket, before any file of the
     node is opened: a refused start touches nothing of a node already running."""
     global _node
+    logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING)
     try:
         cfg = _config.NodeConfig.from_keys(_keys)
         remove_stale_socket(cfg.control)
@@ -184,6 +190,8 @@ def after_fork() -> None:
         control.serve(node)
     except RepdiskError as err:
         _fail_startup(err)
+    _log.warning("serving: %s node, pid %d, control %s", node.role, os.getpid(),
+                 node.cfg.control)
 
 
 def cleanup() -> None:
