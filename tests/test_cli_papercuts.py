@@ -613,27 +613,28 @@ def test_ctl_error_prints_the_error_as_its_answer(cli_pair: Pair) -> None:
 def test_down_of_control_sockets_stops_what_serves_them_and_waits(cli_pair: Pair) -> None:
     """`repdisk down CONTROL...` stops the controller and nodes serving those sockets, in
     order, each gone when it returns (a node restarted at once on the same disk starts);
-    a path that is no socket, or a socket another program serves, is refused with nothing
-    stopped; a socket left by a killed node says that nothing serves it."""
+    a path that is no socket, an NBD socket, or a socket another program serves, is refused
+    before anything is stopped; a socket left by a killed node, or none, is nothing to
+    stop."""
     pri, sec, _ = replicating_pair(cli_pair)
     cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
                      "ctl.qmp", "--background")
     pids = {name: int(Path(cli_pair.path(name)).read_text())
             for name in ("ctl.qmp.pid", "pri.pid", "sec.pid")}
-    bad = cli_pair.repdisk("down", "ctl.qmp", "pri.img", ok=False)  # in order: ctl.qmp first
-    assert bad.stdout == f"ctl.qmp: stopped the controller (pid {pids['ctl.qmp.pid']})\n", bad
-    assert (bad.returncode, bad.stderr) == (1, "repdisk: error: pri.img is not a socket: give "
-                                               "the --control socket of a running node or "
-                                               "controller, or a resource name\n"), bad
-    with socket.socket(socket.AF_UNIX) as other:
-        other.bind(cli_pair.path("other.sock"))
-        other.listen()
-        for path, why in (("pri.qmpx", "pri.qmpx: no control socket there (stopped already"),
-                          ("other.sock", f"other.sock is served by pid {os.getpid()} (")):
-            bad = cli_pair.repdisk("down", path, ok=False)
-            assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith(
-                f"repdisk: error: {why}"), bad
-    assert all(psutil.pid_exists(pids[n]) for n in ("pri.pid", "sec.pid"))
+    for path, why in (("pri.img", "pri.img is not a socket"),       # checked before any stop
+                      ("pri.sock", "pri.sock is an NBD socket, not a control socket"),
+                      ("other.sock", f"other.sock is served by pid {os.getpid()} (")):
+        with socket.socket(socket.AF_UNIX) as other:
+            other.bind(cli_pair.path("other.sock"))
+            other.listen()
+            bad = cli_pair.repdisk("down", "ctl.qmp", path, ok=False)
+        os.unlink(cli_pair.path("other.sock"))
+        assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith(
+            f"repdisk: error: {why}"), bad
+        assert all(psutil.pid_exists(pid) for pid in pids.values())
+    out = cli_pair.repdisk("down", "ctl.qmp", "pri.qmpx").stdout
+    assert out == (f"ctl.qmp: stopped the controller (pid {pids['ctl.qmp.pid']})\n"
+                   "pri.qmpx: nothing serves it (stopped already, or not its path)\n"), out
     out = cli_pair.repdisk("down", pri, sec).stdout
     assert out == (f"{pri}: stopped the node (pid {pids['pri.pid']})\n"
                    f"{sec}: stopped the node (pid {pids['sec.pid']})\n"), out
@@ -648,7 +649,8 @@ def test_down_of_control_sockets_stops_what_serves_them_and_waits(cli_pair: Pair
     cli_pair.repdisk(*SEC, "--disk", "sec.img")                 # the disk is free at once
     os.kill(int(Path(cli_pair.path("sec.pid")).read_text()), signal.SIGKILL)
     wait_for(lambda: cli_pair.repdisk("down", sec).stdout
-             == f"{sec}: nothing serves it (stopped already)\n", what="a stale socket")
+             == f"{sec}: nothing serves it (stopped already, or not its path)\n",
+             what="a stale socket")
 
 
 def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(

@@ -110,9 +110,10 @@ def _stop(files: dict[str, str]) -> bool:
     if nodeproc.stop_pidfile(files["pid"]):
         return True
     try:
-        return bool(nodeproc.stop_serving(files["control"]))
-    except RepdiskError:        # no socket there: nothing runs on it
+        found = nodeproc.serving(files["control"])
+    except RepdiskError:        # not a node's socket: nothing of the lab's runs on it
         return False
+    return bool(found and found.stop())
 
 
 def down(folder: str, quiet: bool = False, expect_lab: bool = False) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import psutil
 from repdisk import detach
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder, default
+from repdisk.qmp.client import NotAControlSocket, QMPClient
 from repdisk.qmp.server import remove_stale_socket
 from repdisk.tls import TLSSpec, check_plain
 
@@ -301,54 +301,64 @@ def stop_pidfile(pidfile: str, timeout: float = 10.0) -> bool:
     return stopped
 
 
-def stop_serving(control: str, timeout: float = 10.0) -> str:
-    """Stop the node or controller that serves the Unix control socket ``control`` as
-    :func:`stop_pid` does, and wait until it has exited; what it was (``the node (pid N)``), or
-    "" if nothing serves that socket any more.  Raises RepdiskError, sending no signal, for
-    a path that is not a socket or a socket that some other program serves."""
-    pid = _listener_pid(control)
-    if pid is None:
-        return ""
-    try:
-        cmdline = psutil.Process(pid).cmdline()
-    except psutil.Error:
-        return ""                                   # it exited meanwhile
-    if _is_node(pid):
-        what = "node"
-    elif "controller" in cmdline and any("repdisk" in part for part in cmdline):
-        what = "controller"
-    else:
-        raise RepdiskError(f"{control} is served by pid {pid} ({' '.join(cmdline[:3])}), "
-                           "not a repdisk node or controller: nothing stopped")
-    stop_pid(pid, timeout)
-    if _pidfile_pid(control + ".pid") == pid:     # --pidfile's default
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(control + ".pid")
-    return f"the {what} (pid {pid})"
+@dataclass(frozen=True)
+class Serving:
+    """The process that serves a control socket: a repdisk node or controller."""
+    control: str
+    pid: int
+    what: str       # "node" or "controller"
+
+    def stop(self, timeout: float = 10.0) -> str:
+        """Stop it as :func:`stop_pid` does and wait until it has exited; what it was
+        (``the node (pid N)``).  Its default pid file (``CONTROL.pid``) goes too."""
+        stop_pid(self.pid, timeout)
+        if _pidfile_pid(self.control + ".pid") == self.pid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.control + ".pid")
+        return f"the {self.what} (pid {self.pid})"
 
 
-def _listener_pid(control: str) -> int | None:
-    """The pid of the process listening on the Unix socket ``control`` (SO_PEERCRED), or
-    None if the socket is left over from one that exited."""
+def serving(control: str) -> Serving | None:
+    """What serves the Unix control socket ``control``, or None if nothing does any more
+    (no socket there, or one left by a process that exited).  Raises RepdiskError for a
+    path that is not a control socket (a file, an NBD socket) or one that a program other
+    than a repdisk node or controller serves.  Sends nothing but a QMP greeting's read."""
     try:
-        is_socket = stat.S_ISSOCK(os.stat(control).st_mode)
-    except FileNotFoundError:
-        raise RepdiskError(f"{control}: no control socket there (stopped already, or not its "
-                           "path): give the --control socket of a running node or controller, "
-                           "or a resource name") from None
-    if not is_socket:
-        raise RepdiskError(f"{control} is not a socket: give the --control socket of a running "
-                           "node or controller, or a resource name")
+        QMPClient(timeout=5.0).connect(control, timeout=5.0).close()
+    except NotAControlSocket as err:
+        raise RepdiskError(str(err)) from None
+    except ControlError:        # no greeting: gone, or hung, or not repdisk (its pid says)
+        if not os.path.exists(control) or _refused(control):
+            return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(control)
         except ConnectionRefusedError:
-            return None
-        except OSError as err:
-            raise RepdiskError(f"{control}: not a control socket ({err.strerror})") from None
+            return None                                 # it exited meanwhile
         cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid: int = struct.unpack("3i", cred)[0]
-    return pid
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return None                                     # it exited meanwhile
+    if _is_node(pid):
+        return Serving(control, pid, "node")
+    if "controller" in cmdline and any("repdisk" in part for part in cmdline):
+        return Serving(control, pid, "controller")
+    raise RepdiskError(f"{control} is served by pid {pid} ({' '.join(cmdline[:3])}), not a "
+                       "repdisk node or controller: nothing stopped")
+
+
+def _refused(path: str) -> bool:
+    """Whether a Unix socket at ``path`` refuses connections (left by a process gone)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def _is_node(pid: int) -> bool:

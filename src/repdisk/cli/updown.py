@@ -68,10 +68,10 @@ def _up(args: argparse.Namespace) -> int:
 
 def _down(args: argparse.Namespace) -> int:
     if args.names and not all(is_resource_name(a) for a in args.names):
-        for control in args.names:      # control sockets, stopped in the order given
-            what = nodeproc.stop_serving(control)
-            print(f"{control}: stopped {what}" if what else f"{control}: nothing serves it "
-                  "(stopped already)")
+        # Control sockets: every one checked before any is stopped, then in the order given.
+        for control, found in [(c, nodeproc.serving(c)) for c in args.names]:
+            print(f"{control}: stopped {found.stop()}" if found else
+                  f"{control}: nothing serves it (stopped already, or not its path)")
         return 0
     for res in _load(args):
         stopped = down(res)
