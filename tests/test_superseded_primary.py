@@ -150,6 +150,56 @@ def test_a_failback_by_hand_without_an_epoch_never_leaves_two_writers(cli_pair: 
     assert "FENCED" in status and "epoch 2" in status, status
 
 
+@pytest.mark.parametrize("stop", ["clean", "kill -9"])
+def test_a_failback_by_hand_with_a_step_forgotten_leaves_no_two_writers(
+        cli_pair: Pair, stop: str) -> None:
+    """B fails over (epoch 1); A's disk is restarted as a secondary but not started, and
+    B's start as A's primary is refused ("not started yet").  That refusal changes
+    nothing on A: A restarted as a primary is fenced by B's newer epoch, not a second
+    writer in it.  Started as B's secondary (killed: with B's epoch), A joins epoch 1 and
+    the fail-back completes, both disks equal."""
+    pri, sec, _ = start_pair(cli_pair, "sync")                     # A: pri.qmp, B: sec.qmp
+    assert cli_pair.repdisk("ctl", sec, "failover").stdout == "ok\n"
+    if stop == "clean":
+        nodeproc.stop_pidfile(cli_pair.path("pri.pid"))
+    else:
+        os.kill(int(open(cli_pair.path("pri.pid")).read()), 9)   # noqa: SIM115
+        wait_gone(cli_pair.path("pri.qmp"))
+    before = read_file(cli_pair.path("pri.img.state"))
+    a_secondary = ("secondary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                   "pri.sock", "--background", "--pidfile", "pri.pid")
+    cli_pair.repdisk(*a_secondary)
+    replica = f"nbd+unix:///replica?socket={cli_pair.path('pri.sock')}"
+    cli_pair.repdisk("ctl", sec, "replication-promote", f"secondary={replica}")
+    refused = cli_pair.repdisk("ctl", sec, "start", "mode=primary", ok=False)
+    assert refused.returncode == 1 and "is not started yet: start it first" in refused.stderr
+    assert read_file(cli_pair.path("pri.img.state")) == before     # the refusal moved nothing
+    cli_pair.repdisk("down", pri)
+    start_primary(cli_pair, "sync")
+    status = cli_pair.repdisk("status", pri).stdout
+    assert "FENCED" in status and "epoch 0" in status, status
+    assert writes_until_refused(f"nbd+unix:///?socket={cli_pair.path('pri.sock')}") == 0
+    # The fail-back as it should go: A as B's secondary, started, then B.
+    cli_pair.repdisk("down", pri)
+    cli_pair.repdisk(*a_secondary)
+    start = ["start", "mode=secondary"] + (["epoch=1"] if stop == "kill -9" else [])
+    assert cli_pair.repdisk("ctl", pri, *start).stdout == "ok\n"
+    assert cli_pair.repdisk("ctl", sec, "start", "mode=primary").stdout == "ok\n"
+    for sock, cmd in ((sec, "checkpoint"), (pri, "checkpoint"), (sec, "resume")):
+        assert cli_pair.repdisk("ctl", sock, cmd).stdout == "ok\n"
+    assert re.match(r"secondary +disk0 +running +epoch 1 +consistent",
+                    cli_pair.repdisk("status", pri).stdout)
+    assert read_file(cli_pair.path("pri.img")) == read_file(cli_pair.path("sec.img"))
+
+
+def wait_gone(control: str) -> None:
+    """Until nothing serves ``control`` (a killed node's socket stays: it refuses)."""
+    deadline = time.monotonic() + 10
+    while nodeproc.serving(control) is not None:
+        assert time.monotonic() < deadline, f"{control} still served"
+        time.sleep(0.05)
+
+
 def test_a_secondary_checkpoint_without_the_primarys_is_refused(cli_pair: Pair) -> None:
     """`repdisk ctl SEC checkpoint` alone, while the primary's start copies: the disk is
     half a copy, and a checkpoint would make it "consistent" for a failover.  It is

@@ -124,13 +124,8 @@ class Node:
         fence.admit(token, self.state.epoch, writer, self.state.failed_over)
         if isinstance(self._role, SecondaryRole):
             self._role.admitted(fence.name, writer)
-            if token[0] > self.state.epoch:
-                # Durable before the first write: were this node to fail over in its old
-                # epoch, it would start the writer's own, and two nodes would write in one.
-                with self.ctx.changing_state() as state:
-                    state.join(token[0])
-                log.warning("%s: a primary of epoch %d writes to it: this node is in that "
-                            "epoch now", fence.name, token[0])
+            if self._role.started(fence.name):   # else its start joins, before any write
+                self._join_writer(fence.name, token[0])
         if base.endswith(sessions.SEAL_SUFFIX):
             return SealView(self.record_seal, fence, token, dev.size)
         if base.endswith(sessions.MARK_SUFFIX):
@@ -139,6 +134,19 @@ class Node:
             with self.ctx.changing_state() as state:
                 state.sealed.pop(fence.name, None)
         return sessions.SessionView(dev, fence, token)
+
+    def _join_writer(self, disk: str, epoch: int) -> None:
+        """A secondary whose ``disk`` a primary of the newer ``epoch`` may write to from now
+        on joins that epoch, durably, before the first write: were it to fail over in its
+        old epoch, it would start the writer's own, and two nodes would write in one.  Only
+        a started secondary joins: one not started refuses every write, and must not move
+        (its start may still be refused: the disk of an old primary is not its peer's)."""
+        if epoch <= self.state.epoch:
+            return
+        with self.ctx.changing_state() as state:
+            state.join(epoch)
+        log.warning("%s: a primary of epoch %d writes to it: this node is in that epoch now",
+                    disk, epoch)
 
     def record_seal(self, disk: str, epoch: int) -> None:
         """The primary of ``epoch`` demoted cleanly: this disk holds every write it
@@ -187,6 +195,9 @@ class Node:
         if over and not self.state.failed_over:   # stopped without a failover
             return self._ignored("replication-start", over)
         self.state.check_start(self._role.name, epoch, self._unsent())
+        if isinstance(self._role, SecondaryRole):   # a writer admitted before this start
+            for disk, writer_epoch in self._role.writer_epochs().items():
+                self._join_writer(disk, writer_epoch)
         self._role.before_start(epoch)
         try:
             self._role.registry.start_all(mode)

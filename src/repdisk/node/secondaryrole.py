@@ -132,6 +132,15 @@ class SecondaryRole(Role[SecondaryReplica]):
         refused = f"; {fence.refusal}" if fence is not None and fence.refusal else ""
         return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}{refused}"
 
+    def started(self, disk: str) -> bool:
+        """Whether ``disk``'s replication was started (its stage is not none)."""
+        return self.replicas[disk].stage is not Stage.NONE
+
+    def writer_epochs(self) -> dict[str, int]:
+        """Each disk's writer session's epoch (-1 where none was admitted)."""
+        return {name: fence.writer_epoch for name in self.replicas
+                if (fence := self.ctx.fence(name)) is not None}
+
     def before_start(self, epoch: int | None) -> None:
         """A start: how long no primary has been connected counts from now (status)."""
         for name in self.replicas:

@@ -188,6 +188,12 @@ class SessionFence:
             return None if self._open.get(self._current) else self._unconnected_since
 
     @property
+    def writer_epoch(self) -> int:
+        """The epoch of the session that writes now (-1 if none was admitted)."""
+        with self._mutex:
+            return self._current[0]
+
+    @property
     def writer(self) -> str:
         """The primary disk this fence serves ("" until a tagged session named one)."""
         return self._writer
