@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from repdisk.block.dirtymap import DirtyMap
+from repdisk.errors import ConfigError
+from repdisk.node.state import NodeState
 from tests.helpers.commands import REPDISK, lab_processes, qemu, run
 
 MiB = 1 << 20
@@ -137,11 +139,11 @@ def test_a_primary_with_writes_its_peer_lacks_is_refused_as_its_secondary(lab_di
            f"{lab_dir}/pri.img.state.disk0.dirtymap)")
     assert (bad.returncode, bad.stdout) == (1, "")
     assert bad.stderr == (f"repdisk: GenericError: epoch: this node was the primary of epoch "
-                          f"{before['epoch']} and {why}: start it as the primary again (it "
-                          "sends them to its secondary), or, once they are no longer wanted, "
-                          f"start it as a secondary with epoch={before['epoch'] + 1} and let "
-                          "a controller start its primary (it compares the disks by checksum "
-                          "first)\n")
+                          f"{before['epoch']} and {why}: if its peer did not fail over since, "
+                          "start it as the primary again (it sends them to its secondary); if "
+                          "it did, start it as the winner's secondary with "
+                          f"epoch={before['epoch'] + 1} or the winner's epoch (those writes "
+                          "are dropped: its primary compares the disks and copies over them)\n")
     assert state(lab_dir) == before
     assert "none" in repdisk(lab_dir, "status", "a.qmp")        # still not started
     with open(os.path.join(lab_dir, "pri.img"), "rb") as f:
@@ -187,6 +189,34 @@ def test_a_primary_with_writes_its_peer_lacks_is_refused_as_its_secondary(lab_di
     finally:
         with open(f"{ctl}.pid") as f:
             os.kill(int(f.read()), signal.SIGTERM)
+
+
+UNCLEAN = "did not stop cleanly, so its disks may hold writes its secondary lacks"
+
+
+@pytest.mark.parametrize("state,epoch,unsent,refusal", [
+    # The last primary with writes its peer may lack: not in its own epoch.
+    (NodeState(epoch=2, role="primary"), None, UNCLEAN, "was the primary of epoch 2"),
+    (NodeState(epoch=2, role="primary"), 3, UNCLEAN, None),
+    # ... unless it was fenced: it lost a failover, those writes are superseded.
+    (NodeState(epoch=2, role="primary", fenced="lost"), None, UNCLEAN, None),
+    # A winner not promoted since holds the newest data.
+    (NodeState(epoch=2, role="secondary", failed_over=True), None, "", "won the failover"),
+    (NodeState(epoch=2, role="secondary", failed_over=True), 3, "", None),
+    # A node that won once and was then a primary is the last primary, not the winner:
+    # fenced since (it lost a later failover), or stopped with nothing unsent.
+    (NodeState(epoch=2, role="primary", failed_over=True, fenced="lost"), None, UNCLEAN, None),
+    (NodeState(epoch=2, role="primary", failed_over=True), None, "", None),
+])
+def test_which_secondary_start_a_nodes_state_allows(state: NodeState, epoch: int | None,
+                                                     unsent: str, refusal: str | None) -> None:
+    before = NodeState(**{k: v for k, v in vars(state).items()})
+    if refusal is None:
+        state.check_start("secondary", epoch, unsent)
+    else:
+        with pytest.raises(ConfigError, match=refusal):
+            state.check_start("secondary", epoch, unsent)
+    assert state == before                                  # a check changes nothing
 
 
 def test_an_old_primary_restarted_without_a_controller_comes_up_fenced(lab_dir: str) -> None:

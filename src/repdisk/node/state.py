@@ -110,14 +110,17 @@ class NodeState:
                                        "be a primary again; start it as the winner's "
                                        "secondary in a newer epoch (its data is resynced)")
         same_epoch = epoch is None or epoch <= self.epoch
-        if role == "secondary" and self.role == "primary" and unsent and same_epoch:
+        if role != "secondary" or not same_epoch or self.fenced:
+            return  # a fenced node lost a failover: what only it holds is superseded
+        if self.role == "primary" and unsent:
             raise ConfigError("epoch", f"this node was the primary of epoch {self.epoch} and "
-                                       f"{unsent}: start it as the primary again (it sends "
-                                       "them to its secondary), or, once they are no longer "
-                                       "wanted, start it as a secondary with epoch="
-                                       f"{self.epoch + 1} and let a controller start its "
-                                       "primary (it compares the disks by checksum first)")
-        if role == "secondary" and self.failed_over and same_epoch:
+                                       f"{unsent}: if its peer did not fail over since, start "
+                                       "it as the primary again (it sends them to its "
+                                       "secondary); if it did, start it as the winner's "
+                                       f"secondary with epoch={self.epoch + 1} or the winner's "
+                                       "epoch (those writes are dropped: its primary compares "
+                                       "the disks and copies over them)")
+        if self.role == "secondary" and self.failed_over:
             raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
                                        "holds the newest data: promote it, or start it as a "
                                        f"secondary with an epoch above {self.epoch} once its "
