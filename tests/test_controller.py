@@ -202,7 +202,14 @@ def test_status_lines_show_progress_and_failover():
     assert len(lines) == 2                  # re-protected since: the failover is history
     assert controller_lines({**q, "state": "promoting"})[2] == (
         "controller failed over to epoch 3: primary lost (loss to serving 1.25s)")
-    assert len(controller_lines({**q, "state": "failed-over", "progress": None})) == 2
+    nodes = {"primary": {"socket": "/r/a.qmp", "role": "primary", "ok": False},
+             "secondary": {"socket": "/r/b.qmp", "role": "secondary", "ok": True}}
+    failed_over = controller_lines({**q, "state": "failed-over", "progress": None,
+                                    "nodes": nodes})
+    assert failed_over[2:] == [                 # what to do next, after the failover line
+        "controller next: start a new secondary for the winner /r/b.qmp, then repdisk ctl "
+        "CONTROLLER controller-promote secondary=ITS-CONTROL "
+        "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET"], failed_over
     for state in ("running", "degraded"):
         assert len(controller_lines({**q, "state": state, "progress": None})) == 1
 

@@ -80,6 +80,13 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
                      f"{failover['reason']}"
                      + (f" (loss to serving {failover['loss_to_serving']:.2f}s)"
                         if failover.get("loss_to_serving") is not None else ""))
+    if q["state"] == "failed-over":     # what to do next, from any status of it
+        winner = q.get("nodes", {}).get("secondary") or {}
+        where = winner.get("socket") or winner.get("control")
+        lines.append("controller next: start a new secondary for the winner"
+                     + (f" {where}" if where else "") + ", then "
+                     "repdisk ctl CONTROLLER controller-promote secondary=ITS-CONTROL "
+                     "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET")
     if q.get("error"):
         lines.append(f"controller error: {q['error']}")
     return lines
