@@ -653,6 +653,15 @@ def test_down_of_control_sockets_stops_what_serves_them_and_waits(cli_pair: Pair
              what="a stale socket")
 
 
+def test_down_without_resources_says_it_takes_control_sockets(tmp_path) -> None:
+    missing = str(tmp_path / "no-such-dir")
+    bad = run([REPDISK, "down", "--config-dir", missing], str(tmp_path))
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == (f"repdisk: error: no resources to stop: {missing} is not a "
+                          "directory; give the control sockets of nodes or controllers started "
+                          "by hand (repdisk down CONTROL...), or --config-dir DIR\n")
+
+
 def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(
         cli_pair: Pair) -> None:
     """nbdkit stops only once its clients hang up, and a secondary's client is its primary:
