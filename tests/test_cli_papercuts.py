@@ -35,6 +35,7 @@ from repdisk.errors import ConfigError
 from tests.helpers.cli import (
     SEC,
     Pair,
+    checkpoint,
     kill_secondary,
     primary_argv,
     replicating_pair,
@@ -666,8 +667,11 @@ def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(
         cli_pair: Pair) -> None:
     """nbdkit stops only once its clients hang up, and a secondary's client is its primary:
     an idle primary still probes its link every isolation-timeout (3 s), so a SIGTERM'd
-    secondary stops within that, and its primary knows it is gone (degraded)."""
+    secondary stops within that, and its primary knows it is gone (degraded).  The
+    connection a checkpoint's mark keeps closes with the link, or the secondary would
+    wait for it for ever."""
     pri, sec, _ = replicating_pair(cli_pair)
+    checkpoint(cli_pair, pri, sec)                      # the mark's connection is open
     pid = int(Path(cli_pair.path("sec.pid")).read_text())
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not psutil.pid_exists(pid)

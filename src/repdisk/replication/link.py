@@ -136,8 +136,11 @@ class Link:
         self._set(LinkState.DOWN, None)
 
     def degrade(self, why: str) -> None:
-        """Stop forwarding until resync; get_error reports ``why`` (and an event goes out)."""
+        """Stop forwarding until resync; get_error reports ``why`` (and an event goes out).
+        The checkpoint mark's connection closes too: an idle one would keep a secondary
+        that is stopping (it waits for its NBD clients) from ever stopping."""
         self._set(LinkState.DEGRADED, self.forwarder)
+        self._close_marker()
         self._sm.record_error(_degraded(why))
 
     def still_degraded(self, why: str) -> None:
