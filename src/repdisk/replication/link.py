@@ -137,10 +137,12 @@ class Link:
 
     def degrade(self, why: str) -> None:
         """Stop forwarding until resync; get_error reports ``why`` (and an event goes out).
-        The checkpoint mark's connection closes too: an idle one would keep a secondary
-        that is stopping (it waits for its NBD clients) from ever stopping."""
+        The checkpoint mark's connection closes too, on a thread of its own (its polite
+        disconnect may wait on a hung link, and the failing forwarder releases its waiters
+        only after this): an idle one would keep a secondary that is stopping (it waits
+        for its NBD clients) from ever stopping."""
         self._set(LinkState.DEGRADED, self.forwarder)
-        self._close_marker()
+        self._close_marker(wait=False)
         self._sm.record_error(_degraded(why))
 
     def still_degraded(self, why: str) -> None:
@@ -269,10 +271,16 @@ class Link:
             raise ReplicationError(f"{self.name}: the secondary {self.uri} did not confirm "
                                    f"{what}: {why}")
 
-    def _close_marker(self) -> None:
-        if self._marker is not None:
-            self._marker[1].close()
-            self._marker = None
+    def _close_marker(self, wait: bool = True) -> None:
+        """Close the checkpoint mark's connection, if open; without ``wait``, in the
+        background."""
+        if self._marker is None:
+            return
+        fwd, self._marker = self._marker[1], None
+        if wait:
+            fwd.close()
+        else:
+            threading.Thread(target=fwd.close, name="repdisk-mark-close", daemon=True).start()
 
     def acks(self) -> int | None:
         """Requests the secondary acknowledged on the current link; None when not forwarding.
