@@ -192,6 +192,22 @@ def test_a_failback_by_hand_with_a_step_forgotten_leaves_no_two_writers(
     assert read_file(cli_pair.path("pri.img")) == read_file(cli_pair.path("sec.img"))
 
 
+def test_a_demoted_primary_restarted_as_a_primary_comes_up_fenced(cli_pair: Pair) -> None:
+    """A switchover by hand (demote A, promote B: epoch 1), then A restarted with its usual
+    `repdisk primary` command: its state says it was last a secondary, and its --secondary
+    writes in a newer epoch, so it serves no write (it would be dropped at the resync)."""
+    pri, sec, _ = start_pair(cli_pair, "sync")
+    assert cli_pair.repdisk("ctl", pri, "replication-demote").stdout == "ok\n"
+    cli_pair.repdisk("ctl", sec, "replication-promote",
+                     f"secondary=nbd+unix:///replica?socket={cli_pair.path('pri.sock')}")
+    cli_pair.repdisk("down", pri)
+    start_primary(cli_pair, "sync")
+    status = cli_pair.repdisk("status", pri).stdout
+    assert "FENCED (the node at --secondary" in status and "is in epoch 1, newer than this " \
+        "node's 0" in status, status
+    assert writes_until_refused(f"nbd+unix:///?socket={cli_pair.path('pri.sock')}") == 0
+
+
 def wait_gone(control: str) -> None:
     """Until nothing serves ``control`` (a killed node's socket stays: it refuses)."""
     deadline = time.monotonic() + 10

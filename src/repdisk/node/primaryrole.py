@@ -22,7 +22,7 @@ from typing import Any
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import ConfigError, ForwardError, RepdiskError
-from repdisk.node.config import PRIMARY
+from repdisk.node.config import PRIMARY, SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
@@ -158,13 +158,14 @@ class PrimaryRole(Role[PrimaryReplica]):
         newer epoch (role.newer_writer), so it won a failover while this one was down or cut
         off (it may have been promoted since), and every guest write acknowledged here would
         be lost.  A secondary merely started in a newer epoch (a typo) supersedes nothing:
-        it refuses this primary's writes, which then go on degraded.  Only
-        for a node that was a primary (its state says so; a first start is the controller's
-        to judge) and is not fenced yet; None when the peer cannot be asked (at most 2 s: a
+        it refuses this primary's writes, which then go on degraded.  Only for a node that
+        ran before (its state names a role: a primary, or a secondary started as a primary
+        now, such as one demoted for a switchover; a first start is the controller's to
+        judge) and is not fenced yet; None when the peer cannot be asked (at most 2 s: a
         host that is down must not hold up a primary that serves alone)."""
         cfg, state = self.ctx.cfg, self.ctx.state
         uri = uri or cfg.secondary
-        if uri is None or state.role != PRIMARY or state.fenced:
+        if uri is None or state.role not in (PRIMARY, SECONDARY) or state.fenced:
             return None
         listed = nbdclient.list_exports(uri, min(cfg.primary.timeout, 2.0)) or {}
         newest = newer_writer(listed.values(), state.epoch)
