@@ -208,6 +208,30 @@ def test_a_demoted_primary_restarted_as_a_primary_comes_up_fenced(cli_pair: Pair
     assert writes_until_refused(f"nbd+unix:///?socket={cli_pair.path('pri.sock')}") == 0
 
 
+def test_a_second_forced_promotion_is_refused(cli_pair: Pair) -> None:
+    """`replication-promote force=true` (Pacemaker's, for the pair's last primary) on both
+    nodes of a stopped pair: the first takes epoch 1; the second is refused, naming the
+    first as the newest, and changes nothing, so never two writers in one epoch."""
+    pri, sec, _ = start_pair(cli_pair, "sync")
+    cli_pair.repdisk("down", pri, sec)
+    for name in ("pri", "sec"):
+        cli_pair.repdisk("secondary", "--disk", f"{name}.img", "--control", f"{name}.qmp",
+                         "--nbd-socket", f"{name}.sock", "--background", "--pidfile",
+                         f"{name}.pid")
+    a_replica = f"nbd+unix:///replica?socket={cli_pair.path('pri.sock')}"
+    b_replica = f"nbd+unix:///replica?socket={cli_pair.path('sec.sock')}"
+    cli_pair.repdisk("ctl", pri, "replication-promote", f"secondary={b_replica}", "force=true")
+    before = read_file(cli_pair.path("sec.img.state"))
+    bad = cli_pair.repdisk("ctl", sec, "replication-promote", f"secondary={a_replica}",
+                           "force=true", ok=False)
+    assert (bad.returncode, bad.stderr) == (1, (
+        f"repdisk: GenericError: cannot promote by force: the node at {a_replica} writes in "
+        "epoch 1, newer than this node's 0: it holds the newest data; start this disk as its "
+        "secondary instead\n")), bad
+    assert read_file(cli_pair.path("sec.img.state")) == before
+    assert re.match(r"secondary +disk0 +none +epoch 0 ", cli_pair.repdisk("status", sec).stdout)
+
+
 def wait_gone(control: str) -> None:
     """Until nothing serves ``control`` (a killed node's socket stays: it refuses)."""
     deadline = time.monotonic() + 10

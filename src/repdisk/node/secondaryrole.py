@@ -18,7 +18,7 @@ from repdisk.node.config import SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.primaryrole import new_primary
-from repdisk.node.role import Role, describe_disk, described
+from repdisk.node.role import Role, describe_disk, described, newer_writer
 from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.link import CONTENTS_UNKNOWN
@@ -269,7 +269,7 @@ class SecondaryRole(Role[SecondaryReplica]):
                 self._check_promotable()  # before the probe: a wrong stage says so first
             self._probe(secondary_uri, timeout)
         if force:
-            self._take_as_is()
+            self._take_as_is(secondary_uri, timeout)
         elif not self._switch():
             self._check_promotable()
 
@@ -310,14 +310,23 @@ class SecondaryRole(Role[SecondaryReplica]):
         self.ctx.emit("EPOCH_CHANGED", {"epoch": self.ctx.state.epoch})
         return True
 
-    def _take_as_is(self) -> None:
+    def _take_as_is(self, secondary_uri: str, timeout: float) -> None:
         """``force``: a secondary that is not replicating (stage none) declares its disk the
         newest as it is and starts the next epoch: the pair's last primary restarting, or
         the first primary of a new cluster.  The caller (Pacemaker's agent) has checked
-        that no newer epoch exists elsewhere; a fenced node is still refused."""
-        if self.ctx.state.fenced:
-            raise ReplicationError(f"cannot promote: this node is fenced "
-                                   f"({self.ctx.state.fenced})")
+        that no newer epoch exists elsewhere; a fenced node is still refused, and so is one
+        whose new secondary answers as the writer of a newer epoch than this node's (it
+        was forced, or won, first: two forced nodes would write in one epoch)."""
+        state = self.ctx.state
+        if state.fenced:
+            raise ReplicationError(f"cannot promote: this node is fenced ({state.fenced})")
+        listed = nbdclient.list_exports(secondary_uri, min(timeout, 2.0)) or {}
+        newer = newer_writer(listed.values(), state.epoch)
+        if newer is not None:
+            raise ReplicationError(f"cannot promote by force: the node at {secondary_uri} "
+                                   f"writes in epoch {newer}, newer than this node's "
+                                   f"{state.epoch}: it holds the newest data; start this disk "
+                                   "as its secondary instead")
         for rep in self.replicas.values():
             if rep.stage is not Stage.NONE:
                 raise ReplicationError(f"{rep.name}: cannot promote by force: stage "
