@@ -49,3 +49,22 @@ def test_a_restarted_winner_serves_its_disk_and_can_still_be_promoted(cli_pair: 
     assert run(["qemu-io", "-f", "raw", "-c", "read -P 0x44 4M 1M",
                 f"nbd+unix:///?socket={cli_pair.path('sec.sock')}"], cli_pair.folder
                ).returncode == 0
+
+
+def test_a_promotion_by_hand_to_a_wrong_uri_changes_nothing(cli_pair: Pair) -> None:
+    """`replication-promote` by hand probes its new secondary first, as the controller's
+    does: the winner's own replica export, or a socket nothing serves, is refused and the
+    winner stays as it was (it used to become a primary that could not start)."""
+    pri, sec, _ = replicating_pair(cli_pair)
+    checkpoint(cli_pair, pri, sec)
+    os.kill(int(Path(cli_pair.path("pri.pid")).read_text()), signal.SIGKILL)
+    assert cli_pair.repdisk("ctl", sec, "failover").stdout == "ok\n"
+    before = read_file(cli_pair.path("sec.img.state"))
+    own = f"nbd+unix:///replica?socket={cli_pair.path('sec.sock')}"
+    nowhere = f"nbd+unix:///replica?socket={cli_pair.path('nowhere.sock')}"
+    for uri, why in ((own, "is this node's own replica export"),
+                     (nowhere, "start the new secondary first, or fix the URI")):
+        bad = cli_pair.repdisk("ctl", sec, "replication-promote", f"secondary={uri}", ok=False)
+        assert bad.returncode == 1 and why in bad.stderr, bad
+        assert read_file(cli_pair.path("sec.img.state")) == before
+    assert re.match(r"secondary +disk0 +done +epoch 1 ", cli_pair.repdisk("status", sec).stdout)

@@ -560,7 +560,9 @@ class Agent:
                 self.cfg.write_mode,
                 "timeout": units.parse_duration("timeout", self.cfg.timeout),
                 "isolation-timeout": units.parse_duration("isolation_timeout",
-                                                           self.cfg.isolation_timeout)}
+                                                           self.cfg.isolation_timeout),
+                # The peer may be down (fenced): the promotion must not wait for it.
+                "probe": False}
         if stages == {"running"} and names <= set(q.get("sealed", {})):
             self.log("promote: role switch (the primary demoted cleanly)")
             self.call("replication-promote", **args)

@@ -129,7 +129,7 @@ def _controller_commands(node: Node) -> list[Command]:
         timeout = args.get("timeout")
         node.promote(args["secondary"], args.get("write-mode"),
                      None if timeout is None else float(timeout), args.get("isolation-timeout"),
-                     bool(args.get("force", False)), bool(args.get("probe", False)))
+                     bool(args.get("force", False)), bool(args.get("probe", True)))
 
     def digests(args: dict[str, Any]) -> dict[str, Any]:
         return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
@@ -180,7 +180,9 @@ def _controller_commands(node: Node) -> list[Command]:
                                                "exists: Pacemaker's agent)"),
                  "probe": ArgSpec(bool, False, "first check that the new secondary's replica "
                                                "export answers with the disks' sizes, and "
-                                               "refuse (changing nothing) if not")},
+                                               "refuse (changing nothing) if not (default "
+                                               "true; false for a peer that may be down: "
+                                               "Pacemaker's agent)")},
                 help="a failed-over secondary, or a running one whose primary was demoted "
                      "(a role switch: nothing rolled back or copied), becomes a primary"),
         Command("query-digests", digests,
