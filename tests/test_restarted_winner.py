@@ -50,6 +50,17 @@ def test_a_restarted_winner_serves_its_disk_and_can_still_be_promoted(cli_pair: 
                 f"nbd+unix:///?socket={cli_pair.path('sec.sock')}"], cli_pair.folder
                ).returncode == 0
 
+    # B, promoted since, crashes and is restarted with the command it was first started
+    # with: it is the last primary now, not a winner whose replication is over.
+    kill_secondary(cli_pair)
+    cli_pair.repdisk(*SEC, "--disk", "sec.img")
+    failover = cli_pair.repdisk("ctl", sec, "failover", ok=False)
+    assert (failover.returncode, failover.stdout) == (1, ""), failover
+    assert "replication is not running" in failover.stderr, failover
+    start = cli_pair.repdisk("ctl", sec, "start", "mode=secondary", ok=False)
+    assert start.returncode == 1 and "this node was the primary of epoch 1 and did not stop " \
+        "cleanly" in start.stderr, start
+
 
 def test_a_promotion_by_hand_to_a_wrong_uri_changes_nothing(cli_pair: Pair) -> None:
     """`replication-promote` by hand probes its new secondary first, as the controller's

@@ -211,10 +211,11 @@ class SecondaryRole(Role[SecondaryReplica]):
     # -- replication -------------------------------------------------------------------
 
     def replication_over(self) -> str:
-        """This secondary won a failover and was not promoted, or its replication was
-        stopped without one: its side of replication is over (start, stop, failover and
-        checkpoint are ignored, as in QEMU, and the node says so)."""
-        if self.ctx.state.failed_over:
+        """This secondary won a failover and was not promoted (a node promoted since and
+        restarted as a secondary is the last primary, not a winner), or its replication
+        was stopped without one: its side of replication is over (start, stop, failover
+        and checkpoint are ignored, as in QEMU, and the node says so)."""
+        if self.ctx.state.failed_over and self.ctx.state.role == SECONDARY:
             return (f"this node took over in a failover (epoch {self.ctx.state.epoch}): its "
                     "replication is over; promote it (replication-promote) to replicate "
                     "again")
