@@ -395,7 +395,7 @@ def test_a_node_that_does_not_stop_is_killed_and_said_so(cli_pair: Pair, capsys)
     assert nodeproc.stop_pid(pid, timeout=1.0)
     said = capsys.readouterr().err
     assert said == (f"repdisk: process {pid} did not stop within 1 s of SIGTERM, so it was "
-                    "killed (a node may wait for its NBD clients to disconnect: stop the "
+                    "killed (a node waits for its NBD clients to disconnect: stop the "
                     "guest first; a killed primary compares the disks at its next start)\n")
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 

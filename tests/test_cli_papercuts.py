@@ -15,6 +15,7 @@ one line:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import nbd
 import psutil
 import pytest
 
@@ -652,6 +654,26 @@ def test_down_of_control_sockets_stops_what_serves_them_and_waits(cli_pair: Pair
     wait_for(lambda: cli_pair.repdisk("down", sec).stdout
              == f"{sec}: nothing serves it (stopped already, or not its path)\n",
              what="a stale socket")
+
+
+def test_down_of_a_node_whose_client_stays_says_it_killed_it(cli_pair: Pair) -> None:
+    """A node waits for its NBD clients after SIGTERM: `repdisk down` kills it after 10 s
+    and says so in its one line, with why and what that costs (not "stopped" on stdout
+    and "killed" on stderr)."""
+    pri, _sec, guest = replicating_pair(cli_pair)
+    pid = int(Path(cli_pair.path("pri.pid")).read_text())
+    h = nbd.NBD()
+    h.connect_uri(guest)                             # a guest that was not stopped first
+    try:
+        out = cli_pair.repdisk("down", pri)
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+    assert out.stderr == ""
+    assert out.stdout == (f"{pri}: killed the node (pid {pid}): it did not stop within 10 s "
+                          "of SIGTERM (a node waits for its NBD clients to disconnect: stop "
+                          "the guest first; a killed primary compares the disks at its next "
+                          "start)\n"), out.stdout
 
 
 def test_down_without_resources_says_it_takes_control_sockets(tmp_path) -> None:

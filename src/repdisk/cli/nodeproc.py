@@ -309,13 +309,17 @@ class Serving:
     what: str       # "node" or "controller"
 
     def stop(self, timeout: float = 10.0) -> str:
-        """Stop it as :func:`stop_pid` does and wait until it has exited; what it was
-        (``the node (pid N)``).  Its default pid file (``CONTROL.pid``) goes too."""
-        stop_pid(self.pid, timeout)
+        """Stop it (:func:`terminate`) and wait until it has exited; what happened, in one
+        phrase (``stopped the node (pid N)``, or killed and why).  Its default pid file
+        (``CONTROL.pid``) goes too."""
+        ended = terminate(self.pid, timeout)
         if _pidfile_pid(self.control + ".pid") == self.pid:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.control + ".pid")
-        return f"the {self.what} (pid {self.pid})"
+        if ended == "killed":
+            return (f"killed the {self.what} (pid {self.pid}): it did not stop within "
+                    f"{timeout:g} s of SIGTERM ({LINGERED})")
+        return f"stopped the {self.what} (pid {self.pid})"
 
 
 def serving(control: str) -> Serving | None:
@@ -371,22 +375,34 @@ def _is_node(pid: int) -> bool:
         return False
 
 
+#: Why a node may outlast its SIGTERM, and what killing it costs.
+LINGERED = ("a node waits for its NBD clients to disconnect: stop the guest first; a killed "
+            "primary compares the disks at its next start")
+
+
 def stop_pid(pid: int, timeout: float = 10.0) -> bool:
     """SIGTERM ``pid``, SIGKILL it if it lingers (saying so on stderr); True if it was
     running."""
+    ended = terminate(pid, timeout)
+    if ended == "killed":
+        print(f"repdisk: process {pid} did not stop within {timeout:g} s of SIGTERM, so it "
+              f"was killed ({LINGERED})", file=sys.stderr)
+    return bool(ended)
+
+
+def terminate(pid: int, timeout: float = 10.0) -> str:
+    """SIGTERM ``pid`` and wait until it has exited, SIGKILL if it lingers past
+    ``timeout``: "stopped", "killed", or "" if it was not running."""
     try:
         proc = psutil.Process(pid)
         proc.terminate()
-        if not _wait_dead(proc, timeout):
-            proc.kill()
-            print(f"repdisk: process {pid} did not stop within {timeout:g} s of SIGTERM, so "
-                  "it was killed (a node may wait for its NBD clients to disconnect: stop the "
-                  "guest first; a killed primary compares the disks at its next start)",
-                  file=sys.stderr)
-            _wait_dead(proc, timeout)
+        if _wait_dead(proc, timeout):
+            return "stopped"
+        proc.kill()
+        _wait_dead(proc, timeout)
     except psutil.NoSuchProcess:
-        return False
-    return True
+        return ""
+    return "killed"
 
 
 def _wait_dead(proc: psutil.Process, timeout: float) -> bool:

@@ -70,7 +70,7 @@ def _down(args: argparse.Namespace) -> int:
     if args.names and not all(is_resource_name(a) for a in args.names):
         # Control sockets: every one checked before any is stopped, then in the order given.
         for control, found in [(c, nodeproc.serving(c)) for c in args.names]:
-            print(f"{control}: stopped {found.stop()}" if found else
+            print(f"{control}: {found.stop()}" if found else
                   f"{control}: nothing serves it (stopped already, or not its path)")
         return 0
     if not args.names and not os.path.isdir(args.config_dir):
