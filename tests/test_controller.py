@@ -210,6 +210,11 @@ def test_status_lines_show_progress_and_failover():
         "controller next: start a new secondary for the winner /r/b.qmp, then repdisk ctl "
         "CONTROLLER controller-promote secondary=ITS-CONTROL "
         "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET"], failed_over
+    nodes["secondary"]["answers_as"] = "primary"          # the winner promoted by hand
+    assert controller_lines({**q, "state": "failed-over", "progress": None,
+                             "nodes": nodes})[2:] == [
+        "controller next: the winner /r/b.qmp is a primary already: restart this controller "
+        "with the same options; it adopts the pair"]
     for state in ("running", "degraded"):
         assert len(controller_lines({**q, "state": state, "progress": None})) == 1
 
@@ -676,6 +681,10 @@ def test_a_winner_restarted_as_a_primary_is_not_promoted_again_but_adopted(nodes
                 "already (restarted as one?): restart this controller with the same options")):
             ctl.promote(old.control, old.uri("replica"))
         assert ctl.state == "failed-over"
+        ctl.step()                                        # a heartbeat: what each answers as
+        assert controller_lines(ctl.query())[-1] == (
+            f"controller next: the winner {winner.control} is a primary already: restart "
+            "this controller with the same options; it adopts the pair")
         ctl.close()
         again = pair.controller()
         again.start()

@@ -83,10 +83,14 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
     if q["state"] == "failed-over":     # what to do next, from any status of it
         winner = q.get("nodes", {}).get("secondary") or {}
         where = winner.get("socket") or winner.get("control")
-        lines.append("controller next: start a new secondary for the winner"
-                     + (f" {where}" if where else "") + ", then "
-                     "repdisk ctl CONTROLLER controller-promote secondary=ITS-CONTROL "
-                     "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET")
+        if winner.get("answers_as") == "primary":    # promoted by hand meanwhile
+            lines.append(f"controller next: the winner {where} is a primary already: restart "
+                         "this controller with the same options; it adopts the pair")
+        else:
+            lines.append("controller next: start a new secondary for the winner"
+                         + (f" {where}" if where else "") + ", then "
+                         "repdisk ctl CONTROLLER controller-promote secondary=ITS-CONTROL "
+                         "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET")
     if q.get("error"):
         lines.append(f"controller error: {q['error']}")
     return lines
