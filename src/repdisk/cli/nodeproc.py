@@ -326,7 +326,8 @@ def serving(control: str) -> Serving | None:
     """What serves the Unix control socket ``control``, or None if nothing does any more
     (no socket there, or one left by a process that exited).  Raises RepdiskError for a
     path that is not a control socket (a file, an NBD socket) or one that a program other
-    than a repdisk node or controller serves.  Sends nothing but a QMP greeting's read."""
+    than a repdisk node or controller serves.  It opens a QMP session there and closes it,
+    running no command."""
     try:
         QMPClient(timeout=5.0).connect(control, timeout=5.0).close()
     except NotAControlSocket as err:
