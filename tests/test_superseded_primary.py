@@ -232,6 +232,27 @@ def test_a_second_forced_promotion_is_refused(cli_pair: Pair) -> None:
     assert re.match(r"secondary +disk0 +none +epoch 0 ", cli_pair.repdisk("status", sec).stdout)
 
 
+def test_a_degraded_primary_fences_itself_once_a_winner_answers(cli_pair: Pair) -> None:
+    """No controller: the secondary B is lost, A goes on alone (degraded), and B's disk
+    comes back as the writer of a newer epoch (here forced, as Pacemaker's agent would).
+    A, which would otherwise acknowledge writes that the pair will drop until its next
+    start, asks its --secondary now and then while degraded and fences itself."""
+    pri, sec, guest = start_pair(cli_pair, "sync")
+    kill_secondary(cli_pair)
+    qemu("qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 64k", guest)    # degraded, alone
+    assert "DEGRADED" in cli_pair.repdisk("status", pri).stdout
+    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp", "--nbd-socket",
+                     "sec.sock", "--background", "--pidfile", "sec.pid")
+    cli_pair.repdisk("ctl", sec, "replication-promote", "force=true",
+                     f"secondary=nbd+unix:///replica?socket={cli_pair.path('pri.sock')}")
+    deadline = time.monotonic() + 15                  # every isolation-timeout (3 s)
+    while "FENCED" not in (status := cli_pair.repdisk("status", pri).stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert "is in epoch 1, newer than this node's 0" in status, status
+    assert writes_until_refused(guest) == 0
+
+
 def wait_gone(control: str) -> None:
     """Until nothing serves ``control`` (a killed node's socket stays: it refuses)."""
     deadline = time.monotonic() + 10

@@ -58,6 +58,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         self.retired = retired
         self.guard: Isolation | None = None
         self._acks: dict[str, int | None] = {}
+        self._watching: threading.Event | None = None   # set: the winner watch ends
         for rep in replicas.values():
             rep.link.on_refused = functools.partial(self._refused, rep)
 
@@ -283,10 +284,36 @@ class PrimaryRole(Role[PrimaryReplica]):
     # -- isolation ---------------------------------------------------------------------
 
     def arm(self, policy: str, timeout: float) -> None:
-        """Start the isolation guard; guest writes pass it from now on."""
+        """Start the isolation guard (guest writes pass it from now on) and the watch for
+        a winner at --secondary."""
         self.guard = Isolation(timeout, policy, self._secondary_answers, self.ctx.emit,
                                fenced=self.ctx.state.fenced)
         self.ctx.admission.guard = self.guard
+        if self._watching is None:
+            self._watching = threading.Event()
+            threading.Thread(target=self._watch_for_a_winner, args=(self._watching, timeout),
+                             name="repdisk-winner-watch", daemon=True).start()
+
+    def _watch_for_a_winner(self, ended: threading.Event, every: float) -> None:
+        """While this primary replicates to nobody (a link degraded, or replication not
+        running) and is not fenced, ask its --secondary every ``every`` seconds whether it
+        writes in a newer epoch (:meth:`superseded`: it failed over while this node was cut
+        off or down); if so, fence this node, so that it acknowledges no more writes that
+        the pair will drop.  With a controller, its contact fences such a node too."""
+        while not ended.wait(every):
+            if self.ctx.state.fenced:
+                return
+            if all(rep.stage is Stage.RUNNING and not rep.degraded
+                   for rep in self.replicas.values()):
+                continue
+            reason = self.superseded()
+            if reason is None:
+                continue
+            try:
+                self.fence(reason)
+            except RepdiskError as err:   # fenced already; stopping a replica failed
+                log.error("fencing after a winner was found: %s", err)
+            return
 
     def _secondary_answers(self) -> bool:
         """True if every disk's link acknowledged something since the last look; an idle
@@ -311,7 +338,10 @@ class PrimaryRole(Role[PrimaryReplica]):
         return max((rep.timeout for rep in self.replicas.values()), default=None)
 
     def disarm(self) -> None:
-        """Stop the isolation guard (writes it holds are refused)."""
+        """Stop the isolation guard (writes it holds are refused) and the winner watch."""
+        if self._watching is not None:
+            self._watching.set()
+            self._watching = None
         if self.guard is not None:
             self.guard.close()
             self.guard = None
