@@ -239,17 +239,22 @@ def test_refused_request_is_one_log_line_and_status_says_fenced(cli_pair: Pair) 
     assert q[sec]["kind"] == "node" and q[sec]["query"]["role"] == "secondary"
 
 
-def test_status_shows_a_suspended_primary(cli_pair: Pair) -> None:
+def guarded_pair(cli_pair: Pair) -> None:
+    """A replicating pair (pri.qmp, sec.qmp) whose primary holds guest writes after 500 ms
+    without contact, its guard armed by a heartbeat (a controller's contact)."""
     f = cli_pair.path
-    cli_pair.repdisk("secondary", "--disk", "sec.img", "--control", "sec.qmp",
-                     "--nbd-socket", "sec.sock", "--background", "--pidfile", "sec.pid")
+    cli_pair.repdisk(*SEC, "--disk", "sec.img")
     cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
                      "pri.sock", "--secondary", f"nbd+unix:///replica?socket={f('sec.sock')}",
                      "--isolation-timeout", "500ms", "--background", "--pidfile", "pri.pid")
     cli_pair.repdisk("ctl", "sec.qmp", "start", "mode=secondary")
     cli_pair.repdisk("ctl", "pri.qmp", "start", "mode=primary")
-    cli_pair.repdisk("ctl", "pri.qmp", "replication-heartbeat")      # a controller's contact
-    pid = int(Path(f("sec.pid")).read_text())
+    cli_pair.repdisk("ctl", "pri.qmp", "replication-heartbeat")
+
+
+def test_status_shows_a_suspended_primary(cli_pair: Pair) -> None:
+    guarded_pair(cli_pair)
+    pid = int(Path(cli_pair.path("sec.pid")).read_text())
     os.kill(pid, signal.SIGSTOP)
     try:
         def suspended() -> bool:
@@ -269,13 +274,7 @@ def test_a_suspended_primary_goes_on_once_its_secondary_is_back_and_resynced(
     with no controller to come back, restarting the secondary and `ctl PRI resync` (its
     link is contact again) releases them, and nothing held is lost."""
     f = cli_pair.path
-    cli_pair.repdisk(*SEC, "--disk", "sec.img")
-    cli_pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
-                     "pri.sock", "--secondary", f"nbd+unix:///replica?socket={f('sec.sock')}",
-                     "--isolation-timeout", "500ms", "--background", "--pidfile", "pri.pid")
-    cli_pair.repdisk("ctl", "sec.qmp", "start", "mode=secondary")
-    cli_pair.repdisk("ctl", "pri.qmp", "start", "mode=primary")
-    cli_pair.repdisk("ctl", "pri.qmp", "replication-heartbeat")      # a controller's contact
+    guarded_pair(cli_pair)
     kill_secondary(cli_pair)
     wait_for(lambda: "SUSPENDED" in cli_pair.repdisk("status", "pri.qmp").stdout,
              what="SUSPENDED")
