@@ -623,20 +623,25 @@ def test_down_of_control_sockets_stops_what_serves_them_and_waits(cli_pair: Pair
                      "ctl.qmp", "--background")
     pids = {name: int(Path(cli_pair.path(name)).read_text())
             for name in ("ctl.qmp.pid", "pri.pid", "sec.pid")}
-    for path, why in (("pri.img", "pri.img is not a socket"),       # checked before any stop
-                      ("pri.sock", "pri.sock is an NBD socket, not a control socket"),
-                      ("other.sock", f"other.sock is served by pid {os.getpid()} (")):
-        with socket.socket(socket.AF_UNIX) as other:
-            other.bind(cli_pair.path("other.sock"))
-            other.listen()
-            bad = cli_pair.repdisk("down", "ctl.qmp", path, ok=False)
-        os.unlink(cli_pair.path("other.sock"))
-        assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith(
-            f"repdisk: error: {why}"), bad
-        assert all(psutil.pid_exists(pid) for pid in pids.values())
-    out = cli_pair.repdisk("down", "ctl.qmp", "pri.qmpx").stdout
-    assert out == (f"ctl.qmp: stopped the controller (pid {pids['ctl.qmp.pid']})\n"
-                   "pri.qmpx: nothing serves it (stopped already, or not its path)\n"), out
+    try:
+        for path, why in (("pri.img", "pri.img is not a socket"),       # checked before any stop
+                          ("pri.sock", "pri.sock is an NBD socket, not a control socket"),
+                          ("other.sock", f"other.sock is served by pid {os.getpid()} (")):
+            with socket.socket(socket.AF_UNIX) as other:
+                other.bind(cli_pair.path("other.sock"))
+                other.listen()
+                bad = cli_pair.repdisk("down", "ctl.qmp", path, ok=False)
+            os.unlink(cli_pair.path("other.sock"))
+            assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith(
+                f"repdisk: error: {why}"), bad
+            assert all(psutil.pid_exists(pid) for pid in pids.values())
+        out = cli_pair.repdisk("down", "ctl.qmp", "pri.qmpx").stdout
+        assert out == (f"ctl.qmp: stopped the controller (pid {pids['ctl.qmp.pid']})\n"
+                       "pri.qmpx: nothing serves it (stopped already, or not its path)\n"), out
+    finally:                                         # a failed check leaves no controller
+        with contextlib.suppress(psutil.Error):     # gone, or a zombie: stopped
+            if "controller" in psutil.Process(pids["ctl.qmp.pid"]).cmdline():
+                nodeproc.stop_pid(pids["ctl.qmp.pid"])
     out = cli_pair.repdisk("down", pri, sec).stdout
     assert out == (f"{pri}: stopped the node (pid {pids['pri.pid']})\n"
                    f"{sec}: stopped the node (pid {pids['sec.pid']})\n"), out
