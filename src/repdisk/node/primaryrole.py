@@ -26,7 +26,7 @@ from repdisk.node.config import PRIMARY, SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
-from repdisk.node.role import Role, describe_disk, newer_writer
+from repdisk.node.role import Role, describe_disk, newer_writer_at
 from repdisk.node.state import dirty_map_path
 from repdisk.replication import nbdclient, resync
 from repdisk.replication.framework import ReplicationError, ReplicationMode
@@ -168,8 +168,7 @@ class PrimaryRole(Role[PrimaryReplica]):
         uri = uri or cfg.secondary
         if uri is None or state.role not in (PRIMARY, SECONDARY) or state.fenced:
             return None
-        listed = nbdclient.list_exports(uri, min(cfg.primary.timeout, 2.0)) or {}
-        newest = newer_writer(listed.values(), state.epoch)
+        newest = newer_writer_at(uri, state.epoch, cfg.primary.timeout)
         if newest is None:
             return None
         where = f"--secondary {uri}" if uri == cfg.secondary else uri

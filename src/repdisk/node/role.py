@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import ConfigError
 from repdisk.node.context import NodeContext
+from repdisk.replication import nbdclient
 from repdisk.replication.framework import Registry, ReplicationMode, ReplicationState
 from repdisk.replication.stage import Stage
 
@@ -42,6 +43,14 @@ def newer_writer(descriptions: Iterable[str], epoch: int) -> int | None:
     found = [int(m.group(1)) for m in map(_DESCRIBED.match, descriptions)
              if m is not None and m.group(3) and int(m.group(1)) > epoch]
     return max(found, default=None)
+
+
+def newer_writer_at(uri: str, epoch: int, timeout: float) -> int | None:
+    """:func:`newer_writer` of the exports the node at ``uri`` lists, asked for at most
+    ``timeout`` (and 2 s: a host that is down must not hold anything up); None if it does
+    not answer."""
+    listed = nbdclient.list_exports(uri, min(timeout, 2.0)) or {}
+    return newer_writer(listed.values(), epoch)
 
 
 def described(description: str) -> tuple[int, str] | None:

@@ -18,7 +18,7 @@ from repdisk.node.config import SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.primaryrole import new_primary
-from repdisk.node.role import Role, describe_disk, described, newer_writer
+from repdisk.node.role import Role, describe_disk, described, newer_writer_at
 from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.link import CONTENTS_UNKNOWN
@@ -321,8 +321,7 @@ class SecondaryRole(Role[SecondaryReplica]):
         state = self.ctx.state
         if state.fenced:
             raise ReplicationError(f"cannot promote: this node is fenced ({state.fenced})")
-        listed = nbdclient.list_exports(secondary_uri, min(timeout, 2.0)) or {}
-        newer = newer_writer(listed.values(), state.epoch)
+        newer = newer_writer_at(secondary_uri, state.epoch, timeout)
         if newer is not None:
             raise ReplicationError(f"cannot promote by force: the node at {secondary_uri} "
                                    f"writes in epoch {newer}, newer than this node's "
