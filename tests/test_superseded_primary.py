@@ -174,11 +174,7 @@ def test_a_failback_by_hand_with_a_step_forgotten_leaves_no_two_writers(
     refused = cli_pair.repdisk("ctl", sec, "start", "mode=primary", ok=False)
     assert refused.returncode == 1 and "is not started yet: start it first" in refused.stderr
     assert read_file(cli_pair.path("pri.img.state")) == before     # the refusal moved nothing
-    cli_pair.repdisk("down", pri)
-    start_primary(cli_pair, "sync")
-    status = cli_pair.repdisk("status", pri).stdout
-    assert "FENCED" in status and "epoch 0" in status, status
-    assert writes_until_refused(f"nbd+unix:///?socket={cli_pair.path('pri.sock')}") == 0
+    restarted_a_is_fenced_in_epoch_0(cli_pair)
     # The fail-back as it should go: A as B's secondary, started, then B.
     cli_pair.repdisk("down", pri)
     cli_pair.repdisk(*a_secondary)
@@ -190,6 +186,28 @@ def test_a_failback_by_hand_with_a_step_forgotten_leaves_no_two_writers(
     assert re.match(r"secondary +disk0 +running +epoch 1 +consistent",
                     cli_pair.repdisk("status", pri).stdout)
     assert read_file(cli_pair.path("pri.img")) == read_file(cli_pair.path("sec.img"))
+
+
+def test_a_refused_secondary_start_leaves_the_epoch_it_had(cli_pair: Pair) -> None:
+    """B fails over (epoch 1) and writes to A's disk, restarted as a secondary, whose
+    start is then typed with the wrong mode and refused.  A multi-step start completes or
+    rolls back: A did not join B's epoch, so A restarted as a primary is fenced by it."""
+    pri, sec, _ = start_pair(cli_pair, "sync")
+    assert cli_pair.repdisk("ctl", sec, "failover").stdout == "ok\n"
+    cli_pair.repdisk("down", pri)
+    before = read_file(cli_pair.path("pri.img.state"))
+    cli_pair.repdisk("secondary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+                     "pri.sock", "--background", "--pidfile", "pri.pid")
+    replica = f"nbd+unix:///replica?socket={cli_pair.path('pri.sock')}"
+    cli_pair.repdisk("ctl", sec, "replication-promote", f"secondary={replica}")
+    refused = cli_pair.repdisk("ctl", sec, "start", "mode=primary", ok=False)
+    assert "is not started yet: start it first" in refused.stderr, refused
+    wrong = cli_pair.repdisk("ctl", pri, "start", "mode=primary", ok=False)
+    assert (wrong.returncode, wrong.stderr) == (1, (
+        "repdisk: GenericError: disk0: start failed: the start mode primary does not match "
+        "this disk's mode secondary\n")), wrong
+    assert read_file(cli_pair.path("pri.img.state")) == before     # the refusal moved nothing
+    restarted_a_is_fenced_in_epoch_0(cli_pair)
 
 
 def test_a_demoted_primary_restarted_as_a_primary_comes_up_fenced(cli_pair: Pair) -> None:
@@ -251,6 +269,15 @@ def test_a_degraded_primary_fences_itself_once_a_winner_answers(cli_pair: Pair) 
         time.sleep(0.2)
     assert "is in epoch 1, newer than this node's 0" in status, status
     assert writes_until_refused(guest) == 0
+
+
+def restarted_a_is_fenced_in_epoch_0(pair: Pair) -> None:
+    """A (pri.*) stopped and restarted as a primary: fenced in epoch 0, it takes no write."""
+    pair.repdisk("down", pair.path("pri.qmp"))
+    start_primary(pair, "sync")
+    status = pair.repdisk("status", pair.path("pri.qmp")).stdout
+    assert "FENCED" in status and "epoch 0" in status, status
+    assert writes_until_refused(f"nbd+unix:///?socket={pair.path('pri.sock')}") == 0
 
 
 def wait_gone(control: str) -> None:

@@ -135,18 +135,33 @@ class Node:
                 state.sealed.pop(fence.name, None)
         return sessions.SessionView(dev, fence, token)
 
-    def _join_writer(self, disk: str, epoch: int) -> None:
+    def _join_writer(self, disk: str, epoch: int) -> tuple[int, bool, str] | None:
         """A secondary whose ``disk`` a primary of the newer ``epoch`` may write to from now
         on joins that epoch, durably, before the first write: were it to fail over in its
         old epoch, it would start the writer's own, and two nodes would write in one.  Only
         a started secondary joins: one not started refuses every write, and must not move
-        (its start may still be refused: the disk of an old primary is not its peer's)."""
+        (its start may still be refused: the disk of an old primary is not its peer's).
+        Returns what the join replaced (None: nothing joined), for ``_leave_writer``."""
         if epoch <= self.state.epoch:
-            return
+            return None
         with self.ctx.changing_state() as state:
-            state.join(epoch)
+            replaced = state.join(epoch)
         log.warning("%s: a primary of epoch %d writes to it: this node is in that epoch now",
                     disk, epoch)
+        return replaced
+
+    def _leave_writer(self, replaced: tuple[int, bool, str] | None) -> None:
+        """A secondary's start that joined a writer's epoch and then failed before any disk
+        started leaves that epoch again: no write of it landed, and a refused start changes
+        nothing (restarted as a primary, the node must still see that writer as newer).
+        Once a disk started, the writer may have written to it: the join stays."""
+        role = self._role
+        if replaced is None or not isinstance(role, SecondaryRole) \
+                or any(role.started(disk) for disk in role.replicas):
+            return
+        with self.ctx.changing_state() as state:
+            state.leave(replaced)
+        log.warning("start failed: this node is back in epoch %d", replaced[0])
 
     def record_seal(self, disk: str, epoch: int) -> None:
         """The primary of ``epoch`` demoted cleanly: this disk holds every write it
@@ -195,13 +210,16 @@ class Node:
         if over and not self.state.failed_over:   # stopped without a failover
             return self._ignored("replication-start", over)
         self.state.check_start(self._role.name, epoch, self._unsent())
+        joined = None
         if isinstance(self._role, SecondaryRole):   # a writer admitted before this start
             for disk, writer_epoch in self._role.writer_epochs().items():
-                self._join_writer(disk, writer_epoch)
+                replaced = self._join_writer(disk, writer_epoch)
+                joined = joined or replaced   # the first join's, to restore all
         self._role.before_start(epoch)
         try:
             self._role.registry.start_all(mode)
         except RepdiskError as err:
+            self._leave_writer(joined)
             # The peer refused or did not answer: it may have won a failover meanwhile.
             role = self._role
             lost = role.superseded() if isinstance(role, PrimaryRole) else None

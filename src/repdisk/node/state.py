@@ -143,11 +143,18 @@ class NodeState:
         self.role = role
         self.sealed = {}
 
-    def join(self, epoch: int) -> None:
+    def join(self, epoch: int) -> tuple[int, bool, str]:
         """A secondary admitted a writer of the newer ``epoch`` (the pair moved on: a
         promoted winner writes to it): it is in that epoch now, holds no failover's newest
-        data, and a failover of it starts the epoch after, above its writer's."""
+        data, and a failover of it starts the epoch after, above its writer's.  Returns
+        what it replaced, for ``leave``."""
+        replaced = (self.epoch, self.failed_over, self.fenced)
         self.epoch, self.failed_over, self.fenced = epoch, False, ""
+        return replaced
+
+    def leave(self, replaced: tuple[int, bool, str]) -> None:
+        """Undo a ``join`` whose start failed before any disk took a write."""
+        self.epoch, self.failed_over, self.fenced = replaced
 
     def sealed_all(self, disks: list[str]) -> bool:
         """Every one of ``disks`` was sealed by a primary of this node's epoch or newer."""
