@@ -22,7 +22,7 @@ ALL = set(S)
 
 #: op -> (runs in, leaves (None = where it ran), shown while running, left on error)
 EXPECTED = {
-    Op.ADOPT: ({S.STARTING, S.FENCED},
+    Op.ADOPT: ({S.STARTING, S.FAILED_OVER, S.FENCED},
               {S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED}, None, None),
     Op.START: ({S.STARTING}, {S.RUNNING}, None, None),
     Op.HEARTBEAT: ({S.STARTING, S.RUNNING, S.DEGRADED, S.FAILED_OVER, S.FENCED},

@@ -84,8 +84,9 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
         winner = q.get("nodes", {}).get("secondary") or {}
         where = winner.get("socket") or winner.get("control")
         if winner.get("answers_as") == "primary":    # promoted by hand meanwhile
-            lines.append(f"controller next: the winner {where} is a primary already: restart "
-                         "this controller with the same options; it adopts the pair")
+            lines.append(f"controller next: the winner {where} is a primary already: the "
+                         "controller adopts the pair at a heartbeat (its error line says "
+                         "what stops it)")
         else:
             lines.append("controller next: start a new secondary for the winner"
                          + (f" {where}" if where else "") + ", then "

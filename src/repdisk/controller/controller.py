@@ -753,9 +753,9 @@ class Controller(StateMachine):
                                f"not answer ({err})") from err
         if w.get("role") == "primary":
             raise ControlError(f"cannot promote: the failover's winner {winner.socket} is a "
-                               "primary already (restarted as one?): restart this controller "
-                               "with the same options; it adopts the pair as the nodes "
-                               "describe it")
+                               "primary already (promoted by hand?): this controller adopts "
+                               "the pair as the nodes describe it at its next heartbeat "
+                               "(repdisk status shows it)")
         new = Peer("secondary", control, self.cfg)
         try:
             try:
@@ -833,6 +833,8 @@ class Controller(StateMachine):
                     and p.get("epoch", 0) < self.epoch:
                 # It fenced itself at start-up: it saw the winner's newer epoch.
                 return lambda: self._old_primary_found_fenced(str(p["fenced"]))
+            if s is not None and s.get("role") == "primary" and now >= self._retry_at:
+                return self._adopt_and_start      # the winner was promoted by hand
             return None
         if p is None:
             if s is None:

@@ -69,7 +69,7 @@ _S = ControllerState
 #: here, one function that runs its body under ``self._operation(op)``, and one row in
 #: tests/test_controller_states.py and docs/DESIGN.md.
 TRANSITIONS: dict[Operation, Rule] = {
-    Operation.ADOPT: Rule(frozenset({_S.STARTING, _S.FENCED}),
+    Operation.ADOPT: Rule(frozenset({_S.STARTING, _S.FAILED_OVER, _S.FENCED}),
                           frozenset({_S.STARTING, _S.RUNNING, _S.DEGRADED, _S.FAILED_OVER,
                                      _S.FENCED})),
     Operation.START: Rule(frozenset({_S.STARTING}), frozenset({_S.RUNNING})),
