@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -724,3 +725,24 @@ def test_a_stopped_secondary_neither_starts_nor_fails_over_nor_takes_writes(
     vm = run(["qemu-io", "-f", "raw", "-c", "write -P 0x99 4M 1M", active], cli_pair.folder)
     assert vm.returncode == 1 and vm.stdout.startswith("write failed"), vm
     assert read_file(cli_pair.path("sec.img"))[4 * MiB:5 * MiB] == bytes(MiB)
+
+
+def test_logs_rotated_by_copytruncate_go_on_from_their_start(cli_pair: Pair) -> None:
+    """logrotate's ``copytruncate`` (the README's advice): every node and controller
+    appends to its log, so after a truncation the next lines start at offset 0, with no
+    hole of zeros where the old end was, and the process goes on logging."""
+    pri, sec, _ = replicating_pair(cli_pair)
+    cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
+                     "ctl.qmp", "--background")
+    try:
+        for log in ("pri.log", "sec.log", "ctl.qmp.log"):
+            wait_for(lambda log=log: os.path.getsize(cli_pair.path(log)) > 0,
+                     what=f"a line in {log}")
+            shutil.copyfile(cli_pair.path(log), cli_pair.path(log + ".1"))
+            os.truncate(cli_pair.path(log), 0)
+    finally:
+        cli_pair.repdisk("down", "ctl.qmp", pri, sec)    # each logs its stop
+    for log in ("pri.log", "sec.log", "ctl.qmp.log"):
+        text = Path(cli_pair.path(log)).read_bytes()
+        assert text and not text.startswith(b"\0"), (log, text[:80])
+        assert re.match(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", text), (log, text[:80])
