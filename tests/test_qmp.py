@@ -229,6 +229,15 @@ def test_repdisk_client_errors(sockdir: Path) -> None:
     assert (str(info.value), info.value.error_class) == (
         f"{missing}: nothing answers there (No such file or directory): start the node (or "
         "controller) first, or give its --control socket", "")
+    with socket.socket() as closed:               # a TCP port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for given in (f"127.0.0.1:{port}", ("127.0.0.1", port)):   # named as a user types it
+        with pytest.raises(ControlError) as info:
+            QMPClient(timeout=2).connect(given)
+        assert str(info.value) == (f"127.0.0.1:{port}: nothing answers there (Connection "
+                                   "refused): start the node (or controller) first, or give "
+                                   "its --control socket")
     # A server that greets with something else is refused at its first byte, not after
     # the connect timeout (60 s here).
     for greeting, what in ((b"NBDMAGICIHAVEOPT\0\3", "an NBD socket"),

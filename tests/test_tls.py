@@ -383,10 +383,18 @@ def test_a_tls_client_of_a_plain_control_port_is_told_to_give_insecure(
 
 def test_a_plain_client_of_a_tls_control_port_is_told_to_give_tls(
         tls_server: Any, tmp_path: Any) -> None:
-    """`--insecure` against a port served with TLS: the server waits for a TLS hello and the
-    client for a greeting, so the timeout says what is missing; a --tls folder without
-    certificates names the option the user gave."""
+    """`--insecure` against a port served with TLS: the server, given no TLS hello within
+    tlsrelay.SILENT_CLIENT, says in plain text that the port needs TLS, and the client
+    says what to give, in one line, long before its own timeout; with a shorter timeout,
+    the timeout says what is missing.  A --tls folder without certificates names the
+    option the user gave."""
     _, (host, port), rec = tls_server
+    began = time.monotonic()
+    with pytest.raises(ControlError, match=rf"^{host}:{port}: the port is served with TLS: "
+                                           r"give --tls DIR \(client certificates\) instead "
+                                           "of --insecure$"):
+        qmp_connect(f"{host}:{port}", insecure=True, connect_timeout=10.0)
+    assert time.monotonic() - began < 5.0
     with pytest.raises(ControlError, match=r"connect: no answer within 1(\.0)? s: a control port "
                                            "served with TLS says nothing to a client without "
                                            "it; give --tls DIR"):

@@ -28,6 +28,7 @@ from qemu.qmp import QMPClient as _AsyncQMPClient
 
 from repdisk import tls as tlsmod
 from repdisk.errors import ConfigError, ControlError
+from repdisk.qmp.tlsrelay import TLS_REQUIRED
 from repdisk.uri import Address, tcp_address
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class NotQMPError(QMPError):
     """The server's first bytes are not a QMP greeting; the message says what it is."""
 
 
+class TLSRequiredError(QMPError):
+    """A control port served with TLS told this plain client so (tlsrelay.TLS_REQUIRED)."""
+
+
 class NotAControlSocket(ControlError):
     """The address is a file, or a socket whose server does not speak QMP (e.g. a node's
     NBD socket): no control socket at all, unlike one that does not answer yet."""
@@ -60,14 +65,17 @@ class _QMPSession(_AsyncQMPClient):
     async def _readline(self) -> bytes:
         """A line; before the greeting, refuse at once a server whose first byte is not
         QMP's ``{``.  An NBD server greets with ``NBDMAGIC`` and no newline, which qemu.qmp
-        would wait for until the connect timed out."""
+        would wait for until the connect timed out; a control port served with TLS tells a
+        plain client ``TLS_REQUIRED`` once it has waited for its hello."""
         if self._greeting is not None or self._reader is None:
             return await super()._readline()
         first = await self._reader.readexactly(1)
         if first == b"{":
             return first + await super()._readline()
-        magic = first + await self._reader.read(len(_NBDMAGIC) - 1)
-        raise NotQMPError("an NBD socket" if magic == _NBDMAGIC
+        magic = first + await self._reader.read(len(TLS_REQUIRED) - 1)
+        if magic.startswith(TLS_REQUIRED[:len(b"repdisk:")]):
+            raise TLSRequiredError("the port is served with TLS")
+        raise NotQMPError("an NBD socket" if magic.startswith(_NBDMAGIC)
                           else "a socket whose server does not speak QMP")
 
     async def _bh_flush_writer(self) -> None:
@@ -103,6 +111,7 @@ class QMPClient:
         ``tls``: a client context (:func:`repdisk.tls.client_context`) for a node's TLS
         control port; the server is checked against the host name or address given here.
         """
+        where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
         address = tcp_address(address) or address
         self.address = address
         try:
@@ -114,11 +123,15 @@ class QMPClient:
                 raise NotAControlSocket(f"{address} is not a socket: give the node's (or "
                                         "the controller's) --control socket", "") from err
             why = getattr(err.__cause__, "exc", None)  # qemu.qmp's ConnectError
+            if isinstance(why, TLSRequiredError):
+                raise ControlError(f"{where}: {why}: give --tls DIR (client certificates) "
+                                   "instead of --insecure", "") from err
             if isinstance(why, NotQMPError):
-                raise NotAControlSocket(f"{address} is {why}, not a control socket: give "
+                raise NotAControlSocket(f"{where} is {why}, not a control socket: give "
                                         "the node's --control socket", "") from err
             if isinstance(why, (FileNotFoundError, ConnectionRefusedError)):
-                raise ControlError(f"{address}: nothing answers there ({why.strerror}): "
+                raise ControlError(f"{where}: nothing answers there "
+                                   f"({os.strerror(why.errno) if why.errno else why.strerror}): "
                                    "start the node (or controller) first, or give its "
                                    "--control socket", "") from err
             raise

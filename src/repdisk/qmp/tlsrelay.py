@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import selectors
 import socket
 import ssl
@@ -20,6 +21,14 @@ log = logging.getLogger(__name__)
 
 #: A control client must finish the TLS handshake within this many seconds.
 HANDSHAKE_TIMEOUT = 10.0
+
+#: A TLS client speaks first (its hello); one that has sent nothing after this many seconds
+#: waits for a plain QMP greeting (``--insecure``), and is told so in plain text.
+SILENT_CLIENT = 2.0
+
+#: What such a client is told: not JSON, so a QMP client sees at once that it is no greeting
+#: (repdisk.qmp.client recognises it).
+TLS_REQUIRED = b"repdisk: this control port is served with TLS\n"
 
 
 def peer_name(tls: ssl.SSLSocket) -> str:
@@ -52,8 +61,17 @@ class TLSRelay:
     @classmethod
     def accept(cls, raw: socket.socket, context: ssl.SSLContext, peer: str,
                what: str = "control client") -> tuple[TLSRelay, socket.socket] | None:
-        """The server handshake on ``raw`` (blocks up to ``HANDSHAKE_TIMEOUT``): the relay
-        and the application's plain end, or None when it failed (logged, ``raw`` closed)."""
+        """The server handshake on ``raw`` (blocks up to ``SILENT_CLIENT`` for the client's
+        first bytes, then ``HANDSHAKE_TIMEOUT``): the relay and the application's plain end,
+        or None when it failed (logged, ``raw`` closed; a silent client is sent
+        ``TLS_REQUIRED`` first)."""
+        if not select.select([raw], [], [], SILENT_CLIENT)[0]:
+            log.warning("refused %s %s: it sent no TLS hello within %gs (a client without "
+                        "TLS?): told it the port needs TLS", what, peer, SILENT_CLIENT)
+            with contextlib.suppress(OSError):
+                raw.sendall(TLS_REQUIRED)
+            raw.close()
+            return None
         raw.settimeout(HANDSHAKE_TIMEOUT)
         try:
             tls = context.wrap_socket(raw, server_side=True)
