@@ -24,7 +24,7 @@ HANDSHAKE_TIMEOUT = 10.0
 
 #: A TLS client speaks first (its hello); one that has sent nothing after this many seconds
 #: waits for a plain QMP greeting (``--insecure``), and is told so in plain text.
-SILENT_CLIENT = 2.0
+SILENT_CLIENT = 3.0
 
 #: What such a client is told: not JSON, so a QMP client sees at once that it is no greeting
 #: (repdisk.qmp.client recognises it).
