@@ -293,7 +293,7 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     assert re.search(r"^  consistent +no$", table, re.M)
     assert "{" not in table.replace("{}", "")
     commands = json.loads(cli_pair.repdisk("ctl", pri, "query-commands", "--json").stdout)
-    assert {"name": "replication-resume"} in commands
+    assert {"name": "replication-resume", "arguments": []} in commands
 
     bad = cli_pair.repdisk("ctl", sec, "no-such-command", ok=False)
     assert (bad.returncode, bad.stdout) == (1, "")
@@ -320,6 +320,15 @@ def test_ctl_json_table_and_errors(cli_pair: Pair) -> None:
     assert (bad.returncode, bad.stderr) == (1, "repdisk: GenericError: Parameter 'failover' "
                                                "is missing: did you mean failover= (not "
                                                "failovr=)?\n")
+    for argv, hint in ((("start", "mode=secondary", "epcoh=1"), "did you mean epoch=? (start "
+                        "takes epoch=, mode=)"),
+                       (("stop", "fialover=true"), "stop takes no KEY=VALUE"),  # the alias' own
+                       (("replication-stop", "failover=true", "force=true"),
+                        "replication-stop takes failover=")):
+        bad = cli_pair.repdisk("ctl", sec, *argv, ok=False)
+        key = argv[-1].split("=")[0]
+        assert (bad.returncode, bad.stderr) == (1, f"repdisk: GenericError: Parameter '{key}' "
+                                                   f"is unexpected: {hint}\n"), bad
     bad = cli_pair.repdisk("ctl", sec, "failover", ok=False)     # before any checkpoint
     assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr

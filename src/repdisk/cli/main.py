@@ -35,7 +35,7 @@ from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.status import human, render_status, status_query
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node import config as cfgmod
-from repdisk.qmp.client import ALIASES, execute
+from repdisk.qmp.client import ALIASES, connect, execute, is_controller, resolve
 from repdisk.tls import TLSSpec
 from repdisk.uri import uri_unix_socket
 
@@ -145,7 +145,7 @@ def _ctl(args: argparse.Namespace) -> int:
             return 1
         if err.error_class == "CommandNotFound":
             raise ControlError(f"{err}: {_known_commands(args)}", err.error_class) from None
-        hint = _argument_hint(str(err), command_args)
+        hint = _argument_hint(str(err), command_args) or _unexpected_hint(args, str(err))
         if hint:
             raise ControlError(f"{err}: {hint}", err.error_class) from None
         raise
@@ -185,6 +185,25 @@ def _argument_hint(message: str, given: dict[str, Any]) -> str:
     if close:
         return f"did you mean {name[1]}= (not {close[0]}=)?"
     return f"add {name[1]}=VALUE to the command"
+
+
+def _unexpected_hint(args: argparse.Namespace, message: str) -> str:
+    """What to type for a key the command does not take ("" if nothing to add): the closest
+    key it takes, and every key it takes (query-commands names them)."""
+    key = re.fullmatch(r"Parameter '([^']+)' is unexpected", message)
+    if not key:
+        return ""
+    try:
+        with connect(args.socket, args.tls, args.insecure, timeout=10.0) as client:
+            name, fixed = resolve(args.command, {}, is_controller(client))
+            known = {c["name"]: c.get("arguments", []) for c in client.execute("query-commands")}
+    except RepdiskError:
+        return ""
+    keys = [k for k in known.get(name, []) if k not in fixed]
+    takes = (f"{args.command} takes " + ", ".join(f"{k}=" for k in keys)) if keys \
+        else f"{args.command} takes no KEY=VALUE"
+    close = difflib.get_close_matches(key[1], keys, n=1)
+    return f"did you mean {close[0]}=? ({takes})" if close else takes
 
 
 def _known_commands(args: argparse.Namespace) -> str:

@@ -74,9 +74,11 @@ def _leased(node: Node, cmd: Command) -> Command:
         return cmd.handler(args)
     leased_args = {**cmd.args,
                    "controller": ArgSpec(str, False, "the controller sending this command: "
-                                                     "refused while another holds the lease"),
+                                                     "refused while another holds the lease",
+                                         internal=True),
                    "lease": ArgSpec(float, False, "seconds the sender's lease lasts after "
-                                                  "each of its commands (0: release it)")}
+                                                  "each of its commands (0: release it)",
+                                    internal=True)}
     return dataclasses.replace(cmd, handler=handler, args=leased_args)
 
 

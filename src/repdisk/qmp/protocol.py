@@ -44,12 +44,16 @@ class ArgSpec:
     ``unit`` ``"size"`` (an ``int`` of bytes) or ``"duration"`` (a ``float`` of seconds) also
     accepts a string with a unit, read by repdisk.units' one parser: ``"1G"``, ``"500ms"``
     (so ``repdisk ctl SOCK query-digests length=1G`` works as the plugin's keys do).
+
+    ``internal``: sent by repdisk's own programs (the controller's lease), not typed by a
+    user; query-commands does not list it.
     """
 
     type: type | tuple[type, ...]
     required: bool = True
     help: str = ""
     unit: str | None = None
+    internal: bool = False
 
 
 @dataclass(frozen=True)

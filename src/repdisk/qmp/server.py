@@ -294,8 +294,12 @@ class QMPServer:
             Command(CAPABILITIES, _capabilities,
                     {"enable": ArgSpec(list, False, "capabilities to enable (none offered)")},
                     "leave capabilities negotiation mode; required before any other command"),
-            Command("query-commands", lambda _: [{"name": n} for n in sorted(self._commands)],
-                    help="list the commands this server accepts"),
+            Command("query-commands", lambda _: [
+                        {"name": n, "arguments": sorted(a for a, spec in c.args.items()
+                                                        if not spec.internal)}
+                        for n, c in sorted(self._commands.items())],
+                    help="list the commands this server accepts (and, beyond QEMU's "
+                         "reply, the names of the arguments a user gives them)"),
             Command("query-version", lambda _: self.version_info(),
                     help="the server's version, in QEMU's format"),
         ]
