@@ -37,7 +37,7 @@ from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.qmp.client import ALIASES, connect, execute, is_controller, resolve
 from repdisk.tls import TLSSpec
-from repdisk.uri import uri_unix_socket
+from repdisk.uri import tcp_address, uri_unix_socket
 
 # -- node commands ----------------------------------------------------------------
 
@@ -133,6 +133,7 @@ def _ctl(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
         command_args[key] = parse_value(value)
+    _resolve_control_paths(args, command_args)
     if args.command == "failover":
         _refuse_failover_of_a_primary(args)
     try:
@@ -155,6 +156,23 @@ def _ctl(args: argparse.Namespace) -> int:
         print(render(result))
     ignored = isinstance(result, dict) and set(result) == {"ignored"}
     return EXIT_IGNORED if ignored else 0
+
+
+#: ctl arguments that name a control socket on this host, by command.
+CONTROL_PATH_ARGUMENTS = {"controller-promote": ("secondary",)}
+
+
+def _resolve_control_paths(args: argparse.Namespace, command_args: dict[str, Any]) -> None:
+    """A control socket typed relative to the caller's folder names it from there, as every
+    path on the command line does, not from the controller's own folder (which it would
+    otherwise be resolved against, and recorded so in its pair file).  Only for a control
+    socket on this host: a HOST:PORT controller's paths are its own host's."""
+    if tcp_address(args.socket) is not None:
+        return
+    for key in CONTROL_PATH_ARGUMENTS.get(args.command, ()):
+        value = command_args.get(key)
+        if isinstance(value, str) and value and tcp_address(value) is None:
+            command_args[key] = os.path.abspath(value)
 
 
 def _refuse_failover_of_a_primary(args: argparse.Namespace) -> None:

@@ -72,7 +72,7 @@ from repdisk.errors import ControlError, RepdiskError
 from repdisk.node.role import described
 from repdisk.qmp.server import QMPServer, serve_control
 from repdisk.replication import nbdclient
-from repdisk.uri import export_name
+from repdisk.uri import export_name, tcp_address
 
 log = logging.getLogger(__name__)
 
@@ -713,6 +713,8 @@ class Controller(StateMachine):
         leaves the controller failed-over with its peers as they were.  Once the winner is
         a primary the promotion is done: if re-protecting the new pair fails, the pair is
         degraded and the heartbeat retries with a back-off.  Returns the state it left."""
+        if tcp_address(secondary_control) is None:   # as recorded in the pair file
+            secondary_control = os.path.abspath(secondary_control)
         with self._operation(Operation.PROMOTE):
             new = self._promotion_checked(secondary_control)
             try:
