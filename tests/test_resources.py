@@ -11,9 +11,11 @@ A user's way: a fresh folder, one TOML file per resource, the `repdisk` command 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -290,15 +292,27 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_up_after_the_roles_changed_names_the_sections_to_swap(folder: Path) -> None:
-    """After a switchover the file's [primary] is the secondary's node: up refuses before
-    starting anything and says what to change; with the sections swapped the pair runs."""
+    """After a switchover the file's [primary] is the secondary's node.  With both nodes
+    running, up restarts a killed controller alone, which adopts the pair as it is; with
+    the nodes down, up refuses before starting anything and says what to change; with the
+    sections swapped the pair runs."""
     path = resource_file(folder, "alpha")
     repdisk(folder, "up", "alpha")
     wait_state(folder, "alpha", "running")
     pri, sec = (f"nbd+unix:///replica?socket={folder}/alpha-{r}.sock" for r in ("pri", "sec"))
-    subprocess.run([REPDISK, "ctl", str(folder / "alpha-pri.ctrl.qmp"), "controller-switchover",
-                    f"uri={pri}", f"back-uri={sec}"], check=True, capture_output=True,
-                   timeout=60)
+    control = str(folder / "alpha-pri.ctrl.qmp")
+    subprocess.run([REPDISK, "ctl", control, "controller-switchover", f"uri={pri}",
+                    f"back-uri={sec}"], check=True, capture_output=True, timeout=60)
+    b = json.loads(subprocess.run([REPDISK, "ctl", str(folder / "alpha-sec.qmp"), "status",
+                                   "--json"], check=True, capture_output=True, text=True,
+                                  timeout=60).stdout)
+    assert (b["role"], b["timeout"], b["isolation"]["timeout"]) == ("primary", 1.6, 1.2)
+    os.kill(int(Path(control + ".pid").read_text()), signal.SIGKILL)
+    assert repdisk(folder, "up", "alpha").stdout == "alpha: controller\n"
+    wait_state(folder, "alpha", "running")
+    q = json.loads(subprocess.run([REPDISK, "ctl", control, "status", "--json"], check=True,
+                                  capture_output=True, text=True, timeout=60).stdout)
+    assert q["nodes"]["primary"]["socket"] == f"{folder}/alpha-sec.qmp"
     repdisk(folder, "down", "alpha")
     result = repdisk(folder, "up", "alpha", ok=False)
     assert result.stderr == (

@@ -88,7 +88,8 @@ def up(res: Resource, host: str | None = None) -> list[str]:
     failure stops what this call started and raises."""
     host = host or resources.this_host()
     for node in res.local_nodes(host):
-        _check_role(res, node)          # before anything starts
+        if not _running(node.pidfile):  # a running node is not started again: not judged
+            _check_role(res, node)      # before anything starts
     started: list[str] = []
     try:
         for node in res.local_nodes(host):

@@ -662,7 +662,7 @@ class Controller(StateMachine):
             self._event("SWITCHOVER_STARTED", primary=a.name, secondary=b.name)
             result = planned.switchover(
                 a, b, write_mode=p["disks"][0].get("write_mode", "sync"),
-                isolation_timeout=self.cfg.heartbeat_timeout * 0.6,
+                timings=self._primary_timings(),
                 catch_up_wait=self.cfg.heartbeat_timeout,
                 catch_up_poll="replication-heartbeat",   # the run loop waits meanwhile
                 pause=(migration_pause(self.guest.monitor, migrate, qmp) if migrate and qmp
@@ -720,8 +720,7 @@ class Controller(StateMachine):
             try:
                 self.secondary.ops.call("replication-promote", {
                     "secondary": secondary_uri, "write-mode": write_mode or self.write_mode,
-                    "timeout": min(5.0, self.cfg.heartbeat_timeout * 0.8),
-                    "isolation-timeout": self.cfg.heartbeat_timeout * 0.6, "probe": True})
+                    "probe": True, **self._primary_timings()})
             except BaseException:
                 new.close()
                 raise
@@ -741,6 +740,12 @@ class Controller(StateMachine):
                                 f"promoted; re-protecting {secondary_control} failed: {err}")
                 return {"state": self.state.value, "error": str(err)}
             return {"state": self.state.value}
+
+    def _primary_timings(self) -> dict[str, float]:
+        """replication-promote's timings for a node this controller makes the primary:
+        below --heartbeat-timeout, as _check_timing requires of every primary it runs."""
+        return {"timeout": min(5.0, self.cfg.heartbeat_timeout * 0.8),
+                "isolation-timeout": self.cfg.heartbeat_timeout * 0.6}
 
     def _promotion_checked(self, control: str) -> Peer:
         """The new secondary's peer, once everything a promotion needs is known to hold."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,14 +93,16 @@ def catch_up(a: Node, wait: float, poll: str = "query-replication") -> int:
 
 
 def switchover(a: Node, b: Node, *, write_mode: str = "sync",
-               isolation_timeout: float | None = None,
+               timings: Mapping[str, float] | None = None,
                pause: Pause = no_pause, catch_up_wait: float = 5.0,
                catch_up_poll: str = "query-replication") -> dict[str, Any]:
     """Make B the primary and A its secondary (module note); returns ``{epoch, pause,
     duration, lag}`` (``lag``: the bytes B lacked when the pause, or the migration, began:
     what the pause had to send).  Raises ControlError with nothing changed if the pair is
     not ready or A cannot demote; after a later failure it rolls back (A primary again)
-    and raises."""
+    and raises.  ``timings``: replication-promote's ``timeout`` and ``isolation-timeout`` for
+    whichever node ends up the primary (a controller's keep them below its heartbeat-timeout;
+    None: the nodes' defaults)."""
     began = time.monotonic()
     check_ready(a, b)
     lag = catch_up(a, catch_up_wait, catch_up_poll)
@@ -109,15 +111,13 @@ def switchover(a: Node, b: Node, *, write_mode: str = "sync",
     def body() -> None:
         a.call("replication-demote", {})
         try:
-            promote: dict[str, Any] = {"secondary": a.replica_uri, "write-mode": write_mode}
-            if isolation_timeout is not None:
-                promote["isolation-timeout"] = isolation_timeout
-            b.call("replication-promote", promote)
+            b.call("replication-promote", {"secondary": a.replica_uri, "write-mode": write_mode,
+                                           **(timings or {})})
             epoch = int(b.call("query-replication", {})["epoch"])
             a.call("replication-start", {"mode": "secondary", "epoch": epoch})
             b.call("replication-start", {"mode": "primary", "epoch": epoch})
         except RepdiskError as err:
-            _roll_back(a, b, write_mode, isolation_timeout, err)
+            _roll_back(a, b, write_mode, timings, err)
         done["epoch"] = epoch
 
     paused = pause(body)
@@ -139,18 +139,15 @@ def checkpoint(primary: Node, secondary: Node) -> None:
         primary.call("replication-resume", {})
 
 
-def _roll_back(a: Node, b: Node, write_mode: str, isolation_timeout: float | None,
+def _roll_back(a: Node, b: Node, write_mode: str, timings: Mapping[str, float] | None,
                err: RepdiskError) -> None:
     """After A demoted: A becomes the primary again as it is, B its secondary; raises."""
     log.error("switchover failed after %s demoted: %s; rolling back", a.name, err)
     try:
         if b.call("query-replication", {})["role"] == "primary":
             raise ControlError(f"{b.name} was promoted already; not rolled back")
-        promote: dict[str, Any] = {"secondary": b.replica_uri, "write-mode": write_mode,
-                                   "force": True}
-        if isolation_timeout is not None:
-            promote["isolation-timeout"] = isolation_timeout
-        a.call("replication-promote", promote)
+        a.call("replication-promote", {"secondary": b.replica_uri, "write-mode": write_mode,
+                                       "force": True, **(timings or {})})
         epoch = int(a.call("query-replication", {})["epoch"])
         b.call("replication-stop", {"failover": False})
         b.call("replication-start", {"mode": "secondary", "epoch": epoch})
