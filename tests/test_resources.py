@@ -317,9 +317,9 @@ def test_up_after_the_roles_changed_names_the_sections_to_swap(folder: Path) -> 
     result = repdisk(folder, "up", "alpha", ok=False)
     assert result.stderr == (
         f"repdisk: error: alpha: the node of [primary] was last a secondary (epoch 2: a "
-        f"promotion or switchover since {path} was written): take the resource down, swap "
-        "its [primary] and [secondary] sections so that each names the role its node has "
-        "now, then run up again\n")
+        f"promotion or switchover since {path} was written): swap its [primary] and "
+        "[secondary] sections so that each names the role its node has now, then run up "
+        "again\n")        # nothing of it runs: no "take the resource down" first
     assert processes_of(folder) == {}
     swap_sections(path, folder, "alpha")
     repdisk(folder, "up", "alpha")

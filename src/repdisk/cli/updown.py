@@ -118,11 +118,14 @@ def _check_role(res: Resource, node: Node) -> None:
     except RepdiskError:
         return                          # the node's own start says what is wrong
     if state.role == "secondary" and not state.failed_over:
+        running = any(_running(n.pidfile) for n in res.nodes.values()) \
+            or _running(res.controller.pidfile)
         raise RepdiskError(
             f"{res.name}: the node of [primary] was last a secondary (epoch {state.epoch}: "
-            f"a promotion or switchover since {res.path} was written): take the resource "
-            "down, swap its [primary] and [secondary] sections so that each names the role "
-            "its node has now, then run up again")
+            f"a promotion or switchover since {res.path} was written): "
+            + ("take the resource down, " if running else "")
+            + "swap its [primary] and [secondary] sections so that each names the role its "
+            "node has now, then run up again")
 
 
 def down(res: Resource, host: str | None = None) -> list[str]:
