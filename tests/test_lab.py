@@ -127,3 +127,16 @@ def test_lab_refuses_a_size_no_disk_has(lab_dir: str, size: str) -> None:
     else:
         assert up.stderr.startswith("repdisk: error: --size: "), up.stderr
     assert not os.path.exists(lab_dir)
+
+
+def test_lab_refuses_a_file_as_its_folder(lab_dir: str) -> None:
+    """`--dir` naming a file (a disk image, say) is one line that says what to give, and
+    the file is left as it was."""
+    with open(lab_dir, "wb") as f:
+        f.write(b"keep me")
+    up = run([REPDISK, "lab", "--dir", lab_dir], "/")
+    assert (up.returncode, up.stdout, up.stderr) == (1, "", (
+        f"repdisk: error: --dir: {lab_dir} is a file, not a folder: give a new folder or the "
+        "folder of a lab\n")), up
+    with open(lab_dir, "rb") as f:
+        assert f.read() == b"keep me"

@@ -47,6 +47,9 @@ def up(folder: str, size: str = "1G", write_mode: str = "sync",
     if nbytes < MIN_SIZE or nbytes % 512:
         raise ConfigError("--size", f"{size} is {nbytes} bytes; a lab disk is at least 1M and "
                                     "a multiple of 512 bytes: give a unit, e.g. --size 1G")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError("--dir", f"{folder} is a file, not a folder: give a new folder or "
+                                   "the folder of a lab")
     os.makedirs(folder, exist_ok=True)
     p = paths(folder)
     for role in ROLES:
