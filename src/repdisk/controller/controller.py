@@ -717,10 +717,12 @@ class Controller(StateMachine):
             secondary_control = os.path.abspath(secondary_control)
         with self._operation(Operation.PROMOTE):
             new = self._promotion_checked(secondary_control)
+            instance = (new.last or {}).get("instance")   # the URI must be that node's
             try:
                 self.secondary.ops.call("replication-promote", {
                     "secondary": secondary_uri, "write-mode": write_mode or self.write_mode,
-                    "probe": True, **self._primary_timings()})
+                    "probe": True, **({"secondary-instance": instance} if instance else {}),
+                    **self._primary_timings()})
             except BaseException:
                 new.close()
                 raise

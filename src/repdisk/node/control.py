@@ -131,7 +131,8 @@ def _controller_commands(node: Node) -> list[Command]:
         timeout = args.get("timeout")
         node.promote(args["secondary"], args.get("write-mode"),
                      None if timeout is None else float(timeout), args.get("isolation-timeout"),
-                     bool(args.get("force", False)), bool(args.get("probe", True)))
+                     bool(args.get("force", False)), bool(args.get("probe", True)),
+                     args.get("secondary-instance"))
 
     def digests(args: dict[str, Any]) -> dict[str, Any]:
         return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
@@ -184,7 +185,11 @@ def _controller_commands(node: Node) -> list[Command]:
                                                "export answers with the disks' sizes, and "
                                                "refuse (changing nothing) if not (default "
                                                "true; false for a peer that may be down: "
-                                               "Pacemaker's agent)")},
+                                               "Pacemaker's agent)"),
+                 "secondary-instance": ArgSpec(str, False, "with probe: refuse unless the node "
+                                                           "serving that export is this one "
+                                                           "(its query-replication instance)",
+                                               internal=True)},
                 help="a failed-over secondary, or a running one whose primary was demoted "
                      "(a role switch: nothing rolled back or copied), becomes a primary"),
         Command("query-digests", digests,

@@ -323,21 +323,23 @@ class Node:
 
     def promote(self, secondary_uri: str, write_mode: str | None = None,
                 timeout: float | None = None, isolation_timeout: float | None = None,
-                force: bool = False, probe: bool = False) -> None:
+                force: bool = False, probe: bool = False,
+                secondary_instance: str | None = None) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
 
         Each disk's PrimaryReplica takes over the same RawImage; the ``active`` exports
         switch to the primaries' views.  Replication starts with ``replication-start``
         (after the controller marked what differs on the new secondary).  ``write_mode``
         and ``timeout`` None: the key table's defaults; ``isolation_timeout`` None: the
-        node's ``isolation-timeout``.
+        node's ``isolation-timeout``; ``secondary_instance``: with ``probe``, the node the
+        caller means (the controller's new secondary), refused if another serves the URI.
         """
         secondary = self._role
         if isinstance(secondary, PrimaryRole):
             raise ConfigError("role", "this node is already a primary")
         write_mode = write_mode or default("write-mode")
         timeout = parse_duration("timeout", default("timeout")) if timeout is None else timeout
-        secondary.prepare_promotion(secondary_uri, timeout, force, probe)
+        secondary.prepare_promotion(secondary_uri, timeout, force, probe, secondary_instance)
         self._role = PrimaryRole.promoted(self.ctx, secondary.replicas, secondary_uri,
                                           write_mode, timeout,
                                           isolation_timeout or self.cfg.isolation_timeout)

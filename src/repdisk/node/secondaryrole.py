@@ -153,6 +153,13 @@ class SecondaryRole(Role[SecondaryReplica]):
         sessions.MARK_SUFFIX): the disk may then be half a copy, or between two writes."""
         for name in self.replicas:
             fence = self.ctx.fence(name)
+            if fence is not None and fence.writer_epoch == -1:
+                raise ReplicationError(
+                    f"{name}: no checkpoint: no primary has replicated into this disk since "
+                    "this node started, so it is no primary's copy; check that the primary's "
+                    "--secondary is this node's replica export "
+                    "(nbd+unix:///replica?socket=THIS-NODE'S-NBD-SOCKET) and that it is "
+                    "started, then checkpoint it first")
             if fence is not None and not fence.checkpointable():
                 raise ReplicationError(
                     f"{name}: no checkpoint: the primary wrote since its last checkpoint (or "
@@ -261,27 +268,34 @@ class SecondaryRole(Role[SecondaryReplica]):
     # -- promotion -----------------------------------------------------------------------
 
     def prepare_promotion(self, secondary_uri: str, timeout: float, force: bool,
-                          probe: bool) -> None:
+                          probe: bool, secondary_instance: str | None = None) -> None:
         """Everything a promotion checks and records before the role changes: refuse (and
         change nothing) a node that may not be promoted, or whose new secondary does not
         answer (``probe``); a role switch or ``force`` starts the next epoch."""
         if probe and not force:  # the controller's: a wrong URI or a peer not up changes nothing
             if not self._sealed():
                 self._check_promotable()  # before the probe: a wrong stage says so first
-            self._probe(secondary_uri, timeout)
+            self._probe(secondary_uri, timeout, secondary_instance)
         if force:
             self._take_as_is(secondary_uri, timeout)
         elif not self._switch():
             self._check_promotable()
 
-    def _probe(self, secondary_uri: str, timeout: float) -> None:
+    def _probe(self, secondary_uri: str, timeout: float, instance: str | None) -> None:
         """Before a promotion changes anything: each disk's replica export at
-        ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up)."""
+        ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up), and is
+        served by node ``instance`` if given (the URI names the node the caller means)."""
         listed = nbdclient.list_exports(secondary_uri, timeout) or {}
-        if any(d is not None and d[1] == self.ctx.instance
-               for d in map(described, listed.values())):
+        serving = {d[1] for d in map(described, listed.values()) if d is not None}
+        if self.ctx.instance in serving:
             raise ConfigError("secondary", f"cannot promote: {secondary_uri} is this node's own "
                                            "replica export: give the new secondary's URI")
+        if instance is not None and instance not in serving:
+            raise ConfigError("secondary", f"cannot promote: {secondary_uri} is served by "
+                                           "another node than the new secondary's control "
+                                           "socket names: give that node's replica URI (its "
+                                           "--nbd-socket), or the control socket of the node "
+                                           "at this URI")
         write_mode = self.ctx.cfg.primary.write_mode
         for name, rep in self.replicas.items():
             export = export_name(secondary_uri) + (f"/{name}" if len(self.replicas) > 1 else "")
