@@ -746,3 +746,26 @@ def test_logs_rotated_by_copytruncate_go_on_from_their_start(cli_pair: Pair) -> 
         text = Path(cli_pair.path(log)).read_bytes()
         assert text and not text.startswith(b"\0"), (log, text[:80])
         assert re.match(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", text), (log, text[:80])
+
+
+def test_a_stop_by_hand_of_a_protected_pair_is_refused(cli_pair: Pair) -> None:
+    """`repdisk ctl NODE stop` while a controller protects the pair would end that node's
+    replication until it restarts (QEMU's stop), which the controller cannot mend: it is
+    refused, naming the controller, and changes nothing."""
+    pri, sec, _ = replicating_pair(cli_pair)
+    cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
+                     "ctl.qmp", "--background")
+    try:
+        wait_for(lambda: "running" in cli_pair.repdisk("status", "ctl.qmp").stdout,
+                 what="a protected pair")
+        for node in (pri, sec):
+            bad = cli_pair.repdisk("ctl", node, "stop", ok=False)
+            assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith(
+                "repdisk: GenericError: replication-stop refused: controller ") and \
+                bad.stderr.endswith(" protects this pair, and a stop would end this node's "
+                                    "replication until it restarts: stop the controller first "
+                                    "(repdisk down CONTROLLER-SOCKET)\n"), bad.stderr
+            q = json.loads(cli_pair.repdisk("ctl", node, "status", "--json").stdout)
+            assert q["disks"][0]["stage"] == "running", q
+    finally:
+        cli_pair.repdisk("down", "ctl.qmp")

@@ -62,15 +62,22 @@ CONTROLLERS_ONLY = ("replication-do-checkpoint", "replication-resume")
 def _leased(node: Node, cmd: Command) -> Command:
     """Every command may name the controller sending it (``controller``): the node's lease
     then refuses it while another controller holds this node (see ``ControllerLease``).
-    An unnamed sender (``repdisk ctl``) may not take a checkpoint's steps while one does."""
+    An unnamed sender (``repdisk ctl``) may not take a checkpoint's steps while one does,
+    nor stop replication without a failover (that ends the pair's protection until the
+    node restarts, and the controller could not mend it)."""
     def handler(args: dict[str, Any]) -> Any:
         args = dict(args)
         who = args.pop("controller", None)
         node.lease.check(who, args.pop("lease", None))
-        if who is None and cmd.name in CONTROLLERS_ONLY and \
-                (holder := node.lease.holder_now()) is not None:
+        holder = node.lease.holder_now() if who is None else None
+        if holder is not None and cmd.name in CONTROLLERS_ONLY:
             raise ControlError(f"{cmd.name} refused: controller {holder} takes this pair's "
                                "checkpoints: ask it (repdisk ctl CONTROLLER-SOCKET checkpoint)")
+        if holder is not None and cmd.name == "replication-stop" and not args.get("failover"):
+            raise ControlError(f"{cmd.name} refused: controller {holder} protects this pair, "
+                               "and a stop would end this node's replication until it "
+                               "restarts: stop the controller first (repdisk down "
+                               "CONTROLLER-SOCKET)")
         return cmd.handler(args)
     leased_args = {**cmd.args,
                    "controller": ArgSpec(str, False, "the controller sending this command: "
