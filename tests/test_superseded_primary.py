@@ -36,8 +36,8 @@ def start_pair(pair: Pair, write_mode: str) -> tuple[str, str, str]:
     return pri, sec, guest
 
 
-def start_primary(pair: Pair, write_mode: str) -> None:
-    pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
+def start_primary(pair: Pair, write_mode: str) -> subprocess.CompletedProcess:
+    return pair.repdisk("primary", "--disk", "pri.img", "--control", "pri.qmp", "--nbd-socket",
                  "pri.sock", "--secondary", f"nbd+unix:///replica?socket={pair.path('sec.sock')}",
                  "--write-mode", write_mode, "--background", "--pidfile", "pri.pid")
 
@@ -219,7 +219,9 @@ def test_a_demoted_primary_restarted_as_a_primary_comes_up_fenced(cli_pair: Pair
     cli_pair.repdisk("ctl", sec, "replication-promote",
                      f"secondary=nbd+unix:///replica?socket={cli_pair.path('pri.sock')}")
     cli_pair.repdisk("down", pri)
-    start_primary(cli_pair, "sync")
+    started = start_primary(cli_pair, "sync")
+    assert started.stderr.startswith("repdisk primary: FENCED, it takes no write: the node "
+                                     "at --secondary "), started.stderr   # said at once
     status = cli_pair.repdisk("status", pri).stdout
     assert "FENCED (the node at --secondary" in status and "is in epoch 1, newer than this " \
         "node's 0" in status, status

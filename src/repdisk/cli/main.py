@@ -98,7 +98,19 @@ def _run_node(args: argparse.Namespace, role: str) -> int:
     pid = nodeproc.start_background(cmd, pidfile, args.log or pidfile[:-4] + ".log", control,
                                     listen)
     print(f"repdisk {role}: serving (pid {pid}), control {control}")
+    _say_if_fenced(role, control)
     return 0
+
+
+def _say_if_fenced(role: str, control: str) -> None:
+    """A node that came up fenced serves, but takes no write: say so at once (an old
+    primary restarted after a failover), not only in repdisk status."""
+    try:
+        fenced = execute(control, "query-replication", timeout=10.0).get("fenced")
+    except RepdiskError:
+        return                  # it serves; status says what it can
+    if fenced:
+        print(f"repdisk {role}: FENCED, it takes no write: {fenced}", file=sys.stderr)
 
 
 def _refuse_own_socket_as_secondary(args: argparse.Namespace) -> None:
