@@ -72,10 +72,10 @@ def test_a_promotion_to_another_nodes_uri_is_refused_and_changes_nothing(
 
 
 def test_a_secondary_no_primary_replicates_into_is_never_checkpointed(tmp_path: Any) -> None:
-    """The primary replicates into X while the controller's --secondary is B: B's
-    checkpoints are refused, saying what to check, so B never becomes consistent and the
-    controller does not fail over to it when the primary dies: nothing acknowledged is
-    handed over as lost."""
+    """The primary replicates into X while the controller's --secondary is B: the
+    controller refuses to checkpoint B, saying what to fix, so B never becomes consistent
+    and the controller does not fail over to it when the primary dies: nothing acknowledged
+    is handed over as lost."""
     folder = str(tmp_path)
     disks(folder, "p.img", "s.img", "x.img")
     try:
@@ -86,10 +86,13 @@ def test_a_secondary_no_primary_replicates_into_is_never_checkpointed(tmp_path: 
              "--isolation-timeout", "0.6s")
         repdisk(folder, "ctl", "x.qmp", "start", "mode=secondary")
         controller(folder, "sec.qmp")
-        q = wait(folder, lambda q: "no primary has replicated into this disk"
-                 in (q.get("error") or ""), "a refused checkpoint")
-        assert "check that the primary's --secondary is this node's replica export" \
-            in q["error"], q["error"]
+        q = wait(folder, lambda q: "cannot checkpoint" in (q.get("error") or ""),
+                 "a refused checkpoint")
+        assert q["error"].endswith(
+            "cannot checkpoint: the primary pri.qmp does not replicate into sec.qmp now (its "
+            "disk disk0 has no primary connected): if it stays so, the primary's --secondary "
+            "names another node's replica export; restart the primary with sec.qmp's, or give "
+            "this controller that node's control socket"), q["error"]
         status = repdisk(folder, "status", "sec.qmp")
         assert "INCONSISTENT" in status and "no checkpoint" in status, status
         qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x55 0 1M")

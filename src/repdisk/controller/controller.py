@@ -498,6 +498,23 @@ class Controller(StateMachine):
                     pause=round(rec["pause"], 6))
         return rec
 
+    def _check_replicated(self) -> None:
+        """Refuse, changing nothing, a checkpoint of a secondary into which the primary does
+        not replicate now (its --secondary names another node, or its link is down): a
+        checkpoint would call that disk a consistent copy, and a failover hand it over."""
+        p, s = self.primary.query(), self.secondary.query()
+        writers = {d["disk"]: d.get("writer") for d in p["disks"]}
+        for d in s["disks"]:
+            if d.get("no_primary_since") is None and d.get("writer") == writers.get(d["disk"]):
+                continue
+            raise ControlError(
+                f"cannot checkpoint: the primary {self.primary.socket} does not replicate into "
+                f"{self.secondary.socket} now (its disk {d['disk']} has "
+                + ("no primary connected" if d.get("no_primary_since") is not None else
+                   "another primary disk's session") + "): if it stays so, the primary's "
+                "--secondary names another node's replica export; restart the primary with "
+                f"{self.secondary.socket}'s, or give this controller that node's control socket")
+
     def _pair_checkpoint(self, rec: dict[str, Any]) -> None:
         tmp = None
         if self.cfg.vm_state:
@@ -506,6 +523,7 @@ class Controller(StateMachine):
             # stopped, so its disks are the same before and after the barrier.
             tmp = os.path.join(self.cfg.vm_state, "vmstate.tmp")
             rec["vm_state_bytes"] = save_vm_state(self.guest.monitor(), tmp)
+        self._check_replicated()
         self.primary.ops.call("replication-do-checkpoint")          # barrier + hold
         try:
             self.secondary.ops.call("replication-get-error")

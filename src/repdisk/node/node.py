@@ -399,11 +399,13 @@ class Node:
 
     def _disk_query(self, name: str, rep: Replica) -> dict[str, Any]:
         """One disk's query; a secondary's says since when no primary has been connected
-        (``no_primary_since``: time.time(), None while one is)."""
+        (``no_primary_since``: time.time(), None while one is) and which primary disk's
+        sessions it admits (``writer``, sessions.writer_id; "" before any)."""
         q = {**rep.query(), "size": rep.disk.size}
         fence = self.ctx.fence(name)
-        if fence is not None:
+        if fence is not None and isinstance(self._role, SecondaryRole):  # not a promoted one's
             q["no_primary_since"] = fence.unconnected_since()
+            q["writer"] = fence.writer
         return q
 
     def closed(self, dev: BlockDevice) -> None:

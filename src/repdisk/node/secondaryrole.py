@@ -153,13 +153,6 @@ class SecondaryRole(Role[SecondaryReplica]):
         sessions.MARK_SUFFIX): the disk may then be half a copy, or between two writes."""
         for name in self.replicas:
             fence = self.ctx.fence(name)
-            if fence is not None and fence.writer_epoch == -1:
-                raise ReplicationError(
-                    f"{name}: no checkpoint: no primary has replicated into this disk since "
-                    "this node started, so it is no primary's copy; check that the primary's "
-                    "--secondary is this node's replica export "
-                    "(nbd+unix:///replica?socket=THIS-NODE'S-NBD-SOCKET) and that it is "
-                    "started, then checkpoint it first")
             if fence is not None and not fence.checkpointable():
                 raise ReplicationError(
                     f"{name}: no checkpoint: the primary wrote since its last checkpoint (or "
@@ -290,7 +283,7 @@ class SecondaryRole(Role[SecondaryReplica]):
         if self.ctx.instance in serving:
             raise ConfigError("secondary", f"cannot promote: {secondary_uri} is this node's own "
                                            "replica export: give the new secondary's URI")
-        if instance is not None and instance not in serving:
+        if instance is not None and serving and instance not in serving:
             raise ConfigError("secondary", f"cannot promote: {secondary_uri} is served by "
                                            "another node than the new secondary's control "
                                            "socket names: give that node's replica URI (its "

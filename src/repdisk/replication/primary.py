@@ -375,6 +375,7 @@ class PrimaryReplica:
             "disk": self.name,
             "mode": self.sm.mode.value,
             "stage": self.sm.stage.value,
+            "writer": self.link.writer,     # its sessions' name on the secondary
             "starting": self.starting,
             "error": self.sm.error,
             "degraded": self.link.degraded,

@@ -157,10 +157,9 @@ class SessionFence:
 
     def checkpointable(self) -> bool:
         """Whether the disk is a checkpoint's closed set: the current session's primary
-        marked a checkpoint and wrote nothing since.  A disk that no primary session
-        replicated into since this node started is none, whatever it holds: it is no
-        primary's copy (its primary's --secondary may name another node)."""
-        return self._current != (-1, -1) and self._marked == self._current
+        marked a checkpoint and wrote nothing since, or no primary session ever wrote
+        (a plain ``replica`` connection, an operator's tool)."""
+        return self._current == (-1, -1) or self._marked == self._current
 
     def joined(self, token: Token) -> None:
         """A connection of ``token``'s session opened (a SessionView was made)."""
