@@ -472,6 +472,68 @@ def repdisk_catch_up(workdir: Path, timeout: float = 120.0) -> tuple[int, float]
         client.close()
 
 
+# cfast-sync: a benchmark-only prototype, never the product. bench/cfast/syncprimary.c is a
+# sync primary's steady state in C (nbdkit plugin, each worker thread writes to the secondary
+# on its own libnbd handle, no thread crossed), against a real repdisk secondary (or, for
+# `cfast-sync-filesec`, nbdkit's file plugin on the secondary image: no copy-before-write).
+# It writes untagged to `replica`, which a started secondary accepts (an operator's
+# connection, unfenced: src/repdisk/replication/sessions.py), and a secondary no tagged
+# session wrote to takes a checkpoint alone (SessionFence.checkpointable).
+CFAST_SRC = BENCH_DIR / "cfast" / "syncprimary.c"
+
+
+def build_cfast(workdir: Path) -> Path:
+    """Compile bench/cfast/syncprimary.c into the work directory (once per run)."""
+    lib = workdir / "syncprimary.so"
+    if not lib.exists() or lib.stat().st_mtime < CFAST_SRC.stat().st_mtime:
+        res = subprocess.run(["gcc", "-O2", "-fPIC", "-shared", "-o", str(lib), str(CFAST_SRC),
+                              "-lnbd", "-lpthread"], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"cannot build {CFAST_SRC} (apt-get install nbdkit-plugin-dev "
+                               f"libnbd-dev gcc): {res.stderr.strip()[-300:]}")
+    return lib
+
+
+def start_cfast(workdir: Path, threads: int | None = None, secondary: str = "repdisk",
+                repdisk_path: Path = REPDISK) -> tuple[str, Cleanup]:
+    """The C sync primary (nbdkit `-t threads`, nbdkit's default 16 if None) on PRIMARY_IMG,
+    replicating to a repdisk secondary on SECONDARY_IMG started as the repdisk systems start
+    theirs (default threads, `replication-start mode=secondary`), or to nbdkit's file plugin
+    (`secondary="file"`)."""
+    lib = build_cfast(workdir)
+    s1, c1 = _socket_path(workdir, "cf-sec"), _socket_path(workdir, "cf-sec-ctl")
+    s2 = _socket_path(workdir, "cf-pri")
+    primary = ["nbdkit", "-f", "--exit-with-parent", "-U", str(s2),
+               *(["-t", str(threads)] if threads else []),
+               str(lib), f"file={workdir / PRIMARY_IMG}", f"secondary={_unix_uri(s1, 'replica')}"]
+
+    def build(procs: Procs) -> str:
+        if secondary == "file":
+            procs.serve("nbdkit-file-secondary",
+                        ["nbdkit", "-f", "--exit-with-parent", "-U", str(s1), "file",
+                         f"file={workdir / SECONDARY_IMG}"], [s1])
+        else:
+            repdisk = _require_repdisk_nodes(repdisk_path)
+            procs.serve("repdisk-secondary",
+                        [repdisk, "secondary", "--disk", str(workdir / SECONDARY_IMG),
+                         "--nbd-socket", str(s1), "--control", str(c1)], [s1], [c1])
+            _ctl(repdisk, c1, "replication-start", "mode=secondary")
+        procs.serve("cfast-primary", primary, [s2])
+        return _unix_uri(s2)
+
+    return _started(workdir, build)
+
+
+def cfast_checkpoint(workdir: Path) -> None:
+    """Before each job: a checkpoint of the secondary alone (no primary to hold), which
+    empties its overlays as repdisk_checkpoint's does."""
+    client = QMPClient(timeout=30).connect(str(_socket_path(workdir, "cf-sec-ctl")))
+    try:
+        client.execute("replication-do-checkpoint")
+    finally:
+        client.close()
+
+
 @dataclass(frozen=True)
 class System:
     name: str
@@ -528,6 +590,13 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     *(_pair("async", t) for t in (1, 4, 16)),
     _pair("async", 1, 1),
     *(_clustered(mode, c) for mode in ("sync", "async") for c in ("4K", "16K")),
+    System("cfast-sync", "benchmark-only C sync primary (bench/cfast/syncprimary.c, nbdkit "
+           "default threads = 16) -> repdisk secondary", start_cfast, True, cfast_checkpoint),
+    System("cfast-sync-t16", "cfast-sync with nbdkit -t 16 given explicitly",
+           functools.partial(start_cfast, threads=16), True, cfast_checkpoint),
+    System("cfast-sync-filesec", "C sync primary -> nbdkit file plugin on the secondary "
+           "image (no copy-before-write): the secondary's share",
+           functools.partial(start_cfast, secondary="file"), True),
 ]}
 # What a run measures unless --systems says otherwise (the rest are for experiments).
 DEFAULT_SYSTEMS = ["qemu-colo", "qemu-quorum", "file", "passthrough", "repdisk-sync",
