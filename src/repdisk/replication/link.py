@@ -117,6 +117,7 @@ class Link:
         ``source``: the async write-back's pieces (forwarder.py's Pulling).  Raises
         ReplicationError (state unchanged) if the secondary is unfit."""
         fwd = self._connect(session=True, source=source)
+        self._sm.clear_error()    # what broke it is history, before a query sees it UP
         self._set(LinkState.UP, fwd)
         if fwd.failed:  # failed before it was ours: on_failure did not degrade
             self.degrade(f"forwarding to the secondary {self.uri} failed: {fwd.error}")

@@ -262,7 +262,6 @@ class PrimaryReplica:
                 except ReplicationError as err:
                     self.link.still_degraded(str(err).removeprefix(f"{self.name}: "))
                     raise
-                self.sm.clear_error()  # the link is back: what broke it is history now
             sent = self._copy(progress)
             self.sm.clear_error()
             log.info("%s: resync sent %d bytes", self.name, sent)
