@@ -480,6 +480,7 @@ class Controller(StateMachine):
         rec: dict[str, Any] = {"seq": self.counters["checkpoints"] + 1, "time": time.time()}
         t0 = time.monotonic()
         try:
+            self._check_replicated()     # before the guest's pause: it costs two queries
             rec["pause"] = self.guest.paused(lambda: self._pair_checkpoint(rec))
         except RepdiskError as err:
             self.counters["checkpoint_failures"] += 1
@@ -523,7 +524,6 @@ class Controller(StateMachine):
             # stopped, so its disks are the same before and after the barrier.
             tmp = os.path.join(self.cfg.vm_state, "vmstate.tmp")
             rec["vm_state_bytes"] = save_vm_state(self.guest.monitor(), tmp)
-        self._check_replicated()
         self.primary.ops.call("replication-do-checkpoint")          # barrier + hold
         try:
             self.secondary.ops.call("replication-get-error")
