@@ -210,12 +210,15 @@ class ClusterNode:
         return out
 
     def power_cut(self) -> None:
-        """SIGKILL every process of the node at once (its disk stays as it was)."""
+        """SIGKILL every process of the node at once (its disk stays as it was); returns
+        once they are gone, as after a real power cut (a killed process takes a moment)."""
         if self.init is None or self.init.poll() is not None:
             return
-        for p in self.processes():
+        killed = self.processes()
+        for p in killed:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+        psutil.wait_procs(killed, timeout=10)
         self.reap()
         self.cluster.note(f"power cut {self.name}")
 
