@@ -350,3 +350,65 @@ def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None
                if opt.startswith("--")}
     given_by_up = {"help", "primary", "secondary", "log", "background", "pidfile"}
     assert options - given_by_up == set(resources.CONTROLLER_KEYS) - {"host"}
+
+
+@pytest.mark.timeout(240)
+def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
+        folder: Path) -> None:
+    """After a failover and a promotion onto a third node, started by hand: status shows
+    that node, down stops it too, and once the sections are swapped, up runs the pair the
+    file names (the pair file, which names the third node, loses to the changed file);
+    the old primary gets what the winner wrote meanwhile."""
+    path = resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+    os.kill(int((folder / "alpha-pri.qmp.pid").read_text()), signal.SIGKILL)
+    wait_state(folder, "alpha", "failed-over")
+    third = folder / "alpha-c.qmp"
+    with open(folder / "alpha-c.img", "wb") as f:
+        f.truncate(32 * MiB)
+    subprocess.run([REPDISK, "secondary", "--disk", str(folder / "alpha-c.img"), "--control",
+                    str(third), "--nbd-socket", str(folder / "alpha-c.sock"), "--background",
+                    "--pidfile", f"{third}.pid", "--log", f"{third}.log"], check=True,
+                   capture_output=True, timeout=60)
+    subprocess.run([REPDISK, "ctl", str(folder / "alpha-pri.ctrl.qmp"), "controller-promote",
+                    f"secondary={third}", f"uri=nbd+unix:///replica?socket={folder}/alpha-c.sock"],
+                   check=True, capture_output=True, timeout=60)
+    wait_state(folder, "alpha", "running")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///?socket={folder}/alpha-sec.sock")
+    h.pwrite(b"\x33" * MiB, 4 * MiB)            # while the third node is the secondary
+    h.shutdown()
+    status = repdisk(folder, "status", "alpha", ok=False).stdout   # [primary]'s node is down
+    assert f"\n  secondary since a promotion ({third}):\n  secondary " in status, status
+    assert "\n  primary: down\n" in status, status       # its socket is left by the kill
+    report = json.loads(repdisk(folder, "status", "alpha", "--json", ok=False).stdout)
+    assert report["alpha"]["primary"] == {"socket": f"{folder}/alpha-pri.qmp", "kind": "down"}
+    assert report["alpha"]["controller"]["query"]["state"] == "running"
+    assert report["alpha"][f"secondary since a promotion ({third})"]["query"]["role"] == \
+        "secondary"
+    assert repdisk(folder, "down", "alpha").stdout == \
+        f"alpha: stopped controller, {third} (its secondary since a promotion), secondary\n"
+    assert processes_of(folder) == {}
+
+    swap_sections(path, folder, "alpha")
+    assert repdisk(folder, "up", "alpha").stdout == "alpha: secondary, primary, controller\n"
+    wait_state(folder, "alpha", "running")
+    q = json.loads(subprocess.run([REPDISK, "ctl", str(folder / "alpha-pri.ctrl.qmp"),
+                                   "status", "--json"], check=True, capture_output=True,
+                                  text=True, timeout=60).stdout)
+    assert (q["nodes"]["primary"]["socket"], q["nodes"]["secondary"]["socket"]) == \
+        (f"{folder}/alpha-sec.qmp", f"{folder}/alpha-pri.qmp")
+    assert "since a promotion" not in repdisk(folder, "status", "alpha").stdout
+    pair = json.loads((folder / "alpha-pri.ctrl.qmp.pair").read_text())  # rewritten: a swap
+    assert (pair["options"], pair["primary"], pair["secondary"]) == (  # back cannot recall it
+        [f"{folder}/alpha-sec.qmp", f"{folder}/alpha-pri.qmp"], f"{folder}/alpha-sec.qmp",
+        f"{folder}/alpha-pri.qmp")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///?socket={folder}/alpha-sec.sock")
+    h.pwrite(b"\x22" * MiB, 8 * MiB)            # sync: on the old primary when acknowledged
+    h.shutdown()
+    with open(folder / "alpha-pri.img", "rb") as f:
+        assert f.read() == (folder / "alpha-sec.img").read_bytes()
+        f.seek(4 * MiB)
+        assert f.read(MiB) == b"\x33" * MiB

@@ -283,7 +283,7 @@ def _status(args: argparse.Namespace) -> int:
     ``error``) and exit status 1.  Printing is outside the ``try``: a closed stdout is not
     an unreachable node.  Resource names (or none, or all): this host's resources."""
     if all(updown.is_resource_name(a) for a in args.sockets):
-        return updown.status(args.sockets, args.config_dir)
+        return updown.status(args.sockets, args.config_dir, args.json)
     ok = True
     found: dict[str, dict[str, Any]] = {}
     for sock in args.sockets:

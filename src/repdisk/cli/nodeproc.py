@@ -333,7 +333,7 @@ def serving(control: str) -> Serving | None:
     except NotAControlSocket as err:
         raise RepdiskError(str(err)) from None
     except ControlError:        # no greeting: gone, or hung, or not repdisk (its pid says)
-        if not os.path.exists(control) or _refused(control):
+        if not os.path.exists(control) or refused(control):
             return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
@@ -354,7 +354,7 @@ def serving(control: str) -> Serving | None:
                        "repdisk node or controller: nothing stopped")
 
 
-def _refused(path: str) -> bool:
+def refused(path: str) -> bool:
     """Whether a Unix socket at ``path`` refuses connections (left by a process gone)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:

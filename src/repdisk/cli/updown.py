@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -25,11 +26,13 @@ import psutil
 from repdisk.cli import controllercmd, nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
-from repdisk.cli.status import status_lines
+from repdisk.cli.status import render_status, status_query
+from repdisk.controller import pairfile
 from repdisk.errors import RepdiskError
 from repdisk.node.config import NAME_RE, NodeConfig
 from repdisk.node.state import NodeState
 from repdisk.tls import TLSSpec
+from repdisk.uri import tcp_address
 
 
 def add_parsers(sub: Any) -> None:
@@ -129,9 +132,37 @@ def _check_role(res: Resource, node: Node) -> None:
 
 
 def down(res: Resource, host: str | None = None) -> list[str]:
-    """Stop what of ``res`` runs on this host (controller, primary, secondary); what was."""
+    """Stop what of ``res`` runs on this host (controller, a node that joined the pair by a
+    promotion, primary, secondary); what was."""
     host = host or resources.this_host()
-    return _stop(res, host, ["controller", *reversed(resources.ROLES)])
+    joined = joined_nodes(res, host)     # the controller's pair file outlives the controller
+    stopped = _stop(res, host, ["controller"])
+    for role, control in joined:
+        try:
+            found = nodeproc.serving(control)
+        except RepdiskError as err:      # not a repdisk node any more: left alone, said
+            print(f"{res.name}: {err}", file=sys.stderr)
+            continue
+        if found is not None:
+            found.stop()
+            stopped.append(f"{control} (its {role} since a promotion)")
+    return stopped + _stop(res, host, list(reversed(resources.ROLES)))
+
+
+def joined_nodes(res: Resource, host: str) -> list[tuple[str, str]]:
+    """The nodes that a promotion made part of the pair and that the resource file does not
+    name, on this host: (role now, control socket), from the pair file of the resource's
+    controller (when it runs here), while the file's sections still name the pair's first
+    nodes."""
+    if res.controller.host != host:
+        return []
+    first = (res.nodes["primary"].control_address, res.nodes["secondary"].control_address)
+    now = pairfile.recall(res.controller.control + ".pair", first)
+    if now is None:
+        return []
+    named = {n.control_address for n in res.nodes.values()}
+    return [(role, control) for role, control in zip(("primary", "secondary"), now, strict=True)
+            if control not in named and tcp_address(control) is None]
 
 
 def _stop(res: Resource, host: str, which: list[str]) -> list[str]:
@@ -181,8 +212,8 @@ def _start_controller(res: Resource) -> None:
             *controllercmd.options_argv(c.options)]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RepdiskError(f"{res.name}: the controller did not start: "
-                           f"{(result.stderr or result.stdout).strip()}")
+        said = (result.stderr or result.stdout).strip().removeprefix("repdisk: error: ")
+        raise RepdiskError(f"{res.name}: the controller did not start: {said}")
 
 
 def _pid_in(pidfile: str) -> int | None:
@@ -224,9 +255,12 @@ def is_resource_name(arg: str) -> bool:
     return bool(NAME_RE.match(arg)) and not os.path.exists(arg)
 
 
-def status(names: list[str], config_dir: str) -> int:
+def status(names: list[str], config_dir: str, as_json: bool = False) -> int:
     """One block per resource: its name and the lines of what this host runs of it; a
-    file with a mistake is one line (the others are still shown), status 1."""
+    file with a mistake is one line (the others are still shown), status 1.  ``as_json``:
+    one object instead, by resource: ``path``, and by part (``controller``, a role, a node
+    that joined by a promotion) what ``repdisk status --json`` says of a socket, or
+    ``{"kind": "down"}``."""
     broken: list[resources.ResourceError] = []
     found = resources.load_dir(config_dir, broken=broken)
     host = resources.this_host()
@@ -238,21 +272,45 @@ def status(names: list[str], config_dir: str) -> int:
     wanted = [n for n in names if n not in {resources.resource_name(err.path) for err in broken}]
     if names and not wanted and named:
         return 1                        # every resource named has a mistake, said above
+    report: dict[str, Any] = {}
     for res in resources.select(found, wanted, config_dir):
-        print(f"{res.name} ({res.path})")
-        sockets = []
-        if res.controller.host == host:
-            sockets.append(("controller", res.controller.control))
-        sockets += [(n.role, n.control) for n in res.local_nodes(host)]
-        for what, sock in sockets:
-            if not os.path.exists(sock):
-                ok = False
-                print(f"  {what}: down")
-                continue
-            try:
-                for line in status_lines(sock):
-                    print(f"  {line}")
-            except (RepdiskError, OSError) as err:
-                ok = False
-                print(f"  {what}: unreachable: {err}")
+        parts = report[res.name] = {"path": res.path}
+        if not as_json:
+            print(f"{res.name} ({res.path})")
+        for what, sock in _parts(res, host):
+            part = parts[what] = _part_status(sock)
+            ok = ok and part["kind"] not in ("down", "unreachable")
+            if not as_json:
+                print("\n".join(f"  {line}" for line in _part_lines(what, part)))
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if ok else 1
+
+
+def _parts(res: Resource, host: str) -> list[tuple[str, str]]:
+    """What of ``res`` runs on this host, as ``status`` shows it: (name, control socket)."""
+    parts = [("controller", res.controller.control)] if res.controller.host == host else []
+    parts += [(n.role, n.control) for n in res.local_nodes(host)]
+    return parts + [(f"{role} since a promotion ({control})", control)
+                    for role, control in joined_nodes(res, host)]
+
+
+def _part_status(sock: str) -> dict[str, Any]:
+    """``{"kind": "down"}`` (no socket, or one left by a killed process), ``unreachable``
+    with its ``error``, or the ``kind`` and ``query`` of :func:`status_query`."""
+    if not os.path.exists(sock) or nodeproc.refused(sock):
+        return {"socket": sock, "kind": "down"}
+    try:
+        kind, q = status_query(sock)
+    except (RepdiskError, OSError) as err:
+        return {"socket": sock, "kind": "unreachable", "error": str(err)}
+    return {"socket": sock, "kind": kind, "query": q}
+
+
+def _part_lines(what: str, part: dict[str, Any]) -> list[str]:
+    if part["kind"] == "down":
+        return [f"{what}: down"]
+    if part["kind"] == "unreachable":
+        return [f"{what}: unreachable: {part['error']}"]
+    lines = render_status(part["kind"], part["query"])
+    return [f"{what}:", *lines] if " since a promotion " in what else lines

@@ -149,6 +149,14 @@ class Controller(StateMachine):
         self.primary = Peer("primary", now[0], self.cfg)
         self.secondary = Peer("secondary", now[1], self.cfg)
 
+    def _pair_file_stale(self) -> bool:
+        """A pair file is there but about other options (it lost to them at the start): it
+        is rewritten, so that nothing reads the nodes it names as this pair's."""
+        path = self.pair_file
+        return path is not None and os.path.exists(path) and pairfile.recall(
+            path, (self.cfg.primary, self.cfg.secondary)) != (self.primary.socket,
+                                                              self.secondary.socket)
+
     def _note_write_mode(self, p: dict[str, Any] | None) -> None:
         """Keep the primary's write mode (remembered in the pair file when it changes):
         a promotion after the primary is lost gives it to the new primary."""
@@ -201,7 +209,7 @@ class Controller(StateMachine):
         with self._operation(Operation.ADOPT):
             before = (self.primary.socket, self.secondary.socket)
             self._adopt()
-            if (self.primary.socket, self.secondary.socket) != before:
+            if (self.primary.socket, self.secondary.socket) != before or self._pair_file_stale():
                 self._remember_pair()   # once the adoption stands: a refusal writes nothing
 
     def _peek(self, peer: Peer) -> dict[str, Any] | None:

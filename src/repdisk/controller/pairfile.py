@@ -2,8 +2,10 @@
 
 Promotions and switchovers replace or swap the nodes that the controller's options name;
 the file remembers where they went, with the options that named the pair first, so a
-controller restarted with those options runs the pair as it is now.  The roles in the
-file are only a start: the controller still asks the nodes.
+controller restarted with those options runs the pair as it is now.  Options that differ
+from those, even only in their order (a resource file whose sections were swapped), win
+over the file.  The roles in the file are only a start: the controller still asks the
+nodes.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ log = logging.getLogger(__name__)
 
 def recall(path: str, options: tuple[str, str]) -> tuple[str, str] | None:
     """The pair's (primary, secondary) control sockets now, from the file at ``path``, if it
-    is about the pair that ``options`` (the controller's --primary, --secondary) name.
+    is about the pair that ``options`` (the controller's --primary, --secondary) name, in
+    that order.
 
-    None if there is no file, or it is about another pair (options that name other nodes
-    win); a file that cannot be read is logged and ignored."""
+    None if there is no file, or it is about other options (those that name other nodes, or
+    the same nodes in other roles, win); a file that cannot be read is logged and ignored."""
     try:
         with open(path) as f:
             rec = json.load(f)
@@ -32,7 +35,7 @@ def recall(path: str, options: tuple[str, str]) -> tuple[str, str] | None:
         log.warning("ignoring the pair file %s (%s): running the pair the options name",
                     path, err)
         return None
-    if sorted(first) != sorted(options):
+    if list(first) != list(options):
         return None
     return now
 
@@ -54,14 +57,14 @@ def remember(path: str, options: tuple[str, str], primary: str, secondary: str,
              write_mode: str) -> None:
     """Write the file at ``path`` durably (after every change of the pair's nodes or of its
     write mode): the pair is ``primary``, ``secondary`` now, named first by the options the
-    file already holds if they name the same nodes as ``options``, else by ``options``.  A
-    failure is logged."""
+    file already holds if they are ``options``, else by ``options``.  A failure is
+    logged."""
     try:
         with open(path) as f:
             first = json.load(f)["options"]
     except (OSError, ValueError, KeyError, TypeError):
         first = None
-    if first is None or sorted(first) != sorted(options):
+    if first is None or list(first) != list(options):
         first = list(options)
     try:
         durable.replace_file(path, json.dumps({
