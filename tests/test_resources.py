@@ -249,6 +249,42 @@ def test_bad_controller_values_are_refused_before_anything_starts(folder: Path) 
     assert processes_of(folder) == {}
 
 
+def test_relative_paths_and_timings_a_controller_refuses_are_refused_before_up(
+        folder: Path) -> None:
+    """A relative path would name another file when up, down or status run from another
+    folder (systemd's is /); a primary timeout the controller would refuse once the nodes
+    run is refused first, with the file's keys in the advice."""
+    path = resource_file(folder, "alpha")
+    text = path.read_text()
+    for line, old, new, key, message in (
+            (3, f'"{folder}/alpha-pri.img"', '"alpha-pri.img"', "primary.disk",
+             "'alpha-pri.img' is a relative path: give it from / (repdisk up, down and "
+             "status run from any folder)"),
+            (11, f'"{folder}/alpha-sec.img"', '"data:sec/alpha.img"', "secondary.disk",
+             "'sec/alpha.img' is a relative path"),
+            (12, f'"{folder}/alpha-sec.qmp"', '"alpha-sec.qmp"', "secondary.control",
+             "'alpha-sec.qmp' is a relative path"),
+            (18, "", 'metrics-file = "alpha.prom"\n', "controller.metrics-file",
+             "'alpha.prom' is a relative path"),
+            (18, "", 'control-tls = "x509:tls"\n', "controller.control-tls",
+             "'tls' is a relative path"),
+            (7, 'timeout = "1s"', 'timeout = "2s"', "primary.timeout",
+             "2s must be below the controller's heartbeat-timeout (2s), or an isolated "
+             "primary could still acknowledge writes after a failover: give [primary] "
+             'timeout less, or [controller] heartbeat-timeout = "3s"'),
+            (2, 'isolation-timeout = "1s"\n', "", "primary.isolation-timeout",
+             "3s must be below the controller's heartbeat-timeout (2s)")):
+        path.write_text(text.replace(old, new) if old else text + new)
+        check_refused(folder, line, key, message)
+    result = repdisk(folder, "up", "all", ok=False)
+    assert result.stderr == (f"repdisk: error: {path}:2: primary.isolation-timeout: 3s must "
+                             "be below the controller's heartbeat-timeout (2s), or an isolated "
+                             "primary could still acknowledge writes after a failover: give "
+                             "[primary] isolation-timeout less, or [controller] "
+                             'heartbeat-timeout = "4s"\n')
+    assert processes_of(folder) == {}
+
+
 def test_two_resources_on_one_socket(folder: Path) -> None:
     resource_file(folder, "alpha")
     resource_file(folder, "beta", pri_sock=f"{folder}/alpha-pri.sock")

@@ -106,10 +106,10 @@ def options_argv(options: Mapping[str, str]) -> list[str]:
 
 
 def check_options(primary: str, secondary: str, control: str,
-                  options: Mapping[str, str]) -> None:
+                  options: Mapping[str, str]) -> ControllerConfig:
     """Make the checks ``repdisk controller`` makes of its options before it starts, on
     a config file's [controller] keys, so that ``repdisk up`` refuses a bad value before
-    anything starts.  Raises ConfigError naming the key."""
+    anything starts; the settings they make.  Raises ConfigError naming the key."""
     for key in FLAGS:
         if options.get(key, "no") not in ("yes", "no"):
             raise ConfigError(key, f"{options[key]!r} is not a yes/no value: use yes or no")
@@ -122,7 +122,9 @@ def check_options(primary: str, secondary: str, control: str,
     except argparse.ArgumentError as err:
         raise ConfigError((err.argument_name or "controller").split("/")[0].removeprefix("--"),
                           err.message) from None
-    _config(args).check()
+    cfg = _config(args)
+    cfg.check()
+    return cfg
 
 
 def _config(args: argparse.Namespace) -> ControllerConfig:

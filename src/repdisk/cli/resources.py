@@ -41,6 +41,7 @@ from typing import Any
 from repdisk.cli import controllercmd
 from repdisk.errors import ConfigError, RepdiskError
 from repdisk.node import config as cfgmod
+from repdisk.units import parse_duration
 from repdisk.uri import parse_address
 
 DEFAULT_DIR = "/etc/repdisk"
@@ -54,6 +55,11 @@ CONTROLLER_KEYS = ("host", "control", "interval", "heartbeat", "heartbeat-timeou
                    "checkpoint-only", "metrics-file", "tls", "insecure", "libvirt-domain",
                    "libvirt-uri", "control-tcp", "control-tls")
 SECTIONS = ("primary", "secondary", "controller")
+#: Keys whose values are paths, by section kind: each must be absolute (``up``, ``down`` and
+#: ``status`` run from any folder, systemd's from ``/``).
+NODE_PATHS = ("disk", "control", "nbd-socket", "state", "active", "hidden", "tls",
+              "secondary-tls", "control-tls")
+CONTROLLER_PATHS = ("control", "tls", "control-tls", "qmp", "qga", "vm-state", "metrics-file")
 
 
 class ResourceError(RepdiskError):
@@ -165,6 +171,20 @@ def _text(lines: _Lines, table: str, key: str, value: Any) -> str:
     raise lines.error(table, key, f"expected a string, got {type(value).__name__} {value!r}")
 
 
+def _check_absolute(lines: _Lines, table: str, key: str, value: str) -> None:
+    """Refuse a relative path: it would name another file from another folder."""
+    path = value
+    if key == "disk" and re.match(r"^[A-Za-z0-9_-]+:", value):
+        path = value.split(":", 1)[1]                 # NAME:PATH
+    elif key.endswith("tls") and value.startswith(("x509:", "psk:")):
+        path = value.split(":", 2)[1]                 # x509:DIR, psk:FILE[:USER]
+    elif key.endswith("tls") and value == "off":
+        return
+    if not path.startswith("/"):
+        raise lines.error(table, key, f"{path!r} is a relative path: give it from / "
+                                      "(repdisk up, down and status run from any folder)")
+
+
 def resource_name(path: str) -> str:
     """The resource a file of the config folder describes: its name without ``.toml``."""
     return os.path.basename(path)[:-len(SUFFIX)]
@@ -225,6 +245,9 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
     node_host = _text(lines, role, "host", values.pop("host", host))
     disks = values.pop("disk")
     disk_list = disks if isinstance(disks, list) else [disks]
+    for key, value in [*(("disk", d) for d in disk_list), *values.items()]:
+        if key in NODE_PATHS:
+            _check_absolute(lines, role, key, _text(lines, role, key, value))
     keys = [("role", role)]
     keys += [("disk", _text(lines, role, "disk", d)) for d in disk_list]
     listen = {k: values.pop(k) for k in LISTEN_KEYS if k in values}
@@ -265,17 +288,38 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
         if key not in CONTROLLER_KEYS:
             raise lines.error("controller", key, "unknown key; a [controller] section takes "
                                                  f"{', '.join(CONTROLLER_KEYS)}")
+    for key, value in table.items():
+        if key in CONTROLLER_PATHS:
+            _check_absolute(lines, "controller", key, _text(lines, "controller", key, value))
     options = {k: _text(lines, "controller", k, v) for k, v in table.items()
                if k not in ("host", "control")}
     control = _text(lines, "controller", "control",
                     table.get("control", primary.control.removesuffix(".qmp") + ".ctrl.qmp"))
     host = _text(lines, "controller", "host", table.get("host", primary.host))
     try:
-        controllercmd.check_options(primary.control_address, secondary.control_address,
-                                    control, options)
+        cfg = controllercmd.check_options(primary.control_address, secondary.control_address,
+                                          control, options)
     except ConfigError as err:
         raise lines.error("controller", err.key, str(err).split(": ", 1)[-1]) from None
+    _check_timing(lines, primary, cfg.heartbeat_timeout)
     return Controller(host, control, options)
+
+
+def _check_timing(lines: _Lines, primary: Node, limit: float) -> None:
+    """The controller's timing rule (it refuses to run a primary that breaks it), before
+    anything starts: the primary's timeout and isolation-timeout below heartbeat-timeout."""
+    keys = dict(primary.keys)
+    for key in ("timeout", "isolation-timeout"):
+        try:
+            value = parse_duration(key, keys.get(key, cfgmod.default(key)))
+        except ConfigError as err:
+            raise lines.error("primary", key, str(err).split(": ", 1)[-1]) from None
+        if value >= limit:
+            raise lines.error(
+                "primary", key, f"{value:g}s must be below the controller's heartbeat-timeout "
+                                f"({limit:g}s), or an isolated primary could still acknowledge "
+                                f"writes after a failover: give [primary] {key} less, or "
+                                f"[controller] heartbeat-timeout = \"{value + 1:g}s\"")
 
 
 def load_dir(folder: str, host: str | None = None,
