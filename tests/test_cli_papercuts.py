@@ -566,6 +566,42 @@ def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: P
             nodeproc.stop_pid(pid)
 
 
+def test_a_killed_controller_leaves_no_lease_on_its_host(cli_pair: Pair) -> None:
+    """After a kill -9 of the controller, the README's checkpoint by hand works at once (it
+    was refused, "ask it", until the lease lapsed) and the lease shows it is not fresh once
+    it is older than its length; the controller restarted on its socket takes the pair back."""
+    f = cli_pair.path
+    pri, sec, _ = replicating_pair(cli_pair)
+    cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
+                     "ctl.qmp", "--heartbeat-timeout", "30s", "--background",
+                     "--pidfile", "ctl.pid")   # a lease of 60 s: a test cannot outwait it
+    try:
+        def query() -> dict:
+            return json.loads(cli_pair.repdisk("ctl", "ctl.qmp", "query-controller",
+                                               "--json").stdout)
+        wait_for(lambda: query()["state"] == "running", what="the adopted pair")
+        bad = cli_pair.repdisk("ctl", pri, "checkpoint", ok=False)
+        assert "takes this pair's checkpoints: ask it" in bad.stderr, bad
+        lease = json.loads(cli_pair.repdisk("ctl", pri, "status", "--json").stdout)["lease"]
+        assert (lease["holder"].endswith(f":{f('ctl.qmp')}"), lease["duration"],
+                lease["fresh"]) == (True, 60.0, True)
+        pid = nodeproc._pidfile_pid(f("ctl.pid"))
+        os.kill(pid, signal.SIGKILL)
+        psutil.Process(pid).wait(10)
+        checkpoint(cli_pair, pri, sec)
+        cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
+                         "ctl.qmp", "--heartbeat-timeout", "30s", "--background",
+                         "--pidfile", "ctl.pid")
+        wait_for(lambda: query()["state"] == "running", what="the pair taken back")
+        bad = cli_pair.repdisk("ctl", sec, "checkpoint", ok=False)
+        assert "takes this pair's checkpoints: ask it" in bad.stderr, bad
+    finally:
+        pid = nodeproc._pidfile_pid(f("ctl.pid"))
+        if pid is not None and psutil.pid_exists(pid) and \
+                "controller" in psutil.Process(pid).cmdline():
+            nodeproc.stop_pid(pid)
+
+
 def test_a_start_of_a_stopped_primary_says_it_is_ignored_and_changes_nothing(
         cli_pair: Pair) -> None:
     """After replication-stop a primary's replication does not start again in its process

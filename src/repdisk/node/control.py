@@ -69,7 +69,8 @@ def _leased(node: Node, cmd: Command) -> Command:
         args = dict(args)
         who = args.pop("controller", None)
         node.lease.check(who, args.pop("lease", None))
-        holder = node.lease.holder_now() if who is None else None
+        guarded = cmd.name in CONTROLLERS_ONLY or cmd.name == "replication-stop"
+        holder = node.lease.holder_now() if who is None and guarded else None
         if holder is not None and cmd.name in CONTROLLERS_ONLY:
             raise ControlError(f"{cmd.name} refused: controller {holder} takes this pair's "
                                "checkpoints: ask it (repdisk ctl CONTROLLER-SOCKET checkpoint)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -21,7 +22,9 @@ class ControllerLease:
     (an operator's ``repdisk ctl``) pass.  Not persisted: a lease stands for a controller
     that is alive now, which a restarted node learns from the next heartbeat; a node that
     restarted grants it to the first controller it hears, and the other is refused from
-    its next command on.  A controller that stops cleanly releases it (``lease`` 0).
+    its next command on.  A controller that stops cleanly releases it (``lease`` 0).  A
+    controller of this host whose control socket refuses connections (killed) holds no
+    lease, however recently it was heard.
     """
 
     #: Lease length until a heartbeat names one.
@@ -40,7 +43,7 @@ class ControllerLease:
             return
         with self._lock:
             now = time.monotonic()
-            if self.holder not in (None, who) and now - self._heard < self.duration:
+            if self.holder not in (None, who) and self._fresh(now):
                 raise ControlError(
                     f"controller lease refused: controller {self.holder} holds this node "
                     f"(heard {now - self._heard:.1f}s ago, lease {self.duration:g}s); one "
@@ -59,13 +62,39 @@ class ControllerLease:
     def holder_now(self) -> str | None:
         """The controller whose lease is fresh, if one is."""
         with self._lock:
-            fresh = time.monotonic() - self._heard < self.duration
-            return self.holder if fresh else None
+            return self.holder if self._fresh(time.monotonic()) else None
+
+    def _fresh(self, now: float) -> bool:
+        """Whether the holder's lease stands (under the lock): heard within ``duration``,
+        and not a controller of this host that is gone."""
+        return self.holder is not None and now - self._heard < self.duration and \
+            not _gone(self.holder)
 
     def query(self) -> dict[str, Any] | None:
+        """The holder, the lease's length, how long ago it was heard, and whether that is
+        within the length (``fresh``); None if no controller was heard."""
         with self._lock:
             if self.holder is None:
                 return None
+            age = time.monotonic() - self._heard
             return {"holder": self.holder, "duration": self.duration,
-                    "age": round(time.monotonic() - self._heard, 3)}
+                    "age": round(age, 3), "fresh": age < self.duration}
+
+
+def _gone(holder: str) -> bool:
+    """Whether ``holder`` (a controller's ident: ``HOST:/control/socket``) is of this host
+    and nothing serves its control socket any more: removed, or refusing connections (left
+    by a killed controller).  A controller elsewhere, or on TCP only, is never known gone."""
+    host, _, where = holder.partition(":")
+    if host != socket.gethostname() or not where.startswith("/"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(where)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except OSError:
+            return False
+    return False
 
