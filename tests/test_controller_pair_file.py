@@ -47,7 +47,7 @@ def test_restart_with_the_first_options_runs_the_pair_as_it_is_now(tmp_path: Any
         node(folder, "secondary", "p.img", "old")          # a new control socket
         os.mkdir(os.path.join(folder, "sub"))              # typed relative to another folder
         repdisk(os.path.join(folder, "sub"), "ctl", "../ctl.qmp", "controller-promote",
-                "secondary=../old.qmp", f"uri=nbd+unix:///replica?socket={folder}/old.sock")
+                "secondary=../old.qmp", "uri=nbd+unix:///replica?socket=../old.sock")
         wait(folder, lambda q: q["state"] == "running", "protected pair")
         with open(os.path.join(folder, "ctl.qmp.pair")) as f:
             assert json.load(f) == {"options": ["pri.qmp", "sec.qmp"], "primary": "sec.qmp",

@@ -10,6 +10,7 @@ whether it uses TLS, its TCP host or Unix socket, and the same URI for a sibling
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from urllib.parse import parse_qs, quote, unquote
 
@@ -66,6 +67,18 @@ def uri_unix_socket(uri: str) -> str | None:
         return None
     found = parse_qs(uri.partition("?")[2]).get("socket")
     return found[0] if found else None
+
+
+def with_absolute_socket(uri: str) -> str:
+    """A Unix NBD URI whose relative ``socket=`` is made absolute (from the current
+    folder); any other URI unchanged."""
+    path = uri_unix_socket(uri)
+    if path is None or path.startswith("/"):
+        return uri
+    base, _, query = uri.partition("?")
+    parts = [f"socket={quote(os.path.abspath(path), safe='/')}" if p.startswith("socket=") else p
+             for p in query.split("&")]
+    return f"{base}?{'&'.join(parts)}"
 
 
 def with_export_suffix(uri: str, suffix: str) -> str:

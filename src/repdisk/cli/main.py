@@ -37,7 +37,7 @@ from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.qmp.client import ALIASES, connect, execute, is_controller, resolve
 from repdisk.tls import TLSSpec
-from repdisk.uri import tcp_address, uri_unix_socket
+from repdisk.uri import tcp_address, uri_unix_socket, with_absolute_socket
 
 # -- node commands ----------------------------------------------------------------
 
@@ -172,10 +172,13 @@ def _ctl(args: argparse.Namespace) -> int:
 
 #: ctl arguments that name a control socket on this host, by command.
 CONTROL_PATH_ARGUMENTS = {"controller-promote": ("secondary",)}
+#: ctl arguments that are NBD URIs, whose Unix socket is one on this host, by command.
+URI_ARGUMENTS = {"controller-promote": ("uri",), "controller-switchover": ("uri", "back-uri")}
 
 
 def _resolve_control_paths(args: argparse.Namespace, command_args: dict[str, Any]) -> None:
-    """A control socket typed relative to the caller's folder names it from there, as every
+    """A control socket (or an NBD URI's Unix socket) typed relative to the caller's folder
+    names it from there, as every
     path on the command line does, not from the controller's own folder (which it would
     otherwise be resolved against, and recorded so in its pair file).  Only for a control
     socket on this host: a HOST:PORT controller's paths are its own host's."""
@@ -185,6 +188,10 @@ def _resolve_control_paths(args: argparse.Namespace, command_args: dict[str, Any
         value = command_args.get(key)
         if isinstance(value, str) and value and tcp_address(value) is None:
             command_args[key] = os.path.abspath(value)
+    for key in URI_ARGUMENTS.get(args.command, ()):
+        value = command_args.get(key)
+        if isinstance(value, str):
+            command_args[key] = with_absolute_socket(value)
 
 
 def _refuse_failover_of_a_primary(args: argparse.Namespace) -> None:
