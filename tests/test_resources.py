@@ -218,6 +218,18 @@ def test_unknown_key_names_file_line_and_key(folder: Path) -> None:
     assert result.stderr == "" and result.stdout.startswith("beta (")
 
 
+def test_a_misspelt_key_gets_the_key_it_is_close_to(folder: Path) -> None:
+    path = resource_file(folder, "alpha", extra='heartbeat-timout = "3s"\n')
+    check_refused(folder, 18, "controller.heartbeat-timout",
+                  "unknown key (did you mean heartbeat-timeout?); a [controller] section takes")
+    path.write_text(path.read_text().replace('heartbeat-timout = "3s"\n', "")
+                    .replace("write-mode =", "write_mode ="))
+    check_refused(folder, 6, "primary.write_mode",
+                  "unknown key (did you mean write-mode?); a [primary] section takes host, ")
+    path.write_text(path.read_text().replace("write_mode =", "colour ="))
+    check_refused(folder, 6, "primary.colour", "unknown key; a [primary] section takes host, ")
+
+
 def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:
     path = resource_file(folder, "alpha")
     path.write_text(path.read_text().replace('write-mode = "sync"', 'write-mode = "fast"'))

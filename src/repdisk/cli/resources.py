@@ -31,10 +31,12 @@ key, before anything is started.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +173,12 @@ def _text(lines: _Lines, table: str, key: str, value: Any) -> str:
     raise lines.error(table, key, f"expected a string, got {type(value).__name__} {value!r}")
 
 
+def _did_you_mean(key: str, known: Sequence[str]) -> str:
+    """`` (did you mean KNOWN?)`` for a misspelt key, or nothing."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _check_absolute(lines: _Lines, table: str, key: str, value: str) -> None:
     """Refuse a relative path: it would name another file from another folder."""
     path = value
@@ -233,8 +241,9 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in allowed and key not in LISTEN_KEYS:
-            raise lines.error(role, key, f"unknown key; a [{role}] section takes "
-                                         f"{', '.join(list(LISTEN_KEYS) + allowed)}")
+            known = [*LISTEN_KEYS, *allowed]
+            raise lines.error(role, key, f"unknown key{_did_you_mean(key, known)}; a [{role}] "
+                                         f"section takes {', '.join(known)}")
         values[key] = value
     for key in ("disk", "control"):
         if key not in values:
@@ -286,8 +295,9 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
                 secondary: Node) -> Controller:
     for key in table:
         if key not in CONTROLLER_KEYS:
-            raise lines.error("controller", key, "unknown key; a [controller] section takes "
-                                                 f"{', '.join(CONTROLLER_KEYS)}")
+            raise lines.error("controller", key,
+                              f"unknown key{_did_you_mean(key, CONTROLLER_KEYS)}; a "
+                              f"[controller] section takes {', '.join(CONTROLLER_KEYS)}")
     for key, value in table.items():
         if key in CONTROLLER_PATHS:
             _check_absolute(lines, "controller", key, _text(lines, "controller", key, value))
