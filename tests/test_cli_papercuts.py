@@ -547,7 +547,7 @@ def test_a_controller_adopting_a_pair_started_by_hand_says_its_epoch(cli_pair: P
                 assert re.fullmatch(
                     r"repdisk: GenericError: replication-(do-checkpoint|resume) refused: "
                     r"controller \S+ takes this pair's checkpoints: ask it \(repdisk ctl "
-                    r"CONTROLLER-SOCKET checkpoint\)\n", bad.stderr), bad.stderr
+                    + re.escape(f("ctl.qmp")) + r" checkpoint\)\n", bad.stderr), bad.stderr
         assert not json.loads(cli_pair.repdisk("ctl", pri, "status", "--json").stdout
                               )["disks"][0]["holding"]
         cli_pair.repdisk("ctl", "ctl.qmp", "checkpoint")
@@ -800,7 +800,8 @@ def test_a_stop_by_hand_of_a_protected_pair_is_refused(cli_pair: Pair) -> None:
                 "repdisk: GenericError: replication-stop refused: controller ") and \
                 bad.stderr.endswith(" protects this pair, and a stop would end this node's "
                                     "replication until it restarts: stop the controller first "
-                                    "(repdisk down CONTROLLER-SOCKET)\n"), bad.stderr
+                                    f"(repdisk down {cli_pair.path('ctl.qmp')})\n"), \
+                bad.stderr
             q = json.loads(cli_pair.repdisk("ctl", node, "status", "--json").stdout)
             assert q["disks"][0]["stage"] == "running", q
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 
 from repdisk.errors import ControlError, RepdiskError
 from repdisk.node.config import default
+from repdisk.node.lease import controller_socket
 from repdisk.node.node import Node
 from repdisk.qmp.protocol import ArgSpec, Command
 from repdisk.replication.framework import ReplicationMode
@@ -71,14 +72,14 @@ def _leased(node: Node, cmd: Command) -> Command:
         node.lease.check(who, args.pop("lease", None))
         guarded = cmd.name in CONTROLLERS_ONLY or cmd.name == "replication-stop"
         holder = node.lease.holder_now() if who is None and guarded else None
+        where = controller_socket(holder) if holder is not None else None
         if holder is not None and cmd.name in CONTROLLERS_ONLY:
             raise ControlError(f"{cmd.name} refused: controller {holder} takes this pair's "
-                               "checkpoints: ask it (repdisk ctl CONTROLLER-SOCKET checkpoint)")
+                               f"checkpoints: ask it (repdisk ctl {where} checkpoint)")
         if holder is not None and cmd.name == "replication-stop" and not args.get("failover"):
             raise ControlError(f"{cmd.name} refused: controller {holder} protects this pair, "
                                "and a stop would end this node's replication until it "
-                               "restarts: stop the controller first (repdisk down "
-                               "CONTROLLER-SOCKET)")
+                               f"restarts: stop the controller first (repdisk down {where})")
         return cmd.handler(args)
     leased_args = {**cmd.args,
                    "controller": ArgSpec(str, False, "the controller sending this command: "

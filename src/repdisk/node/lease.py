@@ -81,6 +81,17 @@ class ControllerLease:
                     "age": round(age, 3), "fresh": age < self.duration}
 
 
+def controller_socket(holder: str) -> str:
+    """How ``repdisk ctl`` reaches the controller ``holder`` (its ident) from this host: its
+    control socket when it is of this host, its TCP port when it has only that, else
+    ``CONTROLLER-SOCKET`` (a path on its own host)."""
+    host, _, where = holder.partition(":")
+    if where.startswith("tcp:"):
+        return where.removeprefix("tcp:")
+    return where if host == socket.gethostname() and where.startswith("/") \
+        else "CONTROLLER-SOCKET"
+
+
 def _gone(holder: str) -> bool:
     """Whether ``holder`` (a controller's ident: ``HOST:/control/socket``) is of this host
     and nothing serves its control socket any more: removed, or refusing connections (left
