@@ -85,6 +85,7 @@ def test_a_secondary_no_primary_replicates_into_is_never_checkpointed(tmp_path: 
              f"nbd+unix:///replica?socket={folder}/x.sock", "--timeout", "0.5s",
              "--isolation-timeout", "0.6s")
         repdisk(folder, "ctl", "x.qmp", "start", "mode=secondary")
+        repdisk(folder, "ctl", "pri.qmp", "start", "mode=primary")   # replicating into X
         controller(folder, "sec.qmp")
         q = wait(folder, lambda q: "cannot checkpoint" in (q.get("error") or ""),
                  "a refused checkpoint")
@@ -102,6 +103,37 @@ def test_a_secondary_no_primary_replicates_into_is_never_checkpointed(tmp_path: 
         assert q["state"] != "failed-over" and q["failover"] is None, q
         sec = json.loads(repdisk(folder, "ctl", "sec.qmp", "status", "--json"))
         assert (sec["disks"][0]["stage"], sec["disks"][0]["consistent"]) == ("running", False)
+    finally:
+        for name in ("ctl", "pri", "sec", "x"):
+            with contextlib.suppress(OSError, ValueError):
+                kill9(folder, name)
+
+
+def test_a_primary_whose_secondary_is_another_node_is_not_started(tmp_path: Any) -> None:
+    """The primary's --secondary names X's replica export, the controller's --secondary is
+    B: the controller starts B, then the primary's start is refused, changing nothing, and
+    says what to fix (it said to start the secondary at X's URI)."""
+    folder = str(tmp_path)
+    disks(folder, "p.img", "s.img", "x.img")
+    try:
+        node(folder, "secondary", "s.img", "sec")
+        node(folder, "secondary", "x.img", "x")
+        node(folder, "primary", "p.img", "pri", "--secondary",
+             f"nbd+unix:///replica?socket={folder}/x.sock", "--timeout", "0.5s",
+             "--isolation-timeout", "0.6s")
+        controller(folder, "sec.qmp")
+        q = wait(folder, lambda q: "start refused" in (q.get("error") or ""), "a refused start")
+        assert q["error"].endswith(
+            f"start refused: --secondary nbd+unix:///replica?socket={folder}/x.sock is served "
+            "by another node than the secondary its controller runs: restart this primary with "
+            "that node's replica URI, or give the controller the control socket of the node at "
+            f"nbd+unix:///replica?socket={folder}/x.sock"), q["error"]
+        pri = json.loads(repdisk(folder, "ctl", "pri.qmp", "status", "--json"))
+        x = json.loads(repdisk(folder, "ctl", "x.qmp", "status", "--json"))
+        assert (pri["disks"][0]["stage"], pri["epoch"], x["disks"][0]["stage"]) == \
+            ("none", 0, "none")
+        assert json.loads(repdisk(folder, "ctl", "sec.qmp", "status", "--json")
+                          )["disks"][0]["stage"] == "running"      # the controller's own
     finally:
         for name in ("ctl", "pri", "sec", "x"):
             with contextlib.suppress(OSError, ValueError):

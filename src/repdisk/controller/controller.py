@@ -69,7 +69,7 @@ from repdisk.controller.peer import (
 from repdisk.controller.states import ControllerState, Operation, StateMachine
 from repdisk.controller.syncplan import SYNC_MODES, Progress, SyncPlan
 from repdisk.errors import ControlError, RepdiskError
-from repdisk.node.role import described
+from repdisk.node.role import serving_nodes
 from repdisk.qmp.server import QMPServer, serve_control
 from repdisk.replication import nbdclient
 from repdisk.uri import export_name, tcp_address
@@ -367,7 +367,8 @@ class Controller(StateMachine):
             if sync != "none":
                 self._sync(sync, p)
             self._marked_for, self._sync_next = p["instance"], None
-            sent = self._copy("replication-start", {"mode": "primary", "epoch": self.epoch})
+            sent = self._copy("replication-start", {"mode": "primary", "epoch": self.epoch,
+                                                    "secondary-instance": s["instance"]})
         else:
             if mode != "dirty":
                 self._sync(mode, p)
@@ -715,7 +716,7 @@ class Controller(StateMachine):
         listed = nbdclient.list_exports(uri, 2.0)
         if not listed:
             return
-        theirs = {d[1] for d in map(described, listed.values()) if d is not None}
+        theirs = serving_nodes(listed)
         if theirs != {q.get("instance")}:
             raise ControlError(f"cannot switch over: {what}={uri} is not the {peer.role} "
                                f"{peer.socket}'s (uri= is the primary's replica URI, "

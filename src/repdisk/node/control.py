@@ -93,7 +93,8 @@ def _leased(node: Node, cmd: Command) -> Command:
 
 def _node_commands(node: Node) -> list[Command]:
     def start(args: dict[str, Any]) -> dict[str, str] | None:
-        return node.start(_mode(args["mode"]), args.get("epoch"))
+        return node.start(_mode(args["mode"]), args.get("epoch"),
+                          args.get("secondary-instance"))
 
     def stop(args: dict[str, Any]) -> dict[str, str] | None:
         return node.stop(args["failover"])
@@ -107,7 +108,11 @@ def _node_commands(node: Node) -> list[Command]:
         Command("replication-start", start,
                 {"mode": ArgSpec(str, True, "primary or secondary: must match the node's role"),
                  "epoch": ArgSpec(int, False,
-                                  "the pair's epoch; older than the node's is refused")},
+                                  "the pair's epoch; older than the node's is refused"),
+                 "secondary-instance": ArgSpec(str, False, "primary: refuse unless the node "
+                                                           "serving --secondary is this one "
+                                                           "(when its exports can be listed)",
+                                               internal=True)},
                 help="start replication on every disk (secondary first, then primary)"),
         Command("replication-do-checkpoint", lambda a: node.checkpoint(),
                 help="take a checkpoint on every disk (primary: barrier and hold)"),

@@ -194,9 +194,11 @@ class Node:
 
     # -- replication: each maps to one *_all call of the role's registry ---------------
 
-    def start(self, mode: ReplicationMode,
-              epoch: int | None = None) -> dict[str, str] | None:
+    def start(self, mode: ReplicationMode, epoch: int | None = None,
+              secondary_instance: str | None = None) -> dict[str, str] | None:
         """Start every disk; returns ``{"ignored": why}`` where QEMU would ignore the start.
+        ``secondary_instance`` (a controller's): a primary refuses, changing nothing, a
+        --secondary served by another node.
 
         A secondary that won a failover ignores ``start`` in mode primary, as QEMU does for a
         promoted secondary (continuous replication: this disk's replication is over).  Its
@@ -210,6 +212,8 @@ class Node:
         if over and not self.state.failed_over:   # stopped without a failover
             return self._ignored("replication-start", over)
         self.state.check_start(self._role.name, epoch, self._unsent())
+        if secondary_instance is not None and isinstance(self._role, PrimaryRole):
+            self._role.check_secondary(secondary_instance)
         joined = None
         if isinstance(self._role, SecondaryRole):   # a writer admitted before this start
             for disk, writer_epoch in self._role.writer_epochs().items():

@@ -26,7 +26,7 @@ from repdisk.node.config import PRIMARY, SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.isolation import Isolation
-from repdisk.node.role import Role, describe_disk, newer_writer_at
+from repdisk.node.role import Role, describe_disk, newer_writer_at, serving_nodes
 from repdisk.node.state import dirty_map_path
 from repdisk.replication import nbdclient, resync
 from repdisk.replication.framework import ReplicationError, ReplicationMode
@@ -174,6 +174,23 @@ class PrimaryRole(Role[PrimaryReplica]):
         where = f"--secondary {uri}" if uri == cfg.secondary else uri
         return (f"the node at {where} is in epoch {newest}, newer than this node's "
                 f"{state.epoch}: it won a failover and holds the newest data")
+
+    def check_secondary(self, instance: str) -> None:
+        """Refuse (ConfigError) a --secondary served by another node than ``instance`` (the
+        node a controller runs as this pair's secondary), when its exports can be listed
+        (at most 2 s): this primary would replicate into a disk the controller does not
+        checkpoint or fail over to."""
+        uri = self.ctx.cfg.secondary
+        if uri is None:
+            return
+        serving = serving_nodes(nbdclient.list_exports(uri, min(self.ctx.cfg.primary.timeout,
+                                                                2.0)) or {})
+        if serving and instance not in serving:
+            raise ConfigError("secondary", f"start refused: --secondary {uri} is served by "
+                                           "another node than the secondary its controller "
+                                           "runs: restart this primary with that node's "
+                                           "replica URI, or give the controller the control "
+                                           f"socket of the node at {uri}")
 
     def _refused(self, rep: PrimaryReplica, error: str) -> None:
         """The secondary refused this primary's writes (``Link.on_refused``: the failing

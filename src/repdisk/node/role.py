@@ -10,7 +10,7 @@ not take part in: a secondary has no link to probe, a primary never ignores a re
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from repdisk.block.rawimage import RawImage
@@ -51,6 +51,12 @@ def newer_writer_at(uri: str, epoch: int, timeout: float) -> int | None:
     not answer."""
     listed = nbdclient.list_exports(uri, min(timeout, 2.0)) or {}
     return newer_writer(listed.values(), epoch)
+
+
+def serving_nodes(listed: Mapping[str, str]) -> set[str]:
+    """The node instances that the exports ``listed`` (name -> description, as
+    ``nbdclient.list_exports`` gives them) describe: the node serving them."""
+    return {d[1] for d in map(described, listed.values()) if d is not None}
 
 
 def described(description: str) -> tuple[int, str] | None:

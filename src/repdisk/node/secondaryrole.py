@@ -18,7 +18,7 @@ from repdisk.node.config import SECONDARY
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export
 from repdisk.node.primaryrole import new_primary
-from repdisk.node.role import Role, describe_disk, described, newer_writer_at
+from repdisk.node.role import Role, describe_disk, newer_writer_at, serving_nodes
 from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
 from repdisk.replication.link import CONTENTS_UNKNOWN
@@ -279,7 +279,7 @@ class SecondaryRole(Role[SecondaryReplica]):
         ``secondary_uri`` answers with the disk's size (a wrong URI, a peer not up), and is
         served by node ``instance`` if given (the URI names the node the caller means)."""
         listed = nbdclient.list_exports(secondary_uri, timeout) or {}
-        serving = {d[1] for d in map(described, listed.values()) if d is not None}
+        serving = serving_nodes(listed)
         if self.ctx.instance in serving:
             raise ConfigError("secondary", f"cannot promote: {secondary_uri} is this node's own "
                                            "replica export: give the new secondary's URI")
