@@ -32,6 +32,17 @@ def disks(folder: str, *names: str) -> None:
                        check=True)
 
 
+def primary_into_x(folder: str) -> None:
+    """Secondaries sec (s.img) and x (x.img), and pri (p.img): a primary whose --secondary
+    is x's replica export, where the controller's will be sec."""
+    disks(folder, "p.img", "s.img", "x.img")
+    node(folder, "secondary", "s.img", "sec")
+    node(folder, "secondary", "x.img", "x")
+    node(folder, "primary", "p.img", "pri", "--secondary",
+         f"nbd+unix:///replica?socket={folder}/x.sock", "--timeout", "0.5s",
+         "--isolation-timeout", "0.6s")
+
+
 def test_a_promotion_to_another_nodes_uri_is_refused_and_changes_nothing(
         tmp_path: Any) -> None:
     """controller-promote secondary=A uri=X's replica export: refused before the winner
@@ -77,13 +88,8 @@ def test_a_secondary_no_primary_replicates_into_is_never_checkpointed(tmp_path: 
     and the controller does not fail over to it when the primary dies: nothing acknowledged
     is handed over as lost."""
     folder = str(tmp_path)
-    disks(folder, "p.img", "s.img", "x.img")
     try:
-        node(folder, "secondary", "s.img", "sec")
-        node(folder, "secondary", "x.img", "x")
-        node(folder, "primary", "p.img", "pri", "--secondary",
-             f"nbd+unix:///replica?socket={folder}/x.sock", "--timeout", "0.5s",
-             "--isolation-timeout", "0.6s")
+        primary_into_x(folder)
         repdisk(folder, "ctl", "x.qmp", "start", "mode=secondary")
         repdisk(folder, "ctl", "pri.qmp", "start", "mode=primary")   # replicating into X
         controller(folder, "sec.qmp")
@@ -114,13 +120,8 @@ def test_a_primary_whose_secondary_is_another_node_is_not_started(tmp_path: Any)
     B: the controller starts B, then the primary's start is refused, changing nothing, and
     says what to fix (it said to start the secondary at X's URI)."""
     folder = str(tmp_path)
-    disks(folder, "p.img", "s.img", "x.img")
     try:
-        node(folder, "secondary", "s.img", "sec")
-        node(folder, "secondary", "x.img", "x")
-        node(folder, "primary", "p.img", "pri", "--secondary",
-             f"nbd+unix:///replica?socket={folder}/x.sock", "--timeout", "0.5s",
-             "--isolation-timeout", "0.6s")
+        primary_into_x(folder)
         controller(folder, "sec.qmp")
         q = wait(folder, lambda q: "start refused" in (q.get("error") or ""), "a refused start")
         assert q["error"].endswith(
