@@ -724,6 +724,12 @@ def test_down_without_resources_says_it_takes_control_sockets(tmp_path) -> None:
     assert bad.stderr == (f"repdisk: error: no resources to stop: {missing} is not a "
                           "directory; give the control sockets of nodes or controllers started "
                           "by hand (repdisk down CONTROL...), or --config-dir DIR\n")
+    bad = run([REPDISK, "down", "web", "--config-dir", missing], str(tmp_path))  # no web.toml
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert bad.stderr == (f"repdisk: error: nothing named web (no such control socket "
+                          f"here): {missing} is not a directory; give the control sockets of "
+                          "nodes or controllers started by hand (repdisk down CONTROL...), or "
+                          "--config-dir DIR\n")
 
 
 def test_a_secondary_stopped_with_sigterm_stops_though_its_primary_is_idle(

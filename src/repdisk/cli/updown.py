@@ -76,8 +76,10 @@ def _down(args: argparse.Namespace) -> int:
             print(f"{control}: {found.stop()}" if found else
                   f"{control}: nothing serves it (stopped already, or not its path)")
         return 0
-    if not args.names and not os.path.isdir(args.config_dir):
-        raise RepdiskError(f"no resources to stop: {args.config_dir} is not a directory; give "
+    if not os.path.isdir(args.config_dir):
+        what = (f"nothing named {', '.join(args.names)} (no such control socket here)"
+                if args.names and args.names != ["all"] else "no resources to stop")
+        raise RepdiskError(f"{what}: {args.config_dir} is not a directory; give "
                            "the control sockets of nodes or controllers started by hand "
                            "(repdisk down CONTROL...), or --config-dir DIR")
     for res in _load(args):
