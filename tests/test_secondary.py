@@ -317,6 +317,30 @@ def test_failover_reports_progress_and_bytes(sec: SecondaryReplica) -> None:
     assert read(sec.active_view) == bytes(want) == read(sec.replica_view)
 
 
+def test_reopened_as_done_with_buffered_overlays_commits_them_as_a_failover_does(
+        tmp_path: Path) -> None:
+    """A failover's winner reopened as done whose overlays still hold clusters (its node
+    crashed after the state said the failover was over, before the overlays' emptying was
+    durable): reopen_done commits them first, giving the disk a failover gives, not the
+    disk with the primary's writes after the checkpoint still in it."""
+    rep = make_replica(tmp_path, 64 * KiB, fill=pattern(64 * KiB))
+    cs = rep.cluster_size
+    rep.start(SECONDARY)
+    rep.checkpoint()
+    rep.replica_view.pwrite(b"\x22" * (3 * cs), 0)       # after the checkpoint: rolled back
+    rep.active_view.pwrite(b"\x33" * 10, 9 * cs)         # the secondary VM's: kept
+    assert rep.begin_failover()                         # overlays durable, not committed
+    rep.close()
+    again = SecondaryReplica.open("disk0", str(tmp_path / "disk0.img"), cluster_size=cs)
+    again.reopen_done()
+    want = bytearray(pattern(64 * KiB))
+    want[9 * cs:9 * cs + 10] = b"\x33" * 10
+    assert (again.stage, again.consistent) == (Stage.DONE, True)
+    assert (again.active_overlay.allocated_bytes, again.hidden_overlay.allocated_bytes) == (0, 0)
+    assert read(again.active_view) == bytes(want)
+    again.close()
+
+
 # -- opening, query, framework ---------------------------------------------------------------
 
 def test_open_creates_overlays_then_validates_them(tmp_path: Path) -> None:
