@@ -136,8 +136,11 @@ def test_controller_switchover_and_back_and_verify(nodes: Nodes, tmp_path) -> No
         assert pair.sec.ctl("query-replication")["disks"][0]["counters"]["forwarded"] == 0
 
         write(pair.sec, b"\x77" * MiB, 0)               # the new primary's guest
+        took = ctl.counters["checkpoints"]
         ctl.step()                                      # a heartbeat round: all well
         assert ctl.state.value == "running"
+        assert ctl.counters["checkpoints"] == took + 1  # the new pair's, though --interval is
+        assert ctl.query()["last_checkpoints"][-1]["seq"] == took + 1  # an hour: its age is true
         v = ctl.verify()["disks"][0]
         assert (v["ranges"], v["bytes"]) == ([], 0)
         with open(pair.pri_disk, "r+b") as f:           # the new secondary, behind its back

@@ -696,6 +696,7 @@ class Controller(StateMachine):
                        else planned.no_pause))
             self._swap()
             self.epoch = result["epoch"]
+            self._next_checkpoint = 0.0     # the new pair's first, as this controller's
             if qmp:
                 self.guest.moved(qmp)
             self.counters["switchovers"] = self.counters.get("switchovers", 0) + 1
