@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 from repdisk import tls as tlsmod
 from repdisk.cli import controllercmd, lab, nodeproc, updown
 from repdisk.cli.nodeproc import PLUGIN
-from repdisk.cli.status import human, render_status, status_query
+from repdisk.cli.status import entry_lines, human, status_entry
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.qmp.client import ALIASES, connect, execute, is_controller, resolve
@@ -294,17 +294,10 @@ def _status(args: argparse.Namespace) -> int:
     ok = True
     found: dict[str, dict[str, Any]] = {}
     for sock in args.sockets:
-        try:
-            kind, q = status_query(sock, args.tls, args.insecure)
-        except (RepdiskError, OSError) as err:
-            ok = False
-            found[sock] = {"kind": "unreachable", "error": str(err)}
-            lines = [f"{sock}: unreachable: {err}"]
-        else:
-            found[sock] = {"kind": kind, "query": q}
-            lines = render_status(kind, q)
+        found[sock] = entry = status_entry(sock, args.tls, args.insecure)
+        ok = ok and entry["kind"] != "unreachable"
         if not args.json:
-            print("\n".join(lines), flush=True)
+            print("\n".join(entry_lines(sock, entry)), flush=True)
     if args.json:
         print(json.dumps(found, indent=2, sort_keys=True))
     return 0 if ok else 1

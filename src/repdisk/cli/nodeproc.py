@@ -26,7 +26,7 @@ from repdisk import detach
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder, default
 from repdisk.qmp.client import NotAControlSocket, QMPClient
-from repdisk.qmp.server import remove_stale_socket
+from repdisk.qmp.server import gone, remove_stale_socket
 from repdisk.tls import TLSSpec, check_plain
 
 #: The plugin every node runs (nbdkit's python plugin script).
@@ -333,7 +333,7 @@ def serving(control: str) -> Serving | None:
     except NotAControlSocket as err:
         raise RepdiskError(str(err)) from None
     except ControlError:        # no greeting: gone, or hung, or not repdisk (its pid says)
-        if not os.path.exists(control) or refused(control):
+        if gone(control):
             return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
@@ -352,18 +352,6 @@ def serving(control: str) -> Serving | None:
         return Serving(control, pid, "controller")
     raise RepdiskError(f"{control} is served by pid {pid} ({' '.join(cmdline[:3])}), not a "
                        "repdisk node or controller: nothing stopped")
-
-
-def refused(path: str) -> bool:
-    """Whether a Unix socket at ``path`` refuses connections (left by a process gone)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
-    return False
 
 
 def _is_node(pid: int) -> bool:

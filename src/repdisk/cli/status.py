@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from repdisk import units
-from repdisk.errors import ControlError
+from repdisk.errors import ControlError, RepdiskError
 from repdisk.qmp.client import connect
 
 
@@ -27,6 +27,24 @@ def status_query(socket: str, tls: str | None = None,
         return "node", client.execute("query-replication")
     finally:
         client.close()
+
+
+def status_entry(socket: str, tls: str | None = None, insecure: bool = False) -> dict[str, Any]:
+    """What ``repdisk status --json`` says of ``socket``: ``kind`` (controller or node) and
+    ``query``, or ``kind`` unreachable and the ``error``."""
+    try:
+        kind, q = status_query(socket, tls, insecure)
+    except (RepdiskError, OSError) as err:
+        return {"kind": "unreachable", "error": str(err)}
+    return {"kind": kind, "query": q}
+
+
+def entry_lines(name: str, entry: dict[str, Any]) -> list[str]:
+    """The human lines of a :func:`status_entry` (``NAME: unreachable: ...`` for one that
+    did not answer)."""
+    if entry["kind"] == "unreachable":
+        return [f"{name}: unreachable: {entry['error']}"]
+    return render_status(entry["kind"], entry["query"])
 
 
 def status_lines(socket: str, tls: str | None = None, insecure: bool = False) -> list[str]:

@@ -26,11 +26,12 @@ import psutil
 from repdisk.cli import controllercmd, nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
-from repdisk.cli.status import render_status, status_query
+from repdisk.cli.status import entry_lines, status_entry
 from repdisk.controller import pairfile
 from repdisk.errors import RepdiskError
 from repdisk.node.config import NAME_RE, NodeConfig
 from repdisk.node.state import NodeState
+from repdisk.qmp.server import gone
 from repdisk.tls import TLSSpec
 from repdisk.uri import tcp_address
 
@@ -279,40 +280,26 @@ def status(names: list[str], config_dir: str, as_json: bool = False) -> int:
         parts = report[res.name] = {"path": res.path}
         if not as_json:
             print(f"{res.name} ({res.path})")
-        for what, sock in _parts(res, host):
-            part = parts[what] = _part_status(sock)
+        for what, sock, joined in _parts(res, host):
+            part = parts[what] = ({"kind": "down"} if gone(sock) else status_entry(sock))
+            part["socket"] = sock
             ok = ok and part["kind"] not in ("down", "unreachable")
             if not as_json:
-                print("\n".join(f"  {line}" for line in _part_lines(what, part)))
+                lines = [f"{what}: down"] if part["kind"] == "down" else \
+                    entry_lines(what, part)
+                if joined and part["kind"] != "down":
+                    lines.insert(0, f"{what}:")   # a node the file does not name
+                print("\n".join(f"  {line}" for line in lines))
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if ok else 1
 
 
-def _parts(res: Resource, host: str) -> list[tuple[str, str]]:
-    """What of ``res`` runs on this host, as ``status`` shows it: (name, control socket)."""
+def _parts(res: Resource, host: str) -> list[tuple[str, str, bool]]:
+    """What of ``res`` runs on this host, as ``status`` shows it: (name, control socket,
+    whether it joined the pair by a promotion)."""
     parts = [("controller", res.controller.control)] if res.controller.host == host else []
     parts += [(n.role, n.control) for n in res.local_nodes(host)]
-    return parts + [(f"{role} since a promotion ({control})", control)
-                    for role, control in joined_nodes(res, host)]
-
-
-def _part_status(sock: str) -> dict[str, Any]:
-    """``{"kind": "down"}`` (no socket, or one left by a killed process), ``unreachable``
-    with its ``error``, or the ``kind`` and ``query`` of :func:`status_query`."""
-    if not os.path.exists(sock) or nodeproc.refused(sock):
-        return {"socket": sock, "kind": "down"}
-    try:
-        kind, q = status_query(sock)
-    except (RepdiskError, OSError) as err:
-        return {"socket": sock, "kind": "unreachable", "error": str(err)}
-    return {"socket": sock, "kind": kind, "query": q}
-
-
-def _part_lines(what: str, part: dict[str, Any]) -> list[str]:
-    if part["kind"] == "down":
-        return [f"{what}: down"]
-    if part["kind"] == "unreachable":
-        return [f"{what}: unreachable: {part['error']}"]
-    lines = render_status(part["kind"], part["query"])
-    return [f"{what}:", *lines] if " since a promotion " in what else lines
+    return [(what, sock, False) for what, sock in parts] + [
+        (f"{role} since a promotion ({control})", control, True)
+        for role, control in joined_nodes(res, host)]

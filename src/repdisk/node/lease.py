@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from repdisk.errors import ControlError
+from repdisk.qmp.server import gone
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ControllerLease:
         """Whether the holder's lease stands (under the lock): heard within ``duration``,
         and not a controller of this host that is gone."""
         return self.holder is not None and now - self._heard < self.duration and \
-            not _gone(self.holder)
+            not _holder_gone(self.holder)
 
     def query(self) -> dict[str, Any] | None:
         """The holder, the lease's length, how long ago it was heard, and whether that is
@@ -92,20 +93,12 @@ def controller_socket(holder: str) -> str:
         else "CONTROLLER-SOCKET"
 
 
-def _gone(holder: str) -> bool:
+def _holder_gone(holder: str) -> bool:
     """Whether ``holder`` (a controller's ident: ``HOST:/control/socket``) is of this host
     and nothing serves its control socket any more: removed, or refusing connections (left
     by a killed controller).  A controller elsewhere, or on TCP only, is never known gone."""
     host, _, where = holder.partition(":")
     if host != socket.gethostname() or not where.startswith("/"):
         return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        try:
-            sock.connect(where)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return True
-        except OSError:
-            return False
-    return False
+    return gone(where, 0.5)
 

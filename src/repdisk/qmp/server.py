@@ -205,6 +205,26 @@ def _hung_up(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def nobody_listens(path: str, timeout: float = 1.0) -> bool:
+    """Whether nothing listens on the Unix socket ``path``: no file there, or one that
+    refuses connections (left by a killed server).  Raises OSError when it cannot tell."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+    return False
+
+
+def gone(path: str, timeout: float = 1.0) -> bool:
+    """:func:`nobody_listens`, False when that cannot be told."""
+    try:
+        return nobody_listens(path, timeout)
+    except OSError:
+        return False
+
+
 def remove_stale_socket(path: str, what: str = "control socket") -> None:
     """Remove a socket file nobody listens on (left by a killed server); refuse a live one
     and anything not a socket.  Also used for a node's NBD socket (repdisk.cli.nodeproc)."""
@@ -215,22 +235,17 @@ def remove_stale_socket(path: str, what: str = "control socket") -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise ControlError(f"{what} {path}: the path exists and is not a socket; "
                            "remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
     try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("removing stale %s %s", what, path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
+        stale = nobody_listens(path)
     except OSError as err:
         raise ControlError(f"{what} {path}: cannot tell whether a server still "
                            f"answers there ({err}); remove it or choose another path") from err
-    finally:
-        probe.close()
-    raise ControlError(f"{what} {path}: a live server answers there; stop it or "
-                       "choose another path")
+    if not stale:
+        raise ControlError(f"{what} {path}: a live server answers there; stop it or "
+                           "choose another path")
+    log.info("removing stale %s %s", what, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _bind_unix(path: str, mode: int,
