@@ -385,7 +385,10 @@ class Node:
             "role": role.name,
             "instance": self.ctx.instance,
             "epoch": state.epoch,
-            "failed-over": state.failed_over,
+            # A secondary process whose state says it was last a primary (a winner promoted
+            # since) won nothing it did not hand on: what it may hold is unsent-as-primary.
+            "failed-over": state.failed_over and not (role.name == SECONDARY
+                                                      and state.role == PRIMARY),
             "fenced": state.fenced or None,
             # A node about to start as a secondary that may hold what its peer lacks: the
             # controller's check before it starts it (NodeState.check_start is the node's).

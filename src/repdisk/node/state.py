@@ -136,10 +136,14 @@ class NodeState:
         self.forget_synced()  # the disk holds the secondary VM's writes now
 
     def enter(self, role: str, epoch: int | None) -> None:
-        """Record a start (already checked): a newer epoch clears what the old one said;
-        any start clears the seals (the disk is about to change again)."""
+        """Record a start (already checked): a newer epoch clears what the old one said; a
+        start as a secondary clears ``failed_over`` (check_start let it through, so its
+        disk holds nothing its primary lacks: a promoted winner whose secondary had it
+        all); any start clears the seals (the disk is about to change again)."""
         if epoch is not None and epoch > self.epoch:
             self.epoch, self.failed_over, self.fenced = epoch, False, ""
+        if role == "secondary":
+            self.failed_over = False
         self.role = role
         self.sealed = {}
 
