@@ -374,9 +374,10 @@ def test_up_after_the_roles_changed_names_the_sections_to_swap(folder: Path) -> 
     wait_state(folder, "alpha", "running")
 
 
-def swap_sections(path: Path, folder: Path, name: str) -> None:
+def swap_sections(path: Path, folder: Path, name: str, keep_control: bool = True) -> None:
     """What the README says to do after the roles changed: the [primary] and [secondary]
-    sections swapped (primary-only keys move with the role), the controller's socket kept."""
+    sections swapped (primary-only keys move with the role), the controller's socket kept
+    (unless not ``keep_control``)."""
     head, rest = path.read_text().split("[primary]\n")
     primary, rest = rest.split("[secondary]\n")
     secondary, controller = rest.split("[controller]\n")
@@ -384,8 +385,37 @@ def swap_sections(path: Path, folder: Path, name: str) -> None:
               if line.split(" = ")[0] in ("write-mode", "timeout", "isolation-timeout")]
     primary = "".join(line for line in primary.splitlines(keepends=True) if line not in moving)
     secondary += "".join(moving)
+    control = f"control = \"{folder}/{name}-pri.ctrl.qmp\"\n" if keep_control else ""
     path.write_text(f"{head}[primary]\n{secondary}[secondary]\n{primary}[controller]\n"
-                    f"control = \"{folder}/{name}-pri.ctrl.qmp\"\n{controller}")
+                    f"{control}{controller}")
+
+
+@pytest.mark.timeout(180)
+def test_sections_swapped_while_up_leave_no_controller_behind(folder: Path) -> None:
+    """The sections swapped while the resource runs, with no [controller] control key: the
+    controller's default socket moves with [primary], so the running one is at the old
+    default.  status shows it, up refuses to start a second controller beside it, changing
+    nothing, and down stops it with the nodes (it was left running, holding the nodes)."""
+    path = resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+    old = folder / "alpha-pri.ctrl.qmp"
+    swap_sections(path, folder, "alpha", keep_control=False)
+    status = repdisk(folder, "status", "alpha", ok=False).stdout
+    assert "\n  controller: down\n" in status, status
+    assert (f"\n  controller at {old}, from before the sections were swapped (repdisk down "
+            "alpha stops it):\n  controller running ") in status, status
+    running = processes_of(folder)
+    bad = repdisk(folder, "up", "alpha", ok=False)
+    assert bad.stderr == (f"repdisk: error: alpha: its controller still runs at {old}, its "
+                          f"socket before {path}'s sections were swapped: take the resource "
+                          "down first (repdisk down alpha stops it too), and give [controller] "
+                          "a control key so that it keeps one socket\n")
+    assert processes_of(folder) == running
+    assert repdisk(folder, "down", "alpha").stdout == (   # [secondary]'s node is the primary
+        f"alpha: stopped the controller at {old} (the sections were swapped while it ran), "
+        "secondary, primary\n")
+    assert processes_of(folder) == {}
 
 
 def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None:
@@ -435,8 +465,9 @@ def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
     assert report["alpha"]["controller"]["query"]["state"] == "running"
     assert report["alpha"][f"secondary since a promotion ({third})"]["query"]["role"] == \
         "secondary"
-    assert repdisk(folder, "down", "alpha").stdout == \
-        f"alpha: stopped controller, {third} (its secondary since a promotion), secondary\n"
+    assert repdisk(folder, "down", "alpha").stdout == (   # the primary now first: [secondary]
+        f"alpha: stopped controller, secondary, {third} (its secondary since a promotion)\n")
+    assert "writes are kept local" not in (folder / "alpha-sec.qmp.log").read_text()
     assert processes_of(folder) == {}
 
     swap_sections(path, folder, "alpha")

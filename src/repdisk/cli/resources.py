@@ -117,6 +117,10 @@ class Controller:
     host: str
     control: str
     options: dict[str, str] = field(default_factory=dict)
+    #: With no ``control`` key: the default socket it has with the sections the other way
+    #: round, and that socket's host.  A controller there is this resource's, left running
+    #: by a swap of the sections while the resource was up.
+    swapped: tuple[str, str] | None = None
 
     @property
     def pidfile(self) -> str:
@@ -304,15 +308,23 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
     options = {k: _text(lines, "controller", k, v) for k, v in table.items()
                if k not in ("host", "control")}
     control = _text(lines, "controller", "control",
-                    table.get("control", primary.control.removesuffix(".qmp") + ".ctrl.qmp"))
+                    table.get("control", _default_control(primary)))
     host = _text(lines, "controller", "host", table.get("host", primary.host))
+    swapped = None if "control" in table else (_default_control(secondary),
+                                               _text(lines, "controller", "host",
+                                                     table.get("host", secondary.host)))
     try:
         cfg = controllercmd.check_options(primary.control_address, secondary.control_address,
                                           control, options)
     except ConfigError as err:
         raise lines.error("controller", err.key, str(err).split(": ", 1)[-1]) from None
     _check_timing(lines, primary, cfg.heartbeat_timeout)
-    return Controller(host, control, options)
+    return Controller(host, control, options, swapped)
+
+
+def _default_control(primary: Node) -> str:
+    """A controller's socket when its section gives none: beside its primary's."""
+    return primary.control.removesuffix(".qmp") + ".ctrl.qmp"
 
 
 def _check_timing(lines: _Lines, primary: Node, limit: float) -> None:

@@ -6,19 +6,22 @@ single process starts, so a bad file never changes what is running.  Then, per r
 it starts this host's nodes (secondary first; each detached, ``CONTROL.pid`` and
 ``CONTROL.log`` next to its control socket) and, where this host runs it, the controller,
 which starts replication once both nodes answer (the other host's node may come later).
-What already runs is left alone.  ``down`` stops the controller, then the primary, then
-the secondary; it leaves no process.  ``status`` prints each resource's lines.  Given
-control sockets instead of names, ``down`` stops what serves each, as ``status`` shows each.
+What already runs is left alone.  ``down`` stops the controller, then the node that is
+the primary now, then the other; it leaves no process.  ``status`` prints each resource's
+lines.  Given control sockets instead of names, ``down`` stops what serves each, as
+``status`` shows each.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -93,6 +96,12 @@ def up(res: Resource, host: str | None = None) -> list[str]:
     """Start what of ``res`` runs on this host and is not running; what was started.  A
     failure stops what this call started and raises."""
     host = host or resources.this_host()
+    stray = stray_controller(res, host)
+    if stray is not None:
+        raise RepdiskError(f"{res.name}: its controller still runs at {stray.control}, its "
+                           f"socket before {res.path}'s sections were swapped: take the "
+                           f"resource down first (repdisk down {res.name} stops it too), "
+                           "and give [controller] a control key so that it keeps one socket")
     for node in res.local_nodes(host):
         if not _running(node.pidfile):  # a running node is not started again: not judged
             _check_role(res, node)      # before anything starts
@@ -135,21 +144,71 @@ def _check_role(res: Resource, node: Node) -> None:
 
 
 def down(res: Resource, host: str | None = None) -> list[str]:
-    """Stop what of ``res`` runs on this host (controller, a node that joined the pair by a
-    promotion, primary, secondary); what was."""
+    """Stop what of ``res`` runs on this host: the controller, then each node, the one that
+    is the primary now first (the roles may have changed since the file was written), a
+    node that joined the pair by a promotion too; what was."""
     host = host or resources.this_host()
     joined = joined_nodes(res, host)     # the controller's pair file outlives the controller
     stopped = _stop(res, host, ["controller"])
-    for role, control in joined:
-        try:
-            found = nodeproc.serving(control)
-        except RepdiskError as err:      # not a repdisk node any more: left alone, said
-            print(f"{res.name}: {err}", file=sys.stderr)
-            continue
-        if found is not None:
-            found.stop()
-            stopped.append(f"{control} (its {role} since a promotion)")
-    return stopped + _stop(res, host, list(reversed(resources.ROLES)))
+    stray = stray_controller(res, host)
+    if stray is not None:
+        stray.stop()
+        stopped.append(f"the controller at {stray.control} (the sections were swapped "
+                       "while it ran)")
+    nodes: list[tuple[str, str, Callable[[], bool]]] = [
+        (node.role, node.control, functools.partial(_stop_node, node))
+        for node in reversed(res.local_nodes(host))]
+    nodes += [(f"{control} (its {role} since a promotion)", control,
+               functools.partial(_stop_joined, res, control)) for role, control in joined]
+    nodes.sort(key=lambda item: _role_now(item[1]) != "primary")   # stable: file order next
+    return stopped + [what for what, _, stop in nodes if stop()]
+
+
+def stray_controller(res: Resource, host: str) -> nodeproc.Serving | None:
+    """A controller of ``res`` at the socket it had before its file's sections were swapped
+    (the file gives no ``control``), still running on this host: ``down`` stops it, ``up``
+    refuses to start a second one beside it."""
+    if res.controller.swapped is None:
+        return None
+    control, where = res.controller.swapped
+    if where != host or control == res.controller.control:
+        return None
+    try:
+        found = nodeproc.serving(control)
+    except RepdiskError:
+        return None                      # not a repdisk controller: not this resource's
+    return found if found is not None and found.what == "controller" else None
+
+
+def _role_now(control: str) -> str | None:
+    """The role the node at ``control`` says it has (None: it does not answer)."""
+    if gone(control):
+        return None
+    entry = status_entry(control)
+    return entry["query"].get("role") if entry["kind"] == "node" else None
+
+
+def _stop_node(node: Node) -> bool:
+    """Stop a node of the file by its pid file; remove its sockets; whether it ran."""
+    ran = nodeproc.stop_pidfile(node.pidfile)
+    for path in (node.control, node.nbd_socket):
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return ran
+
+
+def _stop_joined(res: Resource, control: str) -> bool:
+    """Stop what serves ``control`` (a node the file does not name); whether one did."""
+    try:
+        found = nodeproc.serving(control)
+    except RepdiskError as err:          # not a repdisk node any more: left alone, said
+        print(f"{res.name}: {err}", file=sys.stderr)
+        return False
+    if found is None:
+        return False
+    found.stop()
+    return True
 
 
 def joined_nodes(res: Resource, host: str) -> list[tuple[str, str]]:
@@ -175,15 +234,8 @@ def _stop(res: Resource, host: str, which: list[str]) -> list[str]:
             stopped.append("controller")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(res.controller.control)
-    for node in reversed(res.local_nodes(host)):
-        if node.role in which:
-            if nodeproc.stop_pidfile(node.pidfile):
-                stopped.append(node.role)
-            for path in (node.control, node.nbd_socket):
-                if path:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-    return stopped
+    return stopped + [node.role for node in reversed(res.local_nodes(host))
+                      if node.role in which and _stop_node(node)]
 
 
 def _listen(node: Node) -> nodeproc.Listen:
@@ -300,6 +352,9 @@ def _parts(res: Resource, host: str) -> list[tuple[str, str, bool]]:
     whether it joined the pair by a promotion)."""
     parts = [("controller", res.controller.control)] if res.controller.host == host else []
     parts += [(n.role, n.control) for n in res.local_nodes(host)]
+    stray = stray_controller(res, host)
     return [(what, sock, False) for what, sock in parts] + [
         (f"{role} since a promotion ({control})", control, True)
-        for role, control in joined_nodes(res, host)]
+        for role, control in joined_nodes(res, host)] + (
+        [(f"controller at {stray.control}, from before the sections were swapped "
+          f"(repdisk down {res.name} stops it)", stray.control, True)] if stray else [])
