@@ -11,11 +11,21 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from typing import Any
 
 import pytest
 
-from tests.helpers.folder import MiB, controller, kill9, node, qemu_io, repdisk, wait
+from tests.helpers.folder import (
+    REPDISK,
+    MiB,
+    controller,
+    kill9,
+    node,
+    qemu_io,
+    repdisk,
+    wait,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,8 +51,16 @@ def failed_back_and_stopped(folder: str) -> None:
     qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x11 0 1M")
     checkpoint(folder, "pri.qmp", "sec.qmp")
     repdisk(folder, "ctl", "sec.qmp", "failover")
+    deadline = time.monotonic() + 15                      # pri's probe finds the winner
+    while not json.loads(repdisk(folder, "ctl", "pri.qmp", "status", "--json"))["fenced"]:
+        assert time.monotonic() < deadline, "pri did not fence itself"
+        time.sleep(0.2)
     repdisk(folder, "down", "pri.qmp")
-    node(folder, "secondary", "p.img", "pri")
+    started = subprocess.run([REPDISK, "secondary", "--disk", "p.img", "--control", "pri.qmp",
+                              "--nbd-socket", "pri.sock", "--background"], cwd=folder,
+                             capture_output=True, text=True, timeout=60)
+    assert (started.returncode, started.stderr) == (0, ""), started   # the README's output:
+    assert started.stdout.startswith("repdisk secondary: serving (pid ")  # no FENCED line
     repdisk(folder, "ctl", "pri.qmp", "start", "mode=secondary")
     repdisk(folder, "ctl", "sec.qmp", "replication-promote",
             f"secondary=nbd+unix:///replica?socket={folder}/pri.sock")

@@ -103,8 +103,11 @@ def _run_node(args: argparse.Namespace, role: str) -> int:
 
 
 def _say_if_fenced(role: str, control: str) -> None:
-    """A node that came up fenced serves, but takes no write: say so at once (an old
-    primary restarted after a failover), not only in repdisk status."""
+    """A primary that came up fenced serves, but takes no write: say so at once (an old
+    primary restarted after a failover), not only in repdisk status.  Not a secondary: the
+    winner's secondary is where a fenced disk goes (the README's fail-back)."""
+    if role != cfgmod.PRIMARY:
+        return
     try:
         fenced = execute(control, "query-replication", timeout=10.0).get("fenced")
     except RepdiskError:
