@@ -69,6 +69,18 @@ def test_a_promotion_to_another_nodes_uri_is_refused_and_changes_nothing(
             f"cannot promote: nbd+unix:///replica?socket={folder}/x.sock is served by another "
             "node than the new secondary's control socket names: give that node's replica URI "
             "(its --nbd-socket), or the control socket of the node at this URI\n"), bad.stderr
+        swapped = run(folder, "ctl", "ctl.qmp", "controller-promote",    # a tired operator
+                      f"secondary=nbd+unix:///replica?socket={folder}/pri.sock", "uri=pri.qmp")
+        assert (swapped.returncode, swapped.stdout, swapped.stderr) == (1, "", (
+            f"repdisk ctl: secondary=nbd+unix:///replica?socket={folder}/pri.sock is an NBD "
+            "URI: secondary= is the node's control socket (its --control), the URI goes in "
+            "uri=\n"))
+        socket_only = run(folder, "ctl", "ctl.qmp", "controller-promote", "secondary=pri.qmp",
+                          "uri=pri.sock")
+        assert (socket_only.returncode, socket_only.stderr) == (1, (
+            "repdisk ctl: uri=pri.sock is not an NBD URI: give the node's replica export, "
+            "uri=nbd+unix:///replica?socket=NBD-SOCKET (its --nbd-socket) or "
+            "nbd://HOST:PORT/replica\n"))
         q = json.loads(repdisk(folder, "ctl", "ctl.qmp", "status", "--json"))
         assert (q["state"], q["nodes"]["secondary"]["socket"]) == ("failed-over", "sec.qmp")
         winner = json.loads(repdisk(folder, "ctl", "sec.qmp", "status", "--json"))

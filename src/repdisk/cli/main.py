@@ -185,6 +185,15 @@ def _resolve_control_paths(args: argparse.Namespace, command_args: dict[str, Any
     path on the command line does, not from the controller's own folder (which it would
     otherwise be resolved against, and recorded so in its pair file).  Only for a control
     socket on this host: a HOST:PORT controller's paths are its own host's."""
+    for key in CONTROL_PATH_ARGUMENTS.get(args.command, ()):
+        if "://" in str(command_args.get(key, "")):
+            raise SystemExit(f"repdisk ctl: {key}={command_args[key]} is an NBD URI: {key}= is "
+                             "the node's control socket (its --control), the URI goes in uri=")
+    for key in URI_ARGUMENTS.get(args.command, ()):
+        if key in command_args and "://" not in str(command_args[key]):
+            raise SystemExit(f"repdisk ctl: {key}={command_args[key]} is not an NBD URI: give "
+                             f"the node's replica export, {key}=nbd+unix:///replica?socket="
+                             "NBD-SOCKET (its --nbd-socket) or nbd://HOST:PORT/replica")
     if tcp_address(args.socket) is not None:
         return
     for key in CONTROL_PATH_ARGUMENTS.get(args.command, ()):
