@@ -228,6 +228,19 @@ def test_a_misspelt_key_gets_the_key_it_is_close_to(folder: Path) -> None:
                   "unknown key (did you mean write-mode?); a [primary] section takes host, ")
     path.write_text(path.read_text().replace("write_mode =", "colour ="))
     check_refused(folder, 6, "primary.colour", "unknown key; a [primary] section takes host, ")
+    text = path.read_text().replace("colour =", "write-mode =")
+    path.write_text(text.replace("[controller]", "[controler]"))
+    check_refused(folder, 15, "controler.controler",
+                  "unknown section (did you mean controller?); a resource file has the sections")
+    path.write_text(text.replace('nbd-socket = "' + str(folder) + '/alpha-sec.sock"\n',
+                                 'nbd-socket = "' + str(folder) + '/alpha-sec.sock"\n'
+                                 'write-mode = "sync"\n'))     # left behind by a swap
+    check_refused(folder, 14, "secondary.write-mode",
+                  "is a [primary] key: move it to [primary] (a primary's keys move with its "
+                  "role when the sections are swapped)")
+    path.write_text(text.replace(f'"{folder}/alpha-sec.qmp"', '"alpha-sec.qmp"')
+                    .replace(f'"{folder}/alpha-pri.img"', '"alpha-pri.img"'))
+    check_refused(folder, 3, "primary.disk", "'alpha-pri.img' is a relative path")  # the first
 
 
 def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:

@@ -225,8 +225,16 @@ def load_file(path: str, host: str | None = None) -> Resource:
     for key, value in doc.items():
         if key not in SECTIONS or not isinstance(value, dict):
             raise lines.error(key if isinstance(value, dict) else "", key,
-                              f"unknown {'section' if isinstance(value, dict) else 'key'}; "
-                              f"a resource file has the sections {', '.join(SECTIONS)}")
+                              f"unknown {'section' if isinstance(value, dict) else 'key'}"
+                              f"{_did_you_mean(key, SECTIONS)}; a resource file has the "
+                              f"sections {', '.join(SECTIONS)}")
+    for section, table in doc.items():      # in the file's order: the first one is said
+        paths = NODE_PATHS if section in (cfgmod.PRIMARY, cfgmod.SECONDARY) else \
+            CONTROLLER_PATHS
+        for key, value in table.items():
+            for one in (value if key == "disk" and isinstance(value, list) else [value]):
+                if key in paths:
+                    _check_absolute(lines, section, key, _text(lines, section, key, one))
     for role in (cfgmod.PRIMARY, cfgmod.SECONDARY):
         if role not in doc:
             raise lines.error("", role, f"missing [{role}] section: a resource needs both "
@@ -245,6 +253,11 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in allowed and key not in LISTEN_KEYS:
+            other = cfgmod.PRIMARY if role == cfgmod.SECONDARY else cfgmod.SECONDARY
+            if any(k.name == key and other in k.roles for k in cfgmod.KEYS):
+                raise lines.error(role, key, f"is a [{other}] key: move it to [{other}] (a "
+                                             f"{other}'s keys move with its role when the "
+                                             "sections are swapped)")
             known = [*LISTEN_KEYS, *allowed]
             raise lines.error(role, key, f"unknown key{_did_you_mean(key, known)}; a [{role}] "
                                          f"section takes {', '.join(known)}")
@@ -258,9 +271,6 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
     node_host = _text(lines, role, "host", values.pop("host", host))
     disks = values.pop("disk")
     disk_list = disks if isinstance(disks, list) else [disks]
-    for key, value in [*(("disk", d) for d in disk_list), *values.items()]:
-        if key in NODE_PATHS:
-            _check_absolute(lines, role, key, _text(lines, role, key, value))
     keys = [("role", role)]
     keys += [("disk", _text(lines, role, "disk", d)) for d in disk_list]
     listen = {k: values.pop(k) for k in LISTEN_KEYS if k in values}
@@ -302,9 +312,6 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
             raise lines.error("controller", key,
                               f"unknown key{_did_you_mean(key, CONTROLLER_KEYS)}; a "
                               f"[controller] section takes {', '.join(CONTROLLER_KEYS)}")
-    for key, value in table.items():
-        if key in CONTROLLER_PATHS:
-            _check_absolute(lines, "controller", key, _text(lines, "controller", key, value))
     options = {k: _text(lines, "controller", k, v) for k, v in table.items()
                if k not in ("host", "control")}
     control = _text(lines, "controller", "control",
