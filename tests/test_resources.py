@@ -243,6 +243,16 @@ def test_a_misspelt_key_gets_the_key_it_is_close_to(folder: Path) -> None:
     check_refused(folder, 3, "primary.disk", "'alpha-pri.img' is a relative path")  # the first
 
 
+def test_an_empty_config_folder_is_said(folder: Path) -> None:
+    """up, down and status with no resource file said nothing and exited 0."""
+    (folder / "etc").mkdir()
+    for command in ("up", "down", "status"):
+        result = repdisk(folder, command, ok=False)
+        assert (result.stdout, result.stderr) == ("", (
+            f"repdisk: error: no resources in {folder}/etc: put one NAME.toml per resource "
+            "there (see the README), or give --config-dir DIR\n")), command
+
+
 def test_bad_values_are_the_nodes_own_messages(folder: Path) -> None:
     path = resource_file(folder, "alpha")
     path.write_text(path.read_text().replace('write-mode = "sync"', 'write-mode = "fast"'))

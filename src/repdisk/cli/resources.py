@@ -420,6 +420,10 @@ def _read(path: str) -> str:
 def select(resources: dict[str, Resource], names: list[str], folder: str) -> list[Resource]:
     """The resources named (``all`` or none: every one), in name order."""
     if not names or names == ["all"]:
+        if not resources and os.path.isdir(folder) and not any(
+                entry.endswith(SUFFIX) for entry in os.listdir(folder)):
+            raise RepdiskError(f"no resources in {folder}: put one NAME.toml per resource "
+                               "there (see the README), or give --config-dir DIR")
         return [resources[n] for n in sorted(resources)]
     missing = [n for n in names if n not in resources]
     if missing:
