@@ -633,6 +633,16 @@ def test_a_primary_given_its_own_socket_as_secondary_is_refused(cli_pair: Pair) 
     assert sorted(os.listdir(cli_pair.folder)) == ["pri.img", "sec.img"]
 
 
+def test_ctl_with_the_socket_after_the_command_says_the_order(cli_pair: Pair) -> None:
+    pri, _sec, _ = replicating_pair(cli_pair)
+    bad = cli_pair.repdisk("ctl", "checkpoint", "pri.qmp", ok=False)
+    assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", (
+        "repdisk ctl: the control socket comes first: repdisk ctl pri.qmp checkpoint\n"))
+    bad = cli_pair.repdisk("ctl", "start", pri, "mode=primary", ok=False)
+    assert bad.stderr == f"repdisk ctl: the control socket comes first: repdisk ctl {pri} " \
+        "start mode=primary\n"
+
+
 def test_ctl_error_prints_the_error_as_its_answer(cli_pair: Pair) -> None:
     """`ctl NODE error` answers ok, or prints the disk's error on stdout with status 1: the
     error is what was asked for, so it is not reported as the command's own failure."""

@@ -142,6 +142,10 @@ def parse_value(text: str) -> Any:
 
 
 def _ctl(args: argparse.Namespace) -> int:
+    if tcp_address(args.socket) is None and not os.path.exists(args.socket) and \
+            os.path.exists(args.command):
+        raise SystemExit(f"repdisk ctl: the control socket comes first: repdisk ctl "
+                         f"{args.command} {args.socket} {' '.join(args.args)}".rstrip())
     command_args: dict[str, Any] = {}
     for item in args.args:
         key, sep, value = item.partition("=")
