@@ -486,8 +486,8 @@ def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
     report = json.loads(repdisk(folder, "status", "alpha", "--json", ok=False).stdout)
     assert report["alpha"]["primary"] == {"socket": f"{folder}/alpha-pri.qmp", "kind": "down"}
     assert report["alpha"]["controller"]["query"]["state"] == "running"
-    assert report["alpha"][f"secondary since a promotion ({third})"]["query"]["role"] == \
-        "secondary"
+    joined = report["alpha"]["joined-secondary"]
+    assert (joined["socket"], joined["query"]["role"]) == (str(third), "secondary")
     assert repdisk(folder, "down", "alpha").stdout == (   # the primary now first: [secondary]
         f"alpha: stopped controller, secondary, {third} (its secondary since a promotion)\n")
     assert "writes are kept local" not in (folder / "alpha-sec.qmp.log").read_text()

@@ -332,29 +332,34 @@ def status(names: list[str], config_dir: str, as_json: bool = False) -> int:
         parts = report[res.name] = {"path": res.path}
         if not as_json:
             print(f"{res.name} ({res.path})")
-        for what, sock, joined in _parts(res, host):
-            part = parts[what] = ({"kind": "down"} if gone(sock) else status_entry(sock))
+        for key, label, sock in _parts(res, host):
+            part = parts[key] = ({"kind": "down"} if gone(sock) else status_entry(sock))
             part["socket"] = sock
             ok = ok and part["kind"] not in ("down", "unreachable")
             if not as_json:
-                lines = [f"{what}: down"] if part["kind"] == "down" else \
-                    entry_lines(what, part)
-                if joined and part["kind"] != "down":
-                    lines.insert(0, f"{what}:")   # a node the file does not name
+                lines = [f"{label}: down"] if part["kind"] == "down" else \
+                    entry_lines(label, part)
+                if key not in ("controller", *resources.ROLES) and part["kind"] != "down":
+                    lines.insert(0, f"{label}:")   # what the file does not name
                 print("\n".join(f"  {line}" for line in lines))
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if ok else 1
 
 
-def _parts(res: Resource, host: str) -> list[tuple[str, str, bool]]:
-    """What of ``res`` runs on this host, as ``status`` shows it: (name, control socket,
-    whether it joined the pair by a promotion)."""
-    parts = [("controller", res.controller.control)] if res.controller.host == host else []
-    parts += [(n.role, n.control) for n in res.local_nodes(host)]
+def _parts(res: Resource, host: str) -> list[tuple[str, str, str]]:
+    """What of ``res`` runs on this host, as ``status`` shows it: (key in its JSON, label
+    for people, control socket).  Beside the file's controller and nodes: a node that
+    joined the pair by a promotion (``joined-ROLE``), a controller left at its socket from
+    before the sections were swapped (``swapped-controller``)."""
+    parts = [("controller", "controller", res.controller.control)] \
+        if res.controller.host == host else []
+    parts += [(n.role, n.role, n.control) for n in res.local_nodes(host)]
+    parts += [(f"joined-{role}", f"{role} since a promotion ({control})", control)
+              for role, control in joined_nodes(res, host)]
     stray = stray_controller(res, host)
-    return [(what, sock, False) for what, sock in parts] + [
-        (f"{role} since a promotion ({control})", control, True)
-        for role, control in joined_nodes(res, host)] + (
-        [(f"controller at {stray.control}, from before the sections were swapped "
-          f"(repdisk down {res.name} stops it)", stray.control, True)] if stray else [])
+    if stray is not None:
+        parts.append(("swapped-controller", f"controller at {stray.control}, from before the "
+                      f"sections were swapped (repdisk down {res.name} stops it)",
+                      stray.control))
+    return parts
