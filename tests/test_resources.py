@@ -483,6 +483,8 @@ def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
     status = repdisk(folder, "status", "alpha", ok=False).stdout   # [primary]'s node is down
     assert f"\n  secondary since a promotion ({third}):\n  secondary " in status, status
     assert "\n  primary: down\n" in status, status       # its socket is left by the kill
+    assert f"\n  [secondary] {folder}/alpha-sec.qmp, a primary now:\n  primary   disk0 " \
+        in status, status
     report = json.loads(repdisk(folder, "status", "alpha", "--json", ok=False).stdout)
     assert report["alpha"]["primary"] == {"socket": f"{folder}/alpha-pri.qmp", "kind": "down"}
     assert report["alpha"]["controller"]["query"]["state"] == "running"

@@ -341,6 +341,9 @@ def status(names: list[str], config_dir: str, as_json: bool = False) -> int:
                     entry_lines(label, part)
                 if key not in ("controller", *resources.ROLES) and part["kind"] != "down":
                     lines.insert(0, f"{label}:")   # what the file does not name
+                elif key in resources.ROLES and part["kind"] == "node" and \
+                        part["query"].get("role") != key:      # the roles changed since
+                    lines.insert(0, f"[{key}] {sock}, a {part['query'].get('role')} now:")
                 print("\n".join(f"  {line}" for line in lines))
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
