@@ -1,9 +1,10 @@
 """After the README's fail-back by hand (the winner promoted, the old primary its
 secondary), both nodes stopped cleanly and started again in their *first* roles, as a
-tired operator types the README's first commands: the disks are equal and nothing is
-unsent, so the pair runs and is protected (it was accepted, then every checkpoint of the
-secondary was ignored as "took over in a failover", and a controller refused it as the
-winner of a failover, so it could never fail over again).  Only the ``repdisk`` command."""
+tired operator types the README's first commands.  It was accepted, then every checkpoint
+of the secondary was ignored, so the pair could never fail over again; and had the winner
+had another secondary meanwhile, the old primary's disk copied over its writes (a user
+trial lost a checkpointed write so).  Now the old primary's start as the primary is
+refused, changing nothing, and the roles the nodes had last run.  Only ``repdisk``."""
 
 from __future__ import annotations
 
@@ -75,9 +76,26 @@ def failed_back_and_stopped(folder: str) -> None:
          "--isolation-timeout", "0.6s")
 
 
+REFUSED = ("this node was last a secondary (epoch 1) and won no failover: a node that was "
+           "the primary since may hold writes this disk lacks, and this primary would copy "
+           "over them; start that node as the primary (the one last a primary, in the highest "
+           "epoch: repdisk status of each), or, if this disk holds the newest data, start "
+           "this one with epoch=2")
+
+
+def roles_now(folder: str) -> None:
+    """Both stopped, then started in the roles they had last: s.img (the promoted winner)
+    the primary, p.img its secondary."""
+    repdisk(folder, "down", "pri.qmp", "sec.qmp")
+    node(folder, "secondary", "p.img", "pri")
+    node(folder, "primary", "s.img", "sec", "--secondary",
+         f"nbd+unix:///replica?socket={folder}/pri.sock", "--timeout", "0.5s",
+         "--isolation-timeout", "0.6s")
+
+
 def expected(folder: str, third: bytes) -> None:
-    """sec's disk after its failover: the two checkpointed MiB, then ``third``."""
-    with open(os.path.join(folder, "s.img"), "rb") as f:
+    """p.img after its failover: the two checkpointed MiB, then ``third``."""
+    with open(os.path.join(folder, "p.img"), "rb") as f:
         assert f.read(3 * MiB) == b"\x11" * MiB + b"\x22" * MiB + third
 
 
@@ -87,32 +105,49 @@ def stop_all(folder: str) -> None:
             kill9(folder, name)
 
 
-def test_by_hand_the_pair_in_its_first_roles_checkpoints_and_fails_over(
-        tmp_path: Any) -> None:
+def test_by_hand_the_first_roles_are_refused_and_the_roles_now_run(tmp_path: Any) -> None:
+    """p.img, last a secondary of epoch 1, may not be its primary: s.img may have had
+    another secondary since, whose writes a primary p.img would copy over (a user trial
+    lost a checkpointed write so).  The refusal changes nothing; the roles they had last
+    then run, checkpoint and fail over to exactly the last checkpoint."""
     folder = str(tmp_path)
     try:
         failed_back_and_stopped(folder)
         repdisk(folder, "ctl", "sec.qmp", "start", "mode=secondary")
-        repdisk(folder, "ctl", "pri.qmp", "start", "mode=primary")
-        checkpoint(folder, "pri.qmp", "sec.qmp")
-        q = json.loads(repdisk(folder, "ctl", "sec.qmp", "status", "--json"))
+        bad = subprocess.run([REPDISK, "ctl", "pri.qmp", "start", "mode=primary"], cwd=folder,
+                             capture_output=True, text=True, timeout=60)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (
+            1, "", f"repdisk: GenericError: epoch: {REFUSED}\n")
+        q = json.loads(repdisk(folder, "ctl", "pri.qmp", "status", "--json"))
+        assert (q["epoch"], q["disks"][0]["stage"]) == (1, "none")
+        roles_now(folder)          # s.img was the primary of epoch 1: it may be again
+        repdisk(folder, "ctl", "pri.qmp", "start", "mode=secondary")
+        repdisk(folder, "ctl", "sec.qmp", "start", "mode=primary")
+        checkpoint(folder, "sec.qmp", "pri.qmp")
+        q = json.loads(repdisk(folder, "ctl", "pri.qmp", "status", "--json"))
         assert (q["failed-over"], q["disks"][0]["consistent"]) == (False, True)
-        qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x33 2M 1M")
-        repdisk(folder, "ctl", "sec.qmp", "failover")
+        qemu_io(folder, f"nbd+unix:///?socket={folder}/sec.sock", "write -P 0x33 2M 1M")
+        repdisk(folder, "ctl", "pri.qmp", "failover")
         expected(folder, bytes(MiB))                # 0x33 came after the checkpoint
     finally:
         stop_all(folder)
 
 
-def test_a_controller_runs_the_pair_in_its_first_roles(tmp_path: Any) -> None:
+def test_a_controller_of_the_first_roles_says_why_and_of_the_roles_now_runs(
+        tmp_path: Any) -> None:
     folder = str(tmp_path)
     try:
         failed_back_and_stopped(folder)
-        controller(folder)                  # it starts both nodes, not refuses the secondary
+        controller(folder)
+        q = wait(folder, lambda q: REFUSED in (q.get("error") or ""), "the refused start")
+        assert q["state"] == "starting", q
+        kill9(folder, "ctl")
+        roles_now(folder)
+        controller(folder)                  # its options name the first roles: it adopts
         wait(folder, lambda q: q["state"] == "running", "running pair")
-        qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x33 2M 1M")
+        qemu_io(folder, f"nbd+unix:///?socket={folder}/sec.sock", "write -P 0x33 2M 1M")
         repdisk(folder, "ctl", "ctl.qmp", "checkpoint")
-        kill9(folder, "pri")
+        kill9(folder, "sec")
         wait(folder, lambda q: q["state"] == "failed-over", "failover")
         expected(folder, b"\x33" * MiB)
     finally:

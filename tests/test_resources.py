@@ -387,10 +387,35 @@ def test_up_after_the_roles_changed_names_the_sections_to_swap(folder: Path) -> 
     repdisk(folder, "down", "alpha")
     result = repdisk(folder, "up", "alpha", ok=False)
     assert result.stderr == (
-        f"repdisk: error: alpha: the node of [primary] was last a secondary (epoch 2: a "
-        f"promotion or switchover since {path} was written): swap its [primary] and "
-        "[secondary] sections so that each names the role its node has now, then run up "
-        "again\n")        # nothing of it runs: no "take the resource down" first
+        f"repdisk: error: alpha: the node of [primary] was last a secondary (epoch 2), so "
+        f"the roles changed since {path} was written: swap its [primary] and [secondary] "
+        "sections so that each names the role its node has now, then run up again\n")
+    # nothing of it runs: no "take the resource down" first
+    assert processes_of(folder) == {}
+    swap_sections(path, folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+
+
+@pytest.mark.timeout(180)
+def test_up_refuses_a_fenced_node_as_the_primary(folder: Path) -> None:
+    """After a failover that fenced the primary (the controller's, of a live primary), up
+    of the unchanged file would start the fenced node as the primary and the winner as a
+    secondary (a user trial saw the controller then stuck): it refuses, starting nothing;
+    with the sections swapped the winner is the primary."""
+    path = resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+    subprocess.run([REPDISK, "ctl", str(folder / "alpha-pri.ctrl.qmp"), "failover"],
+                   check=True, capture_output=True, timeout=60)
+    wait_state(folder, "alpha", "failed-over")
+    repdisk(folder, "down", "alpha")
+    result = repdisk(folder, "up", "alpha", ok=False)
+    assert result.stderr.startswith("repdisk: error: alpha: the node of [primary] was "
+                                    "fenced: "), result.stderr
+    assert result.stderr.endswith(f", so the roles changed since {path} was written: swap its "
+                                  "[primary] and [secondary] sections so that each names the "
+                                  "role its node has now, then run up again\n"), result.stderr
     assert processes_of(folder) == {}
     swap_sections(path, folder, "alpha")
     repdisk(folder, "up", "alpha")

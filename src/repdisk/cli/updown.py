@@ -121,26 +121,31 @@ def up(res: Resource, host: str | None = None) -> list[str]:
 
 
 def _check_role(res: Resource, node: Node) -> None:
-    """Refuse to start as the primary a node whose state says it was last a secondary that
-    did not win a failover: after a promotion or a switchover the file's sections name the
-    old roles, and that node's disk is not the newest.  Every other start is the node's
-    and the controller's to judge (a failover's winner may take its disk as it is; an old
-    primary may come back as the winner's secondary in the newer epoch)."""
-    if node.role != "primary":
-        return
+    """Refuse to start as the primary a node whose state says the file's sections no
+    longer make it one, after a failover, promotion or switchover: one last a secondary
+    that did not win a failover (and was not that epoch's primary), or one fenced (it lost
+    a failover).  Every other start is the node's and the controller's to judge (a
+    failover's winner may take its disk as it is; an old primary may come back as the
+    winner's secondary)."""
     try:
         state = NodeState.load(NodeConfig.from_keys(node.keys).state)
     except RepdiskError:
         return                          # the node's own start says what is wrong
-    if state.role == "secondary" and not state.failed_over:
-        running = any(_running(n.pidfile) for n in res.nodes.values()) \
-            or _running(res.controller.pidfile)
-        raise RepdiskError(
-            f"{res.name}: the node of [primary] was last a secondary (epoch {state.epoch}: "
-            f"a promotion or switchover since {res.path} was written): "
-            + ("take the resource down, " if running else "")
-            + "swap its [primary] and [secondary] sections so that each names the role its "
-            "node has now, then run up again")
+    if node.role == "primary" and state.fenced:
+        why = f"was fenced: {state.fenced}"
+    elif node.role == "primary" and state.role == "secondary" and not state.failed_over \
+            and state.primary_of != state.epoch:
+        why = f"was last a secondary (epoch {state.epoch})"
+    else:
+        return
+    running = any(_running(n.pidfile) for n in res.nodes.values()) \
+        or _running(res.controller.pidfile)
+    raise RepdiskError(
+        f"{res.name}: the node of [primary] {why}, so the roles changed since {res.path} "
+        "was written: "
+        + ("take the resource down, " if running else "")
+        + "swap its [primary] and [secondary] sections so that each names the role its "
+        "node has now, then run up again")
 
 
 def down(res: Resource, host: str | None = None) -> list[str]:

@@ -5,7 +5,10 @@ failover starts a new epoch, a node refuses to start in an epoch older than the
 one it has recorded, and a node that won a failover (it holds the newest data)
 refuses to become a secondary again in that same epoch, as does a primary that may hold
 writes its secondary lacks (a saved dirty map with data, or an unclean stop: the other
-node's resync would overwrite them).  A primary fenced by the
+node's resync would overwrite them).  A node last a secondary that won no failover
+refuses to become the primary of that same epoch (another node may have been the primary
+since, with writes this disk lacks) unless it was that epoch's primary itself
+(``primary_of``).  A primary fenced by the
 controller (it lost a failover), or by itself when it starts and finds its secondary
 in a newer epoch, records why, refuses guest writes and refuses to
 start as a primary again: it may only come back as a secondary in a newer epoch,
@@ -59,6 +62,13 @@ class NodeState:
     #: disk -> the primary disk (sessions.writer_id) whose copy that checkpoint made it;
     #: a session of another primary finds the disk new to it
     synced_by: dict[str, str] = field(default_factory=dict)
+    #: The epoch this node was last a primary in, while it is a secondary of that epoch:
+    #: no other node can have been its primary since (a start as one is refused), so it
+    #: may be that epoch's primary again.
+    primary_of: int | None = None
+    #: A primary: the secondary URI its dirty maps say what lacks, once a start or resync
+    #: copied to it; a primary started with another --secondary compares first.
+    replicated_to: str = ""
 
     @classmethod
     def load(cls, path: str) -> NodeState:
@@ -81,7 +91,9 @@ class NodeState:
                        sealed=_sealed(raw.get("sealed", {})),
                        unclean=bool(raw.get("unclean", False)),
                        synced=_synced("synced", raw.get("synced", {})),
-                       synced_by=_synced("synced_by", raw.get("synced_by", {})))
+                       synced_by=_synced("synced_by", raw.get("synced_by", {})),
+                       primary_of=_optional_int(raw.get("primary_of")),
+                       replicated_to=str(raw.get("replicated_to", "")))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 
@@ -110,6 +122,16 @@ class NodeState:
                                        "be a primary again; start it as the winner's "
                                        "secondary in a newer epoch (its data is resynced)")
         same_epoch = epoch is None or epoch <= self.epoch
+        if role == "primary" and same_epoch and self.role == "secondary" \
+                and not self.failed_over and self.primary_of != self.epoch:
+            raise ConfigError("epoch", f"this node was last a secondary (epoch {self.epoch}) "
+                                       "and won no failover: a node that was the primary "
+                                       "since may hold writes this disk lacks, and this "
+                                       "primary would copy over them; start that node as "
+                                       "the primary (the one last a primary, in the highest "
+                                       "epoch: repdisk status of each), or, if this disk "
+                                       "holds the newest data, start this one with "
+                                       f"epoch={self.epoch + 1}")
         if role != "secondary" or not same_epoch or self.fenced:
             return  # a fenced node lost a failover: what only it holds is superseded
         if self.role == "primary" and unsent:
@@ -140,6 +162,8 @@ class NodeState:
         start as a secondary clears ``failed_over`` (check_start let it through, so its
         disk holds nothing its primary lacks: a promoted winner whose secondary had it
         all); any start clears the seals (the disk is about to change again)."""
+        if role == "secondary" and self.role == "primary":
+            self.primary_of = self.epoch
         if epoch is not None and epoch > self.epoch:
             self.epoch, self.failed_over, self.fenced = epoch, False, ""
         if role == "secondary":
