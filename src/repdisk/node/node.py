@@ -234,6 +234,8 @@ class Node:
                                        "start its disk as that node's secondary") from err
         with self.ctx.changing_state() as state:
             state.enter(self._role.name, epoch)
+        if isinstance(self._role, PrimaryRole):
+            self._role.note_replicated()
         return None
 
     def _unsent(self) -> str:

@@ -251,8 +251,13 @@ class PrimaryRole(Role[PrimaryReplica]):
         by digest before its first copy (``compare_first``), and until then no checkpoint
         can make the secondary consistent (start and resync do it first)."""
         unclean = self.ctx.state.unclean
+        was = self.ctx.state.replicated_to
+        elsewhere = bool(was) and was != self.ctx.cfg.secondary
+        if elsewhere:
+            log.warning("this primary's dirty maps are of its secondary at %s, not %s: it "
+                        "compares the disks before copying", was, self.ctx.cfg.secondary)
         for rep in self.replicas.values():
-            if unclean:
+            if unclean or elsewhere:
                 rep.compare_first = True
                 continue
             try:
@@ -384,7 +389,17 @@ class PrimaryRole(Role[PrimaryReplica]):
             rep.resume()
 
     def resync(self) -> int:
-        return sum(rep.resync() for rep in self.replicas.values())
+        copied = sum(rep.resync() for rep in self.replicas.values())
+        self.note_replicated()
+        return copied
+
+    def note_replicated(self) -> None:
+        """After a start or resync copied to the secondary: the dirty maps say what it lacks
+        from now on (what _recall_dirty trusts at the next start on the same URI)."""
+        uri = next(iter(self.replicas.values())).secondary_uri or ""
+        if uri and self.ctx.state.replicated_to != uri:
+            with self.ctx.changing_state() as state:
+                state.replicated_to = uri
 
     def replica(self, disk: str) -> PrimaryReplica:
         rep = self.replicas.get(disk)
