@@ -206,13 +206,14 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 def nobody_listens(path: str, timeout: float = 1.0) -> bool:
-    """Whether nothing listens on the Unix socket ``path``: no file there, or one that
-    refuses connections (left by a killed server).  Raises OSError when it cannot tell."""
+    """Whether nothing listens on the Unix socket ``path``: no file there (nor a folder
+    for it), or one that refuses connections (left by a killed server).  Raises OSError
+    when it cannot tell."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(timeout)
         try:
             probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
+        except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
             return True
     return False
 
