@@ -238,6 +238,11 @@ def test_a_misspelt_key_gets_the_key_it_is_close_to(folder: Path) -> None:
     check_refused(folder, 14, "secondary.write-mode",
                   "is a [primary] key: move it to [primary] (a primary's keys move with its "
                   "role when the sections are swapped)")
+    path.write_text(text.replace('interval = "1s"', 'timeout = "1s"'))   # the primary's
+    check_refused(folder, 16, "controller.timeout", "is a [primary] key: move it to [primary]")
+    path.write_text(text.replace('write-mode = "sync"', 'interval = "1s"'))
+    check_refused(folder, 6, "primary.interval",
+                  "is a [controller] key: move it to [controller]")
     path.write_text(text.replace(f'"{folder}/alpha-sec.qmp"', '"alpha-sec.qmp"')
                     .replace(f'"{folder}/alpha-pri.img"', '"alpha-pri.img"'))
     check_refused(folder, 3, "primary.disk", "'alpha-pri.img' is a relative path")  # the first

@@ -258,6 +258,8 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
                 raise lines.error(role, key, f"is a [{other}] key: move it to [{other}] (a "
                                              f"{other}'s keys move with its role when the "
                                              "sections are swapped)")
+            if key in CONTROLLER_KEYS:
+                raise lines.error(role, key, "is a [controller] key: move it to [controller]")
             known = [*LISTEN_KEYS, *allowed]
             raise lines.error(role, key, f"unknown key{_did_you_mean(key, known)}; a [{role}] "
                                          f"section takes {', '.join(known)}")
@@ -309,6 +311,11 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
                 secondary: Node) -> Controller:
     for key in table:
         if key not in CONTROLLER_KEYS:
+            owner = next((r for r in (cfgmod.PRIMARY, cfgmod.SECONDARY)
+                          if any(k.name == key and r in k.roles for k in cfgmod.KEYS)), None)
+            if owner is not None:
+                raise lines.error("controller", key, f"is a [{owner}] key: move it to "
+                                                     f"[{owner}]")
             raise lines.error("controller", key,
                               f"unknown key{_did_you_mean(key, CONTROLLER_KEYS)}; a "
                               f"[controller] section takes {', '.join(CONTROLLER_KEYS)}")
