@@ -38,10 +38,8 @@ def checkpoint(folder: str, primary: str, secondary: str) -> None:
         assert repdisk(folder, "ctl", sock, cmd) == "ok\n", (sock, cmd)
 
 
-def failed_back_and_stopped(folder: str) -> None:
-    """pri (p.img) and sec (s.img) by hand, 0x11 in the first MiB checkpointed, sec failed
-    over, then the README's fail-back: p.img the winner's secondary, sec promoted, 0x22 in
-    the second MiB checkpointed; both stopped cleanly (primary first)."""
+def replicating(folder: str) -> None:
+    """pri (p.img) and sec (s.img) by hand, replication started (secondary first)."""
     for disk in ("p.img", "s.img"):
         subprocess.run(["truncate", "-s", str(16 * MiB), os.path.join(folder, disk)], check=True)
     node(folder, "secondary", "s.img", "sec")
@@ -49,6 +47,13 @@ def failed_back_and_stopped(folder: str) -> None:
          f"nbd+unix:///replica?socket={folder}/sec.sock")
     repdisk(folder, "ctl", "sec.qmp", "start", "mode=secondary")
     repdisk(folder, "ctl", "pri.qmp", "start", "mode=primary")
+
+
+def failed_back_and_stopped(folder: str) -> None:
+    """pri (p.img) and sec (s.img) by hand, 0x11 in the first MiB checkpointed, sec failed
+    over, then the README's fail-back: p.img the winner's secondary, sec promoted, 0x22 in
+    the second MiB checkpointed; both stopped cleanly (primary first)."""
+    replicating(folder)
     qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x11 0 1M")
     checkpoint(folder, "pri.qmp", "sec.qmp")
     repdisk(folder, "ctl", "sec.qmp", "failover")
@@ -56,6 +61,12 @@ def failed_back_and_stopped(folder: str) -> None:
     while not json.loads(repdisk(folder, "ctl", "pri.qmp", "status", "--json"))["fenced"]:
         assert time.monotonic() < deadline, "pri did not fence itself"
         time.sleep(0.2)
+    ignored = subprocess.run([REPDISK, "ctl", "pri.qmp", "checkpoint"], cwd=folder,
+                             capture_output=True, text=True, timeout=60)
+    assert ignored.returncode == 3 and ignored.stdout.startswith(
+        "ignored  this primary was fenced (") and ignored.stdout.endswith(
+        "): its replication is over; restart its disk as the winner's secondary (repdisk "
+        "secondary --disk ...), in the winner's epoch\n"), ignored   # not "repdisk primary"
     repdisk(folder, "down", "pri.qmp")
     started = subprocess.run([REPDISK, "secondary", "--disk", "p.img", "--control", "pri.qmp",
                               "--nbd-socket", "pri.sock", "--background"], cwd=folder,
@@ -150,5 +161,36 @@ def test_a_controller_of_the_first_roles_says_why_and_of_the_roles_now_runs(
         kill9(folder, "sec")
         wait(folder, lambda q: q["state"] == "failed-over", "failover")
         expected(folder, b"\x33" * MiB)
+    finally:
+        stop_all(folder)
+
+
+def test_an_old_primary_restarted_as_a_secondary_does_not_fail_over_alone(
+        tmp_path: Any) -> None:
+    """After a failover, the old primary's disk restarted and started as a secondary in its
+    own epoch, with no primary: a checkpoint by hand (QEMU's semantics) made it consistent,
+    and its failover made a second winner of epoch 1 beside the first, both serving
+    writes (a user trial).  The failover is refused, changing nothing."""
+    folder = str(tmp_path)
+    try:
+        replicating(folder)
+        qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x22 0 1M")
+        checkpoint(folder, "pri.qmp", "sec.qmp")
+        qemu_io(folder, f"nbd+unix:///?socket={folder}/pri.sock", "write -P 0x33 0 1M")
+        repdisk(folder, "ctl", "sec.qmp", "failover")
+        repdisk(folder, "down", "pri.qmp")
+        node(folder, "secondary", "p.img", "pri")
+        repdisk(folder, "ctl", "pri.qmp", "start", "mode=secondary")
+        repdisk(folder, "ctl", "pri.qmp", "checkpoint")
+        bad = subprocess.run([REPDISK, "ctl", "pri.qmp", "failover"], cwd=folder,
+                             capture_output=True, text=True, timeout=60)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", (
+            "repdisk: GenericError: epoch: cannot fail over: this node was the primary of "
+            "epoch 0 until it restarted as a secondary, and no newer primary has written to "
+            "it since: its peer may have failed over already, and a second winner of epoch 1 "
+            "would make two writers; start it as the winner's secondary (epoch=1), or as the "
+            "primary again\n"))
+        q = json.loads(repdisk(folder, "ctl", "pri.qmp", "status", "--json"))
+        assert (q["epoch"], q["failed-over"], q["disks"][0]["stage"]) == (0, False, "running")
     finally:
         stop_all(folder)

@@ -375,6 +375,10 @@ class PrimaryRole(Role[PrimaryReplica]):
         ignored, so say so rather than answer ok and change nothing."""
         if any(rep.stage is not Stage.DONE for rep in self.replicas.values()):
             return ""
+        if self.ctx.state.fenced:       # it lost a failover: never a primary again
+            return (f"this primary was fenced ({self.ctx.state.fenced}): its replication is "
+                    "over; restart its disk as the winner's secondary (repdisk secondary "
+                    "--disk ...), in the winner's epoch")
         return ("replication was stopped on this primary (stage done) and does not start "
                 "again in this process, as in QEMU: restart the node (stop its guest, stop "
                 "the node, repdisk primary again) to replicate again")

@@ -241,6 +241,16 @@ class SecondaryRole(Role[SecondaryReplica]):
         the commit is under way; a node killed before the commit ends finishes it when it
         reopens (:meth:`recover`).  A failover that is already over does nothing.
         """
+        state = self.ctx.state
+        if state.primary_of is not None and state.primary_of == state.epoch \
+                and any(rep.stage is Stage.RUNNING for rep in self.replicas.values()):
+            raise ConfigError("epoch", f"cannot fail over: this node was the primary of epoch "
+                                       f"{state.epoch} until it restarted as a secondary, and "
+                                       "no newer primary has written to it since: its peer "
+                                       "may have failed over already, and a second winner of "
+                                       f"epoch {state.epoch + 1} would make two writers; start "
+                                       "it as the winner's secondary "
+                                       f"(epoch={state.epoch + 1}), or as the primary again")
         secondaries = list(self.replicas.values())
         for rep in secondaries:
             rep.check_failover()
