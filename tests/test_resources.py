@@ -249,7 +249,12 @@ def test_a_misspelt_key_gets_the_key_it_is_close_to(folder: Path) -> None:
 
 
 def test_an_empty_config_folder_is_said(folder: Path) -> None:
-    """up, down and status with no resource file said nothing and exited 0."""
+    """up, down and status with no resource file said nothing and exited 0; with no
+    folder, status said "DIR:0: config-dir: ..." as if the folder were a file's line."""
+    result = repdisk(folder, "status", ok=False)
+    assert (result.stdout, result.stderr) == ("", (
+        f"repdisk: error: {folder}/etc is not a directory: create it and put one NAME.toml "
+        "per resource there, or give --config-dir DIR\n"))
     (folder / "etc").mkdir()
     for command in ("up", "down", "status"):
         result = repdisk(folder, command, ok=False)

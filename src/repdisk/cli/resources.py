@@ -367,8 +367,8 @@ def load_dir(folder: str, host: str | None = None,
     is not made; without one (``up``, ``down``) the first mistake is raised."""
     host = host or this_host()
     if not os.path.isdir(folder):
-        raise ResourceError(folder, 0, "config-dir", "is not a directory: create it and put "
-                                                     "one NAME.toml per resource there")
+        raise RepdiskError(f"{folder} is not a directory: create it and put one NAME.toml "
+                           "per resource there, or give --config-dir DIR")
     resources = {}
     for entry in sorted(os.listdir(folder)):
         if entry.endswith(SUFFIX):
