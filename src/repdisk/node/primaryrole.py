@@ -251,13 +251,9 @@ class PrimaryRole(Role[PrimaryReplica]):
         by digest before its first copy (``compare_first``), and until then no checkpoint
         can make the secondary consistent (start and resync do it first)."""
         unclean = self.ctx.state.unclean
-        was = self.ctx.state.replicated_to
-        elsewhere = bool(was) and was != self.ctx.cfg.secondary
-        if elsewhere:
-            log.warning("this primary's dirty maps are of its secondary at %s, not %s: it "
-                        "compares the disks before copying", was, self.ctx.cfg.secondary)
         for rep in self.replicas.values():
-            if unclean or elsewhere:
+            rep.known_peer = self.ctx.state.replicated_to.get(rep.name)  # _link_up compares
+            if unclean:
                 rep.compare_first = True
                 continue
             try:
@@ -398,12 +394,16 @@ class PrimaryRole(Role[PrimaryReplica]):
         return copied
 
     def note_replicated(self) -> None:
-        """After a start or resync copied to the secondary: the dirty maps say what it lacks
-        from now on (what _recall_dirty trusts at the next start on the same URI)."""
-        uri = next(iter(self.replicas.values())).secondary_uri or ""
-        if uri and self.ctx.state.replicated_to != uri:
+        """After a start or resync copied to the secondary: each dirty map says what that
+        secondary disk lacks from now on (what the next start trusts for the same disk)."""
+        copied_to = {**self.ctx.state.replicated_to,
+                     **{name: rep.peer_disk for name, rep in self.replicas.items()
+                        if rep.peer_disk is not None}}
+        for name, rep in self.replicas.items():
+            rep.known_peer = copied_to.get(name)
+        if copied_to != self.ctx.state.replicated_to:
             with self.ctx.changing_state() as state:
-                state.replicated_to = uri
+                state.replicated_to = copied_to
 
     def replica(self, disk: str) -> PrimaryReplica:
         rep = self.replicas.get(disk)

@@ -21,7 +21,7 @@ from repdisk.node.primaryrole import new_primary
 from repdisk.node.role import Role, describe_disk, newer_writer_at, serving_nodes
 from repdisk.replication import batch, nbdclient, resync, sessions
 from repdisk.replication.framework import ReplicationError, ReplicationMode
-from repdisk.replication.link import CONTENTS_UNKNOWN
+from repdisk.replication.link import CONTENTS_UNKNOWN, DISK_ID
 from repdisk.replication.primary import PrimaryReplica
 from repdisk.replication.secondary import SecondaryReplica
 from repdisk.replication.stage import Stage
@@ -130,7 +130,9 @@ class SecondaryRole(Role[SecondaryReplica]):
         unknown = f"{CONTENTS_UNKNOWN}; " if disk in self.unknown else ""
         fence = self.ctx.fence(disk)
         refused = f"; {fence.refusal}" if fence is not None and fence.refusal else ""
-        return f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{REPLICA_VIEW}{refused}"
+        named = f"{DISK_ID} {self.replicas[disk].disk.named()}; "
+        return (f"{describe_disk('secondary', disk, self.ctx)}: {unknown}{named}{REPLICA_VIEW}"
+                f"{refused}")
 
     def started(self, disk: str) -> bool:
         """Whether ``disk``'s replication was started (its stage is not none)."""

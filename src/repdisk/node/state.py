@@ -66,9 +66,9 @@ class NodeState:
     #: no other node can have been its primary since (a start as one is refused), so it
     #: may be that epoch's primary again.
     primary_of: int | None = None
-    #: A primary: the secondary URI its dirty maps say what lacks, once a start or resync
-    #: copied to it; a primary started with another --secondary compares first.
-    replicated_to: str = ""
+    #: A primary: disk -> the secondary disk (its replica export's DISK_ID) its dirty map
+    #: says what lacks, once a start or resync copied to it; another one is compared first.
+    replicated_to: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> NodeState:
@@ -93,7 +93,7 @@ class NodeState:
                        synced=_synced("synced", raw.get("synced", {})),
                        synced_by=_synced("synced_by", raw.get("synced_by", {})),
                        primary_of=_optional_int(raw.get("primary_of")),
-                       replicated_to=str(raw.get("replicated_to", "")))
+                       replicated_to=_synced("replicated_to", raw.get("replicated_to", {})))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError("state", f"{path} lacks a valid field: {err}") from err
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,11 +37,14 @@ from repdisk.uri import export_name, with_export_suffix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTENTS_UNKNOWN", "Link", "LinkState", "PULL_DELAY"]
+__all__ = ["CONTENTS_UNKNOWN", "DISK_ID", "Link", "LinkState", "PULL_DELAY"]
 
 #: What a secondary's replica export description says when the disk is new to it (not
 #: the file a checkpoint last made a consistent copy): its primary compares first.
 CONTENTS_UNKNOWN = "contents unknown, compared before any copy"
+#: How a secondary's replica export names its disk file (RawImage.named): a primary's
+#: dirty maps are of one secondary disk, and another one is compared first.
+DISK_ID = "disk-id"
 
 #: async: the forwarder gathers dirty pieces this long before a round (fio 4 KiB random
 #: writes QD16, 2 vCPUs: see bench/README.md).
@@ -201,13 +205,16 @@ class Link:
                 f"local disk is {self._dirty.size} bytes; give both disks the same size")
         return fwd
 
-    def peer_contents_unknown(self) -> bool:
-        """Whether the secondary's replica export says its disk is new to it
-        (CONTENTS_UNKNOWN): what the dirty map says it lacks is then not all it lacks.
-        False for a server that does not list it (not a repdisk secondary)."""
+    def peer_replica(self) -> tuple[bool, str | None]:
+        """What the secondary's replica export says of its disk: whether it is new to it
+        (CONTENTS_UNKNOWN: what the dirty map says it lacks is then not all it lacks), and
+        which file it is (DISK_ID; None if not said).  (False, None) for a server that does
+        not list it (not a repdisk secondary)."""
         assert self.uri is not None
         listed = nbdclient.list_exports(self.uri, self.timeout) or {}
-        return CONTENTS_UNKNOWN in listed.get(export_name(self.export_uri), "")
+        description = listed.get(export_name(self.export_uri), "")
+        found = re.search(rf"{DISK_ID} (\S+);", description)
+        return CONTENTS_UNKNOWN in description, found.group(1) if found else None
 
     def _refusal(self, tag: str) -> str | None:
         """Why the secondary refused the session ``tag``, if its replica export's

@@ -120,6 +120,10 @@ class PrimaryReplica:
         #: Nothing is known of what the secondary lacks (this primary did not stop cleanly,
         #: node.py): the first copy compares the disks by digest first (_copy).
         self.compare_first = False
+        #: The secondary disk (its DISK_ID) the dirty map is of, as the node recorded it
+        #: (None: not known), and the one the link reached last.
+        self.known_peer: str | None = None
+        self.peer_disk: str | None = None
         #: A start is under way (it connects and copies; the stage is still NONE): a
         #: controller that came after the one which asked for it waits instead.
         self.starting = False
@@ -298,9 +302,16 @@ class PrimaryReplica:
         ReplicationError if the secondary is unfit.  A secondary whose disk is new to it
         (replaced, swapped, its state lost) makes the next copy compare first."""
         self.link.up(self.write_path.source)
-        if not self.compare_first and self.link.peer_contents_unknown():
+        unknown, self.peer_disk = self.link.peer_replica()
+        if not self.compare_first and unknown:
             log.warning("%s: the secondary %s says its disk is new to it: comparing the "
                         "disks before copying", self.name, self.link.uri)
+            self.compare_first = True
+        elif not self.compare_first and None not in (self.known_peer, self.peer_disk) \
+                and self.peer_disk != self.known_peer:
+            log.warning("%s: the secondary %s serves another disk than the one this "
+                        "primary's dirty map is of: comparing the disks before copying",
+                        self.name, self.link.uri)
             self.compare_first = True
 
     def _copy(self, progress: Progress | None) -> int:
