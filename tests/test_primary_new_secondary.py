@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from repdisk.replication.link import disk_id_of
 from tests.helpers.folder import MiB, kill9, node, qemu_io, repdisk
 
 pytestmark = pytest.mark.timeout(180)
@@ -65,3 +66,11 @@ def test_a_primary_back_with_its_first_secondary_copies_what_the_other_got(
         for name in ("pri", a, c):
             with contextlib.suppress(OSError, ValueError):
                 kill9(folder, name)
+
+
+def test_the_disk_name_is_read_from_a_file_s_and_a_device_s_description() -> None:
+    """A block device's name is ``dev N``, with a space: it is read whole."""
+    head = "repdisk secondary disk disk0 in epoch 1 of node 0a1b: "
+    assert disk_id_of(head + "disk-id 9f3c; the primary writes here") == "9f3c"
+    assert disk_id_of(head + "disk-id dev 2049; the primary writes here") == "dev 2049"
+    assert disk_id_of(head + "the primary writes here") is None

@@ -57,6 +57,13 @@ class LinkState(enum.Enum):
     DEGRADED = "degraded"  # failed: writes are local and dirty until resync
 
 
+def disk_id_of(description: str) -> str | None:
+    """The disk name (DISK_ID) a secondary's replica export description gives, if any: a
+    file's random name, or ``dev N`` for a block device."""
+    found = re.search(rf"{DISK_ID} ([^;]+);", description)
+    return found.group(1) if found else None
+
+
 class Link:
     """The connection a primary disk forwards on: connect, degrade, failure, probe, seal.
 
@@ -213,8 +220,7 @@ class Link:
         assert self.uri is not None
         listed = nbdclient.list_exports(self.uri, self.timeout) or {}
         description = listed.get(export_name(self.export_uri), "")
-        found = re.search(rf"{DISK_ID} (\S+);", description)
-        return CONTENTS_UNKNOWN in description, found.group(1) if found else None
+        return CONTENTS_UNKNOWN in description, disk_id_of(description)
 
     def _refusal(self, tag: str) -> str | None:
         """Why the secondary refused the session ``tag``, if its replica export's
