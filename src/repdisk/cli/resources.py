@@ -183,6 +183,16 @@ def _did_you_mean(key: str, known: Sequence[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _section_taking(key: str, sections: Sequence[str]) -> str | None:
+    """The first of ``sections`` that takes ``key`` (a section a misplaced key belongs in),
+    or None."""
+    for section in sections:
+        if key in CONTROLLER_KEYS if section == "controller" else \
+                any(k.name == key and section in k.roles for k in cfgmod.KEYS):
+            return section
+    return None
+
+
 def _check_absolute(lines: _Lines, table: str, key: str, value: str) -> None:
     """Refuse a relative path: it would name another file from another folder."""
     path = value
@@ -254,12 +264,13 @@ def _node(lines: _Lines, role: str, table: dict[str, Any], host: str,
     for key, value in table.items():
         if key not in allowed and key not in LISTEN_KEYS:
             other = cfgmod.PRIMARY if role == cfgmod.SECONDARY else cfgmod.SECONDARY
-            if any(k.name == key and other in k.roles for k in cfgmod.KEYS):
+            owner = _section_taking(key, (other, "controller"))
+            if owner == other:
                 raise lines.error(role, key, f"is a [{other}] key: move it to [{other}] (a "
                                              f"{other}'s keys move with its role when the "
                                              "sections are swapped)")
-            if key in CONTROLLER_KEYS:
-                raise lines.error(role, key, "is a [controller] key: move it to [controller]")
+            if owner is not None:
+                raise lines.error(role, key, f"is a [{owner}] key: move it to [{owner}]")
             known = [*LISTEN_KEYS, *allowed]
             raise lines.error(role, key, f"unknown key{_did_you_mean(key, known)}; a [{role}] "
                                          f"section takes {', '.join(known)}")
@@ -311,8 +322,7 @@ def _controller(lines: _Lines, table: dict[str, Any], primary: Node,
                 secondary: Node) -> Controller:
     for key in table:
         if key not in CONTROLLER_KEYS:
-            owner = next((r for r in (cfgmod.PRIMARY, cfgmod.SECONDARY)
-                          if any(k.name == key and r in k.roles for k in cfgmod.KEYS)), None)
+            owner = _section_taking(key, (cfgmod.PRIMARY, cfgmod.SECONDARY))
             if owner is not None:
                 raise lines.error("controller", key, f"is a [{owner}] key: move it to "
                                                      f"[{owner}]")
