@@ -12,6 +12,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin
   qemu-utils qemu-system-x86 fio python3-venv
   busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc gcc libc6-dev
+  libnbd-dev nbdkit-plugin-dev
   pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 )
@@ -45,6 +46,9 @@ printf '%s\n' "$pip_out" | grep -v "is ignored: it is neither" | grep . || true
 mkdir -p .venv/lib/repdisk
 cc -O2 -shared -fPIC -Wall -Wextra -Werror -o .venv/lib/repdisk/nbdkit-guard.so \
   nbdplugin/nbdkit-guard.c -ldl
+# Every node runs this filter: a sync primary's writes in C (nbdplugin/repdisk-fast.c).
+cc -O2 -shared -fPIC -Wall -Wextra -Werror -o .venv/lib/repdisk/repdisk-fast.so \
+  nbdplugin/repdisk-fast.c -lnbd -lpthread
 # Pacemaker finds OCF agents under /usr/lib/ocf/resource.d/PROVIDER: ocf:repdisk:repdisk
 # runs this clone's ocf/repdisk (and its .venv); ocf/install says why it is not a link.
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

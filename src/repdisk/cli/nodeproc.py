@@ -27,6 +27,7 @@ from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node.config import check_folder, default
 from repdisk.qmp.client import NotAControlSocket, QMPClient
 from repdisk.qmp.server import gone, remove_stale_socket
+from repdisk.replication import fastpath
 from repdisk.tls import TLSSpec, check_plain
 
 #: The plugin every node runs (nbdkit's python plugin script).
@@ -128,8 +129,9 @@ def nbdkit_command(plugin: str, keys: list[tuple[str, str]], listen: Listen,
         free_socket(listen.socket, "NBD socket")
     if threads is None:
         threads = default_threads(keys)
-    return (nbdkit_program() + ["-f", "-t", str(threads)]
-            + listen.nbdkit_args() + ["python", plugin] + [f"{k}={v}" for k, v in keys])
+    filters = [f"--filter={fastpath.FILTER}"] if os.path.exists(fastpath.FILTER) else []
+    return (nbdkit_program() + ["-f", "-t", str(threads)] + listen.nbdkit_args()
+            + filters + ["python", plugin] + [f"{k}={v}" for k, v in keys])
 
 
 def nbdkit_program() -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from repdisk.block.device import EXTENT_HOLE, EXTENT_ZERO, BlockDevice, Buffer
 from repdisk.errors import BlockIOError
 from repdisk.node.isolation import Isolation
-from repdisk.replication import sessions
+from repdisk.replication import fastpath, sessions
 
 
 class Export:
@@ -27,6 +27,8 @@ class Export:
     """
 
     def __init__(self, target: BlockDevice, admission: Admission) -> None:
+        #: What the fast path's filter serves under this name (fastpath.py).
+        self.cell = fastpath.Cell()
         self.target = target
         self.size = target.size
         self._admit = admission.enter
@@ -43,6 +45,7 @@ class Export:
         # method, one Python call fewer per read (rebound when promotion switches it).
         self._target = device
         self.pread_into = device.pread_into
+        self.cell.point(getattr(device, "fast_slot", None))
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         self._admit()
@@ -87,11 +90,31 @@ class Admission:
     """
 
     def __init__(self) -> None:
-        #: The primary's isolation guard (None: no guard, e.g. on a secondary).
-        self.guard: Isolation | None = None
+        self._guard: Isolation | None = None
         self._lock = threading.Lock()  # guards _in_flight and refused
         self._in_flight = 0
         self.refused = ""  # why guest writes are refused ("" = they are admitted)
+        self.publish()
+
+    @property
+    def guard(self) -> Isolation | None:
+        """The primary's isolation guard (None: no guard, e.g. on a secondary)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, guard: Isolation | None) -> None:
+        self._guard = guard
+        if guard is not None:
+            guard.on_change = self.publish
+        self.publish()
+
+    def publish(self) -> None:
+        """Tell the fast path (fastpath.py) what :meth:`pass_guard` and :meth:`enter`
+        would say of a write now: whether it must come here, and from when on (the
+        guard's deadline).  Called after every change of either."""
+        guard = self._guard
+        blocked = bool(self.refused) or (guard is not None and guard.blocking())
+        fastpath.publish_guard(blocked, None if guard is None else guard.deadline())
 
     def enter(self) -> None:
         self.pass_guard()
@@ -119,6 +142,7 @@ class Admission:
         if some did not finish within ``timeout``."""
         with self._lock:
             self.refused = why
+            self.publish()
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -131,6 +155,7 @@ class Admission:
     def admit(self) -> None:
         with self._lock:
             self.refused = ""
+            self.publish()
 
 
 class SignalView:

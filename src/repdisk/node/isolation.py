@@ -15,6 +15,10 @@ from repdisk.replication.stage import EventSink
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> None:
+    """No one to tell."""
+
+
 class Isolation:
     """A primary's guard against split brain: no contact for ``timeout`` -> isolated.
 
@@ -46,6 +50,9 @@ class Isolation:
         #: how many verdicts are awaited, one per disk refused).
         self.judging = 0
         self.fenced = fenced
+        #: Told (with ``_cond`` held) after any change of what :meth:`blocking` or
+        #: :meth:`deadline` say: the node's Admission republishes them to the fast path.
+        self.on_change: Callable[[], None] = _nothing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="repdisk-isolation", daemon=True)
         self._thread.start()
@@ -55,6 +62,15 @@ class Isolation:
         has seen it yet (a node that was stopped or starved wakes with a stale verdict);
         plain fields, read without the lock."""
         return self._armed and time.monotonic() - self._last_contact >= self.timeout
+
+    def blocking(self) -> bool:
+        """Whether a write must wait here or be refused, whatever the time."""
+        return bool(self.suspended or self.fenced or self.judging)
+
+    def deadline(self) -> float | None:
+        """From when on (``time.monotonic()``) a write must be judged here: the last contact
+        plus the timeout; None while unarmed (no controller: never)."""
+        return self._last_contact + self.timeout if self._armed else None
 
     def admit(self) -> None:
         """Let a guest write through, hold it while suspended, refuse it once fenced.
@@ -80,6 +96,7 @@ class Isolation:
             self._armed = True
             self._last_contact = max(self._last_contact, time.monotonic())
             self._update()
+            self.on_change()
 
     def hold_for_verdict(self, held: bool) -> None:
         """Hold guest writes (True) until the verdict (False, or :meth:`fence`): the
@@ -88,12 +105,14 @@ class Isolation:
         with self._cond:
             self.judging += 1 if held else -1
             self._cond.notify_all()
+            self.on_change()
 
     def fence(self, reason: str) -> None:
         with self._cond:
             first = not self.fenced
             self.fenced = reason
             self._cond.notify_all()
+            self.on_change()
         if first:
             log.error("fenced: %s; guest writes fail from now on", reason)
             self._events("NODE_FENCED", {"reason": reason})
@@ -108,6 +127,7 @@ class Isolation:
                 if self._secondary_answers():
                     with self._cond:  # the acknowledgement came after the previous look
                         self._last_contact = max(self._last_contact, looked)
+                        self.on_change()
                 looked = now
             elif not self._armed and now - looked >= self.timeout:
                 # No controller: an idle link is still probed now and then, for a
@@ -127,6 +147,7 @@ class Isolation:
         self.isolated = isolated
         self.suspended = isolated and self.policy == "suspend"
         self._cond.notify_all()
+        self.on_change()
         if isolated:
             log.error("isolated: no contact with the secondary or the controller for %.1fs; "
                       "guest writes %s", since,
@@ -150,4 +171,5 @@ class Isolation:
         with self._cond:
             self.fenced = self.fenced or "the node is shutting down"
             self._cond.notify_all()
+            self.on_change()
 

@@ -34,7 +34,7 @@ from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import threadstate
 from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, default
 from repdisk.node.context import NodeContext
-from repdisk.node.exports import MarkView, SealView
+from repdisk.node.exports import Export, MarkView, SealView
 from repdisk.node.lease import ControllerLease
 from repdisk.node.primaryrole import PrimaryRole
 from repdisk.node.role import Replica
@@ -119,6 +119,8 @@ class Node:
             if base.endswith((sessions.SEAL_SUFFIX, sessions.MARK_SUFFIX)):
                 raise BlockIOError(errno.EINVAL, f"export {name!r} is a primary's signal: "
                                                  "it needs a writer-session tag")
+            if isinstance(dev, Export):
+                dev.cell.bind()  # this connection's writes may take the fast path
             return dev
         fence = fences[base]
         fence.admit(token, self.state.epoch, writer, self.state.failed_over)

@@ -109,6 +109,16 @@ _STAT = {ZERO: "zeros", TRIM: "trims", FLUSH: "flushes", BARRIER: "flushes", REA
 _INF = float("inf")
 
 
+
+def failed_text(uri: str, what: str, why: str) -> str:
+    """How a request the secondary failed is reported (``what``: Ticket.what)."""
+    return f"secondary {uri} failed {what}: {why}"
+
+
+def late_text(uri: str, what: str, timeout: float) -> str:
+    """How a request the secondary did not answer in time is reported."""
+    return f"secondary {uri} did not acknowledge {what} within {timeout}s"
+
 class Forwarder:
     """Sends writes to the secondary's ``replica`` export, many in flight, never stalling.
 
@@ -195,6 +205,11 @@ class Forwarder:
     @property
     def held(self) -> bool:
         return self._hold_seq != _INF
+
+    @property
+    def connect_uri(self) -> str:
+        """The export URI this forwarder connects to, its session tag included."""
+        return self._connect_uri
 
     # -- connection -----------------------------------------------------------------
 
@@ -700,7 +715,7 @@ class Forwarder:
         for t in done:
             if t.err:
                 stats["errors"] += 1
-                why = why or f"secondary {self.uri} failed {t.what()}: {os.strerror(t.err)}"
+                why = why or failed_text(self.uri, t.what(), os.strerror(t.err))
                 self.errno = self.errno or t.err
                 continue
             self._inflight.discard(t)
@@ -739,8 +754,7 @@ class Forwarder:
             self._next_check = now + self.timeout
             return None
         if now - oldest.t0 >= self.timeout:
-            return (f"secondary {self.uri} did not acknowledge {oldest.what()} "
-                    f"within {self.timeout}s")
+            return late_text(self.uri, oldest.what(), self.timeout)
         self._next_check = oldest.t0 + self.timeout
         return None
 

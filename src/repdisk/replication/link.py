@@ -29,7 +29,7 @@ from collections.abc import Callable
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.errors import ForwardError
 from repdisk.replication import nbdclient
-from repdisk.replication.forwarder import Forwarder, Source
+from repdisk.replication.forwarder import Forwarder, Source, failed_text, late_text
 from repdisk.replication.framework import ReplicationError
 from repdisk.replication.sessions import MARK_SUFFIX, SEAL_SUFFIX, make_tag, refusal_of
 from repdisk.replication.stage import StageMachine
@@ -86,12 +86,17 @@ class Link:
         self._sm = sm
         # Guards errors (counted on forwarders' threads).
         self._count_lock = threading.Lock()
+        # Held while a fast write's failure is handled (fast_failed).
+        self._fast_failing = threading.Lock()
         #: Forwarders that failed (query-replication's forward_errors).
         self.errors = 0
         #: Told, on the failing forwarder's thread and before the writes it failed are
         #: settled, when the secondary refused this primary's writes (EPERM: a newer
         #: session or a failover superseded it); the node judges whether it lost.
         self.on_refused: Callable[[str], None] | None = None
+        #: Told, after every change of ``current``, on the changing thread (the write path
+        #: arms or disarms its fast path: fastpath.py).
+        self.on_change: Callable[[], None] = _nothing
         self.state = LinkState.DOWN
         #: The connection, failed or not; None when there is none.
         self.forwarder: Forwarder | None = None
@@ -120,6 +125,7 @@ class Link:
             log.info("%s: link %s -> %s", self.name, self.state.value, state.value)
         self.state, self.forwarder = state, fwd
         self.current = (state, fwd if state is LinkState.UP else None)
+        self.on_change()
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -165,15 +171,39 @@ class Link:
 
     def _on_failure(self, fwd: Forwarder, error: str, ranges: list[tuple[int, int]]) -> None:
         """Called once by a failing forwarder (its thread): mark, degrade, report."""
+        self._failed(fwd is self.forwarder, error, fwd.errno, ranges)
+
+    def fast_failed(self, offset: int, length: int, err: int, why: str) -> None:
+        """The secondary failed a write of the fast path (fastpath.py), on the writing
+        nbdkit thread: as a failing forwarder's, while the link is still UP (a link that
+        already left UP was degraded, dropped or stopped: the range is only marked).
+        ECONNREFUSED: the fast path could not connect; the secondary's fence may have
+        refused the session (then it is EPERM, as a refused write)."""
+        what = f"write [{offset}, {offset + length})"
+        uri = self.uri or ""
+        with self._fast_failing:  # several writers may fail at once: one degrades
+            fwd = self.sending
+            if err == errno.ECONNREFUSED and fwd is not None:  # its connection was refused
+                refused = self._refusal(fwd.session_tag)
+                if refused:
+                    err, why = errno.EPERM, refused
+            error = (late_text(uri, what, self.timeout) if err == errno.ETIMEDOUT
+                     else failed_text(uri, what, why))
+            self._failed(fwd is not None, error, err, [(offset, length)])
+
+    def _failed(self, current: bool, error: str, err: int,
+                ranges: list[tuple[int, int]]) -> None:
+        """Mark ``ranges``; if the connection that failed is the ``current`` one, degrade
+        and report (EPERM: the secondary refused this primary, ``on_refused``)."""
         for off, length in ranges:
             if length > 0:
                 self._dirty.mark(off, length)
         with self._count_lock:
             self.errors += 1
-        if fwd is not self.forwarder:
+        if not current:
             return  # an abandoned connection: its ranges are marked, nothing else to say
         self.degrade(f"forwarding to the secondary {self.uri} failed: {error}")
-        if fwd.errno == errno.EPERM and self.on_refused is not None:
+        if err == errno.EPERM and self.on_refused is not None:
             self.on_refused(error)
 
     # -- connections -----------------------------------------------------------------------
@@ -313,6 +343,10 @@ class Link:
         fwd = self.sending
         if fwd is not None and not fwd.in_flight and not fwd.queued:
             fwd.submit_flush()
+
+
+def _nothing() -> None:
+    """No one to tell."""
 
 
 def _degraded(why: str) -> str:

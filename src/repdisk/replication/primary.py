@@ -171,12 +171,13 @@ class PrimaryReplica:
                 return
             self.starting = True
             try:
-                self._link_up()
-                try:
-                    self._copy(progress)
-                except BaseException:
-                    self.link.drop()
-                    raise
+                with self.write_path.exclusive("start"):
+                    self._link_up()
+                    try:
+                        self._copy(progress)
+                    except BaseException:
+                        self.link.drop()
+                        raise
                 self.sm.set_stage(Stage.RUNNING)
                 self.sm.clear_error()
             finally:
@@ -258,15 +259,16 @@ class PrimaryReplica:
                         else "start it instead")
                 raise ReplicationError(f"{self.name}: cannot resync: replication is not running "
                                        f"(stage {self.sm.stage.value}); {then}")
-            fwd = self.link.forwarder
-            if self.link.degraded or fwd is None or fwd.failed:
-                self.link.drop()
-                try:
-                    self._link_up()
-                except ReplicationError as err:
-                    self.link.still_degraded(str(err).removeprefix(f"{self.name}: "))
-                    raise
-            sent = self._copy(progress)
+            with self.write_path.exclusive("resync"):
+                fwd = self.link.forwarder
+                if self.link.degraded or fwd is None or fwd.failed:
+                    self.link.drop()
+                    try:
+                        self._link_up()
+                    except ReplicationError as err:
+                        self.link.still_degraded(str(err).removeprefix(f"{self.name}: "))
+                        raise
+                sent = self._copy(progress)
             self.sm.clear_error()
             log.info("%s: resync sent %d bytes", self.name, sent)
             return sent
@@ -293,7 +295,8 @@ class PrimaryReplica:
         if self.link.sending is None:
             raise ReplicationError(f"{self.name}: cannot verify: the secondary is not in sync "
                                    f"({self.dirty.dirty_bytes} bytes dirty); resync first")
-        return self.copier.verify(runs, progress)
+        with self.write_path.exclusive("verify"):
+            return self.copier.verify(runs, progress)
 
     # -- the transitions' steps ----------------------------------------------------------
 
@@ -403,6 +406,8 @@ class PrimaryReplica:
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
             "holding": path.holding,
             "compare_first": self.compare_first,
+            # the C fast path of sync writes (fastpath.py): None without one
+            "fast_path": path.fast_query(),
         }
 
     def close(self) -> None:
@@ -419,4 +424,5 @@ class PrimaryReplica:
                 except ReplicationError as err:
                     log.warning("%s: closing with unsent writes: %s", self.name, err)
             self.link.drop()
+        self.write_path.close()
         self.disk.close()

@@ -185,6 +185,9 @@ class WriteBack(WritePath):
                     self._waiting -= 1
         self._write(offset, length, local, args)
 
+    def close(self) -> None:
+        """Nothing: every async write comes through this object (no fast path)."""
+
     def pull(self) -> None:
         """Have the forwarder take what is dirty (its source is next_pieces)."""
         fwd = self.link.current[1]  # not the property: no call on the write's way

@@ -27,11 +27,12 @@ the sync mode; the async one is writeback.py's WriteBack.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from repdisk.block.blockcache import BlockCache
@@ -40,7 +41,9 @@ from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.rangelock import RangeLock
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import check_range
+from repdisk.replication import fastpath
 from repdisk.replication.forwarder import Forwarder, Source
+from repdisk.replication.framework import ReplicationError
 from repdisk.replication.link import Link, LinkState
 from repdisk.replication.stage import StageMachine
 from repdisk.replication.ticket import Ticket
@@ -135,6 +138,8 @@ class WritePath(abc.ABC):
         self.source: Source | None = None
         self._write_routes = _routes(self.mode, Op.WRITE)
         self._flush_routes = _routes(self.mode, Op.FLUSH)
+        #: The C fast path of this disk's writes (fastpath.py); None: the plugin serves all.
+        self.fast_slot: fastpath.Slot | None = None
 
     @abc.abstractmethod
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
@@ -180,6 +185,23 @@ class WritePath(abc.ABC):
         """Wait for a moment when every write has marked what it wrote; False if none came
         within ``timeout``.  Sync writes mark under their range lock: always settled."""
         return True
+
+    @contextlib.contextmanager
+    def exclusive(self, op: str) -> Iterator[None]:
+        """Every guest write goes through this object (and its range locks) meanwhile:
+        what a copy, a comparison or a verify needs.  Raises ReplicationError (nothing
+        done) if writes already under way elsewhere do not finish in time."""
+        yield
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """No write reaches the local disk other than through this object any more (the
+        disk is about to close)."""
+
+    def fast_query(self) -> dict[str, Any] | None:
+        """The fast path's state: ``armed``, the ``writes`` and ``bytes`` it acknowledged,
+        its idle ``connections``; None without one (async, or no filter)."""
+        return None if self.fast_slot is None else self.fast_slot.stats()
 
     @abc.abstractmethod
     def pull(self) -> None:
@@ -260,6 +282,13 @@ class WriteThrough(WritePath):
     def __init__(self, name: str, disk: RawImage, dirty: DirtyMap, link: Link,
                  sm: StageMachine, timeout: float) -> None:
         super().__init__(name, disk, dirty, link, sm, timeout, BlockCache(0))
+        self.fast_slot = fastpath.Slot.make(link.fast_failed)
+        # Guards the fast path's arming (_fast_gate: a decision and its setting are one
+        # step) and _exclusive, how many callers need every write to come through here.
+        self._fast_lock = threading.Lock()
+        self._exclusive = 0
+        self._closed = False
+        link.on_change = self._fast_gate
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         view = memoryview(buf).cast("B")
@@ -304,6 +333,75 @@ class WriteThrough(WritePath):
             counters["writes"] += 1
             counters["bytes"] += length
             counters["forwarded"] += ticket is not None
+
+    # -- the fast path (fastpath.py) --------------------------------------------------------
+
+    def _fast_gate(self) -> None:
+        """Arm the fast path exactly while the gate routes a write FORWARD and nothing
+        needs every write to come through here (a hold, a copy, a verify, a close)."""
+        slot = self.fast_slot
+        if slot is None:
+            return
+        with self._fast_lock:
+            state, fwd = self.link.current
+            if fwd is None or self._closed or \
+                    self._write_routes[state, False] is not Route.FORWARD:
+                slot.set(-1, None, self.timeout, False)   # its connections close
+            else:  # a hold's or a copy's pause keeps them
+                slot.set(self.disk.fd, fwd.connect_uri, self.timeout,
+                         not self.holding and not self._exclusive)
+
+    def _fast_off(self, op: str, within: float) -> None:
+        """Wait until no fast write is under way (the gate disarmed it); ReplicationError
+        if some did not finish ``within`` seconds."""
+        slot = self.fast_slot
+        if slot is not None and not slot.wait(within):
+            raise ReplicationError(f"{self.name}: cannot {op}: guest writes to the secondary "
+                                   f"did not finish within {within:g}s; retry")
+
+    @contextlib.contextmanager
+    def exclusive(self, op: str) -> Iterator[None]:
+        with self._fast_lock:
+            self._exclusive += 1
+        try:
+            self._fast_gate()
+            self._fast_off(op, self.timeout * 2)
+            yield
+        finally:
+            with self._fast_lock:
+                self._exclusive -= 1
+            self._fast_gate()
+
+    def close(self) -> None:
+        self._closed = True
+        self._fast_gate()
+        if self.fast_slot is not None and not self.fast_slot.wait(self.timeout * 2):
+            log.warning("%s: closing with guest writes to the secondary under way", self.name)
+
+    def hold(self, op: str) -> int:
+        """The forwarder's hold, then no fast write under way: every write acknowledged
+        before the barrier is the forwarder's or already on the secondary."""
+        gen = self._begin_hold()
+        self._fast_gate()
+        try:
+            self._fast_off(op, self.timeout / 2)
+        except ReplicationError:
+            self.end_hold()
+            raise
+        return gen
+
+    def end_hold(self, expired: bool = False, gen: int | None = None) -> None:
+        super().end_hold(expired, gen)
+        self._fast_gate()
+
+    def counts(self) -> dict[str, int]:
+        counts = super().counts()
+        if self.fast_slot is not None:
+            fast = self.fast_slot.stats()
+            counts["writes"] += fast["writes"]
+            counts["bytes"] += fast["bytes"]
+            counts["forwarded"] += fast["writes"]
+        return counts
 
     def pull(self) -> None:
         """Nothing: sync writes are forwarded, not pulled."""

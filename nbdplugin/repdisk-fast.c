@@ -1,0 +1,596 @@
+/* repdisk-fast: an nbdkit filter that serves a sync primary's steady-state writes in C.
+ *
+ *   nbdkit --filter=.../repdisk-fast.so python nbdplugin/repdisk.py role=primary ...
+ *
+ * The plugin (Python) decides everything; this filter only carries out one route of its
+ * write path's gate (src/repdisk/replication/writepath.py, FORWARD) without the GIL and
+ * without a thread hand-off: a guest write is written locally and then to the secondary
+ * on the calling nbdkit worker's own libnbd connection, in the primary's writer session,
+ * before it is acknowledged.  src/repdisk/replication/fastpath.py is its Python side.
+ *
+ * Slots.  A slot is one primary disk's write path.  The plugin tells it where to write
+ * (the local disk's fd, the secondary's export URI with the forwarder's session tag) and
+ * arms it only while the gate says FORWARD and nothing needs the plugin's own range locks
+ * (no hold, no copy, no verify); otherwise it is disarmed, its connections kept while the
+ * URI stays (a checkpoint's hold) and closed when it changes or goes (a new session, a
+ * stopped link).  A mode change (OFF <-> ARMED) takes effect only when no write of the
+ * slot is under way, whichever path it took: arrivals wait meanwhile.  So a write never
+ * runs beside one of the other path.
+ *
+ * Cells.  A connection is bound at open to its export's cell (the plugin's Export); a
+ * cell names the slot of the device behind the export now (-1: none), so a promotion that
+ * switches the export's target reaches connections already open.
+ *
+ * An armed slot's writes, under the filter's range lock (overlapping writes reach both
+ * disks in the same order):
+ *   - pwrite: the guard (below) is checked; local pwrite (+ fdatasync for FUA); the same
+ *     request to the secondary, waited for up to the timeout; the guard again; reply.
+ *   - zero, trim, and any write whose guard check fails: handed to the plugin, which
+ *     does all of it its way (still under the filter's range lock).
+ *   - a secondary that fails, refuses or does not answer in time: the plugin's failure
+ *     callback marks the range dirty and degrades the link (which disarms the slot), and
+ *     the write is handed to the plugin, which writes it again and judges the guard.
+ * Reads, flushes and everything else go straight to the plugin.
+ *
+ * The guard: the plugin publishes whether guest writes may be acknowledged without it
+ * (not suspended, judging, fenced or refused) and until when (its isolation guard's last
+ * contact plus its timeout, CLOCK_MONOTONIC ns).  Past either, writes go to the plugin.
+ *
+ * Locks: a slot's `lock` guards everything in it but the counters (atomics) and
+ * `ranges` (`ranges_lock`); `cells_lock` guards the tables' growth.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libnbd.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-filter.h>
+
+#define MAX_SLOTS 256
+#define MAX_CELLS 1024
+
+enum mode { OFF, ARMED };
+
+struct handle {                     /* one connection to the secondary */
+  struct nbd_handle *nbd;
+  unsigned gen;                     /* the arming it was made for */
+  struct handle *next;
+};
+
+struct range {                      /* a write under way: [start, end) */
+  uint64_t start, end;
+  struct range *next;
+};
+
+/* Called (with the GIL taken by ctypes) when the secondary failed a write: mark
+ * [offset, offset+count) dirty and degrade the link; errno is the failure's. */
+typedef void (*failure_fn) (int slot, uint64_t offset, uint32_t count, int err,
+                            const char *why);
+
+struct slot {
+  pthread_mutex_t lock;
+  pthread_cond_t quiet;             /* inflight fell to 0, or the mode changed */
+  enum mode mode, want;
+  unsigned inflight;                /* writes of this slot in the filter, either path */
+  unsigned gen;                     /* grows at every arming */
+  int fd;
+  char *uri;
+  int64_t timeout_ns;
+  struct handle *idle;              /* connections of `gen` not in use */
+  failure_fn failed;
+  pthread_mutex_t ranges_lock;
+  pthread_cond_t ranges_freed;
+  struct range *ranges;
+  uint64_t writes, bytes;           /* atomics: writes and bytes acknowledged here */
+};
+
+static struct slot slots[MAX_SLOTS];
+static int nslots;
+static int cells[MAX_CELLS];        /* cell -> slot (-1: none); atomics */
+static int ncells;
+static pthread_mutex_t cells_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread int bound_cell = -1;  /* set by the plugin's open, read by ours */
+
+/* The guard, published by the plugin (atomics). */
+static int guard_blocked;
+static int64_t guard_deadline_ns = INT64_MAX;
+
+static int64_t
+now_ns (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static bool
+guard_ok (void)
+{
+  return !__atomic_load_n (&guard_blocked, __ATOMIC_ACQUIRE)
+    && now_ns () < __atomic_load_n (&guard_deadline_ns, __ATOMIC_ACQUIRE);
+}
+
+/* ---- the plugin's side (called through ctypes; every call is short) ---------------- */
+
+int
+repdisk_fast_slot (failure_fn failed)
+{
+  pthread_mutex_lock (&cells_lock);
+  int s = nslots < MAX_SLOTS ? nslots++ : -1;
+  pthread_mutex_unlock (&cells_lock);
+  if (s >= 0) {
+    struct slot *sl = &slots[s];
+    pthread_mutex_init (&sl->lock, NULL);
+    pthread_cond_init (&sl->quiet, NULL);
+    pthread_mutex_init (&sl->ranges_lock, NULL);
+    pthread_cond_init (&sl->ranges_freed, NULL);
+    sl->fd = -1;
+    sl->failed = failed;
+  }
+  return s;
+}
+
+int
+repdisk_fast_cell (void)
+{
+  pthread_mutex_lock (&cells_lock);
+  int c = ncells < MAX_CELLS ? ncells++ : -1;
+  if (c >= 0)
+    cells[c] = -1;
+  pthread_mutex_unlock (&cells_lock);
+  return c;
+}
+
+void
+repdisk_fast_cell_set (int cell, int slot)
+{
+  __atomic_store_n (&cells[cell], slot, __ATOMIC_RELEASE);
+}
+
+void
+repdisk_fast_bind (int cell)
+{
+  bound_cell = cell;
+}
+
+void
+repdisk_fast_guard (int blocked, int64_t deadline_ns)
+{
+  __atomic_store_n (&guard_deadline_ns, deadline_ns, __ATOMIC_RELEASE);
+  __atomic_store_n (&guard_blocked, blocked, __ATOMIC_RELEASE);
+}
+
+static void
+close_idle (struct slot *sl)        /* lock held */
+{
+  while (sl->idle) {
+    struct handle *h = sl->idle;
+    sl->idle = h->next;
+    nbd_close (h->nbd);
+    free (h);
+  }
+}
+
+static void
+apply_want (struct slot *sl)        /* lock held, inflight == 0 */
+{
+  if (sl->mode != sl->want) {
+    sl->mode = sl->want;
+    pthread_cond_broadcast (&sl->quiet);
+  }
+}
+
+/* Where the slot writes (the local disk's fd, the secondary's export URI with its session
+ * tag: NULL for none) and whether it is armed.  Connections made for another fd or URI
+ * close (those under way when they are given back).  An arming takes effect at once if
+ * no write is under way, else when the last one leaves (repdisk_fast_wait waits for it).
+ * 0, or -1 (ENOMEM: nothing changed). */
+int
+repdisk_fast_set (int slot, int fd, const char *uri, double timeout, int armed)
+{
+  struct slot *sl = &slots[slot];
+  char *copy = NULL;
+  if (uri && !(copy = strdup (uri)))
+    return -1;
+  pthread_mutex_lock (&sl->lock);
+  if (sl->fd != fd || !sl->uri != !uri || (uri && strcmp (sl->uri, uri))) {
+    sl->gen++;
+    close_idle (sl);
+    free (sl->uri);
+    sl->uri = copy;
+    sl->fd = fd;
+    copy = NULL;
+  }
+  free (copy);
+  sl->timeout_ns = (int64_t) (timeout * 1e9);
+  sl->want = armed && uri ? ARMED : OFF;
+  if (sl->inflight == 0)
+    apply_want (sl);
+  pthread_mutex_unlock (&sl->lock);
+  return 0;
+}
+
+/* Wait up to timeout for the slot's mode to be the one last set; 1 if it is. */
+int
+repdisk_fast_wait (int slot, double timeout)
+{
+  struct slot *sl = &slots[slot];
+  struct timespec until;
+  clock_gettime (CLOCK_REALTIME, &until);
+  int64_t ns = until.tv_nsec + (int64_t) (timeout * 1e9);
+  until.tv_sec += ns / 1000000000;
+  until.tv_nsec = ns % 1000000000;
+  pthread_mutex_lock (&sl->lock);
+  while (sl->mode != sl->want && sl->inflight > 0)
+    if (pthread_cond_timedwait (&sl->quiet, &sl->lock, &until) == ETIMEDOUT)
+      break;
+  if (sl->inflight == 0)
+    apply_want (sl);
+  int done = sl->mode == sl->want;
+  pthread_mutex_unlock (&sl->lock);
+  return done;
+}
+
+/* out: [armed, writes, bytes, connections idle] */
+void
+repdisk_fast_stats (int slot, uint64_t out[4])
+{
+  struct slot *sl = &slots[slot];
+  uint64_t idle = 0;
+  pthread_mutex_lock (&sl->lock);
+  out[0] = sl->mode == ARMED;
+  for (struct handle *h = sl->idle; h; h = h->next)
+    idle++;
+  pthread_mutex_unlock (&sl->lock);
+  out[1] = __atomic_load_n (&sl->writes, __ATOMIC_RELAXED);
+  out[2] = __atomic_load_n (&sl->bytes, __ATOMIC_RELAXED);
+  out[3] = idle;
+}
+
+/* ---- a write's way through the filter ---------------------------------------------- */
+
+struct conn {
+  int cell;
+};
+
+static struct slot *
+slot_of (struct conn *c)
+{
+  int s = c->cell < 0 ? -1 : __atomic_load_n (&cells[c->cell], __ATOMIC_ACQUIRE);
+  return s < 0 ? NULL : &slots[s];
+}
+
+/* Count a write in; a pending mode change is applied first.  Whether the slot is armed. */
+static bool
+enter (struct slot *sl)
+{
+  pthread_mutex_lock (&sl->lock);
+  while (sl->mode != sl->want && sl->inflight > 0)
+    pthread_cond_wait (&sl->quiet, &sl->lock);
+  if (sl->inflight == 0)
+    apply_want (sl);
+  sl->inflight++;
+  bool armed = sl->mode == ARMED;
+  pthread_mutex_unlock (&sl->lock);
+  return armed;
+}
+
+static void
+leave (struct slot *sl)
+{
+  pthread_mutex_lock (&sl->lock);
+  if (--sl->inflight == 0) {
+    apply_want (sl);
+    pthread_cond_broadcast (&sl->quiet);
+  }
+  pthread_mutex_unlock (&sl->lock);
+}
+
+static void
+range_lock (struct slot *sl, struct range *me, uint64_t start, uint64_t end)
+{
+  me->start = start;
+  me->end = end;
+  pthread_mutex_lock (&sl->ranges_lock);
+  for (;;) {
+    struct range *r = sl->ranges;
+    while (r && !(r->start < end && start < r->end))
+      r = r->next;
+    if (!r)
+      break;
+    pthread_cond_wait (&sl->ranges_freed, &sl->ranges_lock);
+  }
+  me->next = sl->ranges;
+  sl->ranges = me;
+  pthread_mutex_unlock (&sl->ranges_lock);
+}
+
+static void
+range_unlock (struct slot *sl, struct range *me)
+{
+  pthread_mutex_lock (&sl->ranges_lock);
+  for (struct range **p = &sl->ranges; *p; p = &(*p)->next)
+    if (*p == me) {
+      *p = me->next;
+      break;
+    }
+  pthread_cond_broadcast (&sl->ranges_freed);
+  pthread_mutex_unlock (&sl->ranges_lock);
+}
+
+/* Drive h until cookie completes or the deadline passes; 0, or -1 with errno set. */
+static int
+await (struct nbd_handle *h, int64_t cookie, int64_t deadline)
+{
+  for (;;) {
+    int r = nbd_aio_command_completed (h, cookie);
+    if (r == 1)
+      return 0;
+    if (r == -1) {
+      errno = nbd_get_errno () ? nbd_get_errno () : EIO;
+      return -1;
+    }
+    unsigned dir = nbd_aio_get_direction (h);
+    short events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0)
+      | (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0);
+    int64_t left = deadline - now_ns ();
+    if (!events) {
+      errno = ENOTCONN;
+      return -1;
+    }
+    if (left <= 0) {
+      errno = ETIMEDOUT;
+      return -1;
+    }
+    struct pollfd p = { .fd = nbd_aio_get_fd (h), .events = events };
+    if (poll (&p, 1, (int) (left / 1000000) + 1) == -1 && errno != EINTR)
+      return -1;
+    if (p.revents & POLLOUT)
+      nbd_aio_notify_write (h);
+    if (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))
+      nbd_aio_notify_read (h);
+  }
+}
+
+/* A connection of the slot's current arming: an idle one, or a new one. */
+static struct handle *
+take (struct slot *sl, int64_t deadline, const char **why)
+{
+  pthread_mutex_lock (&sl->lock);
+  struct handle *h = sl->idle;
+  if (h)
+    sl->idle = h->next;
+  unsigned gen = sl->gen;
+  char *uri = h ? NULL : strdup (sl->uri);
+  pthread_mutex_unlock (&sl->lock);
+  if (h)
+    return h;
+  if (!uri || !(h = calloc (1, sizeof *h)) || !(h->nbd = nbd_create ())) {
+    *why = "out of memory";
+    free (uri);
+    free (h);
+    return NULL;
+  }
+  h->gen = gen;
+  if (strncmp (uri, "nbds", 4) == 0)   /* TLS credentials named in the URI: ours */
+    nbd_set_uri_allow_local_file (h->nbd, true);
+  int r = nbd_aio_connect_uri (h->nbd, uri);
+  while (r != -1 && !nbd_aio_is_ready (h->nbd)) {
+    unsigned dir = nbd_aio_get_direction (h->nbd);
+    int64_t left = deadline - now_ns ();
+    if (!dir || left <= 0 || nbd_aio_is_dead (h->nbd) || nbd_aio_is_closed (h->nbd)) {
+      r = -1;
+      break;
+    }
+    struct pollfd p = { .fd = nbd_aio_get_fd (h->nbd),
+      .events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0)
+        | (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0) };
+    if (poll (&p, 1, (int) (left / 1000000) + 1) == -1 && errno != EINTR) {
+      r = -1;
+      break;
+    }
+    if (p.revents & POLLOUT)
+      nbd_aio_notify_write (h->nbd);
+    if (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))
+      nbd_aio_notify_read (h->nbd);
+  }
+  free (uri);
+  if (r == -1 || nbd_is_read_only (h->nbd) == 1) {
+    static __thread char text[256];
+    const char *error = nbd_get_error ();
+    snprintf (text, sizeof text, "cannot connect: %s",
+              r == -1 ? (error ? error : "no answer within the timeout")
+                      : "the export is read-only");
+    *why = text;
+    nbd_close (h->nbd);
+    free (h);
+    return NULL;
+  }
+  return h;
+}
+
+static void
+give_back (struct slot *sl, struct handle *h)
+{
+  pthread_mutex_lock (&sl->lock);
+  if (h->gen == sl->gen) {
+    h->next = sl->idle;
+    sl->idle = h;
+    h = NULL;
+  }
+  pthread_mutex_unlock (&sl->lock);
+  if (h) {
+    nbd_close (h->nbd);
+    free (h);
+  }
+}
+
+static int
+write_local (int fd, const char *buf, uint32_t count, uint64_t offset, bool fua)
+{
+  while (count > 0) {
+    ssize_t n = pwrite (fd, buf, count, offset);
+    if (n == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    buf += n;
+    count -= n;
+    offset += n;
+  }
+  return fua ? fdatasync (fd) : 0;
+}
+
+/* The secondary's part of a write; 0, or -1 with errno and *why. */
+static int
+write_remote (struct slot *sl, const void *buf, uint32_t count, uint64_t offset,
+              bool fua, const char **why)
+{
+  int64_t deadline = now_ns () + sl->timeout_ns;
+  struct handle *h = take (sl, deadline, why);
+  if (!h) {
+    errno = ECONNREFUSED;           /* the plugin asks the secondary why (a fence?) */
+    return -1;
+  }
+  uint32_t flags = fua && nbd_can_fua (h->nbd) == 1 ? LIBNBD_CMD_FLAG_FUA : 0;
+  int64_t cookie = nbd_aio_pwrite (h->nbd, buf, count, offset, NBD_NULL_COMPLETION, flags);
+  if (cookie == -1 || await (h->nbd, cookie, deadline) == -1) {
+    int err = cookie == -1 ? (nbd_get_errno () ? nbd_get_errno () : EIO) : errno;
+    *why = strerror (err);
+    nbd_close (h->nbd);
+    free (h);
+    errno = err;
+    return -1;
+  }
+  give_back (sl, h);
+  return 0;
+}
+
+/* An armed slot's pwrite; -1 with *err, 0 done, 1 hand it to the plugin. */
+static int
+fast_pwrite (struct slot *sl, int slot, const void *buf, uint32_t count, uint64_t offset,
+             bool fua, int *err)
+{
+  if (!guard_ok ())
+    return 1;
+  if (write_local (sl->fd, buf, count, offset, fua) == -1) {
+    *err = errno;
+    nbdkit_error ("repdisk-fast: local write at %" PRIu64 ": %m", offset);
+    return -1;
+  }
+  const char *why = NULL;
+  if (write_remote (sl, buf, count, offset, fua, &why) == -1) {
+    sl->failed (slot, offset, count, errno, why ? why : "unknown error");
+    return 1;
+  }
+  return guard_ok () ? 0 : 1;
+}
+
+static void *
+fast_open (nbdkit_next_open *next, nbdkit_context *nxdata, int readonly,
+           const char *exportname, int is_tls __attribute__ ((unused)))
+{
+  bound_cell = -1;
+  if (next (nxdata, readonly, exportname) == -1)
+    return NULL;
+  struct conn *c = malloc (sizeof *c);
+  if (!c) {
+    nbdkit_error ("malloc: %m");
+    return NULL;
+  }
+  c->cell = bound_cell;             /* the plugin's open bound it (repdisk_fast_bind) */
+  bound_cell = -1;
+  return c;
+}
+
+static void
+fast_close (void *handle)
+{
+  free (handle);
+}
+
+static void
+count_write (struct slot *sl, uint32_t count)
+{
+  __atomic_add_fetch (&sl->writes, 1, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&sl->bytes, count, __ATOMIC_RELAXED);
+}
+
+static int
+fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
+            uint64_t offset, uint32_t flags, int *err)
+{
+  struct slot *sl = slot_of (handle);
+  if (!sl)
+    return next->pwrite (next, buf, count, offset, flags, err);
+  if (!enter (sl)) {
+    int r = next->pwrite (next, buf, count, offset, flags, err);
+    leave (sl);
+    return r;
+  }
+  struct range me;
+  range_lock (sl, &me, offset, offset + count);
+  int r = fast_pwrite (sl, (int) (sl - slots), buf, count, offset,
+                       flags & NBDKIT_FLAG_FUA, err);
+  if (r == 1)
+    r = next->pwrite (next, buf, count, offset, flags, err);
+  else if (r == 0)
+    count_write (sl, count);
+  range_unlock (sl, &me);
+  leave (sl);
+  return r;
+}
+
+/* zero and trim: the plugin's, under the range lock while armed. */
+#define HANDED(call)                                                    \
+  struct slot *sl = slot_of (handle);                                   \
+  if (!sl)                                                              \
+    return call;                                                        \
+  bool armed = enter (sl);                                              \
+  struct range me;                                                      \
+  if (armed)                                                            \
+    range_lock (sl, &me, offset, offset + count);                       \
+  int r = call;                                                         \
+  if (armed)                                                            \
+    range_unlock (sl, &me);                                             \
+  leave (sl);                                                           \
+  return r
+
+static int
+fast_zero (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
+           uint32_t flags, int *err)
+{
+  HANDED (next->zero (next, count, offset, flags, err));
+}
+
+static int
+fast_trim (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
+           uint32_t flags, int *err)
+{
+  HANDED (next->trim (next, count, offset, flags, err));
+}
+
+static struct nbdkit_filter filter = {
+  .name = "repdisk-fast",
+  .longname = "repdisk's sync-primary fast path",
+  .open = fast_open,
+  .close = fast_close,
+  .pwrite = fast_write,
+  .zero = fast_zero,
+  .trim = fast_trim,
+};
+
+NBDKIT_REGISTER_FILTER (filter)

@@ -1,0 +1,151 @@
+"""The sync primary's fast path: the Python side of nbdplugin/repdisk-fast.c.
+
+Every node runs nbdkit with the ``repdisk-fast`` filter in front of the plugin (when
+``make setup`` built it).  The filter can carry out one route of the write path's gate
+(writepath.py's FORWARD) in C: the local write, then the same request to the secondary on
+the nbdkit worker's own connection, in the primary's writer session, acknowledged once
+both are done.  It decides nothing: this module arms it and disarms it.
+
+* :class:`Slot` -- one sync primary disk's write path: the local disk's fd and the
+  secondary's export URI (the forwarder's session tag included), armed only while the
+  gate says FORWARD and no hold, copy or verify needs the write path's own range locks.
+  A change takes effect once no write of the slot is under way (:meth:`Slot.wait`).
+* :class:`Cell` -- what one guest export serves now (an Export's target), so that a
+  connection bound at open follows a promotion.
+* :func:`publish_guard` -- whether, and until when, a write may be acknowledged without
+  the node's isolation guard and admission (Admission keeps it current).
+
+Without the filter (not built, or a process that is not nbdkit) every call here does
+nothing and :func:`available` is False: the plugin serves every write, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FILTER", "Cell", "Slot", "available", "publish_guard"]
+
+#: Where ``make setup`` builds the filter; nodeproc.py loads it into every node.
+FILTER = os.path.join(sys.prefix, "lib", "repdisk", "repdisk-fast.so")
+_NAME = "repdisk-fast.so"
+
+#: Told when the secondary failed a fast write: (offset, length, errno, why).
+FailureHandler = Callable[[int, int, int, str], None]
+_FAILURE = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32,
+                            ctypes.c_int, ctypes.c_char_p)
+
+
+def _loaded() -> ctypes.CDLL | None:
+    """The filter loaded into this process (nbdkit loads it before the plugin), or None."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            path = next((line.split(None, 5)[5].strip() for line in maps
+                         if line.rstrip().endswith("/" + _NAME)), None)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+    except OSError:
+        return None
+    lib.repdisk_fast_slot.argtypes = [_FAILURE]
+    lib.repdisk_fast_set.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                                     ctypes.c_double, ctypes.c_int]
+    lib.repdisk_fast_wait.argtypes = [ctypes.c_int, ctypes.c_double]
+    lib.repdisk_fast_cell_set.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.repdisk_fast_bind.argtypes = [ctypes.c_int]
+    lib.repdisk_fast_guard.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.repdisk_fast_stats.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64 * 4)]
+    return lib
+
+
+_lib = _loaded()
+
+
+def available() -> bool:
+    """Whether this process has the filter (an nbdkit node started with it)."""
+    return _lib is not None
+
+
+def publish_guard(blocked: bool, deadline: float | None) -> None:
+    """Fast writes are acknowledged only while not ``blocked`` and before ``deadline``
+    (``time.monotonic()``; None: no deadline); past either the plugin serves them."""
+    if _lib is not None:
+        ns = 2**63 - 1 if deadline is None or math.isinf(deadline) else int(deadline * 1e9)
+        _lib.repdisk_fast_guard(int(blocked), ns)
+
+
+class Slot:
+    """One sync primary disk's fast path (see the module docstring)."""
+
+    def __init__(self, index: int, handler: object) -> None:
+        self.index = index
+        self._handler = handler  # the ctypes callback: kept alive as long as the slot
+
+    @classmethod
+    def make(cls, on_failure: FailureHandler) -> Slot | None:
+        """A new slot, disarmed; None without the filter (or with its table full)."""
+        if _lib is None:
+            return None
+
+        def failed(_slot: int, offset: int, length: int, err: int, why: bytes) -> None:
+            try:
+                on_failure(offset, length, err, why.decode("utf-8", "replace"))
+            except Exception:  # noqa: BLE001 (C cannot take an exception: log it, go on)
+                log.exception("fast path: failure handler")
+
+        handler = _FAILURE(failed)
+        index = _lib.repdisk_fast_slot(handler)
+        if index < 0:
+            log.warning("fast path: no free slot; this disk's writes go through the plugin")
+            return None
+        return cls(index, handler)
+
+    def set(self, fd: int, uri: str | None, timeout: float, armed: bool) -> None:
+        """Write to the local disk ``fd`` and the secondary's export ``uri`` (its session
+        tag included; None: no secondary), each request within ``timeout``, and serve
+        writes in C (``armed``) or hand them all to the plugin, from the next moment no
+        write is under way.  Connections to another URI close; to this one they are kept
+        while disarmed."""
+        assert _lib is not None
+        if _lib.repdisk_fast_set(self.index, fd, None if uri is None else uri.encode(),
+                                 timeout, int(armed)) != 0:
+            raise MemoryError("fast path: out of memory")
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the last arm or disarm to take effect; whether it did."""
+        assert _lib is not None
+        return bool(_lib.repdisk_fast_wait(self.index, timeout))
+
+    def stats(self) -> dict[str, int]:
+        """``armed`` (0/1), and the ``writes`` and ``bytes`` the filter acknowledged."""
+        assert _lib is not None
+        out = (ctypes.c_uint64 * 4)()
+        _lib.repdisk_fast_stats(self.index, ctypes.byref(out))
+        return {"armed": out[0], "writes": out[1], "bytes": out[2], "connections": out[3]}
+
+
+class Cell:
+    """What one guest export serves now, for the filter: the slot of its target, if any."""
+
+    def __init__(self) -> None:
+        self.index = -1 if _lib is None else _lib.repdisk_fast_cell()
+
+    def point(self, slot: Slot | None) -> None:
+        if self.index >= 0:
+            assert _lib is not None
+            _lib.repdisk_fast_cell_set(self.index, -1 if slot is None else slot.index)
+
+    def bind(self) -> None:
+        """The connection being opened on this thread serves this export (nbdkit's open)."""
+        if self.index >= 0:
+            assert _lib is not None
+            _lib.repdisk_fast_bind(self.index)

@@ -1,0 +1,222 @@
+"""The sync primary's fast path (nbdplugin/repdisk-fast.c, repdisk.replication.fastpath).
+
+Real nodes started as ``repdisk`` starts them (with the filter that ``make setup`` builds).
+What is checked: the states in which the filter serves writes itself (armed) and those in
+which every write goes through the plugin, exact bytes on both disks under concurrent and
+overlapping writes, and that a secondary that dies, hangs or fences the primary while fast
+writes are under way loses no acknowledged write and lets no fenced write through.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import nbd
+import pytest
+
+from tests.helpers.commands import sigstop
+from tests.helpers.nodes import (
+    SIZE,
+    NodeProc,
+    Nodes,
+    checkpoint,
+    kill9,
+    make_disk,
+    random_bytes,
+    read_export,
+    start_pair,
+)
+
+BLOCK = 4096
+
+
+def disk(node: NodeProc) -> dict:
+    return node.ctl("query-replication")["disks"][0]  # type: ignore[index]
+
+
+def fast(node: NodeProc) -> dict:
+    return disk(node)["fast_path"]
+
+
+def aio_write_all(h: nbd.NBD, writes: list[tuple[bytes, int]], depth: int = 32) -> None:
+    """Issue ``writes`` (data, offset) with up to ``depth`` in flight; every one must succeed."""
+    pending = list(writes)
+    while pending or h.aio_in_flight():
+        while pending and h.aio_in_flight() < depth:
+            data, offset = pending.pop(0)
+            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset)
+        h.poll(-1)
+    h.flush()
+
+
+def test_concurrent_overlapping_writes_reach_both_disks_identically(nodes: Nodes) -> None:
+    """32 writes in flight from one client, and a second client writing the same blocks:
+    overlapping writes may land in any order, but in the same order on both disks."""
+    pri, sec = start_pair(nodes)
+    data = random_bytes(7, 64 * BLOCK)
+    writes = [(data[(i % 64) * BLOCK:(i % 64 + 1) * BLOCK], (i * 7 % 48) * BLOCK)
+              for i in range(600)]
+    other = [(bytes([i % 251]) * BLOCK, (i * 5 % 48) * BLOCK) for i in range(300)]
+    a, b = pri.client(), pri.client()
+    try:
+        pending_b = list(other)
+        for h, todo in ((a, writes), (b, pending_b)):
+            for data_, offset in todo[:16]:
+                h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data_)), offset)
+            del todo[:16]
+        aio_write_all(a, writes)
+        aio_write_all(b, pending_b)
+    finally:
+        a.shutdown()
+        b.shutdown()
+    state = fast(pri)
+    assert (state["armed"], state["writes"]) == (1, 900)
+    assert disk(pri)["counters"]["writes"] == 900
+    assert disk(pri)["dirty_bytes"] == 0
+    assert read_export(pri) == read_export(sec, "replica")
+
+
+def test_which_states_arm_the_fast_path(nodes: Nodes) -> None:
+    """Armed only while a write's route is FORWARD and nothing else needs every write to
+    come through the plugin: not before start, not during a checkpoint hold, not while
+    degraded or stopped; a write the plugin served is counted, not the filter's."""
+    sec = nodes.secondary(make_disk(f"{nodes.folder}/sec.img", SIZE))
+    sec.ctl("replication-start", mode="secondary")
+    pri = nodes.primary(make_disk(f"{nodes.folder}/pri.img", SIZE), sec, timeout="2s")
+    h = pri.client()
+    table = []
+
+    def step(what: str) -> None:
+        before = fast(pri)["writes"]
+        h.pwrite(bytes([len(table) + 1]) * BLOCK, len(table) * BLOCK)
+        state = fast(pri)
+        table.append((what, state["armed"], state["writes"] - before))
+
+    try:
+        step("not started")
+        pri.ctl("replication-start", mode="primary")
+        step("running")
+        pri.ctl("replication-do-checkpoint")           # a hold: writes wait for its end
+        before = fast(pri)["writes"]
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"\x99" * BLOCK)), 100 * BLOCK)
+        table.append(("holding", fast(pri)["armed"], 0))
+        sec.ctl("replication-do-checkpoint")
+        pri.ctl("replication-resume")
+        while h.aio_in_flight():
+            h.poll(-1)
+        assert fast(pri)["writes"] == before          # the plugin sent it after the hold
+        step("resumed")
+        pri.ctl("replication-verify")
+        step("after a verify")
+        sigstop(sec.proc)
+        step("secondary hung")                          # the filter tried: then degraded
+        sec.proc.send_signal(signal.SIGCONT)
+        step("degraded")
+        pri.ctl("replication-resync")
+        step("resynced")
+        pri.ctl("replication-stop", failover=True)
+        step("stopped")
+    finally:
+        h.shutdown()
+    assert table == [
+        ("not started", 0, 0),
+        ("running", 1, 1),
+        ("holding", 0, 0),
+        ("resumed", 1, 1),
+        ("after a verify", 1, 1),
+        ("secondary hung", 0, 0),
+        ("degraded", 0, 0),
+        ("resynced", 1, 1),
+        ("stopped", 0, 0),
+    ]
+
+
+def test_a_hung_secondary_degrades_the_pair_and_loses_no_acknowledged_write(
+        nodes: Nodes) -> None:
+    """A fast write whose secondary does not answer within the timeout is acknowledged
+    from the local disk within about the timeout, marked dirty, and the link degrades;
+    the resync then brings the secondary to exactly the primary's bytes."""
+    pri, sec = start_pair(nodes, timeout="1s")
+    h = pri.client()
+    try:
+        h.pwrite(b"\x11" * BLOCK, 0)
+        assert fast(pri)["writes"] == 1
+        sigstop(sec.proc)
+        began = time.monotonic()
+        h.pwrite(b"\x22" * BLOCK, 8 * BLOCK)
+        took = time.monotonic() - began
+        q = disk(pri)
+        assert (q["degraded"], q["fast_path"]["armed"], q["counters"]["forward_errors"]) == (
+            True, 0, 1)
+        assert q["dirty_bytes"] >= BLOCK
+        assert 0.9 < took < 3.0, took
+        h.pwrite(b"\x33" * BLOCK, 16 * BLOCK)           # degraded: local and dirty
+        sec.proc.send_signal(signal.SIGCONT)
+        pri.ctl("replication-resync")
+        assert disk(pri)["dirty_bytes"] == 0
+    finally:
+        h.shutdown()
+    data = read_export(pri)
+    assert data[:BLOCK] == b"\x11" * BLOCK
+    assert data[8 * BLOCK:9 * BLOCK] == b"\x22" * BLOCK
+    assert data[16 * BLOCK:17 * BLOCK] == b"\x33" * BLOCK
+    assert read_export(sec, "replica") == data
+    checkpoint(pri, sec)
+
+
+def test_a_killed_secondary_loses_no_acknowledged_write(nodes: Nodes) -> None:
+    """kill -9 of the secondary under fast writes at queue depth 16: every write is
+    acknowledged, the ones that did not reach it are dirty, and a new secondary on the
+    same disk receives them by resync."""
+    pri, sec = start_pair(nodes, timeout="2s")
+    data = random_bytes(3, 256 * BLOCK)
+    h = pri.client()
+    try:
+        aio_write_all(h, [(data[i * BLOCK:(i + 1) * BLOCK], i * BLOCK) for i in range(128)],
+                      depth=16)
+        kill9(sec)
+        aio_write_all(h, [(data[i * BLOCK:(i + 1) * BLOCK], i * BLOCK)
+                          for i in range(128, 256)], depth=16)
+        q = disk(pri)
+        assert (q["degraded"], q["fast_path"]["armed"]) == (True, 0)
+        assert q["counters"]["writes"] == 256
+        sec = nodes.secondary(sec.disks[0])
+        sec.ctl("replication-start", mode="secondary")
+        pri.ctl("replication-resync")
+        assert (disk(pri)["dirty_bytes"], fast(pri)["armed"]) == (0, 1)
+        before = fast(pri)["writes"]
+        h.pwrite(b"\x44" * BLOCK, 0)
+        assert fast(pri)["writes"] == before + 1
+    finally:
+        h.shutdown()
+    assert read_export(pri)[BLOCK:256 * BLOCK] == data[BLOCK:]
+    assert read_export(sec, "replica") == read_export(pri)
+
+
+def test_an_open_fast_connection_is_refused_after_a_failover_and_the_primary_fences(
+        nodes: Nodes) -> None:
+    """The filter's connection to the secondary was open before the failover: its next
+    write is refused by the secondary's fence, the primary learns that it lost and fences
+    itself, and the guest's write fails (never acknowledged by two nodes in one epoch)."""
+    pri, sec = start_pair(nodes, timeout="2s")
+    g = pri.client()
+    try:
+        g.pwrite(b"\x55" * BLOCK, 0)
+        assert fast(pri)["writes"] == 1
+        checkpoint(pri, sec)
+        sec.ctl("replication-stop", failover=True)
+        before = read_export(sec, "replica")
+        with pytest.raises(nbd.Error, match="Operation not permitted"):
+            g.pwrite(b"\x77" * BLOCK, 0)
+    finally:
+        g.shutdown()
+    assert read_export(sec, "replica") == before
+    q = pri.ctl("query-replication")
+    assert q["fenced"], q                            # type: ignore[index]
+    assert q["disks"][0]["fast_path"]["armed"] == 0  # type: ignore[index]
+
+
+def test_an_async_primary_has_no_fast_path(nodes: Nodes) -> None:
+    pri, _sec = start_pair(nodes, write_mode="async")
+    assert fast(pri) is None
