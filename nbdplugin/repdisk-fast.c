@@ -272,9 +272,11 @@ slot_of (struct conn *c)
   return s < 0 ? NULL : &slots[s];
 }
 
-/* Count a write in; a pending mode change is applied first.  Whether the slot is armed. */
+/* Count a write in; a pending mode change is applied first.  Whether the slot is armed,
+ * and (*fd) its local disk's fd now: a later change of it (a disarming) leaves the file
+ * open until this write has left (the plugin waits for that before it closes it). */
 static bool
-enter (struct slot *sl)
+enter (struct slot *sl, int *fd)
 {
   pthread_mutex_lock (&sl->lock);
   while (sl->mode != sl->want && sl->inflight > 0)
@@ -283,6 +285,7 @@ enter (struct slot *sl)
     apply_want (sl);
   sl->inflight++;
   bool armed = sl->mode == ARMED;
+  *fd = sl->fd;
   pthread_mutex_unlock (&sl->lock);
   return armed;
 }
@@ -373,10 +376,15 @@ take (struct slot *sl, int64_t deadline, const char **why)
   if (h)
     sl->idle = h->next;
   unsigned gen = sl->gen;
-  char *uri = h ? NULL : strdup (sl->uri);
+  bool gone = !h && !sl->uri;
+  char *uri = h || gone ? NULL : strdup (sl->uri);
   pthread_mutex_unlock (&sl->lock);
   if (h)
     return h;
+  if (gone) {                       /* the link left UP while this write was under way */
+    *why = "the link to the secondary went down";
+    return NULL;
+  }
   if (!uri || !(h = calloc (1, sizeof *h)) || !(h->nbd = nbd_create ())) {
     *why = "out of memory";
     free (uri);
@@ -481,19 +489,19 @@ write_remote (struct slot *sl, const void *buf, uint32_t count, uint64_t offset,
 
 /* An armed slot's pwrite; -1 with *err, 0 done, 1 hand it to the plugin. */
 static int
-fast_pwrite (struct slot *sl, int slot, const void *buf, uint32_t count, uint64_t offset,
+fast_pwrite (struct slot *sl, int fd, const void *buf, uint32_t count, uint64_t offset,
              bool fua, int *err)
 {
   if (!guard_ok ())
     return 1;
-  if (write_local (sl->fd, buf, count, offset, fua) == -1) {
+  if (write_local (fd, buf, count, offset, fua) == -1) {
     *err = errno;
     nbdkit_error ("repdisk-fast: local write at %" PRIu64 ": %m", offset);
     return -1;
   }
   const char *why = NULL;
   if (write_remote (sl, buf, count, offset, fua, &why) == -1) {
-    sl->failed (slot, offset, count, errno, why ? why : "unknown error");
+    sl->failed ((int) (sl - slots), offset, count, errno, why ? why : "unknown error");
     return 1;
   }
   return guard_ok () ? 0 : 1;
@@ -536,15 +544,15 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
   struct slot *sl = slot_of (handle);
   if (!sl)
     return next->pwrite (next, buf, count, offset, flags, err);
-  if (!enter (sl)) {
+  int fd;
+  if (!enter (sl, &fd)) {
     int r = next->pwrite (next, buf, count, offset, flags, err);
     leave (sl);
     return r;
   }
   struct range me;
   range_lock (sl, &me, offset, offset + count);
-  int r = fast_pwrite (sl, (int) (sl - slots), buf, count, offset,
-                       flags & NBDKIT_FLAG_FUA, err);
+  int r = fast_pwrite (sl, fd, buf, count, offset, flags & NBDKIT_FLAG_FUA, err);
   if (r == 1)
     r = next->pwrite (next, buf, count, offset, flags, err);
   else if (r == 0)
@@ -559,7 +567,8 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
   struct slot *sl = slot_of (handle);                                   \
   if (!sl)                                                              \
     return call;                                                        \
-  bool armed = enter (sl);                                              \
+  int fd_;                                                              \
+  bool armed = enter (sl, &fd_);                                        \
   struct range me;                                                      \
   if (armed)                                                            \
     range_lock (sl, &me, offset, offset + count);                       \
