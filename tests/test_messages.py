@@ -4,6 +4,7 @@ exact one line that says what is wrong and what to do."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -62,7 +63,10 @@ def test_primary_started_before_its_secondary_says_it_is_not_started(folder: Fol
     assert err == (f"repdisk: GenericError: disk0: start failed: the secondary {uri} "
                    "is not started yet: start it first (repdisk ctl SECONDARY-CONTROL start "
                    "mode=secondary), then this primary; 0 bytes wait to be copied\n")
-    # The refusal changed nothing: in the right order, the pair starts.
+    # The refusal changed nothing: the link is not degraded, no error is kept, and in
+    # the right order the pair starts.
+    disk = json.loads(folder.repdisk("ctl", "--json", "p.qmp", "query-replication")[1])["disks"][0]
+    assert (disk["stage"], disk["degraded"], disk["error"]) == ("none", False, None)
     assert folder.repdisk("ctl", "s.qmp", "start", "mode=secondary")[:2] == (0, "ok\n")
     assert folder.repdisk("ctl", "p.qmp", "start", "mode=primary")[:2] == (0, "ok\n")
 

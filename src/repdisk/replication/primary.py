@@ -176,7 +176,10 @@ class PrimaryReplica:
                     try:
                         self._copy(progress)
                     except BaseException:
-                        self.link.drop()
+                        # A refused start changes nothing: the link DOWN as before it
+                        # (what its copy did not send stays dirty), no error kept.
+                        self.link.stop()
+                        self.sm.clear_error()
                         raise
                 self.sm.set_stage(Stage.RUNNING)
                 self.sm.clear_error()
