@@ -19,7 +19,8 @@ from repdisk.node.state import NodeState
 from repdisk.replication.framework import ReplicationError
 from tests.helpers.nodes import MiB, make_disk
 
-FOR_PRIMARY = "role: this command is for a primary node"
+FOR_PRIMARY = ("role: this command is for a primary node, and this one is a secondary: send "
+               "it to the primary's control socket")
 ALREADY_PRIMARY = "role: this node is already a primary"
 
 #: command -> (how it is called, what a secondary answers, what a primary answers); None:

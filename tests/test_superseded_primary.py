@@ -205,7 +205,8 @@ def test_a_refused_secondary_start_leaves_the_epoch_it_had(cli_pair: Pair) -> No
     wrong = cli_pair.repdisk("ctl", pri, "start", "mode=primary", ok=False)
     assert (wrong.returncode, wrong.stderr) == (1, (
         "repdisk: GenericError: disk0: start failed: the start mode primary does not match "
-        "this disk's mode secondary\n")), wrong
+        "this disk's mode secondary: start this node with mode=secondary, or send "
+        "mode=primary to the primary's control socket\n")), wrong
     assert read_file(cli_pair.path("pri.img.state")) == before     # the refusal moved nothing
     restarted_a_is_fenced_in_epoch_0(cli_pair)
 

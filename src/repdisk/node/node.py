@@ -380,7 +380,9 @@ class Node:
 
     def _primary(self) -> PrimaryRole:
         if not isinstance(self._role, PrimaryRole):
-            raise ConfigError("role", "this command is for a primary node")
+            raise ConfigError("role", f"this command is for a primary node, and this one is a "
+                                      f"{self._role.name}: send it to the primary's control "
+                                      "socket")
         return self._role
 
     def query(self) -> dict[str, Any]:

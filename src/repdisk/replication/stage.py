@@ -100,7 +100,9 @@ class StageMachine:
                                    "nothing to do")
         if mode is not self.mode:
             raise ReplicationError(f"{self.name}: the start mode {mode.value} does not match "
-                                   f"this disk's mode {self.mode.value}")
+                                   f"this disk's mode {self.mode.value}: start this node with "
+                                   f"mode={self.mode.value}, or send mode={mode.value} to the "
+                                   f"{mode.value}'s control socket")
         return True
 
     def guard_running(self, op: str) -> bool:
