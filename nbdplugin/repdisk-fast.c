@@ -333,6 +333,33 @@ range_unlock (struct slot *sl, struct range *me)
   pthread_mutex_unlock (&sl->ranges_lock);
 }
 
+/* One round of driving h: wait (up to the deadline) for what libnbd waits for, then tell
+ * it.  0, or -1 with errno: ENOTCONN (dead or closed), ETIMEDOUT, or poll's. */
+static int
+drive (struct nbd_handle *h, int64_t deadline)
+{
+  unsigned dir = nbd_aio_get_direction (h);
+  short events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0)
+    | (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0);
+  int64_t left = deadline - now_ns ();
+  if (!events) {
+    errno = ENOTCONN;
+    return -1;
+  }
+  if (left <= 0) {
+    errno = ETIMEDOUT;
+    return -1;
+  }
+  struct pollfd p = { .fd = nbd_aio_get_fd (h), .events = events };
+  if (poll (&p, 1, (int) (left / 1000000) + 1) == -1 && errno != EINTR)
+    return -1;
+  if (p.revents & POLLOUT)
+    nbd_aio_notify_write (h);
+  if (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))
+    nbd_aio_notify_read (h);
+  return 0;
+}
+
 /* Drive h until cookie completes or the deadline passes; 0, or -1 with errno set. */
 static int
 await (struct nbd_handle *h, int64_t cookie, int64_t deadline)
@@ -345,25 +372,8 @@ await (struct nbd_handle *h, int64_t cookie, int64_t deadline)
       errno = nbd_get_errno () ? nbd_get_errno () : EIO;
       return -1;
     }
-    unsigned dir = nbd_aio_get_direction (h);
-    short events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0)
-      | (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0);
-    int64_t left = deadline - now_ns ();
-    if (!events) {
-      errno = ENOTCONN;
+    if (drive (h, deadline) == -1)
       return -1;
-    }
-    if (left <= 0) {
-      errno = ETIMEDOUT;
-      return -1;
-    }
-    struct pollfd p = { .fd = nbd_aio_get_fd (h), .events = events };
-    if (poll (&p, 1, (int) (left / 1000000) + 1) == -1 && errno != EINTR)
-      return -1;
-    if (p.revents & POLLOUT)
-      nbd_aio_notify_write (h);
-    if (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))
-      nbd_aio_notify_read (h);
   }
 }
 
@@ -395,25 +405,8 @@ take (struct slot *sl, int64_t deadline, const char **why)
   if (strncmp (uri, "nbds", 4) == 0)   /* TLS credentials named in the URI: ours */
     nbd_set_uri_allow_local_file (h->nbd, true);
   int r = nbd_aio_connect_uri (h->nbd, uri);
-  while (r != -1 && !nbd_aio_is_ready (h->nbd)) {
-    unsigned dir = nbd_aio_get_direction (h->nbd);
-    int64_t left = deadline - now_ns ();
-    if (!dir || left <= 0 || nbd_aio_is_dead (h->nbd) || nbd_aio_is_closed (h->nbd)) {
-      r = -1;
-      break;
-    }
-    struct pollfd p = { .fd = nbd_aio_get_fd (h->nbd),
-      .events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0)
-        | (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0) };
-    if (poll (&p, 1, (int) (left / 1000000) + 1) == -1 && errno != EINTR) {
-      r = -1;
-      break;
-    }
-    if (p.revents & POLLOUT)
-      nbd_aio_notify_write (h->nbd);
-    if (p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))
-      nbd_aio_notify_read (h->nbd);
-  }
+  while (r != -1 && !nbd_aio_is_ready (h->nbd))
+    r = drive (h->nbd, deadline);
   free (uri);
   if (r == -1 || nbd_is_read_only (h->nbd) == 1) {
     static __thread char text[256];

@@ -15,8 +15,8 @@ both are done.  It decides nothing: this module arms it and disarms it.
 * :func:`publish_guard` -- whether, and until when, a write may be acknowledged without
   the node's isolation guard and admission (Admission keeps it current).
 
-Without the filter (not built, or a process that is not nbdkit) every call here does
-nothing and :func:`available` is False: the plugin serves every write, as before.
+Without the filter (not built, or a process that is not nbdkit) there are no slots and
+cells do nothing: the plugin serves every write, as before.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FILTER", "Cell", "Slot", "available", "publish_guard"]
+__all__ = ["FILTER", "Cell", "Slot", "publish_guard"]
 
 #: Where ``make setup`` builds the filter; nodeproc.py loads it into every node.
 FILTER = os.path.join(sys.prefix, "lib", "repdisk", "repdisk-fast.so")
@@ -68,11 +68,6 @@ def _loaded() -> ctypes.CDLL | None:
 
 
 _lib = _loaded()
-
-
-def available() -> bool:
-    """Whether this process has the filter (an nbdkit node started with it)."""
-    return _lib is not None
 
 
 def publish_guard(blocked: bool, deadline: float | None) -> None:
