@@ -12,7 +12,7 @@ APT_PACKAGES=(
   nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin
   qemu-utils qemu-system-x86 fio python3-venv
   busybox-static e2fsprogs cpio iproute2 gnutls-bin openssl psmisc gcc libc6-dev
-  libnbd-dev nbdkit-plugin-dev
+  libnbd-dev nbdkit-plugin-dev strace
   pacemaker corosync resource-agents pacemaker-cli-utils libxml2-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 )

@@ -41,7 +41,7 @@ from tests.helpers.controller import (
     wait_for,
 )
 from tests.helpers.controller import restart as forget
-from tests.helpers.nodes import MiB, NodeProc, Nodes, kill9, make_disk, restart
+from tests.helpers.nodes import MiB, NodeProc, Nodes, kill9, make_disk, restart, slowed_writes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,7 +127,8 @@ def test_secondary_killed_in_its_failover_commit_finishes_it_at_restart(
     expected = bytearray(checkpointed)
     _fill_overlays(sec, rng, expected)
     assert sec.ctl("query-replication")["disks"][0]["hidden_bytes"] >= REWRITTEN
-    where = _kill_during_commit(sec, phase, fraction)
+    with slowed_writes(sec, 40_000):       # 40 ms a write: the commit outlasts the kill's lag
+        where = _kill_during_commit(sec, phase, fraction)
     state = _state(disk)
     assert state["failover_commit"] == 1 and state["epoch"] == 1, (where, state)
     on_disk = file_bytes(disk)

@@ -3,12 +3,15 @@ replicating pair of them driven through control commands."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import socket
 import struct
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import nbd
@@ -136,6 +139,53 @@ def restart(nodes: Nodes, node: NodeProc, keys: list[tuple[str, str]]) -> NodePr
 def kill9(node: NodeProc) -> None:
     node.proc.send_signal(signal.SIGKILL)
     node.proc.wait()
+
+
+#: The system calls that write a node's files.
+WRITE_SYSCALLS = "copy_file_range,pwrite64,pwritev,pwritev2,fallocate"
+
+
+@contextlib.contextmanager
+def slowed_writes(node: NodeProc, delay_us: int) -> Iterator[None]:
+    """Delay every file write of ``node`` (all its threads) by ``delay_us`` with strace's
+    fault injection, so that a test's SIGKILL lands inside a long operation instead of
+    racing it on a fast machine.  strace stands in for a slow disk, which the test cannot
+    order; nothing of repdisk is replaced.  Yields once every thread is attached."""
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node.proc.pid),
+         "-e", f"trace={WRITE_SYSCALLS}", "-e", f"inject={WRITE_SYSCALLS}:delay_exit={delay_us}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_attached(tracer, node.proc.pid)
+        yield
+    finally:
+        tracer.terminate()
+        tracer.wait()
+
+
+def _wait_attached(tracer: subprocess.Popen, pid: int) -> None:
+    """Return once strace traces every thread of ``pid`` (its TracerPid says so)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if tracer.poll() is not None:
+            raise RuntimeError(f"strace could not attach to {pid}: {tracer.stderr.read()}")
+        tasks = os.listdir(f"/proc/{pid}/task")
+        if all(_tracer_of(pid, tid) in (tracer.pid, None) for tid in tasks):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"strace did not attach to every thread of {pid} in 10s")
+
+
+def _tracer_of(pid: int, tid: str) -> int | None:
+    """The TracerPid of thread ``tid`` (0: none), or None once the thread has ended."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return None
 
 
 # -- a pair ------------------------------------------------------------------------------------
