@@ -26,7 +26,7 @@ import nbd
 import psutil
 import pytest
 
-from repdisk.cli import controllercmd, resources
+from repdisk.cli import controllercmd, resources, updown
 from repdisk.cli.resources import ResourceError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -488,12 +488,35 @@ def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None
     assert options - given_by_up == set(resources.CONTROLLER_KEYS) - {"host"}
 
 
+def test_a_joined_node_is_found_in_the_pair_file_at_the_socket_before_a_swap(
+        folder: Path) -> None:
+    """Sections swapped with no [controller] control key: the running controller's pair
+    file is at its socket from before the swap, and a node it joined by a promotion is
+    still this resource's; once a controller at the new socket has written its own pair
+    file, that one is the pair's (the old one is stale)."""
+    path = resource_file(folder, "alpha")
+    pri, sec, third = (f"{folder}/alpha-{n}.qmp" for n in ("pri", "sec", "c"))
+    old = folder / "alpha-pri.ctrl.qmp.pair"
+    old.write_text(json.dumps({"options": [pri, sec], "primary": sec, "secondary": third,
+                               "write_mode": "sync"}))
+    res = resources.load_file(str(path))
+    assert updown.joined_nodes(res, resources.this_host()) == [("secondary", third)]
+    swap_sections(path, folder, "alpha", keep_control=False)
+    res = resources.load_file(str(path))
+    assert res.controller.control == f"{folder}/alpha-sec.ctrl.qmp"
+    assert updown.joined_nodes(res, resources.this_host()) == [("secondary", third)]
+    assert updown.joined_nodes(res, "otherhost") == []
+    (folder / "alpha-sec.ctrl.qmp.pair").write_text(json.dumps(
+        {"options": [sec, pri], "primary": sec, "secondary": pri, "write_mode": "sync"}))
+    assert updown.joined_nodes(res, resources.this_host()) == []
+
+
 @pytest.mark.timeout(240)
 def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
         folder: Path) -> None:
     """After a failover and a promotion onto a third node, started by hand: status shows
-    that node, down stops it too, and once the sections are swapped, up runs the pair the
-    file names (the pair file, which names the third node, loses to the changed file);
+    that node, and after the sections are swapped too, and down stops it; then up runs the
+    pair the file names (the pair file, which names the third node, loses to the changed file);
     the old primary gets what the winner wrote meanwhile."""
     path = resource_file(folder, "alpha")
     repdisk(folder, "up", "alpha")
@@ -525,12 +548,14 @@ def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
     assert report["alpha"]["controller"]["query"]["state"] == "running"
     joined = report["alpha"]["joined-secondary"]
     assert (joined["socket"], joined["query"]["role"]) == (str(third), "secondary")
-    assert repdisk(folder, "down", "alpha").stdout == (   # the primary now first: [secondary]
-        f"alpha: stopped controller, secondary, {third} (its secondary since a promotion)\n")
+    swap_sections(path, folder, "alpha")         # as the failure matrix says, while it runs
+    assert f"\n  secondary since a promotion ({third}):\n  secondary " in repdisk(
+        folder, "status", "alpha", ok=False).stdout
+    assert repdisk(folder, "down", "alpha").stdout == (   # [primary] now names the primary
+        f"alpha: stopped controller, primary, {third} (its secondary since a promotion)\n")
     assert "writes are kept local" not in (folder / "alpha-sec.qmp.log").read_text()
     assert processes_of(folder) == {}
 
-    swap_sections(path, folder, "alpha")
     assert repdisk(folder, "up", "alpha").stdout == "alpha: secondary, primary, controller\n"
     wait_state(folder, "alpha", "running")
     q = json.loads(subprocess.run([REPDISK, "ctl", str(folder / "alpha-pri.ctrl.qmp"),

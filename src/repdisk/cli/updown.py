@@ -219,12 +219,14 @@ def _stop_joined(res: Resource, control: str) -> bool:
 def joined_nodes(res: Resource, host: str) -> list[tuple[str, str]]:
     """The nodes that a promotion made part of the pair and that the resource file does not
     name, on this host: (role now, control socket), from the pair file of the resource's
-    controller (when it runs here), while the file's sections still name the pair's first
-    nodes."""
-    if res.controller.host != host:
-        return []
+    controller (when it runs here), while the file's sections name the pair's first nodes,
+    in their order or swapped (the pair file then is at the controller's socket from before
+    the swap, unless [controller] gives ``control``)."""
     first = (res.nodes["primary"].control_address, res.nodes["secondary"].control_address)
-    now = pairfile.recall(res.controller.control + ".pair", first)
+    files = [control + ".pair" for control, where in (
+        (res.controller.control, res.controller.host), res.controller.swapped or ("", ""))
+        if where == host and os.path.exists(control + ".pair")]
+    now = pairfile.recall(files[0], first, any_order=True) if files else None
     if now is None:
         return []
     named = {n.control_address for n in res.nodes.values()}

@@ -18,10 +18,12 @@ from repdisk import durable
 log = logging.getLogger(__name__)
 
 
-def recall(path: str, options: tuple[str, str]) -> tuple[str, str] | None:
+def recall(path: str, options: tuple[str, str], *,
+           any_order: bool = False) -> tuple[str, str] | None:
     """The pair's (primary, secondary) control sockets now, from the file at ``path``, if it
     is about the pair that ``options`` (the controller's --primary, --secondary) name, in
-    that order.
+    that order (``any_order``: in either order, which is how ``down`` and ``status`` find
+    the pair's nodes after the resource file's sections were swapped).
 
     None if there is no file, or it is about other options (those that name other nodes, or
     the same nodes in other roles, win); a file that cannot be read is logged and ignored."""
@@ -35,7 +37,7 @@ def recall(path: str, options: tuple[str, str]) -> tuple[str, str] | None:
         log.warning("ignoring the pair file %s (%s): running the pair the options name",
                     path, err)
         return None
-    if list(first) != list(options):
+    if (sorted(first) != sorted(options)) if any_order else (list(first) != list(options)):
         return None
     return now
 
