@@ -638,12 +638,16 @@ def test_failover_winner_is_adopted_never_made_a_secondary(nodes):
         stale = pair.controller(primary=old.control)
         stale.start()
         assert stale.state == "failed-over" and stale.epoch == 2
+        changed = [e["data"] for e in stale.query()["events"]
+                   if e.get("event") == "CONTROLLER_STATE_CHANGED"]
+        assert changed[-1]["why"] == (f"{pair.sec.control} won the failover into epoch 2: "
+                                      "promote it (controller-promote)"), changed
         assert stale.query()["nodes"]["secondary"]["socket"] == pair.sec.control
         wait_for(lambda: (stale.step(), old.ctl("query-replication")["fenced"])[1], 10,
                  "the old primary fenced")
         q = pair.sec.ctl("query-replication")
         assert q["disks"][0]["stage"] == "done" and q["epoch"] == 2
-        with pytest.raises(ControlError, match="won the failover"):
+        with pytest.raises(ControlError, match="won the failover into epoch 2 "):
             pair.sec.ctl("replication-start", mode="secondary", epoch=2)   # the node itself
         # The winner restarted as a secondary process: still the winner, adopted as such,
         # and serving its disk (done) as before.

@@ -145,7 +145,7 @@ def test_secondary_killed_in_its_failover_commit_finishes_it_at_restart(
     assert _state(disk)["failover_commit"] is None
     log = sec.log_text()
     assert "finishing it" in log and "failover commit finished: epoch 2" in log
-    with pytest.raises(ControlError, match="won the failover of epoch 2"):
+    with pytest.raises(ControlError, match="won the failover into epoch 2"):
         sec.ctl("replication-start", mode="secondary", epoch=2)
     print(f"\nkilled at commit run {where[0]} {where[1] / MiB:.0f}/{where[2] / MiB:.0f} MiB "
           f"({restored} of {REWRITTEN // MiB} rewritten MiB restored on the disk); "

@@ -180,7 +180,7 @@ def test_6_continuous_replication_after_failover(direct: Scenario) -> None:
         assert direct.sec.ctl(command, **args) == {"ignored": over}, command
         event = direct.events.wait_event("REPLICATION_REQUEST_IGNORED")
         assert event["data"] == {"command": command, "reason": over}
-    with pytest.raises(ControlError, match="won the failover of epoch 1 .*promote it"):
+    with pytest.raises(ControlError, match="won the failover into epoch 1 .*promote it"):
         direct.sec.ctl("replication-start", mode="secondary")
     with pytest.raises(ControlError, match="start in epoch 0 refused: this node is already in "
                                            "epoch 1"):

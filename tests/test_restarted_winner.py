@@ -32,7 +32,7 @@ def test_a_restarted_winner_serves_its_disk_and_can_still_be_promoted(cli_pair: 
     qemu("qemu-io", "-f", "raw", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x33 2M 1M",
          "-c", "write -P 0x44 4M 1M", "-c", "flush", active)
     again = cli_pair.repdisk("ctl", sec, "start", "mode=secondary", ok=False)
-    assert again.returncode == 1 and "won the failover of epoch 1" in again.stderr, again
+    assert again.returncode == 1 and "won the failover into epoch 1" in again.stderr, again
 
     # Fail back: A (killed: its 0x22 may be unsent, so it needs the winner's epoch) returns
     # as B's secondary; B, promoted, compares the disks and copies what differs to it.

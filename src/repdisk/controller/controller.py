@@ -243,8 +243,8 @@ class Controller(StateMachine):
         if won_failover(s) and (p is None or p.get("role") != "primary" or p.get("fenced")
                            or p["epoch"] < s["epoch"]):
             self._set_state(ControllerState.FAILED_OVER,
-                            f"{self.secondary.socket} won the failover of epoch "
-                            f"{s['epoch'] - 1}: promote it (controller-promote)")
+                            f"{self.secondary.socket} won the failover into epoch "
+                            f"{s['epoch']}: promote it (controller-promote)")
             return
         if p is not None and p.get("role") != "primary":
             raise ControllerRefused(
@@ -269,8 +269,8 @@ class Controller(StateMachine):
         if p.get("fenced"):
             self._set_state(ControllerState.FENCED, f"the primary is fenced: {p['fenced']}")
         elif s is not None and won_failover(s) and s["epoch"] >= p["epoch"]:
-            raise ControllerRefused(f"secondary {self.secondary.socket} won the failover of "
-                                    f"epoch {s['epoch'] - 1} and holds the newest data: "
+            raise ControllerRefused(f"secondary {self.secondary.socket} won the failover into "
+                                    f"epoch {s['epoch']} and holds the newest data: "
                                     "promote it (controller-promote) instead of overwriting it")
         elif not_started(p) or s is None or not_started(s):
             self._set_state(ControllerState.STARTING if not_started(p) else
@@ -331,8 +331,8 @@ class Controller(StateMachine):
                 raise ControlError(f"primary {self.primary.socket} is fenced ({p['fenced']}): "
                                    "promote the winner, or restart this node as its secondary")
             if won_failover(s) and s["epoch"] >= p["epoch"]:
-                raise ControlError(f"secondary {self.secondary.socket} won the failover of "
-                                   f"epoch {s['epoch'] - 1} and holds the newest data: promote "
+                raise ControlError(f"secondary {self.secondary.socket} won the failover into "
+                                   f"epoch {s['epoch']} and holds the newest data: promote "
                                    "it (controller-promote) instead of overwriting it")
             unsent = s.get("unsent-as-primary")
             if unsent and not_started(s) and p["epoch"] <= s["epoch"]:
@@ -812,8 +812,8 @@ class Controller(StateMachine):
                 raise ControlError(f"cannot promote: {control} already replicates (stage "
                                    f"{', '.join(sorted(stages(n)))}): restart it")
             if won_failover(n) and n["epoch"] >= w["epoch"]:
-                raise ControlError(f"cannot promote: {control} won the failover of epoch "
-                                   f"{n['epoch'] - 1}, after {winner.socket}: promote it instead")
+                raise ControlError(f"cannot promote: {control} won the failover into epoch "
+                                   f"{n['epoch']}, after {winner.socket}: promote it instead")
             sizes = {d["disk"]: d["size"] for d in w["disks"]}
             theirs = {d["disk"]: d["size"] for d in n["disks"]}
             if sizes != theirs:
@@ -891,8 +891,8 @@ class Controller(StateMachine):
                                   "loss_to_serving": None, "failover": None}
             self.counters["failovers"] += 1
             self._set_state(ControllerState.FAILED_OVER,
-                            f"{self.secondary.socket} won the failover of epoch "
-                            f"{s['epoch'] - 1} without this controller: promote it "
+                            f"{self.secondary.socket} won the failover into epoch "
+                            f"{s['epoch']} without this controller: promote it "
                             "(controller-promote)")
             return None
         if p.get("fenced"):

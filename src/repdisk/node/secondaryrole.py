@@ -198,7 +198,7 @@ class SecondaryRole(Role[SecondaryReplica]):
             if state.failed_over and state.role == SECONDARY:
                 for rep in self.replicas.values():
                     rep.reopen_done()
-                log.warning("this node won the failover of epoch %d: its active export "
+                log.warning("this node won the failover into epoch %d: its active export "
                             "serves the disk (done) until it is promoted", state.epoch)
             return
         log.warning("the failover commit of epoch %s was interrupted: finishing it",

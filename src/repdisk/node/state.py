@@ -143,7 +143,7 @@ class NodeState:
                                        "epoch (those writes are dropped: its primary compares "
                                        "the disks and copies over them)")
         if self.role == "secondary" and self.failed_over:
-            raise ConfigError("epoch", f"this node won the failover of epoch {self.epoch} and "
+            raise ConfigError("epoch", f"this node won the failover into epoch {self.epoch} and "
                                        "holds the newest data: promote it, or start it as a "
                                        f"secondary with an epoch above {self.epoch} once its "
                                        "data has been saved or is no longer wanted")
