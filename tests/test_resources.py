@@ -476,6 +476,30 @@ def test_sections_swapped_while_up_leave_no_controller_behind(folder: Path) -> N
     assert processes_of(folder) == {}
 
 
+@pytest.mark.timeout(180)
+def test_two_ups_at_once_start_the_resource_once_and_two_downs_stop_it_once(
+        folder: Path) -> None:
+    """Two `up` of one resource at the same moment (two terminals, a unit file and a
+    tired operator): one starts it, the other waits and finds it up; both succeed and the
+    pair runs.  The same for two `down`."""
+    resource_file(folder, "alpha")
+
+    def twice(verb: str) -> list[str]:
+        argv = [REPDISK, verb, "alpha", "--config-dir", str(folder / "etc")]
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        assert [(rc, err) for rc, _, err in results] == [(0, "")] * 2, results
+        return sorted(out for _, out, _ in results)
+
+    assert twice("up") == ["alpha: already up\n", "alpha: secondary, primary, controller\n"]
+    wait_state(folder, "alpha", "running")
+    assert len(processes_of(folder)) == 3
+    assert twice("down") == ["alpha: stopped controller, primary, secondary\n",
+                             "alpha: stopped nothing (not running)\n"]
+    assert processes_of(folder) == {}
+
+
 def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None:
     """The README says a [controller] section takes any option of `repdisk controller`:
     every one but those `repdisk up` gives itself."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -68,9 +69,21 @@ def _load(args: argparse.Namespace) -> list[Resource]:
 
 def _up(args: argparse.Namespace) -> int:
     for res in _load(args):          # every file is checked before anything starts
-        started = up(res)
+        with one_at_a_time(res):
+            started = up(res)
         print(f"{res.name}: {', '.join(started) if started else 'already up'}")
     return 0
+
+
+@contextlib.contextmanager
+def one_at_a_time(res: Resource) -> Iterator[None]:
+    """Hold ``res``'s file locked (``flock``, released when the process ends) while this
+    process starts or stops its parts: a second ``up`` or ``down`` of the resource waits,
+    then sees what the first one did (else both start the same node, and the one whose
+    start fails stops the node of the other)."""
+    with open(res.path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -87,7 +100,8 @@ def _down(args: argparse.Namespace) -> int:
                            "the control sockets of nodes or controllers started by hand "
                            "(repdisk down CONTROL...), or --config-dir DIR")
     for res in _load(args):
-        stopped = down(res)
+        with one_at_a_time(res):
+            stopped = down(res)
         print(f"{res.name}: stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
     return 0
 
