@@ -585,7 +585,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in [
     System("repdisk-async", "repdisk primary, write-mode async, -> repdisk secondary",
            functools.partial(start_repdisk_pair, mode="async"), True, repdisk_checkpoint,
            repdisk_catch_up),
-    *(_pair("sync", t, s) for t in (4, 16, 64) for s in (None, 4, 16) if t != 4 or s),
+    *(_pair("sync", t, s) for t in (4, 16, 64) for s in (None, 1, 4, 16) if t != 4 or s),
     *(_pair("async", None, s) for s in (1, 4, 16)),
     *(_pair("async", t) for t in (1, 4, 16)),
     _pair("async", 1, 1),
