@@ -7,6 +7,7 @@ pause and VM-state test, a real QEMU without a machine).  Timings are short (hea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -17,6 +18,7 @@ import threading
 import time
 
 import nbd
+import psutil
 import pytest
 
 from repdisk.cli.status import controller_lines, status_lines
@@ -818,6 +820,8 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     pidfile = ctrl + ".pid"
+    with open(pidfile) as f:
+        pid = int(f.read())
     try:
         wait_for(lambda: execute(ctrl, "query-controller")["state"] == "running", 10,
                  "running")
@@ -845,10 +849,19 @@ def test_cli_controller_status_checkpoint_and_metrics(nodes, tmp_path):
         q = execute(ctrl, "query-controller")
         assert q["counters"]["checkpoints"] >= 2        # the interval runs them
         assert any(e["event"] == "CHECKPOINT_COMPLETED" for e in q["events"])
-    finally:
+        # A controller started since at the same path owns the pid file (this one lost its
+        # socket): stopping this one leaves that file, by which `down` finds the other.
+        with open(pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not psutil.pid_exists(pid) or
+                 psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, "controller exit")
         with open(pidfile) as f:
-            pid = int(f.read())
-        os.kill(pid, 15)
+            assert f.read() == f"{os.getpid()}\n"
+        os.unlink(pidfile)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not os.path.exists(pidfile), 10, "controller exit")
         pair.close()
 

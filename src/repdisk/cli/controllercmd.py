@@ -190,9 +190,22 @@ def _run(args: argparse.Namespace) -> int:
         ctl.run()
     finally:
         ctl.close()
-        if args.pidfile and os.path.exists(args.pidfile):
-            os.unlink(args.pidfile)
+        if args.pidfile:
+            _remove_own_pidfile(args.pidfile)
     return 0
+
+
+def _remove_own_pidfile(path: str) -> None:
+    """Remove the pid file at ``path`` if it still names this process: a controller started
+    since at the same path (after this one lost its socket) owns it now, and ``down`` finds
+    that controller by it."""
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
 
 
 def _check_node_sockets(cfg: ControllerConfig) -> None:
