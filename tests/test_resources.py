@@ -512,17 +512,18 @@ def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None
     assert options - given_by_up == set(resources.CONTROLLER_KEYS) - {"host"}
 
 
-def test_a_joined_node_is_found_in_the_pair_file_at_the_socket_before_a_swap(
+def test_a_joined_node_is_found_in_the_pair_file_of_the_controller_that_runs(
         folder: Path) -> None:
-    """Sections swapped with no [controller] control key: the running controller's pair
-    file is at its socket from before the swap, and a node it joined by a promotion is
-    still this resource's; once a controller at the new socket has written its own pair
-    file, that one is the pair's (the old one is stale)."""
+    """Sections swapped with no [controller] control key: the controller's socket moves
+    with [primary].  A controller still running at the old socket has the pair file that
+    is true now (a node it joined by a promotion is this resource's), even where an earlier
+    cycle left a pair file at the new socket; with none running there, the file at the
+    socket the sections give is the pair's."""
     path = resource_file(folder, "alpha")
     pri, sec, third = (f"{folder}/alpha-{n}.qmp" for n in ("pri", "sec", "c"))
-    old = folder / "alpha-pri.ctrl.qmp.pair"
-    old.write_text(json.dumps({"options": [pri, sec], "primary": sec, "secondary": third,
-                               "write_mode": "sync"}))
+    old = f"{folder}/alpha-pri.ctrl.qmp"
+    Path(old + ".pair").write_text(json.dumps(
+        {"options": [pri, sec], "primary": sec, "secondary": third, "write_mode": "sync"}))
     res = resources.load_file(str(path))
     assert updown.joined_nodes(res, resources.this_host()) == [("secondary", third)]
     swap_sections(path, folder, "alpha", keep_control=False)
@@ -530,9 +531,15 @@ def test_a_joined_node_is_found_in_the_pair_file_at_the_socket_before_a_swap(
     assert res.controller.control == f"{folder}/alpha-sec.ctrl.qmp"
     assert updown.joined_nodes(res, resources.this_host()) == [("secondary", third)]
     assert updown.joined_nodes(res, "otherhost") == []
-    (folder / "alpha-sec.ctrl.qmp.pair").write_text(json.dumps(
+    Path(res.controller.control + ".pair").write_text(json.dumps(    # an earlier cycle's
         {"options": [sec, pri], "primary": sec, "secondary": pri, "write_mode": "sync"}))
     assert updown.joined_nodes(res, resources.this_host()) == []
+    subprocess.run([REPDISK, "controller", "--primary", pri, "--secondary", sec, "--control",
+                    old, "--background"], check=True, capture_output=True, timeout=60)
+    try:
+        assert updown.joined_nodes(res, resources.this_host()) == [("secondary", third)]
+    finally:
+        subprocess.run([REPDISK, "down", old], check=True, capture_output=True, timeout=60)
 
 
 @pytest.mark.timeout(240)

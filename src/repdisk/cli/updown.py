@@ -234,12 +234,16 @@ def joined_nodes(res: Resource, host: str) -> list[tuple[str, str]]:
     """The nodes that a promotion made part of the pair and that the resource file does not
     name, on this host: (role now, control socket), from the pair file of the resource's
     controller (when it runs here), while the file's sections name the pair's first nodes,
-    in their order or swapped (the pair file then is at the controller's socket from before
-    the swap, unless [controller] gives ``control``)."""
+    in their order or swapped.  With no ``control`` key in [controller], a swap moves the
+    controller's socket: a controller still running at the old one (``stray_controller``)
+    has the pair file that is true now; else the file at the socket the sections give."""
     first = (res.nodes["primary"].control_address, res.nodes["secondary"].control_address)
-    files = [control + ".pair" for control, where in (
-        (res.controller.control, res.controller.host), res.controller.swapped or ("", ""))
-        if where == host and os.path.exists(control + ".pair")]
+    stray = stray_controller(res, host)
+    sockets = [stray.control] if stray is not None else []
+    sockets += [control for control, where in ((res.controller.control, res.controller.host),
+                                               res.controller.swapped or ("", ""))
+                if where == host]
+    files = [control + ".pair" for control in sockets if os.path.exists(control + ".pair")]
     now = pairfile.recall(files[0], first, any_order=True) if files else None
     if now is None:
         return []
