@@ -500,6 +500,51 @@ def test_two_ups_at_once_start_the_resource_once_and_two_downs_stop_it_once(
     assert processes_of(folder) == {}
 
 
+@pytest.mark.timeout(180)
+def test_a_file_naming_another_resources_sockets_starts_and_stops_nothing(
+        folder: Path) -> None:
+    """A resource file in another config directory whose [secondary] control is the
+    socket of a running resource's node (a copied file), or whose [primary] control is a
+    running controller's: up, and down, refuse in one line naming the socket and what
+    serves it, and the running resource keeps every process."""
+    resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+    running = processes_of(folder / "alpha")     # alpha's disks, sockets and controller
+    assert len(running) == 3, running
+    other = folder / "other"
+    (other / "etc").mkdir(parents=True)
+    for role in ("pri", "sec"):
+        with open(other / f"dup-{role}.img", "wb") as f:
+            f.truncate(32 * MiB)
+    sec_pid = int((folder / "alpha-sec.qmp.pid").read_text())
+    ctrl_pid = int((folder / "alpha-pri.ctrl.qmp.pid").read_text())
+    for role, control, why in (
+            ("secondary", f"{folder}/alpha-sec.qmp",
+             f"is served by pid {sec_pid}, a node of {folder}/alpha-sec.img, not of "
+             f"{other}/dup-sec.img: another resource's node? Give [secondary] a control "
+             "socket of its own; nothing was started or stopped"),
+            ("primary", f"{folder}/alpha-pri.ctrl.qmp",
+             f"is the socket of a controller (pid {ctrl_pid}), not of a node: give [primary] "
+             "a control socket of its own; nothing was started or stopped")):
+        controls = {"primary": f"{other}/dup-pri.qmp", "secondary": f"{other}/dup-sec.qmp",
+                    role: control}
+        (other / "etc" / "dup.toml").write_text(
+            f'[primary]\ndisk = "{other}/dup-pri.img"\ncontrol = "{controls["primary"]}"\n'
+            f'nbd-socket = "{other}/dup-pri.sock"\n\n'
+            f'[secondary]\ndisk = "{other}/dup-sec.img"\ncontrol = "{controls["secondary"]}"\n'
+            f'nbd-socket = "{other}/dup-sec.sock"\n\n'
+            f'[controller]\ncontrol = "{other}/dup.ctrl.qmp"\n')
+        for verb in ("up", "down", "up"):
+            bad = subprocess.run([REPDISK, verb, "dup", "--config-dir", str(other / "etc")],
+                                 capture_output=True, text=True, timeout=60)
+            assert (bad.returncode, bad.stdout, bad.stderr) == (
+                1, "", f"repdisk: error: dup: [{role}] control {control} {why}\n"), bad
+            assert processes_of(folder / "alpha") == running
+            assert processes_of(other) == {}
+    wait_state(folder, "alpha", "running")
+
+
 def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None:
     """The README says a [controller] section takes any option of `repdisk controller`:
     every one but those `repdisk up` gives itself."""

@@ -33,7 +33,7 @@ from repdisk.cli.resources import Node, Resource
 from repdisk.cli.status import entry_lines, status_entry
 from repdisk.controller import pairfile
 from repdisk.errors import RepdiskError
-from repdisk.node.config import NAME_RE, NodeConfig
+from repdisk.node.config import NAME_RE, NodeConfig, parse_disk
 from repdisk.node.state import NodeState
 from repdisk.qmp.server import gone
 from repdisk.tls import TLSSpec
@@ -116,13 +116,14 @@ def up(res: Resource, host: str | None = None) -> list[str]:
                            f"socket before {res.path}'s sections were swapped: take the "
                            f"resource down first (repdisk down {res.name} stops it too), "
                            "and give [controller] a control key so that it keeps one socket")
+    running = {node.role: _node_runs(res, node) for node in res.local_nodes(host)}
     for node in res.local_nodes(host):
-        if not _running(node.pidfile):  # a running node is not started again: not judged
+        if not running[node.role]:      # a running node is not started again: not judged
             _check_role(res, node)      # before anything starts
     started: list[str] = []
     try:
         for node in res.local_nodes(host):
-            if not _running(node.pidfile):
+            if not running[node.role]:
                 _start_node(node)
                 started.append(node.role)
         if res.controller.host == host and not _running(res.controller.pidfile):
@@ -167,6 +168,8 @@ def down(res: Resource, host: str | None = None) -> list[str]:
     is the primary now first (the roles may have changed since the file was written), a
     node that joined the pair by a promotion too; what was."""
     host = host or resources.this_host()
+    for node in res.local_nodes(host):   # another resource's node is refused, before a stop
+        _node_runs(res, node)
     joined = joined_nodes(res, host)     # the controller's pair file outlives the controller
     stopped = _stop(res, host, ["controller"])
     stray = stray_controller(res, host)
@@ -313,6 +316,39 @@ def _running(pidfile: str) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _node_runs(res: Resource, node: Node) -> bool:
+    """Whether the node of ``node``'s pid file runs.  A pid file naming a process that is
+    no repdisk node (a pid reused since) is no node; one naming a repdisk node or
+    controller of other disks, whose socket the file's ``control`` names too (a copied
+    file), is refused: nothing of this resource may start or stop it."""
+    pid = _pid_in(node.pidfile)
+    if pid is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline, cwd = proc.cmdline(), proc.cwd()
+    except psutil.Error:
+        return False
+    if "controller" in cmdline and any("repdisk" in part for part in cmdline):
+        raise RepdiskError(f"{res.name}: [{node.role}] control {node.control} is the socket "
+                           f"of a controller (pid {pid}), not of a node: give [{node.role}] "
+                           "a control socket of its own; nothing was started or stopped")
+    if not any("nbdkit" in part for part in cmdline[:5]):
+        return False
+    mine = {os.path.realpath(parse_disk(v, 0).path) for k, v in node.keys if k == "disk"}
+    theirs = {os.path.realpath(os.path.join(cwd, parse_disk(arg[5:], 0).path))
+              for arg in cmdline if arg.startswith("disk=")}
+    if theirs != mine:
+        raise RepdiskError(f"{res.name}: [{node.role}] control {node.control} is served by "
+                           f"pid {pid}, a node of {', '.join(sorted(theirs))}, not of "
+                           f"{', '.join(sorted(mine))}: another resource's node? Give "
+                           f"[{node.role}] a control socket of its own; nothing was started "
+                           "or stopped")
+    return True
 
 
 def _stop_controller(pidfile: str) -> bool:
