@@ -542,6 +542,10 @@ def test_a_file_naming_another_resources_sockets_starts_and_stops_nothing(
                 1, "", f"repdisk: error: dup: [{role}] control {control} {why}\n"), bad
             assert processes_of(folder / "alpha") == running
             assert processes_of(other) == {}
+        shown = subprocess.run([REPDISK, "status", "dup", "--config-dir", str(other / "etc")],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 1
+        assert f"\n  {role}: [{role}] control {control} {why}\n" in shown.stdout, shown
     wait_state(folder, "alpha", "running")
 
 

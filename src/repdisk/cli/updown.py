@@ -393,7 +393,14 @@ def status(names: list[str], config_dir: str, as_json: bool = False) -> int:
         parts = report[res.name] = {"path": res.path}
         if not as_json:
             print(f"{res.name} ({res.path})")
+        nodes = {node.role: node for node in res.local_nodes(host)}
         for key, label, sock in _parts(res, host):
+            if key in nodes and (foreign := _foreign(res, nodes[key])):
+                parts[key] = {"kind": "foreign", "socket": sock, "error": foreign}
+                ok = False
+                if not as_json:
+                    print(f"  {label}: {foreign}")
+                continue
             part = parts[key] = ({"kind": "down"} if gone(sock) else status_entry(sock))
             part["socket"] = sock
             ok = ok and part["kind"] not in ("down", "unreachable")
@@ -409,6 +416,16 @@ def status(names: list[str], config_dir: str, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if ok else 1
+
+
+def _foreign(res: Resource, node: Node) -> str | None:
+    """Why the process at ``node``'s pid file is not this resource's node (_node_runs), or
+    None if it is, or none runs."""
+    try:
+        _node_runs(res, node)
+    except RepdiskError as err:
+        return str(err).removeprefix(f"{res.name}: ")
+    return None
 
 
 def _parts(res: Resource, host: str) -> list[tuple[str, str, str]]:
