@@ -546,6 +546,20 @@ def test_a_file_naming_another_resources_sockets_starts_and_stops_nothing(
                                capture_output=True, text=True, timeout=60)
         assert shown.returncode == 1
         assert f"\n  {role}: [{role}] control {control} {why}\n" in shown.stdout, shown
+    # Its own sockets, but alpha's secondary disk as its primary's: the disk's user is
+    # named, not the state file of alpha's node (which says "a secondary").
+    (other / "etc" / "dup.toml").write_text(
+        (other / "etc" / "dup.toml").read_text()
+        .replace(f"{folder}/alpha-pri.ctrl.qmp", f"{other}/dup-pri.qmp")
+        .replace(f"{other}/dup-pri.img", f"{folder}/alpha-sec.img"))
+    bad = subprocess.run([REPDISK, "up", "dup", "--config-dir", str(other / "etc")],
+                         capture_output=True, text=True, timeout=60)
+    assert (bad.returncode, bad.stdout, bad.stderr) == (
+        1, "", f"repdisk: error: dup: [primary] disk {folder}/alpha-sec.img is in use by "
+               f"repdisk node (pid {sec_pid}, control {folder}/alpha-sec.qmp): stop it first "
+               "(two writers would corrupt it)\n"), bad
+    assert processes_of(folder / "alpha") == running
+    assert processes_of(other) == {}
     wait_state(folder, "alpha", "running")
 
 

@@ -27,12 +27,13 @@ from typing import Any
 
 import psutil
 
+from repdisk.block.imagelock import lock_image
 from repdisk.cli import controllercmd, nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
 from repdisk.cli.status import entry_lines, status_entry
 from repdisk.controller import pairfile
-from repdisk.errors import RepdiskError
+from repdisk.errors import BlockIOError, RepdiskError
 from repdisk.node.config import NAME_RE, NodeConfig, parse_disk
 from repdisk.node.state import NodeState
 from repdisk.qmp.server import gone
@@ -119,7 +120,8 @@ def up(res: Resource, host: str | None = None) -> list[str]:
     running = {node.role: _node_runs(res, node) for node in res.local_nodes(host)}
     for node in res.local_nodes(host):
         if not running[node.role]:      # a running node is not started again: not judged
-            _check_role(res, node)      # before anything starts
+            _check_free(res, node)      # before anything starts
+            _check_role(res, node)
     started: list[str] = []
     try:
         for node in res.local_nodes(host):
@@ -133,6 +135,26 @@ def up(res: Resource, host: str | None = None) -> list[str]:
         _stop(res, host, started)
         raise
     return started
+
+
+def _check_free(res: Resource, node: Node) -> None:
+    """Refuse to start a node on a disk that another process serves (another resource's
+    node, a QEMU), naming it, before its state file is judged: that state is the other
+    node's.  The locks are QEMU's (imagelock), taken and dropped at once."""
+    for key, value in node.keys:
+        path = parse_disk(value, 0).path if key == "disk" else None
+        if path is None:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue                    # the node's own start says what is wrong
+        try:
+            lock_image(fd, path)
+        except BlockIOError as err:
+            raise RepdiskError(f"{res.name}: [{node.role}] disk {err.strerror}") from None
+        finally:
+            os.close(fd)
 
 
 def _check_role(res: Resource, node: Node) -> None:
