@@ -563,6 +563,23 @@ def test_a_file_naming_another_resources_sockets_starts_and_stops_nothing(
     wait_state(folder, "alpha", "running")
 
 
+def test_a_resource_files_path_or_all_among_names_is_refused_saying_what_to_give(
+        folder: Path) -> None:
+    """`repdisk up /etc/repdisk/alpha.toml` (a path where a name goes) and `down all alpha`
+    get one line each that says what to type, and change nothing."""
+    path = resource_file(folder, "alpha")
+    for verb in ("up", "down"):
+        bad = subprocess.run([REPDISK, verb, str(path)], capture_output=True, text=True,
+                             timeout=60)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (
+            1, "", f"repdisk: error: {path} is a resource file: give its name and its folder, "
+                   f"repdisk {verb} alpha --config-dir {folder}/etc\n"), bad
+        bad = repdisk(folder, verb, "all", "alpha", ok=False)
+        assert (bad.stdout, bad.stderr) == (
+            "", "repdisk: error: all names every resource: give it alone, or only names\n")
+    assert processes_of(folder) == {}
+
+
 def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None:
     """The README says a [controller] section takes any option of `repdisk controller`:
     every one but those `repdisk up` gives itself."""

@@ -55,12 +55,24 @@ def add_parsers(sub: Any) -> None:
                            "hand, stopped in the order given, each waited for"
                            if name == "down" else ""))
         add_config_dir(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, verb=name)
 
 
 def add_config_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", default=resources.DEFAULT_DIR, metavar="DIR",
                    help=f"one NAME.toml per resource (default {resources.DEFAULT_DIR})")
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    """Refuse, saying what to give instead, a resource file's path and ``all`` among names."""
+    for arg in args.names:
+        if arg.endswith(resources.SUFFIX) and os.path.isfile(arg):
+            folder = os.path.dirname(os.path.abspath(arg))
+            raise RepdiskError(f"{arg} is a resource file: give its name and its folder, "
+                               f"repdisk {args.verb} {resources.resource_name(arg)} "
+                               f"--config-dir {folder}")
+    if "all" in args.names and len(args.names) > 1:
+        raise RepdiskError("all names every resource: give it alone, or only names")
 
 
 def _load(args: argparse.Namespace) -> list[Resource]:
@@ -69,6 +81,7 @@ def _load(args: argparse.Namespace) -> list[Resource]:
 
 
 def _up(args: argparse.Namespace) -> int:
+    _check_names(args)
     for res in _load(args):          # every file is checked before anything starts
         with one_at_a_time(res):
             started = up(res)
@@ -88,6 +101,7 @@ def one_at_a_time(res: Resource) -> Iterator[None]:
 
 
 def _down(args: argparse.Namespace) -> int:
+    _check_names(args)
     if args.names and not all(is_resource_name(a) for a in args.names):
         # Control sockets: every one checked before any is stopped, then in the order given.
         for control, found in [(c, nodeproc.serving(c)) for c in args.names]:
