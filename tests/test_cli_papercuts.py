@@ -641,6 +641,11 @@ def test_ctl_with_the_socket_after_the_command_says_the_order(cli_pair: Pair) ->
     bad = cli_pair.repdisk("ctl", "start", pri, "mode=primary", ok=False)
     assert bad.stderr == f"repdisk ctl: the control socket comes first: repdisk ctl {pri} " \
         "start mode=primary\n"
+    bad = cli_pair.repdisk("ctl", pri, "stop", "failover=false", "failover=true", ok=False)
+    assert (bad.returncode, bad.stdout, bad.stderr) == (   # a key twice: which one was meant?
+        1, "", "repdisk ctl: failover= is given twice: give it once\n")
+    q = json.loads(cli_pair.repdisk("ctl", pri, "query-replication", "--json").stdout)
+    assert q["disks"][0]["stage"] == "running"              # nothing was sent
 
 
 def test_ctl_error_prints_the_error_as_its_answer(cli_pair: Pair) -> None:

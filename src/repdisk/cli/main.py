@@ -151,6 +151,8 @@ def _ctl(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"repdisk ctl: argument {item!r} is not KEY=VALUE")
+        if key in command_args:
+            raise SystemExit(f"repdisk ctl: {key}= is given twice: give it once")
         command_args[key] = parse_value(value)
     _resolve_control_paths(args, command_args)
     if args.command == "failover":
