@@ -580,6 +580,20 @@ def test_a_resource_files_path_or_all_among_names_is_refused_saying_what_to_give
     assert processes_of(folder) == {}
 
 
+@pytest.mark.timeout(180)
+def test_down_stops_a_controller_whose_pid_file_was_lost(folder: Path) -> None:
+    """The controller's pid file removed while it runs (by hand, by a cleanup): down still
+    stops the controller serving the resource's socket, rather than removing the socket
+    under it (the next up would start a second controller on the pair)."""
+    resource_file(folder, "alpha")
+    repdisk(folder, "up", "alpha")
+    wait_state(folder, "alpha", "running")
+    (folder / "alpha-pri.ctrl.qmp.pid").unlink()
+    assert repdisk(folder, "down", "alpha").stdout == (
+        "alpha: stopped controller, primary, secondary\n")
+    assert processes_of(folder) == {}
+
+
 def test_a_controller_section_takes_every_option_of_repdisk_controller() -> None:
     """The README says a [controller] section takes any option of `repdisk controller`:
     every one but those `repdisk up` gives itself."""

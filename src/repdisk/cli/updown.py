@@ -251,8 +251,7 @@ def _stop_node(node: Node) -> bool:
     ran = nodeproc.stop_pidfile(node.pidfile)
     for path in (node.control, node.nbd_socket):
         if path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            _unlink_if_gone(path)
     return ran
 
 
@@ -294,12 +293,32 @@ def joined_nodes(res: Resource, host: str) -> list[tuple[str, str]]:
 def _stop(res: Resource, host: str, which: list[str]) -> list[str]:
     stopped = []
     if "controller" in which and res.controller.host == host:
-        if _stop_controller(res.controller.pidfile):
+        if _stop_controller(res.controller.pidfile) or _stop_served(res.controller.control):
             stopped.append("controller")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(res.controller.control)
+        _unlink_if_gone(res.controller.control)
     return stopped + [node.role for node in reversed(res.local_nodes(host))
                       if node.role in which and _stop_node(node)]
+
+
+def _stop_served(control: str) -> bool:
+    """Stop a controller that serves ``control`` though its pid file does not name it (the
+    file was lost); whether one did.  Without this its socket would be removed under it,
+    and the next ``up`` would start a second controller on the pair."""
+    try:
+        found = nodeproc.serving(control)
+    except RepdiskError:
+        return False
+    if found is None or found.what != "controller":
+        return False
+    found.stop()
+    return True
+
+
+def _unlink_if_gone(path: str) -> None:
+    """Remove the socket file at ``path`` if nothing listens on it any more."""
+    if gone(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _listen(node: Node) -> nodeproc.Listen:
