@@ -680,6 +680,7 @@ def test_a_node_that_joined_by_a_promotion_is_stopped_and_the_swapped_file_wins(
         f"alpha: stopped controller, primary, {third} (its secondary since a promotion)\n")
     assert "writes are kept local" not in (folder / "alpha-sec.qmp.log").read_text()
     assert processes_of(folder) == {}
+    assert not (folder / "alpha-c.sock").exists() and not third.exists()
 
     assert repdisk(folder, "up", "alpha").stdout == "alpha: secondary, primary, controller\n"
     wait_state(folder, "alpha", "running")

@@ -264,8 +264,22 @@ def _stop_joined(res: Resource, control: str) -> bool:
         return False
     if found is None:
         return False
+    nbd_socket = _unix_listener(found.pid)
     found.stop()
+    if nbd_socket is not None:              # as _stop_node removes a file node's
+        _unlink_if_gone(nbd_socket)
     return True
+
+
+def _unix_listener(pid: int) -> str | None:
+    """The Unix socket nbdkit's ``-U`` gave the node ``pid`` (from its cwd), if any."""
+    try:
+        proc = psutil.Process(pid)
+        cmdline, cwd = proc.cmdline(), proc.cwd()
+    except psutil.Error:
+        return None
+    at = cmdline.index("-U") if "-U" in cmdline else -1
+    return os.path.join(cwd, cmdline[at + 1]) if 0 <= at < len(cmdline) - 1 else None
 
 
 def joined_nodes(res: Resource, host: str) -> list[tuple[str, str]]:
