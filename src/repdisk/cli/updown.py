@@ -91,10 +91,10 @@ def _up(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def one_at_a_time(res: Resource) -> Iterator[None]:
-    """Hold ``res``'s file locked (``flock``, released when the process ends) while this
-    process starts or stops its parts: a second ``up`` or ``down`` of the resource waits,
-    then sees what the first one did (else both start the same node, and the one whose
-    start fails stops the node of the other)."""
+    """Hold ``res``'s file locked (``flock``, until the file closes or the process ends)
+    while this process starts or stops its parts: a second ``up`` or ``down`` of the
+    resource waits, then sees what the first one did (else both start the same node, and
+    the one whose start fails stops the node of the other)."""
     with open(res.path, "rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
