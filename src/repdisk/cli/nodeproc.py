@@ -350,18 +350,27 @@ def serving(control: str) -> Serving | None:
         return None                                     # it exited meanwhile
     if _is_node(pid):
         return Serving(control, pid, "node")
-    if "controller" in cmdline and any("repdisk" in part for part in cmdline):
+    if process_kind(cmdline) == "controller":
         return Serving(control, pid, "controller")
     raise RepdiskError(f"{control} is served by pid {pid} ({' '.join(cmdline[:3])}), not a "
                        "repdisk node or controller: nothing stopped")
+
+
+def process_kind(cmdline: list[str]) -> str | None:
+    """What a process is by its command line: ``node`` (nbdkit, or about to exec it),
+    ``controller`` (``repdisk controller``), or None (another program)."""
+    if any("nbdkit" in part for part in cmdline[:5]):
+        return "node"
+    if "controller" in cmdline and any("repdisk" in part for part in cmdline):
+        return "controller"
+    return None
 
 
 def _is_node(pid: int) -> bool:
     """Whether ``pid`` is (or is about to exec) an nbdkit process."""
     try:
         proc = psutil.Process(pid)
-        return (proc.status() != psutil.STATUS_ZOMBIE
-                and any("nbdkit" in part for part in proc.cmdline()[:5]))
+        return proc.status() != psutil.STATUS_ZOMBIE and process_kind(proc.cmdline()) == "node"
     except psutil.Error:
         return False
 

@@ -402,11 +402,12 @@ def _node_runs(res: Resource, node: Node) -> bool:
         cmdline, cwd = proc.cmdline(), proc.cwd()
     except psutil.Error:
         return False
-    if "controller" in cmdline and any("repdisk" in part for part in cmdline):
+    kind = nodeproc.process_kind(cmdline)
+    if kind == "controller":
         raise RepdiskError(f"{res.name}: [{node.role}] control {node.control} is the socket "
                            f"of a controller (pid {pid}), not of a node: give [{node.role}] "
                            "a control socket of its own; nothing was started or stopped")
-    if not any("nbdkit" in part for part in cmdline[:5]):
+    if kind != "node":
         return False
     mine = {os.path.realpath(parse_disk(v, 0).path) for k, v in node.keys if k == "disk"}
     theirs = {os.path.realpath(os.path.join(cwd, parse_disk(arg[5:], 0).path))
@@ -429,7 +430,7 @@ def _stop_controller(pidfile: str) -> bool:
         cmdline = psutil.Process(pid).cmdline()
     except psutil.Error:
         cmdline = []
-    stopped = "controller" in cmdline and nodeproc.stop_pid(pid)
+    stopped = nodeproc.process_kind(cmdline) == "controller" and nodeproc.stop_pid(pid)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pidfile)
     return stopped
