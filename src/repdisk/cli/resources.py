@@ -98,6 +98,11 @@ class Node:
         return self.control + ".log"
 
     @property
+    def disk_paths(self) -> list[str]:
+        """The paths of its ``disk`` keys (``[NAME:]PATH``), read as the node reads them."""
+        return [cfgmod.parse_disk(v, 0).path for k, v in self.keys if k == "disk"]
+
+    @property
     def control_address(self) -> str:
         """How the controller reaches this node: its control-tcp port if it has one, else
         its control socket (same host)."""
@@ -418,11 +423,9 @@ def _check_together(resources: dict[str, Resource]) -> None:
             else:
                 assert node.nbd_address is not None
                 claim(res, node.host, f"port:{node.nbd_address[1]}", role, "nbd-address")
+            for path in node.disk_paths:
+                claim(res, node.host, f"disk:{os.path.realpath(path)}", role, "disk")
             for key, value in node.keys:
-                if key == "disk":
-                    path = value.split(":", 1)[1] if re.match(r"^[A-Za-z0-9_-]+:", value) \
-                        else value
-                    claim(res, node.host, f"disk:{os.path.realpath(path)}", role, "disk")
                 if key == "control-tcp":
                     claim(res, node.host, f"port:{value.rsplit(':', 1)[-1]}", role, key)
         claim(res, res.controller.host,

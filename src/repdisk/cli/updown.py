@@ -155,10 +155,7 @@ def _check_free(res: Resource, node: Node) -> None:
     """Refuse to start a node on a disk that another process serves (another resource's
     node, a QEMU), naming it, before its state file is judged: that state is the other
     node's.  The locks are QEMU's (imagelock), taken and dropped at once."""
-    for key, value in node.keys:
-        path = parse_disk(value, 0).path if key == "disk" else None
-        if path is None:
-            continue
+    for path in node.disk_paths:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -409,7 +406,7 @@ def _node_runs(res: Resource, node: Node) -> bool:
                            "a control socket of its own; nothing was started or stopped")
     if kind != "node":
         return False
-    mine = {os.path.realpath(parse_disk(v, 0).path) for k, v in node.keys if k == "disk"}
+    mine = {os.path.realpath(path) for path in node.disk_paths}
     theirs = {os.path.realpath(os.path.join(cwd, parse_disk(arg[5:], 0).path))
               for arg in cmdline if arg.startswith("disk=")}
     if theirs != mine:
