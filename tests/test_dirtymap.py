@@ -100,6 +100,42 @@ def test_clear_all() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_feed_is_taken_in_before_every_read_and_clear() -> None:
+    """Marks made elsewhere (the C fast path's log) are in the map for every reader: each
+    read or clear first marks what the feed has, and a feed is taken once."""
+    pending: list[tuple[int, int]] = []
+    calls = 0
+
+    def feed() -> list[tuple[int, int]]:
+        nonlocal calls
+        calls += 1
+        taken = pending[:]
+        pending.clear()
+        return taken
+
+    d = DirtyMap(1 << 20, 4096)
+    d.feed_from(feed)
+    reads = [
+        ("bool", lambda: bool(d), True),
+        ("dirty_bytes", lambda: d.dirty_bytes, 4096),
+        ("is_dirty", lambda: d.is_dirty(8192, 1), True),
+        ("runs", d.runs, [(8192, 4096)]),
+        ("take_last", lambda: d.take_last(4096, 4, 1 << 20), [(8192, 4096)]),
+    ]
+    for name, read, want in reads:
+        pending.append((8192 + 100, 10))  # inside one granule: marks it whole
+        assert read() == want, name
+        assert not pending, name
+        d.clear_all()
+    pending.append((0, 3 * 4096))
+    d.clear(4096, 4096)                 # taken in first, then cleared: the rest stays
+    assert d.runs() == [(0, 4096), (8192, 4096)]
+    pending.append((0, 4096))
+    d.clear_all()
+    assert (d.runs(), pending) == ([], [])
+    assert calls == 5 * 2 + 4
+
+
 def test_cost_is_per_run_not_per_byte() -> None:
     """A fully dirty 1 PiB disk at 4 KiB granules is one run, not 2**38 entries."""
     dm = DirtyMap(1024 * TiB, 4096)

@@ -8,6 +8,11 @@ ends), so every operation costs O(log runs + runs touched) and memory is O(runs)
 O(disk size): a fully dirty 1 TiB disk is one run.  Granule ``g`` covers bytes
 ``[g * granularity, (g + 1) * granularity)``, the last one clamped to the disk's size.
 
+Marks made outside Python (the async primary's C fast path, fastpath.py) reach the map
+through a feed (:meth:`DirtyMap.feed_from`): every read or clear of the map first takes in
+what the feed has, under the map's lock, so no reader sees the map without a mark made
+before its call.
+
 Persistence (:meth:`DirtyMap.save` / :meth:`DirtyMap.load`) is a small JSON file of byte
 runs, replaced atomically (:func:`~repdisk.durable.replace_file`): a primary saves its
 maps at a clean stop and reads them back at its next start (node.py).
@@ -20,6 +25,7 @@ import logging
 import os
 import threading
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from typing import Any
 
 from repdisk.durable import replace_file
@@ -48,6 +54,7 @@ class DirtyMap:
         self._starts: list[int] = []  # granule runs [start, end), sorted, disjoint, not adjacent
         self._ends: list[int] = []
         self._count = 0               # dirty granules
+        self._feed: Callable[[], list[tuple[int, int]]] | None = None
 
     def __repr__(self) -> str:
         return (f"DirtyMap(size={self.size}, granularity={self.granularity}, "
@@ -70,6 +77,19 @@ class DirtyMap:
         end = self._ngranules if stop == self.size else stop // g
         return (offset + g - 1) // g, end
 
+    def feed_from(self, feed: Callable[[], list[tuple[int, int]]]) -> None:
+        """Take in ``feed()``'s ``(offset, length)`` ranges (inside the disk, each marked
+        once) before every read or clear of the map; ``feed`` is called with the map's
+        lock held, so it must not use the map."""
+        self._feed = feed
+
+    def _take_feed(self) -> None:
+        """Mark what the feed has (``_lock`` held)."""
+        if self._feed is not None:
+            for offset, length in self._feed():
+                first, end = self._touching(offset, length)
+                self._count += self._add(first, end)
+
     # --- updates ---
 
     def mark(self, offset: int, length: int) -> None:
@@ -90,6 +110,7 @@ class DirtyMap:
         first, end = self._inside(offset, length)
         if first < end:
             with self._lock:
+                self._take_feed()
                 self._count -= self._remove(first, end)
 
     def take_last(self, limit: int, count: int, budget: int) -> list[tuple[int, int]]:
@@ -106,6 +127,7 @@ class DirtyMap:
         pieces: list[tuple[int, int]] = []
         taken = 0
         with self._lock:
+            self._take_feed()
             starts, ends = self._starts, self._ends
             while starts and len(pieces) < count and taken < budget:
                 start, end = starts[-1], ends[-1]
@@ -124,6 +146,7 @@ class DirtyMap:
 
     def clear_all(self) -> None:
         with self._lock:
+            self._take_feed()
             self._starts.clear()
             self._ends.clear()
             self._count = 0
@@ -175,6 +198,7 @@ class DirtyMap:
             return False
         first, end = self._touching(offset, length)
         with self._lock:
+            self._take_feed()
             i = bisect_right(self._ends, first)   # first run ending after `first`
             return i < len(self._starts) and self._starts[i] < end
 
@@ -182,18 +206,22 @@ class DirtyMap:
     def dirty_bytes(self) -> int:
         """Dirty bytes (whole granules, the last one clamped to the disk's size); O(1)."""
         with self._lock:
+            self._take_feed()
             total = self._count * self.granularity
             if self._ends and self._ends[-1] == self._ngranules:
                 total -= self._ngranules * self.granularity - self.size
             return total
 
     def __bool__(self) -> bool:
-        return bool(self._starts)
+        with self._lock:
+            self._take_feed()
+            return bool(self._starts)
 
     def runs(self) -> list[tuple[int, int]]:
         """Dirty ``(offset, length)`` byte runs, sorted, coalesced, clamped to the size."""
         g = self.granularity
         with self._lock:
+            self._take_feed()
             return [(s * g, min(e * g, self.size) - s * g)
                     for s, e in zip(self._starts, self._ends, strict=True)]
 
