@@ -1,28 +1,34 @@
-/* repdisk-fast: an nbdkit filter that serves a sync primary's steady-state writes in C.
+/* repdisk-fast: an nbdkit filter that serves a primary's steady-state writes in C.
  *
  *   nbdkit --filter=.../repdisk-fast.so python nbdplugin/repdisk.py role=primary ...
  *
  * The plugin (Python) decides everything; this filter only carries out one route of its
- * write path's gate (src/repdisk/replication/writepath.py, FORWARD) without the GIL and
- * without a thread hand-off: a guest write is written locally and then to the secondary
- * on the calling nbdkit worker's own libnbd connection, in the primary's writer session,
- * before it is acknowledged.  src/repdisk/replication/fastpath.py is its Python side.
+ * write path's gate (src/repdisk/replication/writepath.py) without the GIL and without a
+ * thread hand-off:
+ *   - a sync primary's FORWARD: a guest write is written locally and then to the
+ *     secondary on the calling nbdkit worker's own libnbd connection, in the primary's
+ *     writer session, before it is acknowledged;
+ *   - an async primary's WRITE_BACK: a guest write is written locally, its range is put
+ *     in the slot's mark log, and the forwarder is woken through the slot's eventfd; the
+ *     plugin moves the marks into its dirty map before it reads the map (writeback.py).
+ * src/repdisk/replication/fastpath.py is its Python side.
  *
  * Slots.  A slot is one primary disk's write path.  The plugin tells it where to write
- * (the local disk's fd, the secondary's export URI with the forwarder's session tag) and
- * arms it only while the gate says FORWARD and nothing needs the plugin's own range locks
- * (no hold, no copy, no verify); otherwise it is disarmed, its connections kept while the
- * URI stays (a checkpoint's hold) and closed when it changes or goes (a new session, a
- * stopped link).  A mode change (OFF <-> ARMED) takes effect only when no write of the
- * slot is under way, whichever path it took: arrivals wait meanwhile.  So a write never
- * runs beside one of the other path.
+ * (the local disk's fd, and for sync the secondary's export URI with the forwarder's
+ * session tag) and arms it only while the gate gives the slot's route and nothing needs
+ * the plugin's own range locks (no hold, no copy, no verify); otherwise it is disarmed,
+ * its connections kept while the URI stays (a checkpoint's hold) and closed when it
+ * changes or goes (a new session, a stopped link).  A mode change (OFF <-> ARMED) takes
+ * effect only when no write of the slot is under way, whichever path it took: arrivals
+ * wait meanwhile.  So a write never runs beside one of the other path, except those an
+ * armed slot hands to the plugin itself.
  *
  * Cells.  A connection is bound at open to its export's cell (the plugin's Export); a
  * cell names the slot of the device behind the export now (-1: none), so a promotion that
  * switches the export's target reaches connections already open.
  *
- * An armed slot's writes, under the filter's range lock (overlapping writes reach both
- * disks in the same order):
+ * An armed sync slot's writes, under the filter's range lock (overlapping writes reach
+ * both disks in the same order):
  *   - pwrite: the guard (below) is checked; local pwrite (+ fdatasync for FUA); the same
  *     request to the secondary, waited for up to the timeout; the guard again; reply.
  *   - zero, trim, and any write whose guard check fails: handed to the plugin, which
@@ -30,14 +36,21 @@
  *   - a secondary that fails, refuses or does not answer in time: the plugin's failure
  *     callback marks the range dirty and degrades the link (which disarms the slot), and
  *     the write is handed to the plugin, which writes it again and judges the guard.
+ * An armed write-back slot's writes take no range lock (the plugin's write-back takes
+ * none: a mark made after the write, a piece cleared before it is read):
+ *   - pwrite: the guard is checked; local pwrite (+ fdatasync for FUA); the mark; reply.
+ *   - zero, trim, a failed guard check, a full mark log, or a write that would take the
+ *     unsent bytes past the plugin's max-lag (repdisk_fast_lag): handed to the plugin,
+ *     which waits for the lag its way.
  * Reads, flushes and everything else go straight to the plugin.
  *
  * The guard: the plugin publishes whether guest writes may be acknowledged without it
  * (not suspended, judging, fenced or refused) and until when (its isolation guard's last
  * contact plus its timeout, CLOCK_MONOTONIC ns).  Past either, writes go to the plugin.
  *
- * Locks: a slot's `lock` guards everything in it but the counters (atomics) and
- * `ranges` (`ranges_lock`); `cells_lock` guards the tables' growth.
+ * Locks: a slot's `lock` guards everything in it but the counters and `signalled`
+ * (atomics), `ranges` (`ranges_lock`) and the mark log and lag (`marks_lock`);
+ * `cells_lock` guards the tables' growth.
  */
 
 #define _GNU_SOURCE
@@ -50,6 +63,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,6 +74,7 @@
 
 #define MAX_SLOTS 256
 #define MAX_CELLS 1024
+#define MAX_MARKS 16384             /* a write-back slot's mark log: 256 KiB */
 
 enum mode { OFF, ARMED };
 
@@ -94,6 +109,16 @@ struct slot {
   pthread_cond_t ranges_freed;
   struct range *ranges;
   uint64_t writes, bytes;           /* atomics: writes and bytes acknowledged here */
+  /* A write-back slot (wake_fd >= 0): the forwarder's eventfd and whether it was written
+   * since the plugin last rearmed it (an atomic); under marks_lock, the marks the plugin
+   * has not taken and their bytes, the bytes not yet sent (the plugin's count of its
+   * dirty map when it last told, plus every mark since) and the most it allows. */
+  int wake_fd;
+  int signalled;
+  pthread_mutex_t marks_lock;
+  uint64_t (*marks)[2];
+  unsigned nmarks;
+  uint64_t marked, unsent, max_lag;
 };
 
 static struct slot slots[MAX_SLOTS];
@@ -124,22 +149,71 @@ guard_ok (void)
 
 /* ---- the plugin's side (called through ctypes; every call is short) ---------------- */
 
+/* A new slot, disarmed: a sync one (failed: its failure callback), or with wake_fd >= 0
+ * a write-back one that wakes the forwarder through that eventfd.  -1: the table is full,
+ * or no memory for a mark log. */
 int
-repdisk_fast_slot (failure_fn failed)
+repdisk_fast_slot (failure_fn failed, int wake_fd)
 {
+  uint64_t (*marks)[2] = NULL;
+  if (wake_fd >= 0 && !(marks = calloc (MAX_MARKS, sizeof *marks)))
+    return -1;
   pthread_mutex_lock (&cells_lock);
   int s = nslots < MAX_SLOTS ? nslots++ : -1;
   pthread_mutex_unlock (&cells_lock);
-  if (s >= 0) {
-    struct slot *sl = &slots[s];
-    pthread_mutex_init (&sl->lock, NULL);
-    pthread_cond_init (&sl->quiet, NULL);
-    pthread_mutex_init (&sl->ranges_lock, NULL);
-    pthread_cond_init (&sl->ranges_freed, NULL);
-    sl->fd = -1;
-    sl->failed = failed;
+  if (s < 0) {
+    free (marks);
+    return -1;
   }
+  struct slot *sl = &slots[s];
+  pthread_mutex_init (&sl->lock, NULL);
+  pthread_cond_init (&sl->quiet, NULL);
+  pthread_mutex_init (&sl->ranges_lock, NULL);
+  pthread_cond_init (&sl->ranges_freed, NULL);
+  pthread_mutex_init (&sl->marks_lock, NULL);
+  sl->fd = -1;
+  sl->failed = failed;
+  sl->wake_fd = wake_fd;
+  sl->marks = marks;
+  sl->max_lag = UINT64_MAX;
   return s;
+}
+
+/* Move up to `most` marks (offset, length) into out; how many.  The plugin calls it before
+ * it reads its dirty map, under the map's lock. */
+int
+repdisk_fast_take_marks (int slot, uint64_t (*out)[2], int most)
+{
+  struct slot *sl = &slots[slot];
+  pthread_mutex_lock (&sl->marks_lock);
+  unsigned n = sl->nmarks < (unsigned) most ? sl->nmarks : (unsigned) most;
+  sl->nmarks -= n;
+  memcpy (out, sl->marks + sl->nmarks, n * sizeof *out);
+  for (unsigned i = 0; i < n; i++)
+    sl->marked -= out[i][1];
+  pthread_mutex_unlock (&sl->marks_lock);
+  return (int) n;
+}
+
+/* The forwarder is about to look at the dirty map: a mark made from now on wakes it. */
+void
+repdisk_fast_rearm (int slot)
+{
+  __atomic_store_n (&slots[slot].signalled, 0, __ATOMIC_SEQ_CST);
+}
+
+/* The plugin's dirty map holds `dirty` unsent bytes now, and writes wait (the plugin's
+ * way) beyond `max_lag` unsent: a write that would take the unsent bytes past it is
+ * handed to the plugin.  (A feed between the plugin's count and this call makes the sum
+ * short until the next call: the bound is the plugin's, this only keeps C writes near.) */
+void
+repdisk_fast_lag (int slot, uint64_t dirty, uint64_t max_lag)
+{
+  struct slot *sl = &slots[slot];
+  pthread_mutex_lock (&sl->marks_lock);
+  sl->unsent = dirty + sl->marked;
+  sl->max_lag = max_lag;
+  pthread_mutex_unlock (&sl->marks_lock);
 }
 
 int
@@ -192,8 +266,8 @@ apply_want (struct slot *sl)        /* lock held, inflight == 0 */
   }
 }
 
-/* Where the slot writes (the local disk's fd, the secondary's export URI with its session
- * tag: NULL for none) and whether it is armed.  Connections made for another fd or URI
+/* Where the slot writes (the local disk's fd; a sync slot's secondary export URI with its
+ * session tag: NULL for none, which disarms it) and whether it is armed.  Connections made for another fd or URI
  * close (those under way when they are given back).  An arming takes effect at once if
  * no write is under way, else when the last one leaves (repdisk_fast_wait waits for it).
  * 0, or -1 (ENOMEM: nothing changed). */
@@ -215,7 +289,7 @@ repdisk_fast_set (int slot, int fd, const char *uri, double timeout, int armed)
   }
   free (copy);
   sl->timeout_ns = (int64_t) (timeout * 1e9);
-  sl->want = armed && uri ? ARMED : OFF;
+  sl->want = armed && (uri || sl->wake_fd >= 0) ? ARMED : OFF;
   if (sl->inflight == 0)
     apply_want (sl);
   pthread_mutex_unlock (&sl->lock);
@@ -500,6 +574,53 @@ fast_pwrite (struct slot *sl, int fd, const void *buf, uint32_t count, uint64_t 
   return guard_ok () ? 0 : 1;
 }
 
+/* Whether a write of count bytes may be marked in C: the log has room and the unsent
+ * bytes stay within the plugin's max-lag. */
+static bool
+may_mark (struct slot *sl, uint32_t count)
+{
+  pthread_mutex_lock (&sl->marks_lock);
+  bool ok = sl->nmarks < MAX_MARKS && sl->unsent + count <= sl->max_lag;
+  pthread_mutex_unlock (&sl->marks_lock);
+  return ok;
+}
+
+/* Put [offset, offset+count) in the mark log and wake the forwarder if it was not woken
+ * since it last looked; false if the log is full. */
+static bool
+mark (struct slot *sl, uint64_t offset, uint32_t count)
+{
+  pthread_mutex_lock (&sl->marks_lock);
+  bool room = sl->nmarks < MAX_MARKS;
+  if (room) {
+    sl->marks[sl->nmarks][0] = offset;
+    sl->marks[sl->nmarks][1] = count;
+    sl->nmarks++;
+    sl->marked += count;
+    sl->unsent += count;
+  }
+  pthread_mutex_unlock (&sl->marks_lock);
+  if (room && !__atomic_exchange_n (&sl->signalled, 1, __ATOMIC_SEQ_CST))
+    eventfd_write (sl->wake_fd, 1);
+  return room;
+}
+
+/* An armed write-back slot's pwrite; -1 with *err, 0 done, 1 hand it to the plugin (it
+ * writes and marks again: the same bytes, so harmless). */
+static int
+write_back (struct slot *sl, int fd, const void *buf, uint32_t count, uint64_t offset,
+            bool fua, int *err)
+{
+  if (!guard_ok () || !may_mark (sl, count))
+    return 1;
+  if (write_local (fd, buf, count, offset, fua) == -1) {
+    *err = errno;
+    nbdkit_error ("repdisk-fast: local write at %" PRIu64 ": %m", offset);
+    return -1;
+  }
+  return mark (sl, offset, count) ? 0 : 1;
+}
+
 static void *
 fast_open (nbdkit_next_open *next, nbdkit_context *nxdata, int readonly,
            const char *exportname, int is_tls __attribute__ ((unused)))
@@ -543,9 +664,19 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
     leave (sl);
     return r;
   }
+  int r;
+  if (sl->wake_fd >= 0) {
+    r = write_back (sl, fd, buf, count, offset, flags & NBDKIT_FLAG_FUA, err);
+    if (r == 1)
+      r = next->pwrite (next, buf, count, offset, flags, err);
+    else if (r == 0)
+      count_write (sl, count);
+    leave (sl);
+    return r;
+  }
   struct range me;
   range_lock (sl, &me, offset, offset + count);
-  int r = fast_pwrite (sl, fd, buf, count, offset, flags & NBDKIT_FLAG_FUA, err);
+  r = fast_pwrite (sl, fd, buf, count, offset, flags & NBDKIT_FLAG_FUA, err);
   if (r == 1)
     r = next->pwrite (next, buf, count, offset, flags, err);
   else if (r == 0)
@@ -555,13 +686,13 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
   return r;
 }
 
-/* zero and trim: the plugin's, under the range lock while armed. */
+/* zero and trim: the plugin's, under the range lock while a sync slot is armed. */
 #define HANDED(call)                                                    \
   struct slot *sl = slot_of (handle);                                   \
   if (!sl)                                                              \
     return call;                                                        \
   int fd_;                                                              \
-  bool armed = enter (sl, &fd_);                                        \
+  bool armed = enter (sl, &fd_) && sl->wake_fd < 0;                     \
   struct range me;                                                      \
   if (armed)                                                            \
     range_lock (sl, &me, offset, offset + count);                       \
@@ -587,7 +718,7 @@ fast_trim (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
 
 static struct nbdkit_filter filter = {
   .name = "repdisk-fast",
-  .longname = "repdisk's sync-primary fast path",
+  .longname = "repdisk's primary fast path",
   .open = fast_open,
   .close = fast_close,
   .pwrite = fast_write,

@@ -1,10 +1,12 @@
-"""The sync primary's fast path (nbdplugin/repdisk-fast.c, repdisk.replication.fastpath).
+"""The primary's fast path (nbdplugin/repdisk-fast.c, repdisk.replication.fastpath).
 
 Real nodes started as ``repdisk`` starts them (with the filter that ``make setup`` builds).
-What is checked: the states in which the filter serves writes itself (armed) and those in
-which every write goes through the plugin, exact bytes on both disks under concurrent and
-overlapping writes, and that a secondary that dies, hangs or fences the primary while fast
-writes are under way loses no acknowledged write and lets no fenced write through.
+What is checked, for sync and async primaries: the states in which the filter serves
+writes itself (armed) and those in which every write goes through the plugin, exact bytes
+on both disks under concurrent and overlapping writes, and that a secondary that dies,
+hangs or fences the primary while fast writes are under way loses no acknowledged write
+and lets no fenced write through; for async, that the filter keeps to max-lag and hands
+writes to the plugin when its mark log is full.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from tests.helpers.commands import sigstop
 from tests.helpers.nodes import (
     SIZE,
+    MiB,
     NodeProc,
     Nodes,
     checkpoint,
@@ -54,10 +57,13 @@ def aio_write_all(h: nbd.NBD, writes: list[tuple[bytes, int]], depth: int = 32) 
     h.flush()
 
 
-def test_concurrent_overlapping_writes_reach_both_disks_identically(nodes: Nodes) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_concurrent_overlapping_writes_reach_both_disks_identically(nodes: Nodes,
+                                                                    mode: str) -> None:
     """32 writes in flight from one client, and a second client writing the same blocks:
-    overlapping writes may land in any order, but in the same order on both disks."""
-    pri, sec = start_pair(nodes)
+    overlapping writes may land in any order, but in the same order on both disks (async:
+    once a checkpoint has sent what is unsent)."""
+    pri, sec = start_pair(nodes, write_mode=mode)
     data = random_bytes(7, 64 * BLOCK)
     writes = [(data[(i % 64) * BLOCK:(i % 64 + 1) * BLOCK], (i * 7 % 48) * BLOCK)
               for i in range(600)]
@@ -73,18 +79,25 @@ def test_concurrent_overlapping_writes_reach_both_disks_identically(nodes: Nodes
         b.shutdown()
     state = fast(pri)
     assert (state["armed"], state["writes"]) == (1, 900)
+    if mode == "async":
+        checkpoint(pri, sec)
     assert disk(pri)["counters"]["writes"] == 900
-    assert disk(pri)["dirty_bytes"] == 0
+    assert (disk(pri)["dirty_bytes"], disk(pri)["lag_bytes"]) == (0, 0)
     assert read_export(pri) == read_export(sec, "replica")
 
 
-def test_which_states_arm_the_fast_path(nodes: Nodes) -> None:
-    """Armed only while a write's route is FORWARD and nothing else needs every write to
-    come through the plugin: not before start, not during a checkpoint hold, not while
-    degraded or stopped; a write the plugin served is counted, not the filter's."""
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_which_states_arm_the_fast_path(nodes: Nodes, mode: str) -> None:
+    """Armed only while a write's route is the mode's (sync FORWARD, async WRITE_BACK) and
+    nothing else needs every write to come through the plugin: not before start, not
+    during a checkpoint hold, not while degraded or stopped; a write the plugin served is
+    counted, not the filter's.  A hung secondary degrades a sync pair at the write, an
+    async one only when the forwarder's deadline passes (the write is local).  After the
+    resync, a checkpoint leaves both disks equal."""
     sec = nodes.secondary(make_disk(f"{nodes.folder}/sec.img", SIZE))
     sec.ctl("replication-start", mode="secondary")
-    pri = nodes.primary(make_disk(f"{nodes.folder}/pri.img", SIZE), sec, timeout="2s")
+    pri = nodes.primary(make_disk(f"{nodes.folder}/pri.img", SIZE), sec, timeout="2s",
+                        write_mode=mode)
     h = pri.client()
     table = []
 
@@ -98,7 +111,7 @@ def test_which_states_arm_the_fast_path(nodes: Nodes) -> None:
         step("not started")
         pri.ctl("replication-start", mode="primary")
         step("running")
-        pri.ctl("replication-do-checkpoint")           # a hold: writes wait for its end
+        pri.ctl("replication-do-checkpoint")   # a hold: sync writes wait for its end
         before = fast(pri)["writes"]
         h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"\x99" * BLOCK)), 100 * BLOCK)
         table.append(("holding", fast(pri)["armed"], 0))
@@ -106,16 +119,21 @@ def test_which_states_arm_the_fast_path(nodes: Nodes) -> None:
         pri.ctl("replication-resume")
         while h.aio_in_flight():
             h.poll(-1)
-        assert fast(pri)["writes"] == before          # the plugin sent it after the hold
+        assert fast(pri)["writes"] == before   # the plugin served it
         step("resumed")
         pri.ctl("replication-verify")
         step("after a verify")
         sigstop(sec.proc)
-        step("secondary hung")                          # the filter tried: then degraded
+        step("secondary hung")
+        deadline = time.monotonic() + 10
+        while not disk(pri)["degraded"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         sec.proc.send_signal(signal.SIGCONT)
         step("degraded")
         pri.ctl("replication-resync")
         step("resynced")
+        checkpoint(pri, sec)
+        assert read_export(pri) == read_export(sec, "replica")
         pri.ctl("replication-stop", failover=True)
         step("stopped")
     finally:
@@ -126,7 +144,7 @@ def test_which_states_arm_the_fast_path(nodes: Nodes) -> None:
         ("holding", 0, 0),
         ("resumed", 1, 1),
         ("after a verify", 1, 1),
-        ("secondary hung", 0, 0),
+        ("secondary hung", 0, 0) if mode == "sync" else ("secondary hung", 1, 1),
         ("degraded", 0, 0),
         ("resynced", 1, 1),
         ("stopped", 0, 0),
@@ -218,9 +236,56 @@ def test_an_open_fast_connection_is_refused_after_a_failover_and_the_primary_fen
     assert q["disks"][0]["fast_path"]["armed"] == 0  # type: ignore[index]
 
 
-def test_an_async_primary_has_no_fast_path(nodes: Nodes) -> None:
-    pri, _sec = start_pair(nodes, write_mode="async")
-    assert fast(pri) is None
+def test_async_fast_writes_keep_to_max_lag(nodes: Nodes) -> None:
+    """The secondary hangs (timeout long enough not to degrade): once the forwarder has
+    its fill in flight (at most 16 MiB and a batch), unsent bytes grow to max-lag and no
+    further; writers wait, and all go on once the secondary does.  Without the filter's
+    own check its writes would not wait: they never ask the plugin."""
+    size = 64 * MiB
+    pri, sec = start_pair(nodes, size=size, write_mode="async", timeout="60s",
+                          max_lag="1M")
+    sigstop(sec.proc)
+    data = random_bytes(11, 8192 * BLOCK)
+    writes = [(data[i * BLOCK:(i + 1) * BLOCK], i * BLOCK) for i in range(8192)]
+    h = pri.client()
+    writer = threading.Thread(target=aio_write_all, args=(h, writes, 16))
+    try:
+        writer.start()
+        most = 0
+        for _ in range(40):
+            time.sleep(0.05)
+            most = max(most, disk(pri)["lag_bytes"])
+        still = writer.is_alive()
+    finally:
+        sec.proc.send_signal(signal.SIGCONT)
+        writer.join()
+        h.shutdown()
+    assert still, "every write was acknowledged: nothing waited for the lag"
+    assert most <= 16 * MiB + 256 * 1024 + MiB + 32 * BLOCK, most
+    checkpoint(pri, sec)
+    assert read_export(pri) == read_export(sec, "replica")
+    assert read_export(pri)[:8192 * BLOCK] == data
+
+
+def test_a_full_mark_log_hands_async_writes_to_the_plugin(nodes: Nodes) -> None:
+    """The secondary hangs, so the forwarder stops taking marks once its fill is in
+    flight: the filter's log (16384 marks) fills and later writes go to the plugin, which
+    marks the map itself.  Every write is counted once and reaches the secondary."""
+    pri, sec = start_pair(nodes, write_mode="async", timeout="60s")
+    sigstop(sec.proc)
+    n = 24000
+    writes = [(bytes([i % 251 + 1]) * BLOCK, (i * 7 % 4096) * BLOCK) for i in range(n)]
+    h = pri.client()
+    try:
+        aio_write_all(h, writes, 16)
+    finally:
+        sec.proc.send_signal(signal.SIGCONT)
+        h.shutdown()
+    state, counters = fast(pri), disk(pri)["counters"]
+    assert counters["writes"] == n
+    assert 16384 <= state["writes"] < n, state
+    checkpoint(pri, sec)
+    assert read_export(pri) == read_export(sec, "replica")
 
 
 def test_writes_in_flight_when_the_link_goes_down_are_kept_locally(nodes: Nodes) -> None:

@@ -1,15 +1,18 @@
-"""The sync primary's fast path: the Python side of nbdplugin/repdisk-fast.c.
+"""The primary's fast path: the Python side of nbdplugin/repdisk-fast.c.
 
 Every node runs nbdkit with the ``repdisk-fast`` filter in front of the plugin (when
-``make setup`` built it).  The filter can carry out one route of the write path's gate
-(writepath.py's FORWARD) in C: the local write, then the same request to the secondary on
+``make setup`` built it).  The filter can carry out one route of the write path's gate in
+C: a sync primary's FORWARD (the local write, then the same request to the secondary on
 the nbdkit worker's own connection, in the primary's writer session, acknowledged once
-both are done.  It decides nothing: this module arms it and disarms it.
+both are done), or an async primary's WRITE_BACK (the local write, then its range in the
+slot's mark log, which the dirty map takes in before it is read, and a wake-up of the
+forwarder).  It decides nothing: this module arms it and disarms it.
 
-* :class:`Slot` -- one sync primary disk's write path: the local disk's fd and the
+* :class:`Slot` -- one primary disk's write path: the local disk's fd and, for sync, the
   secondary's export URI (the forwarder's session tag included), armed only while the
-  gate says FORWARD and no hold, copy or verify needs the write path's own range locks.
-  A change takes effect once no write of the slot is under way (:meth:`Slot.wait`).
+  gate gives the slot's route and no hold, copy or verify needs the write path's own
+  range locks.  A change takes effect once no write of the slot is under way
+  (:meth:`Slot.wait`).
 * :class:`Cell` -- what one guest export serves now (an Export's target), so that a
   connection bound at open follows a promotion.
 * :func:`publish_guard` -- whether, and until when, a write may be acknowledged without
@@ -56,7 +59,10 @@ def _loaded() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
     except OSError:
         return None
-    lib.repdisk_fast_slot.argtypes = [_FAILURE]
+    lib.repdisk_fast_slot.argtypes = [_FAILURE, ctypes.c_int]
+    lib.repdisk_fast_take_marks.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.repdisk_fast_rearm.argtypes = [ctypes.c_int]
+    lib.repdisk_fast_lag.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64]
     lib.repdisk_fast_set.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                                      ctypes.c_double, ctypes.c_int]
     lib.repdisk_fast_wait.argtypes = [ctypes.c_int, ctypes.c_double]
@@ -78,16 +84,23 @@ def publish_guard(blocked: bool, deadline: float | None) -> None:
         _lib.repdisk_fast_guard(int(blocked), ns)
 
 
-class Slot:
-    """One sync primary disk's fast path (see the module docstring)."""
+#: Marks taken from a write-back slot's log per call.
+_MARKS = 1024
 
-    def __init__(self, index: int, handler: object) -> None:
+
+class Slot:
+    """One primary disk's fast path (see the module docstring)."""
+
+    def __init__(self, index: int, handler: object, wake_fd: int = -1) -> None:
         self.index = index
         self._handler = handler  # the ctypes callback: kept alive as long as the slot
+        #: A write-back slot's eventfd, readable once a mark was made since ``rearm``.
+        self.wake_fd = wake_fd
+        self._marks = (ctypes.c_uint64 * (2 * _MARKS))() if wake_fd >= 0 else None
 
     @classmethod
     def make(cls, on_failure: FailureHandler) -> Slot | None:
-        """A new slot, disarmed; None without the filter (or with its table full)."""
+        """A new sync slot, disarmed; None without the filter (or with its table full)."""
         if _lib is None:
             return None
 
@@ -98,22 +111,62 @@ class Slot:
                 log.exception("fast path: failure handler")
 
         handler = _FAILURE(failed)
-        index = _lib.repdisk_fast_slot(handler)
+        return cls._new(handler, -1)
+
+    @classmethod
+    def make_write_back(cls) -> Slot | None:
+        """A new write-back slot, disarmed, with its eventfd; None as for :meth:`make`."""
+        if _lib is None:
+            return None
+        wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        slot = cls._new(_FAILURE(), wake_fd)
+        if slot is None:
+            os.close(wake_fd)
+        return slot
+
+    @classmethod
+    def _new(cls, handler: object, wake_fd: int) -> Slot | None:
+        assert _lib is not None
+        index = _lib.repdisk_fast_slot(handler, wake_fd)
         if index < 0:
             log.warning("fast path: no free slot; this disk's writes go through the plugin")
             return None
-        return cls(index, handler)
+        return cls(index, handler, wake_fd)
 
     def set(self, fd: int, uri: str | None, timeout: float, armed: bool) -> None:
-        """Write to the local disk ``fd`` and the secondary's export ``uri`` (its session
-        tag included; None: no secondary), each request within ``timeout``, and serve
-        writes in C (``armed``) or hand them all to the plugin, from the next moment no
-        write is under way.  Connections to another URI close; to this one they are kept
-        while disarmed."""
+        """Write to the local disk ``fd`` and, for a sync slot, the secondary's export
+        ``uri`` (its session tag included; None: no secondary, never armed), each request
+        within ``timeout``, and serve writes in C (``armed``) or hand them all to the
+        plugin, from the next moment no write is under way.  Connections to another URI
+        close; to this one they are kept while disarmed."""
         assert _lib is not None
         if _lib.repdisk_fast_set(self.index, fd, None if uri is None else uri.encode(),
                                  timeout, int(armed)) != 0:
             raise MemoryError("fast path: out of memory")
+
+    def take_marks(self) -> list[tuple[int, int]]:
+        """A write-back slot's marks made since the last call, as ``(offset, length)``."""
+        assert _lib is not None and self._marks is not None
+        marks = self._marks
+        taken: list[tuple[int, int]] = []
+        while True:
+            n = _lib.repdisk_fast_take_marks(self.index, marks, _MARKS)
+            flat = marks[:2 * n]
+            taken += zip(flat[0::2], flat[1::2], strict=True)
+            if n < _MARKS:
+                return taken
+
+    def rearm(self) -> None:
+        """The forwarder is about to look: the next mark writes ``wake_fd`` again."""
+        assert _lib is not None
+        _lib.repdisk_fast_rearm(self.index)
+
+    def lag(self, dirty: int, max_lag: int) -> None:
+        """A write-back slot's dirty map holds ``dirty`` unsent bytes now: the slot hands
+        the plugin (which waits for the lag) a write that would take the unsent bytes
+        past ``max_lag``."""
+        assert _lib is not None
+        _lib.repdisk_fast_lag(self.index, dirty, max_lag)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the last arm or disarm to take effect; whether it did."""

@@ -34,7 +34,10 @@ before it calls ``placed()`` to unlock them: after every request whose bytes wer
 before the pieces' (older bytes of the same range) and before every request whose
 bytes are read after (newer ones), so the order rule above holds for pieces too.  With
 a source, a draining barrier also waits for the source to come up empty after the
-barrier arrived, and for every piece taken before that.
+barrier arrived, and for every piece taken before that.  A ``source_wake``, ``(fd,
+rearm)``, is a second way to ask for a pull: the I/O thread polls the eventfd ``fd`` and
+takes its becoming readable as a ``pull()``, and calls ``rearm()`` where it clears a pull
+asked for, just before it looks at the source (the C fast path's marks, fastpath.py).
 
 Batches.  With ``batch``, the forwarder connects to the export's batch twin
 (batch.py), and the small writes at the head of the queue that may all go now,
@@ -92,7 +95,7 @@ from repdisk.uri import export_name, with_export_suffix
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Forwarder", "FailureCallback", "Source", "PULL_BUDGET"]
+__all__ = ["Forwarder", "FailureCallback", "Source", "SourceWake", "PULL_BUDGET"]
 
 #: ``on_failure(error, ranges)``: ranges are (offset, length) of unacknowledged writes.
 FailureCallback = Callable[[str, list[tuple[int, int]]], None]
@@ -101,6 +104,9 @@ FailureCallback = Callable[[str, list[tuple[int, int]]], None]
 #: (see Pulling).
 Source = Callable[[int, int],
                   "tuple[list[tuple[int, bytes | bytearray]], Callable[[], None]] | None"]
+#: ``(fd, rearm)``: an eventfd readable when the source has more, and what the I/O thread
+#: calls just before it looks at the source, after which it becomes readable again.
+SourceWake = tuple[int, Callable[[], None]]
 #: Pulling stops while this many payload bytes are in flight.
 PULL_BUDGET = 16 << 20
 
@@ -131,7 +137,7 @@ class Forwarder:
                  on_failure: FailureCallback | None = None,
                  export_suffix: str = "", session_tag: str = "",
                  source: Source | None = None, pull_delay: float = 0.0,
-                 batch: bool = False) -> None:
+                 batch: bool = False, source_wake: SourceWake | None = None) -> None:
         if window < 1:
             raise ValueError(f"forwarder window must be at least 1, not {window}")
         self.uri = with_export_suffix(uri, export_suffix)  # what messages name
@@ -146,6 +152,7 @@ class Forwarder:
         self.window = window
         self.on_failure = on_failure
         self._source = source
+        self._source_wake = source_wake
         self._pull_delay = pull_delay
         self.size = 0
         self.failed = False
@@ -422,6 +429,10 @@ class Forwarder:
         """
         poller = select.poll()
         poller.register(self._wake_fd, select.POLLIN)
+        source_fd = -1
+        if self._source_wake is not None:
+            source_fd = self._source_wake[0]
+            poller.register(source_fd, select.POLLIN)
         fd, mask = h.aio_get_fd(), 0
         readable = select.poll()  # _read_replies: is a reply waiting right now?
         readable.register(fd, select.POLLIN)
@@ -457,6 +468,8 @@ class Forwarder:
                 for got_fd, events in poller.poll(wait_ms):
                     if got_fd == self._wake_fd:
                         self._drain_wake()
+                    elif got_fd == source_fd:
+                        self._source_woken(source_fd)
                     else:
                         if events & select.POLLOUT:
                             h.aio_notify_write()
@@ -502,6 +515,13 @@ class Forwarder:
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake_fd)
+
+    def _source_woken(self, fd: int) -> None:
+        """The source's eventfd fired: a pull, as if ``pull()`` had been called."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)
+        with self._lock:
+            self._pull_wanted = True
 
     def _take_incoming(self) -> str | None:
         """Move the submitted batch into the queue; returns a stop reason if one is set."""
@@ -549,6 +569,8 @@ class Forwarder:
             if self._pull_wanted:  # before looking: a mark made after this wakes us again
                 with self._lock:
                     self._pull_wanted = False
+                if self._source_wake is not None:
+                    self._source_wake[1]()
             got = self._source(most - len(taken), room)
             if got is None:
                 self._pulling = False

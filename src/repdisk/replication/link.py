@@ -29,7 +29,7 @@ from collections.abc import Callable
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.errors import ForwardError
 from repdisk.replication import nbdclient
-from repdisk.replication.forwarder import Forwarder, Source, failed_text, late_text
+from repdisk.replication.forwarder import Forwarder, Source, SourceWake, failed_text, late_text
 from repdisk.replication.framework import ReplicationError
 from repdisk.replication.sessions import MARK_SUFFIX, SEAL_SUFFIX, make_tag, refusal_of
 from repdisk.replication.stage import StageMachine
@@ -129,11 +129,11 @@ class Link:
 
     # -- transitions ---------------------------------------------------------------------
 
-    def up(self, source: Source | None = None) -> None:
+    def up(self, source: Source | None = None, source_wake: SourceWake | None = None) -> None:
         """Connect and forward from now on (UP; DEGRADED if the connection failed at once);
-        ``source``: the async write-back's pieces (forwarder.py's Pulling).  Raises
-        ReplicationError (state unchanged) if the secondary is unfit."""
-        fwd = self._connect(session=True, source=source)
+        ``source``, ``source_wake``: the async write-back's pieces (forwarder.py's
+        Pulling).  Raises ReplicationError (state unchanged) if the secondary is unfit."""
+        fwd = self._connect(session=True, source=source, source_wake=source_wake)
         self._sm.clear_error()    # what broke it is history, before a query sees it UP
         self._set(LinkState.UP, fwd)
         if fwd.failed:  # failed before it was ours: on_failure did not degrade
@@ -208,7 +208,8 @@ class Link:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _connect(self, session: bool, source: Source | None = None) -> Forwarder:
+    def _connect(self, session: bool, source: Source | None = None,
+                 source_wake: SourceWake | None = None) -> Forwarder:
         """A new connection to the secondary, checked for size; raises ReplicationError.
 
         ``session``: a writer session (sessions.py), fenced by the secondary once a newer
@@ -225,7 +226,8 @@ class Link:
         fwd = Forwarder(self.uri, timeout=self.timeout, window=self.window,
                         on_failure=on_failure, export_suffix=self.export_suffix,
                         session_tag=tag, source=source if session else None,
-                        pull_delay=PULL_DELAY, batch=source is not None and session)
+                        pull_delay=PULL_DELAY, batch=source is not None and session,
+                        source_wake=source_wake if session else None)
         try:
             fwd.connect()
         except ForwardError as err:

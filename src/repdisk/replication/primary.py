@@ -307,7 +307,7 @@ class PrimaryReplica:
         """Connect (a write-back's forwarder pulls from its source); raises
         ReplicationError if the secondary is unfit.  A secondary whose disk is new to it
         (replaced, swapped, its state lost) makes the next copy compare first."""
-        self.link.up(self.write_path.source)
+        self.link.up(self.write_path.source, self.write_path.source_wake)
         unknown, self.peer_disk = self.link.peer_replica()
         if not self.compare_first and unknown:
             log.warning("%s: the secondary %s says its disk is new to it: comparing the "
@@ -409,7 +409,7 @@ class PrimaryReplica:
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
             "holding": path.holding,
             "compare_first": self.compare_first,
-            # the C fast path of sync writes (fastpath.py): None without one
+            # the C fast path of writes (fastpath.py): None without one
             "fast_path": path.fast_query(),
         }
 

@@ -8,6 +8,13 @@ next checkpoint (a failover rolls back to the last one), so the order and the gr
 what is sent do not matter, and a write costs a local write and a bit, not a hand-off to
 another thread.
 
+The fast path.  In steady state (the route WRITE_BACK, no hold, copy or verify) the
+``repdisk-fast`` filter serves a guest write in C (fastpath.py): the local write, then its
+range in the slot's mark log, which the dirty map takes in before every read
+(``DirtyMap.feed_from``), and a wake-up of the forwarder through the slot's eventfd
+(``source_wake``).  With a slot no block is kept in memory: a write in C cannot drop a kept
+block it changes.
+
 Ordering.  A write takes no range lock: it marks its range after writing, and a piece
 is cleared before it is read (under the range lock, kept until the forwarder has placed
 it in its order), so a write that races a read is sent again, never missed.  A single
@@ -33,6 +40,7 @@ from repdisk.block.blockcache import BlockCache, Pieces
 from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import check_range
+from repdisk.replication import fastpath
 from repdisk.replication.framework import ReplicationError
 from repdisk.replication.link import Link
 from repdisk.replication.stage import StageMachine
@@ -52,10 +60,17 @@ class WriteBack(WritePath):
 
     mode = WriteMode.ASYNC
     write_back = True
+    fast_route = Route.WRITE_BACK
 
     def __init__(self, name: str, disk: RawImage, dirty: DirtyMap, link: Link,
                  sm: StageMachine, timeout: float, max_lag: int, piece_size: int) -> None:
-        super().__init__(name, disk, dirty, link, sm, timeout, BlockCache(CACHED_BLOCKS))
+        slot = fastpath.Slot.make_write_back()
+        super().__init__(name, disk, dirty, link, sm, timeout,
+                         BlockCache(0 if slot is not None else CACHED_BLOCKS))
+        if slot is not None:
+            self.fast_slot = slot
+            dirty.feed_from(slot.take_marks)
+            self.source_wake = (slot.wake_fd, slot.rearm)
         #: Writes made during a checkpoint hold, merged into ``dirty`` when it ends.
         self.during_hold = DirtyMap(disk.size, dirty.granularity)
         self.max_lag = max_lag
@@ -185,9 +200,6 @@ class WriteBack(WritePath):
                     self._waiting -= 1
         self._write(offset, length, local, args)
 
-    def close(self) -> None:
-        """Nothing: every async write comes through this object (no fast path)."""
-
     def pull(self) -> None:
         """Have the forwarder take what is dirty (its source is next_pieces)."""
         fwd = self.link.current[1]  # not the property: no call on the write's way
@@ -215,6 +227,8 @@ class WriteBack(WritePath):
         except BaseException:
             self.locks.release(entry)
             raise
+        if self.fast_slot is not None:
+            self.fast_slot.lag(self.dirty.dirty_bytes, self.max_lag)
         if not pieces:
             self.locks.release(entry)
             return None
@@ -280,6 +294,7 @@ class WriteBack(WritePath):
         about that long.  Raises ReplicationError if those writers outlast the hold."""
         self._wait_sent(lambda: self.dirty.dirty_bytes <= CATCH_UP, self.timeout / 2)
         gen = self._begin_hold()
+        self._fast_hold(op)
         with self._cond:
             # Writers entered before the hold mark ``dirty``, not ``during_hold``: wait for
             # them, but not past the hold (it ends by itself, and nothing notifies after).

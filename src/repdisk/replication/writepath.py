@@ -20,8 +20,9 @@ the gate's table once per request (a dict lookup, not a call).
 
 :class:`WritePath` is the guest's ``BlockDevice`` and what both modes share: the range
 lock, the counters, the checkpoint hold (a checkpoint's barrier covers what came before
-it; what comes after waits for ``resume`` or ``timeout / 2``).  :class:`WriteThrough` is
-the sync mode; the async one is writeback.py's WriteBack.
+it; what comes after waits for ``resume`` or ``timeout / 2``), and the arming of the C
+fast path (fastpath.py), which serves the mode's steady-state route (``fast_route``).
+:class:`WriteThrough` is the sync mode; the async one is writeback.py's WriteBack.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from repdisk.block.rangelock import RangeLock
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import check_range
 from repdisk.replication import fastpath
-from repdisk.replication.forwarder import Forwarder, Source
+from repdisk.replication.forwarder import Forwarder, Source, SourceWake
 from repdisk.replication.framework import ReplicationError
 from repdisk.replication.link import Link, LinkState
 from repdisk.replication.stage import StageMachine
@@ -103,6 +104,8 @@ class WritePath(abc.ABC):
     mode: ClassVar[WriteMode]
     #: Whether the mode writes back from the dirty map (its unsent bytes are lag).
     write_back: ClassVar[bool] = False
+    #: The route the fast path serves (armed only while the gate gives it).
+    fast_route: ClassVar[Route]
 
     def __init__(self, name: str, disk: RawImage, dirty: DirtyMap, link: Link,
                  sm: StageMachine, timeout: float, blocks: BlockCache) -> None:
@@ -134,12 +137,20 @@ class WritePath(abc.ABC):
         self.holding = False
         self._hold_gen = 0
         self._hold_timer: threading.Timer | None = None
-        #: The forwarder's source of pieces, for a mode that writes back (forwarder.py).
+        #: The forwarder's source of pieces, for a mode that writes back (forwarder.py),
+        #: and what wakes it besides ``pull`` (the fast path's marks).
         self.source: Source | None = None
+        self.source_wake: SourceWake | None = None
         self._write_routes = _routes(self.mode, Op.WRITE)
         self._flush_routes = _routes(self.mode, Op.FLUSH)
         #: The C fast path of this disk's writes (fastpath.py); None: the plugin serves all.
         self.fast_slot: fastpath.Slot | None = None
+        # Guards the fast path's arming (_fast_gate: a decision and its setting are one
+        # step) and _exclusive, how many callers need every write to come through here.
+        self._fast_lock = threading.Lock()
+        self._exclusive = 0
+        self._closed = False
+        link.on_change = self._fast_gate
 
     @abc.abstractmethod
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
@@ -167,9 +178,16 @@ class WritePath(abc.ABC):
             fwd.submit_flush().wait(self.timeout)
 
     def counts(self) -> dict[str, int]:
-        """The guest's writes and bytes, and how many were forwarded."""
+        """The guest's writes and bytes, and how many were forwarded (sync)."""
         with self._count_lock:
-            return dict(self.counters)
+            counts = dict(self.counters)
+        if self.fast_slot is not None:
+            fast = self.fast_slot.stats()
+            counts["writes"] += fast["writes"]
+            counts["bytes"] += fast["bytes"]
+            if self.fast_route is Route.FORWARD:
+                counts["forwarded"] += fast["writes"]
+        return counts
 
     # -- what is unsent -------------------------------------------------------------------
 
@@ -191,17 +209,68 @@ class WritePath(abc.ABC):
         """Every guest write goes through this object (and its range locks) meanwhile:
         what a copy, a comparison or a verify needs.  Raises ReplicationError (nothing
         done) if writes already under way elsewhere do not finish in time."""
-        yield
+        with self._fast_lock:
+            self._exclusive += 1
+        try:
+            self._fast_gate()
+            self._fast_off(op, self.timeout * 2)
+            yield
+        finally:
+            with self._fast_lock:
+                self._exclusive -= 1
+            self._fast_gate()
 
-    @abc.abstractmethod
     def close(self) -> None:
         """No write reaches the local disk other than through this object any more (the
         disk is about to close)."""
+        self._closed = True
+        self._fast_gate()
+        if self.fast_slot is not None and not self.fast_slot.wait(self.timeout * 2):
+            log.warning("%s: closing with guest writes under way in the fast path", self.name)
 
     def fast_query(self) -> dict[str, Any] | None:
         """The fast path's state: ``armed``, the ``writes`` and ``bytes`` it acknowledged,
-        its idle ``connections``; None without one (async, or no filter)."""
+        its idle ``connections``; None without one (no filter)."""
         return None if self.fast_slot is None else self.fast_slot.stats()
+
+    # -- the fast path (fastpath.py) --------------------------------------------------------
+
+    def _fast_gate(self) -> None:
+        """Arm the fast path exactly while the gate gives its route and nothing needs every
+        write to come through here (a hold, a copy, a verify, a close)."""
+        slot = self.fast_slot
+        if slot is None:
+            return
+        with self._fast_lock:
+            state, fwd = self.link.current
+            if fwd is None or self._closed or \
+                    self._write_routes[state, False] is not self.fast_route:
+                slot.set(-1, None, self.timeout, False)   # its connections close
+            else:  # a hold's or a copy's pause keeps them
+                slot.set(self.disk.fd, self._fast_uri(fwd), self.timeout,
+                         not self.holding and not self._exclusive)
+
+    def _fast_uri(self, fwd: Forwarder) -> str | None:
+        """Where the fast path sends a write (None: nowhere, the forwarder pulls it)."""
+        return None
+
+    def _fast_off(self, op: str, within: float) -> None:
+        """Wait until no fast write is under way (the gate disarmed it); ReplicationError
+        if some did not finish ``within`` seconds."""
+        slot = self.fast_slot
+        if slot is not None and not slot.wait(within):
+            raise ReplicationError(f"{self.name}: cannot {op}: guest writes under way in "
+                                   f"the fast path did not finish within {within:g}s; retry")
+
+    def _fast_hold(self, op: str) -> None:
+        """A hold began: wait until no fast write is under way; if one outlasts half the
+        timeout, end the hold and raise ReplicationError."""
+        self._fast_gate()
+        try:
+            self._fast_off(op, self.timeout / 2)
+        except ReplicationError:
+            self.end_hold()
+            raise
 
     @abc.abstractmethod
     def pull(self) -> None:
@@ -248,6 +317,7 @@ class WritePath(abc.ABC):
             self.holding = False
             timer, self._hold_timer = self._hold_timer, None
             self._holding_ends()
+        self._fast_gate()
         self.pull()
         if timer is not None and not expired:
             timer.cancel()
@@ -278,17 +348,12 @@ class WriteThrough(WritePath):
     """
 
     mode = WriteMode.SYNC
+    fast_route = Route.FORWARD
 
     def __init__(self, name: str, disk: RawImage, dirty: DirtyMap, link: Link,
                  sm: StageMachine, timeout: float) -> None:
         super().__init__(name, disk, dirty, link, sm, timeout, BlockCache(0))
         self.fast_slot = fastpath.Slot.make(link.fast_failed)
-        # Guards the fast path's arming (_fast_gate: a decision and its setting are one
-        # step) and _exclusive, how many callers need every write to come through here.
-        self._fast_lock = threading.Lock()
-        self._exclusive = 0
-        self._closed = False
-        link.on_change = self._fast_gate
 
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None:
         view = memoryview(buf).cast("B")
@@ -334,74 +399,15 @@ class WriteThrough(WritePath):
             counters["bytes"] += length
             counters["forwarded"] += ticket is not None
 
-    # -- the fast path (fastpath.py) --------------------------------------------------------
-
-    def _fast_gate(self) -> None:
-        """Arm the fast path exactly while the gate routes a write FORWARD and nothing
-        needs every write to come through here (a hold, a copy, a verify, a close)."""
-        slot = self.fast_slot
-        if slot is None:
-            return
-        with self._fast_lock:
-            state, fwd = self.link.current
-            if fwd is None or self._closed or \
-                    self._write_routes[state, False] is not Route.FORWARD:
-                slot.set(-1, None, self.timeout, False)   # its connections close
-            else:  # a hold's or a copy's pause keeps them
-                slot.set(self.disk.fd, fwd.connect_uri, self.timeout,
-                         not self.holding and not self._exclusive)
-
-    def _fast_off(self, op: str, within: float) -> None:
-        """Wait until no fast write is under way (the gate disarmed it); ReplicationError
-        if some did not finish ``within`` seconds."""
-        slot = self.fast_slot
-        if slot is not None and not slot.wait(within):
-            raise ReplicationError(f"{self.name}: cannot {op}: guest writes to the secondary "
-                                   f"did not finish within {within:g}s; retry")
-
-    @contextlib.contextmanager
-    def exclusive(self, op: str) -> Iterator[None]:
-        with self._fast_lock:
-            self._exclusive += 1
-        try:
-            self._fast_gate()
-            self._fast_off(op, self.timeout * 2)
-            yield
-        finally:
-            with self._fast_lock:
-                self._exclusive -= 1
-            self._fast_gate()
-
-    def close(self) -> None:
-        self._closed = True
-        self._fast_gate()
-        if self.fast_slot is not None and not self.fast_slot.wait(self.timeout * 2):
-            log.warning("%s: closing with guest writes to the secondary under way", self.name)
+    def _fast_uri(self, fwd: Forwarder) -> str | None:
+        return fwd.connect_uri
 
     def hold(self, op: str) -> int:
         """The forwarder's hold, then no fast write under way: every write acknowledged
         before the barrier is the forwarder's or already on the secondary."""
         gen = self._begin_hold()
-        self._fast_gate()
-        try:
-            self._fast_off(op, self.timeout / 2)
-        except ReplicationError:
-            self.end_hold()
-            raise
+        self._fast_hold(op)
         return gen
-
-    def end_hold(self, expired: bool = False, gen: int | None = None) -> None:
-        super().end_hold(expired, gen)
-        self._fast_gate()
-
-    def counts(self) -> dict[str, int]:
-        counts = super().counts()
-        if self.fast_slot is not None:
-            fast = self.fast_slot.stats()
-            counts["writes"] += fast["writes"]
-            counts["bytes"] += fast["bytes"]
-            counts["forwarded"] += fast["writes"]
-        return counts
 
     def pull(self) -> None:
         """Nothing: sync writes are forwarded, not pulled."""
