@@ -631,6 +631,45 @@ def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
     assert failures.calls == []
 
 
+def test_source_wake_is_a_pull_and_a_new_forwarder_looks_once(server, make_fwd):
+    """The C fast path's way to ask for a pull (forwarder.SourceWake): its eventfd
+    becoming readable is a pull, and the forwarder rearms it just before it looks.  A new
+    forwarder looks once at its start, with no wake-up pending: an earlier one may have
+    taken the last wake-up and died before it looked."""
+    wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    rearms: list[float] = []
+    disk = DirtyDisk(SIZE)
+
+    def mark(block: int) -> None:
+        with disk.lock:
+            disk.local[block * 4096:(block + 1) * 4096] = bytes([block + 1]) * 4096
+            disk.dirty.add(block)
+
+    def sent(blocks: range) -> bool:
+        deadline = time.monotonic() + 5
+        while disk.dirty and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return read_all(server.uri, MiB)[:blocks.stop * 4096] == bytes(
+            disk.local[:blocks.stop * 4096])
+
+    try:
+        for block in range(4):                 # before the forwarder: no wake-up at all
+            mark(block)
+        fwd, failures = make_fwd(server.uri, source=disk.next_pieces,
+                                 source_wake=(wake_fd, lambda: rearms.append(1)))
+        disk.fwd = fwd
+        assert sent(range(4)) and rearms
+        rearms.clear()
+        for block in range(4, 8):              # marked, then the eventfd written
+            mark(block)
+        os.eventfd_write(wake_fd, 1)
+        assert sent(range(8)) and rearms
+        assert disk.pieces == [(b * 4096, 4096) for b in range(8)]
+        assert failures.calls == []
+    finally:
+        os.close(wake_fd)
+
+
 @pytest.mark.parametrize("batch", [False, True])
 def test_failure_reports_the_pieces_taken_but_not_acknowledged(servers, make_fwd, tmp_path,
                                                                 batch):
