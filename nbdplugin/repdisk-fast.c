@@ -257,11 +257,16 @@ close_idle (struct slot *sl)        /* lock held */
   }
 }
 
+/* lock held, inflight == 0.  An arming of a write-back slot also rearms its wake-up: the
+ * forwarder it now serves is a new one, and an earlier one may have taken the last
+ * wake-up and failed before it rearmed. */
 static void
-apply_want (struct slot *sl)        /* lock held, inflight == 0 */
+apply_want (struct slot *sl)
 {
   if (sl->mode != sl->want) {
     sl->mode = sl->want;
+    if (sl->mode == ARMED)
+      __atomic_store_n (&sl->signalled, 0, __ATOMIC_SEQ_CST);
     pthread_cond_broadcast (&sl->quiet);
   }
 }

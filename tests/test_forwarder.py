@@ -631,40 +631,31 @@ def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
     assert failures.calls == []
 
 
-def test_source_wake_is_a_pull_and_a_new_forwarder_looks_once(server, make_fwd):
+def test_source_wake_is_a_pull_rearmed_before_the_forwarder_looks(server, make_fwd):
     """The C fast path's way to ask for a pull (forwarder.SourceWake): its eventfd
-    becoming readable is a pull, and the forwarder rearms it just before it looks.  A new
-    forwarder looks once at its start, with no wake-up pending: an earlier one may have
-    taken the last wake-up and died before it looked."""
+    becoming readable is a pull, and the forwarder rearms it just before it looks; marks
+    made with no wake-up wait (as marks without ``pull()`` do)."""
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    rearms: list[float] = []
+    rearms: list[int] = []
     disk = DirtyDisk(SIZE)
-
-    def mark(block: int) -> None:
+    try:
+        fwd, failures = make_fwd(server.uri, source=disk.next_pieces,
+                                 source_wake=(wake_fd, lambda: rearms.append(disk.calls)))
+        disk.fwd = fwd
         with disk.lock:
-            disk.local[block * 4096:(block + 1) * 4096] = bytes([block + 1]) * 4096
-            disk.dirty.add(block)
-
-    def sent(blocks: range) -> bool:
+            for block in range(4):
+                disk.local[block * 4096:(block + 1) * 4096] = bytes([block + 1]) * 4096
+                disk.dirty.add(block)
+        time.sleep(0.2)
+        assert (disk.calls, rearms, len(disk.dirty)) == (0, [], 4)   # nobody asked
+        os.eventfd_write(wake_fd, 1)
         deadline = time.monotonic() + 5
         while disk.dirty and time.monotonic() < deadline:
             time.sleep(0.01)
-        return read_all(server.uri, MiB)[:blocks.stop * 4096] == bytes(
-            disk.local[:blocks.stop * 4096])
-
-    try:
-        for block in range(4):                 # before the forwarder: no wake-up at all
-            mark(block)
-        fwd, failures = make_fwd(server.uri, source=disk.next_pieces,
-                                 source_wake=(wake_fd, lambda: rearms.append(1)))
-        disk.fwd = fwd
-        assert sent(range(4)) and rearms
-        rearms.clear()
-        for block in range(4, 8):              # marked, then the eventfd written
-            mark(block)
-        os.eventfd_write(wake_fd, 1)
-        assert sent(range(8)) and rearms
-        assert disk.pieces == [(b * 4096, 4096) for b in range(8)]
+        assert not disk.dirty and rearms[:1] == [0]      # rearmed before the first look
+        assert fwd.barrier(5)
+        assert read_all(server.uri, MiB)[:4 * 4096] == bytes(disk.local[:4 * 4096])
+        assert disk.pieces == [(b * 4096, 4096) for b in range(4)]
         assert failures.calls == []
     finally:
         os.close(wake_fd)

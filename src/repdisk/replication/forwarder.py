@@ -433,7 +433,6 @@ class Forwarder:
         if self._source_wake is not None:
             source_fd = self._source_wake[0]
             poller.register(source_fd, select.POLLIN)
-            self._source_woken(source_fd)  # an earlier forwarder may have taken its wake-up
         fd, mask = h.aio_get_fd(), 0
         readable = select.poll()  # _read_replies: is a reply waiting right now?
         readable.register(fd, select.POLLIN)
