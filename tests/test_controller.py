@@ -623,6 +623,30 @@ def test_promotion_and_reprotection(nodes):
         pair.close()
 
 
+def test_a_promotion_keeps_the_lost_primarys_write_mode_and_max_lag(nodes):
+    """The new primary of a promotion replicates as the lost one did: async and with its
+    max-lag, not the winner's defaults (sync, 256M), also when the controller restarted in
+    between (its pair file remembers both)."""
+    pair = make_pair(nodes, write_mode="async", max_lag="2M")
+    control = os.path.join(pair.folder, "ctl.qmp")
+    try:
+        ctl = pair.controller(control=control)
+        ctl.start()
+        pair.pri.kill()
+        step_until(ctl, "failed-over")
+        ctl.close()
+        again = pair.controller(control=control)
+        again.start()
+        assert again.state == "failed-over"
+        restart(nodes, pair.pri)
+        new_sec = nodes.secondary(pair.pri_disk, "newsec")
+        again.promote(new_sec.control, new_sec.uri("replica"))
+        disk = pair.sec.ctl("query-replication")["disks"][0]
+        assert (disk["write_mode"], disk["max_lag"]) == ("async", 2 * MiB)
+    finally:
+        pair.close()
+
+
 def test_failover_winner_is_adopted_never_made_a_secondary(nodes):
     """A controller started later with stale options (the old primary back as a primary, the
     winner as its secondary) adopts the pair as it is: failed-over, the old primary fenced,

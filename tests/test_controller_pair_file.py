@@ -51,7 +51,8 @@ def test_restart_with_the_first_options_runs_the_pair_as_it_is_now(tmp_path: Any
         wait(folder, lambda q: q["state"] == "running", "protected pair")
         with open(os.path.join(folder, "ctl.qmp.pair")) as f:
             assert json.load(f) == {"options": ["pri.qmp", "sec.qmp"], "primary": "sec.qmp",
-                                    "secondary": f"{folder}/old.qmp", "write_mode": "sync"}
+                                    "secondary": f"{folder}/old.qmp", "write_mode": "sync",
+                                    "max_lag": 256 * MiB}
 
         kill9(folder, "ctl")
         controller(folder)                                   # the first options again

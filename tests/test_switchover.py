@@ -72,8 +72,9 @@ def test_switchover_and_back_loses_nothing_and_copies_nothing(nodes: Nodes,
 
 def test_an_async_switchover_writes_back_before_the_pause(nodes: Nodes) -> None:
     """What an async primary has not written back yet is sent with the guest running: the
-    pause begins with its secondary lacking at most CATCH_UP_BYTES, not 48 MiB."""
-    pri, sec = start_pair(nodes, size=64 * MiB, write_mode="async")
+    pause begins with its secondary lacking at most CATCH_UP_BYTES, not 48 MiB.  B then
+    replicates with A's write mode and max-lag."""
+    pri, sec = start_pair(nodes, size=64 * MiB, write_mode="async", max_lag="100M")
     checkpoint(pri, sec)
     data = random_bytes(3, 48 * MiB)
     os.kill(sec.proc.pid, signal.SIGSTOP)            # the write-back waits; the guest not
@@ -84,9 +85,12 @@ def test_an_async_switchover_writes_back_before_the_pause(nodes: Nodes) -> None:
         assert behind > 32 * MiB, behind
     finally:
         threading.Timer(0.3, os.kill, (sec.proc.pid, signal.SIGCONT)).start()
-    result = switchover(side(pri, "A"), side(sec, "B"), write_mode="async")
+    result = switchover(side(pri, "A"), side(sec, "B"), write_mode="async",
+                        max_lag=100 * MiB)
     assert result["epoch"] == 1 and result["lag"] <= CATCH_UP_BYTES, result
     assert read_file(sec.disks[0])[:len(data)] == data
+    disk = sec.ctl("query-replication")["disks"][0]
+    assert (disk["write_mode"], disk["max_lag"]) == ("async", 100 * MiB)
 
 
 def test_switchover_of_a_pair_not_ready_is_refused_and_changes_nothing(nodes: Nodes) -> None:

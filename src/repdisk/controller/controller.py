@@ -113,8 +113,10 @@ class Controller(StateMachine):
         self._marked_for: str | None = None   # primary instance whose dirty map we filled
         self._sync_next: str | None = None    # the next bring-up's sync (promotion: checksum)
         self._old_primary_fenced = False
-        #: The primary's write mode, as last seen: a promotion keeps it unless told.
+        #: The primary's write mode and max-lag (None: not seen), as last seen: a promotion
+        #: keeps them (the write mode unless told).
         self.write_mode = "sync"
+        self.max_lag: int | None = None
         self.last_error: str | None = None
         self._hook: subprocess.Popen[bytes] | None = None
         self.guest = Guest(cfg.qmp, cfg.libvirt_domain, cfg.libvirt_uri, cfg.freeze, cfg.qga,
@@ -139,7 +141,8 @@ class Controller(StateMachine):
         options = (self.cfg.primary, self.cfg.secondary)
         now = pairfile.recall(path, options) if path else None
         if path is not None:
-            self.write_mode = pairfile.recall_write_mode(path, options) or self.write_mode
+            mode, self.max_lag = pairfile.recall_primary(path, options)
+            self.write_mode = mode or self.write_mode
         if now is None or now == (self.primary.socket, self.secondary.socket):
             return
         log.warning("the pair changed since these options were first given: %s is its "
@@ -157,20 +160,30 @@ class Controller(StateMachine):
             path, (self.cfg.primary, self.cfg.secondary)) != (self.primary.socket,
                                                               self.secondary.socket)
 
-    def _note_write_mode(self, p: dict[str, Any] | None) -> None:
-        """Keep the primary's write mode (remembered in the pair file when it changes):
-        a promotion after the primary is lost gives it to the new primary."""
-        mode = (p["disks"][0].get("write_mode") if p is not None and p.get("role") == "primary"
-                and p.get("disks") else None)
-        if mode is not None and mode != self.write_mode:
-            self.write_mode = mode
-            self._remember_pair()
+    def _note_primary(self, p: dict[str, Any] | None, remember: bool = True) -> None:
+        """Keep the primary's write mode and max-lag (``remember``: in the pair file, when
+        they change): a promotion after the primary is lost gives them to the new
+        primary."""
+        disk = (p["disks"][0] if p is not None and p.get("role") == "primary"
+                and p.get("disks") else {})
+        mode = disk.get("write_mode") or self.write_mode
+        max_lag = disk.get("max_lag") or self.max_lag
+        if (mode, max_lag) != (self.write_mode, self.max_lag):
+            self.write_mode, self.max_lag = mode, max_lag
+            if remember:
+                self._remember_pair()
+
+    def _carried(self) -> dict[str, Any]:
+        """replication-promote's arguments that the new primary takes from the pair."""
+        return {"write-mode": self.write_mode,
+                **({"max-lag": self.max_lag} if self.max_lag is not None else {})}
 
     def _remember_pair(self) -> None:
         """Write the pair file (durably): after every change of the peers."""
         if self.pair_file is not None:
             pairfile.remember(self.pair_file, (self.cfg.primary, self.cfg.secondary),
-                              self.primary.socket, self.secondary.socket, self.write_mode)
+                              self.primary.socket, self.secondary.socket, self.write_mode,
+                              self.max_lag)
 
     def serve(self) -> None:
         """Serve the controller's control socket (and TCP port, if configured)."""
@@ -207,9 +220,10 @@ class Controller(StateMachine):
         a pair it cannot run (the message names the command to run instead) and
         NodeUnreachable while neither node answers."""
         with self._operation(Operation.ADOPT):
-            before = (self.primary.socket, self.secondary.socket)
+            before = (self.primary.socket, self.secondary.socket, self.write_mode, self.max_lag)
             self._adopt()
-            if (self.primary.socket, self.secondary.socket) != before or self._pair_file_stale():
+            if (self.primary.socket, self.secondary.socket, self.write_mode,
+                    self.max_lag) != before or self._pair_file_stale():
                 self._remember_pair()   # once the adoption stands: a refusal writes nothing
 
     def _peek(self, peer: Peer) -> dict[str, Any] | None:
@@ -266,6 +280,7 @@ class Controller(StateMachine):
                 self._set_state(ControllerState.RUNNING, "adopted; the primary does not answer")
             return
         self._check_timing(p)
+        self._note_primary(p, remember=False)   # adopt() writes the pair file
         if p.get("fenced"):
             self._set_state(ControllerState.FENCED, f"the primary is fenced: {p['fenced']}")
         elif s is not None and won_failover(s) and s["epoch"] >= p["epoch"]:
@@ -689,6 +704,7 @@ class Controller(StateMachine):
             self._event("SWITCHOVER_STARTED", primary=a.name, secondary=b.name)
             result = planned.switchover(
                 a, b, write_mode=p["disks"][0].get("write_mode", "sync"),
+                max_lag=p["disks"][0].get("max_lag"),
                 timings=self._primary_timings(),
                 catch_up_wait=self.cfg.heartbeat_timeout,
                 catch_up_poll="replication-heartbeat",   # the run loop waits meanwhile
@@ -748,8 +764,9 @@ class Controller(StateMachine):
             instance = (new.last or {}).get("instance")   # the URI must be that node's
             try:
                 self.secondary.ops.call("replication-promote", {
-                    "secondary": secondary_uri, "write-mode": write_mode or self.write_mode,
-                    "probe": True, **({"secondary-instance": instance} if instance else {}),
+                    "secondary": secondary_uri, **self._carried(),
+                    **({"write-mode": write_mode} if write_mode else {}), "probe": True,
+                    **({"secondary-instance": instance} if instance else {}),
                     **self._primary_timings()})
             except BaseException:
                 new.close()
@@ -841,7 +858,7 @@ class Controller(StateMachine):
             with self._lock:
                 if generation == self._generation and self.state is not ControllerState.STOPPED \
                         and not (primary.refused or secondary.refused):
-                    self._note_write_mode(p)
+                    self._note_primary(p)
                     if primary.came_back() | secondary.came_back():
                         self._backoff, self._retry_at = self.cfg.heartbeat_timeout, 0.0
                     with self._operation(Operation.HEARTBEAT):

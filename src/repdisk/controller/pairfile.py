@@ -42,25 +42,28 @@ def recall(path: str, options: tuple[str, str], *,
     return now
 
 
-def recall_write_mode(path: str, options: tuple[str, str]) -> str | None:
-    """The pair's write mode as the file at ``path`` remembers it (None: no such file, one
-    about another pair, or one written before it held the mode)."""
+def recall_primary(path: str, options: tuple[str, str]) -> tuple[str | None, int | None]:
+    """The pair's write mode and max-lag as the file at ``path`` remembers them (None for
+    each: no such file, one about another pair, or one written before it held it)."""
     try:
         with open(path) as f:
             rec = json.load(f)
-        mode = rec.get("write_mode")
-        return mode if sorted(rec["options"]) == sorted(options) and \
-            isinstance(mode, str) else None
+        if sorted(rec["options"]) != sorted(options):
+            return None, None
+        mode, max_lag = rec.get("write_mode"), rec.get("max_lag")
+        return (mode if isinstance(mode, str) else None,
+                max_lag if isinstance(max_lag, int) and not isinstance(max_lag, bool)
+                else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        return None, None
 
 
 def remember(path: str, options: tuple[str, str], primary: str, secondary: str,
-             write_mode: str) -> None:
+             write_mode: str, max_lag: int | None = None) -> None:
     """Write the file at ``path`` durably (after every change of the pair's nodes or of its
-    write mode): the pair is ``primary``, ``secondary`` now, named first by the options the
-    file already holds if they are ``options``, else by ``options``.  A failure is
-    logged."""
+    primary's write mode or max-lag): the pair is ``primary``, ``secondary`` now, named
+    first by the options the file already holds if they are ``options``, else by
+    ``options``.  A failure is logged."""
     try:
         with open(path) as f:
             first = json.load(f)["options"]
@@ -71,7 +74,7 @@ def remember(path: str, options: tuple[str, str], primary: str, secondary: str,
     try:
         durable.replace_file(path, json.dumps({
             "options": first, "primary": primary, "secondary": secondary,
-            "write_mode": write_mode}) + "\n")
+            "write_mode": write_mode, "max_lag": max_lag}) + "\n")
     except OSError as err:
         log.warning("cannot write the pair file %s: %s (a restart with the first "
                     "options will not find the nodes that replaced them)", path, err)

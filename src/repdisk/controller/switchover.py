@@ -92,7 +92,7 @@ def catch_up(a: Node, wait: float, poll: str = "query-replication") -> int:
         time.sleep(0.02)
 
 
-def switchover(a: Node, b: Node, *, write_mode: str = "sync",
+def switchover(a: Node, b: Node, *, write_mode: str = "sync", max_lag: int | None = None,
                timings: Mapping[str, float] | None = None,
                pause: Pause = no_pause, catch_up_wait: float = 5.0,
                catch_up_poll: str = "query-replication") -> dict[str, Any]:
@@ -100,24 +100,26 @@ def switchover(a: Node, b: Node, *, write_mode: str = "sync",
     duration, lag}`` (``lag``: the bytes B lacked when the pause, or the migration, began:
     what the pause had to send).  Raises ControlError with nothing changed if the pair is
     not ready or A cannot demote; after a later failure it rolls back (A primary again)
-    and raises.  ``timings``: replication-promote's ``timeout`` and ``isolation-timeout`` for
+    and raises.  ``write_mode``, ``max_lag``: A's, for B (None: B's own max-lag).
+    ``timings``: replication-promote's ``timeout`` and ``isolation-timeout`` for
     whichever node ends up the primary (a controller's keep them below its heartbeat-timeout;
     None: the nodes' defaults)."""
     began = time.monotonic()
     check_ready(a, b)
     lag = catch_up(a, catch_up_wait, catch_up_poll)
     done: dict[str, Any] = {}
+    carried = {"write-mode": write_mode, **({"max-lag": max_lag} if max_lag else {}),
+               **(timings or {})}
 
     def body() -> None:
         a.call("replication-demote", {})
         try:
-            b.call("replication-promote", {"secondary": a.replica_uri, "write-mode": write_mode,
-                                           **(timings or {})})
+            b.call("replication-promote", {"secondary": a.replica_uri, **carried})
             epoch = int(b.call("query-replication", {})["epoch"])
             a.call("replication-start", {"mode": "secondary", "epoch": epoch})
             b.call("replication-start", {"mode": "primary", "epoch": epoch})
         except RepdiskError as err:
-            _roll_back(a, b, write_mode, timings, err)
+            _roll_back(a, b, carried, err)
         done["epoch"] = epoch
 
     paused = pause(body)
@@ -139,15 +141,14 @@ def checkpoint(primary: Node, secondary: Node) -> None:
         primary.call("replication-resume", {})
 
 
-def _roll_back(a: Node, b: Node, write_mode: str, timings: Mapping[str, float] | None,
-               err: RepdiskError) -> None:
-    """After A demoted: A becomes the primary again as it is, B its secondary; raises."""
+def _roll_back(a: Node, b: Node, carried: Mapping[str, Any], err: RepdiskError) -> None:
+    """After A demoted: A becomes the primary again as it is (``carried``: its write mode,
+    max-lag and timings), B its secondary; raises."""
     log.error("switchover failed after %s demoted: %s; rolling back", a.name, err)
     try:
         if b.call("query-replication", {})["role"] == "primary":
             raise ControlError(f"{b.name} was promoted already; not rolled back")
-        a.call("replication-promote", {"secondary": b.replica_uri, "write-mode": write_mode,
-                                       "force": True, **(timings or {})})
+        a.call("replication-promote", {"secondary": b.replica_uri, "force": True, **carried})
         epoch = int(a.call("query-replication", {})["epoch"])
         b.call("replication-stop", {"failover": False})
         b.call("replication-start", {"mode": "secondary", "epoch": epoch})

@@ -374,14 +374,19 @@ def _primary_settings(values: dict[str, list[str]]) -> PrimarySettings:
     write_mode = _value(values, "write-mode")
     if write_mode not in ("sync", "async"):
         raise ConfigError("write-mode", f"unknown mode {write_mode!r}: use sync or async")
-    max_lag = parse_size("max-lag", _value(values, "max-lag"))
-    if max_lag < 1 << 20:
-        raise ConfigError("max-lag", f"{max_lag} bytes is too small: use at least 1M")
+    max_lag = check_max_lag(parse_size("max-lag", _value(values, "max-lag")))
     return PrimarySettings(write_mode=write_mode,
                            timeout=parse_duration("timeout", _value(values, "timeout")),
                            window=parse_uint("window", _value(values, "window")),
                            max_lag=max_lag,
                            resync_rate=parse_rate("resync-rate", _value(values, "resync-rate")))
+
+
+def check_max_lag(max_lag: int) -> int:
+    """``max-lag`` in bytes, if it is large enough (ConfigError if not)."""
+    if max_lag < 1 << 20:
+        raise ConfigError("max-lag", f"{max_lag} bytes is too small: use at least 1M")
+    return max_lag
 
 
 def _value(values: dict[str, list[str]], key: str) -> str:

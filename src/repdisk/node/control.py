@@ -146,7 +146,7 @@ def _controller_commands(node: Node) -> list[Command]:
         node.promote(args["secondary"], args.get("write-mode"),
                      None if timeout is None else float(timeout), args.get("isolation-timeout"),
                      bool(args.get("force", False)), bool(args.get("probe", True)),
-                     args.get("secondary-instance"))
+                     args.get("secondary-instance"), args.get("max-lag"))
 
     def digests(args: dict[str, Any]) -> dict[str, Any]:
         return {"digests": node.digests(args.get("disk"), args["offset"], args["length"],
@@ -186,6 +186,9 @@ def _controller_commands(node: Node) -> list[Command]:
                 {"secondary": ArgSpec(str, True, "NBD URI of the new secondary's replica export"),
                  "write-mode": ArgSpec(str, False, f"sync or async (default "
                                                    f"{default('write-mode')})"),
+                 "max-lag": ArgSpec(int, False, "async: most bytes unsent before guest "
+                                                "writes wait (default: this node's "
+                                                "max-lag)", unit="size"),
                  "timeout": ArgSpec(float, False, "how long the secondary may take (default "
                                                   f"{default('timeout')})", unit="duration"),
                  "isolation-timeout": ArgSpec(float, False, "time without contact before guest "

@@ -32,7 +32,7 @@ from repdisk.block.dirtymap import DirtyMap
 from repdisk.block.imagelock import lock_image
 from repdisk.errors import BlockIOError, ConfigError, RepdiskError
 from repdisk.node import threadstate
-from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, default
+from repdisk.node.config import PRIMARY, SECONDARY, NodeConfig, check_max_lag, default
 from repdisk.node.context import NodeContext
 from repdisk.node.exports import Export, MarkView, SealView
 from repdisk.node.lease import ControllerLease
@@ -332,25 +332,29 @@ class Node:
     def promote(self, secondary_uri: str, write_mode: str | None = None,
                 timeout: float | None = None, isolation_timeout: float | None = None,
                 force: bool = False, probe: bool = False,
-                secondary_instance: str | None = None) -> None:
+                secondary_instance: str | None = None, max_lag: int | None = None) -> None:
         """Turn this failed-over secondary into a primary replicating to ``secondary_uri``.
 
         Each disk's PrimaryReplica takes over the same RawImage; the ``active`` exports
         switch to the primaries' views.  Replication starts with ``replication-start``
         (after the controller marked what differs on the new secondary).  ``write_mode``
-        and ``timeout`` None: the key table's defaults; ``isolation_timeout`` None: the
-        node's ``isolation-timeout``; ``secondary_instance``: with ``probe``, the node the
-        caller means (the controller's new secondary), refused if another serves the URI.
+        and ``timeout`` None: the key table's defaults; ``isolation_timeout`` and ``max_lag``
+        None: the node's ``isolation-timeout`` and ``max-lag``; ``secondary_instance``: with
+        ``probe``, the node the caller means (the controller's new secondary), refused if
+        another serves the URI.
         """
         secondary = self._role
         if isinstance(secondary, PrimaryRole):
             raise ConfigError("role", "this node is already a primary")
         write_mode = write_mode or default("write-mode")
         timeout = parse_duration("timeout", default("timeout")) if timeout is None else timeout
+        if max_lag is not None:
+            check_max_lag(max_lag)
         secondary.prepare_promotion(secondary_uri, timeout, force, probe, secondary_instance)
         self._role = PrimaryRole.promoted(self.ctx, secondary.replicas, secondary_uri,
                                           write_mode, timeout,
-                                          isolation_timeout or self.cfg.isolation_timeout)
+                                          isolation_timeout or self.cfg.isolation_timeout,
+                                          max_lag)
         with self.ctx.changing_state() as state:
             state.role = PRIMARY
             state.unclean = True  # it serves from now on: see PrimaryRole._mark_unclean

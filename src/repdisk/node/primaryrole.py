@@ -38,10 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def new_primary(ctx: NodeContext, name: str, disk: RawImage, secondary_uri: str | None,
-                write_mode: str, timeout: float, disks: int) -> PrimaryReplica:
+                write_mode: str, timeout: float, disks: int,
+                max_lag: int | None = None) -> PrimaryReplica:
     """A PrimaryReplica of one of the node's ``disks`` disks, with the node's settings
-    (in a group, a disk's replica export on the secondary is ``replica/NAME``)."""
-    settings = replace(ctx.cfg.primary, write_mode=write_mode, timeout=timeout)
+    (``max_lag`` None: the node's; in a group, a disk's replica export on the secondary is
+    ``replica/NAME``)."""
+    settings = replace(ctx.cfg.primary, write_mode=write_mode, timeout=timeout,
+                       max_lag=ctx.cfg.primary.max_lag if max_lag is None else max_lag)
     return PrimaryReplica(name, disk, secondary_uri, settings, events=ctx.emit,
                           export_suffix=f"/{name}" if disks > 1 else "")
 
@@ -84,12 +87,12 @@ class PrimaryRole(Role[PrimaryReplica]):
     @classmethod
     def promoted(cls, ctx: NodeContext, secondaries: dict[str, SecondaryReplica],
                  secondary_uri: str, write_mode: str, timeout: float,
-                 isolation_timeout: float) -> PrimaryRole:
+                 isolation_timeout: float, max_lag: int | None = None) -> PrimaryRole:
         """A primary over the disks of ``secondaries`` (which it keeps, retired), replicating
         to ``secondary_uri``; the guest-facing ``active`` exports switch to its views and
         take guest writes again (a demoted node refused them)."""
         replicas = {name: new_primary(ctx, name, rep.disk, secondary_uri, write_mode, timeout,
-                                      len(secondaries))
+                                      len(secondaries), max_lag)
                     for name, rep in secondaries.items()}
         role = cls(ctx, replicas, list(secondaries.values()))
         ctx.admission.admit()  # a demoted node refused guest writes until now

@@ -88,6 +88,8 @@ class PrimaryReplica:
         self.disk = disk
         self.secondary_uri = secondary_uri
         self.write_mode = write_mode
+        #: async: most bytes unsent before guest writes wait (query's ``max_lag``).
+        self.max_lag = max_lag
         self.timeout = float(timeout)
         self.events = events
         self.sm = StageMachine(name, ReplicationMode.PRIMARY, events)
@@ -396,6 +398,7 @@ class PrimaryReplica:
             "error": self.sm.error,
             "degraded": self.link.degraded,
             "write_mode": self.write_mode,
+            "max_lag": self.max_lag,
             "resync_rate": self.resync_rate.describe(),
             "last_verify": self.last_verify,
             "verify_progress": self.copier.verify_progress,
