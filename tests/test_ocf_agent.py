@@ -78,6 +78,9 @@ def test_crm_resource_validate_accepts_good_parameters(disk, tmp_path) -> None:
     ("disks=/nonexistent/d.img", ocf.ERR_ARGS,
      "parameter disks: /nonexistent/d.img does not exist"),
     ("write_mode=fast", ocf.ERR_CONFIGURED, "parameter write_mode: unknown mode 'fast'"),
+    ("max_lag=512K", ocf.ERR_CONFIGURED,
+     "parameter max_lag: 524288 bytes is too small: use at least 1M"),
+    ("max_lag=lots", ocf.ERR_CONFIGURED, "parameter max_lag: "),
     ("control=/" + "x" * 120 + "/c.qmp", ocf.ERR_CONFIGURED, "parameter control: "),
     ("control=/dev/null/c.qmp", ocf.ERR_ARGS, "parameter control: cannot create /dev/null"),
     ("nodes=n1=10.0.0.1", ocf.ERR_CONFIGURED, "parameter nodes: names 1 node; a pair has "

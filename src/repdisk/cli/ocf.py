@@ -111,6 +111,9 @@ PARAMS: tuple[Param, ...] = (
           "cluster network (a closed test network only).", "no", kind="boolean"),
     Param("write_mode", "sync or async", "sync: a guest write is acknowledged once on both "
           "nodes; async: once local, then written back (at most max_lag behind).", "sync"),
+    Param("max_lag", "async lag bound", "async: most bytes the primary may have acknowledged "
+          "but not yet sent to its secondary before guest writes wait (at least 1M).",
+          config.default("max-lag")),
     Param("checkpoint_interval", "checkpoint interval", "Seconds between checkpoints (e.g. "
           "5s, 500ms); a failover rolls back to the last one.", "5s"),
     Param("timeout", "node timeout", "How long the secondary may take to answer before the "
@@ -181,6 +184,7 @@ class AgentConfig:
     tls: TLSSpec | None
     insecure: bool
     write_mode: str
+    max_lag: int
     interval: str
     timeout: str
     isolation_timeout: str
@@ -225,6 +229,10 @@ class AgentConfig:
         write_mode = get("write_mode")
         if write_mode not in ("sync", "async"):
             raise bad("write_mode", f"unknown mode {write_mode!r}: use sync or async")
+        try:
+            max_lag = config.check_max_lag(units.parse_size("max_lag", get("max_lag")))
+        except ConfigError as err:
+            raise bad("max_lag", _reason(err)) from None
         for name in ("checkpoint_interval", "timeout", "isolation_timeout"):
             try:
                 units.parse_duration(name, get(name))
@@ -254,7 +262,7 @@ class AgentConfig:
         cfg = cls(resource=_resource(env), node=_node_name(env), disks=disks, nodes=nodes,
                   nbd_port=ports["nbd_port"], control_port=ports["control_port"],
                   control=control, run_dir=get("run_dir"), tls=tls, insecure=insecure,
-                  write_mode=write_mode, interval=get("checkpoint_interval"),
+                  write_mode=write_mode, max_lag=max_lag, interval=get("checkpoint_interval"),
                   timeout=get("timeout"), isolation_timeout=get("isolation_timeout"),
                   guest_qmp=get("guest_qmp"), freeze=freeze, vm_state=get("vm_state"),
                   libvirt_domain=get("libvirt_domain"), libvirt_uri=get("libvirt_uri"))
@@ -557,7 +565,7 @@ class Agent:
         stages = {d["stage"] for d in q["disks"]}
         names = {d["disk"] for d in q["disks"]}
         args: dict[str, Any] = {"secondary": self.cfg.replica_uri(self.cfg.peer), "write-mode":
-                self.cfg.write_mode,
+                self.cfg.write_mode, "max-lag": self.cfg.max_lag,
                 "timeout": units.parse_duration("timeout", self.cfg.timeout),
                 "isolation-timeout": units.parse_duration("isolation_timeout",
                                                            self.cfg.isolation_timeout),
