@@ -272,10 +272,10 @@ apply_want (struct slot *sl)
 }
 
 /* Where the slot writes (the local disk's fd; a sync slot's secondary export URI with its
- * session tag: NULL for none, which disarms it) and whether it is armed.  Connections made for another fd or URI
- * close (those under way when they are given back).  An arming takes effect at once if
- * no write is under way, else when the last one leaves (repdisk_fast_wait waits for it).
- * 0, or -1 (ENOMEM: nothing changed). */
+ * session tag: NULL for none, which disarms it) and whether it is armed.  Connections
+ * made for another fd or URI close (those under way when they are given back).  An
+ * arming takes effect at once if no write is under way, else when the last one leaves
+ * (repdisk_fast_wait waits for it).  0, or -1 (ENOMEM: nothing changed). */
 int
 repdisk_fast_set (int slot, int fd, const char *uri, double timeout, int armed)
 {
@@ -669,24 +669,18 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
     leave (sl);
     return r;
   }
-  int r;
-  if (sl->wake_fd >= 0) {
-    r = write_back (sl, fd, buf, count, offset, flags & NBDKIT_FLAG_FUA, err);
-    if (r == 1)
-      r = next->pwrite (next, buf, count, offset, flags, err);
-    else if (r == 0)
-      count_write (sl, count);
-    leave (sl);
-    return r;
-  }
+  bool fua = flags & NBDKIT_FLAG_FUA, sync = sl->wake_fd < 0;
   struct range me;
-  range_lock (sl, &me, offset, offset + count);
-  r = fast_pwrite (sl, fd, buf, count, offset, flags & NBDKIT_FLAG_FUA, err);
+  if (sync)
+    range_lock (sl, &me, offset, offset + count);
+  int r = sync ? fast_pwrite (sl, fd, buf, count, offset, fua, err)
+               : write_back (sl, fd, buf, count, offset, fua, err);
   if (r == 1)
     r = next->pwrite (next, buf, count, offset, flags, err);
   else if (r == 0)
     count_write (sl, count);
-  range_unlock (sl, &me);
+  if (sync)
+    range_unlock (sl, &me);
   leave (sl);
   return r;
 }

@@ -87,8 +87,12 @@ class DirtyMap:
         """Mark what the feed has (``_lock`` held)."""
         if self._feed is not None:
             for offset, length in self._feed():
-                first, end = self._touching(offset, length)
-                self._count += self._add(first, end)
+                self._mark_locked(offset, length)
+
+    def _mark_locked(self, offset: int, length: int) -> None:
+        """Mark the granules a non-empty range touches (``_lock`` held)."""
+        first, end = self._touching(offset, length)
+        self._count += self._add(first, end)
 
     # --- updates ---
 
@@ -96,9 +100,8 @@ class DirtyMap:
         """Mark every granule the range touches as dirty (an empty range marks nothing)."""
         self._check(offset, length)
         if length:
-            first, end = self._touching(offset, length)
             with self._lock:
-                self._count += self._add(first, end)
+                self._mark_locked(offset, length)
 
     def clear(self, offset: int, length: int) -> None:
         """Clear the granules wholly inside the range, as returned by :meth:`runs`.
