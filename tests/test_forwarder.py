@@ -634,8 +634,11 @@ def test_barrier_waits_until_the_source_runs_dry(servers, make_fwd):
 def test_source_wake_is_a_pull_rearmed_before_the_forwarder_looks(server, make_fwd):
     """The C fast path's way to ask for a pull (forwarder.SourceWake): its eventfd
     becoming readable is a pull, and the forwarder rearms it just before it looks; marks
-    made with no wake-up wait (as marks without ``pull()`` do)."""
+    made with no wake-up wait (as marks without ``pull()`` do), and so do those whose
+    wake-up an earlier forwarder left unread (a link comes up for a copy that sends them:
+    pulled too, they would race a paced resync)."""
     wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    os.eventfd_write(wake_fd, 1)                     # left by an earlier forwarder
     rearms: list[int] = []
     disk = DirtyDisk(SIZE)
     try:

@@ -433,6 +433,10 @@ class Forwarder:
         if self._source_wake is not None:
             source_fd = self._source_wake[0]
             poller.register(source_fd, select.POLLIN)
+            # A wake-up an earlier forwarder left is not a pull: what it was for is in the
+            # source, and a link comes up only for a copy that sends what the source has.
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(source_fd)
         fd, mask = h.aio_get_fd(), 0
         readable = select.poll()  # _read_replies: is a reply waiting right now?
         readable.register(fd, select.POLLIN)
