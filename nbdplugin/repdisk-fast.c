@@ -1,16 +1,19 @@
-/* repdisk-fast: an nbdkit filter that serves a primary's steady-state writes in C.
+/* repdisk-fast: an nbdkit filter that serves a node's steady-state writes in C.
  *
  *   nbdkit --filter=.../repdisk-fast.so python nbdplugin/repdisk.py role=primary ...
  *
- * The plugin (Python) decides everything; this filter only carries out one route of its
- * write path's gate (src/repdisk/replication/writepath.py) without the GIL and without a
+ * The plugin (Python) decides everything; this filter only carries out one route of a
+ * gate (src/repdisk/replication/writepath.py, secondary.py) without the GIL and without a
  * thread hand-off:
  *   - a sync primary's FORWARD: a guest write is written locally and then to the
  *     secondary on the calling nbdkit worker's own libnbd connection, in the primary's
  *     writer session, before it is acknowledged;
  *   - an async primary's WRITE_BACK: a guest write is written locally, its range is put
  *     in the slot's mark log, and the forwarder is woken through the slot's eventfd; the
- *     plugin moves the marks into its dirty map before it reads the map (writeback.py).
+ *     plugin moves the marks into its dirty map before it reads the map (writeback.py);
+ *   - a secondary's COPY_BEFORE_WRITE with nothing left to copy: a replica pwrite of the
+ *     current writer session whose clusters are all in the hidden overlay is written to
+ *     the disk (a replica slot, below).
  * src/repdisk/replication/fastpath.py is its Python side.
  *
  * Slots.  A slot is one primary disk's write path.  The plugin tells it where to write
@@ -42,6 +45,17 @@
  *   - zero, trim, a failed guard check, a full mark log, or a write that would take the
  *     unsent bytes past the plugin's max-lag (repdisk_fast_lag): handed to the plugin,
  *     which waits for the lag its way.
+ * An armed replica slot's writes take no range lock (the plugin's take one only to
+ * order a cluster's copy before its write, and these clusters are copied):
+ *   - pwrite of a connection bound to the slot's writer session (the fence's serial,
+ *     repdisk_fast_session), every cluster of it set in the hidden overlay's bitmap: the
+ *     local pwrite (+ fdatasync for FUA); reply.  Until it leaves it is "direct": a new
+ *     session's admission waits for the direct writes to end.
+ *   - anything else (a cluster to copy, another session, zero, trim, a failed write):
+ *     handed to the plugin.
+ *   The plugin sets a bit after its cluster's copy and clears bits only while the slot
+ *     is disarmed (a checkpoint, a failover), which it is whenever the stage is not
+ *     RUNNING.
  * Reads, flushes and everything else go straight to the plugin.
  *
  * The guard: the plugin publishes whether guest writes may be acknowledged without it
@@ -77,6 +91,7 @@
 #define MAX_MARKS 16384             /* a write-back slot's mark log: 256 KiB */
 
 enum mode { OFF, ARMED };
+enum kind { SYNC, WRITE_BACK, REPLICA };
 
 struct handle {                     /* one connection to the secondary */
   struct nbd_handle *nbd;
@@ -96,7 +111,8 @@ typedef void (*failure_fn) (int slot, uint64_t offset, uint32_t count, int err,
 
 struct slot {
   pthread_mutex_t lock;
-  pthread_cond_t quiet;             /* inflight fell to 0, or the mode changed */
+  pthread_cond_t quiet;             /* inflight or direct fell to 0, or the mode changed */
+  enum kind kind;
   enum mode mode, want;
   unsigned inflight;                /* writes of this slot in the filter, either path */
   unsigned gen;                     /* grows at every arming */
@@ -119,6 +135,13 @@ struct slot {
   uint64_t (*marks)[2];
   unsigned nmarks;
   uint64_t marked, unsent, max_lag;
+  /* A replica slot: the hidden overlay's bitmap (one bit a cluster of 1 << shift bytes;
+   * the plugin's, read here only while armed), the writer session whose connections may
+   * write here (its fence's serial; -1 none) and, under lock, how many writes are in C. */
+  const unsigned char *bits;
+  unsigned shift;
+  int64_t session;
+  unsigned direct;
 };
 
 static struct slot slots[MAX_SLOTS];
@@ -127,6 +150,7 @@ static int cells[MAX_CELLS];        /* cell -> slot (-1: none); atomics */
 static int ncells;
 static pthread_mutex_t cells_lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread int bound_cell = -1;  /* set by the plugin's open, read by ours */
+static __thread int64_t bound_session = -1;
 
 /* The guard, published by the plugin (atomics). */
 static int guard_blocked;
@@ -140,6 +164,18 @@ now_ns (void)
   return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* CLOCK_REALTIME timeout seconds from now, for pthread_cond_timedwait. */
+static struct timespec
+deadline_in (double timeout)
+{
+  struct timespec until;
+  clock_gettime (CLOCK_REALTIME, &until);
+  int64_t ns = until.tv_nsec + (int64_t) (timeout * 1e9);
+  until.tv_sec += ns / 1000000000;
+  until.tv_nsec = ns % 1000000000;
+  return until;
+}
+
 static bool
 guard_ok (void)
 {
@@ -149,34 +185,79 @@ guard_ok (void)
 
 /* ---- the plugin's side (called through ctypes; every call is short) ---------------- */
 
-/* A new slot, disarmed: a sync one (failed: its failure callback), or with wake_fd >= 0
- * a write-back one that wakes the forwarder through that eventfd.  -1: the table is full,
- * or no memory for a mark log. */
-int
-repdisk_fast_slot (failure_fn failed, int wake_fd)
+/* A new slot of `kind`, disarmed; -1 if the table is full. */
+static int
+new_slot (enum kind kind)
 {
-  uint64_t (*marks)[2] = NULL;
-  if (wake_fd >= 0 && !(marks = calloc (MAX_MARKS, sizeof *marks)))
-    return -1;
   pthread_mutex_lock (&cells_lock);
   int s = nslots < MAX_SLOTS ? nslots++ : -1;
   pthread_mutex_unlock (&cells_lock);
-  if (s < 0) {
-    free (marks);
+  if (s < 0)
     return -1;
-  }
   struct slot *sl = &slots[s];
   pthread_mutex_init (&sl->lock, NULL);
   pthread_cond_init (&sl->quiet, NULL);
   pthread_mutex_init (&sl->ranges_lock, NULL);
   pthread_cond_init (&sl->ranges_freed, NULL);
   pthread_mutex_init (&sl->marks_lock, NULL);
+  sl->kind = kind;
   sl->fd = -1;
-  sl->failed = failed;
-  sl->wake_fd = wake_fd;
-  sl->marks = marks;
+  sl->wake_fd = -1;
   sl->max_lag = UINT64_MAX;
+  sl->session = -1;
   return s;
+}
+
+/* A new primary slot, disarmed: a sync one (failed: its failure callback), or with
+ * wake_fd >= 0 a write-back one that wakes the forwarder through that eventfd.  -1: the
+ * table is full, or no memory for a mark log. */
+int
+repdisk_fast_slot (failure_fn failed, int wake_fd)
+{
+  uint64_t (*marks)[2] = NULL;
+  if (wake_fd >= 0 && !(marks = calloc (MAX_MARKS, sizeof *marks)))
+    return -1;
+  int s = new_slot (wake_fd >= 0 ? WRITE_BACK : SYNC);
+  if (s < 0) {
+    free (marks);
+    return -1;
+  }
+  slots[s].failed = failed;
+  slots[s].wake_fd = wake_fd;
+  slots[s].marks = marks;
+  return s;
+}
+
+/* A new replica slot, disarmed: a secondary's disk, whose hidden overlay's bitmap is
+ * `bits` (clusters of 1 << shift bytes; it must stay valid while the slot is armed).
+ * -1: the table is full. */
+int
+repdisk_fast_replica_slot (const unsigned char *bits, unsigned shift)
+{
+  int s = new_slot (REPLICA);
+  if (s >= 0) {
+    slots[s].bits = bits;
+    slots[s].shift = shift;
+  }
+  return s;
+}
+
+/* A replica slot's connections of writer session `session` (bound at open) may write in C
+ * from now on, no other's; returns once no write is in C any more (1), or after timeout
+ * (0).  The plugin calls it while its fence holds off every write it serves. */
+int
+repdisk_fast_session (int slot, int64_t session, double timeout)
+{
+  struct slot *sl = &slots[slot];
+  struct timespec until = deadline_in (timeout);
+  pthread_mutex_lock (&sl->lock);
+  sl->session = session;
+  while (sl->direct > 0)
+    if (pthread_cond_timedwait (&sl->quiet, &sl->lock, &until) == ETIMEDOUT)
+      break;
+  int done = sl->direct == 0;
+  pthread_mutex_unlock (&sl->lock);
+  return done;
 }
 
 /* Move up to `most` marks (offset, length) into out; how many.  The plugin calls it before
@@ -233,10 +314,13 @@ repdisk_fast_cell_set (int cell, int slot)
   __atomic_store_n (&cells[cell], slot, __ATOMIC_RELEASE);
 }
 
+/* The connection being opened on this thread serves `cell`, in writer session `session`
+ * (a replica slot's; -1 for none). */
 void
-repdisk_fast_bind (int cell)
+repdisk_fast_bind (int cell, int64_t session)
 {
   bound_cell = cell;
+  bound_session = session;
 }
 
 void
@@ -294,7 +378,7 @@ repdisk_fast_set (int slot, int fd, const char *uri, double timeout, int armed)
   }
   free (copy);
   sl->timeout_ns = (int64_t) (timeout * 1e9);
-  sl->want = armed && (uri || sl->wake_fd >= 0) ? ARMED : OFF;
+  sl->want = armed && (uri || sl->kind != SYNC) ? ARMED : OFF;
   if (sl->inflight == 0)
     apply_want (sl);
   pthread_mutex_unlock (&sl->lock);
@@ -306,11 +390,7 @@ int
 repdisk_fast_wait (int slot, double timeout)
 {
   struct slot *sl = &slots[slot];
-  struct timespec until;
-  clock_gettime (CLOCK_REALTIME, &until);
-  int64_t ns = until.tv_nsec + (int64_t) (timeout * 1e9);
-  until.tv_sec += ns / 1000000000;
-  until.tv_nsec = ns % 1000000000;
+  struct timespec until = deadline_in (timeout);
   pthread_mutex_lock (&sl->lock);
   while (sl->mode != sl->want && sl->inflight > 0)
     if (pthread_cond_timedwait (&sl->quiet, &sl->lock, &until) == ETIMEDOUT)
@@ -342,6 +422,7 @@ repdisk_fast_stats (int slot, uint64_t out[4])
 
 struct conn {
   int cell;
+  int64_t session;
 };
 
 static struct slot *
@@ -351,11 +432,13 @@ slot_of (struct conn *c)
   return s < 0 ? NULL : &slots[s];
 }
 
-/* Count a write in; a pending mode change is applied first.  Whether the slot is armed,
- * and (*fd) its local disk's fd now: a later change of it (a disarming) leaves the file
- * open until this write has left (the plugin waits for that before it closes it). */
+/* Count a write of connection c in; a pending mode change is applied first.  Whether
+ * the slot is armed (a replica slot: and c is of its writer session, the write then
+ * counted as direct until it leaves or goes to the plugin), and (*fd) its local disk's
+ * fd now: a later change of it (a disarming) leaves the file open until this write has
+ * left (the plugin waits for that before it closes it). */
 static bool
-enter (struct slot *sl, int *fd)
+enter (struct slot *sl, const struct conn *c, int *fd)
 {
   pthread_mutex_lock (&sl->lock);
   while (sl->mode != sl->want && sl->inflight > 0)
@@ -364,15 +447,31 @@ enter (struct slot *sl, int *fd)
     apply_want (sl);
   sl->inflight++;
   bool armed = sl->mode == ARMED;
+  if (sl->kind == REPLICA) {
+    armed = armed && c->session >= 0 && c->session == sl->session;
+    sl->direct += armed;
+  }
   *fd = sl->fd;
   pthread_mutex_unlock (&sl->lock);
   return armed;
 }
 
+/* A replica slot's direct write is done in C, or goes to the plugin (whose fence may be
+ * waiting in repdisk_fast_session for the C writes to drain): lock held. */
 static void
-leave (struct slot *sl)
+end_direct (struct slot *sl)
+{
+  if (--sl->direct == 0)
+    pthread_cond_broadcast (&sl->quiet);
+}
+
+/* A write leaves; `direct`: a replica slot's, still counted as direct. */
+static void
+leave (struct slot *sl, bool direct)
 {
   pthread_mutex_lock (&sl->lock);
+  if (direct)
+    end_direct (sl);
   if (--sl->inflight == 0) {
     apply_want (sl);
     pthread_cond_broadcast (&sl->quiet);
@@ -626,11 +725,37 @@ write_back (struct slot *sl, int fd, const void *buf, uint32_t count, uint64_t o
   return mark (sl, offset, count) ? 0 : 1;
 }
 
+/* Whether every cluster of [offset, offset+count) is in the replica slot's hidden
+ * overlay: its old contents copied since the last checkpoint (bits are set by the plugin
+ * after the copy, and cleared only while the slot is disarmed). */
+static bool
+copied (const struct slot *sl, uint64_t offset, uint32_t count)
+{
+  uint64_t end = ((offset + count - 1) >> sl->shift) + 1;
+  for (uint64_t c = offset >> sl->shift; c < end; c++)
+    if (!(__atomic_load_n (&sl->bits[c >> 3], __ATOMIC_ACQUIRE) >> (c & 7) & 1))
+      return false;
+  return true;
+}
+
+/* An armed replica slot's pwrite, of its writer session; 0 done, 1 hand it to the plugin:
+ * a cluster still to copy (copy-before-write is the plugin's), or a failed local write
+ * (the plugin writes again and reports it its way). */
+static int
+replica_write (struct slot *sl, int fd, const void *buf, uint32_t count, uint64_t offset,
+               bool fua)
+{
+  if (count == 0 || !copied (sl, offset, count))
+    return 1;
+  return write_local (fd, buf, count, offset, fua) == -1 ? 1 : 0;
+}
+
 static void *
 fast_open (nbdkit_next_open *next, nbdkit_context *nxdata, int readonly,
            const char *exportname, int is_tls __attribute__ ((unused)))
 {
   bound_cell = -1;
+  bound_session = -1;
   if (next (nxdata, readonly, exportname) == -1)
     return NULL;
   struct conn *c = malloc (sizeof *c);
@@ -639,7 +764,9 @@ fast_open (nbdkit_next_open *next, nbdkit_context *nxdata, int readonly,
     return NULL;
   }
   c->cell = bound_cell;             /* the plugin's open bound it (repdisk_fast_bind) */
+  c->session = bound_session;
   bound_cell = -1;
+  bound_session = -1;
   return c;
 }
 
@@ -656,6 +783,15 @@ count_write (struct slot *sl, uint32_t count)
   __atomic_add_fetch (&sl->bytes, count, __ATOMIC_RELAXED);
 }
 
+/* A direct write of a replica slot goes to the plugin after all. */
+static void
+undirect (struct slot *sl)
+{
+  pthread_mutex_lock (&sl->lock);
+  end_direct (sl);
+  pthread_mutex_unlock (&sl->lock);
+}
+
 static int
 fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
             uint64_t offset, uint32_t flags, int *err)
@@ -663,25 +799,27 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
   struct slot *sl = slot_of (handle);
   if (!sl)
     return next->pwrite (next, buf, count, offset, flags, err);
-  int fd;
-  if (!enter (sl, &fd)) {
-    int r = next->pwrite (next, buf, count, offset, flags, err);
-    leave (sl);
-    return r;
-  }
-  bool fua = flags & NBDKIT_FLAG_FUA, sync = sl->wake_fd < 0;
+  int fd, r = 1;
+  bool fua = flags & NBDKIT_FLAG_FUA, armed = enter (sl, handle, &fd);
+  bool ranged = armed && sl->kind == SYNC, direct = armed && sl->kind == REPLICA;
   struct range me;
-  if (sync)
+  if (ranged)
     range_lock (sl, &me, offset, offset + count);
-  int r = sync ? fast_pwrite (sl, fd, buf, count, offset, fua, err)
-               : write_back (sl, fd, buf, count, offset, fua, err);
-  if (r == 1)
+  if (armed)
+    r = sl->kind == SYNC ? fast_pwrite (sl, fd, buf, count, offset, fua, err)
+      : sl->kind == WRITE_BACK ? write_back (sl, fd, buf, count, offset, fua, err)
+      : replica_write (sl, fd, buf, count, offset, fua);
+  if (r == 1) {
+    if (direct)
+      undirect (sl);
+    direct = false;
     r = next->pwrite (next, buf, count, offset, flags, err);
+  }
   else if (r == 0)
     count_write (sl, count);
-  if (sync)
+  if (ranged)
     range_unlock (sl, &me);
-  leave (sl);
+  leave (sl, direct);
   return r;
 }
 
@@ -691,14 +829,17 @@ fast_write (nbdkit_next *next, void *handle, const void *buf, uint32_t count,
   if (!sl)                                                              \
     return call;                                                        \
   int fd_;                                                              \
-  bool armed = enter (sl, &fd_) && sl->wake_fd < 0;                     \
+  bool armed = enter (sl, handle, &fd_);                                \
+  if (armed && sl->kind == REPLICA)                                     \
+    undirect (sl);                                                      \
+  bool ranged = armed && sl->kind == SYNC;                              \
   struct range me;                                                      \
-  if (armed)                                                            \
+  if (ranged)                                                           \
     range_lock (sl, &me, offset, offset + count);                       \
   int r = call;                                                         \
-  if (armed)                                                            \
+  if (ranged)                                                           \
     range_unlock (sl, &me);                                             \
-  leave (sl);                                                           \
+  leave (sl, false);                                                    \
   return r
 
 static int
@@ -717,7 +858,7 @@ fast_trim (nbdkit_next *next, void *handle, uint32_t count, uint64_t offset,
 
 static struct nbdkit_filter filter = {
   .name = "repdisk-fast",
-  .longname = "repdisk's primary fast path",
+  .longname = "repdisk's fast path",
   .open = fast_open,
   .close = fast_close,
   .pwrite = fast_write,

@@ -379,7 +379,7 @@ def test_query_is_json_and_tracks_checkpoints(sec: SecondaryReplica) -> None:
                  "consistent": False, "hidden_bytes": 0, "active_bytes": 0,
                  "counters": {"replica_writes": 0, "replica_bytes": 0, "cbw_bytes": 0,
                               "active_writes": 0, "checkpoints": 0},
-                 "last_checkpoint": None}
+                 "last_checkpoint": None, "fast_path": None}  # no filter in this process
     sec.start(SECONDARY)
     sec.checkpoint()
     q = json.loads(json.dumps(sec.query()))

@@ -340,6 +340,14 @@ class Overlay:
     def _is_set(self, cluster: int) -> bool:
         return bool(self._bitmap[cluster >> 3] >> (cluster & 7) & 1)
 
+    @property
+    def bitmap(self) -> bytearray:
+        """The allocation bitmap in memory, bit ``c & 7`` of byte ``c >> 3`` for cluster
+        ``c``: changed in place, never replaced, a bit set only after its cluster's data
+        is written, cleared only under the exclusive range lock of the whole overlay
+        (make_empty, commit).  For readers outside Python (fastpath.py); not to write."""
+        return self._bitmap
+
     def is_allocated(self, cluster: int) -> bool:
         if not 0 <= cluster < self._nclusters:
             raise ValueError(f"overlay {self.path}: cluster {cluster} is outside "

@@ -103,7 +103,7 @@ class SecondaryRole(Role[SecondaryReplica]):
                 active = kept
             else:
                 active = Export(rep.active_view, self.ctx.admission)
-            fence = sessions.SessionFence(name)
+            fence = sessions.SessionFence(name, rep.fast_slot)
             aliases = [f"replica/{name}"] + (["replica"] if i == 0 else [])
             for replica in aliases:  # each with its batch and seal twins, one fence for all
                 twins: tuple[tuple[str, BlockDevice], ...] = (

@@ -1,20 +1,24 @@
-"""The primary's fast path: the Python side of nbdplugin/repdisk-fast.c.
+"""The fast path: the Python side of nbdplugin/repdisk-fast.c.
 
 Every node runs nbdkit with the ``repdisk-fast`` filter in front of the plugin (when
-``make setup`` built it).  The filter can carry out one route of the write path's gate in
-C: a sync primary's FORWARD (the local write, then the same request to the secondary on
-the nbdkit worker's own connection, in the primary's writer session, acknowledged once
-both are done), or an async primary's WRITE_BACK (the local write, then its range in the
-slot's mark log, which the dirty map takes in before it is read, and a wake-up of the
-forwarder).  It decides nothing: this module arms it and disarms it.
+``make setup`` built it).  The filter can carry out one route of a gate in C: a sync
+primary's FORWARD (the local write, then the same request to the secondary on the nbdkit
+worker's own connection, in the primary's writer session, acknowledged once both are
+done), an async primary's WRITE_BACK (the local write, then its range in the slot's mark
+log, which the dirty map takes in before it is read, and a wake-up of the forwarder), or
+a secondary's COPY_BEFORE_WRITE once the copy is made (a replica write of the current
+writer session whose clusters the hidden overlay already holds goes straight to the
+disk).  It decides nothing: this module arms it and disarms it.
 
-* :class:`Slot` -- one primary disk's write path: the local disk's fd and, for sync, the
+* :class:`Slot` -- one disk's write path: the local disk's fd and, for sync, the
   secondary's export URI (the forwarder's session tag included), armed only while the
   gate gives the slot's route and no hold, copy or verify needs the write path's own
-  range locks.  A change takes effect once no write of the slot is under way
-  (:meth:`Slot.wait`).
-* :class:`Cell` -- what one guest export serves now (an Export's target), so that a
-  connection bound at open follows a promotion.
+  range locks; a replica slot, the hidden overlay's bitmap and the writer session
+  admitted last (:meth:`Slot.session`), armed only while replication runs and no
+  transition holds the disk.  A change takes effect once no write of the slot is under
+  way (:meth:`Slot.wait`).
+* :class:`Cell` -- what one export serves now (an Export's target, a secondary's replica
+  view), so that a connection bound at open follows a promotion.
 * :func:`publish_guard` -- whether, and until when, a write may be acknowledged without
   the node's isolation guard and admission (Admission keeps it current).
 
@@ -33,7 +37,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FILTER", "Cell", "Slot", "publish_guard"]
+__all__ = ["DRAIN_TIMEOUT", "FILTER", "Cell", "Slot", "publish_guard"]
 
 #: Where ``make setup`` builds the filter; nodeproc.py loads it into every node.
 FILTER = os.path.join(sys.prefix, "lib", "repdisk", "repdisk-fast.so")
@@ -67,7 +71,9 @@ def _loaded() -> ctypes.CDLL | None:
                                      ctypes.c_double, ctypes.c_int]
     lib.repdisk_fast_wait.argtypes = [ctypes.c_int, ctypes.c_double]
     lib.repdisk_fast_cell_set.argtypes = [ctypes.c_int, ctypes.c_int]
-    lib.repdisk_fast_bind.argtypes = [ctypes.c_int]
+    lib.repdisk_fast_bind.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.repdisk_fast_replica_slot.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    lib.repdisk_fast_session.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_double]
     lib.repdisk_fast_guard.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.repdisk_fast_stats.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint64 * 4)]
     return lib
@@ -84,16 +90,22 @@ def publish_guard(blocked: bool, deadline: float | None) -> None:
         _lib.repdisk_fast_guard(int(blocked), ns)
 
 
+#: How long a replica slot's disarming or new session waits for the writes in C (local
+#: writes of one request each) before the plugin refuses the change.
+DRAIN_TIMEOUT = 30.0
+
 #: Marks taken from a write-back slot's log per call.
 _MARKS = 1024
 
 
 class Slot:
-    """One primary disk's fast path (see the module docstring)."""
+    """One disk's fast path (see the module docstring)."""
 
     def __init__(self, index: int, handler: object, wake_fd: int = -1) -> None:
         self.index = index
-        self._handler = handler  # the ctypes callback: kept alive as long as the slot
+        # The ctypes callback, or a replica slot's view of the bitmap: kept alive as long
+        # as the slot.
+        self._handler = handler
         #: A write-back slot's eventfd, readable once a mark was made since ``rearm``.
         self.wake_fd = wake_fd
         self._marks = (ctypes.c_uint64 * (2 * _MARKS))() if wake_fd >= 0 else None
@@ -125,9 +137,24 @@ class Slot:
         return slot
 
     @classmethod
+    def make_replica(cls, bitmap: bytearray, cluster_size: int) -> Slot | None:
+        """A new replica slot, disarmed, that reads ``bitmap`` (a hidden overlay's, one bit
+        a cluster, changed in place and never resized: exported here, it cannot be); None
+        as for :meth:`make`."""
+        if _lib is None:
+            return None
+        bits = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
+        index = _lib.repdisk_fast_replica_slot(ctypes.addressof(bits),
+                                               cluster_size.bit_length() - 1)
+        return cls._made(index, bits, -1)
+
+    @classmethod
     def _new(cls, handler: object, wake_fd: int) -> Slot | None:
         assert _lib is not None
-        index = _lib.repdisk_fast_slot(handler, wake_fd)
+        return cls._made(_lib.repdisk_fast_slot(handler, wake_fd), handler, wake_fd)
+
+    @classmethod
+    def _made(cls, index: int, handler: object, wake_fd: int) -> Slot | None:
         if index < 0:
             log.warning("fast path: no free slot; this disk's writes go through the plugin")
             return None
@@ -168,6 +195,13 @@ class Slot:
         assert _lib is not None
         _lib.repdisk_fast_lag(self.index, dirty, max_lag)
 
+    def session(self, serial: int, timeout: float) -> bool:
+        """A replica slot's connections bound with ``serial`` (:meth:`Cell.bind`) may write
+        in C from now on, no others; whether every write in C has ended within
+        ``timeout`` (a write of another session may have been in C until then)."""
+        assert _lib is not None
+        return bool(_lib.repdisk_fast_session(self.index, serial, timeout))
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the last arm or disarm to take effect; whether it did."""
         assert _lib is not None
@@ -192,8 +226,9 @@ class Cell:
             assert _lib is not None
             _lib.repdisk_fast_cell_set(self.index, -1 if slot is None else slot.index)
 
-    def bind(self) -> None:
-        """The connection being opened on this thread serves this export (nbdkit's open)."""
+    def bind(self, session: int = -1) -> None:
+        """The connection being opened on this thread serves this export (nbdkit's open),
+        for a replica view in writer session ``session`` (its fence's serial)."""
         if self.index >= 0:
             assert _lib is not None
-            _lib.repdisk_fast_bind(self.index)
+            _lib.repdisk_fast_bind(self.index, session)

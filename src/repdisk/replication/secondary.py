@@ -33,11 +33,19 @@ of the disk):
 
 Transitions (``start``, ``checkpoint``, ``stop`` = ``begin_failover`` +
 ``resume_failover``) run under ``sm.lock`` and are the
-only writers of the stage (through ``sm.set_stage``).
+only writers of the stage (through ``_set_stage``).
+
+The fast path (fastpath.py): while the stage is RUNNING and no transition holds the disk,
+the ``repdisk-fast`` filter serves a replica ``pwrite`` of the current writer session
+itself when every cluster it touches is already in hidden (``COPY_BEFORE_WRITE`` with
+nothing left to copy: a write to the disk, which the range lock would not change).
+Everything else comes here.  A transition first hands every write to the plugin and waits
+for those in C to end (``_fast_held``), so they are all before it or after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -45,7 +53,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from repdisk.block.device import BlockDevice, Buffer, Extent
@@ -53,6 +61,7 @@ from repdisk.block.overlay import Overlay, coalesce
 from repdisk.block.rangelock import FairRangeLock
 from repdisk.block.rawimage import RawImage
 from repdisk.errors import BlockIOError, check_range
+from repdisk.replication import fastpath
 from repdisk.replication.framework import (
     Registry,
     ReplicationError,
@@ -124,10 +133,13 @@ def _replica_route(name: str, op: Op, stage: Stage) -> Route:
 class _ReplicaView:
     """A ``BlockDevice`` facade over one view; every call goes to ``SecondaryReplica._io``."""
 
-    def __init__(self, owner: SecondaryReplica, view: View) -> None:
+    def __init__(self, owner: SecondaryReplica, view: View,
+                 fast_cell: fastpath.Cell | None = None) -> None:
         self._owner = owner
         self._view = view
         self.size = owner.size
+        #: The replica view's cell in the fast path (a session binds its connections).
+        self.fast_cell = fast_cell
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         self._owner._io(self._view, Op.READ, "pread", offset, len(buf), buf)
@@ -181,7 +193,11 @@ class SecondaryReplica:
             ("replica_writes", "replica_bytes", "cbw_bytes", "active_writes", "checkpoints"), 0)
         self._last_checkpoint: dict[str, float] | None = None
         self.consistent = False
-        self.replica_view: BlockDevice = _ReplicaView(self, View.REPLICA)
+        #: The C fast path of replica writes (fastpath.py); None: the plugin serves all.
+        self.fast_slot = fastpath.Slot.make_replica(hidden.bitmap, self.cluster_size)
+        self._fast_cell = fastpath.Cell()
+        self._fast_cell.point(self.fast_slot)
+        self.replica_view: BlockDevice = _ReplicaView(self, View.REPLICA, self._fast_cell)
         self.active_view: BlockDevice = _ReplicaView(self, View.ACTIVE)
 
     @classmethod
@@ -248,7 +264,7 @@ class SecondaryReplica:
                 raise ReplicationError(f"{self.name}: cannot start: emptying the overlays "
                                        f"failed: {err}") from err
             self.consistent = False  # the disk holds whatever the primary wrote before
-            self.sm.set_stage(Stage.RUNNING)
+            self._set_stage(Stage.RUNNING)
             self.sm.clear_error()
 
     def checkpoint(self) -> None:
@@ -268,7 +284,7 @@ class SecondaryReplica:
                 return
             if not failover:
                 self._checkpoint()
-                self.sm.set_stage(Stage.DONE)
+                self._set_stage(Stage.DONE)
                 return
             self.begin_failover()
             self.resume_failover(progress)
@@ -285,7 +301,7 @@ class SecondaryReplica:
             if not self.sm.guard_running("fail over"):
                 return False
             self.check_failover()
-            self.sm.set_stage(Stage.FAILOVER)  # from here on the replica view refuses writes
+            self._set_stage(Stage.FAILOVER)  # from here on the replica view refuses writes
             try:
                 with self._ranges.whole(self.size):
                     self.active_overlay.flush()
@@ -307,7 +323,7 @@ class SecondaryReplica:
                             "(active %d bytes, hidden %d bytes still buffered)", self.name,
                             self.active_overlay.allocated_bytes,
                             self.hidden_overlay.allocated_bytes)
-                self.sm.set_stage(Stage.FAILOVER)
+                self._set_stage(Stage.FAILOVER)
             elif self.stage is not Stage.FAILOVER:
                 raise ReplicationError(f"{self.name}: no failover commit to finish "
                                        f"(stage {self.stage.value})")
@@ -324,7 +340,7 @@ class SecondaryReplica:
             if self.active_overlay.allocated_bytes or self.hidden_overlay.allocated_bytes:
                 self.resume_failover()
                 return
-            self.sm.set_stage(Stage.DONE)
+            self._set_stage(Stage.DONE)
             self.consistent = True      # the failover's disk: its last checkpoint and after
 
     def check_failover(self) -> None:
@@ -350,6 +366,10 @@ class SecondaryReplica:
         """A JSON-able snapshot for ``query-replication`` (never waits for a transition)."""
         with self._counters_lock:
             counters = dict(self._counters)
+        fast = None if self.fast_slot is None else self.fast_slot.stats()
+        if fast is not None:
+            counters["replica_writes"] += fast["writes"]
+            counters["replica_bytes"] += fast["bytes"]
         return {
             "disk": self.name, "mode": self.sm.mode.value, "stage": self.stage.value,
             "error": self.error, "consistent": self.consistent,
@@ -357,11 +377,17 @@ class SecondaryReplica:
             "active_bytes": self.active_overlay.allocated_bytes,
             "counters": counters,
             "last_checkpoint": dict(self._last_checkpoint) if self._last_checkpoint else None,
+            "fast_path": fast,
         }
 
     def close(self, disk: bool = True) -> None:
         """Flush and close the overlays, then the disk (``disk=False``: a promoted node's
         primary owns it now)."""
+        try:
+            self._fast_drain(False)
+        except ReplicationError as err:
+            log.warning("%s: closing with %s", self.name, err)
+        self._fast_cell.point(None)
         self.active_overlay.close()
         self.hidden_overlay.close()
         if disk:
@@ -369,6 +395,34 @@ class SecondaryReplica:
             self.disk.close()
 
     # -- transition helpers (called with sm.lock held) ------------------------------
+
+    def _set_stage(self, stage: Stage) -> None:
+        """The one setter of the stage: the fast path serves replica writes only while
+        it is RUNNING, and none is under way in C when it changes."""
+        with self._fast_held():
+            self.sm.set_stage(stage)
+
+    @contextlib.contextmanager
+    def _fast_held(self) -> Iterator[None]:
+        """Every replica write comes through the plugin (and its range locks) meanwhile;
+        afterwards the fast path serves them again if the stage is RUNNING.  Raises
+        ReplicationError (nothing done) if writes under way in C do not end in time."""
+        self._fast_drain(False)
+        try:
+            yield
+        finally:
+            self._fast_drain(self.stage is Stage.RUNNING)
+
+    def _fast_drain(self, armed: bool) -> None:
+        """Arm or disarm the fast path; disarming waits for the writes in C to end."""
+        slot = self.fast_slot
+        if slot is None:
+            return
+        slot.set(self.disk.fd, None, 0, armed)
+        if not armed and not slot.wait(fastpath.DRAIN_TIMEOUT):
+            raise ReplicationError(f"{self.name}: replica writes under way did not finish "
+                                   f"within {fastpath.DRAIN_TIMEOUT:g}s (is the disk hung?); "
+                                   "retry once they have")
 
     def _check_chain(self) -> None:
         """Equal lengths first (an overlay made for another disk shows up here), then links."""
@@ -385,7 +439,7 @@ class SecondaryReplica:
 
     def _empty_buffers(self) -> None:
         """Flush the disk, then empty active and hidden: the checkpoint's core (start uses it)."""
-        with self._ranges.whole(self.size):
+        with self._fast_held(), self._ranges.whole(self.size):
             self.disk.flush()  # the primary's writes are durable before their undo data goes
             try:
                 self.active_overlay.make_empty()
@@ -421,7 +475,7 @@ class SecondaryReplica:
                 self.disk.flush()
         except Exception as err:
             self._commit_failed(err)
-        self.sm.set_stage(Stage.DONE)
+        self._set_stage(Stage.DONE)
         self.consistent = True  # checked before the commit began, or before the crash
         self.sm.clear_error()
         self.sm.events("FAILOVER_COMPLETED", {"disk": self.name,
@@ -429,7 +483,7 @@ class SecondaryReplica:
                                             "bytes": committed})
 
     def _commit_failed(self, err: Exception) -> NoReturn:
-        self.sm.set_stage(Stage.FAILOVER_FAILED)
+        self._set_stage(Stage.FAILOVER_FAILED)
         self.sm.clear_error()  # the failed commit is what get_error must report now
         self.sm.record_error(f"failover commit failed: {err}")
         raise ReplicationError(f"{self.name}: failover commit failed: {err}; the disk "

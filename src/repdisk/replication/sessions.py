@@ -43,6 +43,7 @@ from typing import Any
 from repdisk.block.device import BlockDevice
 from repdisk.block.rangelock import RangeLock
 from repdisk.errors import BlockIOError
+from repdisk.replication import fastpath
 
 Token = tuple[int, int]  # (epoch, generation)
 
@@ -107,23 +108,34 @@ def refusal_of(description: str, tag: str) -> str | None:
 
 class SessionFence:
     """Which writer session of one disk may write (the newest admitted); see the module
-    docstring.  Shared by a replica export and its batch and seal twins."""
+    docstring.  Shared by a replica export and its batch and seal twins.
 
-    def __init__(self, name: str) -> None:
+    With a fast path (``fast``, the disk's replica slot), the filter serves some writes of
+    the current session in C: admission tells the slot the new session (by a serial the
+    fence counts) and waits for the writes in C to end, as it waits for its own; a mark
+    stands only while the slot has acknowledged no write since.
+    """
+
+    def __init__(self, name: str, fast: fastpath.Slot | None = None) -> None:
         self.name = name
+        self._fast = fast
         # One range, [0, 1): writes take it shared, admission of a newer session exclusive.
         self._writing = RangeLock()
         # Guards _current (read with _writing shared, written with it exclusive).
         self._mutex = threading.Lock()
         self._current: Token = (-1, -1)
+        # Grows with every change of _current: the fast path's name for the session.
+        self._serial = 0
         # The primary disk this fence serves (writer_id), once a tagged session named one.
         self._writer = ""
         #: The last session refused and why (REFUSED; "" if none), for the description.
         self.refusal = ""
         # Held while a superseded session's request is refused: one refusal at a time.
         self._refusing = threading.Lock()
-        # The session whose primary's checkpoint mark came with no write of it since.
+        # The session whose primary's checkpoint mark came with no write of it since, and
+        # how many writes the fast path had acknowledged then.
         self._marked: Token | None = None
+        self._marked_fast = 0
         # Open connections of each session (SessionView), and since when the current
         # session has had none (time.time(); the fence's making if none ever connected).
         self._open: dict[Token, int] = {}
@@ -139,8 +151,23 @@ class SessionFence:
             if why:
                 self.refusal = f"{REFUSED} {make_tag(*token, writer)[1:]}: {why}"
                 raise BlockIOError(errno.EPERM, f"{self.name}: {why}")
+            if token != self._current:
+                fast = self._fast
+                if fast is not None and not fast.session(self._serial + 1,
+                                                         fastpath.DRAIN_TIMEOUT):
+                    fast.session(self._serial, 0)
+                    raise BlockIOError(errno.EAGAIN, f"{self.name}: writes of the session "
+                                                     f"{self._current} still under way did "
+                                                     "not finish (is the disk hung?); retry")
+                self._serial += 1
             self._current = token
             self._writer = writer or self._writer
+
+    def serial(self, token: Token) -> int:
+        """The fast path's name for ``token``'s session if it is the current one, else -1
+        (a connection of it may not write in C)."""
+        with self._mutex:
+            return self._serial if token == self._current else -1
 
     def mark(self, token: Token) -> None:
         """``token``'s primary checkpointed (MARK_SUFFIX); EPERM if a newer session writes."""
@@ -149,6 +176,7 @@ class SessionFence:
             current = self._current
             if token == current:
                 self._marked = token
+                self._marked_fast = self._fast_writes()
                 return
         finally:
             self._writing.release(entry)
@@ -159,7 +187,11 @@ class SessionFence:
         """Whether the disk is a checkpoint's closed set: the current session's primary
         marked a checkpoint and wrote nothing since, or no primary session ever wrote
         (a plain ``replica`` connection, an operator's tool)."""
-        return self._current == (-1, -1) or self._marked == self._current
+        return self._current == (-1, -1) or (self._marked == self._current
+                                             and self._marked_fast == self._fast_writes())
+
+    def _fast_writes(self) -> int:
+        return 0 if self._fast is None else self._fast.stats()["writes"]
 
     def joined(self, token: Token) -> None:
         """A connection of ``token``'s session opened (a SessionView was made)."""
@@ -257,6 +289,9 @@ class SessionView:
         self.pread_into = view.pread_into
         self.extents = view.extents
         fence.joined(token)
+        cell: fastpath.Cell | None = getattr(view, "fast_cell", None)
+        if cell is not None:  # this connection's writes may take the fast path
+            cell.bind(fence.serial(token))
 
     def close(self) -> None:
         """The connection closed (called once, by the plugin's close)."""
