@@ -97,6 +97,9 @@ def test_failover_hook_gets_epoch_and_secondary(nodes, tmp_path):
         ctl.start()
         pair.pri.kill()
         step_until(ctl, "failed-over")
+        q = ctl.query()
+        assert (q["dirty"], q["lag"]) == (None, None)   # not the lost primary's last ones
+        assert "dirty ? lag ?" in controller_lines(q)[0]
         deadline = time.monotonic() + 5
         while not events(ctl, "HOOK_COMPLETED") and time.monotonic() < deadline:
             ctl.step()

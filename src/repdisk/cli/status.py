@@ -188,8 +188,9 @@ def _held(node: dict[str, Any]) -> str:
     return ""
 
 
-def _mib(n: int) -> str:
-    return units.format_size(n)
+def _mib(n: int | None) -> str:
+    """A size for people; "?" for None (not known: e.g. the primary is out of contact)."""
+    return "?" if n is None else units.format_size(n)
 
 
 #: Keys of a QMP result that ``repdisk ctl`` shows in human units (by the key's name).

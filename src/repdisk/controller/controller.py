@@ -963,7 +963,8 @@ class Controller(StateMachine):
     def query(self) -> dict[str, Any]:
         """What query-controller returns (never waits for an operation)."""
         now = time.time()
-        p = self.primary.last or {}
+        # A primary out of contact (lost, failed over from) has no current lag: None.
+        disks = (self.primary.last or {}).get("disks", []) if self.primary.reachable else None
         op = self.operation
         return {
             "state": self.state.value, "operation": op.value if op else None,
@@ -971,8 +972,8 @@ class Controller(StateMachine):
             "nodes": {"primary": self.primary.info(), "secondary": self.secondary.info()},
             "last_checkpoints": [{**c, "age": round(now - c["time"], 3)}
                                  for c in list(self.checkpoints)],
-            "lag": sum(d.get("lag_bytes", 0) for d in p.get("disks", [])),
-            "dirty": sum(d.get("dirty_bytes", 0) for d in p.get("disks", [])),
+            "lag": None if disks is None else sum(d.get("lag_bytes", 0) for d in disks),
+            "dirty": None if disks is None else sum(d.get("dirty_bytes", 0) for d in disks),
             "progress": self.progress.as_dict() if self.progress else None,
             # Checkpoints failing in a row: a failover would roll back to the last good one.
             "checkpoints_failing": ({"count": self.failing[1],
