@@ -827,3 +827,27 @@ def test_a_stop_by_hand_of_a_protected_pair_is_refused(cli_pair: Pair) -> None:
             assert q["disks"][0]["stage"] == "running", q
     finally:
         cli_pair.repdisk("down", "ctl.qmp")
+
+
+def test_down_of_a_protected_node_warns_that_its_controller_takes_it_as_a_failure(
+        cli_pair: Pair) -> None:
+    """`repdisk down NODE` while a controller protects the pair stops the node (the failure
+    matrix uses it as a node's loss) and says, on stderr, what the controller will make of
+    it and how to stop the pair instead; once the controller has stopped, nothing is said."""
+    pri, sec, _ = replicating_pair(cli_pair)
+    cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
+                     "ctl.qmp", "--background")
+    try:
+        wait_for(lambda: "running" in cli_pair.repdisk("status", "ctl.qmp").stdout,
+                 what="a protected pair")
+        down = cli_pair.repdisk("down", sec)
+        where = cli_pair.path("ctl.qmp")
+        assert down.stderr == (
+            f"{sec}: warning: controller {where} protects this node's pair and takes its stop "
+            "as a failure (a primary's: a failover to the last checkpoint); to stop the pair "
+            f"instead, stop the controller first (repdisk down {where})\n")
+        assert down.stdout.startswith(f"{sec}: stopped the node (pid "), down.stdout
+    finally:
+        cli_pair.repdisk("down", "ctl.qmp")
+    down = cli_pair.repdisk("down", pri)
+    assert (down.stderr, down.stdout.startswith(f"{pri}: stopped the node")) == ("", True)

@@ -35,6 +35,7 @@ from repdisk.cli.status import entry_lines, status_entry
 from repdisk.controller import pairfile
 from repdisk.errors import BlockIOError, RepdiskError
 from repdisk.node.config import NAME_RE, NodeConfig, parse_disk
+from repdisk.node.lease import controller_socket
 from repdisk.node.state import NodeState
 from repdisk.qmp.server import gone
 from repdisk.tls import TLSSpec
@@ -105,6 +106,12 @@ def _down(args: argparse.Namespace) -> int:
     if args.names and not all(is_resource_name(a) for a in args.names):
         # Control sockets: every one checked before any is stopped, then in the order given.
         for control, found in [(c, nodeproc.serving(c)) for c in args.names]:
+            where = _protector(control) if found and found.what == "node" else None
+            if where:
+                print(f"{control}: warning: controller {where} protects this node's pair and "
+                      "takes its stop as a failure (a primary's: a failover to the last "
+                      "checkpoint); to stop the pair instead, stop the controller first "
+                      f"(repdisk down {where})", file=sys.stderr)
             print(f"{control}: {found.stop()}" if found else
                   f"{control}: nothing serves it (stopped already, or not its path)")
         return 0
@@ -119,6 +126,14 @@ def _down(args: argparse.Namespace) -> int:
             stopped = down(res)
         print(f"{res.name}: stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
     return 0
+
+
+def _protector(control: str) -> str | None:
+    """How to reach the controller whose lease on the node at ``control`` is fresh (it
+    protects the node's pair), or None."""
+    entry = status_entry(control)
+    lease = entry["query"].get("lease") if entry["kind"] == "node" else None
+    return controller_socket(lease["holder"]) if lease and lease.get("fresh") else None
 
 
 def up(res: Resource, host: str | None = None) -> list[str]:

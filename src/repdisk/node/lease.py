@@ -72,14 +72,15 @@ class ControllerLease:
             not _holder_gone(self.holder)
 
     def query(self) -> dict[str, Any] | None:
-        """The holder, the lease's length, how long ago it was heard, and whether that is
-        within the length (``fresh``); None if no controller was heard."""
+        """The holder, the lease's length, how long ago it was heard, and whether the lease
+        stands (``fresh``: heard within the length, and not a controller of this host that
+        is gone); None if no controller was heard."""
         with self._lock:
             if self.holder is None:
                 return None
-            age = time.monotonic() - self._heard
+            now = time.monotonic()
             return {"holder": self.holder, "duration": self.duration,
-                    "age": round(age, 3), "fresh": age < self.duration}
+                    "age": round(now - self._heard, 3), "fresh": self._fresh(now)}
 
 
 def controller_socket(holder: str) -> str:
