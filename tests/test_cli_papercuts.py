@@ -34,6 +34,7 @@ from repdisk import units
 from repdisk.cli import main as cli
 from repdisk.cli import nodeproc
 from repdisk.cli.status import controller_lines
+from repdisk.cli.updown import stop_warning
 from repdisk.errors import ConfigError
 from tests.helpers.cli import (
     SEC,
@@ -844,10 +845,28 @@ def test_down_of_a_protected_node_warns_that_its_controller_takes_it_as_a_failur
         where = cli_pair.path("ctl.qmp")
         assert down.stderr == (
             f"{sec}: warning: controller {where} protects this node's pair and takes its stop "
-            "as a failure (a primary's: a failover to the last checkpoint); to stop the pair "
-            f"instead, stop the controller first (repdisk down {where})\n")
+            "as the secondary's loss (the pair runs unprotected until this node is back); to "
+            f"stop the pair instead, stop the controller first (repdisk down {where})\n")
         assert down.stdout.startswith(f"{sec}: stopped the node (pid "), down.stdout
     finally:
         cli_pair.repdisk("down", "ctl.qmp")
     down = cli_pair.repdisk("down", pri)
     assert (down.stderr, down.stdout.startswith(f"{pri}: stopped the node")) == ("", True)
+
+
+def test_a_stop_is_warned_of_only_where_a_controller_acts_on_it() -> None:
+    """The warning of `repdisk down NODE` by the node's query: a protected primary's stop
+    is a failover, a protected secondary's leaves the pair unprotected; a fenced node, a
+    failover's winner (stage done), a stale lease or none: nothing to warn of."""
+    fresh = {"holder": "h1:/r/ctl.qmp", "fresh": True}
+    running = [{"stage": "running"}]
+
+    def warning(**q: object) -> str | None:
+        return stop_warning({"role": "primary", "lease": fresh, "disks": running, **q})
+
+    assert warning() is not None and "the primary's loss (a failover to the last " \
+        "checkpoint)" in warning()
+    assert "the secondary's loss (the pair runs unprotected until this node is back)" in \
+        warning(role="secondary")
+    assert [warning(fenced="lost a failover"), warning(disks=[{"stage": "done"}]),
+            warning(lease={**fresh, "fresh": False}), warning(lease=None)] == [None] * 4

@@ -106,12 +106,10 @@ def _down(args: argparse.Namespace) -> int:
     if args.names and not all(is_resource_name(a) for a in args.names):
         # Control sockets: every one checked before any is stopped, then in the order given.
         for control, found in [(c, nodeproc.serving(c)) for c in args.names]:
-            where = _protector(control) if found and found.what == "node" else None
-            if where:
-                print(f"{control}: warning: controller {where} protects this node's pair and "
-                      "takes its stop as a failure (a primary's: a failover to the last "
-                      "checkpoint); to stop the pair instead, stop the controller first "
-                      f"(repdisk down {where})", file=sys.stderr)
+            entry = status_entry(control) if found and found.what == "node" else None
+            warning = stop_warning(entry["query"]) if entry and entry["kind"] == "node" else None
+            if warning:
+                print(f"{control}: warning: {warning}", file=sys.stderr)
             print(f"{control}: {found.stop()}" if found else
                   f"{control}: nothing serves it (stopped already, or not its path)")
         return 0
@@ -128,12 +126,21 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _protector(control: str) -> str | None:
-    """How to reach the controller whose lease on the node at ``control`` is fresh (it
-    protects the node's pair), or None."""
-    entry = status_entry(control)
-    lease = entry["query"].get("lease") if entry["kind"] == "node" else None
-    return controller_socket(lease["holder"]) if lease and lease.get("fresh") else None
+def stop_warning(q: dict[str, Any]) -> str | None:
+    """What stopping the node whose ``query-replication`` is ``q`` makes its controller do,
+    if a controller protects its replicating pair (its lease is fresh, the node is not
+    fenced and a disk runs); else None."""
+    lease = q.get("lease")
+    if not (lease and lease.get("fresh")) or q.get("fenced") or \
+            not any(d.get("stage") == "running" for d in q.get("disks", [])):
+        return None
+    where = controller_socket(lease["holder"])
+    role = q.get("role")
+    then = ("a failover to the last checkpoint" if role == "primary" else
+            "the pair runs unprotected until this node is back")
+    return (f"controller {where} protects this node's pair and takes its stop as the {role}'s "
+            f"loss ({then}); to stop the pair instead, stop the controller first "
+            f"(repdisk down {where})")
 
 
 def up(res: Resource, host: str | None = None) -> list[str]:
