@@ -547,3 +547,14 @@ def test_failover_without_a_callback_reports_progress_as_events(tmp_path: Path) 
                                          + b"\x11" * (28 * KiB))
     finally:
         sec.close()
+
+
+def test_a_start_in_the_other_mode_names_the_mode_even_once_running(
+        sec: SecondaryReplica) -> None:
+    """`start mode=primary` sent to a running secondary is refused as the wrong node, not
+    as "started already" (which hid that the operator had the wrong socket)."""
+    sec.start(SECONDARY)
+    with pytest.raises(ReplicationError, match="the start mode primary does not match this "
+                                               "disk's mode secondary"):
+        sec.start(ReplicationMode.PRIMARY)
+    assert sec.stage is Stage.RUNNING

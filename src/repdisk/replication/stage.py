@@ -94,15 +94,15 @@ class StageMachine:
         """True if start must run; False if it is ignored; raises for a wrong stage or mode."""
         if self.finished():
             return False
-        if self.stage is not Stage.NONE:
-            raise ReplicationError(f"{self.name}: replication is running or done "
-                                   f"(stage {self.stage.value}): it is started already, "
-                                   "nothing to do")
-        if mode is not self.mode:
+        if mode is not self.mode:   # first: "started already" would hide the wrong node
             raise ReplicationError(f"{self.name}: the start mode {mode.value} does not match "
                                    f"this disk's mode {self.mode.value}: start this node with "
                                    f"mode={self.mode.value}, or send mode={mode.value} to the "
                                    f"{mode.value}'s control socket")
+        if self.stage is not Stage.NONE:
+            raise ReplicationError(f"{self.name}: replication is running or done "
+                                   f"(stage {self.stage.value}): it is started already, "
+                                   "nothing to do")
         return True
 
     def guard_running(self, op: str) -> bool:
