@@ -179,3 +179,10 @@ def test_a_sync_primarys_writes_reach_the_secondarys_fast_path(nodes: Nodes) -> 
         g.shutdown()
     sec.ctl("replication-stop", failover=True)
     assert read_export(sec, "replica") == at_checkpoint
+
+
+def test_the_secondarys_fast_path_state_names_no_connections(nodes: Nodes) -> None:
+    """A replica slot makes no connections: its state says what it does, nothing else."""
+    sec = nodes.secondary(make_disk(f"{nodes.folder}/sec.img", SIZE))
+    sec.ctl("replication-start", mode="secondary")
+    assert fast(sec) == {"armed": 1, "writes": 0, "bytes": 0}

@@ -109,6 +109,8 @@ class Slot:
         #: A write-back slot's eventfd, readable once a mark was made since ``rearm``.
         self.wake_fd = wake_fd
         self._marks = (ctypes.c_uint64 * (2 * _MARKS))() if wake_fd >= 0 else None
+        #: A secondary's replica slot (it makes no connections).
+        self.replica = False
 
     @classmethod
     def make(cls, on_failure: FailureHandler) -> Slot | None:
@@ -146,7 +148,10 @@ class Slot:
         bits = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
         index = _lib.repdisk_fast_replica_slot(ctypes.addressof(bits),
                                                cluster_size.bit_length() - 1)
-        return cls._made(index, bits, -1)
+        slot = cls._made(index, bits, -1)
+        if slot is not None:
+            slot.replica = True
+        return slot
 
     @classmethod
     def _new(cls, handler: object, wake_fd: int) -> Slot | None:
@@ -208,11 +213,13 @@ class Slot:
         return bool(_lib.repdisk_fast_wait(self.index, timeout))
 
     def stats(self) -> dict[str, int]:
-        """``armed`` (0/1), and the ``writes`` and ``bytes`` the filter acknowledged."""
+        """``armed`` (0/1), the ``writes`` and ``bytes`` the filter acknowledged and, but
+        for a replica slot, its idle ``connections`` to the secondary."""
         assert _lib is not None
         out = (ctypes.c_uint64 * 4)()
         _lib.repdisk_fast_stats(self.index, ctypes.byref(out))
-        return {"armed": out[0], "writes": out[1], "bytes": out[2], "connections": out[3]}
+        stats = {"armed": out[0], "writes": out[1], "bytes": out[2]}
+        return stats if self.replica else {**stats, "connections": out[3]}
 
 
 class Cell:
