@@ -215,6 +215,10 @@ def test_status_lines_show_progress_and_failover():
         "controller next: start a new secondary for the winner /r/b.qmp, then repdisk ctl "
         "CONTROLLER controller-promote secondary=ITS-CONTROL "
         "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET"], failed_over
+    assert controller_lines({**q, "state": "failed-over", "progress": None, "nodes": nodes},
+                            "/r/ctl.qmp")[2].endswith(
+        ", then repdisk ctl /r/ctl.qmp controller-promote secondary=ITS-CONTROL "
+        "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET")     # the socket status was given
     nodes["secondary"]["answers_as"] = "primary"          # the winner promoted by hand
     assert controller_lines({**q, "state": "failed-over", "progress": None,
                              "nodes": nodes})[2:] == [

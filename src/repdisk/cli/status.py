@@ -44,19 +44,19 @@ def entry_lines(name: str, entry: dict[str, Any]) -> list[str]:
     did not answer)."""
     if entry["kind"] == "unreachable":
         return [f"{name}: unreachable: {entry['error']}"]
-    return render_status(entry["kind"], entry["query"])
+    return render_status(entry["kind"], entry["query"], entry.get("socket", name))
 
 
 def status_lines(socket: str, tls: str | None = None, insecure: bool = False) -> list[str]:
     """One human line per disk of the node behind ``socket``, or those of a controller."""
     kind, q = status_query(socket, tls, insecure)
-    return render_status(kind, q)
+    return render_status(kind, q, socket)
 
 
-def render_status(kind: str, q: dict[str, Any]) -> list[str]:
-    """The lines of :func:`status_lines` for a query already made."""
+def render_status(kind: str, q: dict[str, Any], socket: str = "CONTROLLER") -> list[str]:
+    """The lines of :func:`status_lines` for a query already made (of ``socket``)."""
     if kind == "controller":
-        return controller_lines(q)
+        return controller_lines(q, socket)
     return [status_line(q, d) for d in q.get("disks", [])]
 
 
@@ -70,9 +70,9 @@ def _node_checkpoint(last: dict[str, Any]) -> str:
     return f"last checkpoint {max(0.0, time.time() - last['time']):.0f}s ago ({took})"
 
 
-def controller_lines(q: dict[str, Any]) -> list[str]:
+def controller_lines(q: dict[str, Any], socket: str = "CONTROLLER") -> list[str]:
     """A controller's state, operation, nodes (role, socket, contact), last checkpoint and any
-    running sync, for people."""
+    running sync, for people; ``socket`` is how its commands reach it."""
     state = q["state"] + (f" ({q['operation']})" if q.get("operation") else "")
     failing = q.get("checkpoints_failing")
     if failing:     # what a failover would roll back grows: say so before anything else
@@ -108,7 +108,7 @@ def controller_lines(q: dict[str, Any]) -> list[str]:
         else:
             lines.append("controller next: start a new secondary for the winner"
                          + (f" {where}" if where else "") + ", then "
-                         "repdisk ctl CONTROLLER controller-promote secondary=ITS-CONTROL "
+                         f"repdisk ctl {socket} controller-promote secondary=ITS-CONTROL "
                          "uri=nbd+unix:///replica?socket=ITS-NBD-SOCKET")
     if q.get("error"):
         lines.append(f"controller error: {q['error']}")
