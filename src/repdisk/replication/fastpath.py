@@ -101,7 +101,8 @@ _MARKS = 1024
 class Slot:
     """One disk's fast path (see the module docstring)."""
 
-    def __init__(self, index: int, handler: object, wake_fd: int = -1) -> None:
+    def __init__(self, index: int, handler: object, wake_fd: int = -1,
+                 replica: bool = False) -> None:
         self.index = index
         # The ctypes callback, or a replica slot's view of the bitmap: kept alive as long
         # as the slot.
@@ -110,7 +111,7 @@ class Slot:
         self.wake_fd = wake_fd
         self._marks = (ctypes.c_uint64 * (2 * _MARKS))() if wake_fd >= 0 else None
         #: A secondary's replica slot (it makes no connections).
-        self.replica = False
+        self.replica = replica
 
     @classmethod
     def make(cls, on_failure: FailureHandler) -> Slot | None:
@@ -148,10 +149,7 @@ class Slot:
         bits = (ctypes.c_char * len(bitmap)).from_buffer(bitmap)
         index = _lib.repdisk_fast_replica_slot(ctypes.addressof(bits),
                                                cluster_size.bit_length() - 1)
-        slot = cls._made(index, bits, -1)
-        if slot is not None:
-            slot.replica = True
-        return slot
+        return cls._made(index, bits, -1, replica=True)
 
     @classmethod
     def _new(cls, handler: object, wake_fd: int) -> Slot | None:
@@ -159,11 +157,12 @@ class Slot:
         return cls._made(_lib.repdisk_fast_slot(handler, wake_fd), handler, wake_fd)
 
     @classmethod
-    def _made(cls, index: int, handler: object, wake_fd: int) -> Slot | None:
+    def _made(cls, index: int, handler: object, wake_fd: int,
+              replica: bool = False) -> Slot | None:
         if index < 0:
             log.warning("fast path: no free slot; this disk's writes go through the plugin")
             return None
-        return cls(index, handler, wake_fd)
+        return cls(index, handler, wake_fd, replica)
 
     def set(self, fd: int, uri: str | None, timeout: float, armed: bool) -> None:
         """Write to the local disk ``fd`` and, for a sync slot, the secondary's export
