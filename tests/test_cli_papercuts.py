@@ -806,16 +806,27 @@ def test_logs_rotated_by_copytruncate_go_on_from_their_start(cli_pair: Pair) -> 
         assert re.match(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", text), (log, text[:80])
 
 
-def test_a_stop_by_hand_of_a_protected_pair_is_refused(cli_pair: Pair) -> None:
-    """`repdisk ctl NODE stop` while a controller protects the pair would end that node's
-    replication until it restarts (QEMU's stop), which the controller cannot mend: it is
-    refused, naming the controller, and changes nothing."""
+def protected_pair(cli_pair: Pair) -> tuple[str, str]:
+    """A replicating pair and a controller (ctl.qmp) that protects it: the primary's and
+    the secondary's control sockets."""
     pri, sec, _ = replicating_pair(cli_pair)
     cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
                      "ctl.qmp", "--background")
     try:
         wait_for(lambda: "running" in cli_pair.repdisk("status", "ctl.qmp").stdout,
                  what="a protected pair")
+    except BaseException:
+        cli_pair.repdisk("down", "ctl.qmp")  # the fixture stops only the nodes
+        raise
+    return pri, sec
+
+
+def test_a_stop_by_hand_of_a_protected_pair_is_refused(cli_pair: Pair) -> None:
+    """`repdisk ctl NODE stop` while a controller protects the pair would end that node's
+    replication until it restarts (QEMU's stop), which the controller cannot mend: it is
+    refused, naming the controller, and changes nothing."""
+    pri, sec = protected_pair(cli_pair)
+    try:
         for node in (pri, sec):
             bad = cli_pair.repdisk("ctl", node, "stop", ok=False)
             assert (bad.returncode, bad.stdout) == (1, "") and bad.stderr.startswith(
@@ -835,12 +846,8 @@ def test_down_of_a_protected_node_warns_that_its_controller_takes_it_as_a_failur
     """`repdisk down NODE` while a controller protects the pair stops the node (the failure
     matrix uses it as a node's loss) and says, on stderr, what the controller will make of
     it and how to stop the pair instead; once the controller has stopped, nothing is said."""
-    pri, sec, _ = replicating_pair(cli_pair)
-    cli_pair.repdisk("controller", "--primary", pri, "--secondary", sec, "--control",
-                     "ctl.qmp", "--background")
+    pri, sec = protected_pair(cli_pair)
     try:
-        wait_for(lambda: "running" in cli_pair.repdisk("status", "ctl.qmp").stdout,
-                 what="a protected pair")
         down = cli_pair.repdisk("down", sec)
         where = cli_pair.path("ctl.qmp")
         assert down.stderr == (
