@@ -877,3 +877,22 @@ def test_a_stop_is_warned_of_only_where_a_controller_acts_on_it() -> None:
         warning(role="secondary")
     assert [warning(fenced="lost a failover"), warning(disks=[{"stage": "done"}]),
             warning(lease={**fresh, "fresh": False}), warning(lease=None)] == [None] * 4
+
+
+def test_a_failover_by_hand_of_a_protected_pair_warns_of_what_it_does(
+        cli_pair: Pair) -> None:
+    """`repdisk ctl SEC failover` while a controller protects the pair goes on (the failure
+    matrix's row for a failover made by hand) and says on stderr that it fences a primary
+    that still runs and rolls back what it wrote since the last checkpoint."""
+    pri, sec = protected_pair(cli_pair)
+    try:
+        done = cli_pair.repdisk("ctl", sec, "failover")
+        where = cli_pair.path("ctl.qmp")
+        assert (done.stdout, done.stderr) == ("ok\n", (
+            f"repdisk ctl: warning: controller {where} protects this pair and fails over by "
+            "itself once the primary is lost; a failover now fences the primary if it still "
+            "runs, and what it wrote since the last checkpoint is rolled back\n"))
+        q = json.loads(cli_pair.repdisk("ctl", sec, "status", "--json").stdout)
+        assert q["disks"][0]["stage"] == "done", q
+    finally:
+        cli_pair.repdisk("down", "ctl.qmp")

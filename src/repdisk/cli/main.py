@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 from repdisk import tls as tlsmod
 from repdisk.cli import controllercmd, lab, nodeproc, updown
 from repdisk.cli.nodeproc import PLUGIN
-from repdisk.cli.status import entry_lines, human, status_entry
+from repdisk.cli.status import entry_lines, human, protector, status_entry
 from repdisk.errors import ConfigError, ControlError, RepdiskError
 from repdisk.node import config as cfgmod
 from repdisk.qmp.client import ALIASES, connect, execute, is_controller, resolve
@@ -215,16 +215,24 @@ def _resolve_control_paths(args: argparse.Namespace, command_args: dict[str, Any
 def _refuse_failover_of_a_primary(args: argparse.Namespace) -> None:
     """``ctl PRIMARY failover`` is a slip for the secondary's socket: on a primary it would
     end replication for good (QEMU's stop of a primary), so it is refused, changing nothing.
-    ``replication-stop failover=true`` by its name still does what QEMU's does."""
+    ``replication-stop failover=true`` by its name still does what QEMU's does.  On a
+    secondary whose pair a controller protects, the failover goes on (failure-matrix.md,
+    "A failover made by hand while the controller runs") with a warning of what it does."""
     try:
-        role = execute(args.socket, "query-replication", tls=args.tls, insecure=args.insecure,
-                       timeout=10.0).get("role")
+        q = execute(args.socket, "query-replication", tls=args.tls, insecure=args.insecure,
+                    timeout=10.0)
     except ControlError:  # not a node (a controller): the command itself says what is wrong
         return
-    if role == "primary":
+    if q.get("role") == "primary":
         raise SystemExit(f"repdisk ctl: {args.socket} is a primary; failover is for its "
                          "secondary, once the primary is lost: repdisk ctl SECONDARY-SOCKET "
                          "failover")
+    where = protector(q)
+    if where is not None:
+        print(f"repdisk ctl: warning: controller {where} protects this pair and fails over "
+              "by itself once the primary is lost; a failover now fences the primary if it "
+              "still runs, and what it wrote since the last checkpoint is rolled back",
+              file=sys.stderr)
 
 
 def _argument_hint(message: str, given: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from repdisk import units
 from repdisk.errors import ControlError, RepdiskError
+from repdisk.node.lease import controller_socket
 from repdisk.qmp.client import connect
 
 
@@ -186,6 +187,17 @@ def _held(node: dict[str, Any]) -> str:
         return (f"SUSPENDED ({since} with the secondary or the controller: guest writes held "
                 "until one answers)")
     return ""
+
+
+def protector(q: dict[str, Any]) -> str | None:
+    """How to reach the controller that protects the replicating pair of the node whose
+    ``query-replication`` is ``q`` (its lease is fresh, the node is not fenced and a disk
+    runs), or None."""
+    lease = q.get("lease")
+    if not (lease and lease.get("fresh")) or q.get("fenced") or \
+            not any(d.get("stage") == "running" for d in q.get("disks", [])):
+        return None
+    return controller_socket(lease["holder"])
 
 
 def _mib(n: int | None) -> str:

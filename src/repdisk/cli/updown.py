@@ -31,11 +31,10 @@ from repdisk.block.imagelock import lock_image
 from repdisk.cli import controllercmd, nodeproc, resources
 from repdisk.cli.nodeproc import PLUGIN
 from repdisk.cli.resources import Node, Resource
-from repdisk.cli.status import entry_lines, status_entry
+from repdisk.cli.status import entry_lines, protector, status_entry
 from repdisk.controller import pairfile
 from repdisk.errors import BlockIOError, RepdiskError
 from repdisk.node.config import NAME_RE, NodeConfig, parse_disk
-from repdisk.node.lease import controller_socket
 from repdisk.node.state import NodeState
 from repdisk.qmp.server import gone
 from repdisk.tls import TLSSpec
@@ -130,11 +129,9 @@ def stop_warning(q: dict[str, Any]) -> str | None:
     """What stopping the node whose ``query-replication`` is ``q`` makes its controller do,
     if a controller protects its replicating pair (its lease is fresh, the node is not
     fenced and a disk runs); else None."""
-    lease = q.get("lease")
-    if not (lease and lease.get("fresh")) or q.get("fenced") or \
-            not any(d.get("stage") == "running" for d in q.get("disks", [])):
+    where = protector(q)
+    if where is None:
         return None
-    where = controller_socket(lease["holder"])
     role = q.get("role")
     then = ("a failover to the last checkpoint" if role == "primary" else
             "the pair runs unprotected until this node is back")
